@@ -1,0 +1,33 @@
+"""memory-efficient-adapter: Hugging Face modeling files whose attention runs on fused kernels.
+
+The kernel layer lives in ``memory_efficient_adapter.attention``; every ``modeling_*.py`` file in this
+package carries a copy of it so that it can be used alone as ``trust_remote_code``.
+"""
+
+from .attention import (
+    AUTO_ORDER,
+    BACKENDS,
+    DropoutMatmul,
+    LightSoftmax,
+    alibi_slopes,
+    attention,
+    available_backends,
+    backend_from_config,
+    keep_mask_from_padding,
+    select_backend,
+    set_chunk_sizes,
+)
+
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "DropoutMatmul",
+    "LightSoftmax",
+    "alibi_slopes",
+    "attention",
+    "available_backends",
+    "backend_from_config",
+    "keep_mask_from_padding",
+    "select_backend",
+    "set_chunk_sizes",
+]

@@ -1,0 +1,1399 @@
+# Copyright 2022 HuggingFace Inc. team and BigScience workshop; memory-efficient-adapter authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""BLOOM whose attention runs through the fused kernel layer below.
+
+Drop-in for transformers' BLOOM: same configuration class, module tree and state-dict keys. ALiBi is never
+materialized as a ``[batch * heads, 1, seq]`` bias; each attention call gets the per-head slopes and adds
+``slope * (key_pos - query_pos)`` inside the kernel, in float32. Stock BLOOM adds ``slope * (number of non-pad
+tokens before the key)``; for contiguous (left or right) padding the two differ by a constant per query row,
+which softmax ignores.
+"""
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, LayerNorm, MSELoss
+from transformers import BloomConfig, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPastAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# >>> kernel layer: copied from modeling/attention.py by scripts/sync_kernels.py; edit it there >>>
+"""The kernel layer of memory-efficient-adapter: one ``attention()`` call, many fused kernels.
+
+Every modeling file of this project carries a verbatim copy of this module (see
+``scripts/sync_kernels.py``), so it imports only torch and the standard library at module level;
+optional packages (xformers, flash_attn) are imported lazily inside ``try`` blocks.
+
+Layout is ``[batch, heads, seq, head_dim]``. Backends, one function each, declare what they can take;
+``auto`` walks a fixed order per device (``AUTO_ORDER``) and runs the first one that can take the call.
+"""
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+_logger = logging.getLogger("memory_efficient_adapter")
+
+BACKENDS = ("sdpa", "flex", "flash_attn", "xformers", "chunked", "eager")
+AUTO_ORDER = {
+    "cuda": ("sdpa", "flash_attn", "flex", "xformers", "chunked", "eager"),
+    "cpu": ("sdpa", "chunked", "eager"),
+}
+AUTO_ORDER_OTHER_DEVICES = ("sdpa", "chunked", "eager")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Query/key block sizes of the chunked backend; change them with set_chunk_sizes().
+_CHUNK_SIZES = {"query": 1024, "key": 1024}
+
+_logged_messages: set = set()
+_probe_results: dict = {}
+_failed_at_runtime: set = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged_messages:
+        _logged_messages.add(message)
+        _logger.warning(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Describing a call
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What a backend needs to know to decide whether it can take a call."""
+
+    device_type: str
+    dtype: torch.dtype
+    head_dim: int
+    heads: int
+    kv_heads: int
+    q_len: int
+    k_len: int
+    causal: bool
+    mask_kind: str  # "none", "padding" ([b, k] bool), "bool" or "additive" (broadcastable 4-D)
+    alibi: bool
+    dropout_p: float
+    needs_grad: bool
+
+    @property
+    def causal_offset(self) -> int:
+        """Bottom-right alignment: query i sees keys j <= i + causal_offset."""
+        return self.k_len - self.q_len
+
+
+def _mask_kind(mask: Optional[torch.Tensor], batch: int, heads: int, q_len: int, k_len: int) -> str:
+    if mask is None:
+        return "none"
+    if mask.dim() == 2:
+        if mask.dtype != torch.bool:
+            raise ValueError(
+                f"a 2-D attention_mask must be a bool keep-mask [batch, k_len], got dtype {mask.dtype}; "
+                "convert a 0/1 padding mask with keep_mask_from_padding()"
+            )
+        if tuple(mask.shape) != (batch, k_len):
+            raise ValueError(
+                f"a 2-D attention_mask must have shape [batch, k_len] = [{batch}, {k_len}], got {list(mask.shape)}"
+            )
+        return "padding"
+    if mask.dim() != 4:
+        raise ValueError(
+            "attention_mask must be a bool keep-mask [batch, k_len] or a 4-D mask broadcastable to "
+            f"[batch, heads, q_len, k_len]; got {mask.dim()} dimensions {list(mask.shape)}"
+        )
+    for size, full, name in zip(mask.shape, (batch, heads, q_len, k_len), ("batch", "heads", "q_len", "k_len")):
+        if size not in (1, full):
+            raise ValueError(
+                f"attention_mask of shape {list(mask.shape)} does not broadcast to "
+                f"[batch, heads, q_len, k_len] = [{batch}, {heads}, {q_len}, {k_len}] (dimension {name})"
+            )
+    if mask.dtype == torch.bool:
+        return "bool"
+    if mask.dtype in FLOAT_DTYPES:
+        return "additive"
+    raise ValueError(f"a 4-D attention_mask must be bool (True = attend) or floating (additive), got {mask.dtype}")
+
+
+def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p) -> AttentionCall:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            "q, k and v must be 4-D [batch, heads, seq, head_dim]; got shapes "
+            f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
+        )
+    if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"q, k and v must share one floating dtype (float16, bfloat16, float32, float64); got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device; got {q.device}, {k.device}, {v.device}")
+    batch, heads, q_len, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k and v must be [batch, kv_heads, k_len, head_dim] matching q {list(q.shape)}; got {list(k.shape)}, {list(v.shape)}"
+        )
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    if heads % kv_heads != 0:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    if alibi_slopes is not None and (alibi_slopes.dim() != 1 or alibi_slopes.shape[0] != heads):
+        raise ValueError(f"alibi_slopes must have shape [heads] = [{heads}], got {list(alibi_slopes.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return AttentionCall(
+        device_type=q.device.type,
+        dtype=q.dtype,
+        head_dim=head_dim,
+        heads=heads,
+        kv_heads=kv_heads,
+        q_len=q_len,
+        k_len=k_len,
+        causal=bool(causal),
+        mask_kind=_mask_kind(attention_mask, batch, heads, q_len, k_len),
+        alibi=alibi_slopes is not None,
+        dropout_p=float(dropout_p),
+        needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared mask arithmetic (dense forms are used only by sdpa and eager, and by chunked per block)
+# ----------------------------------------------------------------------------------------------
+
+
+def _additive_hidden(mask: torch.Tensor) -> torch.Tensor:
+    """Positions an additive mask hides: -inf or the dtype's minimum (transformers' convention)."""
+    return mask <= torch.finfo(mask.dtype).min
+
+
+def _block_keep(call: AttentionCall, mask, rows: slice, cols: slice, device) -> Optional[torch.Tensor]:
+    """Bool keep-mask of the block rows x cols, broadcastable to [b, h, rows, cols]; None = keep all."""
+    keep = None
+    if call.causal:
+        q_pos = torch.arange(rows.start, rows.stop, device=device)[:, None] + call.causal_offset
+        k_pos = torch.arange(cols.start, cols.stop, device=device)[None, :]
+        keep = (k_pos <= q_pos)[None, None]
+    if call.mask_kind == "padding":
+        pad = mask[:, None, None, cols]
+        keep = pad if keep is None else keep & pad
+    elif call.mask_kind in ("bool", "additive"):
+        block = mask[:, :, rows, cols] if mask.shape[2] != 1 else mask[:, :, :, cols]
+        block_keep = block if call.mask_kind == "bool" else ~_additive_hidden(block)
+        keep = block_keep if keep is None else keep & block_keep
+    return keep
+
+
+def _block_bias(call: AttentionCall, mask, alibi_slopes, rows: slice, cols: slice, device) -> Optional[torch.Tensor]:
+    """Float32 additive bias of the block (ALiBi and an additive mask), broadcastable to [b, h, rows, cols]."""
+    bias = None
+    if alibi_slopes is not None:
+        q_pos = torch.arange(rows.start, rows.stop, device=device, dtype=torch.float32)[:, None] + call.causal_offset
+        k_pos = torch.arange(cols.start, cols.stop, device=device, dtype=torch.float32)[None, :]
+        bias = alibi_slopes.to(device=device, dtype=torch.float32)[None, :, None, None] * (k_pos - q_pos)
+    if call.mask_kind == "additive":
+        block = mask[:, :, rows, cols] if mask.shape[2] != 1 else mask[:, :, :, cols]
+        block = block.float().masked_fill(_additive_hidden(block), 0.0)
+        bias = block if bias is None else bias + block
+    return bias
+
+
+def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Repeat key/value heads for grouped-query attention: [b, h_kv, s, d] -> [b, h, s, d]."""
+    batch, kv_heads, seq, dim = x.shape
+    if kv_heads == heads:
+        return x
+    return x[:, :, None].expand(batch, kv_heads, heads // kv_heads, seq, dim).reshape(batch, heads, seq, dim)
+
+
+def _zero_empty_rows(out: torch.Tensor, row_has_key: Optional[torch.Tensor]) -> torch.Tensor:
+    return out if row_has_key is None else out.masked_fill(~row_has_key, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Light softmax and fused dropout-matmul (the eager path made lighter)
+# ----------------------------------------------------------------------------------------------
+
+
+class LightSoftmax(torch.autograd.Function):
+    """Softmax over the last dim, computed in float32, that keeps only its output (in the input dtype) for backward."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_probs: torch.Tensor):
+        (probs,) = ctx.saved_tensors
+        p = probs.float()
+        g = grad_probs.float()
+        return (p * (g - (g * p).sum(dim=-1, keepdim=True))).to(probs.dtype)
+
+
+class DropoutMatmul(torch.autograd.Function):
+    """``dropout(probs) @ value`` that saves the bool dropout mask instead of the dropped probabilities."""
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor, value: torch.Tensor, p: float) -> torch.Tensor:
+        keep = torch.empty_like(probs).bernoulli_(1.0 - p).bool()
+        scale = 1.0 / (1.0 - p)
+        ctx.save_for_backward(probs, value, keep)
+        ctx.scale = scale
+        return torch.matmul(probs * keep * scale, value)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        probs, value, keep = ctx.saved_tensors
+        dropped = probs * keep * ctx.scale
+        grad_value = torch.matmul(dropped.transpose(-1, -2), grad_out)
+        grad_probs = torch.matmul(grad_out, value.transpose(-1, -2)) * keep * ctx.scale
+        return grad_probs, grad_value, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: eager
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True):
+    k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
+    rows, cols = slice(0, call.q_len), slice(0, call.k_len)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
+    if bias is not None:
+        scores = (scores.float() + bias).to(q.dtype)
+    keep = _block_keep(call, mask, rows, cols, q.device)
+    row_has_key = None
+    if keep is not None:
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        row_has_key = keep.any(dim=-1, keepdim=True)
+    if light_softmax:
+        probs = LightSoftmax.apply(scores)
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if call.dropout_p > 0.0 and dropout_matmul:
+        out = DropoutMatmul.apply(probs, v, call.dropout_p)
+    else:
+        out = torch.matmul(F.dropout(probs, p=call.dropout_p, training=call.dropout_p > 0.0), v)
+    return _zero_empty_rows(out, row_has_key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: sdpa
+# ----------------------------------------------------------------------------------------------
+
+
+def _sdpa_kernel_context(device_type: str):
+    """On Hopper and newer, let SDPA try cuDNN attention first; elsewhere keep PyTorch's own order."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    if device_type != "cuda" or torch.cuda.get_device_capability()[0] < 9:
+        return None
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:
+        return None
+
+
+def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    dropout = call.dropout_p
+    no_mask = call.mask_kind == "none"
+    if no_mask and (not call.causal or call.q_len == 1 and call.k_len >= 1 or call.q_len == call.k_len):
+        is_causal = call.causal and call.q_len == call.k_len and call.q_len > 1
+        attn_mask, row_has_key = None, None
+    else:
+        is_causal = False
+        rows, cols = slice(0, call.q_len), slice(0, call.k_len)
+        keep = _block_keep(call, mask, rows, cols, q.device)
+        row_has_key = keep.any(dim=-1, keepdim=True)
+        safe_keep = keep | ~row_has_key
+        if call.mask_kind == "additive":
+            attn_mask = mask.to(q.dtype).clamp_min(torch.finfo(q.dtype).min).masked_fill(~safe_keep, float("-inf"))
+        else:
+            attn_mask = safe_keep
+    gqa = call.kv_heads != call.heads
+    if gqa and attn_mask is None:
+        kwargs = {"enable_gqa": True}
+    else:
+        k, v, kwargs = _expand_kv(k, call.heads), _expand_kv(v, call.heads), {}
+    context = _sdpa_kernel_context(call.device_type)
+    run = lambda: F.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=scale, **kwargs
+    )
+    if context is None:
+        out = run()
+    else:
+        with context:
+            out = run()
+    return _zero_empty_rows(out, row_has_key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: chunked (pure PyTorch, O(n) memory: Rabe & Staats with recomputation in backward)
+# ----------------------------------------------------------------------------------------------
+
+
+def _dropout_keep(seed: int, q_block: int, k_block: int, n_k_blocks: int, shape, device) -> torch.Tensor:
+    """The dropout keep-mask of one block, drawn from a generator seeded per block so backward can redraw it."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed + q_block * n_k_blocks + k_block)
+    return torch.rand(shape, generator=generator, device=device)
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, call, mask, alibi_slopes, scale, seed):
+        out, lse = _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call, ctx.mask, ctx.alibi_slopes, ctx.scale, ctx.seed = call, mask, alibi_slopes, scale, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        grads = _chunked_backward(q, k, v, out, lse, grad_out, ctx.call, ctx.mask, ctx.alibi_slopes, ctx.scale, ctx.seed)
+        return (*grads, None, None, None, None, None)
+
+
+def _chunk_slices(length: int, size: int) -> list:
+    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+def _block_is_hidden(call: AttentionCall, rows: slice, cols: slice) -> bool:
+    """A key block entirely to the right of the causal diagonal for every query of the block."""
+    return call.causal and cols.start > rows.stop - 1 + call.causal_offset
+
+
+def _block_scores(q_blk, k_blk, call, mask, alibi_slopes, scale, rows, cols):
+    """Float32 scores of one block with ALiBi/additive bias and -inf where a key is hidden."""
+    scores = torch.matmul(q_blk.float(), k_blk.float().transpose(-1, -2)) * scale
+    bias = _block_bias(call, mask, alibi_slopes, rows, cols, q_blk.device)
+    if bias is not None:
+        scores = scores + bias
+    keep = _block_keep(call, mask, rows, cols, q_blk.device)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores
+
+
+def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed):
+    batch, heads, _, dim = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, call.q_len, device=q.device, dtype=torch.float32)
+    k_slices = _chunk_slices(call.k_len, _CHUNK_SIZES["key"])
+    for qi, rows in enumerate(_chunk_slices(call.q_len, _CHUNK_SIZES["query"])):
+        q_blk = q[:, :, rows]
+        row_max = torch.full((batch, heads, rows.stop - rows.start, 1), float("-inf"), device=q.device)
+        row_sum = torch.zeros_like(row_max)
+        acc = torch.zeros(batch, heads, rows.stop - rows.start, dim, device=q.device, dtype=torch.float32)
+        for ki, cols in enumerate(k_slices):
+            if _block_is_hidden(call, rows, cols):
+                continue
+            scores = _block_scores(q_blk, k[:, :, cols], call, mask, alibi_slopes, scale, rows, cols)
+            new_max = torch.maximum(row_max, scores.amax(dim=-1, keepdim=True))
+            safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+            probs = torch.exp(scores - safe_max)
+            rescale = torch.exp(row_max - safe_max)
+            row_sum = row_sum * rescale + probs.sum(dim=-1, keepdim=True)
+            if call.dropout_p > 0.0:
+                draw = _dropout_keep(seed, qi, ki, len(k_slices), probs.shape, q.device)
+                probs = probs * (draw >= call.dropout_p) / (1.0 - call.dropout_p)
+            acc = acc * rescale + torch.matmul(probs, v[:, :, cols].float())
+            row_max = new_max
+        has_key = row_sum > 0
+        out[:, :, rows] = torch.where(has_key, acc / row_sum.clamp_min(1e-30), torch.zeros_like(acc)).to(q.dtype)
+        lse[:, :, rows] = torch.where(has_key, row_max + torch.log(row_sum.clamp_min(1e-30)), row_max).squeeze(-1)
+    return out, lse
+
+
+def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, scale, seed):
+    grad_q = torch.zeros_like(q, dtype=torch.float32)
+    grad_k = torch.zeros_like(k, dtype=torch.float32)
+    grad_v = torch.zeros_like(v, dtype=torch.float32)
+    delta = (grad_out.float() * out.float()).sum(dim=-1, keepdim=True)
+    k_slices = _chunk_slices(call.k_len, _CHUNK_SIZES["key"])
+    for qi, rows in enumerate(_chunk_slices(call.q_len, _CHUNK_SIZES["query"])):
+        q_blk, g_blk = q[:, :, rows], grad_out[:, :, rows].float()
+        row_lse = lse[:, :, rows, None]
+        finite_lse = torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse)
+        for ki, cols in enumerate(k_slices):
+            if _block_is_hidden(call, rows, cols):
+                continue
+            scores = _block_scores(q_blk, k[:, :, cols], call, mask, alibi_slopes, scale, rows, cols)
+            probs = torch.exp(scores - finite_lse).masked_fill(torch.isinf(row_lse), 0.0)
+            grad_probs = torch.matmul(g_blk, v[:, :, cols].float().transpose(-1, -2))
+            if call.dropout_p > 0.0:
+                draw = _dropout_keep(seed, qi, ki, len(k_slices), probs.shape, q.device)
+                kept = (draw >= call.dropout_p) / (1.0 - call.dropout_p)
+                grad_v[:, :, cols] += torch.matmul((probs * kept).transpose(-1, -2), g_blk)
+                grad_probs = grad_probs * kept
+            else:
+                grad_v[:, :, cols] += torch.matmul(probs.transpose(-1, -2), g_blk)
+            grad_scores = probs * (grad_probs - delta[:, :, rows]) * scale
+            grad_q[:, :, rows] += torch.matmul(grad_scores, k[:, :, cols].float())
+            grad_k[:, :, cols] += torch.matmul(grad_scores.transpose(-1, -2), q_blk.float())
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
+
+
+def _run_chunked(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if call.dropout_p > 0.0 else 0
+    return _ChunkedAttention.apply(q, k, v, call, mask, alibi_slopes, scale, seed)
+
+
+def set_chunk_sizes(query: int = 1024, key: int = 1024) -> None:
+    """Set the query and key block sizes of the chunked backend (memory ~ batch x heads x query x key floats)."""
+    if query < 1 or key < 1:
+        raise ValueError(f"chunk sizes must be positive, got query={query}, key={key}")
+    _CHUNK_SIZES["query"], _CHUNK_SIZES["key"] = int(query), int(key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: flex (FlexAttention with a block mask and a score_mod)
+# ----------------------------------------------------------------------------------------------
+
+
+def _flex_module():
+    try:
+        from torch.nn.attention import flex_attention as flex
+    except ImportError:
+        return None
+    return flex
+
+
+_compiled_flex: dict = {}
+
+
+def _flex_function():
+    if "fn" not in _compiled_flex:
+        _compiled_flex["fn"] = torch.compile(_flex_module().flex_attention)
+    return _compiled_flex["fn"]
+
+
+def _flex_mask_mod(call: AttentionCall, mask) -> Optional[Callable]:
+    offset = call.causal_offset
+    conditions = []
+    if call.causal:
+        conditions.append(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + offset)
+    if call.mask_kind == "padding":
+        conditions.append(lambda b, h, q_idx, kv_idx: mask[b, kv_idx])
+    elif call.mask_kind in ("bool", "additive"):
+        keep = mask if call.mask_kind == "bool" else ~_additive_hidden(mask)
+        q_broadcast, h_broadcast, b_broadcast = keep.shape[2] == 1, keep.shape[1] == 1, keep.shape[0] == 1
+        conditions.append(
+            lambda b, h, q_idx, kv_idx: keep[
+                0 if b_broadcast else b, 0 if h_broadcast else h, 0 if q_broadcast else q_idx, kv_idx
+            ]
+        )
+    if not conditions:
+        return None
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        result = conditions[0](b, h, q_idx, kv_idx)
+        for condition in conditions[1:]:
+            result = result & condition(b, h, q_idx, kv_idx)
+        return result
+
+    return mask_mod
+
+
+def _flex_score_mod(call: AttentionCall, mask, alibi_slopes) -> Optional[Callable]:
+    offset = call.causal_offset
+    terms = []
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(torch.float32)
+        terms.append(lambda b, h, q_idx, kv_idx: slopes[h] * (kv_idx - q_idx - offset))
+    if call.mask_kind == "additive":
+        finite = mask.float().masked_fill(_additive_hidden(mask), 0.0)
+        q_broadcast, h_broadcast, b_broadcast = finite.shape[2] == 1, finite.shape[1] == 1, finite.shape[0] == 1
+        terms.append(
+            lambda b, h, q_idx, kv_idx: finite[
+                0 if b_broadcast else b, 0 if h_broadcast else h, 0 if q_broadcast else q_idx, kv_idx
+            ]
+        )
+    if not terms:
+        return None
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        for term in terms:
+            score = score + term(b, h, q_idx, kv_idx)
+        return score
+
+    return score_mod
+
+
+def _run_flex(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    flex = _flex_module()
+    mask_mod = _flex_mask_mod(call, mask)
+    block_mask = None
+    if mask_mod is not None:
+        per_batch = call.mask_kind != "none" and mask.shape[0] != 1
+        per_head = call.mask_kind in ("bool", "additive") and mask.shape[1] != 1
+        block_mask = flex.create_block_mask(
+            mask_mod,
+            q.shape[0] if per_batch else None,
+            call.heads if per_head else None,
+            call.q_len,
+            call.k_len,
+            device=q.device,
+        )
+    score_mod = _flex_score_mod(call, mask, alibi_slopes)
+    return _flex_function()(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=call.kv_heads != call.heads
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: flash_attn (the flash-attn package; varlen for padding)
+# ----------------------------------------------------------------------------------------------
+
+
+def _flash_attn_functions():
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_func, flash_attn_varlen_func
+
+
+def _unpad(x: torch.Tensor, keep: torch.Tensor):
+    """[b, s, h, d] with a [b, s] keep-mask -> packed [tokens, h, d], flat indices, cu_seqlens, max length."""
+    lengths = keep.sum(dim=-1, dtype=torch.int32)
+    indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
+    cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    packed = x.reshape(-1, *x.shape[2:]).index_select(0, indices)
+    return packed, indices, cu_seqlens, int(lengths.max().item())
+
+
+def _run_flash_attn(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    flash_func, varlen_func = _flash_attn_functions()
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    slopes = alibi_slopes.to(torch.float32) if alibi_slopes is not None else None
+    common = dict(dropout_p=call.dropout_p, softmax_scale=scale, causal=call.causal, alibi_slopes=slopes)
+    if call.mask_kind == "none":
+        return flash_func(q, k, v, **common).transpose(1, 2)
+    query_keep = mask[:, -call.q_len :]
+    q_packed, q_index, cu_q, max_q = _unpad(q, query_keep)
+    k_packed, _, cu_k, max_k = _unpad(k, mask)
+    v_packed, _, _, _ = _unpad(v, mask)
+    packed = varlen_func(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, **common)
+    out = torch.zeros(q.shape[0] * q.shape[1], *q.shape[2:], device=q.device, dtype=q.dtype)
+    out = out.index_copy(0, q_index, packed)
+    return out.view(q.shape).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: xformers (memory_efficient_attention, when it really runs here)
+# ----------------------------------------------------------------------------------------------
+
+
+def _xformers_ops():
+    try:
+        import xformers.ops as xops
+    except ImportError:
+        return None
+    return xops
+
+
+def _run_xformers(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    xops = _xformers_ops()
+    k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
+    bias = None
+    if call.causal:
+        masks = xops.fmha.attn_bias
+        bias = masks.LowerTriangularFromBottomRightMask() if call.q_len != call.k_len else masks.LowerTriangularMask()
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=call.dropout_p, scale=scale)
+    return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Capabilities: each returns None when the backend can take the call, else the reason it cannot
+# ----------------------------------------------------------------------------------------------
+
+
+def _cannot_eager(call: AttentionCall) -> Optional[str]:
+    return None
+
+
+def _cannot_chunked(call: AttentionCall) -> Optional[str]:
+    return None
+
+
+def _cannot_sdpa(call: AttentionCall) -> Optional[str]:
+    if call.alibi:
+        return "sdpa cannot take ALiBi without materializing an O(seq^2) bias; use flex, flash_attn or chunked"
+    return None
+
+
+def _cannot_flex(call: AttentionCall) -> Optional[str]:
+    if _flex_module() is None:
+        return "flex needs torch.nn.attention.flex_attention (PyTorch >= 2.5)"
+    if call.device_type not in ("cuda", "cpu"):
+        return f"flex does not run on {call.device_type}"
+    if call.device_type == "cpu" and call.needs_grad:
+        return "flex has no backward on CPU"
+    if call.dropout_p > 0.0:
+        return "flex does not take attention dropout"
+    if call.head_dim < 16:
+        return f"flex needs head_dim >= 16, got {call.head_dim}"
+    if call.dtype == torch.float64 or (call.device_type == "cpu" and call.dtype == torch.float16):
+        return f"flex does not take {call.dtype} on {call.device_type}"
+    return None
+
+
+def _cannot_flash_attn(call: AttentionCall) -> Optional[str]:
+    if call.device_type != "cuda":
+        return "flash_attn runs only on CUDA"
+    if call.dtype not in (torch.float16, torch.bfloat16):
+        return f"flash_attn takes only float16/bfloat16, got {call.dtype}"
+    if call.head_dim > 256 or call.head_dim % 8 != 0:
+        return f"flash_attn needs head_dim <= 256 and a multiple of 8, got {call.head_dim}"
+    if call.mask_kind in ("bool", "additive"):
+        return "flash_attn takes only a [batch, k_len] padding mask, not a 4-D mask"
+    if call.alibi and not call.causal:
+        return "flash_attn's ALiBi is symmetric (-slope*|i-j|) without causal masking"
+    if call.causal and call.q_len > call.k_len:
+        return "flash_attn needs q_len <= k_len with causal masking"
+    return None
+
+
+def _cannot_xformers(call: AttentionCall) -> Optional[str]:
+    if call.device_type != "cuda":
+        return "xformers runs only on CUDA here"
+    if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"xformers does not take {call.dtype}"
+    if call.alibi:
+        return "xformers cannot take ALiBi slopes without a materialized bias"
+    if call.mask_kind != "none":
+        return "xformers backend takes no attention_mask here"
+    if call.causal and call.q_len > call.k_len:
+        return "xformers needs q_len <= k_len with causal masking"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Probing installed packages: once per backend and device type
+# ----------------------------------------------------------------------------------------------
+
+
+def _probe_flash_attn(device_type: str) -> Optional[str]:
+    functions = _flash_attn_functions()
+    if functions is None:
+        return "flash_attn is not installed"
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return None
+    q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.float16)
+    functions[0](q, q, q, causal=True)
+    return None
+
+
+def _probe_xformers(device_type: str) -> Optional[str]:
+    xops = _xformers_ops()
+    if xops is None:
+        return "xformers is not installed"
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return None
+    q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.float16)
+    xops.memory_efficient_attention(q, q, q)
+    return None
+
+
+_PROBES = {"flash_attn": _probe_flash_attn, "xformers": _probe_xformers}
+
+
+def _probe(name: str, device_type: str) -> Optional[str]:
+    """Why an optional backend does not run on this machine (None if it runs); probed once, logged once."""
+    if name not in _PROBES:
+        return None
+    key = (name, device_type)
+    if key not in _probe_results:
+        try:
+            _probe_results[key] = _PROBES[name](device_type)
+        except Exception as error:  # an install built for another torch/CUDA fails in many ways
+            reason = f"{name} is installed but does not run here ({type(error).__name__}: {error}); skipping it"
+            _log_once(reason)
+            _probe_results[key] = reason
+    return _probe_results[key]
+
+
+_CANNOT = {
+    "sdpa": _cannot_sdpa,
+    "flex": _cannot_flex,
+    "flash_attn": _cannot_flash_attn,
+    "xformers": _cannot_xformers,
+    "chunked": _cannot_chunked,
+    "eager": _cannot_eager,
+}
+_RUN = {
+    "sdpa": _run_sdpa,
+    "flex": _run_flex,
+    "flash_attn": _run_flash_attn,
+    "xformers": _run_xformers,
+    "chunked": _run_chunked,
+    "eager": _run_eager,
+}
+
+
+def _why_not(name: str, call: AttentionCall) -> Optional[str]:
+    return _probe(name, call.device_type) or _CANNOT[name](call)
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection
+# ----------------------------------------------------------------------------------------------
+
+
+def _auto_order(device_type: str) -> tuple:
+    return AUTO_ORDER.get(device_type, AUTO_ORDER_OTHER_DEVICES)
+
+
+def _backend_from_env(requested: str) -> str:
+    """Apply USE_FLASH_ATTN to an ``auto`` request: true/1 = auto, false/0 = eager, or a backend name."""
+    if requested != "auto":
+        return requested
+    value = os.environ.get("USE_FLASH_ATTN", "").strip().lower()
+    if value in ("", "true", "1", "yes", "on", "auto"):
+        return "auto"
+    if value in ("false", "0", "no", "off"):
+        return "eager"
+    if value in BACKENDS:
+        return value
+    raise ValueError(f"USE_FLASH_ATTN={value!r} is not true/false/1/0 or one of the backends {', '.join(BACKENDS)}")
+
+
+def select_backend(call: AttentionCall, backend: str = "auto") -> str:
+    """The backend that will run ``call``; raises ValueError when an explicit backend cannot take it."""
+    backend = _backend_from_env(backend)
+    if backend == "auto":
+        for name in _auto_order(call.device_type):
+            if (name, call.device_type) not in _failed_at_runtime and _why_not(name, call) is None:
+                return name
+        raise ValueError(f"no attention backend can take this call: {call}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    reason = _why_not(backend, call)
+    if reason is not None:
+        raise ValueError(f"attention backend {backend!r} cannot take this call: {reason}")
+    return backend
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+    light_softmax: bool = True,
+    dropout_matmul: bool = True,
+) -> torch.Tensor:
+    """Scaled dot-product attention through the fastest backend that can take the call.
+
+    q ``[b, h, q_len, d]``, k/v ``[b, h_kv, k_len, d]`` (``h % h_kv == 0``). ``causal`` is bottom-right
+    aligned when ``q_len != k_len``. ``attention_mask`` is a bool keep-mask ``[b, k_len]`` or a bool/additive
+    mask broadcastable to ``[b, h, q_len, k_len]``. ``alibi_slopes`` ``[h]`` adds ``slope * (j - i_aligned)``.
+    A query row that sees no key returns zeros. ``light_softmax``/``dropout_matmul`` shape the eager path.
+    """
+    call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p)
+    scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
+    options = dict(light_softmax=light_softmax, dropout_matmul=dropout_matmul)
+    requested = _backend_from_env(backend)
+    while True:
+        name = select_backend(call, requested)
+        try:
+            return _RUN[name](q, k, v, call, attention_mask, alibi_slopes, scale, **options)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:
+            if requested != "auto":
+                raise
+            _failed_at_runtime.add((name, call.device_type))
+            _log_once(f"attention backend {name!r} failed ({type(error).__name__}: {error}); falling back")
+
+
+def available_backends(device: Optional[str] = None) -> list:
+    """Backends that run on ``device`` (default: CUDA if present, else CPU) on this machine."""
+    device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    names = []
+    for name in BACKENDS:
+        if _probe(name, device_type) is not None:
+            continue
+        if name == "flex" and _flex_module() is None:
+            continue
+        if device_type == "cpu" and name in ("flash_attn", "xformers"):
+            continue
+        names.append(name)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers for the models
+# ----------------------------------------------------------------------------------------------
+
+
+def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
+    """BLOOM's ALiBi slopes (float32 ``[num_heads]``), including head counts that are not powers of two."""
+    closest_power = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest_power) - 3)))
+    slopes = [base ** (i + 1) for i in range(closest_power)]
+    if closest_power != num_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest_power) - 3)))
+        remaining = min(closest_power, num_heads - closest_power)
+        slopes += [extra_base ** (2 * i + 1) for i in range(remaining)]
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
+
+
+def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A transformers 0/1 padding mask ``[b, k_len]`` as a bool keep-mask, or None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"expected a 2-D padding mask [batch, k_len], got shape {list(attention_mask.shape)}")
+    keep = attention_mask.bool()
+    return None if bool(keep.all()) else keep
+
+
+_IMPLEMENTATION_TO_BACKEND = {
+    None: "auto",
+    "sdpa": "auto",
+    "eager": "eager",
+    "flash_attention_2": "flash_attn",
+    "flash_attention_3": "flash_attn",
+    "flex_attention": "flex",
+    "mea": "auto",
+}
+
+
+def backend_from_config(config) -> str:
+    """The backend a model asks for: ``config.attn_backend`` first, then ``config._attn_implementation``.
+
+    transformers' default ``"sdpa"`` means ``auto`` (SDPA wherever it can take the call, another fused
+    kernel where it cannot, e.g. ALiBi). ``USE_FLASH_ATTN`` is applied by ``attention()`` to ``auto``.
+    """
+    explicit = getattr(config, "attn_backend", None)
+    if explicit:
+        if explicit != "auto" and explicit not in BACKENDS:
+            raise ValueError(f"config.attn_backend={explicit!r} is not auto or one of {', '.join(BACKENDS)}")
+        return explicit
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation in _IMPLEMENTATION_TO_BACKEND:
+        return _IMPLEMENTATION_TO_BACKEND[implementation]
+    if isinstance(implementation, str) and implementation.startswith("mea_"):
+        return implementation[len("mea_") :]
+    _log_once(f"attn_implementation={implementation!r} has no kernel-layer equivalent; using auto")
+    return "auto"
+# <<< kernel layer <<<
+
+
+def dropout_add(x: torch.Tensor, residual: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
+    """``residual + dropout(x)``."""
+    return residual + F.dropout(x, p=prob, training=training)
+
+
+def tp_sliced_linear(x: torch.Tensor, weight: torch.Tensor, pretraining_tp: int) -> torch.Tensor:
+    """``x @ weight.T`` as a sum over ``pretraining_tp`` input slices, in the order Megatron's ranks reduced it.
+
+    Reproduces stock BLOOM's ``slow_but_exact`` path, which (like stock) leaves out the layer's bias.
+    """
+    in_features = weight.shape[-1]
+    slice_size = in_features / pretraining_tp
+    out = torch.zeros(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+    for rank in range(pretraining_tp):
+        start, stop = int(rank * slice_size), int((rank + 1) * slice_size)
+        out = out + F.linear(x[..., start:stop], weight[:, start:stop])
+    return out
+
+
+class BloomAttention(nn.Module):
+    def __init__(self, config: BloomConfig, layer_idx: Optional[int] = None):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.n_head
+        self.head_dim = self.hidden_size // self.num_heads
+        if self.head_dim * self.num_heads != self.hidden_size:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by the number of heads ({self.num_heads})"
+            )
+        self.pretraining_tp = config.pretraining_tp
+        self.slow_but_exact = config.slow_but_exact
+        self.hidden_dropout = config.hidden_dropout
+        self.attention_dropout = config.attention_dropout
+        self.layer_idx = layer_idx
+
+        self.query_key_value = nn.Linear(self.hidden_size, 3 * self.hidden_size, bias=True)
+        self.dense = nn.Linear(self.hidden_size, self.hidden_size)
+
+    def _split_heads(self, fused_qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[b, s, 3 * hidden]`` -> three ``[b, heads, s, head_dim]`` views.
+
+        BLOOM's fused projection is laid out per head as ``[q, k, v]``, each ``head_dim`` wide.
+        """
+        batch_size, seq_length, _ = fused_qkv.shape
+        fused_qkv = fused_qkv.view(batch_size, seq_length, self.num_heads, 3, self.head_dim)
+        query, key, value = (fused_qkv[..., i, :].transpose(1, 2) for i in range(3))
+        return query, key, value
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor,
+        alibi_slopes: torch.Tensor,
+        padding_mask: Optional[torch.Tensor],
+        backend: str,
+        kv_length: int,
+        layer_past: Optional[Cache] = None,
+    ) -> torch.Tensor:
+        batch_size, q_length, _ = hidden_states.shape
+        query, key, value = self._split_heads(self.query_key_value(hidden_states))
+
+        if layer_past is not None:
+            key, value = layer_past.update(key, value, self.layer_idx)
+            # A static cache hands back its whole buffer; only the first kv_length slots are filled.
+            key, value = key[:, :, :kv_length], value[:, :, :kv_length]
+
+        context = attention(
+            query,
+            key,
+            value,
+            causal=True,
+            attention_mask=padding_mask,
+            alibi_slopes=alibi_slopes,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            backend=backend,
+        )
+        context = context.transpose(1, 2).reshape(batch_size, q_length, self.hidden_size)
+
+        if self.pretraining_tp > 1 and self.slow_but_exact:
+            output = tp_sliced_linear(context, self.dense.weight, self.pretraining_tp)
+        else:
+            output = self.dense(context)
+        return dropout_add(output, residual, self.hidden_dropout, self.training)
+
+
+class BloomMLP(nn.Module):
+    def __init__(self, config: BloomConfig):
+        super().__init__()
+        hidden_size = config.hidden_size
+        self.pretraining_tp = config.pretraining_tp
+        self.slow_but_exact = config.slow_but_exact
+        self.hidden_dropout = config.hidden_dropout
+        self.dense_h_to_4h = nn.Linear(hidden_size, 4 * hidden_size)
+        self.dense_4h_to_h = nn.Linear(4 * hidden_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        # BLOOM's GELU is the tanh approximation; the fused op keeps only its input for backward.
+        hidden_states = F.gelu(self.dense_h_to_4h(hidden_states), approximate="tanh")
+        if self.pretraining_tp > 1 and self.slow_but_exact:
+            output = tp_sliced_linear(hidden_states, self.dense_4h_to_h.weight, self.pretraining_tp)
+        else:
+            output = self.dense_4h_to_h(hidden_states)
+        return dropout_add(output, residual, self.hidden_dropout, self.training)
+
+
+class BloomBlock(GradientCheckpointingLayer):
+    def __init__(self, config: BloomConfig, layer_idx: Optional[int] = None):
+        super().__init__()
+        hidden_size = config.hidden_size
+        self.input_layernorm = LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
+        self.self_attention = BloomAttention(config, layer_idx)
+        self.post_attention_layernorm = LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = BloomMLP(config)
+        self.apply_residual_connection_post_layernorm = config.apply_residual_connection_post_layernorm
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        alibi_slopes: torch.Tensor,
+        padding_mask: Optional[torch.Tensor],
+        backend: str,
+        kv_length: int,
+        layer_past: Optional[Cache] = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        normed = self.input_layernorm(hidden_states)
+        residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
+        attention_output = self.self_attention(
+            normed,
+            residual,
+            alibi_slopes=alibi_slopes,
+            padding_mask=padding_mask,
+            backend=backend,
+            kv_length=kv_length,
+            layer_past=layer_past,
+        )
+        normed = self.post_attention_layernorm(attention_output)
+        residual = normed if self.apply_residual_connection_post_layernorm else attention_output
+        return self.mlp(normed, residual)
+
+
+class BloomPreTrainedModel(PreTrainedModel):
+    config_class = BloomConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BloomBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    # transformers accepts these attn_implementation names; backend_from_config maps them onto the kernel layer.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _supports_flex_attn = True
+    _supports_cache_class = True
+
+
+def _slice_to_keep(hidden_states: torch.Tensor, logits_to_keep: Union[int, torch.Tensor]) -> torch.Tensor:
+    """The positions whose logits are wanted: the last ``n`` (0 = all) or the given indices."""
+    if isinstance(logits_to_keep, int):
+        return hidden_states if logits_to_keep == 0 else hidden_states[:, -logits_to_keep:]
+    return hidden_states[:, logits_to_keep]
+
+
+class BloomModel(BloomPreTrainedModel):
+    def __init__(self, config: BloomConfig):
+        super().__init__(config)
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.n_head
+
+        self.word_embeddings = nn.Embedding(config.vocab_size, self.embed_dim)
+        self.word_embeddings_layernorm = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+        self.h = nn.ModuleList([BloomBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.ln_f = LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.word_embeddings
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.word_embeddings = new_embeddings
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[tuple[torch.Tensor, ...], BaseModelOutputWithPastAndCrossAttentions]:
+        """``attention_mask`` is the usual 2-D 0/1 padding mask over past and current tokens.
+
+        ``position_ids``/``cache_position`` passed by ``generate`` are accepted and unused: ALiBi needs no positions.
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        if output_attentions:
+            raise ValueError(
+                "this BLOOM runs attention in fused kernels that never materialize the attention weights, so "
+                "output_attentions=True is not supported; load the stock transformers class to inspect them"
+            )
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if past_key_values is not None and not isinstance(past_key_values, Cache):
+            raise TypeError(
+                f"past_key_values must be a transformers Cache (e.g. DynamicCache), got {type(past_key_values)}"
+            )
+        if self.gradient_checkpointing and self.training and use_cache:
+            logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; using `use_cache=False`")
+            use_cache = False
+
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        batch_size, seq_length, _ = inputs_embeds.shape
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        kv_length = int(past_length) + seq_length
+        padding_mask = self._padding_mask(attention_mask, batch_size, kv_length)
+        slopes = alibi_slopes(self.num_heads, device=inputs_embeds.device)
+        backend = backend_from_config(self.config)
+
+        hidden_states = self.word_embeddings_layernorm(inputs_embeds)
+        all_hidden_states = () if output_hidden_states else None
+        for block in self.h:
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states + (hidden_states,)
+            hidden_states = block(
+                hidden_states,
+                alibi_slopes=slopes,
+                padding_mask=padding_mask,
+                backend=backend,
+                kv_length=kv_length,
+                layer_past=past_key_values,
+            )
+        hidden_states = self.ln_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states + (hidden_states,)
+
+        if not return_dict:
+            return tuple(v for v in (hidden_states, past_key_values, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=all_hidden_states,
+        )
+
+    @staticmethod
+    def _padding_mask(
+        attention_mask: Optional[torch.Tensor], batch_size: int, kv_length: int
+    ) -> Optional[torch.Tensor]:
+        """The kernel layer's O(n) bool keep-mask ``[batch, kv_length]`` (None when nothing is padded)."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < kv_length:
+            raise ValueError(
+                f"BLOOM takes a 2-D padding mask [batch, past + current length] = [{batch_size}, {kv_length}], "
+                f"got shape {list(attention_mask.shape)}"
+            )
+        return keep_mask_from_padding(attention_mask[:, :kv_length])
+
+
+class BloomForCausalLM(BloomPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+
+    def __init__(self, config: BloomConfig):
+        super().__init__(config)
+        self.transformer = BloomModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def create_masks_for_generate(self, *args, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+        """Keep ``generate``'s 2-D padding mask as it is (also with static caches): the kernel layer takes it directly."""
+        return attention_mask
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        **kwargs,
+    ) -> Union[tuple[torch.Tensor, ...], CausalLMOutputWithCrossAttentions]:
+        """``labels`` are shifted inside the model (pass ``labels=input_ids``); ``-100`` is ignored."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        transformer_outputs = self.transformer(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        hidden_states = _slice_to_keep(transformer_outputs[0], logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        if not return_dict:
+            output = (logits,) + tuple(transformer_outputs[1:])
+            return ((loss,) + output) if loss is not None else output
+        return CausalLMOutputWithCrossAttentions(
+            loss=loss,
+            logits=logits,
+            past_key_values=transformer_outputs.past_key_values,
+            hidden_states=transformer_outputs.hidden_states,
+        )
+
+
+def _last_token_indices(
+    input_ids: Optional[torch.Tensor], pad_token_id: Optional[int], batch_size: int, device: torch.device
+) -> Union[int, torch.Tensor]:
+    """Per row, the rightmost position that is not padding (works for left and right padding)."""
+    if pad_token_id is None:
+        if batch_size != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+        return -1
+    if input_ids is None:
+        logger.warning_once(
+            "BloomForSequenceClassification cannot find padding in `inputs_embeds`; pooling the last position"
+        )
+        return -1
+    not_pad = (input_ids != pad_token_id).to(device=device, dtype=torch.int32)
+    positions = torch.arange(input_ids.shape[-1], device=device, dtype=torch.int32)
+    return (positions * not_pad).argmax(-1)
+
+
+class BloomForSequenceClassification(BloomPreTrainedModel):
+    def __init__(self, config: BloomConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = BloomModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.config.problem_type is None:
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        labels = labels.to(logits.device)
+        if self.config.problem_type == "regression":
+            if self.num_labels == 1:
+                return MSELoss()(logits.squeeze(), labels.squeeze())
+            return MSELoss()(logits, labels)
+        if self.config.problem_type == "single_label_classification":
+            return CrossEntropyLoss()(logits, labels)
+        return BCEWithLogitsLoss()(logits, labels)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[tuple[torch.Tensor, ...], SequenceClassifierOutputWithPast]:
+        """Classifies each sequence from its last non-padding token (found through ``config.pad_token_id``)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        transformer_outputs = self.transformer(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        logits = self.score(transformer_outputs[0])
+        batch_size = logits.shape[0]
+        last = _last_token_indices(input_ids, self.config.pad_token_id, batch_size, logits.device)
+        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last]
+
+        loss = self._classification_loss(pooled_logits, labels) if labels is not None else None
+        if not return_dict:
+            output = (pooled_logits,) + tuple(transformer_outputs[1:])
+            return ((loss,) + output) if loss is not None else output
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            past_key_values=transformer_outputs.past_key_values,
+            hidden_states=transformer_outputs.hidden_states,
+        )
+
+
+class BloomForTokenClassification(BloomPreTrainedModel):
+    def __init__(self, config: BloomConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = BloomModel(config)
+        classifier_dropout = getattr(config, "classifier_dropout", None)
+        if classifier_dropout is None:
+            classifier_dropout = config.hidden_dropout if config.hidden_dropout is not None else 0.1
+        self.dropout = nn.Dropout(classifier_dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[tuple[torch.Tensor, ...], TokenClassifierOutput]:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        transformer_outputs = self.transformer(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
+        logits = self.classifier(self.dropout(transformer_outputs[0]))
+
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1))
+
+        if not return_dict:
+            output = (logits,) + tuple(transformer_outputs[2:])
+            return ((loss,) + output) if loss is not None else output
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=transformer_outputs.hidden_states)
+
+
+__all__ = [
+    "BloomForCausalLM",
+    "BloomForSequenceClassification",
+    "BloomForTokenClassification",
+    "BloomModel",
+    "BloomPreTrainedModel",
+]

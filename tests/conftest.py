@@ -1,0 +1,28 @@
+"""Shared pytest set-up: offline Hub, a private module cache, and the `gpu` marker."""
+
+import os
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="mea-hf-home-"))
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="mea-hf-modules-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _clean_backend_env(monkeypatch):
+    """Tests start without USE_FLASH_ATTN so that a developer's shell cannot change their result."""
+    monkeypatch.delenv("USE_FLASH_ATTN", raising=False)
+    torch.manual_seed(0)
