@@ -190,6 +190,11 @@ def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x[:, :, None].expand(batch, kv_heads, heads // kv_heads, seq, dim).reshape(batch, heads, seq, dim)
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax and accumulation precision: float32 for half types, the input's own precision otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _zero_empty_rows(out: torch.Tensor, row_has_key: Optional[torch.Tensor]) -> torch.Tensor:
     return out if row_has_key is None else out.masked_fill(~row_has_key, 0.0)
 
@@ -204,15 +209,15 @@ class LightSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=_compute_dtype(scores.dtype)).to(scores.dtype)
         ctx.save_for_backward(probs)
         return probs
 
     @staticmethod
     def backward(ctx, grad_probs: torch.Tensor):
         (probs,) = ctx.saved_tensors
-        p = probs.float()
-        g = grad_probs.float()
+        p = probs.to(_compute_dtype(probs.dtype))
+        g = grad_probs.to(p.dtype)
         return (p * (g - (g * p).sum(dim=-1, keepdim=True))).to(probs.dtype)
 
 
@@ -247,7 +252,7 @@ def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_so
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
     if bias is not None:
-        scores = (scores.float() + bias).to(q.dtype)
+        scores = (scores.to(_compute_dtype(q.dtype)) + bias).to(q.dtype)
     keep = _block_keep(call, mask, rows, cols, q.device)
     row_has_key = None
     if keep is not None:
@@ -256,7 +261,7 @@ def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_so
     if light_softmax:
         probs = LightSoftmax.apply(scores)
     else:
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=_compute_dtype(q.dtype)).to(q.dtype)
     if call.dropout_p > 0.0 and dropout_matmul:
         out = DropoutMatmul.apply(probs, v, call.dropout_p)
     else:
@@ -355,7 +360,8 @@ def _block_is_hidden(call: AttentionCall, rows: slice, cols: slice) -> bool:
 
 def _block_scores(q_blk, k_blk, call, mask, alibi_slopes, scale, rows, cols):
     """Float32 scores of one block with ALiBi/additive bias and -inf where a key is hidden."""
-    scores = torch.matmul(q_blk.float(), k_blk.float().transpose(-1, -2)) * scale
+    dtype = _compute_dtype(q_blk.dtype)
+    scores = torch.matmul(q_blk.to(dtype), k_blk.to(dtype).transpose(-1, -2)) * scale
     bias = _block_bias(call, mask, alibi_slopes, rows, cols, q_blk.device)
     if bias is not None:
         scores = scores + bias
@@ -367,14 +373,15 @@ def _block_scores(q_blk, k_blk, call, mask, alibi_slopes, scale, rows, cols):
 
 def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed):
     batch, heads, _, dim = q.shape
+    dtype = _compute_dtype(q.dtype)
     out = torch.empty_like(q)
-    lse = torch.empty(batch, heads, call.q_len, device=q.device, dtype=torch.float32)
+    lse = torch.empty(batch, heads, call.q_len, device=q.device, dtype=dtype)
     k_slices = _chunk_slices(call.k_len, _CHUNK_SIZES["key"])
     for qi, rows in enumerate(_chunk_slices(call.q_len, _CHUNK_SIZES["query"])):
         q_blk = q[:, :, rows]
-        row_max = torch.full((batch, heads, rows.stop - rows.start, 1), float("-inf"), device=q.device)
+        row_max = torch.full((batch, heads, rows.stop - rows.start, 1), float("-inf"), device=q.device, dtype=dtype)
         row_sum = torch.zeros_like(row_max)
-        acc = torch.zeros(batch, heads, rows.stop - rows.start, dim, device=q.device, dtype=torch.float32)
+        acc = torch.zeros(batch, heads, rows.stop - rows.start, dim, device=q.device, dtype=dtype)
         for ki, cols in enumerate(k_slices):
             if _block_is_hidden(call, rows, cols):
                 continue
@@ -387,7 +394,7 @@ def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed):
             if call.dropout_p > 0.0:
                 draw = _dropout_keep(seed, qi, ki, len(k_slices), probs.shape, q.device)
                 probs = probs * (draw >= call.dropout_p) / (1.0 - call.dropout_p)
-            acc = acc * rescale + torch.matmul(probs, v[:, :, cols].float())
+            acc = acc * rescale + torch.matmul(probs, v[:, :, cols].to(dtype))
             row_max = new_max
         has_key = row_sum > 0
         out[:, :, rows] = torch.where(has_key, acc / row_sum.clamp_min(1e-30), torch.zeros_like(acc)).to(q.dtype)
@@ -396,13 +403,12 @@ def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed):
 
 
 def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, scale, seed):
-    grad_q = torch.zeros_like(q, dtype=torch.float32)
-    grad_k = torch.zeros_like(k, dtype=torch.float32)
-    grad_v = torch.zeros_like(v, dtype=torch.float32)
-    delta = (grad_out.float() * out.float()).sum(dim=-1, keepdim=True)
+    dtype = _compute_dtype(q.dtype)
+    grad_q, grad_k, grad_v = (torch.zeros_like(x, dtype=dtype) for x in (q, k, v))
+    delta = (grad_out.to(dtype) * out.to(dtype)).sum(dim=-1, keepdim=True)
     k_slices = _chunk_slices(call.k_len, _CHUNK_SIZES["key"])
     for qi, rows in enumerate(_chunk_slices(call.q_len, _CHUNK_SIZES["query"])):
-        q_blk, g_blk = q[:, :, rows], grad_out[:, :, rows].float()
+        q_blk, g_blk = q[:, :, rows], grad_out[:, :, rows].to(dtype)
         row_lse = lse[:, :, rows, None]
         finite_lse = torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse)
         for ki, cols in enumerate(k_slices):
@@ -410,7 +416,7 @@ def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, sca
                 continue
             scores = _block_scores(q_blk, k[:, :, cols], call, mask, alibi_slopes, scale, rows, cols)
             probs = torch.exp(scores - finite_lse).masked_fill(torch.isinf(row_lse), 0.0)
-            grad_probs = torch.matmul(g_blk, v[:, :, cols].float().transpose(-1, -2))
+            grad_probs = torch.matmul(g_blk, v[:, :, cols].to(dtype).transpose(-1, -2))
             if call.dropout_p > 0.0:
                 draw = _dropout_keep(seed, qi, ki, len(k_slices), probs.shape, q.device)
                 kept = (draw >= call.dropout_p) / (1.0 - call.dropout_p)
@@ -419,8 +425,8 @@ def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, sca
             else:
                 grad_v[:, :, cols] += torch.matmul(probs.transpose(-1, -2), g_blk)
             grad_scores = probs * (grad_probs - delta[:, :, rows]) * scale
-            grad_q[:, :, rows] += torch.matmul(grad_scores, k[:, :, cols].float())
-            grad_k[:, :, cols] += torch.matmul(grad_scores.transpose(-1, -2), q_blk.float())
+            grad_q[:, :, rows] += torch.matmul(grad_scores, k[:, :, cols].to(dtype))
+            grad_k[:, :, cols] += torch.matmul(grad_scores.transpose(-1, -2), q_blk.to(dtype))
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
 
 

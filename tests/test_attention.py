@@ -1,0 +1,469 @@
+"""The kernel layer against a float64 reference written here, plus its dispatcher, errors and memory."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import memory_efficient_adapter as mea
+kernel_layer = importlib.import_module("memory_efficient_adapter.attention")
+
+CPU_BACKENDS = ["sdpa", "chunked", "eager"]
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference: plain float64 math, written from the contract
+# ----------------------------------------------------------------------------------------------
+
+
+def reference_attention(q, k, v, causal=False, mask=None, slopes=None, scale=None):
+    q, k, v = q.double(), k.double(), v.double()
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = q @ k.transpose(-1, -2) * scale
+    q_len, k_len = q.shape[2], k.shape[2]
+    query_pos = torch.arange(q_len)[:, None] + (k_len - q_len)
+    key_pos = torch.arange(k_len)[None, :]
+    keep = torch.ones(1, 1, q_len, k_len, dtype=torch.bool)
+    if causal:
+        keep = keep & (key_pos <= query_pos)
+    if slopes is not None:
+        scores = scores + slopes.double()[None, :, None, None] * (key_pos - query_pos)
+    if mask is not None and mask.dim() == 2:
+        keep = keep & mask[:, None, None, :]
+    elif mask is not None and mask.dtype == torch.bool:
+        keep = keep & mask
+    elif mask is not None:
+        hidden = mask <= torch.finfo(mask.dtype).min
+        keep = keep & ~hidden
+        scores = scores + mask.double().masked_fill(hidden, 0.0)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return probs @ v
+
+
+def random_case(gen: torch.Generator, dtype=torch.float32):
+    """One random call: shapes, GQA, causal alignment, a mask kind, ALiBi and scale drawn from ``gen``."""
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    batch, kv_heads = pick([1, 2, 3]), pick([1, 2, 3])
+    heads = kv_heads * pick([1, 2, 4])
+    head_dim = pick([16, 32, 40])
+    q_len = pick([1, 5, 17, 33, 64])
+    k_len = q_len if pick([True, False]) else q_len + pick([0, 3, 30])
+    causal = pick([True, False])
+    mask_kind = pick(["none", "padding", "bool", "additive", "bool_broadcast"])
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    q, k, v = randn(batch, heads, q_len, head_dim), randn(batch, kv_heads, k_len, head_dim), randn(batch, kv_heads, k_len, head_dim)
+    mask = None
+    if mask_kind == "padding":
+        mask = torch.ones(batch, k_len, dtype=torch.bool)
+        mask[0, : pick([1, k_len // 2, k_len])] = False  # left padding, sometimes a fully padded sample
+        if batch > 1:
+            mask[-1, k_len - pick([1, 2]) :] = False  # right padding
+    elif mask_kind == "bool":
+        mask = torch.rand(batch, heads, q_len, k_len, generator=gen) > 0.3
+        mask[0, 0, 0] = False  # a row with no visible key
+    elif mask_kind == "bool_broadcast":
+        mask = torch.rand(batch, 1, 1, k_len, generator=gen) > 0.4
+    elif mask_kind == "additive":
+        mask = torch.randn(batch, 1, q_len, k_len, generator=gen)
+        mask[0, 0, :, : k_len // 3] = torch.finfo(torch.float32).min
+        mask = mask.to(dtype)
+    slopes = torch.rand(heads, generator=gen) if pick([True, False]) else None
+    scale = pick([None, 0.3])
+    return dict(q=q, k=k, v=v, causal=causal, mask=mask, slopes=slopes, scale=scale)
+
+
+def run_and_compare(backend: str, case: dict, dtype: torch.dtype, with_grad: bool = True) -> None:
+    q, k, v = (case[name].clone().requires_grad_(with_grad) for name in "qkv")
+    out = mea.attention(
+        q, k, v, causal=case["causal"], attention_mask=case["mask"], alibi_slopes=case["slopes"],
+        scale=case["scale"], backend=backend,
+    )
+    q64, k64, v64 = (case[name].double().requires_grad_(with_grad) for name in "qkv")
+    expected = reference_attention(q64, k64, v64, case["causal"], case["mask"], case["slopes"], case["scale"])
+    describe = {key: (tuple(val.shape) if torch.is_tensor(val) else val) for key, val in case.items()}
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert torch.isfinite(out).all(), f"{backend}: non-finite output for {describe}"
+    tol = TOLERANCE[dtype]
+    err = ((out.double() - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+    assert err < tol, f"{backend}: forward relative error {err:.2e} for {describe}"
+    if not with_grad:
+        return
+    grad_out = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
+    expected_grads = torch.autograd.grad(expected, (q64, k64, v64), grad_out)
+    for name, got, want in zip("qkv", grads, expected_grads):
+        assert torch.isfinite(got).all(), f"{backend}: non-finite d{name} for {describe}"
+        # a row that sees a single key has dq = 0: measure against the gradient's scale, not only its norm
+        scale_of_want = want.norm() + 1e-2 * want.numel() ** 0.5
+        err = ((got.double() - want).norm() / scale_of_want).item()
+        assert err < 2 * tol, f"{backend}: d{name} relative error {err:.2e} for {describe}"
+
+
+def backend_takes(backend: str, case: dict) -> bool:
+    return not (backend == "sdpa" and case["slopes"] is not None)
+
+
+@pytest.fixture
+def small_chunks():
+    """Small blocks so that the chunked backend really walks several query and key blocks."""
+    mea.set_chunk_sizes(query=16, key=24)
+    yield
+    mea.set_chunk_sizes()
+
+
+# ----------------------------------------------------------------------------------------------
+# Correctness on random cases
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backend_matches_float64_reference_on_random_cases(backend, dtype, small_chunks):
+    gen = torch.Generator().manual_seed(1234 + CPU_BACKENDS.index(backend))
+    checked = 0
+    while checked < 30:
+        case = random_case(gen, dtype)
+        if backend_takes(backend, case):
+            run_and_compare(backend, case, dtype)
+            checked += 1
+
+
+@pytest.mark.slow
+def test_flex_forward_matches_float64_reference_on_cpu():
+    gen = torch.Generator().manual_seed(99)
+    for _ in range(4):
+        case = random_case(gen, torch.float32)
+        case["q"], case["k"], case["v"] = (case[n][..., :16].contiguous() for n in "qkv")
+        run_and_compare("flex", case, torch.float32, with_grad=False)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
+def test_rows_without_visible_keys_are_zero_with_finite_gradients(backend):
+    q = torch.randn(2, 2, 6, 16, requires_grad=True)
+    k = torch.randn(2, 2, 6, 16, requires_grad=True)
+    v = torch.randn(2, 2, 6, 16, requires_grad=True)
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[0, :3] = False  # left padding: with causal masking, queries 0..2 of sample 0 see nothing
+    keep[1, :] = False  # a fully padded sample
+    out = mea.attention(q, k, v, causal=True, attention_mask=keep, backend=backend)
+    assert torch.equal(out[0, :, :3], torch.zeros_like(out[0, :, :3]))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert out[0, :, 3:].abs().sum() > 0
+    out.sum().backward()
+    for tensor in (q, k, v):
+        assert torch.isfinite(tensor.grad).all()
+    assert torch.equal(q.grad[1], torch.zeros_like(q.grad[1]))
+
+
+def test_decode_step_is_bottom_right_aligned():
+    q = torch.randn(1, 4, 1, 32)
+    k, v = torch.randn(1, 2, 9, 32), torch.randn(1, 2, 9, 32)
+    full = reference_attention(q, k, v, causal=False)
+    for backend in CPU_BACKENDS:
+        out = mea.attention(q, k, v, causal=True, backend=backend)
+        assert torch.allclose(out.double(), full, atol=1e-5), backend
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout, light softmax and the fused dropout-matmul
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["chunked", "eager"])
+def test_dropout_backward_is_exact_for_a_fixed_seed(backend, small_chunks):
+    """With the RNG reset before each call the dropped attention is a fixed function: gradcheck it in float64."""
+    mea.set_chunk_sizes(query=4, key=5)
+    q = torch.randn(1, 2, 11, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 13, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 13, 4, dtype=torch.float64, requires_grad=True)
+
+    def dropped_attention(q, k, v):
+        torch.manual_seed(7)
+        return mea.attention(q, k, v, causal=True, alibi_slopes=torch.rand(2), dropout_p=0.3, backend=backend)
+
+    assert torch.autograd.gradcheck(dropped_attention, (q, k, v), eps=1e-6, atol=1e-5, fast_mode=True)
+    no_dropout = mea.attention(q, k, v, causal=True, backend=backend)
+    assert not torch.allclose(dropped_attention(q, k, v), no_dropout)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "eager", "sdpa"])
+def test_dropout_is_unbiased(backend, small_chunks):
+    q, k, v = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    expected = reference_attention(q, k, v, causal=True)
+    mean = sum(mea.attention(q, k, v, causal=True, dropout_p=0.2, backend=backend) for _ in range(400)) / 400
+    err = ((mean.double() - expected).norm() / expected.norm()).item()
+    assert err < 0.08, f"mean of dropped outputs is {err:.3f} away from the undropped output"
+
+
+def saved_tensors_of(fn, *args):
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn(*args)
+    return out, saved
+
+
+def test_light_softmax_saves_only_its_output_and_has_exact_gradients():
+    scores = torch.randn(2, 3, 7, 9, dtype=torch.float64, requires_grad=True)
+    out, saved = saved_tensors_of(mea.LightSoftmax.apply, scores)
+    assert len(saved) == 1 and saved[0] is out or torch.equal(saved[0], out)
+    assert torch.allclose(out, torch.softmax(scores, dim=-1))
+    assert torch.autograd.gradcheck(mea.LightSoftmax.apply, (scores,))
+
+
+def test_dropout_matmul_saves_a_bool_mask_not_the_dropped_probabilities():
+    probs = torch.softmax(torch.randn(2, 3, 7, 9, dtype=torch.float64), dim=-1).requires_grad_()
+    value = torch.randn(2, 3, 9, 4, dtype=torch.float64, requires_grad=True)
+    _, saved = saved_tensors_of(mea.DropoutMatmul.apply, probs, value, 0.25)
+    saved_dtypes = sorted(str(t.dtype) for t in saved)
+    assert saved_dtypes == ["torch.bool", "torch.float64", "torch.float64"]
+    assert any(t is probs for t in saved) and any(t is value for t in saved)
+
+    def fixed_seed(p, v):
+        torch.manual_seed(3)
+        return mea.DropoutMatmul.apply(p, v, 0.25)
+
+    assert torch.autograd.gradcheck(fixed_seed, (probs, value))
+
+
+def test_light_eager_path_equals_plain_eager_path_under_one_seed():
+    q, k, v = (torch.randn(2, 4, 12, 16, requires_grad=True) for _ in range(3))
+    results = []
+    for light in (True, False):
+        torch.manual_seed(11)
+        out = mea.attention(q, k, v, causal=True, dropout_p=0.1, backend="eager", light_softmax=light, dropout_matmul=light)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        results.append((out, grads))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.allclose(out_a, out_b, atol=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatcher: choices, errors, probing, USE_FLASH_ATTN
+# ----------------------------------------------------------------------------------------------
+
+
+def describe(**overrides):
+    q = torch.randn(1, 4, 8, 16, requires_grad=overrides.pop("grad", False))
+    k = v = torch.randn(1, overrides.pop("kv_heads", 4), 8, 16)
+    return kernel_layer._describe(q, k, v, overrides.pop("causal", True), overrides.pop("mask", None),
+                                  overrides.pop("slopes", None), overrides.pop("dropout_p", 0.0))
+
+
+def test_auto_order_on_cpu():
+    assert mea.select_backend(describe()) == "sdpa"
+    assert mea.select_backend(describe(slopes=torch.rand(4))) == "chunked"
+    assert kernel_layer.AUTO_ORDER["cpu"] == ("sdpa", "chunked", "eager")
+
+
+@pytest.mark.parametrize(
+    "backend, call, message",
+    [
+        ("sdpa", dict(slopes=torch.rand(4)), "ALiBi"),
+        ("flex", dict(grad=True), "no backward on CPU"),
+        ("flex", dict(dropout_p=0.1), "dropout"),
+        ("flash_attn", dict(), "flash_attn"),
+        ("xformers", dict(), "xformers"),
+        ("nonsense", dict(), "unknown attention backend"),
+    ],
+)
+def test_explicit_backend_that_cannot_take_the_call_raises(backend, call, message):
+    with pytest.raises(ValueError, match=message):
+        mea.select_backend(describe(**call), backend)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(attention_mask=torch.ones(2, 9, dtype=torch.bool)), r"\[batch, k_len\] = \[2, 8\]"),
+        (dict(attention_mask=torch.ones(2, 8)), "bool keep-mask"),
+        (dict(attention_mask=torch.ones(2, 8, 8, dtype=torch.bool)), "3 dimensions"),
+        (dict(attention_mask=torch.ones(2, 3, 8, 8, dtype=torch.bool)), "dimension heads"),
+        (dict(attention_mask=torch.ones(2, 1, 8, 8, dtype=torch.int64)), "bool .* or floating"),
+        (dict(alibi_slopes=torch.rand(3)), "alibi_slopes must have shape"),
+        (dict(dropout_p=1.0), "dropout_p"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(kwargs, message):
+    q = torch.randn(2, 4, 8, 16)
+    with pytest.raises(ValueError, match=message):
+        mea.attention(q, q, q, **kwargs)
+
+
+def test_bad_shapes_and_dtypes_get_clear_errors():
+    q = torch.randn(2, 4, 8, 16)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        mea.attention(q, torch.randn(2, 3, 8, 16), torch.randn(2, 3, 8, 16))
+    with pytest.raises(ValueError, match="floating dtype"):
+        mea.attention(q.long(), q.long(), q.long())
+    with pytest.raises(ValueError, match="4-D"):
+        mea.attention(q[0], q[0], q[0])
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("true", "sdpa"), ("1", "sdpa"), ("false", "eager"), ("0", "eager"), ("chunked", "chunked")]
+)
+def test_use_flash_attn_environment_variable(monkeypatch, value, expected):
+    monkeypatch.setenv("USE_FLASH_ATTN", value)
+    chosen = []
+    original = dict(kernel_layer._RUN)
+    for name in original:
+        monkeypatch.setitem(kernel_layer._RUN, name, lambda *a, _n=name, **kw: chosen.append(_n) or original[_n](*a, **kw))
+    q = torch.randn(1, 2, 5, 16)
+    out = mea.attention(q, q, q, causal=True)
+    assert chosen == [expected]
+    assert torch.allclose(out.double(), reference_attention(q, q, q, causal=True), atol=1e-5)
+    assert mea.attention(q, q, q, causal=True, backend="eager") is not None and chosen[-1] == "eager"
+
+
+def test_use_flash_attn_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("USE_FLASH_ATTN", "fastest")
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="USE_FLASH_ATTN"):
+        mea.attention(q, q, q)
+
+
+def test_broken_optional_package_is_probed_once_logged_once_and_skipped(monkeypatch, caplog):
+    class BrokenOps:
+        calls = 0
+
+        def memory_efficient_attention(self, *args, **kwargs):
+            BrokenOps.calls += 1
+            raise NotImplementedError("No operator found for memory_efficient_attention_forward")
+
+    monkeypatch.setattr(kernel_layer, "_xformers_ops", lambda: BrokenOps())
+    monkeypatch.setattr(kernel_layer, "_probe_results", {})
+    monkeypatch.setattr(kernel_layer, "_logged_messages", set())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "randn", lambda *shape, **kw: torch.empty(shape[:4]).normal_())
+    with caplog.at_level(logging.WARNING, logger="memory_efficient_adapter"):
+        for _ in range(3):
+            reason = kernel_layer._probe("xformers", "cuda")
+    assert "installed but does not run here" in reason and "No operator found" in reason
+    assert BrokenOps.calls == 1
+    assert sum("xformers" in record.getMessage() for record in caplog.records) == 1
+    assert "xformers" not in mea.available_backends("cuda")
+
+
+def test_runtime_failure_in_auto_falls_back_once_with_the_right_result(monkeypatch, caplog):
+    def failing_sdpa(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setitem(kernel_layer._RUN, "sdpa", failing_sdpa)
+    monkeypatch.setattr(kernel_layer, "_failed_at_runtime", set())
+    monkeypatch.setattr(kernel_layer, "_logged_messages", set())
+    q = torch.randn(1, 2, 7, 16)
+    with caplog.at_level(logging.WARNING, logger="memory_efficient_adapter"):
+        first = mea.attention(q, q, q, causal=True)
+        second = mea.attention(q, q, q, causal=True)
+    expected = reference_attention(q, q, q, causal=True)
+    assert torch.allclose(first.double(), expected, atol=1e-5) and torch.equal(first, second)
+    assert sum("kernel exploded" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        mea.attention(q, q, q, causal=True, backend="sdpa")
+
+
+def test_available_backends_on_cpu():
+    names = mea.available_backends("cpu")
+    assert {"sdpa", "chunked", "eager"} <= set(names)
+    assert "flash_attn" not in names and "xformers" not in names
+
+
+class FakeConfig:
+    def __init__(self, implementation=None, attn_backend=None):
+        self._attn_implementation = implementation
+        if attn_backend is not None:
+            self.attn_backend = attn_backend
+
+
+@pytest.mark.parametrize(
+    "implementation, attn_backend, expected",
+    [
+        (None, None, "auto"),
+        ("sdpa", None, "auto"),
+        ("eager", None, "eager"),
+        ("flash_attention_2", None, "flash_attn"),
+        ("flex_attention", None, "flex"),
+        ("mea_chunked", None, "chunked"),
+        ("eager", "chunked", "chunked"),
+    ],
+)
+def test_backend_from_config(implementation, attn_backend, expected):
+    assert mea.backend_from_config(FakeConfig(implementation, attn_backend)) == expected
+
+
+def test_backend_from_config_rejects_unknown_attn_backend():
+    with pytest.raises(ValueError, match="attn_backend"):
+        mea.backend_from_config(FakeConfig(None, "fastest"))
+
+
+def test_keep_mask_from_padding():
+    assert mea.keep_mask_from_padding(torch.ones(2, 5, dtype=torch.long)) is None
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert torch.equal(mea.keep_mask_from_padding(mask), mask.bool())
+    with pytest.raises(ValueError, match="2-D padding mask"):
+        mea.keep_mask_from_padding(torch.ones(1, 1, 3, 3))
+
+
+@pytest.mark.parametrize("heads", [1, 3, 6, 8, 12, 16, 20])
+def test_alibi_slopes_match_bloom(heads):
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    alibi = build_alibi_tensor(torch.ones(1, 3, dtype=torch.long), heads, torch.float32)  # slope * position
+    assert torch.allclose(mea.alibi_slopes(heads), alibi[:, 0, 1], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: chunked forward + backward at 16k tokens stays far below one score matrix
+# ----------------------------------------------------------------------------------------------
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys, torch
+    import memory_efficient_adapter as mea
+    torch.manual_seed(0)
+    n = int(sys.argv[1])
+    q, k, v = (torch.randn(1, 1, n, 32, requires_grad=True) for _ in range(3))
+    mea.set_chunk_sizes(query=1024, key=1024)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = mea.attention(q, k, v, causal=True, alibi_slopes=torch.tensor([0.5]), backend="chunked")
+    out.sum().backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) * 1024, float(q.grad.abs().sum()))
+    """
+)
+
+
+def test_chunked_forward_backward_memory_is_far_below_one_score_matrix():
+    tokens = 16384
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(tokens)], capture_output=True, text=True, timeout=300, check=True
+    )
+    peak_growth, grad_sum = (float(x) for x in result.stdout.split())
+    score_matrix_bytes = tokens * tokens * 4
+    assert grad_sum > 0
+    assert peak_growth < score_matrix_bytes / 8, f"peak grew by {peak_growth / 2**20:.0f} MiB"
