@@ -31,9 +31,10 @@ def reference_attention(q, k, v, causal=False, mask=None, slopes=None, scale=Non
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = q @ k.transpose(-1, -2) * scale
     q_len, k_len = q.shape[2], k.shape[2]
-    query_pos = torch.arange(q_len)[:, None] + (k_len - q_len)
-    key_pos = torch.arange(k_len)[None, :]
-    keep = torch.ones(1, 1, q_len, k_len, dtype=torch.bool)
+    device = q.device
+    query_pos = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    key_pos = torch.arange(k_len, device=device)[None, :]
+    keep = torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=device)
     if causal:
         keep = keep & (key_pos <= query_pos)
     if slopes is not None:
@@ -105,7 +106,7 @@ def run_and_compare(backend: str, case: dict, dtype: torch.dtype, with_grad: boo
     assert err < tol, f"{backend}: forward relative error {err:.2e} for {describe}"
     if not with_grad:
         return
-    grad_out = torch.randn(out.shape, dtype=torch.float64)
+    grad_out = torch.randn(out.shape, dtype=torch.float64, device=out.device)
     grads = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
     expected_grads = torch.autograd.grad(expected, (q64, k64, v64), grad_out)
     for name, got, want in zip("qkv", grads, expected_grads):
@@ -467,3 +468,56 @@ def test_chunked_forward_backward_memory_is_far_below_one_score_matrix():
     score_matrix_bytes = tokens * tokens * 4
     assert grad_sum > 0
     assert peak_growth < score_matrix_bytes / 8, f"peak grew by {peak_growth / 2**20:.0f} MiB"
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: every backend that runs on this machine, fp16 and bf16, against the float64 reference
+# ----------------------------------------------------------------------------------------------
+
+
+def to_cuda(case: dict) -> dict:
+    return {key: (val.cuda() if torch.is_tensor(val) else val) for key, val in case.items()}
+
+
+def long_cases(dtype):
+    """Long causal calls with GQA, padding and ALiBi, as models make them."""
+    gen = torch.Generator().manual_seed(5)
+    cases = []
+    for q_len, k_len, slopes, padded in [(2048, 2048, True, False), (1000, 1000, False, True), (1, 1537, True, True)]:
+        q = torch.randn(2, 8, q_len, 128, generator=gen).to(dtype)
+        k, v = (torch.randn(2, 2, k_len, 128, generator=gen).to(dtype) for _ in range(2))
+        mask = None
+        if padded:
+            mask = torch.ones(2, k_len, dtype=torch.bool)
+            mask[1, :37] = False
+        cases.append(dict(q=q, k=k, v=v, causal=True, mask=mask, slopes=torch.rand(8, generator=gen) if slopes else None, scale=None))
+    return cases
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_every_gpu_backend_matches_float64_reference(dtype):
+    TOLERANCE.setdefault(torch.float16, 1e-2)
+    gen = torch.Generator().manual_seed(2024)
+    cases = [random_case(gen, dtype) for _ in range(12)] + long_cases(dtype)
+    backends = mea.available_backends("cuda")
+    ran = {name: 0 for name in backends}
+    for case in map(to_cuda, cases):
+        for name in backends:
+            q, k, v = case["q"], case["k"], case["v"]
+            call = kernel_layer._describe(q, k, v, case["causal"], case["mask"], case["slopes"], 0.0)
+            if kernel_layer._why_not(name, call) is not None:
+                continue
+            run_and_compare(name, case, dtype)
+            ran[name] += 1
+    print(f"\n{dtype}: calls checked per backend: {ran}")
+    assert all(count > 0 for count in ran.values()), ran
+    assert {"sdpa", "flex", "chunked", "eager"} <= set(backends)
+
+
+@pytest.mark.gpu
+def test_auto_on_cuda_picks_a_fused_kernel_for_alibi():
+    q = torch.randn(1, 4, 256, 64, device="cuda", dtype=torch.bfloat16)
+    call = kernel_layer._describe(q, q, q, True, None, torch.rand(4, device="cuda"), 0.0)
+    assert mea.select_backend(call) in ("flash_attn", "flex")
+    assert mea.select_backend(kernel_layer._describe(q, q, q, True, None, None, 0.0)) == "sdpa"
