@@ -149,10 +149,12 @@ def test_backend_matches_float64_reference_on_random_cases(backend, dtype, small
 @pytest.mark.slow
 def test_flex_forward_matches_float64_reference_on_cpu():
     gen = torch.Generator().manual_seed(99)
-    for _ in range(4):
+    checked = 0
+    while checked < 4:
         case = random_case(gen, torch.float32)
-        case["q"], case["k"], case["v"] = (case[n][..., :16].contiguous() for n in "qkv")
-        run_and_compare("flex", case, torch.float32, with_grad=False)
+        if case["q"].shape[-1] >= 32:
+            run_and_compare("flex", case, torch.float32, with_grad=False)
+            checked += 1
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
