@@ -1,0 +1,400 @@
+"""modeling_bart.py against stock transformers BART with the same weights, loaded through trust_remote_code."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from remote_code import assert_close_rel, relative_error, save_with_remote_code
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    BartConfig,
+    BartForConditionalGeneration,
+    BartForSequenceClassification,
+)
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+CPU_BACKENDS = ["sdpa", "chunked", "eager"]
+PAD, BOS, EOS = 1, 0, 2
+VOCAB = 67
+AUTO_MAP = {
+    "AutoModel": "modeling_bart.BartModel",
+    "AutoModelForSeq2SeqLM": "modeling_bart.BartForConditionalGeneration",
+    "AutoModelForSequenceClassification": "modeling_bart.BartForSequenceClassification",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_cpu_thread():
+    """These matrices are tiny: on a busy 2-core runner, OpenMP threads contend and cost 10-100x in wall time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**overrides) -> BartConfig:
+    """Two layers each side, 4 heads of 8 dims, no dropout; init_std large enough for varied tokens."""
+    values = dict(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=48,
+        decoder_ffn_dim=48,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        init_std=0.3,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        decoder_start_token_id=EOS,
+        forced_eos_token_id=None,
+        num_labels=3,
+    )
+    values.update(overrides)
+    return BartConfig(**values)
+
+
+def stock_seq2seq(**overrides) -> BartForConditionalGeneration:
+    model = BartForConditionalGeneration(tiny_config(**overrides))
+    with torch.no_grad():
+        # A non-zero bias checks that the buffer loads; the extra push on <eos> ends beams at different lengths.
+        model.final_logits_bias.normal_(0.0, 1.0)
+        model.final_logits_bias[0, EOS] += 6.0
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def seq2seq_folder(tmp_path_factory):
+    torch.manual_seed(1234)
+    folder = tmp_path_factory.mktemp("bart-seq2seq")
+    return save_with_remote_code(stock_seq2seq(), folder, ["modeling_bart.py"], AUTO_MAP)
+
+
+def load_ours(folder, backend: str, auto_class=AutoModelForSeq2SeqLM, **config_changes):
+    config = AutoConfig.from_pretrained(folder)
+    config.attn_backend = backend
+    for name, value in config_changes.items():
+        setattr(config, name, value)
+    model = auto_class.from_pretrained(folder, config=config, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    return model.eval()
+
+
+def load_stock(folder, model_class=BartForConditionalGeneration, **config_changes):
+    return model_class.from_pretrained(folder, **config_changes).eval()
+
+
+def padded_batch() -> dict[str, torch.Tensor]:
+    """Three rows: unpadded, right-padded, left-padded; odd lengths on both sides."""
+    input_ids = torch.randint(3, VOCAB, (3, 11))
+    attention_mask = torch.ones(3, 11, dtype=torch.long)
+    attention_mask[1, 7:] = 0
+    attention_mask[2, :3] = 0
+    input_ids = input_ids.masked_fill(attention_mask == 0, PAD)
+    decoder_input_ids = torch.randint(3, VOCAB, (3, 9))
+    decoder_input_ids[:, 0] = EOS
+    decoder_attention_mask = torch.ones(3, 9, dtype=torch.long)
+    decoder_attention_mask[1, 6:] = 0
+    decoder_attention_mask[2, :2] = 0
+    decoder_input_ids = decoder_input_ids.masked_fill(decoder_attention_mask == 0, PAD)
+    return dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        decoder_input_ids=decoder_input_ids,
+        decoder_attention_mask=decoder_attention_mask,
+    )
+
+
+def gradients(model) -> dict[str, torch.Tensor]:
+    return {name: param.grad for name, param in model.named_parameters() if param.grad is not None}
+
+
+def assert_same_gradients(ours, stock, tol: float) -> None:
+    ours_grads, stock_grads = gradients(ours), gradients(stock)
+    assert ours_grads.keys() == stock_grads.keys()
+    assert len(ours_grads) == sum(1 for _ in stock.parameters())
+    largest = max(grad.norm() for grad in stock_grads.values())
+    for name, grad in stock_grads.items():
+        if name.endswith("k_proj.bias"):
+            # Softmax ignores a constant per query row, so the key bias gets a zero gradient (up to rounding).
+            assert ours_grads[name].norm() <= 1e-5 * largest and grad.norm() <= 1e-5 * largest, name
+        else:
+            assert_close_rel(ours_grads[name], grad, tol, f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_logits_and_hidden_states_match_stock_with_padding(seq2seq_folder, backend):
+    ours, stock = load_ours(seq2seq_folder, backend), load_stock(seq2seq_folder)
+    batch = padded_batch()
+    with torch.no_grad():
+        expected = stock(**batch, output_hidden_states=True)
+        actual = ours(**batch, output_hidden_states=True)
+    encoder_keep = batch["attention_mask"].bool()
+    decoder_keep = batch["decoder_attention_mask"].bool()
+    assert_close_rel(actual.logits[decoder_keep], expected.logits[decoder_keep], 1e-5, "logits")
+    assert_close_rel(
+        actual.encoder_last_hidden_state[encoder_keep], expected.encoder_last_hidden_state[encoder_keep], 1e-5, "enc"
+    )
+    assert len(actual.decoder_hidden_states) == len(expected.decoder_hidden_states) == 3
+    for layer, (ours_h, stock_h) in enumerate(zip(actual.decoder_hidden_states, expected.decoder_hidden_states)):
+        assert_close_rel(ours_h[decoder_keep], stock_h[decoder_keep], 1e-5, f"decoder hidden state {layer}")
+    for layer, (ours_h, stock_h) in enumerate(zip(actual.encoder_hidden_states, expected.encoder_hidden_states)):
+        assert_close_rel(ours_h[encoder_keep], stock_h[encoder_keep], 1e-5, f"encoder hidden state {layer}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_loss_and_all_gradients_match_stock(seq2seq_folder, backend):
+    ours, stock = load_ours(seq2seq_folder, backend).train(), load_stock(seq2seq_folder).train()
+    batch = padded_batch()
+    labels = torch.randint(3, VOCAB, (3, 9))
+    labels[1, 6:] = -100
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+    expected, actual = stock(**inputs), ours(**inputs)
+    assert_close_rel(actual.loss, expected.loss, 1e-5, "loss")
+    expected.loss.backward()
+    actual.loss.backward()
+    assert_same_gradients(ours, stock, 1e-4)
+
+
+def test_gradient_checkpointing_keeps_loss_and_gradients(seq2seq_folder):
+    ours, stock = load_ours(seq2seq_folder, "chunked").train(), load_stock(seq2seq_folder).train()
+    # transformers 5.23 renamed gradient_checkpointing_enable (still there, deprecated) to activation_checkpointing_enable.
+    getattr(ours, "activation_checkpointing_enable", ours.gradient_checkpointing_enable)()
+    assert all(layer.gradient_checkpointing for layer in ours.model.decoder.layers)
+    batch = padded_batch()
+    inputs = dict(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        decoder_input_ids=batch["decoder_input_ids"],
+        decoder_attention_mask=batch["decoder_attention_mask"],
+        # Padded decoder positions carry no loss: a query that sees no key is left undefined by stock BART.
+        labels=torch.randint(3, VOCAB, (3, 9)).masked_fill(batch["decoder_attention_mask"] == 0, -100),
+    )
+    expected, actual = stock(**inputs), ours(**inputs)
+    assert_close_rel(actual.loss, expected.loss, 1e-5, "loss")
+    expected.loss.backward()
+    actual.loss.backward()
+    assert_same_gradients(ours, stock, 1e-4)
+
+
+def test_layerdrop_skips_the_same_layers_as_stock(seq2seq_folder):
+    drop = dict(encoder_layerdrop=0.5, decoder_layerdrop=0.5)
+    ours = load_ours(seq2seq_folder, "sdpa", **drop).train()
+    stock = load_stock(seq2seq_folder, **drop).train()
+    batch = padded_batch()
+    keep = batch["decoder_attention_mask"].bool()
+    dropped_some = False
+    with torch.no_grad():
+        full = ours.eval()(**batch).logits
+        ours.train()
+        for seed in range(4):
+            torch.manual_seed(seed)
+            expected = stock(**batch).logits
+            torch.manual_seed(seed)
+            actual = ours(**batch).logits
+            assert_close_rel(actual[keep], expected[keep], 1e-5, f"logits with layerdrop, seed {seed}")
+            if relative_error(actual[keep], full[keep]) > 1e-3:
+                dropped_some = True
+    assert dropped_some, "layerdrop never dropped a layer"
+
+
+def test_attention_dropout_is_applied_in_training_only(seq2seq_folder):
+    batch = padded_batch()
+    keep = batch["decoder_attention_mask"].bool()
+    with torch.no_grad():
+        with_dropout = load_ours(seq2seq_folder, "sdpa", attention_dropout=0.5)
+        evaluated = with_dropout(**batch).logits
+        trained = with_dropout.train()(**batch).logits
+        without_dropout = load_ours(seq2seq_folder, "sdpa").train()(**batch).logits
+    assert relative_error(trained[keep], evaluated[keep]) > 1e-2
+    assert_close_rel(without_dropout[keep], evaluated[keep], 1e-6, "train mode without any dropout")
+
+
+GENERATION_SETTINGS = {
+    "beam": dict(num_beams=3, length_penalty=0.6, no_repeat_ngram_size=2, forced_bos_token_id=BOS),
+    "beam_forced_eos": dict(num_beams=4, length_penalty=1.5, forced_eos_token_id=EOS, early_stopping=True),
+    "greedy": dict(num_beams=1, no_repeat_ngram_size=3),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_generate_matches_stock_token_for_token(seq2seq_folder, backend):
+    ours, stock = load_ours(seq2seq_folder, backend), load_stock(seq2seq_folder)
+    batch = padded_batch()
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=14)
+    ended_early = False
+    for name, settings in GENERATION_SETTINGS.items():
+        with torch.no_grad():
+            expected = stock.generate(**inputs, **settings)
+            actual = ours.generate(**inputs, **settings)
+        assert torch.equal(actual, expected), f"{name}:\n{actual}\n!=\n{expected}"
+        ended_early |= bool((expected == PAD).any())
+        if "forced_bos_token_id" in settings:
+            assert (expected[:, 1] == BOS).all()
+    assert ended_early, "no sequence ended before max_new_tokens: length_penalty was not exercised"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_incremental_decoding_matches_a_full_decoder_pass(seq2seq_folder, backend):
+    ours = load_ours(seq2seq_folder, backend)
+    batch = padded_batch()
+    ids, mask = batch["decoder_input_ids"], batch["decoder_attention_mask"]
+    with torch.no_grad():
+        encoder_outputs = ours.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        common = dict(encoder_outputs=encoder_outputs, attention_mask=batch["attention_mask"])
+        full = ours(**common, decoder_input_ids=ids, decoder_attention_mask=mask, use_cache=False).logits
+
+        cross_projections = []
+        for layer in ours.model.decoder.layers:
+            layer.encoder_attn.k_proj.register_forward_hook(lambda *_: cross_projections.append(1))
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        prefill = 3
+        steps = [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]
+        for start, stop in steps:
+            out = ours(
+                **common,
+                decoder_input_ids=ids[:, start:stop],
+                decoder_attention_mask=mask[:, :stop],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            assert out.past_key_values is cache
+            keep = mask[:, start:stop].bool()
+            assert_close_rel(out.logits[keep], full[:, start:stop][keep], 1e-5, f"positions {start}..{stop - 1}")
+    assert cache.get_seq_length() == ids.shape[1]
+    assert len(cross_projections) == len(ours.model.decoder.layers), "encoder keys were projected more than once"
+    assert all(cache.is_updated[i] for i in range(len(ours.model.decoder.layers)))
+    assert cache.cross_attention_cache.get_seq_length() == batch["input_ids"].shape[1]
+
+
+def test_saved_weights_load_into_the_stock_class(seq2seq_folder, tmp_path):
+    ours = load_ours(seq2seq_folder, "sdpa")
+    shared = ours.model.shared.weight
+    assert ours.lm_head.weight is shared
+    assert ours.model.encoder.embed_tokens.weight is shared and ours.model.decoder.embed_tokens.weight is shared
+    ours.save_pretrained(tmp_path)
+    stock, info = BartForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert stock.state_dict().keys() == ours.state_dict().keys()
+    original = load_stock(seq2seq_folder)
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(stock.state_dict()[name], tensor), name
+    batch = padded_batch()
+    keep = batch["decoder_attention_mask"].bool()
+    with torch.no_grad():
+        assert_close_rel(ours(**batch).logits[keep], stock.eval()(**batch).logits[keep], 1e-5, "logits")
+
+
+def test_embeddings_stored_only_under_the_decoder_are_tied(seq2seq_folder, tmp_path):
+    """Some checkpoints (facebook/bart-large-cnn) keep the shared matrix only as model.decoder.embed_tokens."""
+    from safetensors.torch import load_file, save_file
+
+    for path in seq2seq_folder.iterdir():
+        if path.name != "model.safetensors":
+            shutil.copy(path, tmp_path / path.name)
+    weights = load_file(seq2seq_folder / "model.safetensors")
+    assert "model.shared.weight" in weights and "model.decoder.embed_tokens.weight" not in weights
+    weights["model.decoder.embed_tokens.weight"] = weights.pop("model.shared.weight")
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+    ours, stock = load_ours(tmp_path, "sdpa"), load_stock(seq2seq_folder)
+    shared = ours.model.shared.weight
+    assert ours.lm_head.weight is shared and ours.model.encoder.embed_tokens.weight is shared
+    assert torch.equal(shared, stock.model.shared.weight)
+    batch = padded_batch()
+    keep = batch["decoder_attention_mask"].bool()
+    with torch.no_grad():
+        assert_close_rel(ours(**batch).logits[keep], stock(**batch).logits[keep], 1e-5, "logits")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sequence_classification_matches_stock(tmp_path, backend):
+    torch.manual_seed(7)
+    stock = BartForSequenceClassification(tiny_config()).eval()
+    save_with_remote_code(stock, tmp_path, ["modeling_bart.py"], AUTO_MAP)
+    ours = load_ours(tmp_path, backend, AutoModelForSequenceClassification)
+    batch = padded_batch()
+    input_ids, attention_mask = batch["input_ids"].clone(), batch["attention_mask"]
+    last_real = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(dim=1)
+    input_ids[torch.arange(3), last_real] = EOS
+    labels = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        expected = stock(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        actual = ours(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert_close_rel(actual.logits, expected.logits, 1e-5, "classification logits")
+    assert_close_rel(actual.loss, expected.loss, 1e-5, "classification loss")
+
+
+def test_backend_is_read_from_the_config_at_every_forward(seq2seq_folder):
+    ours = load_ours(seq2seq_folder, "eager")
+    batch = padded_batch()
+    with torch.no_grad():
+        ours(**batch)
+        ours.config.attn_backend = "no-such-backend"
+        with pytest.raises(ValueError, match="no-such-backend"):
+            ours(**batch)
+
+
+def test_a_4d_decoder_mask_is_refused(seq2seq_folder):
+    ours = load_ours(seq2seq_folder, "sdpa")
+    batch = padded_batch()
+    batch["decoder_attention_mask"] = torch.ones(3, 1, 9, 9)
+    with pytest.raises(ValueError, match="2-D padding mask"):
+        ours(**batch)
+
+
+@pytest.mark.gpu
+def test_bf16_backends_on_cuda_match_fp32_stock(tmp_path):
+    from memory_efficient_adapter.attention import available_backends
+
+    torch.manual_seed(3)
+    # head_dim 16 so that flex and flash_attn can take the call; a checkpoint-like init_std, at which stock
+    # BART itself stays well inside the bf16 tolerance.
+    config = tiny_config(d_model=64, max_position_embeddings=128, vocab_size=128, init_std=0.05)
+    stock = BartForConditionalGeneration(config)
+    save_with_remote_code(stock, tmp_path, ["modeling_bart.py"], AUTO_MAP)
+    stock = stock.cuda().eval()
+    input_ids = torch.randint(3, 128, (3, 77), device="cuda")
+    attention_mask = torch.ones(3, 77, dtype=torch.long, device="cuda")
+    attention_mask[1, 50:] = 0
+    attention_mask[2, :20] = 0
+    decoder_input_ids = torch.randint(3, 128, (3, 41), device="cuda")
+    decoder_attention_mask = torch.ones(3, 41, dtype=torch.long, device="cuda")
+    decoder_attention_mask[1, 30:] = 0
+    batch = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        decoder_input_ids=decoder_input_ids,
+        decoder_attention_mask=decoder_attention_mask,
+    )
+    keep = decoder_attention_mask.bool()
+    with torch.no_grad():
+        expected = stock(**batch).logits[keep]
+    ran = []
+    for backend in available_backends("cuda"):
+        config = AutoConfig.from_pretrained(tmp_path)
+        config.attn_backend = backend
+        ours = AutoModelForSeq2SeqLM.from_pretrained(
+            tmp_path, config=config, trust_remote_code=True, dtype=torch.bfloat16
+        )
+        ours = ours.cuda().eval()
+        try:
+            with torch.no_grad():
+                actual = ours(**batch).logits[keep]
+        except ValueError as error:
+            if "cannot take this call" not in str(error):
+                raise
+            continue
+        assert actual.dtype == torch.bfloat16
+        assert_close_rel(actual.float(), expected, 2e-2, f"bf16 {backend}")
+        ran.append(backend)
+    assert "sdpa" in ran, ran
