@@ -1,0 +1,1449 @@
+"""LLaMA for Hugging Face transformers, with attention routed through the memory-efficient kernel layer.
+
+A drop-in replacement for transformers' ``modeling_llama.py``: the same module tree and state-dict keys, so
+original checkpoints load unchanged and ``save_pretrained`` output loads back into the stock classes. Every
+attention call goes through ``attention()`` (the kernel layer copied below) with ``causal=True`` and an
+O(seq) padding keep-mask (a caller's own 4-D mask is passed through as is); the model never builds a
+``[batch, 1, q_len, k_len]`` mask of its own, except for packed sequences (see ``packed_sequence_keep_mask``).
+
+Works with transformers 4.57.x and 5.x; the version-specific bits are ``rope_parameters_from_config``, the
+``GradientCheckpointingLayer`` import and ``_can_set_attn_implementation``.
+"""
+
+from functools import partial
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from transformers import LlamaConfig
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils.logging import get_logger
+
+try:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # transformers without modeling_layers: the same mechanism, spelled out
+
+    class GradientCheckpointingLayer(nn.Module):
+        """Runs the layer under ``self._gradient_checkpointing_func`` (set by ``gradient_checkpointing_enable``)."""
+
+        gradient_checkpointing = False
+
+        def __call__(self, *args, **kwargs):
+            if self.gradient_checkpointing and self.training:
+                return self._gradient_checkpointing_func(partial(super().__call__, **kwargs), *args)
+            return super().__call__(*args, **kwargs)
+
+
+# >>> kernel layer: copied from modeling/attention.py by scripts/sync_kernels.py; edit it there >>>
+"""The kernel layer of memory-efficient-adapter: one ``attention()`` call, many fused kernels.
+
+Every modeling file of this project carries a verbatim copy of this module (see
+``scripts/sync_kernels.py``), so it imports only torch and the standard library at module level;
+optional packages (xformers, flash_attn) are imported lazily inside ``try`` blocks.
+
+Layout is ``[batch, heads, seq, head_dim]``. Backends, one function each, declare what they can take;
+``auto`` walks a fixed order per device (``AUTO_ORDER``) and runs the first one that can take the call.
+"""
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+_logger = logging.getLogger("memory_efficient_adapter")
+
+BACKENDS = ("sdpa", "flex", "flash_attn", "xformers", "chunked", "eager")
+AUTO_ORDER = {
+    "cuda": ("sdpa", "flash_attn", "flex", "xformers", "chunked", "eager"),
+    "cpu": ("sdpa", "chunked", "eager"),
+}
+AUTO_ORDER_OTHER_DEVICES = ("sdpa", "chunked", "eager")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Query/key block sizes of the chunked backend; change them with set_chunk_sizes().
+_CHUNK_SIZES = {"query": 1024, "key": 1024}
+
+_logged_messages: set = set()
+_probe_results: dict = {}
+_failed_at_runtime: set = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged_messages:
+        _logged_messages.add(message)
+        _logger.warning(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Describing a call
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What a backend needs to know to decide whether it can take a call."""
+
+    device_type: str
+    dtype: torch.dtype
+    head_dim: int
+    heads: int
+    kv_heads: int
+    q_len: int
+    k_len: int
+    causal: bool
+    mask_kind: str  # "none", "padding" ([b, k] bool), "bool" or "additive" (broadcastable 4-D)
+    alibi: bool
+    dropout_p: float
+    needs_grad: bool
+
+    @property
+    def causal_offset(self) -> int:
+        """Bottom-right alignment: query i sees keys j <= i + causal_offset."""
+        return self.k_len - self.q_len
+
+
+def _mask_kind(mask: Optional[torch.Tensor], batch: int, heads: int, q_len: int, k_len: int) -> str:
+    if mask is None:
+        return "none"
+    if mask.dim() == 2:
+        if mask.dtype != torch.bool:
+            raise ValueError(
+                f"a 2-D attention_mask must be a bool keep-mask [batch, k_len], got dtype {mask.dtype}; "
+                "convert a 0/1 padding mask with keep_mask_from_padding()"
+            )
+        if tuple(mask.shape) != (batch, k_len):
+            raise ValueError(
+                f"a 2-D attention_mask must have shape [batch, k_len] = [{batch}, {k_len}], got {list(mask.shape)}"
+            )
+        return "padding"
+    if mask.dim() != 4:
+        raise ValueError(
+            "attention_mask must be a bool keep-mask [batch, k_len] or a 4-D mask broadcastable to "
+            f"[batch, heads, q_len, k_len]; got {mask.dim()} dimensions {list(mask.shape)}"
+        )
+    for size, full, name in zip(mask.shape, (batch, heads, q_len, k_len), ("batch", "heads", "q_len", "k_len")):
+        if size not in (1, full):
+            raise ValueError(
+                f"attention_mask of shape {list(mask.shape)} does not broadcast to "
+                f"[batch, heads, q_len, k_len] = [{batch}, {heads}, {q_len}, {k_len}] (dimension {name})"
+            )
+    if mask.dtype == torch.bool:
+        return "bool"
+    if mask.dtype in FLOAT_DTYPES:
+        return "additive"
+    raise ValueError(f"a 4-D attention_mask must be bool (True = attend) or floating (additive), got {mask.dtype}")
+
+
+def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p) -> AttentionCall:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            "q, k and v must be 4-D [batch, heads, seq, head_dim]; got shapes "
+            f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
+        )
+    if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"q, k and v must share one floating dtype (float16, bfloat16, float32, float64); got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device; got {q.device}, {k.device}, {v.device}")
+    batch, heads, q_len, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k and v must be [batch, kv_heads, k_len, head_dim] matching q {list(q.shape)}; got {list(k.shape)}, {list(v.shape)}"
+        )
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    if heads % kv_heads != 0:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    if alibi_slopes is not None and (alibi_slopes.dim() != 1 or alibi_slopes.shape[0] != heads):
+        raise ValueError(f"alibi_slopes must have shape [heads] = [{heads}], got {list(alibi_slopes.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return AttentionCall(
+        device_type=q.device.type,
+        dtype=q.dtype,
+        head_dim=head_dim,
+        heads=heads,
+        kv_heads=kv_heads,
+        q_len=q_len,
+        k_len=k_len,
+        causal=bool(causal),
+        mask_kind=_mask_kind(attention_mask, batch, heads, q_len, k_len),
+        alibi=alibi_slopes is not None,
+        dropout_p=float(dropout_p),
+        needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared mask arithmetic (dense forms are used only by sdpa and eager, and by chunked per block)
+# ----------------------------------------------------------------------------------------------
+
+
+def _additive_hidden(mask: torch.Tensor) -> torch.Tensor:
+    """Positions an additive mask hides: -inf or the dtype's minimum (transformers' convention)."""
+    return mask <= torch.finfo(mask.dtype).min
+
+
+def _block_keep(call: AttentionCall, mask, rows: slice, cols: slice, device) -> Optional[torch.Tensor]:
+    """Bool keep-mask of the block rows x cols, broadcastable to [b, h, rows, cols]; None = keep all."""
+    keep = None
+    if call.causal:
+        q_pos = torch.arange(rows.start, rows.stop, device=device)[:, None] + call.causal_offset
+        k_pos = torch.arange(cols.start, cols.stop, device=device)[None, :]
+        keep = (k_pos <= q_pos)[None, None]
+    if call.mask_kind == "padding":
+        pad = mask[:, None, None, cols]
+        keep = pad if keep is None else keep & pad
+    elif call.mask_kind in ("bool", "additive"):
+        block = mask[:, :, rows, cols] if mask.shape[2] != 1 else mask[:, :, :, cols]
+        block_keep = block if call.mask_kind == "bool" else ~_additive_hidden(block)
+        keep = block_keep if keep is None else keep & block_keep
+    return keep
+
+
+def _block_bias(call: AttentionCall, mask, alibi_slopes, rows: slice, cols: slice, device) -> Optional[torch.Tensor]:
+    """Float32 additive bias of the block (ALiBi and an additive mask), broadcastable to [b, h, rows, cols]."""
+    bias = None
+    if alibi_slopes is not None:
+        q_pos = torch.arange(rows.start, rows.stop, device=device, dtype=torch.float32)[:, None] + call.causal_offset
+        k_pos = torch.arange(cols.start, cols.stop, device=device, dtype=torch.float32)[None, :]
+        bias = alibi_slopes.to(device=device, dtype=torch.float32)[None, :, None, None] * (k_pos - q_pos)
+    if call.mask_kind == "additive":
+        block = mask[:, :, rows, cols] if mask.shape[2] != 1 else mask[:, :, :, cols]
+        block = block.float().masked_fill(_additive_hidden(block), 0.0)
+        bias = block if bias is None else bias + block
+    return bias
+
+
+def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Repeat key/value heads for grouped-query attention: [b, h_kv, s, d] -> [b, h, s, d]."""
+    batch, kv_heads, seq, dim = x.shape
+    if kv_heads == heads:
+        return x
+    return x[:, :, None].expand(batch, kv_heads, heads // kv_heads, seq, dim).reshape(batch, heads, seq, dim)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax and accumulation precision: float32 for half types, the input's own precision otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _zero_empty_rows(out: torch.Tensor, row_has_key: Optional[torch.Tensor]) -> torch.Tensor:
+    return out if row_has_key is None else out.masked_fill(~row_has_key, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Light softmax and fused dropout-matmul (the eager path made lighter)
+# ----------------------------------------------------------------------------------------------
+
+
+class LightSoftmax(torch.autograd.Function):
+    """Softmax over the last dim, computed in float32, that keeps only its output (in the input dtype) for backward."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores, dim=-1, dtype=_compute_dtype(scores.dtype)).to(scores.dtype)
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_probs: torch.Tensor):
+        (probs,) = ctx.saved_tensors
+        p = probs.to(_compute_dtype(probs.dtype))
+        g = grad_probs.to(p.dtype)
+        return (p * (g - (g * p).sum(dim=-1, keepdim=True))).to(probs.dtype)
+
+
+class DropoutMatmul(torch.autograd.Function):
+    """``dropout(probs) @ value`` that saves the bool dropout mask instead of the dropped probabilities."""
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor, value: torch.Tensor, p: float) -> torch.Tensor:
+        keep = torch.empty_like(probs).bernoulli_(1.0 - p).bool()
+        scale = 1.0 / (1.0 - p)
+        ctx.save_for_backward(probs, value, keep)
+        ctx.scale = scale
+        return torch.matmul(probs * keep * scale, value)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        probs, value, keep = ctx.saved_tensors
+        dropped = probs * keep * ctx.scale
+        grad_value = torch.matmul(dropped.transpose(-1, -2), grad_out)
+        grad_probs = torch.matmul(grad_out, value.transpose(-1, -2)) * keep * ctx.scale
+        return grad_probs, grad_value, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: eager
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True):
+    k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
+    rows, cols = slice(0, call.q_len), slice(0, call.k_len)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
+    if bias is not None:
+        scores = (scores.to(_compute_dtype(q.dtype)) + bias).to(q.dtype)
+    keep = _block_keep(call, mask, rows, cols, q.device)
+    row_has_key = None
+    if keep is not None:
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        row_has_key = keep.any(dim=-1, keepdim=True)
+    if light_softmax:
+        probs = LightSoftmax.apply(scores)
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=_compute_dtype(q.dtype)).to(q.dtype)
+    if call.dropout_p > 0.0 and dropout_matmul:
+        out = DropoutMatmul.apply(probs, v, call.dropout_p)
+    else:
+        out = torch.matmul(F.dropout(probs, p=call.dropout_p, training=call.dropout_p > 0.0), v)
+    return _zero_empty_rows(out, row_has_key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: sdpa
+# ----------------------------------------------------------------------------------------------
+
+
+def _sdpa_kernel_context(device_type: str):
+    """On Hopper and newer, let SDPA try cuDNN attention first; elsewhere keep PyTorch's own order."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    if device_type != "cuda" or torch.cuda.get_device_capability()[0] < 9:
+        return None
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:
+        return None
+
+
+def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    dropout = call.dropout_p
+    no_mask = call.mask_kind == "none"
+    if no_mask and (not call.causal or call.q_len == 1 and call.k_len >= 1 or call.q_len == call.k_len):
+        is_causal = call.causal and call.q_len == call.k_len and call.q_len > 1
+        attn_mask, row_has_key = None, None
+    else:
+        is_causal = False
+        rows, cols = slice(0, call.q_len), slice(0, call.k_len)
+        keep = _block_keep(call, mask, rows, cols, q.device)
+        row_has_key = keep.any(dim=-1, keepdim=True)
+        safe_keep = keep | ~row_has_key
+        if call.mask_kind == "additive":
+            attn_mask = mask.to(q.dtype).clamp_min(torch.finfo(q.dtype).min).masked_fill(~safe_keep, float("-inf"))
+        else:
+            attn_mask = safe_keep
+    gqa = call.kv_heads != call.heads
+    if gqa and attn_mask is None:
+        kwargs = {"enable_gqa": True}
+    else:
+        k, v, kwargs = _expand_kv(k, call.heads), _expand_kv(v, call.heads), {}
+    context = _sdpa_kernel_context(call.device_type)
+    run = lambda: F.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=scale, **kwargs
+    )
+    if context is None:
+        out = run()
+    else:
+        with context:
+            out = run()
+    return _zero_empty_rows(out, row_has_key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: chunked (pure PyTorch, O(n) memory: Rabe & Staats with recomputation in backward)
+# ----------------------------------------------------------------------------------------------
+
+
+def _dropout_keep(seed: int, q_block: int, k_block: int, n_k_blocks: int, shape, device) -> torch.Tensor:
+    """The dropout keep-mask of one block, drawn from a generator seeded per block so backward can redraw it."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed + q_block * n_k_blocks + k_block)
+    return torch.rand(shape, generator=generator, device=device)
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, call, mask, alibi_slopes, scale, seed):
+        out, lse = _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call, ctx.mask, ctx.alibi_slopes, ctx.scale, ctx.seed = call, mask, alibi_slopes, scale, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        grads = _chunked_backward(q, k, v, out, lse, grad_out, ctx.call, ctx.mask, ctx.alibi_slopes, ctx.scale, ctx.seed)
+        return (*grads, None, None, None, None, None)
+
+
+def _chunk_slices(length: int, size: int) -> list:
+    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+def _block_is_hidden(call: AttentionCall, rows: slice, cols: slice) -> bool:
+    """A key block entirely to the right of the causal diagonal for every query of the block."""
+    return call.causal and cols.start > rows.stop - 1 + call.causal_offset
+
+
+def _block_scores(q_blk, k_blk, call, mask, alibi_slopes, scale, rows, cols):
+    """Float32 scores of one block with ALiBi/additive bias and -inf where a key is hidden."""
+    dtype = _compute_dtype(q_blk.dtype)
+    scores = torch.matmul(q_blk.to(dtype), k_blk.to(dtype).transpose(-1, -2)) * scale
+    bias = _block_bias(call, mask, alibi_slopes, rows, cols, q_blk.device)
+    if bias is not None:
+        scores = scores + bias
+    keep = _block_keep(call, mask, rows, cols, q_blk.device)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores
+
+
+def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed):
+    batch, heads, _, dim = q.shape
+    dtype = _compute_dtype(q.dtype)
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, call.q_len, device=q.device, dtype=dtype)
+    k_slices = _chunk_slices(call.k_len, _CHUNK_SIZES["key"])
+    for qi, rows in enumerate(_chunk_slices(call.q_len, _CHUNK_SIZES["query"])):
+        q_blk = q[:, :, rows]
+        row_max = torch.full((batch, heads, rows.stop - rows.start, 1), float("-inf"), device=q.device, dtype=dtype)
+        row_sum = torch.zeros_like(row_max)
+        acc = torch.zeros(batch, heads, rows.stop - rows.start, dim, device=q.device, dtype=dtype)
+        for ki, cols in enumerate(k_slices):
+            if _block_is_hidden(call, rows, cols):
+                continue
+            scores = _block_scores(q_blk, k[:, :, cols], call, mask, alibi_slopes, scale, rows, cols)
+            new_max = torch.maximum(row_max, scores.amax(dim=-1, keepdim=True))
+            safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+            probs = torch.exp(scores - safe_max)
+            rescale = torch.exp(row_max - safe_max)
+            row_sum = row_sum * rescale + probs.sum(dim=-1, keepdim=True)
+            if call.dropout_p > 0.0:
+                draw = _dropout_keep(seed, qi, ki, len(k_slices), probs.shape, q.device)
+                probs = probs * (draw >= call.dropout_p) / (1.0 - call.dropout_p)
+            acc = acc * rescale + torch.matmul(probs, v[:, :, cols].to(dtype))
+            row_max = new_max
+        has_key = row_sum > 0
+        out[:, :, rows] = torch.where(has_key, acc / row_sum.clamp_min(1e-30), torch.zeros_like(acc)).to(q.dtype)
+        lse[:, :, rows] = torch.where(has_key, row_max + torch.log(row_sum.clamp_min(1e-30)), row_max).squeeze(-1)
+    return out, lse
+
+
+def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, scale, seed):
+    dtype = _compute_dtype(q.dtype)
+    grad_q, grad_k, grad_v = (torch.zeros_like(x, dtype=dtype) for x in (q, k, v))
+    delta = (grad_out.to(dtype) * out.to(dtype)).sum(dim=-1, keepdim=True)
+    k_slices = _chunk_slices(call.k_len, _CHUNK_SIZES["key"])
+    for qi, rows in enumerate(_chunk_slices(call.q_len, _CHUNK_SIZES["query"])):
+        q_blk, g_blk = q[:, :, rows], grad_out[:, :, rows].to(dtype)
+        row_lse = lse[:, :, rows, None]
+        finite_lse = torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse)
+        for ki, cols in enumerate(k_slices):
+            if _block_is_hidden(call, rows, cols):
+                continue
+            scores = _block_scores(q_blk, k[:, :, cols], call, mask, alibi_slopes, scale, rows, cols)
+            probs = torch.exp(scores - finite_lse).masked_fill(torch.isinf(row_lse), 0.0)
+            grad_probs = torch.matmul(g_blk, v[:, :, cols].to(dtype).transpose(-1, -2))
+            if call.dropout_p > 0.0:
+                draw = _dropout_keep(seed, qi, ki, len(k_slices), probs.shape, q.device)
+                kept = (draw >= call.dropout_p) / (1.0 - call.dropout_p)
+                grad_v[:, :, cols] += torch.matmul((probs * kept).transpose(-1, -2), g_blk)
+                grad_probs = grad_probs * kept
+            else:
+                grad_v[:, :, cols] += torch.matmul(probs.transpose(-1, -2), g_blk)
+            grad_scores = probs * (grad_probs - delta[:, :, rows]) * scale
+            grad_q[:, :, rows] += torch.matmul(grad_scores, k[:, :, cols].to(dtype))
+            grad_k[:, :, cols] += torch.matmul(grad_scores.transpose(-1, -2), q_blk.to(dtype))
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
+
+
+def _run_chunked(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if call.dropout_p > 0.0 else 0
+    return _ChunkedAttention.apply(q, k, v, call, mask, alibi_slopes, scale, seed)
+
+
+def set_chunk_sizes(query: int = 1024, key: int = 1024) -> None:
+    """Set the query and key block sizes of the chunked backend (memory ~ batch x heads x query x key floats)."""
+    if query < 1 or key < 1:
+        raise ValueError(f"chunk sizes must be positive, got query={query}, key={key}")
+    _CHUNK_SIZES["query"], _CHUNK_SIZES["key"] = int(query), int(key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: flex (FlexAttention with a block mask and a score_mod)
+# ----------------------------------------------------------------------------------------------
+
+
+def _flex_module():
+    try:
+        from torch.nn.attention import flex_attention as flex
+    except ImportError:
+        return None
+    return flex
+
+
+_compiled_flex: dict = {}
+
+
+def _flex_function(device_type: str):
+    """flex_attention compiled once per device type (static shapes on CPU, where dynamic ones fail to build)."""
+    if device_type not in _compiled_flex:
+        dynamic = False if device_type == "cpu" else None
+        _compiled_flex[device_type] = torch.compile(_flex_module().flex_attention, dynamic=dynamic)
+    return _compiled_flex[device_type]
+
+
+def _flex_mask_mod(call: AttentionCall, mask) -> Optional[Callable]:
+    offset = call.causal_offset
+    conditions = []
+    if call.causal:
+        conditions.append(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + offset)
+    if call.mask_kind == "padding":
+        conditions.append(lambda b, h, q_idx, kv_idx: mask[b, kv_idx])
+    elif call.mask_kind in ("bool", "additive"):
+        keep = mask if call.mask_kind == "bool" else ~_additive_hidden(mask)
+        q_broadcast, h_broadcast, b_broadcast = keep.shape[2] == 1, keep.shape[1] == 1, keep.shape[0] == 1
+        conditions.append(
+            lambda b, h, q_idx, kv_idx: keep[
+                0 if b_broadcast else b, 0 if h_broadcast else h, 0 if q_broadcast else q_idx, kv_idx
+            ]
+        )
+    if not conditions:
+        return None
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        result = conditions[0](b, h, q_idx, kv_idx)
+        for condition in conditions[1:]:
+            result = result & condition(b, h, q_idx, kv_idx)
+        return result
+
+    return mask_mod
+
+
+def _flex_score_mod(call: AttentionCall, mask, alibi_slopes) -> Optional[Callable]:
+    offset = call.causal_offset
+    terms = []
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(torch.float32)
+        terms.append(lambda b, h, q_idx, kv_idx: slopes[h] * (kv_idx - q_idx - offset))
+    if call.mask_kind == "additive":
+        finite = mask.float().masked_fill(_additive_hidden(mask), 0.0)
+        q_broadcast, h_broadcast, b_broadcast = finite.shape[2] == 1, finite.shape[1] == 1, finite.shape[0] == 1
+        terms.append(
+            lambda b, h, q_idx, kv_idx: finite[
+                0 if b_broadcast else b, 0 if h_broadcast else h, 0 if q_broadcast else q_idx, kv_idx
+            ]
+        )
+    if not terms:
+        return None
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        for term in terms:
+            score = score + term(b, h, q_idx, kv_idx)
+        return score
+
+    return score_mod
+
+
+def _run_flex(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    flex = _flex_module()
+    mask_mod = _flex_mask_mod(call, mask)
+    block_mask = None
+    if mask_mod is not None:
+        per_batch = call.mask_kind != "none" and mask.shape[0] != 1
+        per_head = call.mask_kind in ("bool", "additive") and mask.shape[1] != 1
+        block_mask = flex.create_block_mask(
+            mask_mod,
+            q.shape[0] if per_batch else None,
+            call.heads if per_head else None,
+            call.q_len,
+            call.k_len,
+            device=q.device,
+        )
+    score_mod = _flex_score_mod(call, mask, alibi_slopes)
+    return _flex_function(call.device_type)(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=call.kv_heads != call.heads
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: flash_attn (the flash-attn package; varlen for padding)
+# ----------------------------------------------------------------------------------------------
+
+
+def _flash_attn_functions():
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_func, flash_attn_varlen_func
+
+
+def _unpad(x: torch.Tensor, keep: torch.Tensor):
+    """[b, s, h, d] with a [b, s] keep-mask -> packed [tokens, h, d], flat indices, cu_seqlens, max length."""
+    lengths = keep.sum(dim=-1, dtype=torch.int32)
+    indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
+    cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    packed = x.reshape(-1, *x.shape[2:]).index_select(0, indices)
+    return packed, indices, cu_seqlens, int(lengths.max().item())
+
+
+def _run_flash_attn(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    flash_func, varlen_func = _flash_attn_functions()
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    slopes = alibi_slopes.to(torch.float32) if alibi_slopes is not None else None
+    common = dict(dropout_p=call.dropout_p, softmax_scale=scale, causal=call.causal, alibi_slopes=slopes)
+    if call.mask_kind == "none":
+        return flash_func(q, k, v, **common).transpose(1, 2)
+    query_keep = mask[:, -call.q_len :]
+    q_packed, q_index, cu_q, max_q = _unpad(q, query_keep)
+    k_packed, _, cu_k, max_k = _unpad(k, mask)
+    v_packed, _, _, _ = _unpad(v, mask)
+    packed = varlen_func(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, **common)
+    out = torch.zeros(q.shape[0] * q.shape[1], *q.shape[2:], device=q.device, dtype=q.dtype)
+    out = out.index_copy(0, q_index, packed)
+    return out.view(q.shape).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: xformers (memory_efficient_attention, when it really runs here)
+# ----------------------------------------------------------------------------------------------
+
+
+def _xformers_ops():
+    try:
+        import xformers.ops as xops
+    except ImportError:
+        return None
+    return xops
+
+
+def _run_xformers(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    xops = _xformers_ops()
+    k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
+    bias = None
+    if call.causal:
+        masks = xops.fmha.attn_bias
+        bias = masks.LowerTriangularFromBottomRightMask() if call.q_len != call.k_len else masks.LowerTriangularMask()
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=call.dropout_p, scale=scale)
+    return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Capabilities: each returns None when the backend can take the call, else the reason it cannot
+# ----------------------------------------------------------------------------------------------
+
+
+def _cannot_eager(call: AttentionCall) -> Optional[str]:
+    return None
+
+
+def _cannot_chunked(call: AttentionCall) -> Optional[str]:
+    return None
+
+
+def _cannot_sdpa(call: AttentionCall) -> Optional[str]:
+    if call.alibi:
+        return "sdpa cannot take ALiBi without materializing an O(seq^2) bias; use flex, flash_attn or chunked"
+    return None
+
+
+def _cannot_flex(call: AttentionCall) -> Optional[str]:
+    if _flex_module() is None:
+        return "flex needs torch.nn.attention.flex_attention (PyTorch >= 2.5)"
+    if call.device_type not in ("cuda", "cpu"):
+        return f"flex does not run on {call.device_type}"
+    if call.device_type == "cpu" and call.needs_grad:
+        return "flex has no backward on CPU"
+    if call.dropout_p > 0.0:
+        return "flex does not take attention dropout"
+    if call.head_dim < 32:
+        return f"flex needs head_dim >= 32 (its Triton templates have no smaller tiles), got {call.head_dim}"
+    if call.dtype == torch.float64 or (call.device_type == "cpu" and call.dtype == torch.float16):
+        return f"flex does not take {call.dtype} on {call.device_type}"
+    return None
+
+
+def _cannot_flash_attn(call: AttentionCall) -> Optional[str]:
+    if call.device_type != "cuda":
+        return "flash_attn runs only on CUDA"
+    if call.dtype not in (torch.float16, torch.bfloat16):
+        return f"flash_attn takes only float16/bfloat16, got {call.dtype}"
+    if call.head_dim > 256 or call.head_dim % 8 != 0:
+        return f"flash_attn needs head_dim <= 256 and a multiple of 8, got {call.head_dim}"
+    if call.mask_kind in ("bool", "additive"):
+        return "flash_attn takes only a [batch, k_len] padding mask, not a 4-D mask"
+    if call.alibi and not call.causal:
+        return "flash_attn's ALiBi is symmetric (-slope*|i-j|) without causal masking"
+    if call.causal and call.q_len > call.k_len:
+        return "flash_attn needs q_len <= k_len with causal masking"
+    return None
+
+
+def _cannot_xformers(call: AttentionCall) -> Optional[str]:
+    if call.device_type != "cuda":
+        return "xformers runs only on CUDA here"
+    if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"xformers does not take {call.dtype}"
+    if call.alibi:
+        return "xformers cannot take ALiBi slopes without a materialized bias"
+    if call.mask_kind != "none":
+        return "xformers backend takes no attention_mask here"
+    if call.causal and call.q_len > call.k_len:
+        return "xformers needs q_len <= k_len with causal masking"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Probing installed packages: once per backend and device type
+# ----------------------------------------------------------------------------------------------
+
+
+def _probe_flash_attn(device_type: str) -> Optional[str]:
+    functions = _flash_attn_functions()
+    if functions is None:
+        return "flash_attn is not installed"
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return None
+    q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.float16)
+    functions[0](q, q, q, causal=True)
+    return None
+
+
+def _probe_xformers(device_type: str) -> Optional[str]:
+    xops = _xformers_ops()
+    if xops is None:
+        return "xformers is not installed"
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return None
+    q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.float16)
+    xops.memory_efficient_attention(q, q, q)
+    return None
+
+
+_PROBES = {"flash_attn": _probe_flash_attn, "xformers": _probe_xformers}
+
+
+def _probe(name: str, device_type: str) -> Optional[str]:
+    """Why an optional backend does not run on this machine (None if it runs); probed once, logged once."""
+    if name not in _PROBES:
+        return None
+    key = (name, device_type)
+    if key not in _probe_results:
+        try:
+            _probe_results[key] = _PROBES[name](device_type)
+        except Exception as error:  # an install built for another torch/CUDA fails in many ways
+            reason = f"{name} is installed but does not run here ({type(error).__name__}: {error}); skipping it"
+            _log_once(reason)
+            _probe_results[key] = reason
+    return _probe_results[key]
+
+
+_CANNOT = {
+    "sdpa": _cannot_sdpa,
+    "flex": _cannot_flex,
+    "flash_attn": _cannot_flash_attn,
+    "xformers": _cannot_xformers,
+    "chunked": _cannot_chunked,
+    "eager": _cannot_eager,
+}
+_RUN = {
+    "sdpa": _run_sdpa,
+    "flex": _run_flex,
+    "flash_attn": _run_flash_attn,
+    "xformers": _run_xformers,
+    "chunked": _run_chunked,
+    "eager": _run_eager,
+}
+
+
+def _why_not(name: str, call: AttentionCall) -> Optional[str]:
+    return _probe(name, call.device_type) or _CANNOT[name](call)
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection
+# ----------------------------------------------------------------------------------------------
+
+
+def _auto_order(device_type: str) -> tuple:
+    return AUTO_ORDER.get(device_type, AUTO_ORDER_OTHER_DEVICES)
+
+
+def _backend_from_env(requested: str) -> str:
+    """Apply USE_FLASH_ATTN to an ``auto`` request: true/1 = auto, false/0 = eager, or a backend name."""
+    if requested != "auto":
+        return requested
+    value = os.environ.get("USE_FLASH_ATTN", "").strip().lower()
+    if value in ("", "true", "1", "yes", "on", "auto"):
+        return "auto"
+    if value in ("false", "0", "no", "off"):
+        return "eager"
+    if value in BACKENDS:
+        return value
+    raise ValueError(f"USE_FLASH_ATTN={value!r} is not true/false/1/0 or one of the backends {', '.join(BACKENDS)}")
+
+
+def select_backend(call: AttentionCall, backend: str = "auto") -> str:
+    """The backend that will run ``call``; raises ValueError when an explicit backend cannot take it."""
+    backend = _backend_from_env(backend)
+    if backend == "auto":
+        for name in _auto_order(call.device_type):
+            if (name, call.device_type) not in _failed_at_runtime and _why_not(name, call) is None:
+                return name
+        raise ValueError(f"no attention backend can take this call: {call}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    reason = _why_not(backend, call)
+    if reason is not None:
+        raise ValueError(f"attention backend {backend!r} cannot take this call: {reason}")
+    return backend
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+    light_softmax: bool = True,
+    dropout_matmul: bool = True,
+) -> torch.Tensor:
+    """Scaled dot-product attention through the fastest backend that can take the call.
+
+    q ``[b, h, q_len, d]``, k/v ``[b, h_kv, k_len, d]`` (``h % h_kv == 0``). ``causal`` is bottom-right
+    aligned when ``q_len != k_len``. ``attention_mask`` is a bool keep-mask ``[b, k_len]`` or a bool/additive
+    mask broadcastable to ``[b, h, q_len, k_len]``. ``alibi_slopes`` ``[h]`` adds ``slope * (j - i_aligned)``.
+    A query row that sees no key returns zeros. ``light_softmax``/``dropout_matmul`` shape the eager path.
+    """
+    call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p)
+    scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
+    options = dict(light_softmax=light_softmax, dropout_matmul=dropout_matmul)
+    requested = _backend_from_env(backend)
+    while True:
+        name = select_backend(call, requested)
+        try:
+            return _RUN[name](q, k, v, call, attention_mask, alibi_slopes, scale, **options)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:
+            if requested != "auto":
+                raise
+            _failed_at_runtime.add((name, call.device_type))
+            _log_once(f"attention backend {name!r} failed ({type(error).__name__}: {error}); falling back")
+
+
+def available_backends(device: Optional[str] = None) -> list:
+    """Backends that run on ``device`` (default: CUDA if present, else CPU) on this machine."""
+    device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    names = []
+    for name in BACKENDS:
+        if _probe(name, device_type) is not None:
+            continue
+        if name == "flex" and _flex_module() is None:
+            continue
+        if device_type == "cpu" and name in ("flash_attn", "xformers"):
+            continue
+        names.append(name)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers for the models
+# ----------------------------------------------------------------------------------------------
+
+
+def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
+    """BLOOM's ALiBi slopes (float32 ``[num_heads]``), including head counts that are not powers of two."""
+    closest_power = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest_power) - 3)))
+    slopes = [base ** (i + 1) for i in range(closest_power)]
+    if closest_power != num_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest_power) - 3)))
+        remaining = min(closest_power, num_heads - closest_power)
+        slopes += [extra_base ** (2 * i + 1) for i in range(remaining)]
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
+
+
+def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A transformers 0/1 padding mask ``[b, k_len]`` as a bool keep-mask, or None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"expected a 2-D padding mask [batch, k_len], got shape {list(attention_mask.shape)}")
+    keep = attention_mask.bool()
+    return None if bool(keep.all()) else keep
+
+
+_IMPLEMENTATION_TO_BACKEND = {
+    None: "auto",
+    "sdpa": "auto",
+    "eager": "eager",
+    "flash_attention_2": "flash_attn",
+    "flash_attention_3": "flash_attn",
+    "flex_attention": "flex",
+    "mea": "auto",
+}
+
+
+def backend_from_config(config) -> str:
+    """The backend a model asks for: ``config.attn_backend`` first, then ``config._attn_implementation``.
+
+    transformers' default ``"sdpa"`` means ``auto`` (SDPA wherever it can take the call, another fused
+    kernel where it cannot, e.g. ALiBi). ``USE_FLASH_ATTN`` is applied by ``attention()`` to ``auto``.
+    """
+    explicit = getattr(config, "attn_backend", None)
+    if explicit:
+        if explicit != "auto" and explicit not in BACKENDS:
+            raise ValueError(f"config.attn_backend={explicit!r} is not auto or one of {', '.join(BACKENDS)}")
+        return explicit
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation in _IMPLEMENTATION_TO_BACKEND:
+        return _IMPLEMENTATION_TO_BACKEND[implementation]
+    if isinstance(implementation, str) and implementation.startswith("mea_"):
+        return implementation[len("mea_") :]
+    _log_once(f"attn_implementation={implementation!r} has no kernel-layer equivalent; using auto")
+    return "auto"
+# <<< kernel layer <<<
+
+
+logger = get_logger(__name__)
+
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ----------------------------------------------------------------------------------------------
+
+
+def rope_parameters_from_config(config: LlamaConfig) -> dict:
+    """The RoPE settings as one dict with at least ``rope_type`` and ``rope_theta``.
+
+    transformers 5.x keeps them in ``config.rope_parameters``; 4.x splits them into ``config.rope_scaling``
+    (``None`` for plain RoPE; older files spell the type ``"type"``) and ``config.rope_theta``.
+    """
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    if params.get("rope_theta") is None:
+        params["rope_theta"] = getattr(config, "rope_theta", None) or 10000.0
+    if params["rope_type"] not in _SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"rope_type {params['rope_type']!r} is not supported by this LLaMA file; "
+            f"supported: {', '.join(_SUPPORTED_ROPE_TYPES)}"
+        )
+    return params
+
+
+def _llama3_scaled_frequencies(inv_freq: torch.Tensor, params: dict, max_position_embeddings: int) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths are divided by ``factor``, short ones kept, the band between blended."""
+    factor = params["factor"]
+    low_freq_factor = params["low_freq_factor"]
+    high_freq_factor = params["high_freq_factor"]
+    context = params.get("original_max_position_embeddings") or max_position_embeddings
+    wavelength = 2 * torch.pi / inv_freq
+    # 0 where the wavelength exceeds context / low_freq_factor, 1 below context / high_freq_factor, linear between
+    keep = ((context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0.0, 1.0)
+    return inv_freq * (keep + (1.0 - keep) / factor)
+
+
+def rope_inverse_frequencies(
+    params: dict, head_dim: int, max_position_embeddings: int, seq_len: Optional[int] = None
+) -> torch.Tensor:
+    """Inverse frequencies ``[head_dim // 2]`` (float32, CPU) for the supported rope types.
+
+    ``seq_len`` only matters for ``"dynamic"`` (NTK-aware) scaling, which raises the base once the sequence is
+    longer than ``max_position_embeddings``. None of these types rescales cos/sin (their attention factor is 1).
+    """
+    rope_type = params["rope_type"]
+    base = float(params["rope_theta"])
+    if rope_type == "dynamic":
+        factor = params["factor"]
+        length = max(seq_len or max_position_embeddings, max_position_embeddings)
+        base *= (factor * length / max_position_embeddings - (factor - 1)) ** (head_dim / (head_dim - 2))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (base**exponents)
+    if rope_type == "linear":
+        inv_freq = inv_freq / params["factor"]
+    elif rope_type == "llama3":
+        inv_freq = _llama3_scaled_frequencies(inv_freq, params, max_position_embeddings)
+    return inv_freq
+
+
+class LlamaRotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions.
+
+    Holds no buffers (so nothing to initialise after meta-device loading, nothing in the state dict): the
+    ``head_dim // 2`` frequencies are computed on the CPU, as transformers does, and kept per device.
+
+    Dynamic NTK follows transformers' stateful rule: the frequencies are recomputed for the longest sequence
+    seen so far once a call goes past ``max_position_embeddings``, and reset when a call fits again.
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.params = rope_parameters_from_config(config)
+        self.rope_type = self.params["rope_type"]
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.max_position_embeddings = config.max_position_embeddings
+        self.max_seq_len_cached = config.max_position_embeddings
+        self._frequencies: dict = {}
+
+    def _dynamic_length(self, position_ids: torch.Tensor) -> int:
+        seq_len = int(position_ids.max()) + 1
+        if seq_len > self.max_seq_len_cached:
+            self.max_seq_len_cached = seq_len
+        elif seq_len < self.max_position_embeddings:
+            self.max_seq_len_cached = self.max_position_embeddings
+        return self.max_seq_len_cached
+
+    def inverse_frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
+        seq_len = self._dynamic_length(position_ids) if self.rope_type == "dynamic" else None
+        key = (position_ids.device, seq_len)
+        if key not in self._frequencies:
+            inv_freq = rope_inverse_frequencies(self.params, self.head_dim, self.max_position_embeddings, seq_len)
+            self._frequencies = {k: v for k, v in self._frequencies.items() if k[1] == seq_len}
+            self._frequencies[key] = inv_freq.to(position_ids.device)
+        return self._frequencies[key]
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[batch or 1, seq, head_dim]`` in ``x``'s dtype for ``position_ids`` ``[batch or 1, seq]``."""
+        inv_freq = self.inverse_frequencies(position_ids)
+        angles = position_ids[..., None].float() * inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q ``[b, h, s, d]`` and k ``[b, h_kv, s, d]`` by cos/sin ``[b, s, d]``."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks for the kernel layer
+# ----------------------------------------------------------------------------------------------
+
+
+def kernel_attention_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """What the kernel layer gets: a bool keep-mask ``[b, k_len]`` (None without padding) for a 2-D mask;
+    a user's 4-D mask as is (bool keep-mask or additive float; an integer 0/1 mask becomes bool)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        return keep_mask_from_padding(attention_mask)
+    if attention_mask.dtype == torch.bool or attention_mask.is_floating_point():
+        return attention_mask
+    return attention_mask.bool()
+
+
+def packed_sequence_keep_mask(position_ids: torch.Tensor, batch_size: int) -> Optional[torch.Tensor]:
+    """A causal ``[b, 1, s, s]`` same-sequence keep-mask when ``position_ids`` pack several sequences in a row.
+
+    transformers treats a position that does not follow its left neighbour by +1 as the start of a new
+    sequence (padding-free training, e.g. ``DataCollatorWithFlattening``), when no attention mask and no
+    cache are given. Returns None in the usual case of one sequence per row.
+    """
+    position_ids = position_ids.expand(batch_size, -1)
+    starts = torch.diff(position_ids, dim=-1) != 1
+    if not bool(starts.any()):
+        return None
+    sequence = torch.cat((torch.zeros_like(position_ids[:, :1]), starts.long().cumsum(-1)), dim=-1)
+    same_sequence = sequence[:, None, :, None] == sequence[:, None, None, :]
+    return same_sequence & torch.ones_like(same_sequence[0, 0], dtype=torch.bool).tril()
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------
+
+
+class LlamaRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaAttention(nn.Module):
+    """Multi-head (or grouped-query) self-attention; the score computation happens in the kernel layer."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+    ) -> torch.Tensor:
+        """``attention_mask`` is what ``kernel_attention_mask`` returns; a 2-D keep-mask covers cache + new tokens."""
+        batch, q_len, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        # A 4-D mask defines visibility on its own, as in transformers; otherwise causal + padding keep-mask.
+        output = attention(
+            query,
+            key,
+            value,
+            causal=attention_mask is None or attention_mask.dim() == 2,
+            attention_mask=attention_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            scale=self.scaling,
+            backend=backend_from_config(self.config),
+        )
+        output = output.transpose(1, 2).reshape(batch, q_len, -1)
+        return self.o_proj(output)
+
+
+class LlamaDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+class LlamaPreTrainedModel(PreTrainedModel):
+    config_class = LlamaConfig
+    config: LlamaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    # transformers accepts these attn_implementation names; backend_from_config maps them to kernels
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """``set_attn_implementation`` works: attention reads ``config._attn_implementation`` on every forward
+        (transformers decides this from the source text, looking for its own AttentionInterface)."""
+        return True
+
+
+class LlamaModel(LlamaPreTrainedModel):
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[BaseModelOutputWithPast, tuple]:
+        """Like transformers' ``LlamaModel.forward``. ``position_ids`` default to consecutive positions after
+        the cache (``cache_position``, passed by transformers 4.x, is accepted in ``kwargs``); ``generate``
+        passes positions derived from the attention mask, so left padding gets the positions stock uses.
+        Other keyword arguments (e.g. the Trainer's ``num_items_in_batch``) are accepted and ignored."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if output_attentions if output_attentions is not None else self.config.output_attentions:
+            raise ValueError(
+                "output_attentions is not available: the fused attention kernels never materialize the weights"
+            )
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if use_cache and self.gradient_checkpointing and self.training:
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; setting use_cache=False")
+            use_cache = False
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if attention_mask is None and past_key_values is None and position_ids is not None:
+            mask = packed_sequence_keep_mask(position_ids, batch_size)
+        else:
+            mask = kernel_attention_mask(attention_mask)
+        if position_ids is None:
+            cache_position = kwargs.get("cache_position")
+            if cache_position is None:
+                past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+                cache_position = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)
+            position_ids = cache_position.unsqueeze(0)
+
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = decoder_layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=mask,
+                past_key_values=past_key_values,
+            )
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            hidden_states=all_hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.model = LlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        **kwargs,
+    ) -> Union[CausalLMOutputWithPast, tuple]:
+        """``logits_to_keep``: an int keeps the logits of that many last positions (0 = all), a tensor indexes
+        the sequence dimension. Extra ``kwargs`` reach the loss (e.g. ``num_items_in_batch``)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class LlamaForSequenceClassification(LlamaPreTrainedModel):
+    """Scores the last non-padding token of each row (rows may be padded on either side)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = LlamaModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    def _last_token_indices(
+        self, input_ids: Optional[torch.LongTensor], batch_size: int, device: torch.device
+    ) -> torch.Tensor:
+        pad_token_id = self.config.pad_token_id
+        if pad_token_id is None:
+            if batch_size != 1:
+                raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+            return torch.full((batch_size,), -1, device=device)
+        if input_ids is None:
+            logger.warning_once(
+                f"{self.__class__.__name__} cannot find padding in `inputs_embeds`; scoring the last position."
+            )
+            return torch.full((batch_size,), -1, device=device)
+        positions = torch.arange(input_ids.shape[-1], device=device)
+        return torch.where(input_ids.to(device) != pad_token_id, positions, 0).amax(-1)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[SequenceClassifierOutputWithPast, tuple]:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        batch_size = logits.shape[0]
+        last_tokens = self._last_token_indices(input_ids, batch_size, logits.device)
+        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last_tokens]
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+
+        output = SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["LlamaPreTrainedModel", "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification"]
