@@ -232,6 +232,11 @@ def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x[:, :, None].expand(batch, kv_heads, heads // kv_heads, seq, dim).reshape(batch, heads, seq, dim)
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax and accumulation precision: float32 for half types, the input's own precision otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _zero_empty_rows(out: torch.Tensor, row_has_key: Optional[torch.Tensor]) -> torch.Tensor:
     return out if row_has_key is None else out.masked_fill(~row_has_key, 0.0)
 
@@ -246,15 +251,15 @@ class LightSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=_compute_dtype(scores.dtype)).to(scores.dtype)
         ctx.save_for_backward(probs)
         return probs
 
     @staticmethod
     def backward(ctx, grad_probs: torch.Tensor):
         (probs,) = ctx.saved_tensors
-        p = probs.float()
-        g = grad_probs.float()
+        p = probs.to(_compute_dtype(probs.dtype))
+        g = grad_probs.to(p.dtype)
         return (p * (g - (g * p).sum(dim=-1, keepdim=True))).to(probs.dtype)
 
 
@@ -289,7 +294,7 @@ def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_so
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
     if bias is not None:
-        scores = (scores.float() + bias).to(q.dtype)
+        scores = (scores.to(_compute_dtype(q.dtype)) + bias).to(q.dtype)
     keep = _block_keep(call, mask, rows, cols, q.device)
     row_has_key = None
     if keep is not None:
@@ -298,7 +303,7 @@ def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_so
     if light_softmax:
         probs = LightSoftmax.apply(scores)
     else:
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=_compute_dtype(q.dtype)).to(q.dtype)
     if call.dropout_p > 0.0 and dropout_matmul:
         out = DropoutMatmul.apply(probs, v, call.dropout_p)
     else:
@@ -397,7 +402,8 @@ def _block_is_hidden(call: AttentionCall, rows: slice, cols: slice) -> bool:
 
 def _block_scores(q_blk, k_blk, call, mask, alibi_slopes, scale, rows, cols):
     """Float32 scores of one block with ALiBi/additive bias and -inf where a key is hidden."""
-    scores = torch.matmul(q_blk.float(), k_blk.float().transpose(-1, -2)) * scale
+    dtype = _compute_dtype(q_blk.dtype)
+    scores = torch.matmul(q_blk.to(dtype), k_blk.to(dtype).transpose(-1, -2)) * scale
     bias = _block_bias(call, mask, alibi_slopes, rows, cols, q_blk.device)
     if bias is not None:
         scores = scores + bias
@@ -409,14 +415,15 @@ def _block_scores(q_blk, k_blk, call, mask, alibi_slopes, scale, rows, cols):
 
 def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed):
     batch, heads, _, dim = q.shape
+    dtype = _compute_dtype(q.dtype)
     out = torch.empty_like(q)
-    lse = torch.empty(batch, heads, call.q_len, device=q.device, dtype=torch.float32)
+    lse = torch.empty(batch, heads, call.q_len, device=q.device, dtype=dtype)
     k_slices = _chunk_slices(call.k_len, _CHUNK_SIZES["key"])
     for qi, rows in enumerate(_chunk_slices(call.q_len, _CHUNK_SIZES["query"])):
         q_blk = q[:, :, rows]
-        row_max = torch.full((batch, heads, rows.stop - rows.start, 1), float("-inf"), device=q.device)
+        row_max = torch.full((batch, heads, rows.stop - rows.start, 1), float("-inf"), device=q.device, dtype=dtype)
         row_sum = torch.zeros_like(row_max)
-        acc = torch.zeros(batch, heads, rows.stop - rows.start, dim, device=q.device, dtype=torch.float32)
+        acc = torch.zeros(batch, heads, rows.stop - rows.start, dim, device=q.device, dtype=dtype)
         for ki, cols in enumerate(k_slices):
             if _block_is_hidden(call, rows, cols):
                 continue
@@ -429,7 +436,7 @@ def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed):
             if call.dropout_p > 0.0:
                 draw = _dropout_keep(seed, qi, ki, len(k_slices), probs.shape, q.device)
                 probs = probs * (draw >= call.dropout_p) / (1.0 - call.dropout_p)
-            acc = acc * rescale + torch.matmul(probs, v[:, :, cols].float())
+            acc = acc * rescale + torch.matmul(probs, v[:, :, cols].to(dtype))
             row_max = new_max
         has_key = row_sum > 0
         out[:, :, rows] = torch.where(has_key, acc / row_sum.clamp_min(1e-30), torch.zeros_like(acc)).to(q.dtype)
@@ -438,13 +445,12 @@ def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed):
 
 
 def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, scale, seed):
-    grad_q = torch.zeros_like(q, dtype=torch.float32)
-    grad_k = torch.zeros_like(k, dtype=torch.float32)
-    grad_v = torch.zeros_like(v, dtype=torch.float32)
-    delta = (grad_out.float() * out.float()).sum(dim=-1, keepdim=True)
+    dtype = _compute_dtype(q.dtype)
+    grad_q, grad_k, grad_v = (torch.zeros_like(x, dtype=dtype) for x in (q, k, v))
+    delta = (grad_out.to(dtype) * out.to(dtype)).sum(dim=-1, keepdim=True)
     k_slices = _chunk_slices(call.k_len, _CHUNK_SIZES["key"])
     for qi, rows in enumerate(_chunk_slices(call.q_len, _CHUNK_SIZES["query"])):
-        q_blk, g_blk = q[:, :, rows], grad_out[:, :, rows].float()
+        q_blk, g_blk = q[:, :, rows], grad_out[:, :, rows].to(dtype)
         row_lse = lse[:, :, rows, None]
         finite_lse = torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse)
         for ki, cols in enumerate(k_slices):
@@ -452,7 +458,7 @@ def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, sca
                 continue
             scores = _block_scores(q_blk, k[:, :, cols], call, mask, alibi_slopes, scale, rows, cols)
             probs = torch.exp(scores - finite_lse).masked_fill(torch.isinf(row_lse), 0.0)
-            grad_probs = torch.matmul(g_blk, v[:, :, cols].float().transpose(-1, -2))
+            grad_probs = torch.matmul(g_blk, v[:, :, cols].to(dtype).transpose(-1, -2))
             if call.dropout_p > 0.0:
                 draw = _dropout_keep(seed, qi, ki, len(k_slices), probs.shape, q.device)
                 kept = (draw >= call.dropout_p) / (1.0 - call.dropout_p)
@@ -461,8 +467,8 @@ def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, sca
             else:
                 grad_v[:, :, cols] += torch.matmul(probs.transpose(-1, -2), g_blk)
             grad_scores = probs * (grad_probs - delta[:, :, rows]) * scale
-            grad_q[:, :, rows] += torch.matmul(grad_scores, k[:, :, cols].float())
-            grad_k[:, :, cols] += torch.matmul(grad_scores.transpose(-1, -2), q_blk.float())
+            grad_q[:, :, rows] += torch.matmul(grad_scores, k[:, :, cols].to(dtype))
+            grad_k[:, :, cols] += torch.matmul(grad_scores.transpose(-1, -2), q_blk.to(dtype))
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
 
 
@@ -495,10 +501,12 @@ def _flex_module():
 _compiled_flex: dict = {}
 
 
-def _flex_function():
-    if "fn" not in _compiled_flex:
-        _compiled_flex["fn"] = torch.compile(_flex_module().flex_attention)
-    return _compiled_flex["fn"]
+def _flex_function(device_type: str):
+    """flex_attention compiled once per device type (static shapes on CPU, where dynamic ones fail to build)."""
+    if device_type not in _compiled_flex:
+        dynamic = False if device_type == "cpu" else None
+        _compiled_flex[device_type] = torch.compile(_flex_module().flex_attention, dynamic=dynamic)
+    return _compiled_flex[device_type]
 
 
 def _flex_mask_mod(call: AttentionCall, mask) -> Optional[Callable]:
@@ -569,7 +577,7 @@ def _run_flex(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
             device=q.device,
         )
     score_mod = _flex_score_mod(call, mask, alibi_slopes)
-    return _flex_function()(
+    return _flex_function(call.device_type)(
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=call.kv_heads != call.heads
     )
 
@@ -1044,7 +1052,6 @@ class BloomBlock(GradientCheckpointingLayer):
         backend: str,
         kv_length: int,
         layer_past: Optional[Cache] = None,
-        **kwargs,
     ) -> torch.Tensor:
         normed = self.input_layernorm(hidden_states)
         residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
@@ -1071,9 +1078,15 @@ class BloomPreTrainedModel(PreTrainedModel):
     # transformers accepts these attn_implementation names; backend_from_config maps them onto the kernel layer.
     _supports_sdpa = True
     _supports_flash_attn = True
-    _supports_flash_attn_2 = True
     _supports_flex_attn = True
-    _supports_cache_class = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """``set_attn_implementation`` works: every forward reads the backend from the config again.
+
+        (transformers guesses this from the module source, which fails for this file.)
+        """
+        return True
 
 
 def _slice_to_keep(hidden_states: torch.Tensor, logits_to_keep: Union[int, torch.Tensor]) -> torch.Tensor:
@@ -1138,7 +1151,7 @@ class BloomModel(BloomPreTrainedModel):
                 f"past_key_values must be a transformers Cache (e.g. DynamicCache), got {type(past_key_values)}"
             )
         if self.gradient_checkpointing and self.training and use_cache:
-            logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; using `use_cache=False`")
+            logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; setting it to False.")
             use_cache = False
 
         if inputs_embeds is None:
@@ -1209,7 +1222,7 @@ class BloomForCausalLM(BloomPreTrainedModel, GenerationMixin):
         self.lm_head = new_embeddings
 
     def create_masks_for_generate(self, *args, attention_mask: Optional[torch.Tensor] = None, **kwargs):
-        """Keep ``generate``'s 2-D padding mask as it is (also with static caches): the kernel layer takes it directly."""
+        """Keep ``generate``'s 2-D padding mask (static caches too): the kernel layer takes it as it is."""
         return attention_mask
 
     def forward(
