@@ -1,0 +1,1624 @@
+"""Qwen-7B (first generation) for Hugging Face transformers, with attention routed through the kernel layer.
+
+A drop-in replacement for the ``modeling_qwen.py`` of the Qwen-7B checkpoints: the same classes and
+state-dict keys, the same outputs (rotary embedding, dynamic NTK, logn attention scaling, the bf16/fp16/fp32
+load-time precision choice, ``chat()``/``chat_stream()``), but written against the transformers Cache API so
+that it runs on transformers 4.57.x and 5.x. It can be copied alone over the original file in a checkpoint
+folder; it needs that folder's ``configuration_qwen.py`` and, for ``chat()``/``chat_stream()`` and
+``stop_words_ids``, its ``qwen_generation_utils.py``. That import is lazy, so the module itself imports without
+it, but transformers' remote-code loader copies every ``from .x import`` it finds in the file: a folder
+loaded with ``trust_remote_code`` must hold ``qwen_generation_utils.py`` (every Qwen checkpoint ships it).
+
+Every attention call goes through ``attention()`` (the kernel layer copied below) with ``causal=True`` and an
+O(seq) padding keep-mask. The version-specific bit is the ``GradientCheckpointingLayer`` import.
+"""
+
+import copy
+import math
+import os
+import queue
+import threading
+from functools import partial
+from typing import Any, Generator, Optional, Union
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedTokenizer
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils.logging import get_logger
+
+from .configuration_qwen import QWenConfig
+
+try:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # transformers without modeling_layers: the same mechanism, spelled out
+
+    class GradientCheckpointingLayer(nn.Module):
+        """Runs the layer under ``self._gradient_checkpointing_func`` (set by ``gradient_checkpointing_enable``)."""
+
+        gradient_checkpointing = False
+
+        def __call__(self, *args, **kwargs):
+            if self.gradient_checkpointing and self.training:
+                return self._gradient_checkpointing_func(partial(super().__call__, **kwargs), *args)
+            return super().__call__(*args, **kwargs)
+
+
+# >>> kernel layer: copied from modeling/attention.py by scripts/sync_kernels.py; edit it there >>>
+"""The kernel layer of memory-efficient-adapter: one ``attention()`` call, many fused kernels.
+
+Every modeling file of this project carries a verbatim copy of this module (see
+``scripts/sync_kernels.py``), so it imports only torch and the standard library at module level;
+optional packages (xformers, flash_attn) are imported lazily inside ``try`` blocks.
+
+Layout is ``[batch, heads, seq, head_dim]``. Backends, one function each, declare what they can take;
+``auto`` walks a fixed order per device (``AUTO_ORDER``) and runs the first one that can take the call.
+"""
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+_logger = logging.getLogger("memory_efficient_adapter")
+
+BACKENDS = ("sdpa", "flex", "flash_attn", "xformers", "chunked", "eager")
+AUTO_ORDER = {
+    "cuda": ("sdpa", "flash_attn", "flex", "xformers", "chunked", "eager"),
+    "cpu": ("sdpa", "chunked", "eager"),
+}
+AUTO_ORDER_OTHER_DEVICES = ("sdpa", "chunked", "eager")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Query/key block sizes of the chunked backend; change them with set_chunk_sizes().
+_CHUNK_SIZES = {"query": 1024, "key": 1024}
+
+_logged_messages: set = set()
+_probe_results: dict = {}
+_failed_at_runtime: set = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged_messages:
+        _logged_messages.add(message)
+        _logger.warning(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Describing a call
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What a backend needs to know to decide whether it can take a call."""
+
+    device_type: str
+    dtype: torch.dtype
+    head_dim: int
+    heads: int
+    kv_heads: int
+    q_len: int
+    k_len: int
+    causal: bool
+    mask_kind: str  # "none", "padding" ([b, k] bool), "bool" or "additive" (broadcastable 4-D)
+    alibi: bool
+    dropout_p: float
+    needs_grad: bool
+
+    @property
+    def causal_offset(self) -> int:
+        """Bottom-right alignment: query i sees keys j <= i + causal_offset."""
+        return self.k_len - self.q_len
+
+
+def _mask_kind(mask: Optional[torch.Tensor], batch: int, heads: int, q_len: int, k_len: int) -> str:
+    if mask is None:
+        return "none"
+    if mask.dim() == 2:
+        if mask.dtype != torch.bool:
+            raise ValueError(
+                f"a 2-D attention_mask must be a bool keep-mask [batch, k_len], got dtype {mask.dtype}; "
+                "convert a 0/1 padding mask with keep_mask_from_padding()"
+            )
+        if tuple(mask.shape) != (batch, k_len):
+            raise ValueError(
+                f"a 2-D attention_mask must have shape [batch, k_len] = [{batch}, {k_len}], got {list(mask.shape)}"
+            )
+        return "padding"
+    if mask.dim() != 4:
+        raise ValueError(
+            "attention_mask must be a bool keep-mask [batch, k_len] or a 4-D mask broadcastable to "
+            f"[batch, heads, q_len, k_len]; got {mask.dim()} dimensions {list(mask.shape)}"
+        )
+    for size, full, name in zip(mask.shape, (batch, heads, q_len, k_len), ("batch", "heads", "q_len", "k_len")):
+        if size not in (1, full):
+            raise ValueError(
+                f"attention_mask of shape {list(mask.shape)} does not broadcast to "
+                f"[batch, heads, q_len, k_len] = [{batch}, {heads}, {q_len}, {k_len}] (dimension {name})"
+            )
+    if mask.dtype == torch.bool:
+        return "bool"
+    if mask.dtype in FLOAT_DTYPES:
+        return "additive"
+    raise ValueError(f"a 4-D attention_mask must be bool (True = attend) or floating (additive), got {mask.dtype}")
+
+
+def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p) -> AttentionCall:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            "q, k and v must be 4-D [batch, heads, seq, head_dim]; got shapes "
+            f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}"
+        )
+    if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"q, k and v must share one floating dtype (float16, bfloat16, float32, float64); got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device; got {q.device}, {k.device}, {v.device}")
+    batch, heads, q_len, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k and v must be [batch, kv_heads, k_len, head_dim] matching q {list(q.shape)}; got {list(k.shape)}, {list(v.shape)}"
+        )
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    if heads % kv_heads != 0:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    if alibi_slopes is not None and (alibi_slopes.dim() != 1 or alibi_slopes.shape[0] != heads):
+        raise ValueError(f"alibi_slopes must have shape [heads] = [{heads}], got {list(alibi_slopes.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return AttentionCall(
+        device_type=q.device.type,
+        dtype=q.dtype,
+        head_dim=head_dim,
+        heads=heads,
+        kv_heads=kv_heads,
+        q_len=q_len,
+        k_len=k_len,
+        causal=bool(causal),
+        mask_kind=_mask_kind(attention_mask, batch, heads, q_len, k_len),
+        alibi=alibi_slopes is not None,
+        dropout_p=float(dropout_p),
+        needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared mask arithmetic (dense forms are used only by sdpa and eager, and by chunked per block)
+# ----------------------------------------------------------------------------------------------
+
+
+def _additive_hidden(mask: torch.Tensor) -> torch.Tensor:
+    """Positions an additive mask hides: -inf or the dtype's minimum (transformers' convention)."""
+    return mask <= torch.finfo(mask.dtype).min
+
+
+def _block_keep(call: AttentionCall, mask, rows: slice, cols: slice, device) -> Optional[torch.Tensor]:
+    """Bool keep-mask of the block rows x cols, broadcastable to [b, h, rows, cols]; None = keep all."""
+    keep = None
+    if call.causal:
+        q_pos = torch.arange(rows.start, rows.stop, device=device)[:, None] + call.causal_offset
+        k_pos = torch.arange(cols.start, cols.stop, device=device)[None, :]
+        keep = (k_pos <= q_pos)[None, None]
+    if call.mask_kind == "padding":
+        pad = mask[:, None, None, cols]
+        keep = pad if keep is None else keep & pad
+    elif call.mask_kind in ("bool", "additive"):
+        block = mask[:, :, rows, cols] if mask.shape[2] != 1 else mask[:, :, :, cols]
+        block_keep = block if call.mask_kind == "bool" else ~_additive_hidden(block)
+        keep = block_keep if keep is None else keep & block_keep
+    return keep
+
+
+def _block_bias(call: AttentionCall, mask, alibi_slopes, rows: slice, cols: slice, device) -> Optional[torch.Tensor]:
+    """Float32 additive bias of the block (ALiBi and an additive mask), broadcastable to [b, h, rows, cols]."""
+    bias = None
+    if alibi_slopes is not None:
+        q_pos = torch.arange(rows.start, rows.stop, device=device, dtype=torch.float32)[:, None] + call.causal_offset
+        k_pos = torch.arange(cols.start, cols.stop, device=device, dtype=torch.float32)[None, :]
+        bias = alibi_slopes.to(device=device, dtype=torch.float32)[None, :, None, None] * (k_pos - q_pos)
+    if call.mask_kind == "additive":
+        block = mask[:, :, rows, cols] if mask.shape[2] != 1 else mask[:, :, :, cols]
+        block = block.float().masked_fill(_additive_hidden(block), 0.0)
+        bias = block if bias is None else bias + block
+    return bias
+
+
+def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Repeat key/value heads for grouped-query attention: [b, h_kv, s, d] -> [b, h, s, d]."""
+    batch, kv_heads, seq, dim = x.shape
+    if kv_heads == heads:
+        return x
+    return x[:, :, None].expand(batch, kv_heads, heads // kv_heads, seq, dim).reshape(batch, heads, seq, dim)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax and accumulation precision: float32 for half types, the input's own precision otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _zero_empty_rows(out: torch.Tensor, row_has_key: Optional[torch.Tensor]) -> torch.Tensor:
+    return out if row_has_key is None else out.masked_fill(~row_has_key, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Light softmax and fused dropout-matmul (the eager path made lighter)
+# ----------------------------------------------------------------------------------------------
+
+
+class LightSoftmax(torch.autograd.Function):
+    """Softmax over the last dim, computed in float32, that keeps only its output (in the input dtype) for backward."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores, dim=-1, dtype=_compute_dtype(scores.dtype)).to(scores.dtype)
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_probs: torch.Tensor):
+        (probs,) = ctx.saved_tensors
+        p = probs.to(_compute_dtype(probs.dtype))
+        g = grad_probs.to(p.dtype)
+        return (p * (g - (g * p).sum(dim=-1, keepdim=True))).to(probs.dtype)
+
+
+class DropoutMatmul(torch.autograd.Function):
+    """``dropout(probs) @ value`` that saves the bool dropout mask instead of the dropped probabilities."""
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor, value: torch.Tensor, p: float) -> torch.Tensor:
+        keep = torch.empty_like(probs).bernoulli_(1.0 - p).bool()
+        scale = 1.0 / (1.0 - p)
+        ctx.save_for_backward(probs, value, keep)
+        ctx.scale = scale
+        return torch.matmul(probs * keep * scale, value)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        probs, value, keep = ctx.saved_tensors
+        dropped = probs * keep * ctx.scale
+        grad_value = torch.matmul(dropped.transpose(-1, -2), grad_out)
+        grad_probs = torch.matmul(grad_out, value.transpose(-1, -2)) * keep * ctx.scale
+        return grad_probs, grad_value, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: eager
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True):
+    k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
+    rows, cols = slice(0, call.q_len), slice(0, call.k_len)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
+    if bias is not None:
+        scores = (scores.to(_compute_dtype(q.dtype)) + bias).to(q.dtype)
+    keep = _block_keep(call, mask, rows, cols, q.device)
+    row_has_key = None
+    if keep is not None:
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        row_has_key = keep.any(dim=-1, keepdim=True)
+    if light_softmax:
+        probs = LightSoftmax.apply(scores)
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=_compute_dtype(q.dtype)).to(q.dtype)
+    if call.dropout_p > 0.0 and dropout_matmul:
+        out = DropoutMatmul.apply(probs, v, call.dropout_p)
+    else:
+        out = torch.matmul(F.dropout(probs, p=call.dropout_p, training=call.dropout_p > 0.0), v)
+    return _zero_empty_rows(out, row_has_key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: sdpa
+# ----------------------------------------------------------------------------------------------
+
+
+def _sdpa_kernel_context(device_type: str):
+    """On Hopper and newer, let SDPA try cuDNN attention first; elsewhere keep PyTorch's own order."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    if device_type != "cuda" or torch.cuda.get_device_capability()[0] < 9:
+        return None
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:
+        return None
+
+
+def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    dropout = call.dropout_p
+    no_mask = call.mask_kind == "none"
+    if no_mask and (not call.causal or call.q_len == 1 and call.k_len >= 1 or call.q_len == call.k_len):
+        is_causal = call.causal and call.q_len == call.k_len and call.q_len > 1
+        attn_mask, row_has_key = None, None
+    else:
+        is_causal = False
+        rows, cols = slice(0, call.q_len), slice(0, call.k_len)
+        keep = _block_keep(call, mask, rows, cols, q.device)
+        row_has_key = keep.any(dim=-1, keepdim=True)
+        safe_keep = keep | ~row_has_key
+        if call.mask_kind == "additive":
+            attn_mask = mask.to(q.dtype).clamp_min(torch.finfo(q.dtype).min).masked_fill(~safe_keep, float("-inf"))
+        else:
+            attn_mask = safe_keep
+    gqa = call.kv_heads != call.heads
+    if gqa and attn_mask is None:
+        kwargs = {"enable_gqa": True}
+    else:
+        k, v, kwargs = _expand_kv(k, call.heads), _expand_kv(v, call.heads), {}
+    context = _sdpa_kernel_context(call.device_type)
+    run = lambda: F.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=scale, **kwargs
+    )
+    if context is None:
+        out = run()
+    else:
+        with context:
+            out = run()
+    return _zero_empty_rows(out, row_has_key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: chunked (pure PyTorch, O(n) memory: Rabe & Staats with recomputation in backward)
+# ----------------------------------------------------------------------------------------------
+
+
+def _dropout_keep(seed: int, q_block: int, k_block: int, n_k_blocks: int, shape, device) -> torch.Tensor:
+    """The dropout keep-mask of one block, drawn from a generator seeded per block so backward can redraw it."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed + q_block * n_k_blocks + k_block)
+    return torch.rand(shape, generator=generator, device=device)
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, call, mask, alibi_slopes, scale, seed):
+        out, lse = _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call, ctx.mask, ctx.alibi_slopes, ctx.scale, ctx.seed = call, mask, alibi_slopes, scale, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        grads = _chunked_backward(q, k, v, out, lse, grad_out, ctx.call, ctx.mask, ctx.alibi_slopes, ctx.scale, ctx.seed)
+        return (*grads, None, None, None, None, None)
+
+
+def _chunk_slices(length: int, size: int) -> list:
+    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+def _block_is_hidden(call: AttentionCall, rows: slice, cols: slice) -> bool:
+    """A key block entirely to the right of the causal diagonal for every query of the block."""
+    return call.causal and cols.start > rows.stop - 1 + call.causal_offset
+
+
+def _block_scores(q_blk, k_blk, call, mask, alibi_slopes, scale, rows, cols):
+    """Float32 scores of one block with ALiBi/additive bias and -inf where a key is hidden."""
+    dtype = _compute_dtype(q_blk.dtype)
+    scores = torch.matmul(q_blk.to(dtype), k_blk.to(dtype).transpose(-1, -2)) * scale
+    bias = _block_bias(call, mask, alibi_slopes, rows, cols, q_blk.device)
+    if bias is not None:
+        scores = scores + bias
+    keep = _block_keep(call, mask, rows, cols, q_blk.device)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores
+
+
+def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed):
+    batch, heads, _, dim = q.shape
+    dtype = _compute_dtype(q.dtype)
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, call.q_len, device=q.device, dtype=dtype)
+    k_slices = _chunk_slices(call.k_len, _CHUNK_SIZES["key"])
+    for qi, rows in enumerate(_chunk_slices(call.q_len, _CHUNK_SIZES["query"])):
+        q_blk = q[:, :, rows]
+        row_max = torch.full((batch, heads, rows.stop - rows.start, 1), float("-inf"), device=q.device, dtype=dtype)
+        row_sum = torch.zeros_like(row_max)
+        acc = torch.zeros(batch, heads, rows.stop - rows.start, dim, device=q.device, dtype=dtype)
+        for ki, cols in enumerate(k_slices):
+            if _block_is_hidden(call, rows, cols):
+                continue
+            scores = _block_scores(q_blk, k[:, :, cols], call, mask, alibi_slopes, scale, rows, cols)
+            new_max = torch.maximum(row_max, scores.amax(dim=-1, keepdim=True))
+            safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+            probs = torch.exp(scores - safe_max)
+            rescale = torch.exp(row_max - safe_max)
+            row_sum = row_sum * rescale + probs.sum(dim=-1, keepdim=True)
+            if call.dropout_p > 0.0:
+                draw = _dropout_keep(seed, qi, ki, len(k_slices), probs.shape, q.device)
+                probs = probs * (draw >= call.dropout_p) / (1.0 - call.dropout_p)
+            acc = acc * rescale + torch.matmul(probs, v[:, :, cols].to(dtype))
+            row_max = new_max
+        has_key = row_sum > 0
+        out[:, :, rows] = torch.where(has_key, acc / row_sum.clamp_min(1e-30), torch.zeros_like(acc)).to(q.dtype)
+        lse[:, :, rows] = torch.where(has_key, row_max + torch.log(row_sum.clamp_min(1e-30)), row_max).squeeze(-1)
+    return out, lse
+
+
+def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, scale, seed):
+    dtype = _compute_dtype(q.dtype)
+    grad_q, grad_k, grad_v = (torch.zeros_like(x, dtype=dtype) for x in (q, k, v))
+    delta = (grad_out.to(dtype) * out.to(dtype)).sum(dim=-1, keepdim=True)
+    k_slices = _chunk_slices(call.k_len, _CHUNK_SIZES["key"])
+    for qi, rows in enumerate(_chunk_slices(call.q_len, _CHUNK_SIZES["query"])):
+        q_blk, g_blk = q[:, :, rows], grad_out[:, :, rows].to(dtype)
+        row_lse = lse[:, :, rows, None]
+        finite_lse = torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse)
+        for ki, cols in enumerate(k_slices):
+            if _block_is_hidden(call, rows, cols):
+                continue
+            scores = _block_scores(q_blk, k[:, :, cols], call, mask, alibi_slopes, scale, rows, cols)
+            probs = torch.exp(scores - finite_lse).masked_fill(torch.isinf(row_lse), 0.0)
+            grad_probs = torch.matmul(g_blk, v[:, :, cols].to(dtype).transpose(-1, -2))
+            if call.dropout_p > 0.0:
+                draw = _dropout_keep(seed, qi, ki, len(k_slices), probs.shape, q.device)
+                kept = (draw >= call.dropout_p) / (1.0 - call.dropout_p)
+                grad_v[:, :, cols] += torch.matmul((probs * kept).transpose(-1, -2), g_blk)
+                grad_probs = grad_probs * kept
+            else:
+                grad_v[:, :, cols] += torch.matmul(probs.transpose(-1, -2), g_blk)
+            grad_scores = probs * (grad_probs - delta[:, :, rows]) * scale
+            grad_q[:, :, rows] += torch.matmul(grad_scores, k[:, :, cols].to(dtype))
+            grad_k[:, :, cols] += torch.matmul(grad_scores.transpose(-1, -2), q_blk.to(dtype))
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
+
+
+def _run_chunked(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if call.dropout_p > 0.0 else 0
+    return _ChunkedAttention.apply(q, k, v, call, mask, alibi_slopes, scale, seed)
+
+
+def set_chunk_sizes(query: int = 1024, key: int = 1024) -> None:
+    """Set the query and key block sizes of the chunked backend (memory ~ batch x heads x query x key floats)."""
+    if query < 1 or key < 1:
+        raise ValueError(f"chunk sizes must be positive, got query={query}, key={key}")
+    _CHUNK_SIZES["query"], _CHUNK_SIZES["key"] = int(query), int(key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: flex (FlexAttention with a block mask and a score_mod)
+# ----------------------------------------------------------------------------------------------
+
+
+def _flex_module():
+    try:
+        from torch.nn.attention import flex_attention as flex
+    except ImportError:
+        return None
+    return flex
+
+
+_compiled_flex: dict = {}
+
+
+def _flex_function(device_type: str):
+    """flex_attention compiled once per device type (static shapes on CPU, where dynamic ones fail to build)."""
+    if device_type not in _compiled_flex:
+        dynamic = False if device_type == "cpu" else None
+        _compiled_flex[device_type] = torch.compile(_flex_module().flex_attention, dynamic=dynamic)
+    return _compiled_flex[device_type]
+
+
+def _flex_mask_mod(call: AttentionCall, mask) -> Optional[Callable]:
+    offset = call.causal_offset
+    conditions = []
+    if call.causal:
+        conditions.append(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + offset)
+    if call.mask_kind == "padding":
+        conditions.append(lambda b, h, q_idx, kv_idx: mask[b, kv_idx])
+    elif call.mask_kind in ("bool", "additive"):
+        keep = mask if call.mask_kind == "bool" else ~_additive_hidden(mask)
+        q_broadcast, h_broadcast, b_broadcast = keep.shape[2] == 1, keep.shape[1] == 1, keep.shape[0] == 1
+        conditions.append(
+            lambda b, h, q_idx, kv_idx: keep[
+                0 if b_broadcast else b, 0 if h_broadcast else h, 0 if q_broadcast else q_idx, kv_idx
+            ]
+        )
+    if not conditions:
+        return None
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        result = conditions[0](b, h, q_idx, kv_idx)
+        for condition in conditions[1:]:
+            result = result & condition(b, h, q_idx, kv_idx)
+        return result
+
+    return mask_mod
+
+
+def _flex_score_mod(call: AttentionCall, mask, alibi_slopes) -> Optional[Callable]:
+    offset = call.causal_offset
+    terms = []
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(torch.float32)
+        terms.append(lambda b, h, q_idx, kv_idx: slopes[h] * (kv_idx - q_idx - offset))
+    if call.mask_kind == "additive":
+        finite = mask.float().masked_fill(_additive_hidden(mask), 0.0)
+        q_broadcast, h_broadcast, b_broadcast = finite.shape[2] == 1, finite.shape[1] == 1, finite.shape[0] == 1
+        terms.append(
+            lambda b, h, q_idx, kv_idx: finite[
+                0 if b_broadcast else b, 0 if h_broadcast else h, 0 if q_broadcast else q_idx, kv_idx
+            ]
+        )
+    if not terms:
+        return None
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        for term in terms:
+            score = score + term(b, h, q_idx, kv_idx)
+        return score
+
+    return score_mod
+
+
+def _run_flex(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    flex = _flex_module()
+    mask_mod = _flex_mask_mod(call, mask)
+    block_mask = None
+    if mask_mod is not None:
+        per_batch = call.mask_kind != "none" and mask.shape[0] != 1
+        per_head = call.mask_kind in ("bool", "additive") and mask.shape[1] != 1
+        block_mask = flex.create_block_mask(
+            mask_mod,
+            q.shape[0] if per_batch else None,
+            call.heads if per_head else None,
+            call.q_len,
+            call.k_len,
+            device=q.device,
+        )
+    score_mod = _flex_score_mod(call, mask, alibi_slopes)
+    return _flex_function(call.device_type)(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=call.kv_heads != call.heads
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: flash_attn (the flash-attn package; varlen for padding)
+# ----------------------------------------------------------------------------------------------
+
+
+def _flash_attn_functions():
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_func, flash_attn_varlen_func
+
+
+def _unpad(x: torch.Tensor, keep: torch.Tensor):
+    """[b, s, h, d] with a [b, s] keep-mask -> packed [tokens, h, d], flat indices, cu_seqlens, max length."""
+    lengths = keep.sum(dim=-1, dtype=torch.int32)
+    indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
+    cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    packed = x.reshape(-1, *x.shape[2:]).index_select(0, indices)
+    return packed, indices, cu_seqlens, int(lengths.max().item())
+
+
+def _run_flash_attn(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    flash_func, varlen_func = _flash_attn_functions()
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    slopes = alibi_slopes.to(torch.float32) if alibi_slopes is not None else None
+    common = dict(dropout_p=call.dropout_p, softmax_scale=scale, causal=call.causal, alibi_slopes=slopes)
+    if call.mask_kind == "none":
+        return flash_func(q, k, v, **common).transpose(1, 2)
+    query_keep = mask[:, -call.q_len :]
+    q_packed, q_index, cu_q, max_q = _unpad(q, query_keep)
+    k_packed, _, cu_k, max_k = _unpad(k, mask)
+    v_packed, _, _, _ = _unpad(v, mask)
+    packed = varlen_func(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, **common)
+    out = torch.zeros(q.shape[0] * q.shape[1], *q.shape[2:], device=q.device, dtype=q.dtype)
+    out = out.index_copy(0, q_index, packed)
+    return out.view(q.shape).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend: xformers (memory_efficient_attention, when it really runs here)
+# ----------------------------------------------------------------------------------------------
+
+
+def _xformers_ops():
+    try:
+        import xformers.ops as xops
+    except ImportError:
+        return None
+    return xops
+
+
+def _run_xformers(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    xops = _xformers_ops()
+    k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
+    bias = None
+    if call.causal:
+        masks = xops.fmha.attn_bias
+        bias = masks.LowerTriangularFromBottomRightMask() if call.q_len != call.k_len else masks.LowerTriangularMask()
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=call.dropout_p, scale=scale)
+    return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Capabilities: each returns None when the backend can take the call, else the reason it cannot
+# ----------------------------------------------------------------------------------------------
+
+
+def _cannot_eager(call: AttentionCall) -> Optional[str]:
+    return None
+
+
+def _cannot_chunked(call: AttentionCall) -> Optional[str]:
+    return None
+
+
+def _cannot_sdpa(call: AttentionCall) -> Optional[str]:
+    if call.alibi:
+        return "sdpa cannot take ALiBi without materializing an O(seq^2) bias; use flex, flash_attn or chunked"
+    return None
+
+
+def _cannot_flex(call: AttentionCall) -> Optional[str]:
+    if _flex_module() is None:
+        return "flex needs torch.nn.attention.flex_attention (PyTorch >= 2.5)"
+    if call.device_type not in ("cuda", "cpu"):
+        return f"flex does not run on {call.device_type}"
+    if call.device_type == "cpu" and call.needs_grad:
+        return "flex has no backward on CPU"
+    if call.dropout_p > 0.0:
+        return "flex does not take attention dropout"
+    if call.head_dim < 32:
+        return f"flex needs head_dim >= 32 (its Triton templates have no smaller tiles), got {call.head_dim}"
+    if call.dtype == torch.float64 or (call.device_type == "cpu" and call.dtype == torch.float16):
+        return f"flex does not take {call.dtype} on {call.device_type}"
+    return None
+
+
+def _cannot_flash_attn(call: AttentionCall) -> Optional[str]:
+    if call.device_type != "cuda":
+        return "flash_attn runs only on CUDA"
+    if call.dtype not in (torch.float16, torch.bfloat16):
+        return f"flash_attn takes only float16/bfloat16, got {call.dtype}"
+    if call.head_dim > 256 or call.head_dim % 8 != 0:
+        return f"flash_attn needs head_dim <= 256 and a multiple of 8, got {call.head_dim}"
+    if call.mask_kind in ("bool", "additive"):
+        return "flash_attn takes only a [batch, k_len] padding mask, not a 4-D mask"
+    if call.alibi and not call.causal:
+        return "flash_attn's ALiBi is symmetric (-slope*|i-j|) without causal masking"
+    if call.causal and call.q_len > call.k_len:
+        return "flash_attn needs q_len <= k_len with causal masking"
+    return None
+
+
+def _cannot_xformers(call: AttentionCall) -> Optional[str]:
+    if call.device_type != "cuda":
+        return "xformers runs only on CUDA here"
+    if call.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"xformers does not take {call.dtype}"
+    if call.alibi:
+        return "xformers cannot take ALiBi slopes without a materialized bias"
+    if call.mask_kind != "none":
+        return "xformers backend takes no attention_mask here"
+    if call.causal and call.q_len > call.k_len:
+        return "xformers needs q_len <= k_len with causal masking"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Probing installed packages: once per backend and device type
+# ----------------------------------------------------------------------------------------------
+
+
+def _probe_flash_attn(device_type: str) -> Optional[str]:
+    functions = _flash_attn_functions()
+    if functions is None:
+        return "flash_attn is not installed"
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return None
+    q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.float16)
+    functions[0](q, q, q, causal=True)
+    return None
+
+
+def _probe_xformers(device_type: str) -> Optional[str]:
+    xops = _xformers_ops()
+    if xops is None:
+        return "xformers is not installed"
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return None
+    q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.float16)
+    xops.memory_efficient_attention(q, q, q)
+    return None
+
+
+_PROBES = {"flash_attn": _probe_flash_attn, "xformers": _probe_xformers}
+
+
+def _probe(name: str, device_type: str) -> Optional[str]:
+    """Why an optional backend does not run on this machine (None if it runs); probed once, logged once."""
+    if name not in _PROBES:
+        return None
+    key = (name, device_type)
+    if key not in _probe_results:
+        try:
+            _probe_results[key] = _PROBES[name](device_type)
+        except Exception as error:  # an install built for another torch/CUDA fails in many ways
+            reason = f"{name} is installed but does not run here ({type(error).__name__}: {error}); skipping it"
+            _log_once(reason)
+            _probe_results[key] = reason
+    return _probe_results[key]
+
+
+_CANNOT = {
+    "sdpa": _cannot_sdpa,
+    "flex": _cannot_flex,
+    "flash_attn": _cannot_flash_attn,
+    "xformers": _cannot_xformers,
+    "chunked": _cannot_chunked,
+    "eager": _cannot_eager,
+}
+_RUN = {
+    "sdpa": _run_sdpa,
+    "flex": _run_flex,
+    "flash_attn": _run_flash_attn,
+    "xformers": _run_xformers,
+    "chunked": _run_chunked,
+    "eager": _run_eager,
+}
+
+
+def _why_not(name: str, call: AttentionCall) -> Optional[str]:
+    return _probe(name, call.device_type) or _CANNOT[name](call)
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection
+# ----------------------------------------------------------------------------------------------
+
+
+def _auto_order(device_type: str) -> tuple:
+    return AUTO_ORDER.get(device_type, AUTO_ORDER_OTHER_DEVICES)
+
+
+def _backend_from_env(requested: str) -> str:
+    """Apply USE_FLASH_ATTN to an ``auto`` request: true/1 = auto, false/0 = eager, or a backend name."""
+    if requested != "auto":
+        return requested
+    value = os.environ.get("USE_FLASH_ATTN", "").strip().lower()
+    if value in ("", "true", "1", "yes", "on", "auto"):
+        return "auto"
+    if value in ("false", "0", "no", "off"):
+        return "eager"
+    if value in BACKENDS:
+        return value
+    raise ValueError(f"USE_FLASH_ATTN={value!r} is not true/false/1/0 or one of the backends {', '.join(BACKENDS)}")
+
+
+def select_backend(call: AttentionCall, backend: str = "auto") -> str:
+    """The backend that will run ``call``; raises ValueError when an explicit backend cannot take it."""
+    backend = _backend_from_env(backend)
+    if backend == "auto":
+        for name in _auto_order(call.device_type):
+            if (name, call.device_type) not in _failed_at_runtime and _why_not(name, call) is None:
+                return name
+        raise ValueError(f"no attention backend can take this call: {call}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    reason = _why_not(backend, call)
+    if reason is not None:
+        raise ValueError(f"attention backend {backend!r} cannot take this call: {reason}")
+    return backend
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+    light_softmax: bool = True,
+    dropout_matmul: bool = True,
+) -> torch.Tensor:
+    """Scaled dot-product attention through the fastest backend that can take the call.
+
+    q ``[b, h, q_len, d]``, k/v ``[b, h_kv, k_len, d]`` (``h % h_kv == 0``). ``causal`` is bottom-right
+    aligned when ``q_len != k_len``. ``attention_mask`` is a bool keep-mask ``[b, k_len]`` or a bool/additive
+    mask broadcastable to ``[b, h, q_len, k_len]``. ``alibi_slopes`` ``[h]`` adds ``slope * (j - i_aligned)``.
+    A query row that sees no key returns zeros. ``light_softmax``/``dropout_matmul`` shape the eager path.
+    """
+    call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p)
+    scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
+    options = dict(light_softmax=light_softmax, dropout_matmul=dropout_matmul)
+    requested = _backend_from_env(backend)
+    while True:
+        name = select_backend(call, requested)
+        try:
+            return _RUN[name](q, k, v, call, attention_mask, alibi_slopes, scale, **options)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:
+            if requested != "auto":
+                raise
+            _failed_at_runtime.add((name, call.device_type))
+            _log_once(f"attention backend {name!r} failed ({type(error).__name__}: {error}); falling back")
+
+
+def available_backends(device: Optional[str] = None) -> list:
+    """Backends that run on ``device`` (default: CUDA if present, else CPU) on this machine."""
+    device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    names = []
+    for name in BACKENDS:
+        if _probe(name, device_type) is not None:
+            continue
+        if name == "flex" and _flex_module() is None:
+            continue
+        if device_type == "cpu" and name in ("flash_attn", "xformers"):
+            continue
+        names.append(name)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers for the models
+# ----------------------------------------------------------------------------------------------
+
+
+def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
+    """BLOOM's ALiBi slopes (float32 ``[num_heads]``), including head counts that are not powers of two."""
+    closest_power = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest_power) - 3)))
+    slopes = [base ** (i + 1) for i in range(closest_power)]
+    if closest_power != num_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest_power) - 3)))
+        remaining = min(closest_power, num_heads - closest_power)
+        slopes += [extra_base ** (2 * i + 1) for i in range(remaining)]
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
+
+
+def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A transformers 0/1 padding mask ``[b, k_len]`` as a bool keep-mask, or None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"expected a 2-D padding mask [batch, k_len], got shape {list(attention_mask.shape)}")
+    keep = attention_mask.bool()
+    return None if bool(keep.all()) else keep
+
+
+_IMPLEMENTATION_TO_BACKEND = {
+    None: "auto",
+    "sdpa": "auto",
+    "eager": "eager",
+    "flash_attention_2": "flash_attn",
+    "flash_attention_3": "flash_attn",
+    "flex_attention": "flex",
+    "mea": "auto",
+}
+
+
+def backend_from_config(config) -> str:
+    """The backend a model asks for: ``config.attn_backend`` first, then ``config._attn_implementation``.
+
+    transformers' default ``"sdpa"`` means ``auto`` (SDPA wherever it can take the call, another fused
+    kernel where it cannot, e.g. ALiBi). ``USE_FLASH_ATTN`` is applied by ``attention()`` to ``auto``.
+    """
+    explicit = getattr(config, "attn_backend", None)
+    if explicit:
+        if explicit != "auto" and explicit not in BACKENDS:
+            raise ValueError(f"config.attn_backend={explicit!r} is not auto or one of {', '.join(BACKENDS)}")
+        return explicit
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation in _IMPLEMENTATION_TO_BACKEND:
+        return _IMPLEMENTATION_TO_BACKEND[implementation]
+    if isinstance(implementation, str) and implementation.startswith("mea_"):
+        return implementation[len("mea_") :]
+    _log_once(f"attn_implementation={implementation!r} has no kernel-layer equivalent; using auto")
+    return "auto"
+# <<< kernel layer <<<
+
+
+logger = get_logger(__name__)
+
+HistoryType = list[tuple[str, str]]
+
+# Attribute of the Cache object that carries the NTK alphas chosen at prefill to the decode steps.
+_NTK_ALPHAS_ATTRIBUTE = "qwen_ntk_alphas"
+
+_DEFAULT_SEQ_LENGTH = 2048
+
+_UNSUPPORTED_OPTIONS = {
+    "use_cache_quantization": "the 8-bit KV-cache quantization of the original Qwen code",
+    "use_cache_kernel": "the original Qwen code's CUDA kernels for the quantized KV cache",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _seq_length(config: QWenConfig) -> int:
+    """The training length that dynamic NTK and logn scaling compare against (``seq_length`` in config.json)."""
+    return getattr(config, "seq_length", None) or _DEFAULT_SEQ_LENGTH
+
+
+def _check_supported(config: QWenConfig) -> None:
+    for option, what in _UNSUPPORTED_OPTIONS.items():
+        if getattr(config, option, False):
+            raise ValueError(
+                f"{option}=True is not supported: this modeling file does not implement {what}. "
+                f"Load the model with {option}=False."
+            )
+
+
+def attention_backend(config: QWenConfig) -> str:
+    """The kernel-layer backend for ``config``: ``backend_from_config`` with the original's ``use_flash_attn``.
+
+    ``use_flash_attn`` ``"auto"``/``True`` leave the choice to the kernel layer; ``False`` asks for the plain
+    eager path, unless ``config.attn_backend``, a non-default ``attn_implementation`` or the ``USE_FLASH_ATTN``
+    environment variable names something else.
+    """
+    backend = backend_from_config(config)
+    wants_eager = getattr(config, "use_flash_attn", "auto") is False
+    if wants_eager and backend == "auto" and not getattr(config, "attn_backend", None):
+        if not os.environ.get("USE_FLASH_ATTN", "").strip():
+            return "eager"
+    return backend
+
+
+def resolve_precision(config: QWenConfig) -> torch.dtype:
+    """The original's load-time precision choice; records it in ``config`` and returns the dtype to use.
+
+    With none of ``bf16``/``fp16``/``fp32`` set: bf16 where CUDA supports it, else fp16 on CUDA devices of
+    compute capability 7 or newer, else fp32 (always fp32 on CPU).
+    """
+    flags = [bool(getattr(config, name, False)) for name in ("bf16", "fp16", "fp32")]
+    if sum(flags) > 1:
+        raise ValueError('Only one of "bf16", "fp16", "fp32" can be true')
+    if sum(flags) == 0:
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            config.bf16 = True
+        elif torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 7:
+            config.fp16 = True
+        else:
+            config.fp32 = True
+        if not config.fp32:
+            logger.warning(
+                f"QWen: converting the model to {'bf16' if config.bf16 else 'fp16'} for faster inference; pass "
+                "bf16/fp16/fp32=True to from_pretrained to choose the precision yourself."
+            )
+    if getattr(config, "bf16", False):
+        return torch.bfloat16
+    if getattr(config, "fp16", False):
+        return torch.float16
+    return torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Positions: rotary embedding with dynamic NTK, logn attention scaling
+# ----------------------------------------------------------------------------------------------
+
+
+def ntk_alpha(length: int, seq_length: int) -> float:
+    """Dynamic-NTK alpha for a sequence of ``length`` tokens: 2^ceil(log2(length / seq_length) + 1) - 1, at least 1."""
+    context_value = math.log(max(length, 1) / seq_length, 2) + 1
+    return max(2 ** math.ceil(context_value) - 1, 1)
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, alphas: torch.Tensor, rotary_dim: int, base: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos and sin ``[n, 1, seq, rotary_dim]`` for ``positions`` ``[seq]`` and NTK ``alphas`` ``[n]``.
+
+    Each alpha raises the rotary base to ``base * alpha^(dim / (dim - 2))``; ``n`` is 1 (one alpha for the
+    batch) or the batch size (one alpha per sample).
+    """
+    exponents = torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float64) / rotary_dim
+    bases = base * alphas.to(torch.float64) ** (rotary_dim / (rotary_dim - 2))
+    inv_freq = (1.0 / bases[:, None] ** exponents).float()
+    angles = positions.float()[None, :, None] * inv_freq[:, None, :]
+    angles = torch.cat((angles, angles), dim=-1)[:, None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``rotary_dim`` channels of ``x`` ``[b, h, s, d]`` in float32 ("rotate half" style)."""
+    rotary_dim = cos.shape[-1]
+    x_float = x.float()
+    x_rot, x_pass = x_float[..., :rotary_dim], x_float[..., rotary_dim:]
+    first, second = x_rot.chunk(2, dim=-1)
+    x_rot = x_rot * cos + torch.cat((-second, first), dim=-1) * sin
+    return torch.cat((x_rot, x_pass), dim=-1).to(x.dtype)
+
+
+def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """logn query scale ``[seq]`` (float64) at absolute ``positions``: log(p + 1) / log(seq_length) where
+    p + 1 > seq_length, else 1."""
+    lengths = positions.to(torch.float64) + 1
+    return torch.where(lengths > seq_length, lengths.log() / math.log(seq_length), torch.ones_like(lengths))
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_float = x.float()
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class QWenAttention(nn.Module):
+    """Self-attention with a fused ``c_attn`` projection; the score computation happens in the kernel layer."""
+
+    def __init__(self, config: QWenConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.kv_channels
+        self.projection_size = config.kv_channels * config.num_attention_heads
+        self.scale = self.head_dim**-0.5 if getattr(config, "scale_attn_weights", True) else 1.0
+        self.attention_dropout = config.attn_dropout_prob
+        self.c_attn = nn.Linear(config.hidden_size, 3 * self.projection_size)
+        self.c_proj = nn.Linear(self.projection_size, config.hidden_size, bias=not config.no_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        query_scale: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+    ) -> torch.Tensor:
+        """``rotary``: cos/sin ``[b or 1, 1, s, rotary_dim]``; ``query_scale``: logn factors ``[1, 1, s, 1]``;
+        ``attention_mask``: bool keep-mask ``[b, past + s]`` or None."""
+        batch, q_len, _ = hidden_states.shape
+        mixed = self.c_attn(hidden_states).view(batch, q_len, 3, self.num_heads, self.head_dim)
+        query, key, value = mixed.permute(2, 0, 3, 1, 4).unbind(0)
+
+        cos, sin = rotary
+        query = apply_rotary_pos_emb(query, cos, sin)
+        key = apply_rotary_pos_emb(key, cos, sin)
+        if query_scale is not None:
+            query = query * query_scale
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        output = attention(
+            query,
+            key,
+            value,
+            causal=True,
+            attention_mask=attention_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            scale=self.scale,
+            backend=attention_backend(self.config),
+        )
+        output = output.transpose(1, 2).reshape(batch, q_len, self.projection_size)
+        return self.c_proj(output)
+
+
+class QWenMLP(nn.Module):
+    def __init__(self, config: QWenConfig):
+        super().__init__()
+        inner = config.intermediate_size // 2
+        self.w1 = nn.Linear(config.hidden_size, inner, bias=not config.no_bias)
+        self.w2 = nn.Linear(config.hidden_size, inner, bias=not config.no_bias)
+        self.c_proj = nn.Linear(inner, config.hidden_size, bias=not config.no_bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.w1(hidden_states) * nn.functional.silu(self.w2(hidden_states)))
+
+
+class QWenBlock(GradientCheckpointingLayer):
+    def __init__(self, config: QWenConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.attn = QWenAttention(config, layer_idx)
+        self.ln_2 = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = QWenMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        query_scale: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(
+            self.ln_1(hidden_states),
+            rotary,
+            query_scale,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+        )
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+class QWenPreTrainedModel(PreTrainedModel):
+    config_class = QWenConfig
+    base_model_prefix = "transformer"
+    is_parallelizable = False
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["QWenBlock"]
+    _skip_keys_device_placement = "past_key_values"
+    # buffers that some older Qwen checkpoints carry; this file recomputes them
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq", r"attn\.masked_bias"]
+    # transformers accepts these attn_implementation names; backend_from_config maps them to kernels
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Normal(0, initializer_range) weights, zero biases, unit norms; the residual output projections
+        (``c_proj`` of attention and MLP) get the std divided by sqrt(2 * num_hidden_layers)."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, (QWenAttention, QWenMLP)):
+            nn.init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+
+
+class QWenModel(QWenPreTrainedModel):
+    def __init__(self, config: QWenConfig):
+        _check_supported(config)
+        super().__init__(config)
+        self.vocab_size = config.vocab_size
+        self.embed_dim = config.hidden_size
+        self.seq_length = _seq_length(config)
+        self.rotary_dim = int(config.kv_channels * config.rotary_pct)
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.drop = nn.Dropout(config.emb_dropout_prob)
+        self.h = nn.ModuleList([QWenBlock(config, layer_idx) for layer_idx in range(config.num_hidden_layers)])
+        self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.wte = new_embeddings
+
+    def get_ntk_alpha(self, true_seq_len: int) -> float:
+        return ntk_alpha(true_seq_len, self.seq_length)
+
+    def _ntk_alphas(
+        self,
+        attention_mask: Optional[torch.Tensor],
+        past_key_values: Optional[Cache],
+        past_length: int,
+        total_length: int,
+        batch_size: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """NTK alphas ``[1]`` or ``[batch]`` (float64) for this forward.
+
+        Chosen at prefill (empty cache): with a padding mask and a total length above ``seq_length``, one alpha
+        per sample from its count of non-padded tokens; otherwise one alpha from the total length. They are kept
+        on the cache, and decode steps reuse them (``_reorder_cache`` keeps them in step with beam search).
+        """
+        if self.training or not self.config.use_dynamic_ntk:
+            return torch.ones(1, dtype=torch.float64, device=device)
+        if past_length > 0:
+            stored = getattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, None)
+            if stored is not None:
+                if stored.numel() in (1, batch_size):
+                    return stored
+                if batch_size % stored.numel() == 0:  # rows expanded per sample after prefill
+                    return stored.repeat_interleave(batch_size // stored.numel())
+                raise ValueError(
+                    f"the cache holds per-sample NTK alphas for {stored.numel()} rows but the batch has {batch_size}"
+                )
+            lengths = [total_length]  # a cache filled elsewhere: decide from the length so far
+        elif attention_mask is not None and total_length > self.seq_length:
+            lengths = attention_mask.sum(dim=-1).tolist()
+        else:
+            lengths = [total_length]
+        alphas = [self.get_ntk_alpha(int(length)) for length in lengths]
+        if len(set(alphas)) == 1:
+            alphas = alphas[:1]
+        alphas = torch.tensor(alphas, dtype=torch.float64, device=device)
+        if past_key_values is not None:
+            setattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, alphas)
+        return alphas
+
+    def _logn_query_scale(
+        self, positions: torch.Tensor, total_length: int, dtype: torch.dtype
+    ) -> Optional[torch.Tensor]:
+        if self.training or not self.config.use_logn_attn or total_length <= self.seq_length:
+            return None
+        return logn_scale(positions, self.seq_length).to(dtype)[None, None, :, None]
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.LongTensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        head_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[BaseModelOutputWithPast, tuple]:
+        """Like the original ``QWenModel.forward``. Positions are absolute (0 .. cache + seq - 1, left padding
+        included), so ``position_ids`` is ignored, as are ``token_type_ids`` and the encoder arguments.
+        ``attention_mask`` is a 2-D 0/1 padding mask covering the cache and the new tokens; ``past_key_values``
+        a transformers ``Cache``."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if output_attentions if output_attentions is not None else self.config.output_attentions:
+            raise ValueError(
+                "output_attentions is not available: the fused attention kernels never materialize the weights"
+            )
+        if head_mask is not None:
+            raise ValueError("head_mask is not supported: the fused attention kernels take no per-head mask")
+        if past_key_values is not None and not isinstance(past_key_values, Cache):
+            raise TypeError(
+                "past_key_values must be a transformers Cache (e.g. DynamicCache), not the original tuple cache"
+            )
+        if getattr(past_key_values, "is_compileable", False):
+            raise ValueError("static (compileable) caches are not supported; use a DynamicCache")
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if use_cache and self.gradient_checkpointing and self.training:
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; setting use_cache=False")
+            use_cache = False
+
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        total_length = past_length + seq_len
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, total_length):
+            raise ValueError(
+                "attention_mask must be a 2-D padding mask [batch, past + seq] = "
+                f"[{batch_size}, {total_length}], got shape {list(attention_mask.shape)}"
+            )
+
+        positions = torch.arange(past_length, total_length, device=device)
+        alphas = self._ntk_alphas(attention_mask, past_key_values, past_length, total_length, batch_size, device)
+        rotary = rotary_cos_sin(positions, alphas, self.rotary_dim, float(self.config.rotary_emb_base))
+        query_scale = self._logn_query_scale(positions, total_length, inputs_embeds.dtype)
+        keep_mask = keep_mask_from_padding(attention_mask)
+
+        hidden_states = self.drop(inputs_embeds)
+        all_hidden_states = () if output_hidden_states else None
+        for block in self.h:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = block(
+                hidden_states,
+                rotary,
+                query_scale,
+                attention_mask=keep_mask,
+                past_key_values=past_key_values,
+            )
+        hidden_states = self.ln_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class _TokenQueueStreamer(BaseStreamer):
+    """Hands the tokens ``generate`` produces to a queue (the prompt, its first ``put``, is skipped)."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+def _generation_utils():
+    """``make_context, decode_tokens, get_stop_words_ids, StopWordsLogitsProcessor`` from the checkpoint's
+    ``qwen_generation_utils.py``, imported only when chat or stop words need them."""
+    try:
+        from .qwen_generation_utils import StopWordsLogitsProcessor, decode_tokens, get_stop_words_ids, make_context
+    except ImportError as error:
+        raise ImportError(
+            "QWen chat(), chat_stream() and stop_words_ids need qwen_generation_utils.py (shipped with the Qwen-7B "
+            "checkpoints) next to this modeling file"
+        ) from error
+    return make_context, decode_tokens, get_stop_words_ids, StopWordsLogitsProcessor
+
+
+def _check_chat_format(generation_config: GenerationConfig) -> None:
+    if getattr(generation_config, "chat_format", None) != "chatml":
+        raise ValueError(
+            'chat() and chat_stream() need generation_config.chat_format == "chatml": use a chat model '
+            '(e.g. "Qwen/Qwen-7B-Chat"), not the pretrained base model'
+        )
+
+
+class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
+    def __init__(self, config: QWenConfig):
+        super().__init__(config)
+        dtype = resolve_precision(config)
+        self.transformer = QWenModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.loss_type = "ForCausalLM"
+        self.to(dtype)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.LongTensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        head_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        **kwargs,
+    ) -> Union[CausalLMOutputWithPast, tuple]:
+        """``labels`` are shifted inside (the original's causal-LM loss, -100 ignored). ``logits_to_keep``: an
+        int keeps the logits of that many last positions (0 = all), a tensor indexes the sequence dimension."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.transformer(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            head_mask=head_mask,
+            inputs_embeds=inputs_embeds,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _reorder_cache(self, past_key_values: Cache, beam_idx: torch.LongTensor) -> Cache:
+        """Beam search: reorder the cached keys/values and the per-sample NTK alphas kept with them."""
+        past_key_values.reorder_cache(beam_idx)
+        alphas = getattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, None)
+        if alphas is not None and alphas.numel() > 1:
+            setattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, alphas.index_select(0, beam_idx.to(alphas.device)))
+        return past_key_values
+
+    def generate(
+        self,
+        inputs: Optional[torch.Tensor] = None,
+        generation_config: Optional[GenerationConfig] = None,
+        logits_processor: Optional[LogitsProcessorList] = None,
+        **kwargs,
+    ):
+        """``GenerationMixin.generate`` plus the original's stop words: ``stop_words_ids`` (a keyword argument or
+        ``generation_config.stop_words_ids``) end a sequence with EOS once it ends with one of them."""
+        config = generation_config if generation_config is not None else self.generation_config
+        stop_words_ids = kwargs.pop("stop_words_ids", None)
+        if stop_words_ids is None:
+            stop_words_ids = getattr(config, "stop_words_ids", None)
+        processor = self._stop_words_processor(stop_words_ids, config.eos_token_id)
+        if processor is not None:
+            logits_processor = LogitsProcessorList([*(logits_processor or []), processor])
+        return super().generate(
+            inputs, generation_config=generation_config, logits_processor=logits_processor, **kwargs
+        )
+
+    @staticmethod
+    def _stop_words_processor(stop_words_ids: Optional[list[list[int]]], eos_token_id):
+        """The original's ``StopWordsLogitsProcessor``; None when there is nothing to stop on beyond EOS itself."""
+        if not stop_words_ids:
+            return None
+        eos_ids = set(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else {eos_token_id}
+        if all(len(words) == 1 and words[0] in eos_ids for words in stop_words_ids):
+            return None  # generate already ends a sequence at EOS
+        *_, stop_words_logits_processor = _generation_utils()
+        return stop_words_logits_processor(stop_words_ids=stop_words_ids, eos_token_id=eos_token_id)
+
+    def _chat_inputs(
+        self,
+        tokenizer: PreTrainedTokenizer,
+        query: str,
+        history: Optional[HistoryType],
+        system: str,
+        stop_words_ids: Optional[list[list[int]]],
+        generation_config: Optional[GenerationConfig],
+        max_window_size: Optional[int],
+    ) -> tuple[str, list[int], torch.Tensor, list[list[int]]]:
+        """The ChatML prompt (text and tokens), its input ids and the stop words, as the original builds them."""
+        config = generation_config if generation_config is not None else self.generation_config
+        _check_chat_format(config)
+        make_context, _, get_stop_words_ids, _ = _generation_utils()
+        if max_window_size is None:
+            max_window_size = getattr(config, "max_window_size", None)
+        raw_text, context_tokens = make_context(
+            tokenizer,
+            query,
+            history=history or [],
+            system=system,
+            max_window_size=max_window_size,
+            chat_format=config.chat_format,
+        )
+        stop_words_ids = list(stop_words_ids or []) + get_stop_words_ids(config.chat_format, tokenizer)
+        input_ids = torch.tensor([context_tokens], device=self.device)
+        return raw_text, context_tokens, input_ids, stop_words_ids
+
+    def chat(
+        self,
+        tokenizer: PreTrainedTokenizer,
+        query: str,
+        history: Optional[HistoryType],
+        system: str = "You are a helpful assistant.",
+        stop_words_ids: Optional[list[list[int]]] = None,
+        generation_config: Optional[GenerationConfig] = None,
+        **kwargs,
+    ) -> tuple[str, HistoryType]:
+        """One ChatML turn: returns the response and ``history`` (a copy) with ``(query, response)`` appended."""
+        if kwargs.pop("stream", None) is not None:
+            raise ValueError("chat(..., stream=...) is not supported; use chat_stream(...)")
+        _, decode_tokens, _, _ = _generation_utils()
+        history = copy.deepcopy(history) if history is not None else []
+        raw_text, context_tokens, input_ids, stop_words_ids = self._chat_inputs(
+            tokenizer, query, history, system, stop_words_ids, generation_config, kwargs.pop("max_window_size", None)
+        )
+        outputs = self.generate(
+            input_ids, stop_words_ids=stop_words_ids, generation_config=generation_config, **kwargs
+        )
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        response = decode_tokens(
+            sequences[0],
+            tokenizer,
+            raw_text_len=len(raw_text),
+            context_length=len(context_tokens),
+            chat_format="chatml",
+            verbose=False,
+            errors="replace",
+        )
+        history.append((query, response))
+        return response, history
+
+    def chat_stream(
+        self,
+        tokenizer: PreTrainedTokenizer,
+        query: str,
+        history: Optional[HistoryType],
+        system: str = "You are a helpful assistant.",
+        stop_words_ids: Optional[list[list[int]]] = None,
+        logits_processor: Optional[LogitsProcessorList] = None,
+        generation_config: Optional[GenerationConfig] = None,
+        **kwargs,
+    ) -> Generator[str, Any, None]:
+        """Like ``chat`` but yields the growing response text; ``generate`` runs in a background thread."""
+        _, _, input_ids, stop_words_ids = self._chat_inputs(
+            tokenizer, query, history, system, stop_words_ids, generation_config, kwargs.pop("max_window_size", None)
+        )
+
+        def stream() -> Generator[str, Any, None]:
+            streamer = _TokenQueueStreamer()
+            failures = []
+
+            def run() -> None:
+                try:
+                    self.generate(
+                        input_ids,
+                        stop_words_ids=stop_words_ids,
+                        logits_processor=logits_processor,
+                        generation_config=generation_config,
+                        streamer=streamer,
+                        **kwargs,
+                    )
+                except Exception as error:  # re-raised in the consumer's thread below
+                    failures.append(error)
+                    streamer.end()
+
+            worker = threading.Thread(target=run, daemon=True)
+            worker.start()
+            tokens: list[int] = []
+            while (new_tokens := streamer.queue.get()) is not None:
+                tokens.extend(new_tokens)
+                yield tokenizer.decode(tokens, skip_special_tokens=True, errors="ignore")
+            worker.join()
+            if failures:
+                raise failures[0]
+
+        return stream()
+
+
+__all__ = ["QWenPreTrainedModel", "QWenModel", "QWenLMHeadModel"]

@@ -1,0 +1,790 @@
+"""Qwen-7B (first generation): modeling_qwen.py against a reference written from docs/qwen7b facts.
+
+transformers has no Qwen-7B class, so the reference is ``ReferenceQwen`` below: a small eager implementation
+(float64 by default) of the behaviour listed in /work/shared/qwen7b.md -- absolute positions, rotary "rotate
+half" over ``rotary_pct`` of the channels, per-sample dynamic NTK chosen at prefill, logn query scaling, an
+explicit causal + padding mask and its own tuple cache laid out [b, s, heads, head_dim]. It shares nothing with
+the modeling file but the weights (our state dict).
+
+The models under test are loaded as users load them: saved next to our files with an ``auto_map`` and read
+back with ``AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from memory_efficient_adapter.configuration_qwen import QWenConfig
+from memory_efficient_adapter.modeling_qwen import QWenLMHeadModel
+from tests.remote_code import (
+    MODELING_DIR,
+    assert_close_rel,
+    left_padded_mask,
+    right_padded_mask,
+    save_with_remote_code,
+)
+
+CPU_BACKENDS = ["sdpa", "chunked", "eager"]
+AUTO_MAP = {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}
+EOS = 1
+TINY = dict(
+    vocab_size=101,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    kv_channels=8,
+    intermediate_size=48,
+    seq_length=12,
+    max_position_embeddings=64,
+    initializer_range=0.2,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference implementation (from the architecture facts, not from the modeling file)
+# ----------------------------------------------------------------------------------------------
+
+
+def reference_ntk_alpha(length: int, seq_length: int) -> float:
+    return max(2 ** math.ceil(math.log(length / seq_length, 2) + 1) - 1, 1)
+
+
+class ReferenceQwen:
+    """Eager Qwen-7B over a dict of weights; ``forward`` returns (logits, cache, ntk_alphas)."""
+
+    def __init__(self, config: QWenConfig, state_dict: dict, dtype=torch.float64, requires_grad=False, device="cpu"):
+        self.config = config
+        self.params = {
+            name: tensor.detach().to(device=device, dtype=dtype).clone().requires_grad_(requires_grad)
+            for name, tensor in state_dict.items()
+        }
+
+    def linear(self, x, name, bias=True):
+        y = x @ self.params[f"{name}.weight"].T
+        return y + self.params[f"{name}.bias"] if bias and f"{name}.bias" in self.params else y
+
+    def rms_norm(self, x, name):
+        x_float = x.float() if x.dtype != torch.float64 else x
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.config.layer_norm_epsilon)
+        return normed.to(x.dtype) * self.params[f"{name}.weight"]
+
+    def alphas_at_prefill(self, attention_mask, total, batch, training):
+        cfg = self.config
+        if training or not cfg.use_dynamic_ntk:
+            return [1.0] * batch
+        if attention_mask is not None and total > cfg.seq_length:
+            return [reference_ntk_alpha(int(n), cfg.seq_length) for n in attention_mask.sum(-1)]
+        return [reference_ntk_alpha(total, cfg.seq_length)] * batch
+
+    def rotate(self, x, positions, alphas):
+        """x [b, s, heads, d]: rotate-half rotary over the first kv_channels * rotary_pct channels, per sample."""
+        dim = int(self.config.kv_channels * self.config.rotary_pct)
+        rows = []
+        for row, alpha in zip(x, alphas):
+            base = self.config.rotary_emb_base * alpha ** (dim / (dim - 2))
+            inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64, device=x.device) / dim)
+            angles = torch.outer(positions.double(), inv_freq)
+            angles = torch.cat((angles, angles), dim=-1)[:, None, :]
+            cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+            rot, rest = row[..., :dim], row[..., dim:]
+            x1, x2 = rot[..., : dim // 2], rot[..., dim // 2 :]
+            rows.append(torch.cat((rot * cos + torch.cat((-x2, x1), dim=-1) * sin, rest), dim=-1))
+        return torch.stack(rows)
+
+    def forward(self, input_ids, attention_mask=None, past=None, alphas=None, training=False):
+        cfg = self.config
+        batch, q_len = input_ids.shape
+        heads, dim = cfg.num_attention_heads, cfg.kv_channels
+        past_len = 0 if past is None else past[0][0].shape[1]
+        total = past_len + q_len
+        if alphas is None:
+            assert past is None, "decode steps reuse the alphas chosen at prefill"
+            alphas = self.alphas_at_prefill(attention_mask, total, batch, training)
+        positions = torch.arange(past_len, total, device=input_ids.device)
+
+        logn = None
+        if not training and cfg.use_logn_attn and total > cfg.seq_length:
+            p1 = (positions + 1).double()
+            factor = torch.where(p1 > cfg.seq_length, p1.log() / math.log(cfg.seq_length), torch.ones_like(p1))
+            logn = factor[None, :, None, None]
+
+        causal = torch.arange(total, device=input_ids.device)[None, :] <= positions[:, None]
+        keep = causal[None, None]
+        if attention_mask is not None:
+            keep = keep & attention_mask.bool()[:, None, None, :]
+
+        x = self.params["transformer.wte.weight"][input_ids]
+        present = []
+        for layer in range(cfg.num_hidden_layers):
+            prefix = f"transformer.h.{layer}"
+            h = self.rms_norm(x, f"{prefix}.ln_1")
+            q, k, v = self.linear(h, f"{prefix}.attn.c_attn").split(heads * dim, dim=-1)
+            q, k, v = (t.reshape(batch, q_len, heads, dim) for t in (q, k, v))
+            q, k = self.rotate(q, positions, alphas), self.rotate(k, positions, alphas)
+            if logn is not None:
+                q = q * logn.to(q.dtype)
+            if past is not None:
+                k, v = torch.cat((past[layer][0], k), dim=1), torch.cat((past[layer][1], v), dim=1)
+            present.append((k, v))
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dim)
+            scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+            probs = torch.softmax(scores, dim=-1)
+            attn = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, q_len, heads * dim)
+            x = x + self.linear(attn, f"{prefix}.attn.c_proj")
+            h = self.rms_norm(x, f"{prefix}.ln_2")
+            mlp = self.linear(h, f"{prefix}.mlp.w1") * torch.nn.functional.silu(self.linear(h, f"{prefix}.mlp.w2"))
+            x = x + self.linear(mlp, f"{prefix}.mlp.c_proj")
+        x = self.rms_norm(x, "transformer.ln_f")
+        return x @ self.params["lm_head.weight"].T, tuple(present), alphas
+
+    def loss(self, logits, labels):
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+
+    def greedy(self, input_ids, attention_mask, steps, processor=None, eos=None):
+        """Greedy decoding with the tuple cache; a row stops (pads with eos) once it produced eos."""
+        logits, past, alphas = self.forward(input_ids, attention_mask)
+        sequences, mask = input_ids, attention_mask
+        done = torch.zeros(len(input_ids), dtype=torch.bool)
+        for _ in range(steps):
+            scores = logits[:, -1].float()
+            if processor is not None:
+                scores = processor(sequences, scores)
+            token = scores.argmax(-1)
+            if eos is not None:
+                token = torch.where(done, torch.full_like(token, eos), token)
+                done = done | (token == eos)
+            sequences = torch.cat((sequences, token[:, None]), dim=1)
+            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+            if eos is not None and bool(done.all()):
+                break
+            logits, past, _ = self.forward(token[:, None], mask, past, alphas)
+        return sequences
+
+
+def reference_beam_search(reference: ReferenceQwen, input_ids, attention_mask, num_beams, steps):
+    """Beam search without EOS (every beam has the same length, so the length penalty cannot reorder them),
+    recomputing full forwards with the NTK alphas chosen at prefill."""
+    _, _, alphas = reference.forward(input_ids, attention_mask)
+    best = []
+    for row in range(len(input_ids)):
+        beams = [(input_ids[row], 0.0)]
+        row_mask = attention_mask[row : row + 1]
+        for step in range(steps):
+            mask = torch.cat((row_mask, torch.ones(1, step, dtype=row_mask.dtype)), dim=1)
+            candidates = []
+            for sequence, score in beams:
+                logits, _, _ = reference.forward(sequence[None], mask, alphas=[alphas[row]])
+                log_probs = torch.log_softmax(logits[0, -1], dim=-1)
+                top = torch.topk(log_probs, num_beams)
+                candidates += [(score + lp.item(), sequence, token) for lp, token in zip(top.values, top.indices)]
+            candidates.sort(key=lambda c: c[0], reverse=True)
+            beams = [(torch.cat((seq, token[None])), score) for score, seq, token in candidates[:num_beams]]
+        best.append(beams[0][0])
+    return torch.stack(best)
+
+
+# ----------------------------------------------------------------------------------------------
+# A stand-in for the checkpoints' qwen_generation_utils.py and a tiny tokenizer
+# ----------------------------------------------------------------------------------------------
+
+GENERATION_UTILS = '''\
+"""Stand-in for Qwen's qwen_generation_utils.py (the four names modeling_qwen.py uses)."""
+import torch
+from transformers import LogitsProcessor
+
+
+def make_context(tokenizer, query, history=None, system="", max_window_size=6144, chat_format="chatml"):
+    turns = [("system", system)]
+    for user, assistant in history or []:
+        turns += [("user", user), ("assistant", assistant)]
+    turns.append(("user", query))
+    raw_text, tokens = "", []
+    for role, text in turns:
+        raw_text += f"<|im_start|>{role}\\n{text}<|im_end|>\\n"
+        tokens += [tokenizer.im_start_id] + tokenizer.encode(f"{role}\\n{text}") + [tokenizer.im_end_id]
+        tokens += tokenizer.encode("\\n")
+    raw_text += "<|im_start|>assistant\\n"
+    tokens += [tokenizer.im_start_id] + tokenizer.encode("assistant\\n")
+    return raw_text, tokens
+
+
+def get_stop_words_ids(chat_format, tokenizer):
+    return [[tokenizer.im_end_id], [tokenizer.im_start_id]]
+
+
+def decode_tokens(tokens, tokenizer, raw_text_len, context_length, chat_format, verbose=False, errors="replace"):
+    generated = [int(t) for t in tokens[context_length:]]
+    for stop in (tokenizer.eod_id, tokenizer.im_end_id, tokenizer.im_start_id):
+        if stop in generated:
+            generated = generated[: generated.index(stop)]
+    return tokenizer.decode(generated, errors=errors)
+
+
+class StopWordsLogitsProcessor(LogitsProcessor):
+    def __init__(self, stop_words_ids, eos_token_id):
+        self.stop_words_ids = [list(words) for words in stop_words_ids]
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, input_ids, scores):
+        for row, sequence in enumerate(input_ids.tolist()):
+            if any(sequence[-len(words):] == words for words in self.stop_words_ids):
+                scores[row, self.eos_token_id] = 2**15
+        return scores
+'''
+
+
+class CharTokenizer:
+    """Printable ASCII <-> ids 10..99; ids 1, 2, 3 are <|endoftext|>, <|im_start|>, <|im_end|>."""
+
+    eod_id, im_start_id, im_end_id = EOS, 2, 3
+
+    def encode(self, text: str) -> list[int]:
+        return [10 + min(max(ord(c) - 32, 0), 89) for c in text]
+
+    def decode(self, tokens, skip_special_tokens: bool = False, errors: str = "strict") -> str:
+        pieces = []
+        for token in (int(t) for t in tokens):
+            if 10 <= token < 100:
+                pieces.append(chr(32 + token - 10))
+            elif not skip_special_tokens:
+                pieces.append(f"<|{token}|>")
+        return "".join(pieces)
+
+
+def stand_in_generation_utils():
+    """The stand-in module, imported from a temporary file (for driving the reference with its processor)."""
+    import importlib.util
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="qwen-utils-")) / "qwen_generation_utils.py"
+    path.write_text(GENERATION_UTILS)
+    spec = importlib.util.spec_from_file_location("qwen_generation_utils_stand_in", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def random_model(**overrides) -> QWenLMHeadModel:
+    """A tiny random fp32 Qwen with non-trivial norms and biases (so every weight matters)."""
+    model = QWenLMHeadModel(QWenConfig(**{**TINY, "fp32": True, **overrides}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+    return model
+
+
+def save_qwen(model, folder: Path) -> Path:
+    """Our two files beside the weights, plus the generation helpers every Qwen checkpoint ships. The precision
+    flags are saved unset, as in the published checkpoints (the model records its load-time choice in them)."""
+    model.config.bf16 = model.config.fp16 = model.config.fp32 = False
+    save_with_remote_code(model, folder, ["modeling_qwen.py", "configuration_qwen.py"], AUTO_MAP)
+    (folder / "qwen_generation_utils.py").write_text(GENERATION_UTILS)
+    return folder
+
+
+def load(folder: Path, **kwargs):
+    """Load as a user does; in fp32 unless a precision flag is given (so that CPU tests also pass on a GPU
+    machine, where the model would otherwise pick bf16)."""
+    if not any(flag in kwargs for flag in ("bf16", "fp16", "fp32")):
+        kwargs["fp32"] = True
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **kwargs)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A random tiny model (rotary over half the channels, biased projections) saved as a remote-code folder."""
+    torch.manual_seed(1234)
+    model = random_model(rotary_pct=0.5, no_bias=False)
+    folder = save_qwen(model, tmp_path_factory.mktemp("qwen"))
+    return folder, model.config, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def automatic_dtype() -> torch.dtype:
+    """The original's choice without precision flags: bf16 > fp16 (compute capability >= 7) > fp32."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] >= 7:
+        return torch.float16
+    return torch.float32
+
+
+def random_ids(batch: int, length: int, vocab: int = TINY["vocab_size"]) -> torch.Tensor:
+    return torch.randint(10, vocab, (batch, length))
+
+
+def assert_close_where_kept(actual, expected, mask, tol, what):
+    keep = mask.bool()
+    assert_close_rel(actual[keep], expected[keep].to(actual.dtype), tol, what)
+
+
+def call_recorder(monkeypatch, model):
+    """Record the keyword arguments of every attention() call of the loaded module."""
+    module = sys.modules[type(model).__module__]
+    calls = []
+    real = module.attention
+
+    def recording(q, k, v, **kwargs):
+        calls.append(kwargs)
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(module, "attention", recording)
+    return calls
+
+
+# ----------------------------------------------------------------------------------------------
+# Structure
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("no_bias", [True, False])
+def test_state_dict_keys_and_shapes_are_the_original_ones(no_bias):
+    config = QWenConfig(**{**TINY, "no_bias": no_bias})
+    model = QWenLMHeadModel(config)
+    hidden, inner, proj = config.hidden_size, config.intermediate_size // 2, config.kv_channels * 4
+    expected = {
+        "transformer.wte.weight": (101, hidden),
+        "transformer.ln_f.weight": (hidden,),
+        "lm_head.weight": (101, hidden),
+    }
+    for n in range(config.num_hidden_layers):
+        p = f"transformer.h.{n}"
+        expected |= {
+            f"{p}.ln_1.weight": (hidden,),
+            f"{p}.ln_2.weight": (hidden,),
+            f"{p}.attn.c_attn.weight": (3 * proj, hidden),
+            f"{p}.attn.c_attn.bias": (3 * proj,),
+            f"{p}.attn.c_proj.weight": (hidden, proj),
+            f"{p}.mlp.w1.weight": (inner, hidden),
+            f"{p}.mlp.w2.weight": (inner, hidden),
+            f"{p}.mlp.c_proj.weight": (hidden, inner),
+        }
+        if not no_bias:
+            expected |= {
+                f"{p}.attn.c_proj.bias": (hidden,),
+                f"{p}.mlp.w1.bias": (inner,),
+                f"{p}.mlp.w2.bias": (inner,),
+                f"{p}.mlp.c_proj.bias": (hidden,),
+            }
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
+
+
+def test_config_defaults_and_extra_keys():
+    config = QWenConfig(onnx_safe=None, tokenizer_class="QWenTokenizer")
+    assert (config.seq_length, config.use_flash_attn, config.rotary_emb_base) == (2048, "auto", 10000)
+    assert config.tokenizer_class == "QWenTokenizer" and config.onnx_safe is None
+    assert QWenConfig(seq_length=8192).seq_length == 8192
+    assert config.to_dict()["model_type"] == "qwen"
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward against the reference
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_logits_with_left_padding_match_reference(saved, backend):
+    folder, config, state = saved
+    model = load(folder, attn_backend=backend)
+    assert model.dtype == torch.float32 and model.config.fp32
+    ids = random_ids(3, 9)  # total 9 <= seq_length: no NTK, no logn
+    mask = left_padded_mask([9, 5, 2], 9)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_hidden_states=True)
+        as_tuple = model(inputs_embeds=model.transformer.wte(ids), attention_mask=mask, return_dict=False)
+    expected, _, _ = ReferenceQwen(config, state).forward(ids, mask)
+    assert_close_where_kept(out.logits, expected, mask, 1e-5, f"logits ({backend})")
+    assert torch.equal(as_tuple[0], out.logits)
+    assert len(out.hidden_states) == config.num_hidden_layers + 1
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_long_inputs_use_per_sample_ntk_and_logn(saved, backend):
+    """Past seq_length (12), eval mode: per-sample NTK alphas 7, 3, 1 from 27, 15, 9 real tokens; logn on."""
+    folder, config, state = saved
+    model = load(folder, attn_backend=backend)
+    reference = ReferenceQwen(config, state)
+    ids = random_ids(3, 27)
+    mask = left_padded_mask([27, 15, 9], 27)
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+        unpadded = model(ids[:1]).logits
+    expected, _, alphas = reference.forward(ids, mask)
+    assert alphas == [7, 3, 1]
+    assert_close_where_kept(padded, expected, mask, 1e-5, f"per-sample NTK logits ({backend})")
+    expected_single, _, _ = reference.forward(ids[:1])
+    assert_close_rel(unpadded, expected_single.float(), 1e-5, f"single-alpha NTK logits ({backend})")
+
+    # the reference without NTK or without logn disagrees: both features are really exercised
+    no_ntk, _, _ = reference.forward(ids, mask, alphas=[1, 1, 1])
+    reference.config = QWenConfig(**{**config.to_dict(), "use_logn_attn": False})
+    no_logn, _, _ = reference.forward(ids, mask)
+    for other, what in ((no_ntk, "NTK"), (no_logn, "logn")):
+        keep = mask.bool()
+        assert (other[keep].float() - padded[keep]).abs().max() > 1e-2, f"{what} made no difference"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_loss_and_gradients_match_reference(saved, backend):
+    """Training mode (dropout 0): NTK and logn are off even past seq_length; every gradient matches."""
+    folder, config, state = saved
+    model = load(folder, attn_backend=backend).train()
+    ids = random_ids(2, 17)
+    mask = torch.cat((left_padded_mask([11], 17), right_padded_mask([13], 17)))
+    # -100 on padding and on the first real token of the left-padded row (a padding position predicts it)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 6] = -100
+    loss = model(ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+
+    reference = ReferenceQwen(config, state, requires_grad=True)
+    logits, _, alphas = reference.forward(ids, mask, training=True)
+    expected_loss = reference.loss(logits, labels)
+    expected_loss.backward()
+    assert alphas == [1.0, 1.0]
+    assert_close_rel(loss.detach(), expected_loss.detach().float(), 1e-5, "loss")
+    grads = dict(model.named_parameters())
+    for name, param in reference.params.items():
+        assert_close_rel(grads[name].grad, param.grad.float(), 2e-5, f"grad of {name} ({backend})")
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(saved):
+    folder, _, _ = saved
+    ids = random_ids(2, 10)
+    mask = right_padded_mask([10, 7], 10)
+    grads = []
+    for checkpointing in (False, True):
+        model = load(folder).train()
+        if checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+        calls = []
+        model.transformer.h[0].attn.register_forward_hook(lambda *args: calls.append(1))
+        model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        assert_close_rel(grads[1][name], grad, 1e-6, f"checkpointed grad of {name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache and generation
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_kv_cache_decoding_matches_reference(saved, backend):
+    """Prefill past seq_length with per-sample alphas, a 3-token chunk, then single tokens: logits per step."""
+    folder, config, state = saved
+    model = load(folder, attn_backend=backend)
+    reference = ReferenceQwen(config, state)
+    ids = random_ids(2, 14)
+    mask = left_padded_mask([14, 9], 14)  # alphas 3 and 1
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+    expected, past, alphas = reference.forward(ids, mask)
+    assert alphas == [3, 1]
+    assert_close_where_kept(out.logits, expected, mask, 1e-5, "prefill")
+    cache = out.past_key_values
+    for chunk in (3, 1, 1, 1):
+        new = random_ids(2, chunk)
+        mask = torch.cat((mask, torch.ones(2, chunk, dtype=mask.dtype)), dim=1)
+        with torch.no_grad():
+            out = model(new, attention_mask=mask, past_key_values=cache, use_cache=True)
+        expected, past, _ = reference.forward(new, mask, past, alphas)
+        assert_close_rel(out.logits, expected.float(), 1e-5, f"decode logits at length {mask.shape[1]} ({backend})")
+        cache = out.past_key_values
+    assert cache.get_seq_length() == mask.shape[1]
+
+
+def test_short_prefill_keeps_alpha_one_while_decoding_past_seq_length(saved):
+    """NTK is decided at prefill (9 tokens: alpha 1) and kept; logn switches on once the keys pass seq_length."""
+    folder, config, state = saved
+    model = load(folder)
+    reference = ReferenceQwen(config, state)
+    ids = random_ids(1, 9)
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = reference.greedy(ids, torch.ones_like(ids), steps=8)
+    assert torch.equal(generated, expected)
+
+
+def test_reorder_cache_moves_the_per_sample_alphas_with_the_rows(saved):
+    folder, _, _ = saved
+    model = load(folder)
+    ids = random_ids(2, 16)
+    mask = left_padded_mask([16, 8], 16)  # alphas 3 and 1
+    step = random_ids(2, 1)
+    step_mask = torch.cat((mask, torch.ones(2, 1, dtype=mask.dtype)), dim=1)
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        straight = model(step, attention_mask=step_mask, past_key_values=cache).logits
+        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        swap = torch.tensor([1, 0])
+        cache = model._reorder_cache(cache, swap)
+        swapped = model(step[swap], attention_mask=step_mask[swap], past_key_values=cache).logits
+        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(2)  # rows expanded after prefill (contrastive search does this)
+        expanded = model(
+            step.repeat_interleave(2, 0), attention_mask=step_mask.repeat_interleave(2, 0), past_key_values=cache
+        )
+    assert_close_rel(swapped, straight[swap], 1e-6, "decode after reordering the cache")
+    assert_close_rel(expanded.logits, straight.repeat_interleave(2, 0), 1e-6, "decode after expanding the cache")
+
+
+def test_greedy_generate_with_left_padding_matches_reference(saved):
+    folder, config, state = saved
+    model = load(folder)
+    ids = random_ids(3, 15)
+    mask = left_padded_mask([15, 10, 6], 15)  # past seq_length: per-sample alphas 3, 1, 1; logn while decoding
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=0)
+    expected = ReferenceQwen(config, state).greedy(ids, mask, steps=7)
+    assert torch.equal(generated, expected)
+
+
+def test_beam_search_matches_reference_beam_search(saved):
+    folder, config, state = saved
+    model = load(folder)
+    ids = random_ids(2, 14)
+    mask = left_padded_mask([14, 10], 14)  # per-sample alphas 3 and 1
+    with torch.no_grad():
+        generated = model.generate(
+            ids, attention_mask=mask, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
+    expected = reference_beam_search(ReferenceQwen(config, state), ids, mask, num_beams=3, steps=4)
+    assert torch.equal(generated, expected)
+
+
+def test_sampling_matches_reference_sampling_with_the_same_seed(saved):
+    folder, config, state = saved
+    model = load(folder)
+    reference = ReferenceQwen(config, state)
+    ids = random_ids(2, 13)
+    mask = left_padded_mask([13, 8], 13)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        generated = model.generate(
+            ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+            pad_token_id=0,
+        )  # fmt: skip
+    torch.manual_seed(7)
+    logits, past, alphas = reference.forward(ids, mask)
+    sequences = ids
+    for _ in range(6):
+        token = torch.multinomial(torch.softmax(logits[:, -1], dim=-1).float(), num_samples=1)
+        sequences, mask = torch.cat((sequences, token), 1), torch.cat((mask, torch.ones_like(token)), 1)
+        logits, past, _ = reference.forward(token, mask, past, alphas)
+    assert torch.equal(generated, sequences)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend selection
+# ----------------------------------------------------------------------------------------------
+
+
+def test_every_attention_call_is_causal_with_an_o_n_mask_and_use_flash_attn_picks_the_backend(saved, monkeypatch):
+    folder, _, _ = saved
+    ids = random_ids(2, 6)
+    mask = left_padded_mask([6, 4], 6)
+    cases = [
+        (dict(), "auto"),
+        (dict(use_flash_attn=True), "auto"),
+        (dict(use_flash_attn=False), "eager"),
+        (dict(use_flash_attn=False, attn_backend="chunked"), "chunked"),
+        (dict(attn_implementation="eager"), "eager"),
+    ]
+    for kwargs, backend in cases:
+        model = load(folder, **kwargs)
+        calls = call_recorder(monkeypatch, model)
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+        assert len(calls) == model.config.num_hidden_layers
+        for call in calls:
+            assert call["backend"] == backend, kwargs
+            assert call["causal"] is True
+            keep = call["attention_mask"]
+            assert keep.dtype == torch.bool and tuple(keep.shape) == tuple(mask.shape)
+    monkeypatch.setenv("USE_FLASH_ATTN", "chunked")  # the environment variable overrides use_flash_attn=False
+    model = load(folder, use_flash_attn=False)
+    calls = call_recorder(monkeypatch, model)
+    with torch.no_grad():
+        model(ids)
+    assert [call["backend"] for call in calls] == ["auto"] * 2 and calls[0]["attention_mask"] is None
+
+
+def test_precision_flags_choose_the_dtype(saved):
+    folder, _, _ = saved
+    automatic = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    flag = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[automatic_dtype()]
+    assert automatic.dtype == automatic_dtype() and getattr(automatic.config, flag)  # the choice is recorded
+    assert load(folder, bf16=True).dtype == torch.bfloat16
+    assert load(folder, fp16=True).dtype == torch.float16
+    with pytest.raises(ValueError, match="Only one of"):
+        load(folder, bf16=True, fp32=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Copied over a Qwen-7B snapshot
+# ----------------------------------------------------------------------------------------------
+
+
+def qwen_snapshot(folder: Path, model: QWenLMHeadModel) -> Path:
+    """A folder shaped like Qwen/Qwen-7B: its config.json keys, bf16 safetensors, generation config, the
+    configuration file (ours stands in for the original) and qwen_generation_utils.py (a stand-in)."""
+    cfg = model.config
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["QWenLMHeadModel"],
+        "auto_map": AUTO_MAP,
+        "attn_dropout_prob": 0.0,
+        "bf16": False,
+        "emb_dropout_prob": 0.0,
+        "fp16": False,
+        "fp32": False,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "initializer_range": 0.02,
+        "kv_channels": cfg.kv_channels,
+        "layer_norm_epsilon": 1e-06,
+        "max_position_embeddings": 32768,
+        "model_type": "qwen",
+        "no_bias": True,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "onnx_safe": None,
+        "rotary_emb_base": 10000,
+        "rotary_pct": 1.0,
+        "scale_attn_weights": True,
+        "seq_length": cfg.seq_length,
+        "tie_word_embeddings": False,
+        "tokenizer_class": "QWenTokenizer",
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.32.0",
+        "use_cache": True,
+        "use_dynamic_ntk": True,
+        "use_flash_attn": "auto",
+        "use_logn_attn": True,
+        "vocab_size": cfg.vocab_size,
+    }
+    generation_config = {
+        "chat_format": "chatml",
+        "eos_token_id": EOS,
+        "pad_token_id": EOS,
+        "max_window_size": 6144,
+        "max_new_tokens": 6,
+        "do_sample": False,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+    weights = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(MODELING_DIR / "configuration_qwen.py", folder / "configuration_qwen.py")
+    (folder / "qwen_generation_utils.py").write_text(GENERATION_UTILS)
+    shutil.copy(MODELING_DIR / "modeling_qwen.py", folder / "modeling_qwen.py")  # the copy-over itself
+    return folder
+
+
+def test_copied_over_a_qwen_snapshot_loads_generates_and_chats(tmp_path):
+    torch.manual_seed(99)
+    original = random_model(no_bias=True)
+    folder = qwen_snapshot(tmp_path / "Qwen-7B-Chat", original)
+    weights = {k: v.to(torch.bfloat16) for k, v in original.state_dict().items()}
+    reference = ReferenceQwen(original.config, weights)
+
+    # the precision flags decide, not config.json's torch_dtype (bfloat16): fp32 on CPU, as the original
+    assert AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).dtype == automatic_dtype()
+    model = load(folder)
+    ids = random_ids(2, 15)
+    mask = left_padded_mask([15, 9], 15)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    expected, _, _ = reference.forward(ids, mask)
+    assert_close_where_kept(logits, expected, mask, 1e-5, "snapshot logits")
+
+    # generate(): stop_words_ids end a row with EOS right after the stop word
+    with torch.no_grad():
+        plain = model.generate(ids[:1], max_new_tokens=3, do_sample=False)
+        stopped = model.generate(ids[:1], max_new_tokens=3, do_sample=False, stop_words_ids=[[int(plain[0, 15])]])
+    assert torch.equal(plain, reference.greedy(ids[:1], torch.ones_like(ids[:1]), steps=3))
+    assert stopped[0, 15] == plain[0, 15] and stopped[0, 16] == EOS
+
+    # chat() and chat_stream(): ChatML prompt through qwen_generation_utils, greedy as the generation config says
+    utils = stand_in_generation_utils()
+    tokenizer = CharTokenizer()
+    history = [("hi", "hello")]
+    response, new_history = model.chat(tokenizer, "What is 2+2?", history=history, system="Be brief.")
+    _, context = utils.make_context(tokenizer, "What is 2+2?", history, "Be brief.")
+    prompt = torch.tensor([context])
+    processor = utils.StopWordsLogitsProcessor(utils.get_stop_words_ids("chatml", tokenizer), EOS)
+    expected_ids = reference.greedy(prompt, torch.ones_like(prompt), steps=6, processor=processor, eos=EOS)
+    assert response == utils.decode_tokens(expected_ids[0], tokenizer, 0, len(context), "chatml")
+    assert new_history == history + [("What is 2+2?", response)] and history == [("hi", "hello")]
+
+    streamed = list(model.chat_stream(tokenizer, "What is 2+2?", history=history, system="Be brief."))
+    expected_text = tokenizer.decode(expected_ids[0, len(context) :], skip_special_tokens=True)
+    assert streamed and streamed[-1] == expected_text
+    assert all(later.startswith(earlier) for earlier, later in zip(streamed, streamed[1:]))
+
+    model.generation_config.chat_format = "raw"
+    with pytest.raises(ValueError, match="chatml"):
+        model.chat(tokenizer, "hi", history=None)
+
+
+@pytest.mark.parametrize("option", ["use_cache_quantization", "use_cache_kernel"])
+def test_unsupported_cache_options_raise_a_clear_error(tmp_path, option):
+    folder = qwen_snapshot(tmp_path / "Qwen-7B", random_model())
+    with pytest.raises(ValueError, match=option):
+        load(folder, **{option: True})
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_bf16_on_cuda_every_backend_matches_the_fp32_reference(tmp_path):
+    """Without precision flags the model picks bf16 on CUDA, as the original does; every CUDA backend then
+    agrees with the fp32 reference (same weights) on a left-padded batch with per-sample NTK and logn."""
+    torch.manual_seed(4321)
+    # head_dim 32: flex needs at least 32
+    original = random_model(rotary_pct=0.5, no_bias=False, initializer_range=0.1, hidden_size=128, kv_channels=32)
+    state = {k: v.clone() for k, v in original.state_dict().items()}
+    folder = save_qwen(original, tmp_path / "qwen")
+    reference = ReferenceQwen(original.config, state, dtype=torch.float32, device="cuda")
+    ids = random_ids(3, 27).cuda()
+    mask = left_padded_mask([27, 15, 9], 27).cuda()  # NTK alphas 7, 3, 1 and logn
+    probe = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    assert probe.dtype == torch.bfloat16 and probe.config.bf16
+    backends = sys.modules[type(probe).__module__].available_backends("cuda")
+    assert "sdpa" in backends
+    for backend in backends:
+        model = load(folder, bf16=True, attn_backend=backend).cuda()
+        assert model.dtype == torch.bfloat16
+        # xformers takes no padding mask: give it an unpadded batch
+        batch_mask = torch.ones_like(mask) if backend == "xformers" else mask
+        with torch.no_grad():
+            logits = model(ids, attention_mask=batch_mask).logits
+        expected, _, _ = reference.forward(ids, batch_mask)
+        assert_close_where_kept(logits.float(), expected, batch_mask, 2e-2, f"bf16 logits ({backend})")
