@@ -90,7 +90,8 @@ def random_case(gen: torch.Generator, dtype=torch.float32):
     return dict(q=q, k=k, v=v, causal=causal, mask=mask, slopes=slopes, scale=scale)
 
 
-def run_and_compare(backend: str, case: dict, dtype: torch.dtype, with_grad: bool = True) -> None:
+def run_and_compare(backend: str, case: dict, dtype: torch.dtype, with_grad: bool = True) -> tuple[float, float]:
+    """Assert ``backend`` matches the float64 reference; return the forward and worst gradient errors."""
     q, k, v = (case[name].clone().requires_grad_(with_grad) for name in "qkv")
     out = mea.attention(
         q, k, v, causal=case["causal"], attention_mask=case["mask"], alibi_slopes=case["slopes"],
@@ -104,8 +105,9 @@ def run_and_compare(backend: str, case: dict, dtype: torch.dtype, with_grad: boo
     tol = TOLERANCE[dtype]
     err = ((out.double() - expected).norm() / expected.norm().clamp_min(1e-12)).item()
     assert err < tol, f"{backend}: forward relative error {err:.2e} for {describe}"
+    forward_err, grad_err = err, 0.0
     if not with_grad:
-        return
+        return forward_err, grad_err
     grad_out = torch.randn(out.shape, dtype=torch.float64, device=out.device)
     grads = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
     expected_grads = torch.autograd.grad(expected, (q64, k64, v64), grad_out)
@@ -115,6 +117,8 @@ def run_and_compare(backend: str, case: dict, dtype: torch.dtype, with_grad: boo
         scale_of_want = want.norm() + 1e-2 * want.numel() ** 0.5
         err = ((got.double() - want).norm() / scale_of_want).item()
         assert err < 2 * tol, f"{backend}: d{name} relative error {err:.2e} for {describe}"
+        grad_err = max(grad_err, err)
+    return forward_err, grad_err
 
 
 def backend_takes(backend: str, case: dict) -> bool:
@@ -504,15 +508,19 @@ def test_every_gpu_backend_matches_float64_reference(dtype):
     cases = [random_case(gen, dtype) for _ in range(12)] + long_cases(dtype)
     backends = mea.available_backends("cuda")
     ran = {name: 0 for name in backends}
+    worst = {name: [0.0, 0.0] for name in backends}
     for case in map(to_cuda, cases):
         for name in backends:
             q, k, v = case["q"], case["k"], case["v"]
             call = kernel_layer._describe(q, k, v, case["causal"], case["mask"], case["slopes"], 0.0)
             if kernel_layer._why_not(name, call) is not None:
                 continue
-            run_and_compare(name, case, dtype)
+            errors = run_and_compare(name, case, dtype)
             ran[name] += 1
+            worst[name] = [max(a, b) for a, b in zip(worst[name], errors)]
     print(f"\n{dtype}: calls checked per backend: {ran}")
+    for name, (forward_err, grad_err) in worst.items():
+        print(f"{dtype} {name}: max rel err forward {forward_err:.2e}, gradients {grad_err:.2e}")
     assert all(count > 0 for count in ran.values()), ran
     assert {"sdpa", "flex", "chunked", "eager"} <= set(backends)
 
