@@ -745,7 +745,7 @@ def _auto_order(device_type: str) -> tuple:
     return AUTO_ORDER.get(device_type, AUTO_ORDER_OTHER_DEVICES)
 
 
-def _backend_from_env(requested: str) -> str:
+def resolve_backend(requested: str) -> str:
     """Apply USE_FLASH_ATTN to an ``auto`` request: true/1 = auto, false/0 = eager, or a backend name."""
     if requested != "auto":
         return requested
@@ -761,7 +761,7 @@ def _backend_from_env(requested: str) -> str:
 
 def select_backend(call: AttentionCall, backend: str = "auto") -> str:
     """The backend that will run ``call``; raises ValueError when an explicit backend cannot take it."""
-    backend = _backend_from_env(backend)
+    backend = resolve_backend(backend)
     if backend == "auto":
         for name in _auto_order(call.device_type):
             if (name, call.device_type) not in _failed_at_runtime and _why_not(name, call) is None:
@@ -799,7 +799,7 @@ def attention(
     call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p)
     scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
     options = dict(light_softmax=light_softmax, dropout_matmul=dropout_matmul)
-    requested = _backend_from_env(backend)
+    requested = resolve_backend(backend)
     while True:
         name = select_backend(call, requested)
         try:
