@@ -2,10 +2,10 @@
 """Build and publish Hugging Face Hub repos that carry our modeling files (loaded with trust_remote_code).
 
 Each file in configs/ describes one repo (see configs/README.md). A `model` repo holds our
-`modeling_<family>.py` (+ `configuration_qwen.py` for Qwen), the source checkpoint's config.json with
-`auto_map` pointing at our classes, its weights as safetensors, its tokenizer, generation and license
-files, and a model card. A `code` repo holds only modeling files (plus any module they import that only a
-checkpoint has, e.g. Qwen's qwen_generation_utils.py), for `auto_map` references from other repos.
+`modeling_<family>.py` (+ `configuration_qwen.py` and `qwen_generation_utils.py` for Qwen), the source
+checkpoint's config.json with `auto_map` pointing at our classes, its weights as safetensors, its tokenizer,
+generation and license files, and a model card. A `code` repo holds only our modeling files, for `auto_map`
+references from other repos.
 
     python hub_upload.py configs/bloom-560m.yaml --dry-run           # print the plan, write nothing
     python hub_upload.py configs/bloom-560m.yaml --local-dir out/b   # write the folder, push nothing
@@ -213,6 +213,8 @@ def parse_config(raw: Any, name: str = "<config>") -> RepoConfig:
         raise fail("a `model` repo needs a `source` (Hub repo id or local folder)")
     if publish == "code" and options.get("backend"):
         raise fail("a `code` repo takes no `backend`")
+    if publish == "code" and (source or raw.get("source_revision")):
+        raise fail("a `code` repo takes no `source`: it holds only our files")
     backend = options.get("backend")
     if backend is not None and backend not in BACKENDS:
         raise fail(f"`backend` must be one of {list(BACKENDS)}, not {backend!r}")
@@ -241,15 +243,18 @@ def defined_classes(path: Path) -> set[str]:
 
 
 def family_files(family: str) -> list[str]:
-    """The files a family ships from modeling/: the table's, in order, then any module in modeling/ that they
-    import relatively (transformers needs those next to them)."""
+    """The files a family ships from modeling/: the table's, in order, then every module they import
+    relatively (transformers needs those next to them; Qwen: qwen_generation_utils.py)."""
     files = list(dict.fromkeys(entry.file for entry in FAMILIES[family].entries))
     for name in files:
         if not (MODELING_DIR / name).is_file():
             raise ConfigError(f"{MODELING_DIR / name} does not exist (family {family!r} not written yet?)")
     for name in files:  # grows while iterating: imports of imported modules
         for module in sorted(relative_imports(MODELING_DIR / name)):
-            if (MODELING_DIR / f"{module}.py").is_file() and f"{module}.py" not in files:
+            if not (MODELING_DIR / f"{module}.py").is_file():
+                raise ConfigError(f"{name} imports .{module}, so transformers needs {module}.py next to it, "
+                                  f"and {MODELING_DIR} has none")
+            if f"{module}.py" not in files:
                 files.append(f"{module}.py")
     return files
 
@@ -261,18 +266,6 @@ def relative_imports(path: Path) -> set[str]:
     return set(re.findall(r"^\s*import\s+\.(\S+)\s*$", text, flags=re.MULTILINE)) | set(
         re.findall(r"^\s*from\s+\.(\S+)\s+import", text, flags=re.MULTILINE)
     )
-
-
-def companion_modules(files: list[str]) -> dict[str, str]:
-    """{module file: our file importing it} for relative imports that modeling/ does not provide (e.g. the
-    Qwen checkpoints' own qwen_generation_utils.py); a model repo copies them from the source."""
-    ours = {Path(name).stem for name in files}
-    return {
-        f"{module}.py": name
-        for name in files
-        for module in sorted(relative_imports(MODELING_DIR / name))
-        if module not in ours
-    }
 
 
 def available_entries(family: str) -> list[AutoEntry]:
@@ -346,10 +339,6 @@ class Source:
 
     def read_json(self, name: str) -> dict:
         return json.loads((self.fetch([name]) / name).read_text(encoding="utf-8"))
-
-
-def license_files(names: Iterable[str]) -> list[str]:
-    return [name for name in sorted(names) if name.startswith(("LICENSE", "NOTICE"))]
 
 
 def copied_files(names: Iterable[str]) -> list[str]:
@@ -489,13 +478,13 @@ def backends_markdown(default: str | None) -> str:
     )
 
 
-def model_card(cfg: RepoConfig, source: Source | None, source_fields: dict, copied: list[str]) -> ModelCard:
+def model_card(cfg: RepoConfig, source: Source | None, source_fields: dict) -> ModelCard:
     """The README.md of a target repo, built with huggingface_hub's ModelCard API."""
     if cfg.publish == "code":
         data = ModelCardData(license=CODE_LICENSE, library_name="transformers",
                              tags=["memory-efficient-adapter", "custom_code"])
         files = [f for family in cfg.families for f in family_files(family)]
-        body = code_card_body(cfg, files, source, copied)
+        body = code_card_body(cfg, files)
     else:
         fields = dict(source_fields)
         if cfg.license:
@@ -551,22 +540,15 @@ from the source). The modeling files (`{"`, `".join(family_files(cfg.family))}`)
 """
 
 
-def code_card_body(cfg: RepoConfig, files: list[str], source: Source | None, copied: list[str]) -> str:
+def code_card_body(cfg: RepoConfig, files: list[str]) -> str:
     family = "bloom" if "bloom" in cfg.families else cfg.families[0]
     entry = main_entry(family)
     module = Path(entry.file).stem
-    borrowed = (
-        f"\n{', '.join(f'`{name}`' for name in copied)} come from `{source.spec}` under its license (our files import"
-        " them, and transformers loads remote code only with everything it imports beside it); our files are"
-        " Apache-2.0.\n"
-        if copied
-        else ""
-    )
     return f"""# {cfg.target.split("/")[1]}
 
 Modeling code from [memory-efficient-adapter]({PROJECT_URL}) only (no weights): {", ".join(f"`{f}`" for f in files)}.
 Each file is self-contained and routes attention through fused, memory-efficient kernels.
-{borrowed}
+
 ## Usage: keep the original weights, load our code
 
 Point a config's `auto_map` at this repo (`"<this repo>--<module>.<Class>"`); the weights still come from
@@ -631,27 +613,19 @@ def build_folder(
     for name in files:
         shutil.copyfile(MODELING_DIR / name, out_dir / name)
         add(name, f"ours: modeling/{name}")
-    companions = companion_modules(files)
-    for module, name in companions.items():
-        if source is None or module not in source.sizes():
-            where = f"{source.spec} has none" if source else "set `source` to a checkpoint that has it"
-            raise ConfigError(f"{cfg.name}: {name} imports .{module[:-3]}, so transformers needs {module} next to "
-                              f"it: {where}")
+    fields = {}
     if cfg.publish == "model":
         config = model_config(cfg, source)
         (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         add("config.json", f"{source.spec}/config.json + auto_map" + (" + attn_backend" if cfg.backend else ""))
-        extras = sorted({*copied_files(source.sizes()), *companions})
-    else:  # a code repo takes from its source only the modules our files import, and their license files
-        extras = sorted({*companions, *(license_files(source.sizes()) if companions else [])})
-    source_dir = source.fetch(extras) if extras else None
-    for name in extras:
-        link_or_copy(source_dir / name, out_dir / name)
-        add(name, f"copied from {source.spec}")
-    if cfg.publish == "model":
+        copied = copied_files(source.sizes())
+        source_dir = source.fetch(copied) if copied else None
+        for name in copied:
+            link_or_copy(source_dir / name, out_dir / name)
+            add(name, f"copied from {source.spec}")
         planned += weight_plan(cfg, out_dir, source, include_weights)
-    fields = source_card_data(source) if cfg.publish == "model" else {}
-    model_card(cfg, source, fields, sorted(extras)).save(out_dir / "README.md")
+        fields = source_card_data(source)
+    model_card(cfg, source, fields).save(out_dir / "README.md")
     add("README.md", "model card (generated)")
     return planned
 

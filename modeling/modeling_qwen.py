@@ -5,9 +5,10 @@ state-dict keys, the same outputs (rotary embedding, dynamic NTK, logn attention
 load-time precision choice, ``chat()``/``chat_stream()``), but written against the transformers Cache API so
 that it runs on transformers 4.57.x and 5.x. It can be copied alone over the original file in a checkpoint
 folder; it needs that folder's ``configuration_qwen.py`` and, for ``chat()``/``chat_stream()`` and
-``stop_words_ids``, its ``qwen_generation_utils.py``. That import is lazy, so the module itself imports without
+``stop_words_ids``, a ``qwen_generation_utils.py``. That import is lazy, so the module itself imports without
 it, but transformers' remote-code loader copies every ``from .x import`` it finds in the file: a folder
-loaded with ``trust_remote_code`` must hold ``qwen_generation_utils.py`` (every Qwen checkpoint ships it).
+loaded with ``trust_remote_code`` must hold ``qwen_generation_utils.py`` (every Qwen checkpoint ships one,
+and this project ships its own implementation beside this file).
 
 Every attention call goes through ``attention()`` (the kernel layer copied below) with ``causal=True`` and an
 O(seq) padding keep-mask. The version-specific bit is the ``GradientCheckpointingLayer`` import.
@@ -1381,14 +1382,14 @@ class _TokenQueueStreamer(BaseStreamer):
 
 
 def _generation_utils():
-    """``make_context, decode_tokens, get_stop_words_ids, StopWordsLogitsProcessor`` from the checkpoint's
-    ``qwen_generation_utils.py``, imported only when chat or stop words need them."""
+    """``make_context, decode_tokens, get_stop_words_ids, StopWordsLogitsProcessor`` from the
+    ``qwen_generation_utils.py`` beside this file, imported only when chat or stop words need them."""
     try:
         from .qwen_generation_utils import StopWordsLogitsProcessor, decode_tokens, get_stop_words_ids, make_context
     except ImportError as error:
         raise ImportError(
-            "QWen chat(), chat_stream() and stop_words_ids need qwen_generation_utils.py (shipped with the Qwen-7B "
-            "checkpoints) next to this modeling file"
+            "QWen chat(), chat_stream() and stop_words_ids need qwen_generation_utils.py (the Qwen-7B checkpoints' "
+            "or memory-efficient-adapter's) next to this modeling file"
         ) from error
     return make_context, decode_tokens, get_stop_words_ids, StopWordsLogitsProcessor
 

@@ -117,7 +117,8 @@ def decode_tokens(
     characters) is accepted for compatibility: the original removes that many characters from the decoded
     text instead, which is the same for Qwen's tokenizer (it decodes the prompt back to exactly the raw text)
     and would be wrong for a tokenizer that does not. ``return_end_reason`` adds why the response ended:
-    "Gen '<token>'" for an end token, else "Gen length N".
+    "Gen '<token>'" for an end token, else "Gen length N". Unlike the original, a ChatML response also ends at
+    ``<|endoftext|>`` (rather than showing it as text), and one without an end token keeps its last token.
     """
     tokens = tokens.tolist() if torch.is_tensor(tokens) else [int(token) for token in tokens]
     generated = tokens[context_length:]

@@ -63,7 +63,7 @@ def tiny_models() -> dict:
         "qwen": (
             QWenConfig(vocab_size=vocab, hidden_size=h, num_hidden_layers=layers, num_attention_heads=n,
                        kv_channels=h // n, intermediate_size=4 * h, seq_length=8192, max_position_embeddings=8192),
-            None, ["modeling_qwen.py", "configuration_qwen.py"],
+            None, ["modeling_qwen.py", "configuration_qwen.py", "qwen_generation_utils.py"],
             {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
         ),
     }
@@ -72,8 +72,10 @@ def tiny_models() -> dict:
 def save_checkpoint(folder: Path, config, stock_class, files: list[str], auto_map: dict) -> None:
     if stock_class is not None:
         stock_class(config).save_pretrained(folder)
-    else:
-        config.save_pretrained(folder)
+    else:  # Qwen has no stock class: the random weights come from ours
+        from memory_efficient_adapter.modeling_qwen import QWenLMHeadModel
+
+        QWenLMHeadModel(config).save_pretrained(folder)
     for name in files:
         shutil.copy(ROOT / "modeling" / name, folder / name)
     config_path = folder / "config.json"

@@ -74,7 +74,7 @@ SOURCES = {
 }
 
 
-QWEN_GENERATION_UTILS = '''"""Stands in for the Qwen-7B checkpoints' qwen_generation_utils.py (chat helpers)."""
+QWEN_GENERATION_UTILS = '''"""Stands in for the Qwen-7B checkpoints' own qwen_generation_utils.py (not shipped)."""
 
 
 def make_context(*args, **kwargs):
@@ -111,7 +111,7 @@ def make_source(family: str, folder: Path):
     write_tokenizer(folder)
     (folder / "README.md").write_text(f"---\nlicense: {SOURCE_LICENSE}\nlanguage: en\n---\n\n# tiny {family}\n")
     (folder / "LICENSE").write_text("tiny test license\n")
-    if family == "qwen":  # the Qwen-7B repos ship it; our modeling_qwen.py imports it for chat()
+    if family == "qwen":  # the Qwen-7B repos ship their own; a model repo must carry ours instead
         (folder / "qwen_generation_utils.py").write_text(QWEN_GENERATION_UTILS)
     if weights.startswith("bin"):
         for path in folder.glob("model*.safetensors*"):
@@ -195,8 +195,8 @@ def test_local_dir_loads_as_our_code_and_matches_the_source(family, tmp_path, mo
     assert hub_upload.main([str(config), "--local-dir", str(out)]) == 0
 
     names = {p.name for p in out.iterdir()}
-    assert set(hub_upload.family_files(family)) <= names
-    assert set(hub_upload.companion_modules(hub_upload.family_files(family))) <= names  # Qwen: from the source
+    for name in hub_upload.family_files(family):  # ours, even where the source has a file of that name (Qwen)
+        assert (out / name).read_bytes() == (hub_upload.MODELING_DIR / name).read_bytes()
     assert not any(name.endswith(".bin") for name in names)
     source_names = {p.name for p in (tmp_path / "source").iterdir()}
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "LICENSE"):
@@ -253,24 +253,27 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
         assert name in out
 
 
-def test_code_repo_holds_every_modeling_file(tmp_path, capsys):
+def test_code_repo_holds_every_modeling_file(tmp_path):
     for family in hub_upload.FAMILIES:
         require_family(family)
     ours = {f for fam in hub_upload.FAMILIES for f in hub_upload.family_files(fam)}
-    borrowed = set(hub_upload.companion_modules(sorted(ours)))  # Qwen: the checkpoint's qwen_generation_utils.py
-    make_source("qwen", tmp_path / "qwen")
-    config = write_config(tmp_path / "c.yaml", family="all", publish="code", target="org/code",
-                          source=str(tmp_path / "qwen"))
+    assert {"configuration_qwen.py", "qwen_generation_utils.py"} <= ours  # modeling_qwen.py imports both
+    config = write_config(tmp_path / "c.yaml", family="all", publish="code", target="org/code")
     assert hub_upload.main([str(config), "--local-dir", str(tmp_path / "out"), "--verify"]) == 0
     files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert files == {"README.md", *ours, *borrowed, *(["LICENSE"] if borrowed else [])}
+    assert files == {"README.md", *ours}
+    for name in ours:
+        assert (tmp_path / "out" / name).read_bytes() == (hub_upload.MODELING_DIR / name).read_bytes()
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.license == "apache-2.0"
-    assert all(f"`{name}`" in card.text for name in ours | borrowed)
-    if borrowed:  # without a source to take them from, the code repo cannot be built
-        config = write_config(tmp_path / "c.yaml", family="all", publish="code", target="org/code")
-        assert hub_upload.main([str(config), "--local-dir", str(tmp_path / "out2")]) == 2
-        assert "set `source` to a checkpoint" in capsys.readouterr().err
+    assert all(f"`{name}`" in card.text for name in ours)
+
+
+def test_a_relative_import_missing_from_modeling_is_an_error(tmp_path, monkeypatch):
+    (tmp_path / "modeling_bloom.py").write_text("def helper():\n    from .bloom_helpers import run\n")
+    monkeypatch.setattr(hub_upload, "MODELING_DIR", tmp_path)
+    with pytest.raises(hub_upload.ConfigError, match="bloom_helpers.py next to it"):
+        hub_upload.family_files("bloom")
 
 
 # -------------------------------------------------------------------------------------- .bin conversion
@@ -321,7 +324,7 @@ def test_shipped_configs():
     models = [c for c in configs.values() if c.publish == "model"]
     assert {c.family for c in models} == set(hub_upload.FAMILIES)
     assert all(c.target.endswith("-mea") and c.backend in hub_upload.BACKENDS for c in models)
-    assert code[0].source == "Qwen/Qwen-7B"  # provides qwen_generation_utils.py for modeling_qwen.py
+    assert code[0].source is None  # a code repo holds only our files
 
 
 @pytest.mark.parametrize(
@@ -333,6 +336,7 @@ def test_shipped_configs():
         ({"family": "bloom", "target": "o/t"}, "needs a `source`"),
         ({"family": "all", "source": "a/b", "target": "o/t"}, "family"),
         ({"family": "all", "publish": "code", "target": "o/t", "options": {"backend": "sdpa"}}, "no `backend`"),
+        ({"family": "all", "publish": "code", "source": "Qwen/Qwen-7B", "target": "o/t"}, "no `source`"),
         ({"family": "bloom", "source": "a/b", "target": "no-org"}, "target"),
         ({"family": "bloom", "source": "a/b", "target": "o/t", "options": {"private": "yes"}}, "private"),
     ],
