@@ -11,6 +11,7 @@ Layout is ``[batch, heads, seq, head_dim]``. Backends, one function each, declar
 import logging
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -519,21 +520,50 @@ def _flex_score_mod(call: AttentionCall, mask, alibi_slopes) -> Optional[Callabl
     return score_mod
 
 
-def _run_flex(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
-    flex = _flex_module()
+_shape_block_masks: dict = {}
+_tensor_block_mask: dict = {}
+
+
+def _flex_block_mask(call: AttentionCall, mask, device):
+    """The block mask of a call, built once per shape (causal only) or once per mask tensor.
+
+    Every layer of a forward pass makes the same call, so rebuilding the block mask each time would cost
+    a pass over the [q, k] grid per layer. A mask that depends on a tensor is reused only while that very
+    tensor object is alive and unmodified (checked through a weak reference and its version counter).
+    """
     mask_mod = _flex_mask_mod(call, mask)
-    block_mask = None
-    if mask_mod is not None:
-        per_batch = call.mask_kind != "none" and mask.shape[0] != 1
-        per_head = call.mask_kind in ("bool", "additive") and mask.shape[1] != 1
-        block_mask = flex.create_block_mask(
-            mask_mod,
-            q.shape[0] if per_batch else None,
-            call.heads if per_head else None,
-            call.q_len,
-            call.k_len,
-            device=q.device,
-        )
+    if mask_mod is None:
+        return None
+    per_batch = call.mask_kind != "none" and mask.shape[0] != 1
+    per_head = call.mask_kind in ("bool", "additive") and mask.shape[1] != 1
+    key = (call.causal, call.causal_offset, call.q_len, call.k_len, str(device), call.mask_kind, per_batch, per_head)
+    if call.mask_kind == "none":
+        cached = _shape_block_masks.get(key)
+    else:
+        entry = _tensor_block_mask.get("last")
+        same = entry is not None and entry[0]() is mask and entry[1] == mask._version and entry[2] == key
+        cached = entry[3] if same else None
+    if cached is not None:
+        return cached
+    block_mask = _flex_module().create_block_mask(
+        mask_mod,
+        mask.shape[0] if per_batch else None,
+        call.heads if per_head else None,
+        call.q_len,
+        call.k_len,
+        device=device,
+    )
+    if call.mask_kind == "none":
+        if len(_shape_block_masks) >= 64:
+            _shape_block_masks.clear()
+        _shape_block_masks[key] = block_mask
+    else:
+        _tensor_block_mask["last"] = (weakref.ref(mask), mask._version, key, block_mask)
+    return block_mask
+
+
+def _run_flex(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    block_mask = _flex_block_mask(call, mask, q.device)
     score_mod = _flex_score_mod(call, mask, alibi_slopes)
     return _flex_function(call.device_type)(
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=call.kv_heads != call.heads

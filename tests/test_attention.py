@@ -531,3 +531,33 @@ def test_auto_on_cuda_picks_a_fused_kernel_for_alibi():
     call = kernel_layer._describe(q, q, q, True, None, torch.rand(4, device="cuda"), 0.0)
     assert mea.select_backend(call) in ("flash_attn", "flex")
     assert mea.select_backend(kernel_layer._describe(q, q, q, True, None, None, 0.0)) == "sdpa"
+
+
+@pytest.mark.slow
+def test_flex_block_masks_are_reused_only_for_the_same_mask():
+    q = torch.randn(2, 2, 40, 32)
+    keep = torch.ones(2, 40, dtype=torch.bool)
+    keep[0, :9] = False
+    calls = []
+    original = kernel_layer._flex_module().create_block_mask
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    flex = kernel_layer._flex_module()
+    try:
+        flex.create_block_mask = counting
+        first = mea.attention(q, q, q, causal=True, attention_mask=keep, backend="flex")
+        again = mea.attention(q, q, q, causal=True, attention_mask=keep, backend="flex")
+        assert len(calls) == 1 and torch.equal(first, again)
+        keep[1, :5] = False  # modified in place: the cached block mask must not be reused
+        changed = mea.attention(q, q, q, causal=True, attention_mask=keep, backend="flex")
+        assert len(calls) == 2
+        expected = reference_attention(q, q, q, causal=True, mask=keep)
+        assert torch.allclose(changed.double(), expected, atol=1e-5)
+        mea.attention(q, q, q, causal=True, backend="flex")
+        mea.attention(q, q, q, causal=True, backend="flex")
+        assert len(calls) == 3
+    finally:
+        flex.create_block_mask = original
