@@ -262,9 +262,7 @@ class LightSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_probs: torch.Tensor):
         (probs,) = ctx.saved_tensors
-        p = probs.to(_compute_dtype(probs.dtype))
-        g = grad_probs.to(p.dtype)
-        return (p * (g - (g * p).sum(dim=-1, keepdim=True))).to(probs.dtype)
+        return torch._softmax_backward_data(grad_probs.to(probs.dtype), probs, -1, probs.dtype)
 
 
 class DropoutMatmul(torch.autograd.Function):
@@ -307,7 +305,7 @@ def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_so
     if light_softmax:
         probs = LightSoftmax.apply(scores)
     else:
-        probs = torch.softmax(scores, dim=-1, dtype=_compute_dtype(q.dtype)).to(q.dtype)
+        probs = torch.softmax(scores, dim=-1)
     if call.dropout_p > 0.0 and dropout_matmul:
         out = DropoutMatmul.apply(probs, v, call.dropout_p)
     else:
