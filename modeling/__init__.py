@@ -14,9 +14,11 @@ from .attention import (
     available_backends,
     backend_from_config,
     keep_mask_from_padding,
+    resolve_backend,
     select_backend,
     set_chunk_sizes,
 )
+from .patch import apply_attention_patch, register_attention_backends, remove_attention_patch
 
 __all__ = [
     "AUTO_ORDER",
@@ -24,10 +26,14 @@ __all__ = [
     "DropoutMatmul",
     "LightSoftmax",
     "alibi_slopes",
+    "apply_attention_patch",
     "attention",
     "available_backends",
     "backend_from_config",
     "keep_mask_from_padding",
+    "resolve_backend",
+    "register_attention_backends",
+    "remove_attention_patch",
     "select_backend",
     "set_chunk_sizes",
 ]

@@ -845,6 +845,15 @@ def select_backend(call: AttentionCall, backend: str = "auto") -> str:
     return backend
 
 
+def _autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Under ``torch.autocast`` cast q, k and v to the autocast dtype, as autocast does for SDPA."""
+    device_type = q.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -866,6 +875,7 @@ def attention(
     mask broadcastable to ``[b, h, q_len, k_len]``. ``alibi_slopes`` ``[h]`` adds ``slope * (j - i_aligned)``.
     A query row that sees no key returns zeros. ``light_softmax``/``dropout_matmul`` shape the eager path.
     """
+    q, k, v = _autocast_inputs(q, k, v)
     call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p)
     scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
     options = dict(light_softmax=light_softmax, dropout_matmul=dropout_matmul)

@@ -561,3 +561,13 @@ def test_flex_block_masks_are_reused_only_for_the_same_mask():
         assert len(calls) == 3
     finally:
         flex.create_block_mask = original
+
+
+def test_autocast_casts_mixed_inputs_like_sdpa():
+    q, k = torch.randn(1, 2, 9, 32), torch.randn(1, 2, 9, 32)
+    v = torch.randn(1, 2, 9, 32).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mea.attention(q, k, v, causal=True, backend="chunked")
+    assert out.dtype == torch.bfloat16
+    expected = reference_attention(q.bfloat16(), k.bfloat16(), v, causal=True)
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 2e-2

@@ -1,0 +1,589 @@
+"""In-process use of the kernel layer with stock transformers models.
+
+Two ways in, both reversible:
+
+* **The attention registry.** ``register_attention_backends()`` (run when this module is imported) adds
+  ``"mea"`` (the ``auto`` backend) and ``"mea_<backend>"`` for every backend in ``BACKENDS`` to transformers'
+  ``AttentionInterface``, plus a mask function for the same names to ``AttentionMaskInterface``. Any model
+  whose attention modules call the registry then runs on our kernels with
+  ``from_pretrained(..., attn_implementation="mea")``, padded batches included. The mask function hands the
+  attention function an O(n) padding keep-mask (``[batch, k_len]``) instead of a 4-D mask whenever the mask
+  is plain causal or bidirectional attention plus padding; other patterns (sliding windows, packed sequences,
+  static caches, custom overlays) get the 4-D boolean mask that ``sdpa`` would get.
+
+* **Patching.** ``apply_attention_patch(model)`` switches a loaded model in place (weights untouched):
+  registry-based models (LLaMA, GPT-2, BART and many more) get our registered implementation name in their
+  configs; BLOOM, which has no registry, gets an instance-level ``forward`` on each ``BloomAttention`` that
+  calls the kernel layer with ALiBi slopes. ``apply_attention_patch()`` without a model makes models created
+  afterwards use our kernels. ``remove_attention_patch(...)`` undoes either exactly, so ``save_pretrained``
+  afterwards writes a stock checkpoint.
+
+Everything that differs between transformers versions (4.57, 5.0, 5.x) sits in the "Version-specific"
+section below.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import sys
+import types
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import BACKENDS, alibi_slopes, attention
+
+__all__ = [
+    "REGISTERED_NAMES",
+    "apply_attention_patch",
+    "implementation_name",
+    "register_attention_backends",
+    "remove_attention_patch",
+]
+
+# Registered attention implementation names and the kernel-layer backend each one requests.
+REGISTERED_NAMES: dict[str, str] = {"mea": "auto", **{f"mea_{name}": name for name in BACKENDS}}
+
+
+def implementation_name(backend: str = "auto") -> str:
+    """The registered ``attn_implementation`` name of a kernel-layer backend (``"auto"`` -> ``"mea"``)."""
+    if backend == "auto":
+        return "mea"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose auto or one of {', '.join(BACKENDS)}")
+    return f"mea_{backend}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Version-specific: every difference between transformers 4.57, 5.0 and 5.x is handled here
+# ----------------------------------------------------------------------------------------------
+
+
+def _attention_interface():
+    from transformers import AttentionInterface
+
+    return AttentionInterface
+
+
+def _mask_interface():
+    """``AttentionMaskInterface`` (transformers >= 4.53), or None where there is no mask registry."""
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:
+        return None
+    return AttentionMaskInterface
+
+
+def _plain_mask_pattern(mask_function: Callable | None) -> str | None:
+    """The pattern transformers asks for, "causal" or "bidirectional", when it is exactly that (no overlay)."""
+    from transformers import masking_utils
+
+    if mask_function is not None and mask_function is getattr(masking_utils, "causal_mask_function", None):
+        return "causal"
+    if mask_function is not None and mask_function is getattr(masking_utils, "bidirectional_mask_function", None):
+        return "bidirectional"
+    return None
+
+
+def _is_tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _sdpa_mask_function() -> Callable:
+    """transformers' own mask function for sdpa (``sdpa_mask``; 4.57 picks a variant per torch version)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def _query_end(mask_kwargs: dict) -> int | None:
+    """One past the absolute position of the last query, from the mask function's arguments.
+
+    transformers >= 5.x passes ``q_length``/``q_offset``; 4.57 and 5.0 pass ``cache_position``. Returns None
+    when it cannot be read without tracing a tensor (then the caller falls back to the 4-D mask).
+    """
+    if "q_length" in mask_kwargs:
+        offset = mask_kwargs.get("q_offset", 0)
+        if isinstance(offset, torch.Tensor):
+            if _is_tracing():
+                return None
+            offset = int(offset)
+        return offset + int(mask_kwargs["q_length"])
+    cache_position = mask_kwargs.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel() > 0 and not _is_tracing():
+        return int(cache_position[-1]) + 1
+    return None
+
+
+def _get_implementation(config) -> str | None:
+    return getattr(config, "_attn_implementation_internal", None)
+
+
+def _set_implementation(config, name: str | None) -> None:
+    """Set one config's implementation only (the public setter would also recurse into sub-configs)."""
+    config._attn_implementation_internal = name
+
+
+def _is_init_check(args: tuple, kwargs: dict) -> bool:
+    """``is_init_check`` of ``PreTrainedModel._check_and_adjust_attn_implementation`` (same place in 4.57-5.x)."""
+    return bool(kwargs.get("is_init_check", args[0] if args else False))
+
+
+def _bloom_attention_class() -> type | None:
+    try:
+        from transformers.models.bloom.modeling_bloom import BloomAttention
+    except ImportError:
+        return None
+    return BloomAttention
+
+
+def _bloom_pretrained_class() -> type | None:
+    try:
+        from transformers.models.bloom.modeling_bloom import BloomPreTrainedModel
+    except ImportError:
+        return None
+    return BloomPreTrainedModel
+
+
+def _update_cache(cache, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_position):
+    """``Cache.update``; 4.57 and 5.0 also take ``cache_kwargs`` with the cache position (static caches)."""
+    if cache_position is None:
+        return cache.update(key, value, layer_idx)
+    return cache.update(key, value, layer_idx, {"cache_position": cache_position})
+
+
+# ----------------------------------------------------------------------------------------------
+# From transformers' masks to the kernel layer's forms
+# ----------------------------------------------------------------------------------------------
+
+
+def _kernel_arguments(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, q_len: int):
+    """Map the mask an attention function receives onto the kernel layer's ``causal`` flag and mask forms.
+
+    * None: no mask; causal if ``is_causal`` (the caller's ``is_causal`` argument, else the module's flag),
+      which is what it means to transformers' sdpa function. Like that function, a causal call with more keys
+      than queries (a prefill into an empty static cache) sees only the first ``q_len`` key slots.
+    * 2-D ``[batch, k_len]``: a padding keep-mask on causal attention (our mask function returns this form
+      only for causal patterns; ``is_causal`` is ignored, as sdpa ignores it when given a mask).
+    * 4-D bool ``[batch, 1, 1, k_len]``: a padding keep-mask for bidirectional attention.
+    * Any other 4-D mask (bool or additive) already says which keys each query sees: passed as is.
+    Returns ``(key, value, kernel_mask, causal)``.
+    """
+    k_len = key.shape[2]
+    if mask is None:
+        if is_causal and 1 < q_len < k_len:
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
+        return key, value, None, is_causal
+    if mask.dim() == 2:
+        return key, value, mask[:, -k_len:].bool(), True
+    mask = mask[..., :k_len]
+    if mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] == 1:
+        return key, value, mask[:, 0, 0, :].expand(key.shape[0], k_len), False
+    return key, value, mask, False
+
+
+def _padding_keep(attention_mask: torch.Tensor | None, kv_length: int, kv_offset: int) -> torch.Tensor | None:
+    """The 2-D padding mask as a bool keep-mask over the key slots ``kv_offset .. kv_offset + kv_length``."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    keep = attention_mask.bool()
+    missing = kv_offset + kv_length - keep.shape[-1]
+    if missing > 0:  # key slots past the end of the user's mask hold no token (static caches)
+        keep = F.pad(keep, (0, missing), value=False)
+    return keep[:, kv_offset : kv_offset + kv_length]
+
+
+def kernel_layer_mask(**mask_kwargs: Any):
+    """Mask function registered for our names in ``AttentionMaskInterface`` (called with keywords only).
+
+    Returns a ``[batch, kv_length]`` keep-mask for causal attention with padding, a ``[batch, 1, 1, kv_length]``
+    keep-mask for bidirectional attention with padding, and otherwise whatever transformers' sdpa mask
+    function returns for the same call (None for unpadded causal/bidirectional calls, where the attention
+    function then relies on ``is_causal``, or a 4-D bool mask for every other pattern).
+    """
+    kv_length, kv_offset = mask_kwargs["kv_length"], mask_kwargs.get("kv_offset", 0)
+    pattern = _plain_mask_pattern(mask_kwargs.get("mask_function"))
+    if mask_kwargs.get("local_size") is not None or isinstance(kv_offset, torch.Tensor) or _is_tracing():
+        pattern = None
+    if pattern == "causal" and _query_end(mask_kwargs) != kv_offset + kv_length:
+        pattern = None  # queries not aligned with the last keys (static cache): needs the explicit mask
+    if pattern is not None:
+        keep = _padding_keep(mask_kwargs.get("attention_mask"), kv_length, kv_offset)
+        if keep is not None and not bool(keep.all()):
+            return keep if pattern == "causal" else keep[:, None, None, :]
+    return _sdpa_mask_function()(**mask_kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The registered attention functions
+# ----------------------------------------------------------------------------------------------
+
+
+def _make_attention_function(backend: str) -> Callable:
+    def kernel_layer_attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """transformers attention function: q ``[b, h, q, d]``, k/v ``[b, h_kv, k, d]`` -> (``[b, q, h, d]``, None)."""
+        for unsupported in ("softcap", "s_aux", "position_bias", "cache", "head_mask"):
+            if kwargs.get(unsupported) is not None:
+                raise NotImplementedError(
+                    f"the kernel layer ({implementation_name(backend)}) does not take `{unsupported}`; "
+                    "use attn_implementation='eager' or 'sdpa' for this model"
+                )
+        is_causal = kwargs.get("is_causal")
+        is_causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+        key, value, mask, causal = _kernel_arguments(key, value, attention_mask, is_causal, query.shape[2])
+        output = attention(
+            query, key, value, causal=causal, attention_mask=mask, dropout_p=dropout, scale=scaling, backend=backend
+        )
+        return output.transpose(1, 2).contiguous(), None
+
+    kernel_layer_attention.__qualname__ = kernel_layer_attention.__name__ = f"{implementation_name(backend)}_attention"
+    return kernel_layer_attention
+
+
+_ATTENTION_FUNCTIONS: dict[str, Callable] = {name: _make_attention_function(b) for name, b in REGISTERED_NAMES.items()}
+
+
+def register_attention_backends() -> list[str]:
+    """Register ``"mea"`` and ``"mea_<backend>"`` in transformers' attention (and mask) registries.
+
+    Runs when ``memory_efficient_adapter.patch`` is imported (so importing the package is enough); calling
+    it again is harmless. Returns the registered names. A name that contains "flash" makes transformers 5.x
+    look for a Hub kernel in ``from_pretrained``, so pick the flash-attn backend there with
+    ``attn_implementation="mea"`` and ``USE_FLASH_ATTN=flash_attn``, or with
+    ``apply_attention_patch(model, backend="flash_attn")``.
+    """
+    attention_interface, mask_interface = _attention_interface(), _mask_interface()
+    for name, function in _ATTENTION_FUNCTIONS.items():
+        attention_interface.register(name, function)
+        if mask_interface is not None:
+            mask_interface.register(name, kernel_layer_mask)
+    return list(_ATTENTION_FUNCTIONS)
+
+
+# ----------------------------------------------------------------------------------------------
+# BLOOM: no registry, so its attention modules get a forward that calls the kernel layer
+# ----------------------------------------------------------------------------------------------
+
+
+def _bloom_output_projection(module: nn.Module, context: torch.Tensor) -> torch.Tensor:
+    """BLOOM's ``dense`` projection, including its slice-by-slice form for ``pretraining_tp > 1``."""
+    if module.pretraining_tp > 1 and module.slow_but_exact:
+        bounds = [int(i * module.hidden_size / module.pretraining_tp) for i in range(module.pretraining_tp + 1)]
+        output = torch.zeros_like(context)
+        for start, end in itertools.pairwise(bounds):
+            output = output + F.linear(context[:, :, start:end], module.dense.weight[:, start:end])
+        return output
+    return module.dense(context)
+
+
+_BLOOM_FORWARDS: dict[str, Callable] = {}
+
+
+def _bloom_forward(backend: str) -> Callable:
+    """A ``BloomAttention.forward`` running on ``backend``: same arguments and returns as the stock one,
+    ALiBi as slopes inside the kernel (no bias tensor), no attention probabilities (returns None for them)."""
+    if backend in _BLOOM_FORWARDS:
+        return _BLOOM_FORWARDS[backend]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor,
+        alibi: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        layer_past=None,
+        head_mask: torch.Tensor | None = None,
+        use_cache: bool = False,
+        output_attentions: bool = False,
+        cache_position: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        if head_mask is not None:
+            raise NotImplementedError("the kernel layer does not take BLOOM's head_mask; remove_attention_patch first")
+        batch, q_len, _ = hidden_states.shape
+        fused = self.query_key_value(hidden_states).view(batch, q_len, self.num_heads, 3, self.head_dim)
+        query, key, value = (fused[..., i, :].transpose(1, 2) for i in range(3))
+        if layer_past is not None:
+            key, value = _update_cache(layer_past, key, value, self.layer_idx, cache_position)
+        key, value, mask, causal = _kernel_arguments(key, value, attention_mask, True, q_len)
+        context = attention(
+            query,
+            key,
+            value,
+            causal=causal,
+            attention_mask=mask,
+            alibi_slopes=alibi_slopes(self.num_heads, device=query.device) * self.beta,
+            dropout_p=self.attention_dropout.p if self.training else 0.0,
+            scale=self.inv_norm_factor,
+            backend=backend,
+        )
+        context = context.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
+        output = _bloom_output_projection(self, context)
+        return residual + F.dropout(output, p=self.hidden_dropout, training=self.training), None
+
+    forward.__qualname__ = f"BloomAttention.forward[{implementation_name(backend)}]"
+    _BLOOM_FORWARDS[backend] = forward
+    return forward
+
+
+# ----------------------------------------------------------------------------------------------
+# Which models we can patch
+# ----------------------------------------------------------------------------------------------
+
+_SOURCE_USES_REGISTRY: dict[str, bool] = {}
+
+
+def _module_uses_registry(module_name: str) -> bool:
+    """Whether a Python module's source calls transformers' attention registry (cached per module)."""
+    if module_name not in _SOURCE_USES_REGISTRY:
+        try:
+            source = inspect.getsource(sys.modules[module_name])
+        except (KeyError, OSError, TypeError):
+            source = ""
+        _SOURCE_USES_REGISTRY[module_name] = "ALL_ATTENTION_FUNCTIONS" in source
+    return _SOURCE_USES_REGISTRY[module_name]
+
+
+def _is_ours(cls: type) -> bool:
+    """A class from one of our modeling files (they carry the kernel layer and read the config per call)."""
+    module = sys.modules.get(cls.__module__)
+    return (
+        module is not None
+        and callable(getattr(module, "backend_from_config", None))
+        and callable(getattr(module, "attention", None))
+    )
+
+
+def _attention_kind(cls: type) -> str:
+    """What an attention module class is to us: "bloom", "ours", "registry" or "other"."""
+    bloom = _bloom_attention_class()
+    if bloom is not None and issubclass(cls, bloom):
+        return "bloom"
+    if _is_ours(cls):
+        return "ours"
+    if _module_uses_registry(cls.__module__):
+        return "registry"
+    return "other"
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if m is not model and "Attention" in type(m).__name__ and not _is_model(m)]
+
+
+def _is_model(module: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(module, PreTrainedModel)
+
+
+def _check_supported(model: nn.Module) -> list[nn.Module]:
+    """The model's attention modules; raises TypeError naming the class when we cannot patch them."""
+    name = type(model).__name__
+    advice = (
+        "apply_attention_patch supports BLOOM and models whose attention modules call transformers' attention "
+        "registry (ALL_ATTENTION_FUNCTIONS), e.g. LLaMA, GPT-2 and BART; for other models load our modeling "
+        "files with trust_remote_code=True"
+    )
+    if not _is_model(model):
+        raise TypeError(f"apply_attention_patch needs a transformers PreTrainedModel, got {name}; {advice}")
+    modules = _attention_modules(model)
+    if not modules:
+        raise TypeError(f"apply_attention_patch does not support {name}: it has no attention modules; {advice}")
+    for module in modules:
+        if _attention_kind(type(module)) == "other":
+            raise TypeError(
+                f"apply_attention_patch does not support {name}: its attention module "
+                f"{type(module).__module__}.{type(module).__name__} neither calls transformers' attention "
+                f"registry nor is BLOOM's; {advice}"
+            )
+    return modules
+
+
+def _model_configs(model: nn.Module) -> list:
+    """Every distinct config object the model's modules read (the model's own, sub-models', sub-configs)."""
+    from transformers import PretrainedConfig
+
+    configs, seen = [], set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig) and id(config) not in seen:
+            seen.add(id(config))
+            configs.append(config)
+    return configs
+
+
+# ----------------------------------------------------------------------------------------------
+# Patch state
+# ----------------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+@dataclass
+class _ModelPatch:
+    configs: list = field(default_factory=list)  # (config, implementation before the patch)
+    forwards: list = field(default_factory=list)  # (attention module, its instance-level forward before, or _MISSING)
+
+
+@dataclass
+class _ClassPatch:
+    backend: str
+    original_check: Callable
+    original_bloom_forward: Callable | None
+    models: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+
+
+_MODEL_PATCHES: weakref.WeakKeyDictionary[nn.Module, _ModelPatch] = weakref.WeakKeyDictionary()
+_CLASS_PATCH: _ClassPatch | None = None
+
+
+def _apply_to_model(model: nn.Module, backend: str) -> None:
+    modules = _check_supported(model)
+    name = implementation_name(backend)
+    record = _ModelPatch()
+    for config in _model_configs(model):
+        record.configs.append((config, _get_implementation(config)))
+        _set_implementation(config, name)
+    for module in modules:
+        if _attention_kind(type(module)) == "bloom":
+            record.forwards.append((module, module.__dict__.get("forward", _MISSING)))
+            module.forward = types.MethodType(_bloom_forward(backend), module)
+    _MODEL_PATCHES[model] = record
+
+
+def _restore_model_patch(model: nn.Module) -> None:
+    record = _MODEL_PATCHES.pop(model, None)
+    if record is None:
+        return
+    for module, previous in reversed(record.forwards):
+        if previous is _MISSING:
+            del module.__dict__["forward"]
+        else:
+            module.__dict__["forward"] = previous
+    for config, previous in reversed(record.configs):
+        _set_implementation(config, previous)
+
+
+def _restore_creation_switch(model: nn.Module) -> None:
+    """Undo what the class-level patch did to ``model`` (and its sub-models) when they were created."""
+    if _CLASS_PATCH is None:
+        return
+    for module in model.modules():
+        for config, previous in reversed(_CLASS_PATCH.models.pop(module, [])):
+            _set_implementation(config, previous)
+
+
+def _class_patch_applies(cls: type) -> bool:
+    """Whether a model class created under the class-level patch should use our kernels."""
+    bloom = _bloom_pretrained_class()
+    if bloom is not None and issubclass(cls, bloom):
+        return True
+    return not _is_ours(cls) and _module_uses_registry(cls.__module__)
+
+
+def _make_init_hook(original: Callable) -> Callable:
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        resolved = original(self, attn_implementation, *args, **kwargs)
+        patch = _CLASS_PATCH
+        if patch is None or not _is_init_check(args, kwargs) or attn_implementation not in (None, "sdpa"):
+            return resolved
+        if not _class_patch_applies(type(self)):
+            return resolved
+        patch.models.setdefault(self, []).append((self.config, resolved))
+        return implementation_name(patch.backend)
+
+    _check_and_adjust_attn_implementation.__wrapped__ = original
+    return _check_and_adjust_attn_implementation
+
+
+def _apply_to_classes(backend: str) -> None:
+    global _CLASS_PATCH
+    from transformers import PreTrainedModel
+
+    original_check = PreTrainedModel.__dict__["_check_and_adjust_attn_implementation"]
+    bloom = _bloom_attention_class()
+    original_bloom = bloom.__dict__["forward"] if bloom is not None else None
+    _CLASS_PATCH = _ClassPatch(backend=backend, original_check=original_check, original_bloom_forward=original_bloom)
+    PreTrainedModel._check_and_adjust_attn_implementation = _make_init_hook(original_check)
+    if bloom is not None:
+        bloom.forward = _bloom_forward(backend)
+
+
+def _remove_from_classes() -> None:
+    global _CLASS_PATCH
+    from transformers import PreTrainedModel
+
+    patch, _CLASS_PATCH = _CLASS_PATCH, None
+    if patch is None:
+        return
+    PreTrainedModel._check_and_adjust_attn_implementation = patch.original_check
+    bloom = _bloom_attention_class()
+    if bloom is not None:
+        bloom.forward = patch.original_bloom_forward
+    for model, records in list(patch.models.items()):
+        for config, previous in reversed(records):
+            _set_implementation(config, previous)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------
+
+
+def apply_attention_patch(model: nn.Module | None = None, backend: str = "auto") -> nn.Module | None:
+    """Route attention through the kernel layer, in place; undo with ``remove_attention_patch``.
+
+    With a model (a loaded stock transformers LLaMA, GPT-2, BLOOM, BART, or any model whose attention modules
+    call transformers' attention registry; our own modeling files too): switch that model, weights untouched,
+    and return it. Other models raise TypeError naming the class.
+
+    Without a model: models created afterwards that would use transformers' default attention (``sdpa``, or
+    no explicit choice) use ours instead, and BLOOM's attention class runs on the kernel layer (for existing
+    BLOOM models too). An explicit ``attn_implementation`` such as ``"eager"`` is respected.
+
+    ``backend`` is ``"auto"`` (the fastest kernel that can take each call; ``USE_FLASH_ATTN`` applies) or a
+    kernel-layer backend name. Patching again replaces the previous patch.
+    """
+    implementation_name(backend)  # validates the backend
+    register_attention_backends()
+    if model is None:
+        _remove_from_classes()
+        _apply_to_classes(backend)
+        return None
+    _restore_model_patch(model)
+    _apply_to_model(model, backend)
+    return model
+
+
+def remove_attention_patch(model: nn.Module | None = None) -> nn.Module | None:
+    """Undo ``apply_attention_patch``: exactly the configs and forwards it changed, nothing else.
+
+    With a model: undo that model's patch (and the switch the class-level patch made when it was created;
+    BLOOM's attention class itself stays patched until the class-level patch is removed); a model that was
+    never patched is returned unchanged. Without a model: undo the class-level patch, including the switch it
+    made on models created under it.
+    """
+    if model is None:
+        _remove_from_classes()
+        return None
+    _restore_model_patch(model)
+    _restore_creation_switch(model)
+    return model
+
+
+register_attention_backends()

@@ -1,0 +1,586 @@
+"""Causal-LM fine-tuning with the kernel layer: one process, or many with torchrun (DDP or FSDP2).
+
+    python scripts/train.py --model PATH --data corpus.txt --output-dir runs/ft --bf16
+    torchrun --nproc_per_node=2 scripts/train.py --model PATH --data tokens.npy --fsdp --output-dir runs/ft
+    python scripts/train.py --tiny-config llama --trust_remote_code --synthetic --steps 300 --output-dir runs/tiny
+
+A plain PyTorch loop (no Trainer, no accelerate): AdamW, linear warm-up then cosine decay, gradient
+accumulation and clipping, bf16 autocast over fp32 weights, gradient checkpointing, DDP or FSDP2 under
+torchrun (NCCL on GPUs, gloo on CPUs).
+
+Data (``--data``), cut into ``--seq-len`` blocks of one token stream:
+  * ``.txt``: UTF-8 text, tokenized with the model folder's tokenizer; without one (``--tiny-config``), its
+    UTF-8 bytes are the tokens.
+  * ``.npy``: an integer array of token ids (any shape, read in order), loaded with ``allow_pickle=False``.
+  * ``.jsonl``: one document per line, a JSON list of token ids or an object with an ``"input_ids"`` list.
+  * ``--synthetic``: a copy task from ``--seed`` (Zipf-distributed random segments, each followed by its
+    repeat): the loss falls to the unigram entropy, then further only through attention. For loss parity.
+Step ``s`` always trains on the same blocks (a seeded shuffle per epoch, split across ranks and accumulation
+micro-steps), so a run resumed from a checkpoint, or run on N GPUs with 1/N of the per-device batch, sees
+the same data as an uninterrupted single-device run.
+
+Outputs in ``--output-dir``: ``run.json`` (arguments, versions, world size), ``loss.jsonl`` (one line per step:
+step, loss, lr, grad_norm, tokens, time_s), ``checkpoint-<step>/`` (``model.pt``, ``optimizer.pt``,
+``state.json``; loaded with ``weights_only=True``) every ``--save-every`` steps and at the end, and
+``final/`` (``save_pretrained``). ``--resume`` continues from the newest checkpoint there.
+
+Attention: ``--attn_implementation`` is passed to ``from_pretrained`` (``eager``, ``sdpa``, ``mea``, ``mea_chunked``,
+...). ``--use_flash_attn true|false|<backend>`` (the original adapter's flag) sets ``USE_FLASH_ATTN`` for the
+kernel layer and, unless false, also routes a stock transformers model through it with
+``apply_attention_patch``; without the flag the ``USE_FLASH_ATTN`` environment variable applies as usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+TINY_FAMILIES = {
+    # family: (stock config class, modeling file, causal-LM class)
+    "llama": ("LlamaConfig", "modeling_llama.py", "LlamaForCausalLM"),
+    "gpt2": ("GPT2Config", "modeling_gpt2.py", "GPT2LMHeadModel"),
+    "bloom": ("BloomConfig", "modeling_bloom.py", "BloomForCausalLM"),
+}
+MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
+FALSE_VALUES = ("false", "0", "no", "off")
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="local model folder (a from_pretrained path)")
+    source.add_argument("--tiny-config", choices=sorted(TINY_FAMILIES), help="train a tiny random model of a family")
+    parser.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="load the folder's own modeling code "
+        "(for --tiny-config: our modeling file; without it the stock transformers class)",
+    )
+    parser.add_argument("--attn_implementation", help="eager, sdpa, mea, mea_<backend>, flash_attention_2, ...")
+    parser.add_argument("--use_flash_attn", help="true, false or a kernel-layer backend name (sets USE_FLASH_ATTN)")
+
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", help="a .txt, .npy or .jsonl file (see the module docstring)")
+    data.add_argument("--synthetic", action="store_true", help="a seeded copy-task token stream")
+
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps in the whole run")
+    parser.add_argument("--stop-at", type=int, help="exit after this step, as an interrupted run would (then --resume)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per device per micro-step")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at lr x this")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast over fp32 weights and optimizer")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard per decoder layer) instead of DDP")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--tiny-hidden", type=int, default=128)
+    parser.add_argument("--tiny-layers", type=int, default=4)
+    parser.add_argument("--tiny-heads", type=int, default=4)
+    parser.add_argument("--tiny-vocab", type=int, default=512)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.data and Path(args.data).suffix not in (".txt", ".npy", ".jsonl"):
+        parser.error(f"--data must be a .txt, .npy or .jsonl file, got {args.data}")
+    if args.stop_at is not None and not 0 < args.stop_at <= args.steps:
+        parser.error("--stop-at must be between 1 and --steps")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes and devices
+# ----------------------------------------------------------------------------------------------
+
+
+class Distributed:
+    """Rank, world size and device of this process; a single process when not started by torchrun."""
+
+    def __init__(self, device: str):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+        if use_cuda:
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=self.device if use_cuda else None)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def mean(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.item() / self.world_size
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+def tiny_config(args: argparse.Namespace):
+    """A small random config of ``args.tiny_config``'s family (GQA for LLaMA)."""
+    import transformers
+
+    config_class = getattr(transformers, TINY_FAMILIES[args.tiny_config][0])
+    hidden, layers, heads, vocab = args.tiny_hidden, args.tiny_layers, args.tiny_heads, args.tiny_vocab
+    if args.tiny_config == "llama":
+        kv_heads = heads // 2 if heads % 2 == 0 else heads
+        return config_class(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max(args.seq_len, 128),
+            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )  # fmt: skip
+    if args.tiny_config == "gpt2":
+        return config_class(
+            vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max(args.seq_len, 128),
+            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )  # fmt: skip
+    return config_class(vocab_size=vocab, hidden_size=hidden, n_layer=layers, n_head=heads, bos_token_id=1,
+                        eos_token_id=2, pad_token_id=0)  # fmt: skip
+
+
+def write_tiny_model(args: argparse.Namespace, folder: Path) -> None:
+    """A seeded random stock checkpoint plus our modeling file and an auto_map pointing at it.
+
+    Loading it with ``--trust_remote_code`` gives our class, without it the stock class: same weights either way.
+    """
+    import transformers
+
+    _, modeling_file, class_name = TINY_FAMILIES[args.tiny_config]
+    torch.manual_seed(args.seed)
+    model = getattr(transformers, class_name)(tiny_config(args))
+    model.save_pretrained(folder)
+    shutil.copy(MODELING_DIR / modeling_file, folder / modeling_file)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": f"{Path(modeling_file).stem}.{class_name}"}
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def model_folder(args: argparse.Namespace, dist_info: Distributed) -> Path:
+    if args.model:
+        return Path(args.model)
+    folder = Path(args.output_dir) / f"tiny-{args.tiny_config}"
+    if dist_info.is_main and not (folder / "config.json").exists():
+        write_tiny_model(args, folder)
+    dist_info.barrier()
+    return folder
+
+
+def is_kernel_layer_model(model: torch.nn.Module) -> bool:
+    """A model from one of our modeling files (they carry the kernel layer)."""
+    return hasattr(sys.modules.get(type(model).__module__), "backend_from_config")
+
+
+def apply_use_flash_attn(value: str | None) -> str | None:
+    """Set USE_FLASH_ATTN from ``--use_flash_attn``; return the backend to patch stock models with, or None."""
+    if value is None:
+        return None
+    value = value.strip().lower()
+    os.environ["USE_FLASH_ATTN"] = value
+    if value in FALSE_VALUES:
+        return None
+    return "auto" if value in ("true", "1", "yes", "on", "auto") else value
+
+
+def load_model(args: argparse.Namespace, folder: Path, patch_backend: str | None) -> torch.nn.Module:
+    import memory_efficient_adapter  # registers the "mea" / "mea_<backend>" attention implementations
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"trust_remote_code": args.trust_remote_code}
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    model.float()
+    if type(model).__module__.startswith("transformers_modules") and type(model)._auto_class is None:
+        # transformers 4.57 skips this when it also has a class of that name: then save_pretrained would
+        # write an auto_map without the code it points to
+        type(model).register_for_auto_class("AutoModelForCausalLM")
+    if patch_backend is not None and not is_kernel_layer_model(model):
+        memory_efficient_adapter.apply_attention_patch(model, backend=patch_backend)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def wrap_model(model: torch.nn.Module, args: argparse.Namespace, dist_info: Distributed) -> torch.nn.Module:
+    """DDP or FSDP2 under torchrun; the model itself otherwise. FSDP2 shards in place (no wrapper)."""
+    model.to(dist_info.device)
+    if dist_info.world_size == 1:
+        return model
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        layer_names = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in layer_names:
+                fully_shard(module)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def synthetic_tokens(n_tokens: int, vocab_size: int, seq_len: int, seed: int) -> torch.Tensor:
+    """A copy task from ``seed``: segments of 3 to seq_len/4 tokens, each followed by its repeat.
+
+    Segment tokens follow a Zipf law over a seeded shuffle of the vocabulary (ids 0-2 are left for
+    pad/bos/eos), so the loss first falls to the unigram entropy and then further only through attention.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    token_ids = torch.randperm(vocab_size - 3, generator=generator) + 3
+    zipf = 1.0 / torch.arange(1, vocab_size - 2, dtype=torch.float64)
+    longest = max(4, seq_len // 4)
+    pieces, total = [], 0
+    while total < n_tokens:
+        length = int(torch.randint(3, longest + 1, (1,), generator=generator))
+        segment = token_ids[torch.multinomial(zipf, length, replacement=True, generator=generator)]
+        pieces += [segment, segment]
+        total += 2 * length
+    return torch.cat(pieces)[:n_tokens]
+
+
+def read_token_file(path: Path, folder: Path | None, vocab_size: int) -> torch.Tensor:
+    """A 1-D token stream from a .txt, .npy or .jsonl file (no pickle anywhere)."""
+    if path.suffix == ".npy":
+        array = np.load(path, allow_pickle=False)
+        if not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"{path}: expected integer token ids, got dtype {array.dtype}")
+        tokens = torch.from_numpy(array.astype(np.int64).reshape(-1))
+    elif path.suffix == ".jsonl":
+        ids: list[int] = []
+        with path.open() as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    record = json.loads(line)
+                    document = record["input_ids"] if isinstance(record, dict) else record
+                    if not all(isinstance(token, int) for token in document):
+                        raise ValueError(f"{path}:{number}: expected a list of integer token ids")
+                    ids.extend(document)
+        tokens = torch.tensor(ids, dtype=torch.int64)
+    else:
+        tokens = tokenize_text(path.read_text(encoding="utf-8"), folder, vocab_size)
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(
+            f"{path}: token ids must lie in [0, {vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]"
+        )
+    return tokens
+
+
+def tokenize_text(text: str, folder: Path | None, vocab_size: int) -> torch.Tensor:
+    """With the folder's tokenizer when there is one; else UTF-8 bytes (needs a vocabulary of at least 256)."""
+    if folder is not None and any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        return torch.tensor(AutoTokenizer.from_pretrained(folder)(text)["input_ids"], dtype=torch.int64)
+    if vocab_size < 256:
+        raise ValueError("byte-level text needs a vocabulary of at least 256 tokens")
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.int64)
+
+
+class BlockSchedule:
+    """Which ``seq_len`` blocks each rank trains on at each step: a fixed function of (seed, step)."""
+
+    def __init__(
+        self, tokens: torch.Tensor, seq_len: int, per_device: int, grad_accum: int, world_size: int, seed: int
+    ):
+        n_blocks = tokens.numel() // seq_len
+        if n_blocks == 0:
+            raise ValueError(f"the data holds {tokens.numel()} tokens, fewer than one block of {seq_len}")
+        self.blocks = tokens[: n_blocks * seq_len].view(n_blocks, seq_len)
+        self.per_device, self.grad_accum, self.world_size, self.seed = per_device, grad_accum, world_size, seed
+        self._epoch, self._order = -1, None
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_device * self.grad_accum * self.world_size
+
+    def _block(self, sample: int) -> int:
+        epoch, position = divmod(sample, self.blocks.shape[0])
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.blocks.shape[0], generator=generator)
+        return int(self._order[position])
+
+    def micro_batch(self, step: int, micro_step: int, rank: int) -> torch.Tensor:
+        start = step * self.global_batch + (micro_step * self.world_size + rank) * self.per_device
+        return self.blocks[[self._block(sample) for sample in range(start, start + self.per_device)]]
+
+
+def load_tokens(args: argparse.Namespace, folder: Path | None, vocab_size: int, world_size: int) -> torch.Tensor:
+    if args.synthetic:
+        n_tokens = args.steps * args.batch_size * args.grad_accum * world_size * args.seq_len
+        return synthetic_tokens(n_tokens, vocab_size, args.seq_len, args.seed)
+    return read_token_file(Path(args.data), folder, vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and logs
+# ----------------------------------------------------------------------------------------------
+
+
+def learning_rate(step: int, args: argparse.Namespace) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return args.lr * (args.min_lr_ratio + (1.0 - args.min_lr_ratio) * cosine)
+
+
+def _state_dict_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def save_checkpoint(model, optimizer, step: int, args, dist_info: Distributed) -> Path:
+    """Full (gathered) model and optimizer state on rank 0; works for a plain model, DDP and FSDP2 alike."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model_state = get_model_state_dict(model, options=_state_dict_options())
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=_state_dict_options())
+    folder = Path(args.output_dir) / f"checkpoint-{step}"
+    if dist_info.is_main:
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        torch.save(model_state, partial / "model.pt")
+        torch.save(optimizer_state, partial / "optimizer.pt")
+        (partial / "state.json").write_text(json.dumps({"step": step, "world_size": dist_info.world_size}))
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+    dist_info.barrier()
+    return folder
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    steps = [
+        (int(path.name.split("-")[1]), path)
+        for path in output_dir.glob("checkpoint-*")
+        if path.name.split("-")[1].isdigit()
+    ]
+    return max(steps)[1] if steps else None
+
+
+def load_checkpoint(model, optimizer, folder: Path) -> int:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    model_state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    return json.loads((folder / "state.json").read_text())["step"]
+
+
+def save_final(model, args, dist_info: Distributed) -> None:
+    """``save_pretrained`` of the gathered weights into ``final/`` (the model's own files, custom code included)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_state_dict_options())
+    if dist_info.is_main:
+        with _unsharded_class(model):
+            model.save_pretrained(Path(args.output_dir) / "final", state_dict=state)
+    dist_info.barrier()
+
+
+@contextmanager
+def _unsharded_class(model: torch.nn.Module):
+    """FSDP2 gives a sharded model a generated subclass; save_pretrained must see the model's own class
+    (it copies the source file of the class for custom code)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded_class = type(model)
+    if isinstance(model, FSDPModule):
+        model.__class__ = next(base for base in sharded_class.__bases__ if base is not FSDPModule)
+    try:
+        yield model
+    finally:
+        model.__class__ = sharded_class
+
+
+class LossLog:
+    """``loss.jsonl`` in the output folder; on resume, lines past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, start_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if start_step > 0 and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            with self.path.open("a") as log:
+                log.write(json.dumps(record) + "\n")
+
+
+def write_run_info(args, dist_info: Distributed, model) -> None:
+    import memory_efficient_adapter
+    import transformers
+
+    info = {
+        "args": vars(args),
+        "world_size": dist_info.world_size,
+        "device": str(dist_info.device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "model_class": f"{type(model).__module__}.{type(model).__name__}",
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "USE_FLASH_ATTN": os.environ.get("USE_FLASH_ATTN"),
+        "kernel_backends": memory_efficient_adapter.available_backends(dist_info.device.type),
+    }
+    (Path(args.output_dir) / "run.json").write_text(json.dumps(info, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def train(args: argparse.Namespace) -> list[dict]:
+    """Run (or resume) training; returns this process's log records of the steps it ran."""
+    dist_info = Distributed(args.device)
+    try:
+        return _train(args, dist_info)
+    finally:
+        dist_info.close()
+
+
+def _train(args: argparse.Namespace, dist_info: Distributed) -> list[dict]:
+    output_dir = Path(args.output_dir)
+    if dist_info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    dist_info.barrier()
+    patch_backend = apply_use_flash_attn(args.use_flash_attn)
+    folder = model_folder(args, dist_info)
+    model = load_model(args, folder, patch_backend)
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    schedule = BlockSchedule(
+        load_tokens(args, folder, vocab_size, dist_info.world_size), args.seq_len, args.batch_size,
+        args.grad_accum, dist_info.world_size, args.seed,
+    )  # fmt: skip
+    core = model
+    model = wrap_model(model, args, dist_info)
+    optimizer = torch.optim.AdamW(core.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+
+    start_step = 0
+    checkpoint = latest_checkpoint(output_dir) if args.resume else None
+    if checkpoint is not None:
+        start_step = load_checkpoint(core, optimizer, checkpoint)
+    if dist_info.is_main:
+        write_run_info(args, dist_info, core)
+    log = LossLog(output_dir / "loss.jsonl", start_step, dist_info.is_main)
+    last_step = args.stop_at or args.steps
+    autocast = torch.autocast(dist_info.device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    progress = _progress_bar(args, dist_info, start_step)
+    records, started = [], time.time()
+
+    model.train()
+    for step in range(start_step, last_step):
+        torch.manual_seed(args.seed + 1_000_003 * (step + 1) + dist_info.rank)  # dropout, identical after resume
+        lr = learning_rate(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro_step in range(args.grad_accum):
+            batch = schedule.micro_batch(step, micro_step, dist_info.rank).to(dist_info.device)
+            sync = micro_step == args.grad_accum - 1 or not hasattr(model, "no_sync")
+            with nullcontext() if sync else model.no_sync():  # DDP: all-reduce once, after the last micro-step
+                with autocast:
+                    loss = model(input_ids=batch, labels=batch).loss / args.grad_accum
+                loss.backward()
+            loss_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        record = {
+            "step": step + 1,
+            "loss": dist_info.mean(loss_sum),
+            "lr": lr,
+            "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+            "tokens": (step + 1) * schedule.global_batch * args.seq_len,
+            "time_s": round(time.time() - started, 3),
+        }
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"loss became {record['loss']} at step {step + 1}")
+        log.write(**record)
+        records.append(record)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == last_step:
+            save_checkpoint(core, optimizer, step + 1, args, dist_info)
+
+    if progress is not None:
+        progress.close()
+    if last_step == args.steps:
+        save_final(core, args, dist_info)
+    return records
+
+
+def _progress_bar(args, dist_info: Distributed, start_step: int):
+    if args.no_progress or not dist_info.is_main:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=args.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    train(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""apply_attention_patch / remove_attention_patch on stock transformers models, and the "mea" registry names.
+
+References are the stock models themselves with the same weights (their default attention, or eager). A spy
+on the kernel layer proves that patched models really run through it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+
+import memory_efficient_adapter as mea
+import pytest
+import torch
+from remote_code import assert_close_rel, left_padded_mask, right_padded_mask
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    BartConfig,
+    BartForConditionalGeneration,
+    BloomConfig,
+    BloomForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+patch_module = importlib.import_module("memory_efficient_adapter.patch")
+
+VOCAB = 97
+FP32_TOL = 1e-5
+FAMILIES = ["llama", "gpt2", "bloom", "bart"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny stock models and inputs
+# ----------------------------------------------------------------------------------------------
+
+
+def tiny_config(family: str):
+    if family == "llama":
+        return LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        )  # fmt: skip
+    if family == "gpt2":
+        return GPT2Config(
+            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2
+        )
+    if family == "bloom":
+        return BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)
+    return BartConfig(
+        vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96, max_position_embeddings=64,
+    )  # fmt: skip
+
+
+STOCK_CLASSES = {
+    "llama": LlamaForCausalLM,
+    "gpt2": GPT2LMHeadModel,
+    "bloom": BloomForCausalLM,
+    "bart": BartForConditionalGeneration,
+}
+
+
+def randomize_(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial weights everywhere (default init leaves biases at 0 and norm scales at 1)."""
+    generator = torch.Generator().manual_seed(4321)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model.eval()
+
+
+def tiny_stock(family: str, **config_overrides) -> PreTrainedModel:
+    config = tiny_config(family)
+    for name, value in config_overrides.items():
+        setattr(config, name, value)
+    torch.manual_seed(0)
+    return randomize_(STOCK_CLASSES[family](config))
+
+
+def model_inputs(family: str, padding: str) -> tuple[dict, torch.Tensor]:
+    """Random ids with padding on one side (odd lengths) and the keep-mask of the positions to compare."""
+    generator = torch.Generator().manual_seed(7)
+    make_mask = left_padded_mask if padding == "left" else right_padded_mask
+    ids = torch.randint(3, VOCAB, (3, 11), generator=generator)
+    mask = make_mask([11, 7, 4], 11)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if family == "bart":
+        decoder_mask = make_mask([9, 6, 3], 9)
+        inputs.update(decoder_input_ids=ids[:, :9].flip(1), decoder_attention_mask=decoder_mask)
+        return inputs, decoder_mask.bool()
+    return inputs, mask.bool()
+
+
+def builds_masks_through_registry(model_class: type) -> bool:
+    """Whether this transformers version's model asks the mask registry for its masks (then ours are O(n)).
+
+    Older versions of some models (BART and BLOOM on 4.57, BLOOM on 5.0) build 4-D masks themselves; the
+    kernel layer still gets a correct mask, just not the linear form.
+    """
+    return "_update_causal_mask" not in inspect.getsource(sys.modules[model_class.__module__])
+
+
+def causal_mask(config, embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+    """``create_causal_mask`` across versions (4.57 and 5.0 name the embeddings differently and need positions)."""
+    parameters = inspect.signature(create_causal_mask).parameters
+    embeds_name = "inputs_embeds" if "inputs_embeds" in parameters else "input_embeds"
+    if "cache_position" in parameters:
+        kwargs["cache_position"] = torch.arange(embeds.shape[1])
+    return create_causal_mask(
+        config=config, attention_mask=attention_mask, past_key_values=None, **{embeds_name: embeds}, **kwargs
+    )
+
+
+def logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Records each kernel-layer call made by patch.py: (backend, causal, mask shape or None, alibi)."""
+    calls = []
+    real_attention = patch_module.attention
+
+    def spy(q, k, v, **kwargs):
+        mask = kwargs.get("attention_mask")
+        calls.append(
+            (kwargs.get("backend"), kwargs.get("causal"), None if mask is None else tuple(mask.shape),
+             kwargs.get("alibi_slopes") is not None)
+        )  # fmt: skip
+        return real_attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(patch_module, "attention", spy)
+    return calls
+
+
+@pytest.fixture(autouse=True)
+def _no_class_patch_left_behind():
+    yield
+    mea.remove_attention_patch()
+
+
+def instance_forwards(model) -> list[str]:
+    return [name for name, module in model.named_modules() if "forward" in module.__dict__]
+
+
+def backends_for(family: str) -> list[str]:
+    # sdpa cannot take ALiBi (BLOOM) without a materialized bias, by design of the kernel layer
+    return ["auto", "chunked", "eager"] + ([] if family == "bloom" else ["sdpa"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Instance patch: round trips
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patch_matches_stock_and_removal_restores_it_bit_for_bit(family, padding, kernel_calls):
+    model = tiny_stock(family)
+    inputs, compare = model_inputs(family, padding)
+    reference = logits(model, inputs)
+    implementation = model.config._attn_implementation
+    state = {name: (tensor.data_ptr(), tensor.clone()) for name, tensor in model.state_dict().items()}
+
+    for backend in backends_for(family):
+        kernel_calls.clear()
+        assert mea.apply_attention_patch(model, backend=backend) is model
+        patched = logits(model, inputs)
+        assert kernel_calls, f"{family}/{backend}: the patched model never called the kernel layer"
+        assert {call[0] for call in kernel_calls} == {backend}
+        assert all(call[3] == (family == "bloom") for call in kernel_calls), "ALiBi slopes only (and always) for BLOOM"
+        assert_close_rel(patched[compare], reference[compare], FP32_TOL, f"{family}/{backend}/{padding}")
+
+        mea.remove_attention_patch(model)
+        assert torch.equal(logits(model, inputs), reference), f"{family}/{backend}: not stock after removal"
+        assert model.config._attn_implementation == implementation
+        assert instance_forwards(model) == []
+
+    after = model.state_dict()
+    assert list(after) == list(state)
+    for name, (pointer, values) in state.items():
+        assert after[name].data_ptr() == pointer and torch.equal(after[name], values), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_generation_with_cache_matches_stock(family, kernel_calls):
+    """Left-padded greedy decoding: prefill + one-token steps against the growing cache (BART: padded encoder)."""
+    model = tiny_stock(family)
+    inputs, _ = model_inputs(family, "left")
+    inputs = {key: value for key, value in inputs.items() if not key.startswith("decoder_")}
+    settings = {"max_new_tokens": 6, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        stock = model.generate(**inputs, **settings, pad_token_id=0)
+        mea.apply_attention_patch(model, backend="chunked")
+        patched = model.generate(**inputs, **settings, pad_token_id=0)
+    padded_calls = [call for call in kernel_calls if family != "bart" or not call[1]]  # BART's decoder is unpadded
+    assert padded_calls and all(call[2] is not None for call in padded_calls), "the padding never reached the kernel"
+    if builds_masks_through_registry(type(model)):
+        assert all(len(call[2]) == 2 for call in padded_calls), "padding must reach the kernel as [b, k_len] masks"
+    assert torch.equal(patched.sequences, stock.sequences)
+    for step, (ours, theirs) in enumerate(zip(patched.logits, stock.logits)):
+        assert_close_rel(ours, theirs, FP32_TOL, f"{family} step {step}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_after_removal_writes_the_stock_checkpoint(family, tmp_path):
+    model = tiny_stock(family)
+    inputs, _ = model_inputs(family, "left")
+    model.save_pretrained(tmp_path / "before")
+    mea.apply_attention_patch(model)
+    logits(model, inputs)
+    mea.remove_attention_patch(model)
+    model.save_pretrained(tmp_path / "after")
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "before" / name).read_bytes() == (tmp_path / "after" / name).read_bytes(), name
+    reloaded = STOCK_CLASSES[family].from_pretrained(tmp_path / "after").eval()
+    assert torch.equal(logits(reloaded, inputs), logits(model, inputs))
+
+
+def test_patching_twice_replaces_the_backend_and_one_removal_restores(kernel_calls):
+    model = tiny_stock("llama")
+    inputs, _ = model_inputs("llama", "left")
+    reference = logits(model, inputs)
+    mea.apply_attention_patch(model, backend="eager")
+    mea.apply_attention_patch(model, backend="chunked")
+    kernel_calls.clear()
+    logits(model, inputs)
+    assert {call[0] for call in kernel_calls} == {"chunked"}
+    assert model.config._attn_implementation == "mea_chunked"
+    mea.remove_attention_patch(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(logits(model, inputs), reference)
+
+
+def test_unsupported_models_get_an_error_naming_the_class():
+    gptj = GPTJForCausalLM(GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=32))
+    with pytest.raises(TypeError, match="GPTJForCausalLM.*GPTJAttention"):
+        mea.apply_attention_patch(gptj)
+    assert gptj.config._attn_implementation != "mea"
+    with pytest.raises(TypeError, match="Linear"):
+        mea.apply_attention_patch(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        mea.apply_attention_patch(tiny_stock("llama"), backend="turbo")
+
+
+# ----------------------------------------------------------------------------------------------
+# Class-level patch
+# ----------------------------------------------------------------------------------------------
+
+
+def test_class_patch_switches_models_created_afterwards_and_removal_reverts_them(kernel_calls):
+    stock = {family: tiny_stock(family) for family in FAMILIES}
+    inputs = {family: model_inputs(family, "left") for family in FAMILIES}
+    reference = {family: logits(stock[family], inputs[family][0]) for family in FAMILIES}
+    original_check = PreTrainedModel.__dict__["_check_and_adjust_attn_implementation"]
+    original_bloom_forward = patch_module._bloom_attention_class().__dict__["forward"]
+
+    mea.apply_attention_patch(backend="chunked")
+    created = {family: tiny_stock(family) for family in FAMILIES}
+    explicit_eager = LlamaForCausalLM._from_config(tiny_config("llama"), attn_implementation="eager")
+    assert explicit_eager.config._attn_implementation == "eager"
+    assert stock["llama"].config._attn_implementation == "sdpa", "models created before the patch keep theirs"
+    for family in FAMILIES:
+        assert created[family].config._attn_implementation == "mea_chunked"
+        assert instance_forwards(created[family]) == []
+        kernel_calls.clear()
+        out = logits(created[family], inputs[family][0])
+        assert kernel_calls and {call[0] for call in kernel_calls} == {"chunked"}, family
+        compare = inputs[family][1]
+        assert_close_rel(out[compare], reference[family][compare], FP32_TOL, f"class patch {family}")
+
+    mea.remove_attention_patch()
+    assert PreTrainedModel.__dict__["_check_and_adjust_attn_implementation"] is original_check
+    assert patch_module._bloom_attention_class().__dict__["forward"] is original_bloom_forward
+    for family in FAMILIES:
+        assert created[family].config._attn_implementation == stock[family].config._attn_implementation
+        assert torch.equal(logits(created[family], inputs[family][0]), reference[family]), family
+    assert tiny_stock("llama").config._attn_implementation == "sdpa"
+
+
+def test_class_patch_then_instance_removal_reverts_that_model_only():
+    mea.apply_attention_patch()
+    first, second = tiny_stock("gpt2"), tiny_stock("gpt2")
+    mea.remove_attention_patch(first)
+    assert first.config._attn_implementation == "sdpa"
+    assert second.config._attn_implementation == "mea"
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry: attn_implementation="mea" / "mea_<backend>" through from_pretrained
+# ----------------------------------------------------------------------------------------------
+
+
+def test_every_name_is_registered_with_a_mask_function():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    names = mea.register_attention_backends()
+    assert names == ["mea"] + [f"mea_{backend}" for backend in mea.BACKENDS]
+    for name in names:
+        assert name in ALL_ATTENTION_FUNCTIONS.valid_keys()
+        assert ALL_MASK_ATTENTION_FUNCTIONS[name] is patch_module.kernel_layer_mask
+
+
+@pytest.mark.parametrize("name", ["mea", "mea_chunked"])
+@pytest.mark.parametrize("family", ["llama", "bart"])
+def test_from_pretrained_with_registered_name_handles_padding(family, name, tmp_path, kernel_calls):
+    tiny_stock(family).save_pretrained(tmp_path)
+    auto = AutoModelForSeq2SeqLM if family == "bart" else AutoModelForCausalLM
+    eager = auto.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ours = auto.from_pretrained(tmp_path, attn_implementation=name).eval()
+    assert ours.config._attn_implementation == name
+
+    # left padding shifts BART's absolute learned positions, so it gets right padding; LLaMA's RoPE does not care
+    inputs, compare = model_inputs(family, "right" if family == "bart" else "left")
+    kernel_calls.clear()
+    out = logits(ours, inputs)
+    assert kernel_calls, "the registered function was not called"
+    # The padded batch must reach the kernel as an O(n) keep-mask, not as None (transformers' default for
+    # names without a mask function) and not as a [b, 1, q, k] mask.
+    mask_shapes = {call[2] for call in kernel_calls}
+    assert None not in mask_shapes
+    if builds_masks_through_registry(type(ours)):
+        assert all(len(shape) == 2 or shape[-2] == 1 for shape in mask_shapes), mask_shapes
+    assert_close_rel(out[compare], logits(eager, inputs)[compare], FP32_TOL, f"{family}/{name} vs eager")
+
+    # Row 2 alone, unpadded, gives the same logits at its real positions ...
+    keep = compare[2]
+    alone = {"input_ids": inputs["input_ids"][2][inputs["attention_mask"][2].bool()][None]}
+    if family == "bart":
+        alone["decoder_input_ids"] = inputs["decoder_input_ids"][2][keep][None]
+    assert_close_rel(logits(ours, alone)[0], out[2][keep], FP32_TOL, f"{family}/{name} padded vs alone")
+    # ... while ignoring the padding changes them: the mask really is applied.
+    unmasked = {key: value for key, value in inputs.items() if "attention_mask" not in key}
+    assert (logits(ours, unmasked)[2][keep] - out[2][keep]).abs().max() > 1e-3
+
+
+def test_mask_function_returns_linear_masks_for_plain_patterns_and_4d_otherwise():
+    config = tiny_config("llama")
+    config._attn_implementation = "mea"
+    embeds = torch.zeros(2, 5, 8)
+    padded = left_padded_mask([5, 3], 5)
+    mask = causal_mask(config, embeds, padded)
+    assert mask.dtype == torch.bool and torch.equal(mask, padded.bool())
+    assert causal_mask(config, embeds, torch.ones(2, 5, dtype=torch.long)) is None
+    # an overlay (here: nothing past position 3) is not a plain pattern: the full 4-D mask comes back
+    overlay = causal_mask(config, embeds, padded, and_mask_function=lambda b, h, q, kv: kv < 3)
+    assert overlay.shape == (2, 1, 5, 5) and not overlay[0, 0, 4, 3] and overlay[0, 0, 4, 2]
+
+
+def test_attention_function_refuses_what_it_cannot_compute():
+    function = ALL_ATTENTION_FUNCTIONS["mea"]
+    q = torch.randn(1, 2, 3, 8)
+    output, weights = function(torch.nn.Module(), q, q, q, None, scaling=0.5)
+    assert output.shape == (1, 3, 2, 8) and weights is None
+    with pytest.raises(NotImplementedError, match="softcap"):
+        function(torch.nn.Module(), q, q, q, None, softcap=30.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixed precision
+# ----------------------------------------------------------------------------------------------
+
+BF16_TOL = 3e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_patched_model_trains_under_bf16_autocast(family, kernel_calls):
+    """The bf16 training path of train.py: under autocast LLaMA's rotary embedding hands over float32 q/k
+    beside a bfloat16 v; the kernel gets them in the autocast dtype, as SDPA would, and stays close to fp32."""
+    model = tiny_stock(family).train()
+    inputs, compare = model_inputs(family, "left")
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    mea.apply_attention_patch(model, backend="chunked")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**inputs, use_cache=False).logits  # (a cache would store v in k's dtype and hide the mix)
+    out.float()[compare].square().mean().backward()
+    assert kernel_calls
+    assert all(parameter.grad is not None for parameter in model.parameters() if parameter.requires_grad)
+    assert_close_rel(out.float()[compare].detach(), reference[compare], BF16_TOL, f"{family} bf16 autocast")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_model_in_bf16_on_gpu_matches_fp32_stock(family, kernel_calls):
+    model = tiny_stock(family)
+    inputs, compare = model_inputs(family, "left")
+    reference = logits(model, inputs)
+    model = model.to("cuda", torch.bfloat16)
+    mea.apply_attention_patch(model)
+    out = logits(model, {key: value.cuda() for key, value in inputs.items()}).float().cpu()
+    assert kernel_calls and {call[0] for call in kernel_calls} == {"auto"}
+    assert_close_rel(out[compare], reference[compare], BF16_TOL, f"{family} bf16 cuda")
+    mea.remove_attention_patch(model)
