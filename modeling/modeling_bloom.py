@@ -315,15 +315,19 @@ def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_so
 # ----------------------------------------------------------------------------------------------
 
 
-def _sdpa_kernel_context(device_type: str):
-    """On Hopper and newer, let SDPA try cuDNN attention first; elsewhere keep PyTorch's own order."""
+def _sdpa_kernel_context(call: AttentionCall):
+    """SDPA's kernel order on Hopper and newer: cuDNN first for full-sequence calls (training, prefill), where
+    it is the fastest; flash first when the key length differs from the query length (decoding with a KV
+    cache), because cuDNN builds a new execution plan for every new key length. Elsewhere PyTorch's order."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:
         return None
-    if device_type != "cuda" or torch.cuda.get_device_capability()[0] < 9:
+    if call.device_type != "cuda" or torch.cuda.get_device_capability()[0] < 9:
         return None
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    full, flash = SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION
+    first = [full, flash] if call.q_len == call.k_len else [flash, full]
+    order = first + [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     try:
         return sdpa_kernel(order, set_priority=True)
     except TypeError:
@@ -351,7 +355,7 @@ def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
         kwargs = {"enable_gqa": True}
     else:
         k, v, kwargs = _expand_kv(k, call.heads), _expand_kv(v, call.heads), {}
-    context = _sdpa_kernel_context(call.device_type)
+    context = _sdpa_kernel_context(call)
     run = lambda: F.scaled_dot_product_attention(  # noqa: E731
         q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=scale, **kwargs
     )
