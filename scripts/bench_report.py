@@ -72,12 +72,18 @@ def load_records(paths: Iterable[Path]) -> list:
 
 
 def latest(records: list) -> list:
-    """One record per key (the last one), in first-seen order; ``env`` records are dropped."""
+    """One record per key (the last one), in first-seen order; ``env`` records are dropped.
+
+    A later run that skipped a configuration (out of time budget) does not hide an earlier measurement.
+    """
     by_key: dict = {}
     for record in records:
         if record.get("section") == "env":
             continue
-        by_key[record_key(record)] = record
+        key = record_key(record)
+        if record.get("status") == "skipped" and key in by_key:
+            continue
+        by_key[key] = record
     return list(by_key.values())
 
 

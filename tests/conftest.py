@@ -21,6 +21,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_cpu_thread():
+    """The test models are tiny: intra-op threads only add overhead, and on a busy 2-core runner their
+    spinning slows small ops down by orders of magnitude."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _clean_backend_env(monkeypatch):
     """Tests start without USE_FLASH_ATTN so that a developer's shell cannot change their result."""

@@ -27,15 +27,6 @@ AUTO_MAP = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_cpu_thread():
-    """These matrices are tiny: on a busy 2-core runner, OpenMP threads contend and cost 10-100x in wall time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(**overrides) -> BartConfig:
     """Two layers each side, 4 heads of 8 dims, no dropout; init_std large enough for varied tokens."""
     values = dict(

@@ -100,16 +100,6 @@ def load_ours(folder, kind: str = "causal", attn_backend: str | None = None, **k
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only add overhead, and on a busy CI machine their spinning
-    slows every op down by orders of magnitude. Restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def pair(tmp_path_factory):
     """(stock, folder) for a named config, built once per session."""
