@@ -20,18 +20,16 @@ argument can end up in shell history. It is only ever handed to huggingface_hub,
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable
 
 import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token, snapshot_download
@@ -39,70 +37,21 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
 
-ROOT = Path(__file__).resolve().parent
-MODELING_DIR = ROOT / "modeling"
+from memory_efficient_adapter.families import (
+    FAMILIES,
+    ModelingFilesError,
+    auto_map,
+    available_entries,
+    copy_modeling_files,
+    family_files,
+    main_entry,
+)
+
 PROJECT_URL = "https://github.com/memory-efficient-adapter/memory-efficient-adapter"
 CODE_LICENSE = "apache-2.0"
 
 logger = logging.getLogger("hub_upload")
 
-
-class AutoEntry(NamedTuple):
-    auto_class: str
-    file: str
-    class_name: str
-
-
-class Family(NamedTuple):
-    model_type: str  # config.json's model_type of the checkpoints this family loads
-    entries: tuple[AutoEntry, ...]  # the first model entry is the class --verify loads
-
-
-# The one table of what each family publishes. An entry whose class is not (yet) defined in its file is left out
-# of auto_map; classes are found by parsing the file, never by importing it.
-FAMILIES: dict[str, Family] = {
-    "llama": Family(
-        "llama",
-        (
-            AutoEntry("AutoModelForCausalLM", "modeling_llama.py", "LlamaForCausalLM"),
-            AutoEntry("AutoModel", "modeling_llama.py", "LlamaModel"),
-            AutoEntry("AutoModelForSequenceClassification", "modeling_llama.py", "LlamaForSequenceClassification"),
-        ),
-    ),
-    "gpt2": Family(
-        "gpt2",
-        (
-            AutoEntry("AutoModelForCausalLM", "modeling_gpt2.py", "GPT2LMHeadModel"),
-            AutoEntry("AutoModel", "modeling_gpt2.py", "GPT2Model"),
-            AutoEntry("AutoModelForSequenceClassification", "modeling_gpt2.py", "GPT2ForSequenceClassification"),
-        ),
-    ),
-    "bloom": Family(
-        "bloom",
-        (
-            AutoEntry("AutoModelForCausalLM", "modeling_bloom.py", "BloomForCausalLM"),
-            AutoEntry("AutoModel", "modeling_bloom.py", "BloomModel"),
-            AutoEntry("AutoModelForSequenceClassification", "modeling_bloom.py", "BloomForSequenceClassification"),
-            AutoEntry("AutoModelForTokenClassification", "modeling_bloom.py", "BloomForTokenClassification"),
-        ),
-    ),
-    "bart": Family(
-        "bart",
-        (
-            AutoEntry("AutoModelForSeq2SeqLM", "modeling_bart.py", "BartForConditionalGeneration"),
-            AutoEntry("AutoModel", "modeling_bart.py", "BartModel"),
-            AutoEntry("AutoModelForSequenceClassification", "modeling_bart.py", "BartForSequenceClassification"),
-        ),
-    ),
-    "qwen": Family(
-        "qwen",
-        (
-            AutoEntry("AutoModelForCausalLM", "modeling_qwen.py", "QWenLMHeadModel"),
-            AutoEntry("AutoModel", "modeling_qwen.py", "QWenModel"),
-            AutoEntry("AutoConfig", "configuration_qwen.py", "QWenConfig"),
-        ),
-    ),
-}
 ALL_FAMILIES = "all"  # `family: all` in a code config publishes every family's files
 
 # The kernel layer's backends (modeling/attention.py), listed on every model card; `backend` options must be one.
@@ -233,58 +182,6 @@ def parse_config(raw: Any, name: str = "<config>") -> RepoConfig:
         private=private,
         license=options.get("license"),
     )
-
-
-# ---------------------------------------------------------------------------------------- modeling files
-def defined_classes(path: Path) -> set[str]:
-    """Names of the classes defined at the top level of a Python file (parsed, not imported)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    return {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
-
-
-def family_files(family: str) -> list[str]:
-    """The files a family ships from modeling/: the table's, in order, then every module they import
-    relatively (transformers needs those next to them; Qwen: qwen_generation_utils.py)."""
-    files = list(dict.fromkeys(entry.file for entry in FAMILIES[family].entries))
-    for name in files:
-        if not (MODELING_DIR / name).is_file():
-            raise ConfigError(f"{MODELING_DIR / name} does not exist (family {family!r} not written yet?)")
-    for name in files:  # grows while iterating: imports of imported modules
-        for module in sorted(relative_imports(MODELING_DIR / name)):
-            if not (MODELING_DIR / f"{module}.py").is_file():
-                raise ConfigError(f"{name} imports .{module}, so transformers needs {module}.py next to it, "
-                                  f"and {MODELING_DIR} has none")
-            if f"{module}.py" not in files:
-                files.append(f"{module}.py")
-    return files
-
-
-def relative_imports(path: Path) -> set[str]:
-    """Modules a file imports relatively, found the way transformers' remote-code loader finds them: by text,
-    even inside functions or try blocks. Each one must sit next to the file in the repo, or loading fails."""
-    text = path.read_text(encoding="utf-8")
-    return set(re.findall(r"^\s*import\s+\.(\S+)\s*$", text, flags=re.MULTILINE)) | set(
-        re.findall(r"^\s*from\s+\.(\S+)\s+import", text, flags=re.MULTILINE)
-    )
-
-
-def available_entries(family: str) -> list[AutoEntry]:
-    """The family's table entries whose class is defined in its file."""
-    classes = {name: defined_classes(MODELING_DIR / name) for name in family_files(family)}
-    entries = [entry for entry in FAMILIES[family].entries if entry.class_name in classes[entry.file]]
-    if not any(entry.auto_class != "AutoConfig" for entry in entries):
-        raise ConfigError(f"no model class of family {family!r} is defined in {family_files(family)}")
-    return entries
-
-
-def auto_map(family: str, code_repo: str | None = None) -> dict[str, str]:
-    """auto_map entries for a family: "module.Class", or "<code_repo>--module.Class" to load code from another repo."""
-    prefix = f"{code_repo}--" if code_repo else ""
-    return {e.auto_class: f"{prefix}{Path(e.file).stem}.{e.class_name}" for e in available_entries(family)}
-
-
-def main_entry(family: str) -> AutoEntry:
-    return next(e for e in available_entries(family) if e.auto_class != "AutoConfig")
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -610,8 +507,8 @@ def build_folder(
         planned.append(PlannedFile(path, size if size is not None else (out_dir / path).stat().st_size, origin))
 
     files = [name for family in cfg.families for name in family_files(family)]
+    copy_modeling_files(out_dir, files)
     for name in files:
-        shutil.copyfile(MODELING_DIR / name, out_dir / name)
         add(name, f"ours: modeling/{name}")
     fields = {}
     if cfg.publish == "model":
@@ -713,8 +610,7 @@ def verify(cfg: RepoConfig, repo: str, revision: str | None = None, token: str |
         if cfg.publish == "code":
             for family in cfg.families:
                 for entry in available_entries(family):
-                    ref = f"{Path(entry.file).stem}.{entry.class_name}"
-                    ref = ref if Path(repo).is_dir() else f"{repo}--{ref}"  # a Hub code repo: the cross-repo form
+                    ref = entry.reference(None if Path(repo).is_dir() else repo)  # a Hub repo: the cross-repo form
                     cls = get_class_from_dynamic_module(ref, repo, code_revision=revision, token=token,
                                                         cache_dir=cache_dir)
                     check_remote_class(cls, entry.class_name)
@@ -875,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = [with_overrides(load_config(path), args) for path in args.configs]
         for cfg in configs:
             run_config(cfg, args, token, pushing)
-    except ConfigError as error:
+    except (ConfigError, ModelingFilesError) as error:
         print(f"hub_upload: error: {error}", file=sys.stderr)
         return 2
     except VerifyError as error:

@@ -44,7 +44,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
 import statistics
 import subprocess
@@ -71,21 +70,21 @@ MODELING_DIR = ROOT / "modeling"
 sys.path.insert(0, str(SCRIPTS_DIR))
 import bench_report  # noqa: E402
 
-FAMILIES = ("llama", "gpt2", "bloom", "bart", "qwen")
+
+def module_from_file(name: str, path: Path):
+    """A module of modeling/ loaded from its file: this script runs where the package is not installed."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+families = module_from_file("mea_bench_families", MODELING_DIR / "families.py")
+FAMILIES = tuple(families.FAMILIES)
 SECTIONS = ("train", "infer", "kernel", "light", "compare")
 FINAL = bench_report.FINAL_STATUSES
 
-# Our files, loaded as users load them: copied next to a config.json whose auto_map points at them.
-OURS = {
-    "llama": (["modeling_llama.py"], {"AutoModelForCausalLM": "modeling_llama.LlamaForCausalLM"}),
-    "gpt2": (["modeling_gpt2.py"], {"AutoModelForCausalLM": "modeling_gpt2.GPT2LMHeadModel"}),
-    "bloom": (["modeling_bloom.py"], {"AutoModelForCausalLM": "modeling_bloom.BloomForCausalLM"}),
-    "bart": (["modeling_bart.py"], {"AutoModelForSeq2SeqLM": "modeling_bart.BartForConditionalGeneration"}),
-    "qwen": (
-        ["modeling_qwen.py", "configuration_qwen.py"],
-        {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
-    ),
-}
 STOCK_CONFIG = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "bloom": "BloomConfig", "bart": "BartConfig"}
 
 # Order of implementations in a family: the ones the targets need first, the ones that compile (flex) last,
@@ -337,11 +336,7 @@ class Bench:
     def kernel_layer(self):
         """modeling/attention.py loaded from its file (the source every modeling file carries a copy of)."""
         if self._kernel_layer is None:
-            spec = importlib.util.spec_from_file_location("mea_bench_attention", MODELING_DIR / "attention.py")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
-            spec.loader.exec_module(module)
-            self._kernel_layer = module
+            self._kernel_layer = module_from_file("mea_bench_attention", MODELING_DIR / "attention.py")
         return self._kernel_layer
 
     def our_backends(self) -> list:
@@ -444,22 +439,6 @@ class ModelFactory:
         self.device = device
         self.root = Path(tempfile.mkdtemp(prefix="mea-bench-models-"))
 
-    def _folder(self, family: str) -> Path:
-        folder = self.root / f"mea_bench_{family}"
-        folder.mkdir(parents=True, exist_ok=True)
-        files, _ = OURS[family]
-        for name in files:
-            shutil.copy(MODELING_DIR / name, folder / name)
-        if family == "qwen":
-            # modeling_qwen.py imports qwen_generation_utils lazily (for chat()), and transformers' remote-code
-            # loader looks for every such import: ship ours, or a stand-in where this checkout has none
-            utils = MODELING_DIR / "qwen_generation_utils.py"
-            if utils.exists():
-                shutil.copy(utils, folder / utils.name)
-            else:
-                (folder / utils.name).write_text('"""Stand-in: the benchmark never calls chat()."""\n')
-        return folder
-
     def config(self, family: str, kwargs: dict, ours: bool):
         import transformers
 
@@ -467,20 +446,19 @@ class ModelFactory:
             if family not in STOCK_CONFIG:
                 raise ValueError(f"{family} has no stock transformers class (not supported)")
             return getattr(transformers, STOCK_CONFIG[family])(**kwargs)
-        folder = self._folder(family)
-        files, auto_map = OURS[family]
+        # ours are loaded as users load them: copied next to a config.json whose auto_map points at them
+        folder = self.root / f"mea_bench_{family}"
+        folder.mkdir(parents=True, exist_ok=True)
         if family in STOCK_CONFIG:
-            config = getattr(transformers, STOCK_CONFIG[family])(**kwargs)
-            config.auto_map = auto_map
-            config.save_pretrained(folder)
+            getattr(transformers, STOCK_CONFIG[family])(**kwargs).save_pretrained(folder)
         else:
             data = {
-                "model_type": family,
-                "architectures": [auto_map["AutoModelForCausalLM"].split(".")[1]],
-                "auto_map": auto_map,
+                "model_type": families.FAMILIES[family].model_type,
+                "architectures": [families.main_entry(family).class_name],
                 **kwargs,
             }
             (folder / "config.json").write_text(json.dumps(data, indent=2))
+        families.write_remote_code(folder, family)
         return transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
 
     def build(self, family: str, impl: str, kwargs: dict, dtype: torch.dtype):
@@ -490,7 +468,7 @@ class ModelFactory:
         kind, name = impl.split(":", 1)
         ours = kind == "ours"
         config = self.config(family, kwargs, ours)
-        auto = transformers.AutoModelForSeq2SeqLM if family == "bart" else transformers.AutoModelForCausalLM
+        auto = getattr(transformers, families.main_entry(family).auto_class)
         torch.manual_seed(0)
         with torch.device(self.device):
             if ours:

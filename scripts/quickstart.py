@@ -12,8 +12,6 @@ training step and its memory: peak allocated on CUDA, activation memory saved fo
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import tempfile
 import time
@@ -26,12 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import memory_efficient_adapter as mea  # noqa: E402
+from memory_efficient_adapter.families import main_entry, write_remote_code  # noqa: E402
 
 TINY = dict(hidden=256, heads=4, layers=2, vocab=1000)
 
 
 def tiny_models() -> dict:
-    """family -> (stock config, stock class or None, our files, auto_map)."""
+    """family -> (stock config, stock class or None)."""
     h, n, layers, vocab = TINY["hidden"], TINY["heads"], TINY["layers"], TINY["vocab"]
     from memory_efficient_adapter.configuration_qwen import QWenConfig
 
@@ -39,54 +38,39 @@ def tiny_models() -> dict:
         "llama": (
             transformers.LlamaConfig(vocab_size=vocab, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=layers,
                                      num_attention_heads=n, num_key_value_heads=n // 2),
-            transformers.LlamaForCausalLM, ["modeling_llama.py"],
-            {"AutoModelForCausalLM": "modeling_llama.LlamaForCausalLM"},
+            transformers.LlamaForCausalLM,
         ),
         "gpt2": (
             transformers.GPT2Config(vocab_size=vocab, n_embd=h, n_layer=layers, n_head=n, n_positions=4096,
                                     bos_token_id=0, eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
-            transformers.GPT2LMHeadModel, ["modeling_gpt2.py"],
-            {"AutoModelForCausalLM": "modeling_gpt2.GPT2LMHeadModel"},
+            transformers.GPT2LMHeadModel,
         ),
         "bloom": (
             transformers.BloomConfig(vocab_size=vocab, hidden_size=h, n_layer=layers, n_head=n),
-            transformers.BloomForCausalLM, ["modeling_bloom.py"],
-            {"AutoModelForCausalLM": "modeling_bloom.BloomForCausalLM"},
+            transformers.BloomForCausalLM,
         ),
         "bart": (
             transformers.BartConfig(vocab_size=vocab, d_model=h, encoder_layers=layers, decoder_layers=layers,
                                     encoder_attention_heads=n, decoder_attention_heads=n, encoder_ffn_dim=2 * h,
                                     decoder_ffn_dim=2 * h, max_position_embeddings=4096, dropout=0.0),
-            transformers.BartForConditionalGeneration, ["modeling_bart.py"],
-            {"AutoModelForSeq2SeqLM": "modeling_bart.BartForConditionalGeneration"},
+            transformers.BartForConditionalGeneration,
         ),
         "qwen": (
             QWenConfig(vocab_size=vocab, hidden_size=h, num_hidden_layers=layers, num_attention_heads=n,
                        kv_channels=h // n, intermediate_size=4 * h, seq_length=8192, max_position_embeddings=8192),
-            None, ["modeling_qwen.py", "configuration_qwen.py", "qwen_generation_utils.py"],
-            {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+            None,
         ),
     }
 
 
-def save_checkpoint(folder: Path, config, stock_class, files: list[str], auto_map: dict) -> None:
+def save_checkpoint(folder: Path, family: str, config, stock_class) -> None:
     if stock_class is not None:
         stock_class(config).save_pretrained(folder)
     else:  # Qwen has no stock class: the random weights come from ours
         from memory_efficient_adapter.modeling_qwen import QWenLMHeadModel
 
         QWenLMHeadModel(config).save_pretrained(folder)
-    for name in files:
-        shutil.copy(ROOT / "modeling" / name, folder / name)
-    config_path = folder / "config.json"
-    saved = json.loads(config_path.read_text())
-    saved["auto_map"] = auto_map
-    config_path.write_text(json.dumps(saved, indent=2))
-
-
-def auto_class(auto_map: dict):
-    name = next(key for key in auto_map if key != "AutoConfig")
-    return getattr(transformers, name)
+    write_remote_code(folder, family)
 
 
 def model_inputs(model, seq: int, device) -> dict:
@@ -135,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     models = tiny_models()
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families.split(","):
-            config, stock_class, files, auto_map = models[family]
+            config, stock_class = models[family]
             folder = Path(tmp) / family
             torch.manual_seed(0)
-            save_checkpoint(folder, config, stock_class, files, auto_map)
+            save_checkpoint(folder, family, config, stock_class)
             torch.manual_seed(1)
             rows = []
             if stock_class is not None:
@@ -147,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                 reference, seconds, memory = training_step(stock, inputs)
                 rows.append(("stock eager", seconds, memory, 0.0))
                 del stock
-            ours = auto_class(auto_map).from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(device)
+            auto_class = getattr(transformers, main_entry(family).auto_class)
+            ours = auto_class.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(device)
             if stock_class is None:
                 inputs = model_inputs(ours, args.seq, device)
                 ours.config.attn_backend = "eager"

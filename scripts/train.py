@@ -46,13 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-TINY_FAMILIES = {
-    # family: (stock config class, modeling file, causal-LM class)
-    "llama": ("LlamaConfig", "modeling_llama.py", "LlamaForCausalLM"),
-    "gpt2": ("GPT2Config", "modeling_gpt2.py", "GPT2LMHeadModel"),
-    "bloom": ("BloomConfig", "modeling_bloom.py", "BloomForCausalLM"),
-}
-MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
+TINY_FAMILIES = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "bloom": "BloomConfig"}  # family: stock config class
 FALSE_VALUES = ("false", "0", "no", "off")
 
 
@@ -160,7 +154,7 @@ def tiny_config(args: argparse.Namespace):
     """A small random config of ``args.tiny_config``'s family (GQA for LLaMA)."""
     import transformers
 
-    config_class = getattr(transformers, TINY_FAMILIES[args.tiny_config][0])
+    config_class = getattr(transformers, TINY_FAMILIES[args.tiny_config])
     hidden, layers, heads, vocab = args.tiny_hidden, args.tiny_layers, args.tiny_heads, args.tiny_vocab
     if args.tiny_config == "llama":
         kv_heads = heads // 2 if heads % 2 == 0 else heads
@@ -184,16 +178,13 @@ def write_tiny_model(args: argparse.Namespace, folder: Path) -> None:
     Loading it with ``--trust_remote_code`` gives our class, without it the stock class: same weights either way.
     """
     import transformers
+    from memory_efficient_adapter.families import main_entry, write_remote_code
 
-    _, modeling_file, class_name = TINY_FAMILIES[args.tiny_config]
+    entry = main_entry(args.tiny_config)  # our causal LM keeps the stock class's name
     torch.manual_seed(args.seed)
-    model = getattr(transformers, class_name)(tiny_config(args))
+    model = getattr(transformers, entry.class_name)(tiny_config(args))
     model.save_pretrained(folder)
-    shutil.copy(MODELING_DIR / modeling_file, folder / modeling_file)
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
-    config["auto_map"] = {"AutoModelForCausalLM": f"{Path(modeling_file).stem}.{class_name}"}
-    config_path.write_text(json.dumps(config, indent=2))
+    write_remote_code(folder, args.tiny_config, {entry.auto_class: entry.reference()})
 
 
 def model_folder(args: argparse.Namespace, dist_info: Distributed) -> Path:

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
 
-MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
+# MODELING_DIR: test files import it from here
+from memory_efficient_adapter.families import MODELING_DIR, copy_modeling_files, set_auto_map  # noqa: F401
 
 
 def save_with_remote_code(model, folder: Path, files: list[str], auto_map: dict[str, str]) -> Path:
-    """Save ``model`` with ``save_pretrained``, copy our ``files`` beside it and point ``auto_map`` at them."""
+    """Save ``model`` with ``save_pretrained``, copy our ``files`` beside it and point ``auto_map`` at them.
+
+    Tests name the files and classes they load (a subset of the family's, or stand-ins of their own);
+    ``memory_efficient_adapter.families.write_remote_code`` writes a family's whole set."""
     folder = Path(folder)
     model.save_pretrained(folder)
-    for name in files:
-        shutil.copy(MODELING_DIR / name, folder / name)
-    config_path = folder / "config.json"
-    config = json.loads(config_path.read_text())
-    config["auto_map"] = auto_map
-    config_path.write_text(json.dumps(config, indent=2))
+    copy_modeling_files(folder, files)
+    set_auto_map(folder, auto_map)
     return folder
 
 

@@ -17,6 +17,7 @@ from huggingface_hub import constants as hf_constants
 from safetensors.torch import load_file, save_file
 
 from fake_hub import FakeHub
+from memory_efficient_adapter import families
 from remote_code import assert_close_rel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +88,7 @@ decode_tokens = get_stop_words_ids = StopWordsLogitsProcessor = make_context
 
 def require_family(family: str) -> None:
     missing = [f for f in dict.fromkeys(e.file for e in hub_upload.FAMILIES[family].entries)
-               if not (hub_upload.MODELING_DIR / f).is_file()]
+               if not (families.MODELING_DIR / f).is_file()]
     if missing:
         pytest.skip(f"modeling/{missing[0]} not written yet")
 
@@ -168,7 +169,7 @@ def test_auto_map_lists_every_class_defined_in_the_file(family):
     require_family(family)
     defined = set()
     for name in dict.fromkeys(e.file for e in hub_upload.FAMILIES[family].entries):
-        tree = ast.parse((hub_upload.MODELING_DIR / name).read_text())
+        tree = ast.parse((families.MODELING_DIR / name).read_text())
         defined |= {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
     expected = {e.auto_class: f"{Path(e.file).stem}.{e.class_name}"
                 for e in hub_upload.FAMILIES[family].entries if e.class_name in defined}
@@ -196,7 +197,7 @@ def test_local_dir_loads_as_our_code_and_matches_the_source(family, tmp_path, mo
 
     names = {p.name for p in out.iterdir()}
     for name in hub_upload.family_files(family):  # ours, even where the source has a file of that name (Qwen)
-        assert (out / name).read_bytes() == (hub_upload.MODELING_DIR / name).read_bytes()
+        assert (out / name).read_bytes() == (families.MODELING_DIR / name).read_bytes()
     assert not any(name.endswith(".bin") for name in names)
     source_names = {p.name for p in (tmp_path / "source").iterdir()}
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "LICENSE"):
@@ -263,7 +264,7 @@ def test_code_repo_holds_every_modeling_file(tmp_path):
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert files == {"README.md", *ours}
     for name in ours:
-        assert (tmp_path / "out" / name).read_bytes() == (hub_upload.MODELING_DIR / name).read_bytes()
+        assert (tmp_path / "out" / name).read_bytes() == (families.MODELING_DIR / name).read_bytes()
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.license == "apache-2.0"
     assert all(f"`{name}`" in card.text for name in ours)
@@ -271,9 +272,11 @@ def test_code_repo_holds_every_modeling_file(tmp_path):
 
 def test_a_relative_import_missing_from_modeling_is_an_error(tmp_path, monkeypatch):
     (tmp_path / "modeling_bloom.py").write_text("def helper():\n    from .bloom_helpers import run\n")
-    monkeypatch.setattr(hub_upload, "MODELING_DIR", tmp_path)
-    with pytest.raises(hub_upload.ConfigError, match="bloom_helpers.py next to it"):
+    monkeypatch.setattr(families, "MODELING_DIR", tmp_path)
+    with pytest.raises(families.ModelingFilesError, match="bloom_helpers.py next to it"):
         hub_upload.family_files("bloom")
+    config = write_config(tmp_path / "c.yaml", family="bloom", publish="code", target="org/code")
+    assert hub_upload.main([str(config), "--dry-run"]) == 2  # reported as an error, not a traceback
 
 
 # -------------------------------------------------------------------------------------- .bin conversion
