@@ -571,3 +571,76 @@ def test_autocast_casts_mixed_inputs_like_sdpa():
     assert out.dtype == torch.bfloat16
     expected = reference_attention(q.bfloat16(), k.bfloat16(), v, causal=True)
     assert ((out.double() - expected).norm() / expected.norm()).item() < 2e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# The flash_attn and xformers glue (unpadding, varlen, layouts, causal alignment) on stand-in kernels.
+# The real packages need CUDA; these fakes compute the documented semantics with the float64 reference,
+# so a wrong transpose, unpad, scatter or causal flag in our glue fails here on a CPU.
+# ----------------------------------------------------------------------------------------------
+
+
+def flash_func_reference(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, alibi_slopes=None):
+    """flash_attn_func's contract: [b, s, h, d], bottom-right causal, ALiBi -slope*|i_aligned - j| (= slope*(j - i_aligned) when causal)."""
+    out = reference_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, None, alibi_slopes, softmax_scale)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def flash_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+    assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
+    pieces = [
+        flash_func_reference(q[cu_q[i] : cu_q[i + 1]][None], k[cu_k[i] : cu_k[i + 1]][None], v[cu_k[i] : cu_k[i + 1]][None], **kwargs)[0]
+        for i in range(len(cu_q) - 1)
+    ]
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right", "left_decode"])
+def test_flash_attn_glue_matches_reference(monkeypatch, padding):
+    monkeypatch.setattr(kernel_layer, "_flash_attn_functions", lambda: (flash_func_reference, flash_varlen_reference))
+    q_len = 1 if padding == "left_decode" else 13
+    q, k, v = torch.randn(3, 4, q_len, 16), torch.randn(3, 2, 13, 16), torch.randn(3, 2, 13, 16)
+    keep = torch.ones(3, 13, dtype=torch.bool)
+    if padding in ("left", "left_decode"):
+        keep[0, :5], keep[2, :2] = False, False
+    elif padding == "right":
+        keep[1, 9:] = False
+    mask = None if padding == "none" else keep
+    slopes = torch.rand(4)
+    call = kernel_layer._describe(q, k, v, True, mask, slopes, 0.0)
+    out = kernel_layer._run_flash_attn(q, k, v, call, mask, slopes, 0.25)
+    expected = reference_attention(q, k, v, causal=True, mask=mask, slopes=slopes, scale=0.25)
+    query_keep = keep[:, -q_len:]
+    assert torch.allclose(out.double()[query_keep[:, None, :].expand_as(out[..., 0])],
+                          expected[query_keep[:, None, :].expand_as(out[..., 0])], atol=1e-5)
+    assert torch.equal(out.transpose(1, 2)[~query_keep], torch.zeros_like(out.transpose(1, 2)[~query_keep]))
+
+
+class FakeXformersOps:
+    """xformers.ops' names our backend uses, with the documented semantics."""
+
+    class fmha:
+        class attn_bias:
+            class LowerTriangularMask:
+                pass
+
+            class LowerTriangularFromBottomRightMask:
+                pass
+
+    @staticmethod
+    def memory_efficient_attention(q, k, v, attn_bias=None, p=0.0, scale=None):
+        assert q.shape[2] == k.shape[2], "our backend expands k/v heads for xformers"
+        causal = attn_bias is not None
+        if isinstance(attn_bias, FakeXformersOps.fmha.attn_bias.LowerTriangularMask):
+            assert q.shape[1] == k.shape[1], "top-left causal only for equal lengths"
+        return flash_func_reference(q, k, v, softmax_scale=scale, causal=causal)
+
+
+@pytest.mark.parametrize("q_len", [13, 4])
+def test_xformers_glue_matches_reference(monkeypatch, q_len):
+    monkeypatch.setattr(kernel_layer, "_xformers_ops", lambda: FakeXformersOps)
+    q, k, v = torch.randn(2, 4, q_len, 16), torch.randn(2, 2, 13, 16), torch.randn(2, 2, 13, 16)
+    call = kernel_layer._describe(q, k, v, True, None, None, 0.0)
+    out = kernel_layer._run_xformers(q, k, v, call, None, None, 0.3)
+    expected = reference_attention(q, k, v, causal=True, scale=0.3)
+    assert out.shape == q.shape and torch.allclose(out.double(), expected, atol=1e-5)
