@@ -17,6 +17,7 @@ from .attention import (
     resolve_backend,
     select_backend,
     set_chunk_sizes,
+    set_flex_static_shapes,
 )
 from .patch import apply_attention_patch, register_attention_backends, remove_attention_patch
 
@@ -36,4 +37,5 @@ __all__ = [
     "remove_attention_patch",
     "select_backend",
     "set_chunk_sizes",
+    "set_flex_static_shapes",
 ]

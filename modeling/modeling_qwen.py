@@ -325,23 +325,48 @@ def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_so
 # ----------------------------------------------------------------------------------------------
 
 
-def _sdpa_kernel_context(call: AttentionCall):
+_hopper_or_newer: dict = {}
+
+
+def _is_hopper_or_newer(device: torch.device) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _hopper_or_newer:
+        _hopper_or_newer[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _hopper_or_newer[index]
+
+
+def _sdpa_priority(call: AttentionCall, device: torch.device) -> Optional[list]:
     """SDPA's kernel order on Hopper and newer: cuDNN first for full-sequence calls (training, prefill), where
     it is the fastest; flash first when the key length differs from the query length (decoding with a KV
-    cache), because cuDNN builds a new execution plan for every new key length. Elsewhere PyTorch's order."""
+    cache), because cuDNN builds a new execution plan for every new key length. None: PyTorch's own order.
+
+    Only the priority changes (kernels the user disabled stay disabled), and it is set through two cheap
+    calls rather than ``sdpa_kernel``, which costs more than a decoding step's attention kernel and, in some
+    PyTorch versions, does not restore the priority order on exit.
+    """
+    if call.device_type != "cuda" or not hasattr(torch._C, "_set_sdp_priority_order"):
+        return None
+    if torch.compiler.is_compiling() or not _is_hopper_or_newer(device):
+        return None
+    from torch.nn.attention import SDPBackend
+
+    full, flash = int(SDPBackend.CUDNN_ATTENTION), int(SDPBackend.FLASH_ATTENTION)
+    return [full, flash] if call.q_len == call.k_len else [flash, full]
+
+
+def _with_sdpa_priority(first: Optional[list], run: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``run()`` with the backends in ``first`` ahead of the others, then the previous order restored."""
+    if first is None:
+        return run()
+    previous = list(torch._C._get_sdp_priority_order())
+    wanted = first + [backend for backend in previous if backend not in first]
+    if wanted == previous:
+        return run()
+    torch._C._set_sdp_priority_order(wanted)
     try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:
-        return None
-    if call.device_type != "cuda" or torch.cuda.get_device_capability()[0] < 9:
-        return None
-    full, flash = SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION
-    first = [full, flash] if call.q_len == call.k_len else [flash, full]
-    order = first + [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    try:
-        return sdpa_kernel(order, set_priority=True)
-    except TypeError:
-        return None
+        return run()
+    finally:
+        torch._C._set_sdp_priority_order(previous)
 
 
 def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
@@ -365,15 +390,10 @@ def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
         kwargs = {"enable_gqa": True}
     else:
         k, v, kwargs = _expand_kv(k, call.heads), _expand_kv(v, call.heads), {}
-    context = _sdpa_kernel_context(call)
     run = lambda: F.scaled_dot_product_attention(  # noqa: E731
         q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=scale, **kwargs
     )
-    if context is None:
-        out = run()
-    else:
-        with context:
-            out = run()
+    out = _with_sdpa_priority(_sdpa_priority(call, q.device), run)
     return _zero_empty_rows(out, row_has_key)
 
 
@@ -511,21 +531,73 @@ def _flex_module():
     return flex
 
 
+# How many distinct call shapes get their own static-shape flex kernel; set_flex_static_shapes() changes it.
+_FLEX_STATIC_SHAPES = {"limit": 6}
+_flex_static_signatures: set = set()
 _compiled_flex: dict = {}
 
 
-def _flex_function(device_type: str):
-    """flex_attention compiled once per device type (static shapes on CPU, where dynamic ones fail to build)."""
-    if device_type not in _compiled_flex:
-        dynamic = False if device_type == "cpu" else None
-        _compiled_flex[device_type] = torch.compile(_flex_module().flex_attention, dynamic=dynamic)
-    return _compiled_flex[device_type]
+def set_flex_static_shapes(limit: int) -> None:
+    """How many distinct call shapes flex compiles with static shapes before it moves to one dynamic kernel.
+
+    A static-shape kernel is much faster (on an H100, ALiBi forward+backward at 16k tokens: 373 against
+    245 TFLOP/s) but costs a compile per shape, and dynamo keeps at most ``cache_size_limit`` (default 8)
+    compiled variants of one function. Raise both together for a sweep over many shapes.
+    """
+    if limit < 0:
+        raise ValueError(f"the number of static flex shapes must be >= 0, got {limit}")
+    _FLEX_STATIC_SHAPES["limit"] = int(limit)
 
 
-def _flex_mask_mod(call: AttentionCall, mask) -> Optional[Callable]:
-    offset = call.causal_offset
+def _flex_with_static_shapes(flex_attention, *args, **kwargs):
+    """The entry compiled with static shapes. It and the dynamic one below are separate functions so that
+    each has its own dynamo cache (and cache-size limit)."""
+    return flex_attention(*args, **kwargs)
+
+
+def _flex_with_dynamic_shapes(flex_attention, *args, **kwargs):
+    """The entry compiled with automatic dynamic shapes: decoding steps and shapes past the static limit."""
+    return flex_attention(*args, **kwargs)
+
+
+def _flex_uses_static_shapes(call: AttentionCall, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Static shapes on the CPU (dynamic ones fail to build there) and for the first few full-sequence
+    shapes; a decoding step (one query row, a new key length every step) goes to the dynamic kernel."""
+    if call.device_type == "cpu":
+        return True
+    if call.q_len == 1:
+        return False
+    signature = (tuple(q.shape), tuple(k.shape), call.dtype, call.needs_grad, call.causal, call.mask_kind, call.alibi)
+    if signature not in _flex_static_signatures:
+        if len(_flex_static_signatures) >= _FLEX_STATIC_SHAPES["limit"]:
+            return False
+        _flex_static_signatures.add(signature)
+    return True
+
+
+def _flex_function(static: bool):
+    if static not in _compiled_flex:
+        entry = _flex_with_static_shapes if static else _flex_with_dynamic_shapes
+        _compiled_flex[static] = torch.compile(entry, dynamic=False if static else None)
+    return _compiled_flex[static]
+
+
+def _flex_offset(call: AttentionCall, device) -> torch.Tensor:
+    """The causal offset as a 0-d tensor: a Python int captured by a mod would make the compiled
+    flex_attention recompile for every new key length (every decoding step)."""
+    return torch.full((), call.causal_offset, dtype=torch.int32, device=device)
+
+
+def _flex_masks_causally(call: AttentionCall) -> bool:
+    """Causal masking hides something only with more than one query row (bottom-right aligned, a single
+    row sees every key), so decoding steps need no block mask."""
+    return call.causal and call.q_len > 1
+
+
+def _flex_mask_mod(call: AttentionCall, mask, device) -> Callable:
     conditions = []
-    if call.causal:
+    if _flex_masks_causally(call):
+        offset = _flex_offset(call, device)
         conditions.append(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + offset)
     if call.mask_kind == "padding":
         conditions.append(lambda b, h, q_idx, kv_idx: mask[b, kv_idx])
@@ -537,8 +609,6 @@ def _flex_mask_mod(call: AttentionCall, mask) -> Optional[Callable]:
                 0 if b_broadcast else b, 0 if h_broadcast else h, 0 if q_broadcast else q_idx, kv_idx
             ]
         )
-    if not conditions:
-        return None
 
     def mask_mod(b, h, q_idx, kv_idx):
         result = conditions[0](b, h, q_idx, kv_idx)
@@ -550,10 +620,10 @@ def _flex_mask_mod(call: AttentionCall, mask) -> Optional[Callable]:
 
 
 def _flex_score_mod(call: AttentionCall, mask, alibi_slopes) -> Optional[Callable]:
-    offset = call.causal_offset
     terms = []
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(torch.float32)
+        offset = _flex_offset(call, slopes.device)
         terms.append(lambda b, h, q_idx, kv_idx: slopes[h] * (kv_idx - q_idx - offset))
     if call.mask_kind == "additive":
         finite = mask.float().masked_fill(_additive_hidden(mask), 0.0)
@@ -574,6 +644,59 @@ def _flex_score_mod(call: AttentionCall, mask, alibi_slopes) -> Optional[Callabl
     return score_mod
 
 
+_FLEX_BLOCK = 128  # flex_attention's default sparse block size
+_FLEX_BAND_ELEMENTS = 1 << 22  # mask elements evaluated at once while building a block mask
+
+
+def _block_classes(keep: torch.Tensor, q_blocks: int, k_blocks: int):
+    """Per [q-block, k-block] tile of a [b, h, rows, cols] keep-mask: (partly kept, fully kept)."""
+    tiles = keep.view(*keep.shape[:2], q_blocks, _FLEX_BLOCK, k_blocks, _FLEX_BLOCK)
+    any_kept, all_kept = tiles.any(dim=5).any(dim=3), tiles.all(dim=5).all(dim=3)
+    return any_kept & ~all_kept, all_kept
+
+
+def _ordered_block_indices(present: torch.Tensor):
+    """[b, h, q_blocks, k_blocks] bool -> (count per row, the present column indices first, in order)."""
+    counts = present.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort((~present).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return counts, order
+
+
+def _banded_block_mask(mask_mod: Callable, batch: int, heads: int, q_len: int, k_len: int, device):
+    """A flex BlockMask built one band of query blocks at a time.
+
+    create_block_mask evaluates the whole [batch, heads, q_len, k_len] grid at once and reduces it with
+    wide integers (2.5 GB of host memory at 16k tokens); a band holds about 4M mask elements, so building costs
+    O(seq) memory. ``mask_mod`` must broadcast over index tensors, as the mods of this file do.
+    """
+    q_blocks, k_blocks = -(-q_len // _FLEX_BLOCK), -(-k_len // _FLEX_BLOCK)
+    b = torch.arange(batch, device=device)[:, None, None, None]
+    h = torch.arange(heads, device=device)[None, :, None, None]
+    cols = torch.arange(k_blocks * _FLEX_BLOCK, device=device)
+    kv_idx = cols.clamp(max=k_len - 1)[None, None, None, :]
+    band = max(1, _FLEX_BAND_ELEMENTS // (batch * heads * k_blocks * _FLEX_BLOCK * _FLEX_BLOCK))
+    partial, full = [], []
+    for first in range(0, q_blocks, band):
+        rows = torch.arange(first * _FLEX_BLOCK, min(first + band, q_blocks) * _FLEX_BLOCK, device=device)
+        q_idx = rows.clamp(max=q_len - 1)[None, None, :, None]
+        inside = (rows < q_len)[:, None] & (cols < k_len)[None, :]  # tile padding past the ends is never kept
+        keep = (mask_mod(b, h, q_idx, kv_idx) & inside).expand(batch, heads, -1, -1)
+        band_partial, band_full = _block_classes(keep, rows.numel() // _FLEX_BLOCK, k_blocks)
+        partial.append(band_partial)
+        full.append(band_full)
+    kv_counts, kv_indices = _ordered_block_indices(torch.cat(partial, dim=2))
+    full_counts, full_indices = _ordered_block_indices(torch.cat(full, dim=2))
+    return _flex_module().BlockMask.from_kv_blocks(
+        kv_counts,
+        kv_indices,
+        full_counts,
+        full_indices,
+        BLOCK_SIZE=_FLEX_BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(q_len, k_len),
+    )
+
+
 _shape_block_masks: dict = {}
 _tensor_block_mask: dict = {}
 
@@ -585,8 +708,7 @@ def _flex_block_mask(call: AttentionCall, mask, device):
     a pass over the [q, k] grid per layer. A mask that depends on a tensor is reused only while that very
     tensor object is alive and unmodified (checked through a weak reference and its version counter).
     """
-    mask_mod = _flex_mask_mod(call, mask)
-    if mask_mod is None:
+    if not _flex_masks_causally(call) and call.mask_kind == "none":
         return None
     per_batch = call.mask_kind != "none" and mask.shape[0] != 1
     per_head = call.mask_kind in ("bool", "additive") and mask.shape[1] != 1
@@ -599,13 +721,13 @@ def _flex_block_mask(call: AttentionCall, mask, device):
         cached = entry[3] if same else None
     if cached is not None:
         return cached
-    block_mask = _flex_module().create_block_mask(
-        mask_mod,
-        mask.shape[0] if per_batch else None,
-        call.heads if per_head else None,
+    block_mask = _banded_block_mask(
+        _flex_mask_mod(call, mask, device),
+        mask.shape[0] if per_batch else 1,
+        call.heads if per_head else 1,
         call.q_len,
         call.k_len,
-        device=device,
+        device,
     )
     if call.mask_kind == "none":
         if len(_shape_block_masks) >= 64:
@@ -619,8 +741,15 @@ def _flex_block_mask(call: AttentionCall, mask, device):
 def _run_flex(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
     block_mask = _flex_block_mask(call, mask, q.device)
     score_mod = _flex_score_mod(call, mask, alibi_slopes)
-    return _flex_function(call.device_type)(
-        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=call.kv_heads != call.heads
+    return _flex_function(_flex_uses_static_shapes(call, q, k))(
+        _flex_module().flex_attention,
+        q,
+        k,
+        v,
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=call.kv_heads != call.heads,
     )
 
 

@@ -22,6 +22,9 @@ family/section, and ``<out>/log.txt`` holds the progress and any tracebacks. PNG
 docs/benchmarks/ come from ``scripts/plot_benchmarks.py``. A failing configuration records its error (OOM,
 unsupported, error, timeout) and the run goes on; a run stops starting new configurations once
 ``--budget-s`` is spent (they are recorded as skipped), and ``--resume`` skips what is already recorded.
+``--profile`` adds a torch.profiler table per configuration (``<out>/profile-*.txt``) with the device's busy
+time, which tells a host-bound step (small sizes, decoding) from a kernel-bound one. Our flex backend gets a
+static-shape kernel for every size of a sweep, as a run at one fixed size does (see set_flex_static_shapes).
 
 Examples (GPU):
 
@@ -274,7 +277,7 @@ class Bench:
         self.deadline = self.start + args.budget_s
         self.device_name = torch.cuda.get_device_name(self.device) if self.is_cuda else platform.processor() or "cpu"
         self.peak_tflops = args.peak_tflops or (peak_bf16_tflops(self.device_name) if self.is_cuda else None)
-        self.factory = ModelFactory(self.device)
+        self.factory = ModelFactory(self.device, args.dynamo_cache_limit // 2)
         self._kernel_layer = None
 
     # -- timing and memory --------------------------------------------------------------------
@@ -337,6 +340,7 @@ class Bench:
         """modeling/attention.py loaded from its file (the source every modeling file carries a copy of)."""
         if self._kernel_layer is None:
             self._kernel_layer = module_from_file("mea_bench_attention", MODELING_DIR / "attention.py")
+            self._kernel_layer.set_flex_static_shapes(self.args.dynamo_cache_limit // 2)
         return self._kernel_layer
 
     def our_backends(self) -> list:
@@ -435,8 +439,9 @@ def config_kwargs(family: str, dims: Dims, max_pos: int, dropout: float, dtype: 
 class ModelFactory:
     """Builds stock models from a config and ours through trust_remote_code from a folder of our files."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, flex_static_shapes: int):
         self.device = device
+        self.flex_static_shapes = flex_static_shapes
         self.root = Path(tempfile.mkdtemp(prefix="mea-bench-models-"))
 
     def config(self, family: str, kwargs: dict, ours: bool):
@@ -476,6 +481,8 @@ class ModelFactory:
                 model = auto.from_config(config, trust_remote_code=True, dtype=dtype)
                 if not type(model).__module__.startswith("transformers_modules"):
                     raise RuntimeError(f"expected our class through trust_remote_code, got {type(model).__module__}")
+                # every size of a sweep gets its own static-shape flex kernel, as in a run at one fixed size
+                sys.modules[type(model).__module__].set_flex_static_shapes(self.flex_static_shapes)
             else:
                 model = auto.from_config(config, attn_implementation=name, dtype=dtype)
         return model.to(self.device)
@@ -688,8 +695,42 @@ def train_step_fn(model, inputs: dict, optimizer) -> Callable[[], torch.Tensor]:
     return step
 
 
+def profile_call(bench: Bench, fn: Callable[[], object], name: str) -> dict:
+    """``fn`` once more under torch.profiler: its busiest host and device ops go to ``<out>/profile-<name>.txt``.
+
+    Device busy time well under the wall time means the GPU waits on the host (Python, dispatch, guards).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.is_cuda else [])
+    bench.sync()
+    begin = time.perf_counter()
+    with profile(activities=activities) as prof:
+        fn()
+        bench.sync()
+    wall_ms = 1e3 * (time.perf_counter() - begin)
+    events = prof.key_averages()
+    kernels = [event for event in events if event.device_type != torch.autograd.DeviceType.CPU]
+    device_ms = sum(event.self_device_time_total for event in kernels) / 1e3
+    path = bench.rec.out_dir / f"profile-{name}.txt"
+    tables = [f"{name}: wall {wall_ms:.1f} ms under the profiler, device busy {device_ms:.1f} ms"]
+    for key in ("self_cpu_time_total", "self_device_time_total"):
+        tables.append(f"\n-- sorted by {key}\n" + events.table(sort_by=key, row_limit=25, max_name_column_width=70))
+    path.write_text("\n".join(tables) + "\n", encoding="utf-8")
+    return {"profile_wall_ms": wall_ms, "profile_device_ms": device_ms, "profile_file": path.name}
+
+
 def measure_train(
-    bench: Bench, model, family: str, batch: int, seq: int, tgt: Optional[int], vocab: int, warmup: int, iters: int
+    bench: Bench,
+    model,
+    family: str,
+    batch: int,
+    seq: int,
+    tgt: Optional[int],
+    vocab: int,
+    warmup: int,
+    iters: int,
+    profile_name: Optional[str] = None,
 ) -> dict:
     device = bench.device
     inputs = {"input_ids": random_ids(vocab, batch, seq, device)}
@@ -731,6 +772,8 @@ def measure_train(
         "loss": loss,
         "optimizer": bench.args.optimizer,
     }
+    if profile_name is not None:
+        result.update(profile_call(bench, step, profile_name))
     return result
 
 
@@ -820,8 +863,19 @@ def run_train_family(
                     model = built.pop("model")
                     n_params = sum(p.numel() for p in model.parameters())
                 record["n_params"] = n_params
+                profile_name = f"{section}-{family}-{impl.replace(':', '_')}-{seq}-b{batch}" if args.profile else None
                 measure = functools.partial(
-                    measure_train, bench, model, family, batch, seq, tgt, dims.vocab, args.warmup, args.iters
+                    measure_train,
+                    bench,
+                    model,
+                    family,
+                    batch,
+                    seq,
+                    tgt,
+                    dims.vocab,
+                    args.warmup,
+                    args.iters,
+                    profile_name,
                 )
                 result = run_guarded(bench, record, measure)
                 if result["status"] == "ok":
@@ -932,7 +986,16 @@ def decode(model, family: str, state, steps: int) -> None:
         token = out.logits[:, -1:].argmax(-1)
 
 
-def measure_infer(bench: Bench, model, family: str, batch: int, seq: int, vocab: int, new_tokens: int) -> dict:
+def measure_infer(
+    bench: Bench,
+    model,
+    family: str,
+    batch: int,
+    seq: int,
+    vocab: int,
+    new_tokens: int,
+    profile_name: Optional[str] = None,
+) -> dict:
     ids = random_ids(vocab, batch, seq, bench.device)
     model.eval()
     with torch.no_grad():
@@ -944,9 +1007,15 @@ def measure_infer(bench: Bench, model, family: str, batch: int, seq: int, vocab:
         bench.sync()
         decode_ms = bench.timed(functools.partial(decode, model, family, state, new_tokens), 1)[0]
         peak = bench.peak_mb()
+        if profile_name is not None:
+            profiled = {
+                "prefill": functools.partial(prefill, model, family, ids),
+                "decode": functools.partial(decode, model, family, prefill(model, family, ids), 8),
+            }
+            profiles = {part: profile_call(bench, fn, f"{profile_name}-{part}") for part, fn in profiled.items()}
     prefill_ms = statistics.median(prefill_times)
     flops = prefill_flops(model, family, batch, seq)
-    return {
+    result = {
         "prefill_ms": prefill_ms,
         "prefill_ms_all": [round(t, 3) for t in prefill_times],
         "prefill_tflops": flops / (prefill_ms / 1e3) / 1e12,
@@ -956,6 +1025,10 @@ def measure_infer(bench: Bench, model, family: str, batch: int, seq: int, vocab:
         "decode_tokens_per_s": batch * new_tokens / (decode_ms / 1e3),
         "peak_mem_mb": peak,
     }
+    if profile_name is not None:
+        for part, numbers in profiles.items():
+            result.update({f"{key}_{part}": value for key, value in numbers.items()})
+    return result
 
 
 def run_infer(bench: Bench) -> None:
@@ -1005,8 +1078,9 @@ def run_infer(bench: Bench) -> None:
                             finish(bench, {**record, **build_error}, state, tokens)
                             continue
                         model = built.pop("model")
+                    profile_name = f"infer-{family}-{impl.replace(':', '_')}-{seq}-b{batch}" if args.profile else None
                     measure = functools.partial(
-                        measure_infer, bench, model, family, batch, seq, dims.vocab, args.new_tokens
+                        measure_infer, bench, model, family, batch, seq, dims.vocab, args.new_tokens, profile_name
                     )
                     result = run_guarded(bench, record, measure)
                     if result["status"] == "ok":  # what the next, larger configuration may cost
@@ -1076,8 +1150,7 @@ class DirectKernels:
         if self._flex is None:
             from torch.nn.attention.flex_attention import flex_attention
 
-            dynamic = False if self.device.type == "cpu" else None
-            self._flex = torch.compile(flex_attention, dynamic=dynamic)
+            self._flex = torch.compile(flex_attention, dynamic=False)  # a static-shape kernel per shape: the fastest
         return self._flex
 
     def _block_mask(self, seq: int):
@@ -1414,6 +1487,11 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=int, default=None, help="training warm-up steps (default 2)")
     p.add_argument("--iters", type=int, default=None, help="timed training steps, median reported (default 5)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile one more training step, prefill and 8 decode steps (tables in <out>/profile-*.txt)",
+    )
     p.add_argument("--prefill-iters", type=int, default=None)
     p.add_argument("--kernel-warmup", type=int, default=3)
     p.add_argument("--kernel-min-reps", type=int, default=5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import math
@@ -476,6 +477,57 @@ def test_chunked_forward_backward_memory_is_far_below_one_score_matrix():
     assert peak_growth < score_matrix_bytes / 8, f"peak grew by {peak_growth / 2**20:.0f} MiB"
 
 
+BLOCK_MASK_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import importlib, resource, sys, torch
+    kernel_layer = importlib.import_module("memory_efficient_adapter.attention")
+    n = int(sys.argv[1])
+    kernel_layer._FLEX_BAND_ELEMENTS = 1 << 20
+    q = torch.empty(1, 1, n, 32, device="meta")
+    call = kernel_layer._describe(q, q, q, True, None, None, 0.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    block_mask = kernel_layer._flex_block_mask(call, None, "cpu")
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) * 1024, int(block_mask.kv_num_blocks.sum()), int(block_mask.full_kv_num_blocks.sum()))
+    """
+)
+
+
+def test_flex_block_mask_is_built_in_bands_far_below_one_mask_matrix():
+    tokens = 16384
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_MASK_MEMORY_SCRIPT, str(tokens)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    peak_growth, partial, full = (float(x) for x in result.stdout.split())
+    blocks = tokens // 128
+    assert partial == blocks and full == blocks * (blocks - 1) / 2  # causal: the diagonal tiles are partial
+    # a quarter of one bool [q, k] matrix; create_block_mask's whole-grid evaluation grows it by ~2.5 GiB here
+    assert peak_growth < tokens * tokens / 4, f"peak grew by {peak_growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("q_len, k_len, kind", [(300, 300, "none"), (257, 513, "padding"), (130, 130, "bool"), (1, 700, "padding")])
+def test_banded_block_mask_matches_create_block_mask(monkeypatch, q_len, k_len, kind):
+    monkeypatch.setattr(kernel_layer, "_FLEX_BAND_ELEMENTS", 3 * 128 * 128)  # many bands, some of one block row
+    gen = torch.Generator().manual_seed(q_len + k_len)
+    q, k = torch.randn(2, 4, q_len, 32, generator=gen), torch.randn(2, 4, k_len, 32, generator=gen)
+    mask = {"none": None, "padding": torch.rand(2, k_len, generator=gen) > 0.3}.get(kind)
+    if kind == "bool":
+        mask = torch.rand(2, 4, q_len, k_len, generator=gen) > 0.5
+    call = kernel_layer._describe(q, k, k, True, mask, None, 0.0)
+    mask_mod = kernel_layer._flex_mask_mod(call, mask, "cpu")
+    batch, heads = (1 if mask is None else 2), (4 if kind == "bool" else 1)
+    ours = kernel_layer._banded_block_mask(mask_mod, batch, heads, q_len, k_len, "cpu")
+    expected = kernel_layer._flex_module().create_block_mask(mask_mod, batch, heads, q_len, k_len, device="cpu")
+    assert torch.equal(ours.to_dense(), expected.to_dense())
+    for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+        assert torch.equal(getattr(ours, name), getattr(expected, name)), name
+    assert ours.seq_lengths == (q_len, k_len)
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU: every backend that runs on this machine, fp16 and bf16, against the float64 reference
 # ----------------------------------------------------------------------------------------------
@@ -534,33 +586,118 @@ def test_auto_on_cuda_picks_a_fused_kernel_for_alibi():
 
 
 @pytest.mark.slow
-def test_flex_block_masks_are_reused_only_for_the_same_mask():
+def test_flex_block_masks_are_reused_only_for_the_same_mask(monkeypatch):
     q = torch.randn(2, 2, 40, 32)
     keep = torch.ones(2, 40, dtype=torch.bool)
     keep[0, :9] = False
     calls = []
-    original = kernel_layer._flex_module().create_block_mask
+    original = kernel_layer._banded_block_mask
+    monkeypatch.setattr(kernel_layer, "_banded_block_mask", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    first = mea.attention(q, q, q, causal=True, attention_mask=keep, backend="flex")
+    again = mea.attention(q, q, q, causal=True, attention_mask=keep, backend="flex")
+    assert len(calls) == 1 and torch.equal(first, again)
+    keep[1, :5] = False  # modified in place: the cached block mask must not be reused
+    changed = mea.attention(q, q, q, causal=True, attention_mask=keep, backend="flex")
+    assert len(calls) == 2
+    expected = reference_attention(q, q, q, causal=True, mask=keep)
+    assert torch.allclose(changed.double(), expected, atol=1e-5)
+    mea.attention(q, q, q, causal=True, backend="flex")
+    mea.attention(q, q, q, causal=True, backend="flex")
+    assert len(calls) == 3
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
 
-    flex = kernel_layer._flex_module()
-    try:
-        flex.create_block_mask = counting
-        first = mea.attention(q, q, q, causal=True, attention_mask=keep, backend="flex")
-        again = mea.attention(q, q, q, causal=True, attention_mask=keep, backend="flex")
-        assert len(calls) == 1 and torch.equal(first, again)
-        keep[1, :5] = False  # modified in place: the cached block mask must not be reused
-        changed = mea.attention(q, q, q, causal=True, attention_mask=keep, backend="flex")
-        assert len(calls) == 2
-        expected = reference_attention(q, q, q, causal=True, mask=keep)
-        assert torch.allclose(changed.double(), expected, atol=1e-5)
-        mea.attention(q, q, q, causal=True, backend="flex")
-        mea.attention(q, q, q, causal=True, backend="flex")
-        assert len(calls) == 3
-    finally:
-        flex.create_block_mask = original
+@pytest.mark.slow
+def test_flex_decoding_steps_need_no_block_mask_and_match_reference(monkeypatch):
+    """One query row sees every key, so a decoding step builds no block mask (which costs a pass over the
+    [q, k] grid per step), and ALiBi's causal offset reaches the compiled kernel as a tensor."""
+    built = []
+    original = kernel_layer._banded_block_mask
+    monkeypatch.setattr(kernel_layer, "_banded_block_mask", lambda *a, **kw: built.append(1) or original(*a, **kw))
+    gen = torch.Generator().manual_seed(11)
+    slopes = mea.alibi_slopes(4)
+    for k_len in (37, 38):
+        q = torch.randn(2, 4, 1, 32, generator=gen)
+        k, v = (torch.randn(2, 2, k_len, 32, generator=gen) for _ in range(2))
+        out = mea.attention(q, k, v, causal=True, alibi_slopes=slopes, backend="flex")
+        expected = reference_attention(q, k, v, causal=True, slopes=slopes)
+        assert torch.allclose(out.double(), expected, atol=1e-5)
+    assert built == []
+    call = kernel_layer._describe(q, k, v, True, None, slopes, 0.0)
+    score_mod = kernel_layer._flex_score_mod(call, None, slopes)
+    captured = [cell.cell_contents for term in score_mod.__closure__[0].cell_contents for cell in term.__closure__]
+    assert not any(isinstance(value, int) for value in captured), captured
+
+
+def test_flex_compiles_static_shapes_for_the_first_shapes_then_one_dynamic_kernel(monkeypatch):
+    monkeypatch.setattr(kernel_layer, "_flex_static_signatures", set())
+    monkeypatch.setitem(kernel_layer._FLEX_STATIC_SHAPES, "limit", 2)
+
+    def static(q_len, k_len, device_type="cuda", batch=1):
+        q, k = torch.empty(batch, 4, q_len, 32, device="meta"), torch.empty(batch, 2, k_len, 32, device="meta")
+        call = dataclasses.replace(kernel_layer._describe(q, k, k, True, None, None, 0.0), device_type=device_type)
+        return kernel_layer._flex_uses_static_shapes(call, q, k)
+
+    assert static(1024, 1024) and static(2048, 2048)  # two shapes: a static kernel each
+    assert not static(4096, 4096) and not static(1024, 1024, batch=2)  # past the limit: the dynamic kernel
+    assert static(1024, 1024) and static(2048, 2048)  # shapes seen before keep theirs
+    assert not static(1, 1500) and not static(1, 1501)  # decoding steps: dynamic
+    assert static(4096, 4096, device_type="cpu")  # the CPU builds static shapes only
+    with pytest.raises(ValueError, match="static flex shapes"):
+        mea.set_flex_static_shapes(-1)
+
+
+@pytest.mark.gpu
+def test_sdpa_on_cuda_leaves_the_global_kernel_priority_as_it_found_it():
+    before = list(torch._C._get_sdp_priority_order())
+    q = torch.randn(1, 8, 64, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 8, 300, 128, device="cuda", dtype=torch.bfloat16)
+    for query, key in ((q, q), (q[:, :, :1], k)):  # prefill-shaped (cuDNN first), then decoding (flash first)
+        out = mea.attention(query, key, key, causal=True, backend="sdpa")
+        assert list(torch._C._get_sdp_priority_order()) == before
+        expected = reference_attention(query, key, key, causal=True)
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+def test_flex_decoding_on_cuda_compiles_a_bounded_number_of_graphs():
+    """Growing key lengths (decoding) must not recompile flex_attention every step."""
+    import torch._dynamo.utils
+
+    slopes = mea.alibi_slopes(8).cuda()
+    keep = torch.ones(2, 600, dtype=torch.bool, device="cuda")
+    keep[0, :21] = False
+    graphs = []
+    for k_len in range(500, 520):
+        q = torch.randn(2, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(2, 2, k_len, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        out = mea.attention(q, k, v, causal=True, alibi_slopes=slopes, attention_mask=keep[:, :k_len], backend="flex")
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    expected = reference_attention(q, k, v, causal=True, mask=keep[:, :k_len], slopes=slopes)
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 2e-2
+    assert graphs[-1] - graphs[0] <= 3, graphs  # a static first step, a dynamic kernel, a few specializations
+
+
+def test_sdpa_priority_is_set_for_the_call_and_restored_after_it():
+    before = list(torch._C._get_sdp_priority_order())
+    first = [before[-2], before[-1]]
+    seen = []
+
+    def run():
+        seen.append(list(torch._C._get_sdp_priority_order()))
+        return torch.zeros(1)
+
+    kernel_layer._with_sdpa_priority(first, run)
+    assert seen[0][:2] == first and sorted(seen[0]) == sorted(before)
+    assert list(torch._C._get_sdp_priority_order()) == before
+
+    def failing():
+        raise RuntimeError("kernel failed")
+
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        kernel_layer._with_sdpa_priority(first, failing)
+    assert list(torch._C._get_sdp_priority_order()) == before
+    q = torch.randn(1, 2, 5, 16)
+    assert kernel_layer._sdpa_priority(kernel_layer._describe(q, q, q, True, None, None, 0.0), q.device) is None
 
 
 def test_autocast_casts_mixed_inputs_like_sdpa():

@@ -34,6 +34,7 @@ ARGV = [
     "--seq", "32", "--batch", "1",
     "--impl", "core",
     "--kernel-modes", "fwdbwd",
+    "--profile",
 ]  # fmt: skip
 
 
@@ -52,6 +53,17 @@ def run(tmp_path_factory):
 
 def by(records, **fields):
     return [r for r in records if all(r.get(k) == v for k, v in fields.items())]
+
+
+def test_profile_writes_a_table_per_configuration(run):
+    trained = by(run["records"], section="train", status="ok")
+    inferred = by(run["records"], section="infer", status="ok")
+    assert trained and inferred
+    files = [(r, "") for r in trained] + [(r, f"_{part}") for r in inferred for part in ("prefill", "decode")]
+    for record, part in files:
+        table = (run["out"] / record["profile_file" + part]).read_text()
+        assert record["family"] in record["profile_file" + part] and "sorted by self_cpu_time_total" in table
+        assert record["profile_wall_ms" + part] > 0 and ("aten::addmm" in table or "aten::mm" in table)
 
 
 def test_every_section_wrote_records_and_none_failed(run):
