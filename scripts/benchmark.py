@@ -695,6 +695,13 @@ def train_step_fn(model, inputs: dict, optimizer) -> Callable[[], torch.Tensor]:
     return step
 
 
+def profile_label(
+    args: argparse.Namespace, section: str, family: str, impl: str, seq: int, batch: int
+) -> Optional[str]:
+    """The name of a configuration's profile table, or None without --profile."""
+    return f"{section}-{family}-{impl.replace(':', '_')}-{seq}-b{batch}" if args.profile else None
+
+
 def profile_call(bench: Bench, fn: Callable[[], object], name: str) -> dict:
     """``fn`` once more under torch.profiler: its busiest host and device ops go to ``<out>/profile-<name>.txt``.
 
@@ -863,7 +870,7 @@ def run_train_family(
                     model = built.pop("model")
                     n_params = sum(p.numel() for p in model.parameters())
                 record["n_params"] = n_params
-                profile_name = f"{section}-{family}-{impl.replace(':', '_')}-{seq}-b{batch}" if args.profile else None
+                profile_name = profile_label(args, section, family, impl, seq, batch)
                 measure = functools.partial(
                     measure_train,
                     bench,
@@ -1078,7 +1085,7 @@ def run_infer(bench: Bench) -> None:
                             finish(bench, {**record, **build_error}, state, tokens)
                             continue
                         model = built.pop("model")
-                    profile_name = f"infer-{family}-{impl.replace(':', '_')}-{seq}-b{batch}" if args.profile else None
+                    profile_name = profile_label(args, "infer", family, impl, seq, batch)
                     measure = functools.partial(
                         measure_infer, bench, model, family, batch, seq, dims.vocab, args.new_tokens, profile_name
                     )
