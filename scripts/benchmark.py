@@ -277,7 +277,9 @@ class Bench:
         self.deadline = self.start + args.budget_s
         self.device_name = torch.cuda.get_device_name(self.device) if self.is_cuda else platform.processor() or "cpu"
         self.peak_tflops = args.peak_tflops or (peak_bf16_tflops(self.device_name) if self.is_cuda else None)
-        self.factory = ModelFactory(self.device, args.dynamo_cache_limit // 2)
+        # every size of a sweep gets its own static-shape flex kernel, as in a run at one fixed size
+        self.flex_static_shapes = args.dynamo_cache_limit // 2
+        self.factory = ModelFactory(self.device, self.flex_static_shapes)
         self._kernel_layer = None
 
     # -- timing and memory --------------------------------------------------------------------
@@ -340,7 +342,7 @@ class Bench:
         """modeling/attention.py loaded from its file (the source every modeling file carries a copy of)."""
         if self._kernel_layer is None:
             self._kernel_layer = module_from_file("mea_bench_attention", MODELING_DIR / "attention.py")
-            self._kernel_layer.set_flex_static_shapes(self.args.dynamo_cache_limit // 2)
+            self._kernel_layer.set_flex_static_shapes(self.flex_static_shapes)
         return self._kernel_layer
 
     def our_backends(self) -> list:
@@ -481,7 +483,6 @@ class ModelFactory:
                 model = auto.from_config(config, trust_remote_code=True, dtype=dtype)
                 if not type(model).__module__.startswith("transformers_modules"):
                     raise RuntimeError(f"expected our class through trust_remote_code, got {type(model).__module__}")
-                # every size of a sweep gets its own static-shape flex kernel, as in a run at one fixed size
                 sys.modules[type(model).__module__].set_flex_static_shapes(self.flex_static_shapes)
             else:
                 model = auto.from_config(config, attn_implementation=name, dtype=dtype)
