@@ -53,9 +53,10 @@ Layout is ``[batch, heads, seq, head_dim]``. Backends, one function each, declar
 import logging
 import math
 import os
-import weakref
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -70,12 +71,12 @@ AUTO_ORDER = {
 AUTO_ORDER_OTHER_DEVICES = ("sdpa", "chunked", "eager")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Query/key block sizes of the chunked backend; change them with set_chunk_sizes().
-_CHUNK_SIZES = {"query": 1024, "key": 1024}
+# Query/key block sizes of the chunked backend for calls that pass no ``chunk_size``; set_chunk_sizes()
+# changes them for this copy of the layer only (a model reads ``config.attn_chunk_size`` instead).
+_DEFAULT_CHUNK_SIZES = {"query": 1024, "key": 1024}
 
 _logged_messages: set = set()
 _probe_results: dict = {}
-_failed_at_runtime: set = set()
 
 
 def _log_once(message: str) -> None:
@@ -112,9 +113,51 @@ class AttentionCall:
         return self.k_len - self.q_len
 
 
+class ForwardMask:
+    """One forward pass's attention mask, made once by the model and handed to every layer.
+
+    It carries the mask tensor (what ``attention()`` takes as ``attention_mask``) and the flex block masks
+    built from it, so flex builds a block mask once per forward rather than once per layer, and nothing
+    outlives the forward: no cache keyed by tensor identity. ``attention()`` takes it wherever it takes a
+    mask tensor; ``dim()``, ``shape``, ``dtype`` and ``device`` are the tensor's.
+    """
+
+    def __init__(self, tensor: torch.Tensor):
+        if isinstance(tensor, ForwardMask):
+            tensor = tensor.tensor
+        self.tensor = tensor
+        self.block_masks: dict = {}
+
+    def dim(self) -> int:
+        return self.tensor.dim()
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tensor.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensor.device
+
+
+def forward_mask(mask: Optional[torch.Tensor]) -> Optional[ForwardMask]:
+    """The mask a model hands to all its layers for one forward pass (None stays None)."""
+    return None if mask is None else ForwardMask(mask)
+
+
+def _mask_tensor(mask) -> Optional[torch.Tensor]:
+    return mask.tensor if isinstance(mask, ForwardMask) else mask
+
+
 def _mask_kind(mask: Optional[torch.Tensor], batch: int, heads: int, q_len: int, k_len: int) -> str:
     if mask is None:
         return "none"
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor, a ForwardMask or None, got {type(mask).__name__}")
     if mask.dim() == 2:
         if mask.dtype != torch.bool:
             raise ValueError(
@@ -144,7 +187,14 @@ def _mask_kind(mask: Optional[torch.Tensor], batch: int, heads: int, q_len: int,
     raise ValueError(f"a 4-D attention_mask must be bool (True = attend) or floating (additive), got {mask.dtype}")
 
 
-def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p) -> AttentionCall:
+def _check_are_tensors(q, k, v) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_tensors(q, k, v) -> None:
+    _check_are_tensors(q, k, v)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             "q, k and v must be 4-D [batch, heads, seq, head_dim]; got shapes "
@@ -156,18 +206,45 @@ def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p) -> Atten
         )
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device; got {q.device}, {k.device}, {v.device}")
-    batch, heads, q_len, head_dim = q.shape
-    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise ValueError(
             f"k and v must be [batch, kv_heads, k_len, head_dim] matching q {list(q.shape)}; got {list(k.shape)}, {list(v.shape)}"
         )
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    if heads % kv_heads != 0:
-        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
-    if alibi_slopes is not None and (alibi_slopes.dim() != 1 or alibi_slopes.shape[0] != heads):
+    empty = [name for name, size in zip(("batch", "heads", "q_len", "head_dim"), q.shape) if size == 0]
+    empty += [name for name, size in zip(("kv_heads", "k_len"), k.shape[1:3]) if size == 0]
+    if empty:
+        raise ValueError(f"attention got an empty dimension ({', '.join(empty)}): q {list(q.shape)}, k {list(k.shape)}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+
+
+def _check_options(q, attention_mask, alibi_slopes, causal, dropout_p) -> None:
+    """The caller's mistakes, caught before any backend runs (a backend never pays for them)."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a Python bool, got {type(causal).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.device != q.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device}, but q, k and v are on {q.device}")
+    if alibi_slopes is None:
+        return
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    heads = q.shape[1]
+    if alibi_slopes.dim() != 1 or alibi_slopes.shape[0] != heads:
         raise ValueError(f"alibi_slopes must have shape [heads] = [{heads}], got {list(alibi_slopes.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if alibi_slopes.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"alibi_slopes must be floating (float32 is best), got {alibi_slopes.dtype}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, but q, k and v are on {q.device}")
+
+
+def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p) -> AttentionCall:
+    attention_mask = _mask_tensor(attention_mask)
+    _check_tensors(q, k, v)
+    _check_options(q, attention_mask, alibi_slopes, causal, dropout_p)
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
     return AttentionCall(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -176,7 +253,7 @@ def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p) -> Atten
         kv_heads=kv_heads,
         q_len=q_len,
         k_len=k_len,
-        causal=bool(causal),
+        causal=causal,
         mask_kind=_mask_kind(attention_mask, batch, heads, q_len, k_len),
         alibi=alibi_slopes is not None,
         dropout_p=float(dropout_p),
@@ -242,6 +319,26 @@ def _zero_empty_rows(out: torch.Tensor, row_has_key: Optional[torch.Tensor]) -> 
     return out if row_has_key is None else out.masked_fill(~row_has_key, 0.0)
 
 
+def _keys_no_query_sees(call: AttentionCall, mask) -> Optional[torch.Tensor]:
+    """``[b or 1, 1, k_len, 1]``, True at keys hidden from every query (padding); None when the mask says
+    nothing per key (no mask, or a 4-D mask that differs per head or per query row)."""
+    if call.mask_kind == "padding":
+        return ~mask[:, None, :, None]
+    if call.mask_kind in ("bool", "additive") and mask.shape[1] == 1 and mask.shape[2] == 1:
+        hidden = ~mask if call.mask_kind == "bool" else _additive_hidden(mask)
+        return hidden[:, :, 0, :, None]
+    return None
+
+
+def _clear_padded_keys(k: torch.Tensor, v: torch.Tensor, call: AttentionCall, mask):
+    """Zero k and v where no query can see them, so a NaN or inf in a padded key never reaches any output
+    (a hidden key's probability is 0, but 0 * NaN is NaN inside every kernel's matmul)."""
+    hidden = _keys_no_query_sees(call, mask)
+    if hidden is None:
+        return k, v
+    return k.masked_fill(hidden, 0.0), v.masked_fill(hidden, 0.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Light softmax and fused dropout-matmul (the eager path made lighter)
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +384,7 @@ class DropoutMatmul(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True):
+def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True, **_):
     k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
     rows, cols = slice(0, call.q_len), slice(0, call.k_len)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
@@ -344,19 +441,29 @@ def _sdpa_priority(call: AttentionCall, device: torch.device) -> Optional[list]:
     return [full, flash] if call.q_len == call.k_len else [flash, full]
 
 
+# PyTorch keeps SDPA's kernel priority in one process-wide setting; every change of it, and the kernel call
+# made under it, happens while holding this lock, so threads never run under each other's order.
+_sdpa_priority_lock = threading.Lock()
+
+
 def _with_sdpa_priority(first: Optional[list], run: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``run()`` with the backends in ``first`` ahead of the others, then the previous order restored."""
+    """``run()`` with the backends in ``first`` ahead of the others, then the previous order restored.
+
+    The lock is held only around the kernel launch (CUDA runs it asynchronously), and the order is restored
+    before it is released, so another thread sees the order it left and the global order never drifts.
+    """
     if first is None:
         return run()
-    previous = list(torch._C._get_sdp_priority_order())
-    wanted = first + [backend for backend in previous if backend not in first]
-    if wanted == previous:
-        return run()
-    torch._C._set_sdp_priority_order(wanted)
-    try:
-        return run()
-    finally:
-        torch._C._set_sdp_priority_order(previous)
+    with _sdpa_priority_lock:
+        previous = list(torch._C._get_sdp_priority_order())
+        wanted = first + [backend for backend in previous if backend not in first]
+        if wanted == previous:
+            return run()
+        torch._C._set_sdp_priority_order(wanted)
+        try:
+            return run()
+        finally:
+            torch._C._set_sdp_priority_order(previous)
 
 
 def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
@@ -401,17 +508,20 @@ def _dropout_keep(seed: int, q_block: int, k_block: int, n_k_blocks: int, shape,
 
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, call, mask, alibi_slopes, scale, seed):
-        out, lse = _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed)
+    def forward(ctx, q, k, v, call, mask, alibi_slopes, scale, seed, sizes):
+        out, lse = _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed, sizes)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call, ctx.mask, ctx.alibi_slopes, ctx.scale, ctx.seed = call, mask, alibi_slopes, scale, seed
+        ctx.sizes = sizes
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        grads = _chunked_backward(q, k, v, out, lse, grad_out, ctx.call, ctx.mask, ctx.alibi_slopes, ctx.scale, ctx.seed)
-        return (*grads, None, None, None, None, None)
+        grads = _chunked_backward(
+            q, k, v, out, lse, grad_out, ctx.call, ctx.mask, ctx.alibi_slopes, ctx.scale, ctx.seed, ctx.sizes
+        )
+        return (*grads, None, None, None, None, None, None)
 
 
 def _chunk_slices(length: int, size: int) -> list:
@@ -436,13 +546,13 @@ def _block_scores(q_blk, k_blk, call, mask, alibi_slopes, scale, rows, cols):
     return scores
 
 
-def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed):
+def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed, sizes):
     batch, heads, _, dim = q.shape
     dtype = _compute_dtype(q.dtype)
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, call.q_len, device=q.device, dtype=dtype)
-    k_slices = _chunk_slices(call.k_len, _CHUNK_SIZES["key"])
-    for qi, rows in enumerate(_chunk_slices(call.q_len, _CHUNK_SIZES["query"])):
+    k_slices = _chunk_slices(call.k_len, sizes[1])
+    for qi, rows in enumerate(_chunk_slices(call.q_len, sizes[0])):
         q_blk = q[:, :, rows]
         row_max = torch.full((batch, heads, rows.stop - rows.start, 1), float("-inf"), device=q.device, dtype=dtype)
         row_sum = torch.zeros_like(row_max)
@@ -461,18 +571,18 @@ def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed):
                 probs = probs * (draw >= call.dropout_p) / (1.0 - call.dropout_p)
             acc = acc * rescale + torch.matmul(probs, v[:, :, cols].to(dtype))
             row_max = new_max
-        has_key = row_sum > 0
+        has_key = ~torch.isneginf(row_max)  # NaN from a real input is not -inf: it propagates, as in sdpa
         out[:, :, rows] = torch.where(has_key, acc / row_sum.clamp_min(1e-30), torch.zeros_like(acc)).to(q.dtype)
         lse[:, :, rows] = torch.where(has_key, row_max + torch.log(row_sum.clamp_min(1e-30)), row_max).squeeze(-1)
     return out, lse
 
 
-def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, scale, seed):
+def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, scale, seed, sizes):
     dtype = _compute_dtype(q.dtype)
     grad_q, grad_k, grad_v = (torch.zeros_like(x, dtype=dtype) for x in (q, k, v))
     delta = (grad_out.to(dtype) * out.to(dtype)).sum(dim=-1, keepdim=True)
-    k_slices = _chunk_slices(call.k_len, _CHUNK_SIZES["key"])
-    for qi, rows in enumerate(_chunk_slices(call.q_len, _CHUNK_SIZES["query"])):
+    k_slices = _chunk_slices(call.k_len, sizes[1])
+    for qi, rows in enumerate(_chunk_slices(call.q_len, sizes[0])):
         q_blk, g_blk = q[:, :, rows], grad_out[:, :, rows].to(dtype)
         row_lse = lse[:, :, rows, None]
         finite_lse = torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse)
@@ -495,17 +605,30 @@ def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, sca
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
 
 
-def _run_chunked(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+def _run_chunked(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, chunk_size=None, **_):
     k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if call.dropout_p > 0.0 else 0
-    return _ChunkedAttention.apply(q, k, v, call, mask, alibi_slopes, scale, seed)
+    return _ChunkedAttention.apply(q, k, v, call, mask, alibi_slopes, scale, seed, _chunk_sizes(chunk_size))
+
+
+def _chunk_sizes(chunk_size) -> tuple:
+    """(query, key) block sizes from ``chunk_size``: None (this copy's default), an int for both, or a pair."""
+    if chunk_size is None:
+        return _DEFAULT_CHUNK_SIZES["query"], _DEFAULT_CHUNK_SIZES["key"]
+    pair = (chunk_size, chunk_size) if isinstance(chunk_size, int) else tuple(chunk_size)
+    if len(pair) != 2 or not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in pair):
+        raise ValueError(f"chunk_size (config.attn_chunk_size) must be a positive int or a [query, key] pair, got {chunk_size!r}")
+    return pair
 
 
 def set_chunk_sizes(query: int = 1024, key: int = 1024) -> None:
-    """Set the query and key block sizes of the chunked backend (memory ~ batch x heads x query x key floats)."""
-    if query < 1 or key < 1:
-        raise ValueError(f"chunk sizes must be positive, got query={query}, key={key}")
-    _CHUNK_SIZES["query"], _CHUNK_SIZES["key"] = int(query), int(key)
+    """Set the default query and key block sizes of the chunked backend (memory ~ batch x heads x query x key).
+
+    This reaches only calls through this copy of the kernel layer that pass no ``chunk_size``: direct
+    ``attention()`` calls and models built from this very module. A model loaded with ``trust_remote_code``
+    carries its own copy: set ``model.config.attn_chunk_size = [query, key]`` (or one int) there instead.
+    """
+    _DEFAULT_CHUNK_SIZES["query"], _DEFAULT_CHUNK_SIZES["key"] = _chunk_sizes((query, key))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,10 +644,22 @@ def _flex_module():
     return flex
 
 
-# How many distinct call shapes get their own static-shape flex kernel; set_flex_static_shapes() changes it.
+# How many distinct call shapes get their own static-shape flex kernel when a call passes no
+# ``flex_static_shapes``; set_flex_static_shapes() changes it for this copy of the layer only.
 _FLEX_STATIC_SHAPES = {"limit": 6}
 _flex_static_signatures: set = set()
 _compiled_flex: dict = {}
+
+
+def _flex_static_limit(flex_static_shapes) -> int:
+    if flex_static_shapes is None:
+        return _FLEX_STATIC_SHAPES["limit"]
+    if isinstance(flex_static_shapes, bool) or not isinstance(flex_static_shapes, int) or flex_static_shapes < 0:
+        raise ValueError(
+            "the number of static flex shapes (flex_static_shapes, config.attn_flex_static_shapes) must be an "
+            f"int >= 0, got {flex_static_shapes!r}"
+        )
+    return flex_static_shapes
 
 
 def set_flex_static_shapes(limit: int) -> None:
@@ -533,10 +668,12 @@ def set_flex_static_shapes(limit: int) -> None:
     A static-shape kernel is much faster (on an H100, ALiBi forward+backward at 16k tokens: 373 against
     245 TFLOP/s) but costs a compile per shape, and dynamo keeps at most ``cache_size_limit`` (default 8)
     compiled variants of one function. Raise both together for a sweep over many shapes.
+
+    This sets the default of this copy of the kernel layer only: direct ``attention()`` calls and models
+    built from this very module. A model loaded with ``trust_remote_code`` carries its own copy: set
+    ``model.config.attn_flex_static_shapes = n`` there instead.
     """
-    if limit < 0:
-        raise ValueError(f"the number of static flex shapes must be >= 0, got {limit}")
-    _FLEX_STATIC_SHAPES["limit"] = int(limit)
+    _FLEX_STATIC_SHAPES["limit"] = _flex_static_limit(limit)
 
 
 def _flex_with_static_shapes(flex_attention, *args, **kwargs):
@@ -550,7 +687,7 @@ def _flex_with_dynamic_shapes(flex_attention, *args, **kwargs):
     return flex_attention(*args, **kwargs)
 
 
-def _flex_uses_static_shapes(call: AttentionCall, q: torch.Tensor, k: torch.Tensor) -> bool:
+def _flex_uses_static_shapes(call: AttentionCall, q: torch.Tensor, k: torch.Tensor, limit: int) -> bool:
     """Static shapes on the CPU (dynamic ones fail to build there) and for the first few full-sequence
     shapes; a decoding step (one query row, a new key length every step) goes to the dynamic kernel."""
     if call.device_type == "cpu":
@@ -559,7 +696,7 @@ def _flex_uses_static_shapes(call: AttentionCall, q: torch.Tensor, k: torch.Tens
         return False
     signature = (tuple(q.shape), tuple(k.shape), call.dtype, call.needs_grad, call.causal, call.mask_kind, call.alibi)
     if signature not in _flex_static_signatures:
-        if len(_flex_static_signatures) >= _FLEX_STATIC_SHAPES["limit"]:
+        if len(_flex_static_signatures) >= limit:
             return False
         _flex_static_signatures.add(signature)
     return True
@@ -687,51 +824,63 @@ def _banded_block_mask(mask_mod: Callable, batch: int, heads: int, q_len: int, k
     )
 
 
-_shape_block_masks: dict = {}
-_tensor_block_mask: dict = {}
+# Block masks of pure causal calls depend on the shape alone: kept for the most recent shapes, under a lock.
+_CAUSAL_BLOCK_MASKS_KEPT = 16
+_causal_block_masks: OrderedDict = OrderedDict()
+_causal_block_masks_lock = threading.Lock()
 
 
-def _flex_block_mask(call: AttentionCall, mask, device):
-    """The block mask of a call, built once per shape (causal only) or once per mask tensor.
+def _causal_block_mask(key: tuple, build: Callable):
+    with _causal_block_masks_lock:
+        if key in _causal_block_masks:
+            _causal_block_masks.move_to_end(key)
+            return _causal_block_masks[key]
+    block_mask = build()
+    with _causal_block_masks_lock:
+        _causal_block_masks[key] = block_mask
+        while len(_causal_block_masks) > _CAUSAL_BLOCK_MASKS_KEPT:
+            _causal_block_masks.popitem(last=False)
+    return block_mask
 
-    Every layer of a forward pass makes the same call, so rebuilding the block mask each time would cost
-    a pass over the [q, k] grid per layer. A mask that depends on a tensor is reused only while that very
-    tensor object is alive and unmodified (checked through a weak reference and its version counter).
+
+def _flex_block_mask(call: AttentionCall, mask, device, holder: Optional[ForwardMask]):
+    """The block mask of a call.
+
+    Every layer of a forward pass makes the same call, so rebuilding the block mask each time would cost a
+    pass over the [q, k] grid per layer. A pure causal block mask depends on the shape alone and is kept in a
+    small shape-keyed cache; one that depends on a mask is kept on the model's ``ForwardMask`` (``holder``),
+    which lives for one forward pass; a bare mask tensor gets a new block mask per call.
     """
     if not _flex_masks_causally(call) and call.mask_kind == "none":
         return None
     per_batch = call.mask_kind != "none" and mask.shape[0] != 1
     per_head = call.mask_kind in ("bool", "additive") and mask.shape[1] != 1
     key = (call.causal, call.causal_offset, call.q_len, call.k_len, str(device), call.mask_kind, per_batch, per_head)
+
+    def build():
+        return _banded_block_mask(
+            _flex_mask_mod(call, mask, device),
+            mask.shape[0] if per_batch else 1,
+            call.heads if per_head else 1,
+            call.q_len,
+            call.k_len,
+            device,
+        )
+
     if call.mask_kind == "none":
-        cached = _shape_block_masks.get(key)
-    else:
-        entry = _tensor_block_mask.get("last")
-        same = entry is not None and entry[0]() is mask and entry[1] == mask._version and entry[2] == key
-        cached = entry[3] if same else None
-    if cached is not None:
-        return cached
-    block_mask = _banded_block_mask(
-        _flex_mask_mod(call, mask, device),
-        mask.shape[0] if per_batch else 1,
-        call.heads if per_head else 1,
-        call.q_len,
-        call.k_len,
-        device,
-    )
-    if call.mask_kind == "none":
-        if len(_shape_block_masks) >= 64:
-            _shape_block_masks.clear()
-        _shape_block_masks[key] = block_mask
-    else:
-        _tensor_block_mask["last"] = (weakref.ref(mask), mask._version, key, block_mask)
-    return block_mask
+        return _causal_block_mask(key, build)
+    if holder is None:
+        return build()
+    if key not in holder.block_masks:
+        holder.block_masks[key] = build()
+    return holder.block_masks[key]
 
 
-def _run_flex(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
-    block_mask = _flex_block_mask(call, mask, q.device)
+def _run_flex(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, holder=None, flex_static_shapes=None, **_):
+    block_mask = _flex_block_mask(call, mask, q.device, holder)
     score_mod = _flex_score_mod(call, mask, alibi_slopes)
-    return _flex_function(_flex_uses_static_shapes(call, q, k))(
+    static = _flex_uses_static_shapes(call, q, k, _flex_static_limit(flex_static_shapes))
+    return _flex_function(static)(
         _flex_module().flex_attention,
         q,
         k,
@@ -772,10 +921,17 @@ def _run_flash_attn(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_
     common = dict(dropout_p=call.dropout_p, softmax_scale=scale, causal=call.causal, alibi_slopes=slopes)
     if call.mask_kind == "none":
         return flash_func(q, k, v, **common).transpose(1, 2)
-    query_keep = mask[:, -call.q_len :]
-    q_packed, q_index, cu_q, max_q = _unpad(q, query_keep)
     k_packed, _, cu_k, max_k = _unpad(k, mask)
     v_packed, _, _, _ = _unpad(v, mask)
+    if not call.causal:
+        # The keep-mask covers keys only (e.g. BART's cross-attention, q_len != k_len): every query is real.
+        batch, q_len = q.shape[:2]
+        cu_q = torch.arange(0, (batch + 1) * q_len, q_len, device=q.device, dtype=torch.int32)
+        packed = varlen_func(q.reshape(batch * q_len, *q.shape[2:]), k_packed, v_packed, cu_q, cu_k, q_len, max_k, **common)
+        return packed.view(q.shape).transpose(1, 2)
+    # Causal self-attention: the queries are the last q_len key positions, so they share the keys' padding,
+    # and varlen's bottom-right alignment within each unpadded row is the padded rows' causal alignment.
+    q_packed, q_index, cu_q, max_q = _unpad(q, mask[:, -call.q_len :])
     packed = varlen_func(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, **common)
     out = torch.zeros(q.shape[0] * q.shape[1], *q.shape[2:], device=q.device, dtype=q.dtype)
     out = out.index_copy(0, q_index, packed)
@@ -948,28 +1104,66 @@ def _auto_order(device_type: str) -> tuple:
     return AUTO_ORDER.get(device_type, AUTO_ORDER_OTHER_DEVICES)
 
 
-def resolve_backend(requested: str) -> str:
-    """Apply USE_FLASH_ATTN to an ``auto`` request: true/1 = auto, false/0 = eager, or a backend name."""
-    if requested != "auto":
-        return requested
-    value = os.environ.get("USE_FLASH_ATTN", "").strip().lower()
-    if value in ("", "true", "1", "yes", "on", "auto"):
-        return "auto"
-    if value in ("false", "0", "no", "off"):
-        return "eager"
-    if value in BACKENDS:
-        return value
-    raise ValueError(f"USE_FLASH_ATTN={value!r} is not true/false/1/0 or one of the backends {', '.join(BACKENDS)}")
+# Backends ``auto`` skips after they failed for reasons of their own (a missing kernel, a failed compile),
+# per call signature (shapes aside), so one kind of call never costs another its fastest kernel.
+_DEMOTIONS_KEPT = 256
+_demoted: dict = {}
+_demoted_lock = threading.Lock()
+
+# Messages of failures that belong to a backend (no kernel for this GPU, dtype or build), not to the call.
+_UNAVAILABLE_KERNEL_MESSAGES = (
+    "no available kernel",
+    "no kernel image is available",
+    "no operator found",
+    "not compiled with",
+    "only supports",
+    "not implemented for",
+    "unsupported gpu",
+)
+
+
+def _signature(name: str, call: AttentionCall) -> tuple:
+    return (name, call.device_type, call.dtype, call.head_dim, call.heads, call.kv_heads, call.causal,
+            call.mask_kind, call.alibi, call.dropout_p > 0.0, call.needs_grad)
+
+
+def _is_backend_failure(error: BaseException) -> bool:
+    """An import or kernel-availability failure of the backend itself, which another backend can avoid."""
+    if isinstance(error, (ImportError, NotImplementedError)):
+        return True
+    if type(error).__module__.startswith(("torch._dynamo", "torch._inductor", "triton")):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error).lower() for text in _UNAVAILABLE_KERNEL_MESSAGES)
+
+
+def _demote(name: str, call: AttentionCall, error: BaseException) -> None:
+    reason = f"{type(error).__name__}: {error}"
+    with _demoted_lock:
+        if len(_demoted) < _DEMOTIONS_KEPT:
+            _demoted[_signature(name, call)] = reason
+    _log_once(f"attention backend {name!r} cannot run this kind of call here ({reason}); auto skips it for such calls")
+
+
+def demoted_backends() -> list:
+    """``(backend, call signature, reason)`` for every backend ``auto`` skips after a failure of its own."""
+    with _demoted_lock:
+        return [(signature[0], signature[1:], reason) for signature, reason in _demoted.items()]
+
+
+def _first_auto_backend(call: AttentionCall, skip: tuple = ()) -> Optional[str]:
+    for name in _auto_order(call.device_type):
+        if name not in skip and _signature(name, call) not in _demoted and _why_not(name, call) is None:
+            return name
+    return None
 
 
 def select_backend(call: AttentionCall, backend: str = "auto") -> str:
     """The backend that will run ``call``; raises ValueError when an explicit backend cannot take it."""
-    backend = resolve_backend(backend)
     if backend == "auto":
-        for name in _auto_order(call.device_type):
-            if (name, call.device_type) not in _failed_at_runtime and _why_not(name, call) is None:
-                return name
-        raise ValueError(f"no attention backend can take this call: {call}")
+        name = _first_auto_backend(call)
+        if name is None:
+            raise ValueError(f"no attention backend can take this call: {call}")
+        return name
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
     reason = _why_not(backend, call)
@@ -987,43 +1181,73 @@ def _autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
+def _run(name: str, q, k, v, call: AttentionCall, mask, alibi_slopes, scale, options: dict) -> torch.Tensor:
+    if name != "flash_attn":  # flash_attn drops padded keys itself (varlen)
+        k, v = _clear_padded_keys(k, v, call, mask)
+    return _RUN[name](q, k, v, call, mask, alibi_slopes, scale, **options)
+
+
+def _run_auto(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, options: dict) -> torch.Tensor:
+    """The first backend of the auto order that takes the call. A backend failing for reasons of its own is
+    skipped for this kind of call from then on; any other error is the caller's (or a bug) and is raised."""
+    name, failed, first_failure = select_backend(call, "auto"), (), None
+    while name is not None:
+        try:
+            return _run(name, q, k, v, call, mask, alibi_slopes, scale, options)
+        except Exception as error:
+            if not _is_backend_failure(error):
+                raise
+            _demote(name, call, error)
+            failed, first_failure = failed + (name,), first_failure or error
+        name = _first_auto_backend(call, skip=failed)
+    raise first_failure
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     *,
     causal: bool = False,
-    attention_mask: Optional[torch.Tensor] = None,
+    attention_mask: Optional[Union[torch.Tensor, ForwardMask]] = None,
     alibi_slopes: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     scale: Optional[float] = None,
     backend: str = "auto",
     light_softmax: bool = True,
     dropout_matmul: bool = True,
+    chunk_size: Optional[Union[int, tuple, list]] = None,
+    flex_static_shapes: Optional[int] = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention through the fastest backend that can take the call.
 
     q ``[b, h, q_len, d]``, k/v ``[b, h_kv, k_len, d]`` (``h % h_kv == 0``). ``causal`` is bottom-right
     aligned when ``q_len != k_len``. ``attention_mask`` is a bool keep-mask ``[b, k_len]`` or a bool/additive
-    mask broadcastable to ``[b, h, q_len, k_len]``. ``alibi_slopes`` ``[h]`` adds ``slope * (j - i_aligned)``.
-    A query row that sees no key returns zeros. ``light_softmax``/``dropout_matmul`` shape the eager path.
+    mask broadcastable to ``[b, h, q_len, k_len]``, bare or in a ``ForwardMask``. ``alibi_slopes`` ``[h]``
+    adds ``slope * (j - i_aligned)``. A query row that sees no key returns zeros; a NaN in a real input
+    propagates, one in a padded key never matters. ``light_softmax``/``dropout_matmul`` shape the eager
+    path, ``chunk_size`` the chunked one, ``flex_static_shapes`` flex's compiles (see ``attention_options``).
     """
+    holder = attention_mask if isinstance(attention_mask, ForwardMask) else None
+    mask = _mask_tensor(attention_mask)
+    requested = backend_from_config(None, backend)
+    _check_are_tensors(q, k, v)
     q, k, v = _autocast_inputs(q, k, v)
-    call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p)
+    call = _describe(q, k, v, causal, mask, alibi_slopes, dropout_p)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
-    options = dict(light_softmax=light_softmax, dropout_matmul=dropout_matmul)
-    requested = resolve_backend(backend)
-    while True:
-        name = select_backend(call, requested)
-        try:
-            return _RUN[name](q, k, v, call, attention_mask, alibi_slopes, scale, **options)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as error:
-            if requested != "auto":
-                raise
-            _failed_at_runtime.add((name, call.device_type))
-            _log_once(f"attention backend {name!r} failed ({type(error).__name__}: {error}); falling back")
+    options = dict(
+        light_softmax=light_softmax,
+        dropout_matmul=dropout_matmul,
+        chunk_size=_chunk_sizes(chunk_size),
+        flex_static_shapes=_flex_static_limit(flex_static_shapes),
+        holder=holder,
+    )
+    if requested == "auto":
+        return _run_auto(q, k, v, call, mask, alibi_slopes, scale, options)
+    name = select_backend(call, requested)
+    return _run(name, q, k, v, call, mask, alibi_slopes, scale, options)
 
 
 def available_backends(device: Optional[str] = None) -> list:
@@ -1048,6 +1272,8 @@ def available_backends(device: Optional[str] = None) -> list:
 
 def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
     """BLOOM's ALiBi slopes (float32 ``[num_heads]``), including head counts that are not powers of two."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"alibi_slopes needs a positive number of attention heads, got num_heads={num_heads!r}")
     closest_power = 2 ** math.floor(math.log2(num_heads))
     base = 2.0 ** (-(2.0 ** -(math.log2(closest_power) - 3)))
     slopes = [base ** (i + 1) for i in range(closest_power)]
@@ -1058,14 +1284,31 @@ def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32, device=device)
 
 
+def _is_tracing() -> bool:
+    """True while torch.compile or torch.export traces the forward: no host sync or data-dependent branch then."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.compiler.is_compiling() or (exporting is not None and exporting())
+
+
 def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A transformers 0/1 padding mask ``[b, k_len]`` as a bool keep-mask, or None when nothing is padded."""
+    """A transformers 0/1 padding mask ``[b, k_len]`` as a bool keep-mask, or None when nothing is padded.
+
+    Deciding "nothing is padded" reads the mask on the host, so while compiling or exporting the keep-mask
+    is always returned (the kernels take an all-True mask as well, at the price of a mask).
+    """
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
         raise ValueError(f"expected a 2-D padding mask [batch, k_len], got shape {list(attention_mask.shape)}")
     keep = attention_mask.bool()
+    if _is_tracing():
+        return keep
     return None if bool(keep.all()) else keep
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing the backend: the one rule every caller uses (README, "Choosing the attention kernel")
+# ----------------------------------------------------------------------------------------------
 
 
 _IMPLEMENTATION_TO_BACKEND = {
@@ -1077,26 +1320,78 @@ _IMPLEMENTATION_TO_BACKEND = {
     "flex_attention": "flex",
     "mea": "auto",
 }
+_ENVIRONMENT_AUTO = ("true", "1", "yes", "on", "auto")
+_ENVIRONMENT_EAGER = ("false", "0", "no", "off")
 
 
-def backend_from_config(config) -> str:
-    """The backend a model asks for: ``config.attn_backend`` first, then ``config._attn_implementation``.
+def _named_backend(name, source: str) -> str:
+    if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
+        raise ValueError(f"{source}={name!r} is not auto or one of the attention backends {', '.join(BACKENDS)}")
+    return name
 
-    transformers' default ``"sdpa"`` means ``auto`` (SDPA wherever it can take the call, another fused
-    kernel where it cannot, e.g. ALiBi). ``USE_FLASH_ATTN`` is applied by ``attention()`` to ``auto``.
-    """
-    explicit = getattr(config, "attn_backend", None)
-    if explicit:
-        if explicit != "auto" and explicit not in BACKENDS:
-            raise ValueError(f"config.attn_backend={explicit!r} is not auto or one of {', '.join(BACKENDS)}")
-        return explicit
-    implementation = getattr(config, "_attn_implementation", None)
+
+def _backend_from_implementation(implementation) -> str:
     if implementation in _IMPLEMENTATION_TO_BACKEND:
         return _IMPLEMENTATION_TO_BACKEND[implementation]
     if isinstance(implementation, str) and implementation.startswith("mea_"):
-        return implementation[len("mea_") :]
+        return _named_backend(implementation[len("mea_") :], "attn_implementation")
     _log_once(f"attn_implementation={implementation!r} has no kernel-layer equivalent; using auto")
     return "auto"
+
+
+def _backend_from_environment() -> Optional[str]:
+    """``USE_FLASH_ATTN`` (the original adapter's switch): true = auto, false = eager, or a backend name."""
+    value = os.environ.get("USE_FLASH_ATTN", "").strip().lower()
+    if not value:
+        return None
+    if value in _ENVIRONMENT_AUTO:
+        return "auto"
+    if value in _ENVIRONMENT_EAGER:
+        return "eager"
+    if value in BACKENDS:
+        return value
+    raise ValueError(f"USE_FLASH_ATTN={value!r} is not true/false/1/0 or one of the backends {', '.join(BACKENDS)}")
+
+
+def backend_from_config(config=None, backend: str = "auto") -> str:
+    """The backend a model (``config``) or a call (``backend``) asks for: ``"auto"`` or a backend name.
+
+    The one selection rule of the project; the first source that names a backend wins:
+
+    1. ``backend`` (a call's own choice), then ``config.attn_backend``; ``"auto"`` names nothing;
+    2. ``config._attn_implementation`` (``"eager"``, ``"flash_attention_2"``, ``"flex_attention"``,
+       ``"mea_<backend>"``); transformers' default ``"sdpa"`` (and ``"mea"``) names nothing;
+    3. the ``USE_FLASH_ATTN`` environment variable: ``true`` = auto, ``false`` = eager, or a backend name;
+    4. Qwen's ``config.use_flash_attn``: ``False`` = eager (``True``/``"auto"`` name nothing);
+    5. otherwise ``"auto"``: the fastest backend that can take each call.
+    """
+    named = _named_backend(backend, "backend")
+    if named != "auto":
+        return named
+    if config is None:
+        return _backend_from_environment() or "auto"
+    explicit = getattr(config, "attn_backend", None)
+    if explicit and _named_backend(explicit, "config.attn_backend") != "auto":
+        return explicit
+    implemented = _backend_from_implementation(getattr(config, "_attn_implementation", None))
+    if implemented != "auto":
+        return implemented
+    from_environment = _backend_from_environment()
+    if from_environment is not None:
+        return from_environment
+    return "eager" if getattr(config, "use_flash_attn", "auto") is False else "auto"
+
+
+def attention_options(config, backend: str = "auto") -> dict:
+    """The ``attention()`` keyword arguments a model's config asks for, read at every forward:
+    ``backend`` (``backend_from_config(config, backend)``), ``chunk_size`` (``config.attn_chunk_size``: an
+    int or a ``[query, key]`` pair, the chunked backend's block sizes) and ``flex_static_shapes``
+    (``config.attn_flex_static_shapes``: how many shapes flex compiles with static shapes)."""
+    return dict(
+        backend=backend_from_config(config, backend),
+        chunk_size=getattr(config, "attn_chunk_size", None),
+        flex_static_shapes=getattr(config, "attn_flex_static_shapes", None),
+    )
 # <<< kernel layer <<<
 
 
@@ -1134,6 +1429,7 @@ class BloomAttention(nn.Module):
         self.hidden_dropout = config.hidden_dropout
         self.attention_dropout = config.attention_dropout
         self.layer_idx = layer_idx
+        self.config = config
 
         self.query_key_value = nn.Linear(self.hidden_size, 3 * self.hidden_size, bias=True)
         self.dense = nn.Linear(self.hidden_size, self.hidden_size)
@@ -1174,7 +1470,7 @@ class BloomAttention(nn.Module):
             attention_mask=padding_mask,
             alibi_slopes=alibi_slopes,
             dropout_p=self.attention_dropout if self.training else 0.0,
-            backend=backend,
+            **attention_options(self.config, backend),
         )
         context = context.transpose(1, 2).reshape(batch_size, q_length, self.hidden_size)
 
@@ -1374,7 +1670,7 @@ class BloomModel(BloomPreTrainedModel):
                 f"BLOOM takes a 2-D padding mask [batch, past + current length] = [{batch_size}, {kv_length}], "
                 f"got shape {list(attention_mask.shape)}"
             )
-        return keep_mask_from_padding(attention_mask[:, :kv_length])
+        return forward_mask(keep_mask_from_padding(attention_mask[:, :kv_length]))  # one object for every layer
 
 
 class BloomForCausalLM(BloomPreTrainedModel, GenerationMixin):

@@ -1,6 +1,7 @@
-"""Shared pytest set-up: offline Hub, a private module cache, and the `gpu` marker."""
+"""Shared pytest set-up: offline Hub, a private module cache, the `gpu` marker, and no demoted backend left behind."""
 
 import os
+import sys
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,3 +37,27 @@ def _clean_backend_env(monkeypatch):
     """Tests start without USE_FLASH_ATTN so that a developer's shell cannot change their result."""
     monkeypatch.delenv("USE_FLASH_ATTN", raising=False)
     torch.manual_seed(0)
+
+
+def kernel_layers() -> list:
+    """Every loaded copy of the kernel layer: the package's module and each remote-code modeling module."""
+    return [
+        module
+        for name, module in list(sys.modules.items())
+        if module is not None and callable(getattr(module, "demoted_backends", None)) and hasattr(module, "_demoted")
+    ]
+
+
+def demotions() -> list:
+    """``(module, backend, signature, reason)`` for every backend some kernel layer's ``auto`` now skips."""
+    return [(module.__name__, *entry) for module in kernel_layers() for entry in module.demoted_backends()]
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_left_demoted():
+    """A test that leaves a backend demoted would hide a broken kernel from every later test: fail it."""
+    yield
+    left = demotions()
+    for module in kernel_layers():
+        module._demoted.clear()
+    assert not left, f"the test left attention backends demoted: {left}"

@@ -235,7 +235,7 @@ def saved_tensors_of(fn, *args):
 def test_light_softmax_saves_only_its_output_and_has_exact_gradients():
     scores = torch.randn(2, 3, 7, 9, dtype=torch.float64, requires_grad=True)
     out, saved = saved_tensors_of(mea.LightSoftmax.apply, scores)
-    assert len(saved) == 1 and saved[0] is out or torch.equal(saved[0], out)
+    assert len(saved) == 1 and (saved[0] is out or torch.equal(saved[0], out))
     assert torch.allclose(out, torch.softmax(scores, dim=-1))
     assert torch.autograd.gradcheck(mea.LightSoftmax.apply, (scores,))
 
@@ -376,22 +376,80 @@ def test_broken_optional_package_is_probed_once_logged_once_and_skipped(monkeypa
     assert "xformers" not in mea.available_backends("cuda")
 
 
-def test_runtime_failure_in_auto_falls_back_once_with_the_right_result(monkeypatch, caplog):
-    def failing_sdpa(*args, **kwargs):
+def kernel_unavailable(*args, **kwargs):
+    raise RuntimeError("No available kernel. Aborting execution.")
+
+
+def test_backend_failure_in_auto_demotes_that_kind_of_call_only(monkeypatch, caplog):
+    """sdpa without a kernel for one kind of call: auto falls back for that kind, logs once, keeps sdpa for others."""
+    real_sdpa = kernel_layer._RUN["sdpa"]
+
+    def sdpa_without_kernel_for_masks(q, k, v, call, mask, *args, **kwargs):
+        if call.mask_kind != "none":
+            kernel_unavailable()
+        return real_sdpa(q, k, v, call, mask, *args, **kwargs)
+
+    ran = []
+    monkeypatch.setitem(kernel_layer._RUN, "sdpa", lambda *a, **kw: ran.append("sdpa") or sdpa_without_kernel_for_masks(*a, **kw))
+    monkeypatch.setattr(kernel_layer, "_demoted", {})
+    monkeypatch.setattr(kernel_layer, "_logged_messages", set())
+    q = torch.randn(2, 2, 7, 16)
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[0, :3] = False
+    with caplog.at_level(logging.WARNING, logger="memory_efficient_adapter"):
+        first = mea.attention(q, q, q, causal=True, attention_mask=keep)
+        second = mea.attention(q, q, q, causal=True, attention_mask=keep)
+    expected = reference_attention(q, q, q, causal=True, mask=keep)
+    assert torch.allclose(first.double(), expected, atol=1e-5) and torch.equal(first, second)
+    assert ran == ["sdpa"]  # tried once, then skipped for this kind of call
+    assert sum("No available kernel" in r.getMessage() for r in caplog.records) == 1
+    assert [entry[0] for entry in mea.demoted_backends()] == ["sdpa"]
+    unmasked = mea.attention(q, q, q, causal=True)  # another kind of call keeps its fastest kernel
+    assert ran == ["sdpa", "sdpa"] and torch.allclose(unmasked.double(), reference_attention(q, q, q, causal=True), atol=1e-5)
+    with pytest.raises(RuntimeError, match="No available kernel"):
+        mea.attention(q, q, q, causal=True, attention_mask=keep, backend="sdpa")  # an explicit choice is never replaced
+    kernel_layer._demoted.clear()  # deliberate: the conftest check fails any test that leaves a demotion behind
+
+
+def test_other_errors_in_auto_are_raised_and_demote_nothing(monkeypatch):
+    """A failure that is not about kernel availability (a bug, a caller's mistake) must surface, not be hidden."""
+
+    def exploding(*args, **kwargs):
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setitem(kernel_layer._RUN, "sdpa", failing_sdpa)
-    monkeypatch.setattr(kernel_layer, "_failed_at_runtime", set())
-    monkeypatch.setattr(kernel_layer, "_logged_messages", set())
+    monkeypatch.setitem(kernel_layer._RUN, "sdpa", exploding)
     q = torch.randn(1, 2, 7, 16)
-    with caplog.at_level(logging.WARNING, logger="memory_efficient_adapter"):
-        first = mea.attention(q, q, q, causal=True)
-        second = mea.attention(q, q, q, causal=True)
-    expected = reference_attention(q, q, q, causal=True)
-    assert torch.allclose(first.double(), expected, atol=1e-5) and torch.equal(first, second)
-    assert sum("kernel exploded" in r.getMessage() for r in caplog.records) == 1
-    with pytest.raises(RuntimeError, match="kernel exploded"):
-        mea.attention(q, q, q, causal=True, backend="sdpa")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="kernel exploded"):
+            mea.attention(q, q, q, causal=True)
+    assert mea.demoted_backends() == []
+
+
+def test_when_every_backend_fails_the_first_failure_is_raised(monkeypatch):
+    monkeypatch.setattr(kernel_layer, "_demoted", {})
+    for name, text in (("sdpa", "No available kernel (sdpa)"), ("chunked", "not compiled with chunks"), ("eager", "No operator found")):
+        monkeypatch.setitem(kernel_layer._RUN, name, lambda *a, _t=text, **kw: (_ for _ in ()).throw(RuntimeError(_t)))
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(RuntimeError, match=r"No available kernel \(sdpa\)"):
+        mea.attention(q, q, q)
+    assert sorted(entry[0] for entry in mea.demoted_backends()) == ["chunked", "eager", "sdpa"]
+    kernel_layer._demoted.clear()
+
+
+def test_a_mask_on_the_wrong_device_is_refused_before_any_backend_runs(monkeypatch):
+    """The review's case: one such call used to demote sdpa, chunked and eager for the whole process."""
+    ran = []
+    for name in CPU_BACKENDS:
+        original = kernel_layer._RUN[name]
+        monkeypatch.setitem(kernel_layer._RUN, name, lambda *a, _n=name, _o=original, **kw: ran.append(_n) or _o(*a, **kw))
+    q = torch.randn(2, 2, 6, 16)
+    with pytest.raises(ValueError, match="attention_mask is on meta, but q, k and v are on cpu"):
+        mea.attention(q, q, q, causal=True, attention_mask=torch.ones(2, 6, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="alibi_slopes is on meta"):
+        mea.attention(q, q, q, causal=True, alibi_slopes=torch.rand(2, device="meta"))
+    assert ran == [] and mea.demoted_backends() == []
+    out = mea.attention(q, q, q, causal=True)
+    assert ran == ["sdpa"] and torch.allclose(out.double(), reference_attention(q, q, q, causal=True), atol=1e-5)
 
 
 def test_available_backends_on_cpu():
@@ -401,31 +459,67 @@ def test_available_backends_on_cpu():
 
 
 class FakeConfig:
-    def __init__(self, implementation=None, attn_backend=None):
+    def __init__(self, implementation=None, attn_backend=None, use_flash_attn="auto"):
         self._attn_implementation = implementation
+        self.use_flash_attn = use_flash_attn
         if attn_backend is not None:
             self.attn_backend = attn_backend
 
 
 @pytest.mark.parametrize(
-    "implementation, attn_backend, expected",
+    "implementation, attn_backend, environment, use_flash_attn, expected",
     [
-        (None, None, "auto"),
-        ("sdpa", None, "auto"),
-        ("eager", None, "eager"),
-        ("flash_attention_2", None, "flash_attn"),
-        ("flex_attention", None, "flex"),
-        ("mea_chunked", None, "chunked"),
-        ("eager", "chunked", "chunked"),
+        (None, None, None, "auto", "auto"),
+        ("sdpa", None, None, "auto", "auto"),  # transformers' default names nothing
+        ("eager", None, None, "auto", "eager"),
+        ("flash_attention_2", None, None, "auto", "flash_attn"),
+        ("flex_attention", None, None, "auto", "flex"),
+        ("mea_chunked", None, None, "auto", "chunked"),
+        ("mea", None, None, "auto", "auto"),
+        # 1. config.attn_backend over everything below it
+        ("eager", "chunked", "flex", False, "chunked"),
+        # "auto" in attn_backend names nothing: the next source decides
+        ("eager", "auto", None, "auto", "eager"),
+        # 2. attn_implementation over the environment and use_flash_attn
+        ("eager", None, "chunked", False, "eager"),
+        # 3. the environment over Qwen's use_flash_attn
+        ("sdpa", None, "chunked", False, "chunked"),
+        ("sdpa", None, "true", False, "auto"),
+        ("sdpa", None, "false", True, "eager"),
+        # 4. Qwen's use_flash_attn=False means eager, True/"auto" name nothing
+        ("sdpa", None, None, False, "eager"),
+        ("sdpa", None, None, True, "auto"),
+        ("sdpa", "auto", None, False, "eager"),
     ],
 )
-def test_backend_from_config(implementation, attn_backend, expected):
-    assert mea.backend_from_config(FakeConfig(implementation, attn_backend)) == expected
+def test_backend_selection_precedence(monkeypatch, implementation, attn_backend, environment, use_flash_attn, expected):
+    if environment is not None:
+        monkeypatch.setenv("USE_FLASH_ATTN", environment)
+    config = FakeConfig(implementation, attn_backend, use_flash_attn)
+    assert mea.backend_from_config(config) == expected
+    assert mea.attention_options(config)["backend"] == expected
+    assert mea.backend_from_config(config, "eager") == "eager"  # a call's own choice comes first
 
 
-def test_backend_from_config_rejects_unknown_attn_backend():
-    with pytest.raises(ValueError, match="attn_backend"):
-        mea.backend_from_config(FakeConfig(None, "fastest"))
+def test_backend_selection_without_a_config_applies_only_the_environment(monkeypatch):
+    assert mea.backend_from_config() == "auto" and mea.backend_from_config(None, "chunked") == "chunked"
+    monkeypatch.setenv("USE_FLASH_ATTN", "0")
+    assert mea.backend_from_config() == "eager" and mea.backend_from_config(None, "sdpa") == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "config, environment, message",
+    [
+        (FakeConfig(None, "fastest"), None, "config.attn_backend='fastest'"),
+        (FakeConfig("mea_fastest"), None, "attn_implementation='fastest'"),
+        (FakeConfig(), "fastest", "USE_FLASH_ATTN='fastest'"),
+    ],
+)
+def test_backend_selection_rejects_unknown_names(monkeypatch, config, environment, message):
+    if environment is not None:
+        monkeypatch.setenv("USE_FLASH_ATTN", environment)
+    with pytest.raises(ValueError, match=message):
+        mea.backend_from_config(config)
 
 
 def test_keep_mask_from_padding():
@@ -434,6 +528,18 @@ def test_keep_mask_from_padding():
     assert torch.equal(mea.keep_mask_from_padding(mask), mask.bool())
     with pytest.raises(ValueError, match="2-D padding mask"):
         mea.keep_mask_from_padding(torch.ones(1, 1, 3, 3))
+
+
+def test_keep_mask_from_padding_makes_no_data_dependent_branch_while_compiling():
+    """The all-ones shortcut reads the mask on the host; under torch.compile(fullgraph=True) it must not run."""
+    compiled = torch.compile(mea.keep_mask_from_padding, fullgraph=True, backend="eager")
+    ones, padded = torch.ones(2, 5, dtype=torch.long), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert torch.equal(compiled(ones), ones.bool()) and torch.equal(compiled(padded), padded.bool())
+
+
+def test_alibi_slopes_of_no_heads_says_so():
+    with pytest.raises(ValueError, match="positive number of attention heads, got num_heads=0"):
+        mea.alibi_slopes(0)
 
 
 @pytest.mark.parametrize("heads", [1, 3, 6, 8, 12, 16, 20])
@@ -486,7 +592,7 @@ BLOCK_MASK_MEMORY_SCRIPT = textwrap.dedent(
     q = torch.empty(1, 1, n, 32, device="meta")
     call = kernel_layer._describe(q, q, q, True, None, None, 0.0)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    block_mask = kernel_layer._flex_block_mask(call, None, "cpu")
+    block_mask = kernel_layer._flex_block_mask(call, None, "cpu", None)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print((after - before) * 1024, int(block_mask.kv_num_blocks.sum()), int(block_mask.full_kv_num_blocks.sum()))
     """

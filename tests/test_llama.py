@@ -464,7 +464,7 @@ def test_attn_implementation_and_overrides_pick_the_kernel(pair, monkeypatch):
     default = load_ours(folder)
     calls = record_kernel_calls(default, monkeypatch)
     monkeypatch.setenv("USE_FLASH_ATTN", "false")
-    assert run_and_collect(default, calls) == {("auto", "eager")}
+    assert run_and_collect(default, calls) == {("eager", "eager")}  # the model applies USE_FLASH_ATTN itself
 
 
 # ----------------------------------------------------------------------------------------------

@@ -630,7 +630,7 @@ def test_every_attention_call_is_causal_with_an_o_n_mask_and_use_flash_attn_pick
     calls = call_recorder(monkeypatch, model)
     with torch.no_grad():
         model(ids)
-    assert [call["backend"] for call in calls] == ["auto"] * 2 and calls[0]["attention_mask"] is None
+    assert [call["backend"] for call in calls] == ["chunked"] * 2 and calls[0]["attention_mask"] is None
 
 
 def test_precision_flags_choose_the_dtype(saved):
