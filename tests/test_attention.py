@@ -49,7 +49,8 @@ def reference_attention(q, k, v, causal=False, mask=None, slopes=None, scale=Non
         keep = keep & ~hidden
         scores = scores + mask.double().masked_fill(hidden, 0.0)
     scores = scores.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    row_has_key = keep.any(dim=-1, keepdim=True)  # a row that sees no key is zero; a NaN input stays NaN
+    probs = torch.softmax(scores, dim=-1).masked_fill(~row_has_key, 0.0)
     return probs @ v
 
 
@@ -691,25 +692,82 @@ def test_auto_on_cuda_picks_a_fused_kernel_for_alibi():
     assert mea.select_backend(kernel_layer._describe(q, q, q, True, None, None, 0.0)) == "sdpa"
 
 
+def count_block_mask_builds(monkeypatch) -> list:
+    built = []
+    original = kernel_layer._banded_block_mask
+    monkeypatch.setattr(kernel_layer, "_banded_block_mask", lambda *a, **kw: built.append(1) or original(*a, **kw))
+    return built
+
+
+def test_flex_block_mask_is_built_once_per_forward_mask_and_per_call_for_a_bare_tensor(monkeypatch):
+    built = count_block_mask_builds(monkeypatch)
+    q = torch.randn(2, 2, 300, 32)
+    keep = torch.ones(2, 300, dtype=torch.bool)
+    keep[0, :9] = False
+    call = kernel_layer._describe(q, q, q, True, keep, None, 0.0)
+    layers = mea.forward_mask(keep)  # what a model hands to every layer of one forward
+    first = kernel_layer._flex_block_mask(call, keep, "cpu", layers)
+    assert kernel_layer._flex_block_mask(call, keep, "cpu", layers) is first and len(built) == 1
+    keep.data[1, :256] = False  # a write the old version-counter cache missed: a bare tensor is never cached
+    rebuilt = kernel_layer._flex_block_mask(call, keep, "cpu", None)
+    assert len(built) == 2 and not torch.equal(rebuilt.to_dense(), first.to_dense())
+    kernel_layer._flex_block_mask(call, keep, "cpu", mea.forward_mask(keep))  # a new forward: a new block mask
+    assert len(built) == 3
+
+
+def test_flex_block_mask_works_under_inference_mode():
+    """The old cache read ``mask._version``, which inference tensors do not have."""
+    with torch.inference_mode():
+        q = torch.randn(1, 2, 24, 32)
+        keep = torch.ones(1, 24, dtype=torch.bool)
+        keep[0, :4] = False
+        call = kernel_layer._describe(q, q, q, True, keep, None, 0.0)
+        for holder in (None, mea.forward_mask(keep)):
+            block_mask = kernel_layer._flex_block_mask(call, keep, "cpu", holder)
+            assert block_mask.to_dense().sum() > 0
+
+
+def test_nothing_keeps_a_mask_alive_after_its_forward():
+    """The old weak-reference cache never freed anything: its block mask's mask_mod held the mask."""
+    import gc
+    import weakref
+
+    q = torch.randn(1, 2, 24, 32)
+    keep = torch.ones(1, 24, dtype=torch.bool)
+    keep[0, :4] = False
+    alive = weakref.ref(keep)
+    call = kernel_layer._describe(q, q, q, True, keep, None, 0.0)
+    holder = mea.forward_mask(keep)
+    kernel_layer._flex_block_mask(call, keep, "cpu", holder)
+    kernel_layer._flex_block_mask(call, keep, "cpu", None)
+    del keep, holder
+    gc.collect()
+    assert alive() is None
+
+
+def test_pure_causal_block_masks_are_shared_by_shape_in_a_bounded_cache(monkeypatch):
+    built = count_block_mask_builds(monkeypatch)
+    monkeypatch.setattr(kernel_layer, "_causal_block_masks", kernel_layer.OrderedDict())
+    masks = []
+    for length in range(130, 130 + kernel_layer._CAUSAL_BLOCK_MASKS_KEPT + 4):
+        q = torch.empty(1, 2, length, 32, device="meta")
+        call = kernel_layer._describe(q, q, q, True, None, None, 0.0)
+        masks.append(kernel_layer._flex_block_mask(call, None, "cpu", None))
+        assert kernel_layer._flex_block_mask(call, None, "cpu", None) is masks[-1]
+    assert len(built) == len(masks) and len(kernel_layer._causal_block_masks) == kernel_layer._CAUSAL_BLOCK_MASKS_KEPT
+
+
 @pytest.mark.slow
-def test_flex_block_masks_are_reused_only_for_the_same_mask(monkeypatch):
+def test_flex_with_a_forward_mask_matches_reference():
     q = torch.randn(2, 2, 40, 32)
     keep = torch.ones(2, 40, dtype=torch.bool)
     keep[0, :9] = False
-    calls = []
-    original = kernel_layer._banded_block_mask
-    monkeypatch.setattr(kernel_layer, "_banded_block_mask", lambda *a, **kw: calls.append(1) or original(*a, **kw))
-    first = mea.attention(q, q, q, causal=True, attention_mask=keep, backend="flex")
-    again = mea.attention(q, q, q, causal=True, attention_mask=keep, backend="flex")
-    assert len(calls) == 1 and torch.equal(first, again)
-    keep[1, :5] = False  # modified in place: the cached block mask must not be reused
-    changed = mea.attention(q, q, q, causal=True, attention_mask=keep, backend="flex")
-    assert len(calls) == 2
+    layers = mea.forward_mask(keep)
+    first = mea.attention(q, q, q, causal=True, attention_mask=layers, backend="flex")
+    again = mea.attention(q, q, q, causal=True, attention_mask=layers, backend="flex")
     expected = reference_attention(q, q, q, causal=True, mask=keep)
-    assert torch.allclose(changed.double(), expected, atol=1e-5)
-    mea.attention(q, q, q, causal=True, backend="flex")
-    mea.attention(q, q, q, causal=True, backend="flex")
-    assert len(calls) == 3
+    assert torch.equal(first, again) and torch.allclose(first.double(), expected, atol=1e-5)
+    assert len(layers.block_masks) == 1
 
 
 @pytest.mark.slow
@@ -736,12 +794,11 @@ def test_flex_decoding_steps_need_no_block_mask_and_match_reference(monkeypatch)
 
 def test_flex_compiles_static_shapes_for_the_first_shapes_then_one_dynamic_kernel(monkeypatch):
     monkeypatch.setattr(kernel_layer, "_flex_static_signatures", set())
-    monkeypatch.setitem(kernel_layer._FLEX_STATIC_SHAPES, "limit", 2)
 
     def static(q_len, k_len, device_type="cuda", batch=1):
         q, k = torch.empty(batch, 4, q_len, 32, device="meta"), torch.empty(batch, 2, k_len, 32, device="meta")
         call = dataclasses.replace(kernel_layer._describe(q, k, k, True, None, None, 0.0), device_type=device_type)
-        return kernel_layer._flex_uses_static_shapes(call, q, k)
+        return kernel_layer._flex_uses_static_shapes(call, q, k, 2)
 
     assert static(1024, 1024) and static(2048, 2048)  # two shapes: a static kernel each
     assert not static(4096, 4096) and not static(1024, 1024, batch=2)  # past the limit: the dynamic kernel
@@ -750,6 +807,9 @@ def test_flex_compiles_static_shapes_for_the_first_shapes_then_one_dynamic_kerne
     assert static(4096, 4096, device_type="cpu")  # the CPU builds static shapes only
     with pytest.raises(ValueError, match="static flex shapes"):
         mea.set_flex_static_shapes(-1)
+    q = torch.randn(1, 2, 4, 32)
+    with pytest.raises(ValueError, match="config.attn_flex_static_shapes"):
+        mea.attention(q, q, q, flex_static_shapes=-1)
 
 
 @pytest.mark.gpu
@@ -804,6 +864,69 @@ def test_sdpa_priority_is_set_for_the_call_and_restored_after_it():
     assert list(torch._C._get_sdp_priority_order()) == before
     q = torch.randn(1, 2, 5, 16)
     assert kernel_layer._sdpa_priority(kernel_layer._describe(q, q, q, True, None, None, 0.0), q.device) is None
+
+
+def test_sdpa_priority_is_never_shared_between_threads():
+    """Two threads setting different orders: each call runs under its own order, and the global one survives."""
+    import threading
+
+    before = list(torch._C._get_sdp_priority_order())
+    orders = {"a": [before[-1]], "b": [before[-2]]}
+    seen = {"a": [], "b": []}
+    a_running, b_ran = threading.Event(), threading.Event()
+
+    def run_a():
+        seen["a"].append(list(torch._C._get_sdp_priority_order()))
+        a_running.set()
+        b_ran.wait(timeout=0.5)  # without the lock, b would set its order and run here
+        seen["a"].append(list(torch._C._get_sdp_priority_order()))
+        return torch.zeros(1)
+
+    def run_b():
+        seen["b"].append(list(torch._C._get_sdp_priority_order()))
+        b_ran.set()
+        return torch.zeros(1)
+
+    def thread_b():
+        a_running.wait(timeout=5)
+        kernel_layer._with_sdpa_priority(orders["b"], run_b)
+
+    other = threading.Thread(target=thread_b)
+    other.start()
+    kernel_layer._with_sdpa_priority(orders["a"], run_a)
+    other.join(timeout=10)
+    assert [order[0] for order in seen["a"]] == [before[-1], before[-1]]
+    assert [order[0] for order in seen["b"]] == [before[-2]]
+    assert list(torch._C._get_sdp_priority_order()) == before
+
+
+@pytest.mark.gpu
+def test_sdpa_threads_run_their_intended_kernels_on_hopper():
+    """Prefill (cuDNN first) and decoding (flash first) in two threads: the profiler names each one's kernel."""
+    import threading
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the priority is set only on Hopper and newer")
+    before = list(torch._C._get_sdp_priority_order())
+    q = torch.randn(1, 8, 256, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 8, 700, 128, device="cuda", dtype=torch.bfloat16)
+    kernels = {}
+
+    def run(name, query, key):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            for _ in range(20):
+                mea.attention(query, key, key, causal=True, backend="sdpa")
+            torch.cuda.synchronize()
+        kernels[name] = " ".join(event.name.lower() for event in profile.events())
+
+    threads = [threading.Thread(target=run, args=("prefill", q, q)), threading.Thread(target=run, args=("decode", q[:, :, :1], k))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert "cudnn" in kernels["prefill"] or "fmha" in kernels["prefill"], kernels["prefill"][:500]
+    assert "flash" in kernels["decode"], kernels["decode"][:500]
+    assert list(torch._C._get_sdp_priority_order()) == before
 
 
 def test_autocast_casts_mixed_inputs_like_sdpa():
@@ -887,3 +1010,272 @@ def test_xformers_glue_matches_reference(monkeypatch, q_len):
     out = kernel_layer._run_xformers(q, k, v, call, None, None, 0.3)
     expected = reference_attention(q, k, v, causal=True, scale=0.3)
     assert out.shape == q.shape and torch.allclose(out.double(), expected, atol=1e-5)
+
+
+def use_flash_stand_in(monkeypatch, module=kernel_layer):
+    """Let ``module``'s flash_attn backend run on the CPU with the stand-in kernels: every capability check
+    of the real backend applies, except the CUDA/half-precision requirement of the real package."""
+    real_cannot = module._cannot_flash_attn
+    monkeypatch.setattr(module, "_flash_attn_functions", lambda: (flash_func_reference, flash_varlen_reference))
+    monkeypatch.setattr(module, "_probe_results", {})
+    monkeypatch.setitem(
+        module._CANNOT, "flash_attn", lambda call: real_cannot(dataclasses.replace(call, device_type="cuda", dtype=torch.float16))
+    )
+
+
+@pytest.mark.parametrize("q_len, k_len", [(5, 13), (13, 13), (17, 6)])
+def test_flash_attn_glue_non_causal_padding_hides_keys_only(monkeypatch, q_len, k_len):
+    """BART's encoder and cross-attention: the keep-mask covers keys; every query row is real (it was taken
+    from the key mask, so cross-attention rows came out 36-41% off)."""
+    use_flash_stand_in(monkeypatch)
+    q, k, v = torch.randn(3, 4, q_len, 16), torch.randn(3, 2, k_len, 16), torch.randn(3, 2, k_len, 16)
+    keep = torch.ones(3, k_len, dtype=torch.bool)
+    keep[0, k_len - 3 :] = False  # a right-padded source row
+    keep[2, :2] = False
+    out = mea.attention(q, k, v, attention_mask=keep, scale=0.3, backend="flash_attn")
+    expected = reference_attention(q, k, v, causal=False, mask=keep, scale=0.3)
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+
+
+def tiny_bart_config():
+    from transformers import BartConfig
+
+    return BartConfig(
+        vocab_size=53, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=40, decoder_ffn_dim=40, max_position_embeddings=64,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, init_std=0.3, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
+    )
+
+
+def test_bart_on_flash_attn_matches_stock_with_a_padded_source(monkeypatch):
+    from transformers import BartForConditionalGeneration
+
+    ours_module = importlib.import_module("memory_efficient_adapter.modeling_bart")
+    use_flash_stand_in(monkeypatch, ours_module)
+    torch.manual_seed(3)
+    stock = BartForConditionalGeneration(tiny_bart_config()).eval()
+    ours = ours_module.BartForConditionalGeneration(tiny_bart_config()).eval()
+    ours.load_state_dict(stock.state_dict())
+    ours.config.attn_backend = "flash_attn"
+    ran = []
+    real = ours_module._RUN["flash_attn"]
+    monkeypatch.setitem(ours_module._RUN, "flash_attn", lambda *a, **kw: ran.append(1) or real(*a, **kw))
+    source = torch.randint(3, 53, (2, 11))
+    source_mask = torch.ones(2, 11, dtype=torch.long)
+    source_mask[0, 7:] = 0  # right padding
+    source_mask[1, :3] = 0  # left padding
+    target = torch.randint(3, 53, (2, 6))
+    with torch.no_grad():
+        expected = stock(input_ids=source, attention_mask=source_mask, decoder_input_ids=target).logits
+        actual = ours(input_ids=source, attention_mask=source_mask, decoder_input_ids=target).logits
+    assert len(ran) == 6  # two encoder layers, two decoder layers with self- and cross-attention
+    assert ((actual - expected).norm() / expected.norm()).item() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN: one behaviour for every backend. A NaN (or inf) in a real input propagates to the outputs that
+# attend to it; a padded key never matters, whatever it holds.
+# ----------------------------------------------------------------------------------------------
+
+
+def padded_case():
+    q, k, v = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[0, :2] = False  # left padding
+    keep[1, 4:] = False  # right padding
+    return q, k, v, keep
+
+
+@pytest.mark.parametrize(
+    "backend, mask_form",
+    [(name, form) for name in CPU_BACKENDS for form in ("keep", "bool_4d", "additive_4d")] + [("flash_attn", "keep")],
+)
+def test_nan_and_inf_in_padded_keys_never_matter(monkeypatch, backend, mask_form):
+    if backend == "flash_attn":
+        use_flash_stand_in(monkeypatch)
+    q, k, v, keep = padded_case()
+    mask = {
+        "keep": keep,
+        "bool_4d": keep[:, None, None, :],
+        "additive_4d": torch.zeros(2, 1, 1, 6).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min),
+    }[mask_form]
+    causal = mask_form == "keep"
+    clean = mea.attention(q, k, v, causal=causal, attention_mask=mask, backend=backend)
+    dirty_k, dirty_v = k.clone(), v.clone()
+    dirty_k[0, :, :2], dirty_v[0, :, :2] = float("nan"), float("inf")
+    dirty_k[1, :, 4:], dirty_v[1, :, 4:] = float("-inf"), float("nan")
+    dirty = mea.attention(q, dirty_k, dirty_v, causal=causal, attention_mask=mask, backend=backend)
+    real_rows = keep[:, None, :, None].expand_as(clean) if backend == "flash_attn" else torch.ones_like(clean, dtype=torch.bool)
+    assert torch.isfinite(dirty[real_rows]).all()
+    assert torch.allclose(dirty[real_rows], clean[real_rows], atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["flash_attn"])
+def test_nan_in_a_real_input_propagates(monkeypatch, backend):
+    if backend == "flash_attn":
+        use_flash_stand_in(monkeypatch)
+    q, k, v, keep = padded_case()
+    clean = mea.attention(q, k, v, causal=True, attention_mask=keep, backend=backend)
+    nan_query = q.clone()
+    nan_query[1, 2, 3, 0] = float("nan")  # a real query row
+    nan_query[0, 1, 0, 0] = float("nan")  # a left-padded row: it sees no key and stays zero
+    out = mea.attention(nan_query, k, v, causal=True, attention_mask=keep, backend=backend)
+    assert torch.isnan(out[1, 2, 3]).all()
+    assert torch.equal(out[0, 1, 0], torch.zeros_like(out[0, 1, 0]))
+    others = torch.ones_like(out, dtype=torch.bool)
+    others[1, 2, 3] = False
+    assert torch.allclose(out[others], clean[others], atol=1e-6)
+    nan_value = v.clone()
+    nan_value[1, 0, 2, 5] = float("nan")  # a real key that every later query of row 1, heads 0-1, sees
+    out = mea.attention(q, k, nan_value, causal=True, attention_mask=keep, backend=backend)
+    assert torch.isnan(out[1, :2, 2:4]).any(dim=-1).all() and torch.isfinite(out[0]).all()
+
+
+def test_chunked_propagates_nan_like_sdpa_instead_of_returning_zeros():
+    q, k, v, keep = padded_case()
+    q[1, 0, 3, 0] = float("nan")
+    chunked = mea.attention(q, k, v, causal=True, attention_mask=keep, backend="chunked")
+    sdpa = mea.attention(q, k, v, causal=True, attention_mask=keep, backend="sdpa")
+    assert torch.isnan(chunked[1, 0, 3]).all() and torch.isnan(sdpa[1, 0, 3]).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings a model reads from its config at every forward (module globals never reach remote code)
+# ----------------------------------------------------------------------------------------------
+
+
+def tiny_llama_folder(tmp_path):
+    from remote_code import save_with_remote_code
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    stock = LlamaForCausalLM(config).eval()
+    folder = save_with_remote_code(stock, tmp_path / "llama", ["modeling_llama.py"],
+                                   {"AutoModelForCausalLM": "modeling_llama.LlamaForCausalLM"})
+    return stock, folder
+
+
+def load_remote(folder, **config_values):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    for name, value in config_values.items():
+        setattr(config, name, value)
+    model = AutoModelForCausalLM.from_pretrained(folder, config=config, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules")
+    return model, sys.modules[type(model).__module__]
+
+
+def test_config_chunk_size_and_flex_shapes_reach_a_remote_code_model(tmp_path, monkeypatch):
+    stock, folder = tiny_llama_folder(tmp_path)
+    model, module = load_remote(folder, attn_backend="chunked", attn_chunk_size=[3, 5])
+    sizes = []
+    real_forward = module._chunked_forward
+    monkeypatch.setattr(module, "_chunked_forward", lambda *a: sizes.append(a[-1]) or real_forward(*a))
+    ids = torch.randint(0, 61, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :2] = 0
+    mea.set_chunk_sizes(query=7, key=7)  # the package's own copy: it must not reach the remote-code model
+    try:
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask).logits
+            expected = stock(ids, attention_mask=mask).logits
+    finally:
+        mea.set_chunk_sizes()
+    assert sizes == [(3, 5), (3, 5)]
+    assert ((logits - expected)[mask.bool()].norm() / expected[mask.bool()].norm()).item() < 1e-5
+    model.config.attn_chunk_size = 4  # read at every forward
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert sizes[-1] == (4, 4)
+
+    limits = []
+    monkeypatch.setitem(module._CANNOT, "flex", lambda call: None)  # flex itself needs head_dim >= 32
+    monkeypatch.setitem(module._RUN, "flex", lambda *a, flex_static_shapes=None, **kw: limits.append(flex_static_shapes) or module._run_eager(*a, **kw))
+    model.config.attn_backend, model.config.attn_flex_static_shapes = "flex", 2
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert limits == [2, 2]
+    model.config.attn_flex_static_shapes = -1
+    with pytest.raises(ValueError, match="config.attn_flex_static_shapes"):
+        model(ids, attention_mask=mask)
+
+
+def test_a_broken_primary_backend_is_noticed_by_a_model_on_auto(tmp_path, monkeypatch):
+    """A buggy sdpa fails the model's forward; an sdpa that cannot run here is skipped, and that shows (the
+    conftest check fails any test that leaves it so)."""
+    import conftest
+
+    _, folder = tiny_llama_folder(tmp_path)
+    model, module = load_remote(folder)
+    ids = torch.randint(0, 61, (1, 5))
+    monkeypatch.setitem(module._RUN, "sdpa", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("wrong strides")))
+    with pytest.raises(RuntimeError, match="wrong strides"):
+        model(ids)
+    assert conftest.demotions() == []
+    monkeypatch.setitem(module._RUN, "sdpa", kernel_unavailable)
+    with torch.no_grad():
+        model(ids)
+    assert [(entry[0], entry[1]) for entry in conftest.demotions()] == [(module.__name__, "sdpa")]
+    module._demoted.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tracing: torch.compile(fullgraph=True) and torch.export with a padding mask (no host sync on the way)
+# ----------------------------------------------------------------------------------------------
+
+
+def tiny_family_model(family: str):
+    from transformers import BloomConfig, GPT2Config, LlamaConfig
+
+    torch.manual_seed(5)
+    if family == "llama":
+        module = importlib.import_module("memory_efficient_adapter.modeling_llama")
+        config = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        return module.LlamaForCausalLM(config).eval()
+    if family == "gpt2":
+        module = importlib.import_module("memory_efficient_adapter.modeling_gpt2")
+        config = GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        return module.GPT2LMHeadModel(config).eval()
+    if family == "bloom":
+        module = importlib.import_module("memory_efficient_adapter.modeling_bloom")
+        config = BloomConfig(vocab_size=61, hidden_size=32, n_layer=2, n_head=4)
+        return module.BloomForCausalLM(config).eval()
+    module = importlib.import_module("memory_efficient_adapter.modeling_bart")
+    return module.BartForConditionalGeneration(tiny_bart_config()).eval()
+
+
+def tracing_inputs(family: str) -> dict:
+    ids = torch.randint(3, 53, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :3] = 0 if family != "bart" else 1
+    if family == "bart":
+        mask[0, 5:] = 0
+        return dict(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.randint(3, 53, (2, 4)), use_cache=False)
+    return dict(input_ids=ids, attention_mask=mask, use_cache=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
+def test_compile_fullgraph_with_a_padding_mask(family):
+    model = tiny_family_model(family)
+    inputs = tracing_inputs(family)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        actual = compiled(**inputs).logits
+    assert torch.allclose(actual, expected, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
+def test_export_with_a_padding_mask(family):
+    model = tiny_family_model(family)
+    inputs = tracing_inputs(family)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        program = torch.export.export(model, (), kwargs=inputs)
+        actual = program.module()(**inputs).logits
+    assert torch.allclose(actual, expected, atol=1e-5)
