@@ -1264,6 +1264,26 @@ def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[t
     return None if bool(keep.all()) else keep
 
 
+def check_mask_shape(attention_mask: Optional[torch.Tensor], batch_size: int, new_tokens: int) -> None:
+    """Refuse a model's attention_mask made for another batch or shorter than the new tokens, before an
+    all-ones padding mask (which ``keep_mask_from_padding`` turns into None) could hide its shape."""
+    if attention_mask is None:
+        return
+    batch_ok = attention_mask.shape[0] == batch_size or (attention_mask.dim() == 4 and attention_mask.shape[0] == 1)
+    if not batch_ok or attention_mask.shape[-1] < new_tokens:
+        raise ValueError(
+            f"attention_mask has shape {list(attention_mask.shape)}, but the inputs have batch size {batch_size} "
+            f"and {new_tokens} new tokens (the mask covers the cached tokens too)"
+        )
+
+
+def check_positions(position_ids: torch.Tensor, limit: int, what: str) -> None:
+    """Refuse positions outside ``[0, limit)`` with a message naming them, without a host sync: on the CPU it
+    raises at once; on CUDA it is a device-side assert, as the embedding lookup it protects would be."""
+    inside = ((position_ids >= 0) & (position_ids < limit)).all()
+    torch._assert_async(inside, f"position_ids must lie in [0, {limit}): {what} has {limit} positions")
+
+
 # ----------------------------------------------------------------------------------------------
 # Choosing the backend: the one rule every caller uses (README, "Choosing the attention kernel")
 # ----------------------------------------------------------------------------------------------
