@@ -203,14 +203,27 @@ def is_kernel_layer_model(model: torch.nn.Module) -> bool:
 
 
 def apply_use_flash_attn(value: str | None) -> str | None:
-    """Set USE_FLASH_ATTN from ``--use_flash_attn``; return the backend to patch stock models with, or None."""
+    """Set USE_FLASH_ATTN from ``--use_flash_attn``; return the backend to patch stock models with, or None.
+
+    The value is read back through the kernel layer's one selection rule (``backend_from_config``), so a
+    bad value fails here, before any model is loaded; ``false`` leaves stock models on their own attention.
+    """
     if value is None:
         return None
+    from memory_efficient_adapter import backend_from_config
+
     value = value.strip().lower()
+    previous = os.environ.get("USE_FLASH_ATTN")
     os.environ["USE_FLASH_ATTN"] = value
-    if value in FALSE_VALUES:
-        return None
-    return "auto" if value in ("true", "1", "yes", "on", "auto") else value
+    try:
+        backend = backend_from_config()
+    except ValueError:
+        if previous is None:
+            del os.environ["USE_FLASH_ATTN"]
+        else:
+            os.environ["USE_FLASH_ATTN"] = previous
+        raise
+    return None if value in FALSE_VALUES else backend
 
 
 def load_model(args: argparse.Namespace, folder: Path, patch_backend: str | None) -> torch.nn.Module:
