@@ -331,3 +331,75 @@ def test_llama_rope_tables_are_built_once_per_step_and_cached_frequencies_stay_b
         loss_and_grads(model, length)
         assert len(calls) == 1, "cos/sin are computed once per step, not per layer or per recompute"
         assert len(model.model.rotary_emb._frequencies) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# scripts/train.py: --lora, --sequence-tile-size, --offload-checkpoints, --max-seq-len-probe
+# ----------------------------------------------------------------------------------------------
+
+TRAIN_TINY = ["--tiny-config", "llama", "--trust_remote_code", "--synthetic", "--seq-len", "24", "--batch-size", "2",
+              "--tiny-hidden", "32", "--tiny-layers", "2", "--tiny-heads", "4", "--tiny-vocab", "64", "--lr", "1e-2",
+              "--warmup", "1", "--steps", "3", "--no-progress", "--device", "cpu"]  # fmt: skip
+
+
+def train_script():
+    return load_script("train")
+
+
+def load_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"mea_long_context_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_lora_with_tiling_and_offloaded_checkpoints_matches_plain_lora(tmp_path):
+    pytest.importorskip("peft")
+    train = train_script()
+    runs = {}
+    for name, extra in (("plain", []), ("long", ["--sequence-tile-size", "8", "--offload-checkpoints"])):
+        args = train.parse_args([*TRAIN_TINY, "--output-dir", str(tmp_path / name), "--lora", "--lora-rank", "4", *extra])
+        runs[name] = train.train(args)
+    assert len(runs["plain"]) == 3
+    for plain, long in zip(runs["plain"], runs["long"]):
+        assert abs(long["loss"] - plain["loss"]) <= TOL * plain["loss"], (plain, long)
+        assert abs(long["grad_norm"] - plain["grad_norm"]) <= TOL * plain["grad_norm"], (plain, long)
+    assert runs["plain"][-1]["loss"] < runs["plain"][0]["loss"], "the LoRA adapters did not train"
+
+
+def test_max_seq_len_probe_writes_every_trial_and_the_longest_length(tmp_path):
+    train = train_script()
+    argv = [*TRAIN_TINY, "--output-dir", str(tmp_path), "--seq-len", "16", "--max-seq-len-probe",
+            "--probe-max-seq-len", "64", "--probe-resolution", "8", "--sequence-tile-size", "8", "--offload-checkpoints"]  # fmt: skip
+    assert train.main(argv) == 0
+    import json
+
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert result["status"] == "done" and result["max_seq_len"] == 64
+    assert [trial["seq_len"] for trial in result["trials"]] == [16, 32, 64]
+    assert all(trial["ok"] and trial["tokens_per_s"] > 0 and math.isfinite(trial["loss"]) for trial in result["trials"])
+
+
+def test_probe_doubles_then_bisects_and_respects_the_time_limit(tmp_path):
+    train = train_script()
+
+    def run_step(seq_len: int) -> dict:
+        if seq_len > 100:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate ...")
+        return {"seq_len": seq_len, "ok": True, "step_s": seq_len / 10, "tokens_per_s": 10.0}
+
+    args = train.parse_args([*TRAIN_TINY, "--output-dir", str(tmp_path), "--seq-len", "16", "--probe-resolution", "8"])
+    result = train.SeqLenProbe(run_step, lambda: None, args, tmp_path / "probe.json", {}).run()
+    assert [(trial["seq_len"], trial["ok"]) for trial in result["trials"]] == [
+        (16, True), (32, True), (64, True), (128, False), (96, True), (112, False), (104, False),
+    ]  # fmt: skip
+    assert result["max_seq_len"] == 96 and result["best"]["step_s"] == 9.6
+
+    args.probe_time_limit = 5.0
+    result = train.SeqLenProbe(run_step, lambda: None, args, tmp_path / "probe.json", {}).run()
+    assert result["max_seq_len"] == 48
+    assert "predicted step time" in result["trials"][2]["error"]
