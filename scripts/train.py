@@ -632,11 +632,11 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def probe_step(model, optimizer, seq_len: int, vocab_size: int, device: torch.device, bf16: bool) -> dict:
+def probe_step(model, optimizer, seq_len: int, vocab_size: int, device: torch.device, args: argparse.Namespace):
     """One training step on one random sequence of ``seq_len`` tokens (repeated once, and timed, when the first
     took under 10 s, so that one-time set-up does not count); its time, tokens/s and peak memory."""
-    ids = torch.randint(vocab_size, (1, seq_len), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    ids = torch.randint(vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(args.seed)).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     step_s = 0.0
@@ -747,7 +747,7 @@ def probe_max_seq_len(args: argparse.Namespace) -> dict:
     vocab_size = model.get_input_embeddings().weight.shape[0]
 
     def run_step(seq_len: int) -> dict:
-        return probe_step(model, optimizer, seq_len, vocab_size, dist_info.device, args.bf16)
+        return probe_step(model, optimizer, seq_len, vocab_size, dist_info.device, args)
 
     def cleanup() -> None:
         optimizer.zero_grad(set_to_none=True)
