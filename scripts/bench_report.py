@@ -158,6 +158,8 @@ def _train_cell(record: Optional[dict]) -> str:
     if short is not None:
         return short
     parts = [fmt(record.get("step_ms"), 1, " ms"), fmt(gb(record.get("peak_mem_mb")), 2, " GB")]
+    if record.get("tokens_per_s") is not None:
+        parts.append(fmt(record["tokens_per_s"] / 1e3, 1, "k tok/s"))
     if record.get("mfu") is not None:
         parts.append(fmt(100.0 * record["mfu"], 1, "%"))
     return " · ".join(part for part in parts if part != "-") or "-"
@@ -185,7 +187,7 @@ def train_tables(records: list, section: str = "train") -> str:
             body = [[impl] + [_train_cell(cells.get((impl, seq))) for seq in seqs] for impl in impls]
             out.append(
                 title
-                + "\n\nstep time · peak allocated memory · MFU\n\n"
+                + "\n\nstep time · peak allocated memory · tokens/s · MFU\n\n"
                 + table(["impl"] + [seq_label(s) for s in seqs], body)
             )
     return "\n\n".join(out)

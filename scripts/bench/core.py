@@ -402,3 +402,4 @@ class ImplSweep:
         """Drop the model and free its memory before the next implementation is built."""
         self.model = None
         self.bench.clean()
+        self.bench.factory.release()

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from . import MODELING_DIR, module_from_file
+from .impls import apply_liger, parse_impl
 
 families = module_from_file("mea_bench_families", MODELING_DIR / "families.py")
 FAMILIES = tuple(families.FAMILIES)
@@ -114,6 +115,7 @@ class ModelFactory:
         self.device = device
         self.flex_static_shapes = flex_static_shapes
         self.root = Path(tempfile.mkdtemp(prefix="mea-bench-models-"))
+        self.undo: list = []
 
     def config(self, family: str, kwargs: dict, ours: bool):
         import transformers
@@ -138,24 +140,33 @@ class ModelFactory:
         return transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
 
     def build(self, family: str, impl: str, kwargs: dict, dtype: torch.dtype):
-        """``impl`` is ``stock:<attn_implementation>`` or ``ours:<attn_backend>``."""
+        """A model of ``family`` as ``impl`` names it (see impls.py), on the device, in ``dtype``."""
         import transformers
 
-        kind, name = impl.split(":", 1)
-        ours = kind == "ours"
-        config = self.config(family, kwargs, ours)
+        spec = parse_impl(impl)
+        config = self.config(family, kwargs, spec.ours)
         auto = getattr(transformers, families.main_entry(family).auto_class)
+        if spec.liger:
+            self.undo.append(apply_liger(family))  # before the model is built: it patches the classes
         torch.manual_seed(0)
         with torch.device(self.device):
-            if ours:
-                config.attn_backend = name
+            if spec.ours:
+                config.attn_backend = spec.attention
                 model = auto.from_config(config, trust_remote_code=True, dtype=dtype)
                 if not type(model).__module__.startswith("transformers_modules"):
                     raise RuntimeError(f"expected our class through trust_remote_code, got {type(model).__module__}")
                 sys.modules[type(model).__module__].set_flex_static_shapes(self.flex_static_shapes)
             else:
-                model = auto.from_config(config, attn_implementation=name, dtype=dtype)
-        return model.to(self.device)
+                model = auto.from_config(config, attn_implementation=spec.attention, dtype=dtype)
+        model = model.to(self.device)
+        if spec.compile:
+            model.compile()
+        return model
+
+    def release(self) -> None:
+        """Undo what the last build patched outside its model (Liger), once that model is dropped."""
+        while self.undo:
+            self.undo.pop()()
 
 
 def matmul_weights(model, family: str) -> dict:
@@ -212,6 +223,13 @@ def prefill_flops(model, family: str, batch: int, seq: int) -> float:
             model, family, batch, seq, 1
         )
     return 2.0 * w["decoder"] * batch * seq + attention_forward_flops(model, family, batch, seq)
+
+
+def model_flops_utilisation(flops: float, step_ms: float, peak_tflops: Optional[float]) -> Optional[float]:
+    """MFU: the FLOP rate a step achieves over the device's peak (None where the peak is unknown)."""
+    if not peak_tflops:
+        return None
+    return flops / (step_ms / 1e3) / 1e12 / peak_tflops
 
 
 def half_precision(model) -> bool:

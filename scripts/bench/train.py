@@ -10,7 +10,17 @@ from typing import Callable, Optional
 import torch
 
 from .core import Bench, ImplSweep, config_record
-from .models import STOCK_CONFIG, Dims, config_kwargs, half_precision, next_pow2, random_ids, training_flops
+from .impls import LIGER_PATCHERS
+from .models import (
+    STOCK_CONFIG,
+    Dims,
+    config_kwargs,
+    half_precision,
+    model_flops_utilisation,
+    next_pow2,
+    random_ids,
+    training_flops,
+)
 from .profiling import profile_call, profile_label
 
 # Order of implementations in a family: the ones the targets need first, the ones that compile (flex) last,
@@ -19,6 +29,7 @@ IMPL_ORDER = (
     "stock:sdpa",
     "stock:eager",
     "ours:auto",
+    "stock:sdpa+liger",
     "ours:sdpa",
     "ours:eager",
     "stock:flash_attention_2",
@@ -27,6 +38,8 @@ IMPL_ORDER = (
     "ours:chunked",
     "stock:flex_attention",
     "ours:flex",
+    "ours:auto+compile",
+    "stock:sdpa+compile",
 )
 CORE_IMPLS = ("stock:sdpa", "stock:eager", "ours:auto", "ours:eager")
 
@@ -93,7 +106,7 @@ def measure_train(
         "tokens_per_s": tokens / (ms / 1e3),
         "flops": flops,
         "tflops": flops / (ms / 1e3) / 1e12,
-        "mfu": (flops / (ms / 1e3) / 1e12) / bench.peak_tflops if bench.peak_tflops and half_precision(model) else None,
+        "mfu": model_flops_utilisation(flops, ms, bench.peak_tflops) if half_precision(model) else None,
         "loss": loss,
         "optimizer": bench.args.optimizer,
     }
@@ -107,6 +120,10 @@ def record_loss(step: Callable[[], torch.Tensor], losses: list) -> None:
 
 
 def train_impls(bench: Bench, family: str) -> list:
+    """Every implementation this machine can run for ``family``, in IMPL_ORDER, as --impl selects them.
+
+    ``+compile`` (minutes of compiling on the CPU) is a default on CUDA only; ``+liger`` where Liger-Kernel is
+    installed and has a patcher for the family. --impl can ask for either anywhere."""
     stock = []
     if family in STOCK_CONFIG:
         stock = ["stock:sdpa", "stock:eager"]
@@ -114,18 +131,27 @@ def train_impls(bench: Bench, family: str) -> list:
             stock.append("stock:flex_attention")
         if bench.is_cuda and importlib.util.find_spec("flash_attn") is not None:
             stock.append("stock:flash_attention_2")
+        if family in LIGER_PATCHERS and importlib.util.find_spec("liger_kernel") is not None:
+            stock.append("stock:sdpa+liger")
+        if bench.is_cuda:
+            stock.append("stock:sdpa+compile")
     ours = ["ours:auto"] + [f"ours:{b}" for b in bench.our_backends()]
+    if bench.is_cuda:
+        ours.append("ours:auto+compile")
     impls = [i for i in IMPL_ORDER if i in stock + ours] + [i for i in stock + ours if i not in IMPL_ORDER]
     return select_impls(bench, impls)
 
 
 def select_impls(bench: Bench, impls: list) -> list:
+    """``impls`` that --impl names (all without it; 'core' = CORE_IMPLS), then the variants --impl names of
+    one of them (``ours:sdpa+compile``, ``stock:sdpa+liger``): these run even where they are not a default."""
     wanted = bench.args.impl
     if not wanted:
         return impls
     if "core" in wanted:
         wanted = [w for w in wanted if w != "core"] + list(CORE_IMPLS)
-    return [i for i in impls if i in wanted]
+    variants = [w for w in wanted if w not in impls and w.split("+")[0] in impls]
+    return [i for i in impls if i in wanted] + variants
 
 
 def run_train_family(
