@@ -379,3 +379,16 @@ def test_a_failed_build_is_recorded_for_every_size(cpu_bench):
     first, second = cpu_bench.rec.run_records
     assert first["status"] == second["status"] == "error" and "model build: RuntimeError" in first["error"]
     assert second.get("implied") and not first.get("implied") and (first["seq"], second["seq"]) == (32, 64)
+
+
+def test_train_tables_split_by_vocabulary_when_a_family_has_two():
+    report = load_script("bench_report")
+    base = {"section": "train", "family": "llama", "impl": "ours:auto", "batch": 1, "seq": 8192, "status": "ok"}
+    records = [
+        {**base, "vocab": 32000, "step_ms": 76.0, "peak_mem_mb": 9000.0, "tokens_per_s": 107789.5},
+        {**base, "vocab": 151936, "step_ms": 106.0, "peak_mem_mb": 22000.0, "tokens_per_s": 77283.0},
+    ]
+    tables = report.train_tables(report.latest(records))
+    small, large = tables.split("#### train: llama, batch 1, vocabulary 151,936")
+    assert "#### train: llama, batch 1, vocabulary 32,000" in small and "76.0 ms" in small and "106.0" not in small
+    assert "106.0 ms · 21.48 GB · 77.3k tok/s" in large
