@@ -1251,31 +1251,27 @@ def tiny_family_model(family: str):
 def tracing_inputs(family: str) -> dict:
     ids = torch.randint(3, 53, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
-    mask[0, :3] = 0 if family != "bart" else 1
     if family == "bart":
-        mask[0, 5:] = 0
+        mask[0, 5:] = 0  # a right-padded source
         return dict(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.randint(3, 53, (2, 4)), use_cache=False)
+    mask[0, :3] = 0  # left padding
     return dict(input_ids=ids, attention_mask=mask, use_cache=False)
 
 
+def compiled_fullgraph(model, inputs):
+    return torch.compile(model, fullgraph=True, backend="eager")
+
+
+def exported(model, inputs):
+    return torch.export.export(model, (), kwargs=inputs).module()
+
+
+@pytest.mark.parametrize("trace", [compiled_fullgraph, pytest.param(exported, marks=pytest.mark.slow)], ids=["compile", "export"])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
-def test_compile_fullgraph_with_a_padding_mask(family):
+def test_compile_and_export_with_a_padding_mask(family, trace):
     model = tiny_family_model(family)
     inputs = tracing_inputs(family)
     with torch.no_grad():
         expected = model(**inputs).logits
-        compiled = torch.compile(model, fullgraph=True, backend="eager")
-        actual = compiled(**inputs).logits
-    assert torch.allclose(actual, expected, atol=1e-5)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
-def test_export_with_a_padding_mask(family):
-    model = tiny_family_model(family)
-    inputs = tracing_inputs(family)
-    with torch.no_grad():
-        expected = model(**inputs).logits
-        program = torch.export.export(model, (), kwargs=inputs)
-        actual = program.module()(**inputs).logits
+        actual = trace(model, inputs)(**inputs).logits
     assert torch.allclose(actual, expected, atol=1e-5)
