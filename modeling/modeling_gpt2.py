@@ -282,8 +282,9 @@ class DropoutMatmul(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True):
-    k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
+def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True):
+    """Softmax weights ``[b, h, q_len, k_len]`` and which query rows see a key (None: all of them)."""
+    k = _expand_kv(k, call.heads)
     rows, cols = slice(0, call.q_len), slice(0, call.k_len)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
@@ -298,6 +299,12 @@ def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_so
         probs = LightSoftmax.apply(scores)
     else:
         probs = torch.softmax(scores, dim=-1)
+    return probs, row_has_key
+
+
+def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True):
+    probs, row_has_key = _eager_probabilities(q, k, call, mask, alibi_slopes, scale, light_softmax)
+    v = _expand_kv(v, call.heads)
     if call.dropout_p > 0.0 and dropout_matmul:
         out = DropoutMatmul.apply(probs, v, call.dropout_p)
     else:
@@ -1021,6 +1028,50 @@ def attention(
             _log_once(f"attention backend {name!r} failed ({type(error).__name__}: {error}); falling back")
 
 
+# ----------------------------------------------------------------------------------------------
+# Attention weights on request (output_attentions=True)
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_with_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+) -> tuple:
+    """``attention()`` on the eager math, returning ``(output, weights)``; ``weights`` ``[b, h, q_len, k_len]``
+    are the softmax probabilities after dropout, as transformers' eager attention returns them.
+
+    For ``output_attentions=True`` only: the weights are O(seq^2), which the fused kernels never form.
+    """
+    _log_once("output_attentions=True: attention weights are computed with the eager math (O(seq^2) memory)")
+    q, k, v = _autocast_inputs(q, k, v)
+    call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p)
+    scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
+    probs, row_has_key = _eager_probabilities(q, k, call, attention_mask, alibi_slopes, scale)
+    weights = F.dropout(probs, p=call.dropout_p, training=call.dropout_p > 0.0)
+    output = torch.matmul(weights, _expand_kv(v, call.heads))
+    return _zero_empty_rows(output, row_has_key), weights
+
+
+_WEIGHTS_ARGUMENTS = ("causal", "attention_mask", "alibi_slopes", "dropout_p", "scale")
+
+
+def attention_recording_weights(q, k, v, weights: Optional[list], **kwargs) -> torch.Tensor:
+    """``attention(q, k, v, **kwargs)``; given a ``weights`` list, ``attention_with_weights`` instead, with the
+    weights appended to the list (how a model collects them per layer for ``output_attentions=True``)."""
+    if weights is None:
+        return attention(q, k, v, **kwargs)
+    output, layer_weights = attention_with_weights(q, k, v, **{n: kwargs[n] for n in _WEIGHTS_ARGUMENTS if n in kwargs})
+    weights.append(layer_weights)
+    return output
+
+
 def available_backends(device: Optional[str] = None) -> list:
     """Backends that run on ``device`` (default: CUDA if present, else CPU) on this machine."""
     device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1061,6 +1112,28 @@ def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[t
         raise ValueError(f"expected a 2-D padding mask [batch, k_len], got shape {list(attention_mask.shape)}")
     keep = attention_mask.bool()
     return None if bool(keep.all()) else keep
+
+
+def check_cache_type(past_key_values) -> None:
+    """Refuses the legacy tuple-of-tuples cache with one clear error (every family, every transformers version)."""
+    if isinstance(past_key_values, (tuple, list)):
+        raise TypeError(
+            "past_key_values must be a transformers Cache object (e.g. DynamicCache or EncoderDecoderCache), "
+            f"not the legacy {type(past_key_values).__name__} of per-layer tensors; build a DynamicCache instead"
+        )
+
+
+def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optional[tuple]:
+    """The hidden states a model returns: all of them for ``output_hidden_states=True``, None when it is false,
+    and for an index or list of indices (transformers 5's selection; negative ones count from the end) those."""
+    if not output_hidden_states:
+        return None
+    if output_hidden_states is True:
+        return tuple(hidden_states)
+    count = len(hidden_states)
+    indices = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
+    keep = {index % count for index in indices if -count <= index < count}
+    return tuple(state for index, state in enumerate(hidden_states) if index in keep)
 
 
 _IMPLEMENTATION_TO_BACKEND = {
@@ -1124,6 +1197,19 @@ def padding_mask_and_causality(attention_mask: torch.Tensor | None) -> tuple[tor
     return keep_mask_from_padding(attention_mask), True
 
 
+def flatten_leading_dimensions(input_shape: torch.Size, *inputs: torch.Tensor | None) -> list:
+    """`[batch, choices, seq]` (or any more leading dimensions) as `[batch * choices, seq]`; embeddings keep
+    their last dimension. A no-op for the usual 2-D inputs."""
+    if len(input_shape) == 2:
+        return list(inputs)
+    flat = []
+    for tensor in inputs:
+        if tensor is not None and tensor.dim() > 2 and tensor.shape[: len(input_shape)] == input_shape:
+            tensor = tensor.reshape(-1, *tensor.shape[len(input_shape) - 1 :])
+        flat.append(tensor)
+    return flat
+
+
 class GPT2Attention(nn.Module):
     """Causal multi-head self-attention with GPT-2's fused qkv projection (`c_attn`) and `c_proj`."""
 
@@ -1158,6 +1244,7 @@ class GPT2Attention(nn.Module):
         mask: torch.Tensor | None,
         causal: bool,
         backend: str,
+        attention_weights: list | None = None,
     ) -> torch.Tensor:
         kwargs = {
             "causal": causal,
@@ -1169,8 +1256,8 @@ class GPT2Attention(nn.Module):
             "light_softmax": bool(getattr(self.config, "use_lightsoftmax", False)),
             "dropout_matmul": bool(getattr(self.config, "use_dropmatmul", False)),
         }
-        if backend != "eager" or not self.config.reorder_and_upcast_attn:
-            return attention(query, key, value, **kwargs)
+        if attention_weights is not None or backend != "eager" or not self.config.reorder_and_upcast_attn:
+            return attention_recording_weights(query, key, value, attention_weights, **kwargs)
         with torch.autocast(device_type=query.device.type, enabled=False):
             output = attention(query.float(), key.float(), value.float(), **kwargs)
         return output.to(query.dtype)
@@ -1183,14 +1270,16 @@ class GPT2Attention(nn.Module):
         past_key_values: Cache | None,
         cache_position: torch.Tensor,
         backend: str,
+        attention_weights: list | None = None,
     ) -> torch.Tensor:
+        """Given an `attention_weights` list, the weights are computed and appended to it (`output_attentions`)."""
         query, key, value = self.c_attn(hidden_states).split(self.embed_dim, dim=2)
         query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
         if past_key_values is not None:
             # transformers 4.x static caches need the write positions; later versions track them themselves
             key, value = past_key_values.update(key, value, self.layer_idx, {"cache_position": cache_position})
 
-        output = self._attend(query, key, value, mask, causal, backend)
+        output = self._attend(query, key, value, mask, causal, backend, attention_weights)
         output = output.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.embed_dim)
         return self.resid_dropout(self.c_proj(output))
 
@@ -1228,9 +1317,11 @@ class GPT2Block(nn.Module):
         past_key_values: Cache | None,
         cache_position: torch.Tensor,
         backend: str,
+        attention_weights: list | None = None,
     ) -> torch.Tensor:
         attn_input = self.ln_1(hidden_states)
-        hidden_states = hidden_states + self.attn(attn_input, mask, causal, past_key_values, cache_position, backend)
+        attended = self.attn(attn_input, mask, causal, past_key_values, cache_position, backend, attention_weights)
+        hidden_states = hidden_states + attended
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
 
@@ -1315,13 +1406,18 @@ class GPT2Model(GPT2PreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPastAndCrossAttentions | tuple:
         """`cache_position` (positions of these tokens in the cache, as transformers 4.x `generate` passes it) may
-        come as a keyword argument; other extra keyword arguments are accepted and unused."""
+        come as a keyword argument; other extra keyword arguments are accepted and unused. Inputs may carry extra
+        leading dimensions (`[batch, choices, seq]`, as `GPT2DoubleHeadsModel` passes them), flattened into the batch."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids and inputs_embeds")
-        if output_attentions:
-            raise ValueError("output_attentions=True is not supported: the fused kernels never form attention weights")
-        if past_key_values is not None and not isinstance(past_key_values, Cache):
-            raise TypeError("past_key_values must be a transformers Cache (e.g. DynamicCache), not legacy tuples")
+        check_cache_type(past_key_values)
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        input_shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds = flatten_leading_dimensions(
+            input_shape, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
+        )
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         checkpointing = self.gradient_checkpointing and self.training
@@ -1350,23 +1446,27 @@ class GPT2Model(GPT2PreTrainedModel):
         mask, causal = padding_mask_and_causality(attention_mask)
         backend = resolved_backend(self.config)
         all_hidden_states = []
+        all_attentions = [] if output_attentions else None
         for block in self.h:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
             if checkpointing:
                 hidden_states = self._gradient_checkpointing_func(
-                    block.__call__, hidden_states, mask, causal, None, cache_position, backend
+                    block.__call__, hidden_states, mask, causal, None, cache_position, backend, all_attentions
                 )
             else:
-                hidden_states = block(hidden_states, mask, causal, past_key_values, cache_position, backend)
-        hidden_states = self.ln_f(hidden_states)
+                hidden_states = block(
+                    hidden_states, mask, causal, past_key_values, cache_position, backend, all_attentions
+                )
+        hidden_states = self.ln_f(hidden_states).view(*input_shape, -1)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
 
         output = BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            hidden_states=selected_hidden_states(all_hidden_states, output_hidden_states),
+            attentions=tuple(all_attentions) if output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -1433,6 +1533,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
 
@@ -1516,6 +1617,7 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
             logits=pooled_logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
 
