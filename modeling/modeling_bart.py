@@ -1212,9 +1212,15 @@ def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int | None, decode
 
 
 def _padding_keep_mask(mask: torch.Tensor | None, key_length: int, name: str) -> torch.Tensor | None:
-    """A 2-D 0/1 padding mask over the keys as the kernel layer's bool keep-mask (None when nothing is padded)."""
+    """A 2-D 0/1 padding mask over the keys as the kernel layer's bool keep-mask (None when nothing is padded).
+
+    A 4-D mask (a caller's own, or the one ``generate`` builds for a static cache) is passed on as it is, as
+    stock does: bool or additive float (an integer 0/1 mask becomes bool); it defines visibility on its own.
+    """
     if mask is None:
         return None
+    if mask.dim() == 4:
+        return mask if mask.dtype == torch.bool or mask.is_floating_point() else mask.bool()
     if mask.dim() != 2 or mask.shape[-1] != key_length:
         raise ValueError(
             f"{name} must be a 2-D padding mask [batch, {key_length}] (covering any cached positions); "
@@ -1332,7 +1338,7 @@ class BartAttention(nn.Module):
             key,
             value,
             attention_weights,
-            causal=self.is_causal,
+            causal=self.is_causal and (keep_mask is None or keep_mask.dim() == 2),
             attention_mask=keep_mask,
             dropout_p=self.dropout if self.training else 0.0,
             backend=backend_from_config(self.config),
@@ -1461,6 +1467,8 @@ class BartPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
+    # as stock declares: compiles with fullgraph=True, static caches included
+    _can_compile_fullgraph = True
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:

@@ -1328,6 +1328,8 @@ class BloomPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
+    # as stock declares: compiles with fullgraph=True, static caches included
+    _can_compile_fullgraph = True
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:

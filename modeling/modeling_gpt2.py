@@ -1193,7 +1193,8 @@ def padding_mask_and_causality(attention_mask: torch.Tensor | None) -> tuple[tor
     if attention_mask is None:
         return None, True
     if attention_mask.dim() == 4:
-        return attention_mask, False
+        keeps_as_is = attention_mask.dtype == torch.bool or attention_mask.is_floating_point()
+        return (attention_mask if keeps_as_is else attention_mask.bool()), False
     return keep_mask_from_padding(attention_mask), True
 
 
@@ -1268,7 +1269,7 @@ class GPT2Attention(nn.Module):
         mask: torch.Tensor | None,
         causal: bool,
         past_key_values: Cache | None,
-        cache_position: torch.Tensor,
+        cache_position: torch.Tensor | None,
         backend: str,
         attention_weights: list | None = None,
     ) -> torch.Tensor:
@@ -1315,7 +1316,7 @@ class GPT2Block(nn.Module):
         mask: torch.Tensor | None,
         causal: bool,
         past_key_values: Cache | None,
-        cache_position: torch.Tensor,
+        cache_position: torch.Tensor | None,
         backend: str,
         attention_weights: list | None = None,
     ) -> torch.Tensor:
@@ -1336,6 +1337,9 @@ class GPT2PreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_cache_class = True
+    # as stock declares: compiles with fullgraph=True (static caches included), takes any attention backend name
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
     # Old checkpoints carry the causal-mask buffers of the original implementation.
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias$", r"attn\.masked_bias$"]
 
@@ -1431,12 +1435,14 @@ class GPT2Model(GPT2PreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
+        # Only positions the caller did not give are derived from the cache length (a data-dependent value
+        # under torch.compile with a static cache); transformers 4.x static caches write at `cache_position`.
         cache_position = kwargs.get("cache_position")
-        if cache_position is None:
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-            seq_length = inputs_embeds.shape[1]
-            cache_position = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
         if position_ids is None:
+            if cache_position is None:
+                past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+                seq_length = inputs_embeds.shape[1]
+                cache_position = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
             position_ids = cache_position.unsqueeze(0)
         hidden_states = inputs_embeds + self.wpe(position_ids)
         if token_type_ids is not None:

@@ -16,6 +16,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 from transformers import LlamaConfig
+from transformers import LlamaForCausalLM as StockLlamaForCausalLM
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -1469,6 +1470,9 @@ class LlamaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
+    # as stock declares: compiles with fullgraph=True (static caches included), takes any attention backend name
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -1567,6 +1571,10 @@ class LlamaModel(LlamaPreTrainedModel):
 
 class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # The head's tensor/pipeline parallel plans, taken from the stock class (their style names change between
+    # transformers versions); the base model's come from LlamaConfig, as for stock.
+    _tp_plan = dict(StockLlamaForCausalLM._tp_plan or {})
+    _pp_plan = dict(StockLlamaForCausalLM._pp_plan or {})
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)

@@ -267,3 +267,93 @@ def test_gpt2_model_takes_multiple_choice_inputs(tmp_path):
     assert actual.last_hidden_state.shape == (2, 3, 6, 32)
     assert_close_rel(actual.last_hidden_state, expected.last_hidden_state, TOL, "gpt2 [b, c, s]")
     assert [h.shape for h in actual.hidden_states] == [h.shape for h in expected.hidden_states]
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom 4-D masks (item 10)
+# ----------------------------------------------------------------------------------------------
+
+SHARED_PREFIX_KEEP = torch.tensor(
+    [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 1, 0],
+     [1, 1, 1, 0, 0, 1]]
+)[None, None]
+
+
+@pytest.mark.parametrize("mask_kind", ["int", "bool", "additive"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bart"])
+def test_custom_4d_mask_packs_a_shared_prefix_like_stock(family, mask_kind, tmp_path):
+    """Three continuations of one prefix, packed into one row by a 4-D mask, give the unpacked logits (the
+    test transformers runs as ``test_custom_4d_attention_mask``); BART's decoder takes the mask."""
+    class_name = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "bart": "BartForConditionalGeneration"}
+    stock, ours = stock_and_ours(family, class_name[family], tmp_path)
+    mask = {"int": SHARED_PREFIX_KEEP, "bool": SHARED_PREFIX_KEEP.bool(),
+            "additive": (1.0 - SHARED_PREFIX_KEEP.float()) * torch.finfo(torch.float32).min}[mask_kind]
+    unpacked = torch.tensor([[10, 11, 12, 13], [10, 11, 12, 14], [10, 11, 12, 15]])
+    packed = torch.tensor([[10, 11, 12, 13, 14, 15]])
+    if family == "bart":
+        encoder_ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            expected = ours(encoder_ids.expand(3, -1), decoder_input_ids=unpacked).logits[:, -1]
+            actual = ours(encoder_ids, decoder_input_ids=packed, decoder_attention_mask=mask).logits[0, -3:]
+            reference = stock(encoder_ids, decoder_input_ids=packed, decoder_attention_mask=mask).logits[0, -3:]
+        # BART's learned positions are by index, so the packed row is compared with stock's packed row too
+        if mask_kind == "additive":
+            assert_close_rel(actual, reference, TOL, "bart packed decoder vs stock")
+        assert_close_rel(actual[0], expected[0], TOL, "bart first continuation")
+        return
+    positions = torch.tensor([[0, 1, 2, 3, 3, 3]])
+    with torch.no_grad():
+        expected = ours(unpacked, position_ids=torch.arange(4).expand(3, -1)).logits[:, -1]
+        actual = ours(packed, attention_mask=mask, position_ids=positions).logits[0, -3:]
+        reference = stock(packed, attention_mask=mask, position_ids=positions).logits[0, -3:]
+    assert_close_rel(actual, expected, TOL, f"{family} packed vs unpacked")
+    if mask_kind == "additive":  # stock's eager attention adds any 4-D mask; transformers' test passes floats
+        assert_close_rel(actual, reference, TOL, f"{family} packed vs stock")
+
+
+# ----------------------------------------------------------------------------------------------
+# Declared capabilities, static caches and compilation (items 6 and 9)
+# ----------------------------------------------------------------------------------------------
+
+GENERATIVE_CLASSES = {
+    "llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "bloom": "BloomForCausalLM",
+    "bart": "BartForConditionalGeneration",
+}
+DECLARED = ("_can_compile_fullgraph", "_supports_attention_backend", "_tp_plan", "_pp_plan", "_supports_sdpa")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
+def test_declares_what_stock_declares(family, tmp_path):
+    """Capability flags and parallel plans (resolved by post_init, the config's base-model plans included)."""
+    stock, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path)
+    for name in DECLARED:
+        if getattr(stock, name, None):
+            assert getattr(ours, name, None) == getattr(stock, name), name
+    if family == "llama":
+        assert "lm_head" in ours._tp_plan and "lm_head" in ours._pp_plan
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
+def test_static_cache_generation_matches_stock(family, tmp_path):
+    stock, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path)
+    inputs = token_inputs(family)
+    inputs.pop("decoder_input_ids", None)
+    options = dict(max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(ours.generate(**inputs, **options), stock.generate(**inputs, **options))
+
+
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="CompileConfig's all-device switch is transformers 5's")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fullgraph_compiled_static_generation_matches_stock(family, tmp_path):
+    """``generate`` compiles the forward with ``fullgraph=True`` for a static cache (dynamo only, so that it
+    runs without a C++ compiler): no graph break, no data-dependent branch on the decoding path."""
+    from transformers import CompileConfig
+
+    stock, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path)
+    inputs = token_inputs(family)
+    compile_config = CompileConfig(fullgraph=True, backend="eager", dynamic=False)
+    compile_config._compile_all_devices = True
+    options = dict(max_new_tokens=4, do_sample=False, cache_implementation="static")
+    torch._dynamo.reset()
+    actual = ours.generate(**inputs, **options, compile_config=compile_config)
+    assert torch.equal(actual, stock.generate(**inputs, **options))
