@@ -20,6 +20,7 @@ from transformers import LlamaForCausalLM as StockLlamaForCausalLM
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -1179,8 +1180,6 @@ def backend_from_config(config) -> str:
 
 logger = get_logger(__name__)
 
-_SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-
 
 # ----------------------------------------------------------------------------------------------
 # Rotary position embedding
@@ -1197,92 +1196,52 @@ def rope_parameters_from_config(config: LlamaConfig) -> dict:
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
     if params.get("rope_theta") is None:
         params["rope_theta"] = getattr(config, "rope_theta", None) or 10000.0
-    if params["rope_type"] not in _SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"rope_type {params['rope_type']!r} is not supported by this LLaMA file; "
-            f"supported: {', '.join(_SUPPORTED_ROPE_TYPES)}"
-        )
     return params
 
 
-def _llama3_scaled_frequencies(inv_freq: torch.Tensor, params: dict, max_position_embeddings: int) -> torch.Tensor:
-    """Llama 3.1 scaling: long wavelengths are divided by ``factor``, short ones kept, the band between blended."""
-    factor = params["factor"]
-    low_freq_factor = params["low_freq_factor"]
-    high_freq_factor = params["high_freq_factor"]
-    context = params.get("original_max_position_embeddings") or max_position_embeddings
-    wavelength = 2 * torch.pi / inv_freq
-    # 0 where the wavelength exceeds context / low_freq_factor, 1 below context / high_freq_factor, linear between
-    keep = ((context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0.0, 1.0)
-    return inv_freq * (keep + (1.0 - keep) / factor)
-
-
-def rope_inverse_frequencies(
-    params: dict, head_dim: int, max_position_embeddings: int, seq_len: Optional[int] = None
-) -> torch.Tensor:
-    """Inverse frequencies ``[head_dim // 2]`` (float32, CPU) for the supported rope types.
-
-    ``seq_len`` only matters for ``"dynamic"`` (NTK-aware) scaling, which raises the base once the sequence is
-    longer than ``max_position_embeddings``. None of these types rescales cos/sin (their attention factor is 1).
-    """
-    rope_type = params["rope_type"]
-    base = float(params["rope_theta"])
-    if rope_type == "dynamic":
-        factor = params["factor"]
-        length = max(seq_len or max_position_embeddings, max_position_embeddings)
-        base *= (factor * length / max_position_embeddings - (factor - 1)) ** (head_dim / (head_dim - 2))
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-    inv_freq = 1.0 / (base**exponents)
-    if rope_type == "linear":
-        inv_freq = inv_freq / params["factor"]
-    elif rope_type == "llama3":
-        inv_freq = _llama3_scaled_frequencies(inv_freq, params, max_position_embeddings)
-    return inv_freq
-
-
 class LlamaRotaryEmbedding(nn.Module):
-    """cos/sin tables for given positions.
+    """cos/sin tables for given positions, for every rope type this transformers version knows.
 
-    Holds no buffers (so nothing to initialise after meta-device loading, nothing in the state dict): the
-    ``head_dim // 2`` frequencies are computed on the CPU, as transformers does, and kept per device.
-
-    Dynamic NTK follows transformers' stateful rule: the frequencies are recomputed for the longest sequence
-    seen so far once a call goes past ``max_position_embeddings``, and reset when a call fits again.
+    The frequencies come from transformers' own ``ROPE_INIT_FUNCTIONS`` (``default`` is computed here, as the
+    stock module does in 5.x), and ``dynamic_rope_update`` recomputes them for dynamic NTK and LongRoPE exactly as
+    stock does. ``inv_freq``/``original_inv_freq`` are non-persistent buffers, as in the stock module, so
+    transformers re-initialises them after meta-device loading.
     """
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.params = rope_parameters_from_config(config)
-        self.rope_type = self.params["rope_type"]
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.max_position_embeddings = config.max_position_embeddings
+        self.config = config
+        self.rope_type = rope_parameters_from_config(config)["rope_type"]
+        if self.rope_type != "default" and self.rope_type not in ROPE_INIT_FUNCTIONS:
+            supported = ", ".join(["default", *sorted(k for k in ROPE_INIT_FUNCTIONS if k != "default")])
+            raise ValueError(f"rope_type {self.rope_type!r} is not known to this transformers version; known: {supported}")
         self.max_seq_len_cached = config.max_position_embeddings
-        self._frequencies: dict = {}
+        self.original_max_seq_len = config.max_position_embeddings
+        inv_freq, self.attention_scaling = self.rope_init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
-    def _dynamic_length(self, position_ids: torch.Tensor) -> int:
-        seq_len = int(position_ids.max()) + 1
-        if seq_len > self.max_seq_len_cached:
-            self.max_seq_len_cached = seq_len
-        elif seq_len < self.max_position_embeddings:
-            self.max_seq_len_cached = self.max_position_embeddings
-        return self.max_seq_len_cached
+    @staticmethod
+    def compute_default_rope_parameters(config: LlamaConfig, device=None, seq_len=None, **kwargs) -> tuple:
+        """Plain RoPE: ``1 / theta^(2i / head_dim)`` (float32) and an attention factor of 1."""
+        base = float(rope_parameters_from_config(config)["rope_theta"])
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+        return 1.0 / (base**exponents), 1.0
 
-    def inverse_frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
-        seq_len = self._dynamic_length(position_ids) if self.rope_type == "dynamic" else None
-        key = (position_ids.device, seq_len)
-        if key not in self._frequencies:
-            inv_freq = rope_inverse_frequencies(self.params, self.head_dim, self.max_position_embeddings, seq_len)
-            self._frequencies = {k: v for k, v in self._frequencies.items() if k[1] == seq_len}
-            self._frequencies[key] = inv_freq.to(position_ids.device)
-        return self._frequencies[key]
+    def rope_init_fn(self, config: LlamaConfig, device=None, **kwargs) -> tuple:
+        if self.rope_type == "default":
+            return self.compute_default_rope_parameters(config, device, **kwargs)
+        return ROPE_INIT_FUNCTIONS[self.rope_type](config, device, **kwargs)
 
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``[batch or 1, seq, head_dim]`` in ``x``'s dtype for ``position_ids`` ``[batch or 1, seq]``."""
-        inv_freq = self.inverse_frequencies(position_ids)
-        angles = position_ids[..., None].float() * inv_freq
+        angles = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

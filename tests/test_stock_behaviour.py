@@ -357,3 +357,58 @@ def test_fullgraph_compiled_static_generation_matches_stock(family, tmp_path):
     torch._dynamo.reset()
     actual = ours.generate(**inputs, **options, compile_config=compile_config)
     assert torch.equal(actual, stock.generate(**inputs, **options))
+
+
+# ----------------------------------------------------------------------------------------------
+# Every RoPE type transformers knows (item 7)
+# ----------------------------------------------------------------------------------------------
+
+HALF_HEAD_DIM = 8  # family_config("llama"): head_dim 16
+ROPE_TYPES = {
+    "linear": {"factor": 2.0},
+    "dynamic": {"factor": 2.0},
+    "yarn": {"factor": 4.0, "original_max_position_embeddings": 8},
+    "longrope": {
+        "short_factor": [1.0 + 0.1 * i for i in range(HALF_HEAD_DIM)],
+        "long_factor": [1.5 + 0.3 * i for i in range(HALF_HEAD_DIM)],
+        "original_max_position_embeddings": 8,
+    },
+    "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
+    "proportional": {"partial_rotary_factor": 0.5},
+}
+
+
+def rope_config(rope_type: str):
+    """A tiny LLaMA config with ``rope_type`` in this transformers version's format; max_position_embeddings 16,
+    so the 20-token inputs below also exercise dynamic NTK's and LongRoPE's long-sequence branches."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        pytest.skip(f"transformers {transformers.__version__} has no rope type {rope_type!r}")
+    config = family_config("llama", max_position_embeddings=16)
+    rope = {"rope_type": rope_type, **ROPE_TYPES[rope_type]}
+    if TRANSFORMERS_5:
+        config.rope_parameters = {**rope, "rope_theta": 500.0}
+    else:
+        config.rope_scaling, config.rope_theta = rope, 500.0
+    return config
+
+
+@pytest.mark.parametrize("rope_type", list(ROPE_TYPES))
+def test_every_rope_type_matches_stock(rope_type, tmp_path):
+    stock, ours = stock_and_ours("llama", "LlamaForCausalLM", tmp_path, config=rope_config(rope_type))
+    assert torch.equal(ours.model.rotary_emb.inv_freq, stock.model.rotary_emb.inv_freq)
+    for seq in (6, 20):  # within, then beyond max_position_embeddings
+        ids = torch.randint(3, VOCAB, (2, seq), generator=torch.Generator().manual_seed(seq))
+        with torch.no_grad():
+            assert_close_rel(ours(ids).logits, stock(ids).logits, TOL, f"{rope_type} logits, {seq} tokens")
+        assert torch.equal(ours.model.rotary_emb.inv_freq, stock.model.rotary_emb.inv_freq)
+
+
+def test_rotary_frequencies_are_restored_after_meta_device_loading(tmp_path):
+    """``inv_freq`` is a non-persistent buffer, as in stock: loading (meta device in transformers 5) must give
+    the computed frequencies back, not uninitialised memory."""
+    stock, ours = stock_and_ours("llama", "LlamaForCausalLM", tmp_path, config=rope_config("yarn"))
+    assert ours.model.rotary_emb.inv_freq.device.type == "cpu"
+    assert torch.equal(ours.model.rotary_emb.original_inv_freq, stock.model.rotary_emb.original_inv_freq)
+    assert ours.model.rotary_emb.attention_scaling == stock.model.rotary_emb.attention_scaling != 1.0
