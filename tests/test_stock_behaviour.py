@@ -330,7 +330,7 @@ def test_declares_what_stock_declares(family, tmp_path):
         if getattr(stock, name, None):
             assert getattr(ours, name, None) == getattr(stock, name), name
     if family == "llama":
-        assert "lm_head" in ours._tp_plan and "lm_head" in ours._pp_plan
+        assert "lm_head" in type(ours)._tp_plan and "lm_head" in type(ours)._pp_plan
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
@@ -412,3 +412,90 @@ def test_rotary_frequencies_are_restored_after_meta_device_loading(tmp_path):
     assert ours.model.rotary_emb.inv_freq.device.type == "cpu"
     assert torch.equal(ours.model.rotary_emb.original_inv_freq, stock.model.rotary_emb.original_inv_freq)
     assert ours.model.rotary_emb.attention_scaling == stock.model.rotary_emb.attention_scaling != 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The heads users load (item 11)
+# ----------------------------------------------------------------------------------------------
+
+HEADS = [
+    ("llama", "LlamaForQuestionAnswering"),
+    ("llama", "LlamaForTokenClassification"),
+    ("gpt2", "GPT2ForQuestionAnswering"),
+    ("gpt2", "GPT2ForTokenClassification"),
+    ("gpt2", "GPT2DoubleHeadsModel"),
+    ("bloom", "BloomForQuestionAnswering"),
+    ("bart", "BartForQuestionAnswering"),
+    ("bart", "BartForCausalLM"),
+]
+HEAD_OUTPUTS = ("start_logits", "end_logits", "logits", "mc_logits", "loss", "mc_loss")
+
+
+def head_inputs(family: str, class_name: str) -> dict:
+    """Unpadded inputs with labels (a loss over padded positions would compare their arbitrary logits)."""
+    inputs = token_inputs(family)
+    inputs.pop("attention_mask")
+    generator = torch.Generator().manual_seed(5)
+    batch, seq = inputs["input_ids"].shape
+    if class_name.endswith("QuestionAnswering"):
+        inputs["start_positions"] = torch.randint(0, seq, (batch,), generator=generator)
+        inputs["end_positions"] = torch.randint(0, seq, (batch,), generator=generator)
+    elif class_name.endswith("TokenClassification"):
+        inputs["labels"] = torch.randint(0, 2, (batch, seq), generator=generator)
+    elif class_name == "GPT2DoubleHeadsModel":
+        inputs = {"input_ids": torch.randint(3, VOCAB, (batch, 3, seq), generator=generator)}
+        inputs["mc_token_ids"] = torch.randint(0, seq, (batch, 3), generator=generator)
+        inputs["labels"] = inputs["input_ids"]
+        inputs["mc_labels"] = torch.randint(0, 3, (batch,), generator=generator)
+    elif class_name == "BartForCausalLM":
+        inputs = {"input_ids": inputs["decoder_input_ids"], "labels": inputs["decoder_input_ids"].roll(-1, 1)}
+    return inputs
+
+
+@pytest.mark.parametrize("family,class_name", HEADS)
+def test_head_matches_stock_and_keeps_its_keys(family, class_name, tmp_path):
+    stock, ours = stock_and_ours(family, class_name, tmp_path)
+    assert type(ours).__name__ == class_name
+    assert set(ours.state_dict()) == set(stock.state_dict())
+    inputs = head_inputs(family, class_name)
+    with torch.no_grad():
+        expected, actual = stock(**inputs), ours(**inputs)
+    compared = 0
+    for name in HEAD_OUTPUTS:
+        if getattr(expected, name, None) is not None:
+            assert_close_rel(getattr(actual, name), getattr(expected, name), TOL, f"{class_name}.{name}")
+            compared += 1
+    assert compared >= 2
+
+
+def test_bart_causal_lm_decodes_with_cross_attention_like_stock(tmp_path):
+    """BartForCausalLM as the decoder of an encoder-decoder pair: encoder states in, cached generation steps."""
+    stock, ours = stock_and_ours("bart", "BartForCausalLM", tmp_path)
+    generator = torch.Generator().manual_seed(9)
+    encoder_states = torch.randn(2, 5, 32, generator=generator)
+    encoder_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    ids = torch.randint(3, VOCAB, (2, 4), generator=generator)
+    with torch.no_grad():
+        expected = stock(ids, encoder_hidden_states=encoder_states, encoder_attention_mask=encoder_mask)
+        actual = ours(ids, encoder_hidden_states=encoder_states, encoder_attention_mask=encoder_mask)
+        step = torch.randint(3, VOCAB, (2, 1), generator=generator)
+        next_expected = stock(step, encoder_hidden_states=encoder_states, encoder_attention_mask=encoder_mask,
+                              past_key_values=expected.past_key_values)
+        next_actual = ours(step, encoder_hidden_states=encoder_states, encoder_attention_mask=encoder_mask,
+                           past_key_values=actual.past_key_values)
+    assert_close_rel(actual.logits, expected.logits, TOL, "BartForCausalLM logits")
+    assert_close_rel(next_actual.logits, next_expected.logits, TOL, "BartForCausalLM cached step")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
+def test_family_auto_map_loads_the_new_heads(family, tmp_path):
+    """A checkpoint folder written with the family's auto_map loads our question-answering head."""
+    from transformers import AutoModelForQuestionAnswering
+
+    class_name = {"llama": "LlamaForQuestionAnswering", "gpt2": "GPT2ForQuestionAnswering",
+                  "bloom": "BloomForQuestionAnswering", "bart": "BartForQuestionAnswering"}[family]
+    stock = stock_class(class_name)(family_config(family))
+    stock.save_pretrained(tmp_path)
+    write_remote_code(tmp_path, family)
+    ours = AutoModelForQuestionAnswering.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(ours).__name__ == class_name and type(ours).__module__ != type(stock).__module__
