@@ -22,11 +22,19 @@ from .attention import (
     set_chunk_sizes,
     set_flex_static_shapes,
 )
-from .patch import apply_attention_patch, register_attention_backends, remove_attention_patch
+from .patch import (
+    BetterTransformer,
+    apply_attention_patch,
+    register_attention_backends,
+    remove_attention_patch,
+    reverse,
+    transform,
+)
 
 __all__ = [
     "AUTO_ORDER",
     "BACKENDS",
+    "BetterTransformer",
     "DropoutMatmul",
     "ForwardMask",
     "LightSoftmax",
@@ -39,9 +47,11 @@ __all__ = [
     "demoted_backends",
     "forward_mask",
     "keep_mask_from_padding",
+    "reverse",
     "register_attention_backends",
     "remove_attention_patch",
     "select_backend",
     "set_chunk_sizes",
     "set_flex_static_shapes",
+    "transform",
 ]
