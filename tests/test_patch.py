@@ -565,7 +565,7 @@ def test_seed_qwen_module_switches_our_qwen_created_afterwards(tmp_path):
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
     assert type(model).__module__.startswith("transformers_modules")
     assert model.config._attn_implementation == "mea_chunked"
-    assert sys.modules[type(model).__module__].attention_backend(model.config) == "chunked"
+    assert sys.modules[type(model).__module__].backend_from_config(model.config) == "chunked"
     mea.remove_attention_patch()
     assert model.config._attn_implementation != "mea_chunked"
 
