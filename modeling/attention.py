@@ -1205,6 +1205,58 @@ def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[t
     return None if bool(keep.all()) else keep
 
 
+def _document_of_token(cu_seqlens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.searchsorted(cu_seqlens[1:].to(tokens.dtype).contiguous(), tokens, right=True)
+
+
+def varlen_keywords(kwargs: dict) -> dict:
+    """The flash-attention varlen keywords (packed rows, as transformers and TRL pass them) among ``kwargs``,
+    for a head model to hand on to its base model."""
+    names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    return {name: kwargs[name] for name in names if name in kwargs}
+
+
+def packed_documents(
+    batch_size: int,
+    seq_len: int,
+    device,
+    position_ids: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    past_key_values=None,
+    cu_seq_lens_q: Optional[torch.Tensor] = None,
+    cu_seq_lens_k: Optional[torch.Tensor] = None,
+    **_,
+) -> tuple:
+    """``(sequence_ids, position_ids)`` for a model forward that may pack several documents per row.
+
+    Two forms, as transformers and TRL produce them: ``cu_seq_lens_q``/``cu_seq_lens_k`` (cumulative document
+    lengths over the flattened ``batch * seq`` tokens, flash-attention's varlen keywords), or ``position_ids``
+    restarting inside a row with no attention mask and no cache given (``DataCollatorWithFlattening``; a
+    position that does not follow its left neighbour by +1 starts a document, as in transformers). Without
+    either, ``sequence_ids`` is None. Missing ``position_ids`` are derived from ``cu_seq_lens_q`` (restarting at
+    0 per document). No host sync and no data-dependent branch: one document per row gives all-zero ids.
+    """
+    if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
+        if cu_seq_lens_q is None or cu_seq_lens_k is None or cu_seq_lens_q.shape != cu_seq_lens_k.shape:
+            raise ValueError("packed self-attention needs cu_seq_lens_q and cu_seq_lens_k of the same shape")
+        if cu_seq_lens_q.dim() != 1 or cu_seq_lens_q.dtype.is_floating_point or cu_seq_lens_q.numel() < 2:
+            raise ValueError(
+                f"cu_seq_lens_q must be 1-D integer cumulative lengths [documents + 1], got {cu_seq_lens_q.dtype} "
+                f"{list(cu_seq_lens_q.shape)}"
+            )
+        cu_seqlens = cu_seq_lens_q.to(device)
+        tokens = torch.arange(batch_size * seq_len, device=device)
+        documents = _document_of_token(cu_seqlens, tokens)
+        if position_ids is None:
+            position_ids = (tokens - cu_seqlens[documents]).view(batch_size, seq_len)
+        return documents.view(batch_size, seq_len), position_ids
+    if position_ids is None or attention_mask is not None or past_key_values is not None:
+        return None, position_ids
+    rows = position_ids.expand(batch_size, seq_len)
+    starts = torch.diff(rows, dim=-1) != 1
+    return F.pad(starts.cumsum(-1, dtype=torch.int32), (1, 0)), position_ids
+
+
 _IMPLEMENTATION_TO_BACKEND = {
     None: "auto",
     "sdpa": "auto",

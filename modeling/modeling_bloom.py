@@ -1247,6 +1247,58 @@ def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[t
     return None if bool(keep.all()) else keep
 
 
+def _document_of_token(cu_seqlens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.searchsorted(cu_seqlens[1:].to(tokens.dtype).contiguous(), tokens, right=True)
+
+
+def varlen_keywords(kwargs: dict) -> dict:
+    """The flash-attention varlen keywords (packed rows, as transformers and TRL pass them) among ``kwargs``,
+    for a head model to hand on to its base model."""
+    names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    return {name: kwargs[name] for name in names if name in kwargs}
+
+
+def packed_documents(
+    batch_size: int,
+    seq_len: int,
+    device,
+    position_ids: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    past_key_values=None,
+    cu_seq_lens_q: Optional[torch.Tensor] = None,
+    cu_seq_lens_k: Optional[torch.Tensor] = None,
+    **_,
+) -> tuple:
+    """``(sequence_ids, position_ids)`` for a model forward that may pack several documents per row.
+
+    Two forms, as transformers and TRL produce them: ``cu_seq_lens_q``/``cu_seq_lens_k`` (cumulative document
+    lengths over the flattened ``batch * seq`` tokens, flash-attention's varlen keywords), or ``position_ids``
+    restarting inside a row with no attention mask and no cache given (``DataCollatorWithFlattening``; a
+    position that does not follow its left neighbour by +1 starts a document, as in transformers). Without
+    either, ``sequence_ids`` is None. Missing ``position_ids`` are derived from ``cu_seq_lens_q`` (restarting at
+    0 per document). No host sync and no data-dependent branch: one document per row gives all-zero ids.
+    """
+    if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
+        if cu_seq_lens_q is None or cu_seq_lens_k is None or cu_seq_lens_q.shape != cu_seq_lens_k.shape:
+            raise ValueError("packed self-attention needs cu_seq_lens_q and cu_seq_lens_k of the same shape")
+        if cu_seq_lens_q.dim() != 1 or cu_seq_lens_q.dtype.is_floating_point or cu_seq_lens_q.numel() < 2:
+            raise ValueError(
+                f"cu_seq_lens_q must be 1-D integer cumulative lengths [documents + 1], got {cu_seq_lens_q.dtype} "
+                f"{list(cu_seq_lens_q.shape)}"
+            )
+        cu_seqlens = cu_seq_lens_q.to(device)
+        tokens = torch.arange(batch_size * seq_len, device=device)
+        documents = _document_of_token(cu_seqlens, tokens)
+        if position_ids is None:
+            position_ids = (tokens - cu_seqlens[documents]).view(batch_size, seq_len)
+        return documents.view(batch_size, seq_len), position_ids
+    if position_ids is None or attention_mask is not None or past_key_values is not None:
+        return None, position_ids
+    rows = position_ids.expand(batch_size, seq_len)
+    starts = torch.diff(rows, dim=-1) != 1
+    return F.pad(starts.cumsum(-1, dtype=torch.int32), (1, 0)), position_ids
+
+
 _IMPLEMENTATION_TO_BACKEND = {
     None: "auto",
     "sdpa": "auto",
@@ -1336,6 +1388,7 @@ class BloomAttention(nn.Module):
         backend: str,
         kv_length: int,
         layer_past: Optional[Cache] = None,
+        sequence_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         batch_size, q_length, _ = hidden_states.shape
         query, key, value = self._split_heads(self.query_key_value(hidden_states))
@@ -1354,6 +1407,7 @@ class BloomAttention(nn.Module):
             alibi_slopes=alibi_slopes,
             dropout_p=self.attention_dropout if self.training else 0.0,
             backend=backend,
+            sequence_ids=sequence_ids,
         )
         context = context.transpose(1, 2).reshape(batch_size, q_length, self.hidden_size)
 
@@ -1402,6 +1456,7 @@ class BloomBlock(GradientCheckpointingLayer):
         backend: str,
         kv_length: int,
         layer_past: Optional[Cache] = None,
+        sequence_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         normed = self.input_layernorm(hidden_states)
         residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
@@ -1413,6 +1468,7 @@ class BloomBlock(GradientCheckpointingLayer):
             backend=backend,
             kv_length=kv_length,
             layer_past=layer_past,
+            sequence_ids=sequence_ids,
         )
         normed = self.post_attention_layernorm(attention_output)
         residual = normed if self.apply_residual_connection_post_layernorm else attention_output
@@ -1480,7 +1536,9 @@ class BloomModel(BloomPreTrainedModel):
     ) -> Union[tuple[torch.Tensor, ...], BaseModelOutputWithPastAndCrossAttentions]:
         """``attention_mask`` is the usual 2-D 0/1 padding mask over past and current tokens.
 
-        ``position_ids``/``cache_position`` passed by ``generate`` are accepted and unused: ALiBi needs no positions.
+        ``position_ids``/``cache_position`` passed by ``generate`` are accepted; ALiBi needs no positions, but
+        ``position_ids`` restarting inside a row with no attention mask (or ``cu_seq_lens_q``/``cu_seq_lens_k``)
+        pack several documents per row, each attending only to itself with ALiBi distances inside it.
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -1506,10 +1564,14 @@ class BloomModel(BloomPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
+        batch_size, seq_length, _ = inputs_embeds.shape
+        position_ids = kwargs.pop("position_ids", None)
+        sequence_ids, _ = packed_documents(
+            batch_size, seq_length, inputs_embeds.device, position_ids, attention_mask, past_key_values, **kwargs
+        )
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
 
-        batch_size, seq_length, _ = inputs_embeds.shape
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         kv_length = int(past_length) + seq_length
         padding_mask = self._padding_mask(attention_mask, batch_size, kv_length)
@@ -1528,6 +1590,7 @@ class BloomModel(BloomPreTrainedModel):
                 backend=backend,
                 kv_length=kv_length,
                 layer_past=past_key_values,
+                sequence_ids=sequence_ids,
             )
         hidden_states = self.ln_f(hidden_states)
         if output_hidden_states:
@@ -1589,7 +1652,8 @@ class BloomForCausalLM(BloomPreTrainedModel, GenerationMixin):
         logits_to_keep: Union[int, torch.Tensor] = 0,
         **kwargs,
     ) -> Union[tuple[torch.Tensor, ...], CausalLMOutputWithCrossAttentions]:
-        """``labels`` are shifted inside the model (pass ``labels=input_ids``); ``-100`` is ignored."""
+        """``labels`` are shifted inside the model (pass ``labels=input_ids``); ``-100`` is ignored. Packed rows
+        (``position_ids``, ``cu_seq_lens_q``/``cu_seq_lens_k``) reach the model, see ``BloomModel.forward``."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         transformer_outputs = self.transformer(
             input_ids,
@@ -1600,6 +1664,8 @@ class BloomForCausalLM(BloomPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=return_dict,
+            position_ids=kwargs.get("position_ids"),
+            **varlen_keywords(kwargs),
         )
         hidden_states = _slice_to_keep(transformer_outputs[0], logits_to_keep)
         logits = self.lm_head(hidden_states)

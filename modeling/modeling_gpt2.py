@@ -1242,6 +1242,58 @@ def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[t
     return None if bool(keep.all()) else keep
 
 
+def _document_of_token(cu_seqlens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.searchsorted(cu_seqlens[1:].to(tokens.dtype).contiguous(), tokens, right=True)
+
+
+def varlen_keywords(kwargs: dict) -> dict:
+    """The flash-attention varlen keywords (packed rows, as transformers and TRL pass them) among ``kwargs``,
+    for a head model to hand on to its base model."""
+    names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    return {name: kwargs[name] for name in names if name in kwargs}
+
+
+def packed_documents(
+    batch_size: int,
+    seq_len: int,
+    device,
+    position_ids: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    past_key_values=None,
+    cu_seq_lens_q: Optional[torch.Tensor] = None,
+    cu_seq_lens_k: Optional[torch.Tensor] = None,
+    **_,
+) -> tuple:
+    """``(sequence_ids, position_ids)`` for a model forward that may pack several documents per row.
+
+    Two forms, as transformers and TRL produce them: ``cu_seq_lens_q``/``cu_seq_lens_k`` (cumulative document
+    lengths over the flattened ``batch * seq`` tokens, flash-attention's varlen keywords), or ``position_ids``
+    restarting inside a row with no attention mask and no cache given (``DataCollatorWithFlattening``; a
+    position that does not follow its left neighbour by +1 starts a document, as in transformers). Without
+    either, ``sequence_ids`` is None. Missing ``position_ids`` are derived from ``cu_seq_lens_q`` (restarting at
+    0 per document). No host sync and no data-dependent branch: one document per row gives all-zero ids.
+    """
+    if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
+        if cu_seq_lens_q is None or cu_seq_lens_k is None or cu_seq_lens_q.shape != cu_seq_lens_k.shape:
+            raise ValueError("packed self-attention needs cu_seq_lens_q and cu_seq_lens_k of the same shape")
+        if cu_seq_lens_q.dim() != 1 or cu_seq_lens_q.dtype.is_floating_point or cu_seq_lens_q.numel() < 2:
+            raise ValueError(
+                f"cu_seq_lens_q must be 1-D integer cumulative lengths [documents + 1], got {cu_seq_lens_q.dtype} "
+                f"{list(cu_seq_lens_q.shape)}"
+            )
+        cu_seqlens = cu_seq_lens_q.to(device)
+        tokens = torch.arange(batch_size * seq_len, device=device)
+        documents = _document_of_token(cu_seqlens, tokens)
+        if position_ids is None:
+            position_ids = (tokens - cu_seqlens[documents]).view(batch_size, seq_len)
+        return documents.view(batch_size, seq_len), position_ids
+    if position_ids is None or attention_mask is not None or past_key_values is not None:
+        return None, position_ids
+    rows = position_ids.expand(batch_size, seq_len)
+    starts = torch.diff(rows, dim=-1) != 1
+    return F.pad(starts.cumsum(-1, dtype=torch.int32), (1, 0)), position_ids
+
+
 _IMPLEMENTATION_TO_BACKEND = {
     None: "auto",
     "sdpa": "auto",
@@ -1337,10 +1389,12 @@ class GPT2Attention(nn.Module):
         mask: torch.Tensor | None,
         causal: bool,
         backend: str,
+        sequence_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         kwargs = {
             "causal": causal,
             "attention_mask": mask,
+            "sequence_ids": sequence_ids,
             "dropout_p": self.attn_dropout.p if self.training else 0.0,
             "scale": self.scaling,
             "backend": backend,
@@ -1362,6 +1416,7 @@ class GPT2Attention(nn.Module):
         past_key_values: Cache | None,
         cache_position: torch.Tensor,
         backend: str,
+        sequence_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         query, key, value = self.c_attn(hidden_states).split(self.embed_dim, dim=2)
         query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
@@ -1369,7 +1424,7 @@ class GPT2Attention(nn.Module):
             # transformers 4.x static caches need the write positions; later versions track them themselves
             key, value = past_key_values.update(key, value, self.layer_idx, {"cache_position": cache_position})
 
-        output = self._attend(query, key, value, mask, causal, backend)
+        output = self._attend(query, key, value, mask, causal, backend, sequence_ids)
         output = output.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.embed_dim)
         return self.resid_dropout(self.c_proj(output))
 
@@ -1407,9 +1462,11 @@ class GPT2Block(nn.Module):
         past_key_values: Cache | None,
         cache_position: torch.Tensor,
         backend: str,
+        sequence_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         attn_input = self.ln_1(hidden_states)
-        hidden_states = hidden_states + self.attn(attn_input, mask, causal, past_key_values, cache_position, backend)
+        attn_output = self.attn(attn_input, mask, causal, past_key_values, cache_position, backend, sequence_ids)
+        hidden_states = hidden_states + attn_output
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
 
@@ -1507,13 +1564,17 @@ class GPT2Model(GPT2PreTrainedModel):
         if checkpointing and use_cache:
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
             use_cache = False
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        # Packed documents (position_ids restarting in a row, or cu_seq_lens_q/k) each attend only to themselves.
+        sequence_ids, position_ids = packed_documents(
+            *inputs_embeds.shape[:2], inputs_embeds.device, position_ids, attention_mask, past_key_values, **kwargs
+        )
         if checkpointing:
             past_key_values = None
         elif use_cache and past_key_values is None:
             past_key_values = DynamicCache()
 
-        if inputs_embeds is None:
-            inputs_embeds = self.wte(input_ids)
         cache_position = kwargs.get("cache_position")
         if cache_position is None:
             past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -1534,10 +1595,12 @@ class GPT2Model(GPT2PreTrainedModel):
                 all_hidden_states.append(hidden_states)
             if checkpointing:
                 hidden_states = self._gradient_checkpointing_func(
-                    block.__call__, hidden_states, mask, causal, None, cache_position, backend
+                    block.__call__, hidden_states, mask, causal, None, cache_position, backend, sequence_ids
                 )
             else:
-                hidden_states = block(hidden_states, mask, causal, past_key_values, cache_position, backend)
+                hidden_states = block(
+                    hidden_states, mask, causal, past_key_values, cache_position, backend, sequence_ids
+                )
         hidden_states = self.ln_f(hidden_states)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
@@ -1598,6 +1661,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **varlen_keywords(kwargs),
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -4,7 +4,8 @@ A drop-in replacement for transformers' ``modeling_llama.py``: the same module t
 original checkpoints load unchanged and ``save_pretrained`` output loads back into the stock classes. Every
 attention call goes through ``attention()`` (the kernel layer copied below) with ``causal=True`` and an
 O(seq) padding keep-mask (a caller's own 4-D mask is passed through as is); the model never builds a
-``[batch, 1, q_len, k_len]`` mask of its own, except for packed sequences (see ``packed_sequence_keep_mask``).
+``[batch, 1, q_len, k_len]`` mask of its own; packed documents reach the kernels as per-token sequence ids
+(see ``packed_documents``).
 
 Works with transformers 4.57.x and 5.x; the version-specific bits are ``rope_parameters_from_config``, the
 ``GradientCheckpointingLayer`` import and ``_can_set_attn_implementation``.
@@ -1250,6 +1251,58 @@ def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[t
     return None if bool(keep.all()) else keep
 
 
+def _document_of_token(cu_seqlens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.searchsorted(cu_seqlens[1:].to(tokens.dtype).contiguous(), tokens, right=True)
+
+
+def varlen_keywords(kwargs: dict) -> dict:
+    """The flash-attention varlen keywords (packed rows, as transformers and TRL pass them) among ``kwargs``,
+    for a head model to hand on to its base model."""
+    names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    return {name: kwargs[name] for name in names if name in kwargs}
+
+
+def packed_documents(
+    batch_size: int,
+    seq_len: int,
+    device,
+    position_ids: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    past_key_values=None,
+    cu_seq_lens_q: Optional[torch.Tensor] = None,
+    cu_seq_lens_k: Optional[torch.Tensor] = None,
+    **_,
+) -> tuple:
+    """``(sequence_ids, position_ids)`` for a model forward that may pack several documents per row.
+
+    Two forms, as transformers and TRL produce them: ``cu_seq_lens_q``/``cu_seq_lens_k`` (cumulative document
+    lengths over the flattened ``batch * seq`` tokens, flash-attention's varlen keywords), or ``position_ids``
+    restarting inside a row with no attention mask and no cache given (``DataCollatorWithFlattening``; a
+    position that does not follow its left neighbour by +1 starts a document, as in transformers). Without
+    either, ``sequence_ids`` is None. Missing ``position_ids`` are derived from ``cu_seq_lens_q`` (restarting at
+    0 per document). No host sync and no data-dependent branch: one document per row gives all-zero ids.
+    """
+    if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
+        if cu_seq_lens_q is None or cu_seq_lens_k is None or cu_seq_lens_q.shape != cu_seq_lens_k.shape:
+            raise ValueError("packed self-attention needs cu_seq_lens_q and cu_seq_lens_k of the same shape")
+        if cu_seq_lens_q.dim() != 1 or cu_seq_lens_q.dtype.is_floating_point or cu_seq_lens_q.numel() < 2:
+            raise ValueError(
+                f"cu_seq_lens_q must be 1-D integer cumulative lengths [documents + 1], got {cu_seq_lens_q.dtype} "
+                f"{list(cu_seq_lens_q.shape)}"
+            )
+        cu_seqlens = cu_seq_lens_q.to(device)
+        tokens = torch.arange(batch_size * seq_len, device=device)
+        documents = _document_of_token(cu_seqlens, tokens)
+        if position_ids is None:
+            position_ids = (tokens - cu_seqlens[documents]).view(batch_size, seq_len)
+        return documents.view(batch_size, seq_len), position_ids
+    if position_ids is None or attention_mask is not None or past_key_values is not None:
+        return None, position_ids
+    rows = position_ids.expand(batch_size, seq_len)
+    starts = torch.diff(rows, dim=-1) != 1
+    return F.pad(starts.cumsum(-1, dtype=torch.int32), (1, 0)), position_ids
+
+
 _IMPLEMENTATION_TO_BACKEND = {
     None: "auto",
     "sdpa": "auto",
@@ -1421,22 +1474,6 @@ def kernel_attention_mask(attention_mask: Optional[torch.Tensor]) -> Optional[to
     return attention_mask.bool()
 
 
-def packed_sequence_keep_mask(position_ids: torch.Tensor, batch_size: int) -> Optional[torch.Tensor]:
-    """A causal ``[b, 1, s, s]`` same-sequence keep-mask when ``position_ids`` pack several sequences in a row.
-
-    transformers treats a position that does not follow its left neighbour by +1 as the start of a new
-    sequence (padding-free training, e.g. ``DataCollatorWithFlattening``), when no attention mask and no
-    cache are given. Returns None in the usual case of one sequence per row.
-    """
-    position_ids = position_ids.expand(batch_size, -1)
-    starts = torch.diff(position_ids, dim=-1) != 1
-    if not bool(starts.any()):
-        return None
-    sequence = torch.cat((torch.zeros_like(position_ids[:, :1]), starts.long().cumsum(-1)), dim=-1)
-    same_sequence = sequence[:, None, :, None] == sequence[:, None, None, :]
-    return same_sequence & torch.ones_like(same_sequence[0, 0], dtype=torch.bool).tril()
-
-
 # ----------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------
@@ -1500,8 +1537,10 @@ class LlamaAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: Optional[torch.Tensor] = None,
         past_key_values: Optional[Cache] = None,
+        sequence_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``attention_mask`` is what ``kernel_attention_mask`` returns; a 2-D keep-mask covers cache + new tokens."""
+        """``attention_mask`` is what ``kernel_attention_mask`` returns; a 2-D keep-mask covers cache + new tokens.
+        ``sequence_ids`` ``[b, s]`` marks packed documents (see ``packed_documents``)."""
         batch, q_len, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
@@ -1522,6 +1561,7 @@ class LlamaAttention(nn.Module):
             dropout_p=self.attention_dropout if self.training else 0.0,
             scale=self.scaling,
             backend=backend_from_config(self.config),
+            sequence_ids=sequence_ids,
         )
         output = output.transpose(1, 2).reshape(batch, q_len, -1)
         return self.o_proj(output)
@@ -1542,6 +1582,7 @@ class LlamaDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: Optional[torch.Tensor] = None,
         past_key_values: Optional[Cache] = None,
+        sequence_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.self_attn(
@@ -1549,6 +1590,7 @@ class LlamaDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
+            sequence_ids=sequence_ids,
         )
         hidden_states = residual + hidden_states
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -1626,14 +1668,14 @@ class LlamaModel(LlamaPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        sequence_ids, position_ids = packed_documents(
+            batch_size, seq_len, inputs_embeds.device, position_ids, attention_mask, past_key_values, **kwargs
+        )
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
 
-        batch_size, seq_len = inputs_embeds.shape[:2]
-        if attention_mask is None and past_key_values is None and position_ids is not None:
-            mask = packed_sequence_keep_mask(position_ids, batch_size)
-        else:
-            mask = kernel_attention_mask(attention_mask)
+        mask = kernel_attention_mask(attention_mask)
         if position_ids is None:
             cache_position = kwargs.get("cache_position")
             if cache_position is None:
@@ -1652,6 +1694,7 @@ class LlamaModel(LlamaPreTrainedModel):
                 position_embeddings=position_embeddings,
                 attention_mask=mask,
                 past_key_values=past_key_values,
+                sequence_ids=sequence_ids,
             )
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
