@@ -1429,18 +1429,30 @@ def ntk_alpha(length: int, seq_length: int) -> float:
     return max(2 ** math.ceil(context_value) - 1, 1)
 
 
+def document_ntk_alphas(sequence_ids: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """Dynamic-NTK alpha ``[b, s]`` (float64) of every token from the length of its packed document, as the
+    original computes it for that document alone (``ntk_alpha``, on tensors: no host sync)."""
+    batch, seq = sequence_ids.shape
+    rows = torch.arange(batch, device=sequence_ids.device)[:, None] * seq
+    segment = (rows + _document_index(sequence_ids)).flatten()
+    counts = torch.zeros(batch * seq, dtype=torch.float64, device=sequence_ids.device)
+    lengths = counts.index_add_(0, segment, torch.ones_like(counts))[segment].view(batch, seq)
+    context_value = torch.log2(lengths.clamp_min(1) / seq_length) + 1
+    return (2 ** torch.ceil(context_value) - 1).clamp_min(1)
+
+
 def rotary_cos_sin(
     positions: torch.Tensor, alphas: torch.Tensor, rotary_dim: int, base: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 cos and sin ``[n, 1, seq, rotary_dim]`` for ``positions`` ``[seq]`` and NTK ``alphas`` ``[n]``.
+    """float32 cos and sin ``[n, 1, seq, rotary_dim]`` for ``positions`` ``[1 or b, seq]`` and NTK ``alphas``
+    ``[n, 1]`` (one alpha for the batch, or one per sample) or ``[b, seq]`` (one per token: packed documents).
 
-    Each alpha raises the rotary base to ``base * alpha^(dim / (dim - 2))``; ``n`` is 1 (one alpha for the
-    batch) or the batch size (one alpha per sample).
+    Each alpha raises the rotary base to ``base * alpha^(dim / (dim - 2))``.
     """
     exponents = torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float64) / rotary_dim
     bases = base * alphas.to(torch.float64) ** (rotary_dim / (rotary_dim - 2))
-    inv_freq = (1.0 / bases[:, None] ** exponents).float()
-    angles = positions.float()[None, :, None] * inv_freq[:, None, :]
+    inv_freq = (1.0 / bases[..., None] ** exponents).float()
+    angles = positions.float()[..., None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)[:, None]
     return angles.cos(), angles.sin()
 
@@ -1504,9 +1516,10 @@ class QWenAttention(nn.Module):
         query_scale: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         past_key_values: Optional[Cache] = None,
+        sequence_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``rotary``: cos/sin ``[b or 1, 1, s, rotary_dim]``; ``query_scale``: logn factors ``[1, 1, s, 1]``;
-        ``attention_mask``: bool keep-mask ``[b, past + s]`` or None."""
+        """``rotary``: cos/sin ``[b or 1, 1, s, rotary_dim]``; ``query_scale``: logn factors ``[b or 1, 1, s, 1]``;
+        ``attention_mask``: bool keep-mask ``[b, past + s]`` or None; ``sequence_ids``: packed documents."""
         batch, q_len, _ = hidden_states.shape
         mixed = self.c_attn(hidden_states).view(batch, q_len, 3, self.num_heads, self.head_dim)
         query, key, value = mixed.permute(2, 0, 3, 1, 4).unbind(0)
@@ -1528,6 +1541,7 @@ class QWenAttention(nn.Module):
             dropout_p=self.attention_dropout if self.training else 0.0,
             scale=self.scale,
             backend=attention_backend(self.config),
+            sequence_ids=sequence_ids,
         )
         output = output.transpose(1, 2).reshape(batch, q_len, self.projection_size)
         return self.c_proj(output)
@@ -1560,6 +1574,7 @@ class QWenBlock(GradientCheckpointingLayer):
         query_scale: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         past_key_values: Optional[Cache] = None,
+        sequence_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         hidden_states = hidden_states + self.attn(
             self.ln_1(hidden_states),
@@ -1567,6 +1582,7 @@ class QWenBlock(GradientCheckpointingLayer):
             query_scale,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
+            sequence_ids=sequence_ids,
         )
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
@@ -1675,7 +1691,19 @@ class QWenModel(QWenPreTrainedModel):
     ) -> Optional[torch.Tensor]:
         if self.training or not self.config.use_logn_attn or total_length <= self.seq_length:
             return None
-        return logn_scale(positions, self.seq_length).to(dtype)[None, None, :, None]
+        return logn_scale(positions, self.seq_length).to(dtype)[:, None, :, None]
+
+    def _packed_positions(self, sequence_ids: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """Rotary cos/sin and logn scale of packed documents, each as the original computes them for that
+        document alone: positions restart per document, NTK alpha from the document's length."""
+        positions = position_ids.expand(sequence_ids.shape)
+        if self.training or not self.config.use_dynamic_ntk:
+            alphas = torch.ones(1, 1, dtype=torch.float64, device=positions.device)
+        else:
+            alphas = document_ntk_alphas(sequence_ids, self.seq_length)
+        rotary = rotary_cos_sin(positions, alphas, self.rotary_dim, float(self.config.rotary_emb_base))
+        logn = not self.training and self.config.use_logn_attn  # logn_scale is 1 inside a short document
+        return rotary, logn_scale(positions, self.seq_length).to(dtype)[:, None, :, None] if logn else None
 
     def forward(
         self,
@@ -1695,7 +1723,9 @@ class QWenModel(QWenPreTrainedModel):
         **kwargs,
     ) -> Union[BaseModelOutputWithPast, tuple]:
         """Like the original ``QWenModel.forward``. Positions are absolute (0 .. cache + seq - 1, left padding
-        included), so ``position_ids`` is ignored, as are ``token_type_ids`` and the encoder arguments.
+        included), so ``position_ids`` is ignored, as are ``token_type_ids`` and the encoder arguments, except
+        for packed rows: ``position_ids`` restarting inside a row with no attention mask and no cache, or
+        ``cu_seq_lens_q``/``cu_seq_lens_k``, where each document attends only to itself with its own positions.
         ``attention_mask`` is a 2-D 0/1 padding mask covering the cache and the new tokens; ``past_key_values``
         a transformers ``Cache``."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -1723,11 +1753,14 @@ class QWenModel(QWenPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        sequence_ids, position_ids = packed_documents(
+            batch_size, seq_len, device, position_ids, attention_mask, past_key_values, **kwargs
+        )
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
 
-        batch_size, seq_len = inputs_embeds.shape[:2]
-        device = inputs_embeds.device
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         total_length = past_length + seq_len
         if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, total_length):
@@ -1736,10 +1769,13 @@ class QWenModel(QWenPreTrainedModel):
                 f"[{batch_size}, {total_length}], got shape {list(attention_mask.shape)}"
             )
 
-        positions = torch.arange(past_length, total_length, device=device)
-        alphas = self._ntk_alphas(attention_mask, past_key_values, past_length, total_length, batch_size, device)
-        rotary = rotary_cos_sin(positions, alphas, self.rotary_dim, float(self.config.rotary_emb_base))
-        query_scale = self._logn_query_scale(positions, total_length, inputs_embeds.dtype)
+        if sequence_ids is None:
+            positions = torch.arange(past_length, total_length, device=device)[None]
+            alphas = self._ntk_alphas(attention_mask, past_key_values, past_length, total_length, batch_size, device)
+            rotary = rotary_cos_sin(positions, alphas[:, None], self.rotary_dim, float(self.config.rotary_emb_base))
+            query_scale = self._logn_query_scale(positions, total_length, inputs_embeds.dtype)
+        else:
+            rotary, query_scale = self._packed_positions(sequence_ids, position_ids, inputs_embeds.dtype)
         keep_mask = keep_mask_from_padding(attention_mask)
 
         hidden_states = self.drop(inputs_embeds)
@@ -1753,6 +1789,7 @@ class QWenModel(QWenPreTrainedModel):
                 query_scale,
                 attention_mask=keep_mask,
                 past_key_values=past_key_values,
+                sequence_ids=sequence_ids,
             )
         hidden_states = self.ln_f(hidden_states)
         if output_hidden_states:
@@ -1856,6 +1893,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **varlen_keywords(kwargs),
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
