@@ -4,6 +4,7 @@ against stock transformers and against its documents run one by one, and no O(q 
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 
 import pytest
@@ -433,3 +434,61 @@ def test_default_path_builds_no_quadratic_tensor(family, case, tmp_path_factory,
         model(input_ids=ids, **kwargs).loss.backward()
     assert watch.found
     set_backend(model, "auto")
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark's padded section and train.py --pack
+# ----------------------------------------------------------------------------------------------
+
+
+def test_benchmark_padded_section_runs_and_reports_the_target_ratios(tmp_path):
+    from tests.test_benchmark_script import bench_module
+
+    cli, core, padded = bench_module("cli"), bench_module("core"), bench_module("padded")
+    args = cli.parse_args(["--device", "cpu", "--quick", "--section", "padded", "--family", "llama", "--out", str(tmp_path)])
+    padded.run_padded(core.Bench(args, core.Recorder(tmp_path, {"device": "cpu"}, resume=False)))
+    records = [r for r in core.bench_report.load_records([tmp_path / "results.jsonl"]) if r.get("section") == "padded"]
+    cases = {r["impl"]: r for r in records}
+    assert set(cases) == {f"ours:auto {case}" for case in
+                          ("padded varlen", "padded unpadded", "padded dense", "packed documents", "packed one row")}
+    assert all(r["status"] == "ok" and r["step_ms"] > 0 for r in records)
+    assert cases["ours:auto padded varlen"]["tokens"] == sum(padded.padded_lengths(32))
+    assert cases["ours:auto packed documents"]["documents"] > 1
+    table = (tmp_path / "padded.md").read_text()
+    assert "| llama | ours:auto padded varlen | 8 x 32 |" in table and "varlen / dense time" in table
+
+
+def test_train_pack_marks_documents_and_restarts_positions(tmp_path):
+    from tests.test_train import load_script
+
+    train = load_script("train")
+    (tmp_path / "docs.jsonl").write_text("[5, 6, 7]\n[8, 9]\n\n[10, 11, 12, 13]\n[14]\n")
+    args = train.parse_args(["--tiny-config", "llama", "--data", str(tmp_path / "docs.jsonl"), "--seq-len", "4", "--pack",
+                             "--output-dir", "x"])
+    starts = train.document_starts(args, 10, 64, 1)
+    assert starts.tolist() == [True, False, False, True, False, True, False, False, False, True]
+    ids = torch.arange(5, 13).view(2, 4)
+    inputs = train.packed_inputs(ids, starts[:8].view(2, 4))
+    assert inputs["position_ids"].tolist() == [[0, 1, 2, 0], [0, 0, 1, 2]]  # a row start restarts too
+    assert inputs["labels"].tolist() == [[-100, 6, 7, -100], [-100, -100, 11, 12]]
+
+
+def test_train_pack_runs_each_synthetic_document_on_its_own(tmp_path):
+    """--pack trains on the same blocks with position_ids restarting per document, and the model sees them."""
+    from tests.test_train import TINY, load_script
+
+    train = load_script("train")
+    args = train.parse_args([*TINY, "--tiny-config", "llama", "--trust_remote_code", "--steps", "2", "--pack",
+                             "--output-dir", str(tmp_path / "run")])
+    n_tokens = args.steps * args.batch_size * args.seq_len
+    tokens = train.load_tokens(args, None, 64, 1)
+    starts = train.document_starts(args, tokens.numel(), 64, 1)
+    documents = train.synthetic_documents(n_tokens, 64, args.seq_len, args.seed)
+    assert torch.equal(tokens, torch.cat(documents)[:n_tokens]) and int(starts.sum()) == len(documents) > 1
+    assert starts.nonzero().flatten().diff().tolist() == [len(d) for d in documents[:-1]]
+    schedule = train.BlockSchedule(tokens, args.seq_len, args.batch_size, 1, 1, args.seed, starts)
+    inputs = schedule.model_inputs(0, 0, 0)
+    assert torch.equal(inputs["input_ids"], schedule.micro_batch(0, 0, 0))
+    assert (inputs["position_ids"] == 0).sum() > inputs["input_ids"].shape[0]  # documents start inside rows
+    records = train.train(args)
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)

@@ -88,7 +88,7 @@ def measure(bench: Bench, model, inputs: dict) -> dict:
 
 def run_padded_family(bench: Bench, family: str) -> list:
     tiny = bench.tiny
-    seq, packed_seq = (64, 512) if tiny else (4096, 32768)
+    seq, packed_seq = (32, 256) if tiny else (4096, 32768)
     dims = bench.dims[family]
     kwargs = config_kwargs(family, dims, packed_seq, 0.0, bench.dtype)
     if family == "llama":
