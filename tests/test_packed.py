@@ -542,3 +542,16 @@ def test_flex_forward_with_documents_padding_and_alibi_matches_reference():
     expected = reference_attention(q, k, v, keep, documents, alibi=slopes)
     rows = keep[:, None, :, None]
     assert_close_rel(out.double() * rows, expected * rows, 1e-5, "flex")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_weights_of_a_packed_row_stay_inside_each_document(family, tmp_path_factory):
+    model, _ = load_ours(family, tmp_path_factory)
+    model.eval()
+    ids, packing = packed_row("position_ids")
+    with torch.no_grad():
+        weights = model(input_ids=ids, output_attentions=True, **packing).attentions
+    documents = packed_ids([DOCUMENT_LENGTHS])[0]
+    across = documents[:, None] != documents[None, :]
+    assert len(weights) == 2 and all(w.shape[-2:] == (len(documents), len(documents)) for w in weights)
+    assert all(float(w[..., across].abs().max()) == 0.0 and float(w.sum(-1).min()) > 0.99 for w in weights)
