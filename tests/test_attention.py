@@ -397,10 +397,10 @@ def test_backend_failure_in_auto_demotes_that_kind_of_call_only(monkeypatch, cap
     q = torch.randn(2, 2, 7, 16)
     keep = torch.ones(2, 7, dtype=torch.bool)
     keep[0, :3] = False
-    with caplog.at_level(logging.WARNING, logger="memory_efficient_adapter"):
-        first = mea.attention(q, q, q, causal=True, attention_mask=keep)
-        second = mea.attention(q, q, q, causal=True, attention_mask=keep)
-    expected = reference_attention(q, q, q, causal=True, mask=keep)
+    with caplog.at_level(logging.WARNING, logger="memory_efficient_adapter"):  # an encoder-like call: auto picks sdpa
+        first = mea.attention(q, q, q, attention_mask=keep)
+        second = mea.attention(q, q, q, attention_mask=keep)
+    expected = reference_attention(q, q, q, mask=keep)
     assert torch.allclose(first.double(), expected, atol=1e-5) and torch.equal(first, second)
     assert ran == ["sdpa"]  # tried once, then skipped for this kind of call
     assert sum("No available kernel" in r.getMessage() for r in caplog.records) == 1
@@ -408,7 +408,7 @@ def test_backend_failure_in_auto_demotes_that_kind_of_call_only(monkeypatch, cap
     unmasked = mea.attention(q, q, q, causal=True)  # another kind of call keeps its fastest kernel
     assert ran == ["sdpa", "sdpa"] and torch.allclose(unmasked.double(), reference_attention(q, q, q, causal=True), atol=1e-5)
     with pytest.raises(RuntimeError, match="No available kernel"):
-        mea.attention(q, q, q, causal=True, attention_mask=keep, backend="sdpa")  # an explicit choice is never replaced
+        mea.attention(q, q, q, attention_mask=keep, backend="sdpa")  # an explicit choice is never replaced
     kernel_layer._demoted.clear()  # deliberate: the conftest check fails any test that leaves a demotion behind
 
 

@@ -21,13 +21,13 @@ BATCH, HEADS, KV_HEADS, Q_LEN, K_LEN, DIM = 2, 4, 2, 5, 8, 16
 
 
 def good(**changes) -> dict:
-    """A valid call (GQA, a decode-like q_len < k_len) with ``changes`` applied."""
+    """A valid call (GQA, q_len < k_len, a key padding mask: auto runs it on sdpa) with ``changes`` applied."""
     gen = torch.Generator().manual_seed(0)
     call = dict(
         q=torch.randn(BATCH, HEADS, Q_LEN, DIM, generator=gen),
         k=torch.randn(BATCH, KV_HEADS, K_LEN, DIM, generator=gen),
         v=torch.randn(BATCH, KV_HEADS, K_LEN, DIM, generator=gen),
-        causal=True,
+        causal=False,
         attention_mask=torch.ones(BATCH, K_LEN, dtype=torch.bool),
     )
     call.update(changes)
