@@ -31,6 +31,7 @@ OPTIONS = {
     "tiled": dict(sequence_tile_size=TILE),
     "offloaded": dict(offload_checkpoints=True),
     "tiled+offloaded": dict(sequence_tile_size=TILE, offload_checkpoints=True),
+    "offloaded, last 2 on device": dict(offload_checkpoints=True, checkpoints_on_device=2),
 }
 
 
@@ -76,7 +77,8 @@ def folders(tmp_path_factory) -> dict:
 
 def load(folder, family: str, **options):
     """Load as a user does; the long-context ``options`` are set on the config (they are read at forward)."""
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **({"fp32": True} if family == "qwen" else {}))
+    precision = {"fp32": True} if family == "qwen" else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **precision)
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
     for name, value in options.items():
         setattr(model.config, name, value)
@@ -98,7 +100,7 @@ def batch(length: int = 13):
 
 
 def loss_and_grads(model, length: int = 13):
-    ids, mask, labels = batch(length)
+    ids, mask, labels = (tensor.to(model.device) for tensor in batch(length))
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
     grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.requires_grad}
@@ -133,9 +135,8 @@ def test_loss_and_every_gradient_match_the_plain_model(folders, family, options,
     if checkpointing:
         enable_checkpointing(model)
     calls = []
-    model.get_submodule("model.layers.1.self_attn" if family == "llama" else "transformer.h.1.attn").register_forward_hook(
-        lambda *args: calls.append(1)
-    )
+    attention = model.get_submodule("model.layers.1.self_attn" if family == "llama" else "transformer.h.1.attn")
+    attention.register_forward_hook(lambda *args: calls.append(1))
     assert_same_loss_and_grads(loss_and_grads(model), expected, f"{family} {options}")
     recomputed = checkpointing or OPTIONS[options].get("offload_checkpoints", False)
     assert len(calls) == (2 if recomputed else 1)
@@ -257,9 +258,9 @@ def test_backward_fetches_each_checkpoint_once_and_prefetches_the_previous_layer
     events, names = [], {}
     original_init, original_prefetch, original_fetch = host_copy.__init__, host_copy.prefetch, host_copy.fetch
 
-    def init(self, tensor):
+    def init(self, tensor, *args):
         names[id(self)] = len(names)
-        original_init(self, tensor)
+        original_init(self, tensor, *args)
 
     def prefetch(self):
         events.append(("prefetch", names[id(self)]))
@@ -276,6 +277,19 @@ def test_backward_fetches_each_checkpoint_once_and_prefetches_the_previous_layer
     assert events == [("fetch", 2), ("prefetch", 1), ("fetch", 1), ("prefetch", 0), ("fetch", 0)]
 
 
+def test_checkpoints_on_device_keeps_the_last_layers_inputs_without_a_copy(folders):
+    model = load(folders["llama"], "llama", offload_checkpoints=True, checkpoints_on_device=1)
+    hidden = torch.randn(1, 5, 32, requires_grad=True)
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(5)[None])
+    first, last = (model.model.layers[index](hidden, position_embeddings=position_embeddings) for index in (0, 2))
+    assert first._mea_checkpoint_link.copy.host is not None
+    assert last._mea_checkpoint_link.copy.host is None
+    assert last._mea_checkpoint_link.copy._on_device.data_ptr() == hidden.data_ptr()
+    model.config.checkpoints_on_device = -1
+    with pytest.raises(ValueError, match="checkpoints_on_device"):
+        model.model.layers[0](hidden, position_embeddings=position_embeddings)
+
+
 def test_offloaded_checkpoint_rejects_gradients_it_cannot_carry(folders):
     model = load(folders["llama"], "llama", offload_checkpoints=True)
     layer = model.model.layers[0]
@@ -288,15 +302,16 @@ def test_offloaded_checkpoint_rejects_gradients_it_cannot_carry(folders):
 @pytest.mark.gpu
 def test_offloaded_checkpoints_on_cuda_match_the_plain_model(folders):
     """The asynchronous path: pinned host copies on a side stream, prefetched; fp32 on the GPU."""
-    expected = loss_and_grads(load(folders["llama"], "llama").cuda(), 13)
+    expected = loss_and_grads(load(folders["llama"], "llama").cuda())
     model = load(folders["llama"], "llama", offload_checkpoints=True, sequence_tile_size=TILE).cuda()
-    ids, mask, labels = (tensor.cuda() for tensor in batch(13))
-    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    loss.backward()
-    grads = {name: param.grad for name, param in model.named_parameters()}
-    assert_close_rel(loss.detach(), expected[0], TOL, "loss on cuda")
-    for name, grad in expected[1].items():
-        assert_close_rel(grads[name], grad, TOL, f"grad of {name} on cuda")
+    assert_same_loss_and_grads(loss_and_grads(model), expected, "cuda, tiled+offloaded")
+    hidden = torch.randn(2, 9, 32, device="cuda", requires_grad=True)
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(9, device="cuda")[None])
+    out = model.model.layers[0](hidden, position_embeddings=position_embeddings)
+    host = out._mea_checkpoint_link.copy.host
+    assert host.device.type == "cpu" and host.is_pinned()
+    torch.cuda.synchronize()
+    assert torch.equal(host, hidden.detach().cpu())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,7 +377,8 @@ def test_train_lora_with_tiling_and_offloaded_checkpoints_matches_plain_lora(tmp
     train = train_script()
     runs = {}
     for name, extra in (("plain", []), ("long", ["--sequence-tile-size", "8", "--offload-checkpoints"])):
-        args = train.parse_args([*TRAIN_TINY, "--output-dir", str(tmp_path / name), "--lora", "--lora-rank", "4", *extra])
+        argv = [*TRAIN_TINY, "--output-dir", str(tmp_path / name), "--lora", "--lora-rank", "4", *extra]
+        args = train.parse_args(argv)
         runs[name] = train.train(args)
     assert len(runs["plain"]) == 3
     for plain, long in zip(runs["plain"], runs["long"]):
@@ -374,7 +390,8 @@ def test_train_lora_with_tiling_and_offloaded_checkpoints_matches_plain_lora(tmp
 def test_max_seq_len_probe_writes_every_trial_and_the_longest_length(tmp_path):
     train = train_script()
     argv = [*TRAIN_TINY, "--output-dir", str(tmp_path), "--seq-len", "16", "--max-seq-len-probe",
-            "--probe-max-seq-len", "64", "--probe-resolution", "8", "--sequence-tile-size", "8", "--offload-checkpoints"]  # fmt: skip
+            "--probe-max-seq-len", "64", "--probe-resolution", "8", "--sequence-tile-size", "8",
+            "--offload-checkpoints"]  # fmt: skip
     assert train.main(argv) == 0
     import json
 
