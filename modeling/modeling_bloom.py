@@ -1503,9 +1503,10 @@ class BloomMLP(nn.Module):
         return dropout_add(output, residual, self.hidden_dropout, self.training)
 
 
-class BloomBlock(GradientCheckpointingLayer):
+class BloomBlock(LongContextCheckpointing, GradientCheckpointingLayer):
     def __init__(self, config: BloomConfig, layer_idx: Optional[int] = None):
         super().__init__()
+        self.config, self.layer_idx = config, layer_idx
         hidden_size = config.hidden_size
         self.input_layernorm = LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.self_attention = BloomAttention(config, layer_idx)
@@ -1522,7 +1523,8 @@ class BloomBlock(GradientCheckpointingLayer):
         kv_length: int,
         layer_past: Optional[Cache] = None,
     ) -> torch.Tensor:
-        normed = self.input_layernorm(hidden_states)
+        tile_size = sequence_tile_size(self.config)  # BLOOM's MLP takes the residual too: only its norms are tiled
+        normed = sequence_tiled((self.input_layernorm,), hidden_states, tile_size)
         residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
         attention_output = self.self_attention(
             normed,
@@ -1533,7 +1535,7 @@ class BloomBlock(GradientCheckpointingLayer):
             kv_length=kv_length,
             layer_past=layer_past,
         )
-        normed = self.post_attention_layernorm(attention_output)
+        normed = sequence_tiled((self.post_attention_layernorm,), attention_output, tile_size)
         residual = normed if self.apply_residual_connection_post_layernorm else attention_output
         return self.mlp(normed, residual)
 
@@ -1648,7 +1650,7 @@ class BloomModel(BloomPreTrainedModel):
                 kv_length=kv_length,
                 layer_past=past_key_values,
             )
-        hidden_states = self.ln_f(hidden_states)
+        hidden_states = sequence_tiled((self.ln_f,), hidden_states, sequence_tile_size(self.config))
         if output_hidden_states:
             all_hidden_states = all_hidden_states + (hidden_states,)
 

@@ -1513,6 +1513,7 @@ class GPT2Block(nn.Module):
         super().__init__()
         hidden_size = config.hidden_size
         inner_dim = config.n_inner if config.n_inner is not None else 4 * hidden_size
+        self.config = config
         self.ln_1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.attn = GPT2Attention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
@@ -1527,9 +1528,10 @@ class GPT2Block(nn.Module):
         cache_position: torch.Tensor,
         backend: str,
     ) -> torch.Tensor:
-        attn_input = self.ln_1(hidden_states)
+        tile_size = sequence_tile_size(self.config)
+        attn_input = sequence_tiled((self.ln_1,), hidden_states, tile_size)
         hidden_states = hidden_states + self.attn(attn_input, mask, causal, past_key_values, cache_position, backend)
-        return hidden_states + self.mlp(self.ln_2(hidden_states))
+        return hidden_states + sequence_tiled((self.ln_2, self.mlp), hidden_states, tile_size)
 
 
 class GPT2PreTrainedModel(PreTrainedModel):
@@ -1622,7 +1624,8 @@ class GPT2Model(GPT2PreTrainedModel):
             raise TypeError("past_key_values must be a transformers Cache (e.g. DynamicCache), not legacy tuples")
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        checkpointing = self.gradient_checkpointing and self.training
+        offload = offload_checkpoints(self.config) and self.training
+        checkpointing = (self.gradient_checkpointing or offload) and self.training
         if checkpointing and use_cache:
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
             use_cache = False
@@ -1648,16 +1651,21 @@ class GPT2Model(GPT2PreTrainedModel):
         mask, causal = padding_mask_and_causality(attention_mask)
         backend = resolved_backend(self.config)
         all_hidden_states = []
-        for block in self.h:
+        for index, block in enumerate(self.h):
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            if checkpointing:
+            if offload:
+                keep = keeps_checkpoint_on_device(self.config, index)
+                hidden_states = offloaded_checkpoint(
+                    block, block.__call__, hidden_states, mask, causal, None, cache_position, backend, keep_on_device=keep
+                )
+            elif checkpointing:
                 hidden_states = self._gradient_checkpointing_func(
                     block.__call__, hidden_states, mask, causal, None, cache_position, backend
                 )
             else:
                 hidden_states = block(hidden_states, mask, causal, past_key_values, cache_position, backend)
-        hidden_states = self.ln_f(hidden_states)
+        hidden_states = sequence_tiled((self.ln_f,), hidden_states, sequence_tile_size(self.config))
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
 

@@ -12,7 +12,15 @@ import sys
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    BloomForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from memory_efficient_adapter.configuration_qwen import QWenConfig
 from memory_efficient_adapter.families import write_remote_code
@@ -26,7 +34,12 @@ TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 LORA_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen": ["c_attn", "c_proj", "w1", "w2"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
 }
+FAMILIES = ["llama", "qwen", "gpt2", "bloom"]
+SECOND_ATTENTION = {"llama": "model.layers.1.self_attn", "qwen": "transformer.h.1.attn", "gpt2": "transformer.h.1.attn",
+                    "bloom": "transformer.h.1.self_attention"}  # fmt: skip
 OPTIONS = {
     "tiled": dict(sequence_tile_size=TILE),
     "offloaded": dict(offload_checkpoints=True),
@@ -57,7 +70,8 @@ def randomize_(model: torch.nn.Module) -> None:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict:
-    """A saved remote-code folder per family: stock LLaMA weights, and a Qwen with biases and partial rotary."""
+    """A saved remote-code folder per family: stock LLaMA, GPT-2 and BLOOM (no dropout) weights, and a Qwen with
+    biases and partial rotary."""
     llama = LlamaForCausalLM(llama_config())
     qwen = QWenLMHeadModel(
         QWenConfig(
@@ -66,8 +80,13 @@ def folders(tmp_path_factory) -> dict:
         )  # fmt: skip
     )
     qwen.config.bf16 = qwen.config.fp16 = qwen.config.fp32 = False
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                   attn_pdrop=0.0)  # fmt: skip
+    )
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=3, n_head=4))
     result = {}
-    for family, model in (("llama", llama), ("qwen", qwen)):
+    for family, model in (("llama", llama), ("qwen", qwen), ("gpt2", gpt2), ("bloom", bloom)):
         randomize_(model)
         folder = tmp_path_factory.mktemp(family)
         model.save_pretrained(folder)
@@ -126,7 +145,7 @@ def kernel_module(model):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("options", sorted(OPTIONS))
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["", "gradient_checkpointing_enable"])
 def test_loss_and_every_gradient_match_the_plain_model(folders, family, options, checkpointing):
@@ -135,14 +154,14 @@ def test_loss_and_every_gradient_match_the_plain_model(folders, family, options,
     if checkpointing:
         enable_checkpointing(model)
     calls = []
-    attention = model.get_submodule("model.layers.1.self_attn" if family == "llama" else "transformer.h.1.attn")
+    attention = model.get_submodule(SECOND_ATTENTION[family])
     attention.register_forward_hook(lambda *args: calls.append(1))
     assert_same_loss_and_grads(loss_and_grads(model), expected, f"{family} {options}")
     recomputed = checkpointing or OPTIONS[options].get("offload_checkpoints", False)
     assert len(calls) == (2 if recomputed else 1)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("options", ["tiled", "tiled+offloaded"])
 def test_lora_gradients_match_the_plain_model(folders, family, options):
     peft = pytest.importorskip("peft")
