@@ -143,7 +143,7 @@ def sample_ids(batch: int = 2, length: int = 7) -> torch.Tensor:
 
 
 def auto_class(family: str):
-    return getattr(transformers, hub_upload.main_entry(family).auto_class)
+    return getattr(transformers, families.main_entry(family).auto_class)
 
 
 def assert_same_logits(ours, reference, what: str) -> None:
@@ -154,7 +154,7 @@ def assert_same_logits(ours, reference, what: str) -> None:
 
 def assert_is_ours(model, family: str) -> None:
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    assert type(model).__name__ == hub_upload.main_entry(family).class_name
+    assert type(model).__name__ == families.main_entry(family).class_name
 
 
 def assert_no_token(folder: Path) -> None:
@@ -174,8 +174,8 @@ def test_auto_map_lists_every_class_defined_in_the_file(family):
     expected = {e.auto_class: f"{Path(e.file).stem}.{e.class_name}"
                 for e in hub_upload.FAMILIES[family].entries if e.class_name in defined}
     assert hub_upload.auto_map(family) == expected
-    assert hub_upload.main_entry(family).class_name in defined
-    assert hub_upload.auto_map(family, "org/code")[hub_upload.main_entry(family).auto_class].startswith("org/code--")
+    assert families.main_entry(family).class_name in defined
+    assert hub_upload.auto_map(family, "org/code")[families.main_entry(family).auto_class].startswith("org/code--")
 
 
 def test_card_backends_are_the_kernel_layers():
@@ -392,8 +392,11 @@ def test_push_then_load_from_the_hub(hub, tmp_path, caplog):
     hub.fail("preupload", 503)  # a transient error: huggingface_hub retries it
     assert push(config, "--verify") == 0
     assert "verified: BloomForCausalLM" in caplog.text
-    assert hub.requests.count(("POST", "/api/models/org/bloom-mea/preupload/main")) == 2
-    assert hub.commit_count("org/bloom-mea") == 2  # the repo's initial commit + ours
+    staged = [path for method, path in hub.requests if method == "POST" and "/preupload/hub-upload-verify-" in path]
+    assert len(staged) == 2 and staged[0] == staged[1], "staged first (the 503 retried), then committed to main"
+    assert hub.requests.count(("POST", "/api/models/org/bloom-mea/preupload/main")) == 1
+    assert hub.commit_count("org/bloom-mea") == 3  # the repo's initial commit, the staged one, main's
+    assert set(hub.repos["org/bloom-mea"].refs) == {"main"}, "the staging branch is deleted after the merge"
     assert any(method == "PUT" and path.startswith("/lfs-objects/") for method, path in hub.requests)
     files = hub.files("org/bloom-mea")
     assert hub.repos["org/bloom-mea"].resolve("main").files["model-00001-of-00002.safetensors"].lfs
@@ -411,7 +414,7 @@ def test_push_then_load_from_the_hub(hub, tmp_path, caplog):
     commits_before = [r for r in hub.requests if "/commit/" in r[1]]
     assert push(config) == 0
     assert "nothing changed, no new commit" in caplog.text
-    assert hub.head("org/bloom-mea") == head and hub.commit_count("org/bloom-mea") == 2
+    assert hub.head("org/bloom-mea") == head and hub.commit_count("org/bloom-mea") == 3
     assert [r for r in hub.requests if "/commit/" in r[1]] == commits_before
 
 
