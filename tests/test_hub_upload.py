@@ -329,6 +329,14 @@ def test_shipped_configs():
     assert {c.family for c in models} == set(hub_upload.FAMILIES)
     assert all(c.target.endswith("-mea") and c.backend in hub_upload.BACKENDS for c in models)
     assert code[0].source is None  # a code repo holds only our files
+    for cfg in models:  # a pinned commit, or a placeholder that stops a push until one is set
+        if cfg.source_revision is not None:
+            assert hub_upload.PINNED_REVISION.fullmatch(cfg.source_revision), cfg.name
+            continue
+        assert "# source_revision:" in Path(cfg.name).read_text(), cfg.name
+        with pytest.raises(hub_upload.ConfigError, match="must pin a 40-hex commit"):
+            hub_upload.check_pinned(cfg, allow_unpinned=False)
+        hub_upload.check_pinned(cfg, allow_unpinned=True)
 
 
 @pytest.mark.parametrize(
