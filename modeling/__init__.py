@@ -31,12 +31,14 @@ from .attention import (
     set_flex_static_shapes,
 )
 
-_PATCH_NAMES = ("apply_attention_patch", "register_attention_backends", "remove_attention_patch")
+_PATCH_NAMES = ("BetterTransformer", "apply_attention_patch", "register_attention_backends",
+                "remove_attention_patch", "reverse", "transform")
 _REGISTRY_MODULE = "transformers.modeling_utils"  # defines AttentionInterface; imports masking_utils
 
 __all__ = [
     "AUTO_ORDER",
     "BACKENDS",
+    "BetterTransformer",
     "DropoutMatmul",
     "LightSoftmax",
     "alibi_slopes",
@@ -46,11 +48,13 @@ __all__ = [
     "backend_from_config",
     "keep_mask_from_padding",
     "resolve_backend",
+    "reverse",
     "register_attention_backends",
     "remove_attention_patch",
     "select_backend",
     "set_chunk_sizes",
     "set_flex_static_shapes",
+    "transform",
 ]
 
 

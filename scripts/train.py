@@ -84,7 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(for --tiny-config: our modeling file; without it the stock transformers class)",
     )
     parser.add_argument("--attn_implementation", help="eager, sdpa, mea, mea_<backend>, flash_attention_2, ...")
-    parser.add_argument("--use_flash_attn", help="true, false or a kernel-layer backend name (sets USE_FLASH_ATTN)")
+    parser.add_argument(
+        "--use_flash_attn",
+        nargs="?",
+        const="true",
+        help="true (the bare flag too, as in the original adapter), false or a backend name (sets USE_FLASH_ATTN)",
+    )
 
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", help="a .txt, .npy or .jsonl file (see the module docstring)")

@@ -348,7 +348,8 @@ def test_liger_patches_the_stock_class_until_its_model_is_dropped(cpu_bench, mon
     models = bench_module("models")
     kwargs = models.config_kwargs("llama", models.TINY_DIMS["llama"], 64, 0.0, torch.float32)
     patched = cpu_bench.factory.build("llama", "stock:sdpa+liger", kwargs, torch.float32)
-    assert isinstance(patched.model.norm, PatchedNorm) and modeling_llama.LlamaForCausalLM.forward is not original_forward
+    assert isinstance(patched.model.norm, PatchedNorm)
+    assert modeling_llama.LlamaForCausalLM.forward is not original_forward
     del patched
     cpu_bench.factory.release()
     assert modeling_llama.LlamaRMSNorm is original_norm and modeling_llama.LlamaForCausalLM.forward is original_forward
