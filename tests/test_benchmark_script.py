@@ -238,7 +238,7 @@ def test_benchmark_py_is_the_entry_point_of_the_package():
     assert len((SCRIPTS / "benchmark.py").read_text().splitlines()) < 40
     assert all(len(path.read_text().splitlines()) <= 900 for path in (SCRIPTS / "bench").glob("*.py"))
     args = load_script("benchmark").parse_args(["--device", "cpu", "--section", "all", "--vocab", "151936"])
-    assert args.section == ["train", "infer", "kernel", "light", "compare"] and args.vocab == 151936
+    assert args.section == ["train", "infer", "kernel", "light", "compare", "padded"] and args.vocab == 151936
 
 
 def test_impl_names_parse_into_attention_and_modifiers():
