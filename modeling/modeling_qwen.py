@@ -1155,9 +1155,14 @@ def _pointwise(fn: Callable, *args):
 # --- LM head + cross-entropy ------------------------------------------------------------------
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or as is when it is float64 (so that float64 references check the math exactly)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
     """Summed float32 cross-entropy of the counted rows of one chunk, and every row's log-sum-exp."""
-    logits = logits.float()
+    logits = _at_least_float32(logits)
     lse = torch.logsumexp(logits, dim=-1)
     counted = targets != ignore_index
     picked = logits.gather(1, torch.where(counted, targets, 0).unsqueeze(1)).squeeze(1)
@@ -1170,7 +1175,7 @@ def _cross_entropy_chunk_grad(
     """d(loss)/d(logits) of one chunk, in the logits' dtype: (softmax - one_hot) x scale on counted rows."""
     counted = targets != ignore_index
     safe_targets = torch.where(counted, targets, 0).unsqueeze(1)
-    grad = torch.exp(logits.float() - lse.unsqueeze(1))
+    grad = torch.exp(_at_least_float32(logits) - lse.unsqueeze(1))
     grad = grad.scatter_add(1, safe_targets, torch.full_like(safe_targets, -1, dtype=grad.dtype))
     row_scale = torch.where(counted, scale, 0.0)
     return (grad * row_scale.unsqueeze(1)).to(logits.dtype)
@@ -1185,8 +1190,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, divisor, chunk_size: int, ignore_index: int):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        accumulate = torch.promote_types(hidden.dtype, torch.float32)
+        total = torch.zeros((), dtype=accumulate, device=hidden.device)
+        lse = torch.empty(hidden.shape[0], dtype=accumulate, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             logits = F.linear(hidden[rows], weight, bias)
@@ -1200,10 +1206,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         hidden, weight, bias, targets, divisor, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        scale = grad_loss.float() / divisor
+        scale = grad_loss.to(lse.dtype) / divisor
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight) if need_weight else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             logits = F.linear(hidden[rows], weight, bias)
@@ -1215,7 +1221,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_weight:
                 grad_weight.addmm_(grad_logits.t(), hidden[rows])
             if need_bias:
-                grad_bias += grad_logits.float().sum(0)
+                grad_bias += grad_logits.to(lse.dtype).sum(0)
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
@@ -1285,9 +1291,10 @@ def linear_cross_entropy(
         )
     targets = targets.to(hidden.device)
     if num_items_in_batch is None:
-        divisor = (targets != ignore_index).sum().float()
+        divisor = (targets != ignore_index).sum()
     else:
-        divisor = torch.as_tensor(num_items_in_batch, device=hidden.device).float()
+        divisor = torch.as_tensor(num_items_in_batch, device=hidden.device)
+    divisor = divisor.to(torch.promote_types(hidden.dtype, torch.float32))
     autocast_dtype = _autocast_dtype(hidden.device.type)
     if autocast_dtype is None:
         return _LinearCrossEntropy.apply(hidden, weight, bias, targets, divisor, chunk_size, ignore_index)
@@ -1336,16 +1343,16 @@ def lm_head_loss(
 
 
 def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
-    x_float = x.float()
+    x_float = _at_least_float32(x)
     rstd = torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + eps)
     return weight * (x_float * rstd).to(x.dtype), rstd
 
 
 def _rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
-    x_hat = x.float() * rstd
-    grad_normed = (grad * weight).float()
+    x_hat = _at_least_float32(x) * rstd
+    grad_normed = (grad * weight).to(x_hat.dtype)
     grad_x = rstd * (grad_normed - x_hat * (grad_normed * x_hat).mean(-1, keepdim=True))
-    grad_weight = (grad.float() * x_hat.to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0)
+    grad_weight = (grad.to(x_hat.dtype) * x_hat.to(x.dtype).to(x_hat.dtype)).reshape(-1, x.shape[-1]).sum(0)
     return grad_x.to(x.dtype), grad_weight.to(weight.dtype)
 
 
@@ -1366,7 +1373,8 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as LLaMA and Qwen compute it (float32 statistics, scaled in the input dtype)."""
+    """RMSNorm as LLaMA and Qwen compute it: statistics in float32 (float64 for float64 input), normalised
+    value cast to the input dtype, then scaled by ``weight``."""
     return _RMSNorm.apply(x, weight, eps)
 
 
@@ -1378,11 +1386,11 @@ def _silu_mul_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _silu_mul_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-    gate_float = gate.float()
+    gate_float = _at_least_float32(gate)
     sigmoid = torch.sigmoid(gate_float)
-    grad_float = grad.float()
+    grad_float = _at_least_float32(grad)
     grad_up = grad_float * gate_float * sigmoid
-    grad_gate = grad_float * up.float() * sigmoid * (1 + gate_float * (1 - sigmoid))
+    grad_gate = grad_float * _at_least_float32(up) * sigmoid * (1 + gate_float * (1 - sigmoid))
     return grad_gate.to(gate.dtype), grad_up.to(up.dtype)
 
 
