@@ -521,6 +521,19 @@ def test_a_wrapped_or_hooked_head_takes_the_plain_path(family_pairs):
     assert seen and got.logits is not None
 
 
+@pytest.mark.parametrize("name", ["llama", "bart"])  # the shifted loss, and the unshifted one with a bias
+def test_fused_training_step_compiles_into_one_graph(family_pairs, name):
+    """No graph break in a training step without padding (padding masks are the attention layer's business)."""
+    _, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(10))
+    del batch["attention_mask"]
+    ours.train()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda: ours(**batch).loss)()
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # PEFT LoRA on every linear layer
 # ----------------------------------------------------------------------------------------------
@@ -579,6 +592,8 @@ def test_qwen_fused_loss_and_gradients_match_reference_with_num_items(tmp_path):
     output = ours(ids, labels=labels, num_items_in_batch=25)
     output.loss.backward()
     assert output.logits is None
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(lambda: ours(ids, labels=labels).loss)().graph_break_count == 0
     reference = ReferenceQwen(model.config, state, requires_grad=True)
     logits, _, _ = reference.forward(ids, training=True)
     shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
