@@ -3025,14 +3025,19 @@ class BartForCausalLM(BartPreTrainedModel, GenerationMixin):
             return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        if fused_loss_applies(self, self.lm_head, labels, logits_to_keep):
+            # labels align with the positions (no shift), mean over counted tokens: stock BartForCausalLM's loss
+            loss = lm_head_loss(hidden_states, self.lm_head, labels, self.config, shift=False)
+            logits = None
         else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size), labels.to(logits.device).view(-1))
+            if isinstance(logits_to_keep, int):
+                hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+            else:
+                hidden_states = hidden_states[:, logits_to_keep]
+            logits = self.lm_head(hidden_states)
+            loss = None
+            if labels is not None:
+                loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size), labels.to(logits.device).view(-1))
         output = CausalLMOutputWithCrossAttentions(
             loss=loss,
             logits=logits,

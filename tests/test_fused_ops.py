@@ -19,6 +19,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     BartConfig,
+    BartForCausalLM,
     BartForConditionalGeneration,
     BloomConfig,
     BloomForCausalLM,
@@ -367,6 +368,14 @@ STOCK = {
                            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1,
                            bos_token_id=0, eos_token_id=2, decoder_start_token_id=2),
         AutoModelForSeq2SeqLM,
+    ),
+    "bart_causal": (
+        BartForCausalLM,
+        lambda: BartConfig(vocab_size=VOCAB, d_model=32, decoder_layers=2, decoder_attention_heads=4,
+                           decoder_ffn_dim=48, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+                           activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                           is_decoder=True, add_cross_attention=False),
+        AutoModelForCausalLM,
     ),
 }
 
