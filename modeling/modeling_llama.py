@@ -1649,9 +1649,11 @@ class LlamaAttention(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         past_key_values: Optional[Cache] = None,
         attention_weights: Optional[list] = None,
+        cache_position: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``attention_mask`` is what ``kernel_attention_mask`` returns; a 2-D keep-mask covers cache + new tokens.
-        Given an ``attention_weights`` list, the weights are computed and appended to it (``output_attentions``)."""
+        Given an ``attention_weights`` list, the weights are computed and appended to it (``output_attentions``).
+        ``cache_position``: where a transformers 4.x/5.0 static cache writes these keys (later versions track it)."""
         batch, q_len, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
@@ -1660,7 +1662,7 @@ class LlamaAttention(nn.Module):
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+            key, value = past_key_values.update(key, value, self.layer_idx, {"cache_position": cache_position})
 
         # A 4-D mask defines visibility on its own, as in transformers; otherwise causal + padding keep-mask.
         output = attention_recording_weights(
@@ -1695,6 +1697,7 @@ class LlamaDecoderLayer(LongContextCheckpointing, GradientCheckpointingLayer):
         attention_mask: Optional[torch.Tensor] = None,
         past_key_values: Optional[Cache] = None,
         attention_weights: Optional[list] = None,
+        cache_position: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         tile_size = sequence_tile_size(self.config)
         residual = hidden_states
@@ -1704,6 +1707,7 @@ class LlamaDecoderLayer(LongContextCheckpointing, GradientCheckpointingLayer):
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             attention_weights=attention_weights,
+            cache_position=cache_position,
         )
         hidden_states = residual + hidden_states
         return hidden_states + sequence_tiled((self.post_attention_layernorm, self.mlp), hidden_states, tile_size)
@@ -1790,8 +1794,8 @@ class LlamaModel(LlamaPreTrainedModel):
             mask = packed_sequence_keep_mask(position_ids, batch_size)
         else:
             mask = kernel_attention_mask(attention_mask)
+        cache_position = kwargs.get("cache_position")
         if position_ids is None:
-            cache_position = kwargs.get("cache_position")
             if cache_position is None:
                 past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
                 cache_position = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)
@@ -1810,6 +1814,7 @@ class LlamaModel(LlamaPreTrainedModel):
                 attention_mask=mask,
                 past_key_values=past_key_values,
                 attention_weights=all_attentions,
+                cache_position=cache_position,
             )
         hidden_states = sequence_tiled((self.norm,), hidden_states, sequence_tile_size(self.config))
         if output_hidden_states:

@@ -371,6 +371,7 @@ ROPE_TYPES = {
     "longrope": {
         "short_factor": [1.0 + 0.1 * i for i in range(HALF_HEAD_DIM)],
         "long_factor": [1.5 + 0.3 * i for i in range(HALF_HEAD_DIM)],
+        "factor": 2.0,
         "original_max_position_embeddings": 8,
     },
     "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
