@@ -521,3 +521,19 @@ def test_gpt2_cross_attention_matches_stock_with_cache_and_weights(tmp_path):
     assert_close_rel(actual.logits, expected.logits, TOL, "cross-attention logits")
     assert_close_rel(next_actual.logits, next_expected.logits, TOL, "cached step")
     assert_weights_match(actual.cross_attentions, expected.cross_attentions, None, "cross_attentions")
+
+
+def test_checkpointing_function_can_be_patched_and_restored_as_on_stock_layers(tmp_path):
+    """transformers' gradient-checkpointing tests patch a layer's ``_gradient_checkpointing_func`` with
+    ``mock.patch.object`` (set, then delete on exit) and count the recomputed forwards."""
+    import unittest.mock
+
+    _, ours = stock_and_ours("llama", "LlamaForCausalLM", tmp_path)
+    ours.train()
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layer = ours.model.layers[0]
+    original = layer._gradient_checkpointing_func
+    with unittest.mock.patch.object(layer, "_gradient_checkpointing_func", side_effect=original) as patched:
+        ours(**token_inputs("llama"), labels=token_inputs("llama")["input_ids"]).loss.backward()
+    assert patched.call_count == 1
+    assert layer._gradient_checkpointing_func is not patched
