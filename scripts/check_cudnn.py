@@ -15,6 +15,7 @@ Sections (each prints one JSON line per measurement and appends it to ``<out>/cu
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import random
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 
 import memory_efficient_adapter as mea
-from memory_efficient_adapter import attention as kernel_layer
+
+kernel_layer = importlib.import_module("memory_efficient_adapter.attention")
 
 
 def record(out: Path, **fields) -> None:
@@ -151,7 +153,7 @@ def section_varlen(out: Path, steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("cudnn-check"))
-    parser.add_argument("--sections", default="correct,speed,varlen")
+    parser.add_argument("--sections", default="correct,varlen,speed")
     parser.add_argument("--varlen-steps", type=int, default=60)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -160,12 +162,12 @@ def main() -> None:
     sections = args.sections.split(",")
     if "correct" in sections:
         section_correct(args.out)
+    if "varlen" in sections:
+        section_varlen(args.out, args.varlen_steps)
     if "speed" in sections:
         shapes = [(16, s, torch.bfloat16) for s in (2048, 8192, 16384)]
         shapes += [(112, s, dtype) for s in (2048, 8192) for dtype in (torch.float16, torch.bfloat16)]
         section_speed(args.out, shapes)
-    if "varlen" in sections:
-        section_varlen(args.out, args.varlen_steps)
 
 
 if __name__ == "__main__":
