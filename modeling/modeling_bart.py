@@ -833,7 +833,7 @@ class _CudnnPlans:
     on one key build it once.
     """
 
-    def __init__(self, capacity: int = 64):
+    def __init__(self, capacity: int = 128):
         self.capacity = capacity
         self._plans: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
