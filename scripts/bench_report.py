@@ -25,6 +25,7 @@ KEY_FIELDS = (
     "mode",
     "device_name",
     "dtype",
+    "vocab",
 )
 FINAL_STATUSES = ("ok", "oom", "unsupported")
 
@@ -157,6 +158,8 @@ def _train_cell(record: Optional[dict]) -> str:
     if short is not None:
         return short
     parts = [fmt(record.get("step_ms"), 1, " ms"), fmt(gb(record.get("peak_mem_mb")), 2, " GB")]
+    if record.get("tokens_per_s") is not None:
+        parts.append(fmt(record["tokens_per_s"] / 1e3, 1, "k tok/s"))
     if record.get("mfu") is not None:
         parts.append(fmt(100.0 * record["mfu"], 1, "%"))
     return " · ".join(part for part in parts if part != "-") or "-"
@@ -169,19 +172,22 @@ def train_tables(records: list, section: str = "train") -> str:
     out = []
     for family in ordered(r["family"] for r in rows):
         fam = [r for r in rows if r["family"] == family]
-        for batch in ordered(r.get("batch") for r in fam):
-            sub = [r for r in fam if r.get("batch") == batch]
+        vocabs = ordered(r.get("vocab") for r in fam)
+        for batch, vocab in ordered((r.get("batch"), r.get("vocab")) for r in fam):
+            sub = [r for r in fam if r.get("batch") == batch and r.get("vocab") == vocab]
             seqs = sorted(ordered(r["seq"] for r in sub))
             impls = ordered(r["impl"] for r in sub)
             tgt = ordered(r.get("tgt_len") for r in sub if r.get("tgt_len"))
             title = f"#### {section}: {family}, batch {batch}"
+            if len(vocabs) > 1:
+                title += f", vocabulary {vocab:,}" if vocab else ", vocabulary not recorded"
             if tgt:
                 title += f" (source lengths below; target {', '.join(seq_label(t) for t in tgt)})"
             cells = {(r["impl"], r["seq"]): r for r in sub}
             body = [[impl] + [_train_cell(cells.get((impl, seq))) for seq in seqs] for impl in impls]
             out.append(
                 title
-                + "\n\nstep time · peak allocated memory · MFU\n\n"
+                + "\n\nstep time · peak allocated memory · tokens/s · MFU\n\n"
                 + table(["impl"] + [seq_label(s) for s in seqs], body)
             )
     return "\n\n".join(out)
@@ -194,6 +200,26 @@ def _best(records: list, metric: str = "step_ms") -> Optional[dict]:
 
 def _find(records, **fields) -> list:
     return [r for r in records if all(r.get(k) == v for k, v in fields.items())]
+
+
+def judged(target: str, measured: str, met: bool) -> list:
+    """A row [target, measured, met] of a targets table."""
+    return [target, measured, "yes" if met else "no"]
+
+
+BLOOM_TARGET = "BLOOM: ≥4× faster, ≥6× less memory than stock eager"
+LLAMA_TARGET = "BLOOM ours step time within 10% of same-size LLaMA on stock sdpa"
+
+
+def _bloom_vs_stock(ours: dict, stock: dict) -> tuple:
+    speed = stock["step_ms"] / ours["step_ms"]
+    mem = stock["peak_mem_mb"] / ours["peak_mem_mb"] if ours.get("peak_mem_mb") else None
+    return f"{speed:.2f}× faster, {fmt(mem, 2)}× less memory", speed >= 4.0 and (mem is not None and mem >= 6.0)
+
+
+def _bloom_vs_llama(ours: dict, llama: dict) -> tuple:
+    ratio = ours["step_ms"] / llama["step_ms"]
+    return f"{ratio:.3f}× LLaMA's time", ratio <= 1.10
 
 
 def target_rows(records: list, seq: int = 8192) -> list:
@@ -216,38 +242,17 @@ def target_rows(records: list, seq: int = 8192) -> list:
             return f"{what}: ours {ours.get('status')}, reference {ref.get('status')}"
         return None
 
+    def compared(target: str, ours, ref, what: str, judge) -> None:
+        if ours is None or ref is None:
+            return
+        problem = pair(ours, ref, what)
+        rows.append([target, problem, "?"] if problem else judged(target, *judge(ours, ref)))
+
     bloom_ours, bloom_stock = pick("bloom", "ours:auto"), pick("bloom", "stock:eager")
-    if bloom_ours and bloom_stock:
-        problem = pair(bloom_ours, bloom_stock, "bloom")
-        if problem:
-            rows.append(["BLOOM: ≥4× faster, ≥6× less memory than stock", problem, "?"])
-        else:
-            speed = bloom_stock["step_ms"] / bloom_ours["step_ms"]
-            mem = bloom_stock["peak_mem_mb"] / bloom_ours["peak_mem_mb"] if bloom_ours.get("peak_mem_mb") else None
-            met = speed >= 4.0 and (mem is not None and mem >= 6.0)
-            rows.append(
-                [
-                    "BLOOM: ≥4× faster, ≥6× less memory than stock eager",
-                    f"{speed:.2f}× faster, {fmt(mem, 2)}× less memory",
-                    "yes" if met else "no",
-                ]
-            )
-    elif bloom_ours and bloom_ours.get("status") == "ok":
-        rows.append(["BLOOM: ≥4× faster, ≥6× less memory than stock eager", "stock eager not measured", "?"])
-    llama_sdpa = pick("llama", "stock:sdpa")
-    if bloom_ours and llama_sdpa:
-        problem = pair(bloom_ours, llama_sdpa, "bloom vs llama")
-        if problem:
-            rows.append(["BLOOM ours within 10% of LLaMA stock sdpa", problem, "?"])
-        else:
-            ratio = bloom_ours["step_ms"] / llama_sdpa["step_ms"]
-            rows.append(
-                [
-                    "BLOOM ours step time within 10% of same-size LLaMA on stock sdpa",
-                    f"{ratio:.3f}× LLaMA's time",
-                    "yes" if ratio <= 1.10 else "no",
-                ]
-            )
+    compared(BLOOM_TARGET, bloom_ours, bloom_stock, "bloom", _bloom_vs_stock)
+    if bloom_ours and not bloom_stock and bloom_ours.get("status") == "ok":
+        rows.append([BLOOM_TARGET, "stock eager not measured", "?"])
+    compared(LLAMA_TARGET, bloom_ours, pick("llama", "stock:sdpa"), "bloom vs llama", _bloom_vs_llama)
     for family in ("llama", "gpt2", "bart"):
         fam = [r for r in pool if r.get("family") == family]
         ours = pick(family, "ours:auto")
@@ -262,13 +267,8 @@ def target_rows(records: list, seq: int = 8192) -> list:
             ours["peak_mem_mb"] / stock["peak_mem_mb"] if stock.get("peak_mem_mb") and ours.get("peak_mem_mb") else None
         )
         met = speed > 1.0 and (mem is None or mem <= 1.0)
-        rows.append(
-            [
-                f"{family}: faster than the best stock ({stock['impl']}), no more memory",
-                f"{speed:.3f}× its speed, {fmt(mem, 3)}× its memory",
-                "yes" if met else "no",
-            ]
-        )
+        target = f"{family}: faster than the best stock ({stock['impl']}), no more memory"
+        rows.append(judged(target, f"{speed:.3f}× its speed, {fmt(mem, 3)}× its memory", met))
     return rows
 
 

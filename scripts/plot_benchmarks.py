@@ -65,6 +65,13 @@ def _pyplot():
     return plt
 
 
+def save_figure(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _log2_seq_axis(ax, seqs: list) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(seqs)
@@ -116,11 +123,7 @@ def plot_train(records: list, out: Path, section: str = "train") -> list:
         dtype = fam[0].get("dtype")
         device = fam[0].get("device_name") or ""
         fig.suptitle(f"{family}: training step (forward + backward), {dtype}, batch 1, {device}  (x = out of memory)")
-        fig.tight_layout()
-        path = out / f"{section}_{family}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(plt, fig, out / f"{section}_{family}.png"))
     return written
 
 
@@ -153,11 +156,7 @@ def plot_kernel(records: list, out: Path) -> list:
         fig.suptitle(
             f"attention kernels, head_dim {head_dim}, {sub[0].get('dtype')}, {sub[0].get('device_name') or ''}"
         )
-        fig.tight_layout()
-        path = out / f"kernel_d{head_dim}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(plt, fig, out / f"kernel_d{head_dim}.png"))
     return written
 
 
@@ -196,11 +195,7 @@ def plot_infer(records: list, out: Path) -> list:
             ax.grid(True, axis="y", alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{family}: inference with the KV cache, {fam[0].get('dtype')}, {fam[0].get('device_name') or ''}")
-        fig.tight_layout()
-        path = out / f"infer_{family}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(plt, fig, out / f"infer_{family}.png"))
     return written
 
 
@@ -221,11 +216,7 @@ def plot_light(records: list, out: Path) -> list:
         f"Light Attention: GPT-2 {first.get('layers')}x{first.get('hidden')}, batch {first.get('batch')} x "
         f"{first.get('seq')}, {first.get('dtype')}, dropout {first.get('dropout')}"
     )
-    fig.tight_layout()
-    path = out / "light.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(plt, fig, out / "light.png")]
 
 
 def headline_values(records: list, seq: int = 8192) -> list:
@@ -291,11 +282,7 @@ def plot_headline(records: list, out: Path) -> list:
     ax.set_ylabel("ours:auto against the fastest stock implementation")
     ax.set_title(f"training step at {seq_label(seq)} tokens, batch 1")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "headline.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(plt, fig, out / "headline.png")]
 
 
 def make_plots(records: list, out: Path) -> list:

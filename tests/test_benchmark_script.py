@@ -213,3 +213,182 @@ def test_plot_script_writes_pngs(run, tmp_path):
     assert {"train_bart.png", "train_qwen.png", "infer_bart.png", "kernel_d32.png"} <= set(pngs)
     assert all((tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in pngs)
     assert "![train_bart](train_bart.png)" in (tmp_path / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# The parts of the bench package that run without a GPU: impl names, sizes, MFU, Liger, compile
+# ----------------------------------------------------------------------------------------------
+
+
+def bench_module(name: str):
+    """A module of the scripts/bench package, imported as benchmark.py imports it."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    return importlib.import_module(f"bench.{name}")
+
+
+@pytest.fixture
+def cpu_bench(tmp_path):
+    cli, core = bench_module("cli"), bench_module("core")
+    args = cli.parse_args(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+    return core.Bench(args, core.Recorder(tmp_path, {"device": "cpu"}, resume=False))
+
+
+def test_benchmark_py_is_the_entry_point_of_the_package():
+    assert len((SCRIPTS / "benchmark.py").read_text().splitlines()) < 40
+    assert all(len(path.read_text().splitlines()) <= 900 for path in (SCRIPTS / "bench").glob("*.py"))
+    args = load_script("benchmark").parse_args(["--device", "cpu", "--section", "all", "--vocab", "151936"])
+    assert args.section == ["train", "infer", "kernel", "light", "compare"] and args.vocab == 151936
+
+
+def test_impl_names_parse_into_attention_and_modifiers():
+    impls = bench_module("impls")
+    assert impls.parse_impl("stock:sdpa") == impls.Impl("stock", "sdpa")
+    assert impls.parse_impl("stock:sdpa+liger") == impls.Impl("stock", "sdpa", liger=True)
+    assert impls.parse_impl("ours:chunked+compile") == impls.Impl("ours", "chunked", compile=True)
+    assert impls.parse_impl("stock:eager+liger+compile") == impls.Impl("stock", "eager", True, True)
+    for bad, message in (
+        ("sdpa", "expected stock:"),
+        ("mine:sdpa", "expected stock:"),
+        ("ours:", "expected stock:"),
+        ("ours:auto+compil", "modifiers are"),
+        ("ours:auto+compile+compile", "at most once"),
+        ("ours:auto+liger", "stock transformers classes only"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            impls.parse_impl(bad)
+
+
+def test_config_kwargs_give_each_stock_family_its_sizes():
+    import transformers
+
+    models = bench_module("models")
+    dims = models.family_dims(tiny=True, vocab=1000)
+    assert {d.vocab for d in dims.values()} == {1000} and dims["llama"].hidden == models.TINY_DIMS["llama"].hidden
+    for family, config_class in models.STOCK_CONFIG.items():
+        d = dims[family]
+        config = getattr(transformers, config_class)(**models.config_kwargs(family, d, 2048, 0.1, torch.float32))
+        layers = config.encoder_layers if family == "bart" else config.num_hidden_layers
+        heads = config.encoder_attention_heads if family == "bart" else config.num_attention_heads
+        assert (config.vocab_size, config.hidden_size, layers, heads) == (1000, d.hidden, d.layers, d.heads), family
+
+
+def test_select_impls_adds_the_variants_asked_for(cpu_bench):
+    train = bench_module("train")
+    cpu_bench.args.impl = ["stock:sdpa", "ours:auto+compile", "stock:sdpa+liger", "ours:nonesuch+compile"]
+    impls = train.train_impls(cpu_bench, "llama")
+    assert impls == ["stock:sdpa", "ours:auto+compile", "stock:sdpa+liger"]
+    cpu_bench.args.impl = None
+    defaults = train.train_impls(cpu_bench, "llama")
+    assert "ours:auto" in defaults and not any("+compile" in i for i in defaults)  # compile: CUDA default only
+
+
+def test_mfu_counts_6nt_plus_attention_against_the_device_peak():
+    """The LLaMA-shaped model of issue 15 at 8k tokens and Qwen-7B's vocabulary, counted by hand."""
+    import transformers
+
+    core, models = bench_module("core"), bench_module("models")
+    assert core.peak_bf16_tflops("NVIDIA H200") == core.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    d = models.family_dims(tiny=False, vocab=151936)["llama"]
+    config = transformers.LlamaConfig(**models.config_kwargs("llama", d, 8192, 0.0, torch.bfloat16))
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    h, i, layers, seq = d.hidden, d.intermediate, d.layers, 8192
+    weights = layers * (4 * h * h + 3 * h * i) + h * d.vocab  # q, k, v, o; gate, up, down; LM head
+    attention = 4 * h * layers * seq * seq / 2  # causal: half the scores
+    flops = models.training_flops(model, "llama", 1, seq, None)
+    assert flops == pytest.approx(6 * weights * seq + 3 * attention, rel=1e-12)
+    step_ms = 100.0
+    assert models.model_flops_utilisation(flops, step_ms, 989.0) == pytest.approx(flops / 0.1 / 989e12, rel=1e-12)
+    assert models.model_flops_utilisation(flops, step_ms, None) is None
+
+
+def test_missing_liger_gives_a_clear_unsupported_record(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # import liger_kernel raises ImportError
+    impls, core = bench_module("impls"), bench_module("core")
+    with pytest.raises(ImportError, match="pip install liger-kernel") as missing:
+        impls.apply_liger("llama")
+    with pytest.raises(ValueError, match="no patcher for bloom") as no_patcher:
+        impls.apply_liger("bloom")
+    assert core.classify(missing.value) == core.classify(no_patcher.value) == "unsupported"
+    argv = ["--device", "cpu", "--quick", "--section", "train", "--family", "llama", "--seq", "32", "--batch", "1"]
+    argv += ["--impl", "stock:sdpa,stock:sdpa+liger", "--vocab", "512", "--out", str(tmp_path)]
+    threads = torch.get_num_threads()
+    try:
+        assert load_script("benchmark").main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    sdpa, liger = (by(records, section="train", impl=impl)[0] for impl in ("stock:sdpa", "stock:sdpa+liger"))
+    assert liger["status"] == "unsupported" and "pip install liger-kernel" in liger["error"]
+    assert sdpa["status"] == "ok" and sdpa["vocab"] == 512 and abs(sdpa["loss"] - math.log(512)) < 1.5
+    assert "vocabulary" not in (tmp_path / "results.md").read_text()  # one vocabulary: no vocabulary titles
+
+
+def test_liger_patches_the_stock_class_until_its_model_is_dropped(cpu_bench, monkeypatch):
+    """A stand-in for liger_kernel.transformers that patches the way Liger does (module attributes and the
+    CausalLM forward): the model built with +liger uses the patch, and stock is stock again afterwards."""
+    import types
+
+    from transformers.models.llama import modeling_llama
+
+    original_norm, original_forward = modeling_llama.LlamaRMSNorm, modeling_llama.LlamaForCausalLM.forward
+
+    class PatchedNorm(original_norm):
+        pass
+
+    def apply_liger_kernel_to_llama():
+        modeling_llama.LlamaRMSNorm = PatchedNorm
+        modeling_llama.LlamaForCausalLM.forward = lambda self, *a, **k: original_forward(self, *a, **k)
+
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake.apply_liger_kernel_to_llama = apply_liger_kernel_to_llama
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    models = bench_module("models")
+    kwargs = models.config_kwargs("llama", models.TINY_DIMS["llama"], 64, 0.0, torch.float32)
+    patched = cpu_bench.factory.build("llama", "stock:sdpa+liger", kwargs, torch.float32)
+    assert isinstance(patched.model.norm, PatchedNorm) and modeling_llama.LlamaForCausalLM.forward is not original_forward
+    del patched
+    cpu_bench.factory.release()
+    assert modeling_llama.LlamaRMSNorm is original_norm and modeling_llama.LlamaForCausalLM.forward is original_forward
+    stock = cpu_bench.factory.build("llama", "stock:sdpa", kwargs, torch.float32)
+    assert type(stock.model.norm) is original_norm
+
+
+def test_compile_impls_compile_the_model(cpu_bench):
+    models = bench_module("models")
+    kwargs = models.config_kwargs("gpt2", models.TINY_DIMS["gpt2"], 64, 0.0, torch.float32)
+    plain = cpu_bench.factory.build("gpt2", "ours:auto", kwargs, torch.float32)
+    compiled = cpu_bench.factory.build("gpt2", "ours:auto+compile", kwargs, torch.float32)
+    assert plain._compiled_call_impl is None and compiled._compiled_call_impl is not None
+    assert type(compiled).__module__.startswith("transformers_modules")
+
+
+def test_a_failed_build_is_recorded_for_every_size(cpu_bench):
+    core = bench_module("core")
+
+    def build():
+        raise RuntimeError("the model cannot be built here")
+
+    sweep = core.ImplSweep(cpu_bench, build)
+    for seq in (32, 64):
+        record = core.config_record("train", "llama", "ours:auto", seq, 1, torch.float32)
+        sweep.run(record, seq, 1, measure=lambda model: pytest.fail("measured without a model"), cost_ms=len)
+    sweep.close()
+    first, second = cpu_bench.rec.run_records
+    assert first["status"] == second["status"] == "error" and "model build: RuntimeError" in first["error"]
+    assert second.get("implied") and not first.get("implied") and (first["seq"], second["seq"]) == (32, 64)
+
+
+def test_train_tables_split_by_vocabulary_when_a_family_has_two():
+    report = load_script("bench_report")
+    base = {"section": "train", "family": "llama", "impl": "ours:auto", "batch": 1, "seq": 8192, "status": "ok"}
+    records = [
+        {**base, "vocab": 32000, "step_ms": 76.0, "peak_mem_mb": 9000.0, "tokens_per_s": 107789.5},
+        {**base, "vocab": 151936, "step_ms": 106.0, "peak_mem_mb": 22000.0, "tokens_per_s": 77283.0},
+    ]
+    tables = report.train_tables(report.latest(records))
+    small, large = tables.split("#### train: llama, batch 1, vocabulary 151,936")
+    assert "#### train: llama, batch 1, vocabulary 32,000" in small and "76.0 ms" in small and "106.0" not in small
+    assert "106.0 ms · 21.48 GB · 77.3k tok/s" in large
