@@ -60,7 +60,9 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -1409,6 +1411,281 @@ def backend_from_config(config) -> str:
         return implementation[len("mea_") :]
     _log_once(f"attn_implementation={implementation!r} has no kernel-layer equivalent; using auto")
     return "auto"
+
+
+# ----------------------------------------------------------------------------------------------
+# Long context: sequence-tiled position-wise blocks, checkpoints offloaded to host memory
+# ----------------------------------------------------------------------------------------------
+
+# Attribute of a checkpointed layer's output that links it to the checkpoint of the layer that made it, so
+# that the backward of the next layer can start fetching that checkpoint ahead of need.
+_CHECKPOINT_LINK_ATTRIBUTE = "_mea_checkpoint_link"
+
+_side_streams: dict = {}
+
+
+def sequence_tile_size(config) -> int:
+    """``config.sequence_tile_size``: tokens per tile of the sequence-tiled MLP and norms (0 or None: off)."""
+    size = getattr(config, "sequence_tile_size", None) or 0
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"config.sequence_tile_size must be a non-negative int (tokens per tile), got {size!r}")
+    return size
+
+
+def offload_checkpoints(config) -> bool:
+    """``config.offload_checkpoints``: checkpoint every decoder layer in training, its input kept in host memory."""
+    return bool(getattr(config, "offload_checkpoints", False))
+
+
+class _ReplayState:
+    """Autocast settings and RNG states at the start of a forward, so a recompute in backward replays it exactly
+    (same dropout masks, same autocast dtype)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.autocast = torch.is_autocast_enabled(device.type)
+        self.autocast_dtype = torch.get_autocast_dtype(device.type) if self.autocast else None
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextmanager
+    def replay(self):
+        devices = [self.device] if self.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            torch.set_rng_state(self.cpu_rng)
+            if self.cuda_rng is not None:
+                torch.cuda.set_rng_state(self.cuda_rng, self.device)
+            with torch.enable_grad(), torch.autocast(
+                self.device.type, dtype=self.autocast_dtype, enabled=self.autocast
+            ):
+                yield
+
+
+def _run_modules(modules: tuple, x: torch.Tensor) -> torch.Tensor:
+    for module in modules:
+        x = module(x)
+    return x
+
+
+def _tiles(rows: int, tile_size: int) -> list:
+    return [slice(start, min(start + tile_size, rows)) for start in range(0, rows, tile_size)]
+
+
+def _run_in_tiles(modules: tuple, x: torch.Tensor, tile_size: int) -> torch.Tensor:
+    """``modules`` over ``x`` ``[..., hidden]`` one tile of tokens at a time, written into one output tensor."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = None
+    for rows in _tiles(flat.shape[0], tile_size):
+        tile = _run_modules(modules, flat[rows])
+        if out is None:
+            out = tile.new_empty((flat.shape[0], *tile.shape[1:]))
+        out[rows] = tile
+    return out.view(*x.shape[:-1], *out.shape[1:])
+
+
+class _SequenceTiled(torch.autograd.Function):
+    """Position-wise ``modules`` over tiles of the sequence. Forward keeps only the input; backward recomputes one
+    tile at a time and takes its gradients at once, so no tile's intermediates outlive it. The trainable
+    parameters are inputs of the function, so their gradients flow through autograd like any other."""
+
+    @staticmethod
+    def forward(ctx, modules: tuple, tile_size: int, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.modules, ctx.tile_size, ctx.state = modules, tile_size, _ReplayState(x.device)
+        ctx.save_for_backward(x, *params)
+        with torch.no_grad():
+            return _run_in_tiles(modules, x, tile_size)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, *params = ctx.saved_tensors
+        wants_input = ctx.needs_input_grad[2]
+        flat, grad_flat = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = torch.empty_like(flat) if wants_input else None
+        sums = [None] * len(params)
+        with ctx.state.replay():
+            for rows in _tiles(flat.shape[0], ctx.tile_size):
+                tile = flat[rows].detach().requires_grad_(wants_input)
+                out = _run_modules(ctx.modules, tile)
+                inputs = ([tile] if wants_input else []) + params
+                grads = list(torch.autograd.grad(out, inputs, grad_flat[rows], allow_unused=True))
+                if wants_input:
+                    grad_x[rows] = grads.pop(0)
+                sums = [_accumulate(total, grad) for total, grad in zip(sums, grads)]
+        grad_params = [None if total is None else total.to(param.dtype) for total, param in zip(sums, params)]
+        return (None, None, None if grad_x is None else grad_x.view_as(x), *grad_params)
+
+
+def _accumulate(total: Optional[torch.Tensor], grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Sum of per-tile parameter gradients, in float32 for half-precision parameters."""
+    if grad is None:
+        return total
+    return grad.float() if total is None else total.add_(grad)
+
+
+def sequence_tiled(modules, x: torch.Tensor, tile_size: int) -> torch.Tensor:
+    """``modules`` (position-wise: an MLP, a norm, or a norm then an MLP) applied one after the other to ``x``
+    ``[..., hidden]``, ``tile_size`` tokens at a time, so that no ``[tokens, intermediate]`` tensor is ever whole,
+    in forward or backward. Works with any implementation inside the modules (PEFT LoRA layers included): it only
+    calls them. ``tile_size`` 0, or no more tokens than that, runs the modules as usual."""
+    modules = tuple(modules)
+    tokens = x.numel() // max(x.shape[-1], 1)
+    if tile_size <= 0 or tokens <= tile_size:
+        return _run_modules(modules, x)
+    params = [param for module in modules for param in module.parameters() if param.requires_grad]
+    if not torch.is_grad_enabled() or not (x.requires_grad or params):
+        return _run_in_tiles(modules, x, tile_size)
+    return _SequenceTiled.apply(modules, tile_size, x, *params)
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One side stream per CUDA device for checkpoint transfers (created once; it changes no result)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams.setdefault(index, torch.cuda.Stream(device=index))
+    return _side_streams[index]
+
+
+class _HostCopy:
+    """A layer input kept in pinned host memory. On CUDA the copy out (forward) and the copy back (backward)
+    run on a side stream, so they overlap compute; ``prefetch`` starts the copy back ahead of need. On other
+    devices it is a plain copy, which keeps the path exact and testable on a CPU."""
+
+    def __init__(self, tensor: torch.Tensor):
+        tensor = tensor.detach()
+        self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+        self._on_device, self._ready = None, None
+        if self.device.type != "cuda":
+            self.host = tensor.to("cpu", copy=True)
+            return
+        stream = _side_stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self.host = torch.empty(self.shape, dtype=self.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+        tensor.record_stream(stream)  # the allocator must not reuse its memory before the copy is done
+
+    def prefetch(self) -> None:
+        if self.device.type != "cuda" or self._on_device is not None or self.host is None:
+            return
+        stream = _side_stream(self.device)
+        on_device = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            on_device.copy_(self.host, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record(stream)
+        on_device.record_stream(stream)
+        self._on_device = on_device
+
+    def fetch(self) -> torch.Tensor:
+        """The tensor back on its device (ready for the current stream); the host copy is released."""
+        if self.host is None:
+            raise RuntimeError("an offloaded checkpoint was fetched twice: backward ran twice through one forward")
+        if self.device.type != "cuda":
+            tensor = self.host.to(self.device, copy=True)
+        else:
+            self.prefetch()
+            torch.cuda.current_stream(self.device).wait_event(self._ready)
+            tensor = self._on_device
+        self.host = self._on_device = None
+        return tensor
+
+
+class _CheckpointLink:
+    """One layer's offloaded input and the link to the previous layer's, whose backward comes next."""
+
+    def __init__(self, previous: Optional["_CheckpointLink"]):
+        self.previous, self.copy = previous, None
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """A decoder layer run without keeping anything but its input, which goes to host memory. Backward fetches
+    it, starts fetching the previous layer's, recomputes the layer and takes its gradients."""
+
+    @staticmethod
+    def forward(ctx, function: Callable, rest: tuple, link: _CheckpointLink, hidden: torch.Tensor, *params):
+        ctx.function, ctx.rest, ctx.link, ctx.state = function, rest, link, _ReplayState(hidden.device)
+        with torch.no_grad():
+            output = function(hidden, *rest)
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"offloaded checkpoints need a layer that returns one tensor, got {type(output).__name__}")
+        link.copy = _HostCopy(hidden)
+        ctx.save_for_backward(*params)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        params = list(ctx.saved_tensors)
+        hidden = ctx.link.copy.fetch()
+        if ctx.link.previous is not None:
+            ctx.link.previous.copy.prefetch()
+        wants_input = ctx.needs_input_grad[3]
+        hidden = hidden.requires_grad_(wants_input)
+        with ctx.state.replay():
+            output = ctx.function(hidden, *ctx.rest)
+        inputs = ([hidden] if wants_input else []) + params
+        grads = list(torch.autograd.grad(output, inputs, grad_output, allow_unused=True))
+        grad_hidden = grads.pop(0) if wants_input else None
+        return (None, None, None, grad_hidden, *grads)
+
+
+def _nested_tensors(value) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [tensor for item in value for tensor in _nested_tensors(item)]
+    if isinstance(value, dict):
+        return [tensor for item in value.values() for tensor in _nested_tensors(item)]
+    return []
+
+
+def offloaded_checkpoint(layer: torch.nn.Module, function: Callable, hidden: torch.Tensor, *rest) -> torch.Tensor:
+    """``function(hidden, *rest)`` (a decoder layer's forward) checkpointed with only ``hidden`` kept, in host
+    memory. Gradients flow to ``hidden`` and to ``layer``'s trainable parameters (PEFT LoRA included); the other
+    arguments (positions, masks, in ``rest`` or bound in ``function``) must not need gradients."""
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError("offloaded checkpoints need the hidden states as the first positional argument")
+    bound = getattr(function, "keywords", None) or {}
+    if any(tensor.requires_grad for tensor in _nested_tensors((rest, bound))):
+        raise ValueError("offloaded checkpoints carry gradients only to the hidden states and the layer's parameters")
+    params = [param for param in layer.parameters() if param.requires_grad]
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or params):
+        return function(hidden, *rest)
+    link = _CheckpointLink(getattr(hidden, _CHECKPOINT_LINK_ATTRIBUTE, None))
+    output = _OffloadedCheckpoint.apply(function, rest, link, hidden, *params)
+    setattr(output, _CHECKPOINT_LINK_ATTRIBUTE, link)
+    return output
+
+
+class LongContextCheckpointing:
+    """Mixin for decoder layers (before ``GradientCheckpointingLayer`` in the bases; the layer has ``config``).
+
+    With ``config.offload_checkpoints`` the layer is checkpointed in training whether or not
+    ``gradient_checkpointing_enable`` was called, through ``offloaded_checkpoint`` instead of the function that
+    call set. The setting is read at every forward."""
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return bool(self.__dict__.get("_checkpointing_enabled", False)) or offload_checkpoints(self.config)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        self.__dict__["_checkpointing_enabled"] = enabled
+
+    @property
+    def _gradient_checkpointing_func(self) -> Callable:
+        if offload_checkpoints(self.config):
+            return partial(offloaded_checkpoint, self)
+        function = self.__dict__.get("_checkpointing_function")
+        if function is None:
+            from torch.utils.checkpoint import checkpoint
+
+            function = partial(checkpoint, use_reentrant=False)
+        return function
+
+    @_gradient_checkpointing_func.setter
+    def _gradient_checkpointing_func(self, function: Callable) -> None:
+        self.__dict__["_checkpointing_function"] = function
 # <<< kernel layer <<<
 
 
@@ -1657,9 +1934,10 @@ class LlamaAttention(nn.Module):
         return self.o_proj(output)
 
 
-class LlamaDecoderLayer(GradientCheckpointingLayer):
+class LlamaDecoderLayer(LongContextCheckpointing, GradientCheckpointingLayer):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.hidden_size = config.hidden_size
         self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
         self.mlp = LlamaMLP(config)
@@ -1673,15 +1951,16 @@ class LlamaDecoderLayer(GradientCheckpointingLayer):
         attention_mask: Optional[torch.Tensor] = None,
         past_key_values: Optional[Cache] = None,
     ) -> torch.Tensor:
+        tile_size = sequence_tile_size(self.config)
         residual = hidden_states
         hidden_states = self.self_attn(
-            self.input_layernorm(hidden_states),
+            sequence_tiled((self.input_layernorm,), hidden_states, tile_size),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
         )
         hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + sequence_tiled((self.post_attention_layernorm, self.mlp), hidden_states, tile_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1783,7 +2062,7 @@ class LlamaModel(LlamaPreTrainedModel):
                 attention_mask=mask,
                 past_key_values=past_key_values,
             )
-        hidden_states = self.norm(hidden_states)
+        hidden_states = sequence_tiled((self.norm,), hidden_states, sequence_tile_size(self.config))
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
 

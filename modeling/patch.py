@@ -25,7 +25,6 @@ section below.
 from __future__ import annotations
 
 import inspect
-import itertools
 import sys
 import types
 import weakref
@@ -95,11 +94,11 @@ def _is_tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-def _sdpa_mask_function() -> Callable:
-    """transformers' own mask function for sdpa (``sdpa_mask``; 4.57 picks a variant per torch version)."""
+def _stock_mask_function(implementation: str) -> Callable:
+    """transformers' own mask function for "sdpa" or "eager" (4.57 picks the sdpa variant per torch version)."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    return ALL_MASK_ATTENTION_FUNCTIONS[implementation]
 
 
 def _query_end(mask_kwargs: dict) -> int | None:
@@ -151,13 +150,6 @@ def _bloom_pretrained_class() -> type | None:
     return BloomPreTrainedModel
 
 
-def _update_cache(cache, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_position):
-    """``Cache.update``; 4.57 and 5.0 also take ``cache_kwargs`` with the cache position (static caches)."""
-    if cache_position is None:
-        return cache.update(key, value, layer_idx)
-    return cache.update(key, value, layer_idx, {"cache_position": cache_position})
-
-
 # ----------------------------------------------------------------------------------------------
 # From transformers' masks to the kernel layer's forms
 # ----------------------------------------------------------------------------------------------
@@ -202,11 +194,19 @@ def _padding_keep(attention_mask: torch.Tensor | None, kv_length: int, kv_offset
 def kernel_layer_mask(**mask_kwargs: Any):
     """Mask function registered for our names in ``AttentionMaskInterface`` (called with keywords only).
 
-    Returns a ``[batch, kv_length]`` keep-mask for causal attention with padding, a ``[batch, 1, 1, kv_length]``
+    A model whose attention our names do not reach (one that builds its mask through the registry but
+    computes attention itself, e.g. stock BLOOM unless patched) gets the eager mask, which its own attention
+    code reads correctly, and a warning (once per model type).
+
+    Otherwise returns a ``[batch, kv_length]`` keep-mask for causal attention with padding, a ``[batch, 1, 1, kv_length]``
     keep-mask for bidirectional attention with padding, and otherwise whatever transformers' sdpa mask
     function returns for the same call (None for unpadded causal/bidirectional calls, where the attention
     function then relies on ``is_causal``, or a 4-D bool mask for every other pattern).
     """
+    config = mask_kwargs.get("config")
+    if config is not None and not _attention_reads_our_mask(config):
+        _warn_stock_attention_once(config)
+        return _stock_mask_function("eager")(**mask_kwargs)
     kv_length, kv_offset = mask_kwargs["kv_length"], mask_kwargs.get("kv_offset", 0)
     pattern = _plain_mask_pattern(mask_kwargs.get("mask_function"))
     if mask_kwargs.get("local_size") is not None or isinstance(kv_offset, torch.Tensor) or _is_tracing():
@@ -217,7 +217,7 @@ def kernel_layer_mask(**mask_kwargs: Any):
         keep = _padding_keep(mask_kwargs.get("attention_mask"), kv_length, kv_offset)
         if keep is not None and not bool(keep.all()):
             return keep if pattern == "causal" else keep[:, None, None, :]
-    return _sdpa_mask_function()(**mask_kwargs)
+    return _stock_mask_function("sdpa")(**mask_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,27 +276,59 @@ def register_attention_backends() -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# BLOOM: no registry, so its attention modules get a forward that calls the kernel layer
+# BLOOM: no registry, so its attention modules run the attention module of our modeling_bloom.py
 # ----------------------------------------------------------------------------------------------
 
+_KERNEL_ATTENTION = "_mea_kernel_attention"  # where a stock BloomAttention keeps its kernel-layer twin
 
-def _bloom_output_projection(module: nn.Module, context: torch.Tensor) -> torch.Tensor:
-    """BLOOM's ``dense`` projection, including its slice-by-slice form for ``pretraining_tp > 1``."""
-    if module.pretraining_tp > 1 and module.slow_but_exact:
-        bounds = [int(i * module.hidden_size / module.pretraining_tp) for i in range(module.pretraining_tp + 1)]
-        output = torch.zeros_like(context)
-        for start, end in itertools.pairwise(bounds):
-            output = output + F.linear(context[:, :, start:end], module.dense.weight[:, start:end])
-        return output
-    return module.dense(context)
+
+def _bloom_kernel_attention(stock: nn.Module) -> nn.Module:
+    """modeling_bloom.py's ``BloomAttention`` sharing ``stock``'s projections: one BLOOM attention code path.
+
+    Built once per stock module on the meta device (no weights allocated), then given the stock module's
+    ``query_key_value`` and ``dense``; kept in the stock module's ``__dict__``, outside its state dict.
+    """
+    twin = stock.__dict__.get(_KERNEL_ATTENTION)
+    if twin is None:
+        from . import modeling_bloom
+
+        config = modeling_bloom.BloomConfig(
+            hidden_size=stock.hidden_size,
+            n_head=stock.num_heads,
+            pretraining_tp=stock.pretraining_tp,
+            slow_but_exact=stock.slow_but_exact,
+            hidden_dropout=stock.hidden_dropout,
+            attention_dropout=stock.attention_dropout.p,
+        )
+        with torch.device("meta"):
+            twin = modeling_bloom.BloomAttention(config, stock.layer_idx)
+        twin.query_key_value, twin.dense = stock.query_key_value, stock.dense
+        if any(parameter.is_meta for parameter in twin.parameters()):
+            raise RuntimeError("modeling_bloom.BloomAttention has weights the stock BloomAttention lacks")
+        stock.__dict__[_KERNEL_ATTENTION] = twin
+    twin.training = stock.training
+    return twin
+
+
+def _bloom_padding_mask(attention_mask: torch.Tensor | None, kv_length: int) -> torch.Tensor | None:
+    """The mask stock BLOOM hands its attention, in the form modeling_bloom's attention takes.
+
+    None (no padding) and our mask function's ``[batch, k_len]`` keep-mask pass as they are; a 4-D mask
+    (transformers 4.57's, or a static cache's) is cut to the keys in use; the kernel adds causality.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -kv_length:].bool()
+    return attention_mask[..., :kv_length]
 
 
 _BLOOM_FORWARDS: dict[str, Callable] = {}
 
 
 def _bloom_forward(backend: str) -> Callable:
-    """A ``BloomAttention.forward`` running on ``backend``: same arguments and returns as the stock one,
-    ALiBi as slopes inside the kernel (no bias tensor), no attention probabilities (returns None for them)."""
+    """A stock ``BloomAttention.forward`` (same arguments and returns) that runs modeling_bloom's attention
+    module on ``backend``: ALiBi as slopes inside the kernel, no attention probabilities (None for them)."""
     if backend in _BLOOM_FORWARDS:
         return _BLOOM_FORWARDS[backend]
 
@@ -310,31 +342,22 @@ def _bloom_forward(backend: str) -> Callable:
         head_mask: torch.Tensor | None = None,
         use_cache: bool = False,
         output_attentions: bool = False,
-        cache_position: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         if head_mask is not None:
             raise NotImplementedError("the kernel layer does not take BLOOM's head_mask; remove_attention_patch first")
-        batch, q_len, _ = hidden_states.shape
-        fused = self.query_key_value(hidden_states).view(batch, q_len, self.num_heads, 3, self.head_dim)
-        query, key, value = (fused[..., i, :].transpose(1, 2) for i in range(3))
-        if layer_past is not None:
-            key, value = _update_cache(layer_past, key, value, self.layer_idx, cache_position)
-        key, value, mask, causal = _kernel_arguments(key, value, attention_mask, True, q_len)
-        context = attention(
-            query,
-            key,
-            value,
-            causal=causal,
-            attention_mask=mask,
-            alibi_slopes=alibi_slopes(self.num_heads, device=query.device) * self.beta,
-            dropout_p=self.attention_dropout.p if self.training else 0.0,
-            scale=self.inv_norm_factor,
+        past = layer_past.get_seq_length(self.layer_idx) if layer_past is not None else 0
+        kv_length = int(past) + hidden_states.shape[1]
+        output = _bloom_kernel_attention(self)(
+            hidden_states,
+            residual,
+            alibi_slopes=alibi_slopes(self.num_heads, device=hidden_states.device),
+            padding_mask=_bloom_padding_mask(attention_mask, kv_length),
             backend=backend,
+            kv_length=kv_length,
+            layer_past=layer_past,
         )
-        context = context.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim)
-        output = _bloom_output_projection(self, context)
-        return residual + F.dropout(output, p=self.hidden_dropout, training=self.training), None
+        return output, None
 
     forward.__qualname__ = f"BloomAttention.forward[{implementation_name(backend)}]"
     _BLOOM_FORWARDS[backend] = forward
@@ -359,13 +382,41 @@ def _module_uses_registry(module_name: str) -> bool:
     return _SOURCE_USES_REGISTRY[module_name]
 
 
-def _is_ours(cls: type) -> bool:
-    """A class from one of our modeling files (they carry the kernel layer and read the config per call)."""
-    module = sys.modules.get(cls.__module__)
+def _is_our_module(module: types.ModuleType | None) -> bool:
+    """One of our modeling files (they carry the kernel layer and read the config per call)."""
     return (
         module is not None
         and callable(getattr(module, "backend_from_config", None))
         and callable(getattr(module, "attention", None))
+    )
+
+
+def _is_ours(cls: type) -> bool:
+    return _is_our_module(sys.modules.get(cls.__module__))
+
+
+def _attention_reads_our_mask(config) -> bool:
+    """Whether the model a config belongs to runs attention that takes our mask function's masks: its modeling
+    module calls the registry, it is one of our files, or it is a BLOOM whose attention we patched."""
+    module_name = type(config).__module__.replace(".configuration_", ".modeling_")
+    if _module_uses_registry(module_name) or _is_our_module(sys.modules.get(module_name)):
+        return True
+    bloom = _bloom_attention_class()
+    if bloom is not None and module_name == bloom.__module__ and _CLASS_PATCH is not None:
+        return True
+    return any(config is patched for record in _MODEL_PATCHES.values() if record.forwards for patched, _ in record.configs)
+
+
+def _warn_stock_attention_once(config) -> None:
+    from transformers.utils import logging
+
+    model_type = getattr(config, "model_type", None)
+    logging.get_logger(__name__).warning_once(
+        f"{type(config).__name__} (model_type {model_type!r}): this model computes attention itself instead of "
+        f"calling transformers' attention registry, so attn_implementation={_get_implementation(config)!r} "
+        "cannot put it on the kernel layer; it runs its own eager attention, with the eager mask. "
+        "apply_attention_patch(model) runs BLOOM's attention on the kernel layer, and our modeling files every "
+        "family we ship."
     )
 
 
@@ -471,6 +522,7 @@ def _restore_model_patch(model: nn.Module) -> None:
     if record is None:
         return
     for module, previous in reversed(record.forwards):
+        module.__dict__.pop(_KERNEL_ATTENTION, None)
         if previous is _MISSING:
             del module.__dict__["forward"]
         else:

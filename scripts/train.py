@@ -24,6 +24,13 @@ step, loss, lr, grad_norm, tokens, time_s), ``checkpoint-<step>/`` (``model.pt``
 ``state.json``; loaded with ``weights_only=True``) every ``--save-every`` steps and at the end, and
 ``final/`` (``save_pretrained``). ``--resume`` continues from the newest checkpoint there.
 
+Long context (our modeling files): ``--sequence-tile-size N`` runs the MLP and norms over tiles of N tokens,
+``--offload-checkpoints`` checkpoints every layer with its input in pinned host memory, ``--lora`` trains PEFT
+LoRA adapters (``--lora-rank``, ``--lora-alpha``, ``--lora-targets``) over frozen weights (kept in bf16 with
+``--bf16``). ``--max-seq-len-probe`` trains no run: it doubles ``--seq-len`` until a step runs out of memory (or
+past ``--probe-time-limit``), bisects, and writes every trial and the largest length that trains, with its
+tokens/s and peak memory, to ``probe.json`` in ``--output-dir`` (rewritten after each trial).
+
 Attention: ``--attn_implementation`` is passed to ``from_pretrained`` (``eager``, ``sdpa``, ``mea``, ``mea_chunked``,
 ...). ``--use_flash_attn true|false|<backend>`` (the original adapter's flag) sets ``USE_FLASH_ATTN`` for the
 kernel layer and, unless false, also routes a stock transformers model through it with
@@ -96,12 +103,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny-heads", type=int, default=4)
     parser.add_argument("--tiny-vocab", type=int, default=512)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_long_context_arguments(parser)
     args = parser.parse_args(argv)
     if args.data and Path(args.data).suffix not in (".txt", ".npy", ".jsonl"):
         parser.error(f"--data must be a .txt, .npy or .jsonl file, got {args.data}")
     if args.stop_at is not None and not 0 < args.stop_at <= args.steps:
         parser.error("--stop-at must be between 1 and --steps")
+    if args.sequence_tile_size < 0 or args.lora_rank < 1 or args.probe_resolution < 1:
+        parser.error("--sequence-tile-size must be >= 0, --lora-rank and --probe-resolution >= 1")
     return args
+
+
+def add_long_context_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("long context")
+    group.add_argument("--sequence-tile-size", type=int, default=0, help="tokens per tile of the MLP and norms (0: off)")
+    group.add_argument("--offload-checkpoints", action="store_true", help="checkpoint every layer, its input on the host")
+    group.add_argument("--lora", action="store_true", help="train PEFT LoRA adapters over frozen weights")
+    group.add_argument("--lora-rank", type=int, default=16)
+    group.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: 2 x rank)")
+    group.add_argument("--lora-targets", help="comma-separated module names (default: the attention projections)")
+    group.add_argument("--max-seq-len-probe", action="store_true", help="find the longest --seq-len that trains")
+    group.add_argument("--probe-max-seq-len", type=int, default=1 << 22, help="the probe goes no longer than this")
+    group.add_argument("--probe-resolution", type=int, default=1024, help="the probe bisects down to this many tokens")
+    group.add_argument("--probe-time-limit", type=float, help="seconds: a longer (or predicted longer) step fails")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,7 +518,7 @@ def _train(args: argparse.Namespace, dist_info: Distributed) -> list[dict]:
     dist_info.barrier()
     patch_backend = apply_use_flash_attn(args.use_flash_attn)
     folder = model_folder(args, dist_info)
-    model = load_model(args, folder, patch_backend)
+    model = apply_long_context(load_model(args, folder, patch_backend), args)
     vocab_size = model.get_input_embeddings().weight.shape[0]
     schedule = BlockSchedule(
         load_tokens(args, folder, vocab_size, dist_info.world_size), args.seq_len, args.batch_size,
@@ -568,8 +592,180 @@ def _progress_bar(args, dist_info: Distributed, start_step: int):
     return tqdm(total=args.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
 
+# ----------------------------------------------------------------------------------------------
+# Long context: tiling, offloaded checkpoints, LoRA, and the longest length that trains
+# ----------------------------------------------------------------------------------------------
+
+LORA_ATTENTION_TARGETS = {  # model_type: the attention projections, as PEFT matches module names
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen": ["c_attn", "attn.c_proj"],
+    "gpt2": ["c_attn", "attn.c_proj"],
+    "bloom": ["query_key_value", "self_attention.dense"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj"],
+}
+
+
+def apply_long_context(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """Set the long-context options on the config (read at every forward) and wrap the model with LoRA."""
+    if args.sequence_tile_size or args.offload_checkpoints:
+        if not is_kernel_layer_model(model):
+            raise ValueError("--sequence-tile-size and --offload-checkpoints need our modeling file (--trust_remote_code)")
+        model.config.sequence_tile_size = args.sequence_tile_size
+        model.config.offload_checkpoints = args.offload_checkpoints
+    if not args.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = args.lora_targets.split(",") if args.lora_targets else LORA_ATTENTION_TARGETS.get(model.config.model_type)
+    if not targets:
+        raise ValueError(f"no default LoRA targets for model_type {model.config.model_type!r}; pass --lora-targets")
+    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+    model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
+    if args.bf16:  # frozen weights need no fp32 master copy
+        for param in model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
+    return model
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def probe_step(model, optimizer, seq_len: int, vocab_size: int, device: torch.device, args: argparse.Namespace):
+    """One training step on one random sequence of ``seq_len`` tokens (repeated once, and timed, when the first
+    took under 10 s, so that one-time set-up does not count); its time, tokens/s and peak memory."""
+    ids = torch.randint(vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(args.seed)).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s = 0.0
+    for _ in range(2):
+        _synchronize(device)
+        started = time.perf_counter()
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
+        step_s = time.perf_counter() - started
+        if step_s >= 10.0:
+            break
+    record = {"seq_len": seq_len, "ok": True, "loss": loss.item(), "step_s": round(step_s, 3),
+              "tokens_per_s": round(seq_len / step_s, 1)}  # fmt: skip
+    if device.type == "cuda":
+        record["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+    return record
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def predicted_step_s(trials: list[dict], seq_len: int) -> float | None:
+    """Step time at ``seq_len`` from a fit ``a*n + b*n^2`` (a, b >= 0) to the trials that trained."""
+    done = [(trial["seq_len"], trial["step_s"]) for trial in trials if trial["ok"]]
+    if not done:
+        return None
+    lengths = np.array([n for n, _ in done], dtype=np.float64)
+    times = np.array([s for _, s in done], dtype=np.float64)
+    if len(done) == 1:
+        return float(times[0] * seq_len / lengths[0])
+    (a, b), *_ = np.linalg.lstsq(np.stack([lengths, lengths**2], axis=1), times, rcond=None)
+    a, b = max(a, 0.0), max(b, 0.0)
+    return float(a * seq_len + b * seq_len**2) or float(times.max() * seq_len / lengths.max())
+
+
+class SeqLenProbe:
+    """Doubles the length until a step fails, then bisects; every trial goes to ``path`` as it finishes."""
+
+    def __init__(self, run_step, cleanup, args: argparse.Namespace, path: Path, info: dict):
+        self.run_step, self.cleanup, self.args, self.path = run_step, cleanup, args, path
+        self.result = {**info, "status": "running", "trials": [], "max_seq_len": None, "best": None}
+
+    def trial(self, seq_len: int) -> bool:
+        limit = self.args.probe_time_limit
+        predicted = predicted_step_s(self.result["trials"], seq_len)
+        if limit is not None and predicted is not None and predicted > limit:
+            record = {"seq_len": seq_len, "ok": False, "error": f"predicted step time {predicted:.0f} s > {limit:.0f} s"}
+        else:
+            try:
+                record = self.run_step(seq_len)
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+                if not is_out_of_memory(error):
+                    raise
+                record = {"seq_len": seq_len, "ok": False, "error": "out of memory"}
+            self.cleanup()  # here, not in the except clause, whose traceback still holds the step's tensors
+            if record["ok"] and limit is not None and record["step_s"] > limit:
+                record = {**record, "ok": False, "error": f"step took {record['step_s']:.0f} s > {limit:.0f} s"}
+        self.result["trials"].append(record)
+        if record["ok"] and seq_len > (self.result["max_seq_len"] or 0):
+            self.result["max_seq_len"], self.result["best"] = seq_len, record
+        self.write()
+        return record["ok"]
+
+    def run(self) -> dict:
+        resolution = self.args.probe_resolution
+        good, bad, length = 0, None, self.args.seq_len
+        while length <= self.args.probe_max_seq_len and bad is None:
+            if self.trial(length):
+                good, length = length, length * 2
+            elif good == 0 and length > resolution:
+                length = max(resolution, length // 2 // resolution * resolution)
+            else:
+                bad = length
+        while bad is not None and bad - good > resolution:
+            middle = (good + bad) // 2 // resolution * resolution
+            if middle <= good:
+                break
+            good, bad = (middle, bad) if self.trial(middle) else (good, middle)
+        self.result["status"] = "done"
+        self.write()
+        return self.result
+
+    def write(self) -> None:
+        self.path.write_text(json.dumps(self.result, indent=2))
+
+
+def probe_max_seq_len(args: argparse.Namespace) -> dict:
+    """``--max-seq-len-probe``: the model set up as for training, then ``SeqLenProbe`` over one-sequence steps."""
+    import gc
+
+    dist_info = Distributed(args.device)
+    if dist_info.world_size != 1:
+        raise ValueError("--max-seq-len-probe runs in one process")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    folder = model_folder(args, dist_info)
+    model = apply_long_context(load_model(args, folder, apply_use_flash_attn(args.use_flash_attn)), args)
+    model.to(dist_info.device).train()
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+
+    def run_step(seq_len: int) -> dict:
+        return probe_step(model, optimizer, seq_len, vocab_size, dist_info.device, args)
+
+    def cleanup() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if dist_info.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    info = {"args": vars(args), "device": str(dist_info.device), "trainable_parameters": sum(p.numel() for p in trainable)}
+    return SeqLenProbe(run_step, cleanup, args, output_dir / "probe.json", info).run()
+
+
 def main(argv: list[str] | None = None) -> int:
-    train(parse_args(argv))
+    args = parse_args(argv)
+    if args.max_seq_len_probe:
+        result = probe_max_seq_len(args)
+        print(json.dumps({key: result[key] for key in ("max_seq_len", "best")}))
+        return 0
+    train(args)
     return 0
 
 

@@ -33,6 +33,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 patch_module = importlib.import_module("memory_efficient_adapter.patch")
+bloom_module = importlib.import_module("memory_efficient_adapter.modeling_bloom")
 
 VOCAB = 97
 FP32_TOL = 1e-5
@@ -130,7 +131,7 @@ def logits(model, inputs) -> torch.Tensor:
 def kernel_calls(monkeypatch):
     """Records each kernel-layer call made by patch.py: (backend, causal, mask shape or None, alibi)."""
     calls = []
-    real_attention = patch_module.attention
+    real_attention = patch_module.attention  # the same code as modeling_bloom's copy (scripts/sync_kernels.py)
 
     def spy(q, k, v, **kwargs):
         mask = kwargs.get("attention_mask")
@@ -141,6 +142,7 @@ def kernel_calls(monkeypatch):
         return real_attention(q, k, v, **kwargs)
 
     monkeypatch.setattr(patch_module, "attention", spy)
+    monkeypatch.setattr(bloom_module, "attention", spy)  # patched BLOOM runs modeling_bloom's attention module
     return calls
 
 
@@ -403,3 +405,101 @@ def test_patched_model_in_bf16_on_gpu_matches_fp32_stock(family, kernel_calls):
     assert kernel_calls and {call[0] for call in kernel_calls} == {"auto"}
     assert_close_rel(out[compare], reference[compare], BF16_TOL, f"{family} bf16 cuda")
     mea.remove_attention_patch(model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every registry name on every family it reaches (issue 14): right, or run by the model's own attention
+# ----------------------------------------------------------------------------------------------
+
+CPU_NAMES = ["mea"] + [f"mea_{b}" for b in mea.available_backends("cpu") if b != "flex"]  # flex: minutes to compile
+
+
+def family_model(family: str, folder, **kwargs):
+    auto = AutoModelForSeq2SeqLM if family == "bart" else AutoModelForCausalLM
+    return auto.from_pretrained(folder, **kwargs).eval()
+
+
+@pytest.mark.parametrize("name", CPU_NAMES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_registry_names_match_eager_unpadded_and_padded_on_every_family(family, name, tmp_path):
+    """Stock BLOOM computes attention itself: its mask must then be the one its own code reads (it used to
+    get our O(n) forms and run non-causal without padding, and crash with padding)."""
+    tiny_stock(family).save_pretrained(tmp_path)
+    if family == "bloom" and "sdpa" in name:  # transformers itself refuses names with "sdpa" on BLOOM
+        with pytest.raises(ValueError, match="BloomForCausalLM does not support"):
+            family_model(family, tmp_path, attn_implementation=name)
+        return
+    eager = family_model(family, tmp_path, attn_implementation="eager")
+    ours = family_model(family, tmp_path, attn_implementation=name)
+    assert ours.config._attn_implementation == name
+    for padding in ("none", "right"):
+        inputs, compare = model_inputs(family, "right")
+        if padding == "none":
+            inputs = {key: value for key, value in inputs.items() if "attention_mask" not in key}
+            compare = torch.ones_like(compare)
+        out = logits(ours, inputs)
+        assert_close_rel(out[compare], logits(eager, inputs)[compare], FP32_TOL, f"{family}/{name}/{padding}")
+    # causal: changing only the last (decoder) token leaves every earlier position's logits unchanged
+    inputs, _ = model_inputs(family, "right")
+    inputs = {key: value for key, value in inputs.items() if "attention_mask" not in key}
+    changed = dict(inputs)
+    last = "decoder_input_ids" if family == "bart" else "input_ids"
+    changed[last] = inputs[last].clone()
+    changed[last][:, -1] = (changed[last][:, -1] + 1) % VOCAB
+    before, after = logits(ours, inputs), logits(ours, changed)
+    assert torch.equal(before[:, :-1], after[:, :-1]) and not torch.equal(before[:, -1], after[:, -1])
+
+
+def test_unpatched_stock_bloom_with_our_name_runs_its_own_attention(kernel_calls, tmp_path):
+    tiny_stock("bloom").save_pretrained(tmp_path)
+    model = family_model("bloom", tmp_path, attn_implementation="mea")
+    inputs, _ = model_inputs("bloom", "left")
+    logits(model, inputs)
+    assert kernel_calls == []  # no registry call in BLOOM: its attention is its own until patched
+    mea.apply_attention_patch(model, backend="chunked")
+    logits(model, inputs)
+    assert kernel_calls and all(call[2] is not None for call in kernel_calls)
+    if builds_masks_through_registry(type(model)):
+        assert all(len(call[2]) == 2 for call in kernel_calls), "patched: the O(n) keep-mask again"
+
+
+# ----------------------------------------------------------------------------------------------
+# BLOOM's patch runs modeling_bloom.py's attention module: one code path
+# ----------------------------------------------------------------------------------------------
+
+
+def test_patched_bloom_runs_the_modeling_file_attention_module(monkeypatch):
+    """A change to modeling_bloom.BloomAttention.forward shows in the patched stock model: no second copy."""
+    model = tiny_stock("bloom")
+    inputs, compare = model_inputs("bloom", "left")
+    mea.apply_attention_patch(model, backend="chunked")
+    patched = logits(model, inputs)
+    real_forward = bloom_module.BloomAttention.forward
+    calls = []
+
+    def changed_forward(self, hidden_states, residual, **kwargs):
+        calls.append(kwargs["backend"])
+        return real_forward(self, hidden_states, residual, **kwargs) * 2.0
+
+    monkeypatch.setattr(bloom_module.BloomAttention, "forward", changed_forward)
+    doubled = logits(model, inputs)
+    assert calls == ["chunked"] * model.config.n_layer
+    assert (doubled[compare] - patched[compare]).abs().max() > 1e-3
+    monkeypatch.setattr(bloom_module.BloomAttention, "forward", real_forward)
+    assert torch.equal(logits(model, inputs), patched)
+
+
+def test_bloom_patch_shares_the_weights_and_leaves_no_trace(kernel_calls):
+    model = tiny_stock("bloom").train()
+    inputs, compare = model_inputs("bloom", "left")
+    keys = list(model.state_dict())
+    mea.apply_attention_patch(model, backend="chunked")
+    logits_train = model(**inputs).logits
+    logits_train[compare].square().mean().backward()
+    attention = model.transformer.h[0].self_attention
+    twin = attention.__dict__[patch_module._KERNEL_ATTENTION]
+    assert twin.query_key_value is attention.query_key_value and twin.dense is attention.dense
+    assert twin.training and attention.query_key_value.weight.grad is not None
+    assert list(model.state_dict()) == keys
+    mea.remove_attention_patch(model)
+    assert all(patch_module._KERNEL_ATTENTION not in m.__dict__ for m in model.modules())

@@ -1,0 +1,405 @@
+"""Long-context options (sequence-tiled MLP and norms, offloaded layer checkpoints) against the plain models.
+
+Tiny random LLaMA and Qwen models, fp32 on the CPU, loaded through trust_remote_code: with and without the
+options, the loss and every gradient (LoRA gradients through PEFT too) agree within 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from memory_efficient_adapter.configuration_qwen import QWenConfig
+from memory_efficient_adapter.families import write_remote_code
+from memory_efficient_adapter.modeling_qwen import QWenLMHeadModel
+from remote_code import assert_close_rel, right_padded_mask
+
+TOL = 1e-5
+VOCAB = 97
+TILE = 5
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen": ["c_attn", "c_proj", "w1", "w2"],
+}
+OPTIONS = {
+    "tiled": dict(sequence_tile_size=TILE),
+    "offloaded": dict(offload_checkpoints=True),
+    "tiled+offloaded": dict(sequence_tile_size=TILE, offload_checkpoints=True),
+}
+
+
+def llama_config(**overrides) -> LlamaConfig:
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def randomize_(model: torch.nn.Module) -> None:
+    """Non-trivial weights everywhere, norm scales and biases included."""
+    generator = torch.Generator().manual_seed(4321)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            is_norm = "norm" in name or name.split(".")[-2].startswith("ln_")
+            param.copy_(1.0 + 0.2 * noise if is_norm else 0.15 * noise)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict:
+    """A saved remote-code folder per family: stock LLaMA weights, and a Qwen with biases and partial rotary."""
+    llama = LlamaForCausalLM(llama_config())
+    qwen = QWenLMHeadModel(
+        QWenConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, kv_channels=8,
+            intermediate_size=80, seq_length=12, max_position_embeddings=64, rotary_pct=0.5, no_bias=False, fp32=True,
+        )  # fmt: skip
+    )
+    qwen.config.bf16 = qwen.config.fp16 = qwen.config.fp32 = False
+    result = {}
+    for family, model in (("llama", llama), ("qwen", qwen)):
+        randomize_(model)
+        folder = tmp_path_factory.mktemp(family)
+        model.save_pretrained(folder)
+        result[family] = write_remote_code(folder, family)
+    return result
+
+
+def load(folder, family: str, **options):
+    """Load as a user does; the long-context ``options`` are set on the config (they are read at forward)."""
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **({"fp32": True} if family == "qwen" else {}))
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    for name, value in options.items():
+        setattr(model.config, name, value)
+    return model.train()
+
+
+def enable_checkpointing(model) -> None:
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def batch(length: int = 13):
+    ids = torch.randint(3, VOCAB, (2, length), generator=torch.Generator().manual_seed(7))
+    mask = right_padded_mask([length, length - 4], length)
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def loss_and_grads(model, length: int = 13):
+    ids, mask, labels = batch(length)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.requires_grad}
+    assert all(grad.abs().sum() > 0 for grad in grads.values()), "a gradient is zero: the test would prove nothing"
+    return loss.detach(), grads
+
+
+def assert_same_loss_and_grads(actual, expected, what: str) -> None:
+    (loss, grads), (expected_loss, expected_grads) = actual, expected
+    assert_close_rel(loss, expected_loss, TOL, f"loss ({what})")
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        assert_close_rel(grads[name], grad, TOL, f"grad of {name} ({what})")
+
+
+def kernel_module(model):
+    """The remote-code module the model's classes come from (holds its copy of the kernel layer)."""
+    return sys.modules[type(model).__module__]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and gradients with and without the options
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen"])
+@pytest.mark.parametrize("options", sorted(OPTIONS))
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "gradient_checkpointing_enable"])
+def test_loss_and_every_gradient_match_the_plain_model(folders, family, options, checkpointing):
+    expected = loss_and_grads(load(folders[family], family))
+    model = load(folders[family], family, **OPTIONS[options])
+    if checkpointing:
+        enable_checkpointing(model)
+    calls = []
+    model.get_submodule("model.layers.1.self_attn" if family == "llama" else "transformer.h.1.attn").register_forward_hook(
+        lambda *args: calls.append(1)
+    )
+    assert_same_loss_and_grads(loss_and_grads(model), expected, f"{family} {options}")
+    recomputed = checkpointing or OPTIONS[options].get("offload_checkpoints", False)
+    assert len(calls) == (2 if recomputed else 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen"])
+@pytest.mark.parametrize("options", ["tiled", "tiled+offloaded"])
+def test_lora_gradients_match_the_plain_model(folders, family, options):
+    peft = pytest.importorskip("peft")
+
+    def lora_loss_and_grads(**model_options):
+        model = load(folders[family], family, **model_options)
+        torch.manual_seed(11)  # the same random LoRA weights (B too, so that every LoRA gradient is non-zero)
+        lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS[family],
+                               init_lora_weights=False)  # fmt: skip
+        model = peft.get_peft_model(model, lora)
+        enable_checkpointing(model)
+        result = loss_and_grads(model)
+        assert result[1] and all("lora_" in name for name in result[1])
+        return result
+
+    expected = lora_loss_and_grads()
+    assert_same_loss_and_grads(lora_loss_and_grads(**OPTIONS[options]), expected, f"{family} LoRA {options}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence tiling
+# ----------------------------------------------------------------------------------------------
+
+
+def test_tiled_mlp_never_holds_a_whole_intermediate_tensor(folders):
+    model = load(folders["llama"], "llama", sequence_tile_size=4)
+    seen = []
+
+    def record(module, inputs, output):
+        seen.append((tuple(inputs[0].shape), tuple(output.shape)))
+
+    for layer in model.model.layers:
+        for projection in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            projection.register_forward_hook(record)
+    ids, mask, labels = batch(11)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    tiles = math.ceil(2 * 11 / 4)
+    # forward and the recompute in backward, for each of 3 projections in each of 3 layers
+    assert len(seen) == 2 * tiles * 3 * 3
+    for input_shape, output_shape in seen:
+        assert math.prod(input_shape[:-1]) <= 4 and math.prod(output_shape[:-1]) <= 4, (input_shape, output_shape)
+    assert any(output_shape[-1] == 80 for _, output_shape in seen)  # the intermediate size, seen only in tiles
+
+
+def test_sequence_tiled_keeps_only_its_input_and_matches_the_module(folders):
+    """Tiles of an MLP: output, input gradient and parameter gradients equal the whole-sequence call, and the
+    function saves nothing for backward but its input and the parameters."""
+    model = load(folders["llama"], "llama")
+    layer = model.model.layers[0]
+    modules = (layer.post_attention_layernorm, layer.mlp)
+    tiled = kernel_module(model).sequence_tiled
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    weights = torch.randn(3, 7, 32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: saved.append(tensor) or tensor, lambda tensor: tensor):
+        out = tiled(modules, x, 4)
+    parameters = {param.data_ptr() for module in modules for param in module.parameters()}
+    assert {tensor.data_ptr() for tensor in saved} == parameters | {x.data_ptr()}
+    (out * weights).sum().backward()
+    tiled_grads = [x.grad.clone()] + [param.grad.clone() for module in modules for param in module.parameters()]
+    x.grad = None
+    model.zero_grad()
+    expected = layer.mlp(layer.post_attention_layernorm(x))
+    (expected * weights).sum().backward()
+    expected_grads = [x.grad] + [param.grad for module in modules for param in module.parameters()]
+    assert_close_rel(out.detach(), expected.detach(), TOL, "tiled output")
+    for actual, wanted in zip(tiled_grads, expected_grads):
+        assert_close_rel(actual, wanted, TOL, "tiled gradient")
+
+
+def test_sequence_tile_size_must_be_a_non_negative_int(folders):
+    module = kernel_module(load(folders["llama"], "llama"))
+    assert module.sequence_tile_size(llama_config()) == 0
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="sequence_tile_size"):
+            module.sequence_tile_size(llama_config(sequence_tile_size=bad))
+
+
+# ----------------------------------------------------------------------------------------------
+# Offloaded checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def test_offloaded_checkpoint_keeps_only_the_layer_input_in_host_memory(folders):
+    model = load(folders["llama"], "llama", offload_checkpoints=True)
+    layer = model.model.layers[1]
+    hidden = torch.randn(2, 9, 32, requires_grad=True)
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(9)[None])
+    weights = torch.randn(2, 9, 32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: saved.append(tensor) or tensor, lambda tensor: tensor):
+        out = layer(hidden, position_embeddings=position_embeddings)
+    assert {tensor.data_ptr() for tensor in saved} == {param.data_ptr() for param in layer.parameters()}
+    copy = out._mea_checkpoint_link.copy
+    assert torch.equal(copy.host, hidden) and copy.host.data_ptr() != hidden.data_ptr()
+    (out * weights).sum().backward()
+    assert copy.host is None, "the host copy is released after backward"
+    offloaded = [hidden.grad.clone()] + [param.grad.clone() for param in layer.parameters()]
+
+    hidden.grad = None
+    model.zero_grad()
+    model.config.offload_checkpoints = False  # read at forward: the same layer without checkpointing
+    expected = layer(hidden, position_embeddings=position_embeddings)
+    (expected * weights).sum().backward()
+    assert torch.equal(out.detach(), expected.detach())
+    for actual, wanted in zip(offloaded, [hidden.grad] + [param.grad for param in layer.parameters()]):
+        assert_close_rel(actual, wanted, TOL, "offloaded checkpoint gradient")
+
+
+def test_backward_fetches_each_checkpoint_once_and_prefetches_the_previous_layer(folders, monkeypatch):
+    model = load(folders["llama"], "llama", offload_checkpoints=True)
+    host_copy = kernel_module(model)._HostCopy
+    events, names = [], {}
+    original_init, original_prefetch, original_fetch = host_copy.__init__, host_copy.prefetch, host_copy.fetch
+
+    def init(self, tensor):
+        names[id(self)] = len(names)
+        original_init(self, tensor)
+
+    def prefetch(self):
+        events.append(("prefetch", names[id(self)]))
+        original_prefetch(self)
+
+    def fetch(self):
+        events.append(("fetch", names[id(self)]))
+        return original_fetch(self)
+
+    monkeypatch.setattr(host_copy, "__init__", init)
+    monkeypatch.setattr(host_copy, "prefetch", prefetch)
+    monkeypatch.setattr(host_copy, "fetch", fetch)
+    loss_and_grads(model)
+    assert events == [("fetch", 2), ("prefetch", 1), ("fetch", 1), ("prefetch", 0), ("fetch", 0)]
+
+
+def test_offloaded_checkpoint_rejects_gradients_it_cannot_carry(folders):
+    model = load(folders["llama"], "llama", offload_checkpoints=True)
+    layer = model.model.layers[0]
+    hidden = torch.randn(1, 4, 32)
+    cos, sin = model.model.rotary_emb(hidden, torch.arange(4)[None])
+    with pytest.raises(ValueError, match="only to the hidden states"):
+        layer(hidden, position_embeddings=(cos.requires_grad_(), sin))
+
+
+@pytest.mark.gpu
+def test_offloaded_checkpoints_on_cuda_match_the_plain_model(folders):
+    """The asynchronous path: pinned host copies on a side stream, prefetched; fp32 on the GPU."""
+    expected = loss_and_grads(load(folders["llama"], "llama").cuda(), 13)
+    model = load(folders["llama"], "llama", offload_checkpoints=True, sequence_tile_size=TILE).cuda()
+    ids, mask, labels = (tensor.cuda() for tensor in batch(13))
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    grads = {name: param.grad for name, param in model.named_parameters()}
+    assert_close_rel(loss.detach(), expected[0], TOL, "loss on cuda")
+    for name, grad in expected[1].items():
+        assert_close_rel(grads[name], grad, TOL, f"grad of {name} on cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Positions
+# ----------------------------------------------------------------------------------------------
+
+
+def test_qwen_dynamic_ntk_and_logn_keep_their_meaning_with_tiling(folders):
+    """Past seq_length in eval, NTK and logn apply; tiling changes nothing there, nor in training (where the
+    original Qwen uses neither)."""
+    ids = torch.randint(3, VOCAB, (1, 30))
+    plain, tiled = (load(folders["qwen"], "qwen", **options) for options in ({}, {"sequence_tile_size": 7}))
+    for train in (False, True):
+        plain.train(train), tiled.train(train)
+        with torch.no_grad():
+            expected, actual = plain(ids).logits, tiled(ids).logits
+        assert_close_rel(actual, expected, TOL, f"logits (training={train})")
+    with torch.no_grad():
+        assert (plain.eval()(ids).logits - plain.train()(ids).logits).abs().max() > 1e-3, "NTK/logn had no effect"
+
+
+def test_llama_rope_tables_are_built_once_per_step_and_cached_frequencies_stay_bounded(tmp_path):
+    rope = {"rope_type": "dynamic", "factor": 2.0}
+    overrides = {"rope_parameters": {**rope, "rope_theta": 10000.0}} if TRANSFORMERS_5 else {"rope_scaling": rope}
+    stock = LlamaForCausalLM(llama_config(max_position_embeddings=8, **overrides))
+    stock.save_pretrained(tmp_path)
+    model = load(write_remote_code(tmp_path, "llama"), "llama", offload_checkpoints=True, sequence_tile_size=TILE)
+    calls = []
+    model.model.rotary_emb.register_forward_hook(lambda *args: calls.append(1))
+    for length in (6, 13, 20, 13):
+        calls.clear()
+        loss_and_grads(model, length)
+        assert len(calls) == 1, "cos/sin are computed once per step, not per layer or per recompute"
+        assert len(model.model.rotary_emb._frequencies) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# scripts/train.py: --lora, --sequence-tile-size, --offload-checkpoints, --max-seq-len-probe
+# ----------------------------------------------------------------------------------------------
+
+TRAIN_TINY = ["--tiny-config", "llama", "--trust_remote_code", "--synthetic", "--seq-len", "24", "--batch-size", "2",
+              "--tiny-hidden", "32", "--tiny-layers", "2", "--tiny-heads", "4", "--tiny-vocab", "64", "--lr", "1e-2",
+              "--warmup", "1", "--steps", "3", "--no-progress", "--device", "cpu"]  # fmt: skip
+
+
+def train_script():
+    return load_script("train")
+
+
+def load_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"mea_long_context_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_lora_with_tiling_and_offloaded_checkpoints_matches_plain_lora(tmp_path):
+    pytest.importorskip("peft")
+    train = train_script()
+    runs = {}
+    for name, extra in (("plain", []), ("long", ["--sequence-tile-size", "8", "--offload-checkpoints"])):
+        args = train.parse_args([*TRAIN_TINY, "--output-dir", str(tmp_path / name), "--lora", "--lora-rank", "4", *extra])
+        runs[name] = train.train(args)
+    assert len(runs["plain"]) == 3
+    for plain, long in zip(runs["plain"], runs["long"]):
+        assert abs(long["loss"] - plain["loss"]) <= TOL * plain["loss"], (plain, long)
+        assert abs(long["grad_norm"] - plain["grad_norm"]) <= TOL * plain["grad_norm"], (plain, long)
+    assert runs["plain"][-1]["loss"] < runs["plain"][0]["loss"], "the LoRA adapters did not train"
+
+
+def test_max_seq_len_probe_writes_every_trial_and_the_longest_length(tmp_path):
+    train = train_script()
+    argv = [*TRAIN_TINY, "--output-dir", str(tmp_path), "--seq-len", "16", "--max-seq-len-probe",
+            "--probe-max-seq-len", "64", "--probe-resolution", "8", "--sequence-tile-size", "8", "--offload-checkpoints"]  # fmt: skip
+    assert train.main(argv) == 0
+    import json
+
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert result["status"] == "done" and result["max_seq_len"] == 64
+    assert [trial["seq_len"] for trial in result["trials"]] == [16, 32, 64]
+    assert all(trial["ok"] and trial["tokens_per_s"] > 0 and math.isfinite(trial["loss"]) for trial in result["trials"])
+
+
+def test_probe_doubles_then_bisects_and_respects_the_time_limit(tmp_path):
+    train = train_script()
+
+    def run_step(seq_len: int) -> dict:
+        if seq_len > 100:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate ...")
+        return {"seq_len": seq_len, "ok": True, "step_s": seq_len / 10, "tokens_per_s": 10.0}
+
+    args = train.parse_args([*TRAIN_TINY, "--output-dir", str(tmp_path), "--seq-len", "16", "--probe-resolution", "8"])
+    result = train.SeqLenProbe(run_step, lambda: None, args, tmp_path / "probe.json", {}).run()
+    assert [(trial["seq_len"], trial["ok"]) for trial in result["trials"]] == [
+        (16, True), (32, True), (64, True), (128, False), (96, True), (112, False), (104, False),
+    ]  # fmt: skip
+    assert result["max_seq_len"] == 96 and result["best"]["step_s"] == 9.6
+
+    args.probe_time_limit = 5.0
+    result = train.SeqLenProbe(run_step, lambda: None, args, tmp_path / "probe.json", {}).run()
+    assert result["max_seq_len"] == 48
+    assert "predicted step time" in result["trials"][2]["error"]
