@@ -256,8 +256,9 @@ class DropoutMatmul(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True):
-    k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
+def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True):
+    """Softmax weights ``[b, h, q_len, k_len]`` and which query rows see a key (None: all of them)."""
+    k = _expand_kv(k, call.heads)
     rows, cols = slice(0, call.q_len), slice(0, call.k_len)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
@@ -272,6 +273,12 @@ def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_so
         probs = LightSoftmax.apply(scores)
     else:
         probs = torch.softmax(scores, dim=-1)
+    return probs, row_has_key
+
+
+def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True):
+    probs, row_has_key = _eager_probabilities(q, k, call, mask, alibi_slopes, scale, light_softmax)
+    v = _expand_kv(v, call.heads)
     if call.dropout_p > 0.0 and dropout_matmul:
         out = DropoutMatmul.apply(probs, v, call.dropout_p)
     else:
@@ -1295,6 +1302,50 @@ def attention(
             _log_once(f"attention backend {name!r} failed ({type(error).__name__}: {error}); falling back")
 
 
+# ----------------------------------------------------------------------------------------------
+# Attention weights on request (output_attentions=True)
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_with_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+) -> tuple:
+    """``attention()`` on the eager math, returning ``(output, weights)``; ``weights`` ``[b, h, q_len, k_len]``
+    are the softmax probabilities after dropout, as transformers' eager attention returns them.
+
+    For ``output_attentions=True`` only: the weights are O(seq^2), which the fused kernels never form.
+    """
+    _log_once("output_attentions=True: attention weights are computed with the eager math (O(seq^2) memory)")
+    q, k, v = _autocast_inputs(q, k, v)
+    call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p)
+    scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
+    probs, row_has_key = _eager_probabilities(q, k, call, attention_mask, alibi_slopes, scale)
+    weights = F.dropout(probs, p=call.dropout_p, training=call.dropout_p > 0.0)
+    output = torch.matmul(weights, _expand_kv(v, call.heads))
+    return _zero_empty_rows(output, row_has_key), weights
+
+
+_WEIGHTS_ARGUMENTS = ("causal", "attention_mask", "alibi_slopes", "dropout_p", "scale")
+
+
+def attention_recording_weights(q, k, v, weights: Optional[list], **kwargs) -> torch.Tensor:
+    """``attention(q, k, v, **kwargs)``; given a ``weights`` list, ``attention_with_weights`` instead, with the
+    weights appended to the list (how a model collects them per layer for ``output_attentions=True``)."""
+    if weights is None:
+        return attention(q, k, v, **kwargs)
+    output, layer_weights = attention_with_weights(q, k, v, **{n: kwargs[n] for n in _WEIGHTS_ARGUMENTS if n in kwargs})
+    weights.append(layer_weights)
+    return output
+
+
 def available_backends(device: Optional[str] = None) -> list:
     """Backends that run on ``device`` (default: CUDA if present, else CPU) on this machine."""
     device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1335,6 +1386,43 @@ def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[t
         raise ValueError(f"expected a 2-D padding mask [batch, k_len], got shape {list(attention_mask.shape)}")
     keep = attention_mask.bool()
     return None if bool(keep.all()) else keep
+
+
+def check_cache_type(past_key_values) -> None:
+    """Refuses the legacy tuple-of-tuples cache with one clear error (every family, every transformers version)."""
+    if isinstance(past_key_values, (tuple, list)):
+        raise TypeError(
+            "past_key_values must be a transformers Cache object (e.g. DynamicCache or EncoderDecoderCache), "
+            f"not the legacy {type(past_key_values).__name__} of per-layer tensors; build a DynamicCache instead"
+        )
+
+
+def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optional[tuple]:
+    """The hidden states a model returns: all of them for ``output_hidden_states=True``, None when it is false,
+    and for an index or list of indices (transformers 5's selection; negative ones count from the end) those."""
+    if not output_hidden_states:
+        return None
+    if output_hidden_states is True:
+        return tuple(hidden_states)
+    count = len(hidden_states)
+    indices = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
+    keep = {index % count for index in indices if -count <= index < count}
+    return tuple(state for index, state in enumerate(hidden_states) if index in keep)
+
+
+def span_logits(logits: torch.Tensor) -> tuple:
+    """A question-answering head's ``[..., 2]`` output as ``(start_logits, end_logits)``."""
+    start, end = logits.split(1, dim=-1)
+    return start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+
+
+def classifier_dropout_probability(config) -> float:
+    """Token-classification dropout as transformers picks it: ``classifier_dropout``, else ``hidden_dropout``,
+    else 0.1."""
+    for name in ("classifier_dropout", "hidden_dropout"):
+        if getattr(config, name, None) is not None:
+            return getattr(config, name)
+    return 0.1
 
 
 _IMPLEMENTATION_TO_BACKEND = {

@@ -44,6 +44,8 @@ FAMILIES: dict[str, Family] = {
             AutoEntry("AutoModelForCausalLM", "modeling_llama.py", "LlamaForCausalLM"),
             AutoEntry("AutoModel", "modeling_llama.py", "LlamaModel"),
             AutoEntry("AutoModelForSequenceClassification", "modeling_llama.py", "LlamaForSequenceClassification"),
+            AutoEntry("AutoModelForQuestionAnswering", "modeling_llama.py", "LlamaForQuestionAnswering"),
+            AutoEntry("AutoModelForTokenClassification", "modeling_llama.py", "LlamaForTokenClassification"),
         ),
     ),
     "gpt2": Family(
@@ -52,6 +54,8 @@ FAMILIES: dict[str, Family] = {
             AutoEntry("AutoModelForCausalLM", "modeling_gpt2.py", "GPT2LMHeadModel"),
             AutoEntry("AutoModel", "modeling_gpt2.py", "GPT2Model"),
             AutoEntry("AutoModelForSequenceClassification", "modeling_gpt2.py", "GPT2ForSequenceClassification"),
+            AutoEntry("AutoModelForQuestionAnswering", "modeling_gpt2.py", "GPT2ForQuestionAnswering"),
+            AutoEntry("AutoModelForTokenClassification", "modeling_gpt2.py", "GPT2ForTokenClassification"),
         ),
     ),
     "bloom": Family(
@@ -61,6 +65,7 @@ FAMILIES: dict[str, Family] = {
             AutoEntry("AutoModel", "modeling_bloom.py", "BloomModel"),
             AutoEntry("AutoModelForSequenceClassification", "modeling_bloom.py", "BloomForSequenceClassification"),
             AutoEntry("AutoModelForTokenClassification", "modeling_bloom.py", "BloomForTokenClassification"),
+            AutoEntry("AutoModelForQuestionAnswering", "modeling_bloom.py", "BloomForQuestionAnswering"),
         ),
     ),
     "bart": Family(
@@ -69,6 +74,8 @@ FAMILIES: dict[str, Family] = {
             AutoEntry("AutoModelForSeq2SeqLM", "modeling_bart.py", "BartForConditionalGeneration"),
             AutoEntry("AutoModel", "modeling_bart.py", "BartModel"),
             AutoEntry("AutoModelForSequenceClassification", "modeling_bart.py", "BartForSequenceClassification"),
+            AutoEntry("AutoModelForQuestionAnswering", "modeling_bart.py", "BartForQuestionAnswering"),
+            AutoEntry("AutoModelForCausalLM", "modeling_bart.py", "BartForCausalLM"),
         ),
     ),
     "qwen": Family(

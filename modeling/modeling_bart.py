@@ -18,8 +18,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutput,
     BaseModelOutputWithPastAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
     Seq2SeqLMOutput,
     Seq2SeqModelOutput,
+    Seq2SeqQuestionAnsweringModelOutput,
     Seq2SeqSequenceClassifierOutput,
 )
 from transformers.modeling_utils import PreTrainedModel
@@ -284,8 +286,9 @@ class DropoutMatmul(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True):
-    k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
+def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True):
+    """Softmax weights ``[b, h, q_len, k_len]`` and which query rows see a key (None: all of them)."""
+    k = _expand_kv(k, call.heads)
     rows, cols = slice(0, call.q_len), slice(0, call.k_len)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
@@ -300,6 +303,12 @@ def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_so
         probs = LightSoftmax.apply(scores)
     else:
         probs = torch.softmax(scores, dim=-1)
+    return probs, row_has_key
+
+
+def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True):
+    probs, row_has_key = _eager_probabilities(q, k, call, mask, alibi_slopes, scale, light_softmax)
+    v = _expand_kv(v, call.heads)
     if call.dropout_p > 0.0 and dropout_matmul:
         out = DropoutMatmul.apply(probs, v, call.dropout_p)
     else:
@@ -1323,6 +1332,50 @@ def attention(
             _log_once(f"attention backend {name!r} failed ({type(error).__name__}: {error}); falling back")
 
 
+# ----------------------------------------------------------------------------------------------
+# Attention weights on request (output_attentions=True)
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_with_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+) -> tuple:
+    """``attention()`` on the eager math, returning ``(output, weights)``; ``weights`` ``[b, h, q_len, k_len]``
+    are the softmax probabilities after dropout, as transformers' eager attention returns them.
+
+    For ``output_attentions=True`` only: the weights are O(seq^2), which the fused kernels never form.
+    """
+    _log_once("output_attentions=True: attention weights are computed with the eager math (O(seq^2) memory)")
+    q, k, v = _autocast_inputs(q, k, v)
+    call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p)
+    scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
+    probs, row_has_key = _eager_probabilities(q, k, call, attention_mask, alibi_slopes, scale)
+    weights = F.dropout(probs, p=call.dropout_p, training=call.dropout_p > 0.0)
+    output = torch.matmul(weights, _expand_kv(v, call.heads))
+    return _zero_empty_rows(output, row_has_key), weights
+
+
+_WEIGHTS_ARGUMENTS = ("causal", "attention_mask", "alibi_slopes", "dropout_p", "scale")
+
+
+def attention_recording_weights(q, k, v, weights: Optional[list], **kwargs) -> torch.Tensor:
+    """``attention(q, k, v, **kwargs)``; given a ``weights`` list, ``attention_with_weights`` instead, with the
+    weights appended to the list (how a model collects them per layer for ``output_attentions=True``)."""
+    if weights is None:
+        return attention(q, k, v, **kwargs)
+    output, layer_weights = attention_with_weights(q, k, v, **{n: kwargs[n] for n in _WEIGHTS_ARGUMENTS if n in kwargs})
+    weights.append(layer_weights)
+    return output
+
+
 def available_backends(device: Optional[str] = None) -> list:
     """Backends that run on ``device`` (default: CUDA if present, else CPU) on this machine."""
     device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1363,6 +1416,43 @@ def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[t
         raise ValueError(f"expected a 2-D padding mask [batch, k_len], got shape {list(attention_mask.shape)}")
     keep = attention_mask.bool()
     return None if bool(keep.all()) else keep
+
+
+def check_cache_type(past_key_values) -> None:
+    """Refuses the legacy tuple-of-tuples cache with one clear error (every family, every transformers version)."""
+    if isinstance(past_key_values, (tuple, list)):
+        raise TypeError(
+            "past_key_values must be a transformers Cache object (e.g. DynamicCache or EncoderDecoderCache), "
+            f"not the legacy {type(past_key_values).__name__} of per-layer tensors; build a DynamicCache instead"
+        )
+
+
+def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optional[tuple]:
+    """The hidden states a model returns: all of them for ``output_hidden_states=True``, None when it is false,
+    and for an index or list of indices (transformers 5's selection; negative ones count from the end) those."""
+    if not output_hidden_states:
+        return None
+    if output_hidden_states is True:
+        return tuple(hidden_states)
+    count = len(hidden_states)
+    indices = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
+    keep = {index % count for index in indices if -count <= index < count}
+    return tuple(state for index, state in enumerate(hidden_states) if index in keep)
+
+
+def span_logits(logits: torch.Tensor) -> tuple:
+    """A question-answering head's ``[..., 2]`` output as ``(start_logits, end_logits)``."""
+    start, end = logits.split(1, dim=-1)
+    return start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+
+
+def classifier_dropout_probability(config) -> float:
+    """Token-classification dropout as transformers picks it: ``classifier_dropout``, else ``hidden_dropout``,
+    else 0.1."""
+    for name in ("classifier_dropout", "hidden_dropout"):
+        if getattr(config, name, None) is not None:
+            return getattr(config, name)
+    return 0.1
 
 
 _IMPLEMENTATION_TO_BACKEND = {
@@ -1725,9 +1815,15 @@ def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int | None, decode
 
 
 def _padding_keep_mask(mask: torch.Tensor | None, key_length: int, name: str) -> torch.Tensor | None:
-    """A 2-D 0/1 padding mask over the keys as the kernel layer's bool keep-mask (None when nothing is padded)."""
+    """A 2-D 0/1 padding mask over the keys as the kernel layer's bool keep-mask (None when nothing is padded).
+
+    A 4-D mask (a caller's own, or the one ``generate`` builds for a static cache) is passed on as it is, as
+    stock does: bool or additive float (an integer 0/1 mask becomes bool); it defines visibility on its own.
+    """
     if mask is None:
         return None
+    if mask.dim() == 4:
+        return mask if mask.dtype == torch.bool or mask.is_floating_point() else mask.bool()
     if mask.dim() != 2 or mask.shape[-1] != key_length:
         raise ValueError(
             f"{name} must be a 2-D padding mask [batch, {key_length}] (covering any cached positions); "
@@ -1740,12 +1836,13 @@ def _return_dict(config: BartConfig, return_dict: bool | None) -> bool:
     return config.return_dict if return_dict is None else return_dict
 
 
-def _warn_no_attention_weights(output_attentions: bool | None) -> None:
-    if output_attentions:
-        logger.warning_once(
-            "This BART runs attention in fused kernels that never materialize the attention weights; "
-            "attentions are returned as None."
-        )
+def _output_flags(config: BartConfig, output_attentions, output_hidden_states) -> tuple:
+    """The call's ``output_attentions`` and ``output_hidden_states``, the config's where the call leaves them None."""
+    if output_attentions is None:
+        output_attentions = config.output_attentions
+    if output_hidden_states is None:
+        output_hidden_states = config.output_hidden_states
+    return output_attentions, output_hidden_states
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1832,16 +1929,19 @@ class BartAttention(nn.Module):
         key_value_states: torch.Tensor | None = None,
         keep_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        attention_weights: list | None = None,
     ) -> torch.Tensor:
-        """``keep_mask`` is the bool [batch, k_len] keep-mask over keys (cached ones included) or None."""
+        """``keep_mask`` is the bool [batch, k_len] keep-mask over keys (cached ones included) or None. Given an
+        ``attention_weights`` list, the weights are computed and appended to it (``output_attentions``)."""
         batch, q_len, _ = hidden_states.shape
         query = self._heads(self.q_proj(hidden_states))
         key, value = self._key_value(hidden_states, key_value_states, past_key_values)
-        output = attention(
+        output = attention_recording_weights(
             query,
             key,
             value,
-            causal=self.is_causal,
+            attention_weights,
+            causal=self.is_causal and (keep_mask is None or keep_mask.dim() == 2),
             attention_mask=keep_mask,
             dropout_p=self.dropout if self.training else 0.0,
             backend=backend_from_config(self.config),
@@ -1863,9 +1963,14 @@ class BartEncoderLayer(GradientCheckpointingLayer):
         self.fc2 = nn.Linear(config.encoder_ffn_dim, self.embed_dim)
         self.final_layer_norm = nn.LayerNorm(self.embed_dim)
 
-    def forward(self, hidden_states: torch.Tensor, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        keep_mask: torch.Tensor | None = None,
+        attention_weights: list | None = None,
+    ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.self_attn(hidden_states, keep_mask=keep_mask)
+        hidden_states = self.self_attn(hidden_states, keep_mask=keep_mask, attention_weights=attention_weights)
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
         hidden_states = self.self_attn_layer_norm(residual + hidden_states)
 
@@ -1905,10 +2010,14 @@ class BartDecoderLayer(GradientCheckpointingLayer):
         keep_mask: torch.Tensor | None = None,
         encoder_keep_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        attention_weights: list | None = None,
+        cross_attention_weights: list | None = None,
     ) -> torch.Tensor:
         """Tensors that need gradients come first so gradient checkpointing can pass them positionally."""
         residual = hidden_states
-        hidden_states = self.self_attn(hidden_states, keep_mask=keep_mask, past_key_values=past_key_values)
+        hidden_states = self.self_attn(
+            hidden_states, keep_mask=keep_mask, past_key_values=past_key_values, attention_weights=attention_weights
+        )
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
         hidden_states = self.self_attn_layer_norm(residual + hidden_states)
 
@@ -1919,6 +2028,7 @@ class BartDecoderLayer(GradientCheckpointingLayer):
                 key_value_states=encoder_hidden_states,
                 keep_mask=encoder_keep_mask,
                 past_key_values=past_key_values,
+                attention_weights=cross_attention_weights,
             )
             hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
             hidden_states = self.encoder_attn_layer_norm(residual + hidden_states)
@@ -1960,6 +2070,14 @@ class BartPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
+    # as stock declares: compiles with fullgraph=True, static caches included
+    _can_compile_fullgraph = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """``set_attn_implementation`` works: every attention call reads the backend from the config again
+        (transformers guesses this from the module source, looking for its own attention interface)."""
+        return True
 
     def _init_weights(self, module: nn.Module) -> None:
         # Calls go through `nn.init` so that transformers 5 can skip tensors already loaded from a checkpoint.
@@ -2009,9 +2127,7 @@ class BartEncoder(BartPreTrainedModel):
     ) -> BaseModelOutput | tuple:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
-        _warn_no_attention_weights(output_attentions)
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
+        output_attentions, output_hidden_states = _output_flags(self.config, output_attentions, output_hidden_states)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 
@@ -2021,17 +2137,22 @@ class BartEncoder(BartPreTrainedModel):
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
         keep_mask = _padding_keep_mask(attention_mask, seq_len, "attention_mask")
 
-        all_hidden_states = () if output_hidden_states else None
+        all_hidden_states = []
+        all_attentions = [] if output_attentions else None
         for layer in self.layers:
             if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+                all_hidden_states.append(hidden_states)
             if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
                 continue
-            hidden_states = layer(hidden_states, keep_mask)
+            hidden_states = layer(hidden_states, keep_mask, attention_weights=all_attentions)
         if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+            all_hidden_states.append(hidden_states)
 
-        output = BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
+        output = BaseModelOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=selected_hidden_states(all_hidden_states, output_hidden_states),
+            attentions=tuple(all_attentions) if output_attentions else None,
+        )
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
 
 
@@ -2074,9 +2195,8 @@ class BartDecoder(BartPreTrainedModel):
         """``attention_mask`` pads the decoder tokens and covers the cached ones too: [batch, past + seq_len]."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of decoder_input_ids or decoder_inputs_embeds.")
-        _warn_no_attention_weights(output_attentions)
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
+        check_cache_type(past_key_values)
+        output_attentions, output_hidden_states = _output_flags(self.config, output_attentions, output_hidden_states)
         if use_cache is None:
             use_cache = self.config.use_cache
         if inputs_embeds is None:
@@ -2097,10 +2217,12 @@ class BartDecoder(BartPreTrainedModel):
         hidden_states = self.layernorm_embedding(inputs_embeds + positions)
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
 
-        all_hidden_states = () if output_hidden_states else None
+        all_hidden_states = []
+        all_attentions = [] if output_attentions else None
+        all_cross_attentions = [] if output_attentions and encoder_hidden_states is not None else None
         for layer in self.layers:
             if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+                all_hidden_states.append(hidden_states)
             if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
                 continue
             hidden_states = layer(
@@ -2109,14 +2231,18 @@ class BartDecoder(BartPreTrainedModel):
                 keep_mask=keep_mask,
                 encoder_keep_mask=encoder_keep_mask,
                 past_key_values=past_key_values,
+                attention_weights=all_attentions,
+                cross_attention_weights=all_cross_attentions,
             )
         if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+            all_hidden_states.append(hidden_states)
 
         output = BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values,
-            hidden_states=all_hidden_states,
+            hidden_states=selected_hidden_states(all_hidden_states, output_hidden_states),
+            attentions=tuple(all_attentions) if output_attentions else None,
+            cross_attentions=tuple(all_cross_attentions) if all_cross_attentions is not None else None,
         )
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
 
@@ -2198,7 +2324,7 @@ class BartModel(BartPreTrainedModel):
                 output_hidden_states=output_hidden_states,
                 return_dict=True,
             )
-        elif not isinstance(encoder_outputs, BaseModelOutput):
+        elif not isinstance(encoder_outputs, BaseModelOutput):  # a tuple: (last, hidden states?, attentions?)
             encoder_outputs = BaseModelOutput(
                 last_hidden_state=encoder_outputs[0],
                 hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
@@ -2221,8 +2347,11 @@ class BartModel(BartPreTrainedModel):
             last_hidden_state=decoder_outputs.last_hidden_state,
             past_key_values=decoder_outputs.past_key_values,
             decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
             encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
         )
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
 
@@ -2324,8 +2453,11 @@ class BartForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             logits=logits,
             past_key_values=outputs.past_key_values,
             decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
         )
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
 
@@ -2414,13 +2546,169 @@ class BartForSequenceClassification(BartPreTrainedModel):
             logits=logits,
             past_key_values=outputs.past_key_values,
             decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
             encoder_last_hidden_state=outputs.encoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+        )
+        return output if _return_dict(self.config, return_dict) else output.to_tuple()
+
+
+class BartForQuestionAnswering(BartPreTrainedModel):
+    """Extractive QA from the decoder's last hidden states (the decoder reads ``input_ids`` shifted right)."""
+
+    def __init__(self, config: BartConfig):
+        super().__init__(config)
+        config.num_labels = 2
+        self.num_labels = config.num_labels
+        self.model = BartModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> Seq2SeqQuestionAnsweringModelOutput | tuple:
+        if start_positions is not None and end_positions is not None:
+            use_cache = False
+        outputs = self.model(
+            input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        start_logits, end_logits = span_logits(self.qa_outputs(outputs.last_hidden_state))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
+        output = Seq2SeqQuestionAnsweringModelOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            past_key_values=outputs.past_key_values,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+        )
+        return output if _return_dict(self.config, return_dict) else output.to_tuple()
+
+
+class BartDecoderWrapper(BartPreTrainedModel):
+    """Holds the decoder under ``model.decoder``, the key layout of stock ``BartForCausalLM`` checkpoints."""
+
+    def __init__(self, config: BartConfig):
+        super().__init__(config)
+        self.decoder = BartDecoder(config)
+        self.post_init()
+
+    def forward(self, *args, **kwargs):
+        return self.decoder(*args, **kwargs)
+
+
+class BartForCausalLM(BartPreTrainedModel, GenerationMixin):
+    """The decoder alone as a causal LM (e.g. the decoder of an ``EncoderDecoderModel``, which passes
+    ``encoder_hidden_states``). ``labels`` are not shifted: ``labels[..., i]`` is the target of ``logits[..., i]``."""
+
+    _tied_weights_keys = _tied_weights_keys({"lm_head.weight": "model.decoder.embed_tokens.weight"})
+
+    def __init__(self, config: BartConfig):
+        config.is_decoder = True
+        config.is_encoder_decoder = False
+        super().__init__(config)
+        self.model = BartDecoderWrapper(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.decoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.decoder.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def get_decoder(self) -> BartDecoder:
+        return self.model.decoder
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithCrossAttentions | tuple:
+        outputs = self.model.decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size), labels.to(logits.device).view(-1))
+        output = CausalLMOutputWithCrossAttentions(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions,
         )
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
 
 
 __all__ = [
+    "BartForCausalLM",
+    "BartForQuestionAnswering",
     "BartForConditionalGeneration",
     "BartForSequenceClassification",
     "BartModel",

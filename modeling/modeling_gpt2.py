@@ -22,8 +22,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
+    QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
 )
+from transformers.models.gpt2.modeling_gpt2 import GPT2DoubleHeadsModelOutput, GPT2SequenceSummary
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
@@ -293,8 +296,9 @@ class DropoutMatmul(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True):
-    k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
+def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True):
+    """Softmax weights ``[b, h, q_len, k_len]`` and which query rows see a key (None: all of them)."""
+    k = _expand_kv(k, call.heads)
     rows, cols = slice(0, call.q_len), slice(0, call.k_len)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
@@ -309,6 +313,12 @@ def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_so
         probs = LightSoftmax.apply(scores)
     else:
         probs = torch.softmax(scores, dim=-1)
+    return probs, row_has_key
+
+
+def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True):
+    probs, row_has_key = _eager_probabilities(q, k, call, mask, alibi_slopes, scale, light_softmax)
+    v = _expand_kv(v, call.heads)
     if call.dropout_p > 0.0 and dropout_matmul:
         out = DropoutMatmul.apply(probs, v, call.dropout_p)
     else:
@@ -1332,6 +1342,50 @@ def attention(
             _log_once(f"attention backend {name!r} failed ({type(error).__name__}: {error}); falling back")
 
 
+# ----------------------------------------------------------------------------------------------
+# Attention weights on request (output_attentions=True)
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_with_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+) -> tuple:
+    """``attention()`` on the eager math, returning ``(output, weights)``; ``weights`` ``[b, h, q_len, k_len]``
+    are the softmax probabilities after dropout, as transformers' eager attention returns them.
+
+    For ``output_attentions=True`` only: the weights are O(seq^2), which the fused kernels never form.
+    """
+    _log_once("output_attentions=True: attention weights are computed with the eager math (O(seq^2) memory)")
+    q, k, v = _autocast_inputs(q, k, v)
+    call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p)
+    scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
+    probs, row_has_key = _eager_probabilities(q, k, call, attention_mask, alibi_slopes, scale)
+    weights = F.dropout(probs, p=call.dropout_p, training=call.dropout_p > 0.0)
+    output = torch.matmul(weights, _expand_kv(v, call.heads))
+    return _zero_empty_rows(output, row_has_key), weights
+
+
+_WEIGHTS_ARGUMENTS = ("causal", "attention_mask", "alibi_slopes", "dropout_p", "scale")
+
+
+def attention_recording_weights(q, k, v, weights: Optional[list], **kwargs) -> torch.Tensor:
+    """``attention(q, k, v, **kwargs)``; given a ``weights`` list, ``attention_with_weights`` instead, with the
+    weights appended to the list (how a model collects them per layer for ``output_attentions=True``)."""
+    if weights is None:
+        return attention(q, k, v, **kwargs)
+    output, layer_weights = attention_with_weights(q, k, v, **{n: kwargs[n] for n in _WEIGHTS_ARGUMENTS if n in kwargs})
+    weights.append(layer_weights)
+    return output
+
+
 def available_backends(device: Optional[str] = None) -> list:
     """Backends that run on ``device`` (default: CUDA if present, else CPU) on this machine."""
     device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1372,6 +1426,43 @@ def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[t
         raise ValueError(f"expected a 2-D padding mask [batch, k_len], got shape {list(attention_mask.shape)}")
     keep = attention_mask.bool()
     return None if bool(keep.all()) else keep
+
+
+def check_cache_type(past_key_values) -> None:
+    """Refuses the legacy tuple-of-tuples cache with one clear error (every family, every transformers version)."""
+    if isinstance(past_key_values, (tuple, list)):
+        raise TypeError(
+            "past_key_values must be a transformers Cache object (e.g. DynamicCache or EncoderDecoderCache), "
+            f"not the legacy {type(past_key_values).__name__} of per-layer tensors; build a DynamicCache instead"
+        )
+
+
+def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optional[tuple]:
+    """The hidden states a model returns: all of them for ``output_hidden_states=True``, None when it is false,
+    and for an index or list of indices (transformers 5's selection; negative ones count from the end) those."""
+    if not output_hidden_states:
+        return None
+    if output_hidden_states is True:
+        return tuple(hidden_states)
+    count = len(hidden_states)
+    indices = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
+    keep = {index % count for index in indices if -count <= index < count}
+    return tuple(state for index, state in enumerate(hidden_states) if index in keep)
+
+
+def span_logits(logits: torch.Tensor) -> tuple:
+    """A question-answering head's ``[..., 2]`` output as ``(start_logits, end_logits)``."""
+    start, end = logits.split(1, dim=-1)
+    return start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+
+
+def classifier_dropout_probability(config) -> float:
+    """Token-classification dropout as transformers picks it: ``classifier_dropout``, else ``hidden_dropout``,
+    else 0.1."""
+    for name in ("classifier_dropout", "hidden_dropout"):
+        if getattr(config, name, None) is not None:
+            return getattr(config, name)
+    return 0.1
 
 
 _IMPLEMENTATION_TO_BACKEND = {
@@ -1706,8 +1797,22 @@ def padding_mask_and_causality(attention_mask: torch.Tensor | None) -> tuple[tor
     if attention_mask is None:
         return None, True
     if attention_mask.dim() == 4:
-        return attention_mask, False
+        keeps_as_is = attention_mask.dtype == torch.bool or attention_mask.is_floating_point()
+        return (attention_mask if keeps_as_is else attention_mask.bool()), False
     return keep_mask_from_padding(attention_mask), True
+
+
+def flatten_leading_dimensions(input_shape: torch.Size, *inputs: torch.Tensor | None) -> list:
+    """`[batch, choices, seq]` (or any more leading dimensions) as `[batch * choices, seq]`; embeddings keep
+    their last dimension. A no-op for the usual 2-D inputs."""
+    if len(input_shape) == 2:
+        return list(inputs)
+    flat = []
+    for tensor in inputs:
+        if tensor is not None and tensor.dim() > 2 and tensor.shape[: len(input_shape)] == input_shape:
+            tensor = tensor.reshape(-1, *tensor.shape[len(input_shape) - 1 :])
+        flat.append(tensor)
+    return flat
 
 
 class GPT2Attention(nn.Module):
@@ -1744,6 +1849,7 @@ class GPT2Attention(nn.Module):
         mask: torch.Tensor | None,
         causal: bool,
         backend: str,
+        attention_weights: list | None = None,
     ) -> torch.Tensor:
         kwargs = {
             "causal": causal,
@@ -1755,8 +1861,8 @@ class GPT2Attention(nn.Module):
             "light_softmax": bool(getattr(self.config, "use_lightsoftmax", False)),
             "dropout_matmul": bool(getattr(self.config, "use_dropmatmul", False)),
         }
-        if backend != "eager" or not self.config.reorder_and_upcast_attn:
-            return attention(query, key, value, **kwargs)
+        if attention_weights is not None or backend != "eager" or not self.config.reorder_and_upcast_attn:
+            return attention_recording_weights(query, key, value, attention_weights, **kwargs)
         with torch.autocast(device_type=query.device.type, enabled=False):
             output = attention(query.float(), key.float(), value.float(), **kwargs)
         return output.to(query.dtype)
@@ -1767,16 +1873,18 @@ class GPT2Attention(nn.Module):
         mask: torch.Tensor | None,
         causal: bool,
         past_key_values: Cache | None,
-        cache_position: torch.Tensor,
+        cache_position: torch.Tensor | None,
         backend: str,
+        attention_weights: list | None = None,
     ) -> torch.Tensor:
+        """Given an `attention_weights` list, the weights are computed and appended to it (`output_attentions`)."""
         query, key, value = self.c_attn(hidden_states).split(self.embed_dim, dim=2)
         query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
         if past_key_values is not None:
             # transformers 4.x static caches need the write positions; later versions track them themselves
             key, value = past_key_values.update(key, value, self.layer_idx, {"cache_position": cache_position})
 
-        output = self._attend(query, key, value, mask, causal, backend)
+        output = self._attend(query, key, value, mask, causal, backend, attention_weights)
         output = output.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.embed_dim)
         return self.resid_dropout(self.c_proj(output))
 
@@ -1812,11 +1920,13 @@ class GPT2Block(nn.Module):
         mask: torch.Tensor | None,
         causal: bool,
         past_key_values: Cache | None,
-        cache_position: torch.Tensor,
+        cache_position: torch.Tensor | None,
         backend: str,
+        attention_weights: list | None = None,
     ) -> torch.Tensor:
         attn_input = self.ln_1(hidden_states)
-        hidden_states = hidden_states + self.attn(attn_input, mask, causal, past_key_values, cache_position, backend)
+        attended = self.attn(attn_input, mask, causal, past_key_values, cache_position, backend, attention_weights)
+        hidden_states = hidden_states + attended
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
 
@@ -1831,6 +1941,9 @@ class GPT2PreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_cache_class = True
+    # as stock declares: compiles with fullgraph=True (static caches included), takes any attention backend name
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
     # Old checkpoints carry the causal-mask buffers of the original implementation.
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias$", r"attn\.masked_bias$"]
 
@@ -1901,13 +2014,18 @@ class GPT2Model(GPT2PreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPastAndCrossAttentions | tuple:
         """`cache_position` (positions of these tokens in the cache, as transformers 4.x `generate` passes it) may
-        come as a keyword argument; other extra keyword arguments are accepted and unused."""
+        come as a keyword argument; other extra keyword arguments are accepted and unused. Inputs may carry extra
+        leading dimensions (`[batch, choices, seq]`, as `GPT2DoubleHeadsModel` passes them), flattened into the batch."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids and inputs_embeds")
-        if output_attentions:
-            raise ValueError("output_attentions=True is not supported: the fused kernels never form attention weights")
-        if past_key_values is not None and not isinstance(past_key_values, Cache):
-            raise TypeError("past_key_values must be a transformers Cache (e.g. DynamicCache), not legacy tuples")
+        check_cache_type(past_key_values)
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        input_shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds = flatten_leading_dimensions(
+            input_shape, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
+        )
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         checkpointing = self.gradient_checkpointing and self.training
@@ -1921,12 +2039,14 @@ class GPT2Model(GPT2PreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
+        # Only positions the caller did not give are derived from the cache length (a data-dependent value
+        # under torch.compile with a static cache); transformers 4.x static caches write at `cache_position`.
         cache_position = kwargs.get("cache_position")
-        if cache_position is None:
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-            seq_length = inputs_embeds.shape[1]
-            cache_position = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
         if position_ids is None:
+            if cache_position is None:
+                past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+                seq_length = inputs_embeds.shape[1]
+                cache_position = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)
             position_ids = cache_position.unsqueeze(0)
         hidden_states = inputs_embeds + self.wpe(position_ids)
         if token_type_ids is not None:
@@ -1936,23 +2056,27 @@ class GPT2Model(GPT2PreTrainedModel):
         mask, causal = padding_mask_and_causality(attention_mask)
         backend = resolved_backend(self.config)
         all_hidden_states = []
+        all_attentions = [] if output_attentions else None
         for block in self.h:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
             if checkpointing:
                 hidden_states = self._gradient_checkpointing_func(
-                    block.__call__, hidden_states, mask, causal, None, cache_position, backend
+                    block.__call__, hidden_states, mask, causal, None, cache_position, backend, all_attentions
                 )
             else:
-                hidden_states = block(hidden_states, mask, causal, past_key_values, cache_position, backend)
-        hidden_states = self.ln_f(hidden_states)
+                hidden_states = block(
+                    hidden_states, mask, causal, past_key_values, cache_position, backend, all_attentions
+                )
+        hidden_states = self.ln_f(hidden_states).view(*input_shape, -1)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
 
         output = BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            hidden_states=selected_hidden_states(all_hidden_states, output_hidden_states),
+            attentions=tuple(all_attentions) if output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -2019,6 +2143,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
 
@@ -2102,8 +2227,184 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
             logits=pooled_logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["GPT2PreTrainedModel", "GPT2Model", "GPT2LMHeadModel", "GPT2ForSequenceClassification"]
+class GPT2DoubleHeadsModel(GPT2PreTrainedModel, GenerationMixin):
+    """Language modelling plus multiple choice: inputs are `[batch, choices, seq]`; each choice is summarised at
+    `mc_token_ids` (default: its last token) by stock's `GPT2SequenceSummary`."""
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: GPT2Config):
+        super().__init__(config)
+        self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.multiple_choice_head = GPT2SequenceSummary(config)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        mc_token_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        mc_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> GPT2DoubleHeadsModelOutput | tuple:
+        """`labels` are shifted inside (set labels = input_ids); `mc_labels` ``[batch]`` pick the right choice."""
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        outputs = self.transformer(
+            input_ids,
+            cache_position=kwargs.pop("cache_position", None),
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        lm_logits = self.lm_head(hidden_states)
+        mc_logits = self.multiple_choice_head(hidden_states, mc_token_ids).squeeze(-1)
+        mc_loss = None
+        if mc_labels is not None:
+            mc_loss = nn.functional.cross_entropy(mc_logits.view(-1, mc_logits.size(-1)), mc_labels.view(-1))
+        lm_loss = None
+        if labels is not None:
+            shift_logits = lm_logits[..., :-1, :].reshape(-1, lm_logits.size(-1))
+            lm_loss = nn.functional.cross_entropy(shift_logits, labels[..., 1:].reshape(-1).to(lm_logits.device))
+        output = GPT2DoubleHeadsModelOutput(
+            loss=lm_loss,
+            mc_loss=mc_loss,
+            logits=lm_logits,
+            mc_logits=mc_logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class GPT2ForTokenClassification(GPT2PreTrainedModel):
+    def __init__(self, config: GPT2Config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = GPT2Model(config)
+        self.dropout = nn.Dropout(classifier_dropout_probability(config))
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> TokenClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        outputs = self.transformer(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1).to(logits.device))
+        output = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class GPT2ForQuestionAnswering(GPT2PreTrainedModel):
+    def __init__(self, config: GPT2Config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = GPT2Model(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.LongTensor | None = None,
+        end_positions: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> QuestionAnsweringModelOutput | tuple:
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        outputs = self.transformer(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        start_logits, end_logits = span_logits(self.qa_outputs(outputs.last_hidden_state))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
+        output = QuestionAnsweringModelOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "GPT2PreTrainedModel",
+    "GPT2Model",
+    "GPT2LMHeadModel",
+    "GPT2DoubleHeadsModel",
+    "GPT2ForSequenceClassification",
+    "GPT2ForTokenClassification",
+    "GPT2ForQuestionAnswering",
+]

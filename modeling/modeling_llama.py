@@ -16,13 +16,17 @@ from typing import Optional, Union
 import torch
 from torch import nn
 from transformers import LlamaConfig
+from transformers import LlamaForCausalLM as StockLlamaForCausalLM
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
+    QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
 )
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.logging import get_logger
@@ -301,8 +305,9 @@ class DropoutMatmul(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True):
-    k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
+def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True):
+    """Softmax weights ``[b, h, q_len, k_len]`` and which query rows see a key (None: all of them)."""
+    k = _expand_kv(k, call.heads)
     rows, cols = slice(0, call.q_len), slice(0, call.k_len)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
@@ -317,6 +322,12 @@ def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_so
         probs = LightSoftmax.apply(scores)
     else:
         probs = torch.softmax(scores, dim=-1)
+    return probs, row_has_key
+
+
+def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True):
+    probs, row_has_key = _eager_probabilities(q, k, call, mask, alibi_slopes, scale, light_softmax)
+    v = _expand_kv(v, call.heads)
     if call.dropout_p > 0.0 and dropout_matmul:
         out = DropoutMatmul.apply(probs, v, call.dropout_p)
     else:
@@ -1340,6 +1351,50 @@ def attention(
             _log_once(f"attention backend {name!r} failed ({type(error).__name__}: {error}); falling back")
 
 
+# ----------------------------------------------------------------------------------------------
+# Attention weights on request (output_attentions=True)
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_with_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+) -> tuple:
+    """``attention()`` on the eager math, returning ``(output, weights)``; ``weights`` ``[b, h, q_len, k_len]``
+    are the softmax probabilities after dropout, as transformers' eager attention returns them.
+
+    For ``output_attentions=True`` only: the weights are O(seq^2), which the fused kernels never form.
+    """
+    _log_once("output_attentions=True: attention weights are computed with the eager math (O(seq^2) memory)")
+    q, k, v = _autocast_inputs(q, k, v)
+    call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p)
+    scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
+    probs, row_has_key = _eager_probabilities(q, k, call, attention_mask, alibi_slopes, scale)
+    weights = F.dropout(probs, p=call.dropout_p, training=call.dropout_p > 0.0)
+    output = torch.matmul(weights, _expand_kv(v, call.heads))
+    return _zero_empty_rows(output, row_has_key), weights
+
+
+_WEIGHTS_ARGUMENTS = ("causal", "attention_mask", "alibi_slopes", "dropout_p", "scale")
+
+
+def attention_recording_weights(q, k, v, weights: Optional[list], **kwargs) -> torch.Tensor:
+    """``attention(q, k, v, **kwargs)``; given a ``weights`` list, ``attention_with_weights`` instead, with the
+    weights appended to the list (how a model collects them per layer for ``output_attentions=True``)."""
+    if weights is None:
+        return attention(q, k, v, **kwargs)
+    output, layer_weights = attention_with_weights(q, k, v, **{n: kwargs[n] for n in _WEIGHTS_ARGUMENTS if n in kwargs})
+    weights.append(layer_weights)
+    return output
+
+
 def available_backends(device: Optional[str] = None) -> list:
     """Backends that run on ``device`` (default: CUDA if present, else CPU) on this machine."""
     device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1380,6 +1435,43 @@ def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[t
         raise ValueError(f"expected a 2-D padding mask [batch, k_len], got shape {list(attention_mask.shape)}")
     keep = attention_mask.bool()
     return None if bool(keep.all()) else keep
+
+
+def check_cache_type(past_key_values) -> None:
+    """Refuses the legacy tuple-of-tuples cache with one clear error (every family, every transformers version)."""
+    if isinstance(past_key_values, (tuple, list)):
+        raise TypeError(
+            "past_key_values must be a transformers Cache object (e.g. DynamicCache or EncoderDecoderCache), "
+            f"not the legacy {type(past_key_values).__name__} of per-layer tensors; build a DynamicCache instead"
+        )
+
+
+def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optional[tuple]:
+    """The hidden states a model returns: all of them for ``output_hidden_states=True``, None when it is false,
+    and for an index or list of indices (transformers 5's selection; negative ones count from the end) those."""
+    if not output_hidden_states:
+        return None
+    if output_hidden_states is True:
+        return tuple(hidden_states)
+    count = len(hidden_states)
+    indices = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
+    keep = {index % count for index in indices if -count <= index < count}
+    return tuple(state for index, state in enumerate(hidden_states) if index in keep)
+
+
+def span_logits(logits: torch.Tensor) -> tuple:
+    """A question-answering head's ``[..., 2]`` output as ``(start_logits, end_logits)``."""
+    start, end = logits.split(1, dim=-1)
+    return start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+
+
+def classifier_dropout_probability(config) -> float:
+    """Token-classification dropout as transformers picks it: ``classifier_dropout``, else ``hidden_dropout``,
+    else 0.1."""
+    for name in ("classifier_dropout", "hidden_dropout"):
+        if getattr(config, name, None) is not None:
+            return getattr(config, name)
+    return 0.1
 
 
 _IMPLEMENTATION_TO_BACKEND = {
@@ -1691,8 +1783,6 @@ class LongContextCheckpointing:
 
 logger = get_logger(__name__)
 
-_SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-
 
 # ----------------------------------------------------------------------------------------------
 # Rotary position embedding
@@ -1709,92 +1799,52 @@ def rope_parameters_from_config(config: LlamaConfig) -> dict:
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
     if params.get("rope_theta") is None:
         params["rope_theta"] = getattr(config, "rope_theta", None) or 10000.0
-    if params["rope_type"] not in _SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"rope_type {params['rope_type']!r} is not supported by this LLaMA file; "
-            f"supported: {', '.join(_SUPPORTED_ROPE_TYPES)}"
-        )
     return params
 
 
-def _llama3_scaled_frequencies(inv_freq: torch.Tensor, params: dict, max_position_embeddings: int) -> torch.Tensor:
-    """Llama 3.1 scaling: long wavelengths are divided by ``factor``, short ones kept, the band between blended."""
-    factor = params["factor"]
-    low_freq_factor = params["low_freq_factor"]
-    high_freq_factor = params["high_freq_factor"]
-    context = params.get("original_max_position_embeddings") or max_position_embeddings
-    wavelength = 2 * torch.pi / inv_freq
-    # 0 where the wavelength exceeds context / low_freq_factor, 1 below context / high_freq_factor, linear between
-    keep = ((context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0.0, 1.0)
-    return inv_freq * (keep + (1.0 - keep) / factor)
-
-
-def rope_inverse_frequencies(
-    params: dict, head_dim: int, max_position_embeddings: int, seq_len: Optional[int] = None
-) -> torch.Tensor:
-    """Inverse frequencies ``[head_dim // 2]`` (float32, CPU) for the supported rope types.
-
-    ``seq_len`` only matters for ``"dynamic"`` (NTK-aware) scaling, which raises the base once the sequence is
-    longer than ``max_position_embeddings``. None of these types rescales cos/sin (their attention factor is 1).
-    """
-    rope_type = params["rope_type"]
-    base = float(params["rope_theta"])
-    if rope_type == "dynamic":
-        factor = params["factor"]
-        length = max(seq_len or max_position_embeddings, max_position_embeddings)
-        base *= (factor * length / max_position_embeddings - (factor - 1)) ** (head_dim / (head_dim - 2))
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-    inv_freq = 1.0 / (base**exponents)
-    if rope_type == "linear":
-        inv_freq = inv_freq / params["factor"]
-    elif rope_type == "llama3":
-        inv_freq = _llama3_scaled_frequencies(inv_freq, params, max_position_embeddings)
-    return inv_freq
-
-
 class LlamaRotaryEmbedding(nn.Module):
-    """cos/sin tables for given positions.
+    """cos/sin tables for given positions, for every rope type this transformers version knows.
 
-    Holds no buffers (so nothing to initialise after meta-device loading, nothing in the state dict): the
-    ``head_dim // 2`` frequencies are computed on the CPU, as transformers does, and kept per device.
-
-    Dynamic NTK follows transformers' stateful rule: the frequencies are recomputed for the longest sequence
-    seen so far once a call goes past ``max_position_embeddings``, and reset when a call fits again.
+    The frequencies come from transformers' own ``ROPE_INIT_FUNCTIONS`` (``default`` is computed here, as the
+    stock module does in 5.x), and ``dynamic_rope_update`` recomputes them for dynamic NTK and LongRoPE exactly as
+    stock does. ``inv_freq``/``original_inv_freq`` are non-persistent buffers, as in the stock module, so
+    transformers re-initialises them after meta-device loading.
     """
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.params = rope_parameters_from_config(config)
-        self.rope_type = self.params["rope_type"]
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.max_position_embeddings = config.max_position_embeddings
+        self.config = config
+        self.rope_type = rope_parameters_from_config(config)["rope_type"]
+        if self.rope_type != "default" and self.rope_type not in ROPE_INIT_FUNCTIONS:
+            supported = ", ".join(["default", *sorted(k for k in ROPE_INIT_FUNCTIONS if k != "default")])
+            raise ValueError(f"rope_type {self.rope_type!r} is not known to this transformers version; known: {supported}")
         self.max_seq_len_cached = config.max_position_embeddings
-        self._frequencies: dict = {}
+        self.original_max_seq_len = config.max_position_embeddings
+        inv_freq, self.attention_scaling = self.rope_init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
-    def _dynamic_length(self, position_ids: torch.Tensor) -> int:
-        seq_len = int(position_ids.max()) + 1
-        if seq_len > self.max_seq_len_cached:
-            self.max_seq_len_cached = seq_len
-        elif seq_len < self.max_position_embeddings:
-            self.max_seq_len_cached = self.max_position_embeddings
-        return self.max_seq_len_cached
+    @staticmethod
+    def compute_default_rope_parameters(config: LlamaConfig, device=None, seq_len=None, **kwargs) -> tuple:
+        """Plain RoPE: ``1 / theta^(2i / head_dim)`` (float32) and an attention factor of 1."""
+        base = float(rope_parameters_from_config(config)["rope_theta"])
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+        return 1.0 / (base**exponents), 1.0
 
-    def inverse_frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
-        seq_len = self._dynamic_length(position_ids) if self.rope_type == "dynamic" else None
-        key = (position_ids.device, seq_len)
-        if key not in self._frequencies:
-            inv_freq = rope_inverse_frequencies(self.params, self.head_dim, self.max_position_embeddings, seq_len)
-            self._frequencies = {k: v for k, v in self._frequencies.items() if k[1] == seq_len}
-            self._frequencies[key] = inv_freq.to(position_ids.device)
-        return self._frequencies[key]
+    def rope_init_fn(self, config: LlamaConfig, device=None, **kwargs) -> tuple:
+        if self.rope_type == "default":
+            return self.compute_default_rope_parameters(config, device, **kwargs)
+        return ROPE_INIT_FUNCTIONS[self.rope_type](config, device, **kwargs)
 
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``[batch or 1, seq, head_dim]`` in ``x``'s dtype for ``position_ids`` ``[batch or 1, seq]``."""
-        inv_freq = self.inverse_frequencies(position_ids)
-        angles = position_ids[..., None].float() * inv_freq
+        angles = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -1907,8 +1957,10 @@ class LlamaAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: Optional[torch.Tensor] = None,
         past_key_values: Optional[Cache] = None,
+        attention_weights: Optional[list] = None,
     ) -> torch.Tensor:
-        """``attention_mask`` is what ``kernel_attention_mask`` returns; a 2-D keep-mask covers cache + new tokens."""
+        """``attention_mask`` is what ``kernel_attention_mask`` returns; a 2-D keep-mask covers cache + new tokens.
+        Given an ``attention_weights`` list, the weights are computed and appended to it (``output_attentions``)."""
         batch, q_len, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
@@ -1920,10 +1972,11 @@ class LlamaAttention(nn.Module):
             key, value = past_key_values.update(key, value, self.layer_idx)
 
         # A 4-D mask defines visibility on its own, as in transformers; otherwise causal + padding keep-mask.
-        output = attention(
+        output = attention_recording_weights(
             query,
             key,
             value,
+            attention_weights,
             causal=attention_mask is None or attention_mask.dim() == 2,
             attention_mask=attention_mask,
             dropout_p=self.attention_dropout if self.training else 0.0,
@@ -1950,6 +2003,7 @@ class LlamaDecoderLayer(LongContextCheckpointing, GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: Optional[torch.Tensor] = None,
         past_key_values: Optional[Cache] = None,
+        attention_weights: Optional[list] = None,
     ) -> torch.Tensor:
         tile_size = sequence_tile_size(self.config)
         residual = hidden_states
@@ -1958,6 +2012,7 @@ class LlamaDecoderLayer(LongContextCheckpointing, GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
+            attention_weights=attention_weights,
         )
         hidden_states = residual + hidden_states
         return hidden_states + sequence_tiled((self.post_attention_layernorm, self.mlp), hidden_states, tile_size)
@@ -1979,6 +2034,9 @@ class LlamaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
+    # as stock declares: compiles with fullgraph=True (static caches included), takes any attention backend name
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -2020,10 +2078,8 @@ class LlamaModel(LlamaPreTrainedModel):
         Other keyword arguments (e.g. the Trainer's ``num_items_in_batch``) are accepted and ignored."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if output_attentions if output_attentions is not None else self.config.output_attentions:
-            raise ValueError(
-                "output_attentions is not available: the fused attention kernels never materialize the weights"
-            )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        check_cache_type(past_key_values)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -2052,30 +2108,37 @@ class LlamaModel(LlamaPreTrainedModel):
 
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
-        all_hidden_states = () if output_hidden_states else None
+        all_hidden_states = []
+        all_attentions = [] if output_attentions else None
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+                all_hidden_states.append(hidden_states)
             hidden_states = decoder_layer(
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=mask,
                 past_key_values=past_key_values,
+                attention_weights=all_attentions,
             )
         hidden_states = sequence_tiled((self.norm,), hidden_states, sequence_tile_size(self.config))
         if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+            all_hidden_states.append(hidden_states)
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values,
-            hidden_states=all_hidden_states,
+            hidden_states=selected_hidden_states(all_hidden_states, output_hidden_states),
+            attentions=tuple(all_attentions) if output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
 
 
 class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # The head's tensor/pipeline parallel plans, taken from the stock class (their style names change between
+    # transformers versions); the base model's come from LlamaConfig, as for stock.
+    _tp_plan = dict(StockLlamaForCausalLM._tp_plan or {})
+    _pp_plan = dict(StockLlamaForCausalLM._pp_plan or {})
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
@@ -2130,6 +2193,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
 
@@ -2201,8 +2265,125 @@ class LlamaForSequenceClassification(LlamaPreTrainedModel):
             logits=pooled_logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["LlamaPreTrainedModel", "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification"]
+class LlamaForQuestionAnswering(LlamaPreTrainedModel):
+    """Extractive QA: start and end logits per token. The base model sits under ``transformer``, as in stock."""
+
+    base_model_prefix = "transformer"
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.transformer = LlamaModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.transformer.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        start_positions: Optional[torch.LongTensor] = None,
+        end_positions: Optional[torch.LongTensor] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[QuestionAnsweringModelOutput, tuple]:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        start_logits, end_logits = span_logits(self.qa_outputs(outputs.last_hidden_state))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions, **kwargs)
+        output = QuestionAnsweringModelOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class LlamaForTokenClassification(LlamaPreTrainedModel):
+    """Per-token labels from the final hidden states (dropout, then ``score``), as stock."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = LlamaModel(config)
+        self.dropout = nn.Dropout(classifier_dropout_probability(config))
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=getattr(config, "token_classification_bias", True))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[TokenClassifierOutput, tuple]:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = self.score(self.dropout(outputs.last_hidden_state))
+        loss = self.loss_function(logits, labels, self.config) if labels is not None else None
+        output = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "LlamaPreTrainedModel",
+    "LlamaModel",
+    "LlamaForCausalLM",
+    "LlamaForSequenceClassification",
+    "LlamaForQuestionAnswering",
+    "LlamaForTokenClassification",
+]

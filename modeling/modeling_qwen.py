@@ -308,8 +308,9 @@ class DropoutMatmul(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True):
-    k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
+def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True):
+    """Softmax weights ``[b, h, q_len, k_len]`` and which query rows see a key (None: all of them)."""
+    k = _expand_kv(k, call.heads)
     rows, cols = slice(0, call.q_len), slice(0, call.k_len)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
@@ -324,6 +325,12 @@ def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_so
         probs = LightSoftmax.apply(scores)
     else:
         probs = torch.softmax(scores, dim=-1)
+    return probs, row_has_key
+
+
+def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True):
+    probs, row_has_key = _eager_probabilities(q, k, call, mask, alibi_slopes, scale, light_softmax)
+    v = _expand_kv(v, call.heads)
     if call.dropout_p > 0.0 and dropout_matmul:
         out = DropoutMatmul.apply(probs, v, call.dropout_p)
     else:
@@ -1347,6 +1354,50 @@ def attention(
             _log_once(f"attention backend {name!r} failed ({type(error).__name__}: {error}); falling back")
 
 
+# ----------------------------------------------------------------------------------------------
+# Attention weights on request (output_attentions=True)
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_with_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+) -> tuple:
+    """``attention()`` on the eager math, returning ``(output, weights)``; ``weights`` ``[b, h, q_len, k_len]``
+    are the softmax probabilities after dropout, as transformers' eager attention returns them.
+
+    For ``output_attentions=True`` only: the weights are O(seq^2), which the fused kernels never form.
+    """
+    _log_once("output_attentions=True: attention weights are computed with the eager math (O(seq^2) memory)")
+    q, k, v = _autocast_inputs(q, k, v)
+    call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p)
+    scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
+    probs, row_has_key = _eager_probabilities(q, k, call, attention_mask, alibi_slopes, scale)
+    weights = F.dropout(probs, p=call.dropout_p, training=call.dropout_p > 0.0)
+    output = torch.matmul(weights, _expand_kv(v, call.heads))
+    return _zero_empty_rows(output, row_has_key), weights
+
+
+_WEIGHTS_ARGUMENTS = ("causal", "attention_mask", "alibi_slopes", "dropout_p", "scale")
+
+
+def attention_recording_weights(q, k, v, weights: Optional[list], **kwargs) -> torch.Tensor:
+    """``attention(q, k, v, **kwargs)``; given a ``weights`` list, ``attention_with_weights`` instead, with the
+    weights appended to the list (how a model collects them per layer for ``output_attentions=True``)."""
+    if weights is None:
+        return attention(q, k, v, **kwargs)
+    output, layer_weights = attention_with_weights(q, k, v, **{n: kwargs[n] for n in _WEIGHTS_ARGUMENTS if n in kwargs})
+    weights.append(layer_weights)
+    return output
+
+
 def available_backends(device: Optional[str] = None) -> list:
     """Backends that run on ``device`` (default: CUDA if present, else CPU) on this machine."""
     device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1387,6 +1438,43 @@ def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[t
         raise ValueError(f"expected a 2-D padding mask [batch, k_len], got shape {list(attention_mask.shape)}")
     keep = attention_mask.bool()
     return None if bool(keep.all()) else keep
+
+
+def check_cache_type(past_key_values) -> None:
+    """Refuses the legacy tuple-of-tuples cache with one clear error (every family, every transformers version)."""
+    if isinstance(past_key_values, (tuple, list)):
+        raise TypeError(
+            "past_key_values must be a transformers Cache object (e.g. DynamicCache or EncoderDecoderCache), "
+            f"not the legacy {type(past_key_values).__name__} of per-layer tensors; build a DynamicCache instead"
+        )
+
+
+def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optional[tuple]:
+    """The hidden states a model returns: all of them for ``output_hidden_states=True``, None when it is false,
+    and for an index or list of indices (transformers 5's selection; negative ones count from the end) those."""
+    if not output_hidden_states:
+        return None
+    if output_hidden_states is True:
+        return tuple(hidden_states)
+    count = len(hidden_states)
+    indices = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
+    keep = {index % count for index in indices if -count <= index < count}
+    return tuple(state for index, state in enumerate(hidden_states) if index in keep)
+
+
+def span_logits(logits: torch.Tensor) -> tuple:
+    """A question-answering head's ``[..., 2]`` output as ``(start_logits, end_logits)``."""
+    start, end = logits.split(1, dim=-1)
+    return start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+
+
+def classifier_dropout_probability(config) -> float:
+    """Token-classification dropout as transformers picks it: ``classifier_dropout``, else ``hidden_dropout``,
+    else 0.1."""
+    for name in ("classifier_dropout", "hidden_dropout"):
+        if getattr(config, name, None) is not None:
+            return getattr(config, name)
+    return 0.1
 
 
 _IMPLEMENTATION_TO_BACKEND = {
@@ -1859,9 +1947,11 @@ class QWenAttention(nn.Module):
         query_scale: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         past_key_values: Optional[Cache] = None,
+        attention_weights: Optional[list] = None,
     ) -> torch.Tensor:
         """``rotary``: cos/sin ``[b or 1, 1, s, rotary_dim]``; ``query_scale``: logn factors ``[1, 1, s, 1]``;
-        ``attention_mask``: bool keep-mask ``[b, past + s]`` or None."""
+        ``attention_mask``: bool keep-mask ``[b, past + s]`` or None. Given an ``attention_weights`` list, the
+        weights are computed and appended to it (``output_attentions``)."""
         batch, q_len, _ = hidden_states.shape
         mixed = self.c_attn(hidden_states).view(batch, q_len, 3, self.num_heads, self.head_dim)
         query, key, value = mixed.permute(2, 0, 3, 1, 4).unbind(0)
@@ -1874,10 +1964,11 @@ class QWenAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
 
-        output = attention(
+        output = attention_recording_weights(
             query,
             key,
             value,
+            attention_weights,
             causal=True,
             attention_mask=attention_mask,
             dropout_p=self.attention_dropout if self.training else 0.0,
@@ -1916,6 +2007,7 @@ class QWenBlock(LongContextCheckpointing, GradientCheckpointingLayer):
         query_scale: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         past_key_values: Optional[Cache] = None,
+        attention_weights: Optional[list] = None,
     ) -> torch.Tensor:
         tile_size = sequence_tile_size(self.config)
         hidden_states = hidden_states + self.attn(
@@ -1924,6 +2016,7 @@ class QWenBlock(LongContextCheckpointing, GradientCheckpointingLayer):
             query_scale,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
+            attention_weights=attention_weights,
         )
         return hidden_states + sequence_tiled((self.ln_2, self.mlp), hidden_states, tile_size)
 
@@ -2057,16 +2150,10 @@ class QWenModel(QWenPreTrainedModel):
         a transformers ``Cache``."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if output_attentions if output_attentions is not None else self.config.output_attentions:
-            raise ValueError(
-                "output_attentions is not available: the fused attention kernels never materialize the weights"
-            )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         if head_mask is not None:
             raise ValueError("head_mask is not supported: the fused attention kernels take no per-head mask")
-        if past_key_values is not None and not isinstance(past_key_values, Cache):
-            raise TypeError(
-                "past_key_values must be a transformers Cache (e.g. DynamicCache), not the original tuple cache"
-            )
+        check_cache_type(past_key_values)
         if getattr(past_key_values, "is_compileable", False):
             raise ValueError("static (compileable) caches are not supported; use a DynamicCache")
         output_hidden_states = (
@@ -2100,25 +2187,28 @@ class QWenModel(QWenPreTrainedModel):
         keep_mask = keep_mask_from_padding(attention_mask)
 
         hidden_states = self.drop(inputs_embeds)
-        all_hidden_states = () if output_hidden_states else None
+        all_hidden_states = []
+        all_attentions = [] if output_attentions else None
         for block in self.h:
             if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+                all_hidden_states.append(hidden_states)
             hidden_states = block(
                 hidden_states,
                 rotary,
                 query_scale,
                 attention_mask=keep_mask,
                 past_key_values=past_key_values,
+                attention_weights=all_attentions,
             )
         hidden_states = sequence_tiled((self.ln_f,), hidden_states, sequence_tile_size(self.config))
         if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+            all_hidden_states.append(hidden_states)
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             past_key_values=past_key_values if use_cache else None,
-            hidden_states=all_hidden_states,
+            hidden_states=selected_hidden_states(all_hidden_states, output_hidden_states),
+            attentions=tuple(all_attentions) if output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -2230,6 +2320,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
 

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 versions=("$@")
 [ ${#versions[@]} -gt 0 ] || versions=(4.57.6 5.0.0)
-tests=(tests/test_attention.py tests/test_llama.py tests/test_gpt2.py tests/test_bloom.py tests/test_bart.py tests/test_qwen.py)
+tests=(tests/test_attention.py tests/test_llama.py tests/test_gpt2.py tests/test_bloom.py tests/test_bart.py tests/test_qwen.py
+       tests/test_stock_behaviour.py)
 for version in "${versions[@]}"; do
     venv="${TMPDIR:-/tmp}/mea-transformers-$version"
     [ -x "$venv/bin/python" ] || python -m venv --system-site-packages "$venv"

@@ -335,10 +335,11 @@ def test_backend_is_read_from_the_config_at_every_forward(seq2seq_folder):
             ours(**batch)
 
 
-def test_a_4d_decoder_mask_is_refused(seq2seq_folder):
+def test_a_3d_decoder_mask_is_refused(seq2seq_folder):
+    """2-D padding masks and 4-D attention masks are taken (tests/test_stock_behaviour.py); nothing between."""
     ours = load_ours(seq2seq_folder, "sdpa")
     batch = padded_batch()
-    batch["decoder_attention_mask"] = torch.ones(3, 1, 9, 9)
+    batch["decoder_attention_mask"] = torch.ones(3, 9, 9)
     with pytest.raises(ValueError, match="2-D padding mask"):
         ours(**batch)
 

@@ -275,13 +275,6 @@ def test_attn_implementation_reaches_the_kernel_layer(monkeypatch):
     assert_close_rel(actual[mask.bool()], stock(ids, attention_mask=mask).logits[mask.bool()].detach(), FP32_TOL)
 
 
-def test_output_attentions_is_refused_clearly():
-    _, ours = load_pair()
-    ids, _ = make_inputs([5], 5, "none")
-    with pytest.raises(ValueError, match="output_attentions"):
-        ours(ids, output_attentions=True)
-
-
 # ------------------------------------------------------------------------------------------------
 # Training: loss, gradients, dropout, gradient checkpointing
 # ------------------------------------------------------------------------------------------------

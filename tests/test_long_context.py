@@ -330,7 +330,8 @@ def test_llama_rope_tables_are_built_once_per_step_and_cached_frequencies_stay_b
         calls.clear()
         loss_and_grads(model, length)
         assert len(calls) == 1, "cos/sin are computed once per step, not per layer or per recompute"
-        assert len(model.model.rotary_emb._frequencies) == 1
+        stock.model.rotary_emb(torch.zeros(1), torch.arange(length)[None])  # stock's frequencies for this length
+        assert torch.equal(model.model.rotary_emb.inv_freq, stock.model.rotary_emb.inv_freq)
 
 
 # ----------------------------------------------------------------------------------------------
