@@ -20,11 +20,19 @@ from .attention import (
     set_chunk_sizes,
     set_flex_static_shapes,
 )
-from .patch import apply_attention_patch, register_attention_backends, remove_attention_patch
+from .patch import (
+    BetterTransformer,
+    apply_attention_patch,
+    register_attention_backends,
+    remove_attention_patch,
+    reverse,
+    transform,
+)
 
 __all__ = [
     "AUTO_ORDER",
     "BACKENDS",
+    "BetterTransformer",
     "DropoutMatmul",
     "LightSoftmax",
     "alibi_slopes",
@@ -35,9 +43,11 @@ __all__ = [
     "cudnn_plan_cache_info",
     "keep_mask_from_padding",
     "resolve_backend",
+    "reverse",
     "register_attention_backends",
     "remove_attention_patch",
     "select_backend",
     "set_chunk_sizes",
     "set_flex_static_shapes",
+    "transform",
 ]

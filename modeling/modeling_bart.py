@@ -95,6 +95,7 @@ class AttentionCall:
     k_len: int
     causal: bool
     mask_kind: str  # "none", "padding" ([b, k] bool), "bool" or "additive" (broadcastable 4-D)
+    documents: bool  # sequence_ids given: packed documents, each attending only to itself
     alibi: bool
     dropout_p: float
     needs_grad: bool
@@ -106,6 +107,12 @@ class AttentionCall:
     def causal_offset(self) -> int:
         """Bottom-right alignment: query i sees keys j <= i + causal_offset."""
         return self.k_len - self.q_len
+
+    @property
+    def ragged(self) -> bool:
+        """Rows of different lengths or several documents per row, where a causal call would need a
+        [b, 1, q, k] mask on a dense kernel."""
+        return self.documents or (self.mask_kind == "padding" and self.causal)
 
 
 def _mask_kind(mask: Optional[torch.Tensor], batch: int, heads: int, q_len: int, k_len: int) -> str:
@@ -140,7 +147,26 @@ def _mask_kind(mask: Optional[torch.Tensor], batch: int, heads: int, q_len: int,
     raise ValueError(f"a 4-D attention_mask must be bool (True = attend) or floating (additive), got {mask.dtype}")
 
 
-def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p) -> AttentionCall:
+def _check_sequence_ids(sequence_ids: Optional[torch.Tensor], attention_mask, batch: int, k_len: int, device) -> bool:
+    if sequence_ids is None:
+        return False
+    if sequence_ids.dtype.is_floating_point or sequence_ids.dtype.is_complex or sequence_ids.dtype == torch.bool:
+        raise ValueError(f"sequence_ids must be an integer tensor [batch, k_len], got dtype {sequence_ids.dtype}")
+    if tuple(sequence_ids.shape) != (batch, k_len):
+        raise ValueError(
+            f"sequence_ids must have shape [batch, k_len] = [{batch}, {k_len}], got {list(sequence_ids.shape)}"
+        )
+    if sequence_ids.device != device:
+        raise ValueError(f"sequence_ids must be on the device of q ({device}), got {sequence_ids.device}")
+    if attention_mask is not None and attention_mask.dim() == 4:
+        raise ValueError(
+            "sequence_ids cannot be combined with a 4-D attention_mask: fold the documents into the 4-D mask, "
+            "or pass a [batch, k_len] padding mask"
+        )
+    return True
+
+
+def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids=None) -> AttentionCall:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             "q, k and v must be 4-D [batch, heads, seq, head_dim]; got shapes "
@@ -175,6 +201,7 @@ def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p) -> Atten
         k_len=k_len,
         causal=bool(causal),
         mask_kind=mask_kind,
+        documents=_check_sequence_ids(sequence_ids, attention_mask, batch, k_len, q.device),
         alibi=alibi_slopes is not None,
         dropout_p=float(dropout_p),
         needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
@@ -193,13 +220,34 @@ def _additive_hidden(mask: torch.Tensor) -> torch.Tensor:
     return mask <= torch.finfo(mask.dtype).min
 
 
-def _block_keep(call: AttentionCall, mask, rows: slice, cols: slice, device) -> Optional[torch.Tensor]:
-    """Bool keep-mask of the block rows x cols, broadcastable to [b, h, rows, cols]; None = keep all."""
+def _document_index(sequence_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] ids -> [b, s] index of the document each token is in: a new document starts wherever the id
+    changes along the row (so every backend agrees even on ids such as [0, 0, 1, 0])."""
+    starts = sequence_ids[:, 1:] != sequence_ids[:, :-1]
+    return F.pad(starts.cumsum(-1, dtype=torch.int32), (1, 0))
+
+
+def _kept_positions(keep: torch.Tensor) -> torch.Tensor:
+    """Float32 [b, k] position of each key counting only kept keys: ALiBi distances skip padding, as in BLOOM."""
+    return keep.cumsum(-1, dtype=torch.float32)
+
+
+def _query_slice(call: AttentionCall, rows: slice) -> slice:
+    """The key positions of query rows (bottom-right aligned)."""
+    return slice(rows.start + call.causal_offset, rows.stop + call.causal_offset)
+
+
+def _block_keep(call: AttentionCall, mask, rows: slice, cols: slice, device, documents=None) -> Optional[torch.Tensor]:
+    """Bool keep-mask of the block rows x cols, broadcastable to [b, h, rows, cols]; None = keep all.
+    ``documents`` is ``_document_index`` of the call's sequence_ids."""
     keep = None
+    if documents is not None:
+        keep = (documents[:, None, _query_slice(call, rows), None] == documents[:, None, None, cols])
     if call.causal:
         q_pos = torch.arange(rows.start, rows.stop, device=device)[:, None] + call.causal_offset
         k_pos = torch.arange(cols.start, cols.stop, device=device)[None, :]
-        keep = (k_pos <= q_pos)[None, None]
+        causal = (k_pos <= q_pos)[None, None]
+        keep = causal if keep is None else keep & causal
     if call.mask_kind == "padding":
         pad = mask[:, None, None, cols]
         keep = pad if keep is None else keep & pad
@@ -214,9 +262,14 @@ def _block_bias(call: AttentionCall, mask, alibi_slopes, rows: slice, cols: slic
     """Float32 additive bias of the block (ALiBi and an additive mask), broadcastable to [b, h, rows, cols]."""
     bias = None
     if alibi_slopes is not None:
-        q_pos = torch.arange(rows.start, rows.stop, device=device, dtype=torch.float32)[:, None] + call.causal_offset
-        k_pos = torch.arange(cols.start, cols.stop, device=device, dtype=torch.float32)[None, :]
-        bias = alibi_slopes.to(device=device, dtype=torch.float32)[None, :, None, None] * (k_pos - q_pos)
+        slopes = alibi_slopes.to(device=device, dtype=torch.float32)[None, :, None, None]
+        if call.mask_kind == "padding":
+            positions = _kept_positions(mask)
+            bias = slopes * (positions[:, None, None, cols] - positions[:, None, _query_slice(call, rows), None])
+        else:
+            q_pos = torch.arange(rows.start, rows.stop, device=device, dtype=torch.float32)[:, None] + call.causal_offset
+            k_pos = torch.arange(cols.start, cols.stop, device=device, dtype=torch.float32)[None, :]
+            bias = slopes * (k_pos - q_pos)
     if call.mask_kind == "additive":
         block = mask[:, :, rows, cols] if mask.shape[2] != 1 else mask[:, :, :, cols]
         block = block.float().masked_fill(_additive_hidden(block), 0.0)
@@ -286,7 +339,11 @@ class DropoutMatmul(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True):
+def _documents_of(sequence_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if sequence_ids is None else _document_index(sequence_ids)
+
+
+def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, sequence_ids=None):
     """Softmax weights ``[b, h, q_len, k_len]`` and which query rows see a key (None: all of them)."""
     k = _expand_kv(k, call.heads)
     rows, cols = slice(0, call.q_len), slice(0, call.k_len)
@@ -294,7 +351,7 @@ def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, l
     bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
     if bias is not None:
         scores = (scores.to(_compute_dtype(q.dtype)) + bias).to(q.dtype)
-    keep = _block_keep(call, mask, rows, cols, q.device)
+    keep = _block_keep(call, mask, rows, cols, q.device, _documents_of(sequence_ids))
     row_has_key = None
     if keep is not None:
         scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
@@ -306,8 +363,10 @@ def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, l
     return probs, row_has_key
 
 
-def _run_eager(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True):
-    probs, row_has_key = _eager_probabilities(q, k, call, mask, alibi_slopes, scale, light_softmax)
+def _run_eager(
+    q, k, v, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, dropout_matmul=True, sequence_ids=None, **_
+):
+    probs, row_has_key = _eager_probabilities(q, k, call, mask, alibi_slopes, scale, light_softmax, sequence_ids)
     v = _expand_kv(v, call.heads)
     if call.dropout_p > 0.0 and dropout_matmul:
         out = DropoutMatmul.apply(probs, v, call.dropout_p)
@@ -365,16 +424,40 @@ def _with_sdpa_priority(first: Optional[list], run: Callable[[], torch.Tensor]) 
         torch._C._set_sdp_priority_order(previous)
 
 
-def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+def _sdpa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal):
+    """flash_attn_varlen_func's contract on SDPA: packed ``[tokens, heads, dim]`` sequences delimited by
+    ``cu_seqlens``, run as nested jagged tensors (flash or memory-efficient varlen kernels on CUDA).
+    Nested SDPA takes no GQA, so the packed keys and values are repeated per head (O(tokens))."""
+    heads = q.shape[1]
+    k, v = (_expand_kv(x.transpose(0, 1)[None], heads)[0].transpose(0, 1) for x in (k, v))
+
+    def nested(x, cu_seqlens, longest):
+        jagged = torch.nested.nested_tensor_from_jagged(x, cu_seqlens.long(), max_seqlen=longest)
+        return jagged.transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(
+        nested(q, cu_seqlens_q, max_seqlen_q),
+        nested(k, cu_seqlens_k, max_seqlen_k),
+        nested(v, cu_seqlens_k, max_seqlen_k),
+        dropout_p=dropout_p,
+        is_causal=causal,
+        scale=softmax_scale,
+    )
+    return out.transpose(1, 2).values()
+
+
+def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_ids=None, **_):
+    if call.ragged and call.q_len > 1 and _sdpa_needs_dense_mask(call) is None:
+        return _run_varlen(_sdpa_varlen, q, k, v, call, mask, sequence_ids, scale)
     dropout = call.dropout_p
-    no_mask = call.mask_kind == "none"
+    no_mask = call.mask_kind == "none" and not call.documents
     if no_mask and (not call.causal or call.q_len == 1 and call.k_len >= 1 or call.q_len == call.k_len):
         is_causal = call.causal and call.q_len == call.k_len and call.q_len > 1
         attn_mask, row_has_key = None, None
     else:
         is_causal = False
         rows, cols = slice(0, call.q_len), slice(0, call.k_len)
-        keep = _block_keep(call, mask, rows, cols, q.device)
+        keep = _block_keep(call, mask, rows, cols, q.device, _documents_of(sequence_ids))
         row_has_key = keep.any(dim=-1, keepdim=True)
         safe_keep = keep | ~row_has_key
         if call.mask_kind == "additive":
@@ -407,17 +490,20 @@ def _dropout_keep(seed: int, q_block: int, k_block: int, n_k_blocks: int, shape,
 
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, call, mask, alibi_slopes, scale, seed):
-        out, lse = _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed)
+    def forward(ctx, q, k, v, call, mask, alibi_slopes, scale, seed, documents):
+        out, lse = _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed, documents)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call, ctx.mask, ctx.alibi_slopes, ctx.scale, ctx.seed = call, mask, alibi_slopes, scale, seed
+        ctx.documents = documents
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        grads = _chunked_backward(q, k, v, out, lse, grad_out, ctx.call, ctx.mask, ctx.alibi_slopes, ctx.scale, ctx.seed)
-        return (*grads, None, None, None, None, None)
+        grads = _chunked_backward(
+            q, k, v, out, lse, grad_out, ctx.call, ctx.mask, ctx.alibi_slopes, ctx.scale, ctx.seed, ctx.documents
+        )
+        return (*grads, None, None, None, None, None, None)
 
 
 def _chunk_slices(length: int, size: int) -> list:
@@ -429,20 +515,20 @@ def _block_is_hidden(call: AttentionCall, rows: slice, cols: slice) -> bool:
     return call.causal and cols.start > rows.stop - 1 + call.causal_offset
 
 
-def _block_scores(q_blk, k_blk, call, mask, alibi_slopes, scale, rows, cols):
+def _block_scores(q_blk, k_blk, call, mask, alibi_slopes, scale, rows, cols, documents):
     """Float32 scores of one block with ALiBi/additive bias and -inf where a key is hidden."""
     dtype = _compute_dtype(q_blk.dtype)
     scores = torch.matmul(q_blk.to(dtype), k_blk.to(dtype).transpose(-1, -2)) * scale
     bias = _block_bias(call, mask, alibi_slopes, rows, cols, q_blk.device)
     if bias is not None:
         scores = scores + bias
-    keep = _block_keep(call, mask, rows, cols, q_blk.device)
+    keep = _block_keep(call, mask, rows, cols, q_blk.device, documents)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     return scores
 
 
-def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed):
+def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed, documents):
     batch, heads, _, dim = q.shape
     dtype = _compute_dtype(q.dtype)
     out = torch.empty_like(q)
@@ -456,7 +542,7 @@ def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed):
         for ki, cols in enumerate(k_slices):
             if _block_is_hidden(call, rows, cols):
                 continue
-            scores = _block_scores(q_blk, k[:, :, cols], call, mask, alibi_slopes, scale, rows, cols)
+            scores = _block_scores(q_blk, k[:, :, cols], call, mask, alibi_slopes, scale, rows, cols, documents)
             new_max = torch.maximum(row_max, scores.amax(dim=-1, keepdim=True))
             safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
             probs = torch.exp(scores - safe_max)
@@ -473,7 +559,7 @@ def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed):
     return out, lse
 
 
-def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, scale, seed):
+def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, scale, seed, documents):
     dtype = _compute_dtype(q.dtype)
     grad_q, grad_k, grad_v = (torch.zeros_like(x, dtype=dtype) for x in (q, k, v))
     delta = (grad_out.to(dtype) * out.to(dtype)).sum(dim=-1, keepdim=True)
@@ -485,7 +571,7 @@ def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, sca
         for ki, cols in enumerate(k_slices):
             if _block_is_hidden(call, rows, cols):
                 continue
-            scores = _block_scores(q_blk, k[:, :, cols], call, mask, alibi_slopes, scale, rows, cols)
+            scores = _block_scores(q_blk, k[:, :, cols], call, mask, alibi_slopes, scale, rows, cols, documents)
             probs = torch.exp(scores - finite_lse).masked_fill(torch.isinf(row_lse), 0.0)
             grad_probs = torch.matmul(g_blk, v[:, :, cols].to(dtype).transpose(-1, -2))
             if call.dropout_p > 0.0:
@@ -501,10 +587,10 @@ def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, sca
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
 
 
-def _run_chunked(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+def _run_chunked(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_ids=None, **_):
     k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if call.dropout_p > 0.0 else 0
-    return _ChunkedAttention.apply(q, k, v, call, mask, alibi_slopes, scale, seed)
+    return _ChunkedAttention.apply(q, k, v, call, mask, alibi_slopes, scale, seed, _documents_of(sequence_ids))
 
 
 def set_chunk_sizes(query: int = 1024, key: int = 1024) -> None:
@@ -563,7 +649,7 @@ def _flex_uses_static_shapes(call: AttentionCall, q: torch.Tensor, k: torch.Tens
         return True
     if call.q_len == 1:
         return False
-    signature = (tuple(q.shape), tuple(k.shape), call.dtype, call.needs_grad, call.causal, call.mask_kind, call.alibi)
+    signature = (tuple(q.shape), tuple(k.shape), call.dtype, call.needs_grad, call.causal, call.mask_kind, call.documents, call.alibi)
     if signature not in _flex_static_signatures:
         if len(_flex_static_signatures) >= _FLEX_STATIC_SHAPES["limit"]:
             return False
@@ -590,8 +676,11 @@ def _flex_masks_causally(call: AttentionCall) -> bool:
     return call.causal and call.q_len > 1
 
 
-def _flex_mask_mod(call: AttentionCall, mask, device) -> Callable:
+def _flex_mask_mod(call: AttentionCall, mask, device, sequence_ids=None) -> Callable:
     conditions = []
+    if sequence_ids is not None:
+        documents, offset = _document_index(sequence_ids), _flex_offset(call, device)
+        conditions.append(lambda b, h, q_idx, kv_idx: documents[b, q_idx + offset] == documents[b, kv_idx])
     if _flex_masks_causally(call):
         offset = _flex_offset(call, device)
         conditions.append(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + offset)
@@ -617,7 +706,11 @@ def _flex_mask_mod(call: AttentionCall, mask, device) -> Callable:
 
 def _flex_score_mod(call: AttentionCall, mask, alibi_slopes) -> Optional[Callable]:
     terms = []
-    if alibi_slopes is not None:
+    if alibi_slopes is not None and call.mask_kind == "padding":
+        slopes, positions = alibi_slopes.to(torch.float32), _kept_positions(mask)
+        offset = _flex_offset(call, slopes.device)
+        terms.append(lambda b, h, q_idx, kv_idx: slopes[h] * (positions[b, kv_idx] - positions[b, q_idx + offset]))
+    elif alibi_slopes is not None:
         slopes = alibi_slopes.to(torch.float32)
         offset = _flex_offset(call, slopes.device)
         terms.append(lambda b, h, q_idx, kv_idx: slopes[h] * (kv_idx - q_idx - offset))
@@ -697,45 +790,61 @@ _shape_block_masks: dict = {}
 _tensor_block_mask: dict = {}
 
 
-def _flex_block_mask(call: AttentionCall, mask, device):
+def _live_tensors(*tensors) -> tuple:
+    """Weak references and version counters of tensors (None stays None), to recognise them later."""
+    return tuple(None if t is None else (weakref.ref(t), t._version) for t in tensors)
+
+
+def _same_live_tensors(recorded: tuple, *tensors) -> bool:
+    return len(recorded) == len(tensors) and all(
+        (r is None and t is None) or (r is not None and t is not None and r[0]() is t and r[1] == t._version)
+        for r, t in zip(recorded, tensors)
+    )
+
+
+def _flex_block_mask(call: AttentionCall, mask, device, sequence_ids=None):
     """The block mask of a call, built once per shape (causal only) or once per mask tensor.
 
     Every layer of a forward pass makes the same call, so rebuilding the block mask each time would cost
-    a pass over the [q, k] grid per layer. A mask that depends on a tensor is reused only while that very
-    tensor object is alive and unmodified (checked through a weak reference and its version counter).
+    a pass over the [q, k] grid per layer. A mask that depends on tensors (the mask, the sequence ids) is
+    reused only while those very tensor objects are alive and unmodified (checked through weak references
+    and their version counters).
     """
-    if not _flex_masks_causally(call) and call.mask_kind == "none":
+    by_shape = call.mask_kind == "none" and not call.documents
+    if not _flex_masks_causally(call) and by_shape:
         return None
-    per_batch = call.mask_kind != "none" and mask.shape[0] != 1
+    per_batch = call.documents or (call.mask_kind != "none" and mask.shape[0] != 1)
     per_head = call.mask_kind in ("bool", "additive") and mask.shape[1] != 1
     key = (call.causal, call.causal_offset, call.q_len, call.k_len, str(device), call.mask_kind, per_batch, per_head)
-    if call.mask_kind == "none":
+    tensor_mask = mask if call.mask_kind != "none" else None
+    if by_shape:
         cached = _shape_block_masks.get(key)
     else:
         entry = _tensor_block_mask.get("last")
-        same = entry is not None and entry[0]() is mask and entry[1] == mask._version and entry[2] == key
-        cached = entry[3] if same else None
+        same = entry is not None and entry[1] == key and _same_live_tensors(entry[0], tensor_mask, sequence_ids)
+        cached = entry[2] if same else None
     if cached is not None:
         return cached
+    batch = (mask.shape[0] if call.mask_kind != "none" else sequence_ids.shape[0]) if per_batch else 1
     block_mask = _banded_block_mask(
-        _flex_mask_mod(call, mask, device),
-        mask.shape[0] if per_batch else 1,
+        _flex_mask_mod(call, mask, device, sequence_ids),
+        batch,
         call.heads if per_head else 1,
         call.q_len,
         call.k_len,
         device,
     )
-    if call.mask_kind == "none":
+    if by_shape:
         if len(_shape_block_masks) >= 64:
             _shape_block_masks.clear()
         _shape_block_masks[key] = block_mask
     else:
-        _tensor_block_mask["last"] = (weakref.ref(mask), mask._version, key, block_mask)
+        _tensor_block_mask["last"] = (_live_tensors(tensor_mask, sequence_ids), key, block_mask)
     return block_mask
 
 
-def _run_flex(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
-    block_mask = _flex_block_mask(call, mask, q.device)
+def _run_flex(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_ids=None, **_):
+    block_mask = _flex_block_mask(call, mask, q.device, sequence_ids)
     score_mod = _flex_score_mod(call, mask, alibi_slopes)
     return _flex_function(_flex_uses_static_shapes(call, q, k))(
         _flex_module().flex_attention,
@@ -762,6 +871,44 @@ def _flash_attn_functions():
     return flash_attn_func, flash_attn_varlen_func
 
 
+def _ragged_layout(call: AttentionCall, mask, sequence_ids, batch: int, device):
+    """The kept tokens of ``[b, s]`` rows as consecutive segments, one per row and document: their flat
+    token indices (None: every token), int32 ``cu_seqlens`` and the longest segment (one host sync)."""
+    seq = call.k_len
+    segment = torch.arange(batch, device=device)[:, None] * seq
+    if sequence_ids is not None:
+        segment = segment + _document_index(sequence_ids)
+    segment = segment.expand(batch, seq).flatten()
+    indices = None
+    if call.mask_kind == "padding":
+        indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
+        segment = segment.index_select(0, indices)
+    _, counts = torch.unique_consecutive(segment, return_counts=True)
+    cu_seqlens = F.pad(torch.cumsum(counts, dim=0, dtype=torch.int32), (1, 0))
+    return indices, cu_seqlens, int(counts.max()) if counts.numel() else 0
+
+
+def _run_varlen(varlen_func, q, k, v, call: AttentionCall, mask, sequence_ids, scale, alibi_slopes=None):
+    """A padded or packed call with q_len == k_len as one varlen kernel call over the kept tokens: every
+    segment (row and document) attends only to itself, causal inside; padded query rows return zeros."""
+    batch, heads, seq, dim = q.shape
+    indices, cu_seqlens, longest = _ragged_layout(call, mask, sequence_ids, batch, q.device)
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        flat = x.transpose(1, 2).reshape(batch * seq, x.shape[1], dim)
+        return flat if indices is None else flat.index_select(0, indices)
+
+    extra = {} if alibi_slopes is None else {"alibi_slopes": alibi_slopes.to(torch.float32)}
+    out = q.new_zeros(batch * seq, heads, dim)
+    if longest > 0:
+        packed = varlen_func(
+            pack(q), pack(k), pack(v), cu_seqlens, cu_seqlens, longest, longest,
+            dropout_p=call.dropout_p, softmax_scale=scale, causal=call.causal, **extra,
+        )
+        out = packed if indices is None else out.index_copy(0, indices, packed)
+    return out.view(batch, seq, heads, dim).transpose(1, 2)
+
+
 def _unpad(x: torch.Tensor, keep: torch.Tensor):
     """[b, s, h, d] with a [b, s] keep-mask -> packed [tokens, h, d], flat indices, cu_seqlens, max length."""
     lengths = keep.sum(dim=-1, dtype=torch.int32)
@@ -771,8 +918,10 @@ def _unpad(x: torch.Tensor, keep: torch.Tensor):
     return packed, indices, cu_seqlens, int(lengths.max().item())
 
 
-def _run_flash_attn(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+def _run_flash_attn(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_ids=None, **_):
     flash_func, varlen_func = _flash_attn_functions()
+    if call.documents or call.mask_kind == "padding" and call.q_len == call.k_len:
+        return _run_varlen(varlen_func, q, k, v, call, mask, sequence_ids, scale, alibi_slopes)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     slopes = alibi_slopes.to(torch.float32) if alibi_slopes is not None else None
     common = dict(dropout_p=call.dropout_p, softmax_scale=scale, causal=call.causal, alibi_slopes=slopes)
@@ -1094,6 +1243,20 @@ def _cannot_sdpa(call: AttentionCall) -> Optional[str]:
     return None
 
 
+def _sdpa_needs_dense_mask(call: AttentionCall) -> Optional[str]:
+    """Why sdpa would run a padded or packed call with a dense [b, 1, q, k] mask (None: it needs none).
+    ``auto`` then prefers an O(n) backend; an explicit ``sdpa`` still runs it, with the dense mask."""
+    if not call.ragged or call.q_len == 1:
+        return None
+    if call.q_len != call.k_len:
+        return "sdpa takes padded or packed rows with a cache only one query row at a time"
+    if call.device_type != "cuda":
+        return "sdpa's nested jagged (varlen) kernels are causal only on CUDA"
+    if torch.compiler.is_compiling():
+        return "sdpa's varlen path reads the sequence lengths on the host, which torch.compile cannot trace"
+    return None
+
+
 def _cannot_flex(call: AttentionCall) -> Optional[str]:
     if _flex_module() is None:
         return "flex needs torch.nn.attention.flex_attention (PyTorch >= 2.5)"
@@ -1119,6 +1282,8 @@ def _cannot_flash_attn(call: AttentionCall) -> Optional[str]:
         return f"flash_attn needs head_dim <= 256 and a multiple of 8, got {call.head_dim}"
     if call.mask_kind in ("bool", "additive"):
         return "flash_attn takes only a [batch, k_len] padding mask, not a 4-D mask"
+    if call.documents and call.q_len != call.k_len:
+        return "flash_attn takes sequence_ids only with q_len == k_len"
     if call.alibi and not call.causal:
         return "flash_attn's ALiBi is symmetric (-slope*|i-j|) without causal masking"
     if call.causal and call.q_len > call.k_len:
@@ -1139,6 +1304,8 @@ def _cannot_cudnn(call: AttentionCall) -> Optional[str]:
         return "cudnn here takes causal calls over the full sequence (not a decoding step, chunked prefill or non-causal call)"
     if call.mask_kind in ("bool", "additive"):
         return "cudnn takes padding only as sequence lengths, not a 4-D mask"
+    if call.documents:
+        return "cudnn here takes no sequence_ids (packed documents)"
     if call.dropout_p > 0.0:
         return "cudnn here takes no attention dropout (cuDNN refuses it with ALiBi; sdpa runs plain dropout)"
     if torch.compiler.is_compiling() or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -1157,8 +1324,8 @@ def _cannot_xformers(call: AttentionCall) -> Optional[str]:
         return f"xformers does not take {call.dtype}"
     if call.alibi:
         return "xformers cannot take ALiBi slopes without a materialized bias"
-    if call.mask_kind != "none":
-        return "xformers backend takes no attention_mask here"
+    if call.mask_kind != "none" or call.documents:
+        return "xformers backend takes no attention_mask or sequence_ids here"
     if call.causal and call.q_len > call.k_len:
         return "xformers needs q_len <= k_len with causal masking"
     return None
@@ -1245,6 +1412,11 @@ def _why_not(name: str, call: AttentionCall) -> Optional[str]:
     return _probe(name, call.device_type) or _CANNOT[name](call)
 
 
+def _auto_skips(name: str, call: AttentionCall) -> bool:
+    """``auto`` passes over sdpa where it would build an O(q * k) mask for a padded or packed call."""
+    return name == "sdpa" and _sdpa_needs_dense_mask(call) is not None
+
+
 # ----------------------------------------------------------------------------------------------
 # Selection
 # ----------------------------------------------------------------------------------------------
@@ -1273,7 +1445,9 @@ def select_backend(call: AttentionCall, backend: str = "auto") -> str:
     backend = resolve_backend(backend)
     if backend == "auto":
         for name in _auto_order(call.device_type):
-            if (name, call.device_type) not in _failed_at_runtime and _why_not(name, call) is None:
+            if (name, call.device_type) in _failed_at_runtime or _auto_skips(name, call):
+                continue
+            if _why_not(name, call) is None:
                 return name
         raise ValueError(f"no attention backend can take this call: {call}")
     if backend not in BACKENDS:
@@ -1306,6 +1480,7 @@ def attention(
     backend: str = "auto",
     light_softmax: bool = True,
     dropout_matmul: bool = True,
+    sequence_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention through the fastest backend that can take the call.
 
@@ -1313,11 +1488,17 @@ def attention(
     aligned when ``q_len != k_len``. ``attention_mask`` is a bool keep-mask ``[b, k_len]`` or a bool/additive
     mask broadcastable to ``[b, h, q_len, k_len]``. ``alibi_slopes`` ``[h]`` adds ``slope * (j - i_aligned)``.
     A query row that sees no key returns zeros. ``light_softmax``/``dropout_matmul`` shape the eager path.
+
+    ``sequence_ids`` ``[b, k_len]`` (integers) packs several documents into a row: a new document starts
+    wherever the id changes along the row, and a query sees only keys of its own document (with ``causal``
+    and the padding mask on top). With a padding mask, ALiBi distances count only kept keys (as BLOOM's
+    positions do). Padded or packed calls never build a ``[b, 1, q_len, k_len]`` mask except on ``eager``
+    and for a user's 4-D mask; outputs at padded query positions are unspecified (zeros on varlen kernels).
     """
     q, k, v = _autocast_inputs(q, k, v)
-    call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p)
+    call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids)
     scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
-    options = dict(light_softmax=light_softmax, dropout_matmul=dropout_matmul)
+    options = dict(light_softmax=light_softmax, dropout_matmul=dropout_matmul, sequence_ids=sequence_ids)
     requested = resolve_backend(backend)
     while True:
         name = select_backend(call, requested)
@@ -1347,6 +1528,7 @@ def attention_with_weights(
     alibi_slopes: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     scale: Optional[float] = None,
+    sequence_ids: Optional[torch.Tensor] = None,
 ) -> tuple:
     """``attention()`` on the eager math, returning ``(output, weights)``; ``weights`` ``[b, h, q_len, k_len]``
     are the softmax probabilities after dropout, as transformers' eager attention returns them.
@@ -1355,15 +1537,15 @@ def attention_with_weights(
     """
     _log_once("output_attentions=True: attention weights are computed with the eager math (O(seq^2) memory)")
     q, k, v = _autocast_inputs(q, k, v)
-    call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p)
+    call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids)
     scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
-    probs, row_has_key = _eager_probabilities(q, k, call, attention_mask, alibi_slopes, scale)
+    probs, row_has_key = _eager_probabilities(q, k, call, attention_mask, alibi_slopes, scale, sequence_ids=sequence_ids)
     weights = F.dropout(probs, p=call.dropout_p, training=call.dropout_p > 0.0)
     output = torch.matmul(weights, _expand_kv(v, call.heads))
     return _zero_empty_rows(output, row_has_key), weights
 
 
-_WEIGHTS_ARGUMENTS = ("causal", "attention_mask", "alibi_slopes", "dropout_p", "scale")
+_WEIGHTS_ARGUMENTS = ("causal", "attention_mask", "alibi_slopes", "dropout_p", "scale", "sequence_ids")
 
 
 def attention_recording_weights(q, k, v, weights: Optional[list], **kwargs) -> torch.Tensor:
@@ -1416,6 +1598,58 @@ def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[t
         raise ValueError(f"expected a 2-D padding mask [batch, k_len], got shape {list(attention_mask.shape)}")
     keep = attention_mask.bool()
     return None if bool(keep.all()) else keep
+
+
+def _document_of_token(cu_seqlens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.searchsorted(cu_seqlens[1:].to(tokens.dtype).contiguous(), tokens, right=True)
+
+
+def varlen_keywords(kwargs: dict) -> dict:
+    """The flash-attention varlen keywords (packed rows, as transformers and TRL pass them) among ``kwargs``,
+    for a head model to hand on to its base model."""
+    names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    return {name: kwargs[name] for name in names if name in kwargs}
+
+
+def packed_documents(
+    batch_size: int,
+    seq_len: int,
+    device,
+    position_ids: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    past_key_values=None,
+    cu_seq_lens_q: Optional[torch.Tensor] = None,
+    cu_seq_lens_k: Optional[torch.Tensor] = None,
+    **_,
+) -> tuple:
+    """``(sequence_ids, position_ids)`` for a model forward that may pack several documents per row.
+
+    Two forms, as transformers and TRL produce them: ``cu_seq_lens_q``/``cu_seq_lens_k`` (cumulative document
+    lengths over the flattened ``batch * seq`` tokens, flash-attention's varlen keywords), or ``position_ids``
+    restarting inside a row with no attention mask and no cache given (``DataCollatorWithFlattening``; a
+    position that does not follow its left neighbour by +1 starts a document, as in transformers). Without
+    either, ``sequence_ids`` is None. Missing ``position_ids`` are derived from ``cu_seq_lens_q`` (restarting at
+    0 per document). No host sync and no data-dependent branch: one document per row gives all-zero ids.
+    """
+    if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
+        if cu_seq_lens_q is None or cu_seq_lens_k is None or cu_seq_lens_q.shape != cu_seq_lens_k.shape:
+            raise ValueError("packed self-attention needs cu_seq_lens_q and cu_seq_lens_k of the same shape")
+        if cu_seq_lens_q.dim() != 1 or cu_seq_lens_q.dtype.is_floating_point or cu_seq_lens_q.numel() < 2:
+            raise ValueError(
+                f"cu_seq_lens_q must be 1-D integer cumulative lengths [documents + 1], got {cu_seq_lens_q.dtype} "
+                f"{list(cu_seq_lens_q.shape)}"
+            )
+        cu_seqlens = cu_seq_lens_q.to(device)
+        tokens = torch.arange(batch_size * seq_len, device=device)
+        documents = _document_of_token(cu_seqlens, tokens)
+        if position_ids is None:
+            position_ids = (tokens - cu_seqlens[documents]).view(batch_size, seq_len)
+        return documents.view(batch_size, seq_len), position_ids
+    if position_ids is None or attention_mask is not None or past_key_values is not None:
+        return None, position_ids
+    rows = position_ids.expand(batch_size, seq_len)
+    starts = torch.diff(rows, dim=-1) != 1
+    return F.pad(starts.cumsum(-1, dtype=torch.int32), (1, 0)), position_ids
 
 
 def check_cache_type(past_key_values) -> None:

@@ -1,6 +1,6 @@
 """In-process use of the kernel layer with stock transformers models.
 
-Two ways in, both reversible:
+Two ways in, both reversible, and the seeds' interfaces on top:
 
 * **The attention registry.** ``register_attention_backends()`` (run when this module is imported) adds
   ``"mea"`` (the ``auto`` backend) and ``"mea_<backend>"`` for every backend in ``BACKENDS`` to transformers'
@@ -14,9 +14,15 @@ Two ways in, both reversible:
 * **Patching.** ``apply_attention_patch(model)`` switches a loaded model in place (weights untouched):
   registry-based models (LLaMA, GPT-2, BART and many more) get our registered implementation name in their
   configs; BLOOM, which has no registry, gets an instance-level ``forward`` on each ``BloomAttention`` that
-  calls the kernel layer with ALiBi slopes. ``apply_attention_patch()`` without a model makes models created
-  afterwards use our kernels. ``remove_attention_patch(...)`` undoes either exactly, so ``save_pretrained``
-  afterwards writes a stock checkpoint.
+  runs our modeling_bloom.py's ``BloomAttention`` (sharing the stock module's weights): one BLOOM code
+  path. ``apply_attention_patch()`` without a model makes models created afterwards use our kernels.
+  ``remove_attention_patch(...)`` undoes either exactly, so ``save_pretrained`` afterwards writes a stock
+  checkpoint. The registry's other users, models that compute attention themselves, get the eager mask.
+
+* **The seeds' interfaces.** ``transform(model, keep_original_model=True)`` / ``reverse(model)`` (also as
+  ``BetterTransformer.transform`` / ``.reverse``) with optimum's meaning, and the original adapter's
+  ``memory_efficient_adapter.models.<family>.flash_attn_patch.apply_attention_patch`` (``modeling/models/``),
+  whose no-argument form is the class-level patch limited to that family.
 
 Everything that differs between transformers versions (4.57, 5.0, 5.x) sits in the "Version-specific"
 section below.
@@ -24,11 +30,12 @@ section below.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,10 +47,13 @@ from .attention import BACKENDS, alibi_slopes, attention
 
 __all__ = [
     "REGISTERED_NAMES",
+    "BetterTransformer",
     "apply_attention_patch",
     "implementation_name",
     "register_attention_backends",
     "remove_attention_patch",
+    "reverse",
+    "transform",
 ]
 
 # Registered attention implementation names and the kernel-layer backend each one requests.
@@ -198,10 +208,10 @@ def kernel_layer_mask(**mask_kwargs: Any):
     computes attention itself, e.g. stock BLOOM unless patched) gets the eager mask, which its own attention
     code reads correctly, and a warning (once per model type).
 
-    Otherwise returns a ``[batch, kv_length]`` keep-mask for causal attention with padding, a ``[batch, 1, 1, kv_length]``
-    keep-mask for bidirectional attention with padding, and otherwise whatever transformers' sdpa mask
-    function returns for the same call (None for unpadded causal/bidirectional calls, where the attention
-    function then relies on ``is_causal``, or a 4-D bool mask for every other pattern).
+    Otherwise returns a ``[batch, kv_length]`` keep-mask for causal attention with padding, a
+    ``[batch, 1, 1, kv_length]`` keep-mask for bidirectional attention with padding, and otherwise whatever
+    transformers' sdpa mask function returns for the same call (None for unpadded causal/bidirectional calls,
+    where the attention function then relies on ``is_causal``, or a 4-D bool mask for every other pattern).
     """
     config = mask_kwargs.get("config")
     if config is not None and not _attention_reads_our_mask(config):
@@ -402,9 +412,10 @@ def _attention_reads_our_mask(config) -> bool:
     if _module_uses_registry(module_name) or _is_our_module(sys.modules.get(module_name)):
         return True
     bloom = _bloom_attention_class()
-    if bloom is not None and module_name == bloom.__module__ and _CLASS_PATCH is not None:
+    if bloom is not None and module_name == bloom.__module__ and bloom.__dict__["forward"] in _BLOOM_FORWARDS.values():
         return True
-    return any(config is patched for record in _MODEL_PATCHES.values() if record.forwards for patched, _ in record.configs)
+    patched_blooms = (record for record in _MODEL_PATCHES.values() if record.forwards)
+    return any(config is patched for record in patched_blooms for patched, _ in record.configs)
 
 
 def _warn_stock_attention_once(config) -> None:
@@ -496,6 +507,7 @@ class _ClassPatch:
     backend: str
     original_check: Callable
     original_bloom_forward: Callable | None
+    families: frozenset | None = None  # None: every family
     models: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
 
@@ -540,12 +552,33 @@ def _restore_creation_switch(model: nn.Module) -> None:
             _set_implementation(config, previous)
 
 
-def _class_patch_applies(cls: type) -> bool:
-    """Whether a model class created under the class-level patch should use our kernels."""
+def _family_of(cls: type) -> str:
+    """``llama`` for ``transformers.models.llama.modeling_llama`` and for a remote-code ``modeling_llama``."""
+    return cls.__module__.rsplit(".", 1)[-1].removeprefix("modeling_")
+
+
+def _in_scope(patch: _ClassPatch, family: str) -> bool:
+    return patch.families is None or family in patch.families
+
+
+def _class_patch_applies(patch: _ClassPatch, cls: type) -> bool:
+    """Whether a model class created under the class-level patch should use our kernels (logs why not, once,
+    for a class of a family the patch names: the original Qwen-7B code, a model without the registry)."""
+    if not _in_scope(patch, _family_of(cls)):
+        return False
     bloom = _bloom_pretrained_class()
-    if bloom is not None and issubclass(cls, bloom):
+    if (bloom is not None and issubclass(cls, bloom)) or _is_ours(cls):
         return True
-    return not _is_ours(cls) and _module_uses_registry(cls.__module__)
+    if _module_uses_registry(cls.__module__):
+        return True
+    from transformers.utils import logging
+
+    logging.get_logger(__name__).warning_once(
+        f"apply_attention_patch(): {cls.__module__}.{cls.__name__} computes attention itself (not through "
+        "transformers' attention registry), so its models keep their own attention; our modeling files "
+        "(trust_remote_code=True, or copied over the original) run it on the kernel layer"
+    )
+    return False
 
 
 def _make_init_hook(original: Callable) -> Callable:
@@ -554,7 +587,7 @@ def _make_init_hook(original: Callable) -> Callable:
         patch = _CLASS_PATCH
         if patch is None or not _is_init_check(args, kwargs) or attn_implementation not in (None, "sdpa"):
             return resolved
-        if not _class_patch_applies(type(self)):
+        if not _class_patch_applies(patch, type(self)):
             return resolved
         patch.models.setdefault(self, []).append((self.config, resolved))
         return implementation_name(patch.backend)
@@ -563,16 +596,24 @@ def _make_init_hook(original: Callable) -> Callable:
     return _check_and_adjust_attn_implementation
 
 
-def _apply_to_classes(backend: str) -> None:
+def _apply_to_classes(backend: str, families: frozenset | None) -> None:
+    """Start the class-level patch, or widen the running one when it has the same backend (the seed modules
+    patch one family each: patching LLaMA, then BLOOM, patches both)."""
     global _CLASS_PATCH
     from transformers import PreTrainedModel
 
-    original_check = PreTrainedModel.__dict__["_check_and_adjust_attn_implementation"]
+    if _CLASS_PATCH is not None and _CLASS_PATCH.backend == backend:
+        wider = None if None in (families, _CLASS_PATCH.families) else _CLASS_PATCH.families | families
+        _CLASS_PATCH.families = wider
+    else:
+        _remove_from_classes()
+        original_check = PreTrainedModel.__dict__["_check_and_adjust_attn_implementation"]
+        bloom = _bloom_attention_class()
+        original_bloom = bloom.__dict__["forward"] if bloom is not None else None
+        _CLASS_PATCH = _ClassPatch(backend, original_check, original_bloom, families)
+        PreTrainedModel._check_and_adjust_attn_implementation = _make_init_hook(original_check)
     bloom = _bloom_attention_class()
-    original_bloom = bloom.__dict__["forward"] if bloom is not None else None
-    _CLASS_PATCH = _ClassPatch(backend=backend, original_check=original_check, original_bloom_forward=original_bloom)
-    PreTrainedModel._check_and_adjust_attn_implementation = _make_init_hook(original_check)
-    if bloom is not None:
+    if bloom is not None and _in_scope(_CLASS_PATCH, "bloom"):
         bloom.forward = _bloom_forward(backend)
 
 
@@ -597,7 +638,9 @@ def _remove_from_classes() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def apply_attention_patch(model: nn.Module | None = None, backend: str = "auto") -> nn.Module | None:
+def apply_attention_patch(
+    model: nn.Module | None = None, backend: str = "auto", families: Iterable[str] | None = None
+) -> nn.Module | None:
     """Route attention through the kernel layer, in place; undo with ``remove_attention_patch``.
 
     With a model (a loaded stock transformers LLaMA, GPT-2, BLOOM, BART, or any model whose attention modules
@@ -608,15 +651,20 @@ def apply_attention_patch(model: nn.Module | None = None, backend: str = "auto")
     no explicit choice) use ours instead, and BLOOM's attention class runs on the kernel layer (for existing
     BLOOM models too). An explicit ``attn_implementation`` such as ``"eager"`` is respected.
 
+    ``families`` (no-model form only) limits that to the classes of these families (``"llama"``,
+    ``"bloom"``, ...): the original adapter's per-family ``models.<family>.flash_attn_patch`` modules use it.
+
     ``backend`` is ``"auto"`` (the fastest kernel that can take each call; ``USE_FLASH_ATTN`` applies) or a
-    kernel-layer backend name. Patching again replaces the previous patch.
+    kernel-layer backend name. Patching again with another backend replaces the previous patch; with the same
+    backend, a class-level patch covers the union of the families asked for.
     """
     implementation_name(backend)  # validates the backend
     register_attention_backends()
     if model is None:
-        _remove_from_classes()
-        _apply_to_classes(backend)
+        _apply_to_classes(backend, None if families is None else frozenset(families))
         return None
+    if families is not None:
+        raise ValueError("families limits the class-level patch (no model); a model is patched whatever its family")
     _restore_model_patch(model)
     _apply_to_model(model, backend)
     return model
@@ -636,6 +684,47 @@ def remove_attention_patch(model: nn.Module | None = None) -> nn.Module | None:
     _restore_model_patch(model)
     _restore_creation_switch(model)
     return model
+
+
+def transform(model: nn.Module, keep_original_model: bool = False, backend: str = "auto") -> nn.Module:
+    """BetterTransformer's ``transform``: the model with its attention on the kernel layer.
+
+    ``keep_original_model=True`` patches a deep copy and leaves ``model`` as it was (two sets of weights in
+    memory, as with BetterTransformer); otherwise ``model`` itself is patched and returned.
+    """
+    if keep_original_model:
+        model = _copy_with_patch_record(model)
+    return apply_attention_patch(model, backend=backend)
+
+
+def reverse(model: nn.Module) -> nn.Module:
+    """BetterTransformer's ``reverse``: the model with its stock attention back (exactly as before the patch)."""
+    return remove_attention_patch(model)
+
+
+class BetterTransformer:
+    """``BetterTransformer.transform(model, keep_original_model=True)`` / ``BetterTransformer.reverse(model)``
+    of optimum, on the kernel layer: change only the import of a script written for BetterTransformer."""
+
+    transform = staticmethod(transform)
+    reverse = staticmethod(reverse)
+
+
+def _copy_with_patch_record(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``; when ``model`` is patched, the copy's patch record points at the copy's own
+    configs and modules, so that ``reverse`` undoes the copy's patch exactly as it would the original's."""
+    memo: dict = {}
+    duplicate = copy.deepcopy(model, memo)
+    record = _MODEL_PATCHES.get(model)
+    if record is not None:
+        _MODEL_PATCHES[duplicate] = _ModelPatch(
+            configs=[(memo[id(config)], previous) for config, previous in record.configs],
+            forwards=[
+                (memo[id(module)], previous if previous is _MISSING else copy.deepcopy(previous, memo))
+                for module, previous in record.forwards
+            ],
+        )
+    return duplicate
 
 
 register_attention_backends()

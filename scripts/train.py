@@ -74,7 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(for --tiny-config: our modeling file; without it the stock transformers class)",
     )
     parser.add_argument("--attn_implementation", help="eager, sdpa, mea, mea_<backend>, flash_attention_2, ...")
-    parser.add_argument("--use_flash_attn", help="true, false or a kernel-layer backend name (sets USE_FLASH_ATTN)")
+    parser.add_argument(
+        "--use_flash_attn",
+        nargs="?",
+        const="true",
+        help="true (the bare flag too, as in the original adapter), false or a backend name (sets USE_FLASH_ATTN)",
+    )
 
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--data", help="a .txt, .npy or .jsonl file (see the module docstring)")
@@ -87,6 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per device per micro-step")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument(
+        "--pack",
+        action="store_true",
+        help="keep document boundaries (.jsonl lines, synthetic segments): each document in a row attends only to "
+        "itself, with positions restarting at 0 (position_ids) and no target across a boundary",
+    )
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at lr x this")
     parser.add_argument("--warmup", type=int, default=10)
@@ -289,17 +300,22 @@ def synthetic_tokens(n_tokens: int, vocab_size: int, seq_len: int, seed: int) ->
     Segment tokens follow a Zipf law over a seeded shuffle of the vocabulary (ids 0-2 are left for
     pad/bos/eos), so the loss first falls to the unigram entropy and then further only through attention.
     """
+    return torch.cat(synthetic_documents(n_tokens, vocab_size, seq_len, seed))[:n_tokens]
+
+
+def synthetic_documents(n_tokens: int, vocab_size: int, seq_len: int, seed: int) -> list[torch.Tensor]:
+    """The copy task's documents (a segment followed by its repeat), at least ``n_tokens`` tokens in all."""
     generator = torch.Generator().manual_seed(seed)
     token_ids = torch.randperm(vocab_size - 3, generator=generator) + 3
     zipf = 1.0 / torch.arange(1, vocab_size - 2, dtype=torch.float64)
     longest = max(4, seq_len // 4)
-    pieces, total = [], 0
+    documents, total = [], 0
     while total < n_tokens:
         length = int(torch.randint(3, longest + 1, (1,), generator=generator))
         segment = token_ids[torch.multinomial(zipf, length, replacement=True, generator=generator)]
-        pieces += [segment, segment]
+        documents.append(torch.cat((segment, segment)))
         total += 2 * length
-    return torch.cat(pieces)[:n_tokens]
+    return documents
 
 
 def read_token_file(path: Path, folder: Path | None, vocab_size: int) -> torch.Tensor:
@@ -310,16 +326,7 @@ def read_token_file(path: Path, folder: Path | None, vocab_size: int) -> torch.T
             raise ValueError(f"{path}: expected integer token ids, got dtype {array.dtype}")
         tokens = torch.from_numpy(array.astype(np.int64).reshape(-1))
     elif path.suffix == ".jsonl":
-        ids: list[int] = []
-        with path.open() as lines:
-            for number, line in enumerate(lines, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    document = record["input_ids"] if isinstance(record, dict) else record
-                    if not all(isinstance(token, int) for token in document):
-                        raise ValueError(f"{path}:{number}: expected a list of integer token ids")
-                    ids.extend(document)
-        tokens = torch.tensor(ids, dtype=torch.int64)
+        tokens = torch.tensor([token for document in jsonl_documents(path) for token in document], dtype=torch.int64)
     else:
         tokens = tokenize_text(path.read_text(encoding="utf-8"), folder, vocab_size)
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
@@ -327,6 +334,20 @@ def read_token_file(path: Path, folder: Path | None, vocab_size: int) -> torch.T
             f"{path}: token ids must lie in [0, {vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]"
         )
     return tokens
+
+
+def jsonl_documents(path: Path) -> list[list[int]]:
+    """The documents of a .jsonl file: one per non-empty line, a list of token ids or {"input_ids": [...]}."""
+    documents = []
+    with path.open() as lines:
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                record = json.loads(line)
+                document = record["input_ids"] if isinstance(record, dict) else record
+                if not all(isinstance(token, int) for token in document):
+                    raise ValueError(f"{path}:{number}: expected a list of integer token ids")
+                documents.append(document)
+    return documents
 
 
 def tokenize_text(text: str, folder: Path | None, vocab_size: int) -> torch.Tensor:
@@ -344,12 +365,20 @@ class BlockSchedule:
     """Which ``seq_len`` blocks each rank trains on at each step: a fixed function of (seed, step)."""
 
     def __init__(
-        self, tokens: torch.Tensor, seq_len: int, per_device: int, grad_accum: int, world_size: int, seed: int
+        self,
+        tokens: torch.Tensor,
+        seq_len: int,
+        per_device: int,
+        grad_accum: int,
+        world_size: int,
+        seed: int,
+        starts: torch.Tensor | None = None,
     ):
         n_blocks = tokens.numel() // seq_len
         if n_blocks == 0:
             raise ValueError(f"the data holds {tokens.numel()} tokens, fewer than one block of {seq_len}")
         self.blocks = tokens[: n_blocks * seq_len].view(n_blocks, seq_len)
+        self.starts = None if starts is None else starts[: n_blocks * seq_len].view(n_blocks, seq_len)
         self.per_device, self.grad_accum, self.world_size, self.seed = per_device, grad_accum, world_size, seed
         self._epoch, self._order = -1, None
 
@@ -364,9 +393,44 @@ class BlockSchedule:
             self._epoch, self._order = epoch, torch.randperm(self.blocks.shape[0], generator=generator)
         return int(self._order[position])
 
-    def micro_batch(self, step: int, micro_step: int, rank: int) -> torch.Tensor:
+    def _micro_blocks(self, step: int, micro_step: int, rank: int) -> list[int]:
         start = step * self.global_batch + (micro_step * self.world_size + rank) * self.per_device
-        return self.blocks[[self._block(sample) for sample in range(start, start + self.per_device)]]
+        return [self._block(sample) for sample in range(start, start + self.per_device)]
+
+    def micro_batch(self, step: int, micro_step: int, rank: int) -> torch.Tensor:
+        return self.blocks[self._micro_blocks(step, micro_step, rank)]
+
+    def model_inputs(self, step: int, micro_step: int, rank: int) -> dict:
+        """input_ids and labels of a micro-batch; packed rows (``starts`` given) also get position_ids."""
+        blocks = self._micro_blocks(step, micro_step, rank)
+        if self.starts is None:
+            return {"input_ids": self.blocks[blocks], "labels": self.blocks[blocks]}
+        return packed_inputs(self.blocks[blocks], self.starts[blocks])
+
+
+def document_starts(args: argparse.Namespace, n_tokens: int, vocab_size: int, world_size: int) -> torch.Tensor:
+    """For --pack: a bool [n_tokens] that is True where a document begins (a .txt or .npy is one document)."""
+    if args.synthetic:
+        n_wanted = args.steps * args.batch_size * args.grad_accum * world_size * args.seq_len
+        lengths = [len(d) for d in synthetic_documents(n_wanted, vocab_size, args.seq_len, args.seed)]
+    elif args.data.endswith(".jsonl"):
+        lengths = [len(d) for d in jsonl_documents(Path(args.data))]
+    else:
+        lengths = [n_tokens]
+    starts = torch.zeros(n_tokens, dtype=torch.bool)
+    offsets = torch.tensor([0] + lengths[:-1]).cumsum(0)
+    starts[offsets[offsets < n_tokens]] = True
+    return starts
+
+
+def packed_inputs(ids: torch.Tensor, starts: torch.Tensor) -> dict:
+    """Model inputs of packed rows: position_ids restart at every document start (and at each row's start),
+    and the first token of a document is no target (it is not predicted from the document before it)."""
+    index = torch.arange(ids.shape[1]).expand_as(ids)
+    starts = starts.clone()
+    starts[:, 0] = True
+    position_ids = index - torch.where(starts, index, 0).cummax(dim=-1).values
+    return {"input_ids": ids, "position_ids": position_ids, "labels": ids.masked_fill(starts, -100)}
 
 
 def load_tokens(args: argparse.Namespace, folder: Path | None, vocab_size: int, world_size: int) -> torch.Tensor:
@@ -520,10 +584,11 @@ def _train(args: argparse.Namespace, dist_info: Distributed) -> list[dict]:
     folder = model_folder(args, dist_info)
     model = apply_long_context(load_model(args, folder, patch_backend), args)
     vocab_size = model.get_input_embeddings().weight.shape[0]
+    tokens = load_tokens(args, folder, vocab_size, dist_info.world_size)
+    starts = document_starts(args, tokens.numel(), vocab_size, dist_info.world_size) if args.pack else None
     schedule = BlockSchedule(
-        load_tokens(args, folder, vocab_size, dist_info.world_size), args.seq_len, args.batch_size,
-        args.grad_accum, dist_info.world_size, args.seed,
-    )  # fmt: skip
+        tokens, args.seq_len, args.batch_size, args.grad_accum, dist_info.world_size, args.seed, starts
+    )
     core = model
     model = wrap_model(model, args, dist_info)
     optimizer = torch.optim.AdamW(core.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
@@ -548,11 +613,12 @@ def _train(args: argparse.Namespace, dist_info: Distributed) -> list[dict]:
             group["lr"] = lr
         loss_sum = 0.0
         for micro_step in range(args.grad_accum):
-            batch = schedule.micro_batch(step, micro_step, dist_info.rank).to(dist_info.device)
+            inputs = schedule.model_inputs(step, micro_step, dist_info.rank)
+            inputs = {name: value.to(dist_info.device) for name, value in inputs.items()}
             sync = micro_step == args.grad_accum - 1 or not hasattr(model, "no_sync")
             with nullcontext() if sync else model.no_sync():  # DDP: all-reduce once, after the last micro-step
                 with autocast:
-                    loss = model(input_ids=batch, labels=batch).loss / args.grad_accum
+                    loss = model(**inputs).loss / args.grad_accum
                 loss.backward()
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), args.max_grad_norm)

@@ -238,7 +238,7 @@ def test_benchmark_py_is_the_entry_point_of_the_package():
     assert len((SCRIPTS / "benchmark.py").read_text().splitlines()) < 40
     assert all(len(path.read_text().splitlines()) <= 900 for path in (SCRIPTS / "bench").glob("*.py"))
     args = load_script("benchmark").parse_args(["--device", "cpu", "--section", "all", "--vocab", "151936"])
-    assert args.section == ["train", "infer", "kernel", "light", "compare"] and args.vocab == 151936
+    assert args.section == ["train", "infer", "kernel", "light", "compare", "padded"] and args.vocab == 151936
 
 
 def test_impl_names_parse_into_attention_and_modifiers():
@@ -348,7 +348,8 @@ def test_liger_patches_the_stock_class_until_its_model_is_dropped(cpu_bench, mon
     models = bench_module("models")
     kwargs = models.config_kwargs("llama", models.TINY_DIMS["llama"], 64, 0.0, torch.float32)
     patched = cpu_bench.factory.build("llama", "stock:sdpa+liger", kwargs, torch.float32)
-    assert isinstance(patched.model.norm, PatchedNorm) and modeling_llama.LlamaForCausalLM.forward is not original_forward
+    assert isinstance(patched.model.norm, PatchedNorm)
+    assert modeling_llama.LlamaForCausalLM.forward is not original_forward
     del patched
     cpu_bench.factory.release()
     assert modeling_llama.LlamaRMSNorm is original_norm and modeling_llama.LlamaForCausalLM.forward is original_forward

@@ -167,9 +167,10 @@ def fake_cudnn(monkeypatch):
     return SimpleNamespace(module=module, streams=streams)
 
 
-def cuda_call(q, k, v, causal=True, mask=None, slopes=None, dropout_p=0.0):
+def cuda_call(q, k, v, causal=True, mask=None, slopes=None, dropout_p=0.0, sequence_ids=None):
     """The description of a call as the CUDA device would see it (the tensors stay on the CPU)."""
-    return dataclasses.replace(kernel_layer._describe(q, k, v, causal, mask, slopes, dropout_p), device_type="cuda")
+    call = kernel_layer._describe(q, k, v, causal, mask, slopes, dropout_p, sequence_ids)
+    return dataclasses.replace(call, device_type="cuda")
 
 
 def right_padding(batch: int, seq: int, cut: int) -> torch.Tensor:
@@ -207,6 +208,7 @@ HOLE = torch.tensor([[True] * 16, [True] * 5 + [False] + [True] * 10])
         (lambda: (qkv(seq=4, k_len=16), {}), "chunked prefill"),
         (lambda: (qkv(), dict(mask=torch.ones(2, 1, 16, 16, dtype=torch.bool))), "4-D mask"),
         (lambda: (qkv(), dict(slopes=mea.alibi_slopes(4), dropout_p=0.1)), "dropout"),
+        (lambda: (qkv(), dict(sequence_ids=torch.tensor([[0] * 9 + [1] * 7] * 2))), "packed documents"),
         (lambda: (qkv(), dict(slopes=torch.rand(4))), "BLOOM's ALiBi slopes"),
         (lambda: (qkv(), dict(slopes=mea.alibi_slopes(4), mask=LEFT_PADDING)), "left padding"),
         (lambda: (qkv(), dict(mask=HOLE)), "left padding"),

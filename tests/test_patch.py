@@ -7,8 +7,10 @@ on the kernel layer proves that patched models really run through it.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import sys
+from pathlib import Path
 
 import memory_efficient_adapter as mea
 import pytest
@@ -35,6 +37,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 patch_module = importlib.import_module("memory_efficient_adapter.patch")
 bloom_module = importlib.import_module("memory_efficient_adapter.modeling_bloom")
 
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 VOCAB = 97
 FP32_TOL = 1e-5
 FAMILIES = ["llama", "gpt2", "bloom", "bart"]
@@ -503,3 +506,138 @@ def test_bloom_patch_shares_the_weights_and_leaves_no_trace(kernel_calls):
     assert list(model.state_dict()) == keys
     mea.remove_attention_patch(model)
     assert all(patch_module._KERNEL_ATTENTION not in m.__dict__ for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------------------
+# The seeds' own interfaces: models.<family>.flash_attn_patch, USE_FLASH_ATTN, BetterTransformer
+# ----------------------------------------------------------------------------------------------
+
+
+def seed_module(family: str):
+    return importlib.import_module(f"memory_efficient_adapter.models.{family}.flash_attn_patch")
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom", "bart"])
+def test_seed_module_patches_its_family_only(family, kernel_calls):
+    """``apply_attention_patch()`` of models.<family>: that family's models created afterwards run on the
+    kernel layer and match stock; another family's do not change."""
+    other = "gpt2"
+    inputs, compare = model_inputs(family, "left")
+    reference = logits(tiny_stock(family), inputs)
+    seed_module(family).apply_attention_patch()
+    created, bystander = tiny_stock(family), tiny_stock(other)
+    kernel_calls.clear()
+    out = logits(created, inputs)
+    assert kernel_calls and {call[0] for call in kernel_calls} == {"auto"}
+    assert_close_rel(out[compare], reference[compare], FP32_TOL, f"seed {family}")
+    assert bystander.config._attn_implementation == "sdpa"
+    kernel_calls.clear()
+    logits(bystander, model_inputs(other, "left")[0])
+    assert kernel_calls == []
+    seed_module(family).remove_attention_patch()
+    assert torch.equal(logits(created, inputs), reference)
+
+
+def test_seed_modules_add_up_and_take_a_model_or_a_backend(kernel_calls):
+    seed_module("llama").apply_attention_patch(backend="chunked")
+    seed_module("bart").apply_attention_patch(backend="chunked")  # same backend: LLaMA stays patched too
+    llama, bart, gpt2 = tiny_stock("llama"), tiny_stock("bart"), tiny_stock("gpt2")
+    assert (llama.config._attn_implementation, bart.config._attn_implementation) == ("mea_chunked",) * 2
+    assert gpt2.config._attn_implementation == "sdpa"
+    mea.remove_attention_patch()
+    assert seed_module("bloom").apply_attention_patch(gpt2, backend="eager") is gpt2  # a model: that model
+    assert gpt2.config._attn_implementation == "mea_eager"
+
+
+def test_seed_qwen_module_switches_our_qwen_created_afterwards(tmp_path):
+    from memory_efficient_adapter import families
+    from memory_efficient_adapter.configuration_qwen import QWenConfig
+    from transformers import AutoConfig
+
+    config = QWenConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, kv_channels=16,
+        intermediate_size=128, max_position_embeddings=64, seq_length=64, fp32=True,
+    )  # fmt: skip
+    config.save_pretrained(tmp_path)
+    families.write_remote_code(tmp_path, "qwen")
+    config = AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)
+    seed_module("qwen").apply_attention_patch(backend="chunked")
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules")
+    assert model.config._attn_implementation == "mea_chunked"
+    assert sys.modules[type(model).__module__].attention_backend(model.config) == "chunked"
+    mea.remove_attention_patch()
+    assert model.config._attn_implementation != "mea_chunked"
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_use_flash_attn_reaches_models_patched_through_the_seed_module(family, monkeypatch):
+    """``export USE_FLASH_ATTN=...``, read at every call as in the original adapter: false = eager."""
+    inputs, compare = model_inputs(family, "left")
+    reference = logits(tiny_stock(family), inputs)
+    seed_module(family).apply_attention_patch()
+    model = tiny_stock(family)
+    chosen = []
+    kernel_layer = bloom_module if family == "bloom" else importlib.import_module("memory_efficient_adapter.attention")
+    real_select = kernel_layer.select_backend
+
+    def spy(call, backend="auto"):
+        chosen.append(real_select(call, backend))
+        return chosen[-1]
+
+    monkeypatch.setattr(kernel_layer, "select_backend", spy)
+    for value, expected in (("true", None), ("false", "eager"), ("chunked", "chunked")):
+        monkeypatch.setenv("USE_FLASH_ATTN", value)
+        chosen.clear()
+        out = logits(model, inputs)
+        assert chosen and (expected is None or set(chosen) == {expected}), (value, chosen)
+        assert_close_rel(out[compare], reference[compare], FP32_TOL, f"{family} USE_FLASH_ATTN={value}")
+    monkeypatch.setenv("USE_FLASH_ATTN", "fastest")
+    with pytest.raises(ValueError, match="USE_FLASH_ATTN"):
+        logits(model, inputs)
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_transform_keep_original_model_patches_a_copy_and_reverse_restores_it(family, kernel_calls):
+    model = tiny_stock(family)
+    inputs, compare = model_inputs(family, "left")
+    reference = logits(model, inputs)
+    implementation = model.config._attn_implementation
+    transformed = mea.BetterTransformer.transform(model, keep_original_model=True)
+    assert transformed is not model and type(transformed) is type(model)
+    kernel_calls.clear()
+    assert torch.equal(logits(model, inputs), reference) and kernel_calls == [], "the original was touched"
+    assert instance_forwards(model) == [] and model.config._attn_implementation == implementation
+    out = logits(transformed, inputs)
+    assert kernel_calls, "the copy does not run on the kernel layer"
+    assert_close_rel(out[compare], reference[compare], FP32_TOL, f"{family} transformed copy")
+    first = next(transformed.parameters())
+    assert first.data_ptr() != next(model.parameters()).data_ptr(), "the copy shares the original's weights"
+
+    assert mea.BetterTransformer.reverse(transformed) is transformed
+    assert torch.equal(logits(transformed, inputs), reference)
+    assert instance_forwards(transformed) == [] and transformed.config._attn_implementation == implementation
+    assert mea.transform(model) is model and kernel_calls  # without keep_original_model: in place
+    mea.reverse(model)
+    assert torch.equal(logits(model, inputs), reference)
+
+
+def test_transform_of_a_patched_model_keeps_the_copy_reversible():
+    model = mea.apply_attention_patch(tiny_stock("bloom"), backend="chunked")
+    inputs, _ = model_inputs("bloom", "left")
+    copy_ = mea.transform(model, keep_original_model=True, backend="eager")
+    assert copy_.config._attn_implementation == "mea_eager" and model.config._attn_implementation == "mea_chunked"
+    mea.reverse(copy_)
+    assert copy_.config._attn_implementation == "eager" and instance_forwards(copy_) == []
+    mea.reverse(model)
+    assert torch.equal(logits(copy_, inputs), logits(model, inputs))
+
+
+def test_train_py_takes_the_bare_use_flash_attn_flag_of_the_original_scripts():
+    spec = importlib.util.spec_from_file_location("mea_train_script", SCRIPTS / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    common = ["--tiny-config", "llama", "--synthetic", "--output-dir", "/tmp/unused"]
+    assert train.parse_args(common + ["--use_flash_attn"]).use_flash_attn == "true"
+    assert train.parse_args(common + ["--use_flash_attn", "chunked"]).use_flash_attn == "chunked"
+    assert train.parse_args(common).use_flash_attn is None

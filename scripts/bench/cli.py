@@ -25,9 +25,10 @@ from .infer import run_infer
 from .kernel import run_kernel
 from .light import run_light
 from .models import FAMILIES
+from .padded import run_padded
 from .train import run_train
 
-SECTIONS = ("train", "infer", "kernel", "light", "compare")
+SECTIONS = ("train", "infer", "kernel", "light", "compare", "padded")
 
 
 def environment(bench: Bench, argv: list) -> dict:
@@ -256,7 +257,14 @@ def main(argv: Optional[list] = None) -> int:
         f"transformers {env['transformers']}, peak {bench.peak_tflops} TFLOP/s, backends {env['backends']}, "
         f"sections {args.section}, families {args.family}, budget {args.budget_s:.0f} s, out {args.out}"
     )
-    runners = {"kernel": run_kernel, "light": run_light, "compare": run_compare, "train": run_train, "infer": run_infer}
+    runners = {
+        "kernel": run_kernel,
+        "light": run_light,
+        "compare": run_compare,
+        "train": run_train,
+        "infer": run_infer,
+        "padded": run_padded,
+    }
     for section in args.section:
         try:
             runners[section](bench)

@@ -290,7 +290,7 @@ def config_record(
 ) -> dict:
     """The fields that name one configuration (bench_report.KEY_FIELDS and what tables show)."""
     dtype_name = str(dtype).replace("torch.", "")
-    return {"section": section, "family": family, "impl": impl, "seq": seq, "batch": batch, "dtype": dtype_name, **fields}
+    return dict(section=section, family=family, impl=impl, seq=seq, batch=batch, dtype=dtype_name, **fields)
 
 
 def describe(record: dict) -> str:

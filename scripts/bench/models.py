@@ -88,13 +88,13 @@ def family_extras(family: str, dims: Dims, max_pos: int, dtype: torch.dtype) -> 
     if family == "llama":
         return {"intermediate_size": dims.intermediate, "num_key_value_heads": dims.heads, "tie_word_embeddings": False}
     if family == "bart":
-        stacks = {f"{stack}_{field}": value for stack in ("encoder", "decoder")
-                  for field, value in (("layers", dims.layers), ("attention_heads", dims.heads), ("ffn_dim", 4 * dims.hidden))}
+        per_stack = {"layers": dims.layers, "attention_heads": dims.heads, "ffn_dim": 4 * dims.hidden}
+        stacks = {f"{stack}_{name}": value for stack in ("encoder", "decoder") for name, value in per_stack.items()}
         return {**stacks, "forced_eos_token_id": None}
     if family == "qwen":
         precision = {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16, "fp32": dtype == torch.float32}
-        sizes = {"kv_channels": dims.hidden // dims.heads, "intermediate_size": dims.intermediate, "seq_length": max_pos}
-        return {**sizes, "use_flash_attn": "auto", **precision}
+        sizes = {"kv_channels": dims.hidden // dims.heads, "intermediate_size": dims.intermediate}
+        return {**sizes, "seq_length": max_pos, "use_flash_attn": "auto", **precision}
     return {}
 
 

@@ -1,0 +1,1 @@
+"""The original adapter's ``models.bart``: see ``flash_attn_patch``."""

@@ -1,0 +1,1 @@
+"""The original adapter's ``models.bloom``: see ``flash_attn_patch``."""

@@ -1,0 +1,1 @@
+"""The original adapter's ``models.llama``: see ``flash_attn_patch``."""

@@ -1,0 +1,1 @@
+"""The original adapter's ``models.qwen``: see ``flash_attn_patch``."""
