@@ -338,7 +338,7 @@ _BLOOM_FORWARDS: dict[str, Callable] = {}
 
 def _bloom_forward(backend: str) -> Callable:
     """A stock ``BloomAttention.forward`` (same arguments and returns) that runs modeling_bloom's attention
-    module on ``backend``: ALiBi as slopes inside the kernel, no attention probabilities (None for them)."""
+    module on ``backend``: ALiBi as slopes inside the kernel; attention probabilities only when asked for."""
     if backend in _BLOOM_FORWARDS:
         return _BLOOM_FORWARDS[backend]
 
@@ -353,11 +353,12 @@ def _bloom_forward(backend: str) -> Callable:
         use_cache: bool = False,
         output_attentions: bool = False,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if head_mask is not None:
             raise NotImplementedError("the kernel layer does not take BLOOM's head_mask; remove_attention_patch first")
         past = layer_past.get_seq_length(self.layer_idx) if layer_past is not None else 0
         kv_length = int(past) + hidden_states.shape[1]
+        weights = [] if output_attentions else None
         output = _bloom_kernel_attention(self)(
             hidden_states,
             residual,
@@ -366,8 +367,9 @@ def _bloom_forward(backend: str) -> Callable:
             backend=backend,
             kv_length=kv_length,
             layer_past=layer_past,
+            attention_weights=weights,
         )
-        return output, None
+        return output, weights[0] if weights else None
 
     forward.__qualname__ = f"BloomAttention.forward[{implementation_name(backend)}]"
     _BLOOM_FORWARDS[backend] = forward

@@ -33,6 +33,10 @@ STYLE = {
     "ours:xformers": ("tab:pink", "-", "o"),
     "ours:chunked": ("tab:green", "-", "o"),
     "ours:eager": ("tab:red", "-", "o"),
+    # beyond attention (issue 15): stock + Liger-Kernel, and model.compile()
+    "stock:sdpa+liger": ("tab:orange", "--", "D"),
+    "stock:sdpa+compile": ("tab:cyan", "--", "v"),
+    "ours:auto+compile": ("tab:gray", "-", "v"),
     # kernels called directly (kernel section): dotted
     "torch:sdpa": ("tab:blue", ":", "^"),
     "torch:sdpa-cudnn-first": ("tab:cyan", ":", "^"),
@@ -94,8 +98,10 @@ def plot_train(records: list, out: Path, section: str = "train") -> list:
     plt = _pyplot()
     written = []
     rows = [r for r in records if r.get("section") == section and r.get("batch") == 1]
-    for family in ordered(r["family"] for r in rows):
-        fam = [r for r in rows if r["family"] == family]
+    for family, vocab in ordered((r["family"], r.get("vocab")) for r in rows):
+        fam = [r for r in rows if r["family"] == family and r.get("vocab") == vocab]
+        several = len(ordered(r.get("vocab") for r in rows if r["family"] == family)) > 1
+        name = f"{section}_{family}" + (f"_vocab{vocab}" if several else "")
         seqs = sorted(ordered(r["seq"] for r in fam))
         impls = ordered(r["impl"] for r in fam)
         if not any(r.get("status") == "ok" for r in fam):
@@ -122,8 +128,9 @@ def plot_train(records: list, out: Path, section: str = "train") -> list:
         legend_ax.legend(fontsize=8, loc="upper left")
         dtype = fam[0].get("dtype")
         device = fam[0].get("device_name") or ""
-        fig.suptitle(f"{family}: training step (forward + backward), {dtype}, batch 1, {device}  (x = out of memory)")
-        written.append(save_figure(plt, fig, out / f"{section}_{family}.png"))
+        title = f"{family}" + (f", vocabulary {vocab:,}" if several and vocab else "")
+        fig.suptitle(f"{title}: training step (forward + backward), {dtype}, batch 1, {device}  (x = out of memory)")
+        written.append(save_figure(plt, fig, out / f"{name}.png"))
     return written
 
 
@@ -222,14 +229,7 @@ def plot_light(records: list, out: Path) -> list:
 def headline_values(records: list, seq: int = 8192) -> list:
     """(family, reference impl, speed-up, memory ratio) of ours:auto against the best stock at ``seq``."""
     values = []
-    pool = [
-        r
-        for r in records
-        if r.get("section") in ("train", "compare")
-        and r.get("seq") == seq
-        and r.get("batch") == 1
-        and r.get("status") == "ok"
-    ]
+    pool = [r for r in bench_report.target_pool(records, seq) if r.get("status") == "ok"]
     for family in ordered(r["family"] for r in pool):
         fam = [r for r in pool if r["family"] == family]
         ours = [r for r in fam if r["impl"] == "ours:auto"]

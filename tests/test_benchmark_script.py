@@ -393,3 +393,32 @@ def test_train_tables_split_by_vocabulary_when_a_family_has_two():
     small, large = tables.split("#### train: llama, batch 1, vocabulary 151,936")
     assert "#### train: llama, batch 1, vocabulary 32,000" in small and "76.0 ms" in small and "106.0" not in small
     assert "106.0 ms · 21.48 GB · 77.3k tok/s" in large
+
+
+def test_plots_split_by_vocabulary_when_a_family_has_two(tmp_path):
+    pytest.importorskip("matplotlib")  # the `bench` extra
+    plot = load_script("plot_benchmarks")
+    base = {"section": "train", "family": "llama", "batch": 1, "status": "ok", "dtype": "bfloat16"}
+    records = [
+        {**base, "impl": impl, "seq": seq, "vocab": vocab, "step_ms": 50.0 + seq / 1e3, "peak_mem_mb": 9000.0}
+        for impl in ("stock:sdpa", "stock:sdpa+liger", "ours:auto+compile")
+        for seq in (4096, 8192)
+        for vocab in (32000, 151936)
+    ]
+    written = {path.name for path in plot.plot_train(records, tmp_path)}
+    assert written == {"train_llama_vocab32000.png", "train_llama_vocab151936.png"}
+    one = [r for r in records if r["vocab"] == 32000]
+    (tmp_path / "one").mkdir()
+    assert {path.name for path in plot.plot_train(one, tmp_path / "one")} == {"train_llama.png"}
+
+
+def test_targets_are_judged_at_the_default_vocabulary():
+    report = load_script("bench_report")
+    base = {"section": "train", "family": "llama", "batch": 1, "seq": 8192, "status": "ok", "peak_mem_mb": 9000.0}
+    records = [
+        {**base, "impl": "stock:sdpa", "vocab": 32000, "step_ms": 60.0},
+        {**base, "impl": "ours:auto", "vocab": 151936, "step_ms": 100.0},  # another vocabulary: not comparable
+        {**base, "impl": "ours:auto", "vocab": 32000, "step_ms": 50.0},
+    ]
+    (row,) = report.target_rows(report.latest(records), 8192)
+    assert row[1].startswith("1.200× its speed") and row[2] == "yes"

@@ -641,3 +641,16 @@ def test_train_py_takes_the_bare_use_flash_attn_flag_of_the_original_scripts():
     assert train.parse_args(common + ["--use_flash_attn"]).use_flash_attn == "true"
     assert train.parse_args(common + ["--use_flash_attn", "chunked"]).use_flash_attn == "chunked"
     assert train.parse_args(common).use_flash_attn is None
+
+
+def test_patched_bloom_returns_attention_weights_like_stock():
+    model = tiny_stock("bloom")
+    inputs, compare = model_inputs("bloom", "left")
+    with torch.no_grad():
+        stock = model(**inputs, output_attentions=True).attentions
+        mea.apply_attention_patch(model, backend="chunked")
+        ours = model(**inputs, output_attentions=True).attentions
+    assert len(ours) == len(stock) == model.config.n_layer
+    rows = compare[:, None, :, None].expand_as(stock[0])  # padded query rows differ by convention
+    for layer, (theirs, mine) in enumerate(zip(stock, ours)):
+        assert_close_rel(mine[rows], theirs[rows], FP32_TOL, f"layer {layer} attention weights")

@@ -183,17 +183,10 @@ def run_train_family(
                 record = config_record(
                     section, family, impl, seq, batch, dtype, tgt_len=tgt, vocab=dims.vocab, **(extra_record or {})
                 )
+                sizes = dict(family=family, batch=batch, seq=seq, tgt=tgt, vocab=dims.vocab)
+                profile_name = profile_label(args, section, family, impl, seq, batch)
                 measure = functools.partial(
-                    measure_train,
-                    bench,
-                    family=family,
-                    batch=batch,
-                    seq=seq,
-                    tgt=tgt,
-                    vocab=dims.vocab,
-                    warmup=args.warmup,
-                    iters=args.iters,
-                    profile_name=profile_label(args, section, family, impl, seq, batch),
+                    measure_train, bench, **sizes, warmup=args.warmup, iters=args.iters, profile_name=profile_name
                 )
                 tokens = batch * (seq + (tgt or 0))
                 sweep.run(record, tokens, args.warmup + args.iters, measure, lambda result: result["step_ms"])
