@@ -1757,6 +1757,15 @@ def offload_checkpoints(config) -> bool:
     return bool(getattr(config, "offload_checkpoints", False))
 
 
+def keeps_checkpoint_on_device(config, layer_index: int) -> bool:
+    """``config.checkpoints_on_device = N``: the last N layers keep their checkpoint on the device (their backward
+    comes first, so they need no copy back; host memory then holds only the others')."""
+    kept = getattr(config, "checkpoints_on_device", None) or 0
+    if isinstance(kept, bool) or not isinstance(kept, int) or kept < 0:
+        raise ValueError(f"config.checkpoints_on_device must be a non-negative int (layers), got {kept!r}")
+    return layer_index >= config.num_hidden_layers - kept
+
+
 class _ReplayState:
     """Autocast settings and RNG states at the start of a forward, so a recompute in backward replays it exactly
     (same dropout masks, same autocast dtype)."""
@@ -1868,14 +1877,19 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
 class _HostCopy:
     """A layer input kept in pinned host memory. On CUDA the copy out (forward) and the copy back (backward)
     run on a side stream, so they overlap compute; ``prefetch`` starts the copy back ahead of need. On other
-    devices it is a plain copy, which keeps the path exact and testable on a CPU."""
+    devices it is a plain copy, which keeps the path exact and testable on a CPU. ``keep_on_device``: no copy,
+    the tensor itself is held."""
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor, keep_on_device: bool = False):
         tensor = tensor.detach()
         self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
-        self._on_device, self._ready = None, None
-        if self.device.type != "cuda":
-            self.host = tensor.to("cpu", copy=True)
+        self._on_device, self._ready, self.host = None, None, None
+        self._fetched = False
+        if keep_on_device or self.device.type != "cuda":
+            if keep_on_device:
+                self._on_device = tensor
+            else:
+                self.host = tensor.to("cpu", copy=True)
             return
         stream = _side_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -1885,7 +1899,7 @@ class _HostCopy:
         tensor.record_stream(stream)  # the allocator must not reuse its memory before the copy is done
 
     def prefetch(self) -> None:
-        if self.device.type != "cuda" or self._on_device is not None or self.host is None:
+        if self.device.type != "cuda" or self._on_device is not None or self._fetched:
             return
         stream = _side_stream(self.device)
         on_device = torch.empty(self.shape, dtype=self.dtype, device=self.device)
@@ -1899,23 +1913,25 @@ class _HostCopy:
 
     def fetch(self) -> torch.Tensor:
         """The tensor back on its device (ready for the current stream); the host copy is released."""
-        if self.host is None:
+        if self._fetched:
             raise RuntimeError("an offloaded checkpoint was fetched twice: backward ran twice through one forward")
-        if self.device.type != "cuda":
+        if self._on_device is None and self.device.type != "cuda":
             tensor = self.host.to(self.device, copy=True)
         else:
             self.prefetch()
-            torch.cuda.current_stream(self.device).wait_event(self._ready)
+            if self._ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(self._ready)
             tensor = self._on_device
         self.host = self._on_device = None
+        self._fetched = True
         return tensor
 
 
 class _CheckpointLink:
     """One layer's offloaded input and the link to the previous layer's, whose backward comes next."""
 
-    def __init__(self, previous: Optional["_CheckpointLink"]):
-        self.previous, self.copy = previous, None
+    def __init__(self, previous: Optional["_CheckpointLink"], keep_on_device: bool):
+        self.previous, self.keep_on_device, self.copy = previous, keep_on_device, None
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -1929,7 +1945,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             output = function(hidden, *rest)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"offloaded checkpoints need a layer that returns one tensor, got {type(output).__name__}")
-        link.copy = _HostCopy(hidden)
+        link.copy = _HostCopy(hidden, link.keep_on_device)
         ctx.save_for_backward(*params)
         return output
 
@@ -1959,10 +1975,13 @@ def _nested_tensors(value) -> list:
     return []
 
 
-def offloaded_checkpoint(layer: torch.nn.Module, function: Callable, hidden: torch.Tensor, *rest) -> torch.Tensor:
+def offloaded_checkpoint(
+    layer: torch.nn.Module, function: Callable, hidden: torch.Tensor, *rest, keep_on_device: bool = False
+) -> torch.Tensor:
     """``function(hidden, *rest)`` (a decoder layer's forward) checkpointed with only ``hidden`` kept, in host
-    memory. Gradients flow to ``hidden`` and to ``layer``'s trainable parameters (PEFT LoRA included); the other
-    arguments (positions, masks, in ``rest`` or bound in ``function``) must not need gradients."""
+    memory (on the device with ``keep_on_device``). Gradients flow to ``hidden`` and to ``layer``'s trainable
+    parameters (PEFT LoRA included); the other arguments (positions, masks, in ``rest`` or bound in
+    ``function``) must not need gradients."""
     if not isinstance(hidden, torch.Tensor):
         raise TypeError("offloaded checkpoints need the hidden states as the first positional argument")
     bound = getattr(function, "keywords", None) or {}
@@ -1971,18 +1990,19 @@ def offloaded_checkpoint(layer: torch.nn.Module, function: Callable, hidden: tor
     params = [param for param in layer.parameters() if param.requires_grad]
     if not torch.is_grad_enabled() or not (hidden.requires_grad or params):
         return function(hidden, *rest)
-    link = _CheckpointLink(getattr(hidden, _CHECKPOINT_LINK_ATTRIBUTE, None))
+    link = _CheckpointLink(getattr(hidden, _CHECKPOINT_LINK_ATTRIBUTE, None), keep_on_device)
     output = _OffloadedCheckpoint.apply(function, rest, link, hidden, *params)
     setattr(output, _CHECKPOINT_LINK_ATTRIBUTE, link)
     return output
 
 
 class LongContextCheckpointing:
-    """Mixin for decoder layers (before ``GradientCheckpointingLayer`` in the bases; the layer has ``config``).
+    """Mixin for decoder layers (before ``GradientCheckpointingLayer`` in the bases; the layer has ``config``
+    and ``layer_idx``).
 
     With ``config.offload_checkpoints`` the layer is checkpointed in training whether or not
     ``gradient_checkpointing_enable`` was called, through ``offloaded_checkpoint`` instead of the function that
-    call set. The setting is read at every forward."""
+    call set (``config.checkpoints_on_device`` keeps the last layers' on the device). Read at every forward."""
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -1995,7 +2015,8 @@ class LongContextCheckpointing:
     @property
     def _gradient_checkpointing_func(self) -> Callable:
         if offload_checkpoints(self.config):
-            return partial(offloaded_checkpoint, self)
+            keep = keeps_checkpoint_on_device(self.config, self.layer_idx)
+            return partial(offloaded_checkpoint, self, keep_on_device=keep)
         function = self.__dict__.get("_checkpointing_function")
         if function is None:
             from torch.utils.checkpoint import checkpoint
@@ -2119,9 +2140,10 @@ class BloomMLP(nn.Module):
         return dropout_add(output, residual, self.hidden_dropout, self.training)
 
 
-class BloomBlock(GradientCheckpointingLayer):
+class BloomBlock(LongContextCheckpointing, GradientCheckpointingLayer):
     def __init__(self, config: BloomConfig, layer_idx: Optional[int] = None):
         super().__init__()
+        self.config, self.layer_idx = config, layer_idx
         hidden_size = config.hidden_size
         self.input_layernorm = LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.self_attention = BloomAttention(config, layer_idx)
@@ -2140,7 +2162,8 @@ class BloomBlock(GradientCheckpointingLayer):
         sequence_ids: Optional[torch.Tensor] = None,
         attention_weights: Optional[list] = None,
     ) -> torch.Tensor:
-        normed = self.input_layernorm(hidden_states)
+        tile_size = sequence_tile_size(self.config)  # BLOOM's MLP takes the residual too: only its norms are tiled
+        normed = sequence_tiled((self.input_layernorm,), hidden_states, tile_size)
         residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
         attention_output = self.self_attention(
             normed,
@@ -2153,7 +2176,7 @@ class BloomBlock(GradientCheckpointingLayer):
             sequence_ids=sequence_ids,
             attention_weights=attention_weights,
         )
-        normed = self.post_attention_layernorm(attention_output)
+        normed = sequence_tiled((self.post_attention_layernorm,), attention_output, tile_size)
         residual = normed if self.apply_residual_connection_post_layernorm else attention_output
         return self.mlp(normed, residual)
 
@@ -2271,7 +2294,7 @@ class BloomModel(BloomPreTrainedModel):
                 sequence_ids=sequence_ids,
                 attention_weights=all_attentions,
             )
-        hidden_states = self.ln_f(hidden_states)
+        hidden_states = sequence_tiled((self.ln_f,), hidden_states, sequence_tile_size(self.config))
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
 

@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shallow-lens", default="524288", help="comma-separated lengths for the 2-layer model")
     parser.add_argument("--tile", type=int, default=16384, help="config.sequence_tile_size")
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--checkpoints-on-device", type=int, default=0, help="config.checkpoints_on_device")
     return parser.parse_args(argv)
 
 
@@ -66,14 +67,16 @@ def build_model(layers: int, rank: int):
             else:
                 param.normal_(0.0, 0.02, generator=generator)
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, lora_dropout=0.0))
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
+    model = get_peft_model(model, lora)
     return model.train()
 
 
-def configure(model, *, tile: int, offload: bool, checkpointing: bool) -> None:
+def configure(model, *, tile: int, offload: bool, checkpointing: bool, on_device: int = 0) -> None:
     base = model.get_base_model()
     base.config.sequence_tile_size = tile
     base.config.offload_checkpoints = offload
+    base.config.checkpoints_on_device = on_device
     if checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -130,7 +133,8 @@ class Probe:
             record["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
             if options["offload"]:
-                record["host_checkpoint_gib"] = round(layers * seq_len * LLAMA3_8B["hidden_size"] * 2 / 2**30, 2)
+                offloaded = layers - min(layers, options.get("on_device", 0))
+                record["host_checkpoint_gib"] = round(offloaded * seq_len * LLAMA3_8B["hidden_size"] * 2 / 2**30, 2)
         del optimizer
         gc.collect()
         torch.cuda.empty_cache()
@@ -147,7 +151,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     probe = Probe(args)
     model = build_model(32, args.lora_rank)
-    probe.write({"label": "built", "layers": 32, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)})
+    trainable = sum(param.numel() for param in model.parameters() if param.requires_grad)
+    probe.write({"label": "built", "layers": 32, "trainable": trainable})
     n = args.throughput_len
     for label, options in (
         ("checkpointing", dict(tile=0, offload=False, checkpointing=True)),
@@ -156,7 +161,8 @@ def main(argv=None) -> int:
     ):
         probe.measure(model, 32, n, label, steps=2, **options)
     for seq_len in [int(x) for x in args.long_lens.split(",") if x]:
-        probe.measure(model, 32, seq_len, "offloaded+tiled", steps=1, tile=args.tile, offload=True, checkpointing=True)
+        options = dict(tile=args.tile, offload=True, checkpointing=True, on_device=args.checkpoints_on_device)
+        probe.measure(model, 32, seq_len, "offloaded+tiled", steps=1, **options)
     del model
     gc.collect()
     torch.cuda.empty_cache()

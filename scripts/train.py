@@ -127,8 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def add_long_context_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("long context")
-    group.add_argument("--sequence-tile-size", type=int, default=0, help="tokens per tile of the MLP and norms (0: off)")
-    group.add_argument("--offload-checkpoints", action="store_true", help="checkpoint every layer, its input on the host")
+    group.add_argument("--sequence-tile-size", type=int, default=0, help="tokens per MLP/norm tile (0: off)")
+    group.add_argument("--offload-checkpoints", action="store_true", help="checkpoint each layer, input on the host")
     group.add_argument("--lora", action="store_true", help="train PEFT LoRA adapters over frozen weights")
     group.add_argument("--lora-rank", type=int, default=16)
     group.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: 2 x rank)")
@@ -675,7 +675,7 @@ def apply_long_context(model: torch.nn.Module, args: argparse.Namespace) -> torc
     """Set the long-context options on the config (read at every forward) and wrap the model with LoRA."""
     if args.sequence_tile_size or args.offload_checkpoints:
         if not is_kernel_layer_model(model):
-            raise ValueError("--sequence-tile-size and --offload-checkpoints need our modeling file (--trust_remote_code)")
+            raise ValueError("--sequence-tile-size/--offload-checkpoints need our modeling file (--trust_remote_code)")
         model.config.sequence_tile_size = args.sequence_tile_size
         model.config.offload_checkpoints = args.offload_checkpoints
     if not args.lora:
@@ -686,7 +686,8 @@ def apply_long_context(model: torch.nn.Module, args: argparse.Namespace) -> torc
     if not targets:
         raise ValueError(f"no default LoRA targets for model_type {model.config.model_type!r}; pass --lora-targets")
     alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
-    model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0))
+    lora = LoraConfig(r=args.lora_rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+    model = get_peft_model(model, lora)
     if args.bf16:  # frozen weights need no fp32 master copy
         for param in model.parameters():
             if not param.requires_grad:
@@ -756,7 +757,8 @@ class SeqLenProbe:
         limit = self.args.probe_time_limit
         predicted = predicted_step_s(self.result["trials"], seq_len)
         if limit is not None and predicted is not None and predicted > limit:
-            record = {"seq_len": seq_len, "ok": False, "error": f"predicted step time {predicted:.0f} s > {limit:.0f} s"}
+            error = f"predicted step time {predicted:.0f} s > {limit:.0f} s"
+            record = {"seq_len": seq_len, "ok": False, "error": error}
         else:
             try:
                 record = self.run_step(seq_len)
@@ -821,7 +823,7 @@ def probe_max_seq_len(args: argparse.Namespace) -> dict:
         if dist_info.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    info = {"args": vars(args), "device": str(dist_info.device), "trainable_parameters": sum(p.numel() for p in trainable)}
+    info = {"args": vars(args), "device": str(dist_info.device), "trainable": sum(p.numel() for p in trainable)}
     return SeqLenProbe(run_step, cleanup, args, output_dir / "probe.json", info).run()
 
 

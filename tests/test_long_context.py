@@ -12,7 +12,15 @@ import sys
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    BloomForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from memory_efficient_adapter.configuration_qwen import QWenConfig
 from memory_efficient_adapter.families import write_remote_code
@@ -26,11 +34,17 @@ TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 LORA_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen": ["c_attn", "c_proj", "w1", "w2"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
 }
+FAMILIES = ["llama", "qwen", "gpt2", "bloom"]
+SECOND_ATTENTION = {"llama": "model.layers.1.self_attn", "qwen": "transformer.h.1.attn", "gpt2": "transformer.h.1.attn",
+                    "bloom": "transformer.h.1.self_attention"}  # fmt: skip
 OPTIONS = {
     "tiled": dict(sequence_tile_size=TILE),
     "offloaded": dict(offload_checkpoints=True),
     "tiled+offloaded": dict(sequence_tile_size=TILE, offload_checkpoints=True),
+    "offloaded, last 2 on device": dict(offload_checkpoints=True, checkpoints_on_device=2),
 }
 
 
@@ -56,7 +70,8 @@ def randomize_(model: torch.nn.Module) -> None:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict:
-    """A saved remote-code folder per family: stock LLaMA weights, and a Qwen with biases and partial rotary."""
+    """A saved remote-code folder per family: stock LLaMA, GPT-2 and BLOOM (no dropout) weights, and a Qwen with
+    biases and partial rotary."""
     llama = LlamaForCausalLM(llama_config())
     qwen = QWenLMHeadModel(
         QWenConfig(
@@ -65,8 +80,13 @@ def folders(tmp_path_factory) -> dict:
         )  # fmt: skip
     )
     qwen.config.bf16 = qwen.config.fp16 = qwen.config.fp32 = False
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                   attn_pdrop=0.0)  # fmt: skip
+    )
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=3, n_head=4))
     result = {}
-    for family, model in (("llama", llama), ("qwen", qwen)):
+    for family, model in (("llama", llama), ("qwen", qwen), ("gpt2", gpt2), ("bloom", bloom)):
         randomize_(model)
         folder = tmp_path_factory.mktemp(family)
         model.save_pretrained(folder)
@@ -76,7 +96,8 @@ def folders(tmp_path_factory) -> dict:
 
 def load(folder, family: str, **options):
     """Load as a user does; the long-context ``options`` are set on the config (they are read at forward)."""
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **({"fp32": True} if family == "qwen" else {}))
+    precision = {"fp32": True} if family == "qwen" else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **precision)
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
     for name, value in options.items():
         setattr(model.config, name, value)
@@ -98,7 +119,7 @@ def batch(length: int = 13):
 
 
 def loss_and_grads(model, length: int = 13):
-    ids, mask, labels = batch(length)
+    ids, mask, labels = (tensor.to(model.device) for tensor in batch(length))
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
     grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.requires_grad}
@@ -124,7 +145,7 @@ def kernel_module(model):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("options", sorted(OPTIONS))
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["", "gradient_checkpointing_enable"])
 def test_loss_and_every_gradient_match_the_plain_model(folders, family, options, checkpointing):
@@ -133,15 +154,14 @@ def test_loss_and_every_gradient_match_the_plain_model(folders, family, options,
     if checkpointing:
         enable_checkpointing(model)
     calls = []
-    model.get_submodule("model.layers.1.self_attn" if family == "llama" else "transformer.h.1.attn").register_forward_hook(
-        lambda *args: calls.append(1)
-    )
+    attention = model.get_submodule(SECOND_ATTENTION[family])
+    attention.register_forward_hook(lambda *args: calls.append(1))
     assert_same_loss_and_grads(loss_and_grads(model), expected, f"{family} {options}")
     recomputed = checkpointing or OPTIONS[options].get("offload_checkpoints", False)
     assert len(calls) == (2 if recomputed else 1)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("options", ["tiled", "tiled+offloaded"])
 def test_lora_gradients_match_the_plain_model(folders, family, options):
     peft = pytest.importorskip("peft")
@@ -257,9 +277,9 @@ def test_backward_fetches_each_checkpoint_once_and_prefetches_the_previous_layer
     events, names = [], {}
     original_init, original_prefetch, original_fetch = host_copy.__init__, host_copy.prefetch, host_copy.fetch
 
-    def init(self, tensor):
+    def init(self, tensor, *args):
         names[id(self)] = len(names)
-        original_init(self, tensor)
+        original_init(self, tensor, *args)
 
     def prefetch(self):
         events.append(("prefetch", names[id(self)]))
@@ -276,6 +296,19 @@ def test_backward_fetches_each_checkpoint_once_and_prefetches_the_previous_layer
     assert events == [("fetch", 2), ("prefetch", 1), ("fetch", 1), ("prefetch", 0), ("fetch", 0)]
 
 
+def test_checkpoints_on_device_keeps_the_last_layers_inputs_without_a_copy(folders):
+    model = load(folders["llama"], "llama", offload_checkpoints=True, checkpoints_on_device=1)
+    hidden = torch.randn(1, 5, 32, requires_grad=True)
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(5)[None])
+    first, last = (model.model.layers[index](hidden, position_embeddings=position_embeddings) for index in (0, 2))
+    assert first._mea_checkpoint_link.copy.host is not None
+    assert last._mea_checkpoint_link.copy.host is None
+    assert last._mea_checkpoint_link.copy._on_device.data_ptr() == hidden.data_ptr()
+    model.config.checkpoints_on_device = -1
+    with pytest.raises(ValueError, match="checkpoints_on_device"):
+        model.model.layers[0](hidden, position_embeddings=position_embeddings)
+
+
 def test_offloaded_checkpoint_rejects_gradients_it_cannot_carry(folders):
     model = load(folders["llama"], "llama", offload_checkpoints=True)
     layer = model.model.layers[0]
@@ -288,15 +321,16 @@ def test_offloaded_checkpoint_rejects_gradients_it_cannot_carry(folders):
 @pytest.mark.gpu
 def test_offloaded_checkpoints_on_cuda_match_the_plain_model(folders):
     """The asynchronous path: pinned host copies on a side stream, prefetched; fp32 on the GPU."""
-    expected = loss_and_grads(load(folders["llama"], "llama").cuda(), 13)
+    expected = loss_and_grads(load(folders["llama"], "llama").cuda())
     model = load(folders["llama"], "llama", offload_checkpoints=True, sequence_tile_size=TILE).cuda()
-    ids, mask, labels = (tensor.cuda() for tensor in batch(13))
-    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    loss.backward()
-    grads = {name: param.grad for name, param in model.named_parameters()}
-    assert_close_rel(loss.detach(), expected[0], TOL, "loss on cuda")
-    for name, grad in expected[1].items():
-        assert_close_rel(grads[name], grad, TOL, f"grad of {name} on cuda")
+    assert_same_loss_and_grads(loss_and_grads(model), expected, "cuda, tiled+offloaded")
+    hidden = torch.randn(2, 9, 32, device="cuda", requires_grad=True)
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(9, device="cuda")[None])
+    out = model.model.layers[0](hidden, position_embeddings=position_embeddings)
+    host = out._mea_checkpoint_link.copy.host
+    assert host.device.type == "cpu" and host.is_pinned()
+    torch.cuda.synchronize()
+    assert torch.equal(host, hidden.detach().cpu())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,7 +397,8 @@ def test_train_lora_with_tiling_and_offloaded_checkpoints_matches_plain_lora(tmp
     train = train_script()
     runs = {}
     for name, extra in (("plain", []), ("long", ["--sequence-tile-size", "8", "--offload-checkpoints"])):
-        args = train.parse_args([*TRAIN_TINY, "--output-dir", str(tmp_path / name), "--lora", "--lora-rank", "4", *extra])
+        argv = [*TRAIN_TINY, "--output-dir", str(tmp_path / name), "--lora", "--lora-rank", "4", *extra]
+        args = train.parse_args(argv)
         runs[name] = train.train(args)
     assert len(runs["plain"]) == 3
     for plain, long in zip(runs["plain"], runs["long"]):
@@ -375,7 +410,8 @@ def test_train_lora_with_tiling_and_offloaded_checkpoints_matches_plain_lora(tmp
 def test_max_seq_len_probe_writes_every_trial_and_the_longest_length(tmp_path):
     train = train_script()
     argv = [*TRAIN_TINY, "--output-dir", str(tmp_path), "--seq-len", "16", "--max-seq-len-probe",
-            "--probe-max-seq-len", "64", "--probe-resolution", "8", "--sequence-tile-size", "8", "--offload-checkpoints"]  # fmt: skip
+            "--probe-max-seq-len", "64", "--probe-resolution", "8", "--sequence-tile-size", "8",
+            "--offload-checkpoints"]  # fmt: skip
     assert train.main(argv) == 0
     import json
 

@@ -435,8 +435,8 @@ def test_registry_names_match_eager_unpadded_and_padded_on_every_family(family, 
     eager = family_model(family, tmp_path, attn_implementation="eager")
     ours = family_model(family, tmp_path, attn_implementation=name)
     assert ours.config._attn_implementation == name
-    for padding in ("none", "right"):
-        inputs, compare = model_inputs(family, "right")
+    for padding in ("none", "left", "right"):
+        inputs, compare = model_inputs(family, "left" if padding == "left" else "right")
         if padding == "none":
             inputs = {key: value for key, value in inputs.items() if "attention_mask" not in key}
             compare = torch.ones_like(compare)

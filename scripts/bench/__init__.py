@@ -4,7 +4,9 @@ One script, split into sections that each fit in a few minutes of GPU time:
 
     train    training step (forward + backward of the model's loss) per family: peak allocated memory,
              step time, tokens/s and model FLOP utilisation at 1k .. 32k tokens (batch 1) until OOM, for
-             stock transformers with each attn_implementation the class takes and ours with every backend
+             stock transformers with each attn_implementation the class takes and ours with every backend;
+             on CUDA also stock:sdpa+compile and ours:auto+compile (model.compile()), and stock:sdpa+liger
+             (Liger-Kernel's patcher; LLaMA, where liger_kernel is installed). --vocab sets the vocabulary
     infer    prefill latency and decode tokens/s with the KV cache (batch 1 and 16, prompts 1k and 2k)
     kernel   forward and forward+backward TFLOP/s of each kernel-layer backend against the kernel called
              directly (SDPA, compiled FlexAttention ...), causal and ALiBi, head dims 64 and 128, and our
@@ -30,9 +32,15 @@ Examples (GPU):
     python scripts/benchmark.py --section kernel --out $OUT/bench
     python scripts/benchmark.py --section train --family llama --out $OUT/bench
     python scripts/benchmark.py --section light,compare --out $OUT/bench
+    python scripts/benchmark.py --section train --family llama --seq 8k --vocab 151936 \
+        --impl stock:sdpa,stock:sdpa+liger,ours:auto,ours:auto+compile --out $OUT/bench
 
 CPU smoke run (tiny models, float32): ``python scripts/benchmark.py --device cpu --quick --out /tmp/bench``.
 The FLOP formulas are in ``scripts/bench_report.py`` (FLOP_FORMULAS) and in every results.md.
+
+The package: ``models`` (sizes, configs, stock and our models, FLOP counts), ``impls`` (impl names:
+``stock:<attn>[+liger][+compile]``, ``ours:<backend>[+compile]``), ``core`` (recording, timing, memory,
+budget, one configuration run whatever happens), ``profiling``, a module per section, and ``cli``.
 """
 
 from __future__ import annotations
