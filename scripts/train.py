@@ -22,7 +22,12 @@ the same data as an uninterrupted single-device run.
 Outputs in ``--output-dir``: ``run.json`` (arguments, versions, world size), ``loss.jsonl`` (one line per step:
 step, loss, lr, grad_norm, tokens, time_s), ``checkpoint-<step>/`` (``model.pt``, ``optimizer.pt``,
 ``state.json``; loaded with ``weights_only=True``) every ``--save-every`` steps and at the end, and
-``final/`` (``save_pretrained``). ``--resume`` continues from the newest checkpoint there.
+``final/`` (``save_pretrained``). ``--resume`` continues from the newest readable checkpoint there (an unreadable
+newer one is reported and skipped) after checking that it comes from the same run: model, batch size, gradient
+accumulation, sequence length, step count, data, seed and world size must match ``state.json``. A resume never
+truncates ``loss.jsonl``: when it holds steps past the checkpoint, the file is kept as
+``loss.jsonl.before-resume-<step>`` and a copy without those steps continues. Without ``--resume``, an output
+folder that already holds a run is refused.
 
 Long context (our modeling files): ``--sequence-tile-size N`` runs the MLP and norms over tiles of N tokens,
 ``--offload-checkpoints`` checkpoints every layer with its input in pinned host memory, ``--lora`` trains PEFT
@@ -55,6 +60,11 @@ import torch.distributed as dist
 
 TINY_FAMILIES = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "bloom": "BloomConfig"}  # family: stock config class
 FALSE_VALUES = ("false", "0", "no", "off")
+TRUE_VALUES = ("true", "1", "yes", "on", "auto")
+
+
+class TrainError(ValueError):
+    """A run that cannot start as asked (arguments, data, checkpoints); reported without a traceback."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,13 +126,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_long_context_arguments(parser)
     args = parser.parse_args(argv)
-    if args.data and Path(args.data).suffix not in (".txt", ".npy", ".jsonl"):
-        parser.error(f"--data must be a .txt, .npy or .jsonl file, got {args.data}")
-    if args.stop_at is not None and not 0 < args.stop_at <= args.steps:
-        parser.error("--stop-at must be between 1 and --steps")
+    for problem in argument_problems(args):
+        parser.error(problem)
     if args.sequence_tile_size < 0 or args.lora_rank < 1 or args.probe_resolution < 1:
         parser.error("--sequence-tile-size must be >= 0, --lora-rank and --probe-resolution >= 1")
     return args
+
+
+def argument_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the command line, found before anything is written."""
+    problems = [f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}"
+                for name, least in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seq_len", 2),
+                                    ("warmup", 0), ("save_every", 0), ("tiny_hidden", 1), ("tiny_layers", 1),
+                                    ("tiny_heads", 1), ("tiny_vocab", 8))
+                if getattr(args, name) < least]
+    if not args.lr > 0:
+        problems.append(f"--lr must be positive, got {args.lr}")
+    if args.data and Path(args.data).suffix not in (".txt", ".npy", ".jsonl"):
+        problems.append(f"--data must be a .txt, .npy or .jsonl file, got {args.data}")
+    elif args.data and not Path(args.data).is_file():
+        problems.append(f"--data {args.data}: no such file")
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        problems.append(f"--model {args.model}: not a model folder (no config.json in it)")
+    if args.stop_at is not None and not 0 < args.stop_at <= args.steps:
+        problems.append("--stop-at must be between 1 and --steps")
+    if args.use_flash_attn is not None and (reason := use_flash_attn_problem(args.use_flash_attn)):
+        problems.append(reason)
+    return problems
+
+
+def use_flash_attn_problem(value: str) -> str | None:
+    """Why ``--use_flash_attn`` cannot be used (None when it can): caught here, not at the first forward."""
+    from memory_efficient_adapter.attention import BACKENDS
+
+    if value.strip().lower() in (*TRUE_VALUES, *FALSE_VALUES, *BACKENDS):
+        return None
+    return (f"--use_flash_attn {value!r} is not true/false/1/0/yes/no/on/off/auto or a kernel-layer backend "
+            f"({', '.join(BACKENDS)})")
 
 
 def add_long_context_arguments(parser: argparse.ArgumentParser) -> None:
@@ -318,46 +358,67 @@ def synthetic_documents(n_tokens: int, vocab_size: int, seq_len: int, seed: int)
     return documents
 
 
-def read_token_file(path: Path, folder: Path | None, vocab_size: int) -> torch.Tensor:
-    """A 1-D token stream from a .txt, .npy or .jsonl file (no pickle anywhere)."""
-    if path.suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
-        if not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"{path}: expected integer token ids, got dtype {array.dtype}")
-        tokens = torch.from_numpy(array.astype(np.int64).reshape(-1))
-    elif path.suffix == ".jsonl":
-        tokens = torch.tensor([token for document in jsonl_documents(path) for token in document], dtype=torch.int64)
-    else:
-        tokens = tokenize_text(path.read_text(encoding="utf-8"), folder, vocab_size)
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
-        raise ValueError(
-            f"{path}: token ids must lie in [0, {vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]"
-        )
+def read_token_file(path: Path, folder: Path | None, vocab_size: int | None) -> torch.Tensor:
+    """A 1-D token stream from a .txt, .npy or .jsonl file (no pickle anywhere); ids are checked against
+    ``vocab_size`` unless it is None (then call ``check_token_range`` once the model is known)."""
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+            if not np.issubdtype(array.dtype, np.integer):
+                raise TrainError(f"{path}: expected integer token ids, got dtype {array.dtype}")
+            tokens = torch.from_numpy(array.astype(np.int64).reshape(-1))
+        elif path.suffix == ".jsonl":
+            tokens = torch.tensor([token for document in jsonl_documents(path) for token in document],
+                                  dtype=torch.int64)
+        else:
+            tokens = tokenize_text(path.read_text(encoding="utf-8"), folder, vocab_size)
+    except (OSError, UnicodeDecodeError) as error:
+        raise TrainError(f"{path}: cannot read it: {error}") from None
+    except ValueError as error:
+        if isinstance(error, TrainError):
+            raise
+        raise TrainError(f"{path}: {error}") from None
+    if vocab_size is not None:
+        check_token_range(tokens, vocab_size, path)
     return tokens
 
 
 def jsonl_documents(path: Path) -> list[list[int]]:
     """The documents of a .jsonl file: one per non-empty line, a list of token ids or {"input_ids": [...]}."""
-    documents = []
-    with path.open() as lines:
+    documents: list[list[int]] = []
+    with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
-            if line.strip():
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
-                document = record["input_ids"] if isinstance(record, dict) else record
-                if not all(isinstance(token, int) for token in document):
-                    raise ValueError(f"{path}:{number}: expected a list of integer token ids")
-                documents.append(document)
+            except json.JSONDecodeError as error:
+                raise TrainError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+            document = record.get("input_ids") if isinstance(record, dict) else record
+            if not isinstance(document, list) or not all(
+                isinstance(token, int) and not isinstance(token, bool) for token in document
+            ):
+                raise TrainError(f"{path}:{number}: expected a list of integer token ids or an object with an "
+                                 "\"input_ids\" list")
+            documents.append(document)
     return documents
 
 
-def tokenize_text(text: str, folder: Path | None, vocab_size: int) -> torch.Tensor:
+def check_token_range(tokens: torch.Tensor, vocab_size: int, path: Path | str) -> None:
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise TrainError(
+            f"{path}: token ids must lie in [0, {vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]"
+        )
+
+
+def tokenize_text(text: str, folder: Path | None, vocab_size: int | None) -> torch.Tensor:
     """With the folder's tokenizer when there is one; else UTF-8 bytes (needs a vocabulary of at least 256)."""
     if folder is not None and any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer
 
         return torch.tensor(AutoTokenizer.from_pretrained(folder)(text)["input_ids"], dtype=torch.int64)
-    if vocab_size < 256:
-        raise ValueError("byte-level text needs a vocabulary of at least 256 tokens")
+    if vocab_size is not None and vocab_size < 256:
+        raise TrainError("byte-level text needs a vocabulary of at least 256 tokens (--tiny-vocab 256)")
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.int64)
 
 
@@ -376,7 +437,7 @@ class BlockSchedule:
     ):
         n_blocks = tokens.numel() // seq_len
         if n_blocks == 0:
-            raise ValueError(f"the data holds {tokens.numel()} tokens, fewer than one block of {seq_len}")
+            raise TrainError(f"the data holds {tokens.numel()} tokens, fewer than one block of {seq_len}")
         self.blocks = tokens[: n_blocks * seq_len].view(n_blocks, seq_len)
         self.starts = None if starts is None else starts[: n_blocks * seq_len].view(n_blocks, seq_len)
         self.per_device, self.grad_accum, self.world_size, self.seed = per_device, grad_accum, world_size, seed
@@ -459,6 +520,25 @@ def _state_dict_options():
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+def run_identity(args: argparse.Namespace, world_size: int) -> dict:
+    """What a checkpoint must share with the run that resumes it (recorded in state.json)."""
+    if args.model:
+        model = str(Path(args.model).resolve())
+    else:
+        model = (f"tiny {args.tiny_config} (hidden {args.tiny_hidden}, layers {args.tiny_layers}, heads "
+                 f"{args.tiny_heads}, vocab {args.tiny_vocab}, seed {args.seed})")
+    return {
+        "model": model,
+        "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "data": "synthetic" if args.synthetic else str(Path(args.data).resolve()),
+        "seed": args.seed,
+        "world_size": world_size,
+    }
+
+
 def save_checkpoint(model, optimizer, step: int, args, dist_info: Distributed) -> Path:
     """Full (gathered) model and optimizer state on rank 0; works for a plain model, DDP and FSDP2 alike."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -472,31 +552,90 @@ def save_checkpoint(model, optimizer, step: int, args, dist_info: Distributed) -
         partial.mkdir(parents=True)
         torch.save(model_state, partial / "model.pt")
         torch.save(optimizer_state, partial / "optimizer.pt")
-        (partial / "state.json").write_text(json.dumps({"step": step, "world_size": dist_info.world_size}))
+        state = {"step": step, **run_identity(args, dist_info.world_size)}
+        (partial / "state.json").write_text(json.dumps(state, indent=2))
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)
     dist_info.barrier()
     return folder
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
+def checkpoints(output_dir: Path) -> list[Path]:
+    """``checkpoint-<step>`` folders, newest first."""
     steps = [
         (int(path.name.split("-")[1]), path)
         for path in output_dir.glob("checkpoint-*")
-        if path.name.split("-")[1].isdigit()
+        if path.is_dir() and path.name.split("-")[1].isdigit()
     ]
-    return max(steps)[1] if steps else None
+    return [path for _, path in sorted(steps, reverse=True)]
 
 
-def load_checkpoint(model, optimizer, folder: Path) -> int:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[0] if found else None
 
-    options = StateDictOptions(full_state_dict=True)
-    model_state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
-    return json.loads((folder / "state.json").read_text())["step"]
+
+class Checkpoint:
+    """A checkpoint read into memory: its step, state.json and the model and optimizer state dicts."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.state = json.loads((folder / "state.json").read_text())
+        if not isinstance(self.state, dict) or not isinstance(self.state.get("step"), int):
+            raise ValueError("state.json has no integer `step`")
+        self.step = self.state["step"]
+        self.model_state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+        self.optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+
+    def differences(self, identity: dict) -> list[str]:
+        """How this checkpoint's run differs from ``identity`` (keys it does not record are not compared)."""
+        return [f"{key}: {self.state[key]!r} in {self.folder.name}, {value!r} now"
+                for key, value in identity.items() if key in self.state and self.state[key] != value]
+
+    def restore(self, model, optimizer) -> int:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, self.model_state, options=options)
+        set_optimizer_state_dict(model, optimizer, self.optimizer_state, options=options)
+        return self.step
+
+
+def checkpoint_to_resume(output_dir: Path, identity: dict) -> Checkpoint:
+    """The newest readable checkpoint in ``output_dir``, which must come from the same run (``identity``)."""
+    found = checkpoints(output_dir)
+    if not found:
+        raise TrainError(f"--resume: {output_dir} holds no checkpoint-<step> folder to resume from")
+    unreadable = []
+    for folder in found:
+        try:
+            checkpoint = Checkpoint(folder)
+        except Exception as error:  # torch.load and json raise many types for a damaged file
+            unreadable.append(f"{folder.name} ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+            print(f"train.py: {folder} is unreadable ({type(error).__name__}); trying an older checkpoint",
+                  file=sys.stderr)
+            continue
+        if differences := checkpoint.differences(identity):
+            raise TrainError(f"--resume: {folder} comes from a different run; resume with its settings or use a "
+                             "new --output-dir:\n  " + "\n  ".join(differences))
+        if unreadable:
+            print(f"train.py: resuming from {folder.name}, the newest readable checkpoint (skipped: "
+                  f"{', '.join(unreadable)})", file=sys.stderr)
+        return checkpoint
+    raise TrainError(f"--resume: no readable checkpoint in {output_dir}: " + "; ".join(unreadable))
+
+
+def check_fresh_output(output_dir: Path) -> None:
+    """A run without --resume must not overwrite another run's log and checkpoints."""
+    earlier = [path.name for path in (output_dir / "loss.jsonl", latest_checkpoint(output_dir))
+               if path is not None and path.exists()]
+    if earlier:
+        raise TrainError(f"{output_dir} already holds a run ({', '.join(earlier)}): pass --resume to continue it "
+                         "or choose a new --output-dir")
 
 
 def save_final(model, args, dist_info: Distributed) -> None:
@@ -526,21 +665,43 @@ def _unsharded_class(model: torch.nn.Module):
 
 
 class LossLog:
-    """``loss.jsonl`` in the output folder; on resume, lines past the checkpoint's step are dropped."""
+    """``loss.jsonl`` in the output folder. On resume, a log with steps past the checkpoint's is kept whole as
+    ``loss.jsonl.before-resume-<step>``, and a copy of its lines up to the checkpoint continues (written to a
+    temporary file and moved into place: the log is never truncated)."""
 
     def __init__(self, path: Path, start_step: int, enabled: bool):
         self.path, self.enabled = path, enabled
-        if not enabled:
+        if not enabled or not path.exists():
             return
-        kept = []
-        if start_step > 0 and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if logged_step(line) is not None and logged_step(line) <= start_step]
+        if kept == lines:
+            return
+        archive = path.with_name(f"{path.name}.before-resume-{start_step}")
+        number = 1
+        while archive.exists():
+            number += 1
+            archive = path.with_name(f"{path.name}.before-resume-{start_step}.{number}")
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(line + "\n" for line in kept))
+        shutil.copyfile(path, archive)
+        partial.replace(path)
+        print(f"train.py: {path.name} had {len(lines) - len(kept)} line(s) past step {start_step}; the whole log "
+              f"is kept as {archive.name}", file=sys.stderr)
 
     def write(self, **record) -> None:
         if self.enabled:
             with self.path.open("a") as log:
                 log.write(json.dumps(record) + "\n")
+
+
+def logged_step(line: str) -> int | None:
+    """The step of a loss.jsonl line; None for a line that is not a complete record (a crash mid-write)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("step") if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def write_run_info(args, dist_info: Distributed, model) -> None:
@@ -577,6 +738,17 @@ def train(args: argparse.Namespace) -> list[dict]:
 
 def _train(args: argparse.Namespace, dist_info: Distributed) -> list[dict]:
     output_dir = Path(args.output_dir)
+    # Everything that can be wrong with the request is found before anything is written.
+    if args.resume:
+        checkpoint = checkpoint_to_resume(output_dir, run_identity(args, dist_info.world_size))
+    else:
+        check_fresh_output(output_dir)
+        checkpoint = None
+    file_tokens = None
+    if not args.synthetic:
+        early_vocab = args.tiny_vocab if args.tiny_config else None  # a --model's vocabulary is known once loaded
+        file_tokens = read_token_file(Path(args.data), Path(args.model) if args.model else None, early_vocab)
+        BlockSchedule(file_tokens, args.seq_len, args.batch_size, args.grad_accum, dist_info.world_size, args.seed)
     if dist_info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     dist_info.barrier()
@@ -584,19 +756,19 @@ def _train(args: argparse.Namespace, dist_info: Distributed) -> list[dict]:
     folder = model_folder(args, dist_info)
     model = apply_long_context(load_model(args, folder, patch_backend), args)
     vocab_size = model.get_input_embeddings().weight.shape[0]
-    tokens = load_tokens(args, folder, vocab_size, dist_info.world_size)
-    starts = document_starts(args, tokens.numel(), vocab_size, dist_info.world_size) if args.pack else None
+    if file_tokens is None:
+        file_tokens = load_tokens(args, folder, vocab_size, dist_info.world_size)
+    check_token_range(file_tokens, vocab_size, args.data or "--synthetic")
+    starts = document_starts(args, file_tokens.numel(), vocab_size, dist_info.world_size) if args.pack else None
     schedule = BlockSchedule(
-        tokens, args.seq_len, args.batch_size, args.grad_accum, dist_info.world_size, args.seed, starts
+        file_tokens, args.seq_len, args.batch_size, args.grad_accum, dist_info.world_size, args.seed, starts
     )
     core = model
     model = wrap_model(model, args, dist_info)
     optimizer = torch.optim.AdamW(core.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
 
-    start_step = 0
-    checkpoint = latest_checkpoint(output_dir) if args.resume else None
-    if checkpoint is not None:
-        start_step = load_checkpoint(core, optimizer, checkpoint)
+    start_step = checkpoint.restore(core, optimizer) if checkpoint is not None else 0
+    del checkpoint  # its state dicts are in the model and optimizer now
     if dist_info.is_main:
         write_run_info(args, dist_info, core)
     log = LossLog(output_dir / "loss.jsonl", start_step, dist_info.is_main)
@@ -829,11 +1001,15 @@ def probe_max_seq_len(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.max_seq_len_probe:
-        result = probe_max_seq_len(args)
-        print(json.dumps({key: result[key] for key in ("max_seq_len", "best")}))
-        return 0
-    train(args)
+    try:
+        if args.max_seq_len_probe:
+            result = probe_max_seq_len(args)
+            print(json.dumps({key: result[key] for key in ("max_seq_len", "best")}))
+            return 0
+        train(args)
+    except TrainError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
