@@ -14,11 +14,13 @@ GPT-2 specific options read from the config:
   whole attention in float32 (autocast off) and casts the result back.
 """
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, GPT2Config, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -52,9 +54,11 @@ import logging
 import math
 import os
 import threading
+import time
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional, Union
 
@@ -63,9 +67,9 @@ import torch.nn.functional as F
 
 _logger = logging.getLogger("memory_efficient_adapter")
 
-BACKENDS = ("sdpa", "flex", "flash_attn", "xformers", "chunked", "eager")
+BACKENDS = ("sdpa", "cudnn", "flex", "flash_attn", "xformers", "chunked", "eager")
 AUTO_ORDER = {
-    "cuda": ("sdpa", "flash_attn", "flex", "xformers", "chunked", "eager"),
+    "cuda": ("sdpa", "cudnn", "flash_attn", "flex", "xformers", "chunked", "eager"),
     "cpu": ("sdpa", "chunked", "eager"),
 }
 AUTO_ORDER_OTHER_DEVICES = ("sdpa", "chunked", "eager")
@@ -107,6 +111,9 @@ class AttentionCall:
     alibi: bool
     dropout_p: float
     needs_grad: bool
+    # The tensors behind mask_kind "padding" and alibi, for a backend that must read their values to decide.
+    padding_mask: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+    slopes: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
 
     @property
     def causal_offset(self) -> int:
@@ -271,6 +278,7 @@ def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence
     _check_options(q, attention_mask, alibi_slopes, causal, dropout_p)
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
+    mask_kind = _mask_kind(attention_mask, batch, heads, q_len, k_len)
     return AttentionCall(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -280,11 +288,13 @@ def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence
         q_len=q_len,
         k_len=k_len,
         causal=causal,
-        mask_kind=_mask_kind(attention_mask, batch, heads, q_len, k_len),
+        mask_kind=mask_kind,
         documents=_check_sequence_ids(sequence_ids, attention_mask, batch, k_len, q.device),
         alibi=alibi_slopes is not None,
         dropout_p=float(dropout_p),
         needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+        padding_mask=attention_mask if mask_kind == "padding" else None,
+        slopes=alibi_slopes,
     )
 
 
@@ -1108,6 +1118,268 @@ def _run_xformers(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
 
 
 # ----------------------------------------------------------------------------------------------
+# Backend: cudnn (NVIDIA's cuDNN frontend graph API: native ALiBi and sequence lengths, fwd + bwd)
+# ----------------------------------------------------------------------------------------------
+
+
+def _cudnn_module():
+    try:
+        import cudnn
+    except ImportError:
+        return None
+    return cudnn
+
+
+@dataclass(frozen=True)
+class _CudnnFlags:
+    """What a cuDNN sdpa graph computes besides q, k and v (part of the plan key)."""
+
+    causal: bool
+    alibi: bool
+    padded: bool  # sequence lengths bound the rows and keys (right padding, or a length padded to its bucket)
+    scale: float
+
+
+class _CudnnPlans:
+    """Built cuDNN graphs by key (direction, device, dtype, shapes, strides, flags): LRU-bounded, thread-safe.
+
+    Building a graph costs milliseconds, so each distinct shape is built once; ``_cudnn_bucket`` keeps the
+    number of shapes of a variable-length run small. A build happens under the lock: two threads that miss
+    on one key build it once.
+    """
+
+    def __init__(self, capacity: int = 128):
+        self.capacity = capacity
+        self._plans: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self._counts = {"hits": 0, "builds": 0, "build_seconds": 0.0}
+
+    def get(self, key: tuple, build: Callable[[], tuple]) -> tuple:
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                self._counts["hits"] += 1
+                return plan
+            start = time.perf_counter()
+            plan = build()
+            self._counts["build_seconds"] += time.perf_counter() - start
+            self._counts["builds"] += 1
+            self._plans[key] = plan
+            while len(self._plans) > self.capacity:
+                self._plans.popitem(last=False)
+            return plan
+
+    def info(self) -> dict:
+        with self._lock:
+            calls = self._counts["hits"] + self._counts["builds"]
+            hit_rate = self._counts["hits"] / calls if calls else 0.0
+            return dict(self._counts, size=len(self._plans), capacity=self.capacity, hit_rate=hit_rate)
+
+
+_cudnn_plans = _CudnnPlans()
+_cudnn_handles: dict = {}
+_cudnn_handles_lock = threading.Lock()
+_cudnn_checked: dict = {}
+
+
+def cudnn_plan_cache_info() -> dict:
+    """The cudnn backend's plan cache: hits, builds, seconds spent building, hit rate, size and capacity."""
+    return _cudnn_plans.info()
+
+
+def _cudnn_handle(cudnn, device: torch.device) -> tuple:
+    """One cuDNN handle per device, with the lock that keeps its stream fixed while a graph launches on it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _cudnn_handles_lock:
+        if index not in _cudnn_handles:
+            with torch.cuda.device(index):
+                _cudnn_handles[index] = (cudnn.create_handle(), threading.Lock())
+        return _cudnn_handles[index]
+
+
+def _cuda_stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _cudnn_bucket(length: int) -> int:
+    """The sequence length a graph is built for: ``length`` rounded up to a multiple of 64, or of an eighth
+    of its power of two above 512 tokens (at most 12.5% longer), so that a run over many lengths builds
+    about eight graphs per doubling of the length instead of one per length."""
+    granule = max(64, 2 ** max(0, length.bit_length() - 4))
+    return -(-length // granule) * granule
+
+
+def _remembered_check(slot: str, tensor: torch.Tensor, check: Callable[[torch.Tensor], bool]) -> bool:
+    """``check(tensor)`` (one host read), reused while the same tensor object is alive and unmodified: every
+    layer of a forward pass passes the same padding mask and slopes."""
+    entry = _cudnn_checked.get(slot)
+    if entry is not None and entry[0]() is tensor and entry[1] == tensor._version:
+        return entry[2]
+    result = bool(check(tensor))
+    _cudnn_checked[slot] = (weakref.ref(tensor), tensor._version, result)
+    return result
+
+
+def _is_right_padding(mask: torch.Tensor) -> bool:
+    """Every row keeps a non-empty prefix of its keys: padding that sequence lengths can express."""
+    lengths = mask.sum(dim=-1, keepdim=True)
+    prefix = torch.arange(mask.shape[-1], device=mask.device)[None, :] < lengths
+    return bool((mask == prefix).all() & (lengths > 0).all())
+
+
+def _are_bloom_slopes(slopes: torch.Tensor) -> bool:
+    """cuDNN computes the ALiBi slopes itself (BLOOM's, from the head count); other slopes cannot go there."""
+    return torch.allclose(slopes.detach().float().cpu(), alibi_slopes(slopes.shape[0]), rtol=1e-6, atol=0.0)
+
+
+def _cudnn_operand(x: torch.Tensor) -> torch.Tensor:
+    """x as cuDNN takes it: unit stride in head_dim, 16-byte aligned rows; copied only when it is not."""
+    aligned = x.stride(-1) == 1 and all(s % 8 == 0 for s in x.stride()[:-1]) and x.data_ptr() % 16 == 0
+    return x if aligned else x.contiguous()
+
+
+def _bshd_empty(batch: int, heads: int, seq: int, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """A [b, h, s, d] tensor laid out as [b, s, h, d], so that the model's transpose + reshape is free."""
+    return torch.empty(batch, seq, heads, dim, device=like.device, dtype=like.dtype).transpose(1, 2)
+
+
+def _layout(x: torch.Tensor) -> tuple:
+    return tuple(x.shape), tuple(x.stride())
+
+
+def _cudnn_types(cudnn, dtype: torch.dtype) -> dict:
+    io = cudnn.data_type.HALF if dtype == torch.float16 else cudnn.data_type.BFLOAT16
+    return dict(io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT, compute_data_type=cudnn.data_type.FLOAT)
+
+
+def _cudnn_mask_options(graph, flags: _CudnnFlags, lengths) -> tuple:
+    """The sdpa / sdpa_backward options for the masks, and the graph tensors of the sequence lengths."""
+    length_tensors = tuple(graph.tensor_like(x) for x in lengths) if flags.padded else (None, None)
+    options = dict(
+        attn_scale=flags.scale,
+        use_causal_mask=flags.causal,
+        use_alibi_mask=flags.alibi,
+        use_padding_mask=flags.padded,
+        seq_len_q=length_tensors[0],
+        seq_len_kv=length_tensors[1],
+    )
+    return options, length_tensors
+
+
+def _cudnn_finish(cudnn, graph, operands: tuple) -> tuple:
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    return graph, operands, graph.get_workspace_size()
+
+
+def _cudnn_execute(cudnn, plan: tuple, buffers: tuple, device: torch.device) -> None:
+    """Run a built graph on the current CUDA stream; ``buffers`` line up with the plan's graph tensors."""
+    graph, operands, workspace_size = plan
+    handle, lock = _cudnn_handle(cudnn, device)
+    workspace = torch.empty(workspace_size, device=device, dtype=torch.uint8)
+    pack = {operand: buffer for operand, buffer in zip(operands, buffers) if operand is not None}
+    with lock:
+        cudnn.set_stream(handle, _cuda_stream(device))
+        graph.execute(pack, workspace, handle=handle)
+
+
+def _cudnn_forward(q, k, v, lengths: tuple, flags: _CudnnFlags, with_stats: bool):
+    """cuDNN sdpa: the output ([b, h, s, d] laid out as [b, s, h, d]) and, for training, the softmax stats."""
+    cudnn = _cudnn_module()
+    batch, heads, seq, dim = q.shape
+    out = _bshd_empty(batch, heads, seq, dim, q)
+    stats = torch.empty(batch, heads, seq, 1, device=q.device, dtype=torch.float32) if with_stats else None
+    key = ("fwd", q.device, q.dtype, _layout(q), _layout(k), _layout(v), flags, with_stats)
+
+    def build():
+        handle, _ = _cudnn_handle(cudnn, q.device)
+        graph = cudnn.pygraph(handle=handle, **_cudnn_types(cudnn, q.dtype))
+        tq, tk, tv = (graph.tensor_like(x) for x in (q, k, v))
+        options, length_tensors = _cudnn_mask_options(graph, flags, lengths)
+        to, tstats = graph.sdpa(name="sdpa", q=tq, k=tk, v=tv, generate_stats=with_stats, **options)
+        to.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride()))
+        if with_stats:
+            tstats.set_output(True).set_data_type(cudnn.data_type.FLOAT)
+        return _cudnn_finish(cudnn, graph, (tq, tk, tv, to, tstats if with_stats else None, *length_tensors))
+
+    plan = _cudnn_plans.get(key, build)
+    _cudnn_execute(cudnn, plan, (q, k, v, out, stats, *lengths), q.device)
+    return out, stats
+
+
+def _cudnn_backward(q, k, v, out, stats, grad_out, lengths: tuple, flags: _CudnnFlags) -> tuple:
+    """cuDNN sdpa_backward: dq, dk, dv from the forward's output and softmax stats."""
+    cudnn = _cudnn_module()
+    grad_out = _cudnn_operand(grad_out)
+    grads = tuple(_bshd_empty(*x.shape, x) for x in (q, k, v))
+    key = ("bwd", q.device, q.dtype, _layout(q), _layout(k), _layout(v), _layout(out), _layout(grad_out), flags)
+
+    def build():
+        handle, _ = _cudnn_handle(cudnn, q.device)
+        graph = cudnn.pygraph(handle=handle, **_cudnn_types(cudnn, q.dtype))
+        inputs = tuple(graph.tensor_like(x) for x in (q, k, v, out, grad_out, stats))
+        options, length_tensors = _cudnn_mask_options(graph, flags, lengths)
+        outputs = graph.sdpa_backward(name="sdpa_backward", q=inputs[0], k=inputs[1], v=inputs[2], o=inputs[3],
+                                      dO=inputs[4], stats=inputs[5], **options)
+        for tensor, like in zip(outputs, grads):
+            tensor.set_output(True).set_dim(list(like.shape)).set_stride(list(like.stride()))
+        return _cudnn_finish(cudnn, graph, (*inputs, *outputs, *length_tensors))
+
+    plan = _cudnn_plans.get(key, build)
+    _cudnn_execute(cudnn, plan, (q, k, v, out, grad_out, stats, *grads, *lengths), q.device)
+    return grads
+
+
+class _CudnnAttention(torch.autograd.Function):
+    """cuDNN attention for training: forward keeps the softmax stats, backward runs ``sdpa_backward``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, seq_len_q, seq_len_kv, flags):
+        lengths = (seq_len_q, seq_len_kv)
+        out, stats = _cudnn_forward(q, k, v, lengths, flags, with_stats=True)
+        ctx.save_for_backward(q, k, v, out, stats, *(x for x in lengths if x is not None))
+        ctx.flags = flags
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, stats, *lengths = ctx.saved_tensors
+        lengths = tuple(lengths) if lengths else (None, None)
+        grad_q, grad_k, grad_v = _cudnn_backward(q, k, v, out, stats, grad_out, lengths, ctx.flags)
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def _cudnn_lengths(call: AttentionCall, mask, bucket: int, batch: int, device) -> tuple:
+    """Sequence lengths (int32 [b, 1, 1, 1]) when the graph needs them: every query row of the call is
+    valid (a padded row still sees the kept keys before it, as in every other backend), and the keys are
+    bounded by the padding mask or by the true length inside the bucket. (None, None) when neither pads."""
+    if mask is None and bucket == call.q_len:
+        return None, None
+    seq_len_q = torch.full((batch, 1, 1, 1), call.q_len, device=device, dtype=torch.int32)
+    if mask is None:
+        return seq_len_q, seq_len_q
+    return seq_len_q, mask.sum(dim=-1, dtype=torch.int32).view(batch, 1, 1, 1)
+
+
+def _run_cudnn(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    bucket = _cudnn_bucket(call.q_len)
+    lengths = _cudnn_lengths(call, mask, bucket, q.shape[0], q.device)
+    flags = _CudnnFlags(causal=call.causal, alibi=call.alibi, padded=lengths[0] is not None, scale=float(scale))
+    if bucket != call.q_len:
+        q, k, v = (F.pad(x, (0, 0, 0, bucket - call.q_len)) for x in (q, k, v))
+    q, k, v = (_cudnn_operand(x) for x in (q, k, v))
+    if call.needs_grad:
+        out = _CudnnAttention.apply(q, k, v, *lengths, flags)
+    else:
+        out, _ = _cudnn_forward(q, k, v, lengths, flags, with_stats=False)
+    return out[:, :, : call.q_len] if bucket != call.q_len else out
+
+
+# ----------------------------------------------------------------------------------------------
 # Capabilities: each returns None when the backend can take the call, else the reason it cannot
 # ----------------------------------------------------------------------------------------------
 
@@ -1174,6 +1446,32 @@ def _cannot_flash_attn(call: AttentionCall) -> Optional[str]:
     return None
 
 
+def _cannot_cudnn(call: AttentionCall) -> Optional[str]:
+    """cuDNN's own rules, plus what this backend's glue takes. The padding layout and the slopes are
+    values, so they are read once per tensor object (one host read per forward pass, not per layer)."""
+    if call.device_type != "cuda":
+        return "cudnn runs only on CUDA"
+    if call.dtype not in (torch.float16, torch.bfloat16):
+        return f"cudnn takes only float16/bfloat16, got {call.dtype}"
+    if call.head_dim % 8 != 0 or call.head_dim > 128:
+        return f"cudnn's fused attention needs head_dim <= 128 and a multiple of 8, got {call.head_dim}"
+    if not call.causal or call.q_len != call.k_len:
+        return "cudnn here takes causal calls over the full sequence (not a decoding step, chunked prefill or non-causal call)"
+    if call.mask_kind in ("bool", "additive"):
+        return "cudnn takes padding only as sequence lengths, not a 4-D mask"
+    if call.documents:
+        return "cudnn here takes no sequence_ids (packed documents)"
+    if call.dropout_p > 0.0:
+        return "cudnn here takes no attention dropout (cuDNN refuses it with ALiBi; sdpa runs plain dropout)"
+    if torch.compiler.is_compiling() or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return "cudnn graphs run eagerly: not inside torch.compile or a CUDA graph capture"
+    if call.alibi and not _remembered_check("slopes", call.slopes, _are_bloom_slopes):
+        return "cudnn computes BLOOM's ALiBi slopes itself and cannot take other slopes"
+    if call.mask_kind == "padding" and not _remembered_check("padding", call.padding_mask, _is_right_padding):
+        return "cudnn takes only right padding (a kept prefix of every row), not left padding"
+    return None
+
+
 def _cannot_xformers(call: AttentionCall) -> Optional[str]:
     if call.device_type != "cuda":
         return "xformers runs only on CUDA here"
@@ -1215,7 +1513,19 @@ def _probe_xformers(device_type: str) -> Optional[str]:
     return None
 
 
-_PROBES = {"flash_attn": _probe_flash_attn, "xformers": _probe_xformers}
+def _probe_cudnn(device_type: str) -> Optional[str]:
+    if _cudnn_module() is None:
+        return "cudnn (the nvidia-cudnn-frontend package) is not installed"
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return None
+    q = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.float16)
+    flags = _CudnnFlags(causal=True, alibi=True, padded=False, scale=0.125)
+    out, stats = _cudnn_forward(q, q, q, (None, None), flags, with_stats=True)
+    _cudnn_backward(q, q, q, out, stats, torch.ones_like(out), (None, None), flags)
+    return None
+
+
+_PROBES = {"flash_attn": _probe_flash_attn, "xformers": _probe_xformers, "cudnn": _probe_cudnn}
 
 
 def _probe(name: str, device_type: str) -> Optional[str]:
@@ -1235,6 +1545,7 @@ def _probe(name: str, device_type: str) -> Optional[str]:
 
 _CANNOT = {
     "sdpa": _cannot_sdpa,
+    "cudnn": _cannot_cudnn,
     "flex": _cannot_flex,
     "flash_attn": _cannot_flash_attn,
     "xformers": _cannot_xformers,
@@ -1243,6 +1554,7 @@ _CANNOT = {
 }
 _RUN = {
     "sdpa": _run_sdpa,
+    "cudnn": _run_cudnn,
     "flex": _run_flex,
     "flash_attn": _run_flash_attn,
     "xformers": _run_xformers,
@@ -1481,7 +1793,7 @@ def available_backends(device: Optional[str] = None) -> list:
             continue
         if name == "flex" and _flex_module() is None:
             continue
-        if device_type == "cpu" and name in ("flash_attn", "xformers"):
+        if device_type == "cpu" and name in ("cudnn", "flash_attn", "xformers"):
             continue
         names.append(name)
     return names
@@ -2403,6 +2715,10 @@ class LongContextCheckpointing:
     @_gradient_checkpointing_func.setter
     def _gradient_checkpointing_func(self, function: Callable) -> None:
         self.__dict__["_checkpointing_function"] = function
+
+    @_gradient_checkpointing_func.deleter
+    def _gradient_checkpointing_func(self) -> None:
+        self.__dict__.pop("_checkpointing_function", None)
 # <<< kernel layer <<<
 
 logger = hf_logging.get_logger(__name__)
@@ -2526,6 +2842,52 @@ class GPT2Attention(nn.Module):
         return self.resid_dropout(self.c_proj(output))
 
 
+class EncoderContext(NamedTuple):
+    """What the blocks' cross-attention reads (`config.add_cross_attention`): the encoder's states, their keep-mask
+    (None: all kept), the cache holding their projected keys/values (or None) and a list collecting the weights."""
+
+    hidden_states: torch.Tensor
+    mask: torch.Tensor | None
+    cache: EncoderDecoderCache | None
+    weights: list | None
+
+
+class GPT2CrossAttention(GPT2Attention):
+    """Attention from the decoder (`q_attn`) to the encoder's states (`c_attn` projects keys and values), as in
+    stock GPT-2 with `add_cross_attention`. The projected encoder keys/values are cached once per generation."""
+
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.c_attn = Conv1D(2 * self.embed_dim, self.embed_dim)
+        self.q_attn = Conv1D(self.embed_dim, self.embed_dim)
+
+    def _encoder_keys_values(self, encoder: EncoderContext) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = encoder.cache
+        if cache is not None and cache.is_updated.get(self.layer_idx, False):
+            layer = cache.cross_attention_cache.layers[self.layer_idx]
+            return layer.keys, layer.values
+        key, value = self.c_attn(encoder.hidden_states).split(self.embed_dim, dim=2)
+        key, value = self._split_heads(key), self._split_heads(value)
+        if cache is not None:
+            key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+            cache.is_updated[self.layer_idx] = True
+        return key, value
+
+    def forward(self, hidden_states: torch.Tensor, encoder: EncoderContext, backend: str) -> torch.Tensor:
+        query = self._split_heads(self.q_attn(hidden_states))
+        key, value = self._encoder_keys_values(encoder)
+        output = self._attend(query, key, value, encoder.mask, False, backend, encoder.weights)
+        output = output.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.embed_dim)
+        return self.resid_dropout(self.c_proj(output))
+
+
+def encoder_keep_mask(encoder_attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The encoder's 2-D 0/1 padding mask as a keep-mask (None when nothing is padded); a 4-D mask as is."""
+    if encoder_attention_mask is None or encoder_attention_mask.dim() == 4:
+        return encoder_attention_mask
+    return keep_mask_from_padding(encoder_attention_mask)
+
+
 class GPT2MLP(nn.Module):
     def __init__(self, intermediate_size: int, config: GPT2Config):
         super().__init__()
@@ -2551,6 +2913,9 @@ class GPT2Block(nn.Module):
         self.config = config
         self.ln_1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.attn = GPT2Attention(config, layer_idx)
+        if config.add_cross_attention:
+            self.crossattention = GPT2CrossAttention(config, layer_idx)
+            self.ln_cross_attn = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.ln_2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(inner_dim, config)
 
@@ -2564,13 +2929,19 @@ class GPT2Block(nn.Module):
         backend: str,
         attention_weights: list | None = None,
         sequence_ids: torch.Tensor | None = None,
+        encoder: EncoderContext | None = None,
     ) -> torch.Tensor:
+        """`past_key_values` is the self-attention cache; `encoder` feeds the cross-attention (if the block has one)."""
         tile_size = sequence_tile_size(self.config)
         attn_input = sequence_tiled((self.ln_1,), hidden_states, tile_size)
         attended = self.attn(
             attn_input, mask, causal, past_key_values, cache_position, backend, attention_weights, sequence_ids
         )
         hidden_states = hidden_states + attended
+        if encoder is not None:
+            if not hasattr(self, "crossattention"):
+                raise ValueError("encoder_hidden_states need a model built with config.add_cross_attention=True")
+            hidden_states = hidden_states + self.crossattention(self.ln_cross_attn(hidden_states), encoder, backend)
         return hidden_states + sequence_tiled((self.ln_2, self.mlp), hidden_states, tile_size)
 
 
@@ -2590,11 +2961,6 @@ class GPT2PreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # Old checkpoints carry the causal-mask buffers of the original implementation.
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias$", r"attn\.masked_bias$"]
-
-    def __init__(self, config: GPT2Config, *inputs, **kwargs):
-        if getattr(config, "add_cross_attention", False):
-            raise ValueError("this GPT-2 implementation has no cross-attention (config.add_cross_attention=True)")
-        super().__init__(config, *inputs, **kwargs)
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -2651,6 +3017,8 @@ class GPT2Model(GPT2PreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -2659,7 +3027,9 @@ class GPT2Model(GPT2PreTrainedModel):
     ) -> BaseModelOutputWithPastAndCrossAttentions | tuple:
         """`cache_position` (positions of these tokens in the cache, as transformers 4.x `generate` passes it) may
         come as a keyword argument; other extra keyword arguments are accepted and unused. Inputs may carry extra
-        leading dimensions (`[batch, choices, seq]`, as `GPT2DoubleHeadsModel` passes them), flattened into the batch."""
+        leading dimensions (`[batch, choices, seq]`, as `GPT2DoubleHeadsModel` passes them), flattened into the batch.
+        `encoder_hidden_states` (with `config.add_cross_attention`, e.g. as the decoder of an `EncoderDecoderModel`)
+        are attended by every block after its self-attention; the cache then is an `EncoderDecoderCache`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids and inputs_embeds")
         check_cache_type(past_key_values)
@@ -2687,6 +3057,19 @@ class GPT2Model(GPT2PreTrainedModel):
             past_key_values = None
         elif use_cache and past_key_values is None:
             past_key_values = DynamicCache()
+        if use_cache and self.config.add_cross_attention and not isinstance(past_key_values, EncoderDecoderCache):
+            past_key_values = EncoderDecoderCache(past_key_values, DynamicCache())
+        self_attention_cache = past_key_values
+        if isinstance(past_key_values, EncoderDecoderCache):
+            self_attention_cache = past_key_values.self_attention_cache
+        encoder = None
+        if encoder_hidden_states is not None:
+            encoder = EncoderContext(
+                encoder_hidden_states,
+                encoder_keep_mask(encoder_attention_mask),
+                past_key_values if isinstance(past_key_values, EncoderDecoderCache) else None,
+                [] if output_attentions else None,
+            )
 
         # Only positions the caller did not give are derived from the cache length (a data-dependent value
         # under torch.compile with a static cache); transformers 4.x static caches write at `cache_position`.
@@ -2712,7 +3095,7 @@ class GPT2Model(GPT2PreTrainedModel):
         for index, block in enumerate(self.h):
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            checkpointed_arguments = (mask, causal, None, cache_position, backend, all_attentions, sequence_ids)
+            checkpointed_arguments = (mask, causal, None, cache_position, backend, all_attentions, sequence_ids, encoder)
             if offload:
                 keep = keeps_checkpoint_on_device(self.config, index)
                 hidden_states = offloaded_checkpoint(
@@ -2722,7 +3105,15 @@ class GPT2Model(GPT2PreTrainedModel):
                 hidden_states = self._gradient_checkpointing_func(block.__call__, hidden_states, *checkpointed_arguments)
             else:
                 hidden_states = block(
-                    hidden_states, mask, causal, past_key_values, cache_position, backend, all_attentions, sequence_ids
+                    hidden_states,
+                    mask,
+                    causal,
+                    self_attention_cache,
+                    cache_position,
+                    backend,
+                    all_attentions,
+                    sequence_ids,
+                    encoder,
                 )
         hidden_states = sequence_tiled((self.ln_f,), hidden_states, sequence_tile_size(self.config))
         hidden_states = hidden_states.view(*input_shape, -1)
@@ -2734,6 +3125,7 @@ class GPT2Model(GPT2PreTrainedModel):
             past_key_values=past_key_values if use_cache else None,
             hidden_states=selected_hidden_states(all_hidden_states, output_hidden_states),
             attentions=tuple(all_attentions) if output_attentions else None,
+            cross_attentions=tuple(encoder.weights) if encoder is not None and output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -2762,6 +3154,8 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
@@ -2782,6 +3176,8 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
@@ -2805,6 +3201,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions,
         )
         return output if return_dict else output.to_tuple()
 
