@@ -51,14 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_model(layers: int, rank: int):
     """Our LlamaForCausalLM with random bf16 weights (made on the GPU, no CPU copy), LoRA on q/k/v/o."""
-    from memory_efficient_adapter.modeling_llama import LlamaForCausalLM
+    from memory_efficient_adapter.modeling_llama import LlamaForCausalLM, LlamaRotaryEmbedding
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig
 
-    config = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers}, rope_theta=500000.0)
+    config = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers})
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to(torch.bfloat16).to_empty(device="cuda")
+    model.model.rotary_emb = LlamaRotaryEmbedding(config).to("cuda")  # its float32 frequency buffers, computed
     generator = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
