@@ -13,6 +13,11 @@ references from other repos.
     python hub_upload.py --reference bigscience/bloom-560m --family bloom \\
         --code-repo memory-efficient-adapter/mea-modeling --local-dir out/bloom-ref   # config.json
 
+Every config is checked (source reachable, files present, backend fits the family, revision pinned) before
+anything is written or pushed, and a summary of what was pushed and what failed ends every run. With
+--verify a push goes to a staging branch first, is loaded back there, and only then is committed to its
+target branch: a failed verification leaves the target branch untouched.
+
 The token comes from --token, HF_TOKEN or `hf auth login`; prefer the last two, since a command-line
 argument can end up in shell history. It is only ever handed to huggingface_hub, never printed or written.
 """
@@ -24,46 +29,41 @@ import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
-from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token, snapshot_download
+from huggingface_hub import HfApi, ModelCard, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
 
+from hub_card import BACKENDS, file_sha256, model_card
+from hub_verify import VerifyError, verify_code, verify_model_folder
 from memory_efficient_adapter.families import (
     FAMILIES,
     ModelingFilesError,
     auto_map,
-    available_entries,
     copy_modeling_files,
     family_files,
-    main_entry,
 )
-
-PROJECT_URL = "https://github.com/memory-efficient-adapter/memory-efficient-adapter"
-CODE_LICENSE = "apache-2.0"
 
 logger = logging.getLogger("hub_upload")
 
 ALL_FAMILIES = "all"  # `family: all` in a code config publishes every family's files
 
-# The kernel layer's backends (modeling/attention.py), listed on every model card; `backend` options must be one.
-BACKENDS: dict[str, str] = {
-    "auto": "the fastest backend that can take each call (default)",
-    "sdpa": "PyTorch scaled_dot_product_attention (cuDNN / flash / memory-efficient kernels)",
-    "flex": "torch flex_attention with ALiBi and masks as score mods (compiles on first use)",
-    "flash_attn": "the flash-attn package, when installed",
-    "xformers": "xformers memory-efficient attention, when installed and working",
-    "chunked": "pure PyTorch, O(n) memory, runs anywhere",
-    "eager": "the reference math path (GPT-2: light softmax, fused dropout-matmul)",
-}
+
+# Backends that cannot take a family's attention at all (BLOOM: ALiBi slopes; see the kernel layer's _cannot_*).
+BACKENDS_WITHOUT_ALIBI = ("sdpa", "xformers")
+ALIBI_FAMILIES = ("bloom",)
+PINNED_REVISION = re.compile(r"[0-9a-f]{40}")
 
 WEIGHT_INDEXES = {"safetensors": "model.safetensors.index.json", "bin": "pytorch_model.bin.index.json"}
 # Files copied verbatim from the source checkpoint when present (top level only).
@@ -91,8 +91,15 @@ class ConfigError(ValueError):
     """A configs/ file or command line that cannot work; reported without a traceback."""
 
 
-class VerifyError(RuntimeError):
-    """What was published does not load or run as our remote code."""
+class HubUnreachable(ConnectionError):
+    """The Hub could not be reached for a named repo (offline, DNS, refused connection)."""
+
+
+def check_backend(family: str, backend: str | None, name: str) -> None:
+    """Refuse a default backend that cannot run the family's attention (it would fail at every forward)."""
+    if backend in BACKENDS_WITHOUT_ALIBI and family in ALIBI_FAMILIES:
+        raise ConfigError(f"{name}: backend {backend!r} cannot run {family} (its attention uses ALiBi slopes, which "
+                          f"{backend} cannot take); use auto, flex, flash_attn, chunked or eager")
 
 
 # --------------------------------------------------------------------------------------------------- configs
@@ -121,8 +128,16 @@ _OPTION_KEYS = {"backend", "revision", "private", "license"}
 def load_config(path: str | Path) -> RepoConfig:
     """Read and validate one configs/ file (YAML, or JSON for a .json name)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read it: {error}") from None
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
     return parse_config(raw, name=str(path))
 
 
@@ -167,6 +182,11 @@ def parse_config(raw: Any, name: str = "<config>") -> RepoConfig:
     backend = options.get("backend")
     if backend is not None and backend not in BACKENDS:
         raise fail(f"`backend` must be one of {list(BACKENDS)}, not {backend!r}")
+    if publish == "model":
+        check_backend(family, backend, name)
+    source_revision = raw.get("source_revision")
+    if source_revision is not None and not isinstance(source_revision, str):
+        raise fail(f"`source_revision` must be a string (quote a commit hash), not {source_revision!r}")
     private = options.get("private", False)
     if not isinstance(private, bool):
         raise fail("`private` must be true or false")
@@ -176,7 +196,7 @@ def parse_config(raw: Any, name: str = "<config>") -> RepoConfig:
         target=checked_target(raw.get("target"), name),
         publish=publish,
         source=str(source) if source else None,
-        source_revision=raw.get("source_revision"),
+        source_revision=source_revision,
         backend=backend,
         revision=str(options.get("revision", "main")),
         private=private,
@@ -208,8 +228,26 @@ class Source:
     def commit(self) -> str | None:
         """The Hub commit the source is read at (None for a local folder)."""
         if self.is_hub and self._commit is None:
-            self._commit = HfApi(token=self.token).repo_info(self.spec, revision=self.revision).sha
+            with reaching(f"source {self.spec}"):
+                self._commit = HfApi(token=self.token).repo_info(self.spec, revision=self.revision).sha
         return self._commit
+
+    def _allowed_roots(self) -> list[Path]:
+        """Where the local source's files may resolve: the folder itself, and, for a snapshot folder of the
+        Hugging Face cache, that repo's blobs/ (the cache keeps files as links into it)."""
+        root = self.local.resolve()
+        roots = [root]
+        if root.parent.name == "snapshots":
+            roots.append(root.parent.parent / "blobs")
+        return roots
+
+    def _check_inside(self, names: Iterable[str]) -> None:
+        roots = self._allowed_roots()
+        for name in names:
+            target = (self.local / name).resolve()
+            if not any(target.is_relative_to(root) for root in roots):
+                raise ConfigError(f"{self.spec}: {name} is a link to {target}, outside the source folder; "
+                                  "refusing to publish it (copy the file in if it belongs there)")
 
     def sizes(self) -> dict[str, int]:
         """Top-level file names and sizes in bytes."""
@@ -218,7 +256,8 @@ class Source:
                 self._sizes = {p.name: p.stat().st_size for p in sorted(self.local.iterdir()) if p.is_file()}
             else:
                 api = HfApi(token=self.token)
-                entries = api.list_repo_tree(self.spec, revision=self.commit(), recursive=False)
+                with reaching(f"source {self.spec}"):
+                    entries = list(api.list_repo_tree(self.spec, revision=self.commit(), recursive=False))
                 self._sizes = {e.path: e.size for e in entries if isinstance(e, RepoFile)}
         return self._sizes
 
@@ -226,12 +265,14 @@ class Source:
         """A folder that holds ``names`` (downloaded into the Hub cache for a Hub source)."""
         names = list(names)
         if self.local is not None:
+            self._check_inside(names)
             return self.local
         missing = [name for name in names if name not in self.sizes()]
         if missing:
             raise ConfigError(f"{self.spec}: no {missing} at {self.commit()}")
         logger.info("downloading %d file(s) from %s@%s", len(names), self.spec, self.commit()[:10])
-        folder = snapshot_download(self.spec, revision=self.commit(), allow_patterns=names, token=self.token)
+        with reaching(f"source {self.spec}"):
+            folder = snapshot_download(self.spec, revision=self.commit(), allow_patterns=names, token=self.token)
         return Path(folder)
 
     def read_json(self, name: str) -> dict:
@@ -260,11 +301,24 @@ def select_weights(source: Source) -> Weights:
     for fmt, single in (("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin")):
         index = WEIGHT_INDEXES[fmt]
         if index in names:
-            weight_map = source.read_json(index)["weight_map"]
-            return Weights(fmt, tuple(sorted(set(weight_map.values()))), index)
+            weight_map = source.read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConfigError(f"{source.spec}/{index}: no `weight_map` mapping")
+            shards = tuple(sorted(set(weight_map.values())))
+            for shard in shards:
+                check_shard_name(shard, f"{source.spec}/{index}")
+            return Weights(fmt, shards, index)
         if single in names:
             return Weights(fmt, (single,), None)
     raise ConfigError(f"{source.spec}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json)")
+
+
+def check_shard_name(shard: Any, where: str) -> None:
+    """A shard named by an index must be a plain file name beside it: the name becomes a path we read and write."""
+    if (not isinstance(shard, str) or not shard or shard in (".", "..") or "/" in shard or "\\" in shard
+            or os.path.isabs(shard) or shard.startswith("~")):
+        raise ConfigError(f"{where}: shard name {shard!r} is not a plain file name (no '/', '..' or absolute "
+                          "paths); refusing to use it as a path")
 
 
 def safetensors_name(bin_name: str) -> str:
@@ -359,113 +413,14 @@ def source_card_data(source: Source) -> dict:
     return {key: data[key] for key in CARD_FIELDS if data.get(key) is not None}
 
 
-def backends_markdown(default: str | None) -> str:
-    rows = [f"| `{name}` | {text} |" for name, text in BACKENDS.items()]
-    return "\n".join(
-        [
-            f"Attention runs through one kernel layer; this repo's default is `attn_backend = \"{default or 'auto'}\"`"
-            " (config.json). Pick another with `from_pretrained(..., attn_backend=\"chunked\")`, transformers'"
-            " `attn_implementation` (\"eager\", \"sdpa\", \"flash_attention_2\", \"flex_attention\") or the"
-            " `USE_FLASH_ATTN` environment variable (`true`, `false` or a backend name).",
-            "",
-            "| backend | what it is |",
-            "|---|---|",
-            *rows,
-        ]
-    )
-
-
-def model_card(cfg: RepoConfig, source: Source | None, source_fields: dict) -> ModelCard:
-    """The README.md of a target repo, built with huggingface_hub's ModelCard API."""
-    if cfg.publish == "code":
-        data = ModelCardData(license=CODE_LICENSE, library_name="transformers",
-                             tags=["memory-efficient-adapter", "custom_code"])
-        files = [f for family in cfg.families for f in family_files(family)]
-        body = code_card_body(cfg, files)
-    else:
-        fields = dict(source_fields)
-        if cfg.license:
-            fields = {k: v for k, v in fields.items() if not k.startswith("license")} | {"license": cfg.license}
-        if "license" not in fields:
-            raise ConfigError(f"{cfg.name}: the source card names no license; set `options.license`")
-        data = ModelCardData(
-            base_model=source.spec if source.is_hub else None,
-            library_name="transformers",
-            tags=["memory-efficient-adapter", "custom_code", FAMILIES[cfg.family].model_type],
-            **fields,
-        )
-        body = model_card_body(cfg, source, fields["license"])
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
-
-
-def model_card_body(cfg: RepoConfig, source: Source, license_: str) -> str:
-    entry = main_entry(cfg.family)
-    origin = (
-        f"[`{source.spec}`](https://huggingface.co/{source.spec}) at commit `{source.commit()}`"
-        if source.is_hub
-        else f"a local checkpoint (`{Path(source.spec).name}`)"
-    )
-    classes = ", ".join(f"`{e.class_name}` ({e.auto_class})" for e in available_entries(cfg.family))
-    return f"""# {cfg.target.split("/")[1]}
-
-The weights, tokenizer and config of {origin}, with modeling code from
-[memory-efficient-adapter]({PROJECT_URL}): its attention goes through fused, memory-efficient kernels
-(no materialized sequence-by-sequence masks or ALiBi biases). Outputs match the original modeling code
-up to floating-point rounding.
-Classes: {classes}.
-
-## Usage
-
-```python
-import torch
-from transformers import {entry.auto_class}, AutoTokenizer
-
-tokenizer = AutoTokenizer.from_pretrained("{cfg.target}", trust_remote_code=True)
-model = {entry.auto_class}.from_pretrained("{cfg.target}", trust_remote_code=True, dtype=torch.bfloat16)
-inputs = tokenizer("Memory-efficient attention", return_tensors="pt")
-outputs = model(**inputs)
-```
-
-## Attention backends
-
-{backends_markdown(cfg.backend)}
-
-## License
-
-The weights keep the source's license (`{license_}`; license files are copied
-from the source). The modeling files (`{"`, `".join(family_files(cfg.family))}`) are Apache-2.0.
-"""
-
-
-def code_card_body(cfg: RepoConfig, files: list[str]) -> str:
-    family = "bloom" if "bloom" in cfg.families else cfg.families[0]
-    entry = main_entry(family)
-    module = Path(entry.file).stem
-    return f"""# {cfg.target.split("/")[1]}
-
-Modeling code from [memory-efficient-adapter]({PROJECT_URL}) only (no weights): {", ".join(f"`{f}`" for f in files)}.
-Each file is self-contained and routes attention through fused, memory-efficient kernels.
-
-## Usage: keep the original weights, load our code
-
-Point a config's `auto_map` at this repo (`"<this repo>--<module>.<Class>"`); the weights still come from
-the original repo:
-
-```python
-from transformers import AutoConfig, {entry.auto_class}
-
-config = AutoConfig.from_pretrained("<original repo>")
-config.auto_map = {{"{entry.auto_class}": "{cfg.target}--{module}.{entry.class_name}"}}
-model = {entry.auto_class}.from_pretrained("<original repo>", config=config, trust_remote_code=True)
-```
-
-`hub_upload.py --reference` in the project writes such a config.json for a given checkpoint. Or copy a
-`modeling_<family>.py` next to a checkpoint and set `auto_map` to `"<module>.<Class>"`.
-
-## Attention backends
-
-{backends_markdown(None)}
-"""
+def card_fields(cfg: RepoConfig, source_fields: dict) -> dict:
+    """The model card's license and language fields: the source card's, with `options.license` overriding."""
+    fields = dict(source_fields)
+    if cfg.license:
+        fields = {k: v for k, v in fields.items() if not k.startswith("license")} | {"license": cfg.license}
+    if "license" not in fields:
+        raise ConfigError(f"{cfg.name}: the source card names no license; set `options.license`")
+    return fields
 
 
 # -------------------------------------------------------------------------------------------- building
@@ -510,7 +465,8 @@ def build_folder(
     copy_modeling_files(out_dir, files)
     for name in files:
         add(name, f"ours: modeling/{name}")
-    fields = {}
+    fields: dict = {}
+    third_party: dict[str, str] = {}
     if cfg.publish == "model":
         config = model_config(cfg, source)
         (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -519,10 +475,14 @@ def build_folder(
         source_dir = source.fetch(copied) if copied else None
         for name in copied:
             link_or_copy(source_dir / name, out_dir / name)
-            add(name, f"copied from {source.spec}")
+            if name.endswith(".py"):
+                third_party[name] = file_sha256(out_dir / name)
+            add(name, f"copied from {source.spec}" + (" (third-party code, sha256 in the card)"
+                                                      if name in third_party else ""))
         planned += weight_plan(cfg, out_dir, source, include_weights)
         fields = source_card_data(source)
-    model_card(cfg, source, fields).save(out_dir / "README.md")
+    model_card(cfg, source, card_fields(cfg, fields) if cfg.publish == "model" else {}, third_party).save(
+        out_dir / "README.md")
     add("README.md", "model card (generated)")
     return planned
 
@@ -564,91 +524,95 @@ def print_plan(cfg: RepoConfig, planned: list[PlannedFile], where: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- pushing
-def push_folder(cfg: RepoConfig, folder: Path, token: str, create_pr: bool) -> str:
-    """create_repo(exist_ok) + one upload_folder commit (none when nothing changed); returns the revision that
-    holds the files (the pull request's ref with --create-pr).
+@contextmanager
+def reaching(what: str):
+    """Report a Hub that cannot be reached (offline mode included) with the repo we were trying to reach."""
+    try:
+        yield
+    except HfHubHTTPError:  # the Hub answered (an HTTP error is also one of the transport errors' subclasses)
+        raise
+    except RuntimeError as error:  # huggingface_hub wraps failed LFS uploads; report the error under it
+        if isinstance(error.__cause__, (HfHubHTTPError, *transport_errors())):
+            logger.error("%s", error)
+            with reaching(what):
+                raise error.__cause__ from error
+        raise
+    except transport_errors() as error:
+        raise HubUnreachable(f"could not reach the Hub for {what}: {type(error).__name__}: {error}") from error
 
-    huggingface_hub skips files whose remote hash already matches, so an unchanged folder makes no commit.
-    """
-    api = HfApi(token=token)
+
+def prepare_target(api: HfApi, cfg: RepoConfig) -> str:
+    """create_repo(exist_ok) and the target branch; returns the branch's head commit."""
     api.create_repo(cfg.target, private=cfg.private, exist_ok=True)
     if cfg.revision != "main":
         api.create_branch(cfg.target, branch=cfg.revision, exist_ok=True)
-    before = api.repo_info(cfg.target, revision=cfg.revision).sha
-    logger.info("uploading %s to %s@%s", folder, cfg.target, cfg.revision)
-    try:
-        info = api.upload_folder(
-            repo_id=cfg.target,
-            folder_path=folder,
-            revision=None if create_pr else cfg.revision,
-            create_pr=create_pr,
-            commit_message=f"Upload {cfg.family} {cfg.publish} repo (memory-efficient-adapter)",
-            commit_description=f"Built by hub_upload.py from {Path(cfg.name).name}.",
-            delete_patterns=STALE_PATTERNS if cfg.publish == "model" else None,
-        )
-    except RuntimeError as error:  # huggingface_hub wraps failed LFS uploads; report the HTTP error under it
-        if isinstance(error.__cause__, (HfHubHTTPError, *transport_errors())):
-            logger.error("%s", error)
-            raise error.__cause__ from error
-        raise
+    return api.repo_info(cfg.target, revision=cfg.revision).sha
+
+
+def commit_folder(api: HfApi, cfg: RepoConfig, folder: Path, branch: str, *, create_pr: bool = False,
+                  parent_commit: str | None = None) -> tuple[str, str]:
+    """One upload_folder commit to ``branch`` (none when nothing changed: huggingface_hub skips files whose
+    remote hash matches); returns (the revision that holds the files, its commit)."""
+    before = api.repo_info(cfg.target, revision=branch).sha
+    logger.info("uploading %s to %s@%s", folder, cfg.target, branch)
+    info = api.upload_folder(
+        repo_id=cfg.target,
+        folder_path=folder,
+        revision=None if create_pr else branch,
+        create_pr=create_pr,
+        parent_commit=parent_commit,
+        commit_message=f"Upload {cfg.family} {cfg.publish} repo (memory-efficient-adapter)",
+        commit_description=f"Built by hub_upload.py from {Path(cfg.name).name}.",
+        delete_patterns=STALE_PATTERNS if cfg.publish == "model" else None,
+    )
     if info.oid == before and not info.pr_url:
-        logger.info("%s@%s: nothing changed, no new commit (still %s)", cfg.target, cfg.revision, before[:10])
-        return cfg.revision
+        logger.info("%s@%s: nothing changed, no new commit (still %s)", cfg.target, branch, before[:10])
+        return branch, before
     logger.info("%s: committed %s%s", cfg.target, info.oid[:10], f" as {info.pr_url}" if info.pr_url else "")
-    return info.pr_revision or cfg.revision
+    return info.pr_revision or branch, info.oid
+
+
+def push_folder(cfg: RepoConfig, folder: Path, token: str, create_pr: bool, verify_push: bool) -> str:
+    """Push ``folder`` to the target; returns what happened, for the summary.
+
+    With ``verify_push`` the folder is first committed to a staging branch made from the target branch's head
+    and loaded back from there; only then is it committed to the target branch (on top of that same head, so
+    a concurrent commit fails the push instead of being overwritten) and the staging branch deleted. A failed
+    verification leaves the target branch untouched and the staging branch for inspection. A pull request
+    (``create_pr``) is verified where it is and left open for review.
+    """
+    api = HfApi(token=token)
+    with reaching(cfg.target):
+        base = prepare_target(api, cfg)
+        if create_pr or not verify_push:
+            revision, oid = commit_folder(api, cfg, folder, cfg.revision, create_pr=create_pr)
+            if verify_push:
+                verify_hub(cfg, revision, token)
+            return f"{'pull request ' + revision if create_pr else 'pushed to ' + cfg.target + '@' + revision} " \
+                   f"(commit {oid[:10]}){', verified' if verify_push else ''}"
+        staging = f"hub-upload-verify-{uuid.uuid4().hex[:8]}"
+        api.create_branch(cfg.target, branch=staging, revision=base)
+        commit_folder(api, cfg, folder, staging)
+        try:
+            verify_hub(cfg, staging, token)
+        except VerifyError as error:
+            raise VerifyError(f"{error}\n{cfg.target}@{cfg.revision} is untouched; the files that failed are on "
+                              f"branch {staging!r}") from error
+        _, oid = commit_folder(api, cfg, folder, cfg.revision, parent_commit=base)
+        api.delete_branch(cfg.target, branch=staging)
+    return f"pushed to {cfg.target}@{cfg.revision} (commit {oid[:10]}), verified"
 
 
 # ---------------------------------------------------------------------------------------------- verifying
-def verify(cfg: RepoConfig, repo: str, revision: str | None = None, token: str | None = None) -> None:
-    """Load what was published (a Hub repo or a local folder) with trust_remote_code and run a few tokens."""
-    import torch
-    import transformers
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
+def verify_hub(cfg: RepoConfig, revision: str, token: str | None) -> None:
+    """Verify what ``revision`` of the target holds. A model repo is downloaded (no code runs here) and loaded
+    in a child process without the token; a code repo holds only our files and loads here."""
+    if cfg.publish == "code":
+        logger.info("%s", verify_code(cfg.families, cfg.target, revision=revision, token=token))
+        return
     with tempfile.TemporaryDirectory(prefix="hub-upload-verify-") as cache_dir:  # a fresh cache: really download
-        hub_kwargs = {"revision": revision, "token": token, "cache_dir": cache_dir}
-        if cfg.publish == "code":
-            for family in cfg.families:
-                for entry in available_entries(family):
-                    ref = entry.reference(None if Path(repo).is_dir() else repo)  # a Hub repo: the cross-repo form
-                    cls = get_class_from_dynamic_module(ref, repo, code_revision=revision, token=token,
-                                                        cache_dir=cache_dir)
-                    check_remote_class(cls, entry.class_name)
-            logger.info("verified: every class loads from %s", repo)
-            return
-        entry = main_entry(cfg.family)
-        auto_cls = getattr(transformers, entry.auto_class)
-        dtype_kwarg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        try:
-            model = auto_cls.from_pretrained(repo, trust_remote_code=True, **{dtype_kwarg: "auto"}, **hub_kwargs)
-        except OSError as error:  # transformers' wording for files it could not get
-            raise VerifyError(f"{repo}@{revision or 'main'} does not load: {error}") from error
-        check_remote_class(type(model), entry.class_name)
-        input_ids = sample_input_ids(repo, model.config.vocab_size, hub_kwargs)
-        with torch.no_grad():
-            logits = model(input_ids=input_ids).logits
-        if not torch.isfinite(logits).all():
-            raise VerifyError(f"{repo}: non-finite logits from {type(model).__name__}")
-        logger.info("verified: %s from %s gives finite logits %s", type(model).__name__, repo,
-                    list(logits.shape))
-
-
-def check_remote_class(cls: type, expected_name: str) -> None:
-    if cls.__name__ != expected_name or not cls.__module__.startswith("transformers_modules"):
-        raise VerifyError(f"loaded {cls.__module__}.{cls.__name__}, not our remote-code {expected_name}")
-
-
-def sample_input_ids(repo: str, vocab_size: int, hub_kwargs: dict):
-    """A few tokens: from the repo's tokenizer when it has one, else fixed ids."""
-    import torch
-    from transformers import AutoTokenizer
-
-    files = os.listdir(repo) if Path(repo).is_dir() else HfApi(token=hub_kwargs["token"]).list_repo_files(
-        repo, revision=hub_kwargs["revision"])
-    if "tokenizer_config.json" in files or "tokenizer.json" in files:
-        tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True, **hub_kwargs)
-        return tokenizer("Memory-efficient attention", return_tensors="pt")["input_ids"]
-    return torch.arange(1, 9).remainder(vocab_size).unsqueeze(0)
+        folder = snapshot_download(cfg.target, revision=revision, token=token, cache_dir=cache_dir)
+        verify_model_folder(cfg.family, Path(folder), f"{cfg.target}@{revision}")
 
 
 # -------------------------------------------------------------------------------------- reference configs
@@ -664,16 +628,19 @@ def reference_config(source: str, family: str, code_repo: str, *, source_revisio
         raise ConfigError(f"--code-repo: {error}") from None
     if family not in FAMILIES or (backend is not None and backend not in BACKENDS):
         raise ConfigError(f"family must be one of {list(FAMILIES)} and backend one of {list(BACKENDS)}")
+    check_backend(family, backend, "--backend")
     cfg = RepoConfig(name="--reference", family=family, target=code_repo, publish="model", source=source,
                      backend=backend)
     return model_config(cfg, Source(source, source_revision, token), code_repo=code_repo)
 
 
 def write_reference_config(source: str, family: str, code_repo: str, out_dir: str | Path, **kwargs) -> Path:
+    """Write the reference config.json into ``out_dir``; nothing is written unless the config could be made."""
+    config = reference_config(source, family, code_repo, **kwargs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "config.json"
-    path.write_text(json.dumps(reference_config(source, family, code_repo, **kwargs), indent=2) + "\n")
+    path.write_text(json.dumps(config, indent=2) + "\n")
     return path
 
 
@@ -688,7 +655,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--revision", help="target branch (default: the config's, else main)")
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the stored login; prefer those)")
-    parser.add_argument("--verify", action="store_true", help="load what was written/pushed and run a few tokens")
+    parser.add_argument("--verify", action="store_true",
+                        help="load what was written/pushed and run a few tokens (pushes: on a staging branch first)")
+    parser.add_argument("--allow-unpinned", action="store_true",
+                        help="push from a Hub source without a 40-hex `source_revision` (its main branch)")
     ref = parser.add_argument_group("reference mode: write a config.json whose auto_map points at a code repo")
     ref.add_argument("--reference", metavar="SOURCE", help="source checkpoint (Hub repo id or folder)")
     ref.add_argument("--family", choices=list(FAMILIES))
@@ -705,6 +675,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--target needs exactly one config")
     if args.dry_run and (args.local_dir or args.verify):
         parser.error("--dry-run writes nothing: drop --local-dir / --verify")
+    if args.create_pr and (args.dry_run or args.local_dir):
+        parser.error("--create-pr is for pushes: drop --dry-run / --local-dir")
     return args
 
 
@@ -722,24 +694,121 @@ def with_overrides(cfg: RepoConfig, args: argparse.Namespace) -> RepoConfig:
     return cfg
 
 
-def run_config(cfg: RepoConfig, args: argparse.Namespace, token: str | None, pushing: bool) -> None:
-    source = Source(cfg.source, cfg.source_revision, token) if cfg.source else None
-    if args.dry_run:
-        with tempfile.TemporaryDirectory(prefix="hub-upload-plan-") as tmp:
-            planned = build_folder(cfg, Path(tmp), source, include_weights=False)
-        print_plan(cfg, planned, f"-> {cfg.target}@{cfg.revision}" + (" (private)" if cfg.private else ""))
+def check_pinned(cfg: RepoConfig, allow_unpinned: bool) -> None:
+    """A push from a Hub source must name the exact commit it publishes (and whose tokenizer code it copies)."""
+    if cfg.source is None or Path(cfg.source).expanduser().is_dir() or allow_unpinned:
         return
+    if not PINNED_REVISION.fullmatch(cfg.source_revision or ""):
+        raise ConfigError(f"{cfg.name}: `source_revision` must pin a 40-hex commit of {cfg.source} to push "
+                          f"(got {cfg.source_revision!r}); find it with `hf download {cfg.source} config.json` or "
+                          "on the repo's commit list, or pass --allow-unpinned to publish its current main")
+
+
+def local_folder(cfg: RepoConfig, args: argparse.Namespace) -> Path:
+    """Where --local-dir writes this config's repo (a sub-folder per config when there are several)."""
+    return args.local_dir if len(args.configs) == 1 else args.local_dir / cfg.target.split("/")[1]
+
+
+def check_free(folder: Path) -> None:
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError(f"{folder} is not an empty folder; pick an empty or new one")
+
+
+def write_local(cfg: RepoConfig, folder: Path, source: Source | None) -> list[PlannedFile]:
+    """Build the repo in a temporary folder beside ``folder`` and move it into place only once it is complete,
+    so that a failure leaves nothing behind and a retry starts clean."""
+    check_free(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        planned = build_folder(cfg, staging, source)
+        if folder.exists():
+            folder.rmdir()
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return planned
+
+
+@dataclass
+class Run:
+    """What happened to each config, for the summary at the end."""
+
+    done: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str, int]] = field(default_factory=list)  # (config, message, exit code)
+
+    def fail(self, name: str, error: BaseException) -> None:
+        message, code = describe_failure(error)
+        print(f"hub_upload: {'verification failed' if isinstance(error, VerifyError) else 'error'}: {message}",
+              file=sys.stderr)
+        self.failed.append((name, message.splitlines()[0], code))
+
+    def summary(self, verb: str) -> int:
+        print(f"summary: {len(self.done)} {verb}, {len(self.failed)} failed")
+        for name, what in self.done:
+            print(f"  ok      {name}: {what}")
+        for name, message, _ in self.failed:
+            print(f"  FAILED  {name}: {message}")
+        return max((code for _, _, code in self.failed), default=0)
+
+
+def describe_failure(error: BaseException) -> tuple[str, int]:
+    """The message and exit code of an expected failure (2: the config or command line, 1: the Hub or the
+    published repo)."""
+    if isinstance(error, (ConfigError, ModelingFilesError)):
+        return str(error), 2
+    if isinstance(error, HfHubHTTPError):  # huggingface_hub has already retried what it retries
+        status = error.response.status_code if error.response is not None else "?"
+        details = "\n".join(f"    {line}" for line in str(error).splitlines() if line.strip())
+        return f"the Hub answered HTTP {status}:\n{details}", 1
+    if isinstance(error, HubUnreachable):
+        return str(error), 1
+    if isinstance(error, transport_errors()):
+        return f"could not reach the Hub: {type(error).__name__}: {error}", 1
+    return str(error), 1
+
+
+def expected_failures() -> tuple[type[BaseException], ...]:
+    return (ConfigError, ModelingFilesError, VerifyError, HfHubHTTPError, *transport_errors())
+
+
+def check_configs(configs: list[RepoConfig], args: argparse.Namespace, token: str | None, pushing: bool,
+                  run: Run) -> dict[str, Source | None]:
+    """Plan every config before anything is written or pushed: sources reachable, their files present and
+    consistent, revisions pinned, output folders free. The --dry-run plan is printed from here."""
+    sources: dict[str, Source | None] = {}
+    for cfg in configs:
+        try:
+            if pushing:
+                check_pinned(cfg, args.allow_unpinned)
+            if args.local_dir:
+                check_free(local_folder(cfg, args))
+            source = Source(cfg.source, cfg.source_revision, token) if cfg.source else None
+            with tempfile.TemporaryDirectory(prefix="hub-upload-plan-") as tmp:
+                planned = build_folder(cfg, Path(tmp), source, include_weights=False)
+            if args.dry_run:
+                print_plan(cfg, planned, f"-> {cfg.target}@{cfg.revision}" + (" (private)" if cfg.private else ""))
+                run.done.append((cfg.name, f"planned for {cfg.target}@{cfg.revision}"))
+            sources[cfg.name] = source
+        except expected_failures() as error:
+            run.fail(cfg.name, error)
+    return sources
+
+
+def run_config(cfg: RepoConfig, source: Source | None, args: argparse.Namespace, token: str | None,
+               pushing: bool) -> str:
+    """Write or push one checked config; returns what happened."""
     if not pushing:
-        folder = args.local_dir if len(args.configs) == 1 else args.local_dir / cfg.target.split("/")[1]
-        print_plan(cfg, build_folder(cfg, folder, source), f"written to {folder}")
-        if args.verify:
-            verify(cfg, str(folder))
-        return
+        folder = local_folder(cfg, args)
+        print_plan(cfg, write_local(cfg, folder, source), f"written to {folder}")
+        if args.verify and cfg.publish == "code":  # only our files: loaded here
+            logger.info("%s", verify_code(cfg.families, str(folder)))
+        elif args.verify:
+            verify_model_folder(cfg.family, folder, str(folder))
+        return f"written to {folder}" + (", verified" if args.verify else "")
     with tempfile.TemporaryDirectory(prefix="hub-upload-") as tmp:
         print_plan(cfg, build_folder(cfg, Path(tmp), source), f"-> {cfg.target}@{cfg.revision}")
-        revision = push_folder(cfg, Path(tmp), token, args.create_pr)
-    if args.verify:
-        verify(cfg, cfg.target, revision=revision, token=token)
+        return push_folder(cfg, Path(tmp), token, args.create_pr, args.verify)
 
 
 def transport_errors() -> tuple[type[BaseException], ...]:
@@ -762,30 +831,33 @@ def main(argv: list[str] | None = None) -> int:
         print("hub_upload: error: pushing needs a Hugging Face token with write access: set HF_TOKEN, run "
               "`hf auth login`, or pass --token (use --dry-run or --local-dir to work without one)", file=sys.stderr)
         return 2
-    try:
-        if args.reference:
+    run = Run()
+    if args.reference:
+        try:
             path = write_reference_config(args.reference, args.family, args.code_repo, args.local_dir,
                                           source_revision=args.source_revision, backend=args.backend, token=token)
-            print(f"wrote {path}: auto_map -> {args.code_repo}")
-            return 0
-        configs = [with_overrides(load_config(path), args) for path in args.configs]
-        for cfg in configs:
-            run_config(cfg, args, token, pushing)
-    except (ConfigError, ModelingFilesError) as error:
-        print(f"hub_upload: error: {error}", file=sys.stderr)
-        return 2
-    except VerifyError as error:
-        print(f"hub_upload: verification failed: {error}", file=sys.stderr)
-        return 1
-    except HfHubHTTPError as error:  # huggingface_hub has already retried what it retries (5xx, 429, timeouts)
-        status = error.response.status_code if error.response is not None else "?"
-        details = "\n".join(f"    {line}" for line in str(error).splitlines() if line.strip())
-        print(f"hub_upload: error: the Hub answered HTTP {status}:\n{details}", file=sys.stderr)
-        return 1
-    except transport_errors() as error:
-        print(f"hub_upload: error: could not reach the Hub: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
-    return 0
+        except expected_failures() as error:
+            run.fail("--reference", error)
+            return run.failed[0][2]
+        print(f"wrote {path}: auto_map -> {args.code_repo}")
+        return 0
+    configs = []
+    for path in args.configs:
+        try:
+            configs.append(with_overrides(load_config(path), args))
+        except ConfigError as error:
+            run.fail(str(path), error)
+    sources = check_configs(configs, args, token, pushing, run) if not run.failed else {}
+    if args.dry_run or run.failed:
+        if run.failed and not args.dry_run:
+            print("hub_upload: nothing was written or pushed: fix the configs above first", file=sys.stderr)
+        return run.summary("planned" if args.dry_run else "done")
+    for cfg in configs:
+        try:
+            run.done.append((cfg.name, run_config(cfg, sources[cfg.name], args, token, pushing)))
+        except expected_failures() as error:
+            run.fail(cfg.name, error)
+    return run.summary("pushed" if pushing else "written")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ Layout is ``[batch, heads, seq, head_dim]``. Backends, one function each, declar
 import logging
 import math
 import os
+import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -1410,6 +1411,390 @@ def backend_from_config(config) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Fused ops: LM head + cross-entropy in chunks, RMSNorm, activations, RoPE
+#
+# Each op is an autograd.Function that saves only what its backward needs. The pointwise math is in
+# small functions with a pure-PyTorch body (the CPU path, tested against float64); on CUDA they are
+# compiled once by torch.compile (fused into one kernel each) unless the caller is itself being
+# compiled, in which case the enclosing graph fuses them.
+# ----------------------------------------------------------------------------------------------
+
+# Target size of one chunk's float32 logits in the LM head + loss (the auto chunk size).
+LOSS_CHUNK_BYTES = 256 * 1024 * 1024
+IGNORE_INDEX = -100
+
+_compiled_functions: dict = {}
+_compiled_functions_lock = threading.Lock()
+_compile_failed: set = set()
+
+
+def _compiled(fn: Callable) -> Callable:
+    with _compiled_functions_lock:
+        if fn not in _compiled_functions:
+            _compiled_functions[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+        return _compiled_functions[fn]
+
+
+def _pointwise(fn: Callable, *args):
+    """Run ``fn(*args)``: compiled on CUDA outside an enclosing torch.compile, eagerly otherwise.
+
+    A compiler that fails here (e.g. no C compiler for Triton) is logged once and the eager body is used.
+    """
+    if args[0].device.type != "cuda" or torch.compiler.is_compiling() or fn in _compile_failed:
+        return fn(*args)
+    try:
+        return _compiled(fn)(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any compiler failure falls back to the same math, eagerly
+        _compile_failed.add(fn)
+        _log_once(f"torch.compile of {fn.__name__} failed ({type(error).__name__}: {error}); running it eagerly")
+        return fn(*args)
+
+
+# --- LM head + cross-entropy ------------------------------------------------------------------
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or as is when it is float64 (so that float64 references check the math exactly)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
+    """Summed float32 cross-entropy of the counted rows of one chunk, and every row's log-sum-exp."""
+    logits = _at_least_float32(logits)
+    lse = torch.logsumexp(logits, dim=-1)
+    counted = targets != ignore_index
+    picked = logits.gather(1, torch.where(counted, targets, 0).unsqueeze(1)).squeeze(1)
+    return torch.where(counted, lse - picked, 0.0).sum(), lse
+
+
+def _cross_entropy_chunk_grad(
+    logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, ignore_index: int, scale: torch.Tensor
+) -> torch.Tensor:
+    """d(loss)/d(logits) of one chunk, in the logits' dtype: (softmax - one_hot) x scale on counted rows."""
+    counted = targets != ignore_index
+    safe_targets = torch.where(counted, targets, 0).unsqueeze(1)
+    grad = torch.exp(_at_least_float32(logits) - lse.unsqueeze(1))
+    grad = grad.scatter_add(1, safe_targets, torch.full_like(safe_targets, -1, dtype=grad.dtype))
+    row_scale = torch.where(counted, scale, 0.0)
+    return (grad * row_scale.unsqueeze(1)).to(logits.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``sum(cross_entropy(hidden @ weight.T + bias, targets)) / divisor`` over row chunks.
+
+    No ``[rows, vocab]`` tensor is kept: forward keeps the per-row log-sum-exp, backward recomputes each
+    chunk's logits. The loss is accumulated in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, divisor, chunk_size: int, ignore_index: int):
+        accumulate = torch.promote_types(hidden.dtype, torch.float32)
+        total = torch.zeros((), dtype=accumulate, device=hidden.device)
+        lse = torch.empty(hidden.shape[0], dtype=accumulate, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = F.linear(hidden[rows], weight, bias)
+            chunk_sum, lse[rows] = _pointwise(_cross_entropy_chunk, logits, targets[rows], ignore_index)
+            total = total + chunk_sum
+        ctx.save_for_backward(hidden, weight, bias, targets, divisor, lse)
+        ctx.chunk_size, ctx.ignore_index = chunk_size, ignore_index
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, bias, targets, divisor, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        scale = grad_loss.to(lse.dtype) / divisor
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            logits = F.linear(hidden[rows], weight, bias)
+            grad_logits = _pointwise(
+                _cross_entropy_chunk_grad, logits, lse[rows], targets[rows], ctx.ignore_index, scale
+            )
+            if need_hidden:
+                grad_hidden[rows] = grad_logits @ weight
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t(), hidden[rows])
+            if need_bias:
+                grad_bias += grad_logits.to(lse.dtype).sum(0)
+        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def loss_chunk_size(config, vocab_size: int) -> int:
+    """Tokens per chunk of the fused LM head + loss: ``config.loss_chunk_size`` when set, else as many as
+    keep one chunk's float32 logits within ``LOSS_CHUNK_BYTES`` (2,097 tokens at a 32,000-token vocabulary)."""
+    explicit = getattr(config, "loss_chunk_size", None)
+    if explicit is not None:
+        if not isinstance(explicit, int) or explicit < 1:
+            raise ValueError(f"config.loss_chunk_size must be a positive int or None, got {explicit!r}")
+        return explicit
+    return max(1, LOSS_CHUNK_BYTES // (4 * vocab_size))
+
+
+def _is_plain_linear(module) -> bool:
+    """A bare nn.Linear whose forward nobody changed: no subclass or wrapper (PEFT, quantization), no hooks."""
+    return (
+        type(module) is torch.nn.Linear
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and "forward" not in module.__dict__
+    )
+
+
+def fused_loss_applies(model, lm_head, labels, logits_to_keep=0) -> bool:
+    """Whether ``model`` computes its training loss with the fused LM head + loss (and returns no logits).
+
+    It does in training mode with ``labels``, all logits asked for, a plain ``nn.Linear`` head and
+    ``config.keep_logits_in_training`` unset; everything else goes the stock way.
+    """
+    return (
+        labels is not None
+        and model.training
+        and not getattr(model.config, "keep_logits_in_training", False)
+        and isinstance(logits_to_keep, int)
+        and logits_to_keep == 0
+        and _is_plain_linear(lm_head)
+    )
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    num_items_in_batch=None,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden [rows, d] @ weight [vocab, d].T (+ bias)`` against ``targets [rows]``.
+
+    The mean over the rows whose target is not ``ignore_index`` (NaN when there is none, as in PyTorch),
+    or the sum divided by ``num_items_in_batch`` when given (transformers' gradient-accumulation rule).
+    Under autocast, ``hidden``/``weight``/``bias`` are cast as autocast would cast them for ``F.linear``.
+    """
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(
+            f"linear_cross_entropy expects hidden [rows, d] and targets [rows], got {list(hidden.shape)} "
+            f"and {list(targets.shape)}"
+        )
+    targets = targets.to(hidden.device)
+    if num_items_in_batch is None:
+        divisor = (targets != ignore_index).sum()
+    else:
+        divisor = torch.as_tensor(num_items_in_batch, device=hidden.device)
+    divisor = divisor.to(torch.promote_types(hidden.dtype, torch.float32))
+    autocast_dtype = _autocast_dtype(hidden.device.type)
+    if autocast_dtype is None:
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, divisor, chunk_size, ignore_index)
+    hidden, weight = hidden.to(autocast_dtype), weight.to(autocast_dtype)
+    bias = bias.to(autocast_dtype) if bias is not None else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, divisor, chunk_size, ignore_index)
+
+
+def lm_head_loss(
+    hidden_states: torch.Tensor,
+    lm_head: torch.nn.Linear,
+    labels: torch.Tensor,
+    config,
+    shift: bool = True,
+    logits_bias: Optional[torch.Tensor] = None,
+    num_items_in_batch=None,
+    ignore_index: int = IGNORE_INDEX,
+    shift_labels: Optional[torch.Tensor] = None,
+    **_,
+) -> torch.Tensor:
+    """The stock LM loss of ``lm_head(hidden_states) (+ logits_bias)`` against ``labels``, without logits.
+
+    ``shift``: causal LM (position t predicts label t + 1, as transformers' ``ForCausalLMLoss``; a given
+    ``shift_labels`` is used as is); ``shift=False``: labels align with positions (BART).
+    """
+    if shift and shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    targets = (shift_labels if shift else labels).reshape(-1)
+    bias = lm_head.bias
+    if logits_bias is not None:
+        logits_bias = logits_bias.reshape(-1).to(hidden_states.device)
+        bias = logits_bias if bias is None else bias + logits_bias
+    return linear_cross_entropy(
+        hidden_states.reshape(-1, hidden_states.shape[-1]),
+        lm_head.weight,
+        targets,
+        bias=bias,
+        num_items_in_batch=num_items_in_batch,
+        ignore_index=ignore_index,
+        chunk_size=loss_chunk_size(config, lm_head.weight.shape[0]),
+    )
+
+
+# --- RMSNorm ----------------------------------------------------------------------------------
+
+
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    x_float = _at_least_float32(x)
+    rstd = torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x_float * rstd).to(x.dtype), rstd
+
+
+def _rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+    x_hat = _at_least_float32(x) * rstd
+    grad_normed = (grad * weight).to(x_hat.dtype)
+    grad_x = rstd * (grad_normed - x_hat * (grad_normed * x_hat).mean(-1, keepdim=True))
+    grad_weight = (grad.to(x_hat.dtype) * x_hat.to(x.dtype).to(x_hat.dtype)).reshape(-1, x.shape[-1]).sum(0)
+    return grad_x.to(x.dtype), grad_weight.to(weight.dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``, normalised in float32; saves x and per-row rstd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        out, rstd = _pointwise(_rms_norm_forward, x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        grad_x, grad_weight = _pointwise(_rms_norm_backward, grad, x, weight, rstd)
+        return grad_x, grad_weight if ctx.needs_input_grad[1] else None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as LLaMA and Qwen compute it: statistics in float32 (float64 for float64 input), normalised
+    value cast to the input dtype, then scaled by ``weight``."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+# --- Activations ------------------------------------------------------------------------------
+
+
+def _silu_mul_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _silu_mul_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+    gate_float = _at_least_float32(gate)
+    sigmoid = torch.sigmoid(gate_float)
+    grad_float = _at_least_float32(grad)
+    grad_up = grad_float * gate_float * sigmoid
+    grad_gate = grad_float * _at_least_float32(up) * sigmoid * (1 + gate_float * (1 - sigmoid))
+    return grad_gate.to(gate.dtype), grad_up.to(up.dtype)
+
+
+class _SiluMul(torch.autograd.Function):
+    """``silu(gate) * up`` saving only the two matmul outputs; silu is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return _pointwise(_silu_mul_forward, gate, up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return _pointwise(_silu_mul_backward, grad, gate, up)
+
+
+def _gelu_forward(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    return F.gelu(x, approximate=approximate)
+
+
+def _gelu_backward(grad: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
+    return torch.ops.aten.gelu_backward(grad, x, approximate=approximate)
+
+
+class _Gelu(torch.autograd.Function):
+    """GeLU saving only its input (the matmul output); recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x, approximate: str):
+        ctx.save_for_backward(x)
+        ctx.approximate = approximate
+        return _pointwise(_gelu_forward, x, approximate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return _pointwise(_gelu_backward, grad, x, ctx.approximate), None
+
+
+# transformers' activation names whose math is F.gelu's ("gelu_new" and "gelu_fast" are the tanh form)
+_GELU_APPROXIMATION = {"gelu": "none", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu_pytorch_tanh": "tanh"}
+_SILU_NAMES = ("silu", "swish")
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``F.gelu(x, approximate=approximate)`` keeping only ``x`` for backward."""
+    return _Gelu.apply(x, approximate)
+
+
+def activation(name: str, x: torch.Tensor, fallback: Callable) -> torch.Tensor:
+    """``ACT2FN[name](x)``; the GeLU family through ``gelu``, anything else through ``fallback``."""
+    approximate = _GELU_APPROXIMATION.get(name)
+    return fallback(x) if approximate is None else gelu(x, approximate)
+
+
+def gated_activation(name: str, gate: torch.Tensor, up: torch.Tensor, fallback: Callable) -> torch.Tensor:
+    """``ACT2FN[name](gate) * up``; SiLU through ``_SiluMul``, anything else through ``fallback``."""
+    return _SiluMul.apply(gate, up) if name in _SILU_NAMES else fallback(gate) * up
+
+
+# --- Rotary position embedding ----------------------------------------------------------------
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def _rotary_forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def _rotary_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The transposed (inverse) rotation: rotate_half's transpose is -rotate_half."""
+    return grad * cos - _rotate_half(grad * sin)
+
+
+class _Rotary(torch.autograd.Function):
+    """RoPE (``x * cos + rotate_half(x) * sin``) whose backward is the inverse rotation; saves only cos/sin."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        return _pointwise(_rotary_forward, x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        grad_x = _pointwise(_rotary_backward, grad, cos, sin)
+        return grad_x.to(ctx.x_dtype), None, None
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` by ``cos``/``sin`` (broadcastable to ``x``, halves repeated as in transformers).
+
+    cos/sin that need a gradient (nobody's do in our files) take the plain autograd path."""
+    if cos.requires_grad or sin.requires_grad:
+        return _rotary_forward(x, cos, sin)
+    return _Rotary.apply(x, cos, sin)
+
+
+# ----------------------------------------------------------------------------------------------
 # Long context: sequence-tiled position-wise blocks, checkpoints offloaded to host memory
 # ----------------------------------------------------------------------------------------------
 
@@ -1902,6 +2287,7 @@ class BartEncoderLayer(GradientCheckpointingLayer):
         self.self_attn_layer_norm = nn.LayerNorm(self.embed_dim)
         self.dropout = config.dropout
         self.activation_fn = ACT2FN[config.activation_function]
+        self.activation_name = config.activation_function
         self.activation_dropout = config.activation_dropout
         self.fc1 = nn.Linear(self.embed_dim, config.encoder_ffn_dim)
         self.fc2 = nn.Linear(config.encoder_ffn_dim, self.embed_dim)
@@ -1919,7 +2305,7 @@ class BartEncoderLayer(GradientCheckpointingLayer):
         hidden_states = self.self_attn_layer_norm(residual + hidden_states)
 
         residual = hidden_states
-        hidden_states = self.activation_fn(self.fc1(hidden_states))
+        hidden_states = activation(self.activation_name, self.fc1(hidden_states), self.activation_fn)
         hidden_states = nn.functional.dropout(hidden_states, p=self.activation_dropout, training=self.training)
         hidden_states = self.fc2(hidden_states)
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
@@ -1939,6 +2325,7 @@ class BartDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = BartAttention(config, heads, layer_idx=layer_idx, is_causal=True)
         self.dropout = config.dropout
         self.activation_fn = ACT2FN[config.activation_function]
+        self.activation_name = config.activation_function
         self.activation_dropout = config.activation_dropout
         self.self_attn_layer_norm = nn.LayerNorm(self.embed_dim)
         self.encoder_attn = BartAttention(config, heads, layer_idx=layer_idx, is_cross_attention=True)
@@ -1978,7 +2365,7 @@ class BartDecoderLayer(GradientCheckpointingLayer):
             hidden_states = self.encoder_attn_layer_norm(residual + hidden_states)
 
         residual = hidden_states
-        hidden_states = self.activation_fn(self.fc1(hidden_states))
+        hidden_states = activation(self.activation_name, self.fc1(hidden_states), self.activation_fn)
         hidden_states = nn.functional.dropout(hidden_states, p=self.activation_dropout, training=self.training)
         hidden_states = self.fc2(hidden_states)
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
@@ -2385,12 +2772,19 @@ class BartForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        logits = self.lm_head(outputs.last_hidden_state) + self.final_logits_bias.to(outputs.last_hidden_state.device)
-
-        loss = None
-        if labels is not None:
-            labels = labels.to(logits.device)
-            loss = CrossEntropyLoss()(logits.view(-1, logits.shape[-1]), labels.view(-1))
+        if fused_loss_applies(self, self.lm_head, labels):
+            # labels align with the decoder positions (no shift); mean over counted tokens, as stock BART
+            loss = lm_head_loss(
+                outputs.last_hidden_state, self.lm_head, labels, self.config, shift=False, logits_bias=self.final_logits_bias
+            )
+            logits = None
+        else:
+            hidden_states = outputs.last_hidden_state
+            logits = self.lm_head(hidden_states) + self.final_logits_bias.to(hidden_states.device)
+            loss = None
+            if labels is not None:
+                labels = labels.to(logits.device)
+                loss = CrossEntropyLoss()(logits.view(-1, logits.shape[-1]), labels.view(-1))
 
         output = Seq2SeqLMOutput(
             loss=loss,
@@ -2631,14 +3025,19 @@ class BartForCausalLM(BartPreTrainedModel, GenerationMixin):
             return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+        if fused_loss_applies(self, self.lm_head, labels, logits_to_keep):
+            # labels align with the positions (no shift), mean over counted tokens: stock BartForCausalLM's loss
+            loss = lm_head_loss(hidden_states, self.lm_head, labels, self.config, shift=False)
+            logits = None
         else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size), labels.to(logits.device).view(-1))
+            if isinstance(logits_to_keep, int):
+                hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
+            else:
+                hidden_states = hidden_states[:, logits_to_keep]
+            logits = self.lm_head(hidden_states)
+            loss = None
+            if labels is not None:
+                loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size), labels.to(logits.device).view(-1))
         output = CausalLMOutputWithCrossAttentions(
             loss=loss,
             logits=logits,

@@ -1,17 +1,64 @@
 #!/usr/bin/env bash
 # The transformers compatibility matrix: the kernel-layer and model tests on transformers 4.57.x and 5.0.x,
-# each in a virtual environment layered over the current one (same torch, same package install).
+# each in a virtual environment layered over the *active* Python environment (a virtualenv, a conda env or a
+# system Python): same torch, same test tools, same install of this package; only transformers (and what it
+# pins) differs.
 #   bash scripts/compat.sh [VERSION ...]      (default: 4.57.6 5.0.0)
+#   bash scripts/compat.sh --env-only DIR     (only make DIR such an environment, without pip; for the tests)
+#
+# `python -m venv --system-site-packages` would layer the environment over the base interpreter, which inside
+# a virtualenv or conda env is not where torch is installed. Instead each environment gets a .pth file that
+# adds the active environment's site directories (processing their own .pth files, so an editable install of
+# this package is seen too), after its own site-packages, so that its transformers comes first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+python=${PYTHON:-python}
 versions=("$@")
 [ ${#versions[@]} -gt 0 ] || versions=(4.57.6 5.0.0)
 tests=(tests/test_attention.py tests/test_llama.py tests/test_gpt2.py tests/test_bloom.py tests/test_bart.py tests/test_qwen.py
        tests/test_stock_behaviour.py)
+
+# One line of Python for the .pth file: site.addsitedir() for every site directory of the active environment.
+layer_line=$("$python" - <<'EOF'
+import site, sys, sysconfig
+dirs = [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
+dirs += [sysconfig.get_paths()[key] for key in ("purelib", "platlib")]
+if site.ENABLE_USER_SITE:
+    dirs.append(site.getusersitepackages())
+print("import site; " + "; ".join(f"site.addsitedir({d!r})" for d in dict.fromkeys(dirs)))
+EOF
+)
+
+# make_layered_env DIR [venv options]: a virtual environment at DIR that sees the active environment.
+make_layered_env() {
+    local venv=$1
+    shift
+    [ -x "$venv/bin/python" ] || "$python" -m venv "$@" "$venv"
+    local site_dir
+    site_dir=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    printf '%s\n' "$layer_line" > "$site_dir/_mea_active_environment.pth"
+}
+
+if [ "${1:-}" = "--env-only" ]; then
+    make_layered_env "$2" --without-pip
+    exit 0
+fi
+
+active_torch=$("$python" -c "import torch; print(torch.__version__)")
 for version in "${versions[@]}"; do
     venv="${TMPDIR:-/tmp}/mea-transformers-$version"
-    [ -x "$venv/bin/python" ] || python -m venv --system-site-packages "$venv"
+    make_layered_env "$venv"
     "$venv/bin/python" -m pip install -q "transformers==$version"
-    echo "== transformers $version =="
+    # Fail loudly, before the tests, if the environment does not see the active one.
+    seen=$("$venv/bin/python" -c "import torch, transformers, pytest, memory_efficient_adapter; print(torch.__version__, transformers.__version__)") || {
+        echo "compat.sh: $venv does not see the active environment's torch/pytest/memory_efficient_adapter" >&2
+        echo "compat.sh: active interpreter: $("$python" -c 'import sys; print(sys.executable)')" >&2
+        exit 1
+    }
+    if [ "$seen" != "$active_torch $version" ]; then
+        echo "compat.sh: $venv has torch/transformers '$seen', expected '$active_torch $version'" >&2
+        exit 1
+    fi
+    echo "== transformers $version (torch $active_torch from $("$python" -c 'import sys; print(sys.prefix)')) =="
     "$venv/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}"
 done

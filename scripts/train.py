@@ -22,7 +22,12 @@ the same data as an uninterrupted single-device run.
 Outputs in ``--output-dir``: ``run.json`` (arguments, versions, world size), ``loss.jsonl`` (one line per step:
 step, loss, lr, grad_norm, tokens, time_s), ``checkpoint-<step>/`` (``model.pt``, ``optimizer.pt``,
 ``state.json``; loaded with ``weights_only=True``) every ``--save-every`` steps and at the end, and
-``final/`` (``save_pretrained``). ``--resume`` continues from the newest checkpoint there.
+``final/`` (``save_pretrained``). ``--resume`` continues from the newest readable checkpoint there (an unreadable
+newer one is reported and skipped) after checking that it comes from the same run: model, batch size, gradient
+accumulation, sequence length, step count, data, seed and world size must match ``state.json``. A resume never
+truncates ``loss.jsonl``: when it holds steps past the checkpoint, the file is kept as
+``loss.jsonl.before-resume-<step>`` and a copy without those steps continues. Without ``--resume``, an output
+folder that already holds a run is refused.
 
 Long context (our modeling files): ``--sequence-tile-size N`` runs the MLP and norms over tiles of N tokens,
 ``--offload-checkpoints`` checkpoints every layer with its input in pinned host memory, ``--lora`` trains PEFT
@@ -53,8 +58,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/: train_resume.py
+from train_resume import (  # noqa: E402
+    LossLog,
+    TrainError,
+    check_fresh_output,
+    checkpoint_to_resume,
+    run_identity,
+)
+
 TINY_FAMILIES = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "bloom": "BloomConfig"}  # family: stock config class
 FALSE_VALUES = ("false", "0", "no", "off")
+TRUE_VALUES = ("true", "1", "yes", "on", "auto")
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,13 +132,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_long_context_arguments(parser)
     args = parser.parse_args(argv)
-    if args.data and Path(args.data).suffix not in (".txt", ".npy", ".jsonl"):
-        parser.error(f"--data must be a .txt, .npy or .jsonl file, got {args.data}")
-    if args.stop_at is not None and not 0 < args.stop_at <= args.steps:
-        parser.error("--stop-at must be between 1 and --steps")
+    for problem in argument_problems(args):
+        parser.error(problem)
     if args.sequence_tile_size < 0 or args.lora_rank < 1 or args.probe_resolution < 1:
         parser.error("--sequence-tile-size must be >= 0, --lora-rank and --probe-resolution >= 1")
     return args
+
+
+def argument_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the command line, found before anything is written."""
+    problems = [f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}"
+                for name, least in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seq_len", 2),
+                                    ("warmup", 0), ("save_every", 0), ("tiny_hidden", 1), ("tiny_layers", 1),
+                                    ("tiny_heads", 1), ("tiny_vocab", 8))
+                if getattr(args, name) < least]
+    if not args.lr > 0:
+        problems.append(f"--lr must be positive, got {args.lr}")
+    if args.data and Path(args.data).suffix not in (".txt", ".npy", ".jsonl"):
+        problems.append(f"--data must be a .txt, .npy or .jsonl file, got {args.data}")
+    elif args.data and not Path(args.data).is_file():
+        problems.append(f"--data {args.data}: no such file")
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        problems.append(f"--model {args.model}: not a model folder (no config.json in it)")
+    if args.stop_at is not None and not 0 < args.stop_at <= args.steps:
+        problems.append("--stop-at must be between 1 and --steps")
+    if args.use_flash_attn is not None and (reason := use_flash_attn_problem(args.use_flash_attn)):
+        problems.append(reason)
+    return problems
+
+
+def use_flash_attn_problem(value: str) -> str | None:
+    """Why ``--use_flash_attn`` cannot be used (None when it can): caught here, not at the first forward."""
+    from memory_efficient_adapter.attention import BACKENDS
+
+    if value.strip().lower() in (*TRUE_VALUES, *FALSE_VALUES, *BACKENDS):
+        return None
+    return (f"--use_flash_attn {value!r} is not true/false/1/0/yes/no/on/off/auto or a kernel-layer backend "
+            f"({', '.join(BACKENDS)})")
 
 
 def add_long_context_arguments(parser: argparse.ArgumentParser) -> None:
@@ -318,46 +364,67 @@ def synthetic_documents(n_tokens: int, vocab_size: int, seq_len: int, seed: int)
     return documents
 
 
-def read_token_file(path: Path, folder: Path | None, vocab_size: int) -> torch.Tensor:
-    """A 1-D token stream from a .txt, .npy or .jsonl file (no pickle anywhere)."""
-    if path.suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
-        if not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(f"{path}: expected integer token ids, got dtype {array.dtype}")
-        tokens = torch.from_numpy(array.astype(np.int64).reshape(-1))
-    elif path.suffix == ".jsonl":
-        tokens = torch.tensor([token for document in jsonl_documents(path) for token in document], dtype=torch.int64)
-    else:
-        tokens = tokenize_text(path.read_text(encoding="utf-8"), folder, vocab_size)
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
-        raise ValueError(
-            f"{path}: token ids must lie in [0, {vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]"
-        )
+def read_token_file(path: Path, folder: Path | None, vocab_size: int | None) -> torch.Tensor:
+    """A 1-D token stream from a .txt, .npy or .jsonl file (no pickle anywhere); ids are checked against
+    ``vocab_size`` unless it is None (then call ``check_token_range`` once the model is known)."""
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+            if not np.issubdtype(array.dtype, np.integer):
+                raise TrainError(f"{path}: expected integer token ids, got dtype {array.dtype}")
+            tokens = torch.from_numpy(array.astype(np.int64).reshape(-1))
+        elif path.suffix == ".jsonl":
+            tokens = torch.tensor([token for document in jsonl_documents(path) for token in document],
+                                  dtype=torch.int64)
+        else:
+            tokens = tokenize_text(path.read_text(encoding="utf-8"), folder, vocab_size)
+    except (OSError, UnicodeDecodeError) as error:
+        raise TrainError(f"{path}: cannot read it: {error}") from None
+    except ValueError as error:
+        if isinstance(error, TrainError):
+            raise
+        raise TrainError(f"{path}: {error}") from None
+    if vocab_size is not None:
+        check_token_range(tokens, vocab_size, path)
     return tokens
 
 
 def jsonl_documents(path: Path) -> list[list[int]]:
     """The documents of a .jsonl file: one per non-empty line, a list of token ids or {"input_ids": [...]}."""
-    documents = []
-    with path.open() as lines:
+    documents: list[list[int]] = []
+    with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
-            if line.strip():
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
-                document = record["input_ids"] if isinstance(record, dict) else record
-                if not all(isinstance(token, int) for token in document):
-                    raise ValueError(f"{path}:{number}: expected a list of integer token ids")
-                documents.append(document)
+            except json.JSONDecodeError as error:
+                raise TrainError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+            document = record.get("input_ids") if isinstance(record, dict) else record
+            if not isinstance(document, list) or not all(
+                isinstance(token, int) and not isinstance(token, bool) for token in document
+            ):
+                raise TrainError(f"{path}:{number}: expected a list of integer token ids or an object with an "
+                                 "\"input_ids\" list")
+            documents.append(document)
     return documents
 
 
-def tokenize_text(text: str, folder: Path | None, vocab_size: int) -> torch.Tensor:
+def check_token_range(tokens: torch.Tensor, vocab_size: int, path: Path | str) -> None:
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise TrainError(
+            f"{path}: token ids must lie in [0, {vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]"
+        )
+
+
+def tokenize_text(text: str, folder: Path | None, vocab_size: int | None) -> torch.Tensor:
     """With the folder's tokenizer when there is one; else UTF-8 bytes (needs a vocabulary of at least 256)."""
     if folder is not None and any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoTokenizer
 
         return torch.tensor(AutoTokenizer.from_pretrained(folder)(text)["input_ids"], dtype=torch.int64)
-    if vocab_size < 256:
-        raise ValueError("byte-level text needs a vocabulary of at least 256 tokens")
+    if vocab_size is not None and vocab_size < 256:
+        raise TrainError("byte-level text needs a vocabulary of at least 256 tokens (--tiny-vocab 256)")
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.int64)
 
 
@@ -376,7 +443,7 @@ class BlockSchedule:
     ):
         n_blocks = tokens.numel() // seq_len
         if n_blocks == 0:
-            raise ValueError(f"the data holds {tokens.numel()} tokens, fewer than one block of {seq_len}")
+            raise TrainError(f"the data holds {tokens.numel()} tokens, fewer than one block of {seq_len}")
         self.blocks = tokens[: n_blocks * seq_len].view(n_blocks, seq_len)
         self.starts = None if starts is None else starts[: n_blocks * seq_len].view(n_blocks, seq_len)
         self.per_device, self.grad_accum, self.world_size, self.seed = per_device, grad_accum, world_size, seed
@@ -472,31 +539,12 @@ def save_checkpoint(model, optimizer, step: int, args, dist_info: Distributed) -
         partial.mkdir(parents=True)
         torch.save(model_state, partial / "model.pt")
         torch.save(optimizer_state, partial / "optimizer.pt")
-        (partial / "state.json").write_text(json.dumps({"step": step, "world_size": dist_info.world_size}))
+        state = {"step": step, **run_identity(args, dist_info.world_size)}
+        (partial / "state.json").write_text(json.dumps(state, indent=2))
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)
     dist_info.barrier()
     return folder
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    steps = [
-        (int(path.name.split("-")[1]), path)
-        for path in output_dir.glob("checkpoint-*")
-        if path.name.split("-")[1].isdigit()
-    ]
-    return max(steps)[1] if steps else None
-
-
-def load_checkpoint(model, optimizer, folder: Path) -> int:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True)
-    model_state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
-    return json.loads((folder / "state.json").read_text())["step"]
 
 
 def save_final(model, args, dist_info: Distributed) -> None:
@@ -523,24 +571,6 @@ def _unsharded_class(model: torch.nn.Module):
         yield model
     finally:
         model.__class__ = sharded_class
-
-
-class LossLog:
-    """``loss.jsonl`` in the output folder; on resume, lines past the checkpoint's step are dropped."""
-
-    def __init__(self, path: Path, start_step: int, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        kept = []
-        if start_step > 0 and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-        path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, **record) -> None:
-        if self.enabled:
-            with self.path.open("a") as log:
-                log.write(json.dumps(record) + "\n")
 
 
 def write_run_info(args, dist_info: Distributed, model) -> None:
@@ -577,6 +607,17 @@ def train(args: argparse.Namespace) -> list[dict]:
 
 def _train(args: argparse.Namespace, dist_info: Distributed) -> list[dict]:
     output_dir = Path(args.output_dir)
+    # Everything that can be wrong with the request is found before anything is written.
+    if args.resume:
+        checkpoint = checkpoint_to_resume(output_dir, run_identity(args, dist_info.world_size))
+    else:
+        check_fresh_output(output_dir)
+        checkpoint = None
+    file_tokens = None
+    if not args.synthetic:
+        early_vocab = args.tiny_vocab if args.tiny_config else None  # a --model's vocabulary is known once loaded
+        file_tokens = read_token_file(Path(args.data), Path(args.model) if args.model else None, early_vocab)
+        BlockSchedule(file_tokens, args.seq_len, args.batch_size, args.grad_accum, dist_info.world_size, args.seed)
     if dist_info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     dist_info.barrier()
@@ -584,19 +625,19 @@ def _train(args: argparse.Namespace, dist_info: Distributed) -> list[dict]:
     folder = model_folder(args, dist_info)
     model = apply_long_context(load_model(args, folder, patch_backend), args)
     vocab_size = model.get_input_embeddings().weight.shape[0]
-    tokens = load_tokens(args, folder, vocab_size, dist_info.world_size)
-    starts = document_starts(args, tokens.numel(), vocab_size, dist_info.world_size) if args.pack else None
+    if file_tokens is None:
+        file_tokens = load_tokens(args, folder, vocab_size, dist_info.world_size)
+    check_token_range(file_tokens, vocab_size, args.data or "--synthetic")
+    starts = document_starts(args, file_tokens.numel(), vocab_size, dist_info.world_size) if args.pack else None
     schedule = BlockSchedule(
-        tokens, args.seq_len, args.batch_size, args.grad_accum, dist_info.world_size, args.seed, starts
+        file_tokens, args.seq_len, args.batch_size, args.grad_accum, dist_info.world_size, args.seed, starts
     )
     core = model
     model = wrap_model(model, args, dist_info)
     optimizer = torch.optim.AdamW(core.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
 
-    start_step = 0
-    checkpoint = latest_checkpoint(output_dir) if args.resume else None
-    if checkpoint is not None:
-        start_step = load_checkpoint(core, optimizer, checkpoint)
+    start_step = checkpoint.restore(core, optimizer) if checkpoint is not None else 0
+    del checkpoint  # its state dicts are in the model and optimizer now
     if dist_info.is_main:
         write_run_info(args, dist_info, core)
     log = LossLog(output_dir / "loss.jsonl", start_step, dist_info.is_main)
@@ -829,11 +870,15 @@ def probe_max_seq_len(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.max_seq_len_probe:
-        result = probe_max_seq_len(args)
-        print(json.dumps({key: result[key] for key in ("max_seq_len", "best")}))
-        return 0
-    train(args)
+    try:
+        if args.max_seq_len_probe:
+            result = probe_max_seq_len(args)
+            print(json.dumps({key: result[key] for key in ("max_seq_len", "best")}))
+            return 0
+        train(args)
+    except TrainError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,12 +1,24 @@
 """Shared pytest set-up: offline Hub, a private module cache, and the `gpu` marker."""
 
+import atexit
 import os
+import shutil
 import tempfile
+
+
+def _private_folder(prefix: str) -> str:
+    """A folder for this test session only, removed when it ends (set before transformers is imported)."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="mea-hf-home-"))
-os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="mea-hf-modules-"))
+if "HF_HOME" not in os.environ:
+    os.environ["HF_HOME"] = _private_folder("mea-hf-home-")
+if "HF_MODULES_CACHE" not in os.environ:
+    os.environ["HF_MODULES_CACHE"] = _private_folder("mea-hf-modules-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -176,6 +176,12 @@ class FakeHub:
         r.refs[branch] = r.refs["main"]
         return 200, {}
 
+    def delete_branch(self, req: "Request", repo: str, branch: str) -> tuple[int, dict]:
+        r = self._repo(repo, req.authorized)
+        if branch == "main" or r.refs.pop(branch, None) is None:
+            raise HubError(404, "RevisionNotFound", f"cannot delete branch {branch}")
+        return 200, {}
+
     def repo_info(self, req: "Request", repo: str, revision: str = "main") -> tuple[int, dict]:
         r = self._repo(repo, req.authorized)
         commit = self._commit_at(r, revision)
@@ -293,6 +299,7 @@ class FakeHub:
         ("POST", r"/api/repos/create", "create_repo"),
         ("POST", r"/api/validate-yaml", "validate_yaml"),
         ("POST", rf"/api/models/{REPO}/branch/(?P<branch>.+)", "create_branch"),
+        ("DELETE", rf"/api/models/{REPO}/branch/(?P<branch>.+)", "delete_branch"),
         ("GET", rf"/api/models/{REPO}/revision/(?P<revision>[^/]+)", "repo_info"),
         ("GET", rf"/api/models/{REPO}/tree/(?P<revision>[^/]+)(?:/(?P<path>.+))?", "tree"),
         ("GET", rf"/api/models/{REPO}", "repo_info"),
@@ -303,7 +310,7 @@ class FakeHub:
         ("GET", rf"/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)", "resolve"),
     ]
     # lfs_upload stands for the pre-signed storage URL that lfs_batch hands out: the client sends no token there.
-    WRITES = {"create_repo", "create_branch", "preupload", "lfs_batch", "commit"}
+    WRITES = {"create_repo", "create_branch", "delete_branch", "preupload", "lfs_batch", "commit"}
 
     def handle(self, req: "Request") -> tuple[int, object]:
         method = "GET" if req.method == "HEAD" else req.method
@@ -379,6 +386,6 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if self.command != "HEAD":
                 self.wfile.write(body)
 
-        do_GET = do_HEAD = do_POST = do_PUT = _serve
+        do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _serve
 
     return Handler

@@ -80,6 +80,14 @@ def randomize_(model: torch.nn.Module) -> None:
 
 
 _PAIRS: dict = {}
+_FOLDERS: list = []  # where the cached pairs' checkpoints go: pytest's temporary directory, not $TMPDIR
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _pair_folders(tmp_path_factory):
+    _FOLDERS.append(tmp_path_factory.mktemp("bloom-pairs"))
+    yield
+    _FOLDERS.pop()
 
 
 def load_pair(stock_cls=BloomForCausalLM, attn_implementation: str | None = None, **config_overrides):
@@ -90,7 +98,8 @@ def load_pair(stock_cls=BloomForCausalLM, attn_implementation: str | None = None
         stock = stock_cls(tiny_config(**config_overrides))
         randomize_(stock)
         stock.eval()
-        folder = save_with_remote_code(stock, tempfile.mkdtemp(prefix="bloom-"), ["modeling_bloom.py"], AUTO_MAP)
+        folder = save_with_remote_code(stock, tempfile.mkdtemp(prefix="bloom-", dir=_FOLDERS[-1]), ["modeling_bloom.py"],
+                                       AUTO_MAP)
         kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
         ours = STOCK_TO_AUTO[stock_cls].from_pretrained(folder, trust_remote_code=True, **kwargs).eval()
         assert type(ours).__module__.startswith("transformers_modules"), type(ours).__module__
@@ -466,11 +475,11 @@ def test_sampling_and_static_cache_generate_match_stock():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_state_dict_keys_and_saving_back_into_the_stock_class():
+def test_state_dict_keys_and_saving_back_into_the_stock_class(tmp_path):
     stock, ours = load_pair()
     assert ours.state_dict().keys() == stock.state_dict().keys()
     assert ours.lm_head.weight.data_ptr() == ours.transformer.word_embeddings.weight.data_ptr()  # tied
-    folder = tempfile.mkdtemp(prefix="bloom-back-")
+    folder = tmp_path / "bloom-back"
     ours.save_pretrained(folder)
     reloaded, info = BloomForCausalLM.from_pretrained(folder, output_loading_info=True)
     assert type(reloaded).__module__.startswith("transformers.models.bloom")
@@ -531,12 +540,12 @@ def test_token_classification_matches_stock(backend):
 
 
 @pytest.mark.gpu
-def test_bf16_cuda_backends_match_fp32_stock_and_beat_bf16_stock_at_2048_tokens():
+def test_bf16_cuda_backends_match_fp32_stock_and_beat_bf16_stock_at_2048_tokens(tmp_path):
     config = tiny_config(n_head=8, head_dim=64, vocab_size=VOCAB)
     torch.manual_seed(0)
     stock = BloomForCausalLM(config)
     randomize_(stock)
-    folder = save_with_remote_code(stock.eval(), tempfile.mkdtemp(prefix="bloom-"), ["modeling_bloom.py"], AUTO_MAP)
+    folder = save_with_remote_code(stock.eval(), tmp_path / "bloom", ["modeling_bloom.py"], AUTO_MAP)
     ours = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16)
     assert type(ours).__module__.startswith("transformers_modules")
     ours = ours.cuda().eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def sample_ids(batch: int = 2, length: int = 7) -> torch.Tensor:
 
 
 def auto_class(family: str):
-    return getattr(transformers, hub_upload.main_entry(family).auto_class)
+    return getattr(transformers, families.main_entry(family).auto_class)
 
 
 def assert_same_logits(ours, reference, what: str) -> None:
@@ -154,7 +155,7 @@ def assert_same_logits(ours, reference, what: str) -> None:
 
 def assert_is_ours(model, family: str) -> None:
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    assert type(model).__name__ == hub_upload.main_entry(family).class_name
+    assert type(model).__name__ == families.main_entry(family).class_name
 
 
 def assert_no_token(folder: Path) -> None:
@@ -174,8 +175,8 @@ def test_auto_map_lists_every_class_defined_in_the_file(family):
     expected = {e.auto_class: f"{Path(e.file).stem}.{e.class_name}"
                 for e in hub_upload.FAMILIES[family].entries if e.class_name in defined}
     assert hub_upload.auto_map(family) == expected
-    assert hub_upload.main_entry(family).class_name in defined
-    assert hub_upload.auto_map(family, "org/code")[hub_upload.main_entry(family).auto_class].startswith("org/code--")
+    assert families.main_entry(family).class_name in defined
+    assert hub_upload.auto_map(family, "org/code")[families.main_entry(family).auto_class].startswith("org/code--")
 
 
 def test_card_backends_are_the_kernel_layers():
@@ -328,6 +329,14 @@ def test_shipped_configs():
     assert {c.family for c in models} == set(hub_upload.FAMILIES)
     assert all(c.target.endswith("-mea") and c.backend in hub_upload.BACKENDS for c in models)
     assert code[0].source is None  # a code repo holds only our files
+    for cfg in models:  # a pinned commit, or a placeholder that stops a push until one is set
+        if cfg.source_revision is not None:
+            assert hub_upload.PINNED_REVISION.fullmatch(cfg.source_revision), cfg.name
+            continue
+        assert "# source_revision:" in Path(cfg.name).read_text(), cfg.name
+        with pytest.raises(hub_upload.ConfigError, match="must pin a 40-hex commit"):
+            hub_upload.check_pinned(cfg, allow_unpinned=False)
+        hub_upload.check_pinned(cfg, allow_unpinned=True)
 
 
 @pytest.mark.parametrize(
@@ -392,8 +401,11 @@ def test_push_then_load_from_the_hub(hub, tmp_path, caplog):
     hub.fail("preupload", 503)  # a transient error: huggingface_hub retries it
     assert push(config, "--verify") == 0
     assert "verified: BloomForCausalLM" in caplog.text
-    assert hub.requests.count(("POST", "/api/models/org/bloom-mea/preupload/main")) == 2
-    assert hub.commit_count("org/bloom-mea") == 2  # the repo's initial commit + ours
+    staged = [path for method, path in hub.requests if method == "POST" and "/preupload/hub-upload-verify-" in path]
+    assert len(staged) == 2 and staged[0] == staged[1], "staged first (the 503 retried), then committed to main"
+    assert hub.requests.count(("POST", "/api/models/org/bloom-mea/preupload/main")) == 1
+    assert hub.commit_count("org/bloom-mea") == 3  # the repo's initial commit, the staged one, main's
+    assert set(hub.repos["org/bloom-mea"].refs) == {"main"}, "the staging branch is deleted after the merge"
     assert any(method == "PUT" and path.startswith("/lfs-objects/") for method, path in hub.requests)
     files = hub.files("org/bloom-mea")
     assert hub.repos["org/bloom-mea"].resolve("main").files["model-00001-of-00002.safetensors"].lfs
@@ -411,7 +423,7 @@ def test_push_then_load_from_the_hub(hub, tmp_path, caplog):
     commits_before = [r for r in hub.requests if "/commit/" in r[1]]
     assert push(config) == 0
     assert "nothing changed, no new commit" in caplog.text
-    assert hub.head("org/bloom-mea") == head and hub.commit_count("org/bloom-mea") == 2
+    assert hub.head("org/bloom-mea") == head and hub.commit_count("org/bloom-mea") == 3
     assert [r for r in hub.requests if "/commit/" in r[1]] == commits_before
 
 
@@ -498,3 +510,178 @@ def test_model_repo_from_a_hub_source(hub, tmp_path, capsys):
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
     assert_is_ours(model, "bloom")
     assert_same_logits(model, reference, "bloom built from a hub source")
+
+
+# ------------------------------------------------------------------------------- sources that lie (issue 13)
+def test_a_link_out_of_the_source_folder_is_refused(tmp_path, capsys):
+    require_family("gpt2")
+    make_source("gpt2", tmp_path / "source")
+    secret = tmp_path / "token-file"
+    secret.write_text(TOKEN)
+    (tmp_path / "source" / "LICENSE").unlink()
+    (tmp_path / "source" / "LICENSE").symlink_to(secret)
+    config = write_config(tmp_path / "c.yaml", family="gpt2", source=str(tmp_path / "source"), target="org/g")
+    assert hub_upload.main([str(config), "--local-dir", str(tmp_path / "out")]) == 2
+    assert "LICENSE is a link to" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert not any(TOKEN.encode() in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p != secret
+                   and not p.is_symlink())
+
+
+def test_a_link_inside_the_source_folder_is_followed(tmp_path):
+    require_family("gpt2")
+    make_source("gpt2", tmp_path / "source")
+    (tmp_path / "source" / "LICENSE").rename(tmp_path / "source" / "LICENSE.txt")
+    (tmp_path / "source" / "LICENSE").symlink_to("LICENSE.txt")
+    config = write_config(tmp_path / "c.yaml", family="gpt2", source=str(tmp_path / "source"), target="org/g")
+    assert hub_upload.main([str(config), "--local-dir", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "LICENSE").read_text() == "tiny test license\n"
+
+
+@pytest.mark.parametrize("shard", ["../x.safetensors", "/tmp/x.safetensors", "sub/x.safetensors", "..", ""])
+def test_shard_names_must_be_plain_file_names(tmp_path, capsys, shard):
+    require_family("llama")
+    make_source("llama", tmp_path / "source")
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": shard}}
+    (tmp_path / "source" / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = write_config(tmp_path / "c.yaml", family="llama", source=str(tmp_path / "source"), target="org/l")
+    assert hub_upload.main([str(config), "--local-dir", str(tmp_path / "build" / "out")]) == 2
+    assert "is not a plain file name" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "build").exists()
+
+
+def test_the_card_lists_the_sources_python_files_with_their_sha256(tmp_path):
+    import hashlib
+
+    require_family("gpt2")
+    make_source("gpt2", tmp_path / "source")
+    code = b"raise SystemExit('third-party tokenizer code ran')\n"
+    (tmp_path / "source" / "tokenization_tiny.py").write_bytes(code)
+    config = write_config(tmp_path / "c.yaml", family="gpt2", source=str(tmp_path / "source"), target="org/g")
+    assert hub_upload.main([str(config), "--local-dir", str(tmp_path / "out")]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Third-party code" in card
+    assert f"| `tokenization_tiny.py` | `{hashlib.sha256(code).hexdigest()}` |" in card
+
+
+def test_local_dir_verify_runs_the_folders_code_in_a_child_without_the_token(tmp_path, monkeypatch, caplog):
+    require_family("gpt2")
+    make_source("gpt2", tmp_path / "source")
+    # tokenizer code that records the environment it runs in (trust_remote_code runs it while loading)
+    (tmp_path / "source" / "tokenization_spy.py").write_text(
+        "import os, pathlib\n"
+        f"pathlib.Path({str(tmp_path / 'spy.txt')!r}).write_text(f\"{{os.getpid()}} {{os.environ.get('HF_TOKEN')}}\")\n"
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass SpyTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    tokenizer_config = json.loads((tmp_path / "source" / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": [None, "tokenization_spy.SpyTokenizer"]}
+    (tmp_path / "source" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    config = write_config(tmp_path / "c.yaml", family="gpt2", source=str(tmp_path / "source"), target="org/g")
+    assert hub_upload.main([str(config), "--local-dir", str(tmp_path / "out"), "--verify"]) == 0
+    assert "verified: GPT2LMHeadModel" in caplog.text
+    pid, token = (tmp_path / "spy.txt").read_text().split()
+    assert int(pid) != os.getpid() and token == "None"
+
+
+# ------------------------------------------------------------------------------------ checks before writing
+def test_a_bloom_backend_that_cannot_take_alibi_is_refused_before_writing(tmp_path, capsys):
+    import memory_efficient_adapter as mea
+
+    runnable_here = set(hub_upload.BACKENDS_WITHOUT_ALIBI) & set(mea.available_backends("cpu"))
+    assert "sdpa" in runnable_here
+    for backend in runnable_here:  # the rule agrees with the kernel layer
+        q = torch.randn(1, 2, 4, 8)
+        with pytest.raises(ValueError, match="ALiBi"):
+            mea.attention(q, q, q, causal=True, alibi_slopes=mea.alibi_slopes(2), backend=backend)
+    with pytest.raises(hub_upload.ConfigError, match="ALiBi"):
+        hub_upload.parse_config({"family": "bloom", "source": "a/b", "target": "o/t", "options": {"backend": "sdpa"}})
+    assert hub_upload.parse_config({"family": "llama", "source": "a/b", "target": "o/t",
+                                    "options": {"backend": "sdpa"}}).backend == "sdpa"
+    make_source("bloom", tmp_path / "stock")
+    assert hub_upload.main(["--reference", str(tmp_path / "stock"), "--family", "bloom", "--code-repo", "org/code",
+                            "--backend", "sdpa", "--local-dir", str(tmp_path / "ref")]) == 2
+    assert "cannot run bloom" in capsys.readouterr().err and not (tmp_path / "ref").exists()
+    assert hub_upload.main(["--reference", str(tmp_path / "stock"), "--family", "bloom", "--code-repo", "org/code",
+                            "--backend", "chunked", "--local-dir", str(tmp_path / "ref")]) == 0
+    assert json.loads((tmp_path / "ref" / "config.json").read_text())["attn_backend"] == "chunked"
+
+
+def test_a_failed_local_build_leaves_no_folder_and_the_retry_works(tmp_path, monkeypatch, capsys):
+    require_family("gpt2")
+    make_source("gpt2", tmp_path / "source")
+    config = write_config(tmp_path / "c.yaml", family="gpt2", source=str(tmp_path / "source"), target="org/g")
+
+    def disk_full(*args):
+        raise hub_upload.ConfigError("disk full (simulated)")
+
+    monkeypatch.setattr(hub_upload, "convert_bin_to_safetensors", disk_full)
+    assert hub_upload.main([str(config), "--local-dir", str(tmp_path / "out")]) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "source"], "no partial folder, no leftovers"
+    monkeypatch.undo()
+    assert hub_upload.main([str(config), "--local-dir", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_every_config_is_checked_before_the_first_push(hub, tmp_path, capsys):
+    require_family("gpt2")
+    make_source("gpt2", tmp_path / "source")
+    good = write_config(tmp_path / "good.yaml", family="gpt2", source=str(tmp_path / "source"), target="org/good")
+    bad = write_config(tmp_path / "bad.yaml", family="llama", source=str(tmp_path / "source"), target="org/bad")
+    unpinned = write_config(tmp_path / "unpinned.yaml", family="gpt2", source="openai-community/gpt2",
+                            target="org/hub")
+    assert hub_upload.main([str(good), str(bad), str(unpinned)]) == 2
+    captured = capsys.readouterr()
+    assert "model_type 'gpt2'" in captured.err and "must pin a 40-hex commit" in captured.err
+    assert "nothing was written or pushed" in captured.err
+    assert "summary: 0 done, 2 failed" in captured.out
+    assert hub.repos == {} and not any(method == "POST" for method, _ in hub.requests)
+
+
+def test_pinned_sources_push_and_the_summary_names_each_config(hub, tmp_path, capsys):
+    require_family("gpt2")
+    make_source("gpt2", tmp_path / "stock")
+    api = HfApi(token=TOKEN)
+    api.create_repo("openai-community/tiny-gpt2")
+    pinned = api.upload_folder(repo_id="openai-community/tiny-gpt2", folder_path=tmp_path / "stock").oid
+    api.upload_file(repo_id="openai-community/tiny-gpt2", path_or_fileobj=b"later\n", path_in_repo="LICENSE")
+    config = write_config(tmp_path / "c.yaml", family="gpt2", source="openai-community/tiny-gpt2",
+                          source_revision=pinned, target="org/g")
+    code = write_config(tmp_path / "code.yaml", family="gpt2", publish="code", target="org/code")
+    assert hub_upload.main([str(config), str(code)]) == 0
+    out = capsys.readouterr().out
+    assert "summary: 2 pushed, 0 failed" in out
+    assert f"ok      {config}: pushed to org/g@main" in out and f"ok      {code}: pushed to org/code@main" in out
+    assert hub.files("org/g")["LICENSE"] == b"tiny test license\n", "read at the pinned commit, not main"
+    assert pinned in hub.files("org/g")["README.md"].decode()
+    unpinned = write_config(tmp_path / "u.yaml", family="gpt2", source="openai-community/tiny-gpt2", target="org/u")
+    assert hub_upload.main([str(unpinned), "--allow-unpinned"]) == 0
+    assert hub.files("org/u")["LICENSE"] == b"later\n"
+
+
+def test_a_failed_verify_leaves_the_target_branch_untouched(hub, tmp_path, capsys):
+    require_family("gpt2")
+    make_source("gpt2", tmp_path / "source")
+    config = write_config(tmp_path / "c.yaml", family="gpt2", source=str(tmp_path / "source"), target="org/g")
+    assert push(config) == 0
+    head, files = hub.head("org/g"), hub.files("org/g")
+    model = stock_gpt2()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))  # loads, but gives NaN logits: verification fails
+    model.save_pretrained(tmp_path / "source")
+    assert push(config, "--verify") == 1
+    captured = capsys.readouterr()
+    assert "non-finite logits" in captured.err and "org/g@main is untouched" in captured.err
+    assert "FAILED" in captured.out
+    assert hub.head("org/g") == head and hub.files("org/g") == files
+    staging = [ref for ref in hub.repos["org/g"].refs if ref.startswith("hub-upload-verify-")]
+    assert len(staging) == 1 and hub.files("org/g", staging[0]) != files
+
+
+def test_an_offline_hub_names_the_repo_it_could_not_reach(tmp_path, monkeypatch, capsys):
+    config = write_config(tmp_path / "c.yaml", family="gpt2", source="openai-community/gpt2", target="org/g")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    assert hub_upload.main([str(config), "--local-dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "could not reach the Hub for source openai-community/gpt2" in err
+    assert not (tmp_path / "out").exists()

@@ -250,6 +250,8 @@ def packed_row(form: str):
 
 
 def logits_loss_grads(model, ids, labels, **kwargs):
+    # our files return no logits in training with labels (fused LM head + loss) unless asked to keep them
+    model.config.keep_logits_in_training = True
     model.zero_grad(set_to_none=True)
     out = model(input_ids=ids, labels=labels, **kwargs)
     out.loss.backward()

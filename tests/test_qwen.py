@@ -267,11 +267,12 @@ def stand_in_generation_utils():
     import importlib.util
     import tempfile
 
-    path = Path(tempfile.mkdtemp(prefix="qwen-utils-")) / "qwen_generation_utils.py"
-    path.write_text(GENERATION_UTILS)
-    spec = importlib.util.spec_from_file_location("qwen_generation_utils_stand_in", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory(prefix="qwen-utils-") as folder:  # removed once the module is loaded
+        path = Path(folder) / "qwen_generation_utils.py"
+        path.write_text(GENERATION_UTILS)
+        spec = importlib.util.spec_from_file_location("qwen_generation_utils_stand_in", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module
 
 

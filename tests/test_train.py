@@ -107,6 +107,61 @@ def test_resume_continues_from_the_checkpoint_exactly(tmp_path):
         assert ours["loss"] == pytest.approx(reference["loss"], rel=1e-6, abs=1e-6), ours["step"]
 
 
+RESUMABLE = ["--tiny-config", "llama", "--steps", "6", "--batch-size", "2", "--save-every", "2"]
+
+
+def test_resume_refuses_a_checkpoint_of_a_different_run_naming_each_difference(tmp_path):
+    run(tmp_path, *RESUMABLE, "--stop-at", "2")
+    log = (tmp_path / "loss.jsonl").read_bytes()
+    with pytest.raises(train.TrainError) as refused:
+        run(tmp_path, *RESUMABLE, "--resume", "--batch-size", "4", "--seq-len", "16", "--steps", "8")
+    message = str(refused.value)
+    assert "checkpoint-2 comes from a different run" in message
+    for difference in ("batch_size: 2 in checkpoint-2, 4 now", "seq_len: 32 in checkpoint-2, 16 now",
+                       "steps: 6 in checkpoint-2, 8 now"):
+        assert difference in message
+    assert "world_size" not in message and "model" not in message
+    state = json.loads((tmp_path / "checkpoint-2" / "state.json").read_text())
+    assert state["world_size"] == 1 and state["model"].startswith("tiny llama (hidden 32")
+    assert (tmp_path / "loss.jsonl").read_bytes() == log
+
+
+def test_resume_without_a_checkpoint_is_an_error_and_keeps_the_log(tmp_path):
+    with pytest.raises(train.TrainError, match="holds no checkpoint"):
+        run(tmp_path / "empty", *RESUMABLE, "--resume")
+    assert not (tmp_path / "empty").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "loss.jsonl").write_text('{"step": 1, "loss": 4.0}\n')
+    with pytest.raises(train.TrainError, match="holds no checkpoint"):
+        run(tmp_path / "run", *RESUMABLE, "--resume")
+    with pytest.raises(train.TrainError, match="already holds a run"):
+        run(tmp_path / "run", *RESUMABLE)  # a fresh run would overwrite it
+    assert (tmp_path / "run" / "loss.jsonl").read_text() == '{"step": 1, "loss": 4.0}\n'
+
+
+def test_resume_falls_back_to_the_newest_readable_checkpoint_and_keeps_the_whole_log(tmp_path, capsys):
+    first = run(tmp_path, *RESUMABLE, "--stop-at", "4")
+    log = (tmp_path / "loss.jsonl").read_text()
+    (tmp_path / "checkpoint-4" / "model.pt").write_bytes(b"truncated by a crash")
+    second = run(tmp_path, *RESUMABLE, "--resume")
+    err = capsys.readouterr().err
+    assert "checkpoint-4 is unreadable" in err and "resuming from checkpoint-2" in err
+    assert [record["step"] for record in second] == [3, 4, 5, 6]
+    assert (tmp_path / "loss.jsonl.before-resume-2").read_text() == log, "the log before the resume is kept whole"
+    combined = logged(tmp_path)
+    assert [record["step"] for record in combined] == list(range(1, 7))
+    assert combined[:2] == first[:2]
+    for ours, again in zip(first[2:], second):  # the same steps again from checkpoint-2: the same losses
+        assert ours["loss"] == pytest.approx(again["loss"], rel=1e-6, abs=1e-6)
+
+
+def test_resume_with_no_readable_checkpoint_names_each_one(tmp_path):
+    run(tmp_path, *RESUMABLE, "--stop-at", "2")
+    (tmp_path / "checkpoint-2" / "state.json").write_text("{not json")
+    with pytest.raises(train.TrainError, match=r"no readable checkpoint in .*checkpoint-2 \(JSONDecodeError"):
+        run(tmp_path, *RESUMABLE, "--resume")
+
+
 # ----------------------------------------------------------------------------------------------
 # torchrun: DDP and FSDP2 over gloo against the single-process run with the same global batch
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,656 @@
+"""The kernel layer's fused ops (LM head + cross-entropy in chunks, RMSNorm, activations, RoPE).
+
+Each op against a float64 reference (values and gradients), what each op keeps for backward, and every family's
+training loss and gradients against the stock class (or Qwen's reference) through ``trust_remote_code`` loading,
+with PEFT LoRA, gradient checkpointing and hidden states. A CUDA test checks bf16 against fp32 stock.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from remote_code import assert_close_rel, relative_error
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    BartConfig,
+    BartForCausalLM,
+    BartForConditionalGeneration,
+    BloomConfig,
+    BloomForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from memory_efficient_adapter.families import write_remote_code
+
+ops = importlib.import_module("memory_efficient_adapter.attention")
+
+TOL = 1e-5
+VOCAB = 97
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def saved_tensor_shapes(fn, *args) -> list:
+    """Shapes of every tensor autograd keeps for backward while ``fn(*args)`` runs."""
+    shapes = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn(*args)
+    return shapes
+
+
+def grads_of(output: torch.Tensor, inputs: list) -> list:
+    return list(torch.autograd.grad(output, inputs, allow_unused=True))
+
+
+def random_targets(rows: int, vocab: int, ignored: float, generator: torch.Generator) -> torch.Tensor:
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    return targets.masked_fill(torch.rand(rows, generator=generator) < ignored, -100)
+
+
+# ----------------------------------------------------------------------------------------------
+# LM head + cross-entropy
+# ----------------------------------------------------------------------------------------------
+
+# rows, vocab, chunk size: one chunk, chunks with an odd remainder, chunk of one row, chunk > rows
+LCE_SHAPES = [(16, 11, 16), (37, 53, 8), (29, 31, 1), (5, 7, 100), (64, 130, 13)]
+
+
+@pytest.mark.parametrize("rows,vocab,chunk", LCE_SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("num_items", [None, 23, "tensor"])
+def test_linear_cross_entropy_matches_float64_reference(rows, vocab, chunk, with_bias, num_items):
+    generator = torch.Generator().manual_seed(rows * 1000 + vocab)
+    hidden = torch.randn(rows, 12, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, 12, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(vocab, generator=generator, dtype=torch.float64, requires_grad=True) if with_bias else None
+    targets = random_targets(rows, vocab, 0.3, generator)
+    targets[0] = -100  # at least one ignored row
+    if num_items == "tensor":
+        num_items = torch.tensor(int((targets != -100).sum()) + 3)
+    inputs = [hidden, weight] + ([bias] if with_bias else [])
+
+    logits = hidden @ weight.T + (bias if with_bias else 0)
+    if num_items is None:
+        expected = F.cross_entropy(logits, targets, ignore_index=-100)
+    else:
+        expected = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / num_items
+    expected_grads = grads_of(expected, inputs)
+
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, TOL)):
+        cast = [t.detach().to(dtype).requires_grad_() for t in inputs]
+        loss = ops.linear_cross_entropy(
+            cast[0], cast[1], targets, bias=cast[2] if with_bias else None, num_items_in_batch=num_items,
+            chunk_size=chunk,
+        )
+        assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert_close_rel(loss.detach(), expected.detach(), tol, f"loss {dtype}")
+        for name, got, want in zip(("hidden", "weight", "bias"), grads_of(loss, cast), expected_grads):
+            assert_close_rel(got, want, tol, f"grad of {name} ({dtype})")
+
+
+def test_all_ignored_batch_gives_nan_loss_and_zero_gradients_like_pytorch():
+    hidden = torch.randn(9, 6, requires_grad=True)
+    weight = torch.randn(13, 6, requires_grad=True)
+    targets = torch.full((9,), -100)
+    loss = ops.linear_cross_entropy(hidden, weight, targets, chunk_size=4)
+    expected = F.cross_entropy(hidden @ weight.T, targets)
+    assert torch.isnan(loss) and torch.isnan(expected)
+    got, want = grads_of(loss, [hidden, weight]), grads_of(expected, [hidden, weight])
+    for g, w in zip(got, want):
+        assert torch.equal(g, w) and not g.any()
+    # with num_items_in_batch the all-ignored loss is 0, as stock's sum / n
+    loss = ops.linear_cross_entropy(hidden, weight, targets, num_items_in_batch=4, chunk_size=4)
+    assert loss.item() == 0.0
+
+
+def test_tied_weights_accumulate_the_head_and_embedding_gradients():
+    generator = torch.Generator().manual_seed(3)
+    embedding = torch.nn.Parameter(torch.randn(VOCAB, 8, generator=generator, dtype=torch.float64))
+    ids = torch.randint(0, VOCAB, (2, 15), generator=generator)
+    labels = ids.clone()
+    labels[1, :4] = -100
+
+    def run(fused: bool):
+        hidden = torch.tanh(embedding[ids] * 1.5)
+        if fused:
+            head = torch.nn.Linear(8, VOCAB, bias=False).double()
+            head.weight = embedding  # tied: the same Parameter object
+            config = transformers.PretrainedConfig(loss_chunk_size=7)
+            return ops.lm_head_loss(hidden, head, labels, config)
+        logits = hidden @ embedding.T
+        return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+
+    expected = run(False)
+    (expected_grad,) = grads_of(expected, [embedding])
+    loss = run(True)
+    (grad,) = grads_of(loss, [embedding])
+    assert_close_rel(loss.detach(), expected.detach(), 1e-10, "loss")
+    assert_close_rel(grad, expected_grad, 1e-10, "grad of the tied weight")
+
+
+def test_lm_head_loss_keeps_no_rows_by_vocab_tensor_for_backward():
+    rows, vocab = 40, 211
+    hidden = torch.randn(rows, 16, requires_grad=True)
+    head = torch.nn.Linear(16, vocab)
+    targets = torch.randint(0, vocab, (rows,))
+    shapes = saved_tensor_shapes(lambda: ops.linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, chunk_size=8))
+    assert (rows, vocab) not in shapes
+    assert max(torch.Size(s).numel() for s in shapes) == vocab * 16  # the weight itself is the largest
+    stock = saved_tensor_shapes(lambda: F.cross_entropy(head(hidden), targets))
+    assert (rows, vocab) in stock  # the stock path does keep the logits
+
+
+def test_loss_chunk_size_by_vocab_and_from_config():
+    config = transformers.PretrainedConfig()
+    assert ops.loss_chunk_size(config, 32000) == 2097  # 2097 x 32000 fp32 logits <= 256 MiB
+    assert ops.loss_chunk_size(config, 151936) == 441
+    assert 441 * 151936 * 4 <= ops.LOSS_CHUNK_BYTES < 442 * 151936 * 4
+    config.loss_chunk_size = 64
+    assert ops.loss_chunk_size(config, 32000) == 64
+    config.loss_chunk_size = 0
+    with pytest.raises(ValueError, match="loss_chunk_size"):
+        ops.loss_chunk_size(config, 32000)
+
+
+def test_linear_cross_entropy_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="targets"):
+        ops.linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), torch.zeros(3, dtype=torch.long))
+
+
+def test_under_autocast_the_head_runs_in_the_autocast_dtype_like_stock():
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(24, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(VOCAB, 16, generator=generator, requires_grad=True)
+    targets = random_targets(24, VOCAB, 0.2, generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ops.linear_cross_entropy(hidden, weight, targets, chunk_size=5)
+        expected = F.cross_entropy(F.linear(hidden, weight).float(), targets)
+    assert loss.dtype == torch.float32
+    assert_close_rel(loss.detach(), expected.detach(), 1e-5, "loss")
+    for got, want in zip(grads_of(loss, [hidden, weight]), grads_of(expected, [hidden, weight])):
+        assert got.dtype == torch.float32
+        assert_close_rel(got, want, 2e-2, "grad under autocast")
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm, activations, RoPE
+# ----------------------------------------------------------------------------------------------
+
+
+def reference_rms_norm(x, weight, eps):
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 16), (5, 33), (1, 1, 2, 24)])
+def test_rms_norm_matches_float64_reference_and_keeps_input_and_rstd(shape):
+    generator = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = (1 + 0.3 * torch.randn(shape[-1], generator=generator, dtype=torch.float64)).requires_grad_()
+    expected = reference_rms_norm(x, weight, 1e-6)
+    grad_out = torch.randn(shape, generator=generator, dtype=torch.float64)
+    expected_grads = torch.autograd.grad(expected, [x, weight], grad_out)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, TOL)):
+        xs, ws = x.detach().to(dtype).requires_grad_(), weight.detach().to(dtype).requires_grad_()
+        out = ops.rms_norm(xs, ws, 1e-6)
+        assert_close_rel(out.detach(), expected.detach(), tol, f"rms_norm {dtype}")
+        got = torch.autograd.grad(out, [xs, ws], grad_out.to(dtype))
+        assert_close_rel(got[0], expected_grads[0], tol, "grad of x")
+        assert_close_rel(got[1], expected_grads[1], tol, "grad of weight")
+    kept = saved_tensor_shapes(lambda: ops.rms_norm(x, weight, 1e-6))
+    assert sorted(kept) == sorted([shape, (shape[-1],), shape[:-1] + (1,)]), kept  # x, weight, per-row rstd
+
+
+def test_rms_norm_in_bf16_casts_the_normalised_value_before_the_weight_like_stock():
+    x = torch.randn(4, 8, 32, dtype=torch.bfloat16)
+    weight = (1 + 0.3 * torch.randn(32)).to(torch.bfloat16)
+    x_float = x.float()
+    stock = weight * (x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    assert torch.equal(ops.rms_norm(x, weight, 1e-5), stock)
+
+
+def test_silu_gate_matches_float64_reference_and_keeps_only_the_matmul_outputs():
+    generator = torch.Generator().manual_seed(11)
+    gate = torch.randn(3, 9, 20, generator=generator, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(3, 9, 20, generator=generator, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(3, 9, 20, generator=generator, dtype=torch.float64)
+    expected = F.silu(gate) * up
+    expected_grads = torch.autograd.grad(expected, [gate, up], grad_out)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, TOL)):
+        g, u = gate.detach().to(dtype).requires_grad_(), up.detach().to(dtype).requires_grad_()
+        out = ops.gated_activation("silu", g, u, fallback=None)
+        assert_close_rel(out.detach(), expected.detach(), tol, "silu(gate) * up")
+        for got, want in zip(torch.autograd.grad(out, [g, u], grad_out.to(dtype)), expected_grads):
+            assert_close_rel(got, want, tol, "silu gate grad")
+    assert saved_tensor_shapes(lambda: ops.gated_activation("silu", gate, up, None)) == [(3, 9, 20), (3, 9, 20)]
+    assert len(saved_tensor_shapes(lambda: F.silu(gate) * up)) == 3  # stock also keeps silu(gate)
+
+
+def reference_gelu_tanh(x):
+    return 0.5 * x * (1.0 + torch.tanh((2.0 / torch.pi) ** 0.5 * (x + 0.044715 * x.pow(3))))
+
+
+def reference_gelu_erf(x):
+    return 0.5 * x * (1.0 + torch.erf(x / 2.0**0.5))
+
+
+@pytest.mark.parametrize(
+    "name,reference",
+    [("gelu_new", reference_gelu_tanh), ("gelu_pytorch_tanh", reference_gelu_tanh), ("gelu", reference_gelu_erf)],
+)
+def test_gelu_family_matches_float64_reference_and_keeps_only_its_input(name, reference):
+    generator = torch.Generator().manual_seed(7)
+    x = 3 * torch.randn(4, 13, 24, generator=generator, dtype=torch.float64)
+    x.requires_grad_()
+    grad_out = torch.randn(4, 13, 24, generator=generator, dtype=torch.float64)
+    expected = reference(x)
+    (expected_grad,) = torch.autograd.grad(expected, [x], grad_out)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, TOL)):
+        xs = x.detach().to(dtype).requires_grad_()
+        out = ops.activation(name, xs, fallback=None)
+        assert_close_rel(out.detach(), expected.detach(), tol, name)
+        assert_close_rel(torch.autograd.grad(out, [xs], grad_out.to(dtype))[0], expected_grad, tol, f"grad {name}")
+    assert saved_tensor_shapes(lambda: ops.activation(name, x, None)) == [(4, 13, 24)]
+    if name == "gelu_new":  # stock's composite gelu_new keeps several [.., d] intermediates
+        assert len(saved_tensor_shapes(lambda: transformers.activations.ACT2FN[name](x))) > 2
+
+
+def test_activations_without_a_fused_form_use_the_fallback():
+    x = torch.randn(3, 5)
+    assert torch.equal(ops.activation("relu", x, torch.relu), torch.relu(x))
+    assert torch.equal(ops.gated_activation("relu", x, x + 1, torch.relu), torch.relu(x) * (x + 1))
+
+
+def reference_rotary(x, cos, sin):
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+@pytest.mark.parametrize("heads,seq,dim", [(3, 7, 8), (1, 16, 32), (4, 5, 2)])
+def test_rotary_matches_float64_reference_and_keeps_only_cos_sin(heads, seq, dim):
+    generator = torch.Generator().manual_seed(heads * seq)
+    x = torch.randn(2, heads, seq, dim, generator=generator, dtype=torch.float64, requires_grad=True)
+    angles = torch.randn(2, 1, seq, dim // 2, generator=generator, dtype=torch.float64) * 3
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    grad_out = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    expected = reference_rotary(x, cos, sin)
+    (expected_grad,) = torch.autograd.grad(expected, [x], grad_out)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, TOL)):
+        xs = x.detach().to(dtype).requires_grad_()
+        out = ops.rotary(xs, cos.to(dtype), sin.to(dtype))
+        assert_close_rel(out.detach(), expected.detach(), tol, "rotary")
+        assert_close_rel(torch.autograd.grad(out, [xs], grad_out.to(dtype))[0], expected_grad, tol, "grad rotary")
+    assert saved_tensor_shapes(lambda: ops.rotary(x, cos, sin)) == [tuple(cos.shape), tuple(sin.shape)]
+    # the backward is the inverse rotation: rotating the gradient back undoes the forward rotation
+    (back,) = torch.autograd.grad(ops.rotary(x, cos, sin), [x], ops.rotary(x, cos, sin).detach())
+    assert_close_rel(back, x.detach(), 1e-12, "inverse rotation")
+
+
+def test_fused_ops_trace_into_one_graph_under_torch_compile():
+    torch._dynamo.reset()
+    head = torch.nn.Linear(16, VOCAB)
+    config = transformers.PretrainedConfig(loss_chunk_size=5)
+
+    def step(hidden, weight, gate, up, cos, sin, labels):
+        normed = ops.rms_norm(hidden, weight, 1e-6)
+        mixed = ops.gated_activation("silu", gate, up, None) + ops.activation("gelu_new", gate, None)
+        rotated = ops.rotary(mixed.unsqueeze(1), cos, sin).squeeze(1)
+        return ops.lm_head_loss(normed + rotated.sum(-1, keepdim=True), head, labels, config)
+
+    args = (
+        torch.randn(2, 9, 16, requires_grad=True),
+        torch.randn(16, requires_grad=True),
+        torch.randn(2, 9, 8, requires_grad=True),
+        torch.randn(2, 9, 8, requires_grad=True),
+        torch.randn(2, 1, 9, 8).cos(),
+        torch.randn(2, 1, 9, 8).sin(),
+        torch.randint(0, VOCAB, (2, 9)),
+    )
+    expected = step(*args)
+    expected_grads = grads_of(expected, list(args[:4]))
+    compiled = torch.compile(step, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+    loss = compiled(*args)
+    assert_close_rel(loss.detach(), expected.detach(), TOL, "compiled loss")
+    for got, want in zip(grads_of(loss, list(args[:4])), expected_grads):
+        assert_close_rel(got, want, TOL, "compiled grads")
+
+
+# ----------------------------------------------------------------------------------------------
+# Families: loss and every gradient against the stock class, loaded through trust_remote_code
+# ----------------------------------------------------------------------------------------------
+
+
+def llama_config(**overrides) -> LlamaConfig:
+    rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}} if TRANSFORMERS_5 else {}
+    values = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0, **rope,
+    )
+    return LlamaConfig(**{**values, **overrides})
+
+
+STOCK = {
+    "llama": (LlamaForCausalLM, llama_config, AutoModelForCausalLM),
+    "llama_tied": (LlamaForCausalLM, lambda: llama_config(tie_word_embeddings=True), AutoModelForCausalLM),
+    "gpt2": (
+        GPT2LMHeadModel,
+        lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                           embd_pdrop=0.0, attn_pdrop=0.0),
+        AutoModelForCausalLM,
+    ),
+    "bloom": (
+        BloomForCausalLM,
+        lambda: BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4),
+        AutoModelForCausalLM,
+    ),
+    "bart": (
+        BartForConditionalGeneration,
+        lambda: BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+                           dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1,
+                           bos_token_id=0, eos_token_id=2, decoder_start_token_id=2),
+        AutoModelForSeq2SeqLM,
+    ),
+    "bart_causal": (
+        BartForCausalLM,
+        lambda: BartConfig(vocab_size=VOCAB, d_model=32, decoder_layers=2, decoder_attention_heads=4,
+                           decoder_ffn_dim=48, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+                           activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                           is_decoder=True, add_cross_attention=False),
+        AutoModelForCausalLM,
+    ),
+}
+
+
+def randomize_(model: torch.nn.Module) -> None:
+    generator = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1.0 + 0.2 * noise if "norm" in name or "ln" in name else 0.1 * noise)
+        if hasattr(model, "final_logits_bias"):
+            model.final_logits_bias.copy_(0.5 * torch.randn(model.final_logits_bias.shape, generator=generator))
+
+
+@pytest.fixture(scope="module")
+def family_pairs(tmp_path_factory):
+    """(stock model, our model loaded through trust_remote_code) with the same random weights, per family."""
+    pairs = {}
+    for name, (stock_class, make_config, auto_class) in STOCK.items():
+        torch.manual_seed(0)
+        stock = stock_class(make_config())
+        randomize_(stock)
+        folder = tmp_path_factory.mktemp(name)
+        stock.save_pretrained(folder)
+        write_remote_code(folder, name.split("_")[0])
+        ours = auto_class.from_pretrained(folder, trust_remote_code=True)
+        assert type(ours).__module__.startswith("transformers_modules"), type(ours).__module__
+        pairs[name] = (stock, ours, folder)
+    return pairs
+
+
+def batch_for(name: str, generator: torch.Generator) -> dict:
+    ids = torch.randint(3, VOCAB, (2, 13), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 2:5] = -100
+    if name == "bart":
+        target = torch.randint(3, VOCAB, (2, 9), generator=generator)
+        target[1, 7:] = -100
+        return dict(input_ids=ids, attention_mask=mask, labels=target)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def train_step(model, batch: dict, **kwargs):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    output = model(**batch, **kwargs)
+    output.loss.backward()
+    return output, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_training_step(stock, ours, batch, tol=TOL, **kwargs):
+    expected, expected_grads = train_step(stock, batch, **kwargs)
+    got, grads = train_step(ours, batch, **kwargs)
+    assert_close_rel(got.loss.detach(), expected.loss.detach(), tol, "loss")
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        if name.endswith("k_proj.bias"):  # softmax ignores a key bias: both are rounding noise around 0
+            assert grads[name].abs().max() < 1e-8 and grad.abs().max() < 1e-8, name
+            continue
+        assert_close_rel(grads[name], grad, tol, f"grad of {name}")
+    return expected, got
+
+
+@pytest.mark.parametrize("name", list(STOCK))
+def test_family_loss_and_every_gradient_match_stock_without_logits(family_pairs, name):
+    stock, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(1))
+    expected, got = assert_same_training_step(stock, ours, batch)
+    assert got.logits is None and expected.logits is not None
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom"])
+def test_num_items_in_batch_divides_the_summed_loss_like_stock(family_pairs, name):
+    stock, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(2))
+    assert_same_training_step(stock, ours, batch, num_items_in_batch=torch.tensor(40))
+
+
+def test_bart_ignores_num_items_in_batch_like_stock(family_pairs):
+    """Stock BART 5.x accepts and ignores it (4.57 does not accept it): the mean over counted tokens either way."""
+    stock, ours, _ = family_pairs["bart"]
+    batch = batch_for("bart", torch.Generator().manual_seed(2))
+    expected, expected_grads = train_step(stock, batch)
+    got, grads = train_step(ours, batch, num_items_in_batch=torch.tensor(40))
+    assert_close_rel(got.loss.detach(), expected.loss.detach(), TOL, "loss")
+    for name in ("model.shared.weight", "model.decoder.layers.1.fc1.weight"):
+        assert_close_rel(grads[name], expected_grads[name], TOL, f"grad of {name}")
+
+
+def test_keep_logits_in_training_returns_stock_logits(family_pairs):
+    stock, ours, _ = family_pairs["llama"]
+    batch = batch_for("llama", torch.Generator().manual_seed(3))
+    ours.config.keep_logits_in_training = True
+    try:
+        expected, got = assert_same_training_step(stock, ours, batch)
+    finally:
+        ours.config.keep_logits_in_training = False
+    assert_close_rel(got.logits.detach(), expected.logits.detach(), TOL, "logits")
+
+
+@pytest.mark.parametrize("name", ["llama", "bart"])
+def test_eval_mode_with_labels_keeps_logits_and_the_stock_loss(family_pairs, name):
+    stock, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(4))
+    stock.eval(), ours.eval()
+    with torch.no_grad():
+        expected, got = stock(**batch), ours(**batch)
+    assert_close_rel(got.logits, expected.logits, TOL, "logits")
+    assert_close_rel(got.loss, expected.loss, TOL, "loss")
+
+
+def test_hidden_states_and_tuple_output_in_fused_training(family_pairs):
+    stock, ours, _ = family_pairs["bloom"]
+    batch = batch_for("bloom", torch.Generator().manual_seed(5))
+    stock.train(), ours.train()
+    expected = stock(**batch, output_hidden_states=True)
+    got = ours(**batch, output_hidden_states=True)
+    assert len(got.hidden_states) == len(expected.hidden_states)
+    for a, b in zip(got.hidden_states, expected.hidden_states):
+        assert_close_rel(a.detach(), b.detach(), TOL, "hidden state")
+    as_tuple = ours(**batch, return_dict=False)
+    assert_close_rel(as_tuple[0].detach(), expected.loss.detach(), TOL, "loss in the tuple")
+    assert not any(t is None for t in as_tuple)
+
+
+def test_gradient_checkpointing_gives_the_stock_gradients(family_pairs):
+    stock, ours, _ = family_pairs["llama"]
+    batch = batch_for("llama", torch.Generator().manual_seed(6))
+    ours.gradient_checkpointing_enable()
+    try:
+        assert_same_training_step(stock, ours, batch)
+    finally:
+        ours.gradient_checkpointing_disable()
+
+
+def test_trained_model_saves_into_the_stock_class(family_pairs, tmp_path):
+    stock, ours, _ = family_pairs["gpt2"]
+    train_step(ours, batch_for("gpt2", torch.Generator().manual_seed(7)))
+    ours.save_pretrained(tmp_path)
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert reloaded.state_dict().keys() == stock.state_dict().keys()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+def test_a_wrapped_or_hooked_head_takes_the_plain_path(family_pairs):
+    stock, ours, _ = family_pairs["llama"]
+    batch = batch_for("llama", torch.Generator().manual_seed(8))
+    seen = []
+    handle = ours.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    try:
+        expected, got = assert_same_training_step(stock, ours, batch)
+    finally:
+        handle.remove()
+    assert seen and got.logits is not None
+
+
+@pytest.mark.parametrize("name", ["llama", "bart"])  # the shifted loss, and the unshifted one with a bias
+def test_fused_training_step_compiles_into_one_graph(family_pairs, name):
+    """No graph break in a training step without padding (padding masks are the attention layer's business)."""
+    _, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(10))
+    del batch["attention_mask"]
+    ours.train()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda: ours(**batch).loss)()
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT LoRA on every linear layer
+# ----------------------------------------------------------------------------------------------
+
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+
+@pytest.mark.parametrize("name,with_head", [(name, False) for name in LORA_TARGETS] + [("llama", True)])
+def test_lora_gradients_match_stock_with_peft(tmp_path, name, with_head):
+    peft = pytest.importorskip("peft", reason="peft is in the test extra")
+    stock_class, make_config, auto_class = STOCK[name]
+    torch.manual_seed(0)
+    stock = stock_class(make_config())
+    randomize_(stock)
+    stock.save_pretrained(tmp_path)
+    write_remote_code(tmp_path, name)
+    ours = auto_class.from_pretrained(tmp_path, trust_remote_code=True)
+    targets = LORA_TARGETS[name] + (["lm_head"] if with_head else [])
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+    torch.manual_seed(1)
+    stock_lora = peft.get_peft_model(stock, peft.LoraConfig(**lora))
+    ours_lora = peft.get_peft_model(ours, peft.LoraConfig(**lora))
+    ours_lora.load_state_dict(stock_lora.state_dict())
+    batch = batch_for(name, torch.Generator().manual_seed(9))
+    expected, expected_grads = train_step(stock_lora, batch)
+    got, grads = train_step(ours_lora, batch)
+    assert_close_rel(got.loss.detach(), expected.loss.detach(), TOL, "loss")
+    lora_grads = {n for n in expected_grads if "lora_" in n}
+    assert lora_grads and grads.keys() == expected_grads.keys()
+    for key in lora_grads:
+        assert_close_rel(grads[key], expected_grads[key], TOL, f"grad of {key}")
+    assert (got.logits is None) == (not with_head)  # a LoRA-wrapped head takes the plain path
+
+
+# ----------------------------------------------------------------------------------------------
+# Qwen: against the reference of tests/test_qwen.py
+# ----------------------------------------------------------------------------------------------
+
+
+def test_qwen_fused_loss_and_gradients_match_reference_with_num_items(tmp_path):
+    from test_qwen import ReferenceQwen, load, random_ids, random_model, save_qwen
+
+    torch.manual_seed(4)
+    model = random_model(rotary_pct=0.5, no_bias=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ours = load(save_qwen(model, tmp_path)).train()
+    ours.config.loss_chunk_size = 5
+    ids = random_ids(2, 11)
+    labels = ids.clone()
+    labels[1, :3] = -100
+    output = ours(ids, labels=labels, num_items_in_batch=25)
+    output.loss.backward()
+    assert output.logits is None
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(lambda: ours(ids, labels=labels).loss)().graph_break_count == 0
+    reference = ReferenceQwen(model.config, state, requires_grad=True)
+    logits, _, _ = reference.forward(ids, training=True)
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
+    expected = F.cross_entropy(shifted, labels[:, 1:].reshape(-1), reduction="sum") / 25
+    expected.backward()
+    assert_close_rel(output.loss.detach(), expected.detach().float(), TOL, "loss")
+    grads = dict(ours.named_parameters())
+    for name, param in reference.params.items():
+        assert_close_rel(grads[name].grad, param.grad.float(), 2e-5, f"grad of {name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: bf16 against fp32 stock
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_training_step_on_cuda_is_as_close_to_fp32_stock_as_bf16_stock(tmp_path):
+    """Ours in bf16 (the compiled fused ops) against stock in fp32: within twice stock bf16's own error."""
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(llama_config(vocab_size=1000, hidden_size=256, intermediate_size=688,
+                                              num_attention_heads=8, num_key_value_heads=4))
+    randomize_(reference)
+    reference.save_pretrained(tmp_path)
+    write_remote_code(tmp_path, "llama")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True, dtype=torch.bfloat16).cuda()
+    stock_bf16 = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).cuda()
+    reference = reference.cuda()
+    ours.config.loss_chunk_size = 300  # several chunks and a remainder
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 1000, (2, 512), generator=generator)
+    labels = ids.clone()
+    labels[0, :100] = -100
+    batch = dict(input_ids=ids.cuda(), labels=labels.cuda())
+    expected, expected_grads = train_step(reference, batch)
+    baseline, baseline_grads = train_step(stock_bf16, batch)
+    got, grads = train_step(ours, batch)
+    assert got.logits is None
+    assert not sys.modules[type(ours).__module__]._compile_failed, "the compiled GPU path fell back to eager"
+    loss_error = abs(got.loss.item() - expected.loss.item()) / expected.loss.item()
+    baseline_error = abs(baseline.loss.item() - expected.loss.item()) / expected.loss.item()
+    assert loss_error <= 2 * baseline_error + 1e-3, (loss_error, baseline_error)
+    for name, grad in expected_grads.items():
+        limit = 2 * relative_error(baseline_grads[name].float(), grad) + 1e-2
+        assert_close_rel(grads[name].float(), grad, limit, f"bf16 grad of {name}")
