@@ -20,6 +20,7 @@ CODE_LICENSE = "apache-2.0"
 BACKENDS: dict[str, str] = {
     "auto": "the fastest backend that can take each call (default)",
     "sdpa": "PyTorch scaled_dot_product_attention (cuDNN / flash / memory-efficient kernels)",
+    "cudnn": "cuDNN's graph attention with native ALiBi (BLOOM), when nvidia-cudnn-frontend is installed",
     "flex": "torch flex_attention with ALiBi and masks as score mods (compiles on first use)",
     "flash_attn": "the flash-attn package, when installed",
     "xformers": "xformers memory-efficient attention, when installed and working",

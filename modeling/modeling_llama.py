@@ -62,9 +62,11 @@ import logging
 import math
 import os
 import threading
+import time
 import weakref
+from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional
 
@@ -73,9 +75,9 @@ import torch.nn.functional as F
 
 _logger = logging.getLogger("memory_efficient_adapter")
 
-BACKENDS = ("sdpa", "flex", "flash_attn", "xformers", "chunked", "eager")
+BACKENDS = ("sdpa", "cudnn", "flex", "flash_attn", "xformers", "chunked", "eager")
 AUTO_ORDER = {
-    "cuda": ("sdpa", "flash_attn", "flex", "xformers", "chunked", "eager"),
+    "cuda": ("sdpa", "cudnn", "flash_attn", "flex", "xformers", "chunked", "eager"),
     "cpu": ("sdpa", "chunked", "eager"),
 }
 AUTO_ORDER_OTHER_DEVICES = ("sdpa", "chunked", "eager")
@@ -117,6 +119,9 @@ class AttentionCall:
     alibi: bool
     dropout_p: float
     needs_grad: bool
+    # The tensors behind mask_kind "padding" and alibi, for a backend that must read their values to decide.
+    padding_mask: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+    slopes: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
 
     @property
     def causal_offset(self) -> int:
@@ -205,6 +210,7 @@ def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence
         raise ValueError(f"alibi_slopes must have shape [heads] = [{heads}], got {list(alibi_slopes.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    mask_kind = _mask_kind(attention_mask, batch, heads, q_len, k_len)
     return AttentionCall(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -214,11 +220,13 @@ def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence
         q_len=q_len,
         k_len=k_len,
         causal=bool(causal),
-        mask_kind=_mask_kind(attention_mask, batch, heads, q_len, k_len),
+        mask_kind=mask_kind,
         documents=_check_sequence_ids(sequence_ids, attention_mask, batch, k_len, q.device),
         alibi=alibi_slopes is not None,
         dropout_p=float(dropout_p),
         needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+        padding_mask=attention_mask if mask_kind == "padding" else None,
+        slopes=alibi_slopes,
     )
 
 
@@ -975,6 +983,268 @@ def _run_xformers(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
 
 
 # ----------------------------------------------------------------------------------------------
+# Backend: cudnn (NVIDIA's cuDNN frontend graph API: native ALiBi and sequence lengths, fwd + bwd)
+# ----------------------------------------------------------------------------------------------
+
+
+def _cudnn_module():
+    try:
+        import cudnn
+    except ImportError:
+        return None
+    return cudnn
+
+
+@dataclass(frozen=True)
+class _CudnnFlags:
+    """What a cuDNN sdpa graph computes besides q, k and v (part of the plan key)."""
+
+    causal: bool
+    alibi: bool
+    padded: bool  # sequence lengths bound the rows and keys (right padding, or a length padded to its bucket)
+    scale: float
+
+
+class _CudnnPlans:
+    """Built cuDNN graphs by key (direction, device, dtype, shapes, strides, flags): LRU-bounded, thread-safe.
+
+    Building a graph costs milliseconds, so each distinct shape is built once; ``_cudnn_bucket`` keeps the
+    number of shapes of a variable-length run small. A build happens under the lock: two threads that miss
+    on one key build it once.
+    """
+
+    def __init__(self, capacity: int = 128):
+        self.capacity = capacity
+        self._plans: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self._counts = {"hits": 0, "builds": 0, "build_seconds": 0.0}
+
+    def get(self, key: tuple, build: Callable[[], tuple]) -> tuple:
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                self._counts["hits"] += 1
+                return plan
+            start = time.perf_counter()
+            plan = build()
+            self._counts["build_seconds"] += time.perf_counter() - start
+            self._counts["builds"] += 1
+            self._plans[key] = plan
+            while len(self._plans) > self.capacity:
+                self._plans.popitem(last=False)
+            return plan
+
+    def info(self) -> dict:
+        with self._lock:
+            calls = self._counts["hits"] + self._counts["builds"]
+            hit_rate = self._counts["hits"] / calls if calls else 0.0
+            return dict(self._counts, size=len(self._plans), capacity=self.capacity, hit_rate=hit_rate)
+
+
+_cudnn_plans = _CudnnPlans()
+_cudnn_handles: dict = {}
+_cudnn_handles_lock = threading.Lock()
+_cudnn_checked: dict = {}
+
+
+def cudnn_plan_cache_info() -> dict:
+    """The cudnn backend's plan cache: hits, builds, seconds spent building, hit rate, size and capacity."""
+    return _cudnn_plans.info()
+
+
+def _cudnn_handle(cudnn, device: torch.device) -> tuple:
+    """One cuDNN handle per device, with the lock that keeps its stream fixed while a graph launches on it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _cudnn_handles_lock:
+        if index not in _cudnn_handles:
+            with torch.cuda.device(index):
+                _cudnn_handles[index] = (cudnn.create_handle(), threading.Lock())
+        return _cudnn_handles[index]
+
+
+def _cuda_stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _cudnn_bucket(length: int) -> int:
+    """The sequence length a graph is built for: ``length`` rounded up to a multiple of 64, or of an eighth
+    of its power of two above 512 tokens (at most 12.5% longer), so that a run over many lengths builds
+    about eight graphs per doubling of the length instead of one per length."""
+    granule = max(64, 2 ** max(0, length.bit_length() - 4))
+    return -(-length // granule) * granule
+
+
+def _remembered_check(slot: str, tensor: torch.Tensor, check: Callable[[torch.Tensor], bool]) -> bool:
+    """``check(tensor)`` (one host read), reused while the same tensor object is alive and unmodified: every
+    layer of a forward pass passes the same padding mask and slopes."""
+    entry = _cudnn_checked.get(slot)
+    if entry is not None and entry[0]() is tensor and entry[1] == tensor._version:
+        return entry[2]
+    result = bool(check(tensor))
+    _cudnn_checked[slot] = (weakref.ref(tensor), tensor._version, result)
+    return result
+
+
+def _is_right_padding(mask: torch.Tensor) -> bool:
+    """Every row keeps a non-empty prefix of its keys: padding that sequence lengths can express."""
+    lengths = mask.sum(dim=-1, keepdim=True)
+    prefix = torch.arange(mask.shape[-1], device=mask.device)[None, :] < lengths
+    return bool((mask == prefix).all() & (lengths > 0).all())
+
+
+def _are_bloom_slopes(slopes: torch.Tensor) -> bool:
+    """cuDNN computes the ALiBi slopes itself (BLOOM's, from the head count); other slopes cannot go there."""
+    return torch.allclose(slopes.detach().float().cpu(), alibi_slopes(slopes.shape[0]), rtol=1e-6, atol=0.0)
+
+
+def _cudnn_operand(x: torch.Tensor) -> torch.Tensor:
+    """x as cuDNN takes it: unit stride in head_dim, 16-byte aligned rows; copied only when it is not."""
+    aligned = x.stride(-1) == 1 and all(s % 8 == 0 for s in x.stride()[:-1]) and x.data_ptr() % 16 == 0
+    return x if aligned else x.contiguous()
+
+
+def _bshd_empty(batch: int, heads: int, seq: int, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """A [b, h, s, d] tensor laid out as [b, s, h, d], so that the model's transpose + reshape is free."""
+    return torch.empty(batch, seq, heads, dim, device=like.device, dtype=like.dtype).transpose(1, 2)
+
+
+def _layout(x: torch.Tensor) -> tuple:
+    return tuple(x.shape), tuple(x.stride())
+
+
+def _cudnn_types(cudnn, dtype: torch.dtype) -> dict:
+    io = cudnn.data_type.HALF if dtype == torch.float16 else cudnn.data_type.BFLOAT16
+    return dict(io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT, compute_data_type=cudnn.data_type.FLOAT)
+
+
+def _cudnn_mask_options(graph, flags: _CudnnFlags, lengths) -> tuple:
+    """The sdpa / sdpa_backward options for the masks, and the graph tensors of the sequence lengths."""
+    length_tensors = tuple(graph.tensor_like(x) for x in lengths) if flags.padded else (None, None)
+    options = dict(
+        attn_scale=flags.scale,
+        use_causal_mask=flags.causal,
+        use_alibi_mask=flags.alibi,
+        use_padding_mask=flags.padded,
+        seq_len_q=length_tensors[0],
+        seq_len_kv=length_tensors[1],
+    )
+    return options, length_tensors
+
+
+def _cudnn_finish(cudnn, graph, operands: tuple) -> tuple:
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    return graph, operands, graph.get_workspace_size()
+
+
+def _cudnn_execute(cudnn, plan: tuple, buffers: tuple, device: torch.device) -> None:
+    """Run a built graph on the current CUDA stream; ``buffers`` line up with the plan's graph tensors."""
+    graph, operands, workspace_size = plan
+    handle, lock = _cudnn_handle(cudnn, device)
+    workspace = torch.empty(workspace_size, device=device, dtype=torch.uint8)
+    pack = {operand: buffer for operand, buffer in zip(operands, buffers) if operand is not None}
+    with lock:
+        cudnn.set_stream(handle, _cuda_stream(device))
+        graph.execute(pack, workspace, handle=handle)
+
+
+def _cudnn_forward(q, k, v, lengths: tuple, flags: _CudnnFlags, with_stats: bool):
+    """cuDNN sdpa: the output ([b, h, s, d] laid out as [b, s, h, d]) and, for training, the softmax stats."""
+    cudnn = _cudnn_module()
+    batch, heads, seq, dim = q.shape
+    out = _bshd_empty(batch, heads, seq, dim, q)
+    stats = torch.empty(batch, heads, seq, 1, device=q.device, dtype=torch.float32) if with_stats else None
+    key = ("fwd", q.device, q.dtype, _layout(q), _layout(k), _layout(v), flags, with_stats)
+
+    def build():
+        handle, _ = _cudnn_handle(cudnn, q.device)
+        graph = cudnn.pygraph(handle=handle, **_cudnn_types(cudnn, q.dtype))
+        tq, tk, tv = (graph.tensor_like(x) for x in (q, k, v))
+        options, length_tensors = _cudnn_mask_options(graph, flags, lengths)
+        to, tstats = graph.sdpa(name="sdpa", q=tq, k=tk, v=tv, generate_stats=with_stats, **options)
+        to.set_output(True).set_dim(list(out.shape)).set_stride(list(out.stride()))
+        if with_stats:
+            tstats.set_output(True).set_data_type(cudnn.data_type.FLOAT)
+        return _cudnn_finish(cudnn, graph, (tq, tk, tv, to, tstats if with_stats else None, *length_tensors))
+
+    plan = _cudnn_plans.get(key, build)
+    _cudnn_execute(cudnn, plan, (q, k, v, out, stats, *lengths), q.device)
+    return out, stats
+
+
+def _cudnn_backward(q, k, v, out, stats, grad_out, lengths: tuple, flags: _CudnnFlags) -> tuple:
+    """cuDNN sdpa_backward: dq, dk, dv from the forward's output and softmax stats."""
+    cudnn = _cudnn_module()
+    grad_out = _cudnn_operand(grad_out)
+    grads = tuple(_bshd_empty(*x.shape, x) for x in (q, k, v))
+    key = ("bwd", q.device, q.dtype, _layout(q), _layout(k), _layout(v), _layout(out), _layout(grad_out), flags)
+
+    def build():
+        handle, _ = _cudnn_handle(cudnn, q.device)
+        graph = cudnn.pygraph(handle=handle, **_cudnn_types(cudnn, q.dtype))
+        inputs = tuple(graph.tensor_like(x) for x in (q, k, v, out, grad_out, stats))
+        options, length_tensors = _cudnn_mask_options(graph, flags, lengths)
+        outputs = graph.sdpa_backward(name="sdpa_backward", q=inputs[0], k=inputs[1], v=inputs[2], o=inputs[3],
+                                      dO=inputs[4], stats=inputs[5], **options)
+        for tensor, like in zip(outputs, grads):
+            tensor.set_output(True).set_dim(list(like.shape)).set_stride(list(like.stride()))
+        return _cudnn_finish(cudnn, graph, (*inputs, *outputs, *length_tensors))
+
+    plan = _cudnn_plans.get(key, build)
+    _cudnn_execute(cudnn, plan, (q, k, v, out, grad_out, stats, *grads, *lengths), q.device)
+    return grads
+
+
+class _CudnnAttention(torch.autograd.Function):
+    """cuDNN attention for training: forward keeps the softmax stats, backward runs ``sdpa_backward``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, seq_len_q, seq_len_kv, flags):
+        lengths = (seq_len_q, seq_len_kv)
+        out, stats = _cudnn_forward(q, k, v, lengths, flags, with_stats=True)
+        ctx.save_for_backward(q, k, v, out, stats, *(x for x in lengths if x is not None))
+        ctx.flags = flags
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, stats, *lengths = ctx.saved_tensors
+        lengths = tuple(lengths) if lengths else (None, None)
+        grad_q, grad_k, grad_v = _cudnn_backward(q, k, v, out, stats, grad_out, lengths, ctx.flags)
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def _cudnn_lengths(call: AttentionCall, mask, bucket: int, batch: int, device) -> tuple:
+    """Sequence lengths (int32 [b, 1, 1, 1]) when the graph needs them: every query row of the call is
+    valid (a padded row still sees the kept keys before it, as in every other backend), and the keys are
+    bounded by the padding mask or by the true length inside the bucket. (None, None) when neither pads."""
+    if mask is None and bucket == call.q_len:
+        return None, None
+    seq_len_q = torch.full((batch, 1, 1, 1), call.q_len, device=device, dtype=torch.int32)
+    if mask is None:
+        return seq_len_q, seq_len_q
+    return seq_len_q, mask.sum(dim=-1, dtype=torch.int32).view(batch, 1, 1, 1)
+
+
+def _run_cudnn(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+    bucket = _cudnn_bucket(call.q_len)
+    lengths = _cudnn_lengths(call, mask, bucket, q.shape[0], q.device)
+    flags = _CudnnFlags(causal=call.causal, alibi=call.alibi, padded=lengths[0] is not None, scale=float(scale))
+    if bucket != call.q_len:
+        q, k, v = (F.pad(x, (0, 0, 0, bucket - call.q_len)) for x in (q, k, v))
+    q, k, v = (_cudnn_operand(x) for x in (q, k, v))
+    if call.needs_grad:
+        out = _CudnnAttention.apply(q, k, v, *lengths, flags)
+    else:
+        out, _ = _cudnn_forward(q, k, v, lengths, flags, with_stats=False)
+    return out[:, :, : call.q_len] if bucket != call.q_len else out
+
+
+# ----------------------------------------------------------------------------------------------
 # Capabilities: each returns None when the backend can take the call, else the reason it cannot
 # ----------------------------------------------------------------------------------------------
 
@@ -1041,6 +1311,32 @@ def _cannot_flash_attn(call: AttentionCall) -> Optional[str]:
     return None
 
 
+def _cannot_cudnn(call: AttentionCall) -> Optional[str]:
+    """cuDNN's own rules, plus what this backend's glue takes. The padding layout and the slopes are
+    values, so they are read once per tensor object (one host read per forward pass, not per layer)."""
+    if call.device_type != "cuda":
+        return "cudnn runs only on CUDA"
+    if call.dtype not in (torch.float16, torch.bfloat16):
+        return f"cudnn takes only float16/bfloat16, got {call.dtype}"
+    if call.head_dim % 8 != 0 or call.head_dim > 128:
+        return f"cudnn's fused attention needs head_dim <= 128 and a multiple of 8, got {call.head_dim}"
+    if not call.causal or call.q_len != call.k_len:
+        return "cudnn here takes causal calls over the full sequence (not a decoding step, chunked prefill or non-causal call)"
+    if call.mask_kind in ("bool", "additive"):
+        return "cudnn takes padding only as sequence lengths, not a 4-D mask"
+    if call.documents:
+        return "cudnn here takes no sequence_ids (packed documents)"
+    if call.dropout_p > 0.0:
+        return "cudnn here takes no attention dropout (cuDNN refuses it with ALiBi; sdpa runs plain dropout)"
+    if torch.compiler.is_compiling() or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return "cudnn graphs run eagerly: not inside torch.compile or a CUDA graph capture"
+    if call.alibi and not _remembered_check("slopes", call.slopes, _are_bloom_slopes):
+        return "cudnn computes BLOOM's ALiBi slopes itself and cannot take other slopes"
+    if call.mask_kind == "padding" and not _remembered_check("padding", call.padding_mask, _is_right_padding):
+        return "cudnn takes only right padding (a kept prefix of every row), not left padding"
+    return None
+
+
 def _cannot_xformers(call: AttentionCall) -> Optional[str]:
     if call.device_type != "cuda":
         return "xformers runs only on CUDA here"
@@ -1082,7 +1378,19 @@ def _probe_xformers(device_type: str) -> Optional[str]:
     return None
 
 
-_PROBES = {"flash_attn": _probe_flash_attn, "xformers": _probe_xformers}
+def _probe_cudnn(device_type: str) -> Optional[str]:
+    if _cudnn_module() is None:
+        return "cudnn (the nvidia-cudnn-frontend package) is not installed"
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return None
+    q = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.float16)
+    flags = _CudnnFlags(causal=True, alibi=True, padded=False, scale=0.125)
+    out, stats = _cudnn_forward(q, q, q, (None, None), flags, with_stats=True)
+    _cudnn_backward(q, q, q, out, stats, torch.ones_like(out), (None, None), flags)
+    return None
+
+
+_PROBES = {"flash_attn": _probe_flash_attn, "xformers": _probe_xformers, "cudnn": _probe_cudnn}
 
 
 def _probe(name: str, device_type: str) -> Optional[str]:
@@ -1102,6 +1410,7 @@ def _probe(name: str, device_type: str) -> Optional[str]:
 
 _CANNOT = {
     "sdpa": _cannot_sdpa,
+    "cudnn": _cannot_cudnn,
     "flex": _cannot_flex,
     "flash_attn": _cannot_flash_attn,
     "xformers": _cannot_xformers,
@@ -1110,6 +1419,7 @@ _CANNOT = {
 }
 _RUN = {
     "sdpa": _run_sdpa,
+    "cudnn": _run_cudnn,
     "flex": _run_flex,
     "flash_attn": _run_flash_attn,
     "xformers": _run_xformers,
@@ -1277,7 +1587,7 @@ def available_backends(device: Optional[str] = None) -> list:
             continue
         if name == "flex" and _flex_module() is None:
             continue
-        if device_type == "cpu" and name in ("flash_attn", "xformers"):
+        if device_type == "cpu" and name in ("cudnn", "flash_attn", "xformers"):
             continue
         names.append(name)
     return names

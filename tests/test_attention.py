@@ -538,7 +538,7 @@ def to_cuda(case: dict) -> dict:
 
 
 def long_cases(dtype):
-    """Long causal calls with GQA, padding and ALiBi, as models make them."""
+    """Long causal calls with GQA, padding and ALiBi (BLOOM's slopes), as models make them."""
     gen = torch.Generator().manual_seed(5)
     cases = []
     for q_len, k_len, slopes, padded in [(2048, 2048, True, False), (1000, 1000, False, True), (1, 1537, True, True)]:
@@ -548,7 +548,7 @@ def long_cases(dtype):
         if padded:
             mask = torch.ones(2, k_len, dtype=torch.bool)
             mask[1, :37] = False
-        cases.append(dict(q=q, k=k, v=v, causal=True, mask=mask, slopes=torch.rand(8, generator=gen) if slopes else None, scale=None))
+        cases.append(dict(q=q, k=k, v=v, causal=True, mask=mask, slopes=mea.alibi_slopes(8) if slopes else None, scale=None))
     return cases
 
 

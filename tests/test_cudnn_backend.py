@@ -1,0 +1,452 @@
+"""The cudnn backend (NVIDIA's cuDNN frontend graph API): capability checks, dispatch order and glue.
+
+On a CPU the frontend is replaced by a stand-in module with cuDNN's documented sdpa / sdpa_backward semantics
+(top-left causal mask, ALiBi with BLOOM's slopes from the head count, keys past ``seq_len_kv`` hidden, rows
+past ``seq_len_q`` zero, natural-log softmax stats), computed in float64; so a wrong layout, length, bucket
+or gradient wiring in our glue fails here. The GPU tests run the real frontend against float64 math.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import math
+import tempfile
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
+
+import memory_efficient_adapter as mea
+from remote_code import assert_close_rel, right_padded_mask, save_with_remote_code
+from test_attention import reference_attention
+
+kernel_layer = importlib.import_module("memory_efficient_adapter.attention")
+
+
+# ----------------------------------------------------------------------------------------------
+# A stand-in for the `cudnn` module: the names our backend uses, with the documented semantics
+# ----------------------------------------------------------------------------------------------
+
+
+class FakeTensor:
+    def __init__(self, graph, shape, stride):
+        self.graph, self.shape, self.stride, self.is_output = graph, tuple(shape), tuple(stride), False
+
+    def set_output(self, value):
+        self.is_output = value
+        return self
+
+    def set_dim(self, dim):
+        self.shape = tuple(dim)
+        return self
+
+    def set_stride(self, stride):
+        self.stride = tuple(stride)
+        return self
+
+    def set_data_type(self, data_type):
+        return self
+
+
+def cudnn_sdpa_reference(q, k, v, scale, causal, alibi, seq_len_q, seq_len_kv):
+    """cuDNN's sdpa in float64: (output, stats) with its masks applied in its own convention."""
+    q, k, v = q.double(), k.double(), v.double()
+    batch, heads, s_q, _ = q.shape
+    groups = heads // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = q @ k.transpose(-1, -2) * scale
+    rows, cols = torch.arange(s_q)[:, None], torch.arange(k.shape[2])[None, :]
+    if alibi:
+        scores = scores + mea.alibi_slopes(heads).double()[:, None, None] * (cols - rows)
+    hidden = torch.zeros(batch, 1, s_q, k.shape[2], dtype=torch.bool)
+    row_valid = torch.ones(batch, 1, s_q, 1, dtype=torch.bool)
+    if seq_len_kv is not None:
+        hidden = hidden | (cols[None, None] >= seq_len_kv.view(batch, 1, 1, 1))
+        row_valid = rows[None, None] < seq_len_q.view(batch, 1, 1, 1)
+    if causal:
+        hidden = hidden | (cols > rows)
+    scores = scores.masked_fill(hidden, float("-inf"))
+    stats = torch.logsumexp(scores, dim=-1, keepdim=True)
+    out = (torch.softmax(scores, dim=-1) @ v).masked_fill(~row_valid, 0.0)
+    return out, stats
+
+
+class FakeGraph:
+    built_graphs = 0
+
+    def __init__(self, handle=None, io_data_type=None, intermediate_data_type=None, compute_data_type=None):
+        assert handle is not None and intermediate_data_type == compute_data_type == "FLOAT"
+        self.node = None
+        self.ready = False
+
+    def tensor_like(self, x):
+        return FakeTensor(self, x.shape, x.stride())
+
+    def sdpa(self, name, q, k, v, generate_stats, **options):
+        outputs = (FakeTensor(self, q.shape, q.stride), FakeTensor(self, q.shape[:3] + (1,), (0, 0, 0, 0)))
+        self.node = ("fwd", dict(q=q, k=k, v=v, outputs=outputs, stats=generate_stats), options)
+        return outputs
+
+    def sdpa_backward(self, name, q, k, v, o, dO, stats, **options):
+        outputs = tuple(FakeTensor(self, x.shape, x.stride) for x in (q, k, v))
+        self.node = ("bwd", dict(q=q, k=k, v=v, o=o, dO=dO, stats=stats, outputs=outputs), options)
+        return outputs
+
+    def validate(self):
+        assert self.node is not None
+
+    def build_operation_graph(self):
+        pass
+
+    def create_execution_plans(self, modes):
+        assert modes == ["A", "FALLBACK"]
+
+    def check_support(self):
+        pass
+
+    def build_plans(self):
+        FakeGraph.built_graphs += 1
+        self.ready = True
+
+    def get_workspace_size(self):
+        return 64
+
+    def execute(self, pack, workspace, handle=None):
+        assert self.ready and handle is not None and workspace.numel() == 64
+        for tensor, buffer in pack.items():
+            assert (tuple(buffer.shape), tuple(buffer.stride())) == (tensor.shape, tensor.stride) or tensor.shape[-1] == 1
+        kind, ports, options = self.node
+        assert options["use_padding_mask"] == (options["seq_len_q"] is not None)
+        lengths = [pack.get(options[name]) for name in ("seq_len_q", "seq_len_kv")]
+        masks = dict(scale=options["attn_scale"], causal=options["use_causal_mask"], alibi=options["use_alibi_mask"])
+        qkv = [pack[ports[name]] for name in "qkv"]
+        if kind == "fwd":
+            out, stats = cudnn_sdpa_reference(*qkv, *masks.values(), *lengths)
+            pack[ports["outputs"][0]].copy_(out)
+            if ports["stats"]:
+                pack[ports["outputs"][1]].copy_(stats)
+            return
+        with torch.enable_grad():  # autograd runs a backward without grad mode
+            leaves = [x.detach().double().requires_grad_() for x in qkv]
+            out, stats = cudnn_sdpa_reference(*leaves, *masks.values(), *lengths)
+            grads = torch.autograd.grad(out, leaves, pack[ports["dO"]].double())
+        assert torch.allclose(pack[ports["o"]].double(), out, atol=1e-5), "o is the forward's output"
+        assert torch.allclose(pack[ports["stats"]].double(), stats, atol=1e-5), "stats are the forward's"
+        for port, grad in zip(ports["outputs"], grads):
+            pack[port].copy_(grad)
+
+
+def fake_cudnn_module(stream_log: list | None = None, pygraph=FakeGraph):
+    return SimpleNamespace(
+        data_type=SimpleNamespace(HALF="HALF", BFLOAT16="BFLOAT16", FLOAT="FLOAT", INT32="INT32"),
+        heur_mode=SimpleNamespace(A="A", FALLBACK="FALLBACK"),
+        pygraph=pygraph,
+        create_handle=lambda: object(),
+        set_stream=lambda handle, stream: stream_log is not None and stream_log.append(stream),
+    )
+
+
+@pytest.fixture
+def fake_cudnn(monkeypatch):
+    """The stand-in module, one handle, stream 7, a fresh plan cache, and CUDA probed as if present."""
+    streams: list = []
+    module = fake_cudnn_module(streams)
+    handle = (object(), threading.Lock())
+    monkeypatch.setattr(kernel_layer, "_cudnn_module", lambda: module)
+    monkeypatch.setattr(kernel_layer, "_cudnn_handle", lambda cudnn, device: handle)
+    monkeypatch.setattr(kernel_layer, "_cuda_stream", lambda device: 7)
+    monkeypatch.setattr(kernel_layer, "_cudnn_plans", kernel_layer._CudnnPlans(capacity=64))
+    monkeypatch.setattr(kernel_layer, "_cudnn_checked", {})
+    monkeypatch.setattr(kernel_layer, "_probe_results", {})
+    monkeypatch.setattr(kernel_layer, "_logged_messages", set())
+    FakeGraph.built_graphs = 0
+    return SimpleNamespace(module=module, streams=streams)
+
+
+def cuda_call(q, k, v, causal=True, mask=None, slopes=None, dropout_p=0.0, sequence_ids=None):
+    """The description of a call as the CUDA device would see it (the tensors stay on the CPU)."""
+    call = kernel_layer._describe(q, k, v, causal, mask, slopes, dropout_p, sequence_ids)
+    return dataclasses.replace(call, device_type="cuda")
+
+
+def right_padding(batch: int, seq: int, cut: int) -> torch.Tensor:
+    return right_padded_mask([seq] + [seq - cut] * (batch - 1), seq).bool()
+
+
+# ----------------------------------------------------------------------------------------------
+# Capability checks and dispatch order
+# ----------------------------------------------------------------------------------------------
+
+
+def qkv(heads=4, kv_heads=2, seq=16, dim=64, dtype=torch.bfloat16, k_len=None):
+    q = torch.randn(2, heads, seq, dim).to(dtype)
+    k, v = (torch.randn(2, kv_heads, k_len or seq, dim).to(dtype) for _ in range(2))
+    return q, k, v
+
+
+LEFT_PADDING = torch.tensor([[True] * 16, [False] * 3 + [True] * 13])
+FULLY_PADDED_ROW = torch.tensor([[True] * 16, [False] * 16])
+HOLE = torch.tensor([[True] * 16, [True] * 5 + [False] + [True] * 10])
+
+
+@pytest.mark.parametrize(
+    "build, reason",
+    [
+        (lambda: (qkv(), {}), None),
+        (lambda: (qkv(), dict(slopes=mea.alibi_slopes(4))), None),
+        (lambda: (qkv(heads=12, kv_heads=4), dict(slopes=mea.alibi_slopes(12), mask=right_padding(2, 16, 5))), None),
+        (lambda: (qkv(dtype=torch.float16, dim=128), dict(slopes=mea.alibi_slopes(4))), None),
+        (lambda: (qkv(dtype=torch.float32), {}), "float16/bfloat16"),
+        (lambda: (qkv(dim=36), {}), "head_dim"),
+        (lambda: (qkv(dim=256), {}), "head_dim"),
+        (lambda: (qkv(), dict(causal=False)), "causal calls over the full sequence"),
+        (lambda: (qkv(seq=1, k_len=16), dict(slopes=mea.alibi_slopes(4))), "decoding step"),
+        (lambda: (qkv(seq=4, k_len=16), {}), "chunked prefill"),
+        (lambda: (qkv(), dict(mask=torch.ones(2, 1, 16, 16, dtype=torch.bool))), "4-D mask"),
+        (lambda: (qkv(), dict(slopes=mea.alibi_slopes(4), dropout_p=0.1)), "dropout"),
+        (lambda: (qkv(), dict(sequence_ids=torch.tensor([[0] * 9 + [1] * 7] * 2))), "packed documents"),
+        (lambda: (qkv(), dict(slopes=torch.rand(4))), "BLOOM's ALiBi slopes"),
+        (lambda: (qkv(), dict(slopes=mea.alibi_slopes(4), mask=LEFT_PADDING)), "left padding"),
+        (lambda: (qkv(), dict(mask=HOLE)), "left padding"),
+        (lambda: (qkv(), dict(mask=FULLY_PADDED_ROW)), "left padding"),
+    ],
+)
+def test_capability_checks(fake_cudnn, build, reason):
+    (q, k, v), options = build()
+    got = kernel_layer._why_not("cudnn", cuda_call(q, k, v, **options))
+    assert got is None if reason is None else reason in got, got
+
+
+def test_capability_check_runs_only_on_cuda(fake_cudnn):
+    q, k, v = qkv()
+    assert "only on CUDA" in kernel_layer._why_not("cudnn", kernel_layer._describe(q, k, v, True, None, None, 0.0))
+
+
+def test_padding_and_slopes_are_read_once_per_tensor_and_again_after_an_in_place_change(fake_cudnn, monkeypatch):
+    reads = []
+    original = kernel_layer._is_right_padding
+    monkeypatch.setattr(kernel_layer, "_is_right_padding", lambda mask: reads.append(1) or original(mask))
+    q, k, v = qkv()
+    mask = right_padding(2, 16, 4)
+    for _ in range(3):  # three layers of one forward pass
+        assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=mask)) is None
+    assert len(reads) == 1
+    mask[1, :2] = False  # now left padding: the version counter moved
+    assert "left padding" in kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=mask))
+    assert len(reads) == 2
+
+
+def test_auto_order_places_cudnn_after_sdpa_for_alibi_and_leaves_decode_and_left_padding_to_flex(fake_cudnn):
+    assert mea.AUTO_ORDER["cuda"][:2] == ("sdpa", "cudnn")
+    q, k, v = qkv()
+    slopes = mea.alibi_slopes(4)
+    assert mea.select_backend(cuda_call(q, k, v, slopes=slopes)) == "cudnn"
+    assert mea.select_backend(cuda_call(q, k, v, slopes=slopes, mask=right_padding(2, 16, 3))) == "cudnn"
+    assert mea.select_backend(cuda_call(q, k, v)) == "sdpa"  # plain causal: SDPA's own cuDNN path
+    assert mea.select_backend(cuda_call(q, k, v, slopes=slopes, mask=LEFT_PADDING)) == "flex"
+    dq, dk, dv = qkv(seq=1, k_len=16)
+    assert mea.select_backend(cuda_call(dq, dk, dv, slopes=slopes)) == "flex"
+    assert mea.select_backend(cuda_call(q, k, v, slopes=slopes, dropout_p=0.1)) == "chunked"
+    assert mea.select_backend(cuda_call(q, k, v), "cudnn") == "cudnn"
+
+
+def test_missing_module_falls_back_and_an_explicit_request_says_why(monkeypatch):
+    monkeypatch.setattr(kernel_layer, "_cudnn_module", lambda: None)
+    monkeypatch.setattr(kernel_layer, "_probe_results", {})
+    q, k, v = qkv()
+    call = cuda_call(q, k, v, slopes=mea.alibi_slopes(4))
+    assert mea.select_backend(call) == "flex"
+    with pytest.raises(ValueError, match="nvidia-cudnn-frontend package\\) is not installed"):
+        mea.select_backend(call, "cudnn")
+
+
+def test_broken_module_is_probed_once_logged_once_and_skipped(fake_cudnn, monkeypatch, caplog):
+    attempts = []
+
+    def broken_graph(**kwargs):
+        attempts.append(1)
+        raise RuntimeError("cudnnGraphNotSupportedError: no engine for this build")
+
+    monkeypatch.setattr(kernel_layer, "_cudnn_module", lambda: fake_cudnn_module(pygraph=broken_graph))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "randn", lambda *shape, **kw: torch.empty(shape).normal_())
+    q, k, v = qkv()
+    call = cuda_call(q, k, v, slopes=mea.alibi_slopes(4))
+    with caplog.at_level(logging.WARNING, logger="memory_efficient_adapter"):
+        assert mea.select_backend(call) == "flex"
+        assert mea.select_backend(call) == "flex"
+    assert attempts == [1]
+    warnings = [r.message for r in caplog.records if "cudnn is installed but does not run" in r.message]
+    assert len(warnings) == 1 and "no engine for this build" in warnings[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The glue on the stand-in: layouts, sequence lengths, buckets, GQA, forward and every gradient
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq", [64, 37, 130])
+@pytest.mark.parametrize("alibi", [True, False], ids=["alibi", "causal"])
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "right_padded"])
+def test_glue_matches_reference_forward_and_gradients(fake_cudnn, seq, alibi, padded):
+    heads, kv_heads, dim = 6, 2, 16
+    # q, k, v as BLOOM makes them: views of one fused [b, s, h, 3, d] projection
+    fused = torch.randn(3, seq, heads, 3, dim, dtype=torch.float64).float()
+    q, k, v = (fused[:, :, :, i].transpose(1, 2) for i in range(3))
+    k, v = k[:, :kv_heads].contiguous(), v[:, :kv_heads].contiguous()
+    mask = right_padded_mask([seq, seq - 5, 1], seq).bool() if padded else None
+    slopes = mea.alibi_slopes(heads) if alibi else None
+    call = cuda_call(q, k, v, mask=mask, slopes=slopes)
+    assert kernel_layer._cannot_cudnn(dataclasses.replace(call, dtype=torch.bfloat16)) is None
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    out = kernel_layer._run_cudnn(*leaves, dataclasses.replace(call, needs_grad=True), mask, slopes, 0.3)
+    expected_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    expected = reference_attention(*expected_leaves, causal=True, mask=mask, slopes=slopes, scale=0.3)
+    assert out.shape == q.shape and torch.allclose(out.double(), expected, atol=1e-5)
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, grad.float())
+    for got, want in zip(grads, torch.autograd.grad(expected, expected_leaves, grad)):
+        assert got.shape == want.shape and torch.allclose(got.double(), want, atol=1e-5)
+    assert set(fake_cudnn.streams) == {7}  # every launch on the current stream
+    assert FakeGraph.built_graphs == 2  # one forward and one backward graph
+
+
+def test_inference_builds_a_graph_without_stats(fake_cudnn):
+    q, k, v = qkv(dtype=torch.float32)
+    call = cuda_call(q, k, v, slopes=mea.alibi_slopes(4))
+    with torch.no_grad():
+        out = kernel_layer._run_cudnn(q, k, v, call, None, mea.alibi_slopes(4), 0.125)
+    assert torch.allclose(out.double(), reference_attention(q, k, v, True, None, mea.alibi_slopes(4), 0.125), atol=1e-5)
+    (key,) = kernel_layer._cudnn_plans._plans
+    assert key[0] == "fwd" and key[-1] is False
+
+
+def test_bucket_lengths_bound_waste_and_the_number_of_graphs():
+    buckets = {kernel_layer._cudnn_bucket(n) for n in range(1, 32769)}
+    for n in list(range(1, 2000)) + [4095, 8000, 8192, 8193, 16383, 32768]:
+        bucket = kernel_layer._cudnn_bucket(n)
+        assert bucket >= n and bucket % 64 == 0 and (bucket <= 1.125 * n or bucket - n < 64)
+    assert kernel_layer._cudnn_bucket(8192) == 8192 and kernel_layer._cudnn_bucket(2048) == 2048
+    assert len(buckets) <= 8 * 6 + 8  # eight per doubling above 512 tokens, eight below
+
+
+def test_variable_lengths_reuse_plans(fake_cudnn):
+    slopes = mea.alibi_slopes(2)
+    lengths = torch.randint(500, 1000, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    for length in lengths:
+        q, k, v = (torch.randn(1, 2, length, 8, requires_grad=True) for _ in range(3))
+        call = dataclasses.replace(cuda_call(q, k, v, slopes=slopes), needs_grad=True)
+        kernel_layer._run_cudnn(q, k, v, call, None, slopes, 0.3).sum().backward()
+    info = mea.cudnn_plan_cache_info()
+    distinct = {kernel_layer._cudnn_bucket(n) for n in lengths}
+    assert info["builds"] == 2 * len(distinct) < 2 * len(lengths)
+    assert info["hits"] == 2 * len(lengths) - info["builds"] and info["build_seconds"] > 0
+
+
+def test_plan_cache_is_bounded_lru_and_builds_once_under_concurrent_calls():
+    plans = kernel_layer._CudnnPlans(capacity=2)
+    built = []
+
+    def build(name):
+        built.append(name)
+        return (name,)
+
+    barrier = threading.Barrier(4)
+
+    def worker():
+        barrier.wait()
+        assert plans.get("a", lambda: build("a")) == ("a",)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert built == ["a"]
+    plans.get("b", lambda: build("b"))
+    plans.get("a", lambda: build("a"))  # a is now the most recent
+    plans.get("c", lambda: build("c"))  # evicts b
+    plans.get("a", lambda: build("a"))
+    plans.get("b", lambda: build("b"))
+    assert built == ["a", "b", "c", "b"]
+    info = plans.info()
+    assert info["size"] == 2 and info["hits"] == 5 and info["builds"] == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the real frontend against float64 math, and BLOOM end to end against the fp32 stock model
+# ----------------------------------------------------------------------------------------------
+
+
+def needs_cudnn_frontend():
+    if "cudnn" not in mea.available_backends("cuda"):
+        pytest.skip("nvidia-cudnn-frontend is not installed or does not run here")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("heads, kv_heads", [(1, 1), (3, 1), (12, 4), (16, 16), (112, 112)])
+def test_cudnn_matches_float64_reference_on_gpu(dtype, heads, kv_heads):
+    needs_cudnn_frontend()
+    gen = torch.Generator().manual_seed(heads)
+    dim = 128 if heads == 112 else 64
+    for alibi in (True, False):
+        for seq, mask in ((128, None), (203, right_padded_mask([203, 150], 203).bool())):
+            q = torch.randn(2, heads, seq, dim, generator=gen).to(dtype).cuda()
+            k, v = (torch.randn(2, kv_heads, seq, dim, generator=gen).to(dtype).cuda() for _ in range(2))
+            slopes = mea.alibi_slopes(heads, "cuda") if alibi else None
+            mask = None if mask is None else mask.cuda()
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            out = mea.attention(*leaves, causal=True, attention_mask=mask, alibi_slopes=slopes, backend="cudnn")
+            expected_leaves = [x.double().requires_grad_() for x in (q, k, v)]
+            expected = reference_attention(*expected_leaves, causal=True, mask=mask, slopes=slopes)
+            what = f"{dtype} h={heads}/{kv_heads} s={seq} alibi={alibi} padded={mask is not None}"
+            assert_close_rel(out, expected, 1e-2, what)
+            grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).cuda()
+            grads = torch.autograd.grad(out, leaves, grad.to(dtype))
+            for name, got, want in zip("qkv", grads, torch.autograd.grad(expected, expected_leaves, grad)):
+                assert_close_rel(got, want, 2e-2, f"d{name} {what}")
+
+
+@pytest.mark.gpu
+def test_auto_picks_cudnn_for_bloom_alibi_on_gpu_and_flex_for_left_padding():
+    needs_cudnn_frontend()
+    q = torch.randn(2, 16, 256, 64, device="cuda", dtype=torch.bfloat16)
+    slopes = mea.alibi_slopes(16, "cuda")
+    assert mea.select_backend(kernel_layer._describe(q, q, q, True, None, slopes, 0.0)) == "cudnn"
+    left = torch.ones(2, 256, dtype=torch.bool, device="cuda")
+    left[1, :10] = False
+    assert mea.select_backend(kernel_layer._describe(q, q, q, True, left, slopes, 0.0)) in ("flash_attn", "flex")
+
+
+@pytest.mark.gpu
+def test_bloom_on_cudnn_matches_fp32_stock_logits_and_gradients():
+    needs_cudnn_frontend()
+    config = BloomConfig(vocab_size=300, hidden_size=8 * 64, n_layer=2, n_head=8, pad_token_id=0)
+    torch.manual_seed(0)
+    stock = BloomForCausalLM(config).eval()
+    for param in stock.parameters():
+        param.data.normal_(0.0, 0.05)
+    folder = save_with_remote_code(stock, tempfile.mkdtemp(prefix="bloom-"), ["modeling_bloom.py"],
+                                   {"AutoModelForCausalLM": "modeling_bloom.BloomForCausalLM"})
+    ours = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).cuda().eval()
+    ours.config.attn_backend = "cudnn"
+    stock = stock.cuda()
+    ids = torch.randint(3, 300, (2, 333), generator=torch.Generator().manual_seed(1)).cuda()
+    mask = right_padded_mask([333, 250], 333).cuda()
+    labels = ids.masked_fill(mask == 0, -100)
+    expected = stock(ids, attention_mask=mask, labels=labels)
+    expected.loss.backward()
+    actual = ours(ids, attention_mask=mask, labels=labels)
+    actual.loss.backward()
+    keep = mask.bool()
+    assert_close_rel(actual.logits.float()[keep], expected.logits[keep], 2e-2, "logits")
+    assert abs(actual.loss.item() - expected.loss.item()) < 1e-2 * expected.loss.item()
+    ours_grads = dict(ours.named_parameters())
+    for name, param in stock.named_parameters():
+        assert_close_rel(ours_grads[name].grad.float(), param.grad, 5e-2, f"grad {name}")
+    assert math.isfinite(actual.loss.item())
