@@ -2368,3 +2368,7 @@ class LongContextCheckpointing:
     @_gradient_checkpointing_func.setter
     def _gradient_checkpointing_func(self, function: Callable) -> None:
         self.__dict__["_checkpointing_function"] = function
+
+    @_gradient_checkpointing_func.deleter
+    def _gradient_checkpointing_func(self) -> None:
+        self.__dict__.pop("_checkpointing_function", None)

@@ -14,11 +14,13 @@ GPT-2 specific options read from the config:
   whole attention in float32 (autocast off) and casts the result back.
 """
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, GPT2Config, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -2408,6 +2410,10 @@ class LongContextCheckpointing:
     @_gradient_checkpointing_func.setter
     def _gradient_checkpointing_func(self, function: Callable) -> None:
         self.__dict__["_checkpointing_function"] = function
+
+    @_gradient_checkpointing_func.deleter
+    def _gradient_checkpointing_func(self) -> None:
+        self.__dict__.pop("_checkpointing_function", None)
 # <<< kernel layer <<<
 
 logger = hf_logging.get_logger(__name__)
@@ -2531,6 +2537,52 @@ class GPT2Attention(nn.Module):
         return self.resid_dropout(self.c_proj(output))
 
 
+class EncoderContext(NamedTuple):
+    """What the blocks' cross-attention reads (`config.add_cross_attention`): the encoder's states, their keep-mask
+    (None: all kept), the cache holding their projected keys/values (or None) and a list collecting the weights."""
+
+    hidden_states: torch.Tensor
+    mask: torch.Tensor | None
+    cache: EncoderDecoderCache | None
+    weights: list | None
+
+
+class GPT2CrossAttention(GPT2Attention):
+    """Attention from the decoder (`q_attn`) to the encoder's states (`c_attn` projects keys and values), as in
+    stock GPT-2 with `add_cross_attention`. The projected encoder keys/values are cached once per generation."""
+
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.c_attn = Conv1D(2 * self.embed_dim, self.embed_dim)
+        self.q_attn = Conv1D(self.embed_dim, self.embed_dim)
+
+    def _encoder_keys_values(self, encoder: EncoderContext) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = encoder.cache
+        if cache is not None and cache.is_updated.get(self.layer_idx, False):
+            layer = cache.cross_attention_cache.layers[self.layer_idx]
+            return layer.keys, layer.values
+        key, value = self.c_attn(encoder.hidden_states).split(self.embed_dim, dim=2)
+        key, value = self._split_heads(key), self._split_heads(value)
+        if cache is not None:
+            key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+            cache.is_updated[self.layer_idx] = True
+        return key, value
+
+    def forward(self, hidden_states: torch.Tensor, encoder: EncoderContext, backend: str) -> torch.Tensor:
+        query = self._split_heads(self.q_attn(hidden_states))
+        key, value = self._encoder_keys_values(encoder)
+        output = self._attend(query, key, value, encoder.mask, False, backend, encoder.weights)
+        output = output.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.embed_dim)
+        return self.resid_dropout(self.c_proj(output))
+
+
+def encoder_keep_mask(encoder_attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The encoder's 2-D 0/1 padding mask as a keep-mask (None when nothing is padded); a 4-D mask as is."""
+    if encoder_attention_mask is None or encoder_attention_mask.dim() == 4:
+        return encoder_attention_mask
+    return keep_mask_from_padding(encoder_attention_mask)
+
+
 class GPT2MLP(nn.Module):
     def __init__(self, intermediate_size: int, config: GPT2Config):
         super().__init__()
@@ -2556,6 +2608,9 @@ class GPT2Block(nn.Module):
         self.config = config
         self.ln_1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.attn = GPT2Attention(config, layer_idx)
+        if config.add_cross_attention:
+            self.crossattention = GPT2CrossAttention(config, layer_idx)
+            self.ln_cross_attn = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.ln_2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(inner_dim, config)
 
@@ -2569,13 +2624,19 @@ class GPT2Block(nn.Module):
         backend: str,
         attention_weights: list | None = None,
         sequence_ids: torch.Tensor | None = None,
+        encoder: EncoderContext | None = None,
     ) -> torch.Tensor:
+        """`past_key_values` is the self-attention cache; `encoder` feeds the cross-attention (if the block has one)."""
         tile_size = sequence_tile_size(self.config)
         attn_input = sequence_tiled((self.ln_1,), hidden_states, tile_size)
         attended = self.attn(
             attn_input, mask, causal, past_key_values, cache_position, backend, attention_weights, sequence_ids
         )
         hidden_states = hidden_states + attended
+        if encoder is not None:
+            if not hasattr(self, "crossattention"):
+                raise ValueError("encoder_hidden_states need a model built with config.add_cross_attention=True")
+            hidden_states = hidden_states + self.crossattention(self.ln_cross_attn(hidden_states), encoder, backend)
         return hidden_states + sequence_tiled((self.ln_2, self.mlp), hidden_states, tile_size)
 
 
@@ -2595,11 +2656,6 @@ class GPT2PreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # Old checkpoints carry the causal-mask buffers of the original implementation.
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias$", r"attn\.masked_bias$"]
-
-    def __init__(self, config: GPT2Config, *inputs, **kwargs):
-        if getattr(config, "add_cross_attention", False):
-            raise ValueError("this GPT-2 implementation has no cross-attention (config.add_cross_attention=True)")
-        super().__init__(config, *inputs, **kwargs)
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -2656,6 +2712,8 @@ class GPT2Model(GPT2PreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -2664,7 +2722,9 @@ class GPT2Model(GPT2PreTrainedModel):
     ) -> BaseModelOutputWithPastAndCrossAttentions | tuple:
         """`cache_position` (positions of these tokens in the cache, as transformers 4.x `generate` passes it) may
         come as a keyword argument; other extra keyword arguments are accepted and unused. Inputs may carry extra
-        leading dimensions (`[batch, choices, seq]`, as `GPT2DoubleHeadsModel` passes them), flattened into the batch."""
+        leading dimensions (`[batch, choices, seq]`, as `GPT2DoubleHeadsModel` passes them), flattened into the batch.
+        `encoder_hidden_states` (with `config.add_cross_attention`, e.g. as the decoder of an `EncoderDecoderModel`)
+        are attended by every block after its self-attention; the cache then is an `EncoderDecoderCache`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids and inputs_embeds")
         check_cache_type(past_key_values)
@@ -2692,6 +2752,19 @@ class GPT2Model(GPT2PreTrainedModel):
             past_key_values = None
         elif use_cache and past_key_values is None:
             past_key_values = DynamicCache()
+        if use_cache and self.config.add_cross_attention and not isinstance(past_key_values, EncoderDecoderCache):
+            past_key_values = EncoderDecoderCache(past_key_values, DynamicCache())
+        self_attention_cache = past_key_values
+        if isinstance(past_key_values, EncoderDecoderCache):
+            self_attention_cache = past_key_values.self_attention_cache
+        encoder = None
+        if encoder_hidden_states is not None:
+            encoder = EncoderContext(
+                encoder_hidden_states,
+                encoder_keep_mask(encoder_attention_mask),
+                past_key_values if isinstance(past_key_values, EncoderDecoderCache) else None,
+                [] if output_attentions else None,
+            )
 
         # Only positions the caller did not give are derived from the cache length (a data-dependent value
         # under torch.compile with a static cache); transformers 4.x static caches write at `cache_position`.
@@ -2714,7 +2787,7 @@ class GPT2Model(GPT2PreTrainedModel):
         for index, block in enumerate(self.h):
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            checkpointed_arguments = (mask, causal, None, cache_position, backend, all_attentions, sequence_ids)
+            checkpointed_arguments = (mask, causal, None, cache_position, backend, all_attentions, sequence_ids, encoder)
             if offload:
                 keep = keeps_checkpoint_on_device(self.config, index)
                 hidden_states = offloaded_checkpoint(
@@ -2724,7 +2797,15 @@ class GPT2Model(GPT2PreTrainedModel):
                 hidden_states = self._gradient_checkpointing_func(block.__call__, hidden_states, *checkpointed_arguments)
             else:
                 hidden_states = block(
-                    hidden_states, mask, causal, past_key_values, cache_position, backend, all_attentions, sequence_ids
+                    hidden_states,
+                    mask,
+                    causal,
+                    self_attention_cache,
+                    cache_position,
+                    backend,
+                    all_attentions,
+                    sequence_ids,
+                    encoder,
                 )
         hidden_states = sequence_tiled((self.ln_f,), hidden_states, sequence_tile_size(self.config))
         hidden_states = hidden_states.view(*input_shape, -1)
@@ -2736,6 +2817,7 @@ class GPT2Model(GPT2PreTrainedModel):
             past_key_values=past_key_values if use_cache else None,
             hidden_states=selected_hidden_states(all_hidden_states, output_hidden_states),
             attentions=tuple(all_attentions) if output_attentions else None,
+            cross_attentions=tuple(encoder.weights) if encoder is not None and output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -2764,6 +2846,8 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
@@ -2784,6 +2868,8 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
             token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
@@ -2807,6 +2893,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions,
         )
         return output if return_dict else output.to_tuple()
 

@@ -2418,6 +2418,10 @@ class LongContextCheckpointing:
     @_gradient_checkpointing_func.setter
     def _gradient_checkpointing_func(self, function: Callable) -> None:
         self.__dict__["_checkpointing_function"] = function
+
+    @_gradient_checkpointing_func.deleter
+    def _gradient_checkpointing_func(self) -> None:
+        self.__dict__.pop("_checkpointing_function", None)
 # <<< kernel layer <<<
 
 
@@ -2574,10 +2578,12 @@ class LlamaAttention(nn.Module):
         past_key_values: Optional[Cache] = None,
         sequence_ids: Optional[torch.Tensor] = None,
         attention_weights: Optional[list] = None,
+        cache_position: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``attention_mask`` is what ``kernel_attention_mask`` returns; a 2-D keep-mask covers cache + new tokens.
         ``sequence_ids`` ``[b, s]`` marks packed documents (see ``packed_documents``). Given an
-        ``attention_weights`` list, the weights are computed and appended to it (``output_attentions``)."""
+        ``attention_weights`` list, the weights are computed and appended to it (``output_attentions``).
+        ``cache_position``: where a transformers 4.x/5.0 static cache writes these keys (later versions track it)."""
         batch, q_len, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
@@ -2586,7 +2592,7 @@ class LlamaAttention(nn.Module):
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+            key, value = past_key_values.update(key, value, self.layer_idx, {"cache_position": cache_position})
 
         # A 4-D mask defines visibility on its own, as in transformers; otherwise causal + padding keep-mask.
         output = attention_recording_weights(
@@ -2624,6 +2630,7 @@ class LlamaDecoderLayer(LongContextCheckpointing, GradientCheckpointingLayer):
         past_key_values: Optional[Cache] = None,
         sequence_ids: Optional[torch.Tensor] = None,
         attention_weights: Optional[list] = None,
+        cache_position: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         tile_size = sequence_tile_size(self.config)
         residual = hidden_states
@@ -2634,6 +2641,7 @@ class LlamaDecoderLayer(LongContextCheckpointing, GradientCheckpointingLayer):
             past_key_values=past_key_values,
             sequence_ids=sequence_ids,
             attention_weights=attention_weights,
+            cache_position=cache_position,
         )
         hidden_states = residual + hidden_states
         return hidden_states + sequence_tiled((self.post_attention_layernorm, self.mlp), hidden_states, tile_size)
@@ -2720,8 +2728,8 @@ class LlamaModel(LlamaPreTrainedModel):
             past_key_values = DynamicCache(config=self.config)
 
         mask = kernel_attention_mask(attention_mask)
+        cache_position = kwargs.get("cache_position")
         if position_ids is None:
-            cache_position = kwargs.get("cache_position")
             if cache_position is None:
                 past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
                 cache_position = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)
@@ -2741,6 +2749,7 @@ class LlamaModel(LlamaPreTrainedModel):
                 past_key_values=past_key_values,
                 sequence_ids=sequence_ids,
                 attention_weights=all_attentions,
+                cache_position=cache_position,
             )
         hidden_states = sequence_tiled((self.norm,), hidden_states, sequence_tile_size(self.config))
         if output_hidden_states:

@@ -2420,6 +2420,10 @@ class LongContextCheckpointing:
     @_gradient_checkpointing_func.setter
     def _gradient_checkpointing_func(self, function: Callable) -> None:
         self.__dict__["_checkpointing_function"] = function
+
+    @_gradient_checkpointing_func.deleter
+    def _gradient_checkpointing_func(self) -> None:
+        self.__dict__.pop("_checkpointing_function", None)
 # <<< kernel layer <<<
 
 

@@ -371,6 +371,7 @@ ROPE_TYPES = {
     "longrope": {
         "short_factor": [1.0 + 0.1 * i for i in range(HALF_HEAD_DIM)],
         "long_factor": [1.5 + 0.3 * i for i in range(HALF_HEAD_DIM)],
+        "factor": 2.0,
         "original_max_position_embeddings": 8,
     },
     "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
@@ -499,3 +500,40 @@ def test_family_auto_map_loads_the_new_heads(family, tmp_path):
     write_remote_code(tmp_path, family)
     ours = AutoModelForQuestionAnswering.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(ours).__name__ == class_name and type(ours).__module__ != type(stock).__module__
+
+
+def test_gpt2_cross_attention_matches_stock_with_cache_and_weights(tmp_path):
+    """GPT-2 built with ``add_cross_attention`` (the decoder of an ``EncoderDecoderModel``): stock's keys, logits,
+    cached decoding steps and cross-attention weights."""
+    config = family_config("gpt2", add_cross_attention=True)
+    stock, ours = stock_and_ours("gpt2", "GPT2LMHeadModel", tmp_path, config=config)
+    assert set(ours.state_dict()) == set(stock.state_dict())
+    generator = torch.Generator().manual_seed(11)
+    encoder = {"encoder_hidden_states": torch.randn(2, 5, 32, generator=generator),
+               "encoder_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+    ids = torch.randint(3, VOCAB, (2, 4), generator=generator)
+    step = torch.randint(3, VOCAB, (2, 1), generator=generator)
+    with torch.no_grad():
+        expected = stock(ids, **encoder, output_attentions=True)
+        actual = ours(ids, **encoder, output_attentions=True)
+        next_expected = stock(step, past_key_values=expected.past_key_values, **encoder)
+        next_actual = ours(step, past_key_values=actual.past_key_values, **encoder)
+    assert_close_rel(actual.logits, expected.logits, TOL, "cross-attention logits")
+    assert_close_rel(next_actual.logits, next_expected.logits, TOL, "cached step")
+    assert_weights_match(actual.cross_attentions, expected.cross_attentions, None, "cross_attentions")
+
+
+def test_checkpointing_function_can_be_patched_and_restored_as_on_stock_layers(tmp_path):
+    """transformers' gradient-checkpointing tests patch a layer's ``_gradient_checkpointing_func`` with
+    ``mock.patch.object`` (set, then delete on exit) and count the recomputed forwards."""
+    import unittest.mock
+
+    _, ours = stock_and_ours("llama", "LlamaForCausalLM", tmp_path)
+    ours.train()
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layer = ours.model.layers[0]
+    original = layer._gradient_checkpointing_func
+    with unittest.mock.patch.object(layer, "_gradient_checkpointing_func", side_effect=original) as patched:
+        ours(**token_inputs("llama"), labels=token_inputs("llama")["input_ids"]).loss.backward()
+    assert patched.call_count == 1
+    assert layer._gradient_checkpointing_func is not patched
