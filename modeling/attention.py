@@ -2587,11 +2587,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, function: Callable, rest: tuple, link: _CheckpointLink, hidden: torch.Tensor, *params):
         ctx.function, ctx.rest, ctx.link, ctx.state = function, rest, link, _ReplayState(hidden.device)
+        link.copy = _HostCopy(hidden, link.keep_on_device)  # first, so that the copy overlaps this layer's compute
         with torch.no_grad():
             output = function(hidden, *rest)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"offloaded checkpoints need a layer that returns one tensor, got {type(output).__name__}")
-        link.copy = _HostCopy(hidden, link.keep_on_device)
         ctx.save_for_backward(*params)
         return output
 

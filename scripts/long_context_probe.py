@@ -7,9 +7,10 @@ vocabulary 128,256), built on the GPU from our modeling file; PEFT LoRA r=16 on 
 sequence per step (forward, backward, AdamW step). Measured, in this order, each skipped when the time left in
 ``--budget-s`` cannot hold it (the step time is predicted from the steps so far):
 
-1. ``--throughput-len`` tokens (32k) with gradient checkpointing on the GPU, with and without the tiled MLP,
-   then with offloaded checkpoints: tokens/s and peak memory (a warm-up step, then a timed one).
-2. ``--long-lens`` with the tiled MLP and offloaded checkpoints: one step each, the whole model.
+1. ``--throughput-len`` tokens (32k) with the tiled MLP, with gradient checkpointing on the GPU, then with
+   offloaded checkpoints: tokens/s and peak memory (a warm-up step, then a timed one).
+2. ``--long-lens`` with the tiled MLP and offloaded checkpoints: one step each, the whole model; then
+   ``--throughput-len`` with plain gradient checkpointing (no tiling), as in step 1.
 3. ``--shallow-lens`` with the same options on a 2-layer model of the same width and vocabulary: with
    offloaded checkpoints the GPU's peak hardly depends on the depth (one layer is recomputed at a time), so
    it shows the GPU memory of lengths whose 32-layer step does not fit the time budget. The host memory the
@@ -51,14 +52,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_model(layers: int, rank: int):
     """Our LlamaForCausalLM with random bf16 weights (made on the GPU, no CPU copy), LoRA on q/k/v/o."""
-    from memory_efficient_adapter.modeling_llama import LlamaForCausalLM
+    from memory_efficient_adapter.modeling_llama import LlamaForCausalLM, LlamaRotaryEmbedding
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig
 
-    config = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers}, rope_theta=500000.0)
+    config = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers})
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to(torch.bfloat16).to_empty(device="cuda")
+    model.model.rotary_emb = LlamaRotaryEmbedding(config).to("cuda")  # its float32 frequency buffers, computed
     generator = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -155,7 +157,6 @@ def main(argv=None) -> int:
     probe.write({"label": "built", "layers": 32, "trainable": trainable})
     n = args.throughput_len
     for label, options in (
-        ("checkpointing", dict(tile=0, offload=False, checkpointing=True)),
         ("checkpointing+tiled", dict(tile=args.tile, offload=False, checkpointing=True)),
         ("offloaded+tiled", dict(tile=args.tile, offload=True, checkpointing=True)),
     ):
@@ -163,6 +164,7 @@ def main(argv=None) -> int:
     for seq_len in [int(x) for x in args.long_lens.split(",") if x]:
         options = dict(tile=args.tile, offload=True, checkpointing=True, on_device=args.checkpoints_on_device)
         probe.measure(model, 32, seq_len, "offloaded+tiled", steps=1, **options)
+    probe.measure(model, 32, n, "checkpointing", steps=2, tile=0, offload=False, checkpointing=True)
     del model
     gc.collect()
     torch.cuda.empty_cache()
