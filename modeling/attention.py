@@ -1170,7 +1170,10 @@ def _cudnn_bucket(length: int) -> int:
 
 def _remembered_check(slot: str, tensor: torch.Tensor, check: Callable[[torch.Tensor], bool]) -> bool:
     """``check(tensor)`` (one host read), reused while the same tensor object is alive and unmodified: every
-    layer of a forward pass passes the same padding mask and slopes."""
+    layer of a forward pass passes the same padding mask and slopes. Inference tensors (made under
+    ``torch.inference_mode()``) have no version counter, so their check is not remembered."""
+    if tensor.is_inference():
+        return bool(check(tensor))
     entry = _cudnn_checked.get(slot)
     if entry is not None and entry[0]() is tensor and entry[1] == tensor._version:
         return entry[2]

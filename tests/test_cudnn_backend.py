@@ -240,6 +240,21 @@ def test_padding_and_slopes_are_read_once_per_tensor_and_again_after_an_in_place
     assert len(reads) == 2
 
 
+def test_padding_check_works_under_inference_mode(fake_cudnn, monkeypatch):
+    """Inference tensors have no version counter: the check runs on every call instead of raising."""
+    reads = []
+    original = kernel_layer._is_right_padding
+    monkeypatch.setattr(kernel_layer, "_is_right_padding", lambda mask: reads.append(1) or original(mask))
+    with torch.inference_mode():
+        q, k, v = qkv()
+        mask = right_padding(2, 16, 4)
+        for _ in range(2):
+            assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=mask)) is None
+        mask[1, :2] = False
+        assert "left padding" in kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=mask))
+    assert len(reads) == 3
+
+
 def test_auto_order_places_cudnn_after_sdpa_for_alibi_and_leaves_decode_and_left_padding_to_flex(fake_cudnn):
     assert mea.AUTO_ORDER["cuda"][:2] == ("sdpa", "cudnn")
     q, k, v = qkv()
