@@ -21,6 +21,7 @@ from torch import nn
 from transformers import GenerationMixin, GPT2Config, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -2906,14 +2907,16 @@ class GPT2MLP(nn.Module):
         return self.dropout(self.c_proj(hidden_states))
 
 
-class GPT2Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+class GPT2Block(LongContextCheckpointing, GradientCheckpointingLayer):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). Checkpointed in training as
+    stock's blocks are (``gradient_checkpointing_enable``), or offloaded with ``config.offload_checkpoints``."""
 
     def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
         hidden_size = config.hidden_size
         inner_dim = config.n_inner if config.n_inner is not None else 4 * hidden_size
         self.config = config
+        self.layer_idx = layer_idx
         self.ln_1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.attn = GPT2Attention(config, layer_idx)
         if config.add_cross_attention:
@@ -2927,9 +2930,9 @@ class GPT2Block(nn.Module):
         hidden_states: torch.Tensor,
         mask: torch.Tensor | None,
         causal: bool,
-        past_key_values: Cache | None,
-        cache_position: torch.Tensor | None,
-        backend: str,
+        past_key_values: Cache | None = None,
+        cache_position: torch.Tensor | None = None,
+        backend: str = "auto",
         attention_weights: list | None = None,
         sequence_ids: torch.Tensor | None = None,
         encoder: EncoderContext | None = None,
@@ -3045,8 +3048,7 @@ class GPT2Model(GPT2PreTrainedModel):
         )
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        offload = offload_checkpoints(self.config) and self.training
-        checkpointing = (self.gradient_checkpointing or offload) and self.training
+        checkpointing = self.training and any(block.gradient_checkpointing for block in self.h)
         if checkpointing and use_cache:
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
             use_cache = False
@@ -3095,29 +3097,20 @@ class GPT2Model(GPT2PreTrainedModel):
         backend = resolved_backend(self.config)
         all_hidden_states = []
         all_attentions = [] if output_attentions else None
-        for index, block in enumerate(self.h):
+        for block in self.h:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            checkpointed_arguments = (mask, causal, None, cache_position, backend, all_attentions, sequence_ids, encoder)
-            if offload:
-                keep = keeps_checkpoint_on_device(self.config, index)
-                hidden_states = offloaded_checkpoint(
-                    block, block.__call__, hidden_states, *checkpointed_arguments, keep_on_device=keep
-                )
-            elif checkpointing:
-                hidden_states = self._gradient_checkpointing_func(block.__call__, hidden_states, *checkpointed_arguments)
-            else:
-                hidden_states = block(
-                    hidden_states,
-                    mask,
-                    causal,
-                    self_attention_cache,
-                    cache_position,
-                    backend,
-                    all_attentions,
-                    sequence_ids,
-                    encoder,
-                )
+            hidden_states = block(
+                hidden_states,
+                mask,
+                causal,
+                past_key_values=self_attention_cache,
+                cache_position=cache_position,
+                backend=backend,
+                attention_weights=all_attentions,
+                sequence_ids=sequence_ids,
+                encoder=encoder,
+            )
         hidden_states = sequence_tiled((self.ln_f,), hidden_states, sequence_tile_size(self.config))
         hidden_states = hidden_states.view(*input_shape, -1)
         if output_hidden_states:

@@ -523,17 +523,65 @@ def test_gpt2_cross_attention_matches_stock_with_cache_and_weights(tmp_path):
     assert_weights_match(actual.cross_attentions, expected.cross_attentions, None, "cross_attentions")
 
 
-def test_checkpointing_function_can_be_patched_and_restored_as_on_stock_layers(tmp_path):
+LAYER_STACKS = {"llama": ("LlamaForCausalLM", "model.layers"), "gpt2": ("GPT2LMHeadModel", "transformer.h")}
+
+
+def layers_of(model, family: str) -> torch.nn.ModuleList:
+    return model.get_submodule(LAYER_STACKS[family][1])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_checkpointing_function_can_be_patched_and_restored_as_on_stock_layers(family, tmp_path):
     """transformers' gradient-checkpointing tests patch a layer's ``_gradient_checkpointing_func`` with
-    ``mock.patch.object`` (set, then delete on exit) and count the recomputed forwards."""
+    ``mock.patch.object`` (set, then delete on exit) and count the recomputed forwards; the layers are
+    ``GradientCheckpointingLayer``s, as stock's are."""
     import unittest.mock
 
-    _, ours = stock_and_ours("llama", "LlamaForCausalLM", tmp_path)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    _, ours = stock_and_ours(family, LAYER_STACKS[family][0], tmp_path)
+    assert all(isinstance(layer, GradientCheckpointingLayer) for layer in layers_of(ours, family))
     ours.train()
     ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layer = ours.model.layers[0]
+    layer = layers_of(ours, family)[0]
     original = layer._gradient_checkpointing_func
+    inputs = token_inputs(family)
     with unittest.mock.patch.object(layer, "_gradient_checkpointing_func", side_effect=original) as patched:
-        ours(**token_inputs("llama"), labels=token_inputs("llama")["input_ids"]).loss.backward()
+        ours(**inputs, labels=inputs["input_ids"]).loss.backward()
     assert patched.call_count == 1
     assert layer._gradient_checkpointing_func is not patched
+
+
+@pytest.mark.parametrize("checkpointing", ["gradient_checkpointing_enable", "offload_checkpoints"])
+def test_gpt2_blocks_checkpoint_like_stock_and_offload(checkpointing, tmp_path):
+    """GPT-2's blocks checkpoint themselves (stock's ``gradient_checkpointing_enable``, or our offloaded
+    ``config.offload_checkpoints``): each block's attention runs again in backward, and the gradients are the
+    plain model's."""
+    _, ours = stock_and_ours("gpt2", "GPT2LMHeadModel", tmp_path)
+    ours.config.attn_pdrop = ours.config.resid_pdrop = ours.config.embd_pdrop = 0.0
+    ours.train()
+    inputs = token_inputs("gpt2")
+
+    def loss_gradients_and_block_calls() -> tuple:
+        calls = []
+        hooks = [block.attn.register_forward_pre_hook(lambda *_: calls.append(1)) for block in ours.transformer.h]
+        for module in ours.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        ours.zero_grad()
+        loss = ours(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        for hook in hooks:
+            hook.remove()
+        return loss.detach(), {name: p.grad.clone() for name, p in ours.named_parameters()}, len(calls)
+
+    plain_loss, plain_grads, plain_calls = loss_gradients_and_block_calls()
+    if checkpointing == "offload_checkpoints":
+        ours.config.offload_checkpoints = True
+    else:
+        ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss, grads, calls = loss_gradients_and_block_calls()
+    assert plain_calls == 3 and calls == 6, (plain_calls, calls)
+    assert_close_rel(loss, plain_loss, TOL, "checkpointed loss")
+    for name, grad in grads.items():
+        assert_close_rel(grad, plain_grads[name], TOL, f"checkpointed grad {name}")
