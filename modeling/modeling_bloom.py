@@ -2899,6 +2899,14 @@ class BloomPreTrainedModel(PreTrainedModel):
         """
         return True
 
+    def _check_and_adjust_attn_implementation(self, attn_implementation: Optional[str], *args, **kwargs):
+        """An implementation nobody asked for stays unset (the kernel layer reads unset as auto). transformers would
+        write its default "sdpa" into the config, which the caller shares, and stock BLOOM, which has no sdpa path,
+        then refuses that config."""
+        if attn_implementation is None:
+            return None
+        return super()._check_and_adjust_attn_implementation(attn_implementation, *args, **kwargs)
+
 
 def _slice_to_keep(hidden_states: torch.Tensor, logits_to_keep: Union[int, torch.Tensor]) -> torch.Tensor:
     """The positions whose logits are wanted: the last ``n`` (0 = all) or the given indices."""

@@ -269,6 +269,25 @@ def test_gpt2_model_takes_multiple_choice_inputs(tmp_path):
     assert [h.shape for h in actual.hidden_states] == [h.shape for h in expected.hidden_states]
 
 
+def test_stock_bloom_builds_from_our_config_after_our_model_ran(tmp_path):
+    """Our BLOOM leaves the implementation it was not asked for unset in the config it shares with the caller, so
+    stock BLOOM (which has no sdpa path and refuses a config saying "sdpa") builds from it and agrees."""
+    stock, ours = stock_and_ours("bloom", "BloomForCausalLM", tmp_path)
+    inputs = token_inputs("bloom")
+    with torch.no_grad():
+        actual = ours(**inputs).logits
+    config = family_config("bloom")
+    type(ours)(config)
+    assert getattr(config, "_attn_implementation", None) in (None, "eager")
+    stock_class("BloomForSequenceClassification")(ours.config)  # a stock head on our base's config
+    rebuilt = stock_class("BloomForCausalLM")(ours.config).eval()
+    rebuilt.load_state_dict(ours.state_dict())
+    real = inputs["attention_mask"][..., None]
+    with torch.no_grad():
+        assert_close_rel(rebuilt(**inputs).logits * real, actual * real, TOL, "stock BLOOM on our config")
+        assert_close_rel(ours(**inputs).logits * real, actual * real, TOL, "ours after stock was built")
+
+
 # ----------------------------------------------------------------------------------------------
 # Custom 4-D masks (item 10)
 # ----------------------------------------------------------------------------------------------
