@@ -27,6 +27,11 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.logging import get_logger
 
+try:  # where transformers keeps OutputRecorder (for `_can_record_outputs`): 5.2x, then 4.57 / 5.0
+    from transformers.utils.output_capturing import OutputRecorder
+except ImportError:
+    from transformers.utils.generic import OutputRecorder
+
 # >>> kernel layer: copied from modeling/attention.py by scripts/sync_kernels.py; edit it there >>>
 """The kernel layer of memory-efficient-adapter: one ``attention()`` call, many fused kernels.
 
@@ -1775,6 +1780,13 @@ def attention_recording_weights(q, k, v, weights: Optional[list], **kwargs) -> t
     return output
 
 
+def recorded_weights(weights: Optional[list]) -> Optional[torch.Tensor]:
+    """The weights ``attention_recording_weights`` appended last, or None when none were asked for. Attention
+    modules return them beside their output, as transformers' do, so that transformers' output-capturing hooks
+    (``_can_record_outputs``) find the same weights as ``output_attentions``."""
+    return weights[-1] if weights else None
+
+
 def available_backends(device: Optional[str] = None) -> list:
     """Backends that run on ``device`` (default: CUDA if present, else CPU) on this machine."""
     device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1914,7 +1926,8 @@ def check_cache_type(past_key_values) -> None:
 
 def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optional[tuple]:
     """The hidden states a model returns: all of them for ``output_hidden_states=True``, None when it is false,
-    and for an index or list of indices (transformers 5's selection; negative ones count from the end) those."""
+    and for an index or list of indices (transformers 5's selection; negative ones count from the end) a tuple of
+    the same length holding the selected states and None elsewhere, as transformers' output capture returns."""
     if not output_hidden_states:
         return None
     if output_hidden_states is True:
@@ -1922,7 +1935,7 @@ def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optiona
     count = len(hidden_states)
     indices = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
     keep = {index % count for index in indices if -count <= index < count}
-    return tuple(state for index, state in enumerate(hidden_states) if index in keep)
+    return tuple(state if index in keep else None for index, state in enumerate(hidden_states))
 
 
 def span_logits(logits: torch.Tensor) -> tuple:
@@ -2887,9 +2900,10 @@ class BartAttention(nn.Module):
         keep_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         attention_weights: list | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``keep_mask`` is the bool [batch, k_len] keep-mask over keys (cached ones included) or None. Given an
-        ``attention_weights`` list, the weights are computed and appended to it (``output_attentions``)."""
+        ``attention_weights`` list, the weights are computed, appended to it (``output_attentions``) and returned
+        beside the output, as stock's attention returns them; otherwise None."""
         batch, q_len, _ = hidden_states.shape
         query = self._heads(self.q_proj(hidden_states))
         key, value = self._key_value(hidden_states, key_value_states, past_key_values)
@@ -2904,7 +2918,7 @@ class BartAttention(nn.Module):
             **attention_options(self.config),
         )
         output = output.transpose(1, 2).reshape(batch, q_len, self.embed_dim)
-        return self.out_proj(output)
+        return self.out_proj(output), recorded_weights(attention_weights)
 
 
 class BartEncoderLayer(GradientCheckpointingLayer):
@@ -2928,7 +2942,7 @@ class BartEncoderLayer(GradientCheckpointingLayer):
         attention_weights: list | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.self_attn(hidden_states, keep_mask=keep_mask, attention_weights=attention_weights)
+        hidden_states, _ = self.self_attn(hidden_states, keep_mask=keep_mask, attention_weights=attention_weights)
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
         hidden_states = self.self_attn_layer_norm(residual + hidden_states)
 
@@ -2974,7 +2988,7 @@ class BartDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         """Tensors that need gradients come first so gradient checkpointing can pass them positionally."""
         residual = hidden_states
-        hidden_states = self.self_attn(
+        hidden_states, _ = self.self_attn(
             hidden_states, keep_mask=keep_mask, past_key_values=past_key_values, attention_weights=attention_weights
         )
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
@@ -2982,7 +2996,7 @@ class BartDecoderLayer(GradientCheckpointingLayer):
 
         if encoder_hidden_states is not None:
             residual = hidden_states
-            hidden_states = self.encoder_attn(
+            hidden_states, _ = self.encoder_attn(
                 hidden_states,
                 key_value_states=encoder_hidden_states,
                 keep_mask=encoder_keep_mask,
@@ -3060,6 +3074,9 @@ class BartPreTrainedModel(PreTrainedModel):
 class BartEncoder(BartPreTrainedModel):
     """The encoder: ``config.encoder_layers`` post-LN layers of bidirectional self-attention."""
 
+    # what transformers' output-capturing hooks record, as stock declares it (our forward collects the same itself)
+    _can_record_outputs = {"hidden_states": BartEncoderLayer, "attentions": BartAttention}
+
     def __init__(self, config: BartConfig):
         super().__init__(config)
         self.dropout = config.dropout
@@ -3117,6 +3134,13 @@ class BartEncoder(BartPreTrainedModel):
 
 class BartDecoder(BartPreTrainedModel):
     """The decoder: ``config.decoder_layers`` post-LN layers of causal self-attention and cross-attention."""
+
+    # what transformers' output-capturing hooks record, as stock declares it (our forward collects the same itself)
+    _can_record_outputs = {
+        "hidden_states": BartDecoderLayer,
+        "attentions": OutputRecorder(BartAttention, index=1, layer_name="self_attn"),
+        "cross_attentions": OutputRecorder(BartAttention, index=1, layer_name="encoder_attn"),
+    }
 
     def __init__(self, config: BartConfig):
         super().__init__(config)

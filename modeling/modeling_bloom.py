@@ -38,6 +38,11 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import logging
 
+try:  # where transformers keeps OutputRecorder (for `_can_record_outputs`): 5.2x, then 4.57 / 5.0
+    from transformers.utils.output_capturing import OutputRecorder
+except ImportError:
+    from transformers.utils.generic import OutputRecorder
+
 logger = logging.get_logger(__name__)
 
 # >>> kernel layer: copied from modeling/attention.py by scripts/sync_kernels.py; edit it there >>>
@@ -1788,6 +1793,13 @@ def attention_recording_weights(q, k, v, weights: Optional[list], **kwargs) -> t
     return output
 
 
+def recorded_weights(weights: Optional[list]) -> Optional[torch.Tensor]:
+    """The weights ``attention_recording_weights`` appended last, or None when none were asked for. Attention
+    modules return them beside their output, as transformers' do, so that transformers' output-capturing hooks
+    (``_can_record_outputs``) find the same weights as ``output_attentions``."""
+    return weights[-1] if weights else None
+
+
 def available_backends(device: Optional[str] = None) -> list:
     """Backends that run on ``device`` (default: CUDA if present, else CPU) on this machine."""
     device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1927,7 +1939,8 @@ def check_cache_type(past_key_values) -> None:
 
 def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optional[tuple]:
     """The hidden states a model returns: all of them for ``output_hidden_states=True``, None when it is false,
-    and for an index or list of indices (transformers 5's selection; negative ones count from the end) those."""
+    and for an index or list of indices (transformers 5's selection; negative ones count from the end) a tuple of
+    the same length holding the selected states and None elsewhere, as transformers' output capture returns."""
     if not output_hidden_states:
         return None
     if output_hidden_states is True:
@@ -1935,7 +1948,7 @@ def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optiona
     count = len(hidden_states)
     indices = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
     keep = {index % count for index in indices if -count <= index < count}
-    return tuple(state for index, state in enumerate(hidden_states) if index in keep)
+    return tuple(state if index in keep else None for index, state in enumerate(hidden_states))
 
 
 def span_logits(logits: torch.Tensor) -> tuple:
@@ -2786,8 +2799,9 @@ class BloomAttention(nn.Module):
         layer_past: Optional[Cache] = None,
         sequence_ids: Optional[torch.Tensor] = None,
         attention_weights: Optional[list] = None,
-    ) -> torch.Tensor:
-        """Given an ``attention_weights`` list, the weights are computed and appended to it (``output_attentions``)."""
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Given an ``attention_weights`` list, the weights are computed, appended to it (``output_attentions``) and
+        returned beside the output (after the residual), as stock's attention returns them; otherwise None."""
         batch_size, q_length, _ = hidden_states.shape
         query, key, value = self._split_heads(self.query_key_value(hidden_states))
 
@@ -2814,7 +2828,7 @@ class BloomAttention(nn.Module):
             output = tp_sliced_linear(context, self.dense.weight, self.pretraining_tp)
         else:
             output = self.dense(context)
-        return dropout_add(output, residual, self.hidden_dropout, self.training)
+        return dropout_add(output, residual, self.hidden_dropout, self.training), recorded_weights(attention_weights)
 
 
 class BloomMLP(nn.Module):
@@ -2862,7 +2876,7 @@ class BloomBlock(LongContextCheckpointing, GradientCheckpointingLayer):
         tile_size = sequence_tile_size(self.config)  # BLOOM's MLP takes the residual too: only its norms are tiled
         normed = sequence_tiled((self.input_layernorm,), hidden_states, tile_size)
         residual = normed if self.apply_residual_connection_post_layernorm else hidden_states
-        attention_output = self.self_attention(
+        attention_output, _ = self.self_attention(
             normed,
             residual,
             alibi_slopes=alibi_slopes,
@@ -2885,11 +2899,16 @@ class BloomPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["BloomBlock"]
     _skip_keys_device_placement = ["past_key_values"]
     # transformers accepts these attn_implementation names; backend_from_config maps them onto the kernel layer.
-    _supports_sdpa = True
+    # Not "sdpa", as for stock BLOOM: torch's sdpa cannot take ALiBi, and a config saying "sdpa" (transformers'
+    # default for classes that claim it) is one stock BLOOM heads refuse to be built from.
+    _supports_sdpa = False
     _supports_flash_attn = True
     _supports_flex_attn = True
     # as stock declares: compiles with fullgraph=True, static caches included
     _can_compile_fullgraph = True
+    # what transformers' output-capturing hooks would record (stock BLOOM declares none, and ignores a selection in
+    # output_hidden_states); our forward collects the same itself
+    _can_record_outputs = {"hidden_states": BloomBlock, "attentions": OutputRecorder(BloomAttention, index=1)}
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -2900,9 +2919,9 @@ class BloomPreTrainedModel(PreTrainedModel):
         return True
 
     def _check_and_adjust_attn_implementation(self, attn_implementation: Optional[str], *args, **kwargs):
-        """An implementation nobody asked for stays unset (the kernel layer reads unset as auto). transformers would
-        write its default "sdpa" into the config, which the caller shares, and stock BLOOM, which has no sdpa path,
-        then refuses that config."""
+        """An implementation nobody asked for stays unset, and the kernel layer reads unset as auto (transformers
+        would write its default into the config the caller shares: "eager" for a class without sdpa).
+        ``set_attn_implementation(None)`` goes back to auto."""
         if attn_implementation is None:
             return None
         return super()._check_and_adjust_attn_implementation(attn_implementation, *args, **kwargs)

@@ -33,6 +33,11 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2DoubleHeadsModelOutput, G
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
+try:  # where transformers keeps OutputRecorder (for `_can_record_outputs`): 5.2x, then 4.57 / 5.0
+    from transformers.utils.output_capturing import OutputRecorder
+except ImportError:
+    from transformers.utils.generic import OutputRecorder
+
 # Version guard: transformers 5 re-runs `_init_weights` over loaded modules and ships init
 # functions that skip tensors it has already loaded; transformers 4 only initializes missing weights.
 try:
@@ -1788,6 +1793,13 @@ def attention_recording_weights(q, k, v, weights: Optional[list], **kwargs) -> t
     return output
 
 
+def recorded_weights(weights: Optional[list]) -> Optional[torch.Tensor]:
+    """The weights ``attention_recording_weights`` appended last, or None when none were asked for. Attention
+    modules return them beside their output, as transformers' do, so that transformers' output-capturing hooks
+    (``_can_record_outputs``) find the same weights as ``output_attentions``."""
+    return weights[-1] if weights else None
+
+
 def available_backends(device: Optional[str] = None) -> list:
     """Backends that run on ``device`` (default: CUDA if present, else CPU) on this machine."""
     device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1927,7 +1939,8 @@ def check_cache_type(past_key_values) -> None:
 
 def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optional[tuple]:
     """The hidden states a model returns: all of them for ``output_hidden_states=True``, None when it is false,
-    and for an index or list of indices (transformers 5's selection; negative ones count from the end) those."""
+    and for an index or list of indices (transformers 5's selection; negative ones count from the end) a tuple of
+    the same length holding the selected states and None elsewhere, as transformers' output capture returns."""
     if not output_hidden_states:
         return None
     if output_hidden_states is True:
@@ -1935,7 +1948,7 @@ def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optiona
     count = len(hidden_states)
     indices = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
     keep = {index % count for index in indices if -count <= index < count}
-    return tuple(state for index, state in enumerate(hidden_states) if index in keep)
+    return tuple(state if index in keep else None for index, state in enumerate(hidden_states))
 
 
 def span_logits(logits: torch.Tensor) -> tuple:
@@ -2833,8 +2846,9 @@ class GPT2Attention(nn.Module):
         backend: str,
         attention_weights: list | None = None,
         sequence_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Given an `attention_weights` list, the weights are computed and appended to it (`output_attentions`)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Given an `attention_weights` list, the weights are computed, appended to it (`output_attentions`) and
+        returned beside the output, as stock's attention returns them; otherwise None."""
         query, key, value = self.c_attn(hidden_states).split(self.embed_dim, dim=2)
         query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
         if past_key_values is not None:
@@ -2843,7 +2857,7 @@ class GPT2Attention(nn.Module):
 
         output = self._attend(query, key, value, mask, causal, backend, attention_weights, sequence_ids)
         output = output.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.embed_dim)
-        return self.resid_dropout(self.c_proj(output))
+        return self.resid_dropout(self.c_proj(output)), recorded_weights(attention_weights)
 
 
 class EncoderContext(NamedTuple):
@@ -2877,12 +2891,14 @@ class GPT2CrossAttention(GPT2Attention):
             cache.is_updated[self.layer_idx] = True
         return key, value
 
-    def forward(self, hidden_states: torch.Tensor, encoder: EncoderContext, backend: str) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, encoder: EncoderContext, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         query = self._split_heads(self.q_attn(hidden_states))
         key, value = self._encoder_keys_values(encoder)
         output = self._attend(query, key, value, encoder.mask, False, backend, encoder.weights)
         output = output.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.embed_dim)
-        return self.resid_dropout(self.c_proj(output))
+        return self.resid_dropout(self.c_proj(output)), recorded_weights(encoder.weights)
 
 
 def encoder_keep_mask(encoder_attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -2940,14 +2956,15 @@ class GPT2Block(LongContextCheckpointing, GradientCheckpointingLayer):
         """`past_key_values` is the self-attention cache; `encoder` feeds the cross-attention (if the block has one)."""
         tile_size = sequence_tile_size(self.config)
         attn_input = sequence_tiled((self.ln_1,), hidden_states, tile_size)
-        attended = self.attn(
+        attended, _ = self.attn(
             attn_input, mask, causal, past_key_values, cache_position, backend, attention_weights, sequence_ids
         )
         hidden_states = hidden_states + attended
         if encoder is not None:
             if not hasattr(self, "crossattention"):
                 raise ValueError("encoder_hidden_states need a model built with config.add_cross_attention=True")
-            hidden_states = hidden_states + self.crossattention(self.ln_cross_attn(hidden_states), encoder, backend)
+            attended, _ = self.crossattention(self.ln_cross_attn(hidden_states), encoder, backend)
+            hidden_states = hidden_states + attended
         return hidden_states + sequence_tiled((self.ln_2, self.mlp), hidden_states, tile_size)
 
 
@@ -2965,6 +2982,12 @@ class GPT2PreTrainedModel(PreTrainedModel):
     # as stock declares: compiles with fullgraph=True (static caches included), takes any attention backend name
     _can_compile_fullgraph = True
     _supports_attention_backend = True
+    # what transformers' output-capturing hooks record, as stock declares it (our forward collects the same itself)
+    _can_record_outputs = {
+        "hidden_states": GPT2Block,
+        "attentions": OutputRecorder(GPT2Attention, layer_name=".attn", index=1),
+        "cross_attentions": OutputRecorder(GPT2Attention, layer_name=".crossattention", index=1),
+    }
     # Old checkpoints carry the causal-mask buffers of the original implementation.
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias$", r"attn\.masked_bias$"]
 

@@ -1795,6 +1795,13 @@ def attention_recording_weights(q, k, v, weights: Optional[list], **kwargs) -> t
     return output
 
 
+def recorded_weights(weights: Optional[list]) -> Optional[torch.Tensor]:
+    """The weights ``attention_recording_weights`` appended last, or None when none were asked for. Attention
+    modules return them beside their output, as transformers' do, so that transformers' output-capturing hooks
+    (``_can_record_outputs``) find the same weights as ``output_attentions``."""
+    return weights[-1] if weights else None
+
+
 def available_backends(device: Optional[str] = None) -> list:
     """Backends that run on ``device`` (default: CUDA if present, else CPU) on this machine."""
     device_type = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1934,7 +1941,8 @@ def check_cache_type(past_key_values) -> None:
 
 def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optional[tuple]:
     """The hidden states a model returns: all of them for ``output_hidden_states=True``, None when it is false,
-    and for an index or list of indices (transformers 5's selection; negative ones count from the end) those."""
+    and for an index or list of indices (transformers 5's selection; negative ones count from the end) a tuple of
+    the same length holding the selected states and None elsewhere, as transformers' output capture returns."""
     if not output_hidden_states:
         return None
     if output_hidden_states is True:
@@ -1942,7 +1950,7 @@ def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optiona
     count = len(hidden_states)
     indices = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
     keep = {index % count for index in indices if -count <= index < count}
-    return tuple(state for index, state in enumerate(hidden_states) if index in keep)
+    return tuple(state if index in keep else None for index, state in enumerate(hidden_states))
 
 
 def span_logits(logits: torch.Tensor) -> tuple:
@@ -2887,7 +2895,7 @@ class LlamaAttention(nn.Module):
         sequence_ids: Optional[torch.Tensor] = None,
         attention_weights: Optional[list] = None,
         cache_position: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``attention_mask`` is what ``kernel_attention_mask`` returns; a 2-D keep-mask covers cache + new tokens.
         ``sequence_ids`` ``[b, s]`` marks packed documents (see ``packed_documents``). Given an
         ``attention_weights`` list, the weights are computed and appended to it (``output_attentions``).
@@ -2916,7 +2924,7 @@ class LlamaAttention(nn.Module):
             **attention_options(self.config),
         )
         output = output.transpose(1, 2).reshape(batch, q_len, -1)
-        return self.o_proj(output)
+        return self.o_proj(output), recorded_weights(attention_weights)
 
 
 class LlamaDecoderLayer(LongContextCheckpointing, GradientCheckpointingLayer):
@@ -2942,7 +2950,7 @@ class LlamaDecoderLayer(LongContextCheckpointing, GradientCheckpointingLayer):
     ) -> torch.Tensor:
         tile_size = sequence_tile_size(self.config)
         residual = hidden_states
-        hidden_states = self.self_attn(
+        hidden_states, _ = self.self_attn(
             sequence_tiled((self.input_layernorm,), hidden_states, tile_size),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
@@ -2974,6 +2982,8 @@ class LlamaPreTrainedModel(PreTrainedModel):
     # as stock declares: compiles with fullgraph=True (static caches included), takes any attention backend name
     _can_compile_fullgraph = True
     _supports_attention_backend = True
+    # what transformers' output-capturing hooks record, as stock declares it (our forward collects the same itself)
+    _can_record_outputs = {"hidden_states": LlamaDecoderLayer, "attentions": LlamaAttention}
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:

@@ -358,8 +358,7 @@ def _bloom_forward(backend: str) -> Callable:
             raise NotImplementedError("the kernel layer does not take BLOOM's head_mask; remove_attention_patch first")
         past = layer_past.get_seq_length(self.layer_idx) if layer_past is not None else 0
         kv_length = int(past) + hidden_states.shape[1]
-        weights = [] if output_attentions else None
-        output = _bloom_kernel_attention(self)(
+        return _bloom_kernel_attention(self)(
             hidden_states,
             residual,
             alibi_slopes=alibi_slopes(self.num_heads, device=hidden_states.device),
@@ -367,9 +366,8 @@ def _bloom_forward(backend: str) -> Callable:
             backend=backend,
             kv_length=kv_length,
             layer_past=layer_past,
-            attention_weights=weights,
+            attention_weights=[] if output_attentions else None,
         )
-        return output, weights[0] if weights else None
 
     forward.__qualname__ = f"BloomAttention.forward[{implementation_name(backend)}]"
     _BLOOM_FORWARDS[backend] = forward

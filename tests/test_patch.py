@@ -482,7 +482,8 @@ def test_patched_bloom_runs_the_modeling_file_attention_module(monkeypatch):
 
     def changed_forward(self, hidden_states, residual, **kwargs):
         calls.append(kwargs["backend"])
-        return real_forward(self, hidden_states, residual, **kwargs) * 2.0
+        output, weights = real_forward(self, hidden_states, residual, **kwargs)
+        return output * 2.0, weights
 
     monkeypatch.setattr(bloom_module.BloomAttention, "forward", changed_forward)
     doubled = logits(model, inputs)

@@ -219,21 +219,84 @@ def test_bart_set_attn_implementation_reaches_the_kernel_layer(tmp_path, monkeyp
 # ----------------------------------------------------------------------------------------------
 
 
+def stock_selects_hidden_states() -> bool:
+    """transformers' output capture selects hidden states by index from 5.x on (4.57 returns them all)."""
+    import importlib.util
+
+    return importlib.util.find_spec("transformers.utils.output_capturing") is not None
+
+
+HIDDEN_FIELDS = {"llama": ("hidden_states",), "gpt2": ("hidden_states",), "bloom": ("hidden_states",),
+                 "bart": ("encoder_hidden_states", "decoder_hidden_states")}
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
 @pytest.mark.parametrize("selection", [[0, 2], -1, [1, -1]])
-def test_output_hidden_states_selects_by_index(family, selection, tmp_path):
-    _, ours = stock_and_ours(family, BASE_CLASSES[family], tmp_path)
+def test_output_hidden_states_selects_by_index_as_stock_does(family, selection, tmp_path):
+    """transformers 5's ``output_hidden_states=[0, 2]``: a tuple as long as the full one, the selected states in
+    their places and None elsewhere, as stock returns it (stock BLOOM, which ignores the selection, aside)."""
+    stock, ours = stock_and_ours(family, BASE_CLASSES[family], tmp_path)
     inputs = token_inputs(family)
     with torch.no_grad():
         every = ours(**inputs, output_hidden_states=True)
         chosen = ours(**inputs, output_hidden_states=selection)
-    field = "encoder_hidden_states" if family == "bart" else "hidden_states"
+        expected = stock(**inputs, output_hidden_states=selection)
     indices = [selection] if isinstance(selection, int) else selection
-    expected = [getattr(every, field)[index] for index in sorted({index % 4 for index in indices})]
-    actual = getattr(chosen, field)
-    assert len(actual) == len(expected)
-    for state, reference in zip(actual, expected):
-        assert torch.equal(state, reference)
+    kept = {index % 4 for index in indices}
+    for field in HIDDEN_FIELDS[family]:
+        actual = getattr(chosen, field)
+        assert len(actual) == len(getattr(every, field)) == 4
+        for index, (state, full) in enumerate(zip(actual, getattr(every, field))):
+            assert torch.equal(state, full) if index in kept else state is None, (field, index)
+        if family != "bloom" and stock_selects_hidden_states():
+            assert [state is None for state in actual] == [state is None for state in getattr(expected, field)]
+
+
+CAPTURED_FIELDS = ("hidden_states", "attentions", "cross_attentions")
+
+
+def captured_by_hooks(model, **inputs):
+    """The model's output with its hidden states and attentions replaced by what transformers' output-capturing
+    hooks (installed from ``_can_record_outputs``) recorded during the same forward."""
+    from transformers.utils.output_capturing import capture_outputs
+
+    def forward_without_its_own_collection(self, **kwargs):
+        output = type(self).forward(self, **kwargs)
+        for field in CAPTURED_FIELDS:
+            if field in output:
+                output[field] = None
+        return output
+
+    return capture_outputs(forward_without_its_own_collection)(model, **inputs)
+
+
+@pytest.mark.skipif(not stock_selects_hidden_states(), reason="transformers 5's output capture")
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
+def test_output_capturing_hooks_record_what_the_forward_returns(family, tmp_path):
+    """``_can_record_outputs`` (declared as stock declares it) points transformers' output-capturing hooks at
+    modules whose outputs are the hidden states and attention weights our forward returns."""
+    _, ours = stock_and_ours(family, BASE_CLASSES[family], tmp_path)
+    inputs = token_inputs(family)
+    flags = dict(output_hidden_states=True, output_attentions=True)
+    if family == "bart":
+        encoder_inputs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **flags)
+        with torch.no_grad():
+            encoded = ours.get_encoder()(**encoder_inputs)
+        decoder_inputs = dict(input_ids=inputs["decoder_input_ids"], encoder_hidden_states=encoded.last_hidden_state,
+                              encoder_attention_mask=inputs["attention_mask"], **flags)
+        runs = [(ours.get_encoder(), encoder_inputs), (ours.get_decoder(), decoder_inputs)]
+    else:
+        runs = [(ours, {**inputs, **flags})]
+    for module, module_inputs in runs:
+        with torch.no_grad():
+            direct, hooked = module(**module_inputs), captured_by_hooks(module, **module_inputs)
+        for field in CAPTURED_FIELDS:
+            if getattr(direct, field, None) is None:
+                continue
+            recorded = getattr(hooked, field)
+            assert recorded is not None and len(recorded) == len(getattr(direct, field)) > 0, (family, field)
+            for index, (a, b) in enumerate(zip(getattr(direct, field), recorded)):
+                assert torch.equal(a, b), (family, field, index)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart", "qwen"])
