@@ -2788,7 +2788,7 @@ def _padding_keep_mask(mask: torch.Tensor | None, key_length: int, name: str) ->
         return None
     if mask.dim() == 4:
         return mask if mask.dtype == torch.bool or mask.is_floating_point() else mask.bool()
-    if mask.dim() != 2 or mask.shape[-1] != key_length:
+    if mask.dim() != 2 or (not _is_tracing() and mask.shape[-1] != key_length):
         raise ValueError(
             f"{name} must be a 2-D padding mask [batch, {key_length}] (covering any cached positions); "
             f"got shape {list(mask.shape)}"
@@ -2822,15 +2822,19 @@ class BartLearnedPositionalEmbedding(nn.Embedding):
     def __init__(self, num_positions: int, embedding_dim: int):
         super().__init__(num_positions + self.offset, embedding_dim)
 
-    def forward(self, seq_len: int, past_len: int = 0) -> torch.Tensor:
-        """Embeddings of positions past_len .. past_len + seq_len - 1, shape [seq_len, dim] (broadcast over batch)."""
+    def forward(self, seq_len: int, past_len: int | torch.Tensor = 0) -> torch.Tensor:
+        """Embeddings of positions past_len .. past_len + seq_len - 1, shape [seq_len, dim] (broadcast over batch).
+        ``past_len`` may be a tensor (a static cache's length): while compiling, the range is then checked on the
+        device, without a host sync."""
         limit = self.num_embeddings - self.offset
-        if past_len + seq_len > limit:
+        positions = torch.arange(seq_len, device=self.weight.device) + past_len
+        if _is_tracing():
+            check_positions(positions, limit, "BART (config.max_position_embeddings)")
+        elif past_len + seq_len > limit:
             raise ValueError(
                 f"BART has config.max_position_embeddings = {limit} positions, but this call needs "
                 f"{past_len + seq_len} (past {past_len} + new {seq_len})"
             )
-        positions = torch.arange(past_len, past_len + seq_len, device=self.weight.device)
         return super().forward(positions + self.offset)
 
 

@@ -425,7 +425,7 @@ def test_static_cache_generation_matches_stock(family, tmp_path):
 
 
 @pytest.mark.skipif(not TRANSFORMERS_5, reason="CompileConfig's all-device switch is transformers 5's")
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
 def test_fullgraph_compiled_static_generation_matches_stock(family, tmp_path):
     """``generate`` compiles the forward with ``fullgraph=True`` for a static cache (dynamo only, so that it
     runs without a C++ compiler): no graph break, no data-dependent branch on the decoding path."""
@@ -433,6 +433,7 @@ def test_fullgraph_compiled_static_generation_matches_stock(family, tmp_path):
 
     stock, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path)
     inputs = token_inputs(family)
+    inputs.pop("decoder_input_ids", None)
     compile_config = CompileConfig(fullgraph=True, backend="eager", dynamic=False)
     compile_config._compile_all_devices = True
     options = dict(max_new_tokens=4, do_sample=False, cache_implementation="static")
