@@ -414,6 +414,8 @@ def step(model, ids, keep, labels, **extra):
     """Loss, logits, hidden states and gradients of one forward + backward (logits kept in training)."""
     model.config.keep_logits_in_training = True
     model.zero_grad(set_to_none=True)
+    if extra.pop("embeddings", False):  # the same tokens as inputs_embeds, through each model's own table
+        extra["inputs_embeds"], ids = model.get_input_embeddings()(ids), None
     out = model(input_ids=ids, attention_mask=keep, labels=labels, output_hidden_states=True, **extra)
     out.loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -438,7 +440,7 @@ ODD_LENGTHS = (17, 9, 1, 12)  # 39 of 68 tokens kept
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom"])
 @pytest.mark.parametrize("padding", ["left", "right"])
-@pytest.mark.parametrize("variant", ["plain", "fused loss", "checkpointing", "num_items_in_batch"])
+@pytest.mark.parametrize("variant", ["plain", "fused loss", "checkpointing", "num_items_in_batch", "inputs_embeds"])
 def test_padded_batch_runs_unpadded_and_matches_stock(family, padding, variant, tmp_path_factory):
     """The layers see one row of the kept tokens; logits and hidden states at kept positions, the loss and every
     gradient match stock (LLaMA: 2 key/value heads for 4 query heads), and padded positions hold zeros."""
@@ -446,7 +448,8 @@ def test_padded_batch_runs_unpadded_and_matches_stock(family, padding, variant, 
     stock = load_stock(family, tmp_path_factory)
     set_backend(ours, "auto")
     ids, keep, labels = padded_batch(padding, ODD_LENGTHS, 17)
-    extra = {"num_items_in_batch": torch.tensor(29)} if variant == "num_items_in_batch" else {}
+    extra = {"num_items_in_batch": {"num_items_in_batch": torch.tensor(29)}, "inputs_embeds": {"embeddings": True}}
+    extra = extra.get(variant, {})
     for model in (ours, stock):
         model.train()
         if variant == "checkpointing":
