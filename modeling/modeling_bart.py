@@ -101,7 +101,7 @@ class AttentionCall:
     # The tensors behind mask_kind "padding" and alibi, for a backend that must read their values to decide.
     padding_mask: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
     slopes: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
-    # The forward's ForwardMask when the caller passed one: where value checks are kept for the forward.
+    # The forward's ForwardMask when the caller passed one: where checks of values are kept for the forward.
     holder: Optional["ForwardMask"] = field(default=None, compare=False, repr=False)
 
     @property
@@ -120,9 +120,10 @@ class ForwardMask:
     """One forward pass's attention mask, made once by the model and handed to every layer.
 
     It carries the mask tensor (what ``attention()`` takes as ``attention_mask``; None for a forward without
-    one) and what the kernels work out from the call's values: the flex block masks built from it and the
-    cudnn backend's checks of the padding layout and the ALiBi slopes. So each of those happens once per
-    forward rather than once per layer, and nothing outlives the forward: no cache keyed by tensor identity.
+    one), the flex block masks built from it, and in ``kept`` other values worked out once per forward (the
+    cudnn backend's checks of the padding layout and the ALiBi slopes, a patched model's slopes). So each of
+    those happens once per forward rather than once per layer, and nothing outlives the forward: no cache
+    keyed by tensor identity.
     ``attention()`` takes it wherever it takes a mask tensor; ``dim()``, ``shape``, ``dtype`` and ``device``
     are the tensor's.
     """
@@ -132,7 +133,7 @@ class ForwardMask:
             tensor = tensor.tensor
         self.tensor = tensor
         self.block_masks: dict = {}
-        self.checks: dict = {}
+        self.kept: dict = {}
 
     def dim(self) -> int:
         return self.tensor.dim()
@@ -1211,9 +1212,9 @@ def _checked_per_forward(call: AttentionCall, slot: str, tensor: torch.Tensor, c
     mask) every call checks."""
     if call.holder is None:
         return bool(check(tensor))
-    entry = call.holder.checks.get(slot)
+    entry = call.holder.kept.get(("checked", slot))
     if entry is None or entry[0] is not tensor:
-        entry = call.holder.checks[slot] = (tensor, bool(check(tensor)))
+        entry = call.holder.kept[("checked", slot)] = (tensor, bool(check(tensor)))
     return entry[1]
 
 

@@ -8,6 +8,7 @@ or gradient wiring in our glue fails here. The GPU tests run the real frontend a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import logging
@@ -632,3 +633,78 @@ def test_bloom_on_cudnn_matches_fp32_stock_logits_and_gradients():
     for name, param in stock.named_parameters():
         assert_close_rel(ours_grads[name].grad.float(), param.grad, 5e-2, f"grad {name}")
     assert math.isfinite(actual.loss.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Once per forward on the patch / registry path: transformers makes the mask once and hands it to every layer
+# ----------------------------------------------------------------------------------------------
+
+
+def patched_tiny_stock(family: str, backend: str):
+    from test_patch import STOCK_CLASSES, randomize_
+    from transformers import LlamaConfig
+
+    if family == "llama":  # head_dim 32: what flex takes
+        config = LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    else:
+        config = BloomConfig(vocab_size=61, hidden_size=64, n_layer=3, n_head=2)
+    torch.manual_seed(0)
+    stock = randomize_(STOCK_CLASSES[family](config))
+    ours = copy.deepcopy(stock)
+    mea.apply_attention_patch(ours, backend=backend)
+    return stock, ours
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_patched_models_build_one_flex_block_mask_per_forward(monkeypatch, family):
+    bloom = importlib.import_module("memory_efficient_adapter.modeling_bloom")
+    layer = bloom if family == "bloom" else kernel_layer  # patched BLOOM runs modeling_bloom's copy of the layer
+    built = []
+    original = layer._banded_block_mask
+    monkeypatch.setattr(layer, "_banded_block_mask", lambda *a, **kw: built.append(1) or original(*a, **kw))
+    stock, ours = patched_tiny_stock(family, "flex")
+    ids = torch.randint(3, 61, (3, 11), generator=torch.Generator().manual_seed(7))
+    mask = torch.tensor([[1] * 11, [0] * 4 + [1] * 7, [0] * 7 + [1] * 4])  # left padding
+    try:
+        with torch.no_grad():
+            for forward in range(2):
+                got = ours(ids, attention_mask=mask).logits
+                assert len(built) == forward + 1  # three layers, one block mask
+            expected = stock(ids, attention_mask=mask).logits
+    finally:
+        mea.remove_attention_patch(ours)
+    keep = mask.bool()
+    assert_close_rel(got[keep], expected[keep], 1e-4, f"{family} on flex vs stock")
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_patched_bloom_hands_every_layer_one_mask_and_one_slopes_tensor_per_forward(monkeypatch, padded):
+    bloom = importlib.import_module("memory_efficient_adapter.modeling_bloom")
+    seen = []
+    original = bloom.attention
+
+    def recording(*args, attention_mask=None, alibi_slopes=None, **kwargs):
+        seen.append((attention_mask, alibi_slopes))
+        return original(*args, attention_mask=attention_mask, alibi_slopes=alibi_slopes, **kwargs)
+
+    monkeypatch.setattr(bloom, "attention", recording)
+    stock, ours = patched_tiny_stock("bloom", "auto")
+    ids = torch.randint(3, 61, (2, 9), generator=torch.Generator().manual_seed(5))
+    mask = right_padded_mask([9, 6], 9) if padded else torch.ones(2, 9, dtype=torch.long)
+    try:
+        with torch.no_grad():
+            got = [ours(ids, attention_mask=mask).logits for _ in range(2)]
+            expected = stock(ids, attention_mask=mask).logits
+    finally:
+        mea.remove_attention_patch(ours)
+    keep = mask.bool()
+    assert_close_rel(got[1][keep], expected[keep], 1e-4, "patched BLOOM vs stock")
+    assert len(seen) == 6
+    for layers in (seen[:3], seen[3:]):
+        holder, slopes = layers[0]
+        assert isinstance(holder, bloom.ForwardMask) and (holder.tensor is None) != padded
+        assert all(h is holder and s is slopes for h, s in layers)
+        assert torch.equal(slopes, mea.alibi_slopes(2))
+    assert seen[0][0] is not seen[3][0]
