@@ -1304,12 +1304,16 @@ def _failures_owned_by(backend: str, library: str):
 
 
 def _cudnn_finish(cudnn, graph, operands: tuple) -> tuple:
+    """The built plan: the graph, which of ``operands`` it binds (some are None where the graph lacks them,
+    e.g. stats in inference) with their uids, and its workspace size."""
     graph.validate()
     graph.build_operation_graph()
     graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
     graph.check_support()
     graph.build_plans()
-    return graph, operands, graph.get_workspace_size()
+    slots = tuple(i for i, operand in enumerate(operands) if operand is not None)
+    uids = tuple(operands[i].get_uid() for i in slots)
+    return graph, slots, uids, graph.get_workspace_size()
 
 
 def _cudnn_plan(key: tuple, build: Callable[[], tuple]) -> tuple:
@@ -1318,14 +1322,16 @@ def _cudnn_plan(key: tuple, build: Callable[[], tuple]) -> tuple:
 
 
 def _cudnn_execute(cudnn, plan: tuple, buffers: tuple, device: torch.device) -> None:
-    """Run a built graph on the current CUDA stream; ``buffers`` line up with the plan's graph tensors."""
-    graph, operands, workspace_size = plan
+    """Run a built graph on the current CUDA stream; ``buffers`` line up with the operands the plan was built
+    from. They go to the frontend in order with their uids (``tensor_uids``) rather than as a dict keyed by
+    graph tensor: a shorter path through its Python (0.68 instead of 0.83 ms for an ALiBi forward + backward at
+    2k tokens on an H200, bit-identical; ``scripts/check_cudnn.py --sections execute``)."""
+    graph, slots, uids, workspace_size = plan
     handle, lock = _cudnn_handle(cudnn, device)
     workspace = torch.empty(workspace_size, device=device, dtype=torch.uint8)
-    pack = {operand: buffer for operand, buffer in zip(operands, buffers) if operand is not None}
     with lock, _failures_owned_by("cudnn", "cudnn"):
         cudnn.set_stream(handle, _cuda_stream(device))
-        graph.execute(pack, workspace, handle=handle)
+        graph.execute([buffers[i] for i in slots], workspace, handle=handle, tensor_uids=uids)
 
 
 def _cudnn_forward(q, k, v, lengths: tuple, flags: _CudnnFlags, with_stats: bool):

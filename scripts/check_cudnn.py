@@ -11,8 +11,8 @@ Sections (each prints one JSON line per measurement and appends it to ``<out>/cu
             cudnn backend, at 2k/8k/16k tokens with 16 heads (bf16) and 2k/8k with 112 heads (fp16, bf16)
   varlen    training-like steps over random lengths: the plan cache's builds, build time and hit rate
   execute   host overhead at 2k tokens (ALiBi, 16 heads, bf16): forward + backward through attention() with the
-            frontend's execute fed a variant-pack dict (what the backend does) and fed ordered buffers with
-            their graph tensors' uids (``tensor_uids``), outputs and gradients compared bit for bit
+            frontend's execute fed ordered buffers with their graph tensors' uids (``tensor_uids``, what the
+            backend does) and fed a variant-pack dict, outputs and gradients compared bit for bit
 
 ``--speed-heads 112`` limits the speed section to the 176B-shaped calls (112 heads, head_dim 128).
 """
@@ -155,15 +155,14 @@ def section_varlen(out: Path, steps: int) -> None:
            wall_seconds=round(time.perf_counter() - start, 2), cache=after)
 
 
-def execute_ordered(cudnn, plan: tuple, buffers: tuple, device: torch.device) -> None:
-    """The backend's ``_cudnn_execute`` with ordered buffers and their graph tensors' uids instead of a dict."""
-    graph, operands, workspace_size = plan
+def execute_dict(cudnn, plan: tuple, buffers: tuple, device: torch.device) -> None:
+    """The backend's ``_cudnn_execute`` as it was: the frontend fed a variant-pack dict (keyed by uid)."""
+    graph, slots, uids, workspace_size = plan
     handle, lock = kernel_layer._cudnn_handle(cudnn, device)
     workspace = torch.empty(workspace_size, device=device, dtype=torch.uint8)
-    pairs = [(operand.get_uid(), buffer) for operand, buffer in zip(operands, buffers) if operand is not None]
     with lock:
         cudnn.set_stream(handle, kernel_layer._cuda_stream(device))
-        graph.execute([b for _, b in pairs], workspace, handle=handle, tensor_uids=[u for u, _ in pairs])
+        graph.execute({uid: buffers[i] for uid, i in zip(uids, slots)}, workspace, handle=handle)
 
 
 def section_execute(out: Path) -> None:
@@ -174,7 +173,7 @@ def section_execute(out: Path) -> None:
     layers = mea.forward_mask(None, without_mask=True)  # as in a model: the slopes are checked once, not per call
     run = lambda a, b, c: mea.attention(a, b, c, causal=True, attention_mask=layers, alibi_slopes=slopes, backend="cudnn")  # noqa: E731
     results, original = {}, kernel_layer._cudnn_execute
-    for name, execute in (("dict", original), ("ordered_uids", execute_ordered)):
+    for name, execute in (("dict", execute_dict), ("ordered_uids", original)):
         kernel_layer._cudnn_execute = execute
         try:
             inputs = [x.clone().requires_grad_() for x in (q, k, v)]

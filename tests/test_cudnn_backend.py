@@ -37,6 +37,11 @@ kernel_layer = importlib.import_module("memory_efficient_adapter.attention")
 class FakeTensor:
     def __init__(self, graph, shape, stride):
         self.graph, self.shape, self.stride, self.is_output = graph, tuple(shape), tuple(stride), False
+        self.uid = len(graph.tensors) + 100
+        graph.tensors[self.uid] = self
+
+    def get_uid(self):
+        return self.uid
 
     def set_output(self, value):
         self.is_output = value
@@ -84,6 +89,7 @@ class FakeGraph:
         assert handle is not None and intermediate_data_type == compute_data_type == "FLOAT"
         self.node = None
         self.ready = False
+        self.tensors = {}
 
     def tensor_like(self, x):
         return FakeTensor(self, x.shape, x.stride())
@@ -117,8 +123,11 @@ class FakeGraph:
     def get_workspace_size(self):
         return 64
 
-    def execute(self, pack, workspace, handle=None):
+    def execute(self, buffers, workspace, handle=None, tensor_uids=None):
+        """The ordered form: buffers in the order of ``tensor_uids``, their graph tensors' uids."""
         assert self.ready and handle is not None and workspace.numel() == 64
+        assert len(set(tensor_uids)) == len(tensor_uids) == len(buffers)
+        pack = {self.tensors[uid]: buffer for uid, buffer in zip(tensor_uids, buffers)}
         for tensor, buffer in pack.items():
             assert (tuple(buffer.shape), tuple(buffer.stride())) == (tensor.shape, tensor.stride) or tensor.shape[-1] == 1
         kind, ports, options = self.node
@@ -406,11 +415,11 @@ def failing_graph(where: str, error: Exception, attempts: list):
                 raise error
             super().build_plans()
 
-        def execute(self, pack, workspace, handle=None):
+        def execute(self, *args, **kwargs):
             if where == "execute":
                 attempts.append(where)
                 raise error
-            super().execute(pack, workspace, handle)
+            super().execute(*args, **kwargs)
 
     return Graph
 
