@@ -541,6 +541,18 @@ def test_padded_batches_that_keep_their_rows_at_full_length(family, case, tmp_pa
             assert_close_rel(out.loss, stock(**kwargs).loss, 1e-5, "loss with labels at padded positions")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_forward_with_use_cache_runs_unpadded_and_returns_no_cache(family, tmp_path_factory):
+    model, _ = load_ours(family, tmp_path_factory)
+    model.train()
+    set_backend(model, "auto")
+    ids, keep, labels = padded_batch("right")
+    with LayerInputs(model) as seen:
+        out = model(input_ids=ids, attention_mask=keep, labels=labels, use_cache=True)
+    assert seen.shapes == [(1, int(keep.sum()), 32)]
+    assert out.past_key_values is None and torch.isfinite(out.loss)
+
+
 def test_compiled_forward_keeps_rows_at_full_length_without_a_host_read(tmp_path_factory):
     """torch.compile(fullgraph=True) fails on a host read: the compiled forward keeps the padding mask."""
     model, _ = load_ours("llama", tmp_path_factory)
