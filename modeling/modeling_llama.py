@@ -2010,10 +2010,9 @@ def classifier_dropout_probability(config) -> float:
 class PaddedRows:
     """A padded batch ``[b, s]`` as one packed row ``[1, n]`` of its kept tokens, row after row, each row one
     document (``cu_seq_lens_q``/``cu_seq_lens_k`` of the packed forms), and back. ``keep`` is the bool keep-mask;
-    finding the kept tokens reads their count on the host once."""
+    finding the kept tokens (``nonzero``) reads their count on the host."""
 
     def __init__(self, keep: torch.Tensor):
-        self.keep = keep
         self.batch, self.seq = keep.shape
         self.indices = keep.reshape(-1).nonzero().squeeze(-1)
         cu_seqlens = F.pad(keep.sum(-1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
@@ -2084,8 +2083,10 @@ def padded_rows(
         return None
     keep = attention_mask.to(inputs.device).bool()
     targets = shifted_labels(labels, **kwargs)
-    stray = keep.new_zeros(()) if targets is None else (targets.to(keep.device) != kwargs.get("ignore_index", IGNORE_INDEX))
-    kept, predicted_from_padding = torch.stack([keep.sum(), (stray & ~keep).sum()]).tolist()
+    predicted = keep.new_zeros(())
+    if targets is not None:
+        predicted = targets.to(keep.device) != kwargs.get("ignore_index", IGNORE_INDEX)
+    kept, predicted_from_padding = torch.stack([keep.sum(), (predicted & ~keep).sum()]).tolist()
     if kept in (0, keep.numel()):
         return None
     if predicted_from_padding:
