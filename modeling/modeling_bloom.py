@@ -45,6 +45,25 @@ except ImportError:
 
 logger = logging.get_logger(__name__)
 
+
+def _unset_attn_implementation_is_read_as_default() -> bool:
+    """Version guard: transformers 4.57 and 5.1+ read an unset ``config._attn_implementation`` as the default;
+    5.0's ``is_flash_attention_requested`` (which ``generate`` calls before it compiles) fails on it."""
+    try:
+        from transformers.utils.generic import is_flash_attention_requested
+    except ImportError:
+        return True
+    try:
+        is_flash_attention_requested(requested_attention_implementation=None)
+    except TypeError:
+        return False
+    return True
+
+
+# Leave an attn_implementation nobody asked for unset (see BloomPreTrainedModel); on transformers 5.0 claim sdpa
+# instead, which transformers then writes into the config as its default.
+LEAVE_ATTN_IMPLEMENTATION_UNSET = _unset_attn_implementation_is_read_as_default()
+
 # >>> kernel layer: copied from modeling/attention.py by scripts/sync_kernels.py; edit it there >>>
 """The kernel layer of memory-efficient-adapter: one ``attention()`` call, many fused kernels.
 
@@ -3055,8 +3074,9 @@ class BloomPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     # transformers accepts these attn_implementation names; backend_from_config maps them onto the kernel layer.
     # Not "sdpa", as for stock BLOOM: torch's sdpa cannot take ALiBi, and a config saying "sdpa" (transformers'
-    # default for classes that claim it) is one stock BLOOM heads refuse to be built from.
-    _supports_sdpa = False
+    # default for classes that claim it) is one stock BLOOM heads refuse to be built from (but see
+    # LEAVE_ATTN_IMPLEMENTATION_UNSET for transformers 5.0).
+    _supports_sdpa = not LEAVE_ATTN_IMPLEMENTATION_UNSET
     _supports_flash_attn = True
     _supports_flex_attn = True
     # as stock declares: compiles with fullgraph=True, static caches included
@@ -3077,7 +3097,7 @@ class BloomPreTrainedModel(PreTrainedModel):
         """An implementation nobody asked for stays unset, and the kernel layer reads unset as auto (transformers
         would write its default into the config the caller shares: "eager" for a class without sdpa).
         ``set_attn_implementation(None)`` goes back to auto."""
-        if attn_implementation is None:
+        if attn_implementation is None and LEAVE_ATTN_IMPLEMENTATION_UNSET:
             return None
         return super()._check_and_adjust_attn_implementation(attn_implementation, *args, **kwargs)
 
@@ -3151,8 +3171,11 @@ class BloomModel(BloomPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
 
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        kv_length = int(past_length) + seq_length
+        if _is_tracing() and attention_mask is not None and attention_mask.dim() == 2:
+            kv_length = attention_mask.shape[1]  # the mask covers past + current tokens: a static length to trace
+        else:
+            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            kv_length = int(past_length) + seq_length
         padding_mask = self._padding_mask(attention_mask, batch_size, kv_length)
         slopes = alibi_slopes(self.num_heads, device=inputs_embeds.device)
         backend = backend_from_config(self.config)

@@ -336,6 +336,8 @@ def test_stock_bloom_builds_from_our_config_after_our_model_ran(tmp_path):
     """Our BLOOM leaves the implementation it was not asked for unset in the config it shares with the caller, so
     stock BLOOM (which has no sdpa path and refuses a config saying "sdpa") builds from it and agrees."""
     stock, ours = stock_and_ours("bloom", "BloomForCausalLM", tmp_path)
+    if not __import__(type(ours).__module__, fromlist=["_"]).LEAVE_ATTN_IMPLEMENTATION_UNSET:
+        pytest.skip("transformers 5.0 fails on an unset attn_implementation: our BLOOM claims sdpa there")
     inputs = token_inputs("bloom")
     with torch.no_grad():
         actual = ours(**inputs).logits
