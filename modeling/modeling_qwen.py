@@ -2193,29 +2193,62 @@ if triton is not None:
     @triton.jit
     def _rms_norm_backward_kernel(
         grad_ptr, x_ptr, weight_ptr, rstd_ptr, grad_x_ptr, grad_weight_ptr, n_rows, n_cols, rows_per_program,
-        BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr, ROWS: tl.constexpr,
     ):
-        """Rows [program x rows_per_program, ...): grad_x per row, and this program's partial weight gradient."""
+        """Rows [program x rows_per_program, ...), ROWS at a time: grad_x per row, and this program's partial
+        weight gradient."""
         program = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         inside = cols < n_cols
         weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-        grad_weight = tl.zeros([BLOCK], dtype=tl.float32)
+        grad_weight = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         first = program.to(tl.int64) * rows_per_program
         last = tl.minimum(first + rows_per_program, n_rows)
-        for row in range(first, last):
-            offset = row * n_cols + cols
-            grad = tl.load(grad_ptr + offset, mask=inside, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + offset, mask=inside, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + row)
+        for start in range(first, last, ROWS):
+            rows = start + tl.arange(0, ROWS)
+            kept = (rows < last)[:, None] & inside[None, :]
+            offsets = rows[:, None] * n_cols + cols[None, :]
+            grad = tl.load(grad_ptr + offsets, mask=kept, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offsets, mask=kept, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + rows, mask=rows < last, other=0.0)[:, None]
             x_hat = x * rstd
             # d(weight * normed): grad x weight rounded to the normalised value's dtype, as stock's autograd
-            grad_normed = (grad * weight).to(x_ptr.dtype.element_ty).to(tl.float32)
-            dot = tl.sum(grad_normed * x_hat, 0) / n_cols
+            grad_normed = (grad * weight[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
+            dot = tl.sum(grad_normed * x_hat, 1)[:, None] / n_cols
             grad_x = rstd * (grad_normed - x_hat * dot)
-            tl.store(grad_x_ptr + offset, grad_x.to(grad_x_ptr.dtype.element_ty), mask=inside)
+            tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=kept)
             grad_weight += grad * x_hat.to(x_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(grad_weight_ptr + program.to(tl.int64) * n_cols + cols, grad_weight, mask=inside)
+        tl.store(grad_weight_ptr + program.to(tl.int64) * n_cols + cols, tl.sum(grad_weight, 0), mask=inside)
+
+    @triton.jit
+    def _rotary_kernel(
+        x_ptr, cos_ptr, sin_ptr, out_ptr, heads, seq, half,
+        x_b, x_h, x_s, c_b, c_h, c_s, o_b, o_h, o_s,
+        INVERSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """x [b, h, s, 2 x half] (any strides, last one 1) rotated by cos/sin (expanded to x's shape):
+        out = x * cos + rotate_half(x) * sin, or its transpose (INVERSE, the backward)."""
+        batch, head = tl.program_id(0) // heads, tl.program_id(0) % heads
+        positions = (tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)[:, None]
+        dims = tl.arange(0, BLOCK_D)[None, :]
+        kept = (positions < seq) & (dims < half)
+        x = x_ptr + batch.to(tl.int64) * x_b + head.to(tl.int64) * x_h + positions * x_s + dims
+        c = batch.to(tl.int64) * c_b + head.to(tl.int64) * c_h + positions * c_s + dims
+        x1 = tl.load(x, mask=kept, other=0.0).to(tl.float32)
+        x2 = tl.load(x + half, mask=kept, other=0.0).to(tl.float32)
+        cos1 = tl.load(cos_ptr + c, mask=kept, other=0.0).to(tl.float32)
+        cos2 = tl.load(cos_ptr + c + half, mask=kept, other=0.0).to(tl.float32)
+        sin1 = tl.load(sin_ptr + c, mask=kept, other=0.0).to(tl.float32)
+        sin2 = tl.load(sin_ptr + c + half, mask=kept, other=0.0).to(tl.float32)
+        if INVERSE:
+            out1 = x1 * cos1 + x2 * sin2
+            out2 = x2 * cos2 - x1 * sin1
+        else:
+            out1 = x1 * cos1 - x2 * sin1
+            out2 = x2 * cos2 + x1 * sin2
+        out = out_ptr + batch.to(tl.int64) * o_b + head.to(tl.int64) * o_h + positions * o_s + dims
+        tl.store(out, out1.to(out_ptr.dtype.element_ty), mask=kept)
+        tl.store(out + half, out2.to(out_ptr.dtype.element_ty), mask=kept)
 
     @triton.jit
     def _silu(x):
@@ -2533,15 +2566,16 @@ def _rms_norm_forward_triton(x: torch.Tensor, weight: torch.Tensor, eps: float):
 def _rms_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
     x_rows, grad_rows = _rows(x), _rows(grad)
     n_rows, n_cols = x_rows.shape
+    block = _row_block(n_cols)
+    rows_at_once = max(1, min(8, 8192 // block))
     programs = max(1, min(n_rows, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count))
-    rows_per_program = triton.cdiv(n_rows, programs)
+    rows_per_program = rows_at_once * triton.cdiv(triton.cdiv(n_rows, programs), rows_at_once)
     programs = triton.cdiv(n_rows, rows_per_program)
     grad_x = torch.empty_like(x_rows)
     partial_grad_weight = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
-    block = _row_block(n_cols)
     _rms_norm_backward_kernel[(programs,)](
         grad_rows, x_rows, weight.contiguous(), rstd.contiguous(), grad_x, partial_grad_weight, n_rows, n_cols,
-        rows_per_program, BLOCK=block, num_warps=_row_warps(block),
+        rows_per_program, BLOCK=block, ROWS=rows_at_once, num_warps=_row_warps(block * rows_at_once),
     )
     return grad_x.view(x.shape), partial_grad_weight.sum(0).to(weight.dtype)
 
@@ -2734,6 +2768,37 @@ def _rotary_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return grad * cos - _rotate_half(grad * sin)
 
 
+def _rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> Optional[torch.Tensor]:
+    """``_rotary_forward`` (or ``_rotary_backward``: ``inverse``) as one Triton kernel, for 4-D ``x`` whose
+    last dimension is contiguous and even; None for anything else (the PyTorch body takes it)."""
+    if x.dim() != 4 or x.shape[-1] % 2 or x.stride(-1) != 1:
+        return None
+    try:
+        cos, sin = cos.expand(x.shape), sin.expand(x.shape)
+    except RuntimeError:
+        return None
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+        return None
+    out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype))
+    if out.stride(-1) != 1:
+        out = torch.empty(x.shape, dtype=out.dtype, device=x.device)
+    batch, heads, seq, dim = x.shape
+    block_s = 32
+    _rotary_kernel[(batch * heads, triton.cdiv(seq, block_s))](
+        x, cos, sin, out, heads, seq, dim // 2, *x.stride()[:3], *cos.stride()[:3], *out.stride()[:3],
+        INVERSE=inverse, BLOCK_S=block_s, BLOCK_D=triton.next_power_of_2(dim // 2), num_warps=4,
+    )
+    return out
+
+
+def _rotary_forward_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Optional[torch.Tensor]:
+    return _rotary_triton(x, cos, sin, inverse=False)
+
+
+def _rotary_backward_triton(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Optional[torch.Tensor]:
+    return _rotary_triton(grad, cos, sin, inverse=True)
+
+
 class _Rotary(torch.autograd.Function):
     """RoPE (``x * cos + rotate_half(x) * sin``) whose backward is the inverse rotation; saves only cos/sin."""
 
@@ -2741,12 +2806,12 @@ class _Rotary(torch.autograd.Function):
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
         ctx.x_dtype = x.dtype
-        return _pointwise(_rotary_forward, x, cos, sin)
+        return _fused(_rotary_forward_triton, _rotary_forward, x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        grad_x = _pointwise(_rotary_backward, grad, cos, sin)
+        grad_x = _fused(_rotary_backward_triton, _rotary_backward, grad, cos, sin)
         return grad_x.to(ctx.x_dtype), None, None
 
 

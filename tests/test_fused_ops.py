@@ -776,3 +776,31 @@ def test_triton_linear_cross_entropy_matches_float64_like_stock(dtype, rows, dim
     ours = run_and_grads(ours_fn, on_cuda(*tensors, dtype=dtype), None)
     assert_as_close_as_stock("linear_cross_entropy", ours, stock, reference, dtype)
     triton_paths_ran()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["bshd_view", "contiguous", "partial_rotary"])
+def test_triton_rotary_matches_float64_like_stock(dtype, layout):
+    """RoPE on a transposed [b, s, h, d] view (LLaMA's q/k), a contiguous tensor with cos/sin shared by the
+    batch, and Qwen's first channels of a wider head (a slice whose rows are strided)."""
+    generator = torch.Generator().manual_seed(3)
+    batch, heads, seq, dim = 2, 3, 77, 64
+    width = dim + 32 if layout == "partial_rotary" else dim
+    base = torch.randn(batch, seq, heads, width, generator=generator, dtype=torch.float64)
+    angles = torch.randn(1 if layout == "contiguous" else batch, 1, seq, dim // 2, generator=generator) * 3
+    angles = torch.cat((angles, angles), dim=-1).double()
+    grad_out = torch.randn(batch, heads, seq, dim, generator=generator, dtype=torch.float64).cuda()
+
+    def run(dtype_, fn) -> list:
+        leaf = base.cuda().to(dtype_).requires_grad_()
+        x = leaf.transpose(1, 2)
+        x = x.contiguous() if layout == "contiguous" else x
+        x = x[..., :dim] if layout == "partial_rotary" else x
+        out = fn(x, angles.cos().cuda().to(dtype_), angles.sin().cuda().to(dtype_))
+        return [out.detach(), *torch.autograd.grad(out, [leaf], grad_out.to(out.dtype))]
+
+    ours = run(dtype, ops.rotary)
+    assert_as_close_as_stock("rotary", ours, run(dtype, reference_rotary), run(torch.float64, reference_rotary), dtype)
+    triton_paths_ran()
