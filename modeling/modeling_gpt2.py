@@ -2102,8 +2102,12 @@ def _triton_takes(*tensors: Optional[torch.Tensor]) -> bool:
     return (
         triton is not None
         and not torch.compiler.is_compiling()
-        and all(t is None or (t.is_cuda and (t.dtype in _TRITON_DTYPES or not t.is_floating_point())) for t in tensors)
+        and all(t is None or (t.is_cuda and _triton_dtype(t)) for t in tensors)
     )
+
+
+def _triton_dtype(t: torch.Tensor) -> bool:
+    return t.dtype in _TRITON_DTYPES or not t.is_floating_point()
 
 
 def _fused(kernel: Callable, body: Callable, *args):
@@ -2621,7 +2625,7 @@ def _activation_backward(kind: str, grad: torch.Tensor, x: torch.Tensor, up: Opt
 
 
 def _activation_forward_triton(kind: str, x: torch.Tensor, up: Optional[torch.Tensor]) -> torch.Tensor:
-    if up is not None and (up.shape != x.shape or up.dtype != x.dtype):
+    if up is not None and (up.shape, up.dtype) != (x.shape, x.dtype):
         return None  # broadcasting or mixed dtypes: the PyTorch body
     x = x.contiguous()
     up = up.contiguous() if up is not None else None
@@ -2634,7 +2638,7 @@ def _activation_forward_triton(kind: str, x: torch.Tensor, up: Optional[torch.Te
 
 
 def _activation_backward_triton(kind: str, grad: torch.Tensor, x: torch.Tensor, up: Optional[torch.Tensor]):
-    if grad.shape != x.shape or grad.dtype != x.dtype or (up is not None and (up.shape, up.dtype) != (x.shape, x.dtype)):
+    if any(t is not None and (t.shape, t.dtype) != (x.shape, x.dtype) for t in (grad, up)):
         return None
     grad, x = grad.contiguous(), x.contiguous()
     up = up.contiguous() if up is not None else None
@@ -2715,7 +2719,9 @@ class _ActivationLinear(torch.autograd.Function):
             grad_bias = grad_rows.sum(0)
         if need_x or need_up:
             grad_activated = grad.matmul(weight)
-            grad_x, grad_up = _fused(_activation_backward_triton, _activation_backward, ctx.kind, grad_activated, x, up)
+            grad_x, grad_up = _fused(
+                _activation_backward_triton, _activation_backward, ctx.kind, grad_activated, x, up
+            )
         return grad_x, grad_up, grad_weight, grad_bias, None
 
 

@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+FAMILY_ORDER = ("llama", "qwen", "gpt2", "bloom", "bart")
 ORDER = ("stock:sdpa", "stock:sdpa+liger", "base:auto", "ours:auto", "ours:auto+compile")
 LABEL = {
     "stock:sdpa": "stock sdpa",
@@ -26,7 +27,7 @@ LABEL = {
 
 
 def read_records(paths: list) -> list:
-    """The ``ok`` train records of ``paths``; a later record of the same configuration wins."""
+    """The ``ok`` train records (with a peak memory) of ``paths``; a later record of one configuration wins."""
     latest: dict = {}
     for path in paths:
         for line in Path(path).read_text(encoding="utf-8").splitlines():
@@ -36,6 +37,22 @@ def read_records(paths: list) -> list:
     return list(latest.values())
 
 
+def read_summary(path: Path, seq: int) -> list:
+    """Records from a run's printed summary: ``family vocab impl status step_ms peak_GiB mfu`` per line
+    (``#`` lines are comments), for runs whose results.jsonl did not come back."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        family, vocab, impl, status, step_ms, peak_gib, mfu = line.split()[:7]
+        if status == "ok":
+            records.append(
+                {"family": family, "vocab": int(vocab), "seq": seq, "impl": impl, "step_ms": float(step_ms),
+                 "peak_mem_mb": 1024 * float(peak_gib), "mfu": float(mfu)}
+            )
+    return records
+
+
 def groups_of(records: list) -> dict:
     groups: dict = {}
     for record in records:
@@ -43,10 +60,16 @@ def groups_of(records: list) -> dict:
     return groups
 
 
+def group_order(item: tuple) -> tuple:
+    (family, vocab, seq), _ = item
+    return (FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER), family, vocab, seq)
+
+
 def ratio_text(record: dict, other: dict | None) -> str:
     if other is None:
         return "-"
-    return f"{record['step_ms'] / other['step_ms']:.2f}x time, {record['peak_mem_mb'] / other['peak_mem_mb']:.2f}x memory"
+    time, memory = record["step_ms"] / other["step_ms"], record["peak_mem_mb"] / other["peak_mem_mb"]
+    return f"{time:.2f}x time, {memory:.2f}x memory"
 
 
 def table(groups: dict) -> list:
@@ -54,7 +77,7 @@ def table(groups: dict) -> list:
         "| model | vocab | impl | step | peak memory | MFU | against Liger | against base |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for (family, vocab, seq), impls in sorted(groups.items()):
+    for (family, vocab, seq), impls in sorted(groups.items(), key=group_order):
         for impl in [i for i in ORDER if i in impls]:
             record = impls[impl]
             mfu = f"{100 * record['mfu']:.1f}%" if record.get("mfu") else "-"
@@ -74,7 +97,7 @@ def plot(groups: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted(groups)
+    keys = sorted(groups, key=lambda key: group_order((key, None)))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     width = 0.8 / len(ORDER)
     for index, impl in enumerate(ORDER):
@@ -93,11 +116,15 @@ def plot(groups: dict, path: Path) -> None:
 
 def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", type=Path, help="results.jsonl files of scripts/benchmark.py")
+    parser.add_argument("results", nargs="*", type=Path, help="results.jsonl files of scripts/benchmark.py")
+    parser.add_argument("--summary", type=Path, action="append", default=[], help="printed summaries (read_summary)")
+    parser.add_argument("--seq", type=int, default=8192, help="sequence length of the --summary records")
     parser.add_argument("--out", type=Path, required=True, help="path without suffix: writes <out>.md and <out>.png")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
-    groups = groups_of(read_records(args.results))
+    # a results.jsonl record wins over a printed summary line of the same configuration
+    summary = [record for path in args.summary for record in read_summary(path, args.seq)]
+    groups = groups_of(summary + read_records(args.results))
     if not groups:
         parser.error("no ok train records in the given files")
     args.out.with_suffix(".md").write_text("\n".join(table(groups)) + "\n", encoding="utf-8")

@@ -151,11 +151,37 @@ def test_lm_head_loss_keeps_no_rows_by_vocab_tensor_for_backward():
     hidden = torch.randn(rows, 16, requires_grad=True)
     head = torch.nn.Linear(16, vocab)
     targets = torch.randint(0, vocab, (rows,))
-    shapes = saved_tensor_shapes(lambda: ops.linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, chunk_size=8))
-    assert (rows, vocab) not in shapes
-    assert max(torch.Size(s).numel() for s in shapes) == vocab * 16  # the weight itself is the largest
+    shapes = saved_tensor_shapes(
+        lambda: ops.linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, chunk_size=8)
+    )
+    # the gradients of hidden, weight and bias, computed during forward: nothing of size rows x vocab
+    assert sorted(shapes) == sorted([(rows, 16), (vocab, 16), (vocab,)]), shapes
     stock = saved_tensor_shapes(lambda: F.cross_entropy(head(hidden), targets))
     assert (rows, vocab) in stock  # the stock path does keep the logits
+
+
+def test_loss_gradients_follow_the_incoming_gradient_and_a_second_backward_fails_loudly():
+    generator = torch.Generator().manual_seed(12)
+    hidden = torch.randn(23, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(31, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    targets = random_targets(23, 31, 0.2, generator)
+    expected = grads_of(-2.5 * F.cross_entropy(hidden @ weight.t(), targets), [hidden, weight])
+    loss = ops.linear_cross_entropy(hidden, weight, targets, chunk_size=6)
+    (-2.5 * loss).backward(retain_graph=True)
+    assert_close_rel(hidden.grad, expected[0], 1e-12, "grad of hidden under a gradient of -2.5")
+    assert_close_rel(weight.grad, expected[1], 1e-12, "grad of weight under a gradient of -2.5")
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+def test_loss_without_grad_mode_computes_no_gradients():
+    hidden = torch.randn(9, 4, requires_grad=True)
+    weight = torch.randn(5, 4, requires_grad=True)
+    targets = torch.randint(0, 5, (9,))
+    with torch.no_grad():
+        loss = ops.linear_cross_entropy(hidden, weight, targets, chunk_size=4)
+    assert_close_rel(loss, F.cross_entropy(hidden @ weight.t(), targets).detach(), TOL, "loss")
+    assert saved_tensor_shapes(lambda: ops.linear_cross_entropy(hidden.detach(), weight.detach(), targets)) == []
 
 
 def test_loss_chunk_size_by_vocab_and_from_config():
@@ -278,6 +304,64 @@ def test_activations_without_a_fused_form_use_the_fallback():
     x = torch.randn(3, 5)
     assert torch.equal(ops.activation("relu", x, torch.relu), torch.relu(x))
     assert torch.equal(ops.gated_activation("relu", x, x + 1, torch.relu), torch.relu(x) * (x + 1))
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu_new", "gelu"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_projected_activation_matches_float64_and_keeps_only_the_matmul_outputs(name, with_bias):
+    generator = torch.Generator().manual_seed(13)
+    x = 2 * torch.randn(3, 5, 12, generator=generator, dtype=torch.float64)
+    up = torch.randn(3, 5, 12, generator=generator, dtype=torch.float64) if name == "silu" else None
+    projection = torch.nn.Linear(12, 7, bias=with_bias, dtype=torch.float64)
+    act = transformers.activations.ACT2FN[name]
+    inputs = [t.requires_grad_() for t in (x, up) if t is not None] + list(projection.parameters())
+    grad_out = torch.randn(3, 5, 7, generator=generator, dtype=torch.float64)
+    expected = projection(act(x) * up if up is not None else act(x))
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, TOL)):
+        cast = projection.to(dtype)
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, up) if t is not None]
+        out = ops.projected_activation(name, leaves[0], cast, act, up=leaves[1] if up is not None else None)
+        assert type(out.grad_fn).__name__ == "_ActivationLinearBackward"
+        assert_close_rel(out.detach(), expected.detach(), tol, f"projected {name}")
+        got = torch.autograd.grad(out, leaves + list(cast.parameters()), grad_out.to(dtype))
+        for index, (g, want) in enumerate(zip(got, expected_grads, strict=True)):
+            assert_close_rel(g, want, tol, f"grad {index} of projected {name}")
+        projection.to(torch.float64)
+    kept = saved_tensor_shapes(lambda: ops.projected_activation(name, x, projection, act, up=up))
+    assert sorted(kept) == sorted([(3, 5, 12)] * (2 if up is not None else 1) + [(7, 12)]), kept  # x (, up), weight
+    stock_kept = saved_tensor_shapes(lambda: projection(act(x) * up if up is not None else act(x)))
+    activation_sized = [shape for shape in kept if torch.Size(shape).numel() == x.numel()]
+    stock_activation_sized = [shape for shape in stock_kept if torch.Size(shape).numel() == x.numel()]
+    assert len(stock_activation_sized) > len(activation_sized)  # stock also keeps the activation for the weight
+
+
+def test_projected_activation_on_a_transposed_conv1d_weight_and_the_stock_path_for_wrapped_projections():
+    from transformers.pytorch_utils import Conv1D
+
+    generator = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 6, 10, generator=generator, requires_grad=True)
+    conv = Conv1D(4, 10)
+    torch.nn.init.normal_(conv.weight, generator=generator)
+    torch.nn.init.normal_(conv.bias, generator=generator)
+    act = transformers.activations.ACT2FN["gelu_new"]
+    expected = conv(act(x))
+    got = ops.projected_activation("gelu_new", x, conv, act, projection_class=Conv1D, transposed=True)
+    assert type(got.grad_fn).__name__ == "_ActivationLinearBackward"
+    assert_close_rel(got.detach(), expected.detach(), TOL, "Conv1D projection")
+    leaves = [x, conv.weight, conv.bias]
+    for a, b in zip(grads_of(got.sum(), leaves), grads_of(expected.sum(), leaves), strict=True):
+        assert_close_rel(a, b, TOL, "Conv1D grads")
+    seen = []
+    handle = conv.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    try:
+        hooked = ops.projected_activation("gelu_new", x, conv, act, projection_class=Conv1D, transposed=True)
+    finally:
+        handle.remove()
+    assert seen == [(2, 6, 4)] and type(hooked.grad_fn).__name__ != "_ActivationLinearBackward"
+    assert_close_rel(hooked.detach(), expected.detach(), TOL, "hooked projection, stock path")
+    relu = ops.projected_activation("relu", x, conv, torch.relu, projection_class=Conv1D, transposed=True)
+    assert_close_rel(relu.detach(), conv(torch.relu(x)).detach(), TOL, "an activation without a fused form")
 
 
 def reference_rotary(x, cos, sin):
@@ -801,6 +885,6 @@ def test_triton_rotary_matches_float64_like_stock(dtype, layout):
         out = fn(x, angles.cos().cuda().to(dtype_), angles.sin().cuda().to(dtype_))
         return [out.detach(), *torch.autograd.grad(out, [leaf], grad_out.to(out.dtype))]
 
-    ours = run(dtype, ops.rotary)
-    assert_as_close_as_stock("rotary", ours, run(dtype, reference_rotary), run(torch.float64, reference_rotary), dtype)
+    ours, stock, reference = run(dtype, ops.rotary), run(dtype, reference_rotary), run(torch.float64, reference_rotary)
+    assert_as_close_as_stock("rotary", ours, stock, reference, dtype)
     triton_paths_ran()
