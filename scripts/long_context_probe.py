@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stock-lens", default="", help="comma-separated lengths for stock transformers")
     parser.add_argument("--stock-steps", type=int, default=2, help="steps per stock length (the last is timed)")
     parser.add_argument("--exactness-len", type=int, default=0, help="0: skip the exactness check")
+    parser.add_argument("--exactness-noise", action="store_true",
+                        help="also measure the bf16 noise: the plain model's LoRA gradients in bf16 against fp32")
+    parser.add_argument("--init-std", type=float, default=0.02, help="std of the random weights")
     parser.add_argument("--tile", type=int, default=16384, help="config.sequence_tile_size")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--checkpoints-on-device", type=int, default=0, help="config.checkpoints_on_device")
@@ -80,14 +83,14 @@ def lengths(text: str) -> list:
     return [int(item) for item in text.split(",") if item]
 
 
-def _randomize_(model: torch.nn.Module, seed: int) -> None:
+def _randomize_(model: torch.nn.Module, seed: int, std: float) -> None:
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name or ".ln_" in name:
                 param.fill_(1.0)
             else:
-                param.normal_(0.0, 0.02, generator=generator)
+                param.normal_(0.0, std, generator=generator)
 
 
 def _empty_model(model_class, config, device: str) -> torch.nn.Module:
@@ -118,7 +121,7 @@ def build_model(args: argparse.Namespace, layers: int, stock: bool = False):
             config._attn_implementation = "sdpa"
         model = _empty_model(module.LlamaForCausalLM, config, args.device)
         model.model.rotary_emb = module.LlamaRotaryEmbedding(config).to(args.device)  # float32 buffers, computed
-    _randomize_(model, seed=0)
+    _randomize_(model, seed=0, std=args.init_std)
     model.config.use_cache = False
     torch.manual_seed(0)
     lora = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=LORA_TARGETS[args.model],
@@ -142,11 +145,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def loss_and_backward(model, seq_len: int, seed: int = 0) -> torch.Tensor:
+def loss_and_backward(model, seq_len: int, seed: int = 0, autocast: bool = True) -> torch.Tensor:
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(model.config.vocab_size, (1, seq_len), generator=generator).to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     if not math.isfinite(loss.item()):
@@ -171,9 +174,24 @@ def lora_gradients(model) -> dict:
     return grads
 
 
-def exactness(model, seq_len: int) -> dict:
+def _differences(loss, grads: dict, expected_loss, expected: dict, prefix: str) -> dict:
+    """Relative differences of the loss and of each LoRA gradient (by norm): the largest, where, the mean."""
+    if grads.keys() != expected.keys() or any(grad.abs().sum() == 0 for grad in expected.values()):
+        raise AssertionError("the LoRA gradients are missing or zero: the comparison would prove nothing")
+    errors = {name: ((grads[name] - grad).norm() / grad.norm()).item() for name, grad in expected.items()}
+    worst = max(errors, key=errors.get)
+    return {
+        f"{prefix}loss_rel_diff": abs(loss.item() - expected_loss.item()) / abs(expected_loss.item()),
+        f"{prefix}grad_rel_diff_max": errors[worst], f"{prefix}grad_rel_diff_worst": worst,
+        f"{prefix}grad_rel_diff_mean": sum(errors.values()) / len(errors),
+    }  # fmt: skip
+
+
+def exactness(model, seq_len: int, noise: bool = False) -> dict:
     """Loss and LoRA gradients with the long-context options (tiles of ``seq_len / EXACTNESS_TILES`` tokens,
-    offloaded checkpoints) against the model without them (no checkpointing at all): relative differences."""
+    offloaded checkpoints) against the model without them (no checkpointing at all): relative differences.
+    ``noise``: also the plain model in bf16 against the same weights in fp32 without autocast (``noise_*``), the
+    yardstick of what bf16 alone changes."""
     configure(model, tile=0, offload=False, checkpointing=False)
     expected_loss = loss_and_backward(model, seq_len, seed=1)
     expected = lora_gradients(model)
@@ -181,16 +199,20 @@ def exactness(model, seq_len: int) -> dict:
     configure(model, tile=tile, offload=True, checkpointing=True)
     loss = loss_and_backward(model, seq_len, seed=1)
     grads = lora_gradients(model)
-    if grads.keys() != expected.keys() or any(grad.abs().sum() == 0 for grad in expected.values()):
-        raise AssertionError("the LoRA gradients are missing or zero: the comparison would prove nothing")
-    errors = {name: ((grads[name] - grad).norm() / grad.norm()).item() for name, grad in expected.items()}
-    worst = max(errors, key=errors.get)
-    return {
-        "tile": tile, "loss_without": round(expected_loss.item(), 6), "loss_with": round(loss.item(), 6),
-        "loss_rel_diff": abs(loss.item() - expected_loss.item()) / abs(expected_loss.item()),
-        "lora_tensors": len(errors), "grad_rel_diff_max": errors[worst], "grad_rel_diff_worst": worst,
-        "grad_rel_diff_mean": sum(errors.values()) / len(errors),
-    }  # fmt: skip
+    record = {"tile": tile, "loss_without": round(expected_loss.item(), 6), "loss_with": round(loss.item(), 6),
+              "lora_tensors": len(expected), **_differences(loss, grads, expected_loss, expected, "")}  # fmt: skip
+    if noise:
+        configure(model, tile=0, offload=False, checkpointing=False)
+        frozen = [param for param in model.parameters() if not param.requires_grad]
+        dtype = frozen[0].dtype
+        for param in frozen:  # bf16 -> fp32 -> bf16 is exact: the weights come back unchanged
+            param.data = param.data.float()
+        fp32_loss = loss_and_backward(model, seq_len, seed=1, autocast=False)
+        fp32 = lora_gradients(model)
+        for param in frozen:
+            param.data = param.data.to(dtype)
+        record.update(_differences(expected_loss, expected, fp32_loss, fp32, "noise_"))
+    return record
 
 
 def host_peak_rss_gib() -> float | None:
@@ -312,7 +334,8 @@ def run_ours(probe: Probe, args: argparse.Namespace) -> None:
     trainable = sum(param.numel() for param in model.parameters() if param.requires_grad)
     probe.write({"label": "built", "layers": layers, "trainable": trainable})
     if args.exactness_len:
-        probe.write({"label": "exactness", "seq_len": args.exactness_len, **exactness(model, args.exactness_len)})
+        result = exactness(model, args.exactness_len, args.exactness_noise)
+        probe.write({"label": "exactness", "seq_len": args.exactness_len, **result})
         _release(probe.device)
     n = args.throughput_len
     tiled = dict(tile=args.tile, checkpointing=True)

@@ -559,7 +559,7 @@ def test_long_context_probe_records_exactness_steps_and_memory(tmp_path, model_n
     stock = ["--stock-lens", "24"] if model_name == "llama3-8b" else []
     argv = ["--model", model_name, "--shape", json.dumps(PROBE_TINY[model_name]), "--device", "cpu", "--output",
             str(output), "--throughput-len", "24", "--long-lens", "40", "--shallow-lens", "48", "--exactness-len", "32",
-            "--tile", "8", "--lora-rank", "4", *stock]  # fmt: skip
+            "--tile", "8", "--lora-rank", "4", "--exactness-noise", *stock]  # fmt: skip
     assert probe.main(argv) == 0
     runs = json.loads(output.read_text())["runs"]
     steps = [(run["label"], run["layers"], run["seq_len"]) for run in runs if "step_s" in run]
@@ -574,3 +574,4 @@ def test_long_context_probe_records_exactness_steps_and_memory(tmp_path, model_n
     assert exactness["lora_tensors"] == 3 * 2 * (4 if model_name == "llama3-8b" else 2)
     assert exactness["tile"] == 8 and math.isfinite(exactness["loss_with"])
     assert exactness["loss_rel_diff"] <= 1e-2 and exactness["grad_rel_diff_max"] <= 5e-2, exactness
+    assert 0 < exactness["noise_grad_rel_diff_mean"] <= exactness["noise_grad_rel_diff_max"] < 1, exactness
