@@ -1953,6 +1953,118 @@ def classifier_dropout_probability(config) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
+# Padded batches run unpadded: the kept tokens of every row as one packed row (README, "Packed sequences")
+# ----------------------------------------------------------------------------------------------
+
+
+class PaddedRows:
+    """A padded batch ``[b, s]`` as one packed row ``[1, n]`` of its kept tokens, row after row, each row one
+    document (``cu_seq_lens_q``/``cu_seq_lens_k`` of the packed forms), and back. ``keep`` is the bool keep-mask;
+    finding the kept tokens reads their count on the host once."""
+
+    def __init__(self, keep: torch.Tensor):
+        self.keep = keep
+        self.batch, self.seq = keep.shape
+        self.indices = keep.reshape(-1).nonzero().squeeze(-1)
+        cu_seqlens = F.pad(keep.sum(-1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+        self.keywords = {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens}
+
+    def pack(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``[b or 1, s, ...]`` -> ``[1, n, ...]`` (the kept tokens in order)."""
+        if x is None:
+            return None
+        x = x.to(self.indices.device).expand(self.batch, self.seq, *x.shape[2:])
+        return x.reshape(self.batch * self.seq, *x.shape[2:]).index_select(0, self.indices)[None]
+
+    def pack_inputs(self, input_ids, inputs_embeds, position_ids) -> tuple:
+        """``(input_ids, inputs_embeds, position_ids)`` as the packed row; positions default to what a forward
+        without cache uses, ``0 .. s - 1`` in every row (left padding included)."""
+        if position_ids is None:
+            position_ids = torch.arange(self.seq, device=self.indices.device)[None]
+        return self.pack(input_ids), self.pack(inputs_embeds), self.pack(position_ids)
+
+    def unpack(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``[1, n, ...]`` -> ``[b, s, ...]`` with zeros at the padded positions."""
+        if x is None:
+            return None
+        flat = x.new_zeros(self.batch * self.seq, *x.shape[2:]).index_copy(0, self.indices.to(x.device), x[0])
+        return flat.view(self.batch, self.seq, *x.shape[2:])
+
+    def unpack_all(self, states: Optional[tuple]) -> Optional[tuple]:
+        return None if states is None else tuple(self.unpack(x) for x in states)
+
+
+def shifted_labels(labels: Optional[torch.Tensor], shift_labels=None, ignore_index: Optional[int] = None, **_):
+    """The target of every position of a causal LM, as transformers shifts ``labels`` (``shift_labels`` as given)."""
+    if shift_labels is not None or labels is None:
+        return shift_labels
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX if ignore_index is None else ignore_index)[..., 1:]
+
+
+def padded_rows(
+    model, attention_mask, input_ids=None, inputs_embeds=None, labels=None, past_key_values=None, use_cache=None,
+    output_attentions=None, logits_to_keep=0, **kwargs,
+) -> Optional[PaddedRows]:
+    """The ``PaddedRows`` of a causal LM forward that runs unpadded, or None for one that runs as it came.
+
+    Unpadded: a 2-D padding mask with at least one padded and one kept token, no cache given, none to build
+    (``use_cache`` false, or training mode: a padded training forward returns no cache), no attention weights
+    asked for, all logits asked for, no packed keywords already, ``config.unpad_batches`` not false, no label
+    that a padded position predicts (its loss term needs that position's output; with left padding, mask the
+    first token's label too), and not while compiling or exporting (finding the kept tokens is a host read:
+    compiled forwards keep the padding mask and run every row at full length). One host read decides.
+    """
+    config = model.config
+    inputs = input_ids if input_ids is not None else inputs_embeds
+    if inputs is None or attention_mask is None or attention_mask.dim() != 2:
+        return None
+    if tuple(attention_mask.shape) != tuple(inputs.shape[:2]) or inputs.dim() != 2 + (input_ids is None):
+        return None
+    use_cache = config.use_cache if use_cache is None else use_cache
+    output_attentions = config.output_attentions if output_attentions is None else output_attentions
+    if (
+        past_key_values is not None
+        or (use_cache and not model.training)
+        or output_attentions
+        or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
+        or varlen_keywords(kwargs)
+        or getattr(config, "unpad_batches", True) is False
+        or _is_tracing()
+    ):
+        return None
+    keep = attention_mask.to(inputs.device).bool()
+    targets = shifted_labels(labels, **kwargs)
+    stray = keep.new_zeros(()) if targets is None else (targets.to(keep.device) != kwargs.get("ignore_index", IGNORE_INDEX))
+    kept, predicted_from_padding = torch.stack([keep.sum(), (stray & ~keep).sum()]).tolist()
+    if kept in (0, keep.numel()):
+        return None
+    if predicted_from_padding:
+        _log_once("a padded batch with labels predicted from padded positions runs with every row at full length")
+        return None
+    if use_cache:
+        _log_once("a padded batch in training mode runs unpadded and returns no cache (use_cache is ignored)")
+    return PaddedRows(keep)
+
+
+def unpadded_lm_outputs(model, lm_head, hidden_states, labels, rows: PaddedRows, **kwargs) -> tuple:
+    """``(loss, logits)`` of a causal LM head over the packed hidden states ``[1, n, d]`` of ``rows``: the loss
+    over the kept positions (the fused LM head + loss where ``fused_loss_applies``), the same terms as
+    transformers' loss over the padded batch (``padded_rows`` made sure no padded position predicts a label);
+    logits ``[b, s, vocab]`` with zeros at padded positions (None with the fused loss)."""
+    targets = shifted_labels(labels, **kwargs)
+    kwargs.pop("shift_labels", None)
+    targets = rows.pack(targets)
+    if fused_loss_applies(model, lm_head, targets):
+        return lm_head_loss(hidden_states, lm_head, targets, model.config, shift_labels=targets, **kwargs), None
+    logits = lm_head(hidden_states)
+    loss = None
+    if targets is not None:
+        vocab_size = model.config.vocab_size
+        loss = model.loss_function(logits=logits, labels=None, vocab_size=vocab_size, shift_labels=targets, **kwargs)
+    return loss, rows.unpack(logits)
+
+
+# ----------------------------------------------------------------------------------------------
 # Choosing the backend: the one rule every caller uses (README, "Choosing the attention kernel")
 # ----------------------------------------------------------------------------------------------
 
@@ -3204,6 +3316,15 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
         the last that many positions (0 keeps all), a tensor gives the positions to keep. Extra keyword arguments
         go to the loss function (e.g. `num_items_in_batch`)."""
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        rows = None
+        if encoder_hidden_states is None:
+            rows = padded_rows(
+                self, attention_mask, input_ids, inputs_embeds, labels, past_key_values, use_cache,
+                output_attentions, logits_to_keep, **kwargs,
+            )
+        if rows is not None:  # a padded batch runs as one packed row of its kept tokens
+            input_ids, inputs_embeds, position_ids = rows.pack_inputs(input_ids, inputs_embeds, position_ids)
+            token_type_ids, attention_mask, use_cache = rows.pack(token_type_ids), None, False
         outputs = self.transformer(
             input_ids,
             cache_position=kwargs.pop("cache_position", None),
@@ -3218,10 +3339,12 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
-            **varlen_keywords(kwargs),
+            **(varlen_keywords(kwargs) if rows is None else rows.keywords),
         )
         hidden_states = outputs.last_hidden_state
-        if fused_loss_applies(self, self.lm_head, labels, logits_to_keep):
+        if rows is not None:
+            loss, logits = unpadded_lm_outputs(self, self.lm_head, hidden_states, labels, rows, **kwargs)
+        elif fused_loss_applies(self, self.lm_head, labels, logits_to_keep):
             loss = lm_head_loss(hidden_states, self.lm_head, labels, self.config, **kwargs)
             logits = None
         else:
@@ -3235,7 +3358,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
+            hidden_states=outputs.hidden_states if rows is None else rows.unpack_all(outputs.hidden_states),
             attentions=outputs.attentions,
             cross_attentions=outputs.cross_attentions,
         )

@@ -142,6 +142,9 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument(
         "--kernel-target-ms", type=float, default=None, help="timed time per kernel configuration (default 200 ms)"
     )
+    p.add_argument(
+        "--padded-cases", type=str_list, default=None, help="cases of the padded section (default: all; see padded.py)"
+    )
     p.add_argument("--quick", action="store_true", help="a smoke run: fewer sizes and repeats (tiny models on the CPU)")
     p.add_argument("--tiny", action="store_true", help="tiny models (default on the CPU with --quick)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,20 +1,25 @@
-"""The padded section: padded and packed training steps of our models on the default (auto) path.
+"""The padded section: padded and packed training steps of our models (forward + backward of the loss).
 
-Per family (8 layers, hidden 2048, bf16; LLaMA with 4 key/value heads for 16 query heads), forward + backward:
-  padded    8 rows x 4096 tokens with about 50% padding (fixed random lengths):
-              dense     the same batch with a caller's [b, 1, q, k] causal + padding mask (LLaMA, GPT-2: the
-                        dense-mask SDPA step, what a padded batch cost before the varlen path)
-              varlen    the 2-D padding mask (auto: varlen kernels, no [b, 1, q, k] tensor)
-              unpadded  the same number of real tokens as full rows without a mask (the memory target)
+Per family (8 layers, hidden 2048, bf16; LLaMA with 4 key/value heads for 16 query heads):
+  padded    8 rows x 4096 tokens with about 50% padding (fixed random lengths, right padding):
+              dense       a caller's [b, 1, q, k] causal + padding mask (LLaMA, GPT-2: what a padded batch cost
+                          on the dense-mask SDPA path; a 4-D mask keeps every row at full length)
+              full rows   the 2-D padding mask with ``config.unpad_batches = False``: varlen kernels, every other
+                          op on all 8 x 4096 positions (the default before the heads unpadded)
+              unpadded    the 2-D padding mask on the default path: the kept tokens as one packed row
+              unpadded flex   the same on the flex backend (document block mask) instead of SDPA varlen
+              same tokens the same number of real tokens as full rows without a mask (the memory target)
   packed    one 32768-token row of documents of random lengths (100 to 4096) given by restarting position_ids,
-            against the same row as one causal sequence.
+            on the default path and on flex (``--padded-cases`` picks cases; BLOOM's default is flex already).
 Records carry ``section: padded``; ``<out>/padded.md`` holds the table with the ratios of the targets
-(varlen <= 0.6x dense time, varlen peak <= 1.05x unpadded, packed within 1.1x of unpacked).
+(unpadded <= 0.6x dense time, unpadded peak <= 1.05x same tokens).
 
     python scripts/benchmark.py --section padded --family llama,bloom,qwen --out $OUT/bench
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -86,6 +91,45 @@ def measure(bench: Bench, model, inputs: dict) -> dict:
     }
 
 
+PADDED_CASES = ("padded dense", "padded full rows", "padded unpadded", "padded same tokens", "packed documents",
+                "packed one row", "padded unpadded flex", "packed documents flex")
+
+
+def padded_cases(family: str, seq: int, packed_seq: int, vocab: int, device) -> dict:
+    """Case name -> (inputs, config settings for the case) for one family."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = padded_lengths(seq)
+    padded = padded_case(lengths, seq, vocab, device)
+    packed, documents = packed_case(packed_seq, vocab, device, generator)
+    cases = {
+        "padded dense": (dense_mask_case(padded), {}),
+        "padded full rows": (padded, {"unpad_batches": False}),
+        "padded unpadded": (padded, {}),
+        "padded same tokens": (full_rows_case(sum(lengths), seq, vocab, device), {}),
+        "packed documents": (packed, {}),
+        "packed one row": (full_rows_case(packed_seq, packed_seq, vocab, device), {}),
+        "padded unpadded flex": (padded, {"attn_backend": "flex"}),
+        "packed documents flex": (packed, {"attn_backend": "flex"}),
+    }
+    if family not in TAKES_4D_MASK:
+        del cases["padded dense"]
+    if family == "bloom":  # ALiBi with documents runs on flex by default
+        del cases["padded unpadded flex"], cases["packed documents flex"]
+    return cases, documents
+
+
+@contextlib.contextmanager
+def config_settings(model, settings: dict):
+    saved = {name: getattr(model.config, name, None) for name in settings}
+    for name, value in settings.items():
+        setattr(model.config, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(model.config, name, value)
+
+
 def run_padded_family(bench: Bench, family: str) -> list:
     tiny = bench.tiny
     seq, packed_seq = (32, 256) if tiny else (4096, 32768)
@@ -95,18 +139,12 @@ def run_padded_family(bench: Bench, family: str) -> list:
         kwargs["num_key_value_heads"] = max(1, dims.heads // 4)
     kwargs["use_cache"] = False
     model = bench.factory.build(family, "ours:auto", kwargs, bench.dtype).train()
-    device, vocab = bench.device, dims.vocab
-    generator = torch.Generator().manual_seed(0)
-    lengths = padded_lengths(seq)
-    padded = padded_case(lengths, seq, vocab, device)
-    packed, documents = packed_case(packed_seq, vocab, device, generator)
-    cases = {"padded varlen": padded, "padded unpadded": full_rows_case(sum(lengths), seq, vocab, device)}
-    if family in TAKES_4D_MASK:
-        cases["padded dense"] = dense_mask_case(padded)
-    cases["packed documents"] = packed
-    cases["packed one row"] = full_rows_case(packed_seq, packed_seq, vocab, device)
+    cases, documents = padded_cases(family, seq, packed_seq, dims.vocab, bench.device)
+    chosen = bench.args.padded_cases or PADDED_CASES
     records = []
-    for case, inputs in cases.items():
+    for case, (inputs, settings) in cases.items():
+        if case not in chosen:
+            continue
         record = {
             "section": "padded",
             "family": family,
@@ -115,10 +153,12 @@ def run_padded_family(bench: Bench, family: str) -> list:
             "batch": inputs["input_ids"].shape[0],
             "tokens": int((inputs["labels"] != -100).sum()),
             "dtype": str(bench.dtype).replace("torch.", ""),
+            "settings": settings,
         }
-        if case == "packed documents":
+        if case.startswith("packed documents"):
             record["documents"] = documents
-        record = bench.rec.write(run_guarded(bench, record, lambda: measure(bench, model, inputs)))
+        with config_settings(model, settings):
+            record = bench.rec.write(run_guarded(bench, record, lambda: measure(bench, model, inputs)))
         bench.rec.say(f"padded {family} {case}: {record.get('step_ms') or record['status']} ms, {record.get('peak_mem_mb')} MB")
         records.append(record)
     del model
@@ -139,14 +179,16 @@ def padded_table(records: list) -> str:
         step = f"{r['step_ms']:.1f} ms" if r.get("step_ms") is not None else r.get("status", "?")
         peak = f"{r['peak_mem_mb']:.0f} MB" if r.get("peak_mem_mb") is not None else "-"
         rows.append(f"| {r['family']} | {r['impl']} | {r['batch']} x {r['seq']} | {r['tokens']} | {step} | {peak} |")
-    lines = ["", "| family | varlen / dense time (<= 0.6) | varlen / unpadded peak (<= 1.05) | packed / one row time (<= 1.1) |",
-             "|---|---|---|---|"]
+    lines = ["", "| family | unpadded / dense time (<= 0.6) | unpadded / full rows time | unpadded / same tokens peak "
+             "(<= 1.05) | flex / varlen time, padded | flex / varlen time, packed |", "|---|---|---|---|---|---|"]
     for family in dict.fromkeys(r["family"] for r in records):
         mine = [r for r in records if r["family"] == family]
         cells = [
-            ratio(mine, "padded varlen", "padded dense", "step_ms"),
-            ratio(mine, "padded varlen", "padded unpadded", "peak_mem_mb"),
-            ratio(mine, "packed documents", "packed one row", "step_ms"),
+            ratio(mine, "padded unpadded", "padded dense", "step_ms"),
+            ratio(mine, "padded unpadded", "padded full rows", "step_ms"),
+            ratio(mine, "padded unpadded", "padded same tokens", "peak_mem_mb"),
+            ratio(mine, "padded unpadded flex", "padded unpadded", "step_ms"),
+            ratio(mine, "packed documents flex", "packed documents", "step_ms"),
         ]
         lines.append(f"| {family} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
     return "\n".join(rows + lines) + "\n"
