@@ -18,6 +18,7 @@ import sys
 from .attention import (
     AUTO_ORDER,
     BACKENDS,
+    BackendFailure,
     DropoutMatmul,
     ForwardMask,
     LightSoftmax,
@@ -42,6 +43,7 @@ _REGISTRY_MODULE = "transformers.modeling_utils"  # defines AttentionInterface; 
 __all__ = [
     "AUTO_ORDER",
     "BACKENDS",
+    "BackendFailure",
     "BetterTransformer",
     "DropoutMatmul",
     "ForwardMask",

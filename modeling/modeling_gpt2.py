@@ -21,6 +21,7 @@ from torch import nn
 from transformers import GenerationMixin, GPT2Config, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -31,6 +32,11 @@ from transformers.modeling_outputs import (
 from transformers.models.gpt2.modeling_gpt2 import GPT2DoubleHeadsModelOutput, GPT2SequenceSummary
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
+
+try:  # where transformers keeps OutputRecorder (for `_can_record_outputs`): 5.2x, then 4.57 / 5.0
+    from transformers.utils.output_capturing import OutputRecorder
+except ImportError:
+    from transformers.utils.generic import OutputRecorder
 
 # Version guard: transformers 5 re-runs `_init_weights` over loaded modules and ships init
 # functions that skip tensors it has already loaded; transformers 4 only initializes missing weights.
@@ -55,7 +61,6 @@ import math
 import os
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -114,6 +119,8 @@ class AttentionCall:
     # The tensors behind mask_kind "padding" and alibi, for a backend that must read their values to decide.
     padding_mask: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
     slopes: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+    # The forward's ForwardMask when the caller passed one: where checks of values are kept for the forward.
+    holder: Optional["ForwardMask"] = field(default=None, compare=False, repr=False)
 
     @property
     def causal_offset(self) -> int:
@@ -130,17 +137,21 @@ class AttentionCall:
 class ForwardMask:
     """One forward pass's attention mask, made once by the model and handed to every layer.
 
-    It carries the mask tensor (what ``attention()`` takes as ``attention_mask``) and the flex block masks
-    built from it, so flex builds a block mask once per forward rather than once per layer, and nothing
-    outlives the forward: no cache keyed by tensor identity. ``attention()`` takes it wherever it takes a
-    mask tensor; ``dim()``, ``shape``, ``dtype`` and ``device`` are the tensor's.
+    It carries the mask tensor (what ``attention()`` takes as ``attention_mask``; None for a forward without
+    one), the flex block masks built from it, and in ``kept`` other values worked out once per forward (the
+    cudnn backend's checks of the padding layout and the ALiBi slopes, a patched model's slopes). So each of
+    those happens once per forward rather than once per layer, and nothing outlives the forward: no cache
+    keyed by tensor identity.
+    ``attention()`` takes it wherever it takes a mask tensor; ``dim()``, ``shape``, ``dtype`` and ``device``
+    are the tensor's.
     """
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: Optional[torch.Tensor]):
         if isinstance(tensor, ForwardMask):
             tensor = tensor.tensor
         self.tensor = tensor
         self.block_masks: dict = {}
+        self.kept: dict = {}
 
     def dim(self) -> int:
         return self.tensor.dim()
@@ -158,9 +169,11 @@ class ForwardMask:
         return self.tensor.device
 
 
-def forward_mask(mask: Optional[torch.Tensor]) -> Optional[ForwardMask]:
-    """The mask a model hands to all its layers for one forward pass (None stays None)."""
-    return None if mask is None else ForwardMask(mask)
+def forward_mask(mask: Optional[torch.Tensor], without_mask: bool = False) -> Optional[ForwardMask]:
+    """The mask a model hands to all its layers for one forward pass. None stays None unless
+    ``without_mask``: then a holder without a tensor, for a model whose layers hand it only to ``attention()``
+    (so packed-document block masks and the slopes check happen once per forward there too)."""
+    return None if mask is None and not without_mask else ForwardMask(mask)
 
 
 def _mask_tensor(mask) -> Optional[torch.Tensor]:
@@ -273,6 +286,7 @@ def _check_options(q, attention_mask, alibi_slopes, causal, dropout_p) -> None:
 
 
 def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids=None) -> AttentionCall:
+    holder = attention_mask if isinstance(attention_mask, ForwardMask) else None
     attention_mask = _mask_tensor(attention_mask)
     _check_tensors(q, k, v)
     _check_options(q, attention_mask, alibi_slopes, causal, dropout_p)
@@ -295,6 +309,7 @@ def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence
         needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
         padding_mask=attention_mask if mask_kind == "padding" else None,
         slopes=alibi_slopes,
+        holder=holder,
     )
 
 
@@ -1180,7 +1195,6 @@ class _CudnnPlans:
 _cudnn_plans = _CudnnPlans()
 _cudnn_handles: dict = {}
 _cudnn_handles_lock = threading.Lock()
-_cudnn_checked: dict = {}
 
 
 def cudnn_plan_cache_info() -> dict:
@@ -1210,18 +1224,16 @@ def _cudnn_bucket(length: int) -> int:
     return -(-length // granule) * granule
 
 
-def _remembered_check(slot: str, tensor: torch.Tensor, check: Callable[[torch.Tensor], bool]) -> bool:
-    """``check(tensor)`` (one host read), reused while the same tensor object is alive and unmodified: every
-    layer of a forward pass passes the same padding mask and slopes. Inference tensors (made under
-    ``torch.inference_mode()``) have no version counter, so their check is not remembered."""
-    if tensor.is_inference():
+def _checked_per_forward(call: AttentionCall, slot: str, tensor: torch.Tensor, check: Callable[[torch.Tensor], bool]) -> bool:
+    """``check(tensor)`` (one host read). Every layer of a forward passes the same padding mask and slopes, so
+    with the forward's ``ForwardMask`` the result is kept there for that tensor; without one (a bare tensor
+    mask) every call checks."""
+    if call.holder is None:
         return bool(check(tensor))
-    entry = _cudnn_checked.get(slot)
-    if entry is not None and entry[0]() is tensor and entry[1] == tensor._version:
-        return entry[2]
-    result = bool(check(tensor))
-    _cudnn_checked[slot] = (weakref.ref(tensor), tensor._version, result)
-    return result
+    entry = call.holder.kept.get(("checked", slot))
+    if entry is None or entry[0] is not tensor:
+        entry = call.holder.kept[("checked", slot)] = (tensor, bool(check(tensor)))
+    return entry[1]
 
 
 def _is_right_padding(mask: torch.Tensor) -> bool:
@@ -1270,24 +1282,61 @@ def _cudnn_mask_options(graph, flags: _CudnnFlags, lengths) -> tuple:
     return options, length_tensors
 
 
+class BackendFailure(RuntimeError):
+    """A backend's own library refused or failed to run a call that the capability checks let through (for
+    cudnn: the frontend's ``cudnnGraphNotSupportedError``, or the RuntimeError/ValueError its binding raises
+    from a graph build, plan or launch). ``auto`` skips that backend for such calls and runs the next one;
+    an explicit request raises it. The library's error is the ``__cause__``."""
+
+
+def _is_library_error(error: Exception, library: str) -> bool:
+    """An error a library reports about a call (its own exception types, RuntimeError, ValueError), as opposed
+    to running out of memory or a bug (AssertionError, TypeError, KeyError, ...) in the code calling it."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    return isinstance(error, (RuntimeError, ValueError)) or type(error).__module__.split(".")[0] == library
+
+
+@contextmanager
+def _failures_owned_by(backend: str, library: str):
+    """Errors ``library`` raises inside, re-raised as ``BackendFailure``s of ``backend``; others as they are."""
+    try:
+        yield
+    except Exception as error:
+        if not _is_library_error(error, library):
+            raise
+        raise BackendFailure(f"{backend}: {type(error).__name__}: {error}") from error
+
+
 def _cudnn_finish(cudnn, graph, operands: tuple) -> tuple:
+    """The built plan: the graph, which of ``operands`` it binds (some are None where the graph lacks them,
+    e.g. stats in inference) with their uids, and its workspace size."""
     graph.validate()
     graph.build_operation_graph()
     graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
     graph.check_support()
     graph.build_plans()
-    return graph, operands, graph.get_workspace_size()
+    slots = tuple(i for i, operand in enumerate(operands) if operand is not None)
+    uids = tuple(operands[i].get_uid() for i in slots)
+    return graph, slots, uids, graph.get_workspace_size()
+
+
+def _cudnn_plan(key: tuple, build: Callable[[], tuple]) -> tuple:
+    with _failures_owned_by("cudnn", "cudnn"):
+        return _cudnn_plans.get(key, build)
 
 
 def _cudnn_execute(cudnn, plan: tuple, buffers: tuple, device: torch.device) -> None:
-    """Run a built graph on the current CUDA stream; ``buffers`` line up with the plan's graph tensors."""
-    graph, operands, workspace_size = plan
+    """Run a built graph on the current CUDA stream; ``buffers`` line up with the operands the plan was built
+    from. They go to the frontend in order with their uids (``tensor_uids``) rather than as a dict keyed by
+    graph tensor: a shorter path through its Python (0.68 instead of 0.83 ms for an ALiBi forward + backward at
+    2k tokens on an H200, bit-identical; ``scripts/check_cudnn.py --sections execute``)."""
+    graph, slots, uids, workspace_size = plan
     handle, lock = _cudnn_handle(cudnn, device)
     workspace = torch.empty(workspace_size, device=device, dtype=torch.uint8)
-    pack = {operand: buffer for operand, buffer in zip(operands, buffers) if operand is not None}
-    with lock:
+    with lock, _failures_owned_by("cudnn", "cudnn"):
         cudnn.set_stream(handle, _cuda_stream(device))
-        graph.execute(pack, workspace, handle=handle)
+        graph.execute([buffers[i] for i in slots], workspace, handle=handle, tensor_uids=uids)
 
 
 def _cudnn_forward(q, k, v, lengths: tuple, flags: _CudnnFlags, with_stats: bool):
@@ -1309,7 +1358,7 @@ def _cudnn_forward(q, k, v, lengths: tuple, flags: _CudnnFlags, with_stats: bool
             tstats.set_output(True).set_data_type(cudnn.data_type.FLOAT)
         return _cudnn_finish(cudnn, graph, (tq, tk, tv, to, tstats if with_stats else None, *length_tensors))
 
-    plan = _cudnn_plans.get(key, build)
+    plan = _cudnn_plan(key, build)
     _cudnn_execute(cudnn, plan, (q, k, v, out, stats, *lengths), q.device)
     return out, stats
 
@@ -1332,7 +1381,7 @@ def _cudnn_backward(q, k, v, out, stats, grad_out, lengths: tuple, flags: _Cudnn
             tensor.set_output(True).set_dim(list(like.shape)).set_stride(list(like.stride()))
         return _cudnn_finish(cudnn, graph, (*inputs, *outputs, *length_tensors))
 
-    plan = _cudnn_plans.get(key, build)
+    plan = _cudnn_plan(key, build)
     _cudnn_execute(cudnn, plan, (q, k, v, out, grad_out, stats, *grads, *lengths), q.device)
     return grads
 
@@ -1450,8 +1499,8 @@ def _cannot_flash_attn(call: AttentionCall) -> Optional[str]:
 
 
 def _cannot_cudnn(call: AttentionCall) -> Optional[str]:
-    """cuDNN's own rules, plus what this backend's glue takes. The padding layout and the slopes are
-    values, so they are read once per tensor object (one host read per forward pass, not per layer)."""
+    """cuDNN's own rules, plus what this backend's glue takes. The padding layout and the slopes are values,
+    read once per forward with the forward's ``ForwardMask`` (not once per layer), else once per call."""
     if call.device_type != "cuda":
         return "cudnn runs only on CUDA"
     if call.dtype not in (torch.float16, torch.bfloat16):
@@ -1468,9 +1517,9 @@ def _cannot_cudnn(call: AttentionCall) -> Optional[str]:
         return "cudnn here takes no attention dropout (cuDNN refuses it with ALiBi; sdpa runs plain dropout)"
     if torch.compiler.is_compiling() or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return "cudnn graphs run eagerly: not inside torch.compile or a CUDA graph capture"
-    if call.alibi and not _remembered_check("slopes", call.slopes, _are_bloom_slopes):
+    if call.alibi and not _checked_per_forward(call, "slopes", call.slopes, _are_bloom_slopes):
         return "cudnn computes BLOOM's ALiBi slopes itself and cannot take other slopes"
-    if call.mask_kind == "padding" and not _remembered_check("padding", call.padding_mask, _is_right_padding):
+    if call.mask_kind == "padding" and not _checked_per_forward(call, "padding", call.padding_mask, _is_right_padding):
         return "cudnn takes only right padding (a kept prefix of every row), not left padding"
     return None
 
@@ -1609,7 +1658,7 @@ def _signature(name: str, call: AttentionCall) -> tuple:
 
 def _is_backend_failure(error: BaseException) -> bool:
     """An import or kernel-availability failure of the backend itself, which another backend can avoid."""
-    if isinstance(error, (ImportError, NotImplementedError)):
+    if isinstance(error, (BackendFailure, ImportError, NotImplementedError)):
         return True
     if type(error).__module__.startswith(("torch._dynamo", "torch._inductor", "triton")):
         return True
@@ -1717,12 +1766,11 @@ def attention(
     positions do). Padded or packed calls never build a ``[b, 1, q_len, k_len]`` mask except on ``eager``
     and for a user's 4-D mask; outputs at padded query positions are unspecified (zeros on varlen kernels).
     """
-    holder = attention_mask if isinstance(attention_mask, ForwardMask) else None
     mask = _mask_tensor(attention_mask)
     requested = backend_from_config(None, backend)
     _check_are_tensors(q, k, v)
     q, k, v = _autocast_inputs(q, k, v)
-    call = _describe(q, k, v, causal, mask, alibi_slopes, dropout_p, sequence_ids)
+    call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
@@ -1731,7 +1779,7 @@ def attention(
         dropout_matmul=dropout_matmul,
         chunk_size=_chunk_sizes(chunk_size),
         flex_static_shapes=_flex_static_limit(flex_static_shapes),
-        holder=holder,
+        holder=call.holder,
         sequence_ids=sequence_ids,
     )
     if requested == "auto":
@@ -1785,6 +1833,13 @@ def attention_recording_weights(q, k, v, weights: Optional[list], **kwargs) -> t
     output, layer_weights = attention_with_weights(q, k, v, **{n: kwargs[n] for n in _WEIGHTS_ARGUMENTS if n in kwargs})
     weights.append(layer_weights)
     return output
+
+
+def recorded_weights(weights: Optional[list]) -> Optional[torch.Tensor]:
+    """The weights ``attention_recording_weights`` appended last, or None when none were asked for. Attention
+    modules return them beside their output, as transformers' do, so that transformers' output-capturing hooks
+    (``_can_record_outputs``) find the same weights as ``output_attentions``."""
+    return weights[-1] if weights else None
 
 
 def available_backends(device: Optional[str] = None) -> list:
@@ -1926,7 +1981,8 @@ def check_cache_type(past_key_values) -> None:
 
 def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optional[tuple]:
     """The hidden states a model returns: all of them for ``output_hidden_states=True``, None when it is false,
-    and for an index or list of indices (transformers 5's selection; negative ones count from the end) those."""
+    and for an index or list of indices (transformers 5's selection; negative ones count from the end) a tuple of
+    the same length holding the selected states and None elsewhere, as transformers' output capture returns."""
     if not output_hidden_states:
         return None
     if output_hidden_states is True:
@@ -1934,7 +1990,7 @@ def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optiona
     count = len(hidden_states)
     indices = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
     keep = {index % count for index in indices if -count <= index < count}
-    return tuple(state for index, state in enumerate(hidden_states) if index in keep)
+    return tuple(state if index in keep else None for index, state in enumerate(hidden_states))
 
 
 def span_logits(logits: torch.Tensor) -> tuple:
@@ -1960,10 +2016,9 @@ def classifier_dropout_probability(config) -> float:
 class PaddedRows:
     """A padded batch ``[b, s]`` as one packed row ``[1, n]`` of its kept tokens, row after row, each row one
     document (``cu_seq_lens_q``/``cu_seq_lens_k`` of the packed forms), and back. ``keep`` is the bool keep-mask;
-    finding the kept tokens reads their count on the host once."""
+    finding the kept tokens (``nonzero``) reads their count on the host."""
 
     def __init__(self, keep: torch.Tensor):
-        self.keep = keep
         self.batch, self.seq = keep.shape
         self.indices = keep.reshape(-1).nonzero().squeeze(-1)
         cu_seqlens = F.pad(keep.sum(-1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
@@ -2034,8 +2089,10 @@ def padded_rows(
         return None
     keep = attention_mask.to(inputs.device).bool()
     targets = shifted_labels(labels, **kwargs)
-    stray = keep.new_zeros(()) if targets is None else (targets.to(keep.device) != kwargs.get("ignore_index", IGNORE_INDEX))
-    kept, predicted_from_padding = torch.stack([keep.sum(), (stray & ~keep).sum()]).tolist()
+    predicted = keep.new_zeros(())
+    if targets is not None:
+        predicted = targets.to(keep.device) != kwargs.get("ignore_index", IGNORE_INDEX)
+    kept, predicted_from_padding = torch.stack([keep.sum(), (predicted & ~keep).sum()]).tolist()
     if kept in (0, keep.numel()):
         return None
     if predicted_from_padding:
@@ -2977,8 +3034,9 @@ class GPT2Attention(nn.Module):
         backend: str,
         attention_weights: list | None = None,
         sequence_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Given an `attention_weights` list, the weights are computed and appended to it (`output_attentions`)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Given an `attention_weights` list, the weights are computed, appended to it (`output_attentions`) and
+        returned beside the output, as stock's attention returns them; otherwise None."""
         query, key, value = self.c_attn(hidden_states).split(self.embed_dim, dim=2)
         query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
         if past_key_values is not None:
@@ -2987,7 +3045,7 @@ class GPT2Attention(nn.Module):
 
         output = self._attend(query, key, value, mask, causal, backend, attention_weights, sequence_ids)
         output = output.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.embed_dim)
-        return self.resid_dropout(self.c_proj(output))
+        return self.resid_dropout(self.c_proj(output)), recorded_weights(attention_weights)
 
 
 class EncoderContext(NamedTuple):
@@ -3021,12 +3079,14 @@ class GPT2CrossAttention(GPT2Attention):
             cache.is_updated[self.layer_idx] = True
         return key, value
 
-    def forward(self, hidden_states: torch.Tensor, encoder: EncoderContext, backend: str) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, encoder: EncoderContext, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         query = self._split_heads(self.q_attn(hidden_states))
         key, value = self._encoder_keys_values(encoder)
         output = self._attend(query, key, value, encoder.mask, False, backend, encoder.weights)
         output = output.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.embed_dim)
-        return self.resid_dropout(self.c_proj(output))
+        return self.resid_dropout(self.c_proj(output)), recorded_weights(encoder.weights)
 
 
 def encoder_keep_mask(encoder_attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -3051,14 +3111,16 @@ class GPT2MLP(nn.Module):
         return self.dropout(self.c_proj(hidden_states))
 
 
-class GPT2Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+class GPT2Block(LongContextCheckpointing, GradientCheckpointingLayer):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)). Checkpointed in training as
+    stock's blocks are (``gradient_checkpointing_enable``), or offloaded with ``config.offload_checkpoints``."""
 
     def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
         hidden_size = config.hidden_size
         inner_dim = config.n_inner if config.n_inner is not None else 4 * hidden_size
         self.config = config
+        self.layer_idx = layer_idx
         self.ln_1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.attn = GPT2Attention(config, layer_idx)
         if config.add_cross_attention:
@@ -3072,9 +3134,9 @@ class GPT2Block(nn.Module):
         hidden_states: torch.Tensor,
         mask: torch.Tensor | None,
         causal: bool,
-        past_key_values: Cache | None,
-        cache_position: torch.Tensor | None,
-        backend: str,
+        past_key_values: Cache | None = None,
+        cache_position: torch.Tensor | None = None,
+        backend: str = "auto",
         attention_weights: list | None = None,
         sequence_ids: torch.Tensor | None = None,
         encoder: EncoderContext | None = None,
@@ -3082,14 +3144,15 @@ class GPT2Block(nn.Module):
         """`past_key_values` is the self-attention cache; `encoder` feeds the cross-attention (if the block has one)."""
         tile_size = sequence_tile_size(self.config)
         attn_input = sequence_tiled((self.ln_1,), hidden_states, tile_size)
-        attended = self.attn(
+        attended, _ = self.attn(
             attn_input, mask, causal, past_key_values, cache_position, backend, attention_weights, sequence_ids
         )
         hidden_states = hidden_states + attended
         if encoder is not None:
             if not hasattr(self, "crossattention"):
                 raise ValueError("encoder_hidden_states need a model built with config.add_cross_attention=True")
-            hidden_states = hidden_states + self.crossattention(self.ln_cross_attn(hidden_states), encoder, backend)
+            attended, _ = self.crossattention(self.ln_cross_attn(hidden_states), encoder, backend)
+            hidden_states = hidden_states + attended
         return hidden_states + sequence_tiled((self.ln_2, self.mlp), hidden_states, tile_size)
 
 
@@ -3107,6 +3170,12 @@ class GPT2PreTrainedModel(PreTrainedModel):
     # as stock declares: compiles with fullgraph=True (static caches included), takes any attention backend name
     _can_compile_fullgraph = True
     _supports_attention_backend = True
+    # what transformers' output-capturing hooks record, as stock declares it (our forward collects the same itself)
+    _can_record_outputs = {
+        "hidden_states": GPT2Block,
+        "attentions": OutputRecorder(GPT2Attention, layer_name=".attn", index=1),
+        "cross_attentions": OutputRecorder(GPT2Attention, layer_name=".crossattention", index=1),
+    }
     # Old checkpoints carry the causal-mask buffers of the original implementation.
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias$", r"attn\.masked_bias$"]
 
@@ -3190,8 +3259,7 @@ class GPT2Model(GPT2PreTrainedModel):
         )
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        offload = offload_checkpoints(self.config) and self.training
-        checkpointing = (self.gradient_checkpointing or offload) and self.training
+        checkpointing = self.training and any(block.gradient_checkpointing for block in self.h)
         if checkpointing and use_cache:
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
             use_cache = False
@@ -3240,29 +3308,20 @@ class GPT2Model(GPT2PreTrainedModel):
         backend = resolved_backend(self.config)
         all_hidden_states = []
         all_attentions = [] if output_attentions else None
-        for index, block in enumerate(self.h):
+        for block in self.h:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            checkpointed_arguments = (mask, causal, None, cache_position, backend, all_attentions, sequence_ids, encoder)
-            if offload:
-                keep = keeps_checkpoint_on_device(self.config, index)
-                hidden_states = offloaded_checkpoint(
-                    block, block.__call__, hidden_states, *checkpointed_arguments, keep_on_device=keep
-                )
-            elif checkpointing:
-                hidden_states = self._gradient_checkpointing_func(block.__call__, hidden_states, *checkpointed_arguments)
-            else:
-                hidden_states = block(
-                    hidden_states,
-                    mask,
-                    causal,
-                    self_attention_cache,
-                    cache_position,
-                    backend,
-                    all_attentions,
-                    sequence_ids,
-                    encoder,
-                )
+            hidden_states = block(
+                hidden_states,
+                mask,
+                causal,
+                past_key_values=self_attention_cache,
+                cache_position=cache_position,
+                backend=backend,
+                attention_weights=all_attentions,
+                sequence_ids=sequence_ids,
+                encoder=encoder,
+            )
         hidden_states = sequence_tiled((self.ln_f,), hidden_states, sequence_tile_size(self.config))
         hidden_states = hidden_states.view(*input_shape, -1)
         if output_hidden_states:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import BACKENDS, alibi_slopes, attention
+from .attention import BACKENDS, ForwardMask, alibi_slopes, attention
 
 __all__ = [
     "REGISTERED_NAMES",
@@ -175,19 +175,35 @@ def _kernel_arguments(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor
       only for causal patterns; ``is_causal`` is ignored, as sdpa ignores it when given a mask).
     * 4-D bool ``[batch, 1, 1, k_len]``: a padding keep-mask for bidirectional attention.
     * Any other 4-D mask (bool or additive) already says which keys each query sees: passed as is.
+    A mask in our mask function's ``ForwardMask`` is handed on as that object where no cut is needed.
     Returns ``(key, value, kernel_mask, causal)``.
     """
     k_len = key.shape[2]
+    holder, mask = _forward_mask_parts(mask)
     if mask is None:
         if is_causal and 1 < q_len < k_len:
             key, value = key[:, :, :q_len], value[:, :, :q_len]
-        return key, value, None, is_causal
+        return key, value, holder, is_causal
     if mask.dim() == 2:
-        return key, value, mask[:, -k_len:].bool(), True
-    mask = mask[..., :k_len]
+        return key, value, _as_given(holder, mask, k_len, mask[:, -k_len:].bool()), True
     if mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] == 1:
-        return key, value, mask[:, 0, 0, :].expand(key.shape[0], k_len), False
-    return key, value, mask, False
+        return key, value, mask[:, 0, 0, :k_len].expand(key.shape[0], k_len), False
+    return key, value, _as_given(holder, mask, k_len, mask[..., :k_len]), False
+
+
+def _forward_mask_parts(mask) -> tuple:
+    """``(ForwardMask or None, tensor or None)`` of a mask our mask function made (or a bare tensor/None)."""
+    if isinstance(mask, (ForwardMask, _bloom_modeling_module().ForwardMask)):
+        return mask, mask.tensor
+    return None, mask
+
+
+def _as_given(holder: ForwardMask | None, mask: torch.Tensor, k_len: int, cut: torch.Tensor):
+    """The forward's ``ForwardMask`` when its tensor already is the form the kernel takes (bool where 2-D,
+    ``k_len`` keys wide), so that every layer hands on one object; else ``cut``, made for this layer."""
+    if holder is not None and mask.shape[-1] == k_len and (mask.dim() == 4 or mask.dtype == torch.bool):
+        return holder
+    return cut
 
 
 def _padding_keep(attention_mask: torch.Tensor | None, kv_length: int, kv_offset: int) -> torch.Tensor | None:
@@ -212,6 +228,11 @@ def kernel_layer_mask(**mask_kwargs: Any):
     ``[batch, 1, 1, kv_length]`` keep-mask for bidirectional attention with padding, and otherwise whatever
     transformers' sdpa mask function returns for the same call (None for unpadded causal/bidirectional calls,
     where the attention function then relies on ``is_causal``, or a 4-D bool mask for every other pattern).
+    transformers makes the mask once per forward and hands it to every layer, so the causal keep-mask and a
+    4-D mask come inside a ``ForwardMask`` (so does a patched BLOOM's causal call without padding, for its
+    slopes; a patched BLOOM gets modeling_bloom's class, whose copy of the kernel layer runs its attention):
+    flex's block mask and cudnn's checks then happen once per forward, not once per layer. (The
+    bidirectional keep-mask stays a tensor: the attention function makes a new 2-D mask of it per layer.)
     """
     config = mask_kwargs.get("config")
     if config is not None and not _attention_reads_our_mask(config):
@@ -223,11 +244,17 @@ def kernel_layer_mask(**mask_kwargs: Any):
         pattern = None
     if pattern == "causal" and _query_end(mask_kwargs) != kv_offset + kv_length:
         pattern = None  # queries not aligned with the last keys (static cache): needs the explicit mask
+    patched_bloom = config is not None and _is_patched_bloom(config)
+    holder = _bloom_modeling_module().ForwardMask if patched_bloom else ForwardMask
     if pattern is not None:
         keep = _padding_keep(mask_kwargs.get("attention_mask"), kv_length, kv_offset)
-        if keep is not None and not bool(keep.all()):
-            return keep if pattern == "causal" else keep[:, None, None, :]
-    return _stock_mask_function("sdpa")(**mask_kwargs)
+        padded = keep is not None and not bool(keep.all())
+        if pattern == "causal" and (padded or patched_bloom):
+            return holder(keep if padded else None)
+        if padded:
+            return keep[:, None, None, :]
+    mask = _stock_mask_function("sdpa")(**mask_kwargs)
+    return holder(mask) if mask is not None and mask.dim() == 4 and not _is_tracing() else mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,6 +319,13 @@ def register_attention_backends() -> list[str]:
 _KERNEL_ATTENTION = "_mea_kernel_attention"  # where a stock BloomAttention keeps its kernel-layer twin
 
 
+def _bloom_modeling_module() -> types.ModuleType:
+    """Our modeling_bloom.py (loaded on first use): its attention module, and its copy of the kernel layer."""
+    from . import modeling_bloom
+
+    return modeling_bloom
+
+
 def _bloom_kernel_attention(stock: nn.Module) -> nn.Module:
     """modeling_bloom.py's ``BloomAttention`` sharing ``stock``'s projections: one BLOOM attention code path.
 
@@ -300,8 +334,7 @@ def _bloom_kernel_attention(stock: nn.Module) -> nn.Module:
     """
     twin = stock.__dict__.get(_KERNEL_ATTENTION)
     if twin is None:
-        from . import modeling_bloom
-
+        modeling_bloom = _bloom_modeling_module()
         config = modeling_bloom.BloomConfig(
             hidden_size=stock.hidden_size,
             n_head=stock.num_heads,
@@ -320,17 +353,31 @@ def _bloom_kernel_attention(stock: nn.Module) -> nn.Module:
     return twin
 
 
-def _bloom_padding_mask(attention_mask: torch.Tensor | None, kv_length: int) -> torch.Tensor | None:
+def _bloom_padding_mask(attention_mask, kv_length: int):
     """The mask stock BLOOM hands its attention, in the form modeling_bloom's attention takes.
 
-    None (no padding) and our mask function's ``[batch, k_len]`` keep-mask pass as they are; a 4-D mask
-    (transformers 4.57's, or a static cache's) is cut to the keys in use; the kernel adds causality.
+    None (no padding) and our mask function's ``ForwardMask`` pass as they are (one object per forward); a
+    bare 2-D mask becomes a bool keep-mask, and a 4-D mask (transformers 4.57's, or a static cache's) is cut
+    to the keys in use; the kernel adds causality.
     """
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() == 2:
-        return attention_mask[:, -kv_length:].bool()
-    return attention_mask[..., :kv_length]
+    holder, mask = _forward_mask_parts(attention_mask)
+    if mask is None:
+        return holder
+    if mask.dim() == 2:
+        return _as_given(holder, mask, kv_length, mask[:, -kv_length:].bool())
+    return _as_given(holder, mask, kv_length, mask[..., :kv_length])
+
+
+def _bloom_slopes(attention_mask, num_heads: int, device: torch.device) -> torch.Tensor:
+    """BLOOM's ALiBi slopes: made once per forward when the forward has a ``ForwardMask`` (every layer then
+    passes the same tensor, which the cudnn backend checks once), else per layer."""
+    holder, _ = _forward_mask_parts(attention_mask)
+    if holder is None:
+        return alibi_slopes(num_heads, device=device)
+    key = ("alibi_slopes", num_heads, str(device))
+    if key not in holder.kept:
+        holder.kept[key] = alibi_slopes(num_heads, device=device)
+    return holder.kept[key]
 
 
 _BLOOM_FORWARDS: dict[str, Callable] = {}
@@ -358,18 +405,16 @@ def _bloom_forward(backend: str) -> Callable:
             raise NotImplementedError("the kernel layer does not take BLOOM's head_mask; remove_attention_patch first")
         past = layer_past.get_seq_length(self.layer_idx) if layer_past is not None else 0
         kv_length = int(past) + hidden_states.shape[1]
-        weights = [] if output_attentions else None
-        output = _bloom_kernel_attention(self)(
+        return _bloom_kernel_attention(self)(
             hidden_states,
             residual,
-            alibi_slopes=alibi_slopes(self.num_heads, device=hidden_states.device),
+            alibi_slopes=_bloom_slopes(attention_mask, self.num_heads, hidden_states.device),
             padding_mask=_bloom_padding_mask(attention_mask, kv_length),
             backend=backend,
             kv_length=kv_length,
             layer_past=layer_past,
-            attention_weights=weights,
+            attention_weights=[] if output_attentions else None,
         )
-        return output, weights[0] if weights else None
 
     forward.__qualname__ = f"BloomAttention.forward[{implementation_name(backend)}]"
     _BLOOM_FORWARDS[backend] = forward
@@ -410,11 +455,22 @@ def _is_ours(cls: type) -> bool:
 def _attention_reads_our_mask(config) -> bool:
     """Whether the model a config belongs to runs attention that takes our mask function's masks: its modeling
     module calls the registry, it is one of our files, or it is a BLOOM whose attention we patched."""
-    module_name = type(config).__module__.replace(".configuration_", ".modeling_")
+    module_name = _modeling_module_name(config)
     if _module_uses_registry(module_name) or _is_our_module(sys.modules.get(module_name)):
         return True
+    return _is_patched_bloom(config)
+
+
+def _modeling_module_name(config) -> str:
+    return type(config).__module__.replace(".configuration_", ".modeling_")
+
+
+def _is_patched_bloom(config) -> bool:
+    """A stock BLOOM whose attention modules run ours (class-level patch, or this model's own patch)."""
     bloom = _bloom_attention_class()
-    if bloom is not None and module_name == bloom.__module__ and bloom.__dict__["forward"] in _BLOOM_FORWARDS.values():
+    if bloom is None or _modeling_module_name(config) != bloom.__module__:
+        return False
+    if bloom.__dict__["forward"] in _BLOOM_FORWARDS.values():
         return True
     patched_blooms = (record for record in _MODEL_PATCHES.values() if record.forwards)
     return any(config is patched for record in patched_blooms for patched, _ in record.configs)

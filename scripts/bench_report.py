@@ -26,6 +26,7 @@ KEY_FIELDS = (
     "device_name",
     "dtype",
     "vocab",
+    "cache",
 )
 FINAL_STATUSES = ("ok", "oom", "unsupported")
 
@@ -298,6 +299,11 @@ def targets_section(records: list) -> str:
     return "\n\n".join(out)
 
 
+def infer_label(record: dict) -> str:
+    """An infer row's name: the impl, and the cache when it is not the default dynamic one (--static-cache)."""
+    return record["impl"] + (f" · {record['cache']} cache" if record.get("cache") else "")
+
+
 def infer_tables(records: list) -> str:
     rows = [r for r in records if r.get("section") == "infer"]
     if not rows:
@@ -306,9 +312,9 @@ def infer_tables(records: list) -> str:
     for family in ordered(r["family"] for r in rows):
         fam = [r for r in rows if r["family"] == family]
         columns = sorted(ordered((r["seq"], r["batch"]) for r in fam))
-        cells = {(r["impl"], r["seq"], r["batch"]): r for r in fam}
+        cells = {(infer_label(r), r["seq"], r["batch"]): r for r in fam}
         body = []
-        for impl in ordered(r["impl"] for r in fam):
+        for impl in ordered(infer_label(r) for r in fam):
             row = [impl]
             for seq, batch in columns:
                 record = cells.get((impl, seq, batch))

@@ -10,6 +10,11 @@ Sections (each prints one JSON line per measurement and appends it to ``<out>/cu
             our dispatch (auto) and through flex, plain causal through auto (SDPA's cuDNN) and through our
             cudnn backend, at 2k/8k/16k tokens with 16 heads (bf16) and 2k/8k with 112 heads (fp16, bf16)
   varlen    training-like steps over random lengths: the plan cache's builds, build time and hit rate
+  execute   host overhead at 2k tokens (ALiBi, 16 heads, bf16): forward + backward through attention() with the
+            frontend's execute fed ordered buffers with their graph tensors' uids (``tensor_uids``, what the
+            backend does) and fed a variant-pack dict, outputs and gradients compared bit for bit
+
+``--speed-heads 112`` limits the speed section to the 176B-shaped calls (112 heads, head_dim 128).
 """
 
 from __future__ import annotations
@@ -150,11 +155,47 @@ def section_varlen(out: Path, steps: int) -> None:
            wall_seconds=round(time.perf_counter() - start, 2), cache=after)
 
 
+def execute_dict(cudnn, plan: tuple, buffers: tuple, device: torch.device) -> None:
+    """The backend's ``_cudnn_execute`` as it was: the frontend fed a variant-pack dict (keyed by uid)."""
+    graph, slots, uids, workspace_size = plan
+    handle, lock = kernel_layer._cudnn_handle(cudnn, device)
+    workspace = torch.empty(workspace_size, device=device, dtype=torch.uint8)
+    with lock:
+        cudnn.set_stream(handle, kernel_layer._cuda_stream(device))
+        graph.execute({uid: buffers[i] for uid, i in zip(uids, slots)}, workspace, handle=handle)
+
+
+def section_execute(out: Path) -> None:
+    heads, seq = 16, 2048
+    q, k, v = (torch.randn(1, seq, heads, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    slopes = mea.alibi_slopes(heads, "cuda")
+    flops = 3.5 * 4 * heads * seq * seq * 128 / 2
+    layers = mea.forward_mask(None, without_mask=True)  # as in a model: the slopes are checked once, not per call
+    run = lambda a, b, c: mea.attention(a, b, c, causal=True, attention_mask=layers, alibi_slopes=slopes, backend="cudnn")  # noqa: E731
+    results, original = {}, kernel_layer._cudnn_execute
+    for name, execute in (("dict", execute_dict), ("ordered_uids", original)):
+        kernel_layer._cudnn_execute = execute
+        try:
+            inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+            output = run(*inputs)
+            results[name] = (output.detach(), *torch.autograd.grad(output, inputs, torch.ones_like(output)))
+            ms = min(time_fwd_bwd(run, q, k, v, iters=20) for _ in range(3))
+            record(out, section="execute", variant=name, heads=heads, seq=seq, ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1))
+        except Exception as error:
+            record(out, section="execute", variant=name, error=f"{type(error).__name__}: {error}"[:300])
+        finally:
+            kernel_layer._cudnn_execute = original
+    if len(results) == 2:
+        same = all(torch.equal(a, b) for a, b in zip(results["dict"], results["ordered_uids"]))
+        record(out, section="execute", same_outputs_and_gradients=same)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("cudnn-check"))
     parser.add_argument("--sections", default="correct,varlen,speed")
     parser.add_argument("--varlen-steps", type=int, default=60)
+    parser.add_argument("--speed-heads", default="16,112", help="head counts of the speed section (16: 2k/8k/16k, 112: 2k/8k)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     record(args.out, device=torch.cuda.get_device_name(), torch=torch.__version__, cudnn=torch.backends.cudnn.version(),
@@ -165,9 +206,12 @@ def main() -> None:
     if "varlen" in sections:
         section_varlen(args.out, args.varlen_steps)
     if "speed" in sections:
-        shapes = [(16, s, torch.bfloat16) for s in (2048, 8192, 16384)]
-        shapes += [(112, s, dtype) for s in (2048, 8192) for dtype in (torch.float16, torch.bfloat16)]
+        heads = [int(h) for h in args.speed_heads.split(",")]
+        shapes = [(16, s, torch.bfloat16) for s in (2048, 8192, 16384)] if 16 in heads else []
+        shapes += [(112, s, dtype) for s in (2048, 8192) for dtype in (torch.float16, torch.bfloat16)] if 112 in heads else []
         section_speed(args.out, shapes)
+    if "execute" in sections:
+        section_execute(args.out)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 #   1 GPU : our modeling files (fused kernels) vs the stock transformers class with eager attention, same
 #           initial weights and data, for LLaMA (GQA, RoPE) and BLOOM (ALiBi); plus the stock classes routed
 #           through our kernels by the registry (--attn_implementation mea) and by the patch (--use_flash_attn).
+#           Qwen (first generation) has no stock class: our modeling file on its auto backends vs the same file
+#           on its eager attention backend (--attn_implementation eager), same weights and data.
 #   2 GPUs: the same LLaMA run under torchrun with DDP and with FSDP2 (half the per-device batch, same global
 #           batch and data) against the 1-GPU run. Skipped when fewer than 2 GPUs are visible.
 #
@@ -11,7 +13,8 @@
 # Environment: OUT (results: loss logs, run.json, PNGs, summary JSON; default docs/loss_parity),
 #              RUNS (scratch for checkpoints; default /tmp/mea-loss-parity), STEPS (default 300),
 #              MAX_DIFF (smoothed-loss tolerance reported as pass/fail; default 0.05),
-#              PARTS ("single multi" by default; "single" = the 1-GPU comparisons, "multi" = DDP/FSDP2).
+#              PARTS ("single multi" by default; "single" = the 1-GPU comparisons, "multi" = DDP/FSDP2),
+#              PARALLEL (1: the 1-GPU runs start together, the tiny models sharing the GPU; default 0).
 set -uo pipefail
 
 OUT=${OUT:-docs/loss_parity}
@@ -19,6 +22,7 @@ RUNS=${RUNS:-/tmp/mea-loss-parity}
 STEPS=${STEPS:-300}
 MAX_DIFF=${MAX_DIFF:-0.05}
 PARTS=${PARTS:-single multi}
+PARALLEL=${PARALLEL:-0}
 GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
 mkdir -p "$OUT" "$RUNS"
 rm -f "$OUT/status.txt"
@@ -61,21 +65,27 @@ compare() {  # compare PNG TITLE NAME:LABEL...
 VISIBLE=${CUDA_VISIBLE_DEVICES:-0}
 ONE_GPU=${VISIBLE%%,*}
 
+one_gpu_run() {  # one_gpu_run NAME -- train.py arguments...: on the first visible GPU, in the background with PARALLEL=1
+    if [[ $PARALLEL == 1 ]]; then CUDA_VISIBLE_DEVICES=$ONE_GPU run "$@" & else CUDA_VISIBLE_DEVICES=$ONE_GPU run "$@"; fi
+}
+
 single_gpu() {
     for family in llama bloom; do
-        CUDA_VISIBLE_DEVICES=$ONE_GPU run "$family-stock-eager" -- --tiny-config "$family" \
-            --attn_implementation eager --batch-size 16 "${COMMON[@]}"
-        CUDA_VISIBLE_DEVICES=$ONE_GPU run "$family-ours" -- --tiny-config "$family" --trust_remote_code \
-            --batch-size 16 "${COMMON[@]}"
+        one_gpu_run "$family-stock-eager" -- --tiny-config "$family" --attn_implementation eager --batch-size 16 "${COMMON[@]}"
+        one_gpu_run "$family-ours" -- --tiny-config "$family" --trust_remote_code --batch-size 16 "${COMMON[@]}"
     done
-    CUDA_VISIBLE_DEVICES=$ONE_GPU run llama-stock-registry -- --tiny-config llama --attn_implementation mea \
+    one_gpu_run llama-stock-registry -- --tiny-config llama --attn_implementation mea --batch-size 16 "${COMMON[@]}"
+    one_gpu_run bloom-stock-patched -- --tiny-config bloom --use_flash_attn true --batch-size 16 "${COMMON[@]}"
+    one_gpu_run qwen-ours-eager -- --tiny-config qwen --trust_remote_code --attn_implementation eager \
         --batch-size 16 "${COMMON[@]}"
-    CUDA_VISIBLE_DEVICES=$ONE_GPU run bloom-stock-patched -- --tiny-config bloom --use_flash_attn true \
-        --batch-size 16 "${COMMON[@]}"
+    one_gpu_run qwen-ours -- --tiny-config qwen --trust_remote_code --batch-size 16 "${COMMON[@]}"
+    wait
     compare llama_loss_parity.png "LLaMA (tiny, bf16): fused kernels vs stock eager" llama-stock-eager:"stock eager" \
         llama-ours:"ours (modeling file, fused)" llama-stock-registry:"stock + attn_implementation=mea"
     compare bloom_loss_parity.png "BLOOM (tiny, bf16, ALiBi): fused kernels vs stock eager" bloom-stock-eager:"stock eager" \
         bloom-ours:"ours (modeling file, fused)" bloom-stock-patched:"stock + apply_attention_patch"
+    compare qwen_loss_parity.png "Qwen (tiny, bf16): fused kernels vs its eager attention backend (no stock class)" \
+        qwen-ours-eager:"ours, eager attention backend" qwen-ours:"ours (modeling file, fused)"
 }
 
 multi_gpu() {

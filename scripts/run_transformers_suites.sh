@@ -2,6 +2,7 @@
 # transformers' common model tests (ModelTesterMixin, from the transformers sdist on PyPI) on our LLaMA, GPT-2,
 # BLOOM and BART classes and on stock's, with the same configs and inputs; prints the counts side by side.
 #   bash scripts/run_transformers_suites.sh [VERSION] [PYTEST ARGS...]     (default version: the installed one)
+#   MEA_SUITE_IMPLS="ours" MEA_SUITES="GPT2Suite" bash scripts/run_transformers_suites.sh   (a subset)
 # The sdist ships the common mixins but not the per-model test files nor the generation/export mixins, so the
 # per-family testers are ours (scripts/transformers_suites/test_families.py) and generation tests do not run
 # (test_generation_tester_mixin_inheritance, which only checks that a test class has that mixin, is left out).
@@ -26,8 +27,8 @@ python -c "import parameterized" 2>/dev/null || [ -d "$work/site/parameterized" 
     python -m pip install -q --target "$work/site" parameterized
 export PYTHONPATH="$work:$work/site:${PYTHONPATH:-}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-for impl in stock ours; do
-    for suite in LlamaSuite GPT2Suite BloomSuite BartSuite; do
+for impl in ${MEA_SUITE_IMPLS:-stock ours}; do
+    for suite in ${MEA_SUITES:-LlamaSuite GPT2Suite BloomSuite BartSuite}; do
         log="$work/$impl-$suite.log"
         (cd "$work" && MEA_SUITE_IMPL=$impl python -m pytest -q -p no:cacheprovider -p no:randomly \
             -k "not test_generation_tester_mixin_inheritance" "tests/test_mea_families.py::$suite" "$@" \

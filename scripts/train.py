@@ -67,7 +67,8 @@ from train_resume import (  # noqa: E402
     run_identity,
 )
 
-TINY_FAMILIES = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "bloom": "BloomConfig"}  # family: stock config class
+# family: config class (transformers'; Qwen, which has no stock class, ours: load it with --trust_remote_code)
+TINY_FAMILIES = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "bloom": "BloomConfig", "qwen": "QWenConfig"}
 FALSE_VALUES = ("false", "0", "no", "off")
 TRUE_VALUES = ("true", "1", "yes", "on", "auto")
 
@@ -233,10 +234,11 @@ class Distributed:
 
 def tiny_config(args: argparse.Namespace):
     """A small random config of ``args.tiny_config``'s family (GQA for LLaMA)."""
-    import transformers
-
-    config_class = getattr(transformers, TINY_FAMILIES[args.tiny_config])
+    config_class = family_class(TINY_FAMILIES[args.tiny_config])
     hidden, layers, heads, vocab = args.tiny_hidden, args.tiny_layers, args.tiny_heads, args.tiny_vocab
+    if args.tiny_config == "qwen":  # its MLP is intermediate_size // 2 wide; logn scaling past seq_length only
+        return config_class(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                            kv_channels=hidden // heads, intermediate_size=4 * hidden, seq_length=max(args.seq_len, 128))
     if args.tiny_config == "llama":
         kv_heads = heads // 2 if heads % 2 == 0 else heads
         return config_class(
@@ -253,19 +255,27 @@ def tiny_config(args: argparse.Namespace):
                         eos_token_id=2, pad_token_id=0)  # fmt: skip
 
 
+def family_class(name: str) -> type:
+    """transformers' class of that name, else ours (Qwen's)."""
+    import transformers
+    from memory_efficient_adapter import modeling_qwen
+
+    return getattr(transformers, name, None) or getattr(modeling_qwen, name)
+
+
 def write_tiny_model(args: argparse.Namespace, folder: Path) -> None:
     """A seeded random stock checkpoint plus our modeling file and an auto_map pointing at it.
 
     Loading it with ``--trust_remote_code`` gives our class, without it the stock class: same weights either way.
     """
-    import transformers
-    from memory_efficient_adapter.families import main_entry, write_remote_code
+    from memory_efficient_adapter.families import available_entries, main_entry, write_remote_code
 
     entry = main_entry(args.tiny_config)  # our causal LM keeps the stock class's name
     torch.manual_seed(args.seed)
-    model = getattr(transformers, entry.class_name)(tiny_config(args))
+    model = family_class(entry.class_name)(tiny_config(args))
     model.save_pretrained(folder)
-    write_remote_code(folder, args.tiny_config, {entry.auto_class: entry.reference()})
+    configs = [e for e in available_entries(args.tiny_config) if e.auto_class == "AutoConfig"]  # Qwen's
+    write_remote_code(folder, args.tiny_config, {e.auto_class: e.reference() for e in [entry, *configs]})
 
 
 def model_folder(args: argparse.Namespace, dist_info: Distributed) -> Path:

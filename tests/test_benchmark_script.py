@@ -422,3 +422,27 @@ def test_targets_are_judged_at_the_default_vocabulary():
     ]
     (row,) = report.target_rows(report.latest(records), 8192)
     assert row[1].startswith("1.200× its speed") and row[2] == "yes"
+
+
+def test_static_cache_infer_times_compiled_generate_decoding(cpu_bench, monkeypatch):
+    """--static-cache: decoding through ``generate(cache_implementation="static")`` (compiled by transformers on
+    CUDA), exactly ``new_tokens`` tokens, for stock and our classes alike; the prefill-only call is subtracted."""
+    infer, models = bench_module("infer"), bench_module("models")
+    cpu_bench.args.static_cache = True
+    kwargs = models.config_kwargs("gpt2", models.TINY_DIMS["gpt2"], 64, 0.0, torch.float32)
+    for impl in ("stock:sdpa", "ours:auto"):
+        model = cpu_bench.factory.build("gpt2", impl, kwargs, torch.float32)
+        calls = []
+        real_generate = model.generate
+
+        def spy(*args, **options):
+            output = real_generate(*args, **options)
+            calls.append((options["cache_implementation"], options["max_new_tokens"], output.shape[1]))
+            return output
+
+        monkeypatch.setattr(model, "generate", spy)
+        result = infer.measure_infer(cpu_bench, model, "gpt2", batch=1, seq=12, vocab=256, new_tokens=5)
+        assert {cache for cache, _, _ in calls} == {"static"}
+        assert {(new, length) for _, new, length in calls} == {(5, 17), (1, 13)}
+        assert result["decode_ms"] == pytest.approx(result["generate_ms"] - result["prefill_ms"])
+        assert result["decode_tokens_per_s"] == pytest.approx(4 / (result["decode_ms"] / 1e3))

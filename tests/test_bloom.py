@@ -39,7 +39,7 @@ STOCK_TO_AUTO = {
     BloomForSequenceClassification: AutoModelForSequenceClassification,
     BloomForTokenClassification: AutoModelForTokenClassification,
 }
-# "auto" = no attn_backend: transformers' default attn_implementation "sdpa", which the kernel layer maps to auto.
+# "auto" = no attn_backend and attn_implementation left unset, which the kernel layer reads as auto.
 CPU_BACKENDS = ["auto", "chunked", "eager"]
 PADDINGS = ["none", "left", "right"]
 
@@ -236,7 +236,7 @@ def test_pretraining_tp_slow_but_exact(backend):
 def test_forced_sdpa_backend_raises_clear_error_and_selection_is_per_forward(monkeypatch):
     stock, ours = load_pair()
     ids, mask = make_inputs([8, 5], 8, "left", seed=7)
-    assert ours.config._attn_implementation == "sdpa"  # transformers' default, mapped to auto
+    assert ours.config._attn_implementation is None  # left unset (read as auto), so stock BLOOM shares the config
     use_backend(ours, "auto")
     with torch.no_grad():
         keep = mask.bool()
@@ -272,7 +272,7 @@ def test_attn_implementation_reaches_the_kernel_layer(monkeypatch):
         ours(ids, attention_mask=mask)
         assert seen and set(seen) == {"eager"}
         seen.clear()
-        ours.set_attn_implementation("sdpa")
+        ours.set_attn_implementation(None)
         actual = ours(ids, attention_mask=mask).logits
         assert set(seen) == {"auto"}
         seen.clear()

@@ -8,12 +8,14 @@ or gradient wiring in our glue fails here. The GPU tests run the real frontend a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import logging
 import math
 import tempfile
 import threading
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -35,6 +37,11 @@ kernel_layer = importlib.import_module("memory_efficient_adapter.attention")
 class FakeTensor:
     def __init__(self, graph, shape, stride):
         self.graph, self.shape, self.stride, self.is_output = graph, tuple(shape), tuple(stride), False
+        self.uid = len(graph.tensors) + 100
+        graph.tensors[self.uid] = self
+
+    def get_uid(self):
+        return self.uid
 
     def set_output(self, value):
         self.is_output = value
@@ -82,6 +89,7 @@ class FakeGraph:
         assert handle is not None and intermediate_data_type == compute_data_type == "FLOAT"
         self.node = None
         self.ready = False
+        self.tensors = {}
 
     def tensor_like(self, x):
         return FakeTensor(self, x.shape, x.stride())
@@ -115,8 +123,11 @@ class FakeGraph:
     def get_workspace_size(self):
         return 64
 
-    def execute(self, pack, workspace, handle=None):
+    def execute(self, buffers, workspace, handle=None, tensor_uids=None):
+        """The ordered form: buffers in the order of ``tensor_uids``, their graph tensors' uids."""
         assert self.ready and handle is not None and workspace.numel() == 64
+        assert len(set(tensor_uids)) == len(tensor_uids) == len(buffers)
+        pack = {self.tensors[uid]: buffer for uid, buffer in zip(tensor_uids, buffers)}
         for tensor, buffer in pack.items():
             assert (tuple(buffer.shape), tuple(buffer.stride())) == (tensor.shape, tensor.stride) or tensor.shape[-1] == 1
         kind, ports, options = self.node
@@ -160,7 +171,7 @@ def fake_cudnn(monkeypatch):
     monkeypatch.setattr(kernel_layer, "_cudnn_handle", lambda cudnn, device: handle)
     monkeypatch.setattr(kernel_layer, "_cuda_stream", lambda device: 7)
     monkeypatch.setattr(kernel_layer, "_cudnn_plans", kernel_layer._CudnnPlans(capacity=64))
-    monkeypatch.setattr(kernel_layer, "_cudnn_checked", {})
+    monkeypatch.setattr(kernel_layer, "_demoted", {})
     monkeypatch.setattr(kernel_layer, "_probe_results", {})
     monkeypatch.setattr(kernel_layer, "_logged_messages", set())
     FakeGraph.built_graphs = 0
@@ -226,33 +237,94 @@ def test_capability_check_runs_only_on_cuda(fake_cudnn):
     assert "only on CUDA" in kernel_layer._why_not("cudnn", kernel_layer._describe(q, k, v, True, None, None, 0.0))
 
 
-def test_padding_and_slopes_are_read_once_per_tensor_and_again_after_an_in_place_change(fake_cudnn, monkeypatch):
-    reads = []
-    original = kernel_layer._is_right_padding
-    monkeypatch.setattr(kernel_layer, "_is_right_padding", lambda mask: reads.append(1) or original(mask))
+def count_value_checks(monkeypatch) -> dict:
+    """Count the cudnn backend's host reads of the padding layout and the slopes."""
+    reads = {"padding": 0, "slopes": 0}
+    for slot, name in (("padding", "_is_right_padding"), ("slopes", "_are_bloom_slopes")):
+        original = getattr(kernel_layer, name)
+
+        def counted(tensor, slot=slot, original=original):
+            reads[slot] += 1
+            return original(tensor)
+
+        monkeypatch.setattr(kernel_layer, name, counted)
+    return reads
+
+
+def test_checks_run_once_per_forward_with_its_forward_mask_and_per_call_with_a_bare_tensor(fake_cudnn, monkeypatch):
+    reads = count_value_checks(monkeypatch)
     q, k, v = qkv()
-    mask = right_padding(2, 16, 4)
-    for _ in range(3):  # three layers of one forward pass
-        assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=mask)) is None
-    assert len(reads) == 1
-    mask[1, :2] = False  # now left padding: the version counter moved
-    assert "left padding" in kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=mask))
-    assert len(reads) == 2
+    mask, slopes = right_padding(2, 16, 4), mea.alibi_slopes(4)
+    layers = mea.forward_mask(mask)  # what a model hands to every layer of one forward
+    for _ in range(3):
+        assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=layers, slopes=slopes)) is None
+    assert reads == {"padding": 1, "slopes": 1}
+    next_forward = mea.forward_mask(mask)
+    assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=next_forward, slopes=slopes)) is None
+    assert reads == {"padding": 2, "slopes": 2}
+    for _ in range(3):  # a bare tensor (a direct attention() call): no holder, a check per call
+        assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=mask, slopes=slopes)) is None
+    assert reads == {"padding": 5, "slopes": 5}
+    unpadded = mea.forward_mask(None, without_mask=True)  # a forward without padding still checks its slopes once
+    for _ in range(2):
+        assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=unpadded, slopes=slopes)) is None
+    assert reads == {"padding": 5, "slopes": 6}
+    assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=unpadded, slopes=torch.rand(4))) is not None
+    assert reads["slopes"] == 7  # other slopes within the forward are checked, not taken from the first
 
 
-def test_padding_check_works_under_inference_mode(fake_cudnn, monkeypatch):
-    """Inference tensors have no version counter: the check runs on every call instead of raising."""
-    reads = []
-    original = kernel_layer._is_right_padding
-    monkeypatch.setattr(kernel_layer, "_is_right_padding", lambda mask: reads.append(1) or original(mask))
+def test_no_module_global_keeps_a_check_or_the_checked_tensors(fake_cudnn):
+    assert not hasattr(kernel_layer, "_cudnn_checked") and not hasattr(kernel_layer, "_remembered_check")
+    q, k, v = qkv()
+    mask, slopes = right_padding(2, 16, 4), mea.alibi_slopes(4)
+    layers = mea.forward_mask(mask)
+    for call_mask in (mask, layers):
+        assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=call_mask, slopes=slopes)) is None
+    left = mea.forward_mask(LEFT_PADDING)
+    assert "left padding" in kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=left, slopes=slopes))
+
+    def holds(value, seen) -> bool:
+        if id(value) in seen:
+            return False
+        seen.add(id(value))
+        if isinstance(value, weakref.ref):
+            return holds(value(), seen)
+        if any(value is x for x in (mask, slopes, layers, left, LEFT_PADDING)):
+            return True
+        if isinstance(value, dict):
+            return any(holds(x, seen) for item in value.items() for x in item)
+        if isinstance(value, (list, tuple, set)):
+            return any(holds(x, seen) for x in value)
+        return False
+
+    module_state = {name: value for name, value in vars(kernel_layer).items() if not name.startswith("__")}
+    assert not [name for name, value in module_state.items() if holds(value, set())]
+
+
+def test_checks_work_under_inference_mode(fake_cudnn, monkeypatch):
+    """Inference tensors have no version counter; the forward's mask object needs none."""
+    reads = count_value_checks(monkeypatch)
     with torch.inference_mode():
         q, k, v = qkv()
-        mask = right_padding(2, 16, 4)
+        slopes = mea.alibi_slopes(4)
+        layers = mea.forward_mask(right_padding(2, 16, 4))
         for _ in range(2):
-            assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=mask)) is None
-        mask[1, :2] = False
-        assert "left padding" in kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=mask))
-    assert len(reads) == 3
+            assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=layers, slopes=slopes)) is None
+        left = LEFT_PADDING.clone()
+        for _ in range(2):
+            assert "left padding" in kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=left, slopes=slopes))
+    assert reads == {"padding": 3, "slopes": 3}
+
+
+def test_left_padding_in_a_forward_mask_goes_to_the_next_backend(fake_cudnn):
+    q, k, v = qkv()
+    slopes = mea.alibi_slopes(4)
+    left = mea.forward_mask(LEFT_PADDING)
+    for _ in range(2):  # the second layer reads the kept verdict
+        assert mea.select_backend(cuda_call(q, k, v, slopes=slopes, mask=left)) == "flex"
+    assert mea.select_backend(cuda_call(q, k, v, slopes=slopes, mask=mea.forward_mask(right_padding(2, 16, 3)))) == "cudnn"
+    with pytest.raises(ValueError, match="left padding"):
+        mea.select_backend(cuda_call(q, k, v, slopes=slopes, mask=left), "cudnn")
 
 
 def test_auto_order_places_cudnn_after_sdpa_for_alibi_and_leaves_decode_and_left_padding_to_flex(fake_cudnn):
@@ -297,6 +369,111 @@ def test_broken_module_is_probed_once_logged_once_and_skipped(fake_cudnn, monkey
     assert attempts == [1]
     warnings = [r.message for r in caplog.records if "cudnn is installed but does not run" in r.message]
     assert len(warnings) == 1 and "no engine for this build" in warnings[0]
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_bloom_hands_every_layer_one_mask_object_per_forward(monkeypatch, padded):
+    """So cudnn's padding and slopes checks (and flex's block masks) run once per forward, padded or not."""
+    bloom = importlib.import_module("memory_efficient_adapter.modeling_bloom")
+    config = bloom.BloomConfig(vocab_size=50, hidden_size=32, n_layer=3, n_head=4)
+    model = bloom.BloomForCausalLM(config).eval()
+    seen = []
+    original = bloom.attention
+
+    def recording(*args, attention_mask=None, alibi_slopes=None, **kwargs):
+        seen.append((attention_mask, alibi_slopes))
+        return original(*args, attention_mask=attention_mask, alibi_slopes=alibi_slopes, **kwargs)
+
+    monkeypatch.setattr(bloom, "attention", recording)
+    ids = torch.randint(0, 50, (2, 9))
+    mask = right_padded_mask([9, 6], 9) if padded else None
+    with torch.no_grad():
+        logits = [model(ids, attention_mask=mask).logits for _ in range(2)]
+    assert torch.equal(logits[0], logits[1])
+    forwards = [seen[:3], seen[3:]]
+    assert len(seen) == 6
+    for layers in forwards:
+        holder, slopes = layers[0]
+        assert isinstance(holder, bloom.ForwardMask)  # the model file's own copy of the kernel layer
+        assert all(h is holder and s is slopes for h, s in layers)
+        assert (holder.tensor is None) != padded
+    assert forwards[0][0][0] is not forwards[1][0][0]  # a new object per forward: nothing outlives it
+
+
+class FrontendNotSupported(Exception):
+    """Stands for cudnn.cudnnGraphNotSupportedError (the binding's exception type, an Exception subclass)."""
+
+
+FrontendNotSupported.__module__ = "cudnn._compiled_module"
+
+
+def failing_graph(where: str, error: Exception, attempts: list):
+    class Graph(FakeGraph):
+        def build_plans(self):
+            if where == "build":
+                attempts.append(where)
+                raise error
+            super().build_plans()
+
+        def execute(self, *args, **kwargs):
+            if where == "execute":
+                attempts.append(where)
+                raise error
+            super().execute(*args, **kwargs)
+
+    return Graph
+
+
+@pytest.mark.parametrize(
+    "where, error",
+    [
+        ("build", FrontendNotSupported("No valid engine configs for SDPA")),
+        ("build", RuntimeError("[cudnn_frontend] Error: No execution plans support the graph.")),
+        ("execute", RuntimeError("cudnnException: CUDNN_STATUS_EXECUTION_FAILED")),
+        ("execute", ValueError("The graph has no operand layout for ordered execution")),
+    ],
+    ids=["not_supported_at_build", "runtime_error_at_build", "runtime_error_at_execute", "value_error_at_execute"],
+)
+def test_frontend_errors_demote_cudnn_for_that_call_kind_and_auto_runs_the_next_backend(
+    fake_cudnn, monkeypatch, caplog, where, error
+):
+    attempts: list = []
+    monkeypatch.setattr(fake_cudnn.module, "pygraph", failing_graph(where, error, attempts))
+    monkeypatch.setitem(kernel_layer._RUN, "flex", kernel_layer._run_eager)  # the next backend, on the CPU
+    q, k, v = qkv(dtype=torch.float32)
+    slopes = mea.alibi_slopes(4)
+    call = dataclasses.replace(cuda_call(q, k, v, slopes=slopes), dtype=torch.bfloat16)
+    options = dict(light_softmax=True, dropout_matmul=True, sequence_ids=None, holder=None)
+    with caplog.at_level(logging.WARNING, logger="memory_efficient_adapter"):
+        for _ in range(2):
+            out = kernel_layer._run_auto(q, k, v, call, None, slopes, 0.125, options)
+            expected = reference_attention(q, k, v, True, None, slopes, 0.125)
+            assert torch.allclose(out.double(), expected, atol=1e-5)
+    assert attempts == [where]  # tried once, then skipped for this kind of call
+    (demoted,) = mea.demoted_backends()
+    assert demoted[0] == "cudnn" and type(error).__name__ in demoted[2] and str(error) in demoted[2]
+    warnings = [r.message for r in caplog.records if "'cudnn' cannot run this kind of call" in r.message]
+    assert len(warnings) == 1
+    padded = dataclasses.replace(cuda_call(q, k, v, slopes=slopes, mask=right_padding(2, 16, 3)), dtype=torch.bfloat16)
+    assert mea.select_backend(padded) == "cudnn"  # another kind of call keeps its kernel
+    with pytest.raises(mea.BackendFailure, match=type(error).__name__) as raised:  # asked for by name: raised
+        kernel_layer._run_cudnn(q, k, v, call, None, slopes, 0.125)
+    assert raised.value.__cause__ is error
+    kernel_layer._demoted.clear()  # deliberate: the conftest check fails any test that leaves a demotion behind
+
+
+def test_errors_outside_the_frontend_are_not_the_backends(fake_cudnn, monkeypatch):
+    """Running out of memory, or a bug in our glue, is raised as it is rather than hidden by a fallback."""
+    q, k, v = qkv(dtype=torch.float32)
+    slopes = mea.alibi_slopes(4)
+    call = cuda_call(q, k, v, slopes=slopes)
+    options = dict(light_softmax=True, dropout_matmul=True, sequence_ids=None, holder=None)
+    for error in (torch.OutOfMemoryError("CUDA out of memory"), AssertionError("glue bug")):
+        monkeypatch.setattr(fake_cudnn.module, "pygraph", failing_graph("build", error, []))
+        monkeypatch.setattr(kernel_layer, "_cudnn_plans", kernel_layer._CudnnPlans())
+        with pytest.raises(type(error)):
+            kernel_layer._run_auto(q, k, v, dataclasses.replace(call, dtype=torch.bfloat16), None, slopes, 0.125, options)
+    assert mea.demoted_backends() == []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,3 +642,78 @@ def test_bloom_on_cudnn_matches_fp32_stock_logits_and_gradients():
     for name, param in stock.named_parameters():
         assert_close_rel(ours_grads[name].grad.float(), param.grad, 5e-2, f"grad {name}")
     assert math.isfinite(actual.loss.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Once per forward on the patch / registry path: transformers makes the mask once and hands it to every layer
+# ----------------------------------------------------------------------------------------------
+
+
+def patched_tiny_stock(family: str, backend: str):
+    from test_patch import STOCK_CLASSES, randomize_
+    from transformers import LlamaConfig
+
+    if family == "llama":  # head_dim 32: what flex takes
+        config = LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    else:
+        config = BloomConfig(vocab_size=61, hidden_size=64, n_layer=3, n_head=2)
+    torch.manual_seed(0)
+    stock = randomize_(STOCK_CLASSES[family](config))
+    ours = copy.deepcopy(stock)
+    mea.apply_attention_patch(ours, backend=backend)
+    return stock, ours
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_patched_models_build_one_flex_block_mask_per_forward(monkeypatch, family):
+    bloom = importlib.import_module("memory_efficient_adapter.modeling_bloom")
+    layer = bloom if family == "bloom" else kernel_layer  # patched BLOOM runs modeling_bloom's copy of the layer
+    built = []
+    original = layer._banded_block_mask
+    monkeypatch.setattr(layer, "_banded_block_mask", lambda *a, **kw: built.append(1) or original(*a, **kw))
+    stock, ours = patched_tiny_stock(family, "flex")
+    ids = torch.randint(3, 61, (3, 11), generator=torch.Generator().manual_seed(7))
+    mask = torch.tensor([[1] * 11, [0] * 4 + [1] * 7, [0] * 7 + [1] * 4])  # left padding
+    try:
+        with torch.no_grad():
+            for forward in range(2):
+                got = ours(ids, attention_mask=mask).logits
+                assert len(built) == forward + 1  # three layers, one block mask
+            expected = stock(ids, attention_mask=mask).logits
+    finally:
+        mea.remove_attention_patch(ours)
+    keep = mask.bool()
+    assert_close_rel(got[keep], expected[keep], 1e-4, f"{family} on flex vs stock")
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_patched_bloom_hands_every_layer_one_mask_and_one_slopes_tensor_per_forward(monkeypatch, padded):
+    bloom = importlib.import_module("memory_efficient_adapter.modeling_bloom")
+    seen = []
+    original = bloom.attention
+
+    def recording(*args, attention_mask=None, alibi_slopes=None, **kwargs):
+        seen.append((attention_mask, alibi_slopes))
+        return original(*args, attention_mask=attention_mask, alibi_slopes=alibi_slopes, **kwargs)
+
+    monkeypatch.setattr(bloom, "attention", recording)
+    stock, ours = patched_tiny_stock("bloom", "auto")
+    ids = torch.randint(3, 61, (2, 9), generator=torch.Generator().manual_seed(5))
+    mask = right_padded_mask([9, 6], 9) if padded else torch.ones(2, 9, dtype=torch.long)
+    try:
+        with torch.no_grad():
+            got = [ours(ids, attention_mask=mask).logits for _ in range(2)]
+            expected = stock(ids, attention_mask=mask).logits
+    finally:
+        mea.remove_attention_patch(ours)
+    keep = mask.bool()
+    assert_close_rel(got[1][keep], expected[keep], 1e-4, "patched BLOOM vs stock")
+    assert len(seen) == 6
+    for layers in (seen[:3], seen[3:]):
+        holder, slopes = layers[0]
+        assert isinstance(holder, bloom.ForwardMask) and (holder.tensor is None) != padded
+        assert all(h is holder and s is slopes for h, s in layers)
+        assert torch.equal(slopes, mea.alibi_slopes(2))
+    assert seen[0][0] is not seen[3][0]

@@ -496,23 +496,21 @@ def test_qwen_padded_batch_unpadded_matches_its_rows_at_full_length(mode, tmp_pa
 
 def test_lora_gradients_of_an_unpadded_batch_match_its_rows_at_full_length(tmp_path_factory):
     peft = pytest.importorskip("peft", reason="peft is in the test extra")
-    model, _ = load_ours("llama", tmp_path_factory)
-    set_backend(model, "auto")
+    import transformers
+
+    _, folder = load_ours("llama", tmp_path_factory)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)  # peft freezes it
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
                                                       init_lora_weights=False))
-    try:
-        lora.train()
-        ids, keep, labels = padded_batch("right", ODD_LENGTHS, 17)
-        with LayerInputs(model) as seen:
-            unpadded = step(lora, ids, keep, labels)
-            model.config.unpad_batches = False
-            full_rows = step(lora, ids, keep, labels)
-        assert seen.shapes == [(1, int(keep.sum()), 32), (4, 17, 32)]
-        assert unpadded[1] and all("lora_" in name for name in unpadded[1])
-        assert_same_step(unpadded, full_rows, keep)
-    finally:
-        model.config.unpad_batches = True
-        lora.unload()
+    lora.train()
+    ids, keep, labels = padded_batch("right", ODD_LENGTHS, 17)
+    with LayerInputs(model) as seen:
+        unpadded = step(lora, ids, keep, labels)
+        model.config.unpad_batches = False
+        full_rows = step(lora, ids, keep, labels)
+    assert seen.shapes == [(1, int(keep.sum()), 32), (4, 17, 32)]
+    assert unpadded[1] and all("lora_" in name for name in unpadded[1])
+    assert_same_step(unpadded, full_rows, keep)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -541,6 +539,18 @@ def test_padded_batches_that_keep_their_rows_at_full_length(family, case, tmp_pa
         stock = load_stock(family, tmp_path_factory).train()
         with torch.no_grad():
             assert_close_rel(out.loss, stock(**kwargs).loss, 1e-5, "loss with labels at padded positions")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_forward_with_use_cache_runs_unpadded_and_returns_no_cache(family, tmp_path_factory):
+    model, _ = load_ours(family, tmp_path_factory)
+    model.train()
+    set_backend(model, "auto")
+    ids, keep, labels = padded_batch("right")
+    with LayerInputs(model) as seen:
+        out = model(input_ids=ids, attention_mask=keep, labels=labels, use_cache=True)
+    assert seen.shapes == [(1, int(keep.sum()), 32)]
+    assert out.past_key_values is None and torch.isfinite(out.loss)
 
 
 def test_compiled_forward_keeps_rows_at_full_length_without_a_host_read(tmp_path_factory):

@@ -134,18 +134,21 @@ def logits(model, inputs) -> torch.Tensor:
 def kernel_calls(monkeypatch):
     """Records each kernel-layer call made by patch.py: (backend, causal, mask shape or None, alibi)."""
     calls = []
-    real_attention = patch_module.attention  # the same code as modeling_bloom's copy (scripts/sync_kernels.py)
 
-    def spy(q, k, v, **kwargs):
-        mask = kwargs.get("attention_mask")
-        calls.append(
-            (kwargs.get("backend"), kwargs.get("causal"), None if mask is None else tuple(mask.shape),
-             kwargs.get("alibi_slopes") is not None)
-        )  # fmt: skip
-        return real_attention(q, k, v, **kwargs)
+    def spy_on(real_attention):
+        def spy(q, k, v, **kwargs):
+            mask = getattr(kwargs.get("attention_mask"), "tensor", kwargs.get("attention_mask"))  # a ForwardMask's
+            calls.append(
+                (kwargs.get("backend"), kwargs.get("causal"), None if mask is None else tuple(mask.shape),
+                 kwargs.get("alibi_slopes") is not None)
+            )  # fmt: skip
+            return real_attention(q, k, v, **kwargs)
 
-    monkeypatch.setattr(patch_module, "attention", spy)
-    monkeypatch.setattr(bloom_module, "attention", spy)  # patched BLOOM runs modeling_bloom's attention module
+        return spy
+
+    monkeypatch.setattr(patch_module, "attention", spy_on(patch_module.attention))
+    # patched BLOOM runs modeling_bloom's attention module, on that file's copy of the kernel layer
+    monkeypatch.setattr(bloom_module, "attention", spy_on(bloom_module.attention))
     return calls
 
 
@@ -355,12 +358,13 @@ def test_mask_function_returns_linear_masks_for_plain_patterns_and_4d_otherwise(
     config._attn_implementation = "mea"
     embeds = torch.zeros(2, 5, 8)
     padded = left_padded_mask([5, 3], 5)
-    mask = causal_mask(config, embeds, padded)
-    assert mask.dtype == torch.bool and torch.equal(mask, padded.bool())
+    mask = causal_mask(config, embeds, padded)  # made once per forward: in a ForwardMask for every layer
+    assert isinstance(mask, mea.ForwardMask) and mask.dtype == torch.bool and torch.equal(mask.tensor, padded.bool())
     assert causal_mask(config, embeds, torch.ones(2, 5, dtype=torch.long)) is None
     # an overlay (here: nothing past position 3) is not a plain pattern: the full 4-D mask comes back
     overlay = causal_mask(config, embeds, padded, and_mask_function=lambda b, h, q, kv: kv < 3)
-    assert overlay.shape == (2, 1, 5, 5) and not overlay[0, 0, 4, 3] and overlay[0, 0, 4, 2]
+    assert isinstance(overlay, mea.ForwardMask) and overlay.shape == (2, 1, 5, 5)
+    assert not overlay.tensor[0, 0, 4, 3] and overlay.tensor[0, 0, 4, 2]
 
 
 def test_attention_function_refuses_what_it_cannot_compute():
@@ -482,7 +486,8 @@ def test_patched_bloom_runs_the_modeling_file_attention_module(monkeypatch):
 
     def changed_forward(self, hidden_states, residual, **kwargs):
         calls.append(kwargs["backend"])
-        return real_forward(self, hidden_states, residual, **kwargs) * 2.0
+        output, weights = real_forward(self, hidden_states, residual, **kwargs)
+        return output * 2.0, weights
 
     monkeypatch.setattr(bloom_module.BloomAttention, "forward", changed_forward)
     doubled = logits(model, inputs)

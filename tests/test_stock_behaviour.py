@@ -219,21 +219,84 @@ def test_bart_set_attn_implementation_reaches_the_kernel_layer(tmp_path, monkeyp
 # ----------------------------------------------------------------------------------------------
 
 
+def stock_selects_hidden_states() -> bool:
+    """transformers' output capture selects hidden states by index from 5.x on (4.57 returns them all)."""
+    import importlib.util
+
+    return importlib.util.find_spec("transformers.utils.output_capturing") is not None
+
+
+HIDDEN_FIELDS = {"llama": ("hidden_states",), "gpt2": ("hidden_states",), "bloom": ("hidden_states",),
+                 "bart": ("encoder_hidden_states", "decoder_hidden_states")}
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
 @pytest.mark.parametrize("selection", [[0, 2], -1, [1, -1]])
-def test_output_hidden_states_selects_by_index(family, selection, tmp_path):
-    _, ours = stock_and_ours(family, BASE_CLASSES[family], tmp_path)
+def test_output_hidden_states_selects_by_index_as_stock_does(family, selection, tmp_path):
+    """transformers 5's ``output_hidden_states=[0, 2]``: a tuple as long as the full one, the selected states in
+    their places and None elsewhere, as stock returns it (stock BLOOM, which ignores the selection, aside)."""
+    stock, ours = stock_and_ours(family, BASE_CLASSES[family], tmp_path)
     inputs = token_inputs(family)
     with torch.no_grad():
         every = ours(**inputs, output_hidden_states=True)
         chosen = ours(**inputs, output_hidden_states=selection)
-    field = "encoder_hidden_states" if family == "bart" else "hidden_states"
+        expected = stock(**inputs, output_hidden_states=selection)
     indices = [selection] if isinstance(selection, int) else selection
-    expected = [getattr(every, field)[index] for index in sorted({index % 4 for index in indices})]
-    actual = getattr(chosen, field)
-    assert len(actual) == len(expected)
-    for state, reference in zip(actual, expected):
-        assert torch.equal(state, reference)
+    kept = {index % 4 for index in indices}
+    for field in HIDDEN_FIELDS[family]:
+        actual = getattr(chosen, field)
+        assert len(actual) == len(getattr(every, field)) == 4
+        for index, (state, full) in enumerate(zip(actual, getattr(every, field))):
+            assert torch.equal(state, full) if index in kept else state is None, (field, index)
+        if family != "bloom" and stock_selects_hidden_states():
+            assert [state is None for state in actual] == [state is None for state in getattr(expected, field)]
+
+
+CAPTURED_FIELDS = ("hidden_states", "attentions", "cross_attentions")
+
+
+def captured_by_hooks(model, **inputs):
+    """The model's output with its hidden states and attentions replaced by what transformers' output-capturing
+    hooks (installed from ``_can_record_outputs``) recorded during the same forward."""
+    from transformers.utils.output_capturing import capture_outputs
+
+    def forward_without_its_own_collection(self, **kwargs):
+        output = type(self).forward(self, **kwargs)
+        for field in CAPTURED_FIELDS:
+            if field in output:
+                output[field] = None
+        return output
+
+    return capture_outputs(forward_without_its_own_collection)(model, **inputs)
+
+
+@pytest.mark.skipif(not stock_selects_hidden_states(), reason="transformers 5's output capture")
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
+def test_output_capturing_hooks_record_what_the_forward_returns(family, tmp_path):
+    """``_can_record_outputs`` (declared as stock declares it) points transformers' output-capturing hooks at
+    modules whose outputs are the hidden states and attention weights our forward returns."""
+    _, ours = stock_and_ours(family, BASE_CLASSES[family], tmp_path)
+    inputs = token_inputs(family)
+    flags = dict(output_hidden_states=True, output_attentions=True)
+    if family == "bart":
+        encoder_inputs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **flags)
+        with torch.no_grad():
+            encoded = ours.get_encoder()(**encoder_inputs)
+        decoder_inputs = dict(input_ids=inputs["decoder_input_ids"], encoder_hidden_states=encoded.last_hidden_state,
+                              encoder_attention_mask=inputs["attention_mask"], **flags)
+        runs = [(ours.get_encoder(), encoder_inputs), (ours.get_decoder(), decoder_inputs)]
+    else:
+        runs = [(ours, {**inputs, **flags})]
+    for module, module_inputs in runs:
+        with torch.no_grad():
+            direct, hooked = module(**module_inputs), captured_by_hooks(module, **module_inputs)
+        for field in CAPTURED_FIELDS:
+            if getattr(direct, field, None) is None:
+                continue
+            recorded = getattr(hooked, field)
+            assert recorded is not None and len(recorded) == len(getattr(direct, field)) > 0, (family, field)
+            for index, (a, b) in enumerate(zip(getattr(direct, field), recorded)):
+                assert torch.equal(a, b), (family, field, index)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart", "qwen"])
@@ -267,6 +330,25 @@ def test_gpt2_model_takes_multiple_choice_inputs(tmp_path):
     assert actual.last_hidden_state.shape == (2, 3, 6, 32)
     assert_close_rel(actual.last_hidden_state, expected.last_hidden_state, TOL, "gpt2 [b, c, s]")
     assert [h.shape for h in actual.hidden_states] == [h.shape for h in expected.hidden_states]
+
+
+def test_stock_bloom_builds_from_our_config_after_our_model_ran(tmp_path):
+    """Our BLOOM leaves the implementation it was not asked for unset in the config it shares with the caller, so
+    stock BLOOM (which has no sdpa path and refuses a config saying "sdpa") builds from it and agrees."""
+    stock, ours = stock_and_ours("bloom", "BloomForCausalLM", tmp_path)
+    inputs = token_inputs("bloom")
+    with torch.no_grad():
+        actual = ours(**inputs).logits
+    config = family_config("bloom")
+    type(ours)(config)
+    assert getattr(config, "_attn_implementation", None) in (None, "eager")
+    stock_class("BloomForSequenceClassification")(ours.config)  # a stock head on our base's config
+    rebuilt = stock_class("BloomForCausalLM")(ours.config).eval()
+    rebuilt.load_state_dict(ours.state_dict())
+    real = inputs["attention_mask"][..., None]
+    with torch.no_grad():
+        assert_close_rel(rebuilt(**inputs).logits * real, actual * real, TOL, "stock BLOOM on our config")
+        assert_close_rel(ours(**inputs).logits * real, actual * real, TOL, "ours after stock was built")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,7 +425,7 @@ def test_static_cache_generation_matches_stock(family, tmp_path):
 
 
 @pytest.mark.skipif(not TRANSFORMERS_5, reason="CompileConfig's all-device switch is transformers 5's")
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
 def test_fullgraph_compiled_static_generation_matches_stock(family, tmp_path):
     """``generate`` compiles the forward with ``fullgraph=True`` for a static cache (dynamo only, so that it
     runs without a C++ compiler): no graph break, no data-dependent branch on the decoding path."""
@@ -351,6 +433,7 @@ def test_fullgraph_compiled_static_generation_matches_stock(family, tmp_path):
 
     stock, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path)
     inputs = token_inputs(family)
+    inputs.pop("decoder_input_ids", None)
     compile_config = CompileConfig(fullgraph=True, backend="eager", dynamic=False)
     compile_config._compile_all_devices = True
     options = dict(max_new_tokens=4, do_sample=False, cache_implementation="static")
@@ -523,17 +606,65 @@ def test_gpt2_cross_attention_matches_stock_with_cache_and_weights(tmp_path):
     assert_weights_match(actual.cross_attentions, expected.cross_attentions, None, "cross_attentions")
 
 
-def test_checkpointing_function_can_be_patched_and_restored_as_on_stock_layers(tmp_path):
+LAYER_STACKS = {"llama": ("LlamaForCausalLM", "model.layers"), "gpt2": ("GPT2LMHeadModel", "transformer.h")}
+
+
+def layers_of(model, family: str) -> torch.nn.ModuleList:
+    return model.get_submodule(LAYER_STACKS[family][1])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_checkpointing_function_can_be_patched_and_restored_as_on_stock_layers(family, tmp_path):
     """transformers' gradient-checkpointing tests patch a layer's ``_gradient_checkpointing_func`` with
-    ``mock.patch.object`` (set, then delete on exit) and count the recomputed forwards."""
+    ``mock.patch.object`` (set, then delete on exit) and count the recomputed forwards; the layers are
+    ``GradientCheckpointingLayer``s, as stock's are."""
     import unittest.mock
 
-    _, ours = stock_and_ours("llama", "LlamaForCausalLM", tmp_path)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    _, ours = stock_and_ours(family, LAYER_STACKS[family][0], tmp_path)
+    assert all(isinstance(layer, GradientCheckpointingLayer) for layer in layers_of(ours, family))
     ours.train()
     ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layer = ours.model.layers[0]
+    layer = layers_of(ours, family)[0]
     original = layer._gradient_checkpointing_func
+    inputs = token_inputs(family)
     with unittest.mock.patch.object(layer, "_gradient_checkpointing_func", side_effect=original) as patched:
-        ours(**token_inputs("llama"), labels=token_inputs("llama")["input_ids"]).loss.backward()
+        ours(**inputs, labels=inputs["input_ids"]).loss.backward()
     assert patched.call_count == 1
     assert layer._gradient_checkpointing_func is not patched
+
+
+@pytest.mark.parametrize("checkpointing", ["gradient_checkpointing_enable", "offload_checkpoints"])
+def test_gpt2_blocks_checkpoint_like_stock_and_offload(checkpointing, tmp_path):
+    """GPT-2's blocks checkpoint themselves (stock's ``gradient_checkpointing_enable``, or our offloaded
+    ``config.offload_checkpoints``): each block's attention runs again in backward, and the gradients are the
+    plain model's."""
+    _, ours = stock_and_ours("gpt2", "GPT2LMHeadModel", tmp_path)
+    ours.config.attn_pdrop = ours.config.resid_pdrop = ours.config.embd_pdrop = 0.0
+    ours.train()
+    inputs = token_inputs("gpt2")
+
+    def loss_gradients_and_block_calls() -> tuple:
+        calls = []
+        hooks = [block.attn.register_forward_pre_hook(lambda *_: calls.append(1)) for block in ours.transformer.h]
+        for module in ours.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        ours.zero_grad()
+        loss = ours(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        for hook in hooks:
+            hook.remove()
+        return loss.detach(), {name: p.grad.clone() for name, p in ours.named_parameters()}, len(calls)
+
+    plain_loss, plain_grads, plain_calls = loss_gradients_and_block_calls()
+    if checkpointing == "offload_checkpoints":
+        ours.config.offload_checkpoints = True
+    else:
+        ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss, grads, calls = loss_gradients_and_block_calls()
+    assert plain_calls == 3 and calls == 6, (plain_calls, calls)
+    assert_close_rel(loss, plain_loss, TOL, "checkpointed loss")
+    for name, grad in grads.items():
+        assert_close_rel(grad, plain_grads[name], TOL, f"checkpointed grad {name}")

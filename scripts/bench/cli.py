@@ -126,6 +126,12 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument("--bart-tgt", type=int, default=1024, help="BART target length (capped at the source length)")
     p.add_argument("--new-tokens", type=int, default=None, help="decode steps in infer (default 128)")
     p.add_argument(
+        "--static-cache",
+        action="store_true",
+        help="infer: decode with generate(cache_implementation='static'), which on CUDA compiles the decoding step",
+    )
+    p.add_argument("--layers", type=int, default=None, help="layers of every model (BART: per stack)")
+    p.add_argument(
         "--optimizer", choices=["none", "adamw"], default="none", help="add an AdamW step to the training step"
     )
     p.add_argument("--warmup", type=int, default=None, help="training warm-up steps (default 2)")

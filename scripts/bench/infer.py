@@ -40,6 +40,44 @@ def decode(model, family: str, state, steps: int) -> None:
         token = out.logits[:, -1:].argmax(-1)
 
 
+def generate_static(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens over a static cache: on CUDA transformers compiles the
+    decoding step for it (its auto-compile: torch.compile, mode reduce-overhead), for stock and our classes alike."""
+    return model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        cache_implementation="static",
+    )
+
+
+def measure_static_generate(bench: Bench, model, batch: int, ids: torch.Tensor, new_tokens: int) -> dict:
+    """Decode speed over a static cache: ``generate`` of ``new_tokens`` tokens less ``generate`` of one (the
+    prefill), so the ``new_tokens - 1`` compiled decoding steps are what is timed (after a warm-up that compiles)."""
+    model.eval()
+    with torch.no_grad():
+        bench.clean()
+        bench.reset_peak()
+        generate_static(model, ids, new_tokens)  # warm-up: compiles the decoding step, records its CUDA graphs
+        prefill_times = bench.timed(functools.partial(generate_static, model, ids, 1), bench.args.prefill_iters)
+        generate_times = bench.timed(functools.partial(generate_static, model, ids, new_tokens), 2)
+        peak = bench.peak_mb()
+    prefill_ms, generate_ms = statistics.median(prefill_times), min(generate_times)
+    decode_ms = generate_ms - prefill_ms
+    steps = new_tokens - 1
+    return {
+        "prefill_ms": prefill_ms,
+        "generate_ms": generate_ms,
+        "new_tokens": new_tokens,
+        "decode_ms": decode_ms,
+        "decode_ms_per_step": decode_ms / steps,
+        "decode_tokens_per_s": batch * steps / (decode_ms / 1e3),
+        "peak_mem_mb": peak,
+    }
+
+
 def measure_infer(
     bench: Bench,
     model,
@@ -51,6 +89,8 @@ def measure_infer(
     profile_name: Optional[str] = None,
 ) -> dict:
     ids = random_ids(vocab, batch, seq, bench.device)
+    if bench.args.static_cache:
+        return measure_static_generate(bench, model, batch, ids, new_tokens)
     model.eval()
     with torch.no_grad():
         bench.clean()
@@ -101,7 +141,8 @@ def run_infer(bench: Bench) -> None:
             sweep = ImplSweep(bench, functools.partial(bench.factory.build, family, impl, kwargs, bench.dtype), 1.0)
             for batch in batches:
                 for seq in seqs:
-                    record = config_record("infer", family, impl, seq, batch, bench.dtype, vocab=dims.vocab)
+                    cache = {"cache": "static"} if args.static_cache else {}
+                    record = config_record("infer", family, impl, seq, batch, bench.dtype, vocab=dims.vocab, **cache)
                     measure = functools.partial(
                         measure_infer,
                         bench,

@@ -50,12 +50,12 @@ TINY_DIMS = {
 }
 
 
-def family_dims(tiny: bool, vocab: Optional[int] = None) -> dict:
-    """Each family's sizes; ``vocab`` (--vocab) replaces every family's vocabulary size."""
+def family_dims(tiny: bool, vocab: Optional[int] = None, layers: Optional[int] = None) -> dict:
+    """Each family's sizes; ``vocab`` (--vocab) replaces every family's vocabulary size, ``layers`` (--layers)
+    every family's number of layers (BART: per stack)."""
     dims = TINY_DIMS if tiny else FULL_DIMS
-    if vocab is None:
-        return dict(dims)
-    return {family: dataclasses.replace(d, vocab=vocab) for family, d in dims.items()}
+    changes = {name: value for name, value in (("vocab", vocab), ("layers", layers)) if value is not None}
+    return {family: dataclasses.replace(d, **changes) for family, d in dims.items()}
 
 
 # Config field names per family: (vocabulary, hidden size, layers, heads, positions); BART's layers and heads
