@@ -2214,21 +2214,34 @@ def attention_options(config, backend: str = "auto") -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Fused ops: LM head + cross-entropy in chunks, RMSNorm, activations, RoPE
+# Fused ops: LM head + cross-entropy in chunks, RMSNorm, activations, MLP projection, RoPE
 #
-# Each op is an autograd.Function that saves only what its backward needs. The pointwise math is in
-# small functions with a pure-PyTorch body (the CPU path, tested against float64); on CUDA they are
-# compiled once by torch.compile (fused into one kernel each) unless the caller is itself being
-# compiled, in which case the enclosing graph fuses them.
+# Each op is an autograd.Function that saves only what its backward needs. The math has a pure-PyTorch
+# body (the CPU path, tested against float64). On CUDA an op runs a Triton kernel of this section where
+# Triton is installed (it ships with CUDA builds of torch), else its PyTorch body compiled once by
+# torch.compile. Inside an enclosing torch.compile the PyTorch body is traced, so the enclosing graph fuses
+# it (no graph break, no opaque kernel). A kernel or compiler that fails is logged once and the PyTorch body
+# runs instead.
 # ----------------------------------------------------------------------------------------------
 
-# Target size of one chunk's float32 logits in the LM head + loss (the auto chunk size).
-LOSS_CHUNK_BYTES = 256 * 1024 * 1024
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+    tl = None
+
+# Target size of one chunk of logits (in the logits' dtype) in the fused LM head + loss: the auto chunk size.
+LOSS_CHUNK_BYTES = 128 * 1024 * 1024
 IGNORE_INDEX = -100
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_BLOCK = 1024  # elements per program of the element-wise kernels
+_TRITON_MAX_ROW = 65536  # widest row the one-block-per-row norm kernels take
 
 _compiled_functions: dict = {}
 _compiled_functions_lock = threading.Lock()
 _compile_failed: set = set()
+_triton_failed: set = set()
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -2243,7 +2256,8 @@ def _pointwise(fn: Callable, *args):
 
     A compiler that fails here (e.g. no C compiler for Triton) is logged once and the eager body is used.
     """
-    if args[0].device.type != "cuda" or torch.compiler.is_compiling() or fn in _compile_failed:
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    if first.device.type != "cuda" or torch.compiler.is_compiling() or fn in _compile_failed:
         return fn(*args)
     try:
         return _compiled(fn)(*args)
@@ -2255,12 +2269,219 @@ def _pointwise(fn: Callable, *args):
         return fn(*args)
 
 
-# --- LM head + cross-entropy ------------------------------------------------------------------
+def _triton_takes(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether this section's Triton kernels run for these tensors: Triton installed, CUDA, a float type
+    Triton handles, and no enclosing torch.compile (which fuses the PyTorch body itself)."""
+    return (
+        triton is not None
+        and not torch.compiler.is_compiling()
+        and all(t is None or (t.is_cuda and _triton_dtype(t)) for t in tensors)
+    )
+
+
+def _triton_dtype(t: torch.Tensor) -> bool:
+    return t.dtype in _TRITON_DTYPES or not t.is_floating_point()
+
+
+def _fused(kernel: Callable, body: Callable, *args):
+    """``kernel(*args)`` (a Triton launcher) where Triton takes the tensors, else ``body(*args)`` through
+    ``_pointwise``. The two compute the same math. A launcher returns None for a call it does not take (a
+    shape or dtype mix it has no kernel for); a kernel that fails is logged once and not tried again."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if kernel not in _triton_failed and _triton_takes(*tensors):
+        try:
+            result = kernel(*args)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a kernel that cannot build falls back to the same math
+            _triton_failed.add(kernel)
+            _log_once(f"Triton kernel {kernel.__name__} failed ({type(error).__name__}: {error}); using PyTorch")
+        else:
+            if result is not None:
+                return result
+    return _pointwise(body, *args)
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32, or as is when it is float64 (so that float64 references check the math exactly)."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a contiguous ``[rows, last dim]`` matrix (a view when it already is contiguous)."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _cross_entropy_rows_kernel(
+        logits_ptr, stride, targets_ptr, loss_ptr, scale_ptr, n_cols, ignore_index,
+        WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """One row: loss = logsumexp - logit[target] (0 when ignored); with WRITE_GRAD the row is overwritten
+        by its gradient (softmax - one_hot) x scale (0 when ignored)."""
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride
+        target = tl.load(targets_ptr + row)
+        running_max = tl.full([], float("-inf"), tl.float32)
+        running_sum = tl.zeros([], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(base + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(running_max, tl.max(x, 0))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
+            running_max = new_max
+        lse = running_max + tl.log(running_sum)
+        counted = target != ignore_index
+        safe_target = tl.where(counted, target, 0)
+        picked = tl.load(base + safe_target).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(counted, lse - picked, 0.0))
+        if WRITE_GRAD:
+            scale = tl.where(counted, tl.load(scale_ptr).to(tl.float32), 0.0)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                x = tl.load(base + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+                grad = tl.exp(x - lse) - tl.where(cols == safe_target, 1.0, 0.0)
+                tl.store(base + cols, (grad * scale).to(logits_ptr.dtype.element_ty), mask=cols < n_cols)
+
+    @triton.jit
+    def _rms_norm_forward_kernel(x_ptr, weight_ptr, out_ptr, rstd_ptr, n_cols, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        x = tl.load(x_ptr + row * n_cols + cols, mask=inside, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
+        normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)  # cast before the weight, as stock
+        weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * n_cols + cols, (weight * normed).to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(rstd_ptr + row, rstd)
+
+    @triton.jit
+    def _rms_norm_backward_kernel(
+        grad_ptr, x_ptr, weight_ptr, rstd_ptr, grad_x_ptr, grad_weight_ptr, n_rows, n_cols, rows_per_program,
+        BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    ):
+        """Rows [program x rows_per_program, ...), ROWS at a time: grad_x per row, and this program's partial
+        weight gradient."""
+        program = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        grad_weight = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        first = program.to(tl.int64) * rows_per_program
+        last = tl.minimum(first + rows_per_program, n_rows)
+        for start in range(first, last, ROWS):
+            rows = start + tl.arange(0, ROWS)
+            kept = (rows < last)[:, None] & inside[None, :]
+            offsets = rows[:, None] * n_cols + cols[None, :]
+            grad = tl.load(grad_ptr + offsets, mask=kept, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offsets, mask=kept, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + rows, mask=rows < last, other=0.0)[:, None]
+            x_hat = x * rstd
+            # d(weight * normed): grad x weight rounded to the normalised value's dtype, as stock's autograd
+            grad_normed = (grad * weight[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
+            dot = tl.sum(grad_normed * x_hat, 1)[:, None] / n_cols
+            grad_x = rstd * (grad_normed - x_hat * dot)
+            tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=kept)
+            grad_weight += grad * x_hat.to(x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(grad_weight_ptr + program.to(tl.int64) * n_cols + cols, tl.sum(grad_weight, 0), mask=inside)
+
+    @triton.jit
+    def _rotary_kernel(
+        x_ptr, cos_ptr, sin_ptr, out_ptr, heads, seq, half,
+        x_b, x_h, x_s, c_b, c_h, c_s, o_b, o_h, o_s,
+        INVERSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """x [b, h, s, 2 x half] (any strides, last one 1) rotated by cos/sin (expanded to x's shape):
+        out = x * cos + rotate_half(x) * sin, or its transpose (INVERSE, the backward)."""
+        batch, head = tl.program_id(0) // heads, tl.program_id(0) % heads
+        positions = (tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)[:, None]
+        dims = tl.arange(0, BLOCK_D)[None, :]
+        kept = (positions < seq) & (dims < half)
+        x = x_ptr + batch.to(tl.int64) * x_b + head.to(tl.int64) * x_h + positions * x_s + dims
+        c = batch.to(tl.int64) * c_b + head.to(tl.int64) * c_h + positions * c_s + dims
+        x1 = tl.load(x, mask=kept, other=0.0).to(tl.float32)
+        x2 = tl.load(x + half, mask=kept, other=0.0).to(tl.float32)
+        cos1 = tl.load(cos_ptr + c, mask=kept, other=0.0).to(tl.float32)
+        cos2 = tl.load(cos_ptr + c + half, mask=kept, other=0.0).to(tl.float32)
+        sin1 = tl.load(sin_ptr + c, mask=kept, other=0.0).to(tl.float32)
+        sin2 = tl.load(sin_ptr + c + half, mask=kept, other=0.0).to(tl.float32)
+        if INVERSE:
+            out1 = x1 * cos1 + x2 * sin2
+            out2 = x2 * cos2 - x1 * sin1
+        else:
+            out1 = x1 * cos1 - x2 * sin1
+            out2 = x2 * cos2 + x1 * sin2
+        out = out_ptr + batch.to(tl.int64) * o_b + head.to(tl.int64) * o_h + positions * o_s + dims
+        tl.store(out, out1.to(out_ptr.dtype.element_ty), mask=kept)
+        tl.store(out + half, out2.to(out_ptr.dtype.element_ty), mask=kept)
+
+    @triton.jit
+    def _silu(x):
+        return x * tl.sigmoid(x)
+
+    @triton.jit
+    def _tanh(x):
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+    @triton.jit
+    def _gelu_and_slope(x, TANH: tl.constexpr):
+        """GeLU of float32 ``x`` and its derivative, in the tanh or the erf form."""
+        if TANH:
+            inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+            t = _tanh(inner)
+            value = 0.5 * x * (1.0 + t)
+            slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+        else:
+            value = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+            slope = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+        return value, slope
+
+    @triton.jit
+    def _activation_forward_kernel(x_ptr, up_ptr, out_ptr, n, KIND: tl.constexpr, BLOCK: tl.constexpr):
+        """KIND 0: silu(x) * up; 1: gelu tanh; 2: gelu erf. Rounded like stock: the activation to the input
+        dtype first, then the product."""
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < n
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        if KIND == 0:
+            up = tl.load(up_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            value = _silu(x).to(out_ptr.dtype.element_ty).to(tl.float32) * up
+        else:
+            value, _ = _gelu_and_slope(x, KIND == 1)
+        tl.store(out_ptr + offsets, value.to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _activation_backward_kernel(
+        grad_ptr, x_ptr, up_ptr, grad_x_ptr, grad_up_ptr, n, KIND: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < n
+        grad = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        if KIND == 0:
+            up = tl.load(up_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            sigmoid = tl.sigmoid(x)
+            silu = (x * sigmoid).to(x_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(grad_up_ptr + offsets, (grad * silu).to(grad_up_ptr.dtype.element_ty), mask=inside)
+            grad_silu = (grad * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+            grad_x = grad_silu * sigmoid * (1.0 + x * (1.0 - sigmoid))
+        else:
+            _, slope = _gelu_and_slope(x, KIND == 1)
+            grad_x = grad * slope
+        tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=inside)
+
+
+def _row_block(n_cols: int) -> int:
+    return triton.next_power_of_2(n_cols)
+
+
+def _row_warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+# --- LM head + cross-entropy ------------------------------------------------------------------
 
 
 def _cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
@@ -2284,66 +2505,92 @@ def _cross_entropy_chunk_grad(
     return (grad * row_scale.unsqueeze(1)).to(logits.dtype)
 
 
+def _cross_entropy_in_place_triton(logits, targets, ignore_index: int, scale: Optional[torch.Tensor]):
+    """The chunk's summed loss; with ``scale``, ``logits`` now hold their gradient (one Triton kernel)."""
+    if not logits.is_contiguous():
+        return None
+    loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    block = min(_row_block(logits.shape[1]), 4096)
+    _cross_entropy_rows_kernel[(logits.shape[0],)](
+        logits, logits.stride(0), targets, loss, loss if scale is None else scale, logits.shape[1], ignore_index,
+        WRITE_GRAD=scale is not None, BLOCK=block, num_warps=8,
+    )
+    return loss.sum(), (logits if scale is not None else None)
+
+
+def _cross_entropy_torch(logits, targets, ignore_index: int, scale: Optional[torch.Tensor]):
+    """The chunk's summed loss, and its logits' gradient when ``scale`` is given (the PyTorch body)."""
+    chunk_sum, lse = _cross_entropy_chunk(logits, targets, ignore_index)
+    if scale is None:
+        return chunk_sum, None
+    return chunk_sum, _cross_entropy_chunk_grad(logits, lse, targets, ignore_index, scale)
+
+
+def _cross_entropy_with_grad(logits, targets, ignore_index: int, scale: Optional[torch.Tensor]):
+    """One chunk's summed loss and, given ``scale``, its logits' gradient (Triton: in the logits' memory)."""
+    return _fused(_cross_entropy_in_place_triton, _cross_entropy_torch, logits, targets, ignore_index, scale)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """``sum(cross_entropy(hidden @ weight.T + bias, targets)) / divisor`` over row chunks.
 
-    No ``[rows, vocab]`` tensor is kept: forward keeps the per-row log-sum-exp, backward recomputes each
-    chunk's logits. The loss is accumulated in float32.
+    No ``[rows, vocab]`` tensor outlives its chunk. When gradients are wanted, forward computes them chunk by
+    chunk while each chunk's logits exist (so backward runs no second matmul over the vocabulary) and keeps
+    only them: backward scales them by the incoming gradient, in place. The loss is accumulated in float32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, divisor, chunk_size: int, ignore_index: int):
+    def forward(ctx, hidden, weight, bias, targets, divisor, chunk_size: int, ignore_index: int, wants: tuple):
         accumulate = torch.promote_types(hidden.dtype, torch.float32)
+        scale = (1.0 / divisor).to(accumulate) if any(wants) else None
+        grad_hidden = torch.empty_like(hidden) if wants[0] else None
+        grad_weight = torch.zeros_like(weight) if wants[1] else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if wants[2] else None
         total = torch.zeros((), dtype=accumulate, device=hidden.device)
-        lse = torch.empty(hidden.shape[0], dtype=accumulate, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             logits = F.linear(hidden[rows], weight, bias)
-            chunk_sum, lse[rows] = _pointwise(_cross_entropy_chunk, logits, targets[rows], ignore_index)
+            chunk_sum, grad_logits = _cross_entropy_with_grad(logits, targets[rows], ignore_index, scale)
             total = total + chunk_sum
-        ctx.save_for_backward(hidden, weight, bias, targets, divisor, lse)
-        ctx.chunk_size, ctx.ignore_index = chunk_size, ignore_index
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), hidden[rows])
+            if grad_bias is not None:
+                grad_bias += grad_logits.to(accumulate).sum(0)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return total / divisor
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, bias, targets, divisor, lse = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        scale = grad_loss.to(lse.dtype) / divisor
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            logits = F.linear(hidden[rows], weight, bias)
-            grad_logits = _pointwise(
-                _cross_entropy_chunk_grad, logits, lse[rows], targets[rows], ctx.ignore_index, scale
-            )
-            if need_hidden:
-                grad_hidden[rows] = grad_logits @ weight
-            if need_weight:
-                grad_weight.addmm_(grad_logits.t(), hidden[rows])
-            if need_bias:
-                grad_bias += grad_logits.to(lse.dtype).sum(0)
-        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        grads = ctx.saved_tensors
+        if torch.compiler.is_compiling():
+            scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
+        else:  # in place: a second backward through this graph then fails autograd's version check, loudly
+            scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
+        return (*scaled, None, None, None, None, None)
 
 
-def loss_chunk_size(config, vocab_size: int) -> int:
-    """Tokens per chunk of the fused LM head + loss: ``config.loss_chunk_size`` when set, else as many as
-    keep one chunk's float32 logits within ``LOSS_CHUNK_BYTES`` (2,097 tokens at a 32,000-token vocabulary)."""
+def loss_chunk_size(config, vocab_size: int, dtype: torch.dtype = torch.float32) -> int:
+    """Tokens per chunk of the fused LM head + loss: ``config.loss_chunk_size`` when set, else as many as keep
+    one chunk's logits (in ``dtype``, the head's) within ``LOSS_CHUNK_BYTES``, rounded down to a multiple of
+    64 where that leaves some (2,048 tokens at a 32,000-token vocabulary in bf16, 384 at 151,936)."""
     explicit = getattr(config, "loss_chunk_size", None)
     if explicit is not None:
         if not isinstance(explicit, int) or explicit < 1:
             raise ValueError(f"config.loss_chunk_size must be a positive int or None, got {explicit!r}")
         return explicit
-    return max(1, LOSS_CHUNK_BYTES // (4 * vocab_size))
+    rows = max(1, LOSS_CHUNK_BYTES // (torch.finfo(dtype).bits // 8 * vocab_size))
+    return rows - rows % 64 if rows >= 64 else rows
 
 
-def _is_plain_linear(module) -> bool:
-    """A bare nn.Linear whose forward nobody changed: no subclass or wrapper (PEFT, quantization), no hooks."""
+def _is_plain_module(module, expected_class: type = torch.nn.Linear) -> bool:
+    """A bare ``expected_class`` whose forward nobody changed: no subclass or wrapper (PEFT, quantization),
+    no hooks."""
     return (
-        type(module) is torch.nn.Linear
+        type(module) is expected_class
         and not module._forward_hooks
         and not module._forward_pre_hooks
         and "forward" not in module.__dict__
@@ -2362,7 +2609,7 @@ def fused_loss_applies(model, lm_head, labels, logits_to_keep=0) -> bool:
         and not getattr(model.config, "keep_logits_in_training", False)
         and isinstance(logits_to_keep, int)
         and logits_to_keep == 0
-        and _is_plain_linear(lm_head)
+        and _is_plain_module(lm_head)
     )
 
 
@@ -2370,6 +2617,18 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def _apply_as_autocast_would(function, tensors: tuple, *options):
+    """``function.apply(*tensors, *options)``; under autocast the tensors are first cast to its dtype, as it
+    would cast them for the matmuls inside, and the function runs with autocast off (its backward too)."""
+    floating = [t for t in tensors if t is not None]
+    autocast_dtype = _autocast_dtype(floating[0].device.type) if floating else None
+    if autocast_dtype is None:
+        return function.apply(*tensors, *options)
+    cast = tuple(t.to(autocast_dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+    with torch.autocast(floating[0].device.type, enabled=False):
+        return function.apply(*cast, *options)
 
 
 def linear_cross_entropy(
@@ -2398,13 +2657,11 @@ def linear_cross_entropy(
     else:
         divisor = torch.as_tensor(num_items_in_batch, device=hidden.device)
     divisor = divisor.to(torch.promote_types(hidden.dtype, torch.float32))
-    autocast_dtype = _autocast_dtype(hidden.device.type)
-    if autocast_dtype is None:
-        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, divisor, chunk_size, ignore_index)
-    hidden, weight = hidden.to(autocast_dtype), weight.to(autocast_dtype)
-    bias = bias.to(autocast_dtype) if bias is not None else None
-    with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, divisor, chunk_size, ignore_index)
+    grad_enabled = torch.is_grad_enabled()
+    wants = tuple(grad_enabled and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return _apply_as_autocast_would(
+        _LinearCrossEntropy, (hidden, weight, bias), targets, divisor, chunk_size, ignore_index, wants
+    )
 
 
 def lm_head_loss(
@@ -2431,6 +2688,7 @@ def lm_head_loss(
     if logits_bias is not None:
         logits_bias = logits_bias.reshape(-1).to(hidden_states.device)
         bias = logits_bias if bias is None else bias + logits_bias
+    head_dtype = _autocast_dtype(hidden_states.device.type) or lm_head.weight.dtype
     return linear_cross_entropy(
         hidden_states.reshape(-1, hidden_states.shape[-1]),
         lm_head.weight,
@@ -2438,7 +2696,7 @@ def lm_head_loss(
         bias=bias,
         num_items_in_batch=num_items_in_batch,
         ignore_index=ignore_index,
-        chunk_size=loss_chunk_size(config, lm_head.weight.shape[0]),
+        chunk_size=loss_chunk_size(config, lm_head.weight.shape[0], head_dtype),
     )
 
 
@@ -2459,19 +2717,49 @@ def _rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     return grad_x.to(x.dtype), grad_weight.to(weight.dtype)
 
 
+def _rms_norm_forward_triton(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    if x.shape[-1] > _TRITON_MAX_ROW:
+        return None
+    x_rows = _rows(x)
+    out = torch.empty(x_rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    rstd = torch.empty(x_rows.shape[0], dtype=torch.float32, device=x.device)
+    block = _row_block(x_rows.shape[1])
+    _rms_norm_forward_kernel[(x_rows.shape[0],)](
+        x_rows, weight.contiguous(), out, rstd, x_rows.shape[1], eps, BLOCK=block, num_warps=_row_warps(block)
+    )
+    return out.view(x.shape), rstd.view(*x.shape[:-1], 1)
+
+
+def _rms_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+    x_rows, grad_rows = _rows(x), _rows(grad)
+    n_rows, n_cols = x_rows.shape
+    block = _row_block(n_cols)
+    rows_at_once = max(1, min(8, 8192 // block))
+    programs = max(1, min(n_rows, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count))
+    rows_per_program = rows_at_once * triton.cdiv(triton.cdiv(n_rows, programs), rows_at_once)
+    programs = triton.cdiv(n_rows, rows_per_program)
+    grad_x = torch.empty_like(x_rows)
+    partial_grad_weight = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
+    _rms_norm_backward_kernel[(programs,)](
+        grad_rows, x_rows, weight.contiguous(), rstd.contiguous(), grad_x, partial_grad_weight, n_rows, n_cols,
+        rows_per_program, BLOCK=block, ROWS=rows_at_once, num_warps=_row_warps(block * rows_at_once),
+    )
+    return grad_x.view(x.shape), partial_grad_weight.sum(0).to(weight.dtype)
+
+
 class _RMSNorm(torch.autograd.Function):
     """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``, normalised in float32; saves x and per-row rstd."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        out, rstd = _pointwise(_rms_norm_forward, x, weight, eps)
+        out, rstd = _fused(_rms_norm_forward_triton, _rms_norm_forward, x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        grad_x, grad_weight = _pointwise(_rms_norm_backward, grad, x, weight, rstd)
+        grad_x, grad_weight = _fused(_rms_norm_backward_triton, _rms_norm_backward, grad, x, weight, rstd)
         return grad_x, grad_weight if ctx.needs_input_grad[1] else None, None
 
 
@@ -2483,76 +2771,153 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 # --- Activations ------------------------------------------------------------------------------
 
-
-def _silu_mul_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
-
-
-def _silu_mul_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-    gate_float = _at_least_float32(gate)
-    sigmoid = torch.sigmoid(gate_float)
-    grad_float = _at_least_float32(grad)
-    grad_up = grad_float * gate_float * sigmoid
-    grad_gate = grad_float * _at_least_float32(up) * sigmoid * (1 + gate_float * (1 - sigmoid))
-    return grad_gate.to(gate.dtype), grad_up.to(up.dtype)
-
-
-class _SiluMul(torch.autograd.Function):
-    """``silu(gate) * up`` saving only the two matmul outputs; silu is recomputed in backward."""
-
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return _pointwise(_silu_mul_forward, gate, up)
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        return _pointwise(_silu_mul_backward, grad, gate, up)
-
-
-def _gelu_forward(x: torch.Tensor, approximate: str) -> torch.Tensor:
-    return F.gelu(x, approximate=approximate)
-
-
-def _gelu_backward(grad: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
-    return torch.ops.aten.gelu_backward(grad, x, approximate=approximate)
-
-
-class _Gelu(torch.autograd.Function):
-    """GeLU saving only its input (the matmul output); recomputed in backward."""
-
-    @staticmethod
-    def forward(ctx, x, approximate: str):
-        ctx.save_for_backward(x)
-        ctx.approximate = approximate
-        return _pointwise(_gelu_forward, x, approximate)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return _pointwise(_gelu_backward, grad, x, ctx.approximate), None
-
-
+# The fused activations: silu(gate) * up, and GeLU in its tanh and erf forms (Triton kernel KIND 0, 1, 2).
+_ACTIVATION_KINDS = {"silu_mul": 0, "gelu_tanh": 1, "gelu": 2}
 # transformers' activation names whose math is F.gelu's ("gelu_new" and "gelu_fast" are the tanh form)
-_GELU_APPROXIMATION = {"gelu": "none", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu_pytorch_tanh": "tanh"}
+_GELU_KINDS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 _SILU_NAMES = ("silu", "swish")
+
+
+def _activation_forward(kind: str, x: torch.Tensor, up: Optional[torch.Tensor]) -> torch.Tensor:
+    if kind == "silu_mul":
+        return F.silu(x) * up
+    return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
+def _activation_backward(kind: str, grad: torch.Tensor, x: torch.Tensor, up: Optional[torch.Tensor]):
+    """Gradients of x and up (None for GeLU), in their dtypes, computed in float32 like stock's kernels."""
+    if kind != "silu_mul":
+        approximate = "tanh" if kind == "gelu_tanh" else "none"
+        return torch.ops.aten.gelu_backward(grad, x, approximate=approximate), None
+    x_float = _at_least_float32(x)
+    sigmoid = torch.sigmoid(x_float)
+    grad_up = grad * F.silu(x)
+    grad_silu = _at_least_float32(grad * up)
+    grad_x = grad_silu * sigmoid * (1 + x_float * (1 - sigmoid))
+    return grad_x.to(x.dtype), grad_up.to(up.dtype)
+
+
+def _activation_forward_triton(kind: str, x: torch.Tensor, up: Optional[torch.Tensor]) -> torch.Tensor:
+    if up is not None and (up.shape, up.dtype) != (x.shape, x.dtype):
+        return None  # broadcasting or mixed dtypes: the PyTorch body
+    x = x.contiguous()
+    up = up.contiguous() if up is not None else None
+    out = torch.empty_like(x)
+    n = x.numel()
+    _activation_forward_kernel[(triton.cdiv(n, _TRITON_BLOCK),)](
+        x, x if up is None else up, out, n, KIND=_ACTIVATION_KINDS[kind], BLOCK=_TRITON_BLOCK
+    )
+    return out
+
+
+def _activation_backward_triton(kind: str, grad: torch.Tensor, x: torch.Tensor, up: Optional[torch.Tensor]):
+    if any(t is not None and (t.shape, t.dtype) != (x.shape, x.dtype) for t in (grad, up)):
+        return None
+    grad, x = grad.contiguous(), x.contiguous()
+    up = up.contiguous() if up is not None else None
+    grad_x = torch.empty_like(x)
+    grad_up = torch.empty_like(up) if up is not None else None
+    n = x.numel()
+    _activation_backward_kernel[(triton.cdiv(n, _TRITON_BLOCK),)](
+        grad, x, x if up is None else up, grad_x, grad_x if grad_up is None else grad_up, n,
+        KIND=_ACTIVATION_KINDS[kind], BLOCK=_TRITON_BLOCK,
+    )
+    return grad_x, grad_up
+
+
+class _Activation(torch.autograd.Function):
+    """``silu(x) * up`` or GeLU saving only its inputs (the matmul outputs); recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, kind: str, x, up):
+        ctx.kind = kind
+        ctx.save_for_backward(x, up)
+        return _fused(_activation_forward_triton, _activation_forward, kind, x, up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, up = ctx.saved_tensors
+        return (None, *_fused(_activation_backward_triton, _activation_backward, ctx.kind, grad, x, up))
+
+
+def _fused_kind(name: str, gated: bool) -> Optional[str]:
+    """The fused activation for transformers' activation ``name`` (gated: times ``up``), or None."""
+    if gated:
+        return "silu_mul" if name in _SILU_NAMES else None
+    return _GELU_KINDS.get(name)
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """``F.gelu(x, approximate=approximate)`` keeping only ``x`` for backward."""
-    return _Gelu.apply(x, approximate)
+    return _Activation.apply("gelu_tanh" if approximate == "tanh" else "gelu", x, None)
 
 
 def activation(name: str, x: torch.Tensor, fallback: Callable) -> torch.Tensor:
-    """``ACT2FN[name](x)``; the GeLU family through ``gelu``, anything else through ``fallback``."""
-    approximate = _GELU_APPROXIMATION.get(name)
-    return fallback(x) if approximate is None else gelu(x, approximate)
+    """``ACT2FN[name](x)``; the GeLU family through the fused op, anything else through ``fallback``."""
+    kind = _fused_kind(name, gated=False)
+    return fallback(x) if kind is None else _Activation.apply(kind, x, None)
 
 
 def gated_activation(name: str, gate: torch.Tensor, up: torch.Tensor, fallback: Callable) -> torch.Tensor:
-    """``ACT2FN[name](gate) * up``; SiLU through ``_SiluMul``, anything else through ``fallback``."""
-    return _SiluMul.apply(gate, up) if name in _SILU_NAMES else fallback(gate) * up
+    """``ACT2FN[name](gate) * up``; SiLU through the fused op, anything else through ``fallback``."""
+    kind = _fused_kind(name, gated=True)
+    return fallback(gate) * up if kind is None else _Activation.apply(kind, gate, up)
+
+
+# --- MLP output projection: activation + linear, the activation recomputed in backward ----------
+
+
+class _ActivationLinear(torch.autograd.Function):
+    """``F.linear(act(x[, up]), weight, bias)`` keeping only ``x`` (and ``up``): the activation, the largest
+    tensor of an MLP, is not kept for the weight gradient but recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x, up, weight, bias, kind: str):
+        ctx.kind = kind
+        ctx.save_for_backward(x, up, weight)
+        activated = _fused(_activation_forward_triton, _activation_forward, kind, x, up)
+        return F.linear(activated, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, up, weight = ctx.saved_tensors
+        need_x, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        grad_weight = grad_bias = grad_x = grad_up = None
+        if need_weight:
+            activated = _fused(_activation_forward_triton, _activation_forward, ctx.kind, x, up)
+            grad_weight = grad_rows.t().mm(activated.reshape(-1, activated.shape[-1]))
+            del activated
+        if need_bias:
+            grad_bias = grad_rows.sum(0)
+        if need_x or need_up:
+            grad_activated = grad.matmul(weight)
+            grad_x, grad_up = _fused(
+                _activation_backward_triton, _activation_backward, ctx.kind, grad_activated, x, up
+            )
+        return grad_x, grad_up, grad_weight, grad_bias, None
+
+
+def projected_activation(
+    name: str,
+    x: torch.Tensor,
+    projection: torch.nn.Module,
+    fallback: Callable,
+    up: Optional[torch.Tensor] = None,
+    projection_class: type = torch.nn.Linear,
+    transposed: bool = False,
+) -> torch.Tensor:
+    """``projection(ACT2FN[name](x) [* up])``, the MLP's last matmul, without keeping its input for backward.
+
+    Fused where the activation has a fused form and ``projection`` is a plain ``projection_class`` (an
+    ``nn.Linear``, or GPT-2's ``Conv1D`` whose weight is ``[in, out]``: ``transposed``); a wrapped or hooked
+    projection (PEFT LoRA, quantization) or another activation takes the stock path.
+    """
+    kind = _fused_kind(name, gated=up is not None)
+    if kind is None or not _is_plain_module(projection, projection_class):
+        return projection(activation(name, x, fallback) if up is None else gated_activation(name, x, up, fallback))
+    weight = projection.weight.t() if transposed else projection.weight
+    return _apply_as_autocast_would(_ActivationLinear, (x, up, weight, projection.bias), kind)
 
 
 # --- Rotary position embedding ----------------------------------------------------------------
@@ -2572,6 +2937,37 @@ def _rotary_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return grad * cos - _rotate_half(grad * sin)
 
 
+def _rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> Optional[torch.Tensor]:
+    """``_rotary_forward`` (or ``_rotary_backward``: ``inverse``) as one Triton kernel, for 4-D ``x`` whose
+    last dimension is contiguous and even; None for anything else (the PyTorch body takes it)."""
+    if x.dim() != 4 or x.shape[-1] % 2 or x.stride(-1) != 1:
+        return None
+    try:
+        cos, sin = cos.expand(x.shape), sin.expand(x.shape)
+    except RuntimeError:
+        return None
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+        return None
+    out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype))
+    if out.stride(-1) != 1:
+        out = torch.empty(x.shape, dtype=out.dtype, device=x.device)
+    batch, heads, seq, dim = x.shape
+    block_s = 32
+    _rotary_kernel[(batch * heads, triton.cdiv(seq, block_s))](
+        x, cos, sin, out, heads, seq, dim // 2, *x.stride()[:3], *cos.stride()[:3], *out.stride()[:3],
+        INVERSE=inverse, BLOCK_S=block_s, BLOCK_D=triton.next_power_of_2(dim // 2), num_warps=4,
+    )
+    return out
+
+
+def _rotary_forward_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Optional[torch.Tensor]:
+    return _rotary_triton(x, cos, sin, inverse=False)
+
+
+def _rotary_backward_triton(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Optional[torch.Tensor]:
+    return _rotary_triton(grad, cos, sin, inverse=True)
+
+
 class _Rotary(torch.autograd.Function):
     """RoPE (``x * cos + rotate_half(x) * sin``) whose backward is the inverse rotation; saves only cos/sin."""
 
@@ -2579,12 +2975,12 @@ class _Rotary(torch.autograd.Function):
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
         ctx.x_dtype = x.dtype
-        return _pointwise(_rotary_forward, x, cos, sin)
+        return _fused(_rotary_forward_triton, _rotary_forward, x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        grad_x = _pointwise(_rotary_backward, grad, cos, sin)
+        grad_x = _fused(_rotary_backward_triton, _rotary_backward, grad, cos, sin)
         return grad_x.to(ctx.x_dtype), None, None
 
 
@@ -3131,7 +3527,7 @@ class QWenMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         up = self.w1(hidden_states)
-        return self.c_proj(gated_activation("silu", self.w2(hidden_states), up, nn.functional.silu))
+        return projected_activation("silu", self.w2(hidden_states), self.c_proj, nn.functional.silu, up=up)
 
 
 class QWenBlock(LongContextCheckpointing, GradientCheckpointingLayer):

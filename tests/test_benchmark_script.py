@@ -247,6 +247,8 @@ def test_impl_names_parse_into_attention_and_modifiers():
     assert impls.parse_impl("stock:sdpa+liger") == impls.Impl("stock", "sdpa", liger=True)
     assert impls.parse_impl("ours:chunked+compile") == impls.Impl("ours", "chunked", compile=True)
     assert impls.parse_impl("stock:eager+liger+compile") == impls.Impl("stock", "eager", True, True)
+    base = impls.parse_impl("base:auto+compile")
+    assert base == impls.Impl("base", "auto", compile=True) and base.ours
     for bad, message in (
         ("sdpa", "expected stock:"),
         ("mine:sdpa", "expected stock:"),
@@ -254,6 +256,7 @@ def test_impl_names_parse_into_attention_and_modifiers():
         ("ours:auto+compil", "modifiers are"),
         ("ours:auto+compile+compile", "at most once"),
         ("ours:auto+liger", "stock transformers classes only"),
+        ("base:auto+liger", "stock transformers classes only"),
     ):
         with pytest.raises(ValueError, match=message):
             impls.parse_impl(bad)
@@ -446,3 +449,45 @@ def test_static_cache_infer_times_compiled_generate_decoding(cpu_bench, monkeypa
         assert {(new, length) for _, new, length in calls} == {(5, 17), (1, 13)}
         assert result["decode_ms"] == pytest.approx(result["generate_ms"] - result["prefill_ms"])
         assert result["decode_tokens_per_s"] == pytest.approx(4 / (result["decode_ms"] / 1e3))
+
+
+def test_base_impls_load_our_files_from_the_baseline_folder(cpu_bench, tmp_path):
+    """base:<backend> builds the same family from another modeling/ folder (e.g. an earlier commit's)."""
+    import shutil
+
+    models = bench_module("models")
+    baseline = tmp_path / "baseline_modeling"
+    shutil.copytree(SCRIPTS.parent / "modeling", baseline)
+    with open(baseline / "modeling_gpt2.py", "a", encoding="utf-8") as handle:
+        handle.write("\nBASELINE_MARKER = 'the baseline copy'\n")
+    kwargs = models.config_kwargs("gpt2", models.TINY_DIMS["gpt2"], 64, 0.0, torch.float32)
+    with pytest.raises(ValueError, match="--baseline-modeling"):
+        cpu_bench.factory.build("gpt2", "base:auto", kwargs, torch.float32)
+    cpu_bench.factory.baseline_modeling = baseline
+    base = cpu_bench.factory.build("gpt2", "base:auto", kwargs, torch.float32)
+    ours = cpu_bench.factory.build("gpt2", "ours:auto", kwargs, torch.float32)
+    assert getattr(sys.modules[type(base).__module__], "BASELINE_MARKER", None) == "the baseline copy"
+    assert not hasattr(sys.modules[type(ours).__module__], "BASELINE_MARKER")
+    assert type(base).__module__ != type(ours).__module__
+
+
+def test_fused_ops_report_gives_ratios_against_liger_and_base(tmp_path):
+    report = load_script("fused_ops_report")
+
+    def record(impl, step_ms, peak_mb, family="llama"):
+        return {"section": "train", "status": "ok", "family": family, "vocab": 32000, "seq": 8192, "impl": impl,
+                "step_ms": step_ms, "peak_mem_mb": peak_mb, "mfu": 0.5}
+
+    results = tmp_path / "results.jsonl"
+    rows = [record("stock:sdpa+liger", 60.0, 5000.0), record("ours:auto", 57.0, 4500.0),
+            record("base:auto", 80.0, 9000.0, "gpt2"), record("ours:auto", 60.0, 4500.0, "gpt2"),
+            {**record("ours:auto", 1.0, 1.0), "status": "oom"}]
+    results.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    summary = tmp_path / "summary.txt"
+    summary.write_text("# printed\nbloom 32000 base:auto ok 70.0 8.0 0.44\nbloom 32000 ours:auto ok 63.0 4.0 0.49\n")
+    assert report.main([str(results), "--summary", str(summary), "--out", str(tmp_path / "table"), "--no-plot"]) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "| llama 8k | 32,000 | ours | 57.0 ms | 4.39 GiB | 50.0% | 0.95x time, 0.90x memory | - |" in table
+    assert "| gpt2 8k | 32,000 | ours | 60.0 ms | 4.39 GiB | 50.0% | - | 0.75x time, 0.50x memory |" in table
+    assert "| bloom 8k | 32,000 | ours | 63.0 ms | 4.00 GiB | 49.0% | - | 0.90x time, 0.50x memory |" in table
+    assert table.index("| llama") < table.index("| gpt2") < table.index("| bloom")  # the family order

@@ -151,18 +151,46 @@ def test_lm_head_loss_keeps_no_rows_by_vocab_tensor_for_backward():
     hidden = torch.randn(rows, 16, requires_grad=True)
     head = torch.nn.Linear(16, vocab)
     targets = torch.randint(0, vocab, (rows,))
-    shapes = saved_tensor_shapes(lambda: ops.linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, chunk_size=8))
-    assert (rows, vocab) not in shapes
-    assert max(torch.Size(s).numel() for s in shapes) == vocab * 16  # the weight itself is the largest
+    shapes = saved_tensor_shapes(
+        lambda: ops.linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, chunk_size=8)
+    )
+    # the gradients of hidden, weight and bias, computed during forward: nothing of size rows x vocab
+    assert sorted(shapes) == sorted([(rows, 16), (vocab, 16), (vocab,)]), shapes
     stock = saved_tensor_shapes(lambda: F.cross_entropy(head(hidden), targets))
     assert (rows, vocab) in stock  # the stock path does keep the logits
 
 
+def test_loss_gradients_follow_the_incoming_gradient_and_a_second_backward_fails_loudly():
+    generator = torch.Generator().manual_seed(12)
+    hidden = torch.randn(23, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(31, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    targets = random_targets(23, 31, 0.2, generator)
+    expected = grads_of(-2.5 * F.cross_entropy(hidden @ weight.t(), targets), [hidden, weight])
+    loss = ops.linear_cross_entropy(hidden, weight, targets, chunk_size=6)
+    (-2.5 * loss).backward(retain_graph=True)
+    assert_close_rel(hidden.grad, expected[0], 1e-12, "grad of hidden under a gradient of -2.5")
+    assert_close_rel(weight.grad, expected[1], 1e-12, "grad of weight under a gradient of -2.5")
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+def test_loss_without_grad_mode_computes_no_gradients():
+    hidden = torch.randn(9, 4, requires_grad=True)
+    weight = torch.randn(5, 4, requires_grad=True)
+    targets = torch.randint(0, 5, (9,))
+    with torch.no_grad():
+        loss = ops.linear_cross_entropy(hidden, weight, targets, chunk_size=4)
+    assert_close_rel(loss, F.cross_entropy(hidden @ weight.t(), targets).detach(), TOL, "loss")
+    assert saved_tensor_shapes(lambda: ops.linear_cross_entropy(hidden.detach(), weight.detach(), targets)) == []
+
+
 def test_loss_chunk_size_by_vocab_and_from_config():
     config = transformers.PretrainedConfig()
-    assert ops.loss_chunk_size(config, 32000) == 2097  # 2097 x 32000 fp32 logits <= 256 MiB
-    assert ops.loss_chunk_size(config, 151936) == 441
-    assert 441 * 151936 * 4 <= ops.LOSS_CHUNK_BYTES < 442 * 151936 * 4
+    assert ops.loss_chunk_size(config, 32000, torch.bfloat16) == 2048  # 2048 x 32000 bf16 logits <= 128 MiB
+    assert ops.loss_chunk_size(config, 151936, torch.bfloat16) == 384  # 441 fit, rounded down to 64s
+    assert 441 * 151936 * 2 <= ops.LOSS_CHUNK_BYTES < 442 * 151936 * 2
+    assert ops.loss_chunk_size(config, 32000, torch.float32) == 1024
+    assert ops.loss_chunk_size(config, 10**9, torch.float32) == 1  # never zero rows
     config.loss_chunk_size = 64
     assert ops.loss_chunk_size(config, 32000) == 64
     config.loss_chunk_size = 0
@@ -276,6 +304,64 @@ def test_activations_without_a_fused_form_use_the_fallback():
     x = torch.randn(3, 5)
     assert torch.equal(ops.activation("relu", x, torch.relu), torch.relu(x))
     assert torch.equal(ops.gated_activation("relu", x, x + 1, torch.relu), torch.relu(x) * (x + 1))
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu_new", "gelu"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_projected_activation_matches_float64_and_keeps_only_the_matmul_outputs(name, with_bias):
+    generator = torch.Generator().manual_seed(13)
+    x = 2 * torch.randn(3, 5, 12, generator=generator, dtype=torch.float64)
+    up = torch.randn(3, 5, 12, generator=generator, dtype=torch.float64) if name == "silu" else None
+    projection = torch.nn.Linear(12, 7, bias=with_bias, dtype=torch.float64)
+    act = transformers.activations.ACT2FN[name]
+    inputs = [t.requires_grad_() for t in (x, up) if t is not None] + list(projection.parameters())
+    grad_out = torch.randn(3, 5, 7, generator=generator, dtype=torch.float64)
+    expected = projection(act(x) * up if up is not None else act(x))
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, TOL)):
+        cast = projection.to(dtype)
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, up) if t is not None]
+        out = ops.projected_activation(name, leaves[0], cast, act, up=leaves[1] if up is not None else None)
+        assert type(out.grad_fn).__name__ == "_ActivationLinearBackward"
+        assert_close_rel(out.detach(), expected.detach(), tol, f"projected {name}")
+        got = torch.autograd.grad(out, leaves + list(cast.parameters()), grad_out.to(dtype))
+        for index, (g, want) in enumerate(zip(got, expected_grads, strict=True)):
+            assert_close_rel(g, want, tol, f"grad {index} of projected {name}")
+        projection.to(torch.float64)
+    kept = saved_tensor_shapes(lambda: ops.projected_activation(name, x, projection, act, up=up))
+    assert sorted(kept) == sorted([(3, 5, 12)] * (2 if up is not None else 1) + [(7, 12)]), kept  # x (, up), weight
+    stock_kept = saved_tensor_shapes(lambda: projection(act(x) * up if up is not None else act(x)))
+    activation_sized = [shape for shape in kept if torch.Size(shape).numel() == x.numel()]
+    stock_activation_sized = [shape for shape in stock_kept if torch.Size(shape).numel() == x.numel()]
+    assert len(stock_activation_sized) > len(activation_sized)  # stock also keeps the activation for the weight
+
+
+def test_projected_activation_on_a_transposed_conv1d_weight_and_the_stock_path_for_wrapped_projections():
+    from transformers.pytorch_utils import Conv1D
+
+    generator = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 6, 10, generator=generator, requires_grad=True)
+    conv = Conv1D(4, 10)
+    torch.nn.init.normal_(conv.weight, generator=generator)
+    torch.nn.init.normal_(conv.bias, generator=generator)
+    act = transformers.activations.ACT2FN["gelu_new"]
+    expected = conv(act(x))
+    got = ops.projected_activation("gelu_new", x, conv, act, projection_class=Conv1D, transposed=True)
+    assert type(got.grad_fn).__name__ == "_ActivationLinearBackward"
+    assert_close_rel(got.detach(), expected.detach(), TOL, "Conv1D projection")
+    leaves = [x, conv.weight, conv.bias]
+    for a, b in zip(grads_of(got.sum(), leaves), grads_of(expected.sum(), leaves), strict=True):
+        assert_close_rel(a, b, TOL, "Conv1D grads")
+    seen = []
+    handle = conv.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    try:
+        hooked = ops.projected_activation("gelu_new", x, conv, act, projection_class=Conv1D, transposed=True)
+    finally:
+        handle.remove()
+    assert seen == [(2, 6, 4)] and type(hooked.grad_fn).__name__ != "_ActivationLinearBackward"
+    assert_close_rel(hooked.detach(), expected.detach(), TOL, "hooked projection, stock path")
+    relu = ops.projected_activation("relu", x, conv, torch.relu, projection_class=Conv1D, transposed=True)
+    assert_close_rel(relu.detach(), conv(torch.relu(x)).detach(), TOL, "an activation without a fused form")
 
 
 def reference_rotary(x, cos, sin):
@@ -656,3 +742,151 @@ def test_bf16_training_step_on_cuda_is_as_close_to_fp32_stock_as_bf16_stock(tmp_
     for name, grad in expected_grads.items():
         limit = 2 * relative_error(baseline_grads[name].float(), grad) + 1e-2
         assert_close_rel(grads[name].float(), grad, limit, f"bf16 grad of {name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the Triton kernels against float64, as close as stock PyTorch in the same dtype
+# ----------------------------------------------------------------------------------------------
+
+# odd widths and row counts: masked tails in every kernel, a row wider than one cross-entropy block
+TRITON_CASES = [(3, 7, 37), (2, 129, 1000), (4099, 64)]
+CE_CASES = [(37, 16, 53, 8), (300, 64, 5003, 128), (1029, 32, 32000, 256)]  # rows, d, vocab, chunk
+
+
+def error_against(reference: torch.Tensor, value: torch.Tensor) -> float:
+    return relative_error(value.double(), reference.double())
+
+
+def assert_as_close_as_stock(name: str, ours: list, stock: list, reference: list, dtype: torch.dtype) -> None:
+    """Each of ours is within twice stock's error (same dtype) against the float64 reference (fp32: 2e-6)."""
+    for index, (got, plain, want) in enumerate(zip(ours, stock, reference, strict=True)):
+        limit = 2 * error_against(want, plain) + (2e-6 if dtype == torch.float32 else 1e-3)
+        assert error_against(want, got) <= limit, (name, index, error_against(want, got), limit)
+
+
+def on_cuda(*tensors, dtype):
+    return [t.detach().cuda().to(dtype).requires_grad_() for t in tensors]
+
+
+def stock_rms_norm(x, weight, eps):
+    x_float = x.float() if x.dtype != torch.float64 else x
+    return weight * (x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def run_and_grads(fn, inputs: list, grad_out) -> list:
+    """``fn(*inputs)`` and the gradients of its inputs (under ``grad_out``, or of a scalar output)."""
+    out = fn(*inputs)
+    grad = None if grad_out is None else grad_out.to(out.dtype)
+    return [out.detach(), *torch.autograd.grad(out, inputs, grad)]
+
+
+def triton_paths_ran() -> None:
+    assert ops.triton is not None, "Triton is not installed with this CUDA build of torch"
+    assert not ops._triton_failed, f"Triton kernels fell back to PyTorch: {ops._triton_failed}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", TRITON_CASES)
+def test_triton_norm_and_activations_match_float64_like_stock(dtype, shape):
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = 2 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    up = torch.randn(shape, generator=generator, dtype=torch.float64)
+    weight = 1 + 0.3 * torch.randn(shape[-1], generator=generator, dtype=torch.float64)
+    grad_out = torch.randn(shape, generator=generator, dtype=torch.float64).cuda()
+    cases = {
+        "rms_norm": (lambda a, w: ops.rms_norm(a, w, 1e-6), lambda a, w: stock_rms_norm(a, w, 1e-6), [x, weight]),
+        "silu_mul": (lambda a, u: ops.gated_activation("silu", a, u, None), lambda a, u: F.silu(a) * u, [x, up]),
+        "gelu_tanh": (lambda a: ops.activation("gelu_new", a, None), lambda a: F.gelu(a, approximate="tanh"), [x]),
+        "gelu": (lambda a: ops.activation("gelu", a, None), F.gelu, [x]),
+    }
+    for name, (ours_fn, stock_fn, inputs) in cases.items():
+        reference = run_and_grads(stock_fn, on_cuda(*inputs, dtype=torch.float64), grad_out)
+        stock = run_and_grads(stock_fn, on_cuda(*inputs, dtype=dtype), grad_out)
+        ours = run_and_grads(ours_fn, on_cuda(*inputs, dtype=dtype), grad_out)
+        assert_as_close_as_stock(name, ours, stock, reference, dtype)
+    triton_paths_ran()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["silu", "gelu_new", "gelu"])
+def test_triton_projected_activation_matches_float64_like_stock(dtype, name):
+    generator = torch.Generator().manual_seed(5)
+    x = 2 * torch.randn(2, 67, 97, generator=generator, dtype=torch.float64)
+    up = torch.randn(2, 67, 97, generator=generator, dtype=torch.float64)
+    head = torch.nn.Linear(97, 45, dtype=torch.float64)
+    grad_out = torch.randn(2, 67, 45, generator=generator, dtype=torch.float64).cuda()
+    act = {"silu": F.silu, "gelu_new": lambda a: F.gelu(a, approximate="tanh"), "gelu": F.gelu}[name]
+    gated = name == "silu"
+
+    def run(dtype_, fused: bool) -> list:
+        projection = torch.nn.Linear(97, 45).cuda().to(dtype_)
+        projection.load_state_dict(head.state_dict())
+        inputs = on_cuda(x, up, dtype=dtype_) if gated else on_cuda(x, dtype=dtype_)
+        if fused:
+            out = ops.projected_activation(name, inputs[0], projection, None, up=inputs[1] if gated else None)
+            assert type(out.grad_fn).__name__ == "_ActivationLinearBackward"
+        else:
+            out = projection(act(inputs[0]) * inputs[1] if gated else act(inputs[0]))
+        leaves = inputs + [projection.weight, projection.bias]
+        return [out.detach(), *torch.autograd.grad(out, leaves, grad_out.to(out.dtype))]
+
+    reference, stock, ours = run(torch.float64, False), run(dtype, False), run(dtype, True)
+    assert_as_close_as_stock(f"projected {name}", ours, stock, reference, dtype)
+    triton_paths_ran()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,dim,vocab,chunk", CE_CASES)
+def test_triton_linear_cross_entropy_matches_float64_like_stock(dtype, rows, dim, vocab, chunk):
+    generator = torch.Generator().manual_seed(rows)
+    hidden = torch.randn(rows, dim, generator=generator, dtype=torch.float64)
+    weight = torch.randn(vocab, dim, generator=generator, dtype=torch.float64) / dim**0.5
+    bias = torch.randn(vocab, generator=generator, dtype=torch.float64)
+    targets = random_targets(rows, vocab, 0.2, generator).cuda()
+
+    def stock_fn(h, w, b):
+        return F.cross_entropy(F.linear(h, w, b).float() if h.dtype != torch.float64 else F.linear(h, w, b), targets)
+
+    def ours_fn(h, w, b):
+        return ops.linear_cross_entropy(h, w, targets, bias=b, chunk_size=chunk) * 3.0  # a gradient of 3
+
+    tensors = [hidden, weight, bias]
+    reference = [3 * v for v in run_and_grads(stock_fn, on_cuda(*tensors, dtype=torch.float64), None)]
+    stock = [3 * v for v in run_and_grads(stock_fn, on_cuda(*tensors, dtype=dtype), None)]
+    ours = run_and_grads(ours_fn, on_cuda(*tensors, dtype=dtype), None)
+    assert_as_close_as_stock("linear_cross_entropy", ours, stock, reference, dtype)
+    triton_paths_ran()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["bshd_view", "contiguous", "partial_rotary"])
+def test_triton_rotary_matches_float64_like_stock(dtype, layout):
+    """RoPE on a transposed [b, s, h, d] view (LLaMA's q/k), a contiguous tensor with cos/sin shared by the
+    batch, and Qwen's first channels of a wider head (a slice whose rows are strided)."""
+    generator = torch.Generator().manual_seed(3)
+    batch, heads, seq, dim = 2, 3, 77, 64
+    width = dim + 32 if layout == "partial_rotary" else dim
+    base = torch.randn(batch, seq, heads, width, generator=generator, dtype=torch.float64)
+    angles = torch.randn(1 if layout == "contiguous" else batch, 1, seq, dim // 2, generator=generator) * 3
+    angles = torch.cat((angles, angles), dim=-1).double()
+    grad_out = torch.randn(batch, heads, seq, dim, generator=generator, dtype=torch.float64).cuda()
+
+    def run(dtype_, fn) -> list:
+        leaf = base.cuda().to(dtype_).requires_grad_()
+        x = leaf.transpose(1, 2)
+        x = x.contiguous() if layout == "contiguous" else x
+        x = x[..., :dim] if layout == "partial_rotary" else x
+        out = fn(x, angles.cos().cuda().to(dtype_), angles.sin().cuda().to(dtype_))
+        return [out.detach(), *torch.autograd.grad(out, [leaf], grad_out.to(out.dtype))]
+
+    ours, stock, reference = run(dtype, ops.rotary), run(dtype, reference_rotary), run(torch.float64, reference_rotary)
+    assert_as_close_as_stock("rotary", ours, stock, reference, dtype)
+    triton_paths_ran()

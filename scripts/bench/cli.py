@@ -118,6 +118,12 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
         default=None,
         help="vocabulary size of every model (default 32000; 151936 is Qwen-7B's, where the logits dominate)",
     )
+    p.add_argument(
+        "--baseline-modeling",
+        type=Path,
+        default=None,
+        help="a modeling/ folder of our files (e.g. an earlier commit's) that the base:<backend> impls load",
+    )
     p.add_argument("--exclude-backends", type=str_list, default=[], help="our backends to leave out, e.g. xformers")
     p.add_argument("--head-dim", type=int_list, default=None, help="kernel head dims (default 128,64)")
     p.add_argument("--kernel-masks", type=str_list, default=["causal", "alibi"])

@@ -167,7 +167,7 @@ class Bench:
         self.peak_tflops = args.peak_tflops or (peak_bf16_tflops(self.device_name) if self.is_cuda else None)
         # every size of a sweep gets its own static-shape flex kernel, as in a run at one fixed size
         self.flex_static_shapes = args.dynamo_cache_limit // 2
-        self.factory = ModelFactory(self.device, self.flex_static_shapes)
+        self.factory = ModelFactory(self.device, self.flex_static_shapes, args.baseline_modeling)
         self._kernel_layer = None
 
     # -- timing and memory --------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""What an impl name means: ``stock:<attn_implementation>[+liger][+compile]`` or ``ours:<backend>[+compile]``.
+"""What an impl name means: ``stock:<attn_implementation>[+liger][+compile]``, ``ours:<backend>[+compile]``, or
+``base:<backend>[+compile]``: our files from the folder that ``--baseline-modeling`` names (e.g. an earlier
+commit's ``modeling/``, checked out with ``git archive``), to measure a change against the code before it.
 
 ``+liger`` applies Liger-Kernel's patcher for the family (``liger_kernel.transformers.apply_liger_kernel_to_llama``:
 RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy) before the stock model is built. Liger patches the
@@ -13,7 +15,7 @@ import types
 from dataclasses import dataclass
 from typing import Callable
 
-KINDS = ("stock", "ours")
+KINDS = ("stock", "ours", "base")
 MODIFIERS = ("liger", "compile")
 # families with a Liger-Kernel patcher, and the transformers module it patches
 LIGER_PATCHERS = {"llama": ("apply_liger_kernel_to_llama", "transformers.models.llama.modeling_llama")}
@@ -21,14 +23,15 @@ LIGER_PATCHERS = {"llama": ("apply_liger_kernel_to_llama", "transformers.models.
 
 @dataclass(frozen=True)
 class Impl:
-    kind: str  # "stock" or "ours"
-    attention: str  # stock: attn_implementation; ours: attn_backend
+    kind: str  # "stock", "ours" or "base" (ours from the baseline folder)
+    attention: str  # stock: attn_implementation; ours and base: attn_backend
     liger: bool = False
     compile: bool = False
 
     @property
     def ours(self) -> bool:
-        return self.kind == "ours"
+        """Our files (the current ones or the baseline's), loaded through trust_remote_code."""
+        return self.kind in ("ours", "base")
 
 
 def parse_impl(name: str) -> Impl:
@@ -36,11 +39,13 @@ def parse_impl(name: str) -> Impl:
     kind, sep, rest = name.partition(":")
     attention, *modifiers = rest.split("+")
     if not sep or kind not in KINDS or not attention:
-        raise ValueError(f"impl {name!r}: expected stock:<attn_implementation> or ours:<backend>, then +modifiers")
+        raise ValueError(
+            f"impl {name!r}: expected stock:<attn_implementation>, ours:<backend> or base:<backend>, then +modifiers"
+        )
     unknown = [m for m in modifiers if m not in MODIFIERS]
     if unknown or len(set(modifiers)) != len(modifiers):
         raise ValueError(f"impl {name!r}: modifiers are {', '.join('+' + m for m in MODIFIERS)}, each at most once")
-    if kind == "ours" and "liger" in modifiers:
+    if kind != "stock" and "liger" in modifiers:
         raise ValueError(f"impl {name!r}: +liger patches stock transformers classes only, not ours (not supported)")
     return Impl(kind, attention, "liger" in modifiers, "compile" in modifiers)
 

@@ -111,13 +111,14 @@ def config_kwargs(family: str, dims: Dims, max_pos: int, dropout: float, dtype: 
 class ModelFactory:
     """Builds stock models from a config and ours through trust_remote_code from a folder of our files."""
 
-    def __init__(self, device: torch.device, flex_static_shapes: int):
+    def __init__(self, device: torch.device, flex_static_shapes: int, baseline_modeling: Optional[Path] = None):
         self.device = device
         self.flex_static_shapes = flex_static_shapes
+        self.baseline_modeling = baseline_modeling
         self.root = Path(tempfile.mkdtemp(prefix="mea-bench-models-"))
         self.undo: list = []
 
-    def config(self, family: str, kwargs: dict, ours: bool):
+    def config(self, family: str, kwargs: dict, ours: bool, baseline: bool = False):
         import transformers
 
         if not ours:
@@ -125,7 +126,7 @@ class ModelFactory:
                 raise ValueError(f"{family} has no stock transformers class (not supported)")
             return getattr(transformers, STOCK_CONFIG[family])(**kwargs)
         # ours are loaded as users load them: copied next to a config.json whose auto_map points at them
-        folder = self.root / f"mea_bench_{family}"
+        folder = self.root / (f"mea_base_{family}" if baseline else f"mea_bench_{family}")
         folder.mkdir(parents=True, exist_ok=True)
         if family in STOCK_CONFIG:
             getattr(transformers, STOCK_CONFIG[family])(**kwargs).save_pretrained(folder)
@@ -137,14 +138,26 @@ class ModelFactory:
             }
             (folder / "config.json").write_text(json.dumps(data, indent=2))
         families.write_remote_code(folder, family)
+        if baseline:
+            self.copy_baseline_files(folder, family)
         return transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
+
+    def copy_baseline_files(self, folder: Path, family: str) -> None:
+        """Replace our files in ``folder`` by the baseline folder's (the base:<backend> impls)."""
+        if self.baseline_modeling is None:
+            raise ValueError("base:<backend> impls need --baseline-modeling DIR (a modeling/ folder of our files)")
+        for name in families.family_files(family):
+            source = self.baseline_modeling / name
+            if not source.is_file():
+                raise FileNotFoundError(f"the baseline folder has no {name}")
+            (folder / name).write_bytes(source.read_bytes())
 
     def build(self, family: str, impl: str, kwargs: dict, dtype: torch.dtype):
         """A model of ``family`` as ``impl`` names it (see impls.py), on the device, in ``dtype``."""
         import transformers
 
         spec = parse_impl(impl)
-        config = self.config(family, kwargs, spec.ours)
+        config = self.config(family, kwargs, spec.ours, baseline=spec.kind == "base")
         auto = getattr(transformers, families.main_entry(family).auto_class)
         if spec.liger:
             self.undo.append(apply_liger(family))  # before the model is built: it patches the classes

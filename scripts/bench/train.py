@@ -29,6 +29,7 @@ IMPL_ORDER = (
     "stock:sdpa",
     "stock:eager",
     "ours:auto",
+    "base:auto",
     "stock:sdpa+liger",
     "ours:sdpa",
     "ours:eager",
@@ -138,6 +139,8 @@ def train_impls(bench: Bench, family: str) -> list:
     ours = ["ours:auto"] + [f"ours:{b}" for b in bench.our_backends()]
     if bench.is_cuda:
         ours.append("ours:auto+compile")
+    if bench.args.baseline_modeling is not None:
+        ours.append("base:auto")
     impls = [i for i in IMPL_ORDER if i in stock + ours] + [i for i in stock + ours if i not in IMPL_ORDER]
     return select_impls(bench, impls)
 
