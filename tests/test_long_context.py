@@ -577,3 +577,26 @@ def test_long_context_probe_records_exactness_steps_and_memory(tmp_path, model_n
     assert exactness["tile"] == 8 and math.isfinite(exactness["loss_with"])
     assert exactness["loss_rel_diff"] <= 1e-2 and exactness["grad_rel_diff_max"] <= 5e-2, exactness
     assert 0 < exactness["noise_grad_rel_diff_mean"] <= exactness["noise_grad_rel_diff_max"] < 1, exactness
+
+
+def test_plot_long_context_reads_probe_results_and_extrapolates_linearly(tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+
+    plot = load_script("plot_long_context")
+    runs = [
+        {"label": "offloaded+tiled", "layers": 32, "seq_len": 65536, "ok": True, "peak_allocated_gib": 30.0},
+        {"label": "offloaded+tiled", "layers": 32, "seq_len": 131072, "ok": True, "peak_allocated_gib": 40.0},
+        {"label": "offloaded+tiled", "layers": 2, "seq_len": 262144, "ok": True, "peak_allocated_gib": 5.0},
+        {"label": "checkpointing", "layers": 32, "seq_len": 32768, "ok": False, "error": "out of memory"},
+        {"label": "stock sdpa, checkpointing", "layers": 32, "seq_len": 32768, "ok": True, "peak_allocated_gib": 70.0},
+    ]
+    results = tmp_path / "probe.json"
+    results.write_text(json.dumps({"runs": runs}))
+    assert plot.main([str(results), "--out", str(tmp_path / "plot.png")]) == 0
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    points = plot.measured_points([results])
+    assert points["offloaded+tiled"] == {65536: 30.0, 131072: 40.0}  # the 2-layer and failed runs are left out
+    assert points["checkpointing"] == {}
+    assert points["stock sdpa, checkpointing"] == {16384: 42.8, 32768: 70.0, 65536: 126.0}  # with the issue's
+    assert plot.extrapolated(points["offloaded+tiled"], 524288) == 40.0 + 10.0 * (524288 - 131072) / 65536
