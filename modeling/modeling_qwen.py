@@ -3017,13 +3017,14 @@ def offload_checkpoints(config) -> bool:
     return bool(getattr(config, "offload_checkpoints", False))
 
 
-def keeps_checkpoint_on_device(config, layer_index: int) -> bool:
-    """``config.checkpoints_on_device = N``: the last N layers keep their checkpoint on the device (their backward
-    comes first, so they need no copy back; host memory then holds only the others')."""
+def keeps_checkpoint_on_device(config, layer_index: int, num_layers: Optional[int] = None) -> bool:
+    """``config.checkpoints_on_device = N``: the last N layers (of ``num_layers``, by default
+    ``config.num_hidden_layers``; an encoder-decoder passes each stack's own) keep their checkpoint on the device
+    (their backward comes first, so they need no copy back; host memory then holds only the others')."""
     kept = getattr(config, "checkpoints_on_device", None) or 0
     if isinstance(kept, bool) or not isinstance(kept, int) or kept < 0:
         raise ValueError(f"config.checkpoints_on_device must be a non-negative int (layers), got {kept!r}")
-    return layer_index >= config.num_hidden_layers - kept
+    return layer_index >= (config.num_hidden_layers if num_layers is None else num_layers) - kept
 
 
 class _ReplayState:
@@ -3048,6 +3049,11 @@ class _ReplayState:
                 self.device.type, dtype=self.autocast_dtype, enabled=self.autocast
             ):
                 yield
+
+
+def _owning_module(function) -> torch.nn.Module:
+    """A module, or the module a bound method belongs to (``mlp.feed_forward``): whose parameters it uses."""
+    return function if isinstance(function, torch.nn.Module) else function.__self__
 
 
 def _run_modules(modules: tuple, x: torch.Tensor) -> torch.Tensor:
@@ -3112,15 +3118,17 @@ def _accumulate(total: Optional[torch.Tensor], grad: Optional[torch.Tensor]) -> 
 
 
 def sequence_tiled(modules, x: torch.Tensor, tile_size: int) -> torch.Tensor:
-    """``modules`` (position-wise: an MLP, a norm, or a norm then an MLP) applied one after the other to ``x``
-    ``[..., hidden]``, ``tile_size`` tokens at a time, so that no ``[tokens, intermediate]`` tensor is ever whole,
-    in forward or backward. Works with any implementation inside the modules (PEFT LoRA layers included): it only
-    calls them. ``tile_size`` 0, or no more tokens than that, runs the modules as usual."""
+    """``modules`` (position-wise: an MLP, a norm, or a norm then an MLP; modules or bound methods of modules)
+    applied one after the other to ``x`` ``[..., hidden]``, ``tile_size`` tokens at a time, so that no
+    ``[tokens, intermediate]`` tensor is ever whole, in forward or backward. Works with any implementation inside
+    the modules (PEFT LoRA layers included): it only calls them. Dropout inside draws one mask per tile (the
+    recompute replays it). ``tile_size`` 0, or no more tokens than that, runs the modules as usual."""
     modules = tuple(modules)
     tokens = x.numel() // max(x.shape[-1], 1)
     if tile_size <= 0 or tokens <= tile_size:
         return _run_modules(modules, x)
-    params = [param for module in modules for param in module.parameters() if param.requires_grad]
+    owners = {id(owner): owner for owner in map(_owning_module, modules)}.values()
+    params = [param for module in owners for param in module.parameters() if param.requires_grad]
     if not torch.is_grad_enabled() or not (x.requires_grad or params):
         return _run_in_tiles(modules, x, tile_size)
     return _SequenceTiled.apply(modules, tile_size, x, *params)
@@ -3194,35 +3202,52 @@ class _CheckpointLink:
         self.previous, self.keep_on_device, self.copy = previous, keep_on_device, None
 
 
+def _with_context(rest: tuple, slots: tuple, context) -> tuple:
+    """``rest`` with the tensors at positions ``slots`` (left empty in it) put back."""
+    rest = list(rest)
+    for slot, tensor in zip(slots, context):
+        rest[slot] = tensor
+    return tuple(rest)
+
+
 class _OffloadedCheckpoint(torch.autograd.Function):
     """A decoder layer run without keeping anything but its input, which goes to host memory. Backward fetches
-    it, starts fetching the previous layer's, recomputes the layer and takes its gradients."""
+    it, starts fetching the previous layer's, recomputes the layer and takes its gradients.
+
+    ``inputs`` are the layer's trainable parameters, then the context: positional arguments that need gradients
+    (a decoder's encoder states, at positions ``slots`` of ``rest``). The context stays on the device: it is one
+    tensor shared by every layer, not a per-layer activation."""
 
     @staticmethod
-    def forward(ctx, function: Callable, rest: tuple, link: _CheckpointLink, hidden: torch.Tensor, *params):
-        ctx.function, ctx.rest, ctx.link, ctx.state = function, rest, link, _ReplayState(hidden.device)
+    def forward(ctx, function: Callable, rest: tuple, slots: tuple, link: _CheckpointLink, hidden, *inputs):
+        ctx.function, ctx.rest, ctx.slots, ctx.link = function, rest, slots, link
+        ctx.state = _ReplayState(hidden.device)
         link.copy = _HostCopy(hidden, link.keep_on_device)  # first, so that the copy overlaps this layer's compute
         with torch.no_grad():
-            output = function(hidden, *rest)
+            output = function(hidden, *_with_context(rest, slots, inputs[len(inputs) - len(slots) :]))
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"offloaded checkpoints need a layer that returns one tensor, got {type(output).__name__}")
-        ctx.save_for_backward(*params)
+        ctx.save_for_backward(*inputs)
         return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        params = list(ctx.saved_tensors)
+        inputs = list(ctx.saved_tensors)
         hidden = ctx.link.copy.fetch()
         if ctx.link.previous is not None:
             ctx.link.previous.copy.prefetch()
-        wants_input = ctx.needs_input_grad[3]
-        hidden = hidden.requires_grad_(wants_input)
+        wants = ctx.needs_input_grad[4:]
+        first_context = len(inputs) - len(ctx.slots)
+        context_wants = wants[1 + first_context :]
+        inputs[first_context:] = [
+            tensor.detach().requires_grad_(wanted) for tensor, wanted in zip(inputs[first_context:], context_wants)
+        ]
+        hidden = hidden.requires_grad_(wants[0])
         with ctx.state.replay():
-            output = ctx.function(hidden, *ctx.rest)
-        inputs = ([hidden] if wants_input else []) + params
-        grads = list(torch.autograd.grad(output, inputs, grad_output, allow_unused=True))
-        grad_hidden = grads.pop(0) if wants_input else None
-        return (None, None, None, grad_hidden, *grads)
+            output = ctx.function(hidden, *_with_context(ctx.rest, ctx.slots, inputs[first_context:]))
+        differentiable = [tensor for tensor, wanted in zip([hidden, *inputs], wants) if wanted]
+        grads = iter(torch.autograd.grad(output, differentiable, grad_output, allow_unused=True))
+        return (None, None, None, None, *(next(grads) if wanted else None for wanted in wants))
 
 
 def _nested_tensors(value) -> list:
@@ -3239,26 +3264,34 @@ def offloaded_checkpoint(
     layer: torch.nn.Module, function: Callable, hidden: torch.Tensor, *rest, keep_on_device: bool = False
 ) -> torch.Tensor:
     """``function(hidden, *rest)`` (a decoder layer's forward) checkpointed with only ``hidden`` kept, in host
-    memory (on the device with ``keep_on_device``). Gradients flow to ``hidden`` and to ``layer``'s trainable
-    parameters (PEFT LoRA included); the other arguments (positions, masks, in ``rest`` or bound in
-    ``function``) must not need gradients."""
+    memory (on the device with ``keep_on_device``). Gradients flow to ``hidden``, to ``layer``'s trainable
+    parameters (PEFT LoRA included) and to tensors in ``rest`` itself (a decoder's encoder states, kept on the
+    device); the other arguments (positions, masks, nested in ``rest`` or bound in ``function``) must not need
+    gradients."""
     if not isinstance(hidden, torch.Tensor):
         raise TypeError("offloaded checkpoints need the hidden states as the first positional argument")
     bound = getattr(function, "keywords", None) or {}
-    if any(tensor.requires_grad for tensor in _nested_tensors((rest, bound))):
-        raise ValueError("offloaded checkpoints carry gradients only to the hidden states and the layer's parameters")
+    slots = tuple(i for i, arg in enumerate(rest) if isinstance(arg, torch.Tensor) and arg.requires_grad)
+    nested = [arg for i, arg in enumerate(rest) if i not in slots]
+    if any(tensor.requires_grad for tensor in _nested_tensors((nested, bound))):
+        raise ValueError(
+            "offloaded checkpoints carry gradients only to the hidden states, the layer's parameters and tensors "
+            "passed positionally"
+        )
     params = [param for param in layer.parameters() if param.requires_grad]
-    if not torch.is_grad_enabled() or not (hidden.requires_grad or params):
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or params or slots):
         return function(hidden, *rest)
     link = _CheckpointLink(getattr(hidden, _CHECKPOINT_LINK_ATTRIBUTE, None), keep_on_device)
-    output = _OffloadedCheckpoint.apply(function, rest, link, hidden, *params)
+    context = [rest[slot] for slot in slots]
+    rest = tuple(None if i in slots else arg for i, arg in enumerate(rest))
+    output = _OffloadedCheckpoint.apply(function, rest, slots, link, hidden, *params, *context)
     setattr(output, _CHECKPOINT_LINK_ATTRIBUTE, link)
     return output
 
 
 class LongContextCheckpointing:
     """Mixin for decoder layers (before ``GradientCheckpointingLayer`` in the bases; the layer has ``config``
-    and ``layer_idx``).
+    and ``layer_idx``, and ``num_stack_layers`` where its stack is not ``config.num_hidden_layers`` deep).
 
     With ``config.offload_checkpoints`` the layer is checkpointed in training whether or not
     ``gradient_checkpointing_enable`` was called, through ``offloaded_checkpoint`` instead of the function that
@@ -3275,7 +3308,7 @@ class LongContextCheckpointing:
     @property
     def _gradient_checkpointing_func(self) -> Callable:
         if offload_checkpoints(self.config):
-            keep = keeps_checkpoint_on_device(self.config, self.layer_idx)
+            keep = keeps_checkpoint_on_device(self.config, self.layer_idx, getattr(self, "num_stack_layers", None))
             return partial(offloaded_checkpoint, self, keep_on_device=keep)
         function = self.__dict__.get("_checkpointing_function")
         if function is None:
