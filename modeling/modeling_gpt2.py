@@ -3408,6 +3408,11 @@ class GPT2Attention(nn.Module):
         """[batch, seq, embed] -> [batch, heads, seq, head_dim]."""
         return tensor.view(*tensor.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _merge_heads(self, output: torch.Tensor, hidden_shape: torch.Size) -> torch.Tensor:
+        """[b, h, s, d] -> [*hidden_shape[:-1], h * d], contiguous: Conv1D views its input, and a kernel may return
+        a slice of a longer output (cuDNN's length buckets) whose batch rows are not adjacent."""
+        return output.transpose(1, 2).reshape(*hidden_shape[:-1], self.embed_dim).contiguous()
+
     def _attend(
         self,
         query: torch.Tensor,
@@ -3456,7 +3461,7 @@ class GPT2Attention(nn.Module):
             key, value = past_key_values.update(key, value, self.layer_idx, {"cache_position": cache_position})
 
         output = self._attend(query, key, value, mask, causal, backend, attention_weights, sequence_ids)
-        output = output.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.embed_dim)
+        output = self._merge_heads(output, hidden_states.shape)
         return self.resid_dropout(self.c_proj(output)), recorded_weights(attention_weights)
 
 
@@ -3497,7 +3502,7 @@ class GPT2CrossAttention(GPT2Attention):
         query = self._split_heads(self.q_attn(hidden_states))
         key, value = self._encoder_keys_values(encoder)
         output = self._attend(query, key, value, encoder.mask, False, backend, encoder.weights)
-        output = output.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.embed_dim)
+        output = self._merge_heads(output, hidden_states.shape)
         return self.resid_dropout(self.c_proj(output)), recorded_weights(encoder.weights)
 
 
