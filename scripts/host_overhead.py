@@ -32,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 
 MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
@@ -46,39 +47,49 @@ def load_modeling(name: str, folder: Path):
     return module
 
 
-# Variants of ours: one of our choices switched off in the loaded module (measurement only).
-def _flash_first(module, model):
-    module._sdpa_priority = lambda call, device: None
+def _direct_sdpa(q, k, v, weights, causal, scale, dropout_p, **_):
+    gqa = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, dropout_p=dropout_p, enable_gqa=gqa)
 
 
-def _pytorch_fused_ops(module, model):
-    module._triton_takes = lambda *tensors: False
-    module._pointwise = lambda fn, *args: fn(*args)
+# Variants of ours: one of our choices switched off in the loaded module (attributes replaced while measured).
+VARIANTS = {
+    # PyTorch's own SDPA kernel order (ours puts cuDNN first on Hopper)
+    "flash-first": {"_sdpa_priority": lambda call, device: None},
+    # the fused ops' PyTorch bodies, eagerly, instead of their Triton kernels
+    "pytorch-fused-ops": {"_triton_takes": lambda *tensors: False, "_pointwise": lambda fn, *args: fn(*args)},
+    # logits and transformers' loss instead of the fused LM head + loss
+    "stock-loss": {"fused_loss_applies": lambda *args, **kwargs: False},
+    # F.scaled_dot_product_attention instead of the kernel layer's dispatch
+    "direct-sdpa": {"attention_recording_weights": _direct_sdpa},
+}
 
 
-def _stock_loss(module, model):
-    model.config.keep_logits_in_training = True
+@contextlib.contextmanager
+def variant_of(module, variant: str):
+    patches = VARIANTS[variant] if variant else {}
+    saved = {name: getattr(module, name) for name in patches}
+    for name, value in patches.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
 
 
-VARIANTS = {"flash-first": _flash_first, "pytorch-fused-ops": _pytorch_fused_ops, "stock-loss": _stock_loss}
-
-
-def build(args, impl: str, modules: dict):
+def build(args, module):
     config = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
         max_position_embeddings=max(args.seq), tie_word_embeddings=False, use_cache=False,
     )
     config._attn_implementation = "sdpa"
-    source, _, variant = impl.partition("+")
-    module = modules[source]
     cls = transformers.LlamaForCausalLM if module is None else module.LlamaForCausalLM
+    torch.manual_seed(0)
     with torch.device(args.device):
         model = cls(config)
-    model = model.to(args.dtype).train()
-    if variant:
-        VARIANTS[variant](module, model)
-    return model
+    return model.to(args.dtype).train()
 
 
 class SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
@@ -106,7 +117,7 @@ def count_syncs(step, device: torch.device) -> list:
             step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
+    return [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 
 
 def sync(device: torch.device) -> None:
@@ -114,7 +125,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(args, model, seq: int) -> dict:
+def measure(args, model, seq: int, device_time: bool) -> dict:
     ids = torch.randint(0, args.vocab, (1, seq), device=args.device)
 
     def step():
@@ -140,16 +151,31 @@ def measure(args, model, seq: int) -> dict:
     sync(args.device)
     profile.disable()
     stats = pstats.Stats(profile)
+    tables = [profile_table(stats, args.profile_rows, column) for column in (2, 3)]
     return {
         "step_ms": statistics.median(walls), "host_ms": statistics.median(hosts), "step_ms_all": walls,
         "syncs": len(syncs), "sync_ops": sorted(set(syncs)), "python_calls": stats.total_calls,
-        "profile": profile_table(stats, args.profile_rows),
+        **({"device_ms": device_busy_ms(step, args.device)} if args.device_time and device_time else {}),
+        "profile": "\n\n".join(tables),
     }
 
 
-def profile_table(stats: pstats.Stats, rows: int) -> str:
-    """The functions of one profiled step with the most time of their own, in microseconds."""
-    entries = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:rows]
+def device_busy_ms(step, device: torch.device) -> float:
+    """The device's kernel time in one step (torch.profiler): far below the step time means a host-bound step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    kernels = [e for e in prof.key_averages() if e.device_type != torch.autograd.DeviceType.CPU]
+    return sum(e.self_device_time_total for e in kernels) / 1e3
+
+
+def profile_table(stats: pstats.Stats, rows: int, column: int) -> str:
+    """The functions of one profiled step with the most time of their own (column 2) or with their callees
+    (column 3), in microseconds."""
+    entries = sorted(stats.stats.items(), key=lambda item: -item[1][column])[:rows]
     lines = [f"{'calls':>7} {'own us':>9} {'with callees us':>15}  function"]
     for (path, line, name), (_, calls, own, cumulative, _) in entries:
         where = f"{Path(path).name}:{line}" if line else ""
@@ -174,6 +200,8 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--profile-rows", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device-time", action="store_true", help="also the device's busy time (torch.profiler)")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="start no new implementation after this")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
@@ -193,24 +221,31 @@ def main(argv=None) -> int:
     modules = {"stock": None, "ours": load_modeling("mea_host_ours", MODELING_DIR)}
     if args.baseline_modeling is not None:
         modules["base"] = load_modeling("mea_host_base", args.baseline_modeling)
-    records = []
+    records, began, built = [], time.perf_counter(), (None, None)
     with open(args.out / "host_overhead.log", "w", encoding="utf-8") as log:
         for impl in args.impl.split(","):
-            torch.manual_seed(0)
-            model = build(args, impl, modules)
+            if time.perf_counter() - began > args.budget_s:
+                print(f"{impl}: skipped, the budget of {args.budget_s} s is spent", flush=True)
+                continue
+            source, _, variant = impl.partition("+")
+            if built[0] != source:
+                built = (None, None)
+                with contextlib.suppress(Exception):
+                    torch.cuda.empty_cache()
+                built = (source, build(args, modules[source]))
             for seq in args.seq:
-                record = {"impl": impl, "seq": seq, "device": str(args.device), "layers": args.layers,
-                          "hidden": args.hidden, **measure(args, model, seq)}
+                with variant_of(modules[source], variant):
+                    record = {"impl": impl, "seq": seq, "device": str(args.device), "layers": args.layers,
+                              "hidden": args.hidden, **measure(args, built[1], seq, device_time=not variant)}
                 profile = record.pop("profile")
-                line = (f"{impl:>26} {seq:>6}: step {record['step_ms']:8.2f} ms, host {record['host_ms']:8.2f} ms, "
+                device = f", device {record['device_ms']:7.2f} ms" if "device_ms" in record else ""
+                line = (f"{impl:>24} {seq:>6}: step {record['step_ms']:8.2f} ms, host {record['host_ms']:8.2f} ms{device}, "
                         f"{record['syncs']} host syncs {record['sync_ops']}, {record['python_calls']} Python calls")
                 print(line, flush=True)
-                log.write(f"{line}\n{profile}\n")
+                log.write(f"{line}\n{profile}\n\n")
+                log.flush()
                 records.append(record)
-            del model
-            with contextlib.suppress(Exception):
-                torch.cuda.empty_cache()
-    (args.out / "host_overhead.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+                (args.out / "host_overhead.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     return 0
 
 
