@@ -1105,6 +1105,7 @@ class _CudnnFlags:
     alibi: bool
     padded: bool  # sequence lengths bound the rows and keys (right padding, or a length padded to its bucket)
     scale: float
+    ragged: bool = False  # packed documents: one graph batch entry per document, found by ragged offsets
 
 
 class _CudnnPlans:
@@ -1168,24 +1169,31 @@ def _cuda_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _cudnn_bucket(length: int) -> int:
-    """The sequence length a graph is built for: ``length`` rounded up to a multiple of 64, or of an eighth
-    of its power of two above 512 tokens (at most 12.5% longer), so that a run over many lengths builds
-    about eight graphs per doubling of the length instead of one per length."""
-    granule = max(64, 2 ** max(0, length.bit_length() - 4))
+def _cudnn_bucket(length: int, smallest: int = 64) -> int:
+    """The size a graph is built for: ``length`` rounded up to a multiple of ``smallest`` (64 for sequence
+    lengths, 8 for document counts), or of an eighth of its power of two above 8 x ``smallest`` (at most
+    12.5% more), so that a run over many lengths builds about eight graphs per doubling instead of one per
+    length."""
+    granule = max(smallest, 2 ** max(0, length.bit_length() - 4))
     return -(-length // granule) * granule
 
 
-def _checked_per_forward(call: AttentionCall, slot: str, tensor: torch.Tensor, check: Callable[[torch.Tensor], bool]) -> bool:
-    """``check(tensor)`` (one host read). Every layer of a forward passes the same padding mask and slopes, so
-    with the forward's ``ForwardMask`` the result is kept there for that tensor; without one (a bare tensor
-    mask) every call checks."""
+def _kept_per_forward(call: AttentionCall, slot: tuple, tensor: torch.Tensor, compute: Callable[[torch.Tensor], object]):
+    """``compute(tensor)`` (it reads the host). Every layer of a forward passes the same padding mask, slopes
+    and sequence ids, so with the forward's ``ForwardMask`` the result is kept there for that tensor; without
+    one (a bare tensor mask, or a packed forward of a model that hands its layers no mask object) every call
+    computes it."""
     if call.holder is None:
-        return bool(check(tensor))
-    entry = call.holder.kept.get(("checked", slot))
+        return compute(tensor)
+    entry = call.holder.kept.get(slot)
     if entry is None or entry[0] is not tensor:
-        entry = call.holder.kept[("checked", slot)] = (tensor, bool(check(tensor)))
+        entry = call.holder.kept[slot] = (tensor, compute(tensor))
     return entry[1]
+
+
+def _checked_per_forward(call: AttentionCall, slot: str, tensor: torch.Tensor, check: Callable[[torch.Tensor], bool]) -> bool:
+    """``check(tensor)`` (one host read), once per forward where the call has a ``ForwardMask``."""
+    return _kept_per_forward(call, ("checked", slot), tensor, lambda x: bool(check(x)))
 
 
 def _is_right_padding(mask: torch.Tensor) -> bool:
@@ -1213,6 +1221,67 @@ def _bshd_empty(batch: int, heads: int, seq: int, dim: int, like: torch.Tensor) 
 
 def _layout(x: torch.Tensor) -> tuple:
     return tuple(x.shape), tuple(x.stride())
+
+
+def _nonzero_static(flags: torch.Tensor, count: int) -> torch.Tensor:
+    """The indices of the ``count`` true entries of a 1-D bool tensor, without reading the host where torch
+    has ``nonzero_static`` (``nonzero`` reads the count back)."""
+    if hasattr(torch, "nonzero_static"):
+        return torch.nonzero_static(flags, size=count).squeeze(-1)
+    return flags.nonzero().squeeze(-1)
+
+
+@dataclass(frozen=True)
+class _RaggedDocuments:
+    """Packed documents in cuDNN's ragged (THD) layout: graph batch entry i is document i, ``lengths[i]``
+    tokens from token ``starts[i]`` of the flattened ``[b * s]`` rows. The graph's batch and sequence sizes
+    are the document count and the longest document rounded up to their buckets, so a run with random
+    lengths reuses a few graphs; the batch entries past the last document are empty (length 0)."""
+
+    batch: int
+    seq: int
+    lengths: torch.Tensor  # int32 [batch, 1, 1, 1]
+    starts: torch.Tensor  # int64 [batch + 1, 1, 1, 1], the last ones at the token count
+
+
+def _ragged_documents(sequence_ids: torch.Tensor) -> _RaggedDocuments:
+    """The documents of ``[b, s]`` sequence ids (a new one wherever the id changes and at every row start),
+    with one host read: the document count and the longest document."""
+    starts = F.pad(sequence_ids[:, 1:] != sequence_ids[:, :-1], (1, 0), value=True).reshape(-1)
+    tokens = torch.arange(starts.numel(), device=starts.device)
+    document_start = torch.where(starts, tokens, 0).cummax(0).values
+    count, longest = torch.stack([starts.sum(), (tokens - document_start).max() + 1]).tolist()
+    batch = _cudnn_bucket(count, smallest=8)
+    offsets = F.pad(_nonzero_static(starts, count), (0, batch + 1 - count), value=starts.numel())
+    lengths = offsets.diff().to(torch.int32)
+    return _RaggedDocuments(batch, _cudnn_bucket(longest), lengths.view(batch, 1, 1, 1), offsets.view(batch + 1, 1, 1, 1))
+
+
+def _ragged_offsets(documents: _RaggedDocuments, heads: int, kv_heads: int, dim: int) -> tuple:
+    """Element offsets of every document in q/o/dq/do, k/v/dk/dv (packed [tokens, heads, dim]) and the stats
+    (packed [tokens, heads])."""
+    return documents.starts * (heads * dim), documents.starts * (kv_heads * dim), documents.starts * heads
+
+
+def _packed_operand(x: torch.Tensor) -> torch.Tensor:
+    """x ``[b, h, s, d]`` as packed rows ``[b * s, h, d]`` (laid out as ``[b, s, h, d]``, 16-byte aligned),
+    as cuDNN's ragged layout reads it; copied only when it is not."""
+    if x.transpose(1, 2).is_contiguous() and x.data_ptr() % 16 == 0:
+        return x
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _ragged_tensor(graph, data_type, documents: _RaggedDocuments, heads: int, dim: int, offset, tensor=None):
+    """A ``[documents, heads, seq, dim]`` graph tensor over packed rows, placed by ``offset`` (``tensor``: an
+    operation's output to describe so, else a new input)."""
+    seq = documents.seq
+    shape, stride = [documents.batch, heads, seq, dim], [seq * heads * dim, dim, heads * dim, 1]
+    if tensor is None:
+        tensor = graph.tensor(dim=shape, stride=stride, data_type=data_type)
+    else:
+        tensor.set_output(True).set_dim(shape).set_stride(stride)
+    tensor.set_ragged_offset(offset)
+    return tensor
 
 
 def _cudnn_types(cudnn, dtype: torch.dtype) -> dict:
@@ -1338,23 +1407,105 @@ def _cudnn_backward(q, k, v, out, stats, grad_out, lengths: tuple, flags: _Cudnn
     return grads
 
 
+def _ragged_stats(graph, cudnn, documents: _RaggedDocuments, heads: int, offset, tensor=None):
+    """The softmax stats as packed ``[tokens, heads]`` float32 rows (``tensor``: the forward's output)."""
+    shape, stride = [documents.batch, heads, documents.seq, 1], [documents.seq * heads, 1, heads, 1]
+    if tensor is None:
+        tensor = graph.tensor(dim=shape, stride=stride, data_type=cudnn.data_type.FLOAT)
+    else:
+        tensor.set_output(True).set_dim(shape).set_stride(stride).set_data_type(cudnn.data_type.FLOAT)
+    tensor.set_ragged_offset(offset)
+    return tensor
+
+
+def _ragged_key(direction: str, q, k, documents: _RaggedDocuments, flags: _CudnnFlags) -> tuple:
+    return (direction, q.device, q.dtype, documents.batch, documents.seq, q.shape[1], k.shape[1], q.shape[3], flags)
+
+
+def _cudnn_ragged_forward(q, k, v, documents: _RaggedDocuments, flags: _CudnnFlags, with_stats: bool):
+    """cuDNN sdpa over packed documents (q/k/v packed rows, see ``_packed_operand``): the output (packed like
+    q) and, for training, the softmax stats (packed ``[tokens, heads]``)."""
+    cudnn = _cudnn_module()
+    batch, heads, seq, dim = q.shape
+    kv_heads = k.shape[1]
+    out = _bshd_empty(batch, heads, seq, dim, q)
+    stats = torch.empty(batch * seq, heads, device=q.device, dtype=torch.float32) if with_stats else None
+    offsets = _ragged_offsets(documents, heads, kv_heads, dim)
+    key = _ragged_key("fwd-ragged", q, k, documents, flags) + (with_stats,)
+
+    def build():
+        handle, _ = _cudnn_handle(cudnn, q.device)
+        types = _cudnn_types(cudnn, q.dtype)
+        graph = cudnn.pygraph(handle=handle, **types)
+        io = types["io_data_type"]
+        q_offset, kv_offset = graph.tensor_like(offsets[0]), graph.tensor_like(offsets[1])
+        stats_offset = graph.tensor_like(offsets[2]) if with_stats else None
+        tq = _ragged_tensor(graph, io, documents, heads, dim, q_offset)
+        tk, tv = (_ragged_tensor(graph, io, documents, kv_heads, dim, kv_offset) for _ in range(2))
+        options, length_tensors = _cudnn_mask_options(graph, flags, (documents.lengths, documents.lengths))
+        to, tstats = graph.sdpa(name="sdpa", q=tq, k=tk, v=tv, generate_stats=with_stats, **options)
+        _ragged_tensor(graph, io, documents, heads, dim, q_offset, tensor=to)
+        if with_stats:
+            _ragged_stats(graph, cudnn, documents, heads, stats_offset, tensor=tstats)
+        operands = (tq, tk, tv, to, tstats if with_stats else None, *length_tensors, q_offset, kv_offset, stats_offset)
+        return _cudnn_finish(cudnn, graph, operands)
+
+    plan = _cudnn_plan(key, build)
+    buffers = (q, k, v, out, stats, documents.lengths, documents.lengths, *offsets)
+    _cudnn_execute(cudnn, plan, buffers, q.device)
+    return out, stats
+
+
+def _cudnn_ragged_backward(q, k, v, out, stats, grad_out, documents: _RaggedDocuments, flags: _CudnnFlags) -> tuple:
+    """cuDNN sdpa_backward over packed documents: dq, dk, dv packed like q, k, v."""
+    cudnn = _cudnn_module()
+    heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[3]
+    grad_out = _packed_operand(grad_out)
+    grads = tuple(_bshd_empty(*x.shape, x) for x in (q, k, v))
+    offsets = _ragged_offsets(documents, heads, kv_heads, dim)
+    key = _ragged_key("bwd-ragged", q, k, documents, flags)
+
+    def build():
+        handle, _ = _cudnn_handle(cudnn, q.device)
+        types = _cudnn_types(cudnn, q.dtype)
+        graph = cudnn.pygraph(handle=handle, **types)
+        io = types["io_data_type"]
+        q_offset, kv_offset, stats_offset = (graph.tensor_like(x) for x in offsets)
+        tq, to, tdo = (_ragged_tensor(graph, io, documents, heads, dim, q_offset) for _ in range(3))
+        tk, tv = (_ragged_tensor(graph, io, documents, kv_heads, dim, kv_offset) for _ in range(2))
+        tstats = _ragged_stats(graph, cudnn, documents, heads, stats_offset)
+        options, length_tensors = _cudnn_mask_options(graph, flags, (documents.lengths, documents.lengths))
+        outputs = graph.sdpa_backward(name="sdpa_backward", q=tq, k=tk, v=tv, o=to, dO=tdo, stats=tstats, **options)
+        for tensor, tensor_heads, offset in zip(outputs, (heads, kv_heads, kv_heads), (q_offset, kv_offset, kv_offset)):
+            _ragged_tensor(graph, io, documents, tensor_heads, dim, offset, tensor=tensor)
+        operands = (tq, tk, tv, to, tdo, tstats, *outputs, *length_tensors, q_offset, kv_offset, stats_offset)
+        return _cudnn_finish(cudnn, graph, operands)
+
+    plan = _cudnn_plan(key, build)
+    buffers = (q, k, v, out, grad_out, stats, *grads, documents.lengths, documents.lengths, *offsets)
+    _cudnn_execute(cudnn, plan, buffers, q.device)
+    return grads
+
+
 class _CudnnAttention(torch.autograd.Function):
-    """cuDNN attention for training: forward keeps the softmax stats, backward runs ``sdpa_backward``."""
+    """cuDNN attention for training: forward keeps the softmax stats, backward runs ``sdpa_backward``. Only
+    q, k, v, the output and the stats are saved; ``layout`` (the sequence lengths, or the packed documents'
+    ``_RaggedDocuments`` when ``flags.ragged``) is a handful of small integer tensors."""
 
     @staticmethod
-    def forward(ctx, q, k, v, seq_len_q, seq_len_kv, flags):
-        lengths = (seq_len_q, seq_len_kv)
-        out, stats = _cudnn_forward(q, k, v, lengths, flags, with_stats=True)
-        ctx.save_for_backward(q, k, v, out, stats, *(x for x in lengths if x is not None))
-        ctx.flags = flags
+    def forward(ctx, q, k, v, layout, flags):
+        forward = _cudnn_ragged_forward if flags.ragged else _cudnn_forward
+        out, stats = forward(q, k, v, layout, flags, with_stats=True)
+        ctx.save_for_backward(q, k, v, out, stats)
+        ctx.layout, ctx.flags = layout, flags
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, stats, *lengths = ctx.saved_tensors
-        lengths = tuple(lengths) if lengths else (None, None)
-        grad_q, grad_k, grad_v = _cudnn_backward(q, k, v, out, stats, grad_out, lengths, ctx.flags)
-        return grad_q, grad_k, grad_v, None, None, None
+        q, k, v, out, stats = ctx.saved_tensors
+        backward = _cudnn_ragged_backward if ctx.flags.ragged else _cudnn_backward
+        grad_q, grad_k, grad_v = backward(q, k, v, out, stats, grad_out, ctx.layout, ctx.flags)
+        return grad_q, grad_k, grad_v, None, None
 
 
 def _cudnn_lengths(call: AttentionCall, mask, bucket: int, batch: int, device) -> tuple:
@@ -1369,7 +1520,20 @@ def _cudnn_lengths(call: AttentionCall, mask, bucket: int, batch: int, device) -
     return seq_len_q, mask.sum(dim=-1, dtype=torch.int32).view(batch, 1, 1, 1)
 
 
-def _run_cudnn(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
+def _run_cudnn_documents(q, k, v, call: AttentionCall, sequence_ids: torch.Tensor, scale: float) -> torch.Tensor:
+    """Packed documents, causal inside each (ALiBi relative inside each), on cuDNN's ragged layout: no copy of
+    the keys and values per head, no padding to a common length."""
+    documents = _kept_per_forward(call, ("cudnn", "documents"), sequence_ids, _ragged_documents)
+    flags = _CudnnFlags(causal=True, alibi=call.alibi, padded=True, scale=float(scale), ragged=True)
+    q, k, v = (_packed_operand(x) for x in (q, k, v))
+    if call.needs_grad:
+        return _CudnnAttention.apply(q, k, v, documents, flags)
+    return _cudnn_ragged_forward(q, k, v, documents, flags, with_stats=False)[0]
+
+
+def _run_cudnn(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_ids=None, **_):
+    if call.documents:
+        return _run_cudnn_documents(q, k, v, call, sequence_ids, scale)
     bucket = _cudnn_bucket(call.q_len)
     lengths = _cudnn_lengths(call, mask, bucket, q.shape[0], q.device)
     flags = _CudnnFlags(causal=call.causal, alibi=call.alibi, padded=lengths[0] is not None, scale=float(scale))
@@ -1377,7 +1541,7 @@ def _run_cudnn(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
         q, k, v = (F.pad(x, (0, 0, 0, bucket - call.q_len)) for x in (q, k, v))
     q, k, v = (_cudnn_operand(x) for x in (q, k, v))
     if call.needs_grad:
-        out = _CudnnAttention.apply(q, k, v, *lengths, flags)
+        out = _CudnnAttention.apply(q, k, v, lengths, flags)
     else:
         out, _ = _cudnn_forward(q, k, v, lengths, flags, with_stats=False)
     return out[:, :, : call.q_len] if bucket != call.q_len else out
@@ -1463,8 +1627,8 @@ def _cannot_cudnn(call: AttentionCall) -> Optional[str]:
         return "cudnn here takes causal calls over the full sequence (not a decoding step, chunked prefill or non-causal call)"
     if call.mask_kind in ("bool", "additive"):
         return "cudnn takes padding only as sequence lengths, not a 4-D mask"
-    if call.documents:
-        return "cudnn here takes no sequence_ids (packed documents)"
+    if call.documents and call.mask_kind != "none":
+        return "cudnn takes packed documents (sequence_ids) only without a padding mask"
     if call.dropout_p > 0.0:
         return "cudnn here takes no attention dropout (cuDNN refuses it with ALiBi; sdpa runs plain dropout)"
     if torch.compiler.is_compiling() or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -1585,6 +1749,20 @@ def _auto_order(device_type: str) -> tuple:
     return AUTO_ORDER.get(device_type, AUTO_ORDER_OTHER_DEVICES)
 
 
+def _cudnn_first(call: AttentionCall) -> bool:
+    """Packed documents with GQA go to cudnn before sdpa: cuDNN's ragged layout takes the key-value heads as
+    they are, where SDPA's nested (varlen) kernels need them copied to every query head and kept for backward
+    (README, "Padded batches run unpadded")."""
+    return call.documents and call.kv_heads != call.heads
+
+
+def _auto_order_for(call: AttentionCall) -> tuple:
+    order = _auto_order(call.device_type)
+    if "cudnn" in order and _cudnn_first(call):
+        return ("cudnn",) + tuple(name for name in order if name != "cudnn")
+    return order
+
+
 # Backends ``auto`` skips after they failed for reasons of their own (a missing kernel, a failed compile),
 # per call signature (shapes aside), so one kind of call never costs another its fastest kernel.
 _DEMOTIONS_KEPT = 256
@@ -1632,7 +1810,7 @@ def demoted_backends() -> list:
 
 
 def _first_auto_backend(call: AttentionCall, skip: tuple = ()) -> Optional[str]:
-    for name in _auto_order(call.device_type):
+    for name in _auto_order_for(call):
         if name in skip or _signature(name, call) in _demoted or _auto_skips(name, call):
             continue
         if _why_not(name, call) is None:
@@ -1967,12 +2145,14 @@ def classifier_dropout_probability(config) -> float:
 
 class PaddedRows:
     """A padded batch ``[b, s]`` as one packed row ``[1, n]`` of its kept tokens, row after row, each row one
-    document (``cu_seq_lens_q``/``cu_seq_lens_k`` of the packed forms), and back. ``keep`` is the bool keep-mask;
-    finding the kept tokens (``nonzero``) reads their count on the host."""
+    document (``cu_seq_lens_q``/``cu_seq_lens_k`` of the packed forms), and back. ``keep`` is the bool keep-mask
+    and ``kept`` its count of kept tokens where the caller read it already: then finding the kept tokens reads
+    nothing more on the host (``torch.nonzero_static``; without it, ``nonzero`` reads the count again)."""
 
-    def __init__(self, keep: torch.Tensor):
+    def __init__(self, keep: torch.Tensor, kept: Optional[int] = None):
         self.batch, self.seq = keep.shape
-        self.indices = keep.reshape(-1).nonzero().squeeze(-1)
+        flat = keep.reshape(-1)
+        self.indices = flat.nonzero().squeeze(-1) if kept is None else _nonzero_static(flat, kept)
         cu_seqlens = F.pad(keep.sum(-1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
         self.keywords = {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens}
 
@@ -2019,7 +2199,8 @@ def padded_rows(
     asked for, all logits asked for, no packed keywords already, ``config.unpad_batches`` not false, no label
     that a padded position predicts (its loss term needs that position's output; with left padding, mask the
     first token's label too), and not while compiling or exporting (finding the kept tokens is a host read:
-    compiled forwards keep the padding mask and run every row at full length). One host read decides.
+    compiled forwards keep the padding mask and run every row at full length). One host read decides and
+    sizes the packed row.
     """
     config = model.config
     inputs = input_ids if input_ids is not None else inputs_embeds
@@ -2052,7 +2233,7 @@ def padded_rows(
         return None
     if use_cache:
         _log_once("a padded batch in training mode runs unpadded and returns no cache (use_cache is ignored)")
-    return PaddedRows(keep)
+    return PaddedRows(keep, kept)
 
 
 def unpadded_lm_outputs(model, lm_head, hidden_states, labels, rows: PaddedRows, **kwargs) -> tuple:

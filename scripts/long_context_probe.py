@@ -32,10 +32,14 @@ import argparse
 import gc
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/: seq_len_probe.py
+from seq_len_probe import is_out_of_memory, synchronize  # noqa: E402
 
 SHAPES = {
     "llama3-8b": dict(
@@ -140,11 +144,6 @@ def configure(model, *, tile: int, offload: bool, checkpointing: bool, on_device
         base.gradient_checkpointing_disable()
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def loss_and_backward(model, seq_len: int, seed: int = 0, autocast: bool = True) -> torch.Tensor:
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
@@ -159,12 +158,12 @@ def loss_and_backward(model, seq_len: int, seed: int = 0, autocast: bool = True)
 
 def train_step(model, optimizer, seq_len: int) -> float:
     device = next(model.parameters()).device
-    _synchronize(device)
+    synchronize(device)
     started = time.perf_counter()
     loss_and_backward(model, seq_len)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    _synchronize(device)
+    synchronize(device)
     return time.perf_counter() - started
 
 
@@ -254,10 +253,6 @@ def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 class Probe:

@@ -2,8 +2,10 @@
 
 On a CPU the frontend is replaced by a stand-in module with cuDNN's documented sdpa / sdpa_backward semantics
 (top-left causal mask, ALiBi with BLOOM's slopes from the head count, keys past ``seq_len_kv`` hidden, rows
-past ``seq_len_q`` zero, natural-log softmax stats), computed in float64; so a wrong layout, length, bucket
-or gradient wiring in our glue fails here. The GPU tests run the real frontend against float64 math.
+past ``seq_len_q`` zero, natural-log softmax stats; ragged tensors: batch entry i starts at element
+``ragged_offset[i]`` of its buffer, needs the padding mask, and only its first ``seq_len`` rows are read or
+written), computed in float64; so a wrong layout, length, offset, bucket or gradient wiring in our glue fails
+here (the packed-documents tests are in ``test_cudnn_packed.py``). The GPU tests run the real frontend against float64 math.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ kernel_layer = importlib.import_module("memory_efficient_adapter.attention")
 
 
 class FakeTensor:
-    def __init__(self, graph, shape, stride):
+    def __init__(self, graph, shape, stride, data_type=None):
         self.graph, self.shape, self.stride, self.is_output = graph, tuple(shape), tuple(stride), False
+        self.data_type, self.ragged_offset = data_type, None
         self.uid = len(graph.tensors) + 100
         graph.tensors[self.uid] = self
 
@@ -56,7 +59,51 @@ class FakeTensor:
         return self
 
     def set_data_type(self, data_type):
+        self.data_type = data_type
         return self
+
+    def set_ragged_offset(self, offset):
+        assert isinstance(offset, FakeTensor) and offset.shape == (self.shape[0] + 1, 1, 1, 1), "[batch + 1, 1, 1, 1]"
+        self.ragged_offset = offset
+        return self
+
+
+def ragged_index(tensor: FakeTensor, pack: dict) -> torch.Tensor:
+    """The buffer element of every [b, h, s, d] entry of a ragged tensor: its batch entry's offset plus the
+    strides of the other dimensions (the batch stride is unused)."""
+    batch, heads, seq, dim = tensor.shape
+    offsets = pack[tensor.ragged_offset].flatten()[:batch]
+    _, stride_h, stride_s, stride_d = tensor.stride
+    return (offsets.view(-1, 1, 1, 1) + torch.arange(heads).view(1, -1, 1, 1) * stride_h
+            + torch.arange(seq).view(1, 1, -1, 1) * stride_s + torch.arange(dim).view(1, 1, 1, -1) * stride_d)
+
+
+def storage_of(buffer: torch.Tensor) -> torch.Tensor:
+    """The buffer's elements in memory order (a ragged buffer is dense, in its own layout)."""
+    return torch.as_strided(buffer, (buffer.numel(),), (1,))
+
+
+def read(tensor: FakeTensor, pack: dict) -> torch.Tensor:
+    """A port's [b, h, s, d] values; for a ragged tensor, rows past a batch entry's length hold whatever
+    follows it in memory (cuDNN masks them by the sequence lengths) and zeros past the buffer."""
+    buffer = pack[tensor]
+    if tensor.ragged_offset is None:
+        return buffer
+    index, flat = ragged_index(tensor, pack), storage_of(buffer)
+    inside = index < flat.numel()
+    return torch.where(inside, flat[index.clamp(max=flat.numel() - 1)], torch.zeros((), dtype=flat.dtype))
+
+
+def write(tensor: FakeTensor, pack: dict, value: torch.Tensor, lengths) -> None:
+    """A port's result; a ragged one writes only the first ``lengths[i]`` rows of batch entry i."""
+    buffer = pack[tensor]
+    if tensor.ragged_offset is None:
+        buffer.copy_(value)
+        return
+    index = ragged_index(tensor, pack)
+    rows = torch.arange(tensor.shape[2]).view(1, 1, -1, 1) < lengths.view(-1, 1, 1, 1)
+    rows = rows.expand_as(index)
+    storage_of(buffer)[index[rows]] = value.expand_as(index)[rows].to(buffer.dtype)
 
 
 def cudnn_sdpa_reference(q, k, v, scale, causal, alibi, seq_len_q, seq_len_kv):
@@ -92,7 +139,10 @@ class FakeGraph:
         self.tensors = {}
 
     def tensor_like(self, x):
-        return FakeTensor(self, x.shape, x.stride())
+        return FakeTensor(self, x.shape, x.stride(), data_type=x.dtype)
+
+    def tensor(self, dim, stride, data_type, name=None):
+        return FakeTensor(self, dim, stride, data_type)
 
     def sdpa(self, name, q, k, v, generate_stats, **options):
         outputs = (FakeTensor(self, q.shape, q.stride), FakeTensor(self, q.shape[:3] + (1,), (0, 0, 0, 0)))
@@ -128,32 +178,41 @@ class FakeGraph:
         assert self.ready and handle is not None and workspace.numel() == 64
         assert len(set(tensor_uids)) == len(tensor_uids) == len(buffers)
         pack = {self.tensors[uid]: buffer for uid, buffer in zip(tensor_uids, buffers)}
-        for tensor, buffer in pack.items():
-            assert (tuple(buffer.shape), tuple(buffer.stride())) == (tensor.shape, tensor.stride) or tensor.shape[-1] == 1
         kind, ports, options = self.node
+        for tensor, buffer in pack.items():
+            if tensor.ragged_offset is not None:
+                assert options["use_padding_mask"], "ragged tensors need the padding mask (sequence lengths)"
+                assert tensor.ragged_offset in pack, "a ragged tensor's offsets are bound at execution"
+            else:
+                same = (tuple(buffer.shape), tuple(buffer.stride())) == (tensor.shape, tensor.stride)
+                assert same or tensor.shape[-1] == 1
         assert options["use_padding_mask"] == (options["seq_len_q"] is not None)
         lengths = [pack.get(options[name]) for name in ("seq_len_q", "seq_len_kv")]
         masks = dict(scale=options["attn_scale"], causal=options["use_causal_mask"], alibi=options["use_alibi_mask"])
-        qkv = [pack[ports[name]] for name in "qkv"]
+        qkv = [read(ports[name], pack) for name in "qkv"]
+        rows = lengths[0] if lengths[0] is not None else torch.full((qkv[0].shape[0],), qkv[0].shape[2])
+        row_kept = torch.arange(qkv[0].shape[2]).view(1, 1, -1, 1) < rows.view(-1, 1, 1, 1)
         if kind == "fwd":
             out, stats = cudnn_sdpa_reference(*qkv, *masks.values(), *lengths)
-            pack[ports["outputs"][0]].copy_(out)
+            write(ports["outputs"][0], pack, out, rows)
             if ports["stats"]:
-                pack[ports["outputs"][1]].copy_(stats)
+                write(ports["outputs"][1], pack, stats, rows)
             return
         with torch.enable_grad():  # autograd runs a backward without grad mode
             leaves = [x.detach().double().requires_grad_() for x in qkv]
             out, stats = cudnn_sdpa_reference(*leaves, *masks.values(), *lengths)
-            grads = torch.autograd.grad(out, leaves, pack[ports["dO"]].double())
-        assert torch.allclose(pack[ports["o"]].double(), out, atol=1e-5), "o is the forward's output"
-        assert torch.allclose(pack[ports["stats"]].double(), stats, atol=1e-5), "stats are the forward's"
-        for port, grad in zip(ports["outputs"], grads):
-            pack[port].copy_(grad)
+            grads = torch.autograd.grad(out, leaves, read(ports["dO"], pack).double() * row_kept)
+        assert torch.allclose(read(ports["o"], pack).double() * row_kept, out, atol=1e-5), "o is the forward's output"
+        kept_stats = row_kept.expand_as(stats)
+        assert torch.allclose(read(ports["stats"], pack).double()[kept_stats], stats[kept_stats], atol=1e-5), "stats"
+        keys = lengths[1] if lengths[1] is not None else torch.full((qkv[1].shape[0],), qkv[1].shape[2])
+        for port, grad, bound in zip(ports["outputs"], grads, (rows, keys, keys)):
+            write(port, pack, grad, bound)
 
 
 def fake_cudnn_module(stream_log: list | None = None, pygraph=FakeGraph):
     return SimpleNamespace(
-        data_type=SimpleNamespace(HALF="HALF", BFLOAT16="BFLOAT16", FLOAT="FLOAT", INT32="INT32"),
+        data_type=SimpleNamespace(HALF="HALF", BFLOAT16="BFLOAT16", FLOAT="FLOAT", INT32="INT32", INT64="INT64"),
         heur_mode=SimpleNamespace(A="A", FALLBACK="FALLBACK"),
         pygraph=pygraph,
         create_handle=lambda: object(),
@@ -219,7 +278,9 @@ HOLE = torch.tensor([[True] * 16, [True] * 5 + [False] + [True] * 10])
         (lambda: (qkv(seq=4, k_len=16), {}), "chunked prefill"),
         (lambda: (qkv(), dict(mask=torch.ones(2, 1, 16, 16, dtype=torch.bool))), "4-D mask"),
         (lambda: (qkv(), dict(slopes=mea.alibi_slopes(4), dropout_p=0.1)), "dropout"),
-        (lambda: (qkv(), dict(sequence_ids=torch.tensor([[0] * 9 + [1] * 7] * 2))), "packed documents"),
+        (lambda: (qkv(), dict(sequence_ids=torch.tensor([[0] * 9 + [1] * 7] * 2))), None),
+        (lambda: (qkv(), dict(sequence_ids=torch.tensor([[0] * 9 + [1] * 7] * 2), mask=right_padding(2, 16, 3))),
+         "without a padding mask"),
         (lambda: (qkv(), dict(slopes=torch.rand(4))), "BLOOM's ALiBi slopes"),
         (lambda: (qkv(), dict(slopes=mea.alibi_slopes(4), mask=LEFT_PADDING)), "left padding"),
         (lambda: (qkv(), dict(mask=HOLE)), "left padding"),

@@ -483,3 +483,23 @@ def test_bf16_cuda_every_backend(tmp_path):
             got = ours(ids, attention_mask=mask).logits.float().cpu()
             real = mask.bool().cpu()
             assert_close_rel(got[real], padded[real], 2e-2, f"{backend} left-padded")
+
+
+def test_attention_output_sliced_from_a_longer_bucket_reaches_conv1d(tmp_path, monkeypatch):
+    """cuDNN pads the queries to a length bucket and returns a slice of its longer output, so the heads merge into
+    a tensor whose batch rows are not adjacent; GPT-2's Conv1D views its input and must still get a layout it can
+    view (found on the H200: 61 tokens in a 64-token bucket)."""
+    ours, stock = load_pair(tmp_path, "eager")
+    kernels = kernel_module(ours)
+    run_eager = kernels._RUN["eager"]
+
+    def bucketed(q, k, v, call, *args, **kwargs):
+        out = run_eager(q, k, v, call, *args, **kwargs).transpose(1, 2)  # [b, s, h, d]
+        longer = F.pad(out, (0, 0, 0, 0, 0, 3)).transpose(1, 2)  # [b, h, s + 3, d], laid out as [b, s + 3, h, d]
+        return longer[:, :, : call.q_len]
+
+    monkeypatch.setitem(kernels._RUN, "eager", bucketed)
+    ids = random_ids()
+    with torch.no_grad():
+        got, want = ours(ids).logits, stock(ids).logits
+    assert_close_rel(got, want, 1e-5, "logits through a bucket-sliced attention output")

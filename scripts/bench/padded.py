@@ -7,12 +7,13 @@ Per family (8 layers, hidden 2048, bf16; LLaMA with 4 key/value heads for 16 que
               full rows   the 2-D padding mask with ``config.unpad_batches = False``: varlen kernels, every other
                           op on all 8 x 4096 positions (the default before the heads unpadded)
               unpadded    the 2-D padding mask on the default path: the kept tokens as one packed row
-              unpadded flex   the same on the flex backend (document block mask) instead of SDPA varlen
+              unpadded flex / sdpa / cudnn   the same on one backend: flex (document block mask), sdpa (nested
+                          jagged varlen, keys and values copied per head for GQA), cudnn (ragged layout)
               same tokens the same number of real tokens as full rows without a mask (the memory target)
   packed    one 32768-token row of documents of random lengths (100 to 4096) given by restarting position_ids,
-            on the default path and on flex (``--padded-cases`` picks cases; BLOOM's default is flex already).
-Records carry ``section: padded``; ``<out>/padded.md`` holds the table with the ratios of the targets
-(unpadded <= 0.6x dense time, unpadded peak <= 1.05x same tokens).
+            on the default path and on each backend (``--padded-cases`` picks cases; BLOOM's ALiBi takes no sdpa).
+Records carry ``section: padded`` and the cudnn plan cache counts after the case; ``<out>/padded.md`` holds
+the table with the ratios of the targets (unpadded <= 0.6x dense time, unpadded peak <= 1.05x same tokens).
 
     python scripts/benchmark.py --section padded --family llama,bloom,qwen --out $OUT/bench
 """
@@ -20,6 +21,8 @@ Records carry ``section: padded``; ``<out>/padded.md`` holds the table with the 
 from __future__ import annotations
 
 import contextlib
+import sys
+from typing import Optional
 
 import torch
 
@@ -91,8 +94,10 @@ def measure(bench: Bench, model, inputs: dict) -> dict:
     }
 
 
+BACKEND_CASES = ("flex", "sdpa", "cudnn")
 PADDED_CASES = ("padded dense", "padded full rows", "padded unpadded", "padded same tokens", "packed documents",
-                "packed one row", "padded unpadded flex", "packed documents flex")
+                "packed one row") + tuple(f"{kind} {backend}" for backend in BACKEND_CASES
+                                          for kind in ("padded unpadded", "packed documents"))
 
 
 def padded_cases(family: str, seq: int, packed_seq: int, vocab: int, device) -> dict:
@@ -108,14 +113,21 @@ def padded_cases(family: str, seq: int, packed_seq: int, vocab: int, device) -> 
         "padded same tokens": (full_rows_case(sum(lengths), seq, vocab, device), {}),
         "packed documents": (packed, {}),
         "packed one row": (full_rows_case(packed_seq, packed_seq, vocab, device), {}),
-        "padded unpadded flex": (padded, {"attn_backend": "flex"}),
-        "packed documents flex": (packed, {"attn_backend": "flex"}),
     }
+    for backend in BACKEND_CASES:
+        if backend == "sdpa" and family == "bloom":  # sdpa takes no ALiBi
+            continue
+        cases[f"padded unpadded {backend}"] = (padded, {"attn_backend": backend})
+        cases[f"packed documents {backend}"] = (packed, {"attn_backend": backend})
     if family not in TAKES_4D_MASK:
         del cases["padded dense"]
-    if family == "bloom":  # ALiBi with documents runs on flex by default
-        del cases["padded unpadded flex"], cases["packed documents flex"]
     return cases, documents
+
+
+def cudnn_plans(model) -> Optional[dict]:
+    """The cudnn plan cache counts of the model's own copy of the kernel layer (None where it has none)."""
+    info = getattr(sys.modules.get(type(model).__module__), "cudnn_plan_cache_info", None)
+    return None if info is None else info()
 
 
 @contextlib.contextmanager
@@ -158,7 +170,8 @@ def run_padded_family(bench: Bench, family: str) -> list:
         if case.startswith("packed documents"):
             record["documents"] = documents
         with config_settings(model, settings):
-            record = bench.rec.write(run_guarded(bench, record, lambda: measure(bench, model, inputs)))
+            record = run_guarded(bench, record, lambda: measure(bench, model, inputs))
+            record = bench.rec.write({**record, "cudnn_plans": cudnn_plans(model)})
         bench.rec.say(f"padded {family} {case}: {record.get('step_ms') or record['status']} ms, {record.get('peak_mem_mb')} MB")
         records.append(record)
     del model
@@ -180,13 +193,17 @@ def padded_table(records: list) -> str:
         peak = f"{r['peak_mem_mb']:.0f} MB" if r.get("peak_mem_mb") is not None else "-"
         rows.append(f"| {r['family']} | {r['impl']} | {r['batch']} x {r['seq']} | {r['tokens']} | {step} | {peak} |")
     lines = ["", "| family | unpadded / dense time (<= 0.6) | unpadded / full rows time | unpadded / same tokens peak "
-             "(<= 1.05) | flex / varlen time, padded | flex / varlen time, packed |", "|---|---|---|---|---|---|"]
+             "(<= 1.05) | cudnn / sdpa time, padded | cudnn / sdpa peak, padded | cudnn / sdpa time, packed | "
+             "flex / default time, padded | flex / default time, packed |", "|---|---|---|---|---|---|---|---|---|"]
     for family in dict.fromkeys(r["family"] for r in records):
         mine = [r for r in records if r["family"] == family]
         cells = [
             ratio(mine, "padded unpadded", "padded dense", "step_ms"),
             ratio(mine, "padded unpadded", "padded full rows", "step_ms"),
             ratio(mine, "padded unpadded", "padded same tokens", "peak_mem_mb"),
+            ratio(mine, "padded unpadded cudnn", "padded unpadded sdpa", "step_ms"),
+            ratio(mine, "padded unpadded cudnn", "padded unpadded sdpa", "peak_mem_mb"),
+            ratio(mine, "packed documents cudnn", "packed documents sdpa", "step_ms"),
             ratio(mine, "padded unpadded flex", "padded unpadded", "step_ms"),
             ratio(mine, "packed documents flex", "packed documents", "step_ms"),
         ]
