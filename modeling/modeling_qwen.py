@@ -2415,9 +2415,10 @@ def attention_options(config, backend: str = "auto") -> dict:
 # Each op is an autograd.Function that saves only what its backward needs. The math has a pure-PyTorch
 # body (the CPU path, tested against float64). On CUDA an op runs a Triton kernel of this section where
 # Triton is installed (it ships with CUDA builds of torch), else its PyTorch body compiled once by
-# torch.compile. Inside an enclosing torch.compile the PyTorch body is traced, so the enclosing graph fuses
-# it (no graph break, no opaque kernel). A kernel or compiler that fails is logged once and the PyTorch body
-# runs instead.
+# torch.compile. A kernel or compiler that fails is logged once and the PyTorch body runs instead.
+# Inside an enclosing torch.compile each forward and each backward is one opaque custom op (``_opaque``):
+# the compiler neither replaces the kernels nor re-decides what the op keeps for backward, so a compiled
+# step keeps what an eager one keeps (no graph break either: the compiler knows the ops' output shapes).
 # ----------------------------------------------------------------------------------------------
 
 try:
@@ -2496,6 +2497,49 @@ def _fused(kernel: Callable, body: Callable, *args):
             if result is not None:
                 return result
     return _pointwise(body, *args)
+
+
+# Custom ops need torch >= 2.4; without them an enclosing torch.compile traces the PyTorch bodies instead.
+_custom_op = getattr(torch.library, "custom_op", None)
+# One namespace per copy of this layer (a module name per modeling file), so copies never replace each other's ops.
+_OPS_NAMESPACE = "memory_efficient_adapter_" + "".join(c if c.isalnum() else "_" for c in __name__)
+
+
+def _run_body(kernel: Callable, body: Callable, *args):
+    """``_fused``'s stand-in for fake tensors: the PyTorch body, whose output shapes and dtypes the kernel's match."""
+    return body(*args)
+
+
+def _contiguous(result):
+    """``result`` (a tensor or a list of tensors) with every tensor contiguous."""
+    if isinstance(result, torch.Tensor):
+        return result.contiguous()
+    return [t.contiguous() for t in result]
+
+
+def _opaque(name: str, schema: str, implementation: Callable, fake: Callable) -> Callable:
+    """``implementation``, which an enclosing torch.compile sees as one custom op ``name`` (``schema``) whose
+    outputs are shaped like ``fake``'s (run on fake tensors); outside torch.compile it runs directly."""
+    if _custom_op is None:
+        return implementation
+    op = _custom_op(f"{_OPS_NAMESPACE}::{name}", implementation, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+    overload = getattr(getattr(torch.ops, _OPS_NAMESPACE), name).default
+
+    def run(*args):
+        return overload(*args) if torch.compiler.is_compiling() else implementation(*args)
+
+    return run
+
+
+def _opaque_fused(name: str, schema: str, kernel: Callable, body: Callable) -> Callable:
+    """``_fused(kernel, body, ...)`` with contiguous outputs, as an ``_opaque`` op."""
+    return _opaque(
+        name,
+        schema,
+        lambda *args: _contiguous(_fused(kernel, body, *args)),
+        lambda *args: _contiguous(body(*args)),
+    )
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -2727,6 +2771,53 @@ def _cross_entropy_with_grad(logits, targets, ignore_index: int, scale: Optional
     return _fused(_cross_entropy_in_place_triton, _cross_entropy_torch, logits, targets, ignore_index, scale)
 
 
+def _linear_cross_entropy_forward(
+    hidden, weight, bias, targets, divisor, chunk_size: int, ignore_index: int, *wants: bool
+) -> list:
+    """``[summed loss / divisor]`` followed by the gradients ``wants`` asks for (of hidden, weight, bias), each
+    computed chunk by chunk while the chunk's logits exist, already scaled by ``1 / divisor``."""
+    accumulate = torch.promote_types(hidden.dtype, torch.float32)
+    scale = (1.0 / divisor).to(accumulate) if any(wants) else None
+    grad_hidden = torch.empty_like(hidden) if wants[0] else None
+    grad_weight = torch.zeros_like(weight) if wants[1] else None
+    grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if wants[2] else None
+    total = torch.zeros((), dtype=accumulate, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        logits = F.linear(hidden[rows], weight, bias)
+        chunk_sum, grad_logits = _cross_entropy_with_grad(logits, targets[rows], ignore_index, scale)
+        total = total + chunk_sum
+        if grad_hidden is not None:
+            grad_hidden[rows] = grad_logits @ weight
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.t(), hidden[rows])
+        if grad_bias is not None:
+            grad_bias += grad_logits.to(accumulate).sum(0)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return [total / divisor] + [g for g in (grad_hidden, grad_weight, grad_bias) if g is not None]
+
+
+def _linear_cross_entropy_fake(hidden, weight, bias, targets, divisor, chunk_size, ignore_index, *wants) -> list:
+    outputs = [hidden.new_empty((), dtype=torch.promote_types(hidden.dtype, torch.float32))]
+    if wants[0]:
+        outputs.append(hidden.new_empty(hidden.shape))
+    if wants[1]:
+        outputs.append(weight.new_empty(weight.shape))
+    if wants[2]:
+        outputs.append(weight.new_empty(weight.shape[:1], dtype=bias.dtype))
+    return outputs
+
+
+_linear_cross_entropy_op = _opaque(
+    "linear_cross_entropy",
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor divisor, int chunk_size, "
+    "int ignore_index, bool want_hidden, bool want_weight, bool want_bias) -> Tensor[]",
+    lambda *args: _contiguous(_linear_cross_entropy_forward(*args)),
+    _linear_cross_entropy_fake,
+)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """``sum(cross_entropy(hidden @ weight.T + bias, targets)) / divisor`` over row chunks.
 
@@ -2737,27 +2828,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, divisor, chunk_size: int, ignore_index: int, wants: tuple):
-        accumulate = torch.promote_types(hidden.dtype, torch.float32)
-        scale = (1.0 / divisor).to(accumulate) if any(wants) else None
-        grad_hidden = torch.empty_like(hidden) if wants[0] else None
-        grad_weight = torch.zeros_like(weight) if wants[1] else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if wants[2] else None
-        total = torch.zeros((), dtype=accumulate, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = F.linear(hidden[rows], weight, bias)
-            chunk_sum, grad_logits = _cross_entropy_with_grad(logits, targets[rows], ignore_index, scale)
-            total = total + chunk_sum
-            if grad_hidden is not None:
-                grad_hidden[rows] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), hidden[rows])
-            if grad_bias is not None:
-                grad_bias += grad_logits.to(accumulate).sum(0)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        return total / divisor
+        options = (targets, divisor, chunk_size, ignore_index, *wants)
+        loss, *computed = _linear_cross_entropy_op(hidden, weight, bias, *options)
+        computed = iter(computed)
+        ctx.save_for_backward(*(next(computed) if wanted else None for wanted in wants))
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -2943,19 +3018,29 @@ def _rms_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch
     return grad_x.view(x.shape), partial_grad_weight.sum(0).to(weight.dtype)
 
 
+_rms_norm_forward_op = _opaque_fused(
+    "rms_norm_forward", "(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)",
+    _rms_norm_forward_triton, _rms_norm_forward,
+)
+_rms_norm_backward_op = _opaque_fused(
+    "rms_norm_backward", "(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)",
+    _rms_norm_backward_triton, _rms_norm_backward,
+)
+
+
 class _RMSNorm(torch.autograd.Function):
     """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``, normalised in float32; saves x and per-row rstd."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        out, rstd = _fused(_rms_norm_forward_triton, _rms_norm_forward, x, weight, eps)
+        out, rstd = _rms_norm_forward_op(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        grad_x, grad_weight = _fused(_rms_norm_backward_triton, _rms_norm_backward, grad, x, weight, rstd)
+        grad_x, grad_weight = _rms_norm_backward_op(grad, x, weight, rstd)
         return grad_x, grad_weight if ctx.needs_input_grad[1] else None, None
 
 
@@ -3021,6 +3106,23 @@ def _activation_backward_triton(kind: str, grad: torch.Tensor, x: torch.Tensor, 
     return grad_x, grad_up
 
 
+def _activation_input_grads(kind: str, grad, x, up, run: Callable = _fused) -> list:
+    """The gradients of x and (when given) up, as a list: a custom op returns no None."""
+    grads = run(_activation_backward_triton, _activation_backward, kind, grad, x, up)
+    return [g for g in grads if g is not None]
+
+
+_activation_forward_op = _opaque_fused(
+    "activation_forward", "(str kind, Tensor x, Tensor? up) -> Tensor",
+    _activation_forward_triton, _activation_forward,
+)
+_activation_backward_op = _opaque(
+    "activation_backward", "(str kind, Tensor grad, Tensor x, Tensor? up) -> Tensor[]",
+    lambda *args: _contiguous(_activation_input_grads(*args)),
+    lambda *args: _contiguous(_activation_input_grads(*args, run=_run_body)),
+)
+
+
 class _Activation(torch.autograd.Function):
     """``silu(x) * up`` or GeLU saving only its inputs (the matmul outputs); recomputed in backward."""
 
@@ -3028,12 +3130,13 @@ class _Activation(torch.autograd.Function):
     def forward(ctx, kind: str, x, up):
         ctx.kind = kind
         ctx.save_for_backward(x, up)
-        return _fused(_activation_forward_triton, _activation_forward, kind, x, up)
+        return _activation_forward_op(kind, x, up)
 
     @staticmethod
     def backward(ctx, grad):
         x, up = ctx.saved_tensors
-        return (None, *_fused(_activation_backward_triton, _activation_backward, ctx.kind, grad, x, up))
+        grads = _activation_backward_op(ctx.kind, grad, x, up)
+        return None, grads[0], grads[1] if up is not None else None
 
 
 def _fused_kind(name: str, gated: bool) -> Optional[str]:
@@ -3063,6 +3166,39 @@ def gated_activation(name: str, gate: torch.Tensor, up: torch.Tensor, fallback: 
 # --- MLP output projection: activation + linear, the activation recomputed in backward ----------
 
 
+def _activation_linear_forward(kind: str, x, up, weight, bias, run: Callable = _fused) -> torch.Tensor:
+    return F.linear(run(_activation_forward_triton, _activation_forward, kind, x, up), weight, bias)
+
+
+def _activation_linear_backward(
+    kind: str, grad, x, up, weight, need_inputs: bool, need_weight: bool, need_bias: bool, run: Callable = _fused
+) -> list:
+    """The gradients asked for, in the order x, up (when given), weight, bias. The activation is recomputed
+    for the weight's (and freed before the inputs' are computed)."""
+    grad_rows = grad.reshape(-1, grad.shape[-1])
+    grad_weight = []
+    if need_weight:
+        activated = run(_activation_forward_triton, _activation_forward, kind, x, up)
+        grad_weight.append(grad_rows.t().mm(activated.reshape(-1, activated.shape[-1])))
+        del activated
+    grad_inputs = _activation_input_grads(kind, grad.matmul(weight), x, up, run) if need_inputs else []
+    return grad_inputs + grad_weight + ([grad_rows.sum(0)] if need_bias else [])
+
+
+_activation_linear_forward_op = _opaque(
+    "activation_linear_forward", "(str kind, Tensor x, Tensor? up, Tensor weight, Tensor? bias) -> Tensor",
+    lambda *args: _activation_linear_forward(*args).contiguous(),
+    lambda *args: _activation_linear_forward(*args, run=_run_body).contiguous(),
+)
+_activation_linear_backward_op = _opaque(
+    "activation_linear_backward",
+    "(str kind, Tensor grad, Tensor x, Tensor? up, Tensor weight, bool need_inputs, bool need_weight, "
+    "bool need_bias) -> Tensor[]",
+    lambda *args: _contiguous(_activation_linear_backward(*args)),
+    lambda *args: _contiguous(_activation_linear_backward(*args, run=_run_body)),
+)
+
+
 class _ActivationLinear(torch.autograd.Function):
     """``F.linear(act(x[, up]), weight, bias)`` keeping only ``x`` (and ``up``): the activation, the largest
     tensor of an MLP, is not kept for the weight gradient but recomputed in backward."""
@@ -3071,26 +3207,18 @@ class _ActivationLinear(torch.autograd.Function):
     def forward(ctx, x, up, weight, bias, kind: str):
         ctx.kind = kind
         ctx.save_for_backward(x, up, weight)
-        activated = _fused(_activation_forward_triton, _activation_forward, kind, x, up)
-        return F.linear(activated, weight, bias)
+        return _activation_linear_forward_op(kind, x, up, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, up, weight = ctx.saved_tensors
         need_x, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
-        grad_rows = grad.reshape(-1, grad.shape[-1])
-        grad_weight = grad_bias = grad_x = grad_up = None
-        if need_weight:
-            activated = _fused(_activation_forward_triton, _activation_forward, ctx.kind, x, up)
-            grad_weight = grad_rows.t().mm(activated.reshape(-1, activated.shape[-1]))
-            del activated
-        if need_bias:
-            grad_bias = grad_rows.sum(0)
-        if need_x or need_up:
-            grad_activated = grad.matmul(weight)
-            grad_x, grad_up = _fused(
-                _activation_backward_triton, _activation_backward, ctx.kind, grad_activated, x, up
-            )
+        need_inputs = need_x or need_up
+        grads = iter(_activation_linear_backward_op(ctx.kind, grad, x, up, weight, need_inputs, need_weight, need_bias))
+        grad_x = next(grads) if need_inputs else None
+        grad_up = next(grads) if need_inputs and up is not None else None
+        grad_weight = next(grads) if need_weight else None
+        grad_bias = next(grads) if need_bias else None
         return grad_x, grad_up, grad_weight, grad_bias, None
 
 
@@ -3142,7 +3270,7 @@ def _rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, invers
         cos, sin = cos.expand(x.shape), sin.expand(x.shape)
     except RuntimeError:
         return None
-    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1 or cos.dtype != sin.dtype:
         return None
     out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype))
     if out.stride(-1) != 1:
@@ -3164,6 +3292,28 @@ def _rotary_backward_triton(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     return _rotary_triton(grad, cos, sin, inverse=True)
 
 
+def _laid_out_like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` with the strides ``torch.empty_like(x)`` has (those the Triton kernel writes: q and k stay in
+    the layout of the projection they come from), copied into them where the PyTorch body chose others."""
+    if out.stride() == torch.empty_like(x, dtype=out.dtype, device="meta").stride():
+        return out
+    return torch.empty_like(x, dtype=out.dtype).copy_(out)
+
+
+def _rotary_op(name: str, kernel: Callable, body: Callable) -> Callable:
+    """``_fused(kernel, body, x, cos, sin)`` laid out like ``x``, as an ``_opaque`` op."""
+    return _opaque(
+        name,
+        "(Tensor x, Tensor cos, Tensor sin) -> Tensor",
+        lambda x, cos, sin: _laid_out_like(_fused(kernel, body, x, cos, sin), x),
+        lambda x, cos, sin: torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype)),
+    )
+
+
+_rotary_forward_op = _rotary_op("rotary_forward", _rotary_forward_triton, _rotary_forward)
+_rotary_backward_op = _rotary_op("rotary_backward", _rotary_backward_triton, _rotary_backward)
+
+
 class _Rotary(torch.autograd.Function):
     """RoPE (``x * cos + rotate_half(x) * sin``) whose backward is the inverse rotation; saves only cos/sin."""
 
@@ -3171,20 +3321,20 @@ class _Rotary(torch.autograd.Function):
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
         ctx.x_dtype = x.dtype
-        return _fused(_rotary_forward_triton, _rotary_forward, x, cos, sin)
+        return _rotary_forward_op(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        grad_x = _fused(_rotary_backward_triton, _rotary_backward, grad, cos, sin)
+        grad_x = _rotary_backward_op(grad, cos, sin)
         return grad_x.to(ctx.x_dtype), None, None
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` by ``cos``/``sin`` (broadcastable to ``x``, halves repeated as in transformers).
 
-    cos/sin that need a gradient (nobody's do in our files) take the plain autograd path."""
-    if cos.requires_grad or sin.requires_grad:
+    cos/sin that need a gradient (nobody's do in our files) or differ in dtype take the plain autograd path."""
+    if cos.requires_grad or sin.requires_grad or cos.dtype != sin.dtype:
         return _rotary_forward(x, cos, sin)
     return _Rotary.apply(x, cos, sin)
 
