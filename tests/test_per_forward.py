@@ -158,3 +158,56 @@ def test_packed_row_lays_out_its_varlen_segments_once_per_forward(family, monkey
     assert_close_rel(loss, expected_loss, 1e-5, "summed loss")
     for name in grads:
         assert_close_rel(grads[name], expected_grads[name], 1e-5, f"grad {name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Host work per call: described and dispatched once per forward
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_calls_of_a_forward_are_described_and_dispatched_once(family, monkeypatch, tmp_path_factory):
+    """Every layer makes the same call: its checks and the backend choice run once per training step, with
+    results bit-identical to describing and choosing in every layer."""
+    model, module = load_ours(family, tmp_path_factory)
+    ids = torch.randint(0, 61, (2, 19))
+    described = counting(monkeypatch, module, "_describe")
+    selected = counting(monkeypatch, module, "select_backend")
+    loss, grads = _loss_and_grads(model, ids)
+    assert (len(described), len(selected)) == (1, 1), f"{len(described)} descriptions for {LAYERS} layers"
+    monkeypatch.setattr(module, "_once_per_forward", lambda holder, slot, inputs, compute: compute())
+    reference_loss, reference_grads = _loss_and_grads(model, ids)
+    assert len(described) == 1 + LAYERS  # the reference did describe every call
+    assert torch.equal(loss, reference_loss)
+    for name in grads:
+        assert torch.equal(grads[name], reference_grads[name]), name
+
+
+def _loss_and_grads(model, ids):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_a_later_call_with_other_inputs_is_checked_again():
+    """What is kept per forward is kept for calls of the same shapes and options only: a later call that differs
+    (a layer's bad input) is described, checked and refused as without the store."""
+    from memory_efficient_adapter import attention, forward_mask
+
+    q = torch.randn(2, 4, 9, 16)
+    holder = forward_mask(None, without_mask=True)
+    expected = attention(q, q, q, causal=True)
+    assert torch.equal(attention(q, q, q, causal=True, attention_mask=holder), expected)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        attention(q, q[:, :3], q[:, :3], causal=True, attention_mask=holder)
+    with pytest.raises(TypeError, match="causal must be a Python bool"):
+        attention(q, q, q, causal=1, attention_mask=holder)
+    with pytest.raises(ValueError, match="dropout_p"):
+        attention(q, q, q, causal=True, dropout_p=1.5, attention_mask=holder)
+    with pytest.raises(ValueError, match="alibi_slopes must have shape"):
+        attention(q, q, q, causal=True, alibi_slopes=torch.ones(3), attention_mask=holder)
+    with pytest.raises(ValueError, match="sequence_ids must have shape"):
+        attention(q, q, q, causal=True, sequence_ids=torch.zeros(2, 8, dtype=torch.long), attention_mask=holder)
+    assert torch.equal(attention(q, q, q, causal=True, attention_mask=holder), expected)
