@@ -2409,16 +2409,22 @@ def backend_from_config(config=None, backend: str = "auto") -> str:
     return "eager" if getattr(config, "use_flash_attn", "auto") is False else "auto"
 
 
-def attention_options(config, backend: str = "auto") -> dict:
+def attention_options(config, backend: str = "auto", mask=None) -> dict:
     """The ``attention()`` keyword arguments a model's config asks for, read at every forward:
     ``backend`` (``backend_from_config(config, backend)``), ``chunk_size`` (``config.attn_chunk_size``: an
     int or a ``[query, key]`` pair, the chunked backend's block sizes) and ``flex_static_shapes``
-    (``config.attn_flex_static_shapes``: how many shapes flex compiles with static shapes)."""
-    return dict(
-        backend=backend_from_config(config, backend),
-        chunk_size=getattr(config, "attn_chunk_size", None),
-        flex_static_shapes=getattr(config, "attn_flex_static_shapes", None),
-    )
+    (``config.attn_flex_static_shapes``: how many shapes flex compiles with static shapes). Given the
+    forward's ``ForwardMask`` as ``mask``, they are read once per forward rather than in every layer."""
+
+    def read() -> dict:
+        return dict(
+            backend=backend_from_config(config, backend),
+            chunk_size=getattr(config, "attn_chunk_size", None),
+            flex_static_shapes=getattr(config, "attn_flex_static_shapes", None),
+        )
+
+    holder = mask if isinstance(mask, ForwardMask) else None
+    return _once_per_forward(holder, ("options", backend), (config,), read)
 
 
 # ----------------------------------------------------------------------------------------------

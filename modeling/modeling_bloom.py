@@ -2441,16 +2441,22 @@ def backend_from_config(config=None, backend: str = "auto") -> str:
     return "eager" if getattr(config, "use_flash_attn", "auto") is False else "auto"
 
 
-def attention_options(config, backend: str = "auto") -> dict:
+def attention_options(config, backend: str = "auto", mask=None) -> dict:
     """The ``attention()`` keyword arguments a model's config asks for, read at every forward:
     ``backend`` (``backend_from_config(config, backend)``), ``chunk_size`` (``config.attn_chunk_size``: an
     int or a ``[query, key]`` pair, the chunked backend's block sizes) and ``flex_static_shapes``
-    (``config.attn_flex_static_shapes``: how many shapes flex compiles with static shapes)."""
-    return dict(
-        backend=backend_from_config(config, backend),
-        chunk_size=getattr(config, "attn_chunk_size", None),
-        flex_static_shapes=getattr(config, "attn_flex_static_shapes", None),
-    )
+    (``config.attn_flex_static_shapes``: how many shapes flex compiles with static shapes). Given the
+    forward's ``ForwardMask`` as ``mask``, they are read once per forward rather than in every layer."""
+
+    def read() -> dict:
+        return dict(
+            backend=backend_from_config(config, backend),
+            chunk_size=getattr(config, "attn_chunk_size", None),
+            flex_static_shapes=getattr(config, "attn_flex_static_shapes", None),
+        )
+
+    holder = mask if isinstance(mask, ForwardMask) else None
+    return _once_per_forward(holder, ("options", backend), (config,), read)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3798,7 +3804,7 @@ class BloomAttention(nn.Module):
             alibi_slopes=alibi_slopes,
             dropout_p=self.attention_dropout if self.training else 0.0,
             sequence_ids=sequence_ids,
-            **attention_options(self.config, backend),
+            **attention_options(self.config, backend, mask=padding_mask),
         )
         context = context.transpose(1, 2).reshape(batch_size, q_length, self.hidden_size)
 

@@ -167,17 +167,27 @@ def test_packed_row_lays_out_its_varlen_segments_once_per_forward(family, monkey
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attention_calls_of_a_forward_are_described_and_dispatched_once(family, monkeypatch, tmp_path_factory):
-    """Every layer makes the same call: its checks and the backend choice run once per training step, with
-    results bit-identical to describing and choosing in every layer."""
+    """Every layer makes the same call: its checks, the backend choice and the config's attention options are
+    worked out once per training step, with results bit-identical to working them out in every layer."""
     model, module = load_ours(family, tmp_path_factory)
     ids = torch.randint(0, 61, (2, 19))
     described = counting(monkeypatch, module, "_describe")
     selected = counting(monkeypatch, module, "select_backend")
+    config_reads, reading = [], module.backend_from_config
+
+    def backend_from_config(config=None, *args):
+        if config is not None:
+            config_reads.append(1)
+        return reading(config, *args)
+
+    monkeypatch.setattr(module, "backend_from_config", backend_from_config)
     loss, grads = _loss_and_grads(model, ids)
     assert (len(described), len(selected)) == (1, 1), f"{len(described)} descriptions for {LAYERS} layers"
+    reads = len(config_reads)
     monkeypatch.setattr(module, "_once_per_forward", lambda holder, slot, inputs, compute: compute())
     reference_loss, reference_grads = _loss_and_grads(model, ids)
     assert len(described) == 1 + LAYERS  # the reference did describe every call
+    assert len(config_reads) - reads == reads + LAYERS - 1  # the config's attention options: once, not per layer
     assert torch.equal(loss, reference_loss)
     for name in grads:
         assert torch.equal(grads[name], reference_grads[name]), name
