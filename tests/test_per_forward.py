@@ -160,6 +160,48 @@ def test_packed_row_lays_out_its_varlen_segments_once_per_forward(family, monkey
         assert_close_rel(grads[name], expected_grads[name], 1e-5, f"grad {name}")
 
 
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that read a tensor's value back on the host (on CUDA each one waits for the device)."""
+
+    READING = ("aten._local_scalar_dense", "aten.nonzero", "aten.unique_consecutive", "aten.masked_select")
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.READING):
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_training_step_reads_the_host_once_per_forward_not_per_layer(family, monkeypatch, tmp_path_factory):
+    """The varlen path's layout reads the segment lengths back (two host reads); a training step of a packed row
+    does that once, whatever the number of layers. The stand-in kernel takes its segments from the known
+    document lengths, so it reads nothing itself."""
+    model, module = load_ours(family, tmp_path_factory)
+    bounds = torch.tensor([0, *DOCUMENT_LENGTHS]).cumsum(0).tolist()
+
+    def stand_in(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal):
+        pieces = []
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            segment = [x[start:stop].transpose(0, 1)[None] for x in (q, k, v)]
+            out = F.scaled_dot_product_attention(*segment, is_causal=causal, scale=softmax_scale, enable_gqa=True)
+            pieces.append(out[0].transpose(0, 1))
+        return torch.cat(pieces)
+
+    ids, packing = packed_row("position_ids")
+    expected_loss, _ = summed_loss_and_grads(model, ids)
+    monkeypatch.setattr(module, "_sdpa_varlen", stand_in)
+    monkeypatch.setattr(module, "_sdpa_needs_dense_mask", lambda call: None)
+    model.config.attn_backend = "sdpa"
+    with _HostReads() as reads:
+        loss, _ = summed_loss_and_grads(model, ids, **packing)
+    assert sorted(reads.found) == ["aten._local_scalar_dense.default", "aten.unique_consecutive.default"], reads.found
+    assert_close_rel(loss, expected_loss, 1e-5, "summed loss")
+
+
 # ----------------------------------------------------------------------------------------------
 # Host work per call: described and dispatched once per forward
 # ----------------------------------------------------------------------------------------------
