@@ -3715,11 +3715,13 @@ class BloomAttention(nn.Module):
     def _split_heads(self, fused_qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[b, s, 3 * hidden]`` -> three ``[b, heads, s, head_dim]`` views.
 
-        BLOOM's fused projection is laid out per head as ``[q, k, v]``, each ``head_dim`` wide.
+        BLOOM's fused projection is laid out per head as ``[q, k, v]``, each ``head_dim`` wide. ``unbind``, not
+        three selections: its backward stacks the three gradients into one tensor, where each selection's
+        would write a zero-filled copy of the whole projection, then add the three up.
         """
         batch_size, seq_length, _ = fused_qkv.shape
         fused_qkv = fused_qkv.view(batch_size, seq_length, self.num_heads, 3, self.head_dim)
-        query, key, value = (fused_qkv[..., i, :].transpose(1, 2) for i in range(3))
+        query, key, value = (x.transpose(1, 2) for x in fused_qkv.unbind(3))
         return query, key, value
 
     def forward(
