@@ -116,3 +116,21 @@ def test_inductor_compiled_bf16_step_on_cuda_runs_our_triton_kernels_and_keeps_n
     assert_close_rel(got.loss.detach().float(), eager.loss.detach().float(), 1e-2, "compiled bf16 loss")
     for key, grad in eager_grads.items():
         assert_close_rel(grads[key].float(), grad.float(), 3e-2, f"compiled bf16 grad of {key}")
+
+
+@pytest.mark.parametrize("dynamic", [None, True])  # None: recompiled with dynamic shapes at the second length
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "bart"])
+def test_compiled_training_step_follows_changing_lengths_in_one_graph(family_pairs, name, dynamic):
+    _, ours, _ = family_pairs[name]
+    ours.train()
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend=PARTITIONING_BACKEND, fullgraph=True, dynamic=dynamic)
+    generator = torch.Generator().manual_seed(22)
+    for length in (9, 14, 21):
+        ids = torch.randint(3, ours.config.vocab_size, (2, length), generator=generator)
+        labels = ids.masked_fill(torch.rand(ids.shape, generator=generator) < 0.2, -100)
+        batch = dict(input_ids=ids, labels=labels[:, : max(length // 2, 3)] if name == "bart" else labels)
+        expected, expected_grads = train_step(ours, batch)
+        got, grads = train_step(compiled, batch)
+        grads = {key.removeprefix("_orig_mod."): grad for key, grad in grads.items()}
+        assert_same_step(got, grads, expected, expected_grads, f"eager at length {length}")
