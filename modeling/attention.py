@@ -124,12 +124,26 @@ class ForwardMask:
 def forward_mask(mask: Optional[torch.Tensor], without_mask: bool = False) -> Optional[ForwardMask]:
     """The mask a model hands to all its layers for one forward pass. None stays None unless
     ``without_mask``: then a holder without a tensor, for a model whose layers hand it only to ``attention()``
-    (so packed-document block masks and the slopes check happen once per forward there too)."""
+    (so a packed row's block mask, document index and varlen layout, and the slopes check, are worked out once
+    per forward there too)."""
     return None if mask is None and not without_mask else ForwardMask(mask)
 
 
-def _mask_tensor(mask) -> Optional[torch.Tensor]:
+def mask_tensor(mask) -> Optional[torch.Tensor]:
+    """The tensor of a mask given bare or in a ``ForwardMask`` (None for none)."""
     return mask.tensor if isinstance(mask, ForwardMask) else mask
+
+
+def _once_per_forward(holder: Optional[ForwardMask], slot: tuple, inputs: tuple, compute: Callable):
+    """``compute()``, kept on the forward's ``ForwardMask`` under ``slot`` for as long as the same ``inputs``
+    (tensors, compared by identity) come back: every layer of a forward passes the same mask and sequence ids,
+    so what is derived from them is worked out once per forward. Without a holder every call computes."""
+    if holder is None:
+        return compute()
+    entry = holder.kept.get(slot)
+    if entry is None or len(entry[0]) != len(inputs) or any(a is not b for a, b in zip(entry[0], inputs)):
+        entry = holder.kept[slot] = (inputs, compute())
+    return entry[1]
 
 
 def _mask_kind(mask: Optional[torch.Tensor], batch: int, heads: int, q_len: int, k_len: int) -> str:
@@ -239,7 +253,7 @@ def _check_options(q, attention_mask, alibi_slopes, causal, dropout_p) -> None:
 
 def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids=None) -> AttentionCall:
     holder = attention_mask if isinstance(attention_mask, ForwardMask) else None
-    attention_mask = _mask_tensor(attention_mask)
+    attention_mask = mask_tensor(attention_mask)
     _check_tensors(q, k, v)
     _check_options(q, attention_mask, alibi_slopes, causal, dropout_p)
     batch, heads, q_len, head_dim = q.shape
@@ -414,8 +428,11 @@ class DropoutMatmul(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _documents_of(sequence_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if sequence_ids is None else _document_index(sequence_ids)
+def _documents_of(call: AttentionCall, sequence_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``_document_index`` of the call's sequence ids, once per forward (None without them)."""
+    if sequence_ids is None:
+        return None
+    return _once_per_forward(call.holder, ("documents",), (sequence_ids,), lambda: _document_index(sequence_ids))
 
 
 def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, sequence_ids=None):
@@ -426,7 +443,7 @@ def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, l
     bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
     if bias is not None:
         scores = (scores.to(_compute_dtype(q.dtype)) + bias).to(q.dtype)
-    keep = _block_keep(call, mask, rows, cols, q.device, _documents_of(sequence_ids))
+    keep = _block_keep(call, mask, rows, cols, q.device, _documents_of(call, sequence_ids))
     row_has_key = None
     if keep is not None:
         scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
@@ -545,7 +562,7 @@ def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_
     else:
         is_causal = False
         rows, cols = slice(0, call.q_len), slice(0, call.k_len)
-        keep = _block_keep(call, mask, rows, cols, q.device, _documents_of(sequence_ids))
+        keep = _block_keep(call, mask, rows, cols, q.device, _documents_of(call, sequence_ids))
         row_has_key = keep.any(dim=-1, keepdim=True)
         safe_keep = keep | ~row_has_key
         if call.mask_kind == "additive":
@@ -679,7 +696,7 @@ def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, sca
 def _run_chunked(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_ids=None, chunk_size=None, **_):
     k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if call.dropout_p > 0.0 else 0
-    documents, sizes = _documents_of(sequence_ids), _chunk_sizes(chunk_size)
+    documents, sizes = _documents_of(call, sequence_ids), _chunk_sizes(chunk_size)
     return _ChunkedAttention.apply(q, k, v, call, mask, alibi_slopes, scale, seed, documents, sizes)
 
 
@@ -1008,9 +1025,15 @@ def _ragged_layout(call: AttentionCall, mask, sequence_ids, batch: int, device):
 
 def _run_varlen(varlen_func, q, k, v, call: AttentionCall, mask, sequence_ids, scale, alibi_slopes=None):
     """A padded or packed call with q_len == k_len as one varlen kernel call over the kept tokens: every
-    segment (row and document) attends only to itself, causal inside; padded query rows return zeros."""
+    segment (row and document) attends only to itself, causal inside; padded query rows return zeros. The
+    layout (and its host sync) is worked out once per forward."""
     batch, heads, seq, dim = q.shape
-    indices, cu_seqlens, longest = _ragged_layout(call, mask, sequence_ids, batch, q.device)
+    indices, cu_seqlens, longest = _once_per_forward(
+        call.holder,
+        ("ragged", batch, call.k_len, call.mask_kind),
+        (mask, sequence_ids),
+        lambda: _ragged_layout(call, mask, sequence_ids, batch, q.device),
+    )
 
     def pack(x: torch.Tensor) -> torch.Tensor:
         flat = x.transpose(1, 2).reshape(batch * seq, x.shape[1], dim)
@@ -1182,16 +1205,8 @@ def _cudnn_bucket(length: int, smallest: int = 64) -> int:
 
 
 def _kept_per_forward(call: AttentionCall, slot: tuple, tensor: torch.Tensor, compute: Callable[[torch.Tensor], object]):
-    """``compute(tensor)`` (it reads the host). Every layer of a forward passes the same padding mask, slopes
-    and sequence ids, so with the forward's ``ForwardMask`` the result is kept there for that tensor; without
-    one (a bare tensor mask, or a packed forward of a model that hands its layers no mask object) every call
-    computes it."""
-    if call.holder is None:
-        return compute(tensor)
-    entry = call.holder.kept.get(slot)
-    if entry is None or entry[0] is not tensor:
-        entry = call.holder.kept[slot] = (tensor, compute(tensor))
-    return entry[1]
+    """``compute(tensor)`` (it reads the host), once per forward for that tensor (see ``_once_per_forward``)."""
+    return _once_per_forward(call.holder, slot, (tensor,), lambda: compute(tensor))
 
 
 def _checked_per_forward(call: AttentionCall, slot: str, tensor: torch.Tensor, check: Callable[[torch.Tensor], bool]) -> bool:
@@ -1899,7 +1914,7 @@ def attention(
     positions do). Padded or packed calls never build a ``[b, 1, q_len, k_len]`` mask except on ``eager``
     and for a user's 4-D mask; outputs at padded query positions are unspecified (zeros on varlen kernels).
     """
-    mask = _mask_tensor(attention_mask)
+    mask = mask_tensor(attention_mask)
     requested = backend_from_config(None, backend)
     _check_are_tensors(q, k, v)
     q, k, v = _autocast_inputs(q, k, v)
@@ -1944,7 +1959,7 @@ def attention_with_weights(
     For ``output_attentions=True`` only: the weights are O(seq^2), which the fused kernels never form.
     """
     _log_once("output_attentions=True: attention weights are computed with the eager math (O(seq^2) memory)")
-    mask = _mask_tensor(attention_mask)
+    mask = mask_tensor(attention_mask)
     q, k, v = _autocast_inputs(q, k, v)
     call = _describe(q, k, v, causal, mask, alibi_slopes, dropout_p, sequence_ids)
     scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
