@@ -607,7 +607,10 @@ def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_
     dropout = call.dropout_p
     no_mask = call.mask_kind == "none" and not call.documents
     if no_mask and (not call.causal or call.q_len == 1 and call.k_len >= 1 or call.q_len == call.k_len):
-        is_causal = call.causal and call.q_len == call.k_len and call.q_len > 1
+        # a branch, not bool(): under dynamic shapes the comparison is a SymBool, which SDPA does not take
+        is_causal = False
+        if call.causal and call.q_len == call.k_len and call.q_len > 1:
+            is_causal = True
         attn_mask, row_has_key = None, None
     else:
         is_causal = False
@@ -1971,7 +1974,7 @@ def attention(
     _check_are_tensors(q, k, v)
     q, k, v = _autocast_inputs(q, k, v)
     call, name = _described_and_selected(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids, requested)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -math.inf < scale < math.inf):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
     options = dict(
@@ -1999,7 +2002,7 @@ def _described_and_selected(q, k, v, causal, attention_mask, alibi_slopes, dropo
         call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids)
         return call, select_backend(call, requested)
 
-    if not isinstance(attention_mask, ForwardMask):
+    if not isinstance(attention_mask, ForwardMask) or torch.compiler.is_compiling():
         return describe_and_select()
     _check_scalars(causal, dropout_p)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)

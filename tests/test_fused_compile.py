@@ -86,3 +86,51 @@ def test_compiled_qwen_training_step_keeps_no_more_than_eager_and_matches_it(tmp
     assert compiled_saved <= eager_saved, (compiled_saved, eager_saved)
     assert got.logits is None
     assert_same_step(got, grads, eager, eager_grads, "eager")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_inductor_compiled_bf16_step_on_cuda_runs_our_triton_kernels_and_keeps_no_more_than_eager(family_pairs):
+    import copy
+    import sys
+
+    from torch.profiler import ProfilerActivity, profile
+
+    model = copy.deepcopy(family_pairs["llama"][1]).to("cuda", torch.bfloat16).train()
+    batch = {key: value.cuda() for key, value in unpadded_batch("llama", 21).items()}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)  # Inductor
+    train_step(compiled, batch)
+    (eager, eager_grads), eager_saved = saved_bytes(model, lambda: train_step(model, batch))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        (got, grads), compiled_saved = saved_bytes(model, lambda: train_step(compiled, batch))
+        torch.cuda.synchronize()
+    grads = {key.removeprefix("_orig_mod."): grad for key, grad in grads.items()}
+    kernels = {event.key for event in prof.key_averages()}
+    for kernel in ("_rms_norm_forward_kernel", "_rms_norm_backward_kernel", "_activation_forward_kernel",
+                   "_activation_backward_kernel", "_rotary_kernel", "_cross_entropy_rows_kernel"):
+        assert any(kernel in name for name in kernels), (kernel, sorted(kernels))
+    layer = sys.modules[type(model).__module__]
+    assert not layer._triton_failed and not layer._compile_failed
+    assert compiled_saved <= eager_saved, (compiled_saved, eager_saved)
+    assert_close_rel(got.loss.detach().float(), eager.loss.detach().float(), 1e-2, "compiled bf16 loss")
+    for key, grad in eager_grads.items():
+        assert_close_rel(grads[key].float(), grad.float(), 3e-2, f"compiled bf16 grad of {key}")
+
+
+@pytest.mark.parametrize("dynamic", [None, True])  # None: recompiled with dynamic shapes at the second length
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "bart"])
+def test_compiled_training_step_follows_changing_lengths_in_one_graph(family_pairs, name, dynamic):
+    _, ours, _ = family_pairs[name]
+    ours.train()
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend=PARTITIONING_BACKEND, fullgraph=True, dynamic=dynamic)
+    generator = torch.Generator().manual_seed(22)
+    for length in (9, 14, 21):
+        ids = torch.randint(3, ours.config.vocab_size, (2, length), generator=generator)
+        labels = ids.masked_fill(torch.rand(ids.shape, generator=generator) < 0.2, -100)
+        batch = dict(input_ids=ids, labels=labels[:, : max(length // 2, 3)] if name == "bart" else labels)
+        expected, expected_grads = train_step(ours, batch)
+        got, grads = train_step(compiled, batch)
+        grads = {key.removeprefix("_orig_mod."): grad for key, grad in grads.items()}
+        assert_same_step(got, grads, expected, expected_grads, f"eager at length {length}")
