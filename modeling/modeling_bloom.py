@@ -3957,7 +3957,10 @@ class BloomModel(BloomPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         check_cache_type(past_key_values)
         if self.gradient_checkpointing and self.training and use_cache:
-            logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing; setting it to False.")
+            if not torch.compiler.is_compiling():  # a logging call would break the compiled graph
+                logger.warning_once(
+                    "`use_cache=True` is incompatible with gradient checkpointing; setting it to False."
+                )
             use_cache = False
 
         if inputs_embeds is None:

@@ -4027,7 +4027,10 @@ class GPT2Model(GPT2PreTrainedModel):
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         checkpointing = self.training and any(block.gradient_checkpointing for block in self.h)
         if checkpointing and use_cache:
-            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
+            if not torch.compiler.is_compiling():  # a logging call would break the compiled graph
+                logger.warning_once(
+                    "use_cache=True is incompatible with gradient checkpointing; using use_cache=False"
+                )
             use_cache = False
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)

@@ -3980,7 +3980,10 @@ class LlamaModel(LlamaPreTrainedModel):
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache and self.gradient_checkpointing and self.training:
-            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; setting use_cache=False")
+            if not torch.compiler.is_compiling():  # a logging call would break the compiled graph
+                logger.warning_once(
+                    "use_cache=True is incompatible with gradient checkpointing; setting use_cache=False"
+                )
             use_cache = False
 
         if inputs_embeds is None:
