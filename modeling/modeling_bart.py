@@ -3293,7 +3293,7 @@ def _rotary_backward_triton(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Te
 def _laid_out_like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``out`` with the strides ``torch.empty_like(x)`` has (those the Triton kernel writes: q and k stay in
     the layout of the projection they come from), copied into them where the PyTorch body chose others."""
-    if out.stride() == torch.empty_like(x, dtype=out.dtype, device="meta").stride():
+    if out.stride() == x.stride() or out.stride() == torch.empty_like(x, dtype=out.dtype, device="meta").stride():
         return out
     return torch.empty_like(x, dtype=out.dtype).copy_(out)
 
