@@ -2555,12 +2555,13 @@ def _contiguous(result):
     return [t.contiguous() for t in result]
 
 
-def _opaque(name: str, schema: str, implementation: Callable, fake: Callable) -> Callable:
+def _opaque(name: str, schema: str, implementation: Callable, fake: Callable, mutates: tuple = ()) -> Callable:
     """``implementation``, which an enclosing torch.compile sees as one custom op ``name`` (``schema``) whose
-    outputs are shaped like ``fake``'s (run on fake tensors); outside torch.compile it runs directly."""
+    outputs are shaped like ``fake``'s (run on fake tensors); outside torch.compile it runs directly.
+    ``mutates``: the arguments it changes in place (marked ``(a!)`` in ``schema`` too)."""
     if _custom_op is None:
         return implementation
-    op = _custom_op(f"{_OPS_NAMESPACE}::{name}", implementation, mutates_args=(), schema=schema)
+    op = _custom_op(f"{_OPS_NAMESPACE}::{name}", implementation, mutates_args=mutates, schema=schema)
     op.register_fake(fake)
     overload = getattr(getattr(torch.ops, _OPS_NAMESPACE), name).default
 
@@ -2856,6 +2857,19 @@ _linear_cross_entropy_op = _opaque(
 )
 
 
+def _scale_in_place(grads: list, scale: torch.Tensor) -> None:
+    for grad in grads:
+        grad.mul_(scale.to(grad.dtype))
+
+
+# In place under torch.compile too: Inductor then reuses the kept gradients' memory instead of allocating a
+# scaled copy of each (the head's weight gradient: vocab x hidden) while every activation is still alive.
+_scale_in_place_op = _opaque(
+    "scale_in_place", "(Tensor(a!)[] grads, Tensor scale) -> ()", _scale_in_place, lambda grads, scale: None,
+    mutates=("grads",),
+)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """``sum(cross_entropy(hidden @ weight.T + bias, targets)) / divisor`` over row chunks.
 
@@ -2875,11 +2889,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grads = ctx.saved_tensors
-        if torch.compiler.is_compiling():
-            scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
-        else:  # in place: a second backward through this graph then fails autograd's version check, loudly
-            scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
-        return (*scaled, None, None, None, None, None)
+        # in place: a second backward through this graph then fails autograd's version check, loudly
+        _scale_in_place_op([g for g in grads if g is not None], grad_loss)
+        return (*grads, None, None, None, None, None)
 
 
 def loss_chunk_size(config, vocab_size: int, dtype: torch.dtype = torch.float32) -> int:
@@ -3333,7 +3345,7 @@ def _rotary_backward_triton(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Te
 def _laid_out_like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``out`` with the strides ``torch.empty_like(x)`` has (those the Triton kernel writes: q and k stay in
     the layout of the projection they come from), copied into them where the PyTorch body chose others."""
-    if out.stride() == torch.empty_like(x, dtype=out.dtype, device="meta").stride():
+    if out.stride() == x.stride() or out.stride() == torch.empty_like(x, dtype=out.dtype, device="meta").stride():
         return out
     return torch.empty_like(x, dtype=out.dtype).copy_(out)
 
@@ -4102,7 +4114,10 @@ class QWenModel(QWenPreTrainedModel):
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if use_cache and self.gradient_checkpointing and self.training:
-            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; setting use_cache=False")
+            if not torch.compiler.is_compiling():  # a logging call would break the compiled graph
+                logger.warning_once(
+                    "use_cache=True is incompatible with gradient checkpointing; setting use_cache=False"
+                )
             use_cache = False
 
         if inputs_embeds is None:

@@ -134,3 +134,22 @@ def test_compiled_training_step_follows_changing_lengths_in_one_graph(family_pai
         got, grads = train_step(compiled, batch)
         grads = {key.removeprefix("_orig_mod."): grad for key, grad in grads.items()}
         assert_same_step(got, grads, expected, expected_grads, f"eager at length {length}")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "bart"])
+def test_compiled_step_with_gradient_checkpointing_is_one_graph_and_equals_eager(family_pairs, name):
+    """``use_cache`` left at its default (True): the 'incompatible with gradient checkpointing' warning is not
+    logged inside a compiled graph (a logging call would break it)."""
+    _, ours, _ = family_pairs[name]
+    batch = unpadded_batch(name, 23)
+    expected, expected_grads = train_step(ours, batch)
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        assert ours.config.use_cache
+        torch._dynamo.reset()
+        compiled = torch.compile(ours, backend=PARTITIONING_BACKEND, fullgraph=True)
+        got, grads = train_step(compiled, batch)
+    finally:
+        ours.gradient_checkpointing_disable()
+    grads = {key.removeprefix("_orig_mod."): grad for key, grad in grads.items()}
+    assert_same_step(got, grads, expected, expected_grads, "eager without checkpointing")
