@@ -2504,13 +2504,14 @@ def _pointwise(fn: Callable, *args):
         return fn(*args)
 
 
-def _triton_takes(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether this section's Triton kernels run for these tensors: Triton installed, CUDA, a float type
-    Triton handles, and no enclosing torch.compile (which fuses the PyTorch body itself)."""
+def _triton_takes(*args) -> bool:
+    """Whether this section's Triton kernels run for a call with these arguments: Triton installed, every
+    tensor on CUDA in a type Triton handles, and no enclosing torch.compile (which fuses the PyTorch body
+    itself). Checked on every call of a fused op, so the cheapest test comes first."""
     return (
         triton is not None
         and not torch.compiler.is_compiling()
-        and all(t is None or (t.is_cuda and _triton_dtype(t)) for t in tensors)
+        and all(not isinstance(a, torch.Tensor) or (a.is_cuda and _triton_dtype(a)) for a in args)
     )
 
 
@@ -2522,8 +2523,7 @@ def _fused(kernel: Callable, body: Callable, *args):
     """``kernel(*args)`` (a Triton launcher) where Triton takes the tensors, else ``body(*args)`` through
     ``_pointwise``. The two compute the same math. A launcher returns None for a call it does not take (a
     shape or dtype mix it has no kernel for); a kernel that fails is logged once and not tried again."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if kernel not in _triton_failed and _triton_takes(*tensors):
+    if kernel not in _triton_failed and _triton_takes(*args):
         try:
             result = kernel(*args)
         except torch.cuda.OutOfMemoryError:
