@@ -185,8 +185,9 @@ def mask_tensor(mask) -> Optional[torch.Tensor]:
 def _once_per_forward(holder: Optional[ForwardMask], slot: tuple, inputs: tuple, compute: Callable):
     """``compute()``, kept on the forward's ``ForwardMask`` under ``slot`` for as long as the same ``inputs``
     (tensors, compared by identity) come back: every layer of a forward passes the same mask and sequence ids,
-    so what is derived from them is worked out once per forward. Without a holder every call computes."""
-    if holder is None:
+    so what is derived from them is worked out once per forward. Without a holder every call computes, as
+    every call does while compiling (the compiled graph runs none of this per call anyway)."""
+    if holder is None or torch.compiler.is_compiling():
         return compute()
     entry = holder.kept.get(slot)
     if entry is None or len(entry[0]) != len(inputs) or any(a is not b for a, b in zip(entry[0], inputs)):
@@ -278,12 +279,16 @@ def _check_tensors(q, k, v) -> None:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
 
 
-def _check_options(q, attention_mask, alibi_slopes, causal, dropout_p) -> None:
-    """The caller's mistakes, caught before any backend runs (a backend never pays for them)."""
+def _check_scalars(causal, dropout_p) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a Python bool, got {type(causal).__name__}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+
+
+def _check_options(q, attention_mask, alibi_slopes, causal, dropout_p) -> None:
+    """The caller's mistakes, caught before any backend runs (a backend never pays for them)."""
+    _check_scalars(causal, dropout_p)
     if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.device != q.device:
         raise ValueError(f"attention_mask is on {attention_mask.device}, but q, k and v are on {q.device}")
     if alibi_slopes is None:
@@ -1914,10 +1919,12 @@ def _run(name: str, q, k, v, call: AttentionCall, mask, alibi_slopes, scale, opt
     return _RUN[name](q, k, v, call, mask, alibi_slopes, scale, **options)
 
 
-def _run_auto(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, options: dict) -> torch.Tensor:
-    """The first backend of the auto order that takes the call. A backend failing for reasons of its own is
-    skipped for this kind of call from then on; any other error is the caller's (or a bug) and is raised."""
-    name, failed, first_failure = select_backend(call, "auto"), (), None
+def _run_auto(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, options: dict, name: Optional[str] = None):
+    """The first backend of the auto order that takes the call (``name`` when the caller chose it already). A
+    backend failing for reasons of its own is skipped for this kind of call from then on; any other error is
+    the caller's (or a bug) and is raised."""
+    name = select_backend(call, "auto") if name is None else name
+    failed, first_failure = (), None
     while name is not None:
         try:
             return _run(name, q, k, v, call, mask, alibi_slopes, scale, options)
@@ -1966,7 +1973,7 @@ def attention(
     requested = backend_from_config(None, backend)
     _check_are_tensors(q, k, v)
     q, k, v = _autocast_inputs(q, k, v)
-    call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids)
+    call, name = _described_and_selected(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids, requested)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -math.inf < scale < math.inf):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
@@ -1979,9 +1986,31 @@ def attention(
         sequence_ids=sequence_ids,
     )
     if requested == "auto":
-        return _run_auto(q, k, v, call, mask, alibi_slopes, scale, options)
-    name = select_backend(call, requested)
+        return _run_auto(q, k, v, call, mask, alibi_slopes, scale, options, name)
     return _run(name, q, k, v, call, mask, alibi_slopes, scale, options)
+
+
+def _described_and_selected(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids, requested: str):
+    """The call's description (its checks included) and the backend that runs it.
+
+    Every layer of a forward makes the same call, so with the forward's ``ForwardMask`` both are worked out
+    once per forward: kept there for calls with the same shapes, dtypes, devices, options, slopes and sequence
+    ids (and the same set of demoted backends); each call still checks its scalar options. Without a holder,
+    or while compiling, every call describes and selects."""
+
+    def describe_and_select() -> tuple:
+        call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids)
+        return call, select_backend(call, requested)
+
+    if not isinstance(attention_mask, ForwardMask) or torch.compiler.is_compiling():
+        return describe_and_select()
+    _check_scalars(causal, dropout_p)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    slot = (
+        "call", q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+        causal, dropout_p, needs_grad, requested, len(_demoted),
+    )
+    return _once_per_forward(attention_mask, slot, (alibi_slopes, sequence_ids), describe_and_select)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2396,16 +2425,22 @@ def backend_from_config(config=None, backend: str = "auto") -> str:
     return "eager" if getattr(config, "use_flash_attn", "auto") is False else "auto"
 
 
-def attention_options(config, backend: str = "auto") -> dict:
+def attention_options(config, backend: str = "auto", mask=None) -> dict:
     """The ``attention()`` keyword arguments a model's config asks for, read at every forward:
     ``backend`` (``backend_from_config(config, backend)``), ``chunk_size`` (``config.attn_chunk_size``: an
     int or a ``[query, key]`` pair, the chunked backend's block sizes) and ``flex_static_shapes``
-    (``config.attn_flex_static_shapes``: how many shapes flex compiles with static shapes)."""
-    return dict(
-        backend=backend_from_config(config, backend),
-        chunk_size=getattr(config, "attn_chunk_size", None),
-        flex_static_shapes=getattr(config, "attn_flex_static_shapes", None),
-    )
+    (``config.attn_flex_static_shapes``: how many shapes flex compiles with static shapes). Given the
+    forward's ``ForwardMask`` as ``mask``, they are read once per forward rather than in every layer."""
+
+    def read() -> dict:
+        return dict(
+            backend=backend_from_config(config, backend),
+            chunk_size=getattr(config, "attn_chunk_size", None),
+            flex_static_shapes=getattr(config, "attn_flex_static_shapes", None),
+        )
+
+    holder = mask if isinstance(mask, ForwardMask) else None
+    return _once_per_forward(holder, ("options", backend), (config,), read)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3775,7 +3810,7 @@ class GPT2Attention(nn.Module):
             "sequence_ids": sequence_ids,
             "dropout_p": self.attn_dropout.p if self.training else 0.0,
             "scale": self.scaling,
-            **attention_options(self.config, backend),
+            **attention_options(self.config, backend, mask=mask),
             # Only the eager backend reads these; passed always so an `auto` that lands on eager honours them.
             "light_softmax": bool(getattr(self.config, "use_lightsoftmax", False)),
             "dropout_matmul": bool(getattr(self.config, "use_dropmatmul", False)),

@@ -194,7 +194,7 @@ def parse_args(argv=None):
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--tiny", action="store_true", help="16 layers of width 16, vocabulary 256: host time alone")
-    parser.add_argument("--impl", default="stock,ours", help=f"stock, ours, base; + a variant of ours: {list(VARIANTS)}")
+    parser.add_argument("--impl", default="stock,ours", help=f"stock, ours, base; ours+VARIANT: {list(VARIANTS)}")
     parser.add_argument("--baseline-modeling", type=Path, default=None, help="a modeling/ folder for base")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
@@ -239,8 +239,9 @@ def main(argv=None) -> int:
                               "hidden": args.hidden, **measure(args, built[1], seq, device_time=not variant)}
                 profile = record.pop("profile")
                 device = f", device {record['device_ms']:7.2f} ms" if "device_ms" in record else ""
-                line = (f"{impl:>24} {seq:>6}: step {record['step_ms']:8.2f} ms, host {record['host_ms']:8.2f} ms{device}, "
-                        f"{record['syncs']} host syncs {record['sync_ops']}, {record['python_calls']} Python calls")
+                line = (f"{impl:>24} {seq:>6}: step {record['step_ms']:8.2f} ms, host {record['host_ms']:8.2f} ms"
+                        f"{device}, {record['syncs']} host syncs {record['sync_ops']}, "
+                        f"{record['python_calls']} Python calls")
                 print(line, flush=True)
                 log.write(f"{line}\n{profile}\n\n")
                 log.flush()

@@ -158,3 +158,108 @@ def test_packed_row_lays_out_its_varlen_segments_once_per_forward(family, monkey
     assert_close_rel(loss, expected_loss, 1e-5, "summed loss")
     for name in grads:
         assert_close_rel(grads[name], expected_grads[name], 1e-5, f"grad {name}")
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that read a tensor's value back on the host (on CUDA each one waits for the device)."""
+
+    READING = ("aten._local_scalar_dense", "aten.nonzero", "aten.unique_consecutive", "aten.masked_select")
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.READING):
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_training_step_reads_the_host_once_per_forward_not_per_layer(family, monkeypatch, tmp_path_factory):
+    """The varlen path's layout reads the segment lengths back (two host reads); a training step of a packed row
+    does that once, whatever the number of layers. The stand-in kernel takes its segments from the known
+    document lengths, so it reads nothing itself."""
+    model, module = load_ours(family, tmp_path_factory)
+    bounds = torch.tensor([0, *DOCUMENT_LENGTHS]).cumsum(0).tolist()
+
+    def stand_in(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal):
+        pieces = []
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            segment = [x[start:stop].transpose(0, 1)[None] for x in (q, k, v)]
+            out = F.scaled_dot_product_attention(*segment, is_causal=causal, scale=softmax_scale, enable_gqa=True)
+            pieces.append(out[0].transpose(0, 1))
+        return torch.cat(pieces)
+
+    ids, packing = packed_row("position_ids")
+    expected_loss, _ = summed_loss_and_grads(model, ids)
+    monkeypatch.setattr(module, "_sdpa_varlen", stand_in)
+    monkeypatch.setattr(module, "_sdpa_needs_dense_mask", lambda call: None)
+    model.config.attn_backend = "sdpa"
+    with _HostReads() as reads:
+        loss, _ = summed_loss_and_grads(model, ids, **packing)
+    assert sorted(reads.found) == ["aten._local_scalar_dense.default", "aten.unique_consecutive.default"], reads.found
+    assert_close_rel(loss, expected_loss, 1e-5, "summed loss")
+
+
+# ----------------------------------------------------------------------------------------------
+# Host work per call: described and dispatched once per forward
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_calls_of_a_forward_are_described_and_dispatched_once(family, monkeypatch, tmp_path_factory):
+    """Every layer makes the same call: its checks, the backend choice and the config's attention options are
+    worked out once per training step, with results bit-identical to working them out in every layer."""
+    model, module = load_ours(family, tmp_path_factory)
+    ids = torch.randint(0, 61, (2, 19))
+    described = counting(monkeypatch, module, "_describe")
+    selected = counting(monkeypatch, module, "select_backend")
+    config_reads, reading = [], module.backend_from_config
+
+    def backend_from_config(config=None, *args):
+        if config is not None:
+            config_reads.append(1)
+        return reading(config, *args)
+
+    monkeypatch.setattr(module, "backend_from_config", backend_from_config)
+    loss, grads = _loss_and_grads(model, ids)
+    assert (len(described), len(selected)) == (1, 1), f"{len(described)} descriptions for {LAYERS} layers"
+    reads = len(config_reads)
+    monkeypatch.setattr(module, "_once_per_forward", lambda holder, slot, inputs, compute: compute())
+    reference_loss, reference_grads = _loss_and_grads(model, ids)
+    assert len(described) == 1 + LAYERS  # the reference did describe every call
+    assert len(config_reads) - reads == reads + LAYERS - 1  # the config's attention options: once, not per layer
+    assert torch.equal(loss, reference_loss)
+    for name in grads:
+        assert torch.equal(grads[name], reference_grads[name]), name
+
+
+def _loss_and_grads(model, ids):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_a_later_call_with_other_inputs_is_checked_again():
+    """What is kept per forward is kept for calls of the same shapes and options only: a later call that differs
+    (a layer's bad input) is described, checked and refused as without the store."""
+    from memory_efficient_adapter import attention, forward_mask
+
+    q = torch.randn(2, 4, 9, 16)
+    holder = forward_mask(None, without_mask=True)
+    expected = attention(q, q, q, causal=True)
+    assert torch.equal(attention(q, q, q, causal=True, attention_mask=holder), expected)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        attention(q, q[:, :3], q[:, :3], causal=True, attention_mask=holder)
+    with pytest.raises(TypeError, match="causal must be a Python bool"):
+        attention(q, q, q, causal=1, attention_mask=holder)
+    with pytest.raises(ValueError, match="dropout_p"):
+        attention(q, q, q, causal=True, dropout_p=1.5, attention_mask=holder)
+    with pytest.raises(ValueError, match="alibi_slopes must have shape"):
+        attention(q, q, q, causal=True, alibi_slopes=torch.ones(3), attention_mask=holder)
+    with pytest.raises(ValueError, match="sequence_ids must have shape"):
+        attention(q, q, q, causal=True, sequence_ids=torch.zeros(2, 8, dtype=torch.long), attention_mask=holder)
+    assert torch.equal(attention(q, q, q, causal=True, attention_mask=holder), expected)
