@@ -172,12 +172,27 @@ class ForwardMask:
 def forward_mask(mask: Optional[torch.Tensor], without_mask: bool = False) -> Optional[ForwardMask]:
     """The mask a model hands to all its layers for one forward pass. None stays None unless
     ``without_mask``: then a holder without a tensor, for a model whose layers hand it only to ``attention()``
-    (so packed-document block masks and the slopes check happen once per forward there too)."""
+    (so a packed row's block mask, document index and varlen layout, and the slopes check, are worked out once
+    per forward there too)."""
     return None if mask is None and not without_mask else ForwardMask(mask)
 
 
-def _mask_tensor(mask) -> Optional[torch.Tensor]:
+def mask_tensor(mask) -> Optional[torch.Tensor]:
+    """The tensor of a mask given bare or in a ``ForwardMask`` (None for none)."""
     return mask.tensor if isinstance(mask, ForwardMask) else mask
+
+
+def _once_per_forward(holder: Optional[ForwardMask], slot: tuple, inputs: tuple, compute: Callable):
+    """``compute()``, kept on the forward's ``ForwardMask`` under ``slot`` for as long as the same ``inputs``
+    (tensors, compared by identity) come back: every layer of a forward passes the same mask and sequence ids,
+    so what is derived from them is worked out once per forward. Without a holder every call computes, as
+    every call does while compiling (the compiled graph runs none of this per call anyway)."""
+    if holder is None or torch.compiler.is_compiling():
+        return compute()
+    entry = holder.kept.get(slot)
+    if entry is None or len(entry[0]) != len(inputs) or any(a is not b for a, b in zip(entry[0], inputs)):
+        entry = holder.kept[slot] = (inputs, compute())
+    return entry[1]
 
 
 def _mask_kind(mask: Optional[torch.Tensor], batch: int, heads: int, q_len: int, k_len: int) -> str:
@@ -264,12 +279,16 @@ def _check_tensors(q, k, v) -> None:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
 
 
-def _check_options(q, attention_mask, alibi_slopes, causal, dropout_p) -> None:
-    """The caller's mistakes, caught before any backend runs (a backend never pays for them)."""
+def _check_scalars(causal, dropout_p) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a Python bool, got {type(causal).__name__}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+
+
+def _check_options(q, attention_mask, alibi_slopes, causal, dropout_p) -> None:
+    """The caller's mistakes, caught before any backend runs (a backend never pays for them)."""
+    _check_scalars(causal, dropout_p)
     if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.device != q.device:
         raise ValueError(f"attention_mask is on {attention_mask.device}, but q, k and v are on {q.device}")
     if alibi_slopes is None:
@@ -287,7 +306,7 @@ def _check_options(q, attention_mask, alibi_slopes, causal, dropout_p) -> None:
 
 def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids=None) -> AttentionCall:
     holder = attention_mask if isinstance(attention_mask, ForwardMask) else None
-    attention_mask = _mask_tensor(attention_mask)
+    attention_mask = mask_tensor(attention_mask)
     _check_tensors(q, k, v)
     _check_options(q, attention_mask, alibi_slopes, causal, dropout_p)
     batch, heads, q_len, head_dim = q.shape
@@ -462,8 +481,11 @@ class DropoutMatmul(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
-def _documents_of(sequence_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if sequence_ids is None else _document_index(sequence_ids)
+def _documents_of(call: AttentionCall, sequence_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``_document_index`` of the call's sequence ids, once per forward (None without them)."""
+    if sequence_ids is None:
+        return None
+    return _once_per_forward(call.holder, ("documents",), (sequence_ids,), lambda: _document_index(sequence_ids))
 
 
 def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, light_softmax=True, sequence_ids=None):
@@ -474,7 +496,7 @@ def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, l
     bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
     if bias is not None:
         scores = (scores.to(_compute_dtype(q.dtype)) + bias).to(q.dtype)
-    keep = _block_keep(call, mask, rows, cols, q.device, _documents_of(sequence_ids))
+    keep = _block_keep(call, mask, rows, cols, q.device, _documents_of(call, sequence_ids))
     row_has_key = None
     if keep is not None:
         scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
@@ -585,12 +607,15 @@ def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_
     dropout = call.dropout_p
     no_mask = call.mask_kind == "none" and not call.documents
     if no_mask and (not call.causal or call.q_len == 1 and call.k_len >= 1 or call.q_len == call.k_len):
-        is_causal = call.causal and call.q_len == call.k_len and call.q_len > 1
+        # a branch, not bool(): under dynamic shapes the comparison is a SymBool, which SDPA does not take
+        is_causal = False
+        if call.causal and call.q_len == call.k_len and call.q_len > 1:
+            is_causal = True
         attn_mask, row_has_key = None, None
     else:
         is_causal = False
         rows, cols = slice(0, call.q_len), slice(0, call.k_len)
-        keep = _block_keep(call, mask, rows, cols, q.device, _documents_of(sequence_ids))
+        keep = _block_keep(call, mask, rows, cols, q.device, _documents_of(call, sequence_ids))
         row_has_key = keep.any(dim=-1, keepdim=True)
         safe_keep = keep | ~row_has_key
         if call.mask_kind == "additive":
@@ -724,7 +749,7 @@ def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, sca
 def _run_chunked(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_ids=None, chunk_size=None, **_):
     k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if call.dropout_p > 0.0 else 0
-    documents, sizes = _documents_of(sequence_ids), _chunk_sizes(chunk_size)
+    documents, sizes = _documents_of(call, sequence_ids), _chunk_sizes(chunk_size)
     return _ChunkedAttention.apply(q, k, v, call, mask, alibi_slopes, scale, seed, documents, sizes)
 
 
@@ -1053,9 +1078,15 @@ def _ragged_layout(call: AttentionCall, mask, sequence_ids, batch: int, device):
 
 def _run_varlen(varlen_func, q, k, v, call: AttentionCall, mask, sequence_ids, scale, alibi_slopes=None):
     """A padded or packed call with q_len == k_len as one varlen kernel call over the kept tokens: every
-    segment (row and document) attends only to itself, causal inside; padded query rows return zeros."""
+    segment (row and document) attends only to itself, causal inside; padded query rows return zeros. The
+    layout (and its host sync) is worked out once per forward."""
     batch, heads, seq, dim = q.shape
-    indices, cu_seqlens, longest = _ragged_layout(call, mask, sequence_ids, batch, q.device)
+    indices, cu_seqlens, longest = _once_per_forward(
+        call.holder,
+        ("ragged", batch, call.k_len, call.mask_kind),
+        (mask, sequence_ids),
+        lambda: _ragged_layout(call, mask, sequence_ids, batch, q.device),
+    )
 
     def pack(x: torch.Tensor) -> torch.Tensor:
         flat = x.transpose(1, 2).reshape(batch * seq, x.shape[1], dim)
@@ -1227,16 +1258,8 @@ def _cudnn_bucket(length: int, smallest: int = 64) -> int:
 
 
 def _kept_per_forward(call: AttentionCall, slot: tuple, tensor: torch.Tensor, compute: Callable[[torch.Tensor], object]):
-    """``compute(tensor)`` (it reads the host). Every layer of a forward passes the same padding mask, slopes
-    and sequence ids, so with the forward's ``ForwardMask`` the result is kept there for that tensor; without
-    one (a bare tensor mask, or a packed forward of a model that hands its layers no mask object) every call
-    computes it."""
-    if call.holder is None:
-        return compute(tensor)
-    entry = call.holder.kept.get(slot)
-    if entry is None or entry[0] is not tensor:
-        entry = call.holder.kept[slot] = (tensor, compute(tensor))
-    return entry[1]
+    """``compute(tensor)`` (it reads the host), once per forward for that tensor (see ``_once_per_forward``)."""
+    return _once_per_forward(call.holder, slot, (tensor,), lambda: compute(tensor))
 
 
 def _checked_per_forward(call: AttentionCall, slot: str, tensor: torch.Tensor, check: Callable[[torch.Tensor], bool]) -> bool:
@@ -1896,10 +1919,12 @@ def _run(name: str, q, k, v, call: AttentionCall, mask, alibi_slopes, scale, opt
     return _RUN[name](q, k, v, call, mask, alibi_slopes, scale, **options)
 
 
-def _run_auto(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, options: dict) -> torch.Tensor:
-    """The first backend of the auto order that takes the call. A backend failing for reasons of its own is
-    skipped for this kind of call from then on; any other error is the caller's (or a bug) and is raised."""
-    name, failed, first_failure = select_backend(call, "auto"), (), None
+def _run_auto(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, options: dict, name: Optional[str] = None):
+    """The first backend of the auto order that takes the call (``name`` when the caller chose it already). A
+    backend failing for reasons of its own is skipped for this kind of call from then on; any other error is
+    the caller's (or a bug) and is raised."""
+    name = select_backend(call, "auto") if name is None else name
+    failed, first_failure = (), None
     while name is not None:
         try:
             return _run(name, q, k, v, call, mask, alibi_slopes, scale, options)
@@ -1944,12 +1969,12 @@ def attention(
     positions do). Padded or packed calls never build a ``[b, 1, q_len, k_len]`` mask except on ``eager``
     and for a user's 4-D mask; outputs at padded query positions are unspecified (zeros on varlen kernels).
     """
-    mask = _mask_tensor(attention_mask)
+    mask = mask_tensor(attention_mask)
     requested = backend_from_config(None, backend)
     _check_are_tensors(q, k, v)
     q, k, v = _autocast_inputs(q, k, v)
-    call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+    call, name = _described_and_selected(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids, requested)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -math.inf < scale < math.inf):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
     options = dict(
@@ -1961,9 +1986,31 @@ def attention(
         sequence_ids=sequence_ids,
     )
     if requested == "auto":
-        return _run_auto(q, k, v, call, mask, alibi_slopes, scale, options)
-    name = select_backend(call, requested)
+        return _run_auto(q, k, v, call, mask, alibi_slopes, scale, options, name)
     return _run(name, q, k, v, call, mask, alibi_slopes, scale, options)
+
+
+def _described_and_selected(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids, requested: str):
+    """The call's description (its checks included) and the backend that runs it.
+
+    Every layer of a forward makes the same call, so with the forward's ``ForwardMask`` both are worked out
+    once per forward: kept there for calls with the same shapes, dtypes, devices, options, slopes and sequence
+    ids (and the same set of demoted backends); each call still checks its scalar options. Without a holder,
+    or while compiling, every call describes and selects."""
+
+    def describe_and_select() -> tuple:
+        call = _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids)
+        return call, select_backend(call, requested)
+
+    if not isinstance(attention_mask, ForwardMask) or torch.compiler.is_compiling():
+        return describe_and_select()
+    _check_scalars(causal, dropout_p)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    slot = (
+        "call", q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+        causal, dropout_p, needs_grad, requested, len(_demoted),
+    )
+    return _once_per_forward(attention_mask, slot, (alibi_slopes, sequence_ids), describe_and_select)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1989,7 +2036,7 @@ def attention_with_weights(
     For ``output_attentions=True`` only: the weights are O(seq^2), which the fused kernels never form.
     """
     _log_once("output_attentions=True: attention weights are computed with the eager math (O(seq^2) memory)")
-    mask = _mask_tensor(attention_mask)
+    mask = mask_tensor(attention_mask)
     q, k, v = _autocast_inputs(q, k, v)
     call = _describe(q, k, v, causal, mask, alibi_slopes, dropout_p, sequence_ids)
     scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
@@ -2378,16 +2425,22 @@ def backend_from_config(config=None, backend: str = "auto") -> str:
     return "eager" if getattr(config, "use_flash_attn", "auto") is False else "auto"
 
 
-def attention_options(config, backend: str = "auto") -> dict:
+def attention_options(config, backend: str = "auto", mask=None) -> dict:
     """The ``attention()`` keyword arguments a model's config asks for, read at every forward:
     ``backend`` (``backend_from_config(config, backend)``), ``chunk_size`` (``config.attn_chunk_size``: an
     int or a ``[query, key]`` pair, the chunked backend's block sizes) and ``flex_static_shapes``
-    (``config.attn_flex_static_shapes``: how many shapes flex compiles with static shapes)."""
-    return dict(
-        backend=backend_from_config(config, backend),
-        chunk_size=getattr(config, "attn_chunk_size", None),
-        flex_static_shapes=getattr(config, "attn_flex_static_shapes", None),
-    )
+    (``config.attn_flex_static_shapes``: how many shapes flex compiles with static shapes). Given the
+    forward's ``ForwardMask`` as ``mask``, they are read once per forward rather than in every layer."""
+
+    def read() -> dict:
+        return dict(
+            backend=backend_from_config(config, backend),
+            chunk_size=getattr(config, "attn_chunk_size", None),
+            flex_static_shapes=getattr(config, "attn_flex_static_shapes", None),
+        )
+
+    holder = mask if isinstance(mask, ForwardMask) else None
+    return _once_per_forward(holder, ("options", backend), (config,), read)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2396,9 +2449,10 @@ def attention_options(config, backend: str = "auto") -> dict:
 # Each op is an autograd.Function that saves only what its backward needs. The math has a pure-PyTorch
 # body (the CPU path, tested against float64). On CUDA an op runs a Triton kernel of this section where
 # Triton is installed (it ships with CUDA builds of torch), else its PyTorch body compiled once by
-# torch.compile. Inside an enclosing torch.compile the PyTorch body is traced, so the enclosing graph fuses
-# it (no graph break, no opaque kernel). A kernel or compiler that fails is logged once and the PyTorch body
-# runs instead.
+# torch.compile. A kernel or compiler that fails is logged once and the PyTorch body runs instead.
+# Inside an enclosing torch.compile each forward and each backward is one opaque custom op (``_opaque``):
+# the compiler neither replaces the kernels nor re-decides what the op keeps for backward, so a compiled
+# step keeps what an eager one keeps (no graph break either: the compiler knows the ops' output shapes).
 # ----------------------------------------------------------------------------------------------
 
 try:
@@ -2446,13 +2500,14 @@ def _pointwise(fn: Callable, *args):
         return fn(*args)
 
 
-def _triton_takes(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether this section's Triton kernels run for these tensors: Triton installed, CUDA, a float type
-    Triton handles, and no enclosing torch.compile (which fuses the PyTorch body itself)."""
+def _triton_takes(*args) -> bool:
+    """Whether this section's Triton kernels run for a call with these arguments: Triton installed, every
+    tensor on CUDA in a type Triton handles, and no enclosing torch.compile (which fuses the PyTorch body
+    itself). Checked on every call of a fused op, so the cheapest test comes first."""
     return (
         triton is not None
         and not torch.compiler.is_compiling()
-        and all(t is None or (t.is_cuda and _triton_dtype(t)) for t in tensors)
+        and all(not isinstance(a, torch.Tensor) or (a.is_cuda and _triton_dtype(a)) for a in args)
     )
 
 
@@ -2464,8 +2519,7 @@ def _fused(kernel: Callable, body: Callable, *args):
     """``kernel(*args)`` (a Triton launcher) where Triton takes the tensors, else ``body(*args)`` through
     ``_pointwise``. The two compute the same math. A launcher returns None for a call it does not take (a
     shape or dtype mix it has no kernel for); a kernel that fails is logged once and not tried again."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if kernel not in _triton_failed and _triton_takes(*tensors):
+    if kernel not in _triton_failed and _triton_takes(*args):
         try:
             result = kernel(*args)
         except torch.cuda.OutOfMemoryError:
@@ -2477,6 +2531,50 @@ def _fused(kernel: Callable, body: Callable, *args):
             if result is not None:
                 return result
     return _pointwise(body, *args)
+
+
+# Custom ops need torch >= 2.4; without them an enclosing torch.compile traces the PyTorch bodies instead.
+_custom_op = getattr(torch.library, "custom_op", None)
+# One namespace per copy of this layer (a module name per modeling file), so copies never replace each other's ops.
+_OPS_NAMESPACE = "memory_efficient_adapter_" + "".join(c if c.isalnum() else "_" for c in __name__)
+
+
+def _run_body(kernel: Callable, body: Callable, *args):
+    """``_fused``'s stand-in for fake tensors: the PyTorch body, whose output shapes and dtypes the kernel's match."""
+    return body(*args)
+
+
+def _contiguous(result):
+    """``result`` (a tensor or a list of tensors) with every tensor contiguous."""
+    if isinstance(result, torch.Tensor):
+        return result.contiguous()
+    return [t.contiguous() for t in result]
+
+
+def _opaque(name: str, schema: str, implementation: Callable, fake: Callable, mutates: tuple = ()) -> Callable:
+    """``implementation``, which an enclosing torch.compile sees as one custom op ``name`` (``schema``) whose
+    outputs are shaped like ``fake``'s (run on fake tensors); outside torch.compile it runs directly.
+    ``mutates``: the arguments it changes in place (marked ``(a!)`` in ``schema`` too)."""
+    if _custom_op is None:
+        return implementation
+    op = _custom_op(f"{_OPS_NAMESPACE}::{name}", implementation, mutates_args=mutates, schema=schema)
+    op.register_fake(fake)
+    overload = getattr(getattr(torch.ops, _OPS_NAMESPACE), name).default
+
+    def run(*args):
+        return overload(*args) if torch.compiler.is_compiling() else implementation(*args)
+
+    return run
+
+
+def _opaque_fused(name: str, schema: str, kernel: Callable, body: Callable) -> Callable:
+    """``_fused(kernel, body, ...)`` with contiguous outputs, as an ``_opaque`` op."""
+    return _opaque(
+        name,
+        schema,
+        lambda *args: _contiguous(_fused(kernel, body, *args)),
+        lambda *args: _contiguous(body(*args)),
+    )
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -2708,6 +2806,66 @@ def _cross_entropy_with_grad(logits, targets, ignore_index: int, scale: Optional
     return _fused(_cross_entropy_in_place_triton, _cross_entropy_torch, logits, targets, ignore_index, scale)
 
 
+def _linear_cross_entropy_forward(
+    hidden, weight, bias, targets, divisor, chunk_size: int, ignore_index: int, *wants: bool
+) -> list:
+    """``[summed loss / divisor]`` followed by the gradients ``wants`` asks for (of hidden, weight, bias), each
+    computed chunk by chunk while the chunk's logits exist, already scaled by ``1 / divisor``."""
+    accumulate = torch.promote_types(hidden.dtype, torch.float32)
+    scale = (1.0 / divisor).to(accumulate) if any(wants) else None
+    grad_hidden = torch.empty_like(hidden) if wants[0] else None
+    grad_weight = torch.zeros_like(weight) if wants[1] else None
+    grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if wants[2] else None
+    total = torch.zeros((), dtype=accumulate, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        logits = F.linear(hidden[rows], weight, bias)
+        chunk_sum, grad_logits = _cross_entropy_with_grad(logits, targets[rows], ignore_index, scale)
+        total = total + chunk_sum
+        if grad_hidden is not None:
+            grad_hidden[rows] = grad_logits @ weight
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.t(), hidden[rows])
+        if grad_bias is not None:
+            grad_bias += grad_logits.to(accumulate).sum(0)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    return [total / divisor] + [g for g in (grad_hidden, grad_weight, grad_bias) if g is not None]
+
+
+def _linear_cross_entropy_fake(hidden, weight, bias, targets, divisor, chunk_size, ignore_index, *wants) -> list:
+    outputs = [hidden.new_empty((), dtype=torch.promote_types(hidden.dtype, torch.float32))]
+    if wants[0]:
+        outputs.append(hidden.new_empty(hidden.shape))
+    if wants[1]:
+        outputs.append(weight.new_empty(weight.shape))
+    if wants[2]:
+        outputs.append(weight.new_empty(weight.shape[:1], dtype=bias.dtype))
+    return outputs
+
+
+_linear_cross_entropy_op = _opaque(
+    "linear_cross_entropy",
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor divisor, int chunk_size, "
+    "int ignore_index, bool want_hidden, bool want_weight, bool want_bias) -> Tensor[]",
+    lambda *args: _contiguous(_linear_cross_entropy_forward(*args)),
+    _linear_cross_entropy_fake,
+)
+
+
+def _scale_in_place(grads: list, scale: torch.Tensor) -> None:
+    for grad in grads:
+        grad.mul_(scale.to(grad.dtype))
+
+
+# In place under torch.compile too: Inductor then reuses the kept gradients' memory instead of allocating a
+# scaled copy of each (the head's weight gradient: vocab x hidden) while every activation is still alive.
+_scale_in_place_op = _opaque(
+    "scale_in_place", "(Tensor(a!)[] grads, Tensor scale) -> ()", _scale_in_place, lambda grads, scale: None,
+    mutates=("grads",),
+)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """``sum(cross_entropy(hidden @ weight.T + bias, targets)) / divisor`` over row chunks.
 
@@ -2718,36 +2876,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, divisor, chunk_size: int, ignore_index: int, wants: tuple):
-        accumulate = torch.promote_types(hidden.dtype, torch.float32)
-        scale = (1.0 / divisor).to(accumulate) if any(wants) else None
-        grad_hidden = torch.empty_like(hidden) if wants[0] else None
-        grad_weight = torch.zeros_like(weight) if wants[1] else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if wants[2] else None
-        total = torch.zeros((), dtype=accumulate, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = F.linear(hidden[rows], weight, bias)
-            chunk_sum, grad_logits = _cross_entropy_with_grad(logits, targets[rows], ignore_index, scale)
-            total = total + chunk_sum
-            if grad_hidden is not None:
-                grad_hidden[rows] = grad_logits @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), hidden[rows])
-            if grad_bias is not None:
-                grad_bias += grad_logits.to(accumulate).sum(0)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        return total / divisor
+        options = (targets, divisor, chunk_size, ignore_index, *wants)
+        loss, *computed = _linear_cross_entropy_op(hidden, weight, bias, *options)
+        computed = iter(computed)
+        ctx.save_for_backward(*(next(computed) if wanted else None for wanted in wants))
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grads = ctx.saved_tensors
-        if torch.compiler.is_compiling():
-            scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
-        else:  # in place: a second backward through this graph then fails autograd's version check, loudly
-            scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
-        return (*scaled, None, None, None, None, None)
+        # in place: a second backward through this graph then fails autograd's version check, loudly
+        _scale_in_place_op([g for g in grads if g is not None], grad_loss)
+        return (*grads, None, None, None, None, None)
 
 
 def loss_chunk_size(config, vocab_size: int, dtype: torch.dtype = torch.float32) -> int:
@@ -2924,19 +3064,29 @@ def _rms_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch
     return grad_x.view(x.shape), partial_grad_weight.sum(0).to(weight.dtype)
 
 
+_rms_norm_forward_op = _opaque_fused(
+    "rms_norm_forward", "(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)",
+    _rms_norm_forward_triton, _rms_norm_forward,
+)
+_rms_norm_backward_op = _opaque_fused(
+    "rms_norm_backward", "(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)",
+    _rms_norm_backward_triton, _rms_norm_backward,
+)
+
+
 class _RMSNorm(torch.autograd.Function):
     """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``, normalised in float32; saves x and per-row rstd."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        out, rstd = _fused(_rms_norm_forward_triton, _rms_norm_forward, x, weight, eps)
+        out, rstd = _rms_norm_forward_op(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        grad_x, grad_weight = _fused(_rms_norm_backward_triton, _rms_norm_backward, grad, x, weight, rstd)
+        grad_x, grad_weight = _rms_norm_backward_op(grad, x, weight, rstd)
         return grad_x, grad_weight if ctx.needs_input_grad[1] else None, None
 
 
@@ -3002,6 +3152,23 @@ def _activation_backward_triton(kind: str, grad: torch.Tensor, x: torch.Tensor, 
     return grad_x, grad_up
 
 
+def _activation_input_grads(kind: str, grad, x, up, run: Callable = _fused) -> list:
+    """The gradients of x and (when given) up, as a list: a custom op returns no None."""
+    grads = run(_activation_backward_triton, _activation_backward, kind, grad, x, up)
+    return [g for g in grads if g is not None]
+
+
+_activation_forward_op = _opaque_fused(
+    "activation_forward", "(str kind, Tensor x, Tensor? up) -> Tensor",
+    _activation_forward_triton, _activation_forward,
+)
+_activation_backward_op = _opaque(
+    "activation_backward", "(str kind, Tensor grad, Tensor x, Tensor? up) -> Tensor[]",
+    lambda *args: _contiguous(_activation_input_grads(*args)),
+    lambda *args: _contiguous(_activation_input_grads(*args, run=_run_body)),
+)
+
+
 class _Activation(torch.autograd.Function):
     """``silu(x) * up`` or GeLU saving only its inputs (the matmul outputs); recomputed in backward."""
 
@@ -3009,12 +3176,13 @@ class _Activation(torch.autograd.Function):
     def forward(ctx, kind: str, x, up):
         ctx.kind = kind
         ctx.save_for_backward(x, up)
-        return _fused(_activation_forward_triton, _activation_forward, kind, x, up)
+        return _activation_forward_op(kind, x, up)
 
     @staticmethod
     def backward(ctx, grad):
         x, up = ctx.saved_tensors
-        return (None, *_fused(_activation_backward_triton, _activation_backward, ctx.kind, grad, x, up))
+        grads = _activation_backward_op(ctx.kind, grad, x, up)
+        return None, grads[0], grads[1] if up is not None else None
 
 
 def _fused_kind(name: str, gated: bool) -> Optional[str]:
@@ -3044,6 +3212,39 @@ def gated_activation(name: str, gate: torch.Tensor, up: torch.Tensor, fallback: 
 # --- MLP output projection: activation + linear, the activation recomputed in backward ----------
 
 
+def _activation_linear_forward(kind: str, x, up, weight, bias, run: Callable = _fused) -> torch.Tensor:
+    return F.linear(run(_activation_forward_triton, _activation_forward, kind, x, up), weight, bias)
+
+
+def _activation_linear_backward(
+    kind: str, grad, x, up, weight, need_inputs: bool, need_weight: bool, need_bias: bool, run: Callable = _fused
+) -> list:
+    """The gradients asked for, in the order x, up (when given), weight, bias. The activation is recomputed
+    for the weight's (and freed before the inputs' are computed)."""
+    grad_rows = grad.reshape(-1, grad.shape[-1])
+    grad_weight = []
+    if need_weight:
+        activated = run(_activation_forward_triton, _activation_forward, kind, x, up)
+        grad_weight.append(grad_rows.t().mm(activated.reshape(-1, activated.shape[-1])))
+        del activated
+    grad_inputs = _activation_input_grads(kind, grad.matmul(weight), x, up, run) if need_inputs else []
+    return grad_inputs + grad_weight + ([grad_rows.sum(0)] if need_bias else [])
+
+
+_activation_linear_forward_op = _opaque(
+    "activation_linear_forward", "(str kind, Tensor x, Tensor? up, Tensor weight, Tensor? bias) -> Tensor",
+    lambda *args: _activation_linear_forward(*args).contiguous(),
+    lambda *args: _activation_linear_forward(*args, run=_run_body).contiguous(),
+)
+_activation_linear_backward_op = _opaque(
+    "activation_linear_backward",
+    "(str kind, Tensor grad, Tensor x, Tensor? up, Tensor weight, bool need_inputs, bool need_weight, "
+    "bool need_bias) -> Tensor[]",
+    lambda *args: _contiguous(_activation_linear_backward(*args)),
+    lambda *args: _contiguous(_activation_linear_backward(*args, run=_run_body)),
+)
+
+
 class _ActivationLinear(torch.autograd.Function):
     """``F.linear(act(x[, up]), weight, bias)`` keeping only ``x`` (and ``up``): the activation, the largest
     tensor of an MLP, is not kept for the weight gradient but recomputed in backward."""
@@ -3052,26 +3253,18 @@ class _ActivationLinear(torch.autograd.Function):
     def forward(ctx, x, up, weight, bias, kind: str):
         ctx.kind = kind
         ctx.save_for_backward(x, up, weight)
-        activated = _fused(_activation_forward_triton, _activation_forward, kind, x, up)
-        return F.linear(activated, weight, bias)
+        return _activation_linear_forward_op(kind, x, up, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, up, weight = ctx.saved_tensors
         need_x, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
-        grad_rows = grad.reshape(-1, grad.shape[-1])
-        grad_weight = grad_bias = grad_x = grad_up = None
-        if need_weight:
-            activated = _fused(_activation_forward_triton, _activation_forward, ctx.kind, x, up)
-            grad_weight = grad_rows.t().mm(activated.reshape(-1, activated.shape[-1]))
-            del activated
-        if need_bias:
-            grad_bias = grad_rows.sum(0)
-        if need_x or need_up:
-            grad_activated = grad.matmul(weight)
-            grad_x, grad_up = _fused(
-                _activation_backward_triton, _activation_backward, ctx.kind, grad_activated, x, up
-            )
+        need_inputs = need_x or need_up
+        grads = iter(_activation_linear_backward_op(ctx.kind, grad, x, up, weight, need_inputs, need_weight, need_bias))
+        grad_x = next(grads) if need_inputs else None
+        grad_up = next(grads) if need_inputs and up is not None else None
+        grad_weight = next(grads) if need_weight else None
+        grad_bias = next(grads) if need_bias else None
         return grad_x, grad_up, grad_weight, grad_bias, None
 
 
@@ -3123,7 +3316,7 @@ def _rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, invers
         cos, sin = cos.expand(x.shape), sin.expand(x.shape)
     except RuntimeError:
         return None
-    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1 or cos.dtype != sin.dtype:
         return None
     out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype))
     if out.stride(-1) != 1:
@@ -3145,6 +3338,28 @@ def _rotary_backward_triton(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Te
     return _rotary_triton(grad, cos, sin, inverse=True)
 
 
+def _laid_out_like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` with the strides ``torch.empty_like(x)`` has (those the Triton kernel writes: q and k stay in
+    the layout of the projection they come from), copied into them where the PyTorch body chose others."""
+    if out.stride() == x.stride() or out.stride() == torch.empty_like(x, dtype=out.dtype, device="meta").stride():
+        return out
+    return torch.empty_like(x, dtype=out.dtype).copy_(out)
+
+
+def _rotary_op(name: str, kernel: Callable, body: Callable) -> Callable:
+    """``_fused(kernel, body, x, cos, sin)`` laid out like ``x``, as an ``_opaque`` op."""
+    return _opaque(
+        name,
+        "(Tensor x, Tensor cos, Tensor sin) -> Tensor",
+        lambda x, cos, sin: _laid_out_like(_fused(kernel, body, x, cos, sin), x),
+        lambda x, cos, sin: torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype)),
+    )
+
+
+_rotary_forward_op = _rotary_op("rotary_forward", _rotary_forward_triton, _rotary_forward)
+_rotary_backward_op = _rotary_op("rotary_backward", _rotary_backward_triton, _rotary_backward)
+
+
 class _Rotary(torch.autograd.Function):
     """RoPE (``x * cos + rotate_half(x) * sin``) whose backward is the inverse rotation; saves only cos/sin."""
 
@@ -3152,20 +3367,20 @@ class _Rotary(torch.autograd.Function):
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
         ctx.x_dtype = x.dtype
-        return _fused(_rotary_forward_triton, _rotary_forward, x, cos, sin)
+        return _rotary_forward_op(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        grad_x = _fused(_rotary_backward_triton, _rotary_backward, grad, cos, sin)
+        grad_x = _rotary_backward_op(grad, cos, sin)
         return grad_x.to(ctx.x_dtype), None, None
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` by ``cos``/``sin`` (broadcastable to ``x``, halves repeated as in transformers).
 
-    cos/sin that need a gradient (nobody's do in our files) take the plain autograd path."""
-    if cos.requires_grad or sin.requires_grad:
+    cos/sin that need a gradient (nobody's do in our files) or differ in dtype take the plain autograd path."""
+    if cos.requires_grad or sin.requires_grad or cos.dtype != sin.dtype:
         return _rotary_forward(x, cos, sin)
     return _Rotary.apply(x, cos, sin)
 
@@ -3595,7 +3810,7 @@ class GPT2Attention(nn.Module):
             "sequence_ids": sequence_ids,
             "dropout_p": self.attn_dropout.p if self.training else 0.0,
             "scale": self.scaling,
-            **attention_options(self.config, backend),
+            **attention_options(self.config, backend, mask=mask),
             # Only the eager backend reads these; passed always so an `auto` that lands on eager honours them.
             "light_softmax": bool(getattr(self.config, "use_lightsoftmax", False)),
             "dropout_matmul": bool(getattr(self.config, "use_dropmatmul", False)),
@@ -3847,7 +4062,10 @@ class GPT2Model(GPT2PreTrainedModel):
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         checkpointing = self.training and any(block.gradient_checkpointing for block in self.h)
         if checkpointing and use_cache:
-            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
+            if not torch.compiler.is_compiling():  # a logging call would break the compiled graph
+                logger.warning_once(
+                    "use_cache=True is incompatible with gradient checkpointing; using use_cache=False"
+                )
             use_cache = False
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
@@ -3890,7 +4108,7 @@ class GPT2Model(GPT2PreTrainedModel):
 
         mask, causal = padding_mask_and_causality(attention_mask)
         check_mask_shape(attention_mask, *inputs_embeds.shape[:2])
-        mask = forward_mask(mask)  # one mask object for every layer (flex builds its block mask once)
+        mask = forward_mask(mask, without_mask=True)  # one mask object for every layer: see forward_mask
         backend = resolved_backend(self.config)
         all_hidden_states = []
         all_attentions = [] if output_attentions else None

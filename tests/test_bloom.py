@@ -338,6 +338,26 @@ def test_loss_and_all_gradients_match_stock(backend, padding):
         assert_close_rel(actual[name], grad, FP32_TOL, f"grad {name}")
 
 
+def test_fused_qkv_gradient_is_stacked_once_not_zero_filled_per_projection():
+    """The q/k/v split's backward writes the fused projection's gradient once (a stack), where stock's three
+    selections each write a zero-filled full-size copy, then add the three up (``aten::select_backward``)."""
+    from torch.profiler import profile
+
+    stock, ours = load_pair()
+    ids, mask, labels = lm_batch("right", seed=10)
+    ours.train()
+    try:
+        loss = ours(ids, attention_mask=mask, labels=labels).loss
+        with profile() as prof:
+            loss.backward()
+    finally:
+        ours.eval()
+        ours.zero_grad(set_to_none=True)
+    ops = {event.key: event.count for event in prof.key_averages()}
+    assert "aten::select_backward" not in ops, sorted(ops)
+    assert ops.get("aten::stack", 0) >= stock.config.n_layer, sorted(ops)
+
+
 @pytest.mark.parametrize("backend", ["chunked", "eager"])
 def test_hidden_dropout_matches_stock_in_training(backend):
     """With only hidden dropout on, both models draw the same masks in the same order from the same seed."""

@@ -417,19 +417,18 @@ def record_kernel_calls(model, monkeypatch) -> list:
     """(backend the model requested, backend the kernel layer ran) for every attention call of ``model``."""
     module = sys.modules[type(model).__module__]
     calls, requested = [], []
-    original_attention, original_select = module.attention, module.select_backend
+    original_attention, original_run = module.attention, module._run
 
     def attention(*args, backend="auto", **kwargs):
         requested.append(backend)
         return original_attention(*args, backend=backend, **kwargs)
 
-    def select_backend(call, backend="auto"):
-        chosen = original_select(call, backend)
-        calls.append((requested[-1], chosen))
-        return chosen
+    def run(name, *args, **kwargs):  # every call runs its backend (the choice is made once per forward)
+        calls.append((requested[-1], name))
+        return original_run(name, *args, **kwargs)
 
     monkeypatch.setattr(module, "attention", attention)
-    monkeypatch.setattr(module, "select_backend", select_backend)
+    monkeypatch.setattr(module, "_run", run)
     return calls
 
 
