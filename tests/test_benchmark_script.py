@@ -276,6 +276,27 @@ def test_config_kwargs_give_each_stock_family_its_sizes():
         assert (config.vocab_size, config.hidden_size, layers, heads) == (1000, d.hidden, d.layers, d.heads), family
 
 
+def test_qwen_at_the_llama_shape_has_the_llama_shaped_models_weights(tmp_path):
+    """--qwen-shape llama: our Qwen file at the LLaMA-shaped sizes, the same matmul weights as LLaMA's."""
+    import transformers
+
+    models = bench_module("models")
+    dims = models.family_dims(tiny=True, vocab=1000, qwen_shape="llama")
+    assert dims["qwen"].layers == dims["llama"].layers and dims["qwen"].hidden == dims["llama"].hidden
+    assert models.family_dims(tiny=True)["qwen"] == models.TINY_DIMS["qwen"]
+    factory = models.ModelFactory(torch.device("cpu"), flex_static_shapes=2)
+    built = {}
+    for family in ("llama", "qwen"):
+        kwargs = models.config_kwargs(family, dims[family], 256, 0.0, torch.float32)
+        built[family] = factory.build(family, "ours:auto", kwargs, torch.float32)
+    llama_mlp = built["llama"].model.layers[0].mlp
+    qwen_mlp = built["qwen"].transformer.h[0].mlp
+    assert qwen_mlp.w1.weight.shape == llama_mlp.up_proj.weight.shape
+    assert qwen_mlp.c_proj.weight.shape == llama_mlp.down_proj.weight.shape
+    counts = {family: models.matmul_weights(model, family) for family, model in built.items()}
+    assert sum(counts["qwen"].values()) == sum(counts["llama"].values()) > 0
+
+
 def test_select_impls_adds_the_variants_asked_for(cpu_bench):
     train = bench_module("train")
     cpu_bench.args.impl = ["stock:sdpa", "ours:auto+compile", "stock:sdpa+liger", "ours:nonesuch+compile"]

@@ -138,6 +138,12 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     )
     p.add_argument("--layers", type=int, default=None, help="layers of every model (BART: per stack)")
     p.add_argument(
+        "--qwen-shape",
+        choices=["qwen-7b", "llama"],
+        default="qwen-7b",
+        help="Qwen's layer sizes: Qwen-7B's (4 layers of hidden 4096) or the LLaMA-shaped model's",
+    )
+    p.add_argument(
         "--optimizer", choices=["none", "adamw"], default="none", help="add an AdamW step to the training step"
     )
     p.add_argument("--warmup", type=int, default=None, help="training warm-up steps (default 2)")

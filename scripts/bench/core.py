@@ -160,7 +160,7 @@ class Bench:
         self.is_cuda = self.device.type == "cuda"
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
         self.tiny = args.tiny
-        self.dims = family_dims(self.tiny, args.vocab, args.layers)
+        self.dims = family_dims(self.tiny, args.vocab, args.layers, args.qwen_shape)
         self.start = time.monotonic()
         self.deadline = self.start + args.budget_s
         self.device_name = torch.cuda.get_device_name(self.device) if self.is_cuda else platform.processor() or "cpu"

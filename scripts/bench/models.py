@@ -50,10 +50,20 @@ TINY_DIMS = {
 }
 
 
-def family_dims(tiny: bool, vocab: Optional[int] = None, layers: Optional[int] = None) -> dict:
+def qwen_at_llama_shape(llama: Dims) -> Dims:
+    """Qwen's file at the LLaMA-shaped sizes (--qwen-shape llama), so that the two compare at one size. Qwen's
+    ``intermediate_size`` counts both of its MLP's input projections, twice LLaMA's MLP width."""
+    return dataclasses.replace(llama, intermediate=2 * llama.intermediate)
+
+
+def family_dims(
+    tiny: bool, vocab: Optional[int] = None, layers: Optional[int] = None, qwen_shape: str = "qwen-7b"
+) -> dict:
     """Each family's sizes; ``vocab`` (--vocab) replaces every family's vocabulary size, ``layers`` (--layers)
-    every family's number of layers (BART: per stack)."""
-    dims = TINY_DIMS if tiny else FULL_DIMS
+    every family's number of layers (BART: per stack); ``qwen_shape="llama"`` gives Qwen LLaMA's sizes."""
+    dims = dict(TINY_DIMS if tiny else FULL_DIMS)
+    if qwen_shape == "llama":
+        dims["qwen"] = qwen_at_llama_shape(dims["llama"])
     changes = {name: value for name, value in (("vocab", vocab), ("layers", layers)) if value is not None}
     return {family: dataclasses.replace(d, **changes) for family, d in dims.items()}
 
