@@ -320,6 +320,7 @@ def test_padded_batch_unpadded_on_cudnn_matches_fp32_stock(family, padding, tmp_
         labels[:, :1] = -100
         labels[torch.arange(len(lengths)), 333 - torch.tensor(lengths)] = -100
     layer = importlib.import_module(type(ours).__module__)
+    assert "cudnn" in layer.available_backends("cuda")  # the probe runs its own small graph: count after it
     before = layer.cudnn_plan_cache_info()["builds"] + layer.cudnn_plan_cache_info()["hits"]
     for backend in ("cudnn", None):  # explicit, then auto (which picks cudnn for GQA and ALiBi documents)
         ours.config.attn_backend = backend
