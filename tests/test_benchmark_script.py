@@ -276,10 +276,8 @@ def test_config_kwargs_give_each_stock_family_its_sizes():
         assert (config.vocab_size, config.hidden_size, layers, heads) == (1000, d.hidden, d.layers, d.heads), family
 
 
-def test_qwen_at_the_llama_shape_has_the_llama_shaped_models_weights(tmp_path):
+def test_qwen_at_the_llama_shape_has_the_llama_shaped_models_weights():
     """--qwen-shape llama: our Qwen file at the LLaMA-shaped sizes, the same matmul weights as LLaMA's."""
-    import transformers
-
     models = bench_module("models")
     dims = models.family_dims(tiny=True, vocab=1000, qwen_shape="llama")
     assert dims["qwen"].layers == dims["llama"].layers and dims["qwen"].hidden == dims["llama"].hidden
