@@ -535,6 +535,7 @@ def _sdpa_priority(call: AttentionCall, device: torch.device) -> Optional[list]:
         return None
     if torch.compiler.is_compiling() or not _is_hopper_or_newer(device):
         return None
+    _settle_default_sdpa_priority(device)
     from torch.nn.attention import SDPBackend
 
     full, flash = int(SDPBackend.CUDNN_ATTENTION), int(SDPBackend.FLASH_ATTENTION)
@@ -544,6 +545,28 @@ def _sdpa_priority(call: AttentionCall, device: torch.device) -> Optional[list]:
 # PyTorch keeps SDPA's kernel priority in one process-wide setting; every change of it, and the kernel call
 # made under it, happens while holding this lock, so threads never run under each other's order.
 _sdpa_priority_lock = threading.Lock()
+_sdpa_default_settled: list = []  # one entry once PyTorch has put its default order in place
+
+
+def _settle_default_sdpa_priority(device: torch.device) -> None:
+    """Let PyTorch put its default SDPA order in place before the first time ours is set.
+
+    PyTorch settles its default order (cuDNN first on Hopper and Blackwell with a recent cuDNN) at the
+    process's first SDPA dispatch on CUDA, and never again. Read before that, the order is a placeholder with
+    flash first; restoring it after our call would make it the process's order for good, and every later SDPA
+    call (stock models, compiled graphs) would run flash where PyTorch picks cuDNN (2x slower at 8k tokens
+    on an H200). One dispatch decision, which runs no kernel, settles the default first.
+    """
+    if _sdpa_default_settled:
+        return
+    with _sdpa_priority_lock:
+        if not _sdpa_default_settled:
+            probe = torch.zeros(1, 1, 1, 64, device=device, dtype=torch.float16)
+            try:
+                torch._fused_sdp_choice(probe, probe, probe)
+            except RuntimeError:  # every SDPA kernel disabled by the user: nothing to settle
+                pass
+            _sdpa_default_settled.append(True)
 
 
 def _with_sdpa_priority(first: Optional[list], run: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -592,7 +615,7 @@ def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_
     if call.ragged and call.q_len > 1 and _sdpa_needs_dense_mask(call) is None:
         return _run_varlen(_sdpa_varlen, q, k, v, call, mask, sequence_ids, scale)
     dropout = call.dropout_p
-    no_mask = call.mask_kind == "none" and not call.documents
+    no_mask = call.mask_kind == "none" and not call.documents and not call.alibi
     if no_mask and (not call.causal or call.q_len == 1 and call.k_len >= 1 or call.q_len == call.k_len):
         # a branch, not bool(): under dynamic shapes the comparison is a SymBool, which SDPA does not take
         is_causal = False
@@ -603,9 +626,14 @@ def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_
         is_causal = False
         rows, cols = slice(0, call.q_len), slice(0, call.k_len)
         keep = _block_keep(call, mask, rows, cols, q.device, _documents_of(call, sequence_ids))
+        if keep is None:  # ALiBi alone: not causal, nothing masked
+            keep = torch.ones(1, 1, 1, call.k_len, dtype=torch.bool, device=q.device)
         row_has_key = keep.any(dim=-1, keepdim=True)
         safe_keep = keep | ~row_has_key
-        if call.mask_kind == "additive":
+        if call.alibi:  # one query row (_cannot_sdpa): the bias is O(k)
+            bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
+            attn_mask = bias.masked_fill(~safe_keep, float("-inf")).to(q.dtype)
+        elif call.mask_kind == "additive":
             attn_mask = mask.to(q.dtype).clamp_min(torch.finfo(q.dtype).min).masked_fill(~safe_keep, float("-inf"))
         else:
             attn_mask = safe_keep
@@ -1619,8 +1647,11 @@ def _cannot_chunked(call: AttentionCall) -> Optional[str]:
 
 
 def _cannot_sdpa(call: AttentionCall) -> Optional[str]:
-    if call.alibi:
-        return "sdpa cannot take ALiBi without materializing an O(seq^2) bias; use flex, flash_attn or chunked"
+    if call.alibi and call.q_len != 1:
+        return (
+            "sdpa cannot take ALiBi beyond one query row (a decoding step) without materializing an O(q * k) "
+            "bias; use cudnn, flex, flash_attn or chunked"
+        )
     return None
 
 

@@ -214,6 +214,29 @@ def test_decode_step_is_bottom_right_aligned():
         assert torch.allclose(out.double(), full, atol=1e-5), backend
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_sdpa_takes_alibi_for_a_decoding_step_only(dtype):
+    """One query row makes ALiBi an O(k) bias, so sdpa runs BLOOM's decoding steps (static caches under
+    torch.compile among them); longer calls are refused. Left padding and GQA, against float64."""
+    gen = torch.Generator().manual_seed(5)
+    slopes = mea.alibi_slopes(8)
+    keep = torch.ones(3, 29, dtype=torch.bool)
+    keep[0, :6], keep[1, :1] = False, False
+    tol = 1e-12 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 2e-2
+    for causal in (True, False):
+        q = torch.randn(3, 8, 1, 32, generator=gen).to(dtype)
+        k, v = (torch.randn(3, 2, 29, 32, generator=gen).to(dtype) for _ in range(2))
+        for mask in (None, keep):
+            out = mea.attention(q, k, v, causal=causal, alibi_slopes=slopes, attention_mask=mask, backend="sdpa")
+            expected = reference_attention(q, k, v, causal=causal, mask=mask, slopes=slopes)
+            error = ((out.double() - expected).norm() / expected.norm()).item()
+            assert error < tol, (causal, mask is not None, error)
+    assert kernel_layer._why_not("sdpa", kernel_layer._describe(q, k, v, True, None, slopes, 0.0)) is None
+    two_rows = torch.randn(3, 8, 2, 32).to(dtype)
+    with pytest.raises(ValueError, match="sdpa cannot take ALiBi beyond one query row"):
+        mea.attention(two_rows, k, v, causal=True, alibi_slopes=slopes, backend="sdpa")
+
+
 # ----------------------------------------------------------------------------------------------
 # Dropout, light softmax and the fused dropout-matmul
 # ----------------------------------------------------------------------------------------------
@@ -838,14 +861,42 @@ def test_flex_compiles_static_shapes_for_the_first_shapes_then_one_dynamic_kerne
 
 @pytest.mark.gpu
 def test_sdpa_on_cuda_leaves_the_global_kernel_priority_as_it_found_it():
-    before = list(torch._C._get_sdp_priority_order())
     q = torch.randn(1, 8, 64, 128, device="cuda", dtype=torch.bfloat16)
+    torch.nn.functional.scaled_dot_product_attention(q, q, q)  # PyTorch settles its default order at its first call
+    before = list(torch._C._get_sdp_priority_order())
     k = torch.randn(1, 8, 300, 128, device="cuda", dtype=torch.bfloat16)
     for query, key in ((q, q), (q[:, :, :1], k)):  # prefill-shaped (cuDNN first), then decoding (flash first)
         out = mea.attention(query, key, key, causal=True, backend="sdpa")
         assert list(torch._C._get_sdp_priority_order()) == before
         expected = reference_attention(query, key, key, causal=True)
         assert ((out.double() - expected).norm() / expected.norm()).item() < 2e-2
+
+
+SDPA_ORDER_AFTER = textwrap.dedent(
+    """
+    import sys, torch, torch.nn.functional as F
+    import memory_efficient_adapter as mea
+    q = torch.randn(1, 8, 256, 128, device="cuda", dtype=torch.bfloat16)
+    if sys.argv[1] == "ours":  # the process's first SDPA call is ours
+        mea.attention(q, q, q, causal=True, backend="sdpa")
+    F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    print(list(torch._C._get_sdp_priority_order()))
+    """
+)
+
+
+@pytest.mark.gpu
+def test_our_first_sdpa_call_leaves_pytorchs_default_kernel_order_in_place():
+    """PyTorch settles its default SDPA order at a process's first SDPA call; when that call was ours, the
+    placeholder order read before it was restored after it, and later stock SDPA calls ran flash where
+    PyTorch picks cuDNN on Hopper. Fresh processes: the order after a stock call alone, and after ours first."""
+
+    def order_after(first: str) -> str:
+        done = subprocess.run([sys.executable, "-c", SDPA_ORDER_AFTER, first], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()[-1]
+
+    assert order_after("ours") == order_after("stock")
 
 
 @pytest.mark.gpu

@@ -430,7 +430,10 @@ def test_static_cache_generation_matches_stock(family, tmp_path):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
 def test_fullgraph_compiled_static_generation_matches_stock(family, tmp_path):
     """``generate`` compiles the forward with ``fullgraph=True`` for a static cache (dynamo only, so that it
-    runs without a C++ compiler): no graph break, no data-dependent branch on the decoding path."""
+    runs without a C++ compiler): no graph break, no data-dependent branch on the decoding path, and one graph
+    for every decoding step. More steps than dynamo's recompile limit are decoded: an input whose shape grew
+    with each token (BLOOM's 2-D mask did) would recompile per step and then fail."""
+    from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
     stock, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path)
@@ -438,9 +441,14 @@ def test_fullgraph_compiled_static_generation_matches_stock(family, tmp_path):
     inputs.pop("decoder_input_ids", None)
     compile_config = CompileConfig(fullgraph=True, backend="eager", dynamic=False)
     compile_config._compile_all_devices = True
-    options = dict(max_new_tokens=4, do_sample=False, cache_implementation="static")
+    recompile_limit = 8  # dynamo's default (other tests may raise it in this process)
+    new_tokens = recompile_limit + 4
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
     torch._dynamo.reset()
-    actual = ours.generate(**inputs, **options, compile_config=compile_config)
+    counters.clear()
+    with torch._dynamo.config.patch(recompile_limit=recompile_limit):
+        actual = ours.generate(**inputs, **options, compile_config=compile_config)
+    assert counters["stats"]["unique_graphs"] == 1, f"decoding compiled {counters['stats']['unique_graphs']} graphs"
     assert torch.equal(actual, stock.generate(**inputs, **options))
 
 
