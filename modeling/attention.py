@@ -1256,6 +1256,8 @@ def _is_right_padding(mask: torch.Tensor) -> bool:
 
 def _are_bloom_slopes(slopes: torch.Tensor) -> bool:
     """cuDNN computes the ALiBi slopes itself (BLOOM's, from the head count); other slopes cannot go there."""
+    if _is_cached_bloom_slopes(slopes):
+        return True
     return torch.allclose(slopes.detach().float().cpu(), alibi_slopes(slopes.shape[0]), rtol=1e-6, atol=0.0)
 
 
@@ -2070,10 +2072,39 @@ def available_backends(device: Optional[str] = None) -> list:
 # ----------------------------------------------------------------------------------------------
 
 
+# BLOOM's slopes per (head count, device): a model asks for them every forward, and building them on a GPU
+# copies from host memory, which waits for the GPU to finish its queued work. A cached tensor that was
+# changed in place or made to require grad is built again.
+_SLOPES_KEPT = 64
+_slopes_cache: dict = {}
+_slopes_lock = threading.Lock()
+
+
 def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
-    """BLOOM's ALiBi slopes (float32 ``[num_heads]``), including head counts that are not powers of two."""
+    """BLOOM's ALiBi slopes (float32 ``[num_heads]``), including head counts that are not powers of two.
+
+    Outside tracing the tensor is cached per head count and device (treat it as read-only)."""
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"alibi_slopes needs a positive number of attention heads, got num_heads={num_heads!r}")
+    if _is_tracing():
+        return _build_alibi_slopes(num_heads, device)  # a constant of the traced graph
+    key = (num_heads, torch.device("cpu" if device is None else device))
+    with _slopes_lock:
+        slopes = _slopes_cache.get(key)
+        if slopes is None or slopes._version != 0 or slopes.requires_grad:
+            if len(_slopes_cache) >= _SLOPES_KEPT:
+                _slopes_cache.clear()
+            slopes = _slopes_cache[key] = _build_alibi_slopes(num_heads, device)
+    return slopes
+
+
+def _is_cached_bloom_slopes(slopes: torch.Tensor) -> bool:
+    """``slopes`` is alibi_slopes()'s own tensor for its head count and device, unchanged: no need to read it."""
+    cached = _slopes_cache.get((slopes.shape[0], slopes.device)) if slopes.dim() == 1 else None
+    return cached is slopes and slopes._version == 0 and not slopes.requires_grad
+
+
+def _build_alibi_slopes(num_heads: int, device) -> torch.Tensor:
     closest_power = 2 ** math.floor(math.log2(num_heads))
     base = 2.0 ** (-(2.0 ** -(math.log2(closest_power) - 3)))
     slopes = [base ** (i + 1) for i in range(closest_power)]

@@ -598,6 +598,24 @@ def test_alibi_slopes_match_bloom(heads):
     assert torch.allclose(mea.alibi_slopes(heads), alibi[:, 0, 1], rtol=1e-6)
 
 
+def test_alibi_slopes_are_built_once_per_device_and_rebuilt_after_a_change(monkeypatch):
+    """A BLOOM forward asks for its slopes every time; on a GPU building them copies from host memory (a host
+    sync), and checking them for cuDNN reads them back (another). Both happen once, not once per forward."""
+    first = mea.alibi_slopes(12)
+    assert mea.alibi_slopes(12) is first and kernel_layer._are_bloom_slopes(first)
+    expected = first.clone()
+    reads = []
+    monkeypatch.setattr(torch, "allclose", lambda *a, **kw: reads.append(1) or True)
+    assert kernel_layer._are_bloom_slopes(mea.alibi_slopes(12)) and reads == []  # not read again
+    assert kernel_layer._are_bloom_slopes(expected) and reads == [1]  # another tensor is read
+    monkeypatch.undo()
+    first.mul_(2.0)  # a caller changed it in place: a fresh, correct tensor comes next
+    again = mea.alibi_slopes(12)
+    assert again is not first and torch.equal(again, expected)
+    assert not kernel_layer._are_bloom_slopes(first)
+    assert not kernel_layer._are_bloom_slopes(mea.alibi_slopes(12) * 1.5)
+
+
 # ----------------------------------------------------------------------------------------------
 # Memory: chunked forward + backward at 16k tokens stays far below one score matrix
 # ----------------------------------------------------------------------------------------------

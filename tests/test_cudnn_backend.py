@@ -388,7 +388,7 @@ def test_left_padding_in_a_forward_mask_goes_to_the_next_backend(fake_cudnn):
         mea.select_backend(cuda_call(q, k, v, slopes=slopes, mask=left), "cudnn")
 
 
-def test_auto_order_places_cudnn_after_sdpa_for_alibi_and_leaves_decode_and_left_padding_to_flex(fake_cudnn):
+def test_auto_order_places_cudnn_after_sdpa_for_alibi_left_padding_to_flex_and_decoding_steps_to_sdpa(fake_cudnn):
     assert mea.AUTO_ORDER["cuda"][:2] == ("sdpa", "cudnn")
     q, k, v = qkv()
     slopes = mea.alibi_slopes(4)
@@ -397,7 +397,7 @@ def test_auto_order_places_cudnn_after_sdpa_for_alibi_and_leaves_decode_and_left
     assert mea.select_backend(cuda_call(q, k, v)) == "sdpa"  # plain causal: SDPA's own cuDNN path
     assert mea.select_backend(cuda_call(q, k, v, slopes=slopes, mask=LEFT_PADDING)) == "flex"
     dq, dk, dv = qkv(seq=1, k_len=16)
-    assert mea.select_backend(cuda_call(dq, dk, dv, slopes=slopes)) == "flex"
+    assert mea.select_backend(cuda_call(dq, dk, dv, slopes=slopes)) == "sdpa"  # one query row: an O(k) bias
     assert mea.select_backend(cuda_call(q, k, v, slopes=slopes, dropout_p=0.1)) == "chunked"
     assert mea.select_backend(cuda_call(q, k, v), "cudnn") == "cudnn"
 
