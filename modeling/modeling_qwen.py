@@ -2138,8 +2138,8 @@ def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
     Outside tracing the tensor is cached per head count and device (treat it as read-only)."""
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"alibi_slopes needs a positive number of attention heads, got num_heads={num_heads!r}")
-    if _is_tracing():
-        return _build_alibi_slopes(num_heads, device)  # a constant of the traced graph
+    if _is_tracing() or torch.is_inference_mode_enabled():
+        return _build_alibi_slopes(num_heads, device)  # a constant of the traced graph; an inference tensor
     key = (num_heads, torch.device("cpu" if device is None else device))
     with _slopes_lock:
         slopes = _slopes_cache.get(key)
@@ -3575,6 +3575,95 @@ def _accumulate(total: Optional[torch.Tensor], grad: Optional[torch.Tensor]) -> 
     return grad.float() if total is None else total.add_(grad)
 
 
+def recompute_norm_outputs(config) -> bool:
+    """``config.recompute_norm_outputs`` (default True): see ``after_norm``."""
+    enabled = getattr(config, "recompute_norm_outputs", None)
+    if enabled is None:
+        return True
+    if not isinstance(enabled, bool):
+        raise ValueError(f"config.recompute_norm_outputs must be True or False, got {enabled!r}")
+    return enabled
+
+
+def after_norm(norm, x: torch.Tensor, layer, tile_size: int = 0, position_wise: bool = False, recompute: bool = True):
+    """``layer(norm(x))``, keeping less for backward in training.
+
+    What ``layer`` keeps of the norm's output for backward (the input of its projections, PEFT's included) is
+    not kept: backward runs the norm again on ``x``, which the norm keeps for its own backward anyway. That is
+    one ``[tokens, hidden]`` tensor less per norm, for one more norm forward per norm in backward; gradients
+    are unchanged (the same kernels run on the same input). It applies in eager training (not while compiling,
+    where Inductor decides what to keep, and not under other saved-tensor hooks, such as gradient
+    checkpointing's or activation offloading's); ``recompute=False`` (``config.recompute_norm_outputs``)
+    turns it off. With sequence tiles (``tile_size``, see ``sequence_tiled``) the norm runs in tiles instead,
+    and so does ``layer`` when it is ``position_wise`` (a module).
+    """
+    if _tiles_apply(x, tile_size):
+        if position_wise:
+            return sequence_tiled((norm, layer), x, tile_size)
+        return layer(sequence_tiled((norm,), x, tile_size))
+    normed = norm(x)
+    if not (recompute and _norm_output_can_be_recomputed(normed)):
+        return layer(normed)
+    recipe = _NormOutputRecipe(norm, x)
+    with torch.autograd.graph.saved_tensors_hooks(recipe.pack_for(normed), recipe.unpack):
+        return layer(normed)
+
+
+def _norm_output_can_be_recomputed(normed: torch.Tensor) -> bool:
+    if not torch.is_grad_enabled() or _is_tracing() or not normed.is_contiguous() or normed.storage_offset() != 0:
+        return False
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top_hooks is None:
+        return False
+    try:
+        return top_hooks(False) is None  # nobody else's saved-tensor hooks (ours would hide theirs)
+    except TypeError:
+        return False
+
+
+class _NormOutputRecipe:
+    """Saved for backward in place of a norm's output (and its views): the norm, its input and the forward's
+    autocast state. The first unpack runs the norm again; the result lives while a saved slot refers to it."""
+
+    def __init__(self, norm, x: torch.Tensor):
+        self.norm, self.x = norm, x
+        self.autocast_dtype = _autocast_dtype(x.device.type)
+        self.value: Optional[torch.Tensor] = None
+
+    def pack_for(self, normed: torch.Tensor):
+        key = (normed.untyped_storage().data_ptr(), normed.device, normed.dtype)
+
+        def pack(tensor: torch.Tensor):
+            if tensor.layout != torch.strided or tensor.is_nested:
+                return tensor
+            if (tensor.untyped_storage().data_ptr(), tensor.device, tensor.dtype) != key:
+                return tensor
+            return (self, tensor.shape, tensor.stride(), tensor.storage_offset())
+
+        return pack
+
+    def unpack(self, saved):
+        if not (isinstance(saved, tuple) and saved[0] is self):
+            return saved
+        _, size, stride, offset = saved
+        return self.recomputed().as_strided(size, stride, offset)
+
+    def recomputed(self) -> torch.Tensor:
+        if self.value is None:
+            device_type = self.x.device.type
+            if self.autocast_dtype is None:
+                with torch.autocast(device_type, enabled=False):
+                    self.value = self.norm(self.x)
+            else:
+                with torch.autocast(device_type, dtype=self.autocast_dtype):
+                    self.value = self.norm(self.x)
+        return self.value
+
+
+def _tiles_apply(x: torch.Tensor, tile_size: int) -> bool:
+    return tile_size > 0 and x.numel() // max(x.shape[-1], 1) > tile_size
+
+
 def sequence_tiled(modules, x: torch.Tensor, tile_size: int) -> torch.Tensor:
     """``modules`` (position-wise: an MLP, a norm, or a norm then an MLP; modules or bound methods of modules)
     applied one after the other to ``x`` ``[..., hidden]``, ``tile_size`` tokens at a time, so that no
@@ -3582,8 +3671,7 @@ def sequence_tiled(modules, x: torch.Tensor, tile_size: int) -> torch.Tensor:
     the modules (PEFT LoRA layers included): it only calls them. Dropout inside draws one mask per tile (the
     recompute replays it). ``tile_size`` 0, or no more tokens than that, runs the modules as usual."""
     modules = tuple(modules)
-    tokens = x.numel() // max(x.shape[-1], 1)
-    if tile_size <= 0 or tokens <= tile_size:
+    if not _tiles_apply(x, tile_size):
         return _run_modules(modules, x)
     owners = {id(owner): owner for owner in map(_owning_module, modules)}.values()
     params = [param for module in owners for param in module.parameters() if param.requires_grad]
@@ -4008,17 +4096,21 @@ class QWenBlock(LongContextCheckpointing, GradientCheckpointingLayer):
         sequence_ids: Optional[torch.Tensor] = None,
         attention_weights: Optional[list] = None,
     ) -> torch.Tensor:
-        tile_size = sequence_tile_size(self.config)
-        hidden_states = hidden_states + self.attn(
-            sequence_tiled((self.ln_1,), hidden_states, tile_size),
-            rotary,
-            query_scale,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            sequence_ids=sequence_ids,
-            attention_weights=attention_weights,
-        )
-        return hidden_states + sequence_tiled((self.ln_2, self.mlp), hidden_states, tile_size)
+        tile_size, recompute = sequence_tile_size(self.config), recompute_norm_outputs(self.config)
+
+        def attend(normed: torch.Tensor) -> torch.Tensor:
+            return self.attn(
+                normed,
+                rotary,
+                query_scale,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                sequence_ids=sequence_ids,
+                attention_weights=attention_weights,
+            )
+
+        hidden_states = hidden_states + after_norm(self.ln_1, hidden_states, attend, tile_size, recompute=recompute)
+        return hidden_states + after_norm(self.ln_2, hidden_states, self.mlp, tile_size, True, recompute)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -614,6 +614,9 @@ def test_alibi_slopes_are_built_once_per_device_and_rebuilt_after_a_change(monke
     assert again is not first and torch.equal(again, expected)
     assert not kernel_layer._are_bloom_slopes(first)
     assert not kernel_layer._are_bloom_slopes(mea.alibi_slopes(12) * 1.5)
+    with torch.inference_mode():  # not kept: an inference tensor has no version counter to check later
+        made_in_inference = mea.alibi_slopes(5)
+    assert mea.alibi_slopes(5) is not made_in_inference and mea.alibi_slopes(5) is mea.alibi_slopes(5)
 
 
 # ----------------------------------------------------------------------------------------------

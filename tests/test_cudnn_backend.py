@@ -337,7 +337,8 @@ def test_checks_run_once_per_forward_with_its_forward_mask_and_per_call_with_a_b
 def test_no_module_global_keeps_a_check_or_the_checked_tensors(fake_cudnn):
     assert not hasattr(kernel_layer, "_cudnn_checked") and not hasattr(kernel_layer, "_remembered_check")
     q, k, v = qkv()
-    mask, slopes = right_padding(2, 16, 4), mea.alibi_slopes(4)
+    # a copy: alibi_slopes() keeps its own tensor (read-only, in a bounded cache), not a caller's
+    mask, slopes = right_padding(2, 16, 4), mea.alibi_slopes(4).clone()
     layers = mea.forward_mask(mask)
     for call_mask in (mask, layers):
         assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=call_mask, slopes=slopes)) is None

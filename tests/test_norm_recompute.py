@@ -1,0 +1,166 @@
+"""Norm outputs recomputed in backward (``after_norm``, ``config.recompute_norm_outputs``).
+
+In eager training the pre-norm families (LLaMA, Qwen, GPT-2, BLOOM) do not keep a norm's output for the
+projections that follow it: backward runs the norm again on its input, which the norm keeps anyway. Checked
+here: the outputs are freed after the forward (and kept with the switch off), the loss and every gradient
+are bit for bit those of the step that keeps them (also under autocast and with PEFT LoRA), other saved-tensor
+hooks still see every tensor, and a bad switch value is refused. Against stock: ``test_fused_ops.py`` (on by
+default there).
+"""
+
+import importlib
+
+import pytest
+import torch
+from test_fused_ops import batch_for, family_pairs, train_step  # noqa: F401 - a fixture
+from torch.multiprocessing.reductions import StorageWeakRef
+
+ops = importlib.import_module("memory_efficient_adapter.attention")
+
+# the norms whose outputs feed projections, per family (module name suffixes)
+NORMS = {
+    "llama": ("input_layernorm", "post_attention_layernorm"),
+    "gpt2": ("ln_1", "ln_2"),
+    "bloom": ("input_layernorm", "post_attention_layernorm"),
+    "qwen": ("ln_1", "ln_2"),
+}
+
+
+def norm_modules(model, family: str) -> list:
+    return [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in NORMS[family]]
+
+
+def forward_with_norm_outputs(model, family: str, batch: dict):
+    """The training forward's output, and a weak reference to the storage of every norm output it made."""
+    outputs = []
+    hooks = [
+        module.register_forward_hook(lambda _m, _i, out: outputs.append(StorageWeakRef(out.untyped_storage())))
+        for module in norm_modules(model, family)
+    ]
+    try:
+        model.train()
+        model.zero_grad(set_to_none=True)
+        result = model(**batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return result, outputs
+
+
+def qwen_model(tmp_path):
+    from test_qwen import load, random_model, save_qwen
+
+    torch.manual_seed(5)
+    return load(save_qwen(random_model(rotary_pct=0.5, no_bias=False), tmp_path))
+
+
+def model_and_batch(family: str, family_pairs, tmp_path):  # noqa: F811 - the fixture's value
+    model = qwen_model(tmp_path) if family == "qwen" else family_pairs[family][1]
+    batch = batch_for("llama", torch.Generator().manual_seed(7))
+    if family == "qwen":
+        batch.pop("attention_mask")
+    return model, batch
+
+
+@pytest.mark.parametrize("family", list(NORMS))
+def test_norm_outputs_are_freed_after_forward_and_gradients_are_unchanged(family, family_pairs, tmp_path):  # noqa: F811
+    model, batch = model_and_batch(family, family_pairs, tmp_path)
+    steps = {}
+    for recompute in (False, True):
+        model.config.recompute_norm_outputs = recompute
+        try:
+            output, norm_outputs = forward_with_norm_outputs(model, family, batch)
+            kept = [not ref.expired() for ref in norm_outputs]
+            output.loss.backward()
+        finally:
+            del model.config.recompute_norm_outputs
+        steps[recompute] = output.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert len(kept) == 2 * model.config.num_hidden_layers, len(kept)
+        assert all(kept) if not recompute else not any(kept), (recompute, kept)
+    (loss, grads), (expected_loss, expected_grads) = steps[True], steps[False]
+    assert torch.equal(loss, expected_loss)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        assert torch.equal(grads[name], grad), name
+
+
+def test_on_by_default_and_the_same_gradients_under_autocast(family_pairs):  # noqa: F811
+    model = family_pairs["llama"][1]
+    batch = batch_for("llama", torch.Generator().manual_seed(8))
+    steps = []
+    for recompute in (False, True):
+        model.config.recompute_norm_outputs = recompute
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                steps.append(train_step(model, batch))
+        finally:
+            del model.config.recompute_norm_outputs
+    (expected, expected_grads), (got, grads) = steps
+    assert torch.equal(got.loss, expected.loss)
+    for name, grad in expected_grads.items():
+        assert torch.equal(grads[name], grad), name
+    _, norm_outputs = forward_with_norm_outputs(model, "llama", batch)  # the default: recomputed
+    assert norm_outputs and all(ref.expired() for ref in norm_outputs)
+
+
+def test_lora_gradients_are_unchanged(family_pairs):  # noqa: F811
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        family_pairs["llama"][1], peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    )
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    batch = batch_for("llama", torch.Generator().manual_seed(9))
+    config = model.base_model.model.config
+    steps = []
+    try:
+        for recompute in (False, True):
+            config.recompute_norm_outputs = recompute
+            steps.append(train_step(model, batch))
+    finally:
+        del config.recompute_norm_outputs
+        model.unload()
+    (expected, expected_grads), (got, grads) = steps
+    assert expected_grads and all("lora_" in name for name in expected_grads)
+    assert torch.equal(got.loss, expected.loss)
+    for name, grad in expected_grads.items():
+        assert torch.equal(grads[name], grad), name
+
+
+def test_other_saved_tensor_hooks_see_every_tensor_the_step_keeps(family_pairs):  # noqa: F811
+    """Under someone else's hooks (activation offloading, a memory count) nothing is recomputed: their pack
+    hook receives the norm outputs like every other saved tensor."""
+    model = family_pairs["gpt2"][1]
+    batch = batch_for("gpt2", torch.Generator().manual_seed(10))
+    packed = set()
+
+    def pack(tensor):
+        packed.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    outputs = []
+    hooks = [
+        module.register_forward_hook(lambda _m, _i, out: outputs.append(out.untyped_storage().data_ptr()))
+        for module in norm_modules(model, "gpt2")
+    ]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            train_step(model, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(outputs) == 4 and all(pointer in packed for pointer in outputs)
+
+
+def test_a_bad_switch_value_is_refused(family_pairs):  # noqa: F811
+    model = family_pairs["bloom"][1]
+    model.config.recompute_norm_outputs = "yes"
+    try:
+        with pytest.raises(ValueError, match="config.recompute_norm_outputs must be True or False"):
+            train_step(model, batch_for("bloom", torch.Generator().manual_seed(11)))
+    finally:
+        del model.config.recompute_norm_outputs
+    assert ops.recompute_norm_outputs(model.config) is True
