@@ -3588,7 +3588,7 @@ def after_norm(norm, x: torch.Tensor, layer, tile_size: int = 0, position_wise: 
     not kept: backward runs the norm again on ``x``, which the norm keeps for its own backward anyway. That is
     one ``[tokens, hidden]`` tensor less per norm, for one more norm forward per norm in backward; gradients
     are unchanged (the same kernels run on the same input). It applies in eager training (not while compiling,
-    where Inductor decides what to keep, and not under other saved-tensor hooks, such as gradient
+    where Inductor decides what to keep, and not under other saved-tensor hooks, such as non-reentrant gradient
     checkpointing's or activation offloading's); ``recompute=False`` (``config.recompute_norm_outputs``)
     turns it off. With sequence tiles (``tile_size``, see ``sequence_tiled``) the norm runs in tiles instead,
     and so does ``layer`` when it is ``position_wise`` (a module).
