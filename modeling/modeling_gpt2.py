@@ -3646,13 +3646,9 @@ class _NormOutputRecipe:
 
     def recomputed(self) -> torch.Tensor:
         if self.value is None:
-            device_type = self.x.device.type
-            if self.autocast_dtype is None:
-                with torch.autocast(device_type, enabled=False):
-                    self.value = self.norm(self.x)
-            else:
-                with torch.autocast(device_type, dtype=self.autocast_dtype):
-                    self.value = self.norm(self.x)
+            dtype = self.autocast_dtype
+            with torch.autocast(self.x.device.type, dtype=dtype, enabled=dtype is not None):
+                self.value = self.norm(self.x)
         return self.value
 
 

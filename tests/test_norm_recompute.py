@@ -8,6 +8,7 @@ hooks still see every tensor, and a bad switch value is refused. Against stock: 
 default there).
 """
 
+import contextlib
 import importlib
 
 import pytest
@@ -30,21 +31,48 @@ def norm_modules(model, family: str) -> list:
     return [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in NORMS[family]]
 
 
-def forward_with_norm_outputs(model, family: str, batch: dict):
-    """The training forward's output, and a weak reference to the storage of every norm output it made."""
-    outputs = []
-    hooks = [
-        module.register_forward_hook(lambda _m, _i, out: outputs.append(StorageWeakRef(out.untyped_storage())))
-        for module in norm_modules(model, family)
-    ]
+@contextlib.contextmanager
+def norm_outputs_seen(model, family: str, record):
+    """``record(output)`` for every norm output made inside the block."""
+    hooks = [module.register_forward_hook(lambda _m, _i, out: record(out)) for module in norm_modules(model, family)]
     try:
-        model.train()
-        model.zero_grad(set_to_none=True)
-        result = model(**batch)
+        yield
     finally:
         for hook in hooks:
             hook.remove()
+
+
+@contextlib.contextmanager
+def recompute_set(config, value: bool):
+    config.recompute_norm_outputs = value
+    try:
+        yield
+    finally:
+        del config.recompute_norm_outputs
+
+
+def forward_with_norm_outputs(model, family: str, batch: dict):
+    """The training forward's output, and a weak reference to the storage of every norm output it made."""
+    outputs = []
+    with norm_outputs_seen(model, family, lambda out: outputs.append(StorageWeakRef(out.untyped_storage()))):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        result = model(**batch)
     return result, outputs
+
+
+def assert_identical_steps(got, expected) -> None:
+    """Two (loss, {name: grad}) steps, bit for bit."""
+    (loss, grads), (expected_loss, expected_grads) = got, expected
+    assert torch.equal(loss, expected_loss)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        assert torch.equal(grads[name], grad), name
+
+
+def loss_and_grads(model, batch: dict) -> tuple:
+    output, grads = train_step(model, batch)
+    return output.loss.detach(), grads
 
 
 def qwen_model(tmp_path):
@@ -67,21 +95,15 @@ def test_norm_outputs_are_freed_after_forward_and_gradients_are_unchanged(family
     model, batch = model_and_batch(family, family_pairs, tmp_path)
     steps = {}
     for recompute in (False, True):
-        model.config.recompute_norm_outputs = recompute
-        try:
+        with recompute_set(model.config, recompute):
             output, norm_outputs = forward_with_norm_outputs(model, family, batch)
             kept = [not ref.expired() for ref in norm_outputs]
             output.loss.backward()
-        finally:
-            del model.config.recompute_norm_outputs
-        steps[recompute] = output.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+        steps[recompute] = output.loss.detach(), grads
         assert len(kept) == 2 * model.config.num_hidden_layers, len(kept)
         assert all(kept) if not recompute else not any(kept), (recompute, kept)
-    (loss, grads), (expected_loss, expected_grads) = steps[True], steps[False]
-    assert torch.equal(loss, expected_loss)
-    assert grads.keys() == expected_grads.keys()
-    for name, grad in expected_grads.items():
-        assert torch.equal(grads[name], grad), name
+    assert_identical_steps(steps[True], steps[False])
 
 
 def test_on_by_default_and_the_same_gradients_under_autocast(family_pairs):  # noqa: F811
@@ -89,16 +111,9 @@ def test_on_by_default_and_the_same_gradients_under_autocast(family_pairs):  # n
     batch = batch_for("llama", torch.Generator().manual_seed(8))
     steps = []
     for recompute in (False, True):
-        model.config.recompute_norm_outputs = recompute
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                steps.append(train_step(model, batch))
-        finally:
-            del model.config.recompute_norm_outputs
-    (expected, expected_grads), (got, grads) = steps
-    assert torch.equal(got.loss, expected.loss)
-    for name, grad in expected_grads.items():
-        assert torch.equal(grads[name], grad), name
+        with recompute_set(model.config, recompute), torch.autocast("cpu", dtype=torch.bfloat16):
+            steps.append(loss_and_grads(model, batch))
+    assert_identical_steps(steps[1], steps[0])
     _, norm_outputs = forward_with_norm_outputs(model, "llama", batch)  # the default: recomputed
     assert norm_outputs and all(ref.expired() for ref in norm_outputs)
 
@@ -118,16 +133,12 @@ def test_lora_gradients_are_unchanged(family_pairs):  # noqa: F811
     steps = []
     try:
         for recompute in (False, True):
-            config.recompute_norm_outputs = recompute
-            steps.append(train_step(model, batch))
+            with recompute_set(config, recompute):
+                steps.append(loss_and_grads(model, batch))
     finally:
-        del config.recompute_norm_outputs
         model.unload()
-    (expected, expected_grads), (got, grads) = steps
-    assert expected_grads and all("lora_" in name for name in expected_grads)
-    assert torch.equal(got.loss, expected.loss)
-    for name, grad in expected_grads.items():
-        assert torch.equal(grads[name], grad), name
+    assert steps[0][1] and all("lora_" in name for name in steps[0][1])
+    assert_identical_steps(steps[1], steps[0])
 
 
 def test_other_saved_tensor_hooks_see_every_tensor_the_step_keeps(family_pairs):  # noqa: F811
@@ -142,25 +153,15 @@ def test_other_saved_tensor_hooks_see_every_tensor_the_step_keeps(family_pairs):
         return tensor
 
     outputs = []
-    hooks = [
-        module.register_forward_hook(lambda _m, _i, out: outputs.append(out.untyped_storage().data_ptr()))
-        for module in norm_modules(model, "gpt2")
-    ]
-    try:
+    with norm_outputs_seen(model, "gpt2", lambda out: outputs.append(out.untyped_storage().data_ptr())):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             train_step(model, batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
     assert len(outputs) == 4 and all(pointer in packed for pointer in outputs)
 
 
 def test_a_bad_switch_value_is_refused(family_pairs):  # noqa: F811
     model = family_pairs["bloom"][1]
-    model.config.recompute_norm_outputs = "yes"
-    try:
-        with pytest.raises(ValueError, match="config.recompute_norm_outputs must be True or False"):
-            train_step(model, batch_for("bloom", torch.Generator().manual_seed(11)))
-    finally:
-        del model.config.recompute_norm_outputs
+    refused = pytest.raises(ValueError, match="config.recompute_norm_outputs must be True or False")
+    with recompute_set(model.config, "yes"), refused:
+        train_step(model, batch_for("bloom", torch.Generator().manual_seed(11)))
     assert ops.recompute_norm_outputs(model.config) is True
