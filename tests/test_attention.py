@@ -652,6 +652,41 @@ def test_chunked_forward_backward_memory_is_far_below_one_score_matrix():
     assert peak_growth < score_matrix_bytes / 8, f"peak grew by {peak_growth / 2**20:.0f} MiB"
 
 
+def test_compiled_chunked_attention_keeps_what_eager_keeps_not_the_score_blocks():
+    """Under torch.compile the chunked backend's forward and backward are opaque ops, so the compiler's
+    partitioner cannot keep the blocks' scores (matmul outputs, which it never recomputes) for backward: the
+    whole O(n^2) score matrix. It keeps what eager keeps: q, k, v, the output and the log-sum-exp."""
+
+    def run(q, k, v):
+        return mea.attention(q, k, v, causal=True, attention_mask=keep, backend="chunked", chunk_size=64)
+
+    def kept_bytes(fn) -> tuple:
+        storages = {}
+
+        def pack(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = fn(q, k, v)
+        return out, sum(storages.values())
+
+    generator = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 511, 8, generator=generator, requires_grad=True) for _ in range(3))
+    keep = torch.ones(1, 511, dtype=torch.bool)
+    keep[0, :37] = False
+    torch._dynamo.reset()
+    compiled = torch.compile(run, backend="aot_eager_decomp_partition", fullgraph=True)
+    compiled(q, k, v).sum().backward()
+    (expected, eager_bytes), (got, compiled_bytes) = kept_bytes(run), kept_bytes(compiled)
+    assert compiled_bytes <= eager_bytes < 2 * 511 * 511 * 4 / 8, (compiled_bytes, eager_bytes)
+    grads = torch.autograd.grad(got.sum(), (q, k, v))
+    expected_grads = torch.autograd.grad(expected.sum(), (q, k, v))
+    assert torch.allclose(got, expected, atol=1e-6) and torch.isfinite(got).all()
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert torch.allclose(grad, expected_grad, atol=1e-6)
+
+
 BLOCK_MASK_MEMORY_SCRIPT = textwrap.dedent(
     """
     import importlib, resource, sys, torch
@@ -972,6 +1007,29 @@ def test_sdpa_priority_is_set_for_the_call_and_restored_after_it():
     assert kernel_layer._sdpa_priority(kernel_layer._describe(q, q, q, True, None, None, 0.0), q.device) is None
 
 
+def test_sdpa_priority_puts_cudnn_first_for_prefill_and_training_and_flash_for_decoding(monkeypatch):
+    """The rule on a (pretended) Hopper: a training call with fewer queries than keys (cross-attention, whose
+    shapes do not change from step to step) gets cuDNN first like prefill; an inference call with a longer
+    key than query (decoding, a new key length each step) gets flash first."""
+    from torch.nn.attention import SDPBackend
+
+    monkeypatch.setattr(kernel_layer, "_is_hopper_or_newer", lambda device: True)
+    monkeypatch.setattr(kernel_layer, "_settle_default_sdpa_priority", lambda device: None)
+    cudnn, flash = int(SDPBackend.CUDNN_ATTENTION), int(SDPBackend.FLASH_ATTENTION)
+    q, k = torch.randn(1, 2, 5, 16, requires_grad=True), torch.randn(1, 2, 9, 16)
+
+    def order(query, key, causal):
+        call = dataclasses.replace(kernel_layer._describe(query, key, key, causal, None, None, 0.0), device_type="cuda")
+        return kernel_layer._sdpa_priority(call, q.device)
+
+    assert order(q, q, True) == [cudnn, flash]  # training self-attention
+    assert order(q, k, False) == [cudnn, flash]  # training cross-attention
+    assert order(q.detach(), q.detach(), True) == [cudnn, flash]  # prefill
+    assert order(q.detach()[:, :, :1], k, True) == [flash, cudnn]  # decoding
+    with torch.no_grad():
+        assert order(q, k, False) == [flash, cudnn]  # cross-attention while generating
+
+
 def test_sdpa_priority_is_never_shared_between_threads():
     """Two threads setting different orders: each call runs under its own order, and the global one survives."""
     import threading
@@ -1048,6 +1106,25 @@ def test_sdpa_threads_run_their_intended_kernels_on_hopper():
     assert kernels["prefill"] and all("cudnn" in name for name in kernels["prefill"]), kernels
     assert kernels["decode"] and all("flash" in name for name in kernels["decode"]), kernels
     assert list(torch._C._get_sdp_priority_order()) == before
+
+
+@pytest.mark.gpu
+def test_training_cross_attention_runs_cudnn_and_generating_runs_flash_on_hopper():
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the priority is set only on Hopper and newer")
+    q = torch.randn(1, 8, 256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 8, 700, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def sdpa_ops(grad: bool) -> set:
+        with torch.set_grad_enabled(grad), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = mea.attention(q, k, k, causal=False, backend="sdpa")
+        expected = reference_attention(q.detach(), k.detach(), k.detach(), causal=False)
+        assert ((out.detach().double() - expected).norm() / expected.norm()).item() < 2e-2
+        return {event.name for event in prof.events() if event.name.startswith("aten::_scaled_dot_product_")}
+
+    training, generating = sdpa_ops(True), sdpa_ops(False)
+    assert training and all("cudnn" in name for name in training), training
+    assert generating and all("flash" in name for name in generating), generating
 
 
 def test_autocast_casts_mixed_inputs_like_sdpa():

@@ -121,6 +121,30 @@ def test_all_ignored_batch_gives_nan_loss_and_zero_gradients_like_pytorch():
     assert loss.item() == 0.0
 
 
+def test_no_rows_give_a_nan_loss_and_zero_gradients_of_the_right_shapes_like_pytorch():
+    """The head's gradient starts as the first chunk's product: with no chunk at all it is still zeros."""
+    hidden = torch.randn(0, 6, requires_grad=True)
+    weight = torch.randn(13, 6, requires_grad=True)
+    bias = torch.randn(13, requires_grad=True)
+    targets = torch.zeros(0, dtype=torch.long)
+    loss = ops.linear_cross_entropy(hidden, weight, targets, bias=bias, chunk_size=4)
+    expected = F.cross_entropy(F.linear(hidden, weight, bias), targets)
+    assert torch.isnan(loss) and torch.isnan(expected)
+    for got, want in zip(grads_of(loss, [hidden, weight, bias]), grads_of(expected, [hidden, weight, bias])):
+        assert got.shape == want.shape and torch.equal(got, want) and not got.any()
+
+
+def test_kept_loss_gradients_are_scaled_in_each_gradients_dtype():
+    generator = torch.Generator().manual_seed(8)
+    grads = [torch.randn(37, 5, generator=generator).to(dtype) for dtype in (torch.bfloat16, torch.float32)]
+    grads.append(torch.randn(11, generator=generator).bfloat16())
+    scale = torch.tensor(0.7312345)
+    expected = [grad * scale.to(grad.dtype) for grad in grads]
+    ops._scale_in_place(grads, scale)
+    for got, want in zip(grads, expected, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 def test_tied_weights_accumulate_the_head_and_embedding_gradients():
     generator = torch.Generator().manual_seed(3)
     embedding = torch.nn.Parameter(torch.randn(VOCAB, 8, generator=generator, dtype=torch.float64))
@@ -680,6 +704,38 @@ def test_lora_gradients_match_stock_with_peft(tmp_path, name, with_head):
 # ----------------------------------------------------------------------------------------------
 
 
+def assert_cache_only_where_asked(model, inputs: dict) -> None:
+    """A training forward with gradients builds no cache unless ``use_cache=True`` is passed; inference (eval
+    mode, or no gradients) keeps the config's ``use_cache``; the outputs do not change."""
+    cache_class = type(model.eval()(**inputs, use_cache=True).past_key_values)
+    assert model.config.use_cache and cache_class is not type(None)
+    trained = model.train()(**inputs)
+    assert trained.past_key_values is None
+    asked = model(**inputs, use_cache=True)
+    assert type(asked.past_key_values) is cache_class
+    assert_close_rel(asked.loss.detach(), trained.loss.detach(), 1e-6, "loss with and without a cache")
+    with torch.no_grad():
+        assert type(model(**inputs).past_key_values) is cache_class
+    assert type(model.eval()(**inputs).past_key_values) is cache_class
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "bart_causal"])
+def test_training_forward_builds_no_cache_unless_asked(family_pairs, name):
+    _, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(6))
+    del batch["attention_mask"]  # a padded training batch runs unpadded and never returns a cache
+    assert_cache_only_where_asked(ours, batch)
+
+
+def test_qwen_training_forward_builds_no_cache_unless_asked(tmp_path):
+    from test_qwen import load, random_ids, random_model, save_qwen
+
+    torch.manual_seed(5)
+    ours = load(save_qwen(random_model(), tmp_path))
+    ids = random_ids(2, 9)
+    assert_cache_only_where_asked(ours, dict(input_ids=ids, labels=ids))
+
+
 def test_qwen_fused_loss_and_gradients_match_reference_with_num_items(tmp_path):
     from test_qwen import ReferenceQwen, load, random_ids, random_model, save_qwen
 
@@ -836,6 +892,27 @@ def test_triton_projected_activation_matches_float64_like_stock(dtype, name):
 
     reference, stock, ours = run(torch.float64, False), run(dtype, False), run(dtype, True)
     assert_as_close_as_stock(f"projected {name}", ours, stock, reference, dtype)
+    triton_paths_ran()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["silu_mul", "gelu_tanh", "gelu"])
+def test_triton_activation_gradients_with_the_value_match_the_separate_kernels_bit_for_bit(kind):
+    """The projected activation's backward recomputes the value in the kernel that computes the gradients:
+    the same value the forward kernel makes (so the weight's gradient is unchanged), the same gradients as
+    the gradient-only kernel, and the gradient of x written over the incoming gradient (no new buffer)."""
+    generator = torch.Generator().manual_seed(21)
+    shape = (3, 129, 1001)  # not a multiple of the kernel's block
+    x, up, grad = (torch.randn(shape, generator=generator).mul(2).cuda().bfloat16() for _ in range(3))
+    up = up if kind == "silu_mul" else None
+    expected_value = ops._activation_forward_triton(kind, x, up)
+    expected_grads = ops._activation_backward_triton(kind, grad, x, up)
+    owned = grad.clone()
+    grad_x, grad_up, value = ops._activation_grads_and_value_triton(kind, owned, x, up)
+    assert grad_x.data_ptr() == owned.data_ptr()
+    assert torch.equal(value, expected_value) and torch.equal(grad_x, expected_grads[0])
+    assert (grad_up is None and expected_grads[1] is None) or torch.equal(grad_up, expected_grads[1])
     triton_paths_ran()
 
 
