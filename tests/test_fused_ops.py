@@ -736,6 +736,30 @@ def test_qwen_training_forward_builds_no_cache_unless_asked(tmp_path):
     assert_cache_only_where_asked(ours, dict(input_ids=ids, labels=ids))
 
 
+def test_qwen_training_keeps_no_part_of_the_fused_qkv_projection_for_backward(tmp_path):
+    """Query and key are rotated into new tensors; the value is copied out of c_attn's output in training, so
+    that no tensor kept for backward holds that [tokens, 3 x hidden] output (a view would hold all of it)."""
+    from test_qwen import load, random_ids, random_model, save_qwen
+
+    torch.manual_seed(7)
+    ours = load(save_qwen(random_model(), tmp_path)).train()
+    outputs, kept = [], set()  # the outputs themselves: their memory is not reused while the step runs
+    for block in ours.transformer.h:
+        block.attn.c_attn.register_forward_hook(lambda module, args, output: outputs.append(output))
+
+    def pack(tensor):
+        kept.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    ids = random_ids(2, 9)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = ours(input_ids=ids, labels=ids).loss
+    projected = {output.untyped_storage().data_ptr() for output in outputs}
+    assert len(projected) == len(ours.transformer.h) and not projected & kept
+    loss.backward()
+    assert all(p.grad is not None for p in ours.parameters() if p.requires_grad)
+
+
 def test_qwen_fused_loss_and_gradients_match_reference_with_num_items(tmp_path):
     from test_qwen import ReferenceQwen, load, random_ids, random_model, save_qwen
 
