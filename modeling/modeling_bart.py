@@ -4172,10 +4172,23 @@ class BartLayerParts:
     def tiled_feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return sequence_tiled((self.feed_forward,), hidden_states, sequence_tile_size(self.config))
 
+    def residual_sum(self, residual: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """``residual + dropout(update)``: what a post-LN norm takes."""
+        return residual + nn.functional.dropout(update, p=self.dropout, training=self.training)
+
     def add_and_norm(self, norm: nn.LayerNorm, residual: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """Post-LN: ``norm(residual + dropout(update))``, the norm over tiles."""
-        update = nn.functional.dropout(update, p=self.dropout, training=self.training)
-        return sequence_tiled((norm,), residual + update, sequence_tile_size(self.config))
+        return sequence_tiled((norm,), self.residual_sum(residual, update), sequence_tile_size(self.config))
+
+    def feed_forward_block(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The layer's last sublayer: ``final_layer_norm(x + dropout(fc2(act(fc1(x)))))``."""
+        return self.add_and_norm(self.final_layer_norm, hidden_states, self.tiled_feed_forward(hidden_states))
+
+    def norm_then(self, norm: nn.LayerNorm, summed: torch.Tensor, block) -> torch.Tensor:
+        """``block(norm(summed))`` for a norm inside the layer, whose output (the residual stream there) only
+        ``block`` takes: its projections keep a recipe instead of that output (``after_norm``)."""
+        tile_size, recompute = sequence_tile_size(self.config), recompute_norm_outputs(self.config)
+        return after_norm(norm, summed, block, tile_size, recompute=recompute)
 
 
 class BartEncoderLayer(BartLayerParts, LongContextCheckpointing, GradientCheckpointingLayer):
@@ -4200,8 +4213,8 @@ class BartEncoderLayer(BartLayerParts, LongContextCheckpointing, GradientCheckpo
         attention_weights: list | None = None,
     ) -> torch.Tensor:
         attended, _ = self.self_attn(hidden_states, keep_mask=keep_mask, attention_weights=attention_weights)
-        hidden_states = self.add_and_norm(self.self_attn_layer_norm, hidden_states, attended)
-        hidden_states = self.add_and_norm(self.final_layer_norm, hidden_states, self.tiled_feed_forward(hidden_states))
+        summed = self.residual_sum(hidden_states, attended)
+        hidden_states = self.norm_then(self.self_attn_layer_norm, summed, self.feed_forward_block)
         if hidden_states.dtype == torch.float16 and not torch.isfinite(hidden_states).all():
             limit = torch.finfo(hidden_states.dtype).max - 1000
             hidden_states = hidden_states.clamp(min=-limit, max=limit)
@@ -4241,8 +4254,11 @@ class BartDecoderLayer(BartLayerParts, LongContextCheckpointing, GradientCheckpo
         attended, _ = self.self_attn(
             hidden_states, keep_mask=keep_mask, past_key_values=past_key_values, attention_weights=attention_weights
         )
-        hidden_states = self.add_and_norm(self.self_attn_layer_norm, hidden_states, attended)
-        if encoder_hidden_states is not None:
+        summed = self.residual_sum(hidden_states, attended)
+        if encoder_hidden_states is None:
+            return self.norm_then(self.self_attn_layer_norm, summed, self.feed_forward_block)
+
+        def cross_attention_block(hidden_states: torch.Tensor) -> torch.Tensor:
             attended, _ = self.encoder_attn(
                 hidden_states,
                 key_value_states=encoder_hidden_states,
@@ -4250,8 +4266,10 @@ class BartDecoderLayer(BartLayerParts, LongContextCheckpointing, GradientCheckpo
                 past_key_values=past_key_values,
                 attention_weights=cross_attention_weights,
             )
-            hidden_states = self.add_and_norm(self.encoder_attn_layer_norm, hidden_states, attended)
-        return self.add_and_norm(self.final_layer_norm, hidden_states, self.tiled_feed_forward(hidden_states))
+            return self.residual_sum(hidden_states, attended)
+
+        summed = self.norm_then(self.self_attn_layer_norm, summed, cross_attention_block)
+        return self.norm_then(self.encoder_attn_layer_norm, summed, self.feed_forward_block)
 
 
 class BartClassificationHead(nn.Module):

@@ -1,7 +1,9 @@
 """Norm outputs recomputed in backward (``after_norm``, ``config.recompute_norm_outputs``).
 
 In eager training the pre-norm families (LLaMA, Qwen, GPT-2, BLOOM) do not keep a norm's output for the
-projections that follow it: backward runs the norm again on its input, which the norm keeps anyway. Checked
+projections that follow it, and neither does BART for the norms inside a layer (post-LN: the last norm's
+output is the layer's, kept by the next layer): backward runs the norm again on its input, which the norm
+keeps anyway. Checked
 here: the outputs are freed after the forward (and kept with the switch off), the loss and every gradient
 are bit for bit those of the step that keeps them (also under autocast and with PEFT LoRA), other saved-tensor
 hooks still see every tensor, and a bad switch value is refused. Against stock: ``test_fused_ops.py`` (on by
@@ -24,7 +26,20 @@ NORMS = {
     "gpt2": ("ln_1", "ln_2"),
     "bloom": ("input_layernorm", "post_attention_layernorm"),
     "qwen": ("ln_1", "ln_2"),
+    "bart": ("self_attn_layer_norm", "encoder_attn_layer_norm"),
+    "bart_causal": ("self_attn_layer_norm", "encoder_attn_layer_norm"),
 }
+
+
+def recomputed_norms(model) -> int:
+    """How many norm outputs a training forward recomputes: two per layer; BART one per encoder layer and two
+    per decoder layer (one without cross-attention, as in BartForCausalLM)."""
+    config = model.config
+    if type(model).__name__ == "BartForCausalLM":
+        return config.decoder_layers
+    if config.model_type == "bart":
+        return config.encoder_layers + 2 * config.decoder_layers
+    return 2 * config.num_hidden_layers
 
 
 def norm_modules(model, family: str) -> list:
@@ -84,7 +99,7 @@ def qwen_model(tmp_path):
 
 def model_and_batch(family: str, family_pairs, tmp_path):  # noqa: F811 - the fixture's value
     model = qwen_model(tmp_path) if family == "qwen" else family_pairs[family][1]
-    batch = batch_for("llama", torch.Generator().manual_seed(7))
+    batch = batch_for(family if family.startswith("bart") else "llama", torch.Generator().manual_seed(7))
     if family == "qwen":
         batch.pop("attention_mask")
     return model, batch
@@ -101,20 +116,21 @@ def test_norm_outputs_are_freed_after_forward_and_gradients_are_unchanged(family
             output.loss.backward()
         grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
         steps[recompute] = output.loss.detach(), grads
-        assert len(kept) == 2 * model.config.num_hidden_layers, len(kept)
+        assert len(kept) == recomputed_norms(model), len(kept)
         assert all(kept) if not recompute else not any(kept), (recompute, kept)
     assert_identical_steps(steps[True], steps[False])
 
 
-def test_on_by_default_and_the_same_gradients_under_autocast(family_pairs):  # noqa: F811
-    model = family_pairs["llama"][1]
-    batch = batch_for("llama", torch.Generator().manual_seed(8))
+@pytest.mark.parametrize("family", ["llama", "bart"])
+def test_on_by_default_and_the_same_gradients_under_autocast(family, family_pairs):  # noqa: F811
+    model = family_pairs[family][1]
+    batch = batch_for(family, torch.Generator().manual_seed(8))
     steps = []
     for recompute in (False, True):
         with recompute_set(model.config, recompute), torch.autocast("cpu", dtype=torch.bfloat16):
             steps.append(loss_and_grads(model, batch))
     assert_identical_steps(steps[1], steps[0])
-    _, norm_outputs = forward_with_norm_outputs(model, "llama", batch)  # the default: recomputed
+    _, norm_outputs = forward_with_norm_outputs(model, family, batch)  # the default: recomputed
     assert norm_outputs and all(ref.expired() for ref in norm_outputs)
 
 
