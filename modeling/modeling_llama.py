@@ -540,9 +540,9 @@ def _is_hopper_or_newer(device: torch.device) -> bool:
 def _sdpa_priority(call: AttentionCall, device: torch.device) -> Optional[list]:
     """SDPA's kernel order on Hopper and newer: cuDNN first for full-sequence calls (prefill) and for every
     call that trains (cross-attention included: forward and backward of a 1k-query, 8k-key call take 0.73 ms
-    against flash's 0.94 ms on an H200), where it is the fastest; flash first for an inference call whose key length
-    differs from its query length (decoding with a KV cache), because cuDNN builds a new execution plan for
-    every new key length. None: PyTorch's own order.
+    against flash's 0.94 ms on an H200), where it is the fastest; flash first for an inference call whose key
+    length differs from its query length (decoding with a KV cache), because cuDNN builds a new execution plan
+    for every new key length. None: PyTorch's own order.
 
     Only the priority changes (kernels the user disabled stay disabled), and it is set through two cheap
     calls rather than ``sdpa_kernel``, which costs more than a decoding step's attention kernel and, in some

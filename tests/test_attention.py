@@ -661,14 +661,9 @@ def test_compiled_chunked_attention_keeps_what_eager_keeps_not_the_score_blocks(
         return mea.attention(q, k, v, causal=True, attention_mask=keep, backend="chunked", chunk_size=64)
 
     def kept_bytes(fn) -> tuple:
-        storages = {}
-
-        def pack(tensor):
-            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            out = fn(q, k, v)
+        """``fn``'s output and the bytes of the distinct storages it keeps for backward."""
+        out, saved = saved_tensors_of(fn, q, k, v)
+        storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in saved}
         return out, sum(storages.values())
 
     generator = torch.Generator().manual_seed(2)
