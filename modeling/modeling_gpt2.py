@@ -2774,19 +2774,14 @@ if triton is not None:
         tl.store(grad_weight_ptr + program.to(tl.int64) * n_cols + cols, tl.sum(grad_weight, 0), mask=inside)
 
     @triton.jit
-    def _rotary_kernel(
-        x_ptr, cos_ptr, sin_ptr, out_ptr, heads, seq, half,
-        x_b, x_h, x_s, c_b, c_h, c_s, o_b, o_h, o_s,
-        INVERSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    def _rotate_rows(
+        x_ptr, out_ptr, cos_ptr, sin_ptr, batch, head, positions, dims, kept, half,
+        x_b, x_h, x_s, c_b, c_s, o_b, o_h, o_s, INVERSE: tl.constexpr,
     ):
-        """x [b, h, s, 2 x half] (any strides, last one 1) rotated by cos/sin (expanded to x's shape):
+        """One block of rows of one head of x [b, h, s, 2 x half] (last stride 1) rotated into out, in float32:
         out = x * cos + rotate_half(x) * sin, or its transpose (INVERSE, the backward)."""
-        batch, head = tl.program_id(0) // heads, tl.program_id(0) % heads
-        positions = (tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)[:, None]
-        dims = tl.arange(0, BLOCK_D)[None, :]
-        kept = (positions < seq) & (dims < half)
         x = x_ptr + batch.to(tl.int64) * x_b + head.to(tl.int64) * x_h + positions * x_s + dims
-        c = batch.to(tl.int64) * c_b + head.to(tl.int64) * c_h + positions * c_s + dims
+        c = batch.to(tl.int64) * c_b + positions * c_s + dims
         x1 = tl.load(x, mask=kept, other=0.0).to(tl.float32)
         x2 = tl.load(x + half, mask=kept, other=0.0).to(tl.float32)
         cos1 = tl.load(cos_ptr + c, mask=kept, other=0.0).to(tl.float32)
@@ -2802,6 +2797,30 @@ if triton is not None:
         out = out_ptr + batch.to(tl.int64) * o_b + head.to(tl.int64) * o_h + positions * o_s + dims
         tl.store(out, out1.to(out_ptr.dtype.element_ty), mask=kept)
         tl.store(out + half, out2.to(out_ptr.dtype.element_ty), mask=kept)
+
+    @triton.jit
+    def _rotary_kernel(
+        q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, q_heads, k_heads, seq, half,
+        q_b, q_h, q_s, k_b, k_h, k_s, c_b, c_s, qo_b, qo_h, qo_s, ko_b, ko_h, ko_s,
+        INVERSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """q [b, q_heads, s, 2 x half] and k [b, k_heads, s, 2 x half] rotated by cos/sin [b, 1, s, 2 x half]
+        (strides c_b, c_s): the programs of axis 0 take q's heads of a batch row, then k's."""
+        heads = q_heads + k_heads
+        batch, head = tl.program_id(0) // heads, tl.program_id(0) % heads
+        positions = (tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)[:, None]
+        dims = tl.arange(0, BLOCK_D)[None, :]
+        kept = (positions < seq) & (dims < half)
+        if head < q_heads:
+            _rotate_rows(
+                q_ptr, q_out_ptr, cos_ptr, sin_ptr, batch, head, positions, dims, kept, half,
+                q_b, q_h, q_s, c_b, c_s, qo_b, qo_h, qo_s, INVERSE,
+            )
+        else:
+            _rotate_rows(
+                k_ptr, k_out_ptr, cos_ptr, sin_ptr, batch, head - q_heads, positions, dims, kept, half,
+                k_b, k_h, k_s, c_b, c_s, ko_b, ko_h, ko_s, INVERSE,
+            )
 
     @triton.jit
     def _silu(x):
@@ -3459,35 +3478,59 @@ def _rotary_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return grad * cos - _rotate_half(grad * sin)
 
 
-def _rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> Optional[torch.Tensor]:
-    """``_rotary_forward`` (or ``_rotary_backward``: ``inverse``) as one Triton kernel, for 4-D ``x`` whose
-    last dimension is contiguous and even; None for anything else (the PyTorch body takes it)."""
-    if x.dim() != 4 or x.shape[-1] % 2 or x.stride(-1) != 1:
+def _rotated_pair(rotate: Callable, q, k, cos, sin, dtype: torch.dtype) -> list:
+    """``rotate`` (the forward or the inverse rotation) of q and of k (when given), each in ``dtype``: the
+    PyTorch body of the rotary ops, computed in the promoted dtype of x and cos as the stock formula is."""
+    return [rotate(x, cos, sin).to(dtype) for x in (q, k) if x is not None]
+
+
+def _rotary_output(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor shaped like ``x`` in ``dtype``, laid out like it where its last stride is 1."""
+    out = torch.empty_like(x, dtype=dtype)
+    return out if out.stride(-1) == 1 else torch.empty(x.shape, dtype=dtype, device=x.device)
+
+
+def _rotary_pair_triton(q, k, cos, sin, dtype: torch.dtype, inverse: bool) -> Optional[list]:
+    """``_rotated_pair`` as one Triton kernel for q and k together (one launch, in float32), for 4-D q/k of one
+    shape but their head count, each with a contiguous even last dimension, and cos/sin ``[b or 1, 1, s, d]``;
+    None for anything else (the PyTorch body takes it)."""
+    pair = [x for x in (q, k) if x is not None]
+    if any(x.dim() != 4 or x.shape[-1] % 2 or x.stride(-1) != 1 for x in pair):
+        return None
+    batch, _, seq, dim = q.shape
+    if k is not None and (k.shape[0], k.shape[2], k.shape[3], k.dtype) != (batch, seq, dim, q.dtype):
         return None
     try:
-        cos, sin = cos.expand(x.shape), sin.expand(x.shape)
+        cos, sin = cos.expand(batch, 1, seq, dim), sin.expand(batch, 1, seq, dim)
     except RuntimeError:
         return None
     if cos.stride() != sin.stride() or cos.stride(-1) != 1 or cos.dtype != sin.dtype:
         return None
-    out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype))
-    if out.stride(-1) != 1:
-        out = torch.empty(x.shape, dtype=out.dtype, device=x.device)
-    batch, heads, seq, dim = x.shape
+    outs = [_rotary_output(x, dtype) for x in pair]
+    k_in, k_out = pair[-1], outs[-1]  # without k, q's: k's zero heads launch no program
     block_s = 32
-    _rotary_kernel[(batch * heads, triton.cdiv(seq, block_s))](
-        x, cos, sin, out, heads, seq, dim // 2, *x.stride()[:3], *cos.stride()[:3], *out.stride()[:3],
+    _rotary_kernel[(batch * sum(x.shape[1] for x in pair), triton.cdiv(seq, block_s))](
+        q, k_in, cos, sin, outs[0], k_out, q.shape[1], k_in.shape[1] if k is not None else 0, seq, dim // 2,
+        *q.stride()[:3], *k_in.stride()[:3], cos.stride(0), cos.stride(2), *outs[0].stride()[:3], *k_out.stride()[:3],
         INVERSE=inverse, BLOCK_S=block_s, BLOCK_D=triton.next_power_of_2(dim // 2), num_warps=4,
     )
-    return out
+    return outs
 
 
-def _rotary_forward_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Optional[torch.Tensor]:
-    return _rotary_triton(x, cos, sin, inverse=False)
+def _rotary_forward_body(q, k, cos, sin, dtype: torch.dtype) -> list:
+    return _rotated_pair(_rotary_forward, q, k, cos, sin, dtype)
 
 
-def _rotary_backward_triton(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Optional[torch.Tensor]:
-    return _rotary_triton(grad, cos, sin, inverse=True)
+def _rotary_backward_body(q, k, cos, sin, dtype: torch.dtype) -> list:
+    return _rotated_pair(_rotary_backward, q, k, cos, sin, dtype)
+
+
+def _rotary_forward_triton(q, k, cos, sin, dtype: torch.dtype) -> Optional[list]:
+    return _rotary_pair_triton(q, k, cos, sin, dtype, inverse=False)
+
+
+def _rotary_backward_triton(q, k, cos, sin, dtype: torch.dtype) -> Optional[list]:
+    return _rotary_pair_triton(q, k, cos, sin, dtype, inverse=True)
 
 
 def _laid_out_like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -3499,42 +3542,57 @@ def _laid_out_like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _rotary_op(name: str, kernel: Callable, body: Callable) -> Callable:
-    """``_fused(kernel, body, x, cos, sin)`` laid out like ``x``, as an ``_opaque`` op."""
+    """``_fused(kernel, body, q, k, cos, sin, dtype)``, each output laid out like its input, as an ``_opaque`` op."""
     return _opaque(
         name,
-        "(Tensor x, Tensor cos, Tensor sin) -> Tensor",
-        lambda x, cos, sin: _laid_out_like(_fused(kernel, body, x, cos, sin), x),
-        lambda x, cos, sin: torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype)),
+        "(Tensor q, Tensor? k, Tensor cos, Tensor sin, ScalarType dtype) -> Tensor[]",
+        lambda q, k, cos, sin, dtype: [
+            _laid_out_like(out, x) for out, x in zip(_fused(kernel, body, q, k, cos, sin, dtype), (q, k))
+        ],
+        lambda q, k, cos, sin, dtype: [torch.empty_like(x, dtype=dtype) for x in (q, k) if x is not None],
     )
 
 
-_rotary_forward_op = _rotary_op("rotary_forward", _rotary_forward_triton, _rotary_forward)
-_rotary_backward_op = _rotary_op("rotary_backward", _rotary_backward_triton, _rotary_backward)
+_rotary_forward_op = _rotary_op("rotary_forward", _rotary_forward_triton, _rotary_forward_body)
+_rotary_backward_op = _rotary_op("rotary_backward", _rotary_backward_triton, _rotary_backward_body)
 
 
 class _Rotary(torch.autograd.Function):
-    """RoPE (``x * cos + rotate_half(x) * sin``) whose backward is the inverse rotation; saves only cos/sin."""
+    """RoPE (``x * cos + rotate_half(x) * sin``) of q and, when given, k (of q's dtype) in one op, whose
+    backward is the inverse rotation, also in one op; saves only cos/sin."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin):
+    def forward(ctx, cos, sin, dtype, q, k):
         ctx.save_for_backward(cos, sin)
-        ctx.x_dtype = x.dtype
-        return _rotary_forward_op(x, cos, sin)
+        ctx.input_dtype = q.dtype
+        return tuple(_rotary_forward_op(q, k, cos, sin, dtype))
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad_q, grad_k=None):
         cos, sin = ctx.saved_tensors
-        grad_x = _rotary_backward_op(grad, cos, sin)
-        return grad_x.to(ctx.x_dtype), None, None
+        grads = _rotary_backward_op(grad_q, grad_k, cos, sin, ctx.input_dtype)
+        return None, None, None, grads[0], grads[1] if grad_k is not None else None
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` by ``cos``/``sin`` (broadcastable to ``x``, halves repeated as in transformers).
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Rotate ``x`` by ``cos``/``sin`` (broadcastable to ``x``, halves repeated as in transformers), computed in
+    the promoted dtype of x and cos and returned in ``dtype`` (by default that promoted dtype).
 
     cos/sin that need a gradient (nobody's do in our files) or differ in dtype take the plain autograd path."""
+    dtype = torch.promote_types(x.dtype, cos.dtype) if dtype is None else dtype
     if cos.requires_grad or sin.requires_grad or cos.dtype != sin.dtype:
-        return _rotary_forward(x, cos, sin)
-    return _Rotary.apply(x, cos, sin)
+        return _rotary_forward(x, cos, sin).to(dtype)
+    return _Rotary.apply(cos, sin, dtype, x, None)[0]
+
+
+def rotary_pair(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: Optional[torch.dtype] = None
+) -> tuple:
+    """``(rotary(q, cos, sin, dtype), rotary(k, cos, sin, dtype))`` in one op (on CUDA one kernel launch each way)."""
+    if cos.requires_grad or sin.requires_grad or cos.dtype != sin.dtype or k.dtype != q.dtype:
+        return rotary(q, cos, sin, dtype), rotary(k, cos, sin, dtype)
+    dtype = torch.promote_types(q.dtype, cos.dtype) if dtype is None else dtype
+    return _Rotary.apply(cos, sin, dtype, q, k)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -414,6 +414,54 @@ def test_rotary_matches_float64_reference_and_keeps_only_cos_sin(heads, seq, dim
     assert_close_rel(back, x.detach(), 1e-12, "inverse rotation")
 
 
+@pytest.mark.parametrize("q_heads,k_heads,seq,dim", [(4, 2, 7, 8), (3, 3, 16, 32), (2, 1, 5, 2)])
+def test_rotary_pair_rotates_q_and_k_in_one_op_like_float64_and_keeps_only_cos_sin(q_heads, k_heads, seq, dim):
+    """q and k (GQA: fewer k heads) rotated together, forward and gradients, against the float64 formula."""
+    generator = torch.Generator().manual_seed(q_heads * seq + k_heads)
+    q = torch.randn(2, seq, q_heads, dim, generator=generator, dtype=torch.float64).transpose(1, 2)
+    k = torch.randn(2, k_heads, seq, dim, generator=generator, dtype=torch.float64)
+    angles = torch.randn(2, 1, seq, dim // 2, generator=generator, dtype=torch.float64) * 3
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    grads_out = [torch.randn(x.shape, generator=generator, dtype=torch.float64) for x in (q, k)]
+    leaves = [x.clone().requires_grad_() for x in (q, k)]
+    expected = [reference_rotary(x, cos, sin) for x in leaves]
+    expected_grads = torch.autograd.grad(expected, leaves, grads_out)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, TOL)):
+        inputs = [x.detach().to(dtype).requires_grad_() for x in (q, k)]
+        outs = ops.rotary_pair(*inputs, cos.to(dtype), sin.to(dtype))
+        assert type(outs[0].grad_fn).__name__ == "_RotaryBackward" and outs[0].grad_fn is outs[1].grad_fn
+        grads = torch.autograd.grad(outs, inputs, [g.to(dtype) for g in grads_out])
+        for name, got, want in zip(("q", "k", "grad q", "grad k"), [*outs, *grads], [*expected, *expected_grads]):
+            assert got.dtype == dtype
+            assert_close_rel(got.detach(), want.detach(), tol, f"rotary_pair {name} {dtype}")
+    assert saved_tensor_shapes(lambda: ops.rotary_pair(*leaves, cos, sin)) == [tuple(cos.shape), tuple(sin.shape)]
+
+
+def test_rotary_in_a_narrower_dtype_is_the_float32_formula_cast_once():
+    """Qwen's rotation: bf16 q/k with float32 cos/sin, computed in float32 and returned in bf16 (the original
+    copies to float32 and casts back), gradients too; a partial rotation leaves the other channels as they were."""
+    generator = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 3, 9, 16, generator=generator).bfloat16().requires_grad_()
+    k = torch.randn(1, 3, 9, 16, generator=generator).bfloat16().requires_grad_()
+    angles = torch.randn(1, 1, 9, 8, generator=generator) * 3
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    grads_out = [torch.randn(x.shape, generator=generator).bfloat16() for x in (q, k)]
+    outs = ops.rotary_pair(q, k, cos, sin, dtype=torch.bfloat16)
+    wide = [x.detach().float().requires_grad_() for x in (q, k)]
+    expected = [reference_rotary(x, cos, sin) for x in wide]
+    expected_grads = torch.autograd.grad(expected, wide, [g.float() for g in grads_out])
+    grads = torch.autograd.grad(outs, [q, k], grads_out)
+    for got, want in zip([*outs, *grads], [*expected, *expected_grads]):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want.bfloat16(), rtol=0, atol=0)
+    partial = ops.rotary(q[..., :8], cos[..., :8], sin[..., :8], dtype=torch.bfloat16)
+    assert partial.dtype == torch.bfloat16
+    torch.testing.assert_close(partial, reference_rotary(q.detach()[..., :8].float(), cos[..., :8], sin[..., :8]).bfloat16())
+    assert ops.rotary(q, cos, sin).dtype == torch.float32  # by default the promoted dtype, as the formula gives
+
+
 def test_fused_ops_trace_into_one_graph_under_torch_compile():
     torch._dynamo.reset()
     head = torch.nn.Linear(16, VOCAB)
@@ -990,4 +1038,38 @@ def test_triton_rotary_matches_float64_like_stock(dtype, layout):
 
     ours, stock, reference = run(dtype, ops.rotary), run(dtype, reference_rotary), run(torch.float64, reference_rotary)
     assert_as_close_as_stock("rotary", ours, stock, reference, dtype)
+    triton_paths_ran()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["llama_gqa", "qwen_fused_projection"])
+def test_triton_rotary_pair_matches_float64_like_stock(dtype, layout):
+    """q and k in one kernel: LLaMA's transposed views with fewer k heads, and Qwen's q/k as strided slices of
+    one fused projection rotated by float32 cos/sin into their own dtype."""
+    generator = torch.Generator().manual_seed(5)
+    batch, heads, seq, dim = 2, 4, 77, 64
+    k_heads = 2 if layout == "llama_gqa" else heads
+    mixed = torch.randn(batch, seq, heads + k_heads, dim, generator=generator, dtype=torch.float64)
+    angles = torch.randn(batch, 1, seq, dim // 2, generator=generator) * 3
+    angles = torch.cat((angles, angles), dim=-1).double()
+    grads_out = [torch.randn(batch, h, seq, dim, generator=generator, dtype=torch.float64) for h in (heads, k_heads)]
+    qwen = layout == "qwen_fused_projection"
+
+    def run(dtype_, rotate) -> list:
+        leaf = mixed.cuda().to(dtype_).requires_grad_()
+        q, k = leaf[:, :, :heads].transpose(1, 2), leaf[:, :, heads:].transpose(1, 2)
+        # Qwen's cos/sin are float32 whatever the model's dtype (float64 for the reference)
+        angle_dtype = (torch.float64 if dtype_ == torch.float64 else torch.float32) if qwen else dtype_
+        cos, sin = angles.cos().cuda().to(angle_dtype), angles.sin().cuda().to(angle_dtype)
+        outs = rotate(q, k, cos, sin, dtype_)
+        grads = torch.autograd.grad(outs, [leaf], [g.cuda().to(dtype_) for g in grads_out])
+        return [*(out.detach() for out in outs), *grads]
+
+    def stock(q, k, cos, sin, dtype_):
+        return [reference_rotary(x.to(cos.dtype) if qwen else x, cos, sin).to(dtype_) for x in (q, k)]
+
+    ours = run(dtype, lambda q, k, cos, sin, dtype_: ops.rotary_pair(q, k, cos, sin, dtype=dtype_))
+    assert_as_close_as_stock("rotary_pair", ours, run(dtype, stock), run(torch.float64, stock), dtype)
     triton_paths_ran()
