@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import weakref
 
 import pytest
 import torch
@@ -358,6 +359,38 @@ def test_projected_activation_matches_float64_and_keeps_only_the_matmul_outputs(
     activation_sized = [shape for shape in kept if torch.Size(shape).numel() == x.numel()]
     stock_activation_sized = [shape for shape in stock_kept if torch.Size(shape).numel() == x.numel()]
     assert len(stock_activation_sized) > len(activation_sized)  # stock also keeps the activation for the weight
+
+
+class _WideTensorsAtBiasReduction(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts, when the first row reduction (``aten.sum`` over dim 0: the bias gradient) runs, how many tensors
+    of ``shape`` made since entering are still alive."""
+
+    def __init__(self, shape: tuple):
+        super().__init__()
+        self.shape, self.made, self.alive_at_sum = shape, [], None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.sum.dim_IntList and self.alive_at_sum is None and list(args[1]) == [0]:
+            self.alive_at_sum = sum(1 for ref in self.made if ref() is not None)
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == self.shape:
+                self.made.append(weakref.ref(tensor))
+        return out
+
+
+def test_projected_activation_backward_reduces_the_bias_gradient_before_making_wide_tensors():
+    """The bias gradient's reduction (a workspace as large as [tokens, intermediate] on CUDA) runs while no
+    [tokens, intermediate] tensor of the backward (the input's gradient, the recomputed activation) exists."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(37, 24, generator=generator, requires_grad=True)
+    projection = torch.nn.Linear(24, 8)
+    out = ops.projected_activation("gelu", x, projection, F.gelu)
+    watch = _WideTensorsAtBiasReduction((37, 24))
+    with watch:
+        out.backward(torch.randn(out.shape, generator=generator))
+    assert watch.made, "the backward made no [tokens, intermediate] tensor: the test watches nothing"
+    assert watch.alive_at_sum == 0
 
 
 def test_projected_activation_on_a_transposed_conv1d_weight_and_the_stock_path_for_wrapped_projections():
