@@ -3579,13 +3579,16 @@ class _Rotary(torch.autograd.Function):
         return None, None, None, grads[0], grads[1] if grad_k is not None else None
 
 
+def _rotates_through_autograd(cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """cos/sin that need a gradient (nobody's do in our files) or differ in dtype: the plain autograd path."""
+    return cos.requires_grad or sin.requires_grad or cos.dtype != sin.dtype
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Rotate ``x`` by ``cos``/``sin`` (broadcastable to ``x``, halves repeated as in transformers), computed in
-    the promoted dtype of x and cos and returned in ``dtype`` (by default that promoted dtype).
-
-    cos/sin that need a gradient (nobody's do in our files) or differ in dtype take the plain autograd path."""
+    the promoted dtype of x and cos and returned in ``dtype`` (by default that promoted dtype)."""
     dtype = torch.promote_types(x.dtype, cos.dtype) if dtype is None else dtype
-    if cos.requires_grad or sin.requires_grad or cos.dtype != sin.dtype:
+    if _rotates_through_autograd(cos, sin):
         return _rotary_forward(x, cos, sin).to(dtype)
     return _Rotary.apply(cos, sin, dtype, x, None)[0]
 
@@ -3594,7 +3597,7 @@ def rotary_pair(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: Optional[torch.dtype] = None
 ) -> tuple:
     """``(rotary(q, cos, sin, dtype), rotary(k, cos, sin, dtype))`` in one op (on CUDA one kernel launch each way)."""
-    if cos.requires_grad or sin.requires_grad or cos.dtype != sin.dtype or k.dtype != q.dtype:
+    if _rotates_through_autograd(cos, sin) or k.dtype != q.dtype:
         return rotary(q, cos, sin, dtype), rotary(k, cos, sin, dtype)
     dtype = torch.promote_types(q.dtype, cos.dtype) if dtype is None else dtype
     return _Rotary.apply(cos, sin, dtype, q, k)
