@@ -156,6 +156,32 @@ def test_loss_and_all_gradients_match_stock(seq2seq_folder, backend):
     assert_same_gradients(ours, stock, 1e-4)
 
 
+def test_learned_positions_are_read_as_a_slice_with_the_lookups_values_and_gradient(seq2seq_folder):
+    """Consecutive positions are a slice of the table (backward copies into those rows; no index lookup whose
+    backward sorts and scatters); the rows and the gradient are exactly the stock lookup's, with and without a
+    cached past, and a tensor past length (a static cache) still looks the positions up."""
+    from transformers.models.bart.modeling_bart import BartLearnedPositionalEmbedding as StockPositions
+
+    table = load_ours(seq2seq_folder, "sdpa").model.decoder.embed_positions
+    stock = StockPositions(table.num_embeddings - table.offset, table.embedding_dim)
+    stock.load_state_dict(table.state_dict())
+    for past_len, seq_len in [(0, 11), (5, 1), (3, 9)]:
+        grad = torch.randn(seq_len, table.embedding_dim)
+        table.zero_grad(), stock.zero_grad()
+        rows = table(seq_len, past_len)
+        expected = stock(torch.zeros(1, seq_len), past_key_values_length=past_len)[0]
+        assert rows.untyped_storage().data_ptr() == table.weight.untyped_storage().data_ptr()
+        torch.testing.assert_close(rows, expected, rtol=0, atol=0)
+        rows.backward(grad), expected.backward(grad)
+        torch.testing.assert_close(table.weight.grad, stock.weight.grad, rtol=0, atol=0)
+        assert table.weight.grad.count_nonzero() == seq_len * table.embedding_dim
+    looked_up = table(4, torch.tensor(2))
+    assert looked_up.untyped_storage().data_ptr() != table.weight.untyped_storage().data_ptr()
+    torch.testing.assert_close(looked_up, table.weight[4:8], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="max_position_embeddings = 64 positions, but this call needs 65"):
+        table(6, 59)
+
+
 def test_gradient_checkpointing_keeps_loss_and_gradients(seq2seq_folder):
     ours, stock = load_ours(seq2seq_folder, "chunked").train(), load_stock(seq2seq_folder).train()
     # transformers 5.23 renamed gradient_checkpointing_enable (still there, deprecated) to activation_checkpointing_enable.

@@ -198,6 +198,46 @@ def test_loss_and_every_gradient(tmp_path, backend, padding):
     )
 
 
+class _EmbeddingLookups(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts index lookups into embedding tables (``aten.embedding``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.embedding.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_default_positions_read_wpe_as_a_slice_with_stocks_gradient(tmp_path):
+    """Without position_ids the consecutive positions are a slice of wpe (no index lookup, whose backward sorts
+    and scatters), with stock's gradient for wpe; a hooked wpe is called with the positions as stock calls it,
+    given position_ids are looked up, and too long an input is refused before any kernel runs."""
+    ours, stock = load_pair(tmp_path, "sdpa")
+    ours.train(), stock.train()
+    ids = random_ids()
+    lookups = _EmbeddingLookups()
+    with lookups:
+        actual = loss_and_grads(ours, ids, None, ids)
+    assert lookups.count == 1  # the token embedding only
+    assert_same_loss_and_grads(actual, loss_and_grads(stock, ids, None, ids), 1e-5, "slice")
+    assert actual[1]["transformer.wpe.weight"][TOTAL:].count_nonzero() == 0
+    assert actual[1]["transformer.wpe.weight"][:TOTAL].count_nonzero() > 0
+
+    with lookups, torch.no_grad():
+        ours(ids, position_ids=torch.arange(TOTAL)[None] + 3)
+    assert lookups.count == 3
+    seen = []
+    ours.transformer.wpe.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, stock(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seen[0], torch.arange(TOTAL)[None], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\[0, 64\).*needs 70"), torch.no_grad():
+        ours.transformer.wpe._forward_hooks.clear()
+        ours(random_ids(1, 70))
+
+
 VARIANTS = {
     "inverse_layer_idx": dict(scale_attn_by_inverse_layer_idx=True),
     "reorder_and_upcast": dict(reorder_and_upcast_attn=True),
