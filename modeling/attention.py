@@ -3416,6 +3416,52 @@ def projected_activation(
     return _apply_as_autocast_would(_ActivationLinear, (x, up, weight, projection.bias), kind)
 
 
+# --- Projections of one input: its gradient summed inside the matmuls ---------------------------
+
+
+class _SharedInputLinears(torch.autograd.Function):
+    """``F.linear(x, weight_i, bias_i)`` for each projection i of one ``x``, as one autograd node. Backward sums
+    the gradient of ``x`` in the matmuls (``addmm_``, beta 1), where autograd runs one add kernel over ``x``'s
+    size for every projection after the first; the weights' and biases' gradients are stock's."""
+
+    @staticmethod
+    def forward(ctx, x, *weights_and_biases):
+        count = len(weights_and_biases) // 2
+        weights, biases = weights_and_biases[:count], weights_and_biases[count:]
+        ctx.save_for_backward(x, *weights)
+        return tuple(F.linear(x, weight, bias) for weight, bias in zip(weights, biases))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        count = len(weights)
+        need_weight, need_bias = ctx.needs_input_grad[1 : 1 + count], ctx.needs_input_grad[1 + count :]
+        x_rows = x.reshape(-1, x.shape[-1])
+        grad_x, grad_weights, grad_biases = None, [None] * count, [None] * count
+        for index, (grad, weight) in enumerate(zip(grads, weights)):
+            grad_rows = grad.reshape(-1, grad.shape[-1])
+            if need_bias[index]:
+                grad_biases[index] = grad_rows.sum(0)
+            if need_weight[index]:
+                grad_weights[index] = grad_rows.t().mm(x_rows)
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_rows.mm(weight) if grad_x is None else grad_x.addmm_(grad_rows, weight)
+        return (None if grad_x is None else grad_x.view(x.shape), *grad_weights, *grad_biases)
+
+
+def shared_input_projections(x: torch.Tensor, *projections: torch.nn.Module) -> tuple:
+    """``tuple(projection(x) for projection in projections)``: one autograd node (``_SharedInputLinears``)
+    when gradients are recorded and every projection is a plain ``nn.Linear``; a wrapped or hooked one (PEFT
+    LoRA, quantization) keeps the stock calls."""
+    if not (torch.is_grad_enabled() and all(_is_plain_module(projection) for projection in projections)):
+        return tuple(projection(x) for projection in projections)
+    weights = tuple(projection.weight for projection in projections)
+    biases = tuple(projection.bias for projection in projections)
+    if not any(t is not None and t.requires_grad for t in (x, *weights, *biases)):
+        return tuple(projection(x) for projection in projections)
+    return _apply_as_autocast_would(_SharedInputLinears, (x, *weights, *biases))
+
+
 # --- Rotary position embedding ----------------------------------------------------------------
 
 

@@ -3451,6 +3451,52 @@ def projected_activation(
     return _apply_as_autocast_would(_ActivationLinear, (x, up, weight, projection.bias), kind)
 
 
+# --- Projections of one input: its gradient summed inside the matmuls ---------------------------
+
+
+class _SharedInputLinears(torch.autograd.Function):
+    """``F.linear(x, weight_i, bias_i)`` for each projection i of one ``x``, as one autograd node. Backward sums
+    the gradient of ``x`` in the matmuls (``addmm_``, beta 1), where autograd runs one add kernel over ``x``'s
+    size for every projection after the first; the weights' and biases' gradients are stock's."""
+
+    @staticmethod
+    def forward(ctx, x, *weights_and_biases):
+        count = len(weights_and_biases) // 2
+        weights, biases = weights_and_biases[:count], weights_and_biases[count:]
+        ctx.save_for_backward(x, *weights)
+        return tuple(F.linear(x, weight, bias) for weight, bias in zip(weights, biases))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        count = len(weights)
+        need_weight, need_bias = ctx.needs_input_grad[1 : 1 + count], ctx.needs_input_grad[1 + count :]
+        x_rows = x.reshape(-1, x.shape[-1])
+        grad_x, grad_weights, grad_biases = None, [None] * count, [None] * count
+        for index, (grad, weight) in enumerate(zip(grads, weights)):
+            grad_rows = grad.reshape(-1, grad.shape[-1])
+            if need_bias[index]:
+                grad_biases[index] = grad_rows.sum(0)
+            if need_weight[index]:
+                grad_weights[index] = grad_rows.t().mm(x_rows)
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_rows.mm(weight) if grad_x is None else grad_x.addmm_(grad_rows, weight)
+        return (None if grad_x is None else grad_x.view(x.shape), *grad_weights, *grad_biases)
+
+
+def shared_input_projections(x: torch.Tensor, *projections: torch.nn.Module) -> tuple:
+    """``tuple(projection(x) for projection in projections)``: one autograd node (``_SharedInputLinears``)
+    when gradients are recorded and every projection is a plain ``nn.Linear``; a wrapped or hooked one (PEFT
+    LoRA, quantization) keeps the stock calls."""
+    if not (torch.is_grad_enabled() and all(_is_plain_module(projection) for projection in projections)):
+        return tuple(projection(x) for projection in projections)
+    weights = tuple(projection.weight for projection in projections)
+    biases = tuple(projection.bias for projection in projections)
+    if not any(t is not None and t.requires_grad for t in (x, *weights, *biases)):
+        return tuple(projection(x) for projection in projections)
+    return _apply_as_autocast_would(_SharedInputLinears, (x, *weights, *biases))
+
+
 # --- Rotary position embedding ----------------------------------------------------------------
 
 
@@ -4186,20 +4232,14 @@ class BartAttention(nn.Module):
         batch, seq_len, _ = states.shape
         return states.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def _key_value(
-        self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None, past_key_values: Cache | None
+    def _cross_key_value(
+        self, key_value_states: torch.Tensor, past_key_values: Cache | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.is_cross_attention:
-            cached = _cached_cross_attention(past_key_values, self.layer_idx)
-            if cached is not None:
-                return cached
-            key, value = self._heads(self.k_proj(key_value_states)), self._heads(self.v_proj(key_value_states))
-            return _store_cross_attention(past_key_values, key, value, self.layer_idx)
-        key, value = self._heads(self.k_proj(hidden_states)), self._heads(self.v_proj(hidden_states))
-        cache = _self_attention_cache(past_key_values)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
-        return key, value
+        cached = _cached_cross_attention(past_key_values, self.layer_idx)
+        if cached is not None:
+            return cached
+        key, value = map(self._heads, shared_input_projections(key_value_states, self.k_proj, self.v_proj))
+        return _store_cross_attention(past_key_values, key, value, self.layer_idx)
 
     def forward(
         self,
@@ -4213,8 +4253,15 @@ class BartAttention(nn.Module):
         ``attention_weights`` list, the weights are computed, appended to it (``output_attentions``) and returned
         beside the output, as stock's attention returns them; otherwise None."""
         batch, q_len, _ = hidden_states.shape
-        query = self._heads(self.q_proj(hidden_states))
-        key, value = self._key_value(hidden_states, key_value_states, past_key_values)
+        if self.is_cross_attention:
+            query = self._heads(self.q_proj(hidden_states))
+            key, value = self._cross_key_value(key_value_states, past_key_values)
+        else:
+            projected = shared_input_projections(hidden_states, self.q_proj, self.k_proj, self.v_proj)
+            query, key, value = map(self._heads, projected)
+            cache = _self_attention_cache(past_key_values)
+            if cache is not None:
+                key, value = cache.update(key, value, self.layer_idx)
         output = attention_recording_weights(
             query,
             key,

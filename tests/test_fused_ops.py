@@ -421,6 +421,83 @@ def test_projected_activation_on_a_transposed_conv1d_weight_and_the_stock_path_f
     assert_close_rel(relu.detach(), conv(torch.relu(x)).detach(), TOL, "an activation without a fused form")
 
 
+class _AddsOfShape(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts additions (``aten.add``/``aten.add_``) whose output has ``shape``."""
+
+    def __init__(self, shape: tuple):
+        super().__init__()
+        self.shape, self.count = shape, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor) and tuple(out.shape) == self.shape:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("widths,with_bias", [((12, 4, 4), False), ((12, 4, 4), True), ((9, 9), True), ((5,), False)])
+def test_shared_input_projections_match_float64_and_sum_the_input_gradient_without_adds(widths, with_bias):
+    """Projections of one input (q/k/v with GQA widths, gate/up) as one node: outputs and every gradient against
+    float64 calls of each projection, odd rows; the input's gradient is summed in the matmuls, where autograd
+    runs one add over the input's size per extra projection."""
+    generator = torch.Generator().manual_seed(21)
+    x = torch.randn(3, 7, 10, generator=generator, dtype=torch.float64)
+    projections = [torch.nn.Linear(10, width, bias=with_bias, dtype=torch.float64) for width in widths]
+    for projection in projections:
+        for parameter in projection.parameters():
+            torch.nn.init.normal_(parameter, generator=generator)
+    grad_outs = [torch.randn(3, 7, width, generator=generator, dtype=torch.float64) for width in widths]
+    leaves = [x.requires_grad_()] + [p for projection in projections for p in projection.parameters()]
+    expected = [projection(x) for projection in projections]
+    expected_grads = torch.autograd.grad(expected, leaves, grad_outs)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, TOL)):
+        cast = [projection.to(dtype) for projection in projections]
+        x_cast = x.detach().to(dtype).requires_grad_()
+        outs = ops.shared_input_projections(x_cast, *cast)
+        assert len({out.grad_fn for out in outs}) == 1 and type(outs[0].grad_fn).__name__ == "_SharedInputLinearsBackward"
+        for out, want in zip(outs, expected, strict=True):
+            assert_close_rel(out.detach(), want.detach(), tol, "projection")
+        cast_leaves = [x_cast] + [p for projection in cast for p in projection.parameters()]
+        adds = _AddsOfShape(tuple(x.shape))
+        with adds:
+            got = torch.autograd.grad(outs, cast_leaves, [g.to(dtype) for g in grad_outs])
+        assert adds.count == 0
+        for index, (g, want) in enumerate(zip(got, expected_grads, strict=True)):
+            assert_close_rel(g, want, tol, f"grad {index}")
+        for projection in projections:
+            projection.to(torch.float64)
+    if len(widths) > 1:
+        stock_adds = _AddsOfShape(tuple(x.shape))
+        with stock_adds:
+            torch.autograd.grad([projection(x) for projection in projections], [x], grad_outs)
+        assert stock_adds.count == len(widths) - 1
+
+
+def test_shared_input_projections_train_only_what_requires_grad_and_keep_stock_calls_otherwise():
+    generator = torch.Generator().manual_seed(22)
+    x = torch.randn(2, 5, 6, generator=generator)
+    first, second = torch.nn.Linear(6, 4), torch.nn.Linear(6, 3)
+    first.weight.requires_grad_(False)
+    outs = ops.shared_input_projections(x, first, second)
+    sum(out.sum() for out in outs).backward()
+    assert first.weight.grad is None and first.bias.grad is not None and second.weight.grad is not None
+    assert_close_rel(first.bias.grad, torch.full((4,), 10.0), TOL, "bias of the frozen-weight projection")
+    assert_close_rel(second.weight.grad, x.reshape(-1, 6).sum(0).expand(3, 6), TOL, "weight gradient")
+    with torch.no_grad():
+        assert all(out.grad_fn is None for out in ops.shared_input_projections(x, first, second))
+    seen = []
+    second.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    hooked = ops.shared_input_projections(x.requires_grad_(), first, second)
+    assert seen == [(2, 5, 3)] and type(hooked[0].grad_fn).__name__ != "_SharedInputLinearsBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        second._forward_hooks.clear()
+        under_autocast = ops.shared_input_projections(x, first, second)
+        stock = (first(x), second(x))
+    assert all(out.dtype == torch.bfloat16 for out in under_autocast)
+    for ours, want in zip(under_autocast, stock, strict=True):
+        torch.testing.assert_close(ours, want, rtol=0, atol=0)
+
+
 def reference_rotary(x, cos, sin):
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-second, first), dim=-1) * sin
