@@ -2744,6 +2744,17 @@ if triton is not None:
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
+    def _norm_backward_rows(grad_ptr, x_ptr, start, last, cols, n_cols, ROWS: tl.constexpr):
+        """Rows [start, start + ROWS) of a norm backward, those before ``last``: their indices, mask and offsets,
+        and the incoming gradient and the input there in float32."""
+        rows = start + tl.arange(0, ROWS)
+        kept = (rows < last)[:, None] & (cols < n_cols)[None, :]
+        offsets = rows[:, None] * n_cols + cols[None, :]
+        grad = tl.load(grad_ptr + offsets, mask=kept, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offsets, mask=kept, other=0.0).to(tl.float32)
+        return rows, kept, offsets, grad, x
+
+    @triton.jit
     def _rms_norm_backward_kernel(
         grad_ptr, x_ptr, weight_ptr, rstd_ptr, grad_x_ptr, grad_weight_ptr, n_rows, n_cols, rows_per_program,
         BLOCK: tl.constexpr, ROWS: tl.constexpr,
@@ -2758,11 +2769,7 @@ if triton is not None:
         first = program.to(tl.int64) * rows_per_program
         last = tl.minimum(first + rows_per_program, n_rows)
         for start in range(first, last, ROWS):
-            rows = start + tl.arange(0, ROWS)
-            kept = (rows < last)[:, None] & inside[None, :]
-            offsets = rows[:, None] * n_cols + cols[None, :]
-            grad = tl.load(grad_ptr + offsets, mask=kept, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + offsets, mask=kept, other=0.0).to(tl.float32)
+            rows, kept, offsets, grad, x = _norm_backward_rows(grad_ptr, x_ptr, start, last, cols, n_cols, ROWS)
             rstd = tl.load(rstd_ptr + rows, mask=rows < last, other=0.0)[:, None]
             x_hat = x * rstd
             # d(weight * normed): grad x weight rounded to the normalised value's dtype, as stock's autograd
@@ -2772,6 +2779,55 @@ if triton is not None:
             tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=kept)
             grad_weight += grad * x_hat.to(x_ptr.dtype.element_ty).to(tl.float32)
         tl.store(grad_weight_ptr + program.to(tl.int64) * n_cols + cols, tl.sum(grad_weight, 0), mask=inside)
+
+    @triton.jit
+    def _layer_norm_forward_kernel(
+        x_ptr, weight_ptr, bias_ptr, out_ptr, mean_ptr, rstd_ptr, n_cols, eps, BLOCK: tl.constexpr
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        x = tl.load(x_ptr + row * n_cols + cols, mask=inside, other=0.0).to(tl.float32)
+        mean = tl.sum(x, 0) / n_cols
+        centered = tl.where(inside, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(centered * centered, 0) / n_cols + eps)
+        weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        out = centered * rstd * weight + bias
+        tl.store(out_ptr + row * n_cols + cols, out.to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(mean_ptr + row, mean)
+        tl.store(rstd_ptr + row, rstd)
+
+    @triton.jit
+    def _layer_norm_backward_kernel(
+        grad_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, grad_x_ptr, partial_ptr, n_rows, n_cols, rows_per_program,
+        BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    ):
+        """Rows [program x rows_per_program, ...), ROWS at a time: grad_x per row, and this program's partial
+        weight and bias gradients (partial_ptr: [programs, 2, n_cols])."""
+        program = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        weight = tl.load(weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        grad_weight = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        grad_bias = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        first = program.to(tl.int64) * rows_per_program
+        last = tl.minimum(first + rows_per_program, n_rows)
+        for start in range(first, last, ROWS):
+            rows, kept, offsets, grad, x = _norm_backward_rows(grad_ptr, x_ptr, start, last, cols, n_cols, ROWS)
+            mean = tl.load(mean_ptr + rows, mask=rows < last, other=0.0)[:, None]
+            rstd = tl.load(rstd_ptr + rows, mask=rows < last, other=0.0)[:, None]
+            x_hat = tl.where(kept, (x - mean) * rstd, 0.0)
+            grad_normed = grad * weight[None, :]
+            mean_grad = tl.sum(grad_normed, 1)[:, None] / n_cols
+            mean_grad_x_hat = tl.sum(grad_normed * x_hat, 1)[:, None] / n_cols
+            grad_x = rstd * (grad_normed - mean_grad - x_hat * mean_grad_x_hat)
+            tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=kept)
+            grad_weight += grad * x_hat
+            grad_bias += grad
+        partial = partial_ptr + program.to(tl.int64) * 2 * n_cols + cols
+        tl.store(partial, tl.sum(grad_weight, 0), mask=inside)
+        tl.store(partial + n_cols, tl.sum(grad_bias, 0), mask=inside)
 
     @triton.jit
     def _rotate_rows(
@@ -3193,16 +3249,21 @@ def _rms_norm_forward_triton(x: torch.Tensor, weight: torch.Tensor, eps: float):
     return out.view(x.shape), rstd.view(*x.shape[:-1], 1)
 
 
+def _norm_backward_split(n_rows: int, block: int, device: torch.device) -> tuple:
+    """``(programs, rows_per_program, rows_at_once)`` for the norm backward kernels: two programs per SM, each
+    taking ROWS rows at a time on ``_row_warps(block)`` warps (the fastest launch measured on an H200 at
+    8192 x 2048 in bf16: 30 us against 41 us for four per SM on warps sized for all ROWS rows)."""
+    rows_at_once = max(1, min(8, 8192 // block))
+    programs = max(1, min(n_rows, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
+    rows_per_program = rows_at_once * triton.cdiv(triton.cdiv(n_rows, programs), rows_at_once)
+    return triton.cdiv(n_rows, rows_per_program), rows_per_program, rows_at_once
+
+
 def _rms_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
     x_rows, grad_rows = _rows(x), _rows(grad)
     n_rows, n_cols = x_rows.shape
     block = _row_block(n_cols)
-    rows_at_once = max(1, min(8, 8192 // block))
-    # two programs per SM, each row's block on _row_warps(block) warps: the fastest launch measured on an H200
-    # at 8192 x 2048 in bf16 (30 us against 41 us for four per SM on warps sized for all ROWS rows)
-    programs = max(1, min(n_rows, 2 * torch.cuda.get_device_properties(x.device).multi_processor_count))
-    rows_per_program = rows_at_once * triton.cdiv(triton.cdiv(n_rows, programs), rows_at_once)
-    programs = triton.cdiv(n_rows, rows_per_program)
+    programs, rows_per_program, rows_at_once = _norm_backward_split(n_rows, block, x.device)
     grad_x = torch.empty_like(x_rows)
     partial_grad_weight = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
     _rms_norm_backward_kernel[(programs,)](
@@ -3242,6 +3303,109 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm as LLaMA and Qwen compute it: statistics in float32 (float64 for float64 input), normalised
     value cast to the input dtype, then scaled by ``weight``."""
     return _RMSNorm.apply(x, weight, eps)
+
+
+# --- LayerNorm --------------------------------------------------------------------------------
+
+
+def _layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    x_float = _at_least_float32(x)
+    mean = x_float.mean(-1, keepdim=True)
+    centered = x_float - mean
+    rstd = torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + eps)
+    out = centered * rstd * weight.to(x_float.dtype) + bias.to(x_float.dtype)
+    return out.to(x.dtype), mean, rstd
+
+
+def _layer_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean, rstd):
+    x_hat = (_at_least_float32(x) - mean) * rstd
+    grad_float = grad.to(x_hat.dtype)
+    grad_normed = grad_float * weight.to(x_hat.dtype)
+    mean_grad_x_hat = (grad_normed * x_hat).mean(-1, keepdim=True)
+    grad_x = rstd * (grad_normed - grad_normed.mean(-1, keepdim=True) - x_hat * mean_grad_x_hat)
+    grad_rows = grad_float.reshape(-1, x.shape[-1])
+    grad_weight = (grad_rows * x_hat.reshape(-1, x.shape[-1])).sum(0)
+    return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_rows.sum(0).to(weight.dtype)
+
+
+def _layer_norm_forward_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    if x.shape[-1] > _TRITON_MAX_ROW:
+        return None
+    x_rows = _rows(x)
+    out = torch.empty_like(x_rows)
+    mean = torch.empty(x_rows.shape[0], dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    block = _row_block(x_rows.shape[1])
+    _layer_norm_forward_kernel[(x_rows.shape[0],)](
+        x_rows, weight.contiguous(), bias.contiguous(), out, mean, rstd, x_rows.shape[1], eps,
+        BLOCK=block, num_warps=_row_warps(block),
+    )
+    stats_shape = (*x.shape[:-1], 1)
+    return out.view(x.shape), mean.view(stats_shape), rstd.view(stats_shape)
+
+
+def _layer_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean, rstd):
+    x_rows, grad_rows = _rows(x), _rows(grad)
+    n_rows, n_cols = x_rows.shape
+    block = _row_block(n_cols)
+    programs, rows_per_program, rows_at_once = _norm_backward_split(n_rows, block, x.device)
+    grad_x = torch.empty_like(x_rows)
+    partial = torch.empty(programs, 2, n_cols, dtype=torch.float32, device=x.device)
+    _layer_norm_backward_kernel[(programs,)](
+        grad_rows, x_rows, weight.contiguous(), mean.contiguous(), rstd.contiguous(), grad_x, partial, n_rows,
+        n_cols, rows_per_program, BLOCK=block, ROWS=rows_at_once, num_warps=_row_warps(block),
+    )
+    grad_weight, grad_bias = partial.sum(0).to(weight.dtype)
+    return grad_x.view(x.shape), grad_weight, grad_bias
+
+
+_layer_norm_forward_op = _opaque_fused(
+    "layer_norm_forward", "(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)",
+    _layer_norm_forward_triton, _layer_norm_forward,
+)
+_layer_norm_backward_op = _opaque_fused(
+    "layer_norm_backward",
+    "(Tensor grad, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)",
+    _layer_norm_backward_triton, _layer_norm_backward,
+)
+
+
+class _LayerNorm(torch.autograd.Function):
+    """LayerNorm over the last dim, statistics in float32; saves x and the per-row mean and rstd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float):
+        out, mean, rstd = _layer_norm_forward_op(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, rstd = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = _layer_norm_backward_op(grad, x, weight, mean, rstd)
+        needs = ctx.needs_input_grad
+        return grad_x, grad_weight if needs[1] else None, grad_bias if needs[2] else None, None
+
+
+class FusedLayerNorm(torch.nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters, state-dict keys and math) that runs the fused op (``_LayerNorm``:
+    Triton kernels on CUDA, one per direction) where it applies: one normalized dim, a weight and a bias of the
+    input's dtype, no autocast. Anything else is stock's ``nn.LayerNorm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fused_applies(x):
+            return super().forward(x)
+        return _LayerNorm.apply(x, self.weight, self.bias, self.eps)
+
+    def _fused_applies(self, x: torch.Tensor) -> bool:
+        return (
+            len(self.normalized_shape) == 1
+            and self.weight is not None
+            and self.bias is not None
+            and x.dtype == self.weight.dtype == self.bias.dtype
+            and x.is_floating_point()
+            and _autocast_dtype(x.device.type) is None
+        )
 
 
 # --- Activations ------------------------------------------------------------------------------
@@ -4282,12 +4446,12 @@ class GPT2Block(LongContextCheckpointing, GradientCheckpointingLayer):
         inner_dim = config.n_inner if config.n_inner is not None else 4 * hidden_size
         self.config = config
         self.layer_idx = layer_idx
-        self.ln_1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
+        self.ln_1 = FusedLayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.attn = GPT2Attention(config, layer_idx)
         if config.add_cross_attention:
             self.crossattention = GPT2CrossAttention(config, layer_idx)
-            self.ln_cross_attn = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
-        self.ln_2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
+            self.ln_cross_attn = FusedLayerNorm(hidden_size, eps=config.layer_norm_epsilon)
+        self.ln_2 = FusedLayerNorm(hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(inner_dim, config)
 
     def forward(
@@ -4385,7 +4549,7 @@ class GPT2Model(GPT2PreTrainedModel):
         self.wpe = nn.Embedding(config.max_position_embeddings, self.embed_dim)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([GPT2Block(config, layer_idx=i) for i in range(config.num_hidden_layers)])
-        self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+        self.ln_f = FusedLayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
         self.post_init()
 

@@ -279,6 +279,51 @@ def test_rms_norm_in_bf16_casts_the_normalised_value_before_the_weight_like_stoc
     assert torch.equal(ops.rms_norm(x, weight, 1e-5), stock)
 
 
+@pytest.mark.parametrize("shape", [(2, 7, 33), (5, 64), (1, 3, 1, 9)])
+def test_fused_layer_norm_matches_float64_reference_and_keeps_input_mean_and_rstd(shape):
+    generator = torch.Generator().manual_seed(len(shape) + shape[-1])
+    x = (3 + 2 * torch.randn(shape, generator=generator, dtype=torch.float64)).requires_grad_()
+    reference = torch.nn.LayerNorm(shape[-1], eps=1e-5, dtype=torch.float64)
+    for parameter in reference.parameters():
+        torch.nn.init.normal_(parameter, generator=generator)
+    expected = reference(x)
+    grad_out = torch.randn(shape, generator=generator, dtype=torch.float64)
+    expected_grads = torch.autograd.grad(expected, [x, *reference.parameters()], grad_out)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, TOL)):
+        norm = ops.FusedLayerNorm(shape[-1], eps=1e-5, dtype=dtype)
+        norm.load_state_dict(reference.state_dict())
+        xs = x.detach().to(dtype).requires_grad_()
+        out = norm(xs)
+        assert type(out.grad_fn).__name__ == "_LayerNormBackward"
+        assert_close_rel(out.detach(), expected.detach(), tol, f"layer norm {dtype}")
+        got = torch.autograd.grad(out, [xs, *norm.parameters()], grad_out.to(dtype))
+        for name, g, want in zip(("x", "weight", "bias"), got, expected_grads, strict=True):
+            assert_close_rel(g, want, tol, f"grad of {name}")
+    norm = ops.FusedLayerNorm(shape[-1], dtype=torch.float64)
+    kept = saved_tensor_shapes(lambda: norm(x))
+    assert sorted(kept) == sorted([shape, (shape[-1],), shape[:-1] + (1,), shape[:-1] + (1,)]), kept
+
+
+def test_fused_layer_norm_is_stocks_where_the_fused_op_does_not_apply():
+    """Same state-dict keys as nn.LayerNorm; without a bias or weights, over two dims or under autocast the
+    module is stock's (exactly); bf16 input is normalised in float32."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 10, generator=generator)
+    assert list(ops.FusedLayerNorm(10).state_dict()) == list(torch.nn.LayerNorm(10).state_dict())
+    for args, kwargs in [((10,), dict(bias=False)), ((10,), dict(elementwise_affine=False)), (((4, 10),), {})]:
+        ours, stock = ops.FusedLayerNorm(*args, **kwargs), torch.nn.LayerNorm(*args, **kwargs)
+        out = ours(x)
+        assert out.grad_fn is None or type(out.grad_fn).__name__ != "_LayerNormBackward"
+        assert torch.equal(out, stock(x))
+    ours, stock = ops.FusedLayerNorm(10), torch.nn.LayerNorm(10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ours(x.bfloat16()), stock(x.bfloat16()))
+    half = ops.FusedLayerNorm(10).bfloat16()
+    x_bf16 = x.bfloat16()
+    expected = F.layer_norm(x_bf16.float(), (10,), half.weight.float(), half.bias.float()).bfloat16()
+    assert_close_rel(half(x_bf16).float(), expected.float(), 1e-2, "bf16 layer norm")
+
+
 def test_silu_gate_matches_float64_reference_and_keeps_only_the_matmul_outputs():
     generator = torch.Generator().manual_seed(11)
     gate = torch.randn(3, 9, 20, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -1074,6 +1119,30 @@ def test_triton_projected_activation_matches_float64_like_stock(dtype, name):
 
     reference, stock, ours = run(torch.float64, False), run(dtype, False), run(dtype, True)
     assert_as_close_as_stock(f"projected {name}", ours, stock, reference, dtype)
+    triton_paths_ran()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", TRITON_CASES)
+def test_triton_layer_norm_matches_float64_like_stock(dtype, shape):
+    generator = torch.Generator().manual_seed(shape[-1])
+    x = 3 + 2 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    reference = torch.nn.LayerNorm(shape[-1], dtype=torch.float64)
+    for parameter in reference.parameters():
+        torch.nn.init.normal_(parameter, generator=generator)
+    grad_out = torch.randn(shape, generator=generator, dtype=torch.float64).cuda()
+
+    def run(dtype_, module_class) -> list:
+        norm = module_class(shape[-1], device="cuda", dtype=dtype_)
+        norm.load_state_dict(reference.state_dict())
+        inputs = on_cuda(x, dtype=dtype_)
+        out = norm(inputs[0])
+        return [out.detach(), *torch.autograd.grad(out, inputs + [norm.weight, norm.bias], grad_out.to(out.dtype))]
+
+    expected, stock = run(torch.float64, torch.nn.LayerNorm), run(dtype, torch.nn.LayerNorm)
+    assert_as_close_as_stock("layer norm", run(dtype, ops.FusedLayerNorm), stock, expected, dtype)
     triton_paths_ran()
 
 
