@@ -3617,13 +3617,12 @@ def shared_input_projections(x: torch.Tensor, *projections: torch.nn.Module) -> 
     """``tuple(projection(x) for projection in projections)``: one autograd node (``_SharedInputLinears``)
     when gradients are recorded and every projection is a plain ``nn.Linear``; a wrapped or hooked one (PEFT
     LoRA, quantization) keeps the stock calls."""
-    if not (torch.is_grad_enabled() and all(_is_plain_module(projection) for projection in projections)):
-        return tuple(projection(x) for projection in projections)
-    weights = tuple(projection.weight for projection in projections)
-    biases = tuple(projection.bias for projection in projections)
-    if not any(t is not None and t.requires_grad for t in (x, *weights, *biases)):
-        return tuple(projection(x) for projection in projections)
-    return _apply_as_autocast_would(_SharedInputLinears, (x, *weights, *biases))
+    if torch.is_grad_enabled() and all(_is_plain_module(projection) for projection in projections):
+        weights = tuple(projection.weight for projection in projections)
+        biases = tuple(projection.bias for projection in projections)
+        if any(t is not None and t.requires_grad for t in (x, *weights, *biases)):
+            return _apply_as_autocast_would(_SharedInputLinears, (x, *weights, *biases))
+    return tuple(projection(x) for projection in projections)
 
 
 # --- Rotary position embedding ----------------------------------------------------------------

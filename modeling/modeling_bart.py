@@ -3652,13 +3652,12 @@ def shared_input_projections(x: torch.Tensor, *projections: torch.nn.Module) -> 
     """``tuple(projection(x) for projection in projections)``: one autograd node (``_SharedInputLinears``)
     when gradients are recorded and every projection is a plain ``nn.Linear``; a wrapped or hooked one (PEFT
     LoRA, quantization) keeps the stock calls."""
-    if not (torch.is_grad_enabled() and all(_is_plain_module(projection) for projection in projections)):
-        return tuple(projection(x) for projection in projections)
-    weights = tuple(projection.weight for projection in projections)
-    biases = tuple(projection.bias for projection in projections)
-    if not any(t is not None and t.requires_grad for t in (x, *weights, *biases)):
-        return tuple(projection(x) for projection in projections)
-    return _apply_as_autocast_would(_SharedInputLinears, (x, *weights, *biases))
+    if torch.is_grad_enabled() and all(_is_plain_module(projection) for projection in projections):
+        weights = tuple(projection.weight for projection in projections)
+        biases = tuple(projection.bias for projection in projections)
+        if any(t is not None and t.requires_grad for t in (x, *weights, *biases)):
+            return _apply_as_autocast_would(_SharedInputLinears, (x, *weights, *biases))
+    return tuple(projection(x) for projection in projections)
 
 
 # --- Rotary position embedding ----------------------------------------------------------------
@@ -4332,7 +4331,7 @@ class BartLearnedPositionalEmbedding(nn.Embedding):
         device, without a host sync."""
         limit = self.num_embeddings - self.offset
         if isinstance(past_len, int):
-            self._check_positions_fit(past_len + seq_len, limit, past_len, seq_len)
+            self._check_positions_fit(past_len, seq_len, limit)
             # consecutive rows: a slice of the table, whose backward copies the gradient into those rows (a lookup
             # by index sorts and scatters 8k indices in backward, about 0.3 ms on an H200)
             return self.weight[past_len + self.offset : past_len + self.offset + seq_len]
@@ -4340,15 +4339,15 @@ class BartLearnedPositionalEmbedding(nn.Embedding):
         if _is_tracing():
             check_positions(positions, limit, "BART (config.max_position_embeddings)")
         else:
-            self._check_positions_fit(past_len + seq_len, limit, past_len, seq_len)
+            self._check_positions_fit(past_len, seq_len, limit)
         return super().forward(positions + self.offset)
 
     @staticmethod
-    def _check_positions_fit(needed, limit: int, past_len, seq_len: int) -> None:
-        if needed > limit:
+    def _check_positions_fit(past_len, seq_len: int, limit: int) -> None:
+        if past_len + seq_len > limit:
             raise ValueError(
                 f"BART has config.max_position_embeddings = {limit} positions, but this call needs "
-                f"{needed} (past {past_len} + new {seq_len})"
+                f"{past_len + seq_len} (past {past_len} + new {seq_len})"
             )
 
 
