@@ -3391,8 +3391,10 @@ class _LayerNorm(torch.autograd.Function):
 
 class FusedLayerNorm(torch.nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters, state-dict keys and math) that runs the fused op (``_LayerNorm``:
-    Triton kernels on CUDA, one per direction) where it applies: one normalized dim, a weight and a bias of the
-    input's dtype, no autocast. Anything else is stock's ``nn.LayerNorm``."""
+    Triton kernels on CUDA, one per direction) where it applies: in training mode (a recomputation in backward,
+    see ``after_norm``, then runs the same kernel as the forward), over one dim, with a weight and a bias of the
+    input's dtype, without autocast. Anything else, inference included (where aten's one kernel launches faster
+    than a Triton kernel), is stock's ``nn.LayerNorm``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fused_applies(x):
@@ -3401,7 +3403,8 @@ class FusedLayerNorm(torch.nn.LayerNorm):
 
     def _fused_applies(self, x: torch.Tensor) -> bool:
         return (
-            len(self.normalized_shape) == 1
+            self.training
+            and len(self.normalized_shape) == 1
             and self.weight is not None
             and self.bias is not None
             and x.dtype == self.weight.dtype == self.bias.dtype
