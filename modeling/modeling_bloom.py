@@ -1891,7 +1891,11 @@ _PROBES = {"flash_attn": _probe_flash_attn, "xformers": _probe_xformers, "cudnn"
 
 
 def _probe(name: str, device_type: str) -> Optional[str]:
-    """Why an optional backend does not run on this machine (None if it runs); probed once, logged once."""
+    """Why an optional backend does not run on this machine (None if it runs); probed once, logged once.
+
+    A probe builds and runs real kernels (cuDNN's takes a lock around its plan cache), which torch.compile could
+    not trace: under torch.compile this function runs as it is while the graph is traced, and its result (fixed
+    for the process) is a constant of the graph (see the mark below)."""
     if name not in _PROBES:
         return None
     key = (name, device_type)
@@ -1904,6 +1908,10 @@ def _probe(name: str, device_type: str) -> Optional[str]:
             _probe_results[key] = reason
     return _probe_results[key]
 
+
+# What torch._dynamo.assume_constant_result sets (torch marks its own functions this way too); set directly so
+# that loading the kernel layer does not import torch._dynamo.
+_probe._dynamo_marked_constant = True
 
 _CANNOT = {
     "sdpa": _cannot_sdpa,
@@ -2775,11 +2783,11 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_backward_kernel(
-        grad_ptr, x_ptr, weight_ptr, rstd_ptr, grad_x_ptr, grad_weight_ptr, n_rows, n_cols, rows_per_program,
-        BLOCK: tl.constexpr, ROWS: tl.constexpr,
+        grad_ptr, x_ptr, weight_ptr, rstd_ptr, residual_ptr, grad_x_ptr, grad_weight_ptr, n_rows, n_cols,
+        rows_per_program, BLOCK: tl.constexpr, ROWS: tl.constexpr, RESIDUAL: tl.constexpr,
     ):
-        """Rows [program x rows_per_program, ...), ROWS at a time: grad_x per row, and this program's partial
-        weight gradient."""
+        """Rows [program x rows_per_program, ...), ROWS at a time: grad_x per row (plus the residual's gradient
+        there, with RESIDUAL), and this program's partial weight gradient."""
         program = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         inside = cols < n_cols
@@ -2795,6 +2803,8 @@ if triton is not None:
             grad_normed = (grad * weight[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
             dot = tl.sum(grad_normed * x_hat, 1)[:, None] / n_cols
             grad_x = rstd * (grad_normed - x_hat * dot)
+            if RESIDUAL:
+                grad_x += tl.load(residual_ptr + offsets, mask=kept, other=0.0).to(tl.float32)
             tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=kept)
             grad_weight += grad * x_hat.to(x_ptr.dtype.element_ty).to(tl.float32)
         tl.store(grad_weight_ptr + program.to(tl.int64) * n_cols + cols, tl.sum(grad_weight, 0), mask=inside)
@@ -2819,11 +2829,12 @@ if triton is not None:
 
     @triton.jit
     def _layer_norm_backward_kernel(
-        grad_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, grad_x_ptr, partial_ptr, n_rows, n_cols, rows_per_program,
-        BLOCK: tl.constexpr, ROWS: tl.constexpr,
+        grad_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, residual_ptr, grad_x_ptr, partial_ptr, n_rows, n_cols,
+        rows_per_program, BLOCK: tl.constexpr, ROWS: tl.constexpr, RESIDUAL: tl.constexpr,
     ):
-        """Rows [program x rows_per_program, ...), ROWS at a time: grad_x per row, and this program's partial
-        weight and bias gradients (partial_ptr: [programs, 2, n_cols])."""
+        """Rows [program x rows_per_program, ...), ROWS at a time: grad_x per row (plus the residual's gradient
+        there, with RESIDUAL), and this program's partial weight and bias gradients (partial_ptr:
+        [programs, 2, n_cols])."""
         program = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         inside = cols < n_cols
@@ -2841,6 +2852,8 @@ if triton is not None:
             mean_grad = tl.sum(grad_normed, 1)[:, None] / n_cols
             mean_grad_x_hat = tl.sum(grad_normed * x_hat, 1)[:, None] / n_cols
             grad_x = rstd * (grad_normed - mean_grad - x_hat * mean_grad_x_hat)
+            if RESIDUAL:
+                grad_x += tl.load(residual_ptr + offsets, mask=kept, other=0.0).to(tl.float32)
             tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=kept)
             grad_weight += grad * x_hat
             grad_bias += grad
@@ -3247,12 +3260,20 @@ def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
     return weight * (x_float * rstd).to(x.dtype), rstd
 
 
-def _rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+def _plus_residual(grad_x: torch.Tensor, residual_grad: Optional[torch.Tensor]) -> torch.Tensor:
+    """A norm's input gradient (float32 or float64) plus the gradient of its residual pass-through, if any:
+    one sum before the cast to the input's dtype, as the kernels compute it."""
+    return grad_x if residual_grad is None else grad_x + residual_grad.to(grad_x.dtype)
+
+
+def _rms_norm_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, residual_grad=None
+):
     x_hat = _at_least_float32(x) * rstd
     grad_normed = (grad * weight).to(x_hat.dtype)
     grad_x = rstd * (grad_normed - x_hat * (grad_normed * x_hat).mean(-1, keepdim=True))
     grad_weight = (grad.to(x_hat.dtype) * x_hat.to(x.dtype).to(x_hat.dtype)).reshape(-1, x.shape[-1]).sum(0)
-    return grad_x.to(x.dtype), grad_weight.to(weight.dtype)
+    return _plus_residual(grad_x, residual_grad).to(x.dtype), grad_weight.to(weight.dtype)
 
 
 def _rms_norm_forward_triton(x: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -3278,16 +3299,20 @@ def _norm_backward_split(n_rows: int, block: int, device: torch.device) -> tuple
     return triton.cdiv(n_rows, rows_per_program), rows_per_program, rows_at_once
 
 
-def _rms_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+def _rms_norm_backward_triton(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, residual_grad=None
+):
     x_rows, grad_rows = _rows(x), _rows(grad)
     n_rows, n_cols = x_rows.shape
     block = _row_block(n_cols)
     programs, rows_per_program, rows_at_once = _norm_backward_split(n_rows, block, x.device)
     grad_x = torch.empty_like(x_rows)
     partial_grad_weight = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
+    residual_rows = grad_rows if residual_grad is None else _rows(residual_grad)  # read only with RESIDUAL
     _rms_norm_backward_kernel[(programs,)](
-        grad_rows, x_rows, weight.contiguous(), rstd.contiguous(), grad_x, partial_grad_weight, n_rows, n_cols,
-        rows_per_program, BLOCK=block, ROWS=rows_at_once, num_warps=_row_warps(block),
+        grad_rows, x_rows, weight.contiguous(), rstd.contiguous(), residual_rows, grad_x, partial_grad_weight,
+        n_rows, n_cols, rows_per_program, BLOCK=block, ROWS=rows_at_once, RESIDUAL=residual_grad is not None,
+        num_warps=_row_warps(block),
     )
     return grad_x.view(x.shape), partial_grad_weight.sum(0).to(weight.dtype)
 
@@ -3297,31 +3322,34 @@ _rms_norm_forward_op = _opaque_fused(
     _rms_norm_forward_triton, _rms_norm_forward,
 )
 _rms_norm_backward_op = _opaque_fused(
-    "rms_norm_backward", "(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)",
+    "rms_norm_backward",
+    "(Tensor grad, Tensor x, Tensor weight, Tensor rstd, Tensor? residual_grad) -> (Tensor, Tensor)",
     _rms_norm_backward_triton, _rms_norm_backward,
 )
 
 
 class _RMSNorm(torch.autograd.Function):
-    """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``, normalised in float32; saves x and per-row rstd."""
+    """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)``, normalised in float32; saves x and per-row rstd.
+    ``with_residual``: x is returned too (see ``residual_after_norm``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps: float):
+    def forward(ctx, x, weight, eps: float, with_residual: bool):
         out, rstd = _rms_norm_forward_op(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return out
+        return (out, x) if with_residual else out
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, residual_grad=None):
         x, weight, rstd = ctx.saved_tensors
-        grad_x, grad_weight = _rms_norm_backward_op(grad, x, weight, rstd)
-        return grad_x, grad_weight if ctx.needs_input_grad[1] else None, None
+        grad_x, grad_weight = _rms_norm_backward_op(grad, x, weight, rstd, residual_grad)
+        return grad_x, grad_weight if ctx.needs_input_grad[1] else None, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, with_residual: bool = False):
     """RMSNorm as LLaMA and Qwen compute it: statistics in float32 (float64 for float64 input), normalised
-    value cast to the input dtype, then scaled by ``weight``."""
-    return _RMSNorm.apply(x, weight, eps)
+    value cast to the input dtype, then scaled by ``weight``. ``with_residual``: ``(normed, x)``, x passed
+    through the norm's autograd node (see ``residual_after_norm``)."""
+    return _RMSNorm.apply(x, weight, eps, with_residual)
 
 
 # --- LayerNorm --------------------------------------------------------------------------------
@@ -3336,7 +3364,7 @@ def _layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return out.to(x.dtype), mean, rstd
 
 
-def _layer_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean, rstd):
+def _layer_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean, rstd, residual_grad=None):
     x_hat = (_at_least_float32(x) - mean) * rstd
     grad_float = grad.to(x_hat.dtype)
     grad_normed = grad_float * weight.to(x_hat.dtype)
@@ -3344,7 +3372,8 @@ def _layer_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     grad_x = rstd * (grad_normed - grad_normed.mean(-1, keepdim=True) - x_hat * mean_grad_x_hat)
     grad_rows = grad_float.reshape(-1, x.shape[-1])
     grad_weight = (grad_rows * x_hat.reshape(-1, x.shape[-1])).sum(0)
-    return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_rows.sum(0).to(weight.dtype)
+    grad_x = _plus_residual(grad_x, residual_grad).to(x.dtype)
+    return grad_x, grad_weight.to(weight.dtype), grad_rows.sum(0).to(weight.dtype)
 
 
 def _layer_norm_forward_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
@@ -3363,18 +3392,23 @@ def _layer_norm_forward_triton(x: torch.Tensor, weight: torch.Tensor, bias: torc
     return out.view(x.shape), mean.view(stats_shape), rstd.view(stats_shape)
 
 
-def _layer_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean, rstd):
+def _layer_norm_backward_triton(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean, rstd, residual_grad=None
+):
     x_rows, grad_rows = _rows(x), _rows(grad)
     n_rows, n_cols = x_rows.shape
     block = _row_block(n_cols)
     programs, rows_per_program, rows_at_once = _norm_backward_split(n_rows, block, x.device)
     grad_x = torch.empty_like(x_rows)
     partial = torch.empty(programs, 2, n_cols, dtype=torch.float32, device=x.device)
+    residual_rows = grad_rows if residual_grad is None else _rows(residual_grad)  # read only with RESIDUAL
     _layer_norm_backward_kernel[(programs,)](
-        grad_rows, x_rows, weight.contiguous(), mean.contiguous(), rstd.contiguous(), grad_x, partial, n_rows,
-        n_cols, rows_per_program, BLOCK=block, ROWS=rows_at_once, num_warps=_row_warps(block),
+        grad_rows, x_rows, weight.contiguous(), mean.contiguous(), rstd.contiguous(), residual_rows, grad_x,
+        partial, n_rows, n_cols, rows_per_program, BLOCK=block, ROWS=rows_at_once,
+        RESIDUAL=residual_grad is not None, num_warps=_row_warps(block),
     )
-    grad_weight, grad_bias = partial.sum(0).to(weight.dtype)
+    # two reductions, not views of one [2, n_cols] sum: a custom op's outputs must not alias each other
+    grad_weight, grad_bias = (partial[:, index].sum(0).to(weight.dtype) for index in (0, 1))
     return grad_x.view(x.shape), grad_weight, grad_bias
 
 
@@ -3384,26 +3418,28 @@ _layer_norm_forward_op = _opaque_fused(
 )
 _layer_norm_backward_op = _opaque_fused(
     "layer_norm_backward",
-    "(Tensor grad, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)",
+    "(Tensor grad, Tensor x, Tensor weight, Tensor mean, Tensor rstd, Tensor? residual_grad)"
+    " -> (Tensor, Tensor, Tensor)",
     _layer_norm_backward_triton, _layer_norm_backward,
 )
 
 
 class _LayerNorm(torch.autograd.Function):
-    """LayerNorm over the last dim, statistics in float32; saves x and the per-row mean and rstd."""
+    """LayerNorm over the last dim, statistics in float32; saves x and the per-row mean and rstd.
+    ``with_residual``: x is returned too (see ``residual_after_norm``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float):
+    def forward(ctx, x, weight, bias, eps: float, with_residual: bool):
         out, mean, rstd = _layer_norm_forward_op(x, weight, bias, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
-        return out
+        return (out, x) if with_residual else out
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, residual_grad=None):
         x, weight, mean, rstd = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = _layer_norm_backward_op(grad, x, weight, mean, rstd)
+        grad_x, grad_weight, grad_bias = _layer_norm_backward_op(grad, x, weight, mean, rstd, residual_grad)
         needs = ctx.needs_input_grad
-        return grad_x, grad_weight if needs[1] else None, grad_bias if needs[2] else None, None
+        return grad_x, grad_weight if needs[1] else None, grad_bias if needs[2] else None, None, None
 
 
 class FusedLayerNorm(torch.nn.LayerNorm):
@@ -3416,7 +3452,14 @@ class FusedLayerNorm(torch.nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fused_applies(x):
             return super().forward(x)
-        return _LayerNorm.apply(x, self.weight, self.bias, self.eps)
+        return _LayerNorm.apply(x, self.weight, self.bias, self.eps, False)
+
+    def with_residual(self, x: torch.Tensor) -> tuple:
+        """``(self(x), x)``, x passed through the fused op's autograd node where it applies (see
+        ``residual_after_norm``)."""
+        if not self._fused_applies(x):
+            return super().forward(x), x
+        return _LayerNorm.apply(x, self.weight, self.bias, self.eps, True)
 
     def _fused_applies(self, x: torch.Tensor) -> bool:
         return (
@@ -3653,10 +3696,45 @@ def projected_activation(
 # --- Projections of one input: its gradient summed inside the matmuls ---------------------------
 
 
+def _shared_input_linears_backward(
+    x: torch.Tensor, weights: list, grads: list, want_x: bool, want_weights: list, want_biases: list
+) -> list:
+    """The wanted gradients of ``_SharedInputLinears``, in order: x's, then the weights', then the biases'.
+    x's gradient is summed in the matmuls (``addmm_``, beta 1) in place."""
+    x_rows = x.reshape(-1, x.shape[-1])
+    grad_x, grad_weights, grad_biases = None, [], []
+    for grad, weight, want_weight, want_bias in zip(grads, weights, want_weights, want_biases, strict=True):
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        if want_bias:
+            grad_biases.append(grad_rows.sum(0))
+        if want_weight:
+            grad_weights.append(grad_rows.t().mm(x_rows))
+        if want_x:
+            grad_x = grad_rows.mm(weight) if grad_x is None else grad_x.addmm_(grad_rows, weight)
+    return ([grad_x.view(x.shape)] if want_x else []) + grad_weights + grad_biases
+
+
+def _shared_input_linears_backward_fake(x, weights, grads, want_x, want_weights, want_biases) -> list:
+    grad_weights = [w.new_empty(w.shape, dtype=g.dtype) for w, g, wanted in zip(weights, grads, want_weights) if wanted]
+    grad_biases = [g.new_empty(g.shape[-1:]) for g, wanted in zip(grads, want_biases) if wanted]
+    return ([x.new_empty(x.shape)] if want_x else []) + grad_weights + grad_biases
+
+
+# Opaque under torch.compile: functionalized, each in-place addmm_ would become an out-of-place addmm, which
+# first copies its input (a [tokens, hidden] copy per projection after the first).
+_shared_input_linears_backward_op = _opaque(
+    "shared_input_linears_backward",
+    "(Tensor x, Tensor[] weights, Tensor[] grads, bool want_x, bool[] want_weights, bool[] want_biases)"
+    " -> Tensor[]",
+    _shared_input_linears_backward,
+    _shared_input_linears_backward_fake,
+)
+
+
 class _SharedInputLinears(torch.autograd.Function):
     """``F.linear(x, weight_i, bias_i)`` for each projection i of one ``x``, as one autograd node. Backward sums
-    the gradient of ``x`` in the matmuls (``addmm_``, beta 1), where autograd runs one add kernel over ``x``'s
-    size for every projection after the first; the weights' and biases' gradients are stock's."""
+    the gradient of ``x`` in the matmuls, where autograd runs one add kernel over ``x``'s size for every
+    projection after the first; the weights' and biases' gradients are stock's."""
 
     @staticmethod
     def forward(ctx, x, *weights_and_biases):
@@ -3669,18 +3747,14 @@ class _SharedInputLinears(torch.autograd.Function):
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
         count = len(weights)
-        need_weight, need_bias = ctx.needs_input_grad[1 : 1 + count], ctx.needs_input_grad[1 + count :]
-        x_rows = x.reshape(-1, x.shape[-1])
-        grad_x, grad_weights, grad_biases = None, [None] * count, [None] * count
-        for index, (grad, weight) in enumerate(zip(grads, weights)):
-            grad_rows = grad.reshape(-1, grad.shape[-1])
-            if need_bias[index]:
-                grad_biases[index] = grad_rows.sum(0)
-            if need_weight[index]:
-                grad_weights[index] = grad_rows.t().mm(x_rows)
-            if ctx.needs_input_grad[0]:
-                grad_x = grad_rows.mm(weight) if grad_x is None else grad_x.addmm_(grad_rows, weight)
-        return (None if grad_x is None else grad_x.view(x.shape), *grad_weights, *grad_biases)
+        want_x = ctx.needs_input_grad[0]
+        want_weights, want_biases = list(ctx.needs_input_grad[1 : 1 + count]), list(ctx.needs_input_grad[1 + count :])
+        computed = iter(
+            _shared_input_linears_backward_op(x, weights, list(grads), want_x, want_weights, want_biases)
+        )
+        grad_x = next(computed) if want_x else None
+        grad_weights = [next(computed) if wanted else None for wanted in want_weights]
+        return (grad_x, *grad_weights, *(next(computed) if wanted else None for wanted in want_biases))
 
 
 def shared_input_projections(x: torch.Tensor, *projections: torch.nn.Module) -> tuple:
@@ -3996,7 +4070,49 @@ def after_norm(norm, x: torch.Tensor, layer, tile_size: int = 0, position_wise: 
         if position_wise:
             return sequence_tiled((norm, layer), x, tile_size)
         return layer(sequence_tiled((norm,), x, tile_size))
-    normed = norm(x)
+    return _layer_of_normed(norm, x, norm(x), layer, recompute)
+
+
+def residual_after_norm(
+    norm, x: torch.Tensor, layer, tile_size: int = 0, position_wise: bool = False, recompute: bool = True,
+    layer_adds: bool = False,
+) -> torch.Tensor:
+    """``x + after_norm(norm, x, layer, ...)``: a pre-norm block with its residual; with ``layer_adds``,
+    ``layer(normed, x)`` for a block that adds the residual itself (BLOOM's, after dropout).
+
+    In training, x is used twice (the norm and the residual), so autograd adds the two gradients of x with one
+    kernel over x's size. Where the norm has a pass-through form (``with_residual``: LLaMA's and Qwen's RMSNorm,
+    ``FusedLayerNorm``, as plain modules), the residual is taken from the norm's autograd node instead, and the
+    norm's backward kernel adds the residual's gradient while it writes x's. Values and math are unchanged.
+    """
+    if _tiles_apply(x, tile_size):
+        if layer_adds:
+            return layer(sequence_tiled((norm,), x, tile_size), x)
+        return x + after_norm(norm, x, layer, tile_size, position_wise, recompute)
+    normed, residual = _normed_and_residual(norm, x)
+    if layer_adds:
+        return _layer_of_normed(norm, x, normed, lambda value: layer(value, residual), recompute)
+    return residual + _layer_of_normed(norm, x, normed, layer, recompute)
+
+
+def _normed_and_residual(norm, x: torch.Tensor) -> tuple:
+    """``(norm(x), x)``, through the norm's ``with_residual`` where it has one and runs as written: its own class
+    defines it next to its forward (a subclass that changes the forward does not pass through), and no hook or
+    instance attribute changes the forward."""
+    members = vars(type(norm))
+    if (
+        "with_residual" in members
+        and "forward" in members
+        and torch.is_grad_enabled()
+        and x.requires_grad
+        and _is_plain_module(norm, type(norm))
+    ):
+        return norm.with_residual(x)
+    return norm(x), x
+
+
+def _layer_of_normed(norm, x: torch.Tensor, normed: torch.Tensor, layer, recompute: bool):
+    """``layer(normed)`` for ``normed = norm(x)``, the norm's output recomputed in backward (see ``after_norm``)."""
     if not (recompute and _norm_output_can_be_recomputed(normed)):
         return layer(normed)
     recipe = _NormOutputRecipe(norm, x)
@@ -4411,10 +4527,10 @@ class BloomBlock(LongContextCheckpointing, GradientCheckpointingLayer):
         tile_size, recompute = sequence_tile_size(self.config), recompute_norm_outputs(self.config)
         post_norm_residual = self.apply_residual_connection_post_layernorm
 
-        def attend(normed: torch.Tensor) -> torch.Tensor:
+        def attend(normed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
             return self.self_attention(
                 normed,
-                normed if post_norm_residual else hidden_states,
+                normed if post_norm_residual else residual,
                 alibi_slopes=alibi_slopes,
                 padding_mask=padding_mask,
                 backend=backend,
@@ -4424,12 +4540,17 @@ class BloomBlock(LongContextCheckpointing, GradientCheckpointingLayer):
                 attention_weights=attention_weights,
             )[0]
 
-        attention_output = after_norm(self.input_layernorm, hidden_states, attend, tile_size, recompute=recompute)
+        attention_output = residual_after_norm(
+            self.input_layernorm, hidden_states, attend, tile_size, recompute=recompute, layer_adds=True
+        )
 
-        def feed_forward(normed: torch.Tensor) -> torch.Tensor:
-            return self.mlp(normed, normed if post_norm_residual else attention_output)
+        def feed_forward(normed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+            return self.mlp(normed, normed if post_norm_residual else residual)
 
-        return after_norm(self.post_attention_layernorm, attention_output, feed_forward, tile_size, recompute=recompute)
+        return residual_after_norm(
+            self.post_attention_layernorm, attention_output, feed_forward, tile_size,
+            recompute=recompute, layer_adds=True,
+        )
 
 
 class BloomPreTrainedModel(PreTrainedModel):

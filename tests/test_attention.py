@@ -424,6 +424,31 @@ def test_broken_optional_package_is_probed_once_logged_once_and_skipped(monkeypa
     assert "xformers" not in mea.available_backends("cuda")
 
 
+def test_probes_run_as_written_while_torch_compile_traces(monkeypatch):
+    """A probe runs real kernels and may take locks (cuDNN's plan cache), which Dynamo cannot trace: under
+    torch.compile (fullgraph) the probe runs once while tracing, and its answer steers the compiled code."""
+    import threading
+
+    lock, calls = threading.Lock(), []
+
+    def locked_probe(device_type: str):
+        with lock:
+            calls.append(device_type)
+            return f"probed on {device_type} ({float(torch.ones(2).sum()):.0f} ones)"
+
+    monkeypatch.setitem(kernel_layer._PROBES, "xformers", locked_probe)
+    monkeypatch.setattr(kernel_layer, "_probe_results", {})
+
+    def answer(x):
+        reason = kernel_layer._probe("xformers", "cuda")
+        return x + 1 if reason is not None and reason.startswith("probed on cuda (2 ones)") else x - 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(answer, fullgraph=True)
+    assert torch.equal(compiled(torch.zeros(3)), torch.ones(3)) and calls == ["cuda"]
+    assert torch.equal(compiled(torch.zeros(3)), torch.ones(3)) and calls == ["cuda"]
+
+
 def kernel_unavailable(*args, **kwargs):
     raise RuntimeError("No available kernel. Aborting execution.")
 

@@ -88,16 +88,27 @@ def test_compiled_qwen_training_step_keeps_no_more_than_eager_and_matches_it(tmp
     assert_same_step(got, grads, eager, eager_grads, "eager")
 
 
+TRITON_KERNELS = {
+    "llama": ("_rms_norm_forward_kernel", "_rms_norm_backward_kernel", "_activation_forward_kernel",
+              "_activation_backward_kernel", "_rotary_kernel", "_cross_entropy_rows_kernel"),
+    "layer_norm": ("_layer_norm_forward_kernel", "_layer_norm_backward_kernel", "_activation_forward_kernel",
+                   "_activation_backward_kernel", "_cross_entropy_rows_kernel"),
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_inductor_compiled_bf16_step_on_cuda_runs_our_triton_kernels_and_keeps_no_more_than_eager(family_pairs):
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "bart"])
+def test_inductor_compiled_bf16_step_on_cuda_runs_our_triton_kernels_and_keeps_no_more_than_eager(
+    family_pairs, name
+):
     import copy
     import sys
 
     from torch.profiler import ProfilerActivity, profile
 
-    model = copy.deepcopy(family_pairs["llama"][1]).to("cuda", torch.bfloat16).train()
-    batch = {key: value.cuda() for key, value in unpadded_batch("llama", 21).items()}
+    model = copy.deepcopy(family_pairs[name][1]).to("cuda", torch.bfloat16).train()
+    batch = {key: value.cuda() for key, value in unpadded_batch(name, 21).items()}
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)  # Inductor
     train_step(compiled, batch)
@@ -107,15 +118,15 @@ def test_inductor_compiled_bf16_step_on_cuda_runs_our_triton_kernels_and_keeps_n
         torch.cuda.synchronize()
     grads = {key.removeprefix("_orig_mod."): grad for key, grad in grads.items()}
     kernels = {event.key for event in prof.key_averages()}
-    for kernel in ("_rms_norm_forward_kernel", "_rms_norm_backward_kernel", "_activation_forward_kernel",
-                   "_activation_backward_kernel", "_rotary_kernel", "_cross_entropy_rows_kernel"):
-        assert any(kernel in name for name in kernels), (kernel, sorted(kernels))
+    for kernel in TRITON_KERNELS["llama" if name == "llama" else "layer_norm"]:
+        assert any(kernel in launched for launched in kernels), (kernel, sorted(kernels))
     layer = sys.modules[type(model).__module__]
     assert not layer._triton_failed and not layer._compile_failed
     assert compiled_saved <= eager_saved, (compiled_saved, eager_saved)
     assert_close_rel(got.loss.detach().float(), eager.loss.detach().float(), 1e-2, "compiled bf16 loss")
     for key, grad in eager_grads.items():
-        assert_close_rel(grads[key].float(), grad.float(), 3e-2, f"compiled bf16 grad of {key}")
+        if not key.endswith("k_proj.bias"):  # softmax ignores a key bias: rounding noise around 0 on both sides
+            assert_close_rel(grads[key].float(), grad.float(), 3e-2, f"compiled bf16 grad of {key}")
 
 
 @pytest.mark.parametrize("dynamic", [None, True])  # None: recompiled with dynamic shapes at the second length
@@ -153,3 +164,35 @@ def test_compiled_step_with_gradient_checkpointing_is_one_graph_and_equals_eager
         ours.gradient_checkpointing_disable()
     grads = {key.removeprefix("_orig_mod."): grad for key, grad in grads.items()}
     assert_same_step(got, grads, expected, expected_grads, "eager without checkpointing")
+
+
+def backward_graph_ops(model, batch: dict) -> list:
+    """The op names of the backward graph a compiled training step runs (Inductor's decompositions applied)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    graphs = []
+
+    def keep_backward(graph, example_inputs):
+        graphs.append(graph)
+        return make_boxed_func(graph.forward)
+
+    backend = aot_autograd(
+        fw_compiler=lambda graph, example_inputs: make_boxed_func(graph.forward),
+        bw_compiler=keep_backward,
+        decompositions=select_decomp_table(),
+    )
+    torch._dynamo.reset()
+    train_step(torch.compile(model.train(), backend=backend, fullgraph=True), batch)
+    (graph,) = graphs
+    return [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+
+
+def test_compiled_backward_sums_the_shared_input_gradient_in_place(family_pairs):
+    """Functionalized, an in-place ``addmm_`` becomes an out-of-place ``addmm``, which copies its input first:
+    the shared projections' backward (LLaMA's q/k/v and gate/up) is one opaque op per group instead."""
+    _, ours, _ = family_pairs["llama"]
+    ops = backward_graph_ops(ours, unpadded_batch("llama", 23))
+    assert not [op for op in ops if op.startswith("aten.addmm")], ops
+    assert sum(op.endswith("shared_input_linears_backward.default") for op in ops) == 2 * ours.config.num_hidden_layers
