@@ -10,7 +10,7 @@ recompute: before, it kept ``silu(gate) * up`` of every LLaMA layer for ``down_p
 import pytest
 import torch
 from remote_code import assert_close_rel
-from test_fused_ops import STOCK, TOL, batch_for, family_pairs, train_step  # noqa: F401 - a fixture
+from test_fused_models import STOCK, TOL, batch_for, family_pairs, train_step  # noqa: F401 - a fixture
 
 PARTITIONING_BACKEND = "aot_eager_decomp_partition"
 

@@ -15,7 +15,7 @@ import importlib
 
 import pytest
 import torch
-from test_fused_ops import batch_for, family_pairs, train_step  # noqa: F401 - a fixture
+from test_fused_models import batch_for, family_pairs, train_step  # noqa: F401 - a fixture
 from torch.multiprocessing.reductions import StorageWeakRef
 
 ops = importlib.import_module("memory_efficient_adapter.attention")

@@ -7,14 +7,13 @@ import collections
 import pytest
 import torch
 import torch.nn.functional as F
-from test_fused_ops import (  # noqa: F401 - family_pairs is a fixture
+from test_fused_models import batch_for, family_pairs  # noqa: F401 - a fixture
+from test_fused_ops import (
     TOL,
     TRITON_CASES,
     _AddsOfShape,
     assert_as_close_as_stock,
     assert_close_rel,
-    batch_for,
-    family_pairs,
     on_cuda,
     ops,
     reference_rms_norm,

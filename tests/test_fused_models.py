@@ -1,0 +1,415 @@
+"""Every family's training step with the fused ops, through ``trust_remote_code`` loading: loss and every gradient
+against the stock class (or Qwen's reference), with ``num_items_in_batch``, kept logits, eval mode, hidden
+states, gradient checkpointing, saving into the stock class, PEFT LoRA, the training cache; a CUDA test checks
+bf16 against fp32 stock. The ops themselves are tested in ``test_fused_ops.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from remote_code import assert_close_rel, relative_error
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    BartConfig,
+    BartForCausalLM,
+    BartForConditionalGeneration,
+    BloomConfig,
+    BloomForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from memory_efficient_adapter.families import write_remote_code
+
+TOL = 1e-5
+VOCAB = 97
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+# ----------------------------------------------------------------------------------------------
+# Families: loss and every gradient against the stock class, loaded through trust_remote_code
+# ----------------------------------------------------------------------------------------------
+
+
+def llama_config(**overrides) -> LlamaConfig:
+    rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}} if TRANSFORMERS_5 else {}
+    values = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0, **rope,
+    )
+    return LlamaConfig(**{**values, **overrides})
+
+
+STOCK = {
+    "llama": (LlamaForCausalLM, llama_config, AutoModelForCausalLM),
+    "llama_tied": (LlamaForCausalLM, lambda: llama_config(tie_word_embeddings=True), AutoModelForCausalLM),
+    "gpt2": (
+        GPT2LMHeadModel,
+        lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                           embd_pdrop=0.0, attn_pdrop=0.0),
+        AutoModelForCausalLM,
+    ),
+    "bloom": (
+        BloomForCausalLM,
+        lambda: BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4),
+        AutoModelForCausalLM,
+    ),
+    "bart": (
+        BartForConditionalGeneration,
+        lambda: BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+                           dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1,
+                           bos_token_id=0, eos_token_id=2, decoder_start_token_id=2),
+        AutoModelForSeq2SeqLM,
+    ),
+    "bart_causal": (
+        BartForCausalLM,
+        lambda: BartConfig(vocab_size=VOCAB, d_model=32, decoder_layers=2, decoder_attention_heads=4,
+                           decoder_ffn_dim=48, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+                           activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                           is_decoder=True, add_cross_attention=False),
+        AutoModelForCausalLM,
+    ),
+}
+
+
+def randomize_(model: torch.nn.Module) -> None:
+    generator = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1.0 + 0.2 * noise if "norm" in name or "ln" in name else 0.1 * noise)
+        if hasattr(model, "final_logits_bias"):
+            model.final_logits_bias.copy_(0.5 * torch.randn(model.final_logits_bias.shape, generator=generator))
+
+
+@pytest.fixture(scope="module")
+def family_pairs(tmp_path_factory):
+    """(stock model, our model loaded through trust_remote_code) with the same random weights, per family."""
+    pairs = {}
+    for name, (stock_class, make_config, auto_class) in STOCK.items():
+        torch.manual_seed(0)
+        stock = stock_class(make_config())
+        randomize_(stock)
+        folder = tmp_path_factory.mktemp(name)
+        stock.save_pretrained(folder)
+        write_remote_code(folder, name.split("_")[0])
+        ours = auto_class.from_pretrained(folder, trust_remote_code=True)
+        assert type(ours).__module__.startswith("transformers_modules"), type(ours).__module__
+        pairs[name] = (stock, ours, folder)
+    return pairs
+
+
+def batch_for(name: str, generator: torch.Generator) -> dict:
+    ids = torch.randint(3, VOCAB, (2, 13), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 2:5] = -100
+    if name == "bart":
+        target = torch.randint(3, VOCAB, (2, 9), generator=generator)
+        target[1, 7:] = -100
+        return dict(input_ids=ids, attention_mask=mask, labels=target)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def train_step(model, batch: dict, **kwargs):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    output = model(**batch, **kwargs)
+    output.loss.backward()
+    return output, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_training_step(stock, ours, batch, tol=TOL, **kwargs):
+    expected, expected_grads = train_step(stock, batch, **kwargs)
+    got, grads = train_step(ours, batch, **kwargs)
+    assert_close_rel(got.loss.detach(), expected.loss.detach(), tol, "loss")
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        if name.endswith("k_proj.bias"):  # softmax ignores a key bias: both are rounding noise around 0
+            assert grads[name].abs().max() < 1e-8 and grad.abs().max() < 1e-8, name
+            continue
+        assert_close_rel(grads[name], grad, tol, f"grad of {name}")
+    return expected, got
+
+
+@pytest.mark.parametrize("name", list(STOCK))
+def test_family_loss_and_every_gradient_match_stock_without_logits(family_pairs, name):
+    stock, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(1))
+    expected, got = assert_same_training_step(stock, ours, batch)
+    assert got.logits is None and expected.logits is not None
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom"])
+def test_num_items_in_batch_divides_the_summed_loss_like_stock(family_pairs, name):
+    stock, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(2))
+    assert_same_training_step(stock, ours, batch, num_items_in_batch=torch.tensor(40))
+
+
+def test_bart_ignores_num_items_in_batch_like_stock(family_pairs):
+    """Stock BART 5.x accepts and ignores it (4.57 does not accept it): the mean over counted tokens either way."""
+    stock, ours, _ = family_pairs["bart"]
+    batch = batch_for("bart", torch.Generator().manual_seed(2))
+    expected, expected_grads = train_step(stock, batch)
+    got, grads = train_step(ours, batch, num_items_in_batch=torch.tensor(40))
+    assert_close_rel(got.loss.detach(), expected.loss.detach(), TOL, "loss")
+    for name in ("model.shared.weight", "model.decoder.layers.1.fc1.weight"):
+        assert_close_rel(grads[name], expected_grads[name], TOL, f"grad of {name}")
+
+
+def test_keep_logits_in_training_returns_stock_logits(family_pairs):
+    stock, ours, _ = family_pairs["llama"]
+    batch = batch_for("llama", torch.Generator().manual_seed(3))
+    ours.config.keep_logits_in_training = True
+    try:
+        expected, got = assert_same_training_step(stock, ours, batch)
+    finally:
+        ours.config.keep_logits_in_training = False
+    kept = batch["attention_mask"][..., None]  # a padded batch runs unpadded: zeros at padded positions
+    assert_close_rel(got.logits.detach() * kept, expected.logits.detach() * kept, TOL, "logits")
+
+
+@pytest.mark.parametrize("name", ["llama", "bart"])
+def test_eval_mode_with_labels_keeps_logits_and_the_stock_loss(family_pairs, name):
+    stock, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(4))
+    stock.eval(), ours.eval()
+    with torch.no_grad():
+        expected, got = stock(**batch), ours(**batch)
+    assert_close_rel(got.logits, expected.logits, TOL, "logits")
+    assert_close_rel(got.loss, expected.loss, TOL, "loss")
+
+
+def test_hidden_states_and_tuple_output_in_fused_training(family_pairs):
+    stock, ours, _ = family_pairs["bloom"]
+    batch = batch_for("bloom", torch.Generator().manual_seed(5))
+    stock.train(), ours.train()
+    expected = stock(**batch, output_hidden_states=True)
+    got = ours(**batch, output_hidden_states=True)
+    assert len(got.hidden_states) == len(expected.hidden_states)
+    kept = batch["attention_mask"][..., None]  # a padded batch runs unpadded: zeros at padded positions
+    for a, b in zip(got.hidden_states, expected.hidden_states):
+        assert_close_rel(a.detach() * kept, b.detach() * kept, TOL, "hidden state")
+    as_tuple = ours(**batch, return_dict=False)
+    assert_close_rel(as_tuple[0].detach(), expected.loss.detach(), TOL, "loss in the tuple")
+    assert not any(t is None for t in as_tuple)
+
+
+def test_gradient_checkpointing_gives_the_stock_gradients(family_pairs):
+    stock, ours, _ = family_pairs["llama"]
+    batch = batch_for("llama", torch.Generator().manual_seed(6))
+    ours.gradient_checkpointing_enable()
+    try:
+        assert_same_training_step(stock, ours, batch)
+    finally:
+        ours.gradient_checkpointing_disable()
+
+
+def test_trained_model_saves_into_the_stock_class(family_pairs, tmp_path):
+    stock, ours, _ = family_pairs["gpt2"]
+    train_step(ours, batch_for("gpt2", torch.Generator().manual_seed(7)))
+    ours.save_pretrained(tmp_path)
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert reloaded.state_dict().keys() == stock.state_dict().keys()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+def test_a_wrapped_or_hooked_head_takes_the_plain_path(family_pairs):
+    stock, ours, _ = family_pairs["llama"]
+    batch = batch_for("llama", torch.Generator().manual_seed(8))
+    seen = []
+    handle = ours.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    try:
+        expected, got = assert_same_training_step(stock, ours, batch)
+    finally:
+        handle.remove()
+    assert seen and got.logits is not None
+
+
+@pytest.mark.parametrize("name", ["llama", "bart"])  # the shifted loss, and the unshifted one with a bias
+def test_fused_training_step_compiles_into_one_graph(family_pairs, name):
+    """No graph break in a training step without padding (padding masks are the attention layer's business)."""
+    _, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(10))
+    del batch["attention_mask"]
+    ours.train()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda: ours(**batch).loss)()
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT LoRA on every linear layer
+# ----------------------------------------------------------------------------------------------
+
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+
+@pytest.mark.parametrize("name,with_head", [(name, False) for name in LORA_TARGETS] + [("llama", True)])
+def test_lora_gradients_match_stock_with_peft(tmp_path, name, with_head):
+    peft = pytest.importorskip("peft", reason="peft is in the test extra")
+    stock_class, make_config, auto_class = STOCK[name]
+    torch.manual_seed(0)
+    stock = stock_class(make_config())
+    randomize_(stock)
+    stock.save_pretrained(tmp_path)
+    write_remote_code(tmp_path, name)
+    ours = auto_class.from_pretrained(tmp_path, trust_remote_code=True)
+    targets = LORA_TARGETS[name] + (["lm_head"] if with_head else [])
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+    torch.manual_seed(1)
+    stock_lora = peft.get_peft_model(stock, peft.LoraConfig(**lora))
+    ours_lora = peft.get_peft_model(ours, peft.LoraConfig(**lora))
+    ours_lora.load_state_dict(stock_lora.state_dict())
+    batch = batch_for(name, torch.Generator().manual_seed(9))
+    expected, expected_grads = train_step(stock_lora, batch)
+    got, grads = train_step(ours_lora, batch)
+    assert_close_rel(got.loss.detach(), expected.loss.detach(), TOL, "loss")
+    lora_grads = {n for n in expected_grads if "lora_" in n}
+    assert lora_grads and grads.keys() == expected_grads.keys()
+    for key in lora_grads:
+        assert_close_rel(grads[key], expected_grads[key], TOL, f"grad of {key}")
+    assert (got.logits is None) == (not with_head)  # a LoRA-wrapped head takes the plain path
+
+
+# ----------------------------------------------------------------------------------------------
+# Qwen: against the reference of tests/test_qwen.py
+# ----------------------------------------------------------------------------------------------
+
+
+def assert_cache_only_where_asked(model, inputs: dict) -> None:
+    """A training forward with gradients builds no cache unless ``use_cache=True`` is passed; inference (eval
+    mode, or no gradients) keeps the config's ``use_cache``; the outputs do not change."""
+    cache_class = type(model.eval()(**inputs, use_cache=True).past_key_values)
+    assert model.config.use_cache and cache_class is not type(None)
+    trained = model.train()(**inputs)
+    assert trained.past_key_values is None
+    asked = model(**inputs, use_cache=True)
+    assert type(asked.past_key_values) is cache_class
+    assert_close_rel(asked.loss.detach(), trained.loss.detach(), 1e-6, "loss with and without a cache")
+    with torch.no_grad():
+        assert type(model(**inputs).past_key_values) is cache_class
+    assert type(model.eval()(**inputs).past_key_values) is cache_class
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "bart_causal"])
+def test_training_forward_builds_no_cache_unless_asked(family_pairs, name):
+    _, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(6))
+    del batch["attention_mask"]  # a padded training batch runs unpadded and never returns a cache
+    assert_cache_only_where_asked(ours, batch)
+
+
+def test_qwen_training_forward_builds_no_cache_unless_asked(tmp_path):
+    from test_qwen import load, random_ids, random_model, save_qwen
+
+    torch.manual_seed(5)
+    ours = load(save_qwen(random_model(), tmp_path))
+    ids = random_ids(2, 9)
+    assert_cache_only_where_asked(ours, dict(input_ids=ids, labels=ids))
+
+
+def test_qwen_training_keeps_no_part_of_the_fused_qkv_projection_for_backward(tmp_path):
+    """Query and key are rotated into new tensors; the value is copied out of c_attn's output in training, so
+    that no tensor kept for backward holds that [tokens, 3 x hidden] output (a view would hold all of it)."""
+    from test_qwen import load, random_ids, random_model, save_qwen
+
+    torch.manual_seed(7)
+    ours = load(save_qwen(random_model(), tmp_path)).train()
+    outputs, kept = [], set()  # the outputs themselves: their memory is not reused while the step runs
+    for block in ours.transformer.h:
+        block.attn.c_attn.register_forward_hook(lambda module, args, output: outputs.append(output))
+
+    def pack(tensor):
+        kept.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    ids = random_ids(2, 9)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = ours(input_ids=ids, labels=ids).loss
+    projected = {output.untyped_storage().data_ptr() for output in outputs}
+    assert len(projected) == len(ours.transformer.h) and not projected & kept
+    loss.backward()
+    assert all(p.grad is not None for p in ours.parameters() if p.requires_grad)
+
+
+def test_qwen_fused_loss_and_gradients_match_reference_with_num_items(tmp_path):
+    from test_qwen import ReferenceQwen, load, random_ids, random_model, save_qwen
+
+    torch.manual_seed(4)
+    model = random_model(rotary_pct=0.5, no_bias=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ours = load(save_qwen(model, tmp_path)).train()
+    ours.config.loss_chunk_size = 5
+    ids = random_ids(2, 11)
+    labels = ids.clone()
+    labels[1, :3] = -100
+    output = ours(ids, labels=labels, num_items_in_batch=25)
+    output.loss.backward()
+    assert output.logits is None
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(lambda: ours(ids, labels=labels).loss)().graph_break_count == 0
+    reference = ReferenceQwen(model.config, state, requires_grad=True)
+    logits, _, _ = reference.forward(ids, training=True)
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
+    expected = F.cross_entropy(shifted, labels[:, 1:].reshape(-1), reduction="sum") / 25
+    expected.backward()
+    assert_close_rel(output.loss.detach(), expected.detach().float(), TOL, "loss")
+    grads = dict(ours.named_parameters())
+    for name, param in reference.params.items():
+        assert_close_rel(grads[name].grad, param.grad.float(), 2e-5, f"grad of {name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: bf16 against fp32 stock
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_training_step_on_cuda_is_as_close_to_fp32_stock_as_bf16_stock(tmp_path):
+    """Ours in bf16 (the compiled fused ops) against stock in fp32: within twice stock bf16's own error."""
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(llama_config(vocab_size=1000, hidden_size=256, intermediate_size=688,
+                                              num_attention_heads=8, num_key_value_heads=4))
+    randomize_(reference)
+    reference.save_pretrained(tmp_path)
+    write_remote_code(tmp_path, "llama")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True, dtype=torch.bfloat16).cuda()
+    stock_bf16 = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).cuda()
+    reference = reference.cuda()
+    ours.config.loss_chunk_size = 300  # several chunks and a remainder
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 1000, (2, 512), generator=generator)
+    labels = ids.clone()
+    labels[0, :100] = -100
+    batch = dict(input_ids=ids.cuda(), labels=labels.cuda())
+    expected, expected_grads = train_step(reference, batch)
+    baseline, baseline_grads = train_step(stock_bf16, batch)
+    got, grads = train_step(ours, batch)
+    assert got.logits is None
+    assert not sys.modules[type(ours).__module__]._compile_failed, "the compiled GPU path fell back to eager"
+    loss_error = abs(got.loss.item() - expected.loss.item()) / expected.loss.item()
+    baseline_error = abs(baseline.loss.item() - expected.loss.item()) / expected.loss.item()
+    assert loss_error <= 2 * baseline_error + 1e-3, (loss_error, baseline_error)
+    for name, grad in expected_grads.items():
+        limit = 2 * relative_error(baseline_grads[name].float(), grad) + 1e-2
+        assert_close_rel(grads[name].float(), grad, limit, f"bf16 grad of {name}")
