@@ -3297,7 +3297,9 @@ def _layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return out.to(x.dtype), mean, rstd
 
 
-def _layer_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean, rstd, residual_grad=None):
+def _layer_norm_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean, rstd, residual_grad=None
+):
     x_hat = (_at_least_float32(x) - mean) * rstd
     grad_float = grad.to(x_hat.dtype)
     grad_normed = grad_float * weight.to(x_hat.dtype)
@@ -3648,7 +3650,11 @@ def _shared_input_linears_backward(
 
 
 def _shared_input_linears_backward_fake(x, weights, grads, want_x, want_weights, want_biases) -> list:
-    grad_weights = [w.new_empty(w.shape, dtype=g.dtype) for w, g, wanted in zip(weights, grads, want_weights) if wanted]
+    grad_weights = [
+        weight.new_empty(weight.shape, dtype=grad.dtype)
+        for weight, grad, wanted in zip(weights, grads, want_weights)
+        if wanted
+    ]
     grad_biases = [g.new_empty(g.shape[-1:]) for g, wanted in zip(grads, want_biases) if wanted]
     return ([x.new_empty(x.shape)] if want_x else []) + grad_weights + grad_biases
 
@@ -3681,7 +3687,8 @@ class _SharedInputLinears(torch.autograd.Function):
         x, *weights = ctx.saved_tensors
         count = len(weights)
         want_x = ctx.needs_input_grad[0]
-        want_weights, want_biases = list(ctx.needs_input_grad[1 : 1 + count]), list(ctx.needs_input_grad[1 + count :])
+        want_weights = list(ctx.needs_input_grad[1 : 1 + count])
+        want_biases = list(ctx.needs_input_grad[1 + count :])
         computed = iter(
             _shared_input_linears_backward_op(x, weights, list(grads), want_x, want_weights, want_biases)
         )
@@ -4016,7 +4023,8 @@ def residual_after_norm(
     In training, x is used twice (the norm and the residual), so autograd adds the two gradients of x with one
     kernel over x's size. Where the norm has a pass-through form (``with_residual``: LLaMA's and Qwen's RMSNorm,
     ``FusedLayerNorm``, as plain modules), the residual is taken from the norm's autograd node instead, and the
-    norm's backward kernel adds the residual's gradient while it writes x's. Values and math are unchanged.
+    norm's backward kernel adds the residual's gradient while it writes x's. Outputs are unchanged; x's
+    gradient is the same sum, rounded once to x's dtype instead of twice.
     """
     if _tiles_apply(x, tile_size):
         if layer_adds:
