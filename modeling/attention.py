@@ -104,6 +104,16 @@ class ForwardMask:
         self.tensor = tensor
         self.block_masks: dict = {}
         self.kept: dict = {}
+        self.bloom_slopes: Optional[torch.Tensor] = None
+
+    def bloom_alibi_slopes(self, num_heads: int, device) -> torch.Tensor:
+        """BLOOM's slopes (``alibi_slopes``) for every layer of this forward. The cudnn backend, which computes
+        BLOOM's slopes itself, takes these without reading them: also while torch.compile traces, where it
+        could not read them."""
+        slopes = self.bloom_slopes
+        if slopes is None or slopes.shape[0] != num_heads or slopes.device != torch.device(device or "cpu"):
+            slopes = self.bloom_slopes = alibi_slopes(num_heads, device=device)
+        return slopes
 
     def dim(self) -> int:
         return self.tensor.dim()
@@ -1611,37 +1621,90 @@ def _cudnn_ragged_backward(q, k, v, out, stats, grad_out, documents: _RaggedDocu
     return grads
 
 
-class _CudnnAttention(torch.autograd.Function):
-    """cuDNN attention for training: forward keeps the softmax stats, backward runs ``sdpa_backward``. Only
-    q, k, v, the output and the stats are saved; ``layout`` (the sequence lengths, or the packed documents'
-    ``_RaggedDocuments`` when ``flags.ragged``) is a handful of small integer tensors."""
+class _CudnnRaggedAttention(torch.autograd.Function):
+    """cuDNN attention over packed documents for training: forward keeps the softmax stats, backward runs
+    ``sdpa_backward``. Only q, k, v, the output and the stats are saved; ``documents`` (``_RaggedDocuments``) is
+    a handful of small integer tensors."""
 
     @staticmethod
-    def forward(ctx, q, k, v, layout, flags):
-        forward = _cudnn_ragged_forward if flags.ragged else _cudnn_forward
-        out, stats = forward(q, k, v, layout, flags, with_stats=True)
+    def forward(ctx, q, k, v, documents, flags):
+        out, stats = _cudnn_ragged_forward(q, k, v, documents, flags, with_stats=True)
         ctx.save_for_backward(q, k, v, out, stats)
-        ctx.layout, ctx.flags = layout, flags
+        ctx.documents, ctx.flags = documents, flags
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, stats = ctx.saved_tensors
-        backward = _cudnn_ragged_backward if ctx.flags.ragged else _cudnn_backward
-        grad_q, grad_k, grad_v = backward(q, k, v, out, stats, grad_out, ctx.layout, ctx.flags)
-        return grad_q, grad_k, grad_v, None, None
+        grads = _cudnn_ragged_backward(q, k, v, out, stats, grad_out, ctx.documents, ctx.flags)
+        return (*grads, None, None)
 
 
-def _cudnn_lengths(call: AttentionCall, mask, bucket: int, batch: int, device) -> tuple:
-    """Sequence lengths (int32 [b, 1, 1, 1]) when the graph needs them: every query row of the call is
-    valid (a padded row still sees the kept keys before it, as in every other backend), and the keys are
-    bounded by the padding mask or by the true length inside the bucket. (None, None) when neither pads."""
-    if mask is None and bucket == call.q_len:
-        return None, None
-    seq_len_q = torch.full((batch, 1, 1, 1), call.q_len, device=device, dtype=torch.int32)
-    if mask is None:
-        return seq_len_q, seq_len_q
-    return seq_len_q, mask.sum(dim=-1, dtype=torch.int32).view(batch, 1, 1, 1)
+def _cudnn_dense_layout(q, key_lengths, q_len: int, causal: bool, alibi: bool, scale: float) -> tuple:
+    """The graph's flags and sequence lengths (int32 [b, 1, 1, 1]) for q padded to its bucket: the first
+    ``q_len`` query rows are the call's (a padded row still sees the kept keys before it, as in every other
+    backend), and the keys are bounded by ``key_lengths`` (from a right-padding mask) or by ``q_len``. No
+    lengths where nothing pads."""
+    padded = key_lengths is not None or q_len != q.shape[2]
+    flags = _CudnnFlags(causal=causal, alibi=alibi, padded=padded, scale=scale)
+    if not padded:
+        return flags, (None, None)
+    seq_len_q = torch.full((q.shape[0], 1, 1, 1), q_len, device=q.device, dtype=torch.int32)
+    return flags, (seq_len_q, seq_len_q if key_lengths is None else key_lengths)
+
+
+def _cudnn_dense_forward_impl(q, k, v, key_lengths, q_len, causal, alibi, scale, with_stats):
+    q, k, v = (_cudnn_operand(x) for x in (q, k, v))
+    flags, lengths = _cudnn_dense_layout(q, key_lengths, q_len, causal, alibi, scale)
+    out, stats = _cudnn_forward(q, k, v, lengths, flags, with_stats)
+    return out, stats if with_stats else q.new_empty(0, dtype=torch.float32)
+
+
+def _cudnn_dense_backward_impl(q, k, v, out, stats, grad_out, key_lengths, q_len, causal, alibi, scale):
+    q, k, v = (_cudnn_operand(x) for x in (q, k, v))
+    flags, lengths = _cudnn_dense_layout(q, key_lengths, q_len, causal, alibi, scale)
+    return list(_cudnn_backward(q, k, v, out, stats, grad_out, lengths, flags))
+
+
+def _cudnn_dense_forward_fake(q, k, v, key_lengths, q_len, causal, alibi, scale, with_stats):
+    batch, heads, seq, dim = q.shape
+    stats_shape = (batch, heads, seq, 1) if with_stats else (0,)
+    return _bshd_empty(batch, heads, seq, dim, q), q.new_empty(stats_shape, dtype=torch.float32)
+
+
+_CUDNN_OPTIONS_SCHEMA = "Tensor? key_lengths, int q_len, bool causal, bool alibi, float scale"
+# Opaque under torch.compile: the frontend's graphs, plan cache and handle lock run when the compiled step runs.
+_cudnn_forward_op = _opaque(
+    "cudnn_attention_forward",
+    f"(Tensor q, Tensor k, Tensor v, {_CUDNN_OPTIONS_SCHEMA}, bool with_stats) -> (Tensor, Tensor)",
+    _cudnn_dense_forward_impl,
+    _cudnn_dense_forward_fake,
+)
+_cudnn_backward_op = _opaque(
+    "cudnn_attention_backward",
+    f"(Tensor q, Tensor k, Tensor v, Tensor out, Tensor stats, Tensor grad_out, {_CUDNN_OPTIONS_SCHEMA}) -> Tensor[]",
+    _cudnn_dense_backward_impl,
+    lambda q, k, v, *rest: [_bshd_empty(*x.shape, x) for x in (q, k, v)],
+)
+
+
+class _CudnnAttention(torch.autograd.Function):
+    """cuDNN attention for training: forward keeps the softmax stats, backward runs ``sdpa_backward``. Only
+    q, k, v, the output, the stats and the key lengths are saved. Under torch.compile forward and backward
+    are opaque custom ops."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_lengths, q_len, causal, alibi, scale):
+        out, stats = _cudnn_forward_op(q, k, v, key_lengths, q_len, causal, alibi, scale, True)
+        ctx.save_for_backward(q, k, v, out, stats, key_lengths)
+        ctx.options = (q_len, causal, alibi, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, stats, key_lengths = ctx.saved_tensors
+        grads = _cudnn_backward_op(q, k, v, out, stats, grad_out, key_lengths, *ctx.options)
+        return (*grads, None, None, None, None, None)
 
 
 def _run_cudnn_documents(q, k, v, call: AttentionCall, sequence_ids: torch.Tensor, scale: float) -> torch.Tensor:
@@ -1651,23 +1714,24 @@ def _run_cudnn_documents(q, k, v, call: AttentionCall, sequence_ids: torch.Tenso
     flags = _CudnnFlags(causal=True, alibi=call.alibi, padded=True, scale=float(scale), ragged=True)
     q, k, v = (_packed_operand(x) for x in (q, k, v))
     if call.needs_grad:
-        return _CudnnAttention.apply(q, k, v, documents, flags)
+        return _CudnnRaggedAttention.apply(q, k, v, documents, flags)
     return _cudnn_ragged_forward(q, k, v, documents, flags, with_stats=False)[0]
 
 
 def _run_cudnn(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_ids=None, **_):
+    """q, k and v padded to the length's bucket (``_cudnn_bucket``), the output cut back to it. A padding mask
+    (right padding, checked by ``_cannot_cudnn``) becomes the keys' lengths."""
     if call.documents:
         return _run_cudnn_documents(q, k, v, call, sequence_ids, scale)
     bucket = _cudnn_bucket(call.q_len)
-    lengths = _cudnn_lengths(call, mask, bucket, q.shape[0], q.device)
-    flags = _CudnnFlags(causal=call.causal, alibi=call.alibi, padded=lengths[0] is not None, scale=float(scale))
+    key_lengths = None if mask is None else mask.sum(dim=-1, dtype=torch.int32).view(q.shape[0], 1, 1, 1)
     if bucket != call.q_len:
         q, k, v = (F.pad(x, (0, 0, 0, bucket - call.q_len)) for x in (q, k, v))
-    q, k, v = (_cudnn_operand(x) for x in (q, k, v))
+    options = (key_lengths, call.q_len, call.causal, call.alibi, float(scale))
     if call.needs_grad:
-        out = _CudnnAttention.apply(q, k, v, lengths, flags)
+        out = _CudnnAttention.apply(q, k, v, *options)
     else:
-        out, _ = _cudnn_forward(q, k, v, lengths, flags, with_stats=False)
+        out, _ = _cudnn_forward_op(q, k, v, *options, False)
     return out[:, :, : call.q_len] if bucket != call.q_len else out
 
 
@@ -1758,13 +1822,35 @@ def _cannot_cudnn(call: AttentionCall) -> Optional[str]:
         return "cudnn takes packed documents (sequence_ids) only without a padding mask"
     if call.dropout_p > 0.0:
         return "cudnn here takes no attention dropout (cuDNN refuses it with ALiBi; sdpa runs plain dropout)"
-    if torch.compiler.is_compiling() or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return "cudnn graphs run eagerly: not inside torch.compile or a CUDA graph capture"
-    if call.alibi and not _checked_per_forward(call, "slopes", call.slopes, _are_bloom_slopes):
-        return "cudnn computes BLOOM's ALiBi slopes itself and cannot take other slopes"
+    if _is_tracing():
+        return _cannot_trace_cudnn(call)
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return "cudnn graphs are not captured into a CUDA graph here"
+    if call.alibi and not _are_vouched_bloom_slopes(call):
+        if not _checked_per_forward(call, "slopes", call.slopes, _are_bloom_slopes):
+            return "cudnn computes BLOOM's ALiBi slopes itself and cannot take other slopes"
     if call.mask_kind == "padding" and not _checked_per_forward(call, "padding", call.padding_mask, _is_right_padding):
         return "cudnn takes only right padding (a kept prefix of every row), not left padding"
     return None
+
+
+def _cannot_trace_cudnn(call: AttentionCall) -> Optional[str]:
+    """While torch.compile (or export) traces, cudnn becomes an opaque op, and it takes only the calls it can
+    accept without reading a tensor's values on the host: no padding mask or packed documents (their layout
+    is checked there), static lengths (a graph is built per length bucket), and ALiBi only with the slopes a
+    model's ``ForwardMask`` holds as BLOOM's (``ForwardMask.bloom_alibi_slopes``)."""
+    if call.mask_kind != "none" or call.documents:
+        return "cudnn under torch.compile takes no padding mask or sequence_ids (their layout is read on the host)"
+    if not isinstance(call.q_len, int):
+        return "cudnn under torch.compile takes static sequence lengths, not dynamic shapes"
+    if call.alibi and not _are_vouched_bloom_slopes(call):
+        return "cudnn under torch.compile takes ALiBi only with the BLOOM slopes of the model's ForwardMask"
+    return None
+
+
+def _are_vouched_bloom_slopes(call: AttentionCall) -> bool:
+    """The call's slopes are the ones its forward's ``ForwardMask`` made as BLOOM's: no need to read them."""
+    return call.holder is not None and call.holder.bloom_slopes is not None and call.holder.bloom_slopes is call.slopes
 
 
 def _cannot_xformers(call: AttentionCall) -> Optional[str]:

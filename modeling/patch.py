@@ -370,14 +370,11 @@ def _bloom_padding_mask(attention_mask, kv_length: int):
 
 def _bloom_slopes(attention_mask, num_heads: int, device: torch.device) -> torch.Tensor:
     """BLOOM's ALiBi slopes: made once per forward when the forward has a ``ForwardMask`` (every layer then
-    passes the same tensor, which the cudnn backend checks once), else per layer."""
+    passes the same tensor, which the cudnn backend takes as BLOOM's without reading it), else per layer."""
     holder, _ = _forward_mask_parts(attention_mask)
     if holder is None:
         return alibi_slopes(num_heads, device=device)
-    key = ("alibi_slopes", num_heads, str(device))
-    if key not in holder.kept:
-        holder.kept[key] = alibi_slopes(num_heads, device=device)
-    return holder.kept[key]
+    return holder.bloom_alibi_slopes(num_heads, device)
 
 
 _BLOOM_FORWARDS: dict[str, Callable] = {}

@@ -198,10 +198,11 @@ class FakeGraph:
             if ports["stats"]:
                 write(ports["outputs"][1], pack, stats, rows)
             return
-        with torch.enable_grad():  # autograd runs a backward without grad mode
-            leaves = [x.detach().double().requires_grad_() for x in qkv]
-            out, stats = cudnn_sdpa_reference(*leaves, *masks.values(), *lengths)
-            grads = torch.autograd.grad(out, leaves, read(ports["dO"], pack).double() * row_kept)
+        # torch.func, not autograd: a custom op's body (the compiled glue's) runs below the autograd keys
+        (out, stats), vjp = torch.func.vjp(
+            lambda *x: cudnn_sdpa_reference(*x, *masks.values(), *lengths), *(x.double() for x in qkv)
+        )
+        grads = vjp((read(ports["dO"], pack).double() * row_kept, torch.zeros_like(stats)))
         assert torch.allclose(read(ports["o"], pack).double() * row_kept, out, atol=1e-5), "o is the forward's output"
         kept_stats = row_kept.expand_as(stats)
         assert torch.allclose(read(ports["stats"], pack).double()[kept_stats], stats[kept_stats], atol=1e-5), "stats"
@@ -632,6 +633,97 @@ def test_plan_cache_is_bounded_lru_and_builds_once_under_concurrent_calls():
 
 
 # ----------------------------------------------------------------------------------------------
+# Under torch.compile: the checks that need no host read, and the glue as two opaque ops
+# ----------------------------------------------------------------------------------------------
+
+
+def test_while_tracing_cudnn_takes_unmasked_calls_and_only_the_slopes_a_forward_mask_holds(fake_cudnn, monkeypatch):
+    """Tracing cannot read the slopes or the padding layout: the model vouches for its slopes through its
+    ForwardMask, anything else goes to the next backend, and nothing is read on the host."""
+    reads = count_value_checks(monkeypatch)
+    monkeypatch.setattr(kernel_layer, "_is_tracing", lambda: True)
+
+    def capture_state():  # Dynamo cannot trace it: a torch function that returns a bool breaks the graph
+        raise AssertionError("is_current_stream_capturing() called while tracing")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", capture_state)
+    kernel_layer._probe_results[("cudnn", "cuda")] = None  # the stand-in runs (the fixture resets these)
+    q, k, v = qkv()
+    holder = mea.forward_mask(None, without_mask=True)
+    slopes = holder.bloom_alibi_slopes(4, "cpu")
+    assert holder.bloom_alibi_slopes(4, "cpu") is slopes and torch.equal(slopes, mea.alibi_slopes(4))
+    assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=holder, slopes=slopes)) is None
+    assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=holder)) is None
+    for options, reason in (
+        (dict(slopes=mea.alibi_slopes(4)), "BLOOM slopes of the model's ForwardMask"),  # no holder
+        (dict(mask=holder, slopes=mea.alibi_slopes(4).clone()), "BLOOM slopes of the model's ForwardMask"),
+        (dict(mask=mea.forward_mask(right_padding(2, 16, 3)), slopes=slopes), "no padding mask"),
+        (dict(sequence_ids=torch.tensor([[0] * 9 + [1] * 7] * 2)), "sequence_ids"),
+    ):
+        assert reason in kernel_layer._cannot_cudnn(cuda_call(q, k, v, **options))
+    assert reads == {"padding": 0, "slopes": 0}
+    assert mea.select_backend(cuda_call(q, k, v, mask=holder, slopes=slopes)) == "cudnn"
+    assert mea.select_backend(cuda_call(q, k, v, slopes=mea.alibi_slopes(4))) == "flex"
+
+
+def test_eager_calls_take_a_forward_masks_slopes_without_reading_them(fake_cudnn, monkeypatch):
+    reads = count_value_checks(monkeypatch)
+    q, k, v = qkv()
+    holder = mea.forward_mask(right_padding(2, 16, 3))
+    slopes = holder.bloom_alibi_slopes(4, "cpu")
+    assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=holder, slopes=slopes)) is None
+    assert reads == {"padding": 1, "slopes": 0}
+    assert "other slopes" in kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=holder, slopes=torch.rand(4)))
+
+
+def compiled_graphs_of(function, *args) -> tuple:
+    """``function(*args)`` compiled (one graph: a break raises) with its output's gradient taken, and the op
+    names of the forward and backward graphs it ran."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def keeping(name):
+        def compiler(graph, example_inputs):
+            graphs[name] = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+            return make_boxed_func(graph.forward)
+
+        return compiler
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=keeping("forward"), bw_compiler=keeping("backward"))
+    out = torch.compile(function, backend=backend, fullgraph=True)(*args)
+    return out, graphs
+
+
+@pytest.mark.parametrize("seq", [64, 37], ids=["bucket", "padded_to_bucket"])
+def test_compiled_glue_runs_as_opaque_ops_and_matches_reference(fake_cudnn, seq):
+    heads, kv_heads, dim = 4, 2, 16
+    q = torch.randn(2, heads, seq, dim, dtype=torch.float64).float()
+    k, v = (torch.randn(2, kv_heads, seq, dim, dtype=torch.float64).float() for _ in range(2))
+    slopes = mea.alibi_slopes(heads)
+    call = dataclasses.replace(cuda_call(q, k, v, slopes=slopes), needs_grad=True, slopes=None)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    out, graphs = compiled_graphs_of(lambda *x: kernel_layer._run_cudnn(*x, call, None, None, 0.3), *leaves)
+    expected_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    expected = reference_attention(*expected_leaves, causal=True, mask=None, slopes=slopes, scale=0.3)
+    assert out.shape == q.shape and torch.allclose(out.double(), expected, atol=1e-5)
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, grad.float())
+    for got, want in zip(grads, torch.autograd.grad(expected, expected_leaves, grad)):
+        assert got.shape == want.shape and torch.allclose(got.double(), want, atol=1e-5)
+    assert [op for op in graphs["forward"] if "cudnn_attention" in op] == [
+        f"{kernel_layer._OPS_NAMESPACE}.cudnn_attention_forward.default"
+    ]
+    assert [op for op in graphs["backward"] if "cudnn_attention" in op] == [
+        f"{kernel_layer._OPS_NAMESPACE}.cudnn_attention_backward.default"
+    ]
+    assert FakeGraph.built_graphs == 2  # built when the compiled step ran, not while tracing
+
+
+# ----------------------------------------------------------------------------------------------
 # GPU: the real frontend against float64 math, and BLOOM end to end against the fp32 stock model
 # ----------------------------------------------------------------------------------------------
 
@@ -677,8 +769,20 @@ def test_auto_picks_cudnn_for_bloom_alibi_on_gpu_and_flex_for_left_padding():
     assert mea.select_backend(kernel_layer._describe(q, q, q, True, left, slopes, 0.0)) in ("flash_attn", "flex")
 
 
+def launched_kernels(step) -> list:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result = step()
+        torch.cuda.synchronize()
+    return result, [event.key for event in prof.key_averages()]
+
+
 @pytest.mark.gpu
-def test_bloom_on_cudnn_matches_fp32_stock_logits_and_gradients():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager_padded", "compiled"])
+def test_bloom_on_cudnn_matches_fp32_stock_logits_and_gradients(compiled):
+    """Eager: a right-padded batch on the cudnn backend. Compiled (Inductor, one graph): an unpadded batch,
+    which ``auto`` sends to cudnn's opaque ops (not to flex) with the slopes of the model's ForwardMask."""
     needs_cudnn_frontend()
     config = BloomConfig(vocab_size=300, hidden_size=8 * 64, n_layer=2, n_head=8, pad_token_id=0)
     torch.manual_seed(0)
@@ -688,15 +792,24 @@ def test_bloom_on_cudnn_matches_fp32_stock_logits_and_gradients():
     folder = save_with_remote_code(stock, tempfile.mkdtemp(prefix="bloom-"), ["modeling_bloom.py"],
                                    {"AutoModelForCausalLM": "modeling_bloom.BloomForCausalLM"})
     ours = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).cuda().eval()
-    ours.config.attn_backend = "cudnn"
     stock = stock.cuda()
     ids = torch.randint(3, 300, (2, 333), generator=torch.Generator().manual_seed(1)).cuda()
-    mask = right_padded_mask([333, 250], 333).cuda()
+    mask = torch.ones_like(ids) if compiled else right_padded_mask([333, 250], 333).cuda()
     labels = ids.masked_fill(mask == 0, -100)
     expected = stock(ids, attention_mask=mask, labels=labels)
     expected.loss.backward()
-    actual = ours(ids, attention_mask=mask, labels=labels)
-    actual.loss.backward()
+    if compiled:
+        torch._dynamo.reset()
+        run = torch.compile(ours, fullgraph=True)
+        actual, kernels = launched_kernels(lambda: run(ids, labels=labels))
+        _, backward_kernels = launched_kernels(actual.loss.backward)
+        assert any("sdpa" in name and "fprop" in name for name in kernels), kernels
+        assert any("sdpa" in name and "bprop" in name for name in backward_kernels), backward_kernels
+        assert not any("flex" in name for name in kernels + backward_kernels), kernels + backward_kernels
+    else:
+        ours.config.attn_backend = "cudnn"
+        actual = ours(ids, attention_mask=mask, labels=labels)
+        actual.loss.backward()
     keep = mask.bool()
     assert_close_rel(actual.logits.float()[keep], expected.logits[keep], 2e-2, "logits")
     assert abs(actual.loss.item() - expected.loss.item()) < 1e-2 * expected.loss.item()
