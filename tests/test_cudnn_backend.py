@@ -544,6 +544,18 @@ def test_errors_outside_the_frontend_are_not_the_backends(fake_cudnn, monkeypatc
 # ----------------------------------------------------------------------------------------------
 
 
+def assert_matches_float64_reference(out, leaves: list, mask, slopes, scale: float) -> None:
+    """``out`` (causal attention of the leaves q, k, v) against float64 math: values, and every gradient for one
+    random output gradient."""
+    expected_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    expected = reference_attention(*expected_leaves, causal=True, mask=mask, slopes=slopes, scale=scale)
+    assert out.shape == leaves[0].shape and torch.allclose(out.double(), expected, atol=1e-5)
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, grad.float())
+    for got, want in zip(grads, torch.autograd.grad(expected, expected_leaves, grad)):
+        assert got.shape == want.shape and torch.allclose(got.double(), want, atol=1e-5)
+
+
 @pytest.mark.parametrize("seq", [64, 37, 130])
 @pytest.mark.parametrize("alibi", [True, False], ids=["alibi", "causal"])
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "right_padded"])
@@ -559,13 +571,7 @@ def test_glue_matches_reference_forward_and_gradients(fake_cudnn, seq, alibi, pa
     assert kernel_layer._cannot_cudnn(dataclasses.replace(call, dtype=torch.bfloat16)) is None
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     out = kernel_layer._run_cudnn(*leaves, dataclasses.replace(call, needs_grad=True), mask, slopes, 0.3)
-    expected_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    expected = reference_attention(*expected_leaves, causal=True, mask=mask, slopes=slopes, scale=0.3)
-    assert out.shape == q.shape and torch.allclose(out.double(), expected, atol=1e-5)
-    grad = torch.randn(out.shape, dtype=torch.float64)
-    grads = torch.autograd.grad(out, leaves, grad.float())
-    for got, want in zip(grads, torch.autograd.grad(expected, expected_leaves, grad)):
-        assert got.shape == want.shape and torch.allclose(got.double(), want, atol=1e-5)
+    assert_matches_float64_reference(out, leaves, mask, slopes, 0.3)
     assert set(fake_cudnn.streams) == {7}  # every launch on the current stream
     assert FakeGraph.built_graphs == 2  # one forward and one backward graph
 
@@ -707,13 +713,7 @@ def test_compiled_glue_runs_as_opaque_ops_and_matches_reference(fake_cudnn, seq)
     call = dataclasses.replace(cuda_call(q, k, v, slopes=slopes), needs_grad=True, slopes=None)
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     out, graphs = compiled_graphs_of(lambda *x: kernel_layer._run_cudnn(*x, call, None, None, 0.3), *leaves)
-    expected_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    expected = reference_attention(*expected_leaves, causal=True, mask=None, slopes=slopes, scale=0.3)
-    assert out.shape == q.shape and torch.allclose(out.double(), expected, atol=1e-5)
-    grad = torch.randn(out.shape, dtype=torch.float64)
-    grads = torch.autograd.grad(out, leaves, grad.float())
-    for got, want in zip(grads, torch.autograd.grad(expected, expected_leaves, grad)):
-        assert got.shape == want.shape and torch.allclose(got.double(), want, atol=1e-5)
+    assert_matches_float64_reference(out, leaves, None, slopes, 0.3)
     assert [op for op in graphs["forward"] if "cudnn_attention" in op] == [
         f"{kernel_layer._OPS_NAMESPACE}.cudnn_attention_forward.default"
     ]
