@@ -1826,9 +1826,8 @@ def _cannot_cudnn(call: AttentionCall) -> Optional[str]:
         return _cannot_trace_cudnn(call)
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return "cudnn graphs are not captured into a CUDA graph here"
-    if call.alibi and not _are_vouched_bloom_slopes(call):
-        if not _checked_per_forward(call, "slopes", call.slopes, _are_bloom_slopes):
-            return "cudnn computes BLOOM's ALiBi slopes itself and cannot take other slopes"
+    if call.alibi and not _has_bloom_slopes(call):
+        return "cudnn computes BLOOM's ALiBi slopes itself and cannot take other slopes"
     if call.mask_kind == "padding" and not _checked_per_forward(call, "padding", call.padding_mask, _is_right_padding):
         return "cudnn takes only right padding (a kept prefix of every row), not left padding"
     return None
@@ -1848,9 +1847,15 @@ def _cannot_trace_cudnn(call: AttentionCall) -> Optional[str]:
     return None
 
 
+def _has_bloom_slopes(call: AttentionCall) -> bool:
+    """The slopes its forward's ``ForwardMask`` made as BLOOM's, else slopes checked (a host read, once per
+    forward with a ``ForwardMask``) to equal them."""
+    return _are_vouched_bloom_slopes(call) or _checked_per_forward(call, "slopes", call.slopes, _are_bloom_slopes)
+
+
 def _are_vouched_bloom_slopes(call: AttentionCall) -> bool:
     """The call's slopes are the ones its forward's ``ForwardMask`` made as BLOOM's: no need to read them."""
-    return call.holder is not None and call.holder.bloom_slopes is not None and call.holder.bloom_slopes is call.slopes
+    return call.holder is not None and call.holder.bloom_slopes is call.slopes
 
 
 def _cannot_xformers(call: AttentionCall) -> Optional[str]:
