@@ -129,6 +129,27 @@ def test_inductor_compiled_bf16_step_on_cuda_runs_our_triton_kernels_and_keeps_n
             assert_close_rel(grads[key].float(), grad.float(), 3e-2, f"compiled bf16 grad of {key}")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_inductor_compiled_bloom_on_cuda_follows_changing_lengths(family_pairs):
+    """The first length compiles with static shapes (BLOOM's attention on the cudnn backend's ops where the
+    frontend is installed), the next ones with dynamic shapes (which the cudnn backend leaves to the next
+    backend): every step equals eager's, in one graph."""
+    import copy
+
+    model = copy.deepcopy(family_pairs["bloom"][1]).to("cuda", torch.bfloat16).train()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)  # Inductor
+    generator = torch.Generator().manual_seed(23)
+    for length in (64, 100, 37):
+        ids = torch.randint(3, model.config.vocab_size, (2, length), generator=generator).cuda()
+        expected, expected_grads = train_step(model, dict(input_ids=ids, labels=ids))
+        got, grads = train_step(compiled, dict(input_ids=ids, labels=ids))
+        assert_close_rel(got.loss.detach().float(), expected.loss.detach().float(), 1e-2, f"loss at {length}")
+        for key, grad in expected_grads.items():
+            assert_close_rel(grads[f"_orig_mod.{key}"].float(), grad.float(), 3e-2, f"grad of {key} at {length}")
+
+
 @pytest.mark.parametrize("dynamic", [None, True])  # None: recompiled with dynamic shapes at the second length
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "bart"])
 def test_compiled_training_step_follows_changing_lengths_in_one_graph(family_pairs, name, dynamic):
