@@ -684,8 +684,8 @@ def test_eager_calls_take_a_forward_masks_slopes_without_reading_them(fake_cudnn
 
 
 def compiled_graphs_of(function, *args) -> tuple:
-    """``function(*args)`` compiled (one graph: a break raises) with its output's gradient taken, and the op
-    names of the forward and backward graphs it ran."""
+    """``function(*args)`` compiled (one graph: a break raises), and the op names of its graphs: the forward's
+    at once, the backward's once a gradient through the output has been taken."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
