@@ -1653,17 +1653,38 @@ def _cudnn_dense_layout(q, key_lengths, q_len: int, causal: bool, alibi: bool, s
     return flags, (seq_len_q, seq_len_q if key_lengths is None else key_lengths)
 
 
+def _in_bucket(x: torch.Tensor, bucket: int) -> torch.Tensor:
+    """x (``[b, h, s, ...]``) padded along s to ``bucket`` rows, as cuDNN takes it."""
+    if x.shape[2] != bucket:
+        x = F.pad(x, (0,) * (2 * (x.dim() - 3)) + (0, bucket - x.shape[2]))
+    return _cudnn_operand(x)
+
+
+def _first_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """The first ``rows`` rows (dim 2) of a result, as a tensor of its own laid out as the op's fake one is."""
+    if x.shape[2] == rows:
+        return x
+    if x.dim() == 4 and x.shape[-1] != 1:
+        return _bshd_empty(x.shape[0], x.shape[1], rows, x.shape[3], x).copy_(x[:, :, :rows])
+    return x[:, :, :rows].contiguous()
+
+
 def _cudnn_dense_forward_impl(q, k, v, key_lengths, q_len, causal, alibi, scale, with_stats):
-    q, k, v = (_cudnn_operand(x) for x in (q, k, v))
+    """q, k and v as long as the call (traced: padded to the bucket here, when the step runs and the length
+    is known) or already padded to it (eager: ``_run_cudnn`` pads them and cuts the output as a view)."""
+    rows, bucket = q.shape[2], _cudnn_bucket(q.shape[2])
+    q, k, v = (_in_bucket(x, bucket) for x in (q, k, v))
     flags, lengths = _cudnn_dense_layout(q, key_lengths, q_len, causal, alibi, scale)
     out, stats = _cudnn_forward(q, k, v, lengths, flags, with_stats)
-    return out, stats if with_stats else q.new_empty(0, dtype=torch.float32)
+    stats = _first_rows(stats, rows) if with_stats else q.new_empty(0, dtype=torch.float32)
+    return _first_rows(out, rows), stats
 
 
 def _cudnn_dense_backward_impl(q, k, v, out, stats, grad_out, key_lengths, q_len, causal, alibi, scale):
-    q, k, v = (_cudnn_operand(x) for x in (q, k, v))
+    rows, bucket = q.shape[2], _cudnn_bucket(q.shape[2])
+    q, k, v, out, stats, grad_out = (_in_bucket(x, bucket) for x in (q, k, v, out, stats, grad_out))
     flags, lengths = _cudnn_dense_layout(q, key_lengths, q_len, causal, alibi, scale)
-    return list(_cudnn_backward(q, k, v, out, stats, grad_out, lengths, flags))
+    return [_first_rows(grad, rows) for grad in _cudnn_backward(q, k, v, out, stats, grad_out, lengths, flags)]
 
 
 def _cudnn_dense_forward_fake(q, k, v, key_lengths, q_len, causal, alibi, scale, with_stats):
@@ -1672,7 +1693,7 @@ def _cudnn_dense_forward_fake(q, k, v, key_lengths, q_len, causal, alibi, scale,
     return _bshd_empty(batch, heads, seq, dim, q), q.new_empty(stats_shape, dtype=torch.float32)
 
 
-_CUDNN_OPTIONS_SCHEMA = "Tensor? key_lengths, int q_len, bool causal, bool alibi, float scale"
+_CUDNN_OPTIONS_SCHEMA = "Tensor? key_lengths, SymInt q_len, bool causal, bool alibi, float scale"
 # Opaque under torch.compile: the frontend's graphs, plan cache and handle lock run when the compiled step runs.
 _cudnn_forward_op = _opaque(
     "cudnn_attention_forward",
@@ -1719,11 +1740,12 @@ def _run_cudnn_documents(q, k, v, call: AttentionCall, sequence_ids: torch.Tenso
 
 
 def _run_cudnn(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_ids=None, **_):
-    """q, k and v padded to the length's bucket (``_cudnn_bucket``), the output cut back to it. A padding mask
+    """q, k and v padded to the length's bucket (``_cudnn_bucket``), the output cut back to it as a view.
+    While tracing the ops pad instead, when the step runs, so that the length may be dynamic. A padding mask
     (right padding, checked by ``_cannot_cudnn``) becomes the keys' lengths."""
     if call.documents:
         return _run_cudnn_documents(q, k, v, call, sequence_ids, scale)
-    bucket = _cudnn_bucket(call.q_len)
+    bucket = call.q_len if _is_tracing() else _cudnn_bucket(call.q_len)
     key_lengths = None if mask is None else mask.sum(dim=-1, dtype=torch.int32).view(q.shape[0], 1, 1, 1)
     if bucket != call.q_len:
         q, k, v = (F.pad(x, (0, 0, 0, bucket - call.q_len)) for x in (q, k, v))
@@ -1836,12 +1858,10 @@ def _cannot_cudnn(call: AttentionCall) -> Optional[str]:
 def _cannot_trace_cudnn(call: AttentionCall) -> Optional[str]:
     """While torch.compile (or export) traces, cudnn becomes an opaque op, and it takes only the calls it can
     accept without reading a tensor's values on the host: no padding mask or packed documents (their layout
-    is checked there), static lengths (a graph is built per length bucket), and ALiBi only with the slopes a
-    model's ``ForwardMask`` holds as BLOOM's (``ForwardMask.bloom_alibi_slopes``)."""
+    is checked there), and ALiBi only with the slopes a model's ``ForwardMask`` holds as BLOOM's
+    (``ForwardMask.bloom_alibi_slopes``). Lengths may be dynamic: the ops pad to the bucket when they run."""
     if call.mask_kind != "none" or call.documents:
         return "cudnn under torch.compile takes no padding mask or sequence_ids (their layout is read on the host)"
-    if not isinstance(call.q_len, int):
-        return "cudnn under torch.compile takes static sequence lengths, not dynamic shapes"
     if call.alibi and not _are_vouched_bloom_slopes(call):
         return "cudnn under torch.compile takes ALiBi only with the BLOOM slopes of the model's ForwardMask"
     return None

@@ -683,25 +683,37 @@ def test_eager_calls_take_a_forward_masks_slopes_without_reading_them(fake_cudnn
     assert "other slopes" in kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=holder, slopes=torch.rand(4)))
 
 
-def compiled_graphs_of(function, *args) -> tuple:
-    """``function(*args)`` compiled (one graph: a break raises), and the op names of its graphs: the forward's
-    at once, the backward's once a gradient through the output has been taken."""
+def compiled_with_graphs(function, dynamic=None) -> tuple:
+    """``function`` compiled (one graph: a break raises), and the op names of each graph compiled for it, by
+    kind: a forward graph per compile, a backward graph once a gradient through an output has been taken."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
-    graphs = {}
+    graphs = {"forward": [], "backward": []}
 
     def keeping(name):
         def compiler(graph, example_inputs):
-            graphs[name] = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+            graphs[name].append([str(node.target) for node in graph.graph.nodes if node.op == "call_function"])
             return make_boxed_func(graph.forward)
 
         return compiler
 
     torch._dynamo.reset()
     backend = aot_autograd(fw_compiler=keeping("forward"), bw_compiler=keeping("backward"))
-    out = torch.compile(function, backend=backend, fullgraph=True)(*args)
-    return out, graphs
+    return torch.compile(function, backend=backend, fullgraph=True, dynamic=dynamic), graphs
+
+
+def bloom_attention_on_cudnn(q, k, v):
+    """What BLOOM's attention asks of the cudnn backend: its ForwardMask's slopes, no mask (the device is
+    described as CUDA; the tensors stay on the CPU, for the stand-in frontend)."""
+    holder = mea.forward_mask(None, without_mask=True)
+    slopes = holder.bloom_alibi_slopes(q.shape[1], q.device)
+    call = dataclasses.replace(kernel_layer._describe(q, k, v, True, holder, slopes, 0.0), device_type="cuda")
+    return kernel_layer._run_cudnn(q, k, v, call, None, slopes, 0.3)
+
+
+def cudnn_ops_of(graph: list) -> list:
+    return [op.removeprefix(f"{kernel_layer._OPS_NAMESPACE}.") for op in graph if "cudnn_attention" in op]
 
 
 @pytest.mark.parametrize("seq", [64, 37], ids=["bucket", "padded_to_bucket"])
@@ -709,18 +721,25 @@ def test_compiled_glue_runs_as_opaque_ops_and_matches_reference(fake_cudnn, seq)
     heads, kv_heads, dim = 4, 2, 16
     q = torch.randn(2, heads, seq, dim, dtype=torch.float64).float()
     k, v = (torch.randn(2, kv_heads, seq, dim, dtype=torch.float64).float() for _ in range(2))
-    slopes = mea.alibi_slopes(heads)
-    call = dataclasses.replace(cuda_call(q, k, v, slopes=slopes), needs_grad=True, slopes=None)
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    out, graphs = compiled_graphs_of(lambda *x: kernel_layer._run_cudnn(*x, call, None, None, 0.3), *leaves)
-    assert_matches_float64_reference(out, leaves, None, slopes, 0.3)
-    assert [op for op in graphs["forward"] if "cudnn_attention" in op] == [
-        f"{kernel_layer._OPS_NAMESPACE}.cudnn_attention_forward.default"
-    ]
-    assert [op for op in graphs["backward"] if "cudnn_attention" in op] == [
-        f"{kernel_layer._OPS_NAMESPACE}.cudnn_attention_backward.default"
-    ]
+    compiled, graphs = compiled_with_graphs(bloom_attention_on_cudnn)
+    out = compiled(*leaves)
+    assert_matches_float64_reference(out, leaves, None, mea.alibi_slopes(heads), 0.3)
+    assert [cudnn_ops_of(graph) for graph in graphs["forward"]] == [["cudnn_attention_forward.default"]]
+    assert [cudnn_ops_of(graph) for graph in graphs["backward"]] == [["cudnn_attention_backward.default"]]
     assert FakeGraph.built_graphs == 2  # built when the compiled step ran, not while tracing
+
+
+def test_compiled_glue_takes_dynamic_lengths_in_one_graph(fake_cudnn):
+    """Padding to the bucket happens when the ops run, so a dynamic length compiles once (no guard on it)."""
+    compiled, graphs = compiled_with_graphs(bloom_attention_on_cudnn, dynamic=True)
+    for seq in (37, 50, 130):
+        q = torch.randn(2, 4, seq, 16, dtype=torch.float64).float()
+        k, v = (torch.randn(2, 2, seq, 16, dtype=torch.float64).float() for _ in range(2))
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        assert_matches_float64_reference(compiled(*leaves), leaves, None, mea.alibi_slopes(4), 0.3)
+    assert len(graphs["forward"]) == len(graphs["backward"]) == 1
+    assert FakeGraph.built_graphs == 4  # buckets 64 and 192: a forward and a backward graph each
 
 
 # ----------------------------------------------------------------------------------------------

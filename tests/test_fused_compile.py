@@ -132,14 +132,22 @@ def test_inductor_compiled_bf16_step_on_cuda_runs_our_triton_kernels_and_keeps_n
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_inductor_compiled_bloom_on_cuda_follows_changing_lengths(family_pairs):
-    """The first length compiles with static shapes (BLOOM's attention on the cudnn backend's ops where the
-    frontend is installed), the next ones with dynamic shapes (which the cudnn backend leaves to the next
-    backend): every step equals eager's, in one graph."""
+    """BLOOM's attention on the cudnn backend's ops (where the frontend is installed): the first length
+    compiles with static shapes, the next two share one graph with dynamic shapes (the ops pad to the length's
+    bucket when they run), and every step equals eager's."""
     import copy
+
+    from torch._inductor.compile_fx import compile_fx
+
+    compiles = []
+
+    def inductor(graph, example_inputs):
+        compiles.append(1)
+        return compile_fx(graph, example_inputs)
 
     model = copy.deepcopy(family_pairs["bloom"][1]).to("cuda", torch.bfloat16).train()
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True)  # Inductor
+    compiled = torch.compile(model, backend=inductor, fullgraph=True)
     generator = torch.Generator().manual_seed(23)
     for length in (64, 100, 37):
         ids = torch.randint(3, model.config.vocab_size, (2, length), generator=generator).cuda()
@@ -148,6 +156,7 @@ def test_inductor_compiled_bloom_on_cuda_follows_changing_lengths(family_pairs):
         assert_close_rel(got.loss.detach().float(), expected.loss.detach().float(), 1e-2, f"loss at {length}")
         for key, grad in expected_grads.items():
             assert_close_rel(grads[f"_orig_mod.{key}"].float(), grad.float(), 3e-2, f"grad of {key} at {length}")
+    assert len(compiles) == 2
 
 
 @pytest.mark.parametrize("dynamic", [None, True])  # None: recompiled with dynamic shapes at the second length
