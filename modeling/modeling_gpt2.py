@@ -1702,35 +1702,38 @@ def _cudnn_dense_layout(q, key_lengths, q_len: int, causal: bool, alibi: bool, s
 
 
 def _in_bucket(x: torch.Tensor, bucket: int) -> torch.Tensor:
-    """x (``[b, h, s, ...]``) padded along s to ``bucket`` rows, as cuDNN takes it."""
-    if x.shape[2] != bucket:
-        x = F.pad(x, (0,) * (2 * (x.dim() - 3)) + (0, bucket - x.shape[2]))
-    return _cudnn_operand(x)
+    """x (``[b, h, s, ...]``) padded with zero rows along s to ``bucket`` rows."""
+    if x.shape[2] == bucket:
+        return x
+    return F.pad(x, (0,) * (2 * (x.dim() - 3)) + (0, bucket - x.shape[2]))
 
 
 def _first_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """The first ``rows`` rows (dim 2) of a result, as a tensor of its own laid out as the op's fake one is."""
+    """The first ``rows`` rows (dim 2) of a ``[b, h, s, d]`` result laid out as ``[b, s, h, d]``, as a tensor of
+    its own in that layout (what the op's fake result is)."""
     if x.shape[2] == rows:
         return x
-    if x.dim() == 4 and x.shape[-1] != 1:
-        return _bshd_empty(x.shape[0], x.shape[1], rows, x.shape[3], x).copy_(x[:, :, :rows])
-    return x[:, :, :rows].contiguous()
+    return _bshd_empty(x.shape[0], x.shape[1], rows, x.shape[3], x).copy_(x[:, :, :rows])
 
 
 def _cudnn_dense_forward_impl(q, k, v, key_lengths, q_len, causal, alibi, scale, with_stats):
     """q, k and v as long as the call (traced: padded to the bucket here, when the step runs and the length
     is known) or already padded to it (eager: ``_run_cudnn`` pads them and cuts the output as a view)."""
     rows, bucket = q.shape[2], _cudnn_bucket(q.shape[2])
-    q, k, v = (_in_bucket(x, bucket) for x in (q, k, v))
+    q, k, v = (_cudnn_operand(_in_bucket(x, bucket)) for x in (q, k, v))
     flags, lengths = _cudnn_dense_layout(q, key_lengths, q_len, causal, alibi, scale)
     out, stats = _cudnn_forward(q, k, v, lengths, flags, with_stats)
-    stats = _first_rows(stats, rows) if with_stats else q.new_empty(0, dtype=torch.float32)
+    if not with_stats:
+        stats = q.new_empty(0, dtype=torch.float32)
+    elif rows != bucket:
+        stats = stats[:, :, :rows].contiguous()
     return _first_rows(out, rows), stats
 
 
 def _cudnn_dense_backward_impl(q, k, v, out, stats, grad_out, key_lengths, q_len, causal, alibi, scale):
     rows, bucket = q.shape[2], _cudnn_bucket(q.shape[2])
-    q, k, v, out, stats, grad_out = (_in_bucket(x, bucket) for x in (q, k, v, out, stats, grad_out))
+    q, k, v = (_cudnn_operand(_in_bucket(x, bucket)) for x in (q, k, v))
+    out, stats, grad_out = (_in_bucket(x, bucket) for x in (out, stats, grad_out))  # grad_out: aligned below
     flags, lengths = _cudnn_dense_layout(q, key_lengths, q_len, causal, alibi, scale)
     return [_first_rows(grad, rows) for grad in _cudnn_backward(q, k, v, out, stats, grad_out, lengths, flags)]
 
