@@ -699,13 +699,17 @@ _custom_op = getattr(torch.library, "custom_op", None)
 _OPS_NAMESPACE = "memory_efficient_adapter_" + "".join(c if c.isalnum() else "_" for c in __name__)
 
 
-def _opaque(name: str, schema: str, implementation: Callable, fake: Callable, mutates: tuple = ()) -> Callable:
+def _opaque(
+    name: str, schema: str, implementation: Callable, fake: Callable, mutates: tuple = (), tags: tuple = ()
+) -> Callable:
     """``implementation``, which an enclosing torch.compile sees as one custom op ``name`` (``schema``) whose
     outputs are shaped like ``fake``'s (run on fake tensors); outside torch.compile it runs directly.
-    ``mutates``: the arguments it changes in place (marked ``(a!)`` in ``schema`` too)."""
+    ``mutates``: the arguments it changes in place (marked ``(a!)`` in ``schema`` too); ``tags``: the op's
+    ``torch.Tag``s."""
     if _custom_op is None:
         return implementation
-    op = _custom_op(f"{_OPS_NAMESPACE}::{name}", implementation, mutates_args=mutates, schema=schema)
+    tagged = {"tags": tags} if tags else {}
+    op = _custom_op(f"{_OPS_NAMESPACE}::{name}", implementation, mutates_args=mutates, schema=schema, **tagged)
     op.register_fake(fake)
     overload = getattr(getattr(torch.ops, _OPS_NAMESPACE), name).default
 
@@ -1395,11 +1399,14 @@ def _checked_per_forward(call: AttentionCall, slot: str, tensor: torch.Tensor, c
     return _kept_per_forward(call, ("checked", slot), tensor, lambda x: bool(check(x)))
 
 
-def _is_right_padding(mask: torch.Tensor) -> bool:
-    """Every row keeps a non-empty prefix of its keys: padding that sequence lengths can express."""
-    lengths = mask.sum(dim=-1, keepdim=True)
-    prefix = torch.arange(mask.shape[-1], device=mask.device)[None, :] < lengths
-    return bool((mask == prefix).all() & (lengths > 0).all())
+def _padding_layout(mask: torch.Tensor) -> str:
+    """How a bool keep-mask ``[b, s]`` pads its rows (one host read): ``"prefix"`` where every row keeps a
+    non-empty prefix of its keys (right padding, or none: sequence lengths express it), ``"runs"`` where every
+    row keeps one run of consecutive keys or none (left padding too: cuDNN's ragged layout, ``_kept_runs``),
+    else ``"gaps"``."""
+    run_starts = mask & ~F.pad(mask[:, :-1], (1, 0), value=False)
+    one_run, prefix = torch.stack([(run_starts.sum(dim=-1) <= 1).all(), mask[:, 0].all()]).tolist()
+    return "gaps" if not one_run else "prefix" if prefix else "runs"
 
 
 def _are_bloom_slopes(slopes: torch.Tensor) -> bool:
@@ -1443,6 +1450,20 @@ class _RaggedDocuments:
     seq: int
     lengths: torch.Tensor  # int32 [batch, 1, 1, 1]
     starts: torch.Tensor  # int64 [batch + 1, 1, 1, 1], the last ones at the token count
+    # Padded rows (``_kept_runs``): query rows per entry where they outnumber the keys (a row's padding after
+    # its kept keys), and tokens between the entries that no entry covers (zeros in the output and gradients).
+    query_lengths: Optional[torch.Tensor] = None
+    gaps: bool = False
+
+    @property
+    def sequence_lengths(self) -> tuple:
+        """(seq_len_q, seq_len_kv) of the graph."""
+        return (self.lengths if self.query_lengths is None else self.query_lengths), self.lengths
+
+    def new_output(self, x: torch.Tensor) -> torch.Tensor:
+        """An output shaped and laid out like x (``[b, h, s, d]`` as ``[b, s, h, d]``), zero where no entry writes."""
+        out = _bshd_empty(*x.shape, x)
+        return out.zero_() if self.gaps else out
 
 
 def _ragged_documents(sequence_ids: torch.Tensor) -> _RaggedDocuments:
@@ -1629,7 +1650,7 @@ def _cudnn_ragged_forward(q, k, v, documents: _RaggedDocuments, flags: _CudnnFla
     cudnn = _cudnn_module()
     batch, heads, seq, dim = q.shape
     kv_heads = k.shape[1]
-    out = _bshd_empty(batch, heads, seq, dim, q)
+    out = documents.new_output(q)
     stats = torch.empty(batch * seq, heads, device=q.device, dtype=torch.float32) if with_stats else None
     offsets = _ragged_offsets(documents, heads, kv_heads, dim)
     key = _ragged_key("fwd-ragged", q, k, documents, flags) + (with_stats,)
@@ -1643,7 +1664,7 @@ def _cudnn_ragged_forward(q, k, v, documents: _RaggedDocuments, flags: _CudnnFla
         stats_offset = graph.tensor_like(offsets[2]) if with_stats else None
         tq = _ragged_tensor(graph, io, documents, heads, dim, q_offset)
         tk, tv = (_ragged_tensor(graph, io, documents, kv_heads, dim, kv_offset) for _ in range(2))
-        options, length_tensors = _cudnn_mask_options(graph, flags, (documents.lengths, documents.lengths))
+        options, length_tensors = _cudnn_mask_options(graph, flags, documents.sequence_lengths)
         to, tstats = graph.sdpa(name="sdpa", q=tq, k=tk, v=tv, generate_stats=with_stats, **options)
         _ragged_tensor(graph, io, documents, heads, dim, q_offset, tensor=to)
         if with_stats:
@@ -1652,7 +1673,7 @@ def _cudnn_ragged_forward(q, k, v, documents: _RaggedDocuments, flags: _CudnnFla
         return _cudnn_finish(cudnn, graph, operands)
 
     plan = _cudnn_plan(key, build)
-    buffers = (q, k, v, out, stats, documents.lengths, documents.lengths, *offsets)
+    buffers = (q, k, v, out, stats, *documents.sequence_lengths, *offsets)
     _cudnn_execute(cudnn, plan, buffers, q.device)
     return out, stats
 
@@ -1662,7 +1683,7 @@ def _cudnn_ragged_backward(q, k, v, out, stats, grad_out, documents: _RaggedDocu
     cudnn = _cudnn_module()
     heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[3]
     grad_out = _packed_operand(grad_out)
-    grads = tuple(_bshd_empty(*x.shape, x) for x in (q, k, v))
+    grads = tuple(documents.new_output(x) for x in (q, k, v))
     offsets = _ragged_offsets(documents, heads, kv_heads, dim)
     key = _ragged_key("bwd-ragged", q, k, documents, flags)
 
@@ -1675,7 +1696,7 @@ def _cudnn_ragged_backward(q, k, v, out, stats, grad_out, documents: _RaggedDocu
         tq, to, tdo = (_ragged_tensor(graph, io, documents, heads, dim, q_offset) for _ in range(3))
         tk, tv = (_ragged_tensor(graph, io, documents, kv_heads, dim, kv_offset) for _ in range(2))
         tstats = _ragged_stats(graph, cudnn, documents, heads, stats_offset)
-        options, length_tensors = _cudnn_mask_options(graph, flags, (documents.lengths, documents.lengths))
+        options, length_tensors = _cudnn_mask_options(graph, flags, documents.sequence_lengths)
         outputs = graph.sdpa_backward(name="sdpa_backward", q=tq, k=tk, v=tv, o=to, dO=tdo, stats=tstats, **options)
         for tensor, tensor_heads, offset in zip(outputs, (heads, kv_heads, kv_heads), (q_offset, kv_offset, kv_offset)):
             _ragged_tensor(graph, io, documents, tensor_heads, dim, offset, tensor=tensor)
@@ -1683,7 +1704,7 @@ def _cudnn_ragged_backward(q, k, v, out, stats, grad_out, documents: _RaggedDocu
         return _cudnn_finish(cudnn, graph, operands)
 
     plan = _cudnn_plan(key, build)
-    buffers = (q, k, v, out, grad_out, stats, *grads, documents.lengths, documents.lengths, *offsets)
+    buffers = (q, k, v, out, grad_out, stats, *grads, *documents.sequence_lengths, *offsets)
     _cudnn_execute(cudnn, plan, buffers, q.device)
     return grads
 
@@ -1710,8 +1731,8 @@ class _CudnnRaggedAttention(torch.autograd.Function):
 def _cudnn_dense_layout(q, key_lengths, q_len: int, causal: bool, alibi: bool, scale: float) -> tuple:
     """The graph's flags and sequence lengths (int32 [b, 1, 1, 1]) for q padded to its bucket: the first
     ``q_len`` query rows are the call's (a padded row still sees the kept keys before it, as in every other
-    backend), and the keys are bounded by ``key_lengths`` (from a right-padding mask) or by ``q_len``. No
-    lengths where nothing pads."""
+    backend), and the keys are bounded by ``key_lengths`` (a right-padding mask's) or by ``q_len``. No lengths
+    where nothing pads."""
     padded = key_lengths is not None or q_len != q.shape[2]
     flags = _CudnnFlags(causal=causal, alibi=alibi, padded=padded, scale=scale)
     if not padded:
@@ -1735,21 +1756,33 @@ def _first_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return _bshd_empty(x.shape[0], x.shape[1], rows, x.shape[3], x).copy_(x[:, :, :rows])
 
 
-def _cudnn_dense_forward_impl(q, k, v, key_lengths, q_len, causal, alibi, scale, with_stats):
+def _no_stats(q: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(0, dtype=torch.float32)
+
+
+def _cudnn_dense_forward_impl(q, k, v, q_len, causal, alibi, scale, with_stats):
     """q, k and v as long as the call (traced: padded to the bucket here, when the step runs and the length
     is known) or already padded to it (eager: ``_run_cudnn`` pads them and cuts the output as a view)."""
+    return _cudnn_dense_forward(q, k, v, None, q_len, causal, alibi, scale, with_stats)
+
+
+def _cudnn_dense_backward_impl(q, k, v, out, stats, grad_out, q_len, causal, alibi, scale):
+    return _cudnn_dense_backward(q, k, v, out, stats, grad_out, None, q_len, causal, alibi, scale)
+
+
+def _cudnn_dense_forward(q, k, v, key_lengths, q_len, causal, alibi, scale, with_stats):
     rows, bucket = q.shape[2], _cudnn_bucket(q.shape[2])
     q, k, v = (_cudnn_operand(_in_bucket(x, bucket)) for x in (q, k, v))
     flags, lengths = _cudnn_dense_layout(q, key_lengths, q_len, causal, alibi, scale)
     out, stats = _cudnn_forward(q, k, v, lengths, flags, with_stats)
     if not with_stats:
-        stats = q.new_empty(0, dtype=torch.float32)
+        stats = _no_stats(q)
     elif rows != bucket:
         stats = stats[:, :, :rows].contiguous()
     return _first_rows(out, rows), stats
 
 
-def _cudnn_dense_backward_impl(q, k, v, out, stats, grad_out, key_lengths, q_len, causal, alibi, scale):
+def _cudnn_dense_backward(q, k, v, out, stats, grad_out, key_lengths, q_len, causal, alibi, scale):
     rows, bucket = q.shape[2], _cudnn_bucket(q.shape[2])
     q, k, v = (_cudnn_operand(_in_bucket(x, bucket)) for x in (q, k, v))
     out, stats, grad_out = (_in_bucket(x, bucket) for x in (out, stats, grad_out))  # grad_out: aligned below
@@ -1757,13 +1790,17 @@ def _cudnn_dense_backward_impl(q, k, v, out, stats, grad_out, key_lengths, q_len
     return [_first_rows(grad, rows) for grad in _cudnn_backward(q, k, v, out, stats, grad_out, lengths, flags)]
 
 
-def _cudnn_dense_forward_fake(q, k, v, key_lengths, q_len, causal, alibi, scale, with_stats):
+def _cudnn_dense_forward_fake(q, k, v, q_len, causal, alibi, scale, with_stats):
     batch, heads, seq, dim = q.shape
     stats_shape = (batch, heads, seq, 1) if with_stats else (0,)
     return _bshd_empty(batch, heads, seq, dim, q), q.new_empty(stats_shape, dtype=torch.float32)
 
 
-_CUDNN_OPTIONS_SCHEMA = "Tensor? key_lengths, SymInt q_len, bool causal, bool alibi, float scale"
+def _cudnn_grads_fake(q, k, v, *rest) -> list:
+    return [_bshd_empty(*x.shape, x) for x in (q, k, v)]
+
+
+_CUDNN_OPTIONS_SCHEMA = "SymInt q_len, bool causal, bool alibi, float scale"
 # Opaque under torch.compile: the frontend's graphs, plan cache and handle lock run when the compiled step runs.
 _cudnn_forward_op = _opaque(
     "cudnn_attention_forward",
@@ -1775,27 +1812,178 @@ _cudnn_backward_op = _opaque(
     "cudnn_attention_backward",
     f"(Tensor q, Tensor k, Tensor v, Tensor out, Tensor stats, Tensor grad_out, {_CUDNN_OPTIONS_SCHEMA}) -> Tensor[]",
     _cudnn_dense_backward_impl,
-    lambda q, k, v, *rest: [_bshd_empty(*x.shape, x) for x in (q, k, v)],
+    _cudnn_grads_fake,
 )
 
 
 class _CudnnAttention(torch.autograd.Function):
     """cuDNN attention for training: forward keeps the softmax stats, backward runs ``sdpa_backward``. Only
-    q, k, v, the output, the stats and the key lengths are saved. Under torch.compile forward and backward
-    are opaque custom ops."""
+    q, k, v, the output and the stats are saved. Under torch.compile forward and backward are opaque custom
+    ops."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_lengths, q_len, causal, alibi, scale):
-        out, stats = _cudnn_forward_op(q, k, v, key_lengths, q_len, causal, alibi, scale, True)
-        ctx.save_for_backward(q, k, v, out, stats, key_lengths)
+    def forward(ctx, q, k, v, q_len, causal, alibi, scale):
+        out, stats = _cudnn_forward_op(q, k, v, q_len, causal, alibi, scale, True)
+        ctx.save_for_backward(q, k, v, out, stats)
         ctx.options = (q_len, causal, alibi, scale)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, stats, key_lengths = ctx.saved_tensors
-        grads = _cudnn_backward_op(q, k, v, out, stats, grad_out, key_lengths, *ctx.options)
-        return (*grads, None, None, None, None, None)
+        q, k, v, out, stats = ctx.saved_tensors
+        grads = _cudnn_backward_op(q, k, v, out, stats, grad_out, *ctx.options)
+        return (*grads, None, None, None, None)
+
+
+def _kept_runs(keep: torch.Tensor) -> tuple:
+    """A padded batch (bool keep-mask ``[b, s]``, one run of kept keys per row) as cuDNN's ragged entries, one
+    per row, found on the device: (key lengths, query lengths, starts). Entry i starts at row i's first kept
+    token; its keys are the run, its queries every token from there to the row's end (a query after the run
+    still sees the kept keys before it, as on every other backend); tokens before the run see no key and
+    stay zero. A row with no kept token is an empty entry."""
+    batch, seq = keep.shape
+    lengths = keep.sum(dim=-1, dtype=torch.int32)
+    first = torch.where(lengths > 0, keep.to(torch.int32).argmax(dim=-1), seq)
+    starts = F.pad(torch.arange(batch, device=keep.device) * seq + first, (0, 1), value=batch * seq)
+    query_lengths = (seq - first).to(torch.int32)
+    return lengths.view(batch, 1, 1, 1), query_lengths.view(batch, 1, 1, 1), starts.view(batch + 1, 1, 1, 1)
+
+
+def _padded_rows(keep: torch.Tensor, lengths, query_lengths, starts) -> _RaggedDocuments:
+    batch, seq = keep.shape
+    return _RaggedDocuments(batch, _cudnn_bucket(seq), lengths, starts, query_lengths=query_lengths, gaps=True)
+
+
+_LAYOUT_SEEN = "_memory_efficient_adapter_padding_layout"
+
+
+def _padding_layout_when_run(keep: torch.Tensor) -> str:
+    """``_padding_layout`` for a compiled step, whose ops see the mask only when they run. The answer rides on
+    the tensor with its version, so the step reads the host once where the compiled code hands every layer's
+    op, forward and backward, the same mask tensor (nothing kept on an inference tensor)."""
+    if keep.is_inference():
+        return _padding_layout(keep)
+    version, layout = getattr(keep, _LAYOUT_SEEN, (None, None))
+    if version != keep._version:
+        layout = _padding_layout(keep)
+        setattr(keep, _LAYOUT_SEEN, (keep._version, layout))
+    return layout
+
+
+_GAP_ON_CHUNKED = (
+    "cudnn under torch.compile: a padding mask with a gap inside a row runs on the chunked kernels (cuDNN takes "
+    "one run of kept keys per row); pad on one side, or set config.attn_backend='flex'"
+)
+
+
+def _layout_of(keep: torch.Tensor, layout: str) -> str:
+    """The layout an eager caller found (``_padding_layout_per_forward``), else the one found now."""
+    layout = layout or _padding_layout_when_run(keep)
+    if layout == "gaps":
+        _log_once(_GAP_ON_CHUNKED)
+    return layout
+
+
+def _chunked_for_padded_rows(q, alibi: bool) -> tuple:
+    """What the chunked kernels need to run a padded-rows call that cuDNN cannot take: the call (k and v with
+    q's heads: the caller expands them), BLOOM's slopes and the block sizes."""
+    slopes = alibi_slopes(q.shape[1], q.device) if alibi else None
+    return _chunked_call(q, q, slopes, None, True, "padding", 0.0), slopes, _chunk_sizes(None)
+
+
+def _padded_rows_chunked_forward(q, k, v, keep, alibi, scale, with_stats):
+    call, slopes, sizes = _chunked_for_padded_rows(q, alibi)
+    k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
+    out, lse = _chunked_forward(q, k, v, call, keep, slopes, scale, 0, None, sizes)
+    stats = lse.transpose(1, 2).reshape(-1, call.heads) if with_stats else _no_stats(q)
+    return _packed_operand(out), stats
+
+
+def _padded_rows_chunked_backward(q, k, v, out, stats, grad_out, keep, alibi, scale) -> list:
+    call, slopes, sizes = _chunked_for_padded_rows(q, alibi)
+    batch, heads, seq, dim = q.shape
+    lse = stats.view(batch, seq, heads).transpose(1, 2)
+    full_k, full_v = _expand_kv(k, heads), _expand_kv(v, heads)
+    grads = _chunked_backward(q, full_k, full_v, out, lse, grad_out, call, keep, slopes, scale, 0, None, sizes)
+    grad_q, grad_k, grad_v = (
+        grad.view(batch, x.shape[1], heads // x.shape[1], seq, dim).sum(2) if x.shape[1] != heads else grad
+        for grad, x in zip(grads, (q, k, v))
+    )
+    return [_packed_operand(grad) for grad in (grad_q, grad_k, grad_v)]
+
+
+def _padded_rows_forward_impl(q, k, v, keep, lengths, query_lengths, starts, alibi, scale, layout, with_stats):
+    """Right padding on the dense graphs (sequence lengths: no copy of strided q, k and v), other single runs
+    per row on the ragged layout, a mask with a gap inside a row on the chunked kernels. ``layout``: what an
+    eager caller found, or empty (a compiled step: found here). The stats are ``[b * s, h]`` floats either way."""
+    layout = _layout_of(keep, layout)
+    if layout == "gaps":
+        return _padded_rows_chunked_forward(q, k, v, keep, alibi, scale, with_stats)
+    if layout == "prefix":
+        out, stats = _cudnn_dense_forward(q, k, v, lengths, q.shape[2], True, alibi, scale, with_stats)
+        return out, stats.view(-1, q.shape[1]) if with_stats else stats
+    flags = _CudnnFlags(causal=True, alibi=alibi, padded=True, scale=scale, ragged=True)
+    rows = _padded_rows(keep, lengths, query_lengths, starts)
+    q, k, v = (_packed_operand(x) for x in (q, k, v))
+    out, stats = _cudnn_ragged_forward(q, k, v, rows, flags, with_stats)
+    return out, stats if with_stats else _no_stats(q)
+
+
+def _padded_rows_backward_impl(q, k, v, out, stats, grad_out, keep, lengths, query_lengths, starts, alibi, scale, layout):
+    layout = _layout_of(keep, layout)
+    if layout == "gaps":
+        return _padded_rows_chunked_backward(q, k, v, out, stats, grad_out, keep, alibi, scale)
+    if layout == "prefix":
+        stats = stats.view(q.shape[0], q.shape[1], q.shape[2], 1)
+        return _cudnn_dense_backward(q, k, v, out, stats, grad_out, lengths, q.shape[2], True, alibi, scale)
+    flags = _CudnnFlags(causal=True, alibi=alibi, padded=True, scale=scale, ragged=True)
+    rows = _padded_rows(keep, lengths, query_lengths, starts)
+    q, k, v = (_packed_operand(x) for x in (q, k, v))
+    return list(_cudnn_ragged_backward(q, k, v, out, stats, grad_out, rows, flags))
+
+
+def _padded_rows_forward_fake(q, k, v, keep, lengths, query_lengths, starts, alibi, scale, layout, with_stats):
+    batch, heads, seq, dim = q.shape
+    stats_shape = (batch * seq, heads) if with_stats else (0,)
+    return _bshd_empty(batch, heads, seq, dim, q), q.new_empty(stats_shape, dtype=torch.float32)
+
+
+_PADDED_ROWS_SCHEMA = "Tensor keep, Tensor lengths, Tensor query_lengths, Tensor starts, bool alibi, float scale, str layout"
+# Not captured into a CUDA graph: the layout is checked, and may change, when the step runs.
+_NOT_IN_CUDA_GRAPHS = tuple(tag for tag in (getattr(torch, "Tag", None) and getattr(torch.Tag, "cudagraph_unsafe", None),) if tag)
+_padded_rows_forward_op = _opaque(
+    "cudnn_padded_rows_forward",
+    f"(Tensor q, Tensor k, Tensor v, {_PADDED_ROWS_SCHEMA}, bool with_stats) -> (Tensor, Tensor)",
+    _padded_rows_forward_impl,
+    _padded_rows_forward_fake,
+    tags=_NOT_IN_CUDA_GRAPHS,
+)
+_padded_rows_backward_op = _opaque(
+    "cudnn_padded_rows_backward",
+    f"(Tensor q, Tensor k, Tensor v, Tensor out, Tensor stats, Tensor grad_out, {_PADDED_ROWS_SCHEMA}) -> Tensor[]",
+    _padded_rows_backward_impl,
+    _cudnn_grads_fake,
+    tags=_NOT_IN_CUDA_GRAPHS,
+)
+
+
+class _CudnnPaddedRowsAttention(torch.autograd.Function):
+    """cuDNN attention over a padded batch for training (``_run_cudnn_padded_rows``): saves q, k, v, the output,
+    the stats, the keep-mask and its runs; opaque custom ops under torch.compile."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, lengths, query_lengths, starts, alibi, scale, layout):
+        runs = (keep, lengths, query_lengths, starts)
+        out, stats = _padded_rows_forward_op(q, k, v, *runs, alibi, scale, layout, True)
+        ctx.save_for_backward(q, k, v, out, stats, *runs)
+        ctx.options = (alibi, scale, layout)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, stats, *runs = ctx.saved_tensors
+        grads = _padded_rows_backward_op(q, k, v, out, stats, grad_out, *runs, *ctx.options)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _run_cudnn_documents(q, k, v, call: AttentionCall, sequence_ids: torch.Tensor, scale: float) -> torch.Tensor:
@@ -1809,17 +1997,31 @@ def _run_cudnn_documents(q, k, v, call: AttentionCall, sequence_ids: torch.Tenso
     return _cudnn_ragged_forward(q, k, v, documents, flags, with_stats=False)[0]
 
 
+def _run_cudnn_padded_rows(q, k, v, call: AttentionCall, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """A padding mask (right or left padding: one run of kept keys per row) on cuDNN: its rows' runs found on the
+    device (``_kept_runs``, once per forward with a ``ForwardMask``) and its layout on the host, by
+    ``_cannot_cudnn`` for an eager call; a compiled step's ops find the layout when they run, and take the
+    chunked kernels for a gap inside a row (cuDNN cannot, and no other backend can be chosen then)."""
+    tracing = _is_tracing()
+    runs = _kept_runs(mask) if tracing else _kept_per_forward(call, ("cudnn", "runs"), mask, _kept_runs)
+    options = (call.alibi, float(scale), "" if tracing else _padding_layout_per_forward(call))
+    if call.needs_grad:
+        return _CudnnPaddedRowsAttention.apply(q, k, v, mask, *runs, *options)
+    return _padded_rows_forward_op(q, k, v, mask, *runs, *options, False)[0]
+
+
 def _run_cudnn(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_ids=None, **_):
     """q, k and v padded to the length's bucket (``_cudnn_bucket``), the output cut back to it as a view.
-    While tracing the ops pad instead, when the step runs, so that the length may be dynamic. A padding mask
-    (right padding, checked by ``_cannot_cudnn``) becomes the keys' lengths."""
+    While tracing the ops pad instead, when the step runs, so that the length may be dynamic. Packed documents
+    and padding masks run on the ragged layout."""
     if call.documents:
         return _run_cudnn_documents(q, k, v, call, sequence_ids, scale)
+    if mask is not None:
+        return _run_cudnn_padded_rows(q, k, v, call, mask, scale)
     bucket = call.q_len if _is_tracing() else _cudnn_bucket(call.q_len)
-    key_lengths = None if mask is None else mask.sum(dim=-1, dtype=torch.int32).view(q.shape[0], 1, 1, 1)
     if bucket != call.q_len:
         q, k, v = (F.pad(x, (0, 0, 0, bucket - call.q_len)) for x in (q, k, v))
-    options = (key_lengths, call.q_len, call.causal, call.alibi, float(scale))
+    options = (call.q_len, call.causal, call.alibi, float(scale))
     if call.needs_grad:
         out = _CudnnAttention.apply(q, k, v, *options)
     else:
@@ -1920,21 +2122,26 @@ def _cannot_cudnn(call: AttentionCall) -> Optional[str]:
         return "cudnn graphs are not captured into a CUDA graph here"
     if call.alibi and not _has_bloom_slopes(call):
         return "cudnn computes BLOOM's ALiBi slopes itself and cannot take other slopes"
-    if call.mask_kind == "padding" and not _checked_per_forward(call, "padding", call.padding_mask, _is_right_padding):
-        return "cudnn takes only right padding (a kept prefix of every row), not left padding"
+    if call.mask_kind == "padding" and _padding_layout_per_forward(call) == "gaps":
+        return "cudnn takes a padding mask that keeps one run of keys per row (right or left padding), not a gap inside a row"
     return None
 
 
 def _cannot_trace_cudnn(call: AttentionCall) -> Optional[str]:
-    """While torch.compile (or export) traces, cudnn becomes an opaque op, and it takes only the calls it can
-    accept without reading a tensor's values on the host: no padding mask or packed documents (their layout
-    is checked there), and ALiBi only with the slopes a model's ``ForwardMask`` holds as BLOOM's
-    (``ForwardMask.bloom_alibi_slopes``). Lengths may be dynamic: the ops pad to the bucket when they run."""
-    if call.mask_kind != "none" or call.documents:
-        return "cudnn under torch.compile takes no padding mask or sequence_ids (their layout is read on the host)"
+    """While torch.compile (or export) traces, cudnn becomes opaque ops, and it takes only the calls it can
+    accept without reading a tensor's values on the host: no packed documents (their count and lengths size the
+    graph), and ALiBi only with the slopes a model's ``ForwardMask`` holds as BLOOM's
+    (``ForwardMask.bloom_alibi_slopes``). A padding mask's layout is checked when the step runs
+    (``_run_cudnn_padded_rows``). Lengths may be dynamic: the ops pad to the bucket when they run."""
+    if call.documents:
+        return "cudnn under torch.compile takes no sequence_ids (the documents' count and lengths are read on the host)"
     if call.alibi and not _are_vouched_bloom_slopes(call):
         return "cudnn under torch.compile takes ALiBi only with the BLOOM slopes of the model's ForwardMask"
     return None
+
+
+def _padding_layout_per_forward(call: AttentionCall) -> str:
+    return _kept_per_forward(call, ("cudnn", "padding"), call.padding_mask, _padding_layout)
 
 
 def _has_bloom_slopes(call: AttentionCall) -> bool:

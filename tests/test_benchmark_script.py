@@ -347,6 +347,24 @@ def test_missing_liger_gives_a_clear_unsupported_record(tmp_path, monkeypatch):
     assert "vocabulary" not in (tmp_path / "results.md").read_text()  # one vocabulary: no vocabulary titles
 
 
+
+def test_train_mask_ones_hands_every_step_an_all_ones_attention_mask(tmp_path, monkeypatch):
+    train = bench_module("train")
+    seen, original = [], train.train_step_fn
+    monkeypatch.setattr(train, "train_step_fn", lambda model, inputs, opt: seen.append(inputs) or original(model, inputs, opt))
+    argv = ["--device", "cpu", "--quick", "--section", "train", "--family", "llama", "--seq", "32", "--batch", "2"]
+    argv += ["--impl", "stock:sdpa,ours:auto", "--vocab", "512", "--train-mask", "ones", "--out", str(tmp_path)]
+    threads = torch.get_num_threads()
+    try:
+        assert load_script("benchmark").main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    records = by([json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()], section="train")
+    assert len(records) == 2 and all(r["status"] == "ok" and r["train_mask"] == "ones" for r in records)
+    assert len(seen) == 2
+    for inputs in seen:
+        assert inputs["input_ids"].shape == (2, 32) and torch.equal(inputs["attention_mask"], torch.ones(2, 32, dtype=torch.long))
+
 def test_liger_patches_the_stock_class_until_its_model_is_dropped(cpu_bench, monkeypatch):
     """A stand-in for liger_kernel.transformers that patches the way Liger does (module attributes and the
     CausalLM forward): the model built with +liger uses the patch, and stock is stock again afterwards."""

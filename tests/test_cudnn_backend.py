@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
 import memory_efficient_adapter as mea
-from remote_code import assert_close_rel, right_padded_mask, save_with_remote_code
+from remote_code import assert_close_rel, left_padded_mask, right_padded_mask, save_with_remote_code
 from test_attention import reference_attention
 
 kernel_layer = importlib.import_module("memory_efficient_adapter.attention")
@@ -283,9 +283,9 @@ HOLE = torch.tensor([[True] * 16, [True] * 5 + [False] + [True] * 10])
         (lambda: (qkv(), dict(sequence_ids=torch.tensor([[0] * 9 + [1] * 7] * 2), mask=right_padding(2, 16, 3))),
          "without a padding mask"),
         (lambda: (qkv(), dict(slopes=torch.rand(4))), "BLOOM's ALiBi slopes"),
-        (lambda: (qkv(), dict(slopes=mea.alibi_slopes(4), mask=LEFT_PADDING)), "left padding"),
-        (lambda: (qkv(), dict(mask=HOLE)), "left padding"),
-        (lambda: (qkv(), dict(mask=FULLY_PADDED_ROW)), "left padding"),
+        (lambda: (qkv(), dict(slopes=mea.alibi_slopes(4), mask=LEFT_PADDING)), None),
+        (lambda: (qkv(), dict(mask=FULLY_PADDED_ROW)), None),
+        (lambda: (qkv(), dict(mask=HOLE)), "gap inside a row"),
     ],
 )
 def test_capability_checks(fake_cudnn, build, reason):
@@ -302,7 +302,7 @@ def test_capability_check_runs_only_on_cuda(fake_cudnn):
 def count_value_checks(monkeypatch) -> dict:
     """Count the cudnn backend's host reads of the padding layout and the slopes."""
     reads = {"padding": 0, "slopes": 0}
-    for slot, name in (("padding", "_is_right_padding"), ("slopes", "_are_bloom_slopes")):
+    for slot, name in (("padding", "_padding_layout"), ("slopes", "_are_bloom_slopes")):
         original = getattr(kernel_layer, name)
 
         def counted(tensor, slot=slot, original=original):
@@ -343,8 +343,8 @@ def test_no_module_global_keeps_a_check_or_the_checked_tensors(fake_cudnn):
     layers = mea.forward_mask(mask)
     for call_mask in (mask, layers):
         assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=call_mask, slopes=slopes)) is None
-    left = mea.forward_mask(LEFT_PADDING)
-    assert "left padding" in kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=left, slopes=slopes))
+    gap = mea.forward_mask(HOLE)
+    assert "gap inside a row" in kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=gap, slopes=slopes))
 
     def holds(value, seen) -> bool:
         if id(value) in seen:
@@ -352,7 +352,7 @@ def test_no_module_global_keeps_a_check_or_the_checked_tensors(fake_cudnn):
         seen.add(id(value))
         if isinstance(value, weakref.ref):
             return holds(value(), seen)
-        if any(value is x for x in (mask, slopes, layers, left, LEFT_PADDING)):
+        if any(value is x for x in (mask, slopes, layers, gap, HOLE)):
             return True
         if isinstance(value, dict):
             return any(holds(x, seen) for item in value.items() for x in item)
@@ -373,31 +373,33 @@ def test_checks_work_under_inference_mode(fake_cudnn, monkeypatch):
         layers = mea.forward_mask(right_padding(2, 16, 4))
         for _ in range(2):
             assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=layers, slopes=slopes)) is None
-        left = LEFT_PADDING.clone()
+        gap = HOLE.clone()
         for _ in range(2):
-            assert "left padding" in kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=left, slopes=slopes))
+            assert "gap inside a row" in kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=gap, slopes=slopes))
     assert reads == {"padding": 3, "slopes": 3}
 
 
-def test_left_padding_in_a_forward_mask_goes_to_the_next_backend(fake_cudnn):
+def test_a_gap_inside_a_row_in_a_forward_mask_goes_to_the_next_backend(fake_cudnn):
     q, k, v = qkv()
     slopes = mea.alibi_slopes(4)
-    left = mea.forward_mask(LEFT_PADDING)
+    gap = mea.forward_mask(HOLE)
     for _ in range(2):  # the second layer reads the kept verdict
-        assert mea.select_backend(cuda_call(q, k, v, slopes=slopes, mask=left)) == "flex"
-    assert mea.select_backend(cuda_call(q, k, v, slopes=slopes, mask=mea.forward_mask(right_padding(2, 16, 3)))) == "cudnn"
-    with pytest.raises(ValueError, match="left padding"):
-        mea.select_backend(cuda_call(q, k, v, slopes=slopes, mask=left), "cudnn")
+        assert mea.select_backend(cuda_call(q, k, v, slopes=slopes, mask=gap)) == "flex"
+    for one_run_per_row in (right_padding(2, 16, 3), LEFT_PADDING, FULLY_PADDED_ROW):
+        assert mea.select_backend(cuda_call(q, k, v, slopes=slopes, mask=mea.forward_mask(one_run_per_row))) == "cudnn"
+    with pytest.raises(ValueError, match="gap inside a row"):
+        mea.select_backend(cuda_call(q, k, v, slopes=slopes, mask=gap), "cudnn")
 
 
-def test_auto_order_places_cudnn_after_sdpa_for_alibi_left_padding_to_flex_and_decoding_steps_to_sdpa(fake_cudnn):
+def test_auto_order_places_cudnn_after_sdpa_for_alibi_a_gap_to_flex_and_decoding_steps_to_sdpa(fake_cudnn):
     assert mea.AUTO_ORDER["cuda"][:2] == ("sdpa", "cudnn")
     q, k, v = qkv()
     slopes = mea.alibi_slopes(4)
     assert mea.select_backend(cuda_call(q, k, v, slopes=slopes)) == "cudnn"
     assert mea.select_backend(cuda_call(q, k, v, slopes=slopes, mask=right_padding(2, 16, 3))) == "cudnn"
     assert mea.select_backend(cuda_call(q, k, v)) == "sdpa"  # plain causal: SDPA's own cuDNN path
-    assert mea.select_backend(cuda_call(q, k, v, slopes=slopes, mask=LEFT_PADDING)) == "flex"
+    assert mea.select_backend(cuda_call(q, k, v, slopes=slopes, mask=LEFT_PADDING)) == "cudnn"
+    assert mea.select_backend(cuda_call(q, k, v, slopes=slopes, mask=HOLE)) == "flex"
     dq, dk, dv = qkv(seq=1, k_len=16)
     assert mea.select_backend(cuda_call(dq, dk, dv, slopes=slopes)) == "sdpa"  # one query row: an O(k) bias
     assert mea.select_backend(cuda_call(q, k, v, slopes=slopes, dropout_p=0.1)) == "chunked"
@@ -547,8 +549,16 @@ def test_errors_outside_the_frontend_are_not_the_backends(fake_cudnn, monkeypatc
 def assert_matches_float64_reference(out, leaves: list, mask, slopes, scale: float) -> None:
     """``out`` (causal attention of the leaves q, k, v) against float64 math: values, and every gradient for one
     random output gradient."""
+    assert_matches_reference(
+        out, leaves, lambda q, k, v: reference_attention(q, k, v, causal=True, mask=mask, slopes=slopes, scale=scale)
+    )
+
+
+def assert_matches_reference(out, leaves: list, reference) -> None:
+    """``out`` (a function of the leaves q, k, v) against ``reference`` of them in float64: values, and every
+    gradient for one random output gradient."""
     expected_leaves = [x.detach().double().requires_grad_() for x in leaves]
-    expected = reference_attention(*expected_leaves, causal=True, mask=mask, slopes=slopes, scale=scale)
+    expected = reference(*expected_leaves)
     assert out.shape == leaves[0].shape and torch.allclose(out.double(), expected, atol=1e-5)
     grad = torch.randn(out.shape, dtype=torch.float64)
     grads = torch.autograd.grad(out, leaves, grad.float())
@@ -558,14 +568,15 @@ def assert_matches_float64_reference(out, leaves: list, mask, slopes, scale: flo
 
 @pytest.mark.parametrize("seq", [64, 37, 130])
 @pytest.mark.parametrize("alibi", [True, False], ids=["alibi", "causal"])
-@pytest.mark.parametrize("padded", [False, True], ids=["full", "right_padded"])
-def test_glue_matches_reference_forward_and_gradients(fake_cudnn, seq, alibi, padded):
+@pytest.mark.parametrize("padding", [None, "right", "left"])
+def test_glue_matches_reference_forward_and_gradients(fake_cudnn, seq, alibi, padding):
     heads, kv_heads, dim = 6, 2, 16
     # q, k, v as BLOOM makes them: views of one fused [b, s, h, 3, d] projection
     fused = torch.randn(3, seq, heads, 3, dim, dtype=torch.float64).float()
     q, k, v = (fused[:, :, :, i].transpose(1, 2) for i in range(3))
     k, v = k[:, :kv_heads].contiguous(), v[:, :kv_heads].contiguous()
-    mask = right_padded_mask([seq, seq - 5, 1], seq).bool() if padded else None
+    padded_mask = {"right": right_padded_mask, "left": left_padded_mask}.get(padding)
+    mask = None if padded_mask is None else padded_mask([seq, seq - 5, 1 if padding == "right" else 0], seq).bool()
     slopes = mea.alibi_slopes(heads) if alibi else None
     call = cuda_call(q, k, v, mask=mask, slopes=slopes)
     assert kernel_layer._cannot_cudnn(dataclasses.replace(call, dtype=torch.bfloat16)) is None
@@ -639,110 +650,6 @@ def test_plan_cache_is_bounded_lru_and_builds_once_under_concurrent_calls():
 
 
 # ----------------------------------------------------------------------------------------------
-# Under torch.compile: the checks that need no host read, and the glue as two opaque ops
-# ----------------------------------------------------------------------------------------------
-
-
-def test_while_tracing_cudnn_takes_unmasked_calls_and_only_the_slopes_a_forward_mask_holds(fake_cudnn, monkeypatch):
-    """Tracing cannot read the slopes or the padding layout: the model vouches for its slopes through its
-    ForwardMask, anything else goes to the next backend, and nothing is read on the host."""
-    reads = count_value_checks(monkeypatch)
-    monkeypatch.setattr(kernel_layer, "_is_tracing", lambda: True)
-
-    def capture_state():  # Dynamo cannot trace it: a torch function that returns a bool breaks the graph
-        raise AssertionError("is_current_stream_capturing() called while tracing")
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", capture_state)
-    kernel_layer._probe_results[("cudnn", "cuda")] = None  # the stand-in runs (the fixture resets these)
-    q, k, v = qkv()
-    holder = mea.forward_mask(None, without_mask=True)
-    slopes = holder.bloom_alibi_slopes(4, "cpu")
-    assert holder.bloom_alibi_slopes(4, "cpu") is slopes and torch.equal(slopes, mea.alibi_slopes(4))
-    assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=holder, slopes=slopes)) is None
-    assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=holder)) is None
-    for options, reason in (
-        (dict(slopes=mea.alibi_slopes(4)), "BLOOM slopes of the model's ForwardMask"),  # no holder
-        (dict(mask=holder, slopes=mea.alibi_slopes(4).clone()), "BLOOM slopes of the model's ForwardMask"),
-        (dict(mask=mea.forward_mask(right_padding(2, 16, 3)), slopes=slopes), "no padding mask"),
-        (dict(sequence_ids=torch.tensor([[0] * 9 + [1] * 7] * 2)), "sequence_ids"),
-    ):
-        assert reason in kernel_layer._cannot_cudnn(cuda_call(q, k, v, **options))
-    assert reads == {"padding": 0, "slopes": 0}
-    assert mea.select_backend(cuda_call(q, k, v, mask=holder, slopes=slopes)) == "cudnn"
-    assert mea.select_backend(cuda_call(q, k, v, slopes=mea.alibi_slopes(4))) == "flex"
-
-
-def test_eager_calls_take_a_forward_masks_slopes_without_reading_them(fake_cudnn, monkeypatch):
-    reads = count_value_checks(monkeypatch)
-    q, k, v = qkv()
-    holder = mea.forward_mask(right_padding(2, 16, 3))
-    slopes = holder.bloom_alibi_slopes(4, "cpu")
-    assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=holder, slopes=slopes)) is None
-    assert reads == {"padding": 1, "slopes": 0}
-    assert "other slopes" in kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=holder, slopes=torch.rand(4)))
-
-
-def compiled_with_graphs(function, dynamic=None) -> tuple:
-    """``function`` compiled (one graph: a break raises), and the op names of each graph compiled for it, by
-    kind: a forward graph per compile, a backward graph once a gradient through an output has been taken."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {"forward": [], "backward": []}
-
-    def keeping(name):
-        def compiler(graph, example_inputs):
-            graphs[name].append([str(node.target) for node in graph.graph.nodes if node.op == "call_function"])
-            return make_boxed_func(graph.forward)
-
-        return compiler
-
-    torch._dynamo.reset()
-    backend = aot_autograd(fw_compiler=keeping("forward"), bw_compiler=keeping("backward"))
-    return torch.compile(function, backend=backend, fullgraph=True, dynamic=dynamic), graphs
-
-
-def bloom_attention_on_cudnn(q, k, v):
-    """What BLOOM's attention asks of the cudnn backend: its ForwardMask's slopes, no mask (the device is
-    described as CUDA; the tensors stay on the CPU, for the stand-in frontend)."""
-    holder = mea.forward_mask(None, without_mask=True)
-    slopes = holder.bloom_alibi_slopes(q.shape[1], q.device)
-    call = dataclasses.replace(kernel_layer._describe(q, k, v, True, holder, slopes, 0.0), device_type="cuda")
-    return kernel_layer._run_cudnn(q, k, v, call, None, slopes, 0.3)
-
-
-def cudnn_ops_of(graph: list) -> list:
-    return [op.removeprefix(f"{kernel_layer._OPS_NAMESPACE}.") for op in graph if "cudnn_attention" in op]
-
-
-@pytest.mark.parametrize("seq", [64, 37], ids=["bucket", "padded_to_bucket"])
-def test_compiled_glue_runs_as_opaque_ops_and_matches_reference(fake_cudnn, seq):
-    heads, kv_heads, dim = 4, 2, 16
-    q = torch.randn(2, heads, seq, dim, dtype=torch.float64).float()
-    k, v = (torch.randn(2, kv_heads, seq, dim, dtype=torch.float64).float() for _ in range(2))
-    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    compiled, graphs = compiled_with_graphs(bloom_attention_on_cudnn)
-    out = compiled(*leaves)
-    assert_matches_float64_reference(out, leaves, None, mea.alibi_slopes(heads), 0.3)
-    assert [cudnn_ops_of(graph) for graph in graphs["forward"]] == [["cudnn_attention_forward.default"]]
-    assert [cudnn_ops_of(graph) for graph in graphs["backward"]] == [["cudnn_attention_backward.default"]]
-    assert FakeGraph.built_graphs == 2  # built when the compiled step ran, not while tracing
-
-
-def test_compiled_glue_takes_dynamic_lengths_in_one_graph(fake_cudnn):
-    """Padding to the bucket happens when the ops run, so a dynamic length compiles once (no guard on it)."""
-    compiled, graphs = compiled_with_graphs(bloom_attention_on_cudnn, dynamic=True)
-    for seq in (37, 50, 130):
-        q = torch.randn(2, 4, seq, 16, dtype=torch.float64).float()
-        k, v = (torch.randn(2, 2, seq, 16, dtype=torch.float64).float() for _ in range(2))
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        assert_matches_float64_reference(compiled(*leaves), leaves, None, mea.alibi_slopes(4), 0.3)
-    assert len(graphs["forward"]) == len(graphs["backward"]) == 1
-    assert FakeGraph.built_graphs == 4  # buckets 64 and 192: a forward and a backward graph each
-
-
-# ----------------------------------------------------------------------------------------------
 # GPU: the real frontend against float64 math, and BLOOM end to end against the fp32 stock model
 # ----------------------------------------------------------------------------------------------
 
@@ -760,7 +667,12 @@ def test_cudnn_matches_float64_reference_on_gpu(dtype, heads, kv_heads):
     gen = torch.Generator().manual_seed(heads)
     dim = 128 if heads == 112 else 64
     for alibi in (True, False):
-        for seq, mask in ((128, None), (203, right_padded_mask([203, 150], 203).bool())):
+        for seq, mask in (
+            (128, None),
+            (203, right_padded_mask([203, 150], 203).bool()),
+            (203, left_padded_mask([203, 97], 203).bool()),
+            (131, left_padded_mask([0, 60], 131).bool()),
+        ):
             q = torch.randn(2, heads, seq, dim, generator=gen).to(dtype).cuda()
             k, v = (torch.randn(2, kv_heads, seq, dim, generator=gen).to(dtype).cuda() for _ in range(2))
             slopes = mea.alibi_slopes(heads, "cuda") if alibi else None
@@ -769,7 +681,7 @@ def test_cudnn_matches_float64_reference_on_gpu(dtype, heads, kv_heads):
             out = mea.attention(*leaves, causal=True, attention_mask=mask, alibi_slopes=slopes, backend="cudnn")
             expected_leaves = [x.double().requires_grad_() for x in (q, k, v)]
             expected = reference_attention(*expected_leaves, causal=True, mask=mask, slopes=slopes)
-            what = f"{dtype} h={heads}/{kv_heads} s={seq} alibi={alibi} padded={mask is not None}"
+            what = f"{dtype} h={heads}/{kv_heads} s={seq} alibi={alibi} mask={None if mask is None else mask.sum(-1).tolist()}"
             assert_close_rel(out, expected, 1e-2, what)
             grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).cuda()
             grads = torch.autograd.grad(out, leaves, grad.to(dtype))
@@ -778,14 +690,17 @@ def test_cudnn_matches_float64_reference_on_gpu(dtype, heads, kv_heads):
 
 
 @pytest.mark.gpu
-def test_auto_picks_cudnn_for_bloom_alibi_on_gpu_and_flex_for_left_padding():
+def test_auto_picks_cudnn_for_bloom_alibi_and_left_padding_on_gpu_and_flex_for_a_gap():
     needs_cudnn_frontend()
     q = torch.randn(2, 16, 256, 64, device="cuda", dtype=torch.bfloat16)
     slopes = mea.alibi_slopes(16, "cuda")
     assert mea.select_backend(kernel_layer._describe(q, q, q, True, None, slopes, 0.0)) == "cudnn"
     left = torch.ones(2, 256, dtype=torch.bool, device="cuda")
     left[1, :10] = False
-    assert mea.select_backend(kernel_layer._describe(q, q, q, True, left, slopes, 0.0)) in ("flash_attn", "flex")
+    assert mea.select_backend(kernel_layer._describe(q, q, q, True, left, slopes, 0.0)) == "cudnn"
+    gap = left.clone()
+    gap[0, 100] = False
+    assert mea.select_backend(kernel_layer._describe(q, q, q, True, gap, slopes, 0.0)) in ("flash_attn", "flex")
 
 
 def launched_kernels(step) -> list:
@@ -798,10 +713,15 @@ def launched_kernels(step) -> list:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager_padded", "compiled"])
-def test_bloom_on_cudnn_matches_fp32_stock_logits_and_gradients(compiled):
-    """Eager: a right-padded batch on the cudnn backend. Compiled (Inductor, one graph): an unpadded batch,
-    which ``auto`` sends to cudnn's opaque ops (not to flex) with the slopes of the model's ForwardMask."""
+@pytest.mark.parametrize(
+    "compiled, padding",
+    [(False, "right"), (False, "left"), (True, None), (True, "right"), (True, "left")],
+    ids=["eager_right", "eager_left", "compiled", "compiled_right", "compiled_left"],
+)
+def test_bloom_on_cudnn_matches_fp32_stock_logits_and_gradients(compiled, padding):
+    """Eager: a padded batch on the cudnn backend (kept padded: ``unpad_batches=False``). Compiled (Inductor, one
+    graph): ``auto`` sends the attention to cudnn's opaque ops (not to flex) with the slopes of the model's
+    ForwardMask; a padding mask on the ragged ops, checked when the step runs."""
     needs_cudnn_frontend()
     config = BloomConfig(vocab_size=300, hidden_size=8 * 64, n_layer=2, n_head=8, pad_token_id=0)
     torch.manual_seed(0)
@@ -813,20 +733,22 @@ def test_bloom_on_cudnn_matches_fp32_stock_logits_and_gradients(compiled):
     ours = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).cuda().eval()
     stock = stock.cuda()
     ids = torch.randint(3, 300, (2, 333), generator=torch.Generator().manual_seed(1)).cuda()
-    mask = torch.ones_like(ids) if compiled else right_padded_mask([333, 250], 333).cuda()
+    padded_mask = {"right": right_padded_mask, "left": left_padded_mask}.get(padding)
+    mask = torch.ones_like(ids) if padded_mask is None else padded_mask([333, 250], 333).cuda()
     labels = ids.masked_fill(mask == 0, -100)
     expected = stock(ids, attention_mask=mask, labels=labels)
     expected.loss.backward()
     if compiled:
         torch._dynamo.reset()
         run = torch.compile(ours, fullgraph=True)
-        actual, kernels = launched_kernels(lambda: run(ids, labels=labels))
+        given = {} if padding is None else {"attention_mask": mask}
+        actual, kernels = launched_kernels(lambda: run(ids, labels=labels, **given))
         _, backward_kernels = launched_kernels(actual.loss.backward)
         assert any("sdpa" in name and "fprop" in name for name in kernels), kernels
         assert any("sdpa" in name and "bprop" in name for name in backward_kernels), backward_kernels
         assert not any("flex" in name for name in kernels + backward_kernels), kernels + backward_kernels
     else:
-        ours.config.attn_backend = "cudnn"
+        ours.config.attn_backend, ours.config.unpad_batches = "cudnn", False
         actual = ours(ids, attention_mask=mask, labels=labels)
         actual.loss.backward()
     keep = mask.bool()

@@ -63,6 +63,23 @@ def test_ragged_documents_find_every_document_and_bucket_the_graph_sizes():
     assert documents.starts.flatten().tolist()[-8:] == [82] * 8  # empty entries sit at the end of the tokens
 
 
+
+def test_kept_runs_make_one_ragged_entry_per_padded_row():
+    """A padding mask's rows as ragged entries (found on the device): from the first kept token, its kept keys,
+    and every query from there to the row's end (right padding's queries still see the keys before them)."""
+    keep = torch.tensor([[1] * 10, [1] * 6 + [0] * 4, [0] * 3 + [1] * 7, [0] * 10, [0, 0, 1, 1, 1, 0, 0, 0, 0, 0]]).bool()
+    lengths, query_lengths, starts = kernel_layer._kept_runs(keep)
+    assert lengths.flatten().tolist() == [10, 6, 7, 0, 3] and lengths.dtype == query_lengths.dtype == torch.int32
+    assert query_lengths.flatten().tolist() == [10, 10, 7, 0, 8]
+    assert starts.flatten().tolist() == [0, 10, 23, 40, 42, 50] and starts.shape == (6, 1, 1, 1)
+    rows = kernel_layer._padded_rows(keep, lengths, query_lengths, starts)
+    assert rows.batch == 5 and rows.seq == 64 and rows.gaps
+    assert rows.sequence_lengths[0] is query_lengths and rows.sequence_lengths[1] is lengths
+    assert kernel_layer._padding_layout(keep) == "runs"
+    assert kernel_layer._padding_layout(keep[:2]) == "prefix"
+    keep[4, 7] = True  # a second run in the last row
+    assert kernel_layer._padding_layout(keep) == "gaps"
+
 def test_document_buckets_bound_waste_and_the_number_of_graphs():
     counts = {kernel_layer._cudnn_bucket(n, smallest=8) for n in range(1, 1025)}
     for n in range(1, 1025):

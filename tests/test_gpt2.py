@@ -519,7 +519,7 @@ def test_bf16_cuda_every_backend(tmp_path):
         with torch.no_grad():
             got = ours(ids).logits.float().cpu()
             assert_close_rel(got, unpadded, 2e-2, f"{backend} unpadded")
-            if backend in ("xformers", "cudnn"):  # xformers takes no padding mask, cudnn no left padding
+            if backend == "xformers":  # xformers takes no padding mask
                 continue
             got = ours(ids, attention_mask=mask).logits.float().cpu()
             real = mask.bool().cpu()

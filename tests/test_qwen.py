@@ -785,8 +785,8 @@ def test_bf16_on_cuda_every_backend_matches_the_fp32_reference(tmp_path):
     for backend in backends:
         model = load(folder, bf16=True, attn_backend=backend).cuda()
         assert model.dtype == torch.bfloat16
-        # xformers takes no padding mask and cudnn no left padding: give them an unpadded batch
-        batch_mask = torch.ones_like(mask) if backend in ("xformers", "cudnn") else mask
+        # xformers takes no padding mask: give it an unpadded batch
+        batch_mask = torch.ones_like(mask) if backend == "xformers" else mask
         with torch.no_grad():
             logits = model(ids, attention_mask=batch_mask).logits
         expected, _, _ = reference.forward(ids, batch_mask)

@@ -146,6 +146,10 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument(
         "--optimizer", choices=["none", "adamw"], default="none", help="add an AdamW step to the training step"
     )
+    p.add_argument(
+        "--train-mask", choices=["none", "ones"], default="none",
+        help="train: pass an all-ones attention_mask, as the Trainer's collators do for unpadded rows",
+    )
     p.add_argument("--warmup", type=int, default=None, help="training warm-up steps (default 2)")
     p.add_argument("--iters", type=int, default=None, help="timed training steps, median reported (default 5)")
     p.add_argument(

@@ -74,6 +74,8 @@ def measure_train(
     device = bench.device
     inputs = {"input_ids": random_ids(vocab, batch, seq, device)}
     inputs["labels"] = random_ids(vocab, batch, tgt, device) if family == "bart" else inputs["input_ids"]
+    if bench.args.train_mask == "ones":
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     model.train()
     model.zero_grad(set_to_none=True)  # a step that ran out of memory may have left gradients behind
     optimizer = None
@@ -210,5 +212,6 @@ def run_train(bench: Bench) -> None:
             args.batch_for("train"),
             bench.dims[family],
             bench.dtype,
+            extra_record={"train_mask": args.train_mask} if args.train_mask != "none" else None,
         )
         bench.rec.write_markdown()
