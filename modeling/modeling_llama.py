@@ -1827,7 +1827,7 @@ def _kept_runs(keep: torch.Tensor) -> tuple:
     batch, seq = keep.shape
     lengths = keep.sum(dim=-1, dtype=torch.int32)
     first = torch.where(lengths > 0, keep.to(torch.int32).argmax(dim=-1), seq)
-    starts = F.pad(torch.arange(batch, device=keep.device) * seq + first, (0, 1), value=batch * seq)
+    starts = torch.arange(batch + 1, device=keep.device) * seq + F.pad(first, (0, 1))  # the last at b * s
     query_lengths = (seq - first).to(torch.int32)
     return lengths.view(batch, 1, 1, 1), query_lengths.view(batch, 1, 1, 1), starts.view(batch + 1, 1, 1, 1)
 

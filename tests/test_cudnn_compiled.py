@@ -197,6 +197,22 @@ def test_compiled_padding_mask_runs_on_cudnn_found_once_when_the_step_runs(fake_
     assert {key[0] for key in kernel_layer._cudnn_plans._plans} == directions
 
 
+
+def test_compiled_padding_masks_take_dynamic_lengths_in_one_graph(fake_cudnn):
+    compiled, graphs = compiled_with_graphs(two_layers_of_bloom_attention, dynamic=True)
+    for seq, padding in ((37, left_padded_mask), (50, right_padded_mask), (130, left_padded_mask)):
+        keep = padding([seq, seq - 11], seq).bool()
+        q = torch.randn(2, 4, seq, 16, dtype=torch.float64).float()
+        k, v = (torch.randn(2, 2, seq, 16, dtype=torch.float64).float() for _ in range(2))
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        slopes = mea.alibi_slopes(4)
+
+        def reference(q, k, v):
+            return sum(reference_attention(q, a, b, causal=True, mask=keep, slopes=slopes, scale=0.3) for a, b in ((k, v), (v, k)))
+
+        assert_matches_reference(compiled(*leaves, keep), leaves, reference)
+    assert len(graphs["forward"]) == len(graphs["backward"]) == 1
+
 def test_compiled_mask_with_a_gap_runs_the_chunked_kernels_and_says_so_once(fake_cudnn, monkeypatch, caplog):
     checked = counting_run_checks(monkeypatch)
     keep = HOLE.clone()
