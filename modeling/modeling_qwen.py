@@ -1385,13 +1385,15 @@ def _checked_per_forward(call: AttentionCall, slot: str, tensor: torch.Tensor, c
 
 
 def _padding_layout(mask: torch.Tensor) -> str:
-    """How a bool keep-mask ``[b, s]`` pads its rows (one host read): ``"prefix"`` where every row keeps a
-    non-empty prefix of its keys (right padding, or none: sequence lengths express it), ``"runs"`` where every
-    row keeps one run of consecutive keys or none (left padding too: cuDNN's ragged layout, ``_kept_runs``),
-    else ``"gaps"``."""
+    """How a bool keep-mask ``[b, s]`` pads its rows (one host read): ``"full"`` where it keeps every key,
+    ``"prefix"`` where every row keeps a non-empty prefix of its keys (right padding: sequence lengths express
+    it), ``"runs"`` where every row keeps one run of consecutive keys or none (left padding too: cuDNN's ragged
+    layout, ``_kept_runs``), else ``"gaps"``."""
     run_starts = mask & ~F.pad(mask[:, :-1], (1, 0), value=False)
-    one_run, prefix = torch.stack([(run_starts.sum(dim=-1) <= 1).all(), mask[:, 0].all()]).tolist()
-    return "gaps" if not one_run else "prefix" if prefix else "runs"
+    one_run, prefix, full = torch.stack([(run_starts.sum(dim=-1) <= 1).all(), mask[:, 0].all(), mask.all()]).tolist()
+    if not one_run:
+        return "gaps"
+    return "full" if full else "prefix" if prefix else "runs"
 
 
 def _are_bloom_slopes(slopes: torch.Tensor) -> bool:
@@ -1898,14 +1900,16 @@ def _padded_rows_chunked_backward(q, k, v, out, stats, grad_out, keep, alibi, sc
 
 
 def _padded_rows_forward_impl(q, k, v, keep, lengths, query_lengths, starts, alibi, scale, layout, with_stats):
-    """Right padding on the dense graphs (sequence lengths: no copy of strided q, k and v), other single runs
-    per row on the ragged layout, a mask with a gap inside a row on the chunked kernels. ``layout``: what an
-    eager caller found, or empty (a compiled step: found here). The stats are ``[b * s, h]`` floats either way."""
+    """A mask that keeps every key (the Trainer's all-ones one) or right padding on the dense graphs (no copy of
+    strided q, k and v; sequence lengths for the padding), other single runs per row on the ragged layout, a
+    mask with a gap inside a row on the chunked kernels. ``layout``: what an eager caller found, or empty (a
+    compiled step: found here). The stats are ``[b * s, h]`` floats either way."""
     layout = _layout_of(keep, layout)
     if layout == "gaps":
         return _padded_rows_chunked_forward(q, k, v, keep, alibi, scale, with_stats)
-    if layout == "prefix":
-        out, stats = _cudnn_dense_forward(q, k, v, lengths, q.shape[2], True, alibi, scale, with_stats)
+    if layout in ("full", "prefix"):
+        key_lengths = lengths if layout == "prefix" else None
+        out, stats = _cudnn_dense_forward(q, k, v, key_lengths, q.shape[2], True, alibi, scale, with_stats)
         return out, stats.view(-1, q.shape[1]) if with_stats else stats
     flags = _CudnnFlags(causal=True, alibi=alibi, padded=True, scale=scale, ragged=True)
     rows = _padded_rows(keep, lengths, query_lengths, starts)
@@ -1914,13 +1918,15 @@ def _padded_rows_forward_impl(q, k, v, keep, lengths, query_lengths, starts, ali
     return out, stats if with_stats else _no_stats(q)
 
 
-def _padded_rows_backward_impl(q, k, v, out, stats, grad_out, keep, lengths, query_lengths, starts, alibi, scale, layout):
+def _padded_rows_backward_impl(
+    q, k, v, out, stats, grad_out, keep, lengths, query_lengths, starts, alibi, scale, layout
+):
     layout = _layout_of(keep, layout)
     if layout == "gaps":
         return _padded_rows_chunked_backward(q, k, v, out, stats, grad_out, keep, alibi, scale)
-    if layout == "prefix":
-        stats = stats.view(q.shape[0], q.shape[1], q.shape[2], 1)
-        return _cudnn_dense_backward(q, k, v, out, stats, grad_out, lengths, q.shape[2], True, alibi, scale)
+    if layout in ("full", "prefix"):
+        stats, key_lengths = stats.view(q.shape[0], q.shape[1], q.shape[2], 1), lengths if layout == "prefix" else None
+        return _cudnn_dense_backward(q, k, v, out, stats, grad_out, key_lengths, q.shape[2], True, alibi, scale)
     flags = _CudnnFlags(causal=True, alibi=alibi, padded=True, scale=scale, ragged=True)
     rows = _padded_rows(keep, lengths, query_lengths, starts)
     q, k, v = (_packed_operand(x) for x in (q, k, v))
@@ -1934,8 +1940,9 @@ def _padded_rows_forward_fake(q, k, v, keep, lengths, query_lengths, starts, ali
 
 
 _PADDED_ROWS_SCHEMA = "Tensor keep, Tensor lengths, Tensor query_lengths, Tensor starts, bool alibi, float scale, str layout"
-# Not captured into a CUDA graph: the layout is checked, and may change, when the step runs.
-_NOT_IN_CUDA_GRAPHS = tuple(tag for tag in (getattr(torch, "Tag", None) and getattr(torch.Tag, "cudagraph_unsafe", None),) if tag)
+# Not captured into a CUDA graph (where torch has the tag): the layout is found, and may change, when the step runs.
+_CUDAGRAPH_UNSAFE = getattr(getattr(torch, "Tag", None), "cudagraph_unsafe", None)
+_NOT_IN_CUDA_GRAPHS = () if _CUDAGRAPH_UNSAFE is None else (_CUDAGRAPH_UNSAFE,)
 _padded_rows_forward_op = _opaque(
     "cudnn_padded_rows_forward",
     f"(Tensor q, Tensor k, Tensor v, {_PADDED_ROWS_SCHEMA}, bool with_stats) -> (Tensor, Tensor)",
@@ -1998,7 +2005,7 @@ def _run_cudnn_padded_rows(q, k, v, call: AttentionCall, mask: torch.Tensor, sca
 def _run_cudnn(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_ids=None, **_):
     """q, k and v padded to the length's bucket (``_cudnn_bucket``), the output cut back to it as a view.
     While tracing the ops pad instead, when the step runs, so that the length may be dynamic. Packed documents
-    and padding masks run on the ragged layout."""
+    run on the ragged layout, padding masks as ``_run_cudnn_padded_rows`` says."""
     if call.documents:
         return _run_cudnn_documents(q, k, v, call, sequence_ids, scale)
     if mask is not None:

@@ -166,16 +166,17 @@ def counting_run_checks(monkeypatch) -> list:
 @pytest.mark.parametrize(
     "padding, graphs_built",
     [
-        (lambda seq: right_padded_mask([seq, seq - 9, 1], seq), "dense"),
+        (lambda seq: right_padded_mask([seq, seq - 9, 1], seq), "dense with key lengths"),
         (lambda seq: left_padded_mask([seq, seq - 9, 0], seq), "ragged"),
         (lambda seq: torch.ones(3, seq, dtype=torch.long), "dense"),
     ],
     ids=["right", "left_with_an_empty_row", "none_padded"],
 )
 def test_compiled_padding_mask_runs_on_cudnn_found_once_when_the_step_runs(fake_cudnn, monkeypatch, padding, graphs_built):
-    """Right padding (or none) on the dense graphs with sequence lengths, left padding on the ragged layout."""
+    """Right padding on the dense graphs with sequence lengths, a mask that keeps every key on the dense graphs
+    as if there were none (64 tokens: its own bucket), left padding on the ragged layout."""
     checked = counting_run_checks(monkeypatch)
-    heads, kv_heads, seq = 4, 2, 37
+    heads, kv_heads, seq = 4, 2, 64
     keep = padding(seq).bool()
     q = torch.randn(3, heads, seq, 16, dtype=torch.float64).float()
     k, v = (torch.randn(3, kv_heads, seq, 16, dtype=torch.float64).float() for _ in range(2))
@@ -193,8 +194,11 @@ def test_compiled_padding_mask_runs_on_cudnn_found_once_when_the_step_runs(fake_
     assert [cudnn_ops_of(graph) for graph in graphs["forward"]] == [["cudnn_padded_rows_forward.default"] * 2]
     assert [cudnn_ops_of(graph) for graph in graphs["backward"]] == [["cudnn_padded_rows_backward.default"] * 2]
     assert FakeGraph.built_graphs == 2  # one forward and one backward graph, shared by the layers
-    directions = {"dense": {"fwd", "bwd"}, "ragged": {"fwd-ragged", "bwd-ragged"}}[graphs_built]
-    assert {key[0] for key in kernel_layer._cudnn_plans._plans} == directions
+    directions = {"fwd-ragged", "bwd-ragged"} if graphs_built == "ragged" else {"fwd", "bwd"}
+    plans = list(kernel_layer._cudnn_plans._plans)
+    assert {key[0] for key in plans} == directions
+    flags = [part for key in plans for part in key if isinstance(part, kernel_layer._CudnnFlags)]
+    assert len(flags) == 2 and all(flag.padded == (graphs_built != "dense") for flag in flags)
 
 
 
@@ -242,12 +246,14 @@ def test_a_masks_layout_is_kept_on_the_tensor_with_its_version(fake_cudnn, monke
     keep[1, 8] = False  # changed in place: found again
     assert kernel_layer._padding_layout_when_run(keep) == "gaps" and len(checked) == 2
     keep[1] = True
-    assert kernel_layer._padding_layout_when_run(keep) == "prefix" and len(checked) == 3
+    assert kernel_layer._padding_layout_when_run(keep) == "full" and len(checked) == 3
+    keep[1, 12:] = False
     with torch.inference_mode():
         frozen = LEFT_PADDING.clone()
+    assert kernel_layer._padding_layout_when_run(keep) == "prefix" and len(checked) == 4
     for _ in range(2):  # an inference tensor has no version: found every time, nothing kept on it
         assert kernel_layer._padding_layout_when_run(frozen) == "runs"
-    assert len(checked) == 5 and not hasattr(frozen, kernel_layer._LAYOUT_SEEN)
+    assert len(checked) == 6 and not hasattr(frozen, kernel_layer._LAYOUT_SEEN)
 
 
 @pytest.mark.skipif(not hasattr(torch, "Tag") or not hasattr(torch.Tag, "cudagraph_unsafe"), reason="no such tag")

@@ -76,7 +76,7 @@ def test_kept_runs_make_one_ragged_entry_per_padded_row():
     assert rows.batch == 5 and rows.seq == 64 and rows.gaps
     assert rows.sequence_lengths[0] is query_lengths and rows.sequence_lengths[1] is lengths
     assert kernel_layer._padding_layout(keep) == "runs"
-    assert kernel_layer._padding_layout(keep[:2]) == "prefix"
+    assert kernel_layer._padding_layout(keep[:2]) == "prefix" and kernel_layer._padding_layout(keep[:1]) == "full"
     keep[4, 7] = True  # a second run in the last row
     assert kernel_layer._padding_layout(keep) == "gaps"
 
