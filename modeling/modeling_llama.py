@@ -1834,6 +1834,16 @@ def _kept_runs(keep: torch.Tensor) -> tuple:
     return lengths.view(batch, 1, 1, 1), query_lengths.view(batch, 1, 1, 1), starts.view(batch + 1, 1, 1, 1)
 
 
+def _ragged_flags(alibi: bool, scale: float) -> _CudnnFlags:
+    """Causal attention inside each ragged entry (a packed document or a padded row), bounded by its lengths."""
+    return _CudnnFlags(causal=True, alibi=alibi, padded=True, scale=float(scale), ragged=True)
+
+
+def _dense_key_lengths(layout: str, lengths: torch.Tensor) -> Optional[torch.Tensor]:
+    """The keys' lengths a padding layout gives the dense graphs: none where the mask keeps every key."""
+    return lengths if layout == "prefix" else None
+
+
 def _padded_rows(keep: torch.Tensor, lengths, query_lengths, starts) -> _RaggedDocuments:
     batch, seq = keep.shape
     return _RaggedDocuments(batch, _cudnn_bucket(seq), lengths, starts, query_lengths=query_lengths, gaps=True)
@@ -1906,13 +1916,12 @@ def _padded_rows_forward_impl(q, k, v, keep, lengths, query_lengths, starts, ali
     if layout == "gaps":
         return _padded_rows_chunked_forward(q, k, v, keep, alibi, scale, with_stats)
     if layout in ("full", "prefix"):
-        key_lengths = lengths if layout == "prefix" else None
+        key_lengths = _dense_key_lengths(layout, lengths)
         out, stats = _cudnn_dense_forward(q, k, v, key_lengths, q.shape[2], True, alibi, scale, with_stats)
         return out, stats.view(-1, q.shape[1]) if with_stats else stats
-    flags = _CudnnFlags(causal=True, alibi=alibi, padded=True, scale=scale, ragged=True)
     rows = _padded_rows(keep, lengths, query_lengths, starts)
     q, k, v = (_packed_operand(x) for x in (q, k, v))
-    out, stats = _cudnn_ragged_forward(q, k, v, rows, flags, with_stats)
+    out, stats = _cudnn_ragged_forward(q, k, v, rows, _ragged_flags(alibi, scale), with_stats)
     return out, stats if with_stats else _no_stats(q)
 
 
@@ -1923,12 +1932,12 @@ def _padded_rows_backward_impl(
     if layout == "gaps":
         return _padded_rows_chunked_backward(q, k, v, out, stats, grad_out, keep, alibi, scale)
     if layout in ("full", "prefix"):
-        stats, key_lengths = stats.view(q.shape[0], q.shape[1], q.shape[2], 1), lengths if layout == "prefix" else None
+        stats = stats.view(q.shape[0], q.shape[1], q.shape[2], 1)
+        key_lengths = _dense_key_lengths(layout, lengths)
         return _cudnn_dense_backward(q, k, v, out, stats, grad_out, key_lengths, q.shape[2], True, alibi, scale)
-    flags = _CudnnFlags(causal=True, alibi=alibi, padded=True, scale=scale, ragged=True)
     rows = _padded_rows(keep, lengths, query_lengths, starts)
     q, k, v = (_packed_operand(x) for x in (q, k, v))
-    return list(_cudnn_ragged_backward(q, k, v, out, stats, grad_out, rows, flags))
+    return list(_cudnn_ragged_backward(q, k, v, out, stats, grad_out, rows, _ragged_flags(alibi, scale)))
 
 
 def _padded_rows_forward_fake(q, k, v, keep, lengths, query_lengths, starts, alibi, scale, layout, with_stats):
@@ -1980,7 +1989,7 @@ def _run_cudnn_documents(q, k, v, call: AttentionCall, sequence_ids: torch.Tenso
     """Packed documents, causal inside each (ALiBi relative inside each), on cuDNN's ragged layout: no copy of
     the keys and values per head, no padding to a common length."""
     documents = _kept_per_forward(call, ("cudnn", "documents"), sequence_ids, _ragged_documents)
-    flags = _CudnnFlags(causal=True, alibi=call.alibi, padded=True, scale=float(scale), ragged=True)
+    flags = _ragged_flags(call.alibi, scale)
     q, k, v = (_packed_operand(x) for x in (q, k, v))
     if call.needs_grad:
         return _CudnnRaggedAttention.apply(q, k, v, documents, flags)

@@ -156,6 +156,15 @@ def two_layers_of_bloom_attention(q, k, v, keep):
     return outputs[0] + outputs[1]
 
 
+def two_layers_reference(keep, slopes):
+    """``two_layers_of_bloom_attention`` in float64 math."""
+
+    def reference(q, k, v):
+        return sum(reference_attention(q, a, b, causal=True, mask=keep, slopes=slopes, scale=0.3) for a, b in ((k, v), (v, k)))
+
+    return reference
+
+
 def counting_run_checks(monkeypatch) -> list:
     checked = []
     original = kernel_layer._padding_layout
@@ -184,12 +193,7 @@ def test_compiled_padding_mask_runs_on_cudnn_found_once_when_the_step_runs(fake_
     compiled, graphs = compiled_with_graphs(two_layers_of_bloom_attention)
     out = compiled(*leaves, keep)
     assert len(checked) == 1 and checked[0] is keep  # read when the step ran (tracing sees fake tensors)
-    slopes = mea.alibi_slopes(heads)
-
-    def reference(q, k, v):
-        return sum(reference_attention(q, a, b, causal=True, mask=keep, slopes=slopes, scale=0.3) for a, b in ((k, v), (v, k)))
-
-    assert_matches_reference(out, leaves, reference)
+    assert_matches_reference(out, leaves, two_layers_reference(keep, mea.alibi_slopes(heads)))
     assert len(checked) == 1  # one host read for two layers, forward and backward
     assert [cudnn_ops_of(graph) for graph in graphs["forward"]] == [["cudnn_padded_rows_forward.default"] * 2]
     assert [cudnn_ops_of(graph) for graph in graphs["backward"]] == [["cudnn_padded_rows_backward.default"] * 2]
@@ -201,7 +205,6 @@ def test_compiled_padding_mask_runs_on_cudnn_found_once_when_the_step_runs(fake_
     assert len(flags) == 2 and all(flag.padded == (graphs_built != "dense") for flag in flags)
 
 
-
 def test_compiled_padding_masks_take_dynamic_lengths_in_one_graph(fake_cudnn):
     compiled, graphs = compiled_with_graphs(two_layers_of_bloom_attention, dynamic=True)
     for seq, padding in ((37, left_padded_mask), (50, right_padded_mask), (130, left_padded_mask)):
@@ -209,12 +212,7 @@ def test_compiled_padding_masks_take_dynamic_lengths_in_one_graph(fake_cudnn):
         q = torch.randn(2, 4, seq, 16, dtype=torch.float64).float()
         k, v = (torch.randn(2, 2, seq, 16, dtype=torch.float64).float() for _ in range(2))
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        slopes = mea.alibi_slopes(4)
-
-        def reference(q, k, v):
-            return sum(reference_attention(q, a, b, causal=True, mask=keep, slopes=slopes, scale=0.3) for a, b in ((k, v), (v, k)))
-
-        assert_matches_reference(compiled(*leaves, keep), leaves, reference)
+        assert_matches_reference(compiled(*leaves, keep), leaves, two_layers_reference(keep, mea.alibi_slopes(4)))
     assert len(graphs["forward"]) == len(graphs["backward"]) == 1
 
 def test_compiled_mask_with_a_gap_runs_the_chunked_kernels_and_says_so_once(fake_cudnn, monkeypatch, caplog):
