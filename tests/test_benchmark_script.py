@@ -348,22 +348,42 @@ def test_missing_liger_gives_a_clear_unsupported_record(tmp_path, monkeypatch):
 
 
 
-def test_train_mask_ones_hands_every_step_an_all_ones_attention_mask(tmp_path, monkeypatch):
+@pytest.mark.parametrize("train_mask", ["ones", "packed"])
+def test_train_mask_hands_every_step_the_collators_inputs(tmp_path, monkeypatch, train_mask):
+    """``ones``: the Trainer's all-ones attention mask; ``packed``: DataCollatorWithFlattening's position ids
+    (restarting per document, no mask) and labels (-100 at document starts). Both models see the same inputs
+    and, with the same weights (seeded), get the same loss."""
     train = bench_module("train")
     seen, original = [], train.train_step_fn
     monkeypatch.setattr(train, "train_step_fn", lambda model, inputs, opt: seen.append(inputs) or original(model, inputs, opt))
-    argv = ["--device", "cpu", "--quick", "--section", "train", "--family", "llama", "--seq", "32", "--batch", "2"]
-    argv += ["--impl", "stock:sdpa,ours:auto", "--vocab", "512", "--train-mask", "ones", "--out", str(tmp_path)]
+    argv = ["--device", "cpu", "--quick", "--section", "train", "--family", "llama", "--seq", "64", "--batch", "2"]
+    argv += ["--impl", "stock:sdpa,ours:auto", "--vocab", "512", "--train-mask", train_mask, "--out", str(tmp_path)]
     threads = torch.get_num_threads()
     try:
         assert load_script("benchmark").main(argv) == 0
     finally:
         torch.set_num_threads(threads)
     records = by([json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()], section="train")
-    assert len(records) == 2 and all(r["status"] == "ok" and r["train_mask"] == "ones" for r in records)
-    assert len(seen) == 2
+    assert len(records) == 2 and all(r["status"] == "ok" and r["train_mask"] == train_mask for r in records)
+    assert len(seen) == 2 and torch.equal(seen[0]["input_ids"], seen[1]["input_ids"])
     for inputs in seen:
-        assert inputs["input_ids"].shape == (2, 32) and torch.equal(inputs["attention_mask"], torch.ones(2, 32, dtype=torch.long))
+        assert inputs["input_ids"].shape == (2, 64)
+        if train_mask == "ones":
+            assert torch.equal(inputs["attention_mask"], torch.ones(2, 64, dtype=torch.long))
+            continue
+        positions = inputs["position_ids"]
+        starts = positions == 0
+        assert "attention_mask" not in inputs and positions.shape == (2, 64) and torch.all(starts[:, 0])
+        assert 2 < starts.sum() <= 2 * 16 and torch.all(positions[:, 1:][~starts[:, 1:]] == positions[:, :-1][~starts[:, 1:]] + 1)
+        assert torch.equal(inputs["labels"] == -100, starts)
+    assert abs(records[0]["loss"] - records[1]["loss"]) < 1e-4
+
+
+def test_train_mask_packed_refuses_families_without_position_ids(capsys):
+    argv = ["--device", "cpu", "--quick", "--section", "train", "--family", "llama,bloom", "--train-mask", "packed"]
+    with pytest.raises(SystemExit):
+        bench_module("cli").parse_args(argv)
+    assert "bloom do not take" in capsys.readouterr().err
 
 def test_liger_patches_the_stock_class_until_its_model_is_dropped(cpu_bench, monkeypatch):
     """A stand-in for liger_kernel.transformers that patches the way Liger does (module attributes and the

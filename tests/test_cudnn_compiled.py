@@ -1,7 +1,7 @@
 """The cudnn backend under torch.compile, on the stand-in frontend of ``test_cudnn_backend.py``: the checks made
-while tracing (no host read), the glue as opaque custom ops (dense calls, dynamic lengths) and padding masks,
+while tracing (no host read), the glue as opaque custom ops (dense calls, dynamic lengths), padding masks,
 whose layout the ops check when the compiled step runs (one run of kept keys per row on cuDNN's ragged layout,
-a gap inside a row on the chunked kernels).
+a gap inside a row on the chunked kernels), and packed documents, found when the step runs too.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from test_cudnn_backend import (  # noqa: F401 (fake_cudnn: a fixture)
     right_padding,
 )
 from test_attention import reference_attention
+from test_packed import packed_ids
+from test_packed import reference_attention as documents_reference
 
 kernel_layer = importlib.import_module("memory_efficient_adapter.attention")
 
@@ -37,10 +39,10 @@ kernel_layer = importlib.import_module("memory_efficient_adapter.attention")
 # ----------------------------------------------------------------------------------------------
 
 
-def test_while_tracing_cudnn_takes_padding_masks_and_only_the_slopes_a_forward_mask_holds(fake_cudnn, monkeypatch):
-    """Tracing cannot read the slopes or the padding layout: the model vouches for its slopes through its
-    ForwardMask, a padding mask is taken (its layout is checked when the step runs), other slopes and packed
-    documents go to the next backend, and nothing is read on the host."""
+def test_while_tracing_cudnn_takes_padding_masks_documents_and_only_the_slopes_a_forward_mask_holds(fake_cudnn, monkeypatch):
+    """Tracing cannot read the slopes, the padding layout or the documents: the model vouches for its slopes
+    through its ForwardMask, a padding mask and packed documents are taken (found when the step runs), other
+    slopes go to the next backend, and nothing is read on the host."""
     reads = count_value_checks(monkeypatch)
     monkeypatch.setattr(kernel_layer, "_is_tracing", lambda: True)
 
@@ -59,10 +61,11 @@ def test_while_tracing_cudnn_takes_padding_masks_and_only_the_slopes_a_forward_m
     for padding in (right_padding(2, 16, 3), LEFT_PADDING, HOLE):
         padded = mea.forward_mask(padding)
         assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=padded, slopes=padded.bloom_alibi_slopes(4, "cpu"))) is None
+    documents = torch.tensor([[0] * 9 + [1] * 7] * 2)
+    assert kernel_layer._cannot_cudnn(cuda_call(q, k, v, mask=holder, slopes=slopes, sequence_ids=documents)) is None
     for options, reason in (
         (dict(slopes=mea.alibi_slopes(4)), "BLOOM slopes of the model's ForwardMask"),  # no holder
         (dict(mask=holder, slopes=mea.alibi_slopes(4).clone()), "BLOOM slopes of the model's ForwardMask"),
-        (dict(sequence_ids=torch.tensor([[0] * 9 + [1] * 7] * 2)), "sequence_ids"),
     ):
         assert reason in kernel_layer._cannot_cudnn(cuda_call(q, k, v, **options))
     assert reads == {"padding": 0, "slopes": 0}
@@ -254,10 +257,105 @@ def test_a_masks_layout_is_kept_on_the_tensor_with_its_version(fake_cudnn, monke
     assert len(checked) == 6 and not hasattr(frozen, kernel_layer._LAYOUT_SEEN)
 
 
+# ----------------------------------------------------------------------------------------------
+# Packed documents under torch.compile: found when the step runs, once per sequence-ids tensor
+# ----------------------------------------------------------------------------------------------
+
+
+def two_layers_of_packed_attention(q, k, v, ids, alibi: bool):
+    """Two calls over one tensor of sequence ids (packed documents), as two layers of one forward make them
+    (BLOOM's slopes from the ForwardMask, or LLaMA's plain causal attention); the second takes k and v the
+    other way round."""
+    holder = mea.forward_mask(None, without_mask=True)
+    slopes = holder.bloom_alibi_slopes(q.shape[1], q.device) if alibi else None
+    outputs = []
+    for key, value in ((k, v), (v, k)):
+        call = dataclasses.replace(kernel_layer._describe(q, key, value, True, holder, slopes, 0.0, ids), device_type="cuda")
+        outputs.append(kernel_layer._run_cudnn(q, key, value, call, None, slopes, q.shape[-1] ** -0.5, sequence_ids=ids))
+    return outputs[0] + outputs[1]
+
+
+def two_layers_of_documents_reference(ids, alibi: bool):
+    slopes = mea.alibi_slopes(4) if alibi else None
+
+    def reference(q, k, v):
+        return sum(documents_reference(q, a, b, documents=ids, alibi=slopes) for a, b in ((k, v), (v, k)))
+
+    return reference
+
+
+def counting_documents_found(monkeypatch) -> list:
+    found = []
+    original = kernel_layer._ragged_documents
+    monkeypatch.setattr(kernel_layer, "_ragged_documents", lambda ids: found.append(ids) or original(ids))
+    return found
+
+
+@pytest.mark.parametrize(
+    "lengths, alibi, graphs_built",
+    [
+        ([[9, 30, 1, 24], [64]], True, "ragged"),
+        ([[40, 24], [3, 61]], False, "ragged"),
+        ([[64], [64]], True, "dense"),
+    ],
+    ids=["documents_alibi", "documents_causal", "one_per_row"],
+)
+def test_compiled_packed_documents_run_on_cudnn_found_once_when_the_step_runs(
+    fake_cudnn, monkeypatch, lengths, alibi, graphs_built
+):
+    """Several documents in a row run the ragged layout, one document per row the dense graphs without lengths
+    (no copies of q, k and v); the documents are found once for two layers, forward and backward."""
+    found = counting_documents_found(monkeypatch)
+    ids = packed_ids(lengths)
+    q = torch.randn(2, 4, 64, 16, dtype=torch.float64).float()
+    k, v = (torch.randn(2, 2, 64, 16, dtype=torch.float64).float() for _ in range(2))
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    compiled, graphs = compiled_with_graphs(two_layers_of_packed_attention)
+    out = compiled(*leaves, ids, alibi)
+    assert len(found) == 1 and found[0] is ids  # found when the step ran (tracing sees fake tensors)
+    assert_matches_reference(out, leaves, two_layers_of_documents_reference(ids, alibi))
+    assert len(found) == 1  # one host read for two layers, forward and backward
+    assert [cudnn_ops_of(graph) for graph in graphs["forward"]] == [["cudnn_documents_forward.default"] * 2]
+    assert [cudnn_ops_of(graph) for graph in graphs["backward"]] == [["cudnn_documents_backward.default"] * 2]
+    assert FakeGraph.built_graphs == 2
+    plans = list(kernel_layer._cudnn_plans._plans)
+    directions = {"fwd-ragged", "bwd-ragged"} if graphs_built == "ragged" else {"fwd", "bwd"}
+    assert {key[0] for key in plans} == directions
+    flags = [part for key in plans for part in key if isinstance(part, kernel_layer._CudnnFlags)]
+    assert len(flags) == 2 and all(flag.padded == (graphs_built == "ragged") and flag.alibi == alibi for flag in flags)
+
+
+def test_compiled_packed_documents_take_dynamic_lengths_in_one_graph(fake_cudnn):
+    compiled, graphs = compiled_with_graphs(two_layers_of_packed_attention, dynamic=True)
+    for lengths in ([[20, 17], [37]], [[50], [10, 40]], [[60, 70], [1, 129]]):
+        ids = packed_ids(lengths)
+        seq = ids.shape[1]
+        q = torch.randn(2, 4, seq, 16, dtype=torch.float64).float()
+        k, v = (torch.randn(2, 2, seq, 16, dtype=torch.float64).float() for _ in range(2))
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        assert_matches_reference(compiled(*leaves, ids, True), leaves, two_layers_of_documents_reference(ids, True))
+    assert len(graphs["forward"]) == len(graphs["backward"]) == 1
+
+
+def test_documents_are_kept_on_the_ids_tensor_with_their_version(monkeypatch):
+    found = counting_documents_found(monkeypatch)
+    ids = packed_ids([[5, 11], [16]])
+    first = kernel_layer._documents_when_run(ids)
+    assert kernel_layer._documents_when_run(ids) is first and len(found) == 1 and not first.one_per_row
+    ids[0] = 0  # changed in place: found again
+    assert kernel_layer._documents_when_run(ids).one_per_row and len(found) == 2
+    with torch.inference_mode():
+        frozen = packed_ids([[5, 11], [16]])
+    for _ in range(2):  # an inference tensor has no version: found every time, nothing kept on it
+        assert not kernel_layer._documents_when_run(frozen).one_per_row
+    assert len(found) == 4 and not hasattr(frozen, kernel_layer._DOCUMENTS_SEEN)
+
+
 @pytest.mark.skipif(not hasattr(torch, "Tag") or not hasattr(torch.Tag, "cudagraph_unsafe"), reason="no such tag")
-def test_padded_rows_ops_are_kept_out_of_cuda_graphs():
+def test_padded_rows_and_documents_ops_are_kept_out_of_cuda_graphs():
     """Their layout is checked, and may change, when the step runs: a captured graph would replay the first."""
     namespace = getattr(torch.ops, kernel_layer._OPS_NAMESPACE)
-    for name in ("cudnn_padded_rows_forward", "cudnn_padded_rows_backward"):
+    padded_rows = ("cudnn_padded_rows_forward", "cudnn_padded_rows_backward")
+    for name in padded_rows + ("cudnn_documents_forward", "cudnn_documents_backward"):
         assert torch.Tag.cudagraph_unsafe in getattr(namespace, name).default.tags
     assert torch.Tag.cudagraph_unsafe not in namespace.cudnn_attention_forward.default.tags

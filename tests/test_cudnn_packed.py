@@ -162,9 +162,10 @@ def test_packed_documents_glue_matches_reference(fake_cudnn, alibi, heads, kv_he
     expected_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
     expected = reference_attention(*expected_leaves, documents=ids, alibi=slopes)
     assert out.shape == q.shape and torch.allclose(out.double(), expected, atol=1e-5)
-    saved = out.grad_fn.saved_tensors  # q, k, v, the output and the stats: k and v with their own heads
+    saved = out.grad_fn.saved_tensors  # q, k, v, the output, the stats and the ids: k and v with their own heads
     tokens = 2 * seq
-    assert [tuple(x.shape) for x in saved] == [tuple(q.shape), tuple(k.shape), tuple(v.shape), tuple(q.shape), (tokens, heads)]
+    shapes = [tuple(q.shape), tuple(k.shape), tuple(v.shape), tuple(q.shape), (tokens, heads), tuple(ids.shape)]
+    assert [tuple(x.shape) for x in saved] == shapes and saved[-1] is ids
     grad = torch.randn(out.shape, dtype=torch.float64, generator=generator)
     grads = torch.autograd.grad(out, leaves, grad.float())
     for got, want in zip(grads, torch.autograd.grad(expected, expected_leaves, grad)):
@@ -253,13 +254,37 @@ def test_documents_are_found_once_per_forward_with_its_forward_mask(fake_cudnn, 
         assert len(found) == expected
 
 
-def test_auto_sends_packed_documents_with_gqa_or_alibi_to_cudnn(fake_cudnn):
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "no_grad"])
+def test_one_document_per_row_runs_the_dense_graphs(fake_cudnn, grad):
+    """Sequence ids that start no document inside a row (position ids given without packing) need no ragged
+    layout: the dense graphs take q, k and v as they are (strided views of a fused projection here), the rows
+    padded to their bucket by sequence lengths."""
+    ids = packed_ids([[37], [37]])
+    q, k, v = documents_qkv(2, 4, 2, 37, 16, torch.Generator().manual_seed(3), fused=True)
+    leaves = [x.detach().requires_grad_(grad) for x in (q, k, v)]
+    call = dataclasses.replace(cuda_call(*leaves, sequence_ids=ids), needs_grad=grad)
+    with torch.set_grad_enabled(grad):
+        out = kernel_layer._run_cudnn(*leaves, call, None, None, 16**-0.5, sequence_ids=ids)
+    expected_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    expected = reference_attention(*expected_leaves, documents=ids)
+    assert torch.allclose(out.detach().double(), expected, atol=1e-5)
+    if grad:
+        weight = torch.randn(out.shape, dtype=torch.float64)
+        for got, want in zip(torch.autograd.grad(out, leaves, weight.float()), torch.autograd.grad(expected, expected_leaves, weight)):
+            assert torch.allclose(got.double(), want, atol=1e-5)
+    plans = list(kernel_layer._cudnn_plans._plans)
+    assert {key[0] for key in plans} == ({"fwd", "bwd"} if grad else {"fwd"})
+    flags = [part for key in plans for part in key if isinstance(part, kernel_layer._CudnnFlags)]
+    assert flags and all(flag.padded and not flag.ragged for flag in flags)  # 37 rows padded to the bucket of 64
+
+
+def test_auto_sends_packed_documents_to_cudnn(fake_cudnn):
     ids = packed_ids([[5, 7, 4], [16]])
     gqa, mha = documents_qkv(2, 4, 2, 16, 64, torch.Generator()), documents_qkv(2, 4, 4, 16, 64, torch.Generator())
     bf16 = lambda xs: [x.bfloat16() for x in xs]  # noqa: E731
     slopes = mea.alibi_slopes(4)
     assert mea.select_backend(cuda_call(*bf16(gqa), sequence_ids=ids)) == "cudnn"
-    assert mea.select_backend(cuda_call(*bf16(mha), sequence_ids=ids)) == "sdpa"  # nested varlen, no copy per head
+    assert mea.select_backend(cuda_call(*bf16(mha), sequence_ids=ids)) == "cudnn"  # not SDPA's nested tensors
     assert mea.select_backend(cuda_call(*bf16(mha), sequence_ids=ids, slopes=slopes)) == "cudnn"
     assert mea.select_backend(cuda_call(*bf16(gqa))) == "sdpa"  # a call without documents: unchanged
     padded = torch.ones(2, 16, dtype=torch.bool)
@@ -355,3 +380,57 @@ def test_padded_batch_unpadded_on_cudnn_matches_fp32_stock(family, padding, tmp_
             assert_close_rel(ours_grads[name].grad.float(), param.grad, 5e-2, f"{backend} grad {name}")
     after = layer.cudnn_plan_cache_info()
     assert after["builds"] + after["hits"] - before == 2 * 2 * 2  # 2 layers x (forward + backward) x 2 runs
+
+
+def per_document_stock_step(stock, ids: torch.Tensor, lengths_per_row: list, labels: torch.Tensor):
+    """Stock's logits of a packed batch with every document run as a sequence of its own (the reference, not
+    transformers' packing), and its loss over the packed rows' shifted labels, backward taken."""
+    rows = []
+    for row, lengths in zip(ids, lengths_per_row):
+        pieces = row.split(lengths)
+        rows.append(torch.cat([stock(piece[None]).logits[0] for piece in pieces]))
+    logits = torch.stack(rows)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    loss.backward()
+    return logits, loss
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize(
+    "lengths_per_row", [[[150, 61, 122], [333]], [[333], [333]]], ids=["packed", "one_document_per_row"]
+)
+def test_packed_llama_trains_on_cudnn_against_fp32_stock_per_document(compiled, lengths_per_row, tmp_path):
+    """DataCollatorWithFlattening's batches (position ids restarting, no attention mask) in a bf16 training step,
+    eager and compiled (Inductor, one graph): attention on cuDNN (no flex kernel), logits, loss and every
+    gradient against the fp32 stock model run on each document alone."""
+    needs_cudnn_frontend()
+    from transformers import AutoModelForCausalLM
+
+    from memory_efficient_adapter.families import write_remote_code
+    from test_cudnn_backend import launched_kernels
+
+    stock = tiny_stock("llama")
+    stock.save_pretrained(tmp_path)
+    write_remote_code(tmp_path, "llama")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True, dtype=torch.bfloat16).cuda().train()
+    ours.config.keep_logits_in_training = True
+    stock = stock.cuda()
+    ids = torch.randint(3, 300, (2, 333), generator=torch.Generator().manual_seed(2)).cuda()
+    position_ids = torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in lengths_per_row]).cuda()
+    labels = ids.masked_fill(position_ids == 0, -100)  # no prediction across a document start
+    expected_logits, expected_loss = per_document_stock_step(stock, ids, lengths_per_row, labels)
+    run = ours
+    if compiled:
+        torch._dynamo.reset()
+        run = torch.compile(ours, fullgraph=True)
+    actual, kernels = launched_kernels(lambda: run(ids, position_ids=position_ids, labels=labels))
+    _, backward_kernels = launched_kernels(actual.loss.backward)
+    assert any("sdpa" in name and "fprop" in name for name in kernels), kernels
+    assert any("sdpa" in name and "bprop" in name for name in backward_kernels), backward_kernels
+    assert not any("flex" in name for name in kernels + backward_kernels), kernels + backward_kernels
+    assert_close_rel(actual.logits.float(), expected_logits, 2e-2, "logits")
+    assert abs(actual.loss.item() - expected_loss.item()) < 1e-2 * expected_loss.item()
+    ours_grads = dict(ours.named_parameters())
+    for name, param in stock.named_parameters():
+        assert_close_rel(ours_grads[name].grad.float(), param.grad, 5e-2, f"grad {name}")

@@ -26,7 +26,7 @@ from .kernel import run_kernel
 from .light import run_light
 from .models import FAMILIES
 from .padded import run_padded
-from .train import run_train
+from .train import PACKED_FAMILIES, run_train
 
 SECTIONS = ("train", "infer", "kernel", "light", "compare", "padded")
 
@@ -147,8 +147,10 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
         "--optimizer", choices=["none", "adamw"], default="none", help="add an AdamW step to the training step"
     )
     p.add_argument(
-        "--train-mask", choices=["none", "ones"], default="none",
-        help="train: pass an all-ones attention_mask, as the Trainer's collators do for unpadded rows",
+        "--train-mask", choices=["none", "ones", "packed"], default="none",
+        help="train: pass an all-ones attention_mask, as the Trainer's collators do for unpadded rows (ones), or "
+        "pack documents of 1/16 to 1/4 of a row each as DataCollatorWithFlattening does (packed: position_ids "
+        "restarting per document, no mask; llama and qwen)",
     )
     p.add_argument("--warmup", type=int, default=None, help="training warm-up steps (default 2)")
     p.add_argument("--iters", type=int, default=None, help="timed training steps, median reported (default 5)")
@@ -223,6 +225,9 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     bad = [f for f in args.family if f not in FAMILIES]
     if bad:
         p.error(f"unknown family {bad}; choose from {', '.join(FAMILIES)}")
+    unpacked = [f for f in args.family if f not in PACKED_FAMILIES]
+    if args.train_mask == "packed" and "train" in args.section and unpacked:
+        p.error(f"--train-mask packed restarts position ids, which {', '.join(unpacked)} do not take")
     on_cpu = torch.device(args.device).type == "cpu"
     args.tiny = args.tiny or (args.quick and on_cpu)
     args.dtype = args.dtype or ("fp32" if on_cpu else "bf16")

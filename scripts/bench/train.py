@@ -74,8 +74,7 @@ def measure_train(
     device = bench.device
     inputs = {"input_ids": random_ids(vocab, batch, seq, device)}
     inputs["labels"] = random_ids(vocab, batch, tgt, device) if family == "bart" else inputs["input_ids"]
-    if bench.args.train_mask == "ones":
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs.update(train_mask_inputs(bench.args.train_mask, family, inputs))
     model.train()
     model.zero_grad(set_to_none=True)  # a step that ran out of memory may have left gradients behind
     optimizer = None
@@ -116,6 +115,35 @@ def measure_train(
     if profile_name is not None:
         result.update(profile_call(bench, step, profile_name))
     return result
+
+
+PACKED_FAMILIES = ("llama", "qwen")
+
+
+def train_mask_inputs(train_mask: str, family: str, inputs: dict) -> dict:
+    """What --train-mask adds to a training step's inputs: the Trainer's all-ones ``attention_mask`` (``ones``),
+    or ``DataCollatorWithFlattening``'s packed documents (``packed``: ``position_ids`` restarting at every
+    document, no mask, and labels of -100 at document starts; ``use_cache=False``, without which stock
+    transformers makes a cache in training and then attends across the documents)."""
+    ids = inputs["input_ids"]
+    if train_mask == "ones":
+        return {"attention_mask": torch.ones_like(ids)}
+    if train_mask != "packed":
+        return {}
+    position_ids = torch.stack([packed_positions(ids.shape[1], seed=row) for row in range(ids.shape[0])]).to(ids.device)
+    labels = inputs["labels"].masked_fill(position_ids == 0, -100)
+    return {"position_ids": position_ids, "labels": labels, "use_cache": False}
+
+
+def packed_positions(seq: int, seed: int) -> torch.Tensor:
+    """Positions of ``seq`` tokens packed from documents of 1/16 to 1/4 of the row each (fixed by ``seed``)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths, left = [], seq
+    while left > 0:
+        length = int(torch.randint(max(1, seq // 16), max(2, seq // 4) + 1, (1,), generator=generator))
+        lengths.append(min(length, left))
+        left -= lengths[-1]
+    return torch.cat([torch.arange(length) for length in lengths])
 
 
 def record_loss(step: Callable[[], torch.Tensor], losses: list) -> None:
