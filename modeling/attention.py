@@ -2006,11 +2006,14 @@ def _run_cudnn_documents(q, k, v, call: AttentionCall, sequence_ids: torch.Tenso
     graphs, else on cuDNN's ragged layout (no copy of the keys and values per head, no padding to a common
     length). The documents are found with one host read: once per step in training (kept on the ids' tensor),
     once per forward with a ``ForwardMask`` in an eager forward without gradients, when the step runs in a
-    compiled one."""
-    options = (call.alibi, float(scale))
+    compiled one. Eager calls copy strided q, k and v to packed rows here, once for forward and backward (the
+    ops copy them when they run, where they must)."""
+    options, tracing = (call.alibi, float(scale)), _is_tracing()
+    if not tracing:
+        q, k, v = (_packed_operand(x) for x in (q, k, v))
     if call.needs_grad:
         return _CudnnDocumentsAttention.apply(q, k, v, sequence_ids, *options)
-    if _is_tracing():
+    if tracing:
         return _documents_forward_op(q, k, v, sequence_ids, *options, False)[0]
     entries = _documents_entries(_kept_per_forward(call, ("cudnn", "documents"), sequence_ids, _ragged_documents))
     return _dense_or_ragged_forward(q, k, v, entries, None, *options, False)[0]

@@ -166,6 +166,7 @@ def test_packed_documents_glue_matches_reference(fake_cudnn, alibi, heads, kv_he
     tokens = 2 * seq
     shapes = [tuple(q.shape), tuple(k.shape), tuple(v.shape), tuple(q.shape), (tokens, heads), tuple(ids.shape)]
     assert [tuple(x.shape) for x in saved] == shapes and saved[-1] is ids
+    assert all(x.transpose(1, 2).is_contiguous() for x in saved[:3])  # packed rows: copied once, in forward
     grad = torch.randn(out.shape, dtype=torch.float64, generator=generator)
     grads = torch.autograd.grad(out, leaves, grad.float())
     for got, want in zip(grads, torch.autograd.grad(expected, expected_leaves, grad)):
