@@ -553,6 +553,20 @@ def test_training_forward_with_use_cache_runs_unpadded_and_returns_no_cache(fami
     assert out.past_key_values is None and torch.isfinite(out.loss)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen"])
+def test_packed_position_ids_with_use_cache_in_training_stay_inside_each_document(family, tmp_path_factory):
+    """Stock transformers 5 makes a cache in a training forward with ``use_cache=True`` (most configs' default)
+    and then no longer looks for packing in the position ids: its documents attend to each other. Ours keeps
+    them apart."""
+    model, _ = load_ours(family, tmp_path_factory)
+    model.train()
+    set_backend(model, "auto")
+    model.config.keep_logits_in_training = True
+    ids, packing = packed_row("position_ids")
+    logits = model(input_ids=ids, use_cache=True, **packing).logits
+    assert_close_rel(logits.detach(), per_document(model, ids)[0], 1e-5, "logits")
+
+
 def test_compiled_forward_keeps_rows_at_full_length_without_a_host_read(tmp_path_factory):
     """torch.compile(fullgraph=True) fails on a host read: the compiled forward keeps the padding mask."""
     model, _ = load_ours("llama", tmp_path_factory)
