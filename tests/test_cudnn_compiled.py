@@ -147,20 +147,26 @@ def test_compiled_glue_takes_dynamic_lengths_in_one_graph(fake_cudnn):
 # ----------------------------------------------------------------------------------------------
 
 
-def two_layers_of_bloom_attention(q, k, v, keep):
-    """Two calls with one padding mask, as two layers of one BLOOM forward make them (the ForwardMask's slopes);
-    the second takes k and v the other way round."""
-    holder = mea.forward_mask(keep)
-    slopes = holder.bloom_alibi_slopes(q.shape[1], q.device)
+def two_cudnn_layers(q, k, v, keep, ids, alibi: bool, scale: float):
+    """Two calls with one padding mask (``keep``) or one tensor of sequence ids (``ids``: packed documents), as
+    two layers of one forward make them (BLOOM's slopes from the ForwardMask, or plain causal attention); the
+    second takes k and v the other way round."""
+    holder = mea.forward_mask(keep, without_mask=keep is None)
+    slopes = holder.bloom_alibi_slopes(q.shape[1], q.device) if alibi else None
     outputs = []
     for key, value in ((k, v), (v, k)):
-        call = dataclasses.replace(kernel_layer._describe(q, key, value, True, holder, slopes, 0.0), device_type="cuda")
-        outputs.append(kernel_layer._run_cudnn(q, key, value, call, keep, slopes, 0.3))
+        call = dataclasses.replace(kernel_layer._describe(q, key, value, True, holder, slopes, 0.0, ids), device_type="cuda")
+        outputs.append(kernel_layer._run_cudnn(q, key, value, call, keep, slopes, scale, sequence_ids=ids))
     return outputs[0] + outputs[1]
 
 
+def padded_layers(keep) -> tuple:
+    """The arguments of ``two_cudnn_layers`` after q, k and v for a padding mask (BLOOM, scale 0.3)."""
+    return keep, None, True, 0.3
+
+
 def two_layers_reference(keep, slopes):
-    """``two_layers_of_bloom_attention`` in float64 math."""
+    """``two_cudnn_layers`` with ``padded_layers(keep)`` in float64 math."""
 
     def reference(q, k, v):
         return sum(reference_attention(q, a, b, causal=True, mask=keep, slopes=slopes, scale=0.3) for a, b in ((k, v), (v, k)))
@@ -193,8 +199,8 @@ def test_compiled_padding_mask_runs_on_cudnn_found_once_when_the_step_runs(fake_
     q = torch.randn(3, heads, seq, 16, dtype=torch.float64).float()
     k, v = (torch.randn(3, kv_heads, seq, 16, dtype=torch.float64).float() for _ in range(2))
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    compiled, graphs = compiled_with_graphs(two_layers_of_bloom_attention)
-    out = compiled(*leaves, keep)
+    compiled, graphs = compiled_with_graphs(two_cudnn_layers)
+    out = compiled(*leaves, *padded_layers(keep))
     assert len(checked) == 1 and checked[0] is keep  # read when the step ran (tracing sees fake tensors)
     assert_matches_reference(out, leaves, two_layers_reference(keep, mea.alibi_slopes(heads)))
     assert len(checked) == 1  # one host read for two layers, forward and backward
@@ -209,13 +215,14 @@ def test_compiled_padding_mask_runs_on_cudnn_found_once_when_the_step_runs(fake_
 
 
 def test_compiled_padding_masks_take_dynamic_lengths_in_one_graph(fake_cudnn):
-    compiled, graphs = compiled_with_graphs(two_layers_of_bloom_attention, dynamic=True)
+    compiled, graphs = compiled_with_graphs(two_cudnn_layers, dynamic=True)
     for seq, padding in ((37, left_padded_mask), (50, right_padded_mask), (130, left_padded_mask)):
         keep = padding([seq, seq - 11], seq).bool()
         q = torch.randn(2, 4, seq, 16, dtype=torch.float64).float()
         k, v = (torch.randn(2, 2, seq, 16, dtype=torch.float64).float() for _ in range(2))
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        assert_matches_reference(compiled(*leaves, keep), leaves, two_layers_reference(keep, mea.alibi_slopes(4)))
+        out = compiled(*leaves, *padded_layers(keep))
+        assert_matches_reference(out, leaves, two_layers_reference(keep, mea.alibi_slopes(4)))
     assert len(graphs["forward"]) == len(graphs["backward"]) == 1
 
 def test_compiled_mask_with_a_gap_runs_the_chunked_kernels_and_says_so_once(fake_cudnn, monkeypatch, caplog):
@@ -225,9 +232,9 @@ def test_compiled_mask_with_a_gap_runs_the_chunked_kernels_and_says_so_once(fake
     q = torch.randn(2, 4, 16, 16, dtype=torch.float64).float()
     k, v = (torch.randn(2, 2, 16, 16, dtype=torch.float64).float() for _ in range(2))
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    compiled, _ = compiled_with_graphs(two_layers_of_bloom_attention)
+    compiled, _ = compiled_with_graphs(two_cudnn_layers)
     with caplog.at_level(logging.WARNING):
-        out = compiled(*leaves, keep)
+        out = compiled(*leaves, *padded_layers(keep))
     slopes = mea.alibi_slopes(4)
 
     def eager_backend(q, k, v):  # ALiBi over a gap counts kept keys only: the eager backend's rule
@@ -262,20 +269,8 @@ def test_a_masks_layout_is_kept_on_the_tensor_with_its_version(fake_cudnn, monke
 # ----------------------------------------------------------------------------------------------
 
 
-def two_layers_of_packed_attention(q, k, v, ids, alibi: bool):
-    """Two calls over one tensor of sequence ids (packed documents), as two layers of one forward make them
-    (BLOOM's slopes from the ForwardMask, or LLaMA's plain causal attention); the second takes k and v the
-    other way round."""
-    holder = mea.forward_mask(None, without_mask=True)
-    slopes = holder.bloom_alibi_slopes(q.shape[1], q.device) if alibi else None
-    outputs = []
-    for key, value in ((k, v), (v, k)):
-        call = dataclasses.replace(kernel_layer._describe(q, key, value, True, holder, slopes, 0.0, ids), device_type="cuda")
-        outputs.append(kernel_layer._run_cudnn(q, key, value, call, None, slopes, q.shape[-1] ** -0.5, sequence_ids=ids))
-    return outputs[0] + outputs[1]
-
-
 def two_layers_of_documents_reference(ids, alibi: bool):
+    """``two_cudnn_layers`` over packed documents (head size 16) in float64 math."""
     slopes = mea.alibi_slopes(4) if alibi else None
 
     def reference(q, k, v):
@@ -310,8 +305,8 @@ def test_compiled_packed_documents_run_on_cudnn_found_once_when_the_step_runs(
     q = torch.randn(2, 4, 64, 16, dtype=torch.float64).float()
     k, v = (torch.randn(2, 2, 64, 16, dtype=torch.float64).float() for _ in range(2))
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    compiled, graphs = compiled_with_graphs(two_layers_of_packed_attention)
-    out = compiled(*leaves, ids, alibi)
+    compiled, graphs = compiled_with_graphs(two_cudnn_layers)
+    out = compiled(*leaves, None, ids, alibi, 16**-0.5)
     assert len(found) == 1 and found[0] is ids  # found when the step ran (tracing sees fake tensors)
     assert_matches_reference(out, leaves, two_layers_of_documents_reference(ids, alibi))
     assert len(found) == 1  # one host read for two layers, forward and backward
@@ -326,14 +321,15 @@ def test_compiled_packed_documents_run_on_cudnn_found_once_when_the_step_runs(
 
 
 def test_compiled_packed_documents_take_dynamic_lengths_in_one_graph(fake_cudnn):
-    compiled, graphs = compiled_with_graphs(two_layers_of_packed_attention, dynamic=True)
+    compiled, graphs = compiled_with_graphs(two_cudnn_layers, dynamic=True)
     for lengths in ([[20, 17], [37]], [[50], [10, 40]], [[60, 70], [1, 129]]):
         ids = packed_ids(lengths)
         seq = ids.shape[1]
         q = torch.randn(2, 4, seq, 16, dtype=torch.float64).float()
         k, v = (torch.randn(2, 2, seq, 16, dtype=torch.float64).float() for _ in range(2))
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        assert_matches_reference(compiled(*leaves, ids, True), leaves, two_layers_of_documents_reference(ids, True))
+        out = compiled(*leaves, None, ids, True, 16**-0.5)
+        assert_matches_reference(out, leaves, two_layers_of_documents_reference(ids, True))
     assert len(graphs["forward"]) == len(graphs["backward"]) == 1
 
 
