@@ -174,11 +174,16 @@ def two_layers_reference(keep, slopes):
     return reference
 
 
+def recorded_calls(monkeypatch, name: str) -> list:
+    """The tensors the kernel layer's one-argument function ``name`` (a host read) is called with from now on."""
+    seen = []
+    original = getattr(kernel_layer, name)
+    monkeypatch.setattr(kernel_layer, name, lambda x: seen.append(x) or original(x))
+    return seen
+
+
 def counting_run_checks(monkeypatch) -> list:
-    checked = []
-    original = kernel_layer._padding_layout
-    monkeypatch.setattr(kernel_layer, "_padding_layout", lambda mask: checked.append(mask) or original(mask))
-    return checked
+    return recorded_calls(monkeypatch, "_padding_layout")
 
 
 @pytest.mark.parametrize(
@@ -280,10 +285,7 @@ def two_layers_of_documents_reference(ids, alibi: bool):
 
 
 def counting_documents_found(monkeypatch) -> list:
-    found = []
-    original = kernel_layer._ragged_documents
-    monkeypatch.setattr(kernel_layer, "_ragged_documents", lambda ids: found.append(ids) or original(ids))
-    return found
+    return recorded_calls(monkeypatch, "_ragged_documents")
 
 
 @pytest.mark.parametrize(
