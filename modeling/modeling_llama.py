@@ -1856,11 +1856,11 @@ _DOCUMENTS_SEEN = "_memory_efficient_adapter_documents"
 
 
 def _padding_layout_when_run(keep: torch.Tensor) -> str:
-    return _kept_on_tensor(keep, _LAYOUT_SEEN, lambda x: _padding_layout(x))
+    return _kept_on_tensor(keep, _LAYOUT_SEEN, _padding_layout)
 
 
 def _documents_when_run(sequence_ids: torch.Tensor) -> _RaggedDocuments:
-    return _kept_on_tensor(sequence_ids, _DOCUMENTS_SEEN, lambda x: _ragged_documents(x))
+    return _kept_on_tensor(sequence_ids, _DOCUMENTS_SEEN, _ragged_documents)
 
 
 _GAP_ON_CHUNKED = (

@@ -47,6 +47,11 @@ def document_lengths(total: int, low: int, high: int, generator: torch.Generator
     return lengths
 
 
+def document_positions(lengths: list) -> torch.Tensor:
+    """Position ids of documents packed in one row: each restarts at 0."""
+    return torch.cat([torch.arange(n) for n in lengths])
+
+
 def padded_case(lengths: list, seq: int, vocab: int, device) -> dict:
     keep = torch.zeros(len(lengths), seq, dtype=torch.long)
     for row, length in enumerate(lengths):
@@ -68,7 +73,7 @@ def full_rows_case(tokens: int, seq: int, vocab: int, device) -> dict:
 
 def packed_case(seq: int, vocab: int, device, generator: torch.Generator) -> tuple:
     lengths = document_lengths(seq, max(2, seq // 328), max(4, seq // 8), generator)
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    positions = document_positions(lengths)[None]
     ids = torch.randint(0, vocab, (1, seq), device=device)
     return {"input_ids": ids, "labels": ids, "position_ids": positions.to(device)}, len(lengths)
 

@@ -21,6 +21,7 @@ from .models import (
     random_ids,
     training_flops,
 )
+from .padded import document_lengths, document_positions
 from .profiling import profile_call, profile_label
 
 # Order of implementations in a family: the ones the targets need first, the ones that compile (flex) last,
@@ -74,7 +75,7 @@ def measure_train(
     device = bench.device
     inputs = {"input_ids": random_ids(vocab, batch, seq, device)}
     inputs["labels"] = random_ids(vocab, batch, tgt, device) if family == "bart" else inputs["input_ids"]
-    inputs.update(train_mask_inputs(bench.args.train_mask, family, inputs))
+    inputs.update(train_mask_inputs(bench.args.train_mask, inputs))
     model.train()
     model.zero_grad(set_to_none=True)  # a step that ran out of memory may have left gradients behind
     optimizer = None
@@ -120,7 +121,7 @@ def measure_train(
 PACKED_FAMILIES = ("llama", "qwen")
 
 
-def train_mask_inputs(train_mask: str, family: str, inputs: dict) -> dict:
+def train_mask_inputs(train_mask: str, inputs: dict) -> dict:
     """What --train-mask adds to a training step's inputs: the Trainer's all-ones ``attention_mask`` (``ones``),
     or ``DataCollatorWithFlattening``'s packed documents (``packed``: ``position_ids`` restarting at every
     document, no mask, and labels of -100 at document starts; ``use_cache=False``, without which stock
@@ -138,12 +139,7 @@ def train_mask_inputs(train_mask: str, family: str, inputs: dict) -> dict:
 def packed_positions(seq: int, seed: int) -> torch.Tensor:
     """Positions of ``seq`` tokens packed from documents of 1/16 to 1/4 of the row each (fixed by ``seed``)."""
     generator = torch.Generator().manual_seed(seed)
-    lengths, left = [], seq
-    while left > 0:
-        length = int(torch.randint(max(1, seq // 16), max(2, seq // 4) + 1, (1,), generator=generator))
-        lengths.append(min(length, left))
-        left -= lengths[-1]
-    return torch.cat([torch.arange(length) for length in lengths])
+    return document_positions(document_lengths(seq, max(1, seq // 16), max(2, seq // 4), generator))
 
 
 def record_loss(step: Callable[[], torch.Tensor], losses: list) -> None:
