@@ -295,11 +295,12 @@ def test_qwen_at_the_llama_shape_has_the_llama_shaped_models_weights():
     assert sum(counts["qwen"].values()) == sum(counts["llama"].values()) > 0
 
 
-def test_select_impls_adds_the_variants_asked_for(cpu_bench):
+def test_select_impls_adds_the_variants_asked_for(cpu_bench, capsys):
     train = bench_module("train")
-    cpu_bench.args.impl = ["stock:sdpa", "ours:auto+compile", "stock:sdpa+liger", "ours:nonesuch+compile"]
+    cpu_bench.args.impl = ["stock:sdpa", "ours:auto+compile", "stock:sdpa+liger", "ours:nonesuch+compile", "base:sdpa"]
     impls = train.train_impls(cpu_bench, "llama")
-    assert impls == ["stock:sdpa", "ours:auto+compile", "stock:sdpa+liger"]
+    assert impls == ["stock:sdpa", "ours:auto+compile", "stock:sdpa+liger", "base:sdpa"]  # base mirrors ours:sdpa
+    assert "impl ours:nonesuch+compile does not run here" in capsys.readouterr().out
     cpu_bench.args.impl = None
     defaults = train.train_impls(cpu_bench, "llama")
     assert "ours:auto" in defaults and not any("+compile" in i for i in defaults)  # compile: CUDA default only

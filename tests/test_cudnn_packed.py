@@ -398,15 +398,19 @@ def per_document_stock_step(stock, ids: torch.Tensor, lengths_per_row: list, lab
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize(
+    "backend, compiled", [("auto", False), ("auto", True), ("sdpa", False)], ids=["cudnn", "cudnn_compiled", "sdpa"]
+)
 @pytest.mark.parametrize(
     "lengths_per_row", [[[150, 61, 122], [333]], [[333], [333]]], ids=["packed", "one_document_per_row"]
 )
-def test_packed_llama_trains_on_cudnn_against_fp32_stock_per_document(compiled, lengths_per_row, tmp_path):
+def test_packed_llama_trains_against_fp32_stock_per_document(backend, compiled, lengths_per_row, tmp_path):
     """DataCollatorWithFlattening's batches (position ids restarting, no attention mask) in a bf16 training step,
-    eager and compiled (Inductor, one graph): attention on cuDNN (no flex kernel), logits, loss and every
+    eager and compiled (Inductor, one graph): attention on cuDNN by default (no flex kernel), on PyTorch's flash
+    varlen kernels with ``backend="sdpa"`` (what runs without the cuDNN frontend); logits, loss and every
     gradient against the fp32 stock model run on each document alone."""
-    needs_cudnn_frontend()
+    if backend == "auto":
+        needs_cudnn_frontend()
     from transformers import AutoModelForCausalLM
 
     from memory_efficient_adapter.families import write_remote_code
@@ -417,6 +421,7 @@ def test_packed_llama_trains_on_cudnn_against_fp32_stock_per_document(compiled, 
     write_remote_code(tmp_path, "llama")
     ours = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True, dtype=torch.bfloat16).cuda().train()
     ours.config.keep_logits_in_training = True
+    ours.config.attn_backend = backend
     stock = stock.cuda()
     ids = torch.randint(3, 300, (2, 333), generator=torch.Generator().manual_seed(2)).cuda()
     position_ids = torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in lengths_per_row]).cuda()
@@ -428,8 +433,9 @@ def test_packed_llama_trains_on_cudnn_against_fp32_stock_per_document(compiled, 
         run = torch.compile(ours, fullgraph=True)
     actual, kernels = launched_kernels(lambda: run(ids, position_ids=position_ids, labels=labels))
     _, backward_kernels = launched_kernels(actual.loss.backward)
-    assert any("sdpa" in name and "fprop" in name for name in kernels), kernels
-    assert any("sdpa" in name and "bprop" in name for name in backward_kernels), backward_kernels
+    forward_kernel, backward_kernel = ("fprop", "bprop") if backend == "auto" else ("flash_fwd", "flash_bwd")
+    assert any(forward_kernel in name for name in kernels), kernels
+    assert any(backward_kernel in name for name in backward_kernels), backward_kernels
     assert not any("flex" in name for name in kernels + backward_kernels), kernels + backward_kernels
     assert_close_rel(actual.logits.float(), expected_logits, 2e-2, "logits")
     assert abs(actual.loss.item() - expected_loss.item()) < 1e-2 * expected_loss.item()

@@ -132,6 +132,17 @@ def test_bad_sequence_ids_are_refused(ids, mask, error):
         attention(q, k, v, causal=True, sequence_ids=ids, attention_mask=mask)
 
 
+def attention_by_segment(q, k, v, cu_seqlens, causal, scale):
+    """Packed [tokens, heads, dim] sequences delimited by ``cu_seqlens``, attended one segment at a time (keys and
+    values keep their own heads): flash_attn_varlen_func's contract, as a stand-in kernel."""
+    pieces = []
+    for start, stop in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        segment = [x[start:stop].transpose(0, 1)[None] for x in (q, k, v)]
+        out = F.scaled_dot_product_attention(*segment, is_causal=causal, scale=scale, enable_gqa=True)
+        pieces.append(out[0].transpose(0, 1))
+    return torch.cat(pieces)
+
+
 def test_varlen_glue_against_a_stand_in_kernel(monkeypatch):
     """The sdpa varlen path (unpad, cu_seqlens, pad back) on the CPU, with a stand-in for the nested kernel that
     runs flash_attn_varlen_func's contract segment by segment."""
@@ -139,12 +150,7 @@ def test_varlen_glue_against_a_stand_in_kernel(monkeypatch):
     def stand_in(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal):
         assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and q.shape[1] == 4 and k.shape[1] == 2
         assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
-        pieces = []
-        for start, stop in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-            segment = [x[start:stop].transpose(0, 1)[None] for x in (q, k, v)]
-            out = F.scaled_dot_product_attention(*segment, is_causal=causal, scale=softmax_scale, enable_gqa=True)
-            pieces.append(out[0].transpose(0, 1))
-        return torch.cat(pieces)
+        return attention_by_segment(q, k, v, cu_q, causal, softmax_scale)
 
     monkeypatch.setattr(kernel_layer, "_sdpa_varlen", stand_in)
     monkeypatch.setattr(kernel_layer, "_sdpa_needs_dense_mask", lambda call: None)
@@ -154,6 +160,47 @@ def test_varlen_glue_against_a_stand_in_kernel(monkeypatch):
     check_against_reference(q, k, v, "sdpa", 1e-5, keep=keep, documents=documents, rows_to_check=keep)
 
 
+def stand_in_flash_varlen_ops(calls: list) -> tuple:
+    """CPU stand-ins for aten's flash varlen forward and backward (their argument order and outputs), which
+    check what the glue hands them: grouped key-value heads as they are, the longest segment, no dropout, and
+    in backward the output and log-sum-exp the forward returned."""
+    kept = {}
+
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, causal, return_debug_mask, *, scale):
+        assert k.shape[1] == v.shape[1] == 2 and q.shape[1] == 4 and torch.equal(cu_q, cu_k) and max_q == max_k
+        assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and dropout_p == 0.0 and not return_debug_mask
+        calls.append("forward")
+        out = attention_by_segment(q, k, v, cu_q, causal, scale)
+        kept["lse"] = torch.randn(q.shape[1], q.shape[0])
+        return out, kept["lse"], torch.tensor([7]), torch.tensor([11]), torch.empty(0)
+
+    def backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, causal, rng_state, rng_offset, *, scale):
+        assert torch.equal(lse, kept["lse"]) and rng_state.item() == 7 and rng_offset.item() == 11
+        assert torch.equal(out, attention_by_segment(q, k, v, cu_q, causal, scale))
+        calls.append("backward")
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+            torch.autograd.backward(attention_by_segment(*leaves, cu_q, causal, scale), grad_out)
+        return tuple(x.grad for x in leaves)
+
+    return forward, backward
+
+
+def test_flash_varlen_glue_against_stand_in_kernels(monkeypatch):
+    """Where PyTorch's flash varlen kernels take the call, sdpa calls them directly (no nested tensors): keys and
+    values keep their grouped heads, the backward gets what the forward kept, and every gradient is right."""
+    calls = []
+    ops = stand_in_flash_varlen_ops(calls)
+    monkeypatch.setattr(kernel_layer, "_flash_varlen_ops", lambda: ops)
+    monkeypatch.setattr(kernel_layer, "_flash_varlen_takes", lambda q: True)
+    monkeypatch.setattr(kernel_layer, "_sdpa_needs_dense_mask", lambda call: None)
+    q, k, v = random_qkv(3, 4, 2, 29, 16)
+    keep = padded_keep([29, 11, 17], 29, left=True)
+    documents = packed_ids([[5, 24], [29], [13, 16]])
+    check_against_reference(q, k, v, "sdpa", 1e-5, keep=keep, documents=documents, rows_to_check=keep)
+    assert calls == ["forward", "backward"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernel layer on the GPU (nested jagged tensors)
 # ----------------------------------------------------------------------------------------------
@@ -161,14 +208,18 @@ def test_varlen_glue_against_a_stand_in_kernel(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3), (torch.float32, 1e-4)])
-def test_gpu_varlen_sdpa_matches_reference(dtype, tol):
+def test_gpu_varlen_sdpa_matches_reference(dtype, tol, monkeypatch):
+    """fp16/bf16 on PyTorch's flash varlen kernels called directly, fp32 on nested tensors."""
     q, k, v = random_qkv(3, 8, 2, 300, 64, dtype=dtype, device="cuda")
     keep = padded_keep([300, 170, 33], 300, left=True, device="cuda")
     documents = packed_ids([[100, 200], [300], [150, 150]], device="cuda")
     call = kernel_layer._describe(q, k, v, True, keep, None, 0.0, documents)
-    assert kernel_layer.select_backend(call) == "sdpa" and kernel_layer._sdpa_needs_dense_mask(call) is None
+    assert kernel_layer._sdpa_needs_dense_mask(call) is None
+    flash_calls = []
+    real_ops = kernel_layer._flash_varlen_ops()
+    monkeypatch.setattr(kernel_layer, "_flash_varlen_ops", lambda: flash_calls.append(1) or real_ops)
     cpu = lambda x: x.detach().cpu().requires_grad_(True)  # noqa: E731
-    out = attention(q, k, v, causal=True, attention_mask=keep, sequence_ids=documents)
+    out = attention(q, k, v, causal=True, attention_mask=keep, sequence_ids=documents, backend="sdpa")
     qc, kc, vc = cpu(q), cpu(k), cpu(v)
     ref = reference_attention(qc, kc, vc, keep.cpu(), documents.cpu())
     rows = keep[:, None, :, None]
@@ -176,6 +227,7 @@ def test_gpu_varlen_sdpa_matches_reference(dtype, tol):
     assert_close_rel((out.double() * rows).cpu(), ref * rows.cpu(), tol, "output")
     for got, want, name in zip(grads_of(out, q, k, v, weight=weight), grads_of(ref, qc, kc, vc, weight=weight.cpu()), "qkv"):
         assert_close_rel(got.double().cpu(), want, tol, f"grad {name}")
+    assert len(flash_calls) == (0 if dtype == torch.float32 else 2)  # forward and backward
 
 
 # ----------------------------------------------------------------------------------------------

@@ -179,8 +179,16 @@ def select_impls(bench: Bench, impls: list) -> list:
         return impls
     if "core" in wanted:
         wanted = [w for w in wanted if w != "core"] + list(CORE_IMPLS)
-    variants = [w for w in wanted if w not in impls and w.split("+")[0] in impls]
+    variants = [w for w in wanted if w not in impls and _our_backend(w.split("+")[0]) in map(_our_backend, impls)]
+    for name in wanted:
+        if name not in impls and name not in variants:
+            bench.rec.say(f"impl {name} does not run here (not one of: {', '.join(impls)})")
     return [i for i in impls if i in wanted] + variants
+
+
+def _our_backend(impl: str) -> str:
+    """``base:<backend>`` as the ``ours:<backend>`` it mirrors (the baseline folder has the same backends)."""
+    return "ours:" + impl[len("base:"):] if impl.startswith("base:") else impl
 
 
 def run_train_family(
