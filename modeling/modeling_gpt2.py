@@ -535,18 +535,14 @@ def _run_eager(
 # ----------------------------------------------------------------------------------------------
 
 
-_capabilities: dict = {}  # one entry per CUDA device index: its compute capability never changes
-
-
-def _capability(device: torch.device) -> tuple:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _capabilities:
-        _capabilities[index] = torch.cuda.get_device_capability(index)
-    return _capabilities[index]
+_hopper_or_newer: dict = {}
 
 
 def _is_hopper_or_newer(device: torch.device) -> bool:
-    return _capability(device)[0] >= 9
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _hopper_or_newer:
+        _hopper_or_newer[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _hopper_or_newer[index]
 
 
 def _sdpa_priority(call: AttentionCall, device: torch.device) -> Optional[list]:
@@ -623,17 +619,15 @@ def _flash_varlen_ops() -> tuple:
     return torch.ops.aten._flash_attention_forward, torch.ops.aten._flash_attention_backward
 
 
-def _flash_varlen_takes(q: torch.Tensor) -> bool:
-    """Whether PyTorch's flash varlen kernels take these packed ``[tokens, heads, dim]`` queries directly: CUDA
-    from Ampere on, fp16/bf16, a head dim they tile (a multiple of 8 up to 256), flash enabled in SDPA's settings."""
-    return (
-        q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and q.shape[-1] % 8 == 0
-        and q.shape[-1] <= 256
-        and torch.backends.cuda.flash_sdp_enabled()
-        and _capability(q.device) >= (8, 0)
-    )
+def _flash_varlen_takes(q: torch.Tensor, k: torch.Tensor, dropout_p: float, causal: bool) -> bool:
+    """Whether PyTorch's flash kernels take these packed ``[tokens, heads, dim]`` queries and keys directly:
+    flash enabled in SDPA's settings, and SDPA's own checks for flash passed (GPU, dtype, head dim, and the
+    head dims whose backward a GPU lacks), asked of the tokens seen as one sequence."""
+    if not (q.is_cuda and torch.backends.cuda.flash_sdp_enabled()):
+        return False
+    dense_q, dense_k = (x.transpose(0, 1)[None] for x in (q, k))
+    params = torch.backends.cuda.SDPAParams(dense_q, dense_k, dense_k, None, dropout_p, causal, k.shape[1] != q.shape[1])
+    return torch.backends.cuda.can_use_flash_attention(params, False)
 
 
 class _FlashVarlenAttention(torch.autograd.Function):
@@ -668,7 +662,7 @@ def _sdpa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     ``cu_seqlens``, on PyTorch's flash varlen kernels where they take the call, else as nested jagged tensors
     (memory-efficient varlen kernels), which take no GQA: there the packed keys and values are repeated per
     head (O(tokens))."""
-    if _flash_varlen_takes(q):
+    if _flash_varlen_takes(q, k, dropout_p, causal):
         return _FlashVarlenAttention.apply(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal
         )

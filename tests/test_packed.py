@@ -192,7 +192,7 @@ def test_flash_varlen_glue_against_stand_in_kernels(monkeypatch):
     calls = []
     ops = stand_in_flash_varlen_ops(calls)
     monkeypatch.setattr(kernel_layer, "_flash_varlen_ops", lambda: ops)
-    monkeypatch.setattr(kernel_layer, "_flash_varlen_takes", lambda q: True)
+    monkeypatch.setattr(kernel_layer, "_flash_varlen_takes", lambda q, k, dropout_p, causal: True)
     monkeypatch.setattr(kernel_layer, "_sdpa_needs_dense_mask", lambda call: None)
     q, k, v = random_qkv(3, 4, 2, 29, 16)
     keep = padded_keep([29, 11, 17], 29, left=True)
@@ -228,6 +228,41 @@ def test_gpu_varlen_sdpa_matches_reference(dtype, tol, monkeypatch):
     for got, want, name in zip(grads_of(out, q, k, v, weight=weight), grads_of(ref, qc, kc, vc, weight=weight.cpu()), "qkv"):
         assert_close_rel(got.double().cpu(), want, tol, f"grad {name}")
     assert len(flash_calls) == (0 if dtype == torch.float32 else 2)  # forward and backward
+
+
+@pytest.mark.gpu
+def test_gpu_flash_varlen_dropout_backward_replays_the_forward_mask():
+    """Dropout on flash varlen over packed documents, the RNG reset before each call: the output is P @ v for one
+    dropped probability matrix P per head, read back column by column with one-hot values. The value gradient
+    must be P^T @ grad (backward replays the forward's mask), a dropped entry is 0 and a kept one is the
+    softmax probability / (1 - p), and about p of the visible entries are dropped."""
+    p, seq, dim = 0.3, 64, 32
+    q, k, v = random_qkv(1, 2, 1, seq, dim, dtype=torch.float16, device="cuda")
+    documents = packed_ids([[29, 35]], device="cuda")
+
+    def dropped(values):
+        torch.cuda.manual_seed(5)
+        return attention(q, k, values, causal=True, sequence_ids=documents, dropout_p=p, backend="sdpa")
+
+    columns = []
+    for block in range(seq // dim):
+        one_hot = torch.zeros(1, 1, seq, dim, dtype=torch.float16, device="cuda")
+        one_hot[0, 0, block * dim : (block + 1) * dim] = torch.eye(dim, dtype=torch.float16, device="cuda")
+        columns.append(dropped(one_hot).detach())
+    dropped_probs = torch.cat(columns, dim=-1).double()[0]  # [heads, queries, keys]
+    out = dropped(v)
+    grad = torch.randn_like(out)
+    (grad_v,) = torch.autograd.grad(out, v, grad)
+    expected_grad_v = (dropped_probs.transpose(-1, -2) @ grad.double()[0]).sum(0)
+    assert_close_rel(grad_v.double()[0, 0], expected_grad_v, 1e-2, "value gradient under dropout")
+    probs = reference_attention(q.detach().cpu(), k.detach().cpu(), torch.eye(seq)[None, None].expand(1, 1, seq, seq),
+                                documents=documents.cpu())[0].to("cuda")
+    visible = probs > 0
+    kept = dropped_probs != 0
+    assert not (kept & ~visible).any()
+    assert_close_rel(dropped_probs[kept], probs[kept] / (1 - p), 1e-2, "kept probabilities")
+    dropped_share = 1 - kept[visible].double().mean().item()
+    assert abs(dropped_share - p) < 0.05, dropped_share
 
 
 # ----------------------------------------------------------------------------------------------
