@@ -249,7 +249,9 @@ def test_impl_names_parse_into_attention_and_modifiers():
     assert impls.parse_impl("stock:eager+liger+compile") == impls.Impl("stock", "eager", True, True)
     base = impls.parse_impl("base:auto+compile")
     assert base == impls.Impl("base", "auto", compile=True) and base.ours
+    assert impls.parse_impl("stock:sdpa+cudagraphs") == impls.Impl("stock", "sdpa", cudagraphs=True)
     for bad, message in (
+        ("ours:auto+compile+cudagraphs", "name one of"),
         ("sdpa", "expected stock:"),
         ("mine:sdpa", "expected stock:"),
         ("ours:", "expected stock:"),
@@ -425,6 +427,16 @@ def test_compile_impls_compile_the_model(cpu_bench):
     compiled = cpu_bench.factory.build("gpt2", "ours:auto+compile", kwargs, torch.float32)
     assert plain._compiled_call_impl is None and compiled._compiled_call_impl is not None
     assert type(compiled).__module__.startswith("transformers_modules")
+
+
+def test_cudagraphs_impls_compile_in_reduce_overhead_mode(cpu_bench, monkeypatch):
+    models = bench_module("models")
+    kwargs = models.config_kwargs("gpt2", models.TINY_DIMS["gpt2"], 64, 0.0, torch.float32)
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **options: modes.append(options))
+    for impl in ("ours:auto+cudagraphs", "stock:sdpa+cudagraphs", "ours:auto+compile", "ours:auto"):
+        cpu_bench.factory.build("gpt2", impl, kwargs, torch.float32)
+    assert modes == [{"mode": "reduce-overhead"}, {"mode": "reduce-overhead"}, {}]
 
 
 def test_a_failed_build_is_recorded_for_every_size(cpu_bench):

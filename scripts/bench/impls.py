@@ -1,11 +1,13 @@
-"""What an impl name means: ``stock:<attn_implementation>[+liger][+compile]``, ``ours:<backend>[+compile]``, or
-``base:<backend>[+compile]``: our files from the folder that ``--baseline-modeling`` names (e.g. an earlier
+"""What an impl name means: ``stock:<attn_implementation>[+liger][+compile|+cudagraphs]``,
+``ours:<backend>[+compile|+cudagraphs]``, or ``base:<backend>[+compile|+cudagraphs]``: our files from the folder that ``--baseline-modeling`` names (e.g. an earlier
 commit's ``modeling/``, checked out with ``git archive``), to measure a change against the code before it.
 
 ``+liger`` applies Liger-Kernel's patcher for the family (``liger_kernel.transformers.apply_liger_kernel_to_llama``:
 RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy) before the stock model is built. Liger patches the
 transformers module itself, so the patch is undone once the model is dropped (LigerPatch.undo), and the stock
-impls measured afterwards are stock again. ``+compile`` calls ``model.compile()`` (torch.compile in place).
+impls measured afterwards are stock again. ``+compile`` calls ``model.compile()`` (torch.compile in place);
+``+cudagraphs`` calls ``model.compile(mode="reduce-overhead")``, which replays each compiled graph as a CUDA graph
+(what a host-bound short step can use).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 KINDS = ("stock", "ours", "base")
-MODIFIERS = ("liger", "compile")
+MODIFIERS = ("liger", "compile", "cudagraphs")
 # families with a Liger-Kernel patcher, and the transformers module it patches
 LIGER_PATCHERS = {"llama": ("apply_liger_kernel_to_llama", "transformers.models.llama.modeling_llama")}
 
@@ -27,6 +29,7 @@ class Impl:
     attention: str  # stock: attn_implementation; ours and base: attn_backend
     liger: bool = False
     compile: bool = False
+    cudagraphs: bool = False
 
     @property
     def ours(self) -> bool:
@@ -47,7 +50,9 @@ def parse_impl(name: str) -> Impl:
         raise ValueError(f"impl {name!r}: modifiers are {', '.join('+' + m for m in MODIFIERS)}, each at most once")
     if kind != "stock" and "liger" in modifiers:
         raise ValueError(f"impl {name!r}: +liger patches stock transformers classes only, not ours (not supported)")
-    return Impl(kind, attention, "liger" in modifiers, "compile" in modifiers)
+    if "compile" in modifiers and "cudagraphs" in modifiers:
+        raise ValueError(f"impl {name!r}: +cudagraphs compiles the model already; name one of +compile, +cudagraphs")
+    return Impl(kind, attention, "liger" in modifiers, "compile" in modifiers, "cudagraphs" in modifiers)
 
 
 def import_liger():

@@ -182,7 +182,9 @@ class ModelFactory:
             else:
                 model = auto.from_config(config, attn_implementation=spec.attention, dtype=dtype)
         model = model.to(self.device)
-        if spec.compile:
+        if spec.cudagraphs:
+            model.compile(mode="reduce-overhead")
+        elif spec.compile:
             model.compile()
         return model
 

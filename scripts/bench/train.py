@@ -48,6 +48,7 @@ CORE_IMPLS = ("stock:sdpa", "stock:eager", "ours:auto", "ours:eager")
 
 def train_step_fn(model, inputs: dict, optimizer) -> Callable[[], torch.Tensor]:
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for +cudagraphs impls; nothing for the others
         loss = model(**inputs).loss
         loss.backward()
         if optimizer is not None:
