@@ -174,7 +174,9 @@ def stand_in_flash_varlen_ops(calls: list) -> tuple:
         kept["lse"] = torch.randn(q.shape[1], q.shape[0])
         return out, kept["lse"], torch.tensor([7]), torch.tensor([11]), torch.empty(0)
 
-    def backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, causal, rng_state, rng_offset, *, scale):
+    def backward(
+        grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, causal, rng_state, rng_offset, *, scale
+    ):
         assert torch.equal(lse, kept["lse"]) and rng_state.item() == 7 and rng_offset.item() == 11
         assert torch.equal(out, attention_by_segment(q, k, v, cu_q, causal, scale))
         calls.append("backward")

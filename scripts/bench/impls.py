@@ -1,6 +1,7 @@
 """What an impl name means: ``stock:<attn_implementation>[+liger][+compile|+cudagraphs]``,
-``ours:<backend>[+compile|+cudagraphs]``, or ``base:<backend>[+compile|+cudagraphs]``: our files from the folder that ``--baseline-modeling`` names (e.g. an earlier
-commit's ``modeling/``, checked out with ``git archive``), to measure a change against the code before it.
+``ours:<backend>[+compile|+cudagraphs]``, or ``base:<backend>[+compile|+cudagraphs]``: our files from the folder
+that ``--baseline-modeling`` names (e.g. an earlier commit's ``modeling/``, checked out with ``git archive``), to
+measure a change against the code before it.
 
 ``+liger`` applies Liger-Kernel's patcher for the family (``liger_kernel.transformers.apply_liger_kernel_to_llama``:
 RMSNorm, RoPE, SwiGLU and the fused linear cross-entropy) before the stock model is built. Liger patches the
