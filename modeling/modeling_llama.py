@@ -58,6 +58,7 @@ Layout is ``[batch, heads, seq, head_dim]``. Backends, one function each, declar
 ``auto`` walks a fixed order per device (``AUTO_ORDER``) and runs the first one that can take the call.
 """
 
+import inspect
 import logging
 import math
 import os
@@ -731,23 +732,111 @@ _OPS_NAMESPACE = "memory_efficient_adapter_" + "".join(c if c.isalnum() else "_"
 
 
 def _opaque(
-    name: str, schema: str, implementation: Callable, fake: Callable, mutates: tuple = (), tags: tuple = ()
+    name: str,
+    schema: str,
+    implementation: Callable,
+    fake: Callable,
+    mutates: tuple = (),
+    tags: tuple = (),
+    kernels: Optional[Callable] = None,
 ) -> Callable:
     """``implementation``, which an enclosing torch.compile sees as one custom op ``name`` (``schema``) whose
     outputs are shaped like ``fake``'s (run on fake tensors); outside torch.compile it runs directly.
     ``mutates``: the arguments it changes in place (marked ``(a!)`` in ``schema`` too); ``tags``: the op's
-    ``torch.Tag``s."""
+    ``torch.Tag``s. ``kernels``: the same math launching Triton kernels through ``_kernel_for``; where
+    ``_traced_kernels_take`` the arguments, the compiler traces it instead (``_kernel_op``) and launches those
+    kernels from its own code, without our Python around each launch."""
     if _custom_op is None:
         return implementation
     tagged = {"tags": tags} if tags else {}
     op = _custom_op(f"{_OPS_NAMESPACE}::{name}", implementation, mutates_args=mutates, schema=schema, **tagged)
     op.register_fake(fake)
     overload = getattr(getattr(torch.ops, _OPS_NAMESPACE), name).default
+    traced = _kernel_op(f"{name}_kernels", schema, kernels) if kernels is not None else None
 
     def run(*args):
-        return overload(*args) if torch.compiler.is_compiling() else implementation(*args)
+        if not torch.compiler.is_compiling():
+            return implementation(*args)
+        if traced is not None and _traced_kernels_take(*args):
+            return traced(*args)
+        return overload(*args)
 
     return run
+
+
+_triton_op = getattr(torch.library, "triton_op", None)  # torch >= 2.6
+try:
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    _TRACED_TENSOR_TYPES: tuple = (FakeTensor, FunctionalTensor)
+except ImportError:
+    _TRACED_TENSOR_TYPES = ()
+
+_SCHEMA_ANNOTATIONS = {
+    "Tensor": torch.Tensor,
+    "Tensor?": Optional[torch.Tensor],
+    "Tensor[]": list[torch.Tensor],
+    "bool": bool,
+    "bool[]": list[bool],
+    "int": int,
+    "float": float,
+    "str": str,
+    "ScalarType": torch.dtype,
+}
+
+
+def _signature_of(schema: str) -> inspect.Signature:
+    """The Python signature that ``schema`` describes (``torch.library.triton_op`` reads an op's schema from
+    its function's annotations)."""
+    arguments, returns = schema.split(" -> ")
+    parameters = []
+    for argument in arguments[1:-1].split(", "):
+        kind, name = argument.rsplit(" ", 1)
+        annotation = _SCHEMA_ANNOTATIONS[kind]
+        parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation))
+    outputs = [_SCHEMA_ANNOTATIONS[kind] for kind in returns.strip("()").split(", ")]
+    result = tuple[tuple(outputs)] if returns.startswith("(") else outputs[0]
+    return inspect.Signature(parameters, return_annotation=result)
+
+
+def _kernel_op(name: str, schema: str, kernels: Callable) -> Optional[Callable]:
+    """``kernels`` as a ``torch.library.triton_op`` (its overload), or None where torch or Triton lacks them
+    or the op cannot be made (logged once: the opaque custom op is used instead)."""
+    if _triton_op is None or triton is None or not _TRACED_TENSOR_TYPES:
+        return None
+
+    def traced_kernels(*args):
+        return kernels(*args)
+
+    traced_kernels.__signature__ = _signature_of(schema)
+    try:
+        _triton_op(f"{_OPS_NAMESPACE}::{name}", traced_kernels, mutates_args=())
+    except Exception as error:  # noqa: BLE001 - a torch whose triton_op refuses this op keeps the custom op
+        _log_once(f"torch.library.triton_op({name}) failed ({type(error).__name__}: {error}); compiled steps call it as an opaque op")
+        return None
+    return getattr(getattr(torch.ops, _OPS_NAMESPACE), name).default
+
+
+def _traced_kernels_take(*args) -> bool:
+    """Whether a compiled graph traces an op's Triton kernels for these (fake) arguments: every tensor on CUDA
+    in a dtype the kernels take, and no kernel of this layer has failed to build on this machine."""
+    return not _triton_failed and all(
+        not isinstance(a, torch.Tensor) or (a.is_cuda and _triton_dtype(a)) for a in args
+    )
+
+
+def _kernel_for(kernel, tensor: torch.Tensor):
+    """``kernel``, or, where ``tensor`` is one a compiler traces (inside a ``_kernel_op``),
+    ``torch.library.wrap_triton(kernel)``, whose launch the compiler records in its graph."""
+    return torch.library.wrap_triton(kernel) if isinstance(tensor, _TRACED_TENSOR_TYPES) else kernel
+
+
+def _launch_or_body(kernel: Callable, body: Callable, *args):
+    """``kernel(*args)``, or ``body(*args)`` where the launcher does not take the call: ``_fused`` as a
+    compiler traces it (no fallback on failure: a kernel that fails to build fails the compile)."""
+    result = kernel(*args)
+    return body(*args) if result is None else result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3019,6 +3108,9 @@ def attention_options(config, backend: str = "auto", mask=None) -> dict:
 # Inside an enclosing torch.compile each forward and each backward is one opaque custom op (``_opaque``):
 # the compiler neither replaces the kernels nor re-decides what the op keeps for backward, so a compiled
 # step keeps what an eager one keeps (no graph break either: the compiler knows the ops' output shapes).
+# On CUDA the norm, activation and RoPE ops are traced instead, as ``torch.library.triton_op``s: the
+# compiler launches our kernels from its own code (a short step no longer waits on our Python between
+# launches), and their outputs, which it cannot recompute, are still all that the ops keep.
 # ----------------------------------------------------------------------------------------------
 
 try:
@@ -3104,6 +3196,13 @@ def _run_body(kernel: Callable, body: Callable, *args):
     return body(*args)
 
 
+def _unwritten(like: torch.Tensor, dims: int = 1) -> torch.Tensor:
+    """A one-element stand-in for a kernel's output that this launch leaves unwritten. Never another output's
+    memory: a compiler that traces the launch (``_kernel_op``) takes each output argument for a separate
+    buffer, so two outputs in one memory could come back as either's."""
+    return like.new_empty((1,) * dims)
+
+
 def _contiguous(result):
     """``result`` (a tensor or a list of tensors) with every tensor contiguous."""
     if isinstance(result, torch.Tensor):
@@ -3113,12 +3212,27 @@ def _contiguous(result):
 
 def _opaque_fused(name: str, schema: str, kernel: Callable, body: Callable) -> Callable:
     """``_fused(kernel, body, ...)`` with contiguous outputs, as an ``_opaque`` op."""
+
+    def kernels(*args):
+        return _contiguous(_launch_or_body(kernel, body, *args))
+
     return _opaque(
         name,
         schema,
         lambda *args: _contiguous(_fused(kernel, body, *args)),
         lambda *args: _contiguous(body(*args)),
+        kernels=kernels,
     )
+
+
+def _kernels_of(function: Callable) -> Callable:
+    """``function(*args, run=_launch_or_body)`` with contiguous outputs: the ``kernels`` of an ``_opaque`` op
+    whose implementation is ``function(*args)`` (which runs its kernels through ``_fused``)."""
+
+    def kernels(*args):
+        return _contiguous(function(*args, run=_launch_or_body))
+
+    return kernels
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -3689,7 +3803,7 @@ def _rms_norm_forward_triton(x: torch.Tensor, weight: torch.Tensor, eps: float):
     out = torch.empty(x_rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rstd = torch.empty(x_rows.shape[0], dtype=torch.float32, device=x.device)
     block = _row_block(x_rows.shape[1])
-    _rms_norm_forward_kernel[(x_rows.shape[0],)](
+    _kernel_for(_rms_norm_forward_kernel, x)[(x_rows.shape[0],)](
         x_rows, weight.contiguous(), out, rstd, x_rows.shape[1], eps, BLOCK=block, num_warps=_row_warps(block)
     )
     return out.view(x.shape), rstd.view(*x.shape[:-1], 1)
@@ -3715,7 +3829,7 @@ def _rms_norm_backward_triton(
     grad_x = torch.empty_like(x_rows)
     partial_grad_weight = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
     residual_rows = grad_rows if residual_grad is None else _rows(residual_grad)  # read only with RESIDUAL
-    _rms_norm_backward_kernel[(programs,)](
+    _kernel_for(_rms_norm_backward_kernel, x)[(programs,)](
         grad_rows, x_rows, weight.contiguous(), rstd.contiguous(), residual_rows, grad_x, partial_grad_weight,
         n_rows, n_cols, rows_per_program, BLOCK=block, ROWS=rows_at_once, RESIDUAL=residual_grad is not None,
         num_warps=_row_warps(block),
@@ -3792,7 +3906,7 @@ def _layer_norm_forward_triton(x: torch.Tensor, weight: torch.Tensor, bias: torc
     mean = torch.empty(x_rows.shape[0], dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     block = _row_block(x_rows.shape[1])
-    _layer_norm_forward_kernel[(x_rows.shape[0],)](
+    _kernel_for(_layer_norm_forward_kernel, x)[(x_rows.shape[0],)](
         x_rows, weight.contiguous(), bias.contiguous(), out, mean, rstd, x_rows.shape[1], eps,
         BLOCK=block, num_warps=_row_warps(block),
     )
@@ -3810,7 +3924,7 @@ def _layer_norm_backward_triton(
     grad_x = torch.empty_like(x_rows)
     partial = torch.empty(programs, 2, n_cols, dtype=torch.float32, device=x.device)
     residual_rows = grad_rows if residual_grad is None else _rows(residual_grad)  # read only with RESIDUAL
-    _layer_norm_backward_kernel[(programs,)](
+    _kernel_for(_layer_norm_backward_kernel, x)[(programs,)](
         grad_rows, x_rows, weight.contiguous(), mean.contiguous(), rstd.contiguous(), residual_rows, grad_x,
         partial, n_rows, n_cols, rows_per_program, BLOCK=block, ROWS=rows_at_once,
         RESIDUAL=residual_grad is not None, num_warps=_row_warps(block),
@@ -3916,7 +4030,7 @@ def _activation_forward_triton(kind: str, x: torch.Tensor, up: Optional[torch.Te
     up = up.contiguous() if up is not None else None
     out = torch.empty_like(x)
     n = x.numel()
-    _activation_forward_kernel[(triton.cdiv(n, _TRITON_BLOCK),)](
+    _kernel_for(_activation_forward_kernel, x)[(triton.cdiv(n, _TRITON_BLOCK),)](
         x, x if up is None else up, out, n, KIND=_ACTIVATION_KINDS[kind], BLOCK=_TRITON_BLOCK
     )
     return out
@@ -3937,9 +4051,9 @@ def _activation_backward_triton(
     grad_up = torch.empty_like(up) if up is not None else None
     value = torch.empty_like(x) if with_value else None
     n = x.numel()
-    _activation_backward_kernel[(triton.cdiv(n, _TRITON_BLOCK),)](
-        grad, x, x if up is None else up, grad_x, grad_x if grad_up is None else grad_up,
-        grad_x if value is None else value, n,
+    _kernel_for(_activation_backward_kernel, x)[(triton.cdiv(n, _TRITON_BLOCK),)](
+        grad, x, x if up is None else up, grad_x, grad_up if up is not None else _unwritten(x),
+        value if with_value else _unwritten(x), n,
         KIND=_ACTIVATION_KINDS[kind], WRITE_VALUE=with_value, BLOCK=_TRITON_BLOCK,
     )
     return (grad_x, grad_up, value) if with_value else (grad_x, grad_up)
@@ -3969,6 +4083,7 @@ _activation_backward_op = _opaque(
     "activation_backward", "(str kind, Tensor grad, Tensor x, Tensor? up) -> Tensor[]",
     lambda *args: _contiguous(_activation_input_grads(*args)),
     lambda *args: _contiguous(_activation_input_grads(*args, run=_run_body)),
+    kernels=_kernels_of(_activation_input_grads),
 )
 
 
@@ -4046,6 +4161,7 @@ _activation_linear_forward_op = _opaque(
     "activation_linear_forward", "(str kind, Tensor x, Tensor? up, Tensor weight, Tensor? bias) -> Tensor",
     lambda *args: _activation_linear_forward(*args).contiguous(),
     lambda *args: _activation_linear_forward(*args, run=_run_body).contiguous(),
+    kernels=_kernels_of(_activation_linear_forward),
 )
 _activation_linear_backward_op = _opaque(
     "activation_linear_backward",
@@ -4053,6 +4169,7 @@ _activation_linear_backward_op = _opaque(
     "bool need_bias) -> Tensor[]",
     lambda *args: _contiguous(_activation_linear_backward(*args)),
     lambda *args: _contiguous(_activation_linear_backward(*args, run=_run_body)),
+    kernels=_kernels_of(_activation_linear_backward),
 )
 
 
@@ -4228,9 +4345,9 @@ def _rotary_pair_triton(q, k, cos, sin, dtype: torch.dtype, inverse: bool) -> Op
     if cos.stride() != sin.stride() or cos.stride(-1) != 1 or cos.dtype != sin.dtype:
         return None
     outs = [_rotary_output(x, dtype) for x in pair]
-    k_in, k_out = pair[-1], outs[-1]  # without k, q's: k's zero heads launch no program
+    k_in, k_out = (k, outs[1]) if k is not None else (q, _unwritten(q, dims=4))  # k's zero heads: no program
     block_s = 32
-    _rotary_kernel[(batch * sum(x.shape[1] for x in pair), triton.cdiv(seq, block_s))](
+    _kernel_for(_rotary_kernel, q)[(batch * sum(x.shape[1] for x in pair), triton.cdiv(seq, block_s))](
         q, k_in, cos, sin, outs[0], k_out, q.shape[1], k_in.shape[1] if k is not None else 0, seq, dim // 2,
         *q.stride()[:3], *k_in.stride()[:3], cos.stride(0), cos.stride(2), *outs[0].stride()[:3], *k_out.stride()[:3],
         INVERSE=inverse, BLOCK_S=block_s, BLOCK_D=triton.next_power_of_2(dim // 2), num_warps=4,
@@ -4263,7 +4380,12 @@ def _laid_out_like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _rotary_op(name: str, kernel: Callable, body: Callable) -> Callable:
-    """``_fused(kernel, body, q, k, cos, sin, dtype)``, each output laid out like its input, as an ``_opaque`` op."""
+    """``_fused(kernel, body, q, k, cos, sin, dtype)``, each output laid out like its input, as an ``_opaque`` op.
+    (Traced, the op's kernels are their own fake implementation: no layout to match.)"""
+
+    def kernels(q, k, cos, sin, dtype):
+        return _launch_or_body(kernel, body, q, k, cos, sin, dtype)
+
     return _opaque(
         name,
         "(Tensor q, Tensor? k, Tensor cos, Tensor sin, ScalarType dtype) -> Tensor[]",
@@ -4271,6 +4393,7 @@ def _rotary_op(name: str, kernel: Callable, body: Callable) -> Callable:
             _laid_out_like(out, x) for out, x in zip(_fused(kernel, body, q, k, cos, sin, dtype), (q, k))
         ],
         lambda q, k, cos, sin, dtype: [torch.empty_like(x, dtype=dtype) for x in (q, k) if x is not None],
+        kernels=kernels,
     )
 
 
