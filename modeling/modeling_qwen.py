@@ -60,10 +60,12 @@ Layout is ``[batch, heads, seq, head_dim]``. Backends, one function each, declar
 ``auto`` walks a fixed order per device (``AUTO_ORDER``) and runs the first one that can take the call.
 """
 
+import hashlib
 import inspect
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -766,58 +768,47 @@ def _opaque(
     return run
 
 
-_triton_op = getattr(torch.library, "triton_op", None)  # torch >= 2.6
+_wrap_triton = getattr(torch.library, "wrap_triton", None)  # torch >= 2.6
 try:
     from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
     _TRACED_TENSOR_TYPES: tuple = (FakeTensor, FunctionalTensor)
 except ImportError:
+    FunctionalTensorMode = None
     _TRACED_TENSOR_TYPES = ()
 
-_SCHEMA_ANNOTATIONS = {
-    "Tensor": torch.Tensor,
-    "Tensor?": Optional[torch.Tensor],
-    "Tensor[]": list[torch.Tensor],
-    "bool": bool,
-    "bool[]": list[bool],
-    "int": int,
-    "float": float,
-    "str": str,
-    "ScalarType": torch.dtype,
-}
 
-
-def _signature_of(schema: str) -> inspect.Signature:
-    """The Python signature that ``schema`` describes (``torch.library.triton_op`` reads an op's schema from
-    its function's annotations)."""
-    arguments, returns = schema.split(" -> ")
-    parameters = []
-    for argument in arguments[1:-1].split(", "):
-        kind, name = argument.rsplit(" ", 1)
-        annotation = _SCHEMA_ANNOTATIONS[kind]
-        parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation))
-    outputs = [_SCHEMA_ANNOTATIONS[kind] for kind in returns.strip("()").split(", ")]
-    result = tuple[tuple(outputs)] if returns.startswith("(") else outputs[0]
-    return inspect.Signature(parameters, return_annotation=result)
+def _source_digest() -> Optional[str]:
+    """A digest of this file's source, part of the traced ops' names. A compiled graph that a cache keeps on disk
+    is keyed by the ops it calls, not by the launchers traced through them: with the digest in their names, an
+    edited copy of this file never reuses a graph compiled from another. None where the source is unavailable."""
+    try:
+        source = inspect.getsource(sys.modules[__name__])
+    except (OSError, TypeError, KeyError):
+        return None
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
 def _kernel_op(name: str, schema: str, kernels: Callable) -> Optional[Callable]:
-    """``kernels`` as a ``torch.library.triton_op`` (its overload), or None where torch or Triton lacks them
-    or the op cannot be made (logged once: the opaque custom op is used instead)."""
-    if _triton_op is None or triton is None or not _TRACED_TENSOR_TYPES:
+    """An op (its overload) whose implementation and fake implementation are ``kernels``, and which a compiler
+    tracing it (the functionalization of torch.compile's AOT tracing) decomposes into ``kernels``: their Triton
+    launches, wrapped by ``_kernel_for``, land in its graph, and Inductor compiles and launches them itself
+    (what ``torch.library.triton_op`` does, without importing Inductor when this layer loads). None where torch
+    (< 2.6), Triton or this file's source is missing: the opaque custom op is used instead."""
+    digest = _source_digest() if triton is not None and _wrap_triton is not None and _TRACED_TENSOR_TYPES else None
+    if _custom_op is None or digest is None:
         return None
+    traced_name = f"{name}_{digest}"
+    op = _custom_op(f"{_OPS_NAMESPACE}::{traced_name}", kernels, mutates_args=(), schema=schema)
+    op.register_fake(kernels)
 
-    def traced_kernels(*args):
-        return kernels(*args)
+    def decompose(mode, func, types, args, kwargs):
+        with mode:
+            return kernels(*args, **kwargs)
 
-    traced_kernels.__signature__ = _signature_of(schema)
-    try:
-        _triton_op(f"{_OPS_NAMESPACE}::{name}", traced_kernels, mutates_args=())
-    except Exception as error:  # noqa: BLE001 - a torch whose triton_op refuses this op keeps the custom op
-        _log_once(f"torch.library.triton_op({name}) failed ({type(error).__name__}: {error}); compiled steps call it as an opaque op")
-        return None
-    return getattr(getattr(torch.ops, _OPS_NAMESPACE), name).default
+    op.register_torch_dispatch(FunctionalTensorMode, decompose)
+    return getattr(getattr(torch.ops, _OPS_NAMESPACE), traced_name).default
 
 
 def _traced_kernels_take(*args) -> bool:
@@ -831,7 +822,7 @@ def _traced_kernels_take(*args) -> bool:
 def _kernel_for(kernel, tensor: torch.Tensor):
     """``kernel``, or, where ``tensor`` is one a compiler traces (inside a ``_kernel_op``),
     ``torch.library.wrap_triton(kernel)``, whose launch the compiler records in its graph."""
-    return torch.library.wrap_triton(kernel) if isinstance(tensor, _TRACED_TENSOR_TYPES) else kernel
+    return _wrap_triton(kernel) if isinstance(tensor, _TRACED_TENSOR_TYPES) else kernel
 
 
 def _launch_or_body(kernel: Callable, body: Callable, *args):
@@ -3110,8 +3101,8 @@ def attention_options(config, backend: str = "auto", mask=None) -> dict:
 # Inside an enclosing torch.compile each forward and each backward is one opaque custom op (``_opaque``):
 # the compiler neither replaces the kernels nor re-decides what the op keeps for backward, so a compiled
 # step keeps what an eager one keeps (no graph break either: the compiler knows the ops' output shapes).
-# On CUDA the norm, activation and RoPE ops are traced instead, as ``torch.library.triton_op``s: the
-# compiler launches our kernels from its own code (a short step no longer waits on our Python between
+# On CUDA the norm, activation (with the MLP projection) and RoPE ops are traced instead (``_kernel_op``):
+# the compiler launches our kernels from its own code (a short step no longer waits on our Python between
 # launches), and their outputs, which it cannot recompute, are still all that the ops keep.
 # ----------------------------------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from remote_code import assert_close_rel
 from test_fused_models import STOCK, TOL, batch_for, family_pairs, train_step  # noqa: F401 - a fixture
-from test_fused_ops import KERNEL_OPS
 
 PARTITIONING_BACKEND = "aot_eager_decomp_partition"
 
@@ -83,6 +82,45 @@ def test_compiled_training_step_keeps_no_more_than_eager_and_matches_stock(famil
     assert_same_step(got, grads, eager, eager_grads, "eager")
 
 
+def test_kernel_ops_are_decomposed_by_the_compiler_and_named_after_the_source(monkeypatch):
+    """A ``_kernel_op`` runs its function eagerly, and a compiler tracing it records what the function does (on
+    CUDA: the Triton launches) instead of a call of the op. Here with a PyTorch function, standing in for Triton."""
+    import importlib
+    import uuid
+
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    ops = importlib.import_module("memory_efficient_adapter.attention")
+    monkeypatch.setattr(ops, "triton", object())  # present, as with a CUDA build of torch
+    monkeypatch.setattr(ops, "_wrap_triton", lambda kernel: kernel)
+
+    def kernels(x, scale):
+        return [x * scale, x.exp()]
+
+    name = f"stand_in_{uuid.uuid4().hex[:8]}"
+    op = ops._kernel_op(name, "(Tensor x, float scale) -> Tensor[]", kernels)
+    assert str(op).endswith(f"{name}_{ops._source_digest()}.default"), op
+    graphs = []
+
+    def keep(graph, example_inputs):
+        graphs.append(graph)
+        return make_boxed_func(graph.forward)
+
+    def step(x):
+        scaled, exp = op(x, 3.0)
+        return scaled.sin() + exp
+
+    x = torch.randn(5, 7)
+    expected = (x * 3.0).sin() + x.exp()
+    torch.testing.assert_close(step(x), expected)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(step, backend=aot_autograd(fw_compiler=keep), fullgraph=True)(x), expected)
+    targets = [str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"]
+    assert not [target for target in targets if name in target], targets
+    assert "aten.exp.default" in targets and "aten.mul.Tensor" in targets, targets
+
+
 def test_compiled_qwen_training_step_keeps_no_more_than_eager_and_matches_it(tmp_path):
     from test_qwen import load, random_ids, random_model, save_qwen
 
@@ -98,6 +136,12 @@ def test_compiled_qwen_training_step_keeps_no_more_than_eager_and_matches_it(tmp
     assert_same_step(got, grads, eager, eager_grads, "eager")
 
 
+# The fused ops whose Triton kernels a compiled CUDA graph launches from its own code (``_kernel_op``).
+KERNEL_OPS = (
+    "rms_norm_forward", "rms_norm_backward", "layer_norm_forward", "layer_norm_backward", "activation_forward",
+    "activation_backward", "activation_linear_forward", "activation_linear_backward", "rotary_forward",
+    "rotary_backward",
+)
 TRITON_KERNELS = {
     "llama": ("_rms_norm_forward_kernel", "_rms_norm_backward_kernel", "_activation_forward_kernel",
               "_activation_backward_kernel", "_rotary_kernel", "_cross_entropy_rows_kernel"),
