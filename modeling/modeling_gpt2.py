@@ -67,7 +67,7 @@ import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable, Optional, Union
 
 import torch
@@ -775,6 +775,7 @@ except ImportError:
     _TRACED_TENSOR_TYPES = ()
 
 
+@lru_cache(maxsize=1)
 def _source_digest() -> Optional[str]:
     """A digest of this file's source, part of the traced ops' names. A compiled graph that a cache keeps on disk
     is keyed by the ops it calls, not by the launchers traced through them: with the digest in their names, an
@@ -792,8 +793,10 @@ def _kernel_op(name: str, schema: str, kernels: Callable) -> Optional[Callable]:
     launches, wrapped by ``_kernel_for``, land in its graph, and Inductor compiles and launches them itself
     (what ``torch.library.triton_op`` does, without importing Inductor when this layer loads). None where torch
     (< 2.6), Triton or this file's source is missing: the opaque custom op is used instead."""
-    digest = _source_digest() if triton is not None and _wrap_triton is not None and _TRACED_TENSOR_TYPES else None
-    if _custom_op is None or digest is None:
+    if _custom_op is None or triton is None or _wrap_triton is None or not _TRACED_TENSOR_TYPES:
+        return None
+    digest = _source_digest()
+    if digest is None:
         return None
     traced_name = f"{name}_{digest}"
     op = _custom_op(f"{_OPS_NAMESPACE}::{traced_name}", kernels, mutates_args=(), schema=schema)
@@ -810,9 +813,7 @@ def _kernel_op(name: str, schema: str, kernels: Callable) -> Optional[Callable]:
 def _traced_kernels_take(*args) -> bool:
     """Whether a compiled graph traces an op's Triton kernels for these (fake) arguments: every tensor on CUDA
     in a dtype the kernels take, and no kernel of this layer has failed to build on this machine."""
-    return not _triton_failed and all(
-        not isinstance(a, torch.Tensor) or (a.is_cuda and _triton_dtype(a)) for a in args
-    )
+    return not _triton_failed and _triton_tensors(args)
 
 
 def _kernel_for(kernel, tensor: torch.Tensor):
@@ -3151,11 +3152,12 @@ def _triton_takes(*args) -> bool:
     """Whether this section's Triton kernels run for a call with these arguments: Triton installed, every
     tensor on CUDA in a type Triton handles, and no enclosing torch.compile (which fuses the PyTorch body
     itself). Checked on every call of a fused op, so the cheapest test comes first."""
-    return (
-        triton is not None
-        and not torch.compiler.is_compiling()
-        and all(not isinstance(a, torch.Tensor) or (a.is_cuda and _triton_dtype(a)) for a in args)
-    )
+    return triton is not None and not torch.compiler.is_compiling() and _triton_tensors(args)
+
+
+def _triton_tensors(args: tuple) -> bool:
+    """Whether every tensor of ``args`` is on CUDA in a type Triton handles."""
+    return all(not isinstance(a, torch.Tensor) or (a.is_cuda and _triton_dtype(a)) for a in args)
 
 
 def _triton_dtype(t: torch.Tensor) -> bool:

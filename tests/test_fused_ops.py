@@ -632,7 +632,6 @@ def test_fused_ops_trace_into_one_graph_under_torch_compile():
         assert_close_rel(got, want, TOL, "compiled grads")
 
 
-
 # ----------------------------------------------------------------------------------------------
 # GPU: the Triton kernels against float64, as close as stock PyTorch in the same dtype
 # ----------------------------------------------------------------------------------------------
