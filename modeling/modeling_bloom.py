@@ -4590,17 +4590,22 @@ def default_use_cache(module, use_cache: Optional[bool]) -> bool:
     return bool(getattr(module.config, "use_cache", False))
 
 
-def recompute_norm_outputs(config) -> bool:
-    """``config.recompute_norm_outputs`` (default True): see ``after_norm``."""
+# A norm output this large or larger is recomputed in backward when the config leaves it to us (see ``after_norm``).
+_NORM_RECOMPUTE_MIN_BYTES = 16 * 2**20
+
+
+def recompute_norm_outputs(config) -> Optional[bool]:
+    """``config.recompute_norm_outputs``: True or False, or None (unset, the default) for ``after_norm`` to
+    decide by the size of each norm output."""
     enabled = getattr(config, "recompute_norm_outputs", None)
-    if enabled is None:
-        return True
-    if not isinstance(enabled, bool):
-        raise ValueError(f"config.recompute_norm_outputs must be True or False, got {enabled!r}")
+    if enabled is not None and not isinstance(enabled, bool):
+        raise ValueError(f"config.recompute_norm_outputs must be True, False or None, got {enabled!r}")
     return enabled
 
 
-def after_norm(norm, x: torch.Tensor, layer, tile_size: int = 0, position_wise: bool = False, recompute: bool = True):
+def after_norm(
+    norm, x: torch.Tensor, layer, tile_size: int = 0, position_wise: bool = False, recompute: Optional[bool] = None
+):
     """``layer(norm(x))``, keeping less for backward in training.
 
     What ``layer`` keeps of the norm's output for backward (the input of its projections, PEFT's included) is
@@ -4608,8 +4613,10 @@ def after_norm(norm, x: torch.Tensor, layer, tile_size: int = 0, position_wise: 
     one ``[tokens, hidden]`` tensor less per norm, for one more norm forward per norm in backward; gradients
     are unchanged (the same kernels run on the same input). It applies in eager training (not while compiling,
     where Inductor decides what to keep, and not under other saved-tensor hooks, such as non-reentrant gradient
-    checkpointing's or activation offloading's); ``recompute=False`` (``config.recompute_norm_outputs``)
-    turns it off. With sequence tiles (``tile_size``, see ``sequence_tiled``) the norm runs in tiles instead,
+    checkpointing's or activation offloading's). ``recompute`` (``config.recompute_norm_outputs``): True or
+    False, or None to recompute a norm output of at least ``_NORM_RECOMPUTE_MIN_BYTES`` (16 MiB: 4,096 tokens
+    at hidden size 2,048 in bf16). A smaller one is kept: it saves little memory, and a short step waits on
+    the host, for which the recompute is one more norm call and a saved-tensor hook per saved tensor. With sequence tiles (``tile_size``, see ``sequence_tiled``) the norm runs in tiles instead,
     and so does ``layer`` when it is ``position_wise`` (a module).
     """
     if _tiles_apply(x, tile_size):
@@ -4620,8 +4627,8 @@ def after_norm(norm, x: torch.Tensor, layer, tile_size: int = 0, position_wise: 
 
 
 def residual_after_norm(
-    norm, x: torch.Tensor, layer, tile_size: int = 0, position_wise: bool = False, recompute: bool = True,
-    layer_adds: bool = False,
+    norm, x: torch.Tensor, layer, tile_size: int = 0, position_wise: bool = False,
+    recompute: Optional[bool] = None, layer_adds: bool = False,
 ) -> torch.Tensor:
     """``x + after_norm(norm, x, layer, ...)``: a pre-norm block with its residual; with ``layer_adds``,
     ``layer(normed, x)`` for a block that adds the residual itself (BLOOM's, after dropout).
@@ -4658,8 +4665,10 @@ def _normed_and_residual(norm, x: torch.Tensor) -> tuple:
     return norm(x), x
 
 
-def _layer_of_normed(norm, x: torch.Tensor, normed: torch.Tensor, layer, recompute: bool):
+def _layer_of_normed(norm, x: torch.Tensor, normed: torch.Tensor, layer, recompute: Optional[bool]):
     """``layer(normed)`` for ``normed = norm(x)``, the norm's output recomputed in backward (see ``after_norm``)."""
+    if recompute is None:
+        recompute = normed.numel() * normed.element_size() >= _NORM_RECOMPUTE_MIN_BYTES
     if not (recompute and _norm_output_can_be_recomputed(normed)):
         return layer(normed)
     recipe = _NormOutputRecipe(norm, x)

@@ -1,17 +1,19 @@
 """Norm outputs recomputed in backward (``after_norm``, ``config.recompute_norm_outputs``).
 
-In eager training the pre-norm families (LLaMA, Qwen, GPT-2, BLOOM) do not keep a norm's output for the
+In eager training the pre-norm families (LLaMA, Qwen, GPT-2, BLOOM) need not keep a norm's output for the
 projections that follow it, and neither does BART for the norms inside a layer (post-LN: the last norm's
 output is the layer's, kept by the next layer): backward runs the norm again on its input, which the norm
-keeps anyway. Checked
+keeps anyway. With the switch on they are recomputed; unset, only outputs of at least 16 MiB are. Checked
 here: the outputs are freed after the forward (and kept with the switch off), the loss and every gradient
-are bit for bit those of the step that keeps them (also under autocast and with PEFT LoRA), other saved-tensor
-hooks still see every tensor, and a bad switch value is refused. Against stock: ``test_fused_ops.py`` (on by
-default there).
+are bit for bit those of the step that keeps them (also under autocast and with PEFT LoRA), unset the switch
+leaves it to the output's size, other saved-tensor hooks still see every tensor, and a bad switch value is
+refused. Against stock: ``test_fused_ops.py`` and ``test_fused_models.py`` (unset there: these tiny models'
+outputs are kept), so the recomputing step is checked against stock through the kept one.
 """
 
 import contextlib
 import importlib
+import sys
 
 import pytest
 import torch
@@ -122,7 +124,10 @@ def test_norm_outputs_are_freed_after_forward_and_gradients_are_unchanged(family
 
 
 @pytest.mark.parametrize("family", ["llama", "bart"])
-def test_on_by_default_and_the_same_gradients_under_autocast(family, family_pairs):  # noqa: F811
+def test_unset_the_size_decides_and_gradients_match_under_autocast(family, family_pairs, monkeypatch):  # noqa: F811
+    """Unset, the switch leaves it to each norm output's size: kept below ``_NORM_RECOMPUTE_MIN_BYTES``,
+    recomputed from it up (the bound lowered to this tiny model's norm outputs, on the module the model was
+    loaded from)."""
     model = family_pairs[family][1]
     batch = batch_for(family, torch.Generator().manual_seed(8))
     steps = []
@@ -130,8 +135,15 @@ def test_on_by_default_and_the_same_gradients_under_autocast(family, family_pair
         with recompute_set(model.config, recompute), torch.autocast("cpu", dtype=torch.bfloat16):
             steps.append(loss_and_grads(model, batch))
     assert_identical_steps(steps[1], steps[0])
-    _, norm_outputs = forward_with_norm_outputs(model, family, batch)  # the default: recomputed
-    assert norm_outputs and all(ref.expired() for ref in norm_outputs)
+    sizes = []
+    with norm_outputs_seen(model, family, lambda out: sizes.append(out.numel() * out.element_size())):
+        model(**batch)
+    layer = sys.modules[type(model).__module__]
+    for bound, expect_kept in ((max(sizes) + 1, True), (min(sizes), False), (ops._NORM_RECOMPUTE_MIN_BYTES, True)):
+        monkeypatch.setattr(layer, "_NORM_RECOMPUTE_MIN_BYTES", bound)
+        _, norm_outputs = forward_with_norm_outputs(model, family, batch)
+        assert len(norm_outputs) == recomputed_norms(model)
+        assert [not ref.expired() for ref in norm_outputs] == [expect_kept] * len(norm_outputs), bound
 
 
 def test_lora_gradients_are_unchanged(family_pairs):  # noqa: F811
@@ -177,7 +189,7 @@ def test_other_saved_tensor_hooks_see_every_tensor_the_step_keeps(family_pairs):
 
 def test_a_bad_switch_value_is_refused(family_pairs):  # noqa: F811
     model = family_pairs["bloom"][1]
-    refused = pytest.raises(ValueError, match="config.recompute_norm_outputs must be True or False")
+    refused = pytest.raises(ValueError, match="config.recompute_norm_outputs must be True, False or None")
     with recompute_set(model.config, "yes"), refused:
         train_step(model, batch_for("bloom", torch.Generator().manual_seed(11)))
-    assert ops.recompute_norm_outputs(model.config) is True
+    assert ops.recompute_norm_outputs(model.config) is None
