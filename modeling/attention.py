@@ -4600,13 +4600,20 @@ def _normed_and_residual(norm, x: torch.Tensor) -> tuple:
 
 def _layer_of_normed(norm, x: torch.Tensor, normed: torch.Tensor, layer, recompute: Optional[bool]):
     """``layer(normed)`` for ``normed = norm(x)``, the norm's output recomputed in backward (see ``after_norm``)."""
-    if recompute is None:
-        recompute = normed.numel() * normed.element_size() >= _NORM_RECOMPUTE_MIN_BYTES
-    if not (recompute and _norm_output_can_be_recomputed(normed)):
+    if not (_norm_output_can_be_recomputed(normed) and _recompute_wanted(normed, recompute)):
         return layer(normed)
     recipe = _NormOutputRecipe(norm, x)
     with torch.autograd.graph.saved_tensors_hooks(recipe.pack_for(normed), recipe.unpack):
         return layer(normed)
+
+
+def _recompute_wanted(normed: torch.Tensor, recompute: Optional[bool]) -> bool:
+    """``recompute``, or where it is None whether ``normed`` takes at least ``_NORM_RECOMPUTE_MIN_BYTES``. Asked
+    after ``_norm_output_can_be_recomputed``, which is False while compiling: the size test would otherwise
+    guard a graph on the sequence length."""
+    if recompute is None:
+        return normed.numel() * normed.element_size() >= _NORM_RECOMPUTE_MIN_BYTES
+    return recompute
 
 
 def _norm_output_can_be_recomputed(normed: torch.Tensor) -> bool:

@@ -146,6 +146,38 @@ def test_unset_the_size_decides_and_gradients_match_under_autocast(family, famil
         assert [not ref.expired() for ref in norm_outputs] == [expect_kept] * len(norm_outputs), bound
 
 
+def test_the_size_bound_puts_no_guard_on_a_compiled_graph(family_pairs, monkeypatch):  # noqa: F811
+    """Compiling, nothing is recomputed and the size is not asked: two lengths on either side of the bound train
+    in one graph with dynamic shapes (the size, asked first, would guard the graph on the sequence length)."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = family_pairs["llama"][1]
+    layer = sys.modules[type(model).__module__]
+    generator = torch.Generator().manual_seed(12)
+    ids = [torch.randint(3, model.config.vocab_size, (2, length), generator=generator) for length in (9, 21)]
+    batches = [dict(input_ids=row, labels=row) for row in ids]
+    sizes = []
+    with norm_outputs_seen(model, "llama", lambda out: sizes.append(out.numel() * out.element_size())):
+        model(**batches[0])
+    monkeypatch.setattr(layer, "_NORM_RECOMPUTE_MIN_BYTES", 2 * max(sizes))  # 18 tokens: between the two lengths
+    kept = []
+    for batch in batches:
+        output, norm_outputs = forward_with_norm_outputs(model, "llama", batch)  # the output holds the graph
+        kept.append([not ref.expired() for ref in norm_outputs])
+        del output
+    assert kept[0] and all(kept[0]) and not any(kept[1]), "eager: the 9 tokens keep their norm outputs, 21 do not"
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    for batch in batches:
+        expected_loss, expected_grads = loss_and_grads(model, batch)
+        loss, grads = loss_and_grads(compiled, batch)
+        assert torch.allclose(loss, expected_loss, rtol=1e-5, atol=0)
+        for name, grad in expected_grads.items():
+            assert torch.allclose(grads[f"_orig_mod.{name}"], grad, rtol=1e-4, atol=1e-6), name
+    assert counter.frame_count == 1, counter.frame_count
+
+
 def test_lora_gradients_are_unchanged(family_pairs):  # noqa: F811
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(
