@@ -4549,8 +4549,9 @@ def after_norm(
     checkpointing's or activation offloading's). ``recompute`` (``config.recompute_norm_outputs``): True or
     False, or None to recompute a norm output of at least ``_NORM_RECOMPUTE_MIN_BYTES`` (16 MiB: 4,096 tokens
     at hidden size 2,048 in bf16). A smaller one is kept: it saves little memory, and a short step waits on
-    the host, for which the recompute is one more norm call and a saved-tensor hook per saved tensor. With sequence tiles (``tile_size``, see ``sequence_tiled``) the norm runs in tiles instead,
-    and so does ``layer`` when it is ``position_wise`` (a module).
+    the host, for which the recompute is one more norm call and a saved-tensor hook per saved tensor. With
+    sequence tiles (``tile_size``, see ``sequence_tiled``) the norm runs in tiles instead, and so does ``layer``
+    when it is ``position_wise`` (a module).
     """
     if _tiles_apply(x, tile_size):
         if position_wise:
