@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from test_fused_compile import assert_same_step
 from test_fused_models import batch_for, family_pairs, train_step  # noqa: F401 - a fixture
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -78,6 +79,22 @@ def forward_with_norm_outputs(model, family: str, batch: dict):
     return result, outputs
 
 
+def norm_output_sizes(model, family: str, batch: dict) -> list:
+    """The bytes of every norm output of one forward."""
+    sizes = []
+    with norm_outputs_seen(model, family, lambda out: sizes.append(out.numel() * out.element_size())):
+        model(**batch)
+    return sizes
+
+
+def norm_outputs_kept(model, family: str, batch: dict) -> list:
+    """For every norm output of a training forward, whether it is alive while the forward's graph is."""
+    output, norm_outputs = forward_with_norm_outputs(model, family, batch)  # the output holds the graph
+    kept = [not ref.expired() for ref in norm_outputs]
+    del output
+    return kept
+
+
 def assert_identical_steps(got, expected) -> None:
     """Two (loss, {name: grad}) steps, bit for bit."""
     (loss, grads), (expected_loss, expected_grads) = got, expected
@@ -135,15 +152,11 @@ def test_unset_the_size_decides_and_gradients_match_under_autocast(family, famil
         with recompute_set(model.config, recompute), torch.autocast("cpu", dtype=torch.bfloat16):
             steps.append(loss_and_grads(model, batch))
     assert_identical_steps(steps[1], steps[0])
-    sizes = []
-    with norm_outputs_seen(model, family, lambda out: sizes.append(out.numel() * out.element_size())):
-        model(**batch)
+    sizes = norm_output_sizes(model, family, batch)
     layer = sys.modules[type(model).__module__]
     for bound, expect_kept in ((max(sizes) + 1, True), (min(sizes), False), (ops._NORM_RECOMPUTE_MIN_BYTES, True)):
         monkeypatch.setattr(layer, "_NORM_RECOMPUTE_MIN_BYTES", bound)
-        _, norm_outputs = forward_with_norm_outputs(model, family, batch)
-        assert len(norm_outputs) == recomputed_norms(model)
-        assert [not ref.expired() for ref in norm_outputs] == [expect_kept] * len(norm_outputs), bound
+        assert norm_outputs_kept(model, family, batch) == [expect_kept] * recomputed_norms(model), bound
 
 
 def test_the_size_bound_puts_no_guard_on_a_compiled_graph(family_pairs, monkeypatch):  # noqa: F811
@@ -156,25 +169,18 @@ def test_the_size_bound_puts_no_guard_on_a_compiled_graph(family_pairs, monkeypa
     generator = torch.Generator().manual_seed(12)
     ids = [torch.randint(3, model.config.vocab_size, (2, length), generator=generator) for length in (9, 21)]
     batches = [dict(input_ids=row, labels=row) for row in ids]
-    sizes = []
-    with norm_outputs_seen(model, "llama", lambda out: sizes.append(out.numel() * out.element_size())):
-        model(**batches[0])
-    monkeypatch.setattr(layer, "_NORM_RECOMPUTE_MIN_BYTES", 2 * max(sizes))  # 18 tokens: between the two lengths
-    kept = []
-    for batch in batches:
-        output, norm_outputs = forward_with_norm_outputs(model, "llama", batch)  # the output holds the graph
-        kept.append([not ref.expired() for ref in norm_outputs])
-        del output
+    bound = 2 * max(norm_output_sizes(model, "llama", batches[0]))  # 18 tokens: between the two lengths
+    monkeypatch.setattr(layer, "_NORM_RECOMPUTE_MIN_BYTES", bound)
+    kept = [norm_outputs_kept(model, "llama", batch) for batch in batches]
     assert kept[0] and all(kept[0]) and not any(kept[1]), "eager: the 9 tokens keep their norm outputs, 21 do not"
     torch._dynamo.reset()
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
     for batch in batches:
-        expected_loss, expected_grads = loss_and_grads(model, batch)
-        loss, grads = loss_and_grads(compiled, batch)
-        assert torch.allclose(loss, expected_loss, rtol=1e-5, atol=0)
-        for name, grad in expected_grads.items():
-            assert torch.allclose(grads[f"_orig_mod.{name}"], grad, rtol=1e-4, atol=1e-6), name
+        expected, expected_grads = train_step(model, batch)
+        got, grads = train_step(compiled, batch)
+        grads = {key.removeprefix("_orig_mod."): grad for key, grad in grads.items()}
+        assert_same_step(got, grads, expected, expected_grads, "eager")
     assert counter.frame_count == 1, counter.frame_count
 
 
