@@ -136,10 +136,11 @@ class ForwardMask:
     are the tensor's.
     """
 
-    def __init__(self, tensor: Optional[torch.Tensor]):
+    def __init__(self, tensor: Optional[torch.Tensor], filled_keys: Optional[int] = None):
         if isinstance(tensor, ForwardMask):
             tensor = tensor.tensor
         self.tensor = tensor
+        self.filled_keys = filled_keys  # see filled_cache_length
         self.block_masks: dict = {}
         self.kept: dict = {}
         self.bloom_slopes: Optional[torch.Tensor] = None
@@ -169,12 +170,41 @@ class ForwardMask:
         return self.tensor.device
 
 
-def forward_mask(mask: Optional[torch.Tensor], without_mask: bool = False) -> Optional[ForwardMask]:
+def forward_mask(
+    mask: Optional[torch.Tensor], without_mask: bool = False, filled_keys: Optional[int] = None
+) -> Optional[ForwardMask]:
     """The mask a model hands to all its layers for one forward pass. None stays None unless
     ``without_mask``: then a holder without a tensor, for a model whose layers hand it only to ``attention()``
     (so a packed row's block mask, document index and varlen layout, and the slopes check, are worked out once
-    per forward there too)."""
-    return None if mask is None and not without_mask else ForwardMask(mask)
+    per forward there too). ``filled_keys``: see ``filled_cache_length``."""
+    return None if mask is None and not without_mask else ForwardMask(mask, filled_keys)
+
+
+def filled_cache_length(past_key_values, attention_mask: Optional[torch.Tensor], new_tokens: int) -> Optional[int]:
+    """How many slots of a fixed-size cache hold keys once this forward has written its ``new_tokens``.
+
+    ``StaticCache.update`` returns its whole buffer, unwritten slots included, and a causal call aligns its
+    queries with the end of the keys, so without a 4-D mask the layers must attend to the written slots only
+    (``written_keys``). None where nothing is to cut: no cache, a cache that grows, or a 4-D mask (it says which
+    slots each query sees, as transformers' static-cache masks do). While tracing, a 2-D mask's length (past
+    + new tokens) gives the count without reading the cache.
+    """
+    if past_key_values is None or not getattr(past_key_values, "is_compileable", False):
+        return None
+    if attention_mask is not None and attention_mask.dim() != 2:
+        return None
+    if attention_mask is not None and _is_tracing():
+        return attention_mask.shape[1]
+    return int(past_key_values.get_seq_length()) + new_tokens
+
+
+def written_keys(key: torch.Tensor, value: torch.Tensor, mask) -> tuple:
+    """``key``/``value`` ``[b, h, k, d]`` from a cache update without a fixed-size cache's unwritten slots: the
+    first ``filled_keys`` of the forward's ``ForwardMask`` (``filled_cache_length``)."""
+    filled = mask.filled_keys if isinstance(mask, ForwardMask) else None
+    if filled is None or key.shape[-2] <= filled:
+        return key, value
+    return key[:, :, :filled], value[:, :, :filled]
 
 
 def mask_tensor(mask) -> Optional[torch.Tensor]:
@@ -4964,22 +4994,25 @@ def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int | None, decode
     return shifted.masked_fill(shifted == -100, pad_token_id)
 
 
-def _padding_keep_mask(mask: torch.Tensor | None, key_length: int, name: str) -> torch.Tensor | None:
-    """A 2-D 0/1 padding mask over the keys as the kernel layer's bool keep-mask (None when nothing is padded).
+def _padding_keep_mask(
+    mask: torch.Tensor | None, key_length: int, name: str, filled_keys: int | None = None
+) -> torch.Tensor | None:
+    """A 2-D 0/1 padding mask over the keys as the kernel layer's bool keep-mask (None when nothing is padded
+    and no ``filled_keys`` of a static cache are to be handed on: see ``filled_cache_length``).
 
     A 4-D mask (a caller's own, or the one ``generate`` builds for a static cache) is passed on as it is, as
     stock does: bool or additive float (an integer 0/1 mask becomes bool); it defines visibility on its own.
     """
-    if mask is None:
-        return None
-    if mask.dim() == 4:
+    if mask is not None and mask.dim() == 4:
         return mask if mask.dtype == torch.bool or mask.is_floating_point() else mask.bool()
-    if mask.dim() != 2 or (not _is_tracing() and mask.shape[-1] != key_length):
+    if mask is not None and (mask.dim() != 2 or (not _is_tracing() and mask.shape[-1] != key_length)):
         raise ValueError(
             f"{name} must be a 2-D padding mask [batch, {key_length}] (covering any cached positions); "
             f"got shape {list(mask.shape)}"
         )
-    return forward_mask(keep_mask_from_padding(mask))  # one mask object for every layer of this forward
+    keep = None if mask is None else keep_mask_from_padding(mask)
+    # one mask object for every layer of this forward
+    return forward_mask(keep, without_mask=filled_keys is not None, filled_keys=filled_keys)
 
 
 def _return_dict(config: BartConfig, return_dict: bool | None) -> bool:
@@ -5108,12 +5141,14 @@ class BartAttention(nn.Module):
             cache = _self_attention_cache(past_key_values)
             if cache is not None:
                 key, value = cache.update(key, value, self.layer_idx)
+                key, value = written_keys(key, value, keep_mask)
+        mask = mask_tensor(keep_mask)
         output = attention_recording_weights(
             query,
             key,
             value,
             attention_weights,
-            causal=self.is_causal and (keep_mask is None or keep_mask.dim() == 2),
+            causal=self.is_causal and (mask is None or mask.dim() == 2),
             attention_mask=keep_mask,
             dropout_p=self.dropout if self.training else 0.0,
             **attention_options(self.config),
@@ -5413,7 +5448,8 @@ class BartDecoder(BartPreTrainedModel):
             past_key_values = self._new_cache(encoder_hidden_states is not None or self.config.is_encoder_decoder)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         seq_len = inputs_embeds.shape[1]
-        keep_mask = _padding_keep_mask(attention_mask, past_len + seq_len, "decoder_attention_mask")
+        filled = filled_cache_length(past_key_values, attention_mask, seq_len)
+        keep_mask = _padding_keep_mask(attention_mask, past_len + seq_len, "decoder_attention_mask", filled)
         encoder_keep_mask = None
         if encoder_hidden_states is not None:
             encoder_keep_mask = _padding_keep_mask(

@@ -149,10 +149,11 @@ class ForwardMask:
     are the tensor's.
     """
 
-    def __init__(self, tensor: Optional[torch.Tensor]):
+    def __init__(self, tensor: Optional[torch.Tensor], filled_keys: Optional[int] = None):
         if isinstance(tensor, ForwardMask):
             tensor = tensor.tensor
         self.tensor = tensor
+        self.filled_keys = filled_keys  # see filled_cache_length
         self.block_masks: dict = {}
         self.kept: dict = {}
         self.bloom_slopes: Optional[torch.Tensor] = None
@@ -182,12 +183,41 @@ class ForwardMask:
         return self.tensor.device
 
 
-def forward_mask(mask: Optional[torch.Tensor], without_mask: bool = False) -> Optional[ForwardMask]:
+def forward_mask(
+    mask: Optional[torch.Tensor], without_mask: bool = False, filled_keys: Optional[int] = None
+) -> Optional[ForwardMask]:
     """The mask a model hands to all its layers for one forward pass. None stays None unless
     ``without_mask``: then a holder without a tensor, for a model whose layers hand it only to ``attention()``
     (so a packed row's block mask, document index and varlen layout, and the slopes check, are worked out once
-    per forward there too)."""
-    return None if mask is None and not without_mask else ForwardMask(mask)
+    per forward there too). ``filled_keys``: see ``filled_cache_length``."""
+    return None if mask is None and not without_mask else ForwardMask(mask, filled_keys)
+
+
+def filled_cache_length(past_key_values, attention_mask: Optional[torch.Tensor], new_tokens: int) -> Optional[int]:
+    """How many slots of a fixed-size cache hold keys once this forward has written its ``new_tokens``.
+
+    ``StaticCache.update`` returns its whole buffer, unwritten slots included, and a causal call aligns its
+    queries with the end of the keys, so without a 4-D mask the layers must attend to the written slots only
+    (``written_keys``). None where nothing is to cut: no cache, a cache that grows, or a 4-D mask (it says which
+    slots each query sees, as transformers' static-cache masks do). While tracing, a 2-D mask's length (past
+    + new tokens) gives the count without reading the cache.
+    """
+    if past_key_values is None or not getattr(past_key_values, "is_compileable", False):
+        return None
+    if attention_mask is not None and attention_mask.dim() != 2:
+        return None
+    if attention_mask is not None and _is_tracing():
+        return attention_mask.shape[1]
+    return int(past_key_values.get_seq_length()) + new_tokens
+
+
+def written_keys(key: torch.Tensor, value: torch.Tensor, mask) -> tuple:
+    """``key``/``value`` ``[b, h, k, d]`` from a cache update without a fixed-size cache's unwritten slots: the
+    first ``filled_keys`` of the forward's ``ForwardMask`` (``filled_cache_length``)."""
+    filled = mask.filled_keys if isinstance(mask, ForwardMask) else None
+    if filled is None or key.shape[-2] <= filled:
+        return key, value
+    return key[:, :, :filled], value[:, :, :filled]
 
 
 def mask_tensor(mask) -> Optional[torch.Tensor]:
@@ -5045,6 +5075,7 @@ class GPT2Attention(nn.Module):
         if past_key_values is not None:
             # transformers 4.x static caches need the write positions; later versions track them themselves
             key, value = past_key_values.update(key, value, self.layer_idx, {"cache_position": cache_position})
+            key, value = written_keys(key, value, mask)
 
         output = self._attend(query, key, value, mask, causal, backend, attention_weights, sequence_ids)
         output = self._merge_heads(output, hidden_states.shape)
@@ -5340,7 +5371,8 @@ class GPT2Model(GPT2PreTrainedModel):
 
         mask, causal = padding_mask_and_causality(attention_mask)
         check_mask_shape(attention_mask, *inputs_embeds.shape[:2])
-        mask = forward_mask(mask, without_mask=True)  # one mask object for every layer: see forward_mask
+        filled = filled_cache_length(past_key_values, attention_mask, inputs_embeds.shape[1])
+        mask = forward_mask(mask, without_mask=True, filled_keys=filled)  # one object for every layer: see forward_mask
         backend = resolved_backend(self.config)
         all_hidden_states = []
         all_attentions = [] if output_attentions else None

@@ -151,10 +151,11 @@ class ForwardMask:
     are the tensor's.
     """
 
-    def __init__(self, tensor: Optional[torch.Tensor]):
+    def __init__(self, tensor: Optional[torch.Tensor], filled_keys: Optional[int] = None):
         if isinstance(tensor, ForwardMask):
             tensor = tensor.tensor
         self.tensor = tensor
+        self.filled_keys = filled_keys  # see filled_cache_length
         self.block_masks: dict = {}
         self.kept: dict = {}
         self.bloom_slopes: Optional[torch.Tensor] = None
@@ -184,12 +185,41 @@ class ForwardMask:
         return self.tensor.device
 
 
-def forward_mask(mask: Optional[torch.Tensor], without_mask: bool = False) -> Optional[ForwardMask]:
+def forward_mask(
+    mask: Optional[torch.Tensor], without_mask: bool = False, filled_keys: Optional[int] = None
+) -> Optional[ForwardMask]:
     """The mask a model hands to all its layers for one forward pass. None stays None unless
     ``without_mask``: then a holder without a tensor, for a model whose layers hand it only to ``attention()``
     (so a packed row's block mask, document index and varlen layout, and the slopes check, are worked out once
-    per forward there too)."""
-    return None if mask is None and not without_mask else ForwardMask(mask)
+    per forward there too). ``filled_keys``: see ``filled_cache_length``."""
+    return None if mask is None and not without_mask else ForwardMask(mask, filled_keys)
+
+
+def filled_cache_length(past_key_values, attention_mask: Optional[torch.Tensor], new_tokens: int) -> Optional[int]:
+    """How many slots of a fixed-size cache hold keys once this forward has written its ``new_tokens``.
+
+    ``StaticCache.update`` returns its whole buffer, unwritten slots included, and a causal call aligns its
+    queries with the end of the keys, so without a 4-D mask the layers must attend to the written slots only
+    (``written_keys``). None where nothing is to cut: no cache, a cache that grows, or a 4-D mask (it says which
+    slots each query sees, as transformers' static-cache masks do). While tracing, a 2-D mask's length (past
+    + new tokens) gives the count without reading the cache.
+    """
+    if past_key_values is None or not getattr(past_key_values, "is_compileable", False):
+        return None
+    if attention_mask is not None and attention_mask.dim() != 2:
+        return None
+    if attention_mask is not None and _is_tracing():
+        return attention_mask.shape[1]
+    return int(past_key_values.get_seq_length()) + new_tokens
+
+
+def written_keys(key: torch.Tensor, value: torch.Tensor, mask) -> tuple:
+    """``key``/``value`` ``[b, h, k, d]`` from a cache update without a fixed-size cache's unwritten slots: the
+    first ``filled_keys`` of the forward's ``ForwardMask`` (``filled_cache_length``)."""
+    filled = mask.filled_keys if isinstance(mask, ForwardMask) else None
+    if filled is None or key.shape[-2] <= filled:
+        return key, value
+    return key[:, :, :filled], value[:, :, :filled]
 
 
 def mask_tensor(mask) -> Optional[torch.Tensor]:
@@ -5098,6 +5128,7 @@ class LlamaAttention(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx, {"cache_position": cache_position})
+            key, value = written_keys(key, value, attention_mask)
 
         # A 4-D mask defines visibility on its own, as in transformers; otherwise causal + padding keep-mask.
         mask = mask_tensor(attention_mask)
@@ -5242,7 +5273,8 @@ class LlamaModel(LlamaPreTrainedModel):
 
         mask = kernel_attention_mask(attention_mask)
         check_mask_shape(attention_mask, batch_size, seq_len)
-        mask = forward_mask(mask, without_mask=True)  # one mask object for every layer: see forward_mask
+        filled = filled_cache_length(past_key_values, attention_mask, seq_len)
+        mask = forward_mask(mask, without_mask=True, filled_keys=filled)  # one object for every layer: see forward_mask
         cache_position = kwargs.get("cache_position")
         if position_ids is None:
             if cache_position is None:

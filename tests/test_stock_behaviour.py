@@ -426,6 +426,34 @@ def test_static_cache_generation_matches_stock(family, tmp_path):
     assert torch.equal(ours.generate(**inputs, **options), stock.generate(**inputs, **options))
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
+def test_static_cache_without_a_4d_mask_attends_to_the_written_slots_only(family, tmp_path):
+    """A ``StaticCache`` hands back its whole buffer from ``update``, unwritten slots included. Without a 4-D mask
+    (none, or a 2-D one; ``generate`` passes none for a prompt without padding) only the written slots count:
+    the prefill and a decoding step equal stock's forward without a cache, and so does ``generate``."""
+    from transformers import DynamicCache, EncoderDecoderCache, StaticCache
+
+    stock, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path)
+    inputs = token_inputs(family, batch=2, seq=9)
+    prefix = "decoder_" if family == "bart" else ""  # BART: the decoder has the cache; the encoder input stays
+    ids = inputs.pop(f"{prefix}input_ids")
+    if family != "bart":
+        del inputs["attention_mask"]
+    with torch.no_grad():
+        expected = stock(**inputs, **{f"{prefix}input_ids": ids}, use_cache=False).logits
+        for mask in (None, torch.ones_like(ids)):
+            cache = StaticCache(config=ours.config, max_cache_len=16)
+            cache = EncoderDecoderCache(cache, DynamicCache()) if family == "bart" else cache
+            prefill, step = {f"{prefix}input_ids": ids[:, :-1]}, {f"{prefix}input_ids": ids[:, -1:]}
+            if mask is not None:
+                prefill[f"{prefix}attention_mask"], step[f"{prefix}attention_mask"] = mask[:, :-1], mask
+            logits = [ours(**inputs, **call, past_key_values=cache, use_cache=True).logits for call in (prefill, step)]
+            assert_close_rel(torch.cat(logits, 1), expected, 1e-5, f"static cache, mask {mask is not None}")
+    options = dict(max_new_tokens=4, do_sample=False, cache_implementation="static", pad_token_id=0)
+    generate_inputs = inputs if family == "bart" else {"input_ids": ids}
+    assert torch.equal(ours.generate(**generate_inputs, **options), stock.generate(**generate_inputs, **options))
+
+
 @pytest.mark.skipif(not TRANSFORMERS_5, reason="CompileConfig's all-device switch is transformers 5's")
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
 def test_fullgraph_compiled_static_generation_matches_stock(family, tmp_path):
