@@ -5023,6 +5023,12 @@ class LlamaRotaryEmbedding(nn.Module):
         return cos.to(x.dtype), sin.to(x.dtype)
 
 
+def frequencies_follow_the_largest_position(rotary_emb: LlamaRotaryEmbedding) -> bool:
+    """Dynamic NTK and LongRoPE choose their frequencies from the largest position in the call: in stock, that of
+    the padded batch. Such a model runs a padded batch padded, since its kept tokens alone may not reach it."""
+    return rotary_emb.rope_type in ("dynamic", "longrope")
+
+
 def apply_rotary_pos_emb(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -5343,10 +5349,12 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         """``logits_to_keep``: an int keeps the logits of that many last positions (0 = all), a tensor indexes
         the sequence dimension. Extra ``kwargs`` reach the loss (e.g. ``num_items_in_batch``)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        rows = padded_rows(
-            self, attention_mask, input_ids, inputs_embeds, labels, past_key_values, use_cache,
-            output_attentions, logits_to_keep, **kwargs,
-        )
+        rows = None
+        if not frequencies_follow_the_largest_position(self.model.rotary_emb):
+            rows = padded_rows(
+                self, attention_mask, input_ids, inputs_embeds, labels, past_key_values, use_cache,
+                output_attentions, logits_to_keep, **kwargs,
+            )
         if rows is not None:  # a padded batch runs as one packed row of its kept tokens
             input_ids, inputs_embeds, position_ids = rows.pack_inputs(input_ids, inputs_embeds, position_ids)
             attention_mask, use_cache = None, False

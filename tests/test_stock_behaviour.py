@@ -527,6 +527,33 @@ def test_every_rope_type_matches_stock(rope_type, tmp_path):
         assert torch.equal(ours.model.rotary_emb.inv_freq, stock.model.rotary_emb.inv_freq)
 
 
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope", "yarn"])
+def test_padded_batch_shorter_than_its_length_keeps_stocks_frequencies(rope_type, tmp_path):
+    """Dynamic NTK and LongRoPE pick their frequencies from the padded batch's largest position (beyond the
+    original length here) while every kept token lies within it: eval logits at kept positions, the training
+    loss and every gradient equal stock's (yarn, whose frequencies are fixed, runs unpadded as before)."""
+    stock, ours = stock_and_ours("llama", "LlamaForCausalLM", tmp_path, config=rope_config(rope_type))
+    ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, 7:], mask[1, 5:] = 0, 0  # kept tokens within both original lengths (8, 16), the padded row beyond
+    batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    with torch.no_grad():
+        kept = mask[..., None].bool()
+        expected = stock(ids, attention_mask=mask).logits.masked_fill(~kept, 0)
+        assert_close_rel(ours(ids, attention_mask=mask, use_cache=False).logits.masked_fill(~kept, 0), expected, TOL,
+                         f"{rope_type} logits")
+    losses, grads = [], []
+    for model in (stock, ours):
+        model.train().zero_grad(set_to_none=True)
+        losses.append(model(**batch).loss)
+        losses[-1].backward()
+        grads.append({name: param.grad for name, param in model.named_parameters()})
+        model.eval()
+    assert_close_rel(losses[1].detach(), losses[0].detach(), TOL, f"{rope_type} loss")
+    for name, grad in grads[0].items():
+        assert_close_rel(grads[1][name], grad, TOL, f"{rope_type} grad of {name}")
+
+
 def test_rotary_frequencies_are_restored_after_meta_device_loading(tmp_path):
     """``inv_freq`` is a non-persistent buffer, as in stock: loading (meta device in transformers 5) must give
     the computed frequencies back, not uninitialised memory."""
