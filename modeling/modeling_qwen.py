@@ -5044,6 +5044,15 @@ def document_ntk_alphas(sequence_ids: torch.Tensor, seq_length: int) -> torch.Te
     return (2 ** torch.ceil(context_value) - 1).clamp_min(1)
 
 
+def document_positions(positions: torch.Tensor, sequence_ids: torch.Tensor) -> torch.Tensor:
+    """``positions`` ``[b, s]`` less the position each token's packed document starts at: 0 .. length - 1 in
+    every document, whatever offset the given positions carry."""
+    index = torch.arange(positions.shape[-1], device=positions.device).expand_as(positions)
+    starts = F.pad(torch.diff(sequence_ids, dim=-1) != 0, (1, 0), value=True)
+    first = torch.where(starts, index, 0).cummax(-1).values
+    return positions - positions.gather(-1, first)
+
+
 def rotary_cos_sin(
     positions: torch.Tensor, alphas: torch.Tensor, rotary_dim: int, base: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -5318,14 +5327,19 @@ class QWenModel(QWenPreTrainedModel):
             return None
         return logn_scale(positions, self.seq_length).to(dtype)[:, None, :, None]
 
-    def _packed_positions(self, sequence_ids: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple:
+    def _packed_positions(
+        self, sequence_ids: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype, cache: Optional[Cache]
+    ) -> tuple:
         """Rotary cos/sin and logn scale of packed documents, each as the original computes them for that
-        document alone: positions restart per document, NTK alpha from the document's length."""
+        document alone: NTK alpha from the document's length, kept on a cache being built as the alpha of each
+        row's last document (the one a decoding step continues)."""
         positions = position_ids.expand(sequence_ids.shape)
         if self.training or not self.config.use_dynamic_ntk:
             alphas = torch.ones(1, 1, dtype=torch.float64, device=positions.device)
         else:
             alphas = document_ntk_alphas(sequence_ids, self.seq_length)
+            if cache is not None:
+                setattr(cache, _NTK_ALPHAS_ATTRIBUTE, alphas[:, -1])
         rotary = rotary_cos_sin(positions, alphas, self.rotary_dim, float(self.config.rotary_emb_base))
         logn = not self.training and self.config.use_logn_attn  # logn_scale is 1 inside a short document
         return rotary, logn_scale(positions, self.seq_length).to(dtype)[:, None, :, None] if logn else None
@@ -5350,7 +5364,7 @@ class QWenModel(QWenPreTrainedModel):
         """Like the original ``QWenModel.forward``. Positions are absolute (0 .. cache + seq - 1, left padding
         included), so ``position_ids`` is ignored, as are ``token_type_ids`` and the encoder arguments, except
         for packed rows: ``position_ids`` restarting inside a row with no attention mask and no cache, or
-        ``cu_seq_lens_q``/``cu_seq_lens_k``, where each document attends only to itself with its own positions.
+        ``cu_seq_lens_q``/``cu_seq_lens_k``, where each document attends only to itself, positions from 0.
         ``attention_mask`` is a 2-D 0/1 padding mask covering the cache and the new tokens; ``past_key_values``
         a transformers ``Cache``."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -5380,6 +5394,9 @@ class QWenModel(QWenPreTrainedModel):
         sequence_ids, position_ids = packed_documents(
             batch_size, seq_len, device, position_ids, attention_mask, past_key_values, **kwargs
         )
+        if sequence_ids is not None and not varlen_keywords(kwargs):
+            # documents found by position_ids: the original reads no position_ids, so each counts from 0
+            position_ids = document_positions(position_ids.expand(sequence_ids.shape), sequence_ids)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
 
@@ -5397,7 +5414,8 @@ class QWenModel(QWenPreTrainedModel):
             rotary = rotary_cos_sin(positions, alphas[:, None], self.rotary_dim, float(self.config.rotary_emb_base))
             query_scale = self._logn_query_scale(positions, total_length, inputs_embeds.dtype)
         else:
-            rotary, query_scale = self._packed_positions(sequence_ids, position_ids, inputs_embeds.dtype)
+            packed = (sequence_ids, position_ids, inputs_embeds.dtype, past_key_values)
+            rotary, query_scale = self._packed_positions(*packed)
         keep_mask = forward_mask(keep_mask_from_padding(attention_mask), without_mask=True)  # one for every layer
 
         hidden_states = self.drop(inputs_embeds)

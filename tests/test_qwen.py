@@ -530,6 +530,25 @@ def test_short_prefill_keeps_alpha_one_while_decoding_past_seq_length(saved):
     assert torch.equal(generated, expected)
 
 
+@pytest.mark.parametrize("offset", [0, 5])
+def test_position_ids_without_a_restart_change_nothing_as_the_original_ignores_them(saved, offset):
+    """``position_ids`` of one document per row (from 0, or offset) at a 12-token prefill: positions still count
+    from 0, and the NTK alpha chosen there (1: within seq_length) is kept for the decoding step to 13 tokens,
+    which would pick 3 by its own length."""
+    folder, config, state = saved
+    model = load(folder)
+    reference = ReferenceQwen(config, state)
+    ids = random_ids(1, 13)
+    with torch.no_grad():
+        out = model(ids[:, :12], position_ids=torch.arange(offset, offset + 12)[None], use_cache=True)
+        step = model(ids[:, 12:], past_key_values=out.past_key_values).logits
+    expected, past, alphas = reference.forward(ids[:, :12], torch.ones(1, 12, dtype=torch.long))
+    assert set(alphas) == {1}
+    assert_close_rel(out.logits, expected.float(), 1e-5, "prefill")
+    expected, _, _ = reference.forward(ids[:, 12:], torch.ones(1, 13, dtype=torch.long), past, alphas)
+    assert_close_rel(step, expected.float(), 1e-5, "decoding step")
+
+
 def test_reorder_cache_moves_the_per_sample_alphas_with_the_rows(saved):
     folder, _, _ = saved
     model = load(folder)
