@@ -219,15 +219,26 @@ def filled_cache_length(past_key_values, attention_mask: Optional[torch.Tensor],
     queries with the end of the keys, so without a 4-D mask the layers must attend to the written slots only
     (``written_keys``). None where nothing is to cut: no cache, a cache that grows, or a 4-D mask (it says which
     slots each query sees, as transformers' static-cache masks do). While tracing, a 2-D mask's length (past
-    + new tokens) gives the count without reading the cache.
+    + new tokens) gives the count without reading the cache; without a mask the count would be data-dependent,
+    and the call runs as given (``generate`` compiles decoding steps with a mask).
     """
     if past_key_values is None or not getattr(past_key_values, "is_compileable", False):
         return None
     if attention_mask is not None and attention_mask.dim() != 2:
         return None
-    if attention_mask is not None and _is_tracing():
-        return attention_mask.shape[1]
+    if _is_tracing():
+        return None if attention_mask is None else attention_mask.shape[1]
     return int(past_key_values.get_seq_length()) + new_tokens
+
+
+def cache_update_kwargs(mask, new_tokens: int, device, cache_position: Optional[torch.Tensor] = None) -> dict:
+    """``cache_kwargs`` for ``Cache.update``: where the new tokens go. transformers 4.x static caches write at
+    ``cache_position`` (without it, at 0 .. new_tokens - 1; later ones track it themselves); when the caller gave
+    none, it follows from the forward's ``filled_keys`` (``filled_cache_length``)."""
+    filled = mask.filled_keys if isinstance(mask, ForwardMask) else None
+    if cache_position is None and filled is not None:
+        cache_position = torch.arange(filled - new_tokens, filled, device=device)
+    return {"cache_position": cache_position}
 
 
 def written_keys(key: torch.Tensor, value: torch.Tensor, mask) -> tuple:
@@ -5043,7 +5054,8 @@ class BloomAttention(nn.Module):
         query, key, value = self._split_heads(self.query_key_value(hidden_states))
 
         if layer_past is not None:
-            key, value = layer_past.update(key, value, self.layer_idx)
+            where = cache_update_kwargs(padding_mask, q_length, key.device)
+            key, value = layer_past.update(key, value, self.layer_idx, where)
             # A static cache hands back its whole buffer; only the first kv_length slots are filled.
             key, value = key[:, :, :kv_length], value[:, :, :kv_length]
 
@@ -5260,7 +5272,8 @@ class BloomModel(BloomPreTrainedModel):
         else:
             past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
             kv_length = int(past_length) + seq_length
-        padding_mask = self._padding_mask(attention_mask, batch_size, kv_length)
+        filled = filled_cache_length(past_key_values, attention_mask, seq_length)
+        padding_mask = self._padding_mask(attention_mask, batch_size, kv_length, filled)
         slopes = padding_mask.bloom_alibi_slopes(self.num_heads, inputs_embeds.device)
         backend = backend_from_config(self.config)
 
@@ -5294,18 +5307,20 @@ class BloomModel(BloomPreTrainedModel):
 
     @staticmethod
     def _padding_mask(
-        attention_mask: Optional[torch.Tensor], batch_size: int, kv_length: int
+        attention_mask: Optional[torch.Tensor], batch_size: int, kv_length: int, filled_keys: Optional[int] = None
     ) -> ForwardMask:
         """The forward's mask object for every layer: the kernel layer's O(n) bool keep-mask ``[batch, kv_length]``
-        (no tensor when nothing is padded), where per-forward work (block masks, cudnn's checks) is kept."""
+        (no tensor when nothing is padded), where per-forward work (block masks, cudnn's checks) is kept, and the
+        ``filled_keys`` of a static cache (``filled_cache_length``)."""
         if attention_mask is None:
-            return forward_mask(None, without_mask=True)
+            return forward_mask(None, without_mask=True, filled_keys=filled_keys)
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < kv_length:
             raise ValueError(
                 f"BLOOM takes a 2-D padding mask [batch, past + current length] = [{batch_size}, {kv_length}], "
                 f"got shape {list(attention_mask.shape)}"
             )
-        return forward_mask(keep_mask_from_padding(attention_mask[:, :kv_length]), without_mask=True)
+        keep = keep_mask_from_padding(attention_mask[:, :kv_length])
+        return forward_mask(keep, without_mask=True, filled_keys=filled_keys)
 
 
 def _cache_capacity(cache: Cache) -> int:

@@ -200,15 +200,26 @@ def filled_cache_length(past_key_values, attention_mask: Optional[torch.Tensor],
     queries with the end of the keys, so without a 4-D mask the layers must attend to the written slots only
     (``written_keys``). None where nothing is to cut: no cache, a cache that grows, or a 4-D mask (it says which
     slots each query sees, as transformers' static-cache masks do). While tracing, a 2-D mask's length (past
-    + new tokens) gives the count without reading the cache.
+    + new tokens) gives the count without reading the cache; without a mask the count would be data-dependent,
+    and the call runs as given (``generate`` compiles decoding steps with a mask).
     """
     if past_key_values is None or not getattr(past_key_values, "is_compileable", False):
         return None
     if attention_mask is not None and attention_mask.dim() != 2:
         return None
-    if attention_mask is not None and _is_tracing():
-        return attention_mask.shape[1]
+    if _is_tracing():
+        return None if attention_mask is None else attention_mask.shape[1]
     return int(past_key_values.get_seq_length()) + new_tokens
+
+
+def cache_update_kwargs(mask, new_tokens: int, device, cache_position: Optional[torch.Tensor] = None) -> dict:
+    """``cache_kwargs`` for ``Cache.update``: where the new tokens go. transformers 4.x static caches write at
+    ``cache_position`` (without it, at 0 .. new_tokens - 1; later ones track it themselves); when the caller gave
+    none, it follows from the forward's ``filled_keys`` (``filled_cache_length``)."""
+    filled = mask.filled_keys if isinstance(mask, ForwardMask) else None
+    if cache_position is None and filled is not None:
+        cache_position = torch.arange(filled - new_tokens, filled, device=device)
+    return {"cache_position": cache_position}
 
 
 def written_keys(key: torch.Tensor, value: torch.Tensor, mask) -> tuple:
@@ -5073,9 +5084,8 @@ class GPT2Attention(nn.Module):
         query, key, value = self.c_attn(hidden_states).split(self.embed_dim, dim=2)
         query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
         if past_key_values is not None:
-            # transformers 4.x static caches need the write positions; later versions track them themselves
-            key, value = past_key_values.update(key, value, self.layer_idx, {"cache_position": cache_position})
-            key, value = written_keys(key, value, mask)
+            where = cache_update_kwargs(mask, query.shape[-2], key.device, cache_position)
+            key, value = written_keys(*past_key_values.update(key, value, self.layer_idx, where), mask)
 
         output = self._attend(query, key, value, mask, causal, backend, attention_weights, sequence_ids)
         output = self._merge_heads(output, hidden_states.shape)
