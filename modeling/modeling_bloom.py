@@ -91,6 +91,7 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 _logger = logging.getLogger("memory_efficient_adapter")
 
@@ -3719,20 +3720,38 @@ def _is_plain_module(module, expected_class: type = torch.nn.Linear) -> bool:
     )
 
 
-def fused_loss_applies(model, lm_head, labels, logits_to_keep=0) -> bool:
-    """Whether ``model`` computes its training loss with the fused LM head + loss (and returns no logits).
+def _has_hooks(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or a module inside it has hooks or a replaced ``forward`` (FSDP, DeepSpeed ZeRO-3,
+    accelerate's offloading, or the user's own): those gather or move weights, or observe outputs, at each call
+    and expect one call per forward."""
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        or "forward" in m.__dict__
+        for m in module.modules()
+    )
 
-    It does in training mode with ``labels``, all logits asked for, a plain ``nn.Linear`` head and
-    ``config.keep_logits_in_training`` unset; everything else goes the stock way.
+
+def fused_loss_applies(model, lm_head, labels, logits_to_keep=0) -> bool:
+    """Whether ``model`` computes its training loss without logits (and returns none).
+
+    It does in training mode with ``labels``, all logits asked for, ``config.keep_logits_in_training`` unset
+    and a head without hooks: a plain ``nn.Linear`` runs the fused LM head + loss, a wrapped one (PEFT) is
+    called chunk by chunk (``lm_head_loss``). Everything else goes the stock way.
     """
-    return (
+    applies = (
         labels is not None
         and model.training
         and not getattr(model.config, "keep_logits_in_training", False)
         and isinstance(logits_to_keep, int)
         and logits_to_keep == 0
-        and _is_plain_module(lm_head)
     )
+    if applies and _has_hooks(lm_head):
+        _log_once(
+            "the LM head has hooks (FSDP, DeepSpeed ZeRO-3, offloading or your own), so it is called once on "
+            "every token as stock calls it: the training loss holds the [tokens, vocab] logits"
+        )
+        return False
+    return applies
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -3751,6 +3770,15 @@ def _apply_as_autocast_would(function, tensors: tuple, *options):
     cast = tuple(t.to(autocast_dtype) if t is not None and t.is_floating_point() else t for t in tensors)
     with torch.autocast(floating[0].device.type, enabled=False):
         return function.apply(*cast, *options)
+
+
+def _loss_divisor(targets: torch.Tensor, num_items_in_batch, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
+    """What the summed loss is divided by: the counted targets, or ``num_items_in_batch`` when given."""
+    if num_items_in_batch is None:
+        divisor = (targets != ignore_index).sum()
+    else:
+        divisor = torch.as_tensor(num_items_in_batch, device=targets.device)
+    return divisor.to(torch.promote_types(dtype, torch.float32))
 
 
 def linear_cross_entropy(
@@ -3774,16 +3802,71 @@ def linear_cross_entropy(
             f"and {list(targets.shape)}"
         )
     targets = targets.to(hidden.device)
-    if num_items_in_batch is None:
-        divisor = (targets != ignore_index).sum()
-    else:
-        divisor = torch.as_tensor(num_items_in_batch, device=hidden.device)
-    divisor = divisor.to(torch.promote_types(hidden.dtype, torch.float32))
+    divisor = _loss_divisor(targets, num_items_in_batch, ignore_index, hidden.dtype)
     grad_enabled = torch.is_grad_enabled()
     wants = tuple(grad_enabled and t is not None and t.requires_grad for t in (hidden, weight, bias))
     return _apply_as_autocast_would(
         _LinearCrossEntropy, (hidden, weight, bias), targets, divisor, chunk_size, ignore_index, wants
     )
+
+
+def _plain_linear_run_by(head: torch.nn.Module) -> Optional[torch.nn.Linear]:
+    """The plain ``nn.Linear`` that ``head(x)`` runs, or None: the head itself, or the module a PEFT
+    ``modules_to_save`` wrapper calls (its one active copy; the original with adapters disabled or none active).
+    The wrapper is read through its own module slots and properties, so an attribute it lacks gives None."""
+    if _is_plain_module(head):
+        return head
+    copies, original = head._modules.get("modules_to_save"), head._modules.get("original_module")
+    wrapper = type(head)
+    if not (
+        isinstance(copies, torch.nn.ModuleDict)
+        and isinstance(original, torch.nn.Module)
+        and isinstance(getattr(wrapper, "active_adapters", None), property)
+        and isinstance(getattr(wrapper, "disable_adapters", None), property)
+    ):
+        return None
+    active = head.active_adapters
+    if head.disable_adapters is True or (isinstance(active, list) and not active):
+        module = original
+    elif isinstance(active, list) and len(active) == 1 and active[0] in copies:
+        module = copies[active[0]]
+    else:
+        return None
+    return module if _is_plain_module(module) else None
+
+
+def _chunk_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor, logits_bias, ignore_index: int):
+    logits = head(hidden)
+    if logits_bias is not None:
+        logits = logits + logits_bias
+    return F.cross_entropy(_at_least_float32(logits), targets, ignore_index=ignore_index, reduction="sum")
+
+
+def wrapped_head_cross_entropy(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    targets: torch.Tensor,
+    logits_bias: Optional[torch.Tensor] = None,
+    num_items_in_batch=None,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Cross-entropy of ``head(hidden [rows, d]) (+ logits_bias)`` against ``targets [rows]`` for a head the
+    fused op cannot see into (PEFT LoRA or ``modules_to_save`` on ``lm_head``, a quantized layer), with the
+    divisor of ``linear_cross_entropy``. The head is called on chunks of rows, each one checkpointed: its
+    logits are freed once its loss is summed and recomputed (dropout included) in backward.
+    """
+    targets = targets.to(hidden.device)
+    divisor = _loss_divisor(targets, num_items_in_batch, ignore_index, hidden.dtype)
+    sums = []
+    for rows, row_targets in zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True):
+        if torch.is_grad_enabled():
+            sums.append(
+                checkpoint(_chunk_loss_sum, head, rows, row_targets, logits_bias, ignore_index, use_reentrant=False)
+            )
+        else:
+            sums.append(_chunk_loss_sum(head, rows, row_targets, logits_bias, ignore_index))
+    return torch.stack(sums).sum() / divisor
 
 
 def lm_head_loss(
@@ -3801,24 +3884,34 @@ def lm_head_loss(
     """The stock LM loss of ``lm_head(hidden_states) (+ logits_bias)`` against ``labels``, without logits.
 
     ``shift``: causal LM (position t predicts label t + 1, as transformers' ``ForCausalLMLoss``; a given
-    ``shift_labels`` is used as is); ``shift=False``: labels align with positions (BART).
+    ``shift_labels`` is used as is); ``shift=False``: labels align with positions (BART). A plain
+    ``nn.Linear`` head runs the fused op; any other head (PEFT LoRA or ``modules_to_save``) is called on chunks.
     """
     if shift and shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = (shift_labels if shift else labels).reshape(-1)
-    bias = lm_head.bias
+    hidden_rows = hidden_states.reshape(-1, hidden_states.shape[-1])
     if logits_bias is not None:
         logits_bias = logits_bias.reshape(-1).to(hidden_states.device)
+    linear = _plain_linear_run_by(lm_head)
+    if linear is None:
+        head_dtype = _autocast_dtype(hidden_states.device.type) or hidden_states.dtype
+        chunk_size = loss_chunk_size(config, config.vocab_size, head_dtype)
+        return wrapped_head_cross_entropy(
+            hidden_rows, lm_head, targets, logits_bias, num_items_in_batch, ignore_index, chunk_size
+        )
+    bias = linear.bias
+    if logits_bias is not None:
         bias = logits_bias if bias is None else bias + logits_bias
-    head_dtype = _autocast_dtype(hidden_states.device.type) or lm_head.weight.dtype
+    head_dtype = _autocast_dtype(hidden_states.device.type) or linear.weight.dtype
     return linear_cross_entropy(
-        hidden_states.reshape(-1, hidden_states.shape[-1]),
-        lm_head.weight,
+        hidden_rows,
+        linear.weight,
         targets,
         bias=bias,
         num_items_in_batch=num_items_in_batch,
         ignore_index=ignore_index,
-        chunk_size=loss_chunk_size(config, lm_head.weight.shape[0], head_dtype),
+        chunk_size=loss_chunk_size(config, linear.weight.shape[0], head_dtype),
     )
 
 
@@ -4970,8 +5063,6 @@ class LongContextCheckpointing:
             return partial(offloaded_checkpoint, self, keep_on_device=keep)
         function = self.__dict__.get("_checkpointing_function")
         if function is None:
-            from torch.utils.checkpoint import checkpoint
-
             function = partial(checkpoint, use_reentrant=False)
         return function
 

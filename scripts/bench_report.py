@@ -27,6 +27,8 @@ KEY_FIELDS = (
     "dtype",
     "vocab",
     "cache",
+    "lora",
+    "loss_chunk_size",
 )
 FINAL_STATUSES = ("ok", "oom", "unsupported")
 

@@ -388,6 +388,37 @@ def test_train_mask_packed_refuses_families_without_position_ids(capsys):
         bench_module("cli").parse_args(argv)
     assert "bloom do not take" in capsys.readouterr().err
 
+def test_lora_wraps_every_model_in_peft_and_reports_no_mfu(tmp_path):
+    """--lora / --modules-to-save: stock and ours are the same PEFT model (same loss), named in the records."""
+    pytest.importorskip("peft", reason="peft is in the test extra")
+    argv = ["--device", "cpu", "--quick", "--section", "train", "--family", "llama", "--seq", "48", "--batch", "1"]
+    argv += ["--impl", "stock:sdpa,ours:auto", "--lora", "q_proj,v_proj", "--modules-to-save", "lm_head"]
+    threads = torch.get_num_threads()
+    try:
+        assert load_script("benchmark").main(argv + ["--out", str(tmp_path / "lora")]) == 0
+        assert load_script("benchmark").main(argv[:-4] + ["--out", str(tmp_path / "plain")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    records, plain = (
+        by([json.loads(line) for line in (tmp_path / run / "results.jsonl").read_text().splitlines()], section="train")
+        for run in ("lora", "plain")
+    )
+    assert len(records) == 2 and all(r["status"] == "ok" for r in records)
+    assert all(r["lora"] == "q_proj,v_proj,save:lm_head" and r["mfu"] is None and r["flops"] is None for r in records)
+    assert abs(records[0]["loss"] - records[1]["loss"]) < 1e-4
+    head = 256 * 64  # the tiny LLaMA's vocab x hidden: modules_to_save's trainable copy of lm_head, plus the adapters
+    assert all(r["n_params"] > p["n_params"] + head and "lora" not in p for r, p in zip(records, plain, strict=True))
+    with pytest.raises(SystemExit):
+        bench_module("cli").parse_args(["--device", "cpu", "--modules-to-save", "lm_head"])
+
+
+def test_loss_chunk_size_reaches_our_models_config(cpu_bench):
+    models = bench_module("models")
+    kwargs = models.config_kwargs("llama", models.TINY_DIMS["llama"], 64, 0.0, torch.float32)
+    cpu_bench.factory.loss_chunk_size = 16
+    assert cpu_bench.factory.build("llama", "ours:auto", kwargs, torch.float32).config.loss_chunk_size == 16
+
+
 def test_liger_patches_the_stock_class_until_its_model_is_dropped(cpu_bench, monkeypatch):
     """A stand-in for liger_kernel.transformers that patches the way Liger does (module attributes and the
     CausalLM forward): the model built with +liger uses the patch, and stock is stock again afterwards."""

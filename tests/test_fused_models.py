@@ -226,7 +226,8 @@ def test_trained_model_saves_into_the_stock_class(family_pairs, tmp_path):
         assert torch.equal(reloaded.state_dict()[key], value), key
 
 
-def test_a_wrapped_or_hooked_head_takes_the_plain_path(family_pairs):
+def test_a_hooked_head_takes_the_plain_path(family_pairs):
+    """A wrapped head without hooks trains without logits too: ``test_wrapped_head_loss.py``."""
     stock, ours, _ = family_pairs["llama"]
     batch = batch_for("llama", torch.Generator().manual_seed(8))
     seen = []
@@ -242,11 +243,15 @@ def test_a_wrapped_or_hooked_head_takes_the_plain_path(family_pairs):
 def test_fused_training_step_compiles_into_one_graph(family_pairs, name):
     """No graph break in a training step without padding (padding masks are the attention layer's business)."""
     _, ours, _ = family_pairs[name]
-    batch = batch_for(name, torch.Generator().manual_seed(10))
-    del batch["attention_mask"]
-    ours.train()
+    assert_training_step_compiles_into_one_graph(ours, batch_for(name, torch.Generator().manual_seed(10)))
+
+
+def assert_training_step_compiles_into_one_graph(model, batch: dict) -> None:
+    """dynamo traces ``model``'s training forward of ``batch`` (without its padding mask) in one graph."""
+    batch = {key: value for key, value in batch.items() if key != "attention_mask"}
+    model.train()
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(lambda: ours(**batch).loss)()
+    explanation = torch._dynamo.explain(lambda: model(**batch).loss)()
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
     assert explanation.graph_count == 1
 
@@ -287,7 +292,7 @@ def test_lora_gradients_match_stock_with_peft(tmp_path, name, with_head):
     assert lora_grads and grads.keys() == expected_grads.keys()
     for key in lora_grads:
         assert_close_rel(grads[key], expected_grads[key], TOL, f"grad of {key}")
-    assert (got.logits is None) == (not with_head)  # a LoRA-wrapped head takes the plain path
+    assert got.logits is None  # a LoRA-wrapped head is called on chunks of tokens (test_wrapped_head_loss.py)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -147,6 +147,13 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
         "--optimizer", choices=["none", "adamw"], default="none", help="add an AdamW step to the training step"
     )
     p.add_argument(
+        "--lora", type=str_list, default=[],
+        help="train: wrap every model in PEFT LoRA (rank 16) on these module names, e.g. q_proj,v_proj or lm_head "
+        "(no MFU: frozen weights get no weight gradients)",
+    )
+    p.add_argument("--modules-to-save", type=str_list, default=[], help="with --lora: PEFT's modules_to_save, e.g. lm_head")
+    p.add_argument("--loss-chunk-size", type=int, default=None, help="train: config.loss_chunk_size of our models")
+    p.add_argument(
         "--train-mask", choices=["none", "ones", "packed"], default="none",
         help="train: pass an all-ones attention_mask, as the Trainer's collators do for unpadded rows (ones), or "
         "pack documents of 1/16 to 1/4 of a row each as DataCollatorWithFlattening does (packed: position_ids "
@@ -228,6 +235,8 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     unpacked = [f for f in args.family if f not in PACKED_FAMILIES]
     if args.train_mask == "packed" and "train" in args.section and unpacked:
         p.error(f"--train-mask packed restarts position ids, which {', '.join(unpacked)} do not take")
+    if args.modules_to_save and not args.lora:
+        p.error("--modules-to-save is a PEFT LoRA option: name the LoRA targets with --lora too")
     on_cpu = torch.device(args.device).type == "cpu"
     args.tiny = args.tiny or (args.quick and on_cpu)
     args.dtype = args.dtype or ("fp32" if on_cpu else "bf16")

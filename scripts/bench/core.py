@@ -22,7 +22,7 @@ import bench_report
 import torch
 
 from . import MODELING_DIR, module_from_file
-from .models import ModelFactory, family_dims
+from .models import ModelFactory, family_dims, lora_adapter
 
 FINAL = bench_report.FINAL_STATUSES
 
@@ -168,6 +168,8 @@ class Bench:
         # every size of a sweep gets its own static-shape flex kernel, as in a run at one fixed size
         self.flex_static_shapes = args.dynamo_cache_limit // 2
         self.factory = ModelFactory(self.device, self.flex_static_shapes, args.baseline_modeling)
+        self.factory.adapter = lora_adapter(args.lora, args.modules_to_save)
+        self.factory.loss_chunk_size = args.loss_chunk_size
         self._kernel_layer = None
 
     # -- timing and memory --------------------------------------------------------------------

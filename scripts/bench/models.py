@@ -127,6 +127,8 @@ class ModelFactory:
         self.baseline_modeling = baseline_modeling
         self.root = Path(tempfile.mkdtemp(prefix="mea-bench-models-"))
         self.undo: list = []
+        self.adapter: Optional[dict] = None  # PEFT LoraConfig options every model is wrapped with (--lora)
+        self.loss_chunk_size: Optional[int] = None  # config.loss_chunk_size of our models (--loss-chunk-size)
 
     def config(self, family: str, kwargs: dict, ours: bool, baseline: bool = False):
         import transformers
@@ -175,6 +177,7 @@ class ModelFactory:
         with torch.device(self.device):
             if spec.ours:
                 config.attn_backend = spec.attention
+                config.loss_chunk_size = self.loss_chunk_size
                 model = auto.from_config(config, trust_remote_code=True, dtype=dtype)
                 if not type(model).__module__.startswith("transformers_modules"):
                     raise RuntimeError(f"expected our class through trust_remote_code, got {type(model).__module__}")
@@ -182,6 +185,11 @@ class ModelFactory:
             else:
                 model = auto.from_config(config, attn_implementation=spec.attention, dtype=dtype)
         model = model.to(self.device)
+        if self.adapter is not None:
+            from peft import LoraConfig, get_peft_model
+
+            torch.manual_seed(1)
+            model = get_peft_model(model, LoraConfig(**self.adapter))
         if spec.cudagraphs:
             model.compile(mode="reduce-overhead")
         elif spec.compile:
@@ -192,6 +200,13 @@ class ModelFactory:
         """Undo what the last build patched outside its model (Liger), once that model is dropped."""
         while self.undo:
             self.undo.pop()()
+
+
+def lora_adapter(targets: list, modules_to_save: list) -> Optional[dict]:
+    """PEFT ``LoraConfig`` options for ``--lora`` (rank 16, alpha 32, no dropout), or None without it."""
+    if not targets:
+        return None
+    return dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets, modules_to_save=modules_to_save or None)
 
 
 def matmul_weights(model, family: str) -> dict:

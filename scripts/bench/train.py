@@ -97,7 +97,7 @@ def measure_train(
     peak = bench.peak_mb()
     ms = statistics.median(times)
     tokens = batch * (seq + (tgt or 0)) if family == "bart" else batch * seq
-    flops = training_flops(model, family, batch, seq, tgt)
+    flops = None if bench.args.lora else training_flops(model, family, batch, seq, tgt)  # LoRA: no weight grads
     result = {
         "step_ms": ms,
         "step_ms_min": min(times),
@@ -109,8 +109,8 @@ def measure_train(
         "tokens": tokens,
         "tokens_per_s": tokens / (ms / 1e3),
         "flops": flops,
-        "tflops": flops / (ms / 1e3) / 1e12,
-        "mfu": model_flops_utilisation(flops, ms, bench.peak_tflops) if half_precision(model) else None,
+        "tflops": flops / (ms / 1e3) / 1e12 if flops else None,
+        "mfu": model_flops_utilisation(flops, ms, bench.peak_tflops) if flops and half_precision(model) else None,
         "loss": loss,
         "optimizer": bench.args.optimizer,
     }
@@ -231,6 +231,16 @@ def run_train_family(
         sweep.close()
 
 
+def train_record_fields(args) -> dict:
+    """The options that change what a training record measures, where they are not the defaults."""
+    fields = {"train_mask": args.train_mask} if args.train_mask != "none" else {}
+    if args.lora:
+        fields["lora"] = ",".join(args.lora + [f"save:{name}" for name in args.modules_to_save])
+    if args.loss_chunk_size is not None:
+        fields["loss_chunk_size"] = args.loss_chunk_size
+    return fields
+
+
 def run_train(bench: Bench) -> None:
     args = bench.args
     for family in args.family:
@@ -245,6 +255,6 @@ def run_train(bench: Bench) -> None:
             args.batch_for("train"),
             bench.dims[family],
             bench.dtype,
-            extra_record={"train_mask": args.train_mask} if args.train_mask != "none" else None,
+            extra_record=train_record_fields(args) or None,
         )
         bench.rec.write_markdown()
