@@ -72,6 +72,7 @@ class AttentionCall:
     alibi: bool
     dropout_p: float
     needs_grad: bool
+    bias_needs_grad: bool = False  # an additive mask or ALiBi slopes that require grad (see _cannot_differentiate)
     # The tensors behind mask_kind "padding" and alibi, for a backend that must read their values to decide.
     padding_mask: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
     slopes: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
@@ -319,6 +320,12 @@ def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     mask_kind = _mask_kind(attention_mask, batch, heads, q_len, k_len)
+    if q_len > k_len and (sequence_ids is not None or (alibi_slopes is not None and mask_kind == "padding")):
+        given = "sequence_ids" if sequence_ids is not None else "alibi_slopes and a [b, k_len] keep-mask"
+        raise ValueError(
+            f"q_len {q_len} > k_len {k_len} with {given}: the queries take the positions of the last q_len "
+            "keys, so there must be at least as many keys"
+        )
     return AttentionCall(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -333,6 +340,10 @@ def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence
         alibi=alibi_slopes is not None,
         dropout_p=float(dropout_p),
         needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+        bias_needs_grad=torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad
+            for t in (attention_mask if mask_kind == "additive" else None, alibi_slopes)
+        ),
         padding_mask=attention_mask if mask_kind == "padding" else None,
         slopes=alibi_slopes,
         holder=holder,
@@ -356,14 +367,19 @@ def _document_index(sequence_ids: torch.Tensor) -> torch.Tensor:
     return F.pad(starts.cumsum(-1, dtype=torch.int32), (1, 0))
 
 
-def _kept_positions(keep: torch.Tensor) -> torch.Tensor:
-    """Float32 [b, k] position of each key counting only kept keys: ALiBi distances skip padding, as in BLOOM."""
-    return keep.cumsum(-1, dtype=torch.float32)
+def _kept_positions(keep: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[b, k] position of each key counting only kept keys: ALiBi distances skip padding, as in BLOOM."""
+    return keep.cumsum(-1, dtype=dtype)
 
 
 def _query_slice(call: AttentionCall, rows: slice) -> slice:
     """The key positions of query rows (bottom-right aligned)."""
     return slice(rows.start + call.causal_offset, rows.stop + call.causal_offset)
+
+
+def _mask_block(mask: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+    """The rows x cols block of a 4-D mask broadcastable to [b, h, q_len, k_len] (a size-1 dim stays whole)."""
+    return mask[:, :, rows if mask.shape[2] != 1 else slice(None), cols if mask.shape[3] != 1 else slice(None)]
 
 
 def _block_keep(call: AttentionCall, mask, rows: slice, cols: slice, device, documents=None) -> Optional[torch.Tensor]:
@@ -381,27 +397,28 @@ def _block_keep(call: AttentionCall, mask, rows: slice, cols: slice, device, doc
         pad = mask[:, None, None, cols]
         keep = pad if keep is None else keep & pad
     elif call.mask_kind in ("bool", "additive"):
-        block = mask[:, :, rows, cols] if mask.shape[2] != 1 else mask[:, :, :, cols]
+        block = _mask_block(mask, rows, cols)
         block_keep = block if call.mask_kind == "bool" else ~_additive_hidden(block)
         keep = block_keep if keep is None else keep & block_keep
     return keep
 
 
 def _block_bias(call: AttentionCall, mask, alibi_slopes, rows: slice, cols: slice, device) -> Optional[torch.Tensor]:
-    """Float32 additive bias of the block (ALiBi and an additive mask), broadcastable to [b, h, rows, cols]."""
-    bias = None
+    """Additive bias of the block (ALiBi and an additive mask) in the call's compute dtype (float32, or float64
+    for float64 inputs), broadcastable to [b, h, rows, cols]."""
+    dtype, bias = _compute_dtype(call.dtype), None
     if alibi_slopes is not None:
-        slopes = alibi_slopes.to(device=device, dtype=torch.float32)[None, :, None, None]
+        slopes = alibi_slopes.to(device=device, dtype=dtype)[None, :, None, None]
         if call.mask_kind == "padding":
-            positions = _kept_positions(mask)
+            positions = _kept_positions(mask, dtype)
             bias = slopes * (positions[:, None, None, cols] - positions[:, None, _query_slice(call, rows), None])
         else:
-            q_pos = torch.arange(rows.start, rows.stop, device=device, dtype=torch.float32)[:, None] + call.causal_offset
-            k_pos = torch.arange(cols.start, cols.stop, device=device, dtype=torch.float32)[None, :]
+            q_pos = torch.arange(rows.start, rows.stop, device=device, dtype=dtype)[:, None] + call.causal_offset
+            k_pos = torch.arange(cols.start, cols.stop, device=device, dtype=dtype)[None, :]
             bias = slopes * (k_pos - q_pos)
     if call.mask_kind == "additive":
-        block = mask[:, :, rows, cols] if mask.shape[2] != 1 else mask[:, :, :, cols]
-        block = block.float().masked_fill(_additive_hidden(block), 0.0)
+        block = _mask_block(mask, rows, cols)
+        block = block.to(dtype).masked_fill(_additive_hidden(block), 0.0)
         bias = block if bias is None else bias + block
     return bias
 
@@ -993,7 +1010,8 @@ def _chunk_sizes(chunk_size) -> tuple:
     """(query, key) block sizes from ``chunk_size``: None (this copy's default), an int for both, or a pair."""
     if chunk_size is None:
         return _DEFAULT_CHUNK_SIZES["query"], _DEFAULT_CHUNK_SIZES["key"]
-    pair = (chunk_size, chunk_size) if isinstance(chunk_size, int) else tuple(chunk_size)
+    pair = (chunk_size, chunk_size) if isinstance(chunk_size, int) else chunk_size
+    pair = tuple(pair) if isinstance(pair, (list, tuple)) else ()
     if len(pair) != 2 or not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in pair):
         raise ValueError(f"chunk_size (config.attn_chunk_size) must be a positive int or a [query, key] pair, got {chunk_size!r}")
     return pair
@@ -2412,8 +2430,19 @@ _RUN = {
 }
 
 
+def _cannot_differentiate(name: str, call: AttentionCall) -> Optional[str]:
+    """An additive mask or ALiBi slopes that require grad get their gradient only where autograd runs through the
+    bias added to the scores: eager, and sdpa on the CPU (its math kernel). The others would leave it None."""
+    if call.bias_needs_grad and not (name == "eager" or (name == "sdpa" and call.device_type == "cpu")):
+        return (
+            f"{name} gives no gradient to an additive attention_mask or alibi_slopes that requires grad; "
+            "eager does (and sdpa on the CPU), or detach them"
+        )
+    return None
+
+
 def _why_not(name: str, call: AttentionCall) -> Optional[str]:
-    return _probe(name, call.device_type) or _CANNOT[name](call)
+    return _probe(name, call.device_type) or _cannot_differentiate(name, call) or _CANNOT[name](call)
 
 
 def _auto_skips(name: str, call: AttentionCall) -> bool:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import BACKENDS, ForwardMask, alibi_slopes, attention
+from .attention import BACKENDS, ForwardMask, alibi_slopes, attention, attention_options
 
 __all__ = [
     "REGISTERED_NAMES",
@@ -262,6 +262,16 @@ def kernel_layer_mask(**mask_kwargs: Any):
 # ----------------------------------------------------------------------------------------------
 
 
+def _config_options(config, backend: str, mask) -> dict:
+    """What the model's config asks of ``attention()`` at this call, as for our modeling files
+    (``attention_options``: ``config.attn_backend`` first, ``attn_chunk_size``, ``attn_flex_static_shapes``);
+    the registered name's ``backend`` where the config names none."""
+    if config is None:
+        return {"backend": backend}
+    options = attention_options(config, mask=mask)
+    return options if options["backend"] != "auto" else {**options, "backend": backend}
+
+
 def _make_attention_function(backend: str) -> Callable:
     def kernel_layer_attention(
         module: nn.Module,
@@ -283,8 +293,9 @@ def _make_attention_function(backend: str) -> Callable:
         is_causal = kwargs.get("is_causal")
         is_causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
         key, value, mask, causal = _kernel_arguments(key, value, attention_mask, is_causal, query.shape[2])
+        options = _config_options(getattr(module, "config", None), backend, mask)
         output = attention(
-            query, key, value, causal=causal, attention_mask=mask, dropout_p=dropout, scale=scaling, backend=backend
+            query, key, value, causal=causal, attention_mask=mask, dropout_p=dropout, scale=scaling, **options
         )
         return output.transpose(1, 2).contiguous(), None
 

@@ -353,6 +353,27 @@ def test_from_pretrained_with_registered_name_handles_padding(family, name, tmp_
     assert (logits(ours, unmasked)[2][keep] - out[2][keep]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("name", ["mea", "mea_chunked"])
+def test_registered_names_read_the_config_at_every_call_as_our_files_do(name, tmp_path, monkeypatch):
+    """``config.attn_backend`` (source 1 of the selection rule) beats the registered name's backend (source 2),
+    and ``config.attn_chunk_size`` reaches the chunked backend, read at every call."""
+    tiny_stock("llama").save_pretrained(tmp_path)
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=name).eval()
+    seen = []
+    run_chunked = patch_module.attention.__globals__["_RUN"]["chunked"]
+    monkeypatch.setitem(patch_module.attention.__globals__["_RUN"], "chunked",
+                        lambda *args, **kwargs: seen.append(kwargs.get("chunk_size")) or run_chunked(*args, **kwargs))
+    inputs, _ = model_inputs("llama", "left")
+    ours.config.attn_chunk_size = [3, 5]
+    ours.config.attn_backend = "chunked"
+    logits(ours, inputs)
+    assert seen and set(seen) == {(3, 5)}
+    seen.clear()
+    ours.config.attn_backend = "eager"
+    logits(ours, inputs)
+    assert not seen
+
+
 def test_mask_function_returns_linear_masks_for_plain_patterns_and_4d_otherwise():
     config = tiny_config("llama")
     config._attn_implementation = "mea"
