@@ -4617,7 +4617,10 @@ def sequence_tile_size(config) -> int:
 
 def offload_checkpoints(config) -> bool:
     """``config.offload_checkpoints``: checkpoint every decoder layer in training, its input kept in host memory."""
-    return bool(getattr(config, "offload_checkpoints", False))
+    value = getattr(config, "offload_checkpoints", None)
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"config.offload_checkpoints must be True, False or None, got {value!r}")
+    return bool(value)
 
 
 def keeps_checkpoint_on_device(config, layer_index: int, num_layers: Optional[int] = None) -> bool:

@@ -45,6 +45,7 @@ kernel layer and, unless false, also routes a stock transformers model through i
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -148,8 +149,19 @@ def argument_problems(args: argparse.Namespace) -> list[str]:
                                     ("warmup", 0), ("save_every", 0), ("tiny_hidden", 1), ("tiny_layers", 1),
                                     ("tiny_heads", 1), ("tiny_vocab", 8))
                 if getattr(args, name) < least]
-    if not args.lr > 0:
-        problems.append(f"--lr must be positive, got {args.lr}")
+    for name in ("lr", "max_grad_norm"):  # a negative clipping norm would turn the gradients around
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            problems.append(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(args, name)}")
+    if not 0.0 <= args.min_lr_ratio <= 1.0:
+        problems.append(f"--min-lr-ratio must be between 0 and 1, got {args.min_lr_ratio}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        problems.append(f"--weight-decay must be at least 0, got {args.weight_decay}")
+    if args.tiny_config and args.tiny_heads >= 1 and args.tiny_hidden % args.tiny_heads:
+        problems.append(f"--tiny-hidden {args.tiny_hidden} must be a multiple of --tiny-heads {args.tiny_heads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda: this machine has no CUDA device torch can use")
+    if (args.sequence_tile_size or args.offload_checkpoints) and not args.trust_remote_code:
+        problems.append("--sequence-tile-size and --offload-checkpoints need our modeling files (--trust_remote_code)")
     if args.data and Path(args.data).suffix not in (".txt", ".npy", ".jsonl"):
         problems.append(f"--data must be a .txt, .npy or .jsonl file, got {args.data}")
     elif args.data and not Path(args.data).is_file():
@@ -283,8 +295,8 @@ def model_folder(args: argparse.Namespace, dist_info: Distributed) -> Path:
     if args.model:
         return Path(args.model)
     folder = Path(args.output_dir) / f"tiny-{args.tiny_config}"
-    if dist_info.is_main and not (folder / "config.json").exists():
-        write_tiny_model(args, folder)
+    if dist_info.is_main and (not args.resume or not (folder / "config.json").exists()):
+        write_tiny_model(args, folder)  # a fresh run writes its own (a failed run may have left another one)
     dist_info.barrier()
     return folder
 
@@ -657,6 +669,7 @@ def _train(args: argparse.Namespace, dist_info: Distributed) -> list[dict]:
         file_tokens, args.seq_len, args.batch_size, args.grad_accum, dist_info.world_size, args.seed, starts
     )
     core = model
+    takes_loss_kwargs = accepts_loss_kwargs(core)
     model = wrap_model(model, args, dist_info)
     optimizer = torch.optim.AdamW(core.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
 
@@ -677,13 +690,15 @@ def _train(args: argparse.Namespace, dist_info: Distributed) -> list[dict]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for micro_step in range(args.grad_accum):
-            inputs = schedule.model_inputs(step, micro_step, dist_info.rank)
+        micro_batches = [schedule.model_inputs(step, micro, dist_info.rank) for micro in range(args.grad_accum)]
+        loss_kwargs = step_loss_kwargs(micro_batches, dist_info) if takes_loss_kwargs else {}
+        for micro_step, inputs in enumerate(micro_batches):
             inputs = {name: value.to(dist_info.device) for name, value in inputs.items()}
             sync = micro_step == args.grad_accum - 1 or not hasattr(model, "no_sync")
             with nullcontext() if sync else model.no_sync():  # DDP: all-reduce once, after the last micro-step
                 with autocast:
-                    loss = model(**inputs).loss / args.grad_accum
+                    loss = model(**inputs, **loss_kwargs).loss
+                    loss = loss if loss_kwargs else loss / args.grad_accum
                 loss.backward()
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), args.max_grad_norm)
@@ -715,6 +730,22 @@ def _train(args: argparse.Namespace, dist_info: Distributed) -> list[dict]:
     return records
 
 
+def accepts_loss_kwargs(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes the loss keywords (``num_items_in_batch``), as the Trainer checks: a
+    ``**kwargs`` (every transformers 5 causal LM, ours; PEFT's wrapper is looked through)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters.values()
+    return any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters)
+
+
+def step_loss_kwargs(micro_batches: list[dict], dist_info: Distributed) -> dict:
+    """``num_items_in_batch`` for every micro-batch of a step: the targets of the whole step over all ranks,
+    per rank (DDP averages the ranks' gradients). Each micro-batch's loss is then its summed loss over that,
+    and the step's loss the mean over every target, however the micro-batches split them (packed rows do)."""
+    targets = sum(int((inputs["labels"][:, 1:] != -100).sum()) for inputs in micro_batches)
+    return {"num_items_in_batch": dist_info.mean(float(targets))}
+
+
 def _progress_bar(args, dist_info: Distributed, start_step: int):
     if args.no_progress or not dist_info.is_main:
         return None
@@ -740,7 +771,7 @@ def apply_long_context(model: torch.nn.Module, args: argparse.Namespace) -> torc
     """Set the long-context options on the config (read at every forward) and wrap the model with LoRA."""
     if args.sequence_tile_size or args.offload_checkpoints:
         if not is_kernel_layer_model(model):
-            raise ValueError("--sequence-tile-size/--offload-checkpoints need our modeling file (--trust_remote_code)")
+            raise TrainError("--sequence-tile-size/--offload-checkpoints need our modeling file (--trust_remote_code)")
         model.config.sequence_tile_size = args.sequence_tile_size
         model.config.offload_checkpoints = args.offload_checkpoints
     if not args.lora:
@@ -749,10 +780,13 @@ def apply_long_context(model: torch.nn.Module, args: argparse.Namespace) -> torc
 
     targets = args.lora_targets.split(",") if args.lora_targets else LORA_ATTENTION_TARGETS.get(model.config.model_type)
     if not targets:
-        raise ValueError(f"no default LoRA targets for model_type {model.config.model_type!r}; pass --lora-targets")
+        raise TrainError(f"no default LoRA targets for model_type {model.config.model_type!r}; pass --lora-targets")
     alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
     lora = LoraConfig(r=args.lora_rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
-    model = get_peft_model(model, lora)
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as error:  # PEFT's "target modules not found"
+        raise TrainError(f"--lora-targets {','.join(targets)}: {str(error).splitlines()[0]}") from error
     if args.bf16:  # frozen weights need no fp32 master copy
         for param in model.parameters():
             if not param.requires_grad:

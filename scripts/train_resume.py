@@ -32,6 +32,9 @@ def run_identity(args: argparse.Namespace, world_size: int) -> dict:
         "data": "synthetic" if args.synthetic else str(Path(args.data).resolve()),
         "seed": args.seed,
         "world_size": world_size,
+        "pack": args.pack,
+        "lora": f"rank {args.lora_rank}, alpha {args.lora_alpha}, targets {args.lora_targets}" if args.lora else None,
+        "lr_schedule": f"lr {args.lr}, warmup {args.warmup}, min ratio {args.min_lr_ratio}",
     }
 
 

@@ -131,6 +131,12 @@ TRAIN_ARGUMENT_CASES = {
     "--stop-at past --steps": (["--stop-at", "5"], "--stop-at must be between 1 and --steps"),
     "--use_flash_attn garbage": (["--use_flash_attn", "garbage"], "--use_flash_attn 'garbage' is not"),
     "--steps abc": (["--steps", "abc"], "invalid int value: 'abc'"),
+    "--lr inf": (["--lr", "inf"], "--lr must be positive and finite, got inf"),
+    "--max-grad-norm -1": (["--max-grad-norm", "-1"], "--max-grad-norm must be positive"),
+    "--min-lr-ratio -2": (["--min-lr-ratio", "-2"], "--min-lr-ratio must be between 0 and 1"),
+    "--weight-decay -1": (["--weight-decay", "-1"], "--weight-decay must be at least 0"),
+    "--tiny-hidden 30": (["--tiny-hidden", "30"], "--tiny-hidden 30 must be a multiple of --tiny-heads 4"),
+    "--sequence-tile-size, stock class": (["--sequence-tile-size", "4"], "need our modeling files"),
 }
 
 

@@ -355,6 +355,9 @@ def test_checkpoints_on_device_keeps_the_last_layers_inputs_without_a_copy(folde
     model.config.checkpoints_on_device = -1
     with pytest.raises(ValueError, match="checkpoints_on_device"):
         model.model.layers[0](hidden, position_embeddings=position_embeddings)
+    model.config.checkpoints_on_device, model.config.offload_checkpoints = 1, "false"  # bool("false") is True
+    with pytest.raises(ValueError, match="offload_checkpoints must be True, False or None, got 'false'"):
+        model.model.layers[0](hidden, position_embeddings=position_embeddings)
 
 
 def test_offloaded_decoder_layer_carries_gradients_to_the_encoder_states(folders):

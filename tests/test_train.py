@@ -280,3 +280,28 @@ def test_plot_loss_draws_both_runs_and_gates_on_the_difference(tmp_path, capsys)
     failed_run = write_log(tmp_path / "c" / "loss.jsonl", [])
     with pytest.raises(ValueError, match="no steps logged"):
         plot_loss.main([str(first), str(failed_run), "--out", str(out)])
+
+
+def test_packed_rows_accumulated_over_micro_batches_train_as_one_batch(tmp_path):
+    """Packed micro-batches hold different numbers of targets: each step's loss is the mean over all of them
+    (num_items_in_batch, as the Trainer passes it), so batch 2 x 2 micro-steps logs what batch 4 logs."""
+    setup = ["--tiny-config", "llama", "--trust_remote_code", "--pack", "--steps", "3", "--seed", "5"]
+    whole = run(tmp_path / "whole", *setup, "--batch-size", "4")
+    split = run(tmp_path / "split", *setup, "--batch-size", "2", "--grad-accum", "2")
+    for one, accumulated in zip(whole, split, strict=True):
+        assert accumulated["loss"] == pytest.approx(one["loss"], rel=1e-6), one["step"]
+        assert accumulated["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5), one["step"]
+
+
+def test_a_fresh_run_writes_its_own_tiny_model_over_one_a_failed_run_left(tmp_path):
+    with pytest.raises(train.TrainError, match="--lora-targets nope"):
+        run(tmp_path, "--tiny-config", "llama", "--lora", "--lora-targets", "nope", "--steps", "1")
+    run(tmp_path, "--tiny-config", "llama", "--steps", "1", "--tiny-hidden", "48")
+    assert json.loads((tmp_path / "tiny-llama" / "config.json").read_text())["hidden_size"] == 48
+
+
+def test_resume_refuses_a_run_with_other_packing_lora_or_schedule(tmp_path):
+    run(tmp_path, *RESUMABLE, "--stop-at", "2")
+    for extra, named in ((["--pack"], "pack: False"), (["--lora"], "lora: None"), (["--lr", "0.5"], "lr_schedule")):
+        with pytest.raises(train.TrainError, match=named):
+            run(tmp_path, *RESUMABLE, "--resume", *extra)
