@@ -1,7 +1,7 @@
 """Chat helpers for Qwen-7B (first generation): the ChatML prompt, response decoding and stop words.
 
 ``modeling_qwen.py`` imports these four names for ``chat()``, ``chat_stream()`` and ``stop_words_ids``. They
-take the same arguments and give the same prompts and stop behaviour as the ``qwen_generation_utils.py`` that
+take the same arguments and give the same prompts and stop words as the ``qwen_generation_utils.py`` that
 the Qwen-7B checkpoints ship, so either file can sit next to ``modeling_qwen.py``. transformers' remote-code
 loader finds that import by scanning the text, so a folder holding ``modeling_qwen.py`` must hold this file too.
 
@@ -118,7 +118,9 @@ def decode_tokens(
     text instead, which is the same for Qwen's tokenizer (it decodes the prompt back to exactly the raw text)
     and would be wrong for a tokenizer that does not. ``return_end_reason`` adds why the response ended:
     "Gen '<token>'" for an end token, else "Gen length N". Unlike the original, a ChatML response also ends at
-    ``<|endoftext|>`` (rather than showing it as text), and one without an end token keeps its last token.
+    ``<|endoftext|>`` (rather than showing it as text), one without an end token keeps its last token, and a
+    raw-format response ends at ``<|endoftext|>`` or ``<|im_end|>`` (the original deletes the first and shows
+    the second as text, so it never ends there).
     """
     tokens = tokens.tolist() if torch.is_tensor(tokens) else [int(token) for token in tokens]
     generated = tokens[context_length:]
@@ -184,6 +186,9 @@ class StopWordsLogitsProcessor(LogitsProcessor):
         return stopped
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        outside = [token for token in self.eos_token_ids if not 0 <= token < scores.shape[-1]]
+        if outside:
+            raise ValueError(f"eos_token_id {outside} lies outside the {scores.shape[-1]} scores of the vocabulary")
         eos_columns = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
         eos_columns[self.eos_token_ids] = True
         forced = self.stopped_rows(input_ids).to(scores.device)[:, None] & eos_columns[None, :]

@@ -212,6 +212,12 @@ def test_stop_words_processor_short_inputs_and_several_eos_ids():
     assert out[1, :2].eq(FORCED_EOS_SCORE).all() and out[1, 2:].eq(0).all()
 
 
+def test_stop_words_processor_names_an_eos_id_outside_the_vocabulary():
+    processor = StopWordsLogitsProcessor([[3]], eos_token_id=[1, 9])
+    with pytest.raises(ValueError, match=r"eos_token_id \[9\] lies outside the 6 scores"):
+        processor(torch.tensor([[4, 5]]), torch.zeros(1, 6))
+
+
 @pytest.mark.parametrize("stop_words_ids", [[], [[]], [[-1]], [[1.5]], "stop", [3]])
 def test_stop_words_processor_rejects_malformed_stop_words(stop_words_ids):
     with pytest.raises(ValueError, match="stop"):
