@@ -152,7 +152,7 @@ def filled_cache_length(past_key_values, attention_mask: Optional[torch.Tensor],
 
     ``StaticCache.update`` returns its whole buffer, unwritten slots included, and a causal call aligns its
     queries with the end of the keys, so without a 4-D mask the layers must attend to the written slots only
-    (``written_keys``). None where nothing is to cut: no cache, a cache that grows, or a 4-D mask (it says which
+    (``update_cache``). None where nothing is to cut: no cache, a cache that grows, or a 4-D mask (it says which
     slots each query sees, as transformers' static-cache masks do). While tracing, a 2-D mask's length (past
     + new tokens) gives the count without reading the cache; without a mask the count would be data-dependent,
     and the call runs as given (``generate`` compiles decoding steps with a mask).
@@ -166,20 +166,30 @@ def filled_cache_length(past_key_values, attention_mask: Optional[torch.Tensor],
     return int(past_key_values.get_seq_length()) + new_tokens
 
 
+def _filled_keys(mask) -> Optional[int]:
+    """The ``filled_keys`` of the forward's ``ForwardMask`` (None for a bare mask or none)."""
+    return mask.filled_keys if isinstance(mask, ForwardMask) else None
+
+
 def cache_update_kwargs(mask, new_tokens: int, device, cache_position: Optional[torch.Tensor] = None) -> dict:
     """``cache_kwargs`` for ``Cache.update``: where the new tokens go. transformers 4.x static caches write at
     ``cache_position`` (without it, at 0 .. new_tokens - 1; later ones track it themselves); when the caller gave
     none, it follows from the forward's ``filled_keys`` (``filled_cache_length``)."""
-    filled = mask.filled_keys if isinstance(mask, ForwardMask) else None
+    filled = _filled_keys(mask)
     if cache_position is None and filled is not None:
         cache_position = torch.arange(filled - new_tokens, filled, device=device)
     return {"cache_position": cache_position}
 
 
-def written_keys(key: torch.Tensor, value: torch.Tensor, mask) -> tuple:
-    """``key``/``value`` ``[b, h, k, d]`` from a cache update without a fixed-size cache's unwritten slots: the
-    first ``filled_keys`` of the forward's ``ForwardMask`` (``filled_cache_length``)."""
-    filled = mask.filled_keys if isinstance(mask, ForwardMask) else None
+def update_cache(
+    cache, key: torch.Tensor, value: torch.Tensor, layer_idx: int, mask, cache_position: Optional[torch.Tensor] = None
+) -> tuple:
+    """``cache.update`` of a layer's new ``key``/``value`` ``[b, h, new, d]`` (at ``cache_update_kwargs``' positions),
+    returning the keys and values to attend to: without a fixed-size cache's unwritten slots, the first
+    ``filled_keys`` of the forward's ``ForwardMask`` (``filled_cache_length``)."""
+    where = cache_update_kwargs(mask, key.shape[-2], key.device, cache_position)
+    key, value = cache.update(key, value, layer_idx, where)
+    filled = _filled_keys(mask)
     if filled is None or key.shape[-2] <= filled:
         return key, value
     return key[:, :, :filled], value[:, :, :filled]
@@ -3820,14 +3830,13 @@ def wrapped_head_cross_entropy(
     """
     targets = targets.to(hidden.device)
     divisor = _loss_divisor(targets, num_items_in_batch, ignore_index, hidden.dtype)
-    sums = []
-    for rows, row_targets in zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True):
-        if torch.is_grad_enabled():
-            sums.append(
-                checkpoint(_chunk_loss_sum, head, rows, row_targets, logits_bias, ignore_index, use_reentrant=False)
-            )
-        else:
-            sums.append(_chunk_loss_sum(head, rows, row_targets, logits_bias, ignore_index))
+    chunk_loss = _chunk_loss_sum
+    if torch.is_grad_enabled():
+        chunk_loss = partial(checkpoint, _chunk_loss_sum, use_reentrant=False)
+    sums = [
+        chunk_loss(head, rows, row_targets, logits_bias, ignore_index)
+        for rows, row_targets in zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True)
+    ]
     return torch.stack(sums).sum() / divisor
 
 
@@ -3855,17 +3864,17 @@ def lm_head_loss(
     hidden_rows = hidden_states.reshape(-1, hidden_states.shape[-1])
     if logits_bias is not None:
         logits_bias = logits_bias.reshape(-1).to(hidden_states.device)
+    autocast_dtype = _autocast_dtype(hidden_states.device.type)
     linear = _plain_linear_run_by(lm_head)
     if linear is None:
-        head_dtype = _autocast_dtype(hidden_states.device.type) or hidden_states.dtype
-        chunk_size = loss_chunk_size(config, config.vocab_size, head_dtype)
+        chunk_size = loss_chunk_size(config, config.vocab_size, autocast_dtype or hidden_states.dtype)
         return wrapped_head_cross_entropy(
             hidden_rows, lm_head, targets, logits_bias, num_items_in_batch, ignore_index, chunk_size
         )
     bias = linear.bias
     if logits_bias is not None:
         bias = logits_bias if bias is None else bias + logits_bias
-    head_dtype = _autocast_dtype(hidden_states.device.type) or linear.weight.dtype
+    head_dtype = autocast_dtype or linear.weight.dtype
     return linear_cross_entropy(
         hidden_rows,
         linear.weight,

@@ -150,8 +150,9 @@ def argument_problems(args: argparse.Namespace) -> list[str]:
                                     ("tiny_heads", 1), ("tiny_vocab", 8))
                 if getattr(args, name) < least]
     for name in ("lr", "max_grad_norm"):  # a negative clipping norm would turn the gradients around
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
-            problems.append(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(args, name)}")
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            problems.append(f"--{name.replace('_', '-')} must be positive and finite, got {value}")
     if not 0.0 <= args.min_lr_ratio <= 1.0:
         problems.append(f"--min-lr-ratio must be between 0 and 1, got {args.min_lr_ratio}")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
