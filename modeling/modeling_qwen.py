@@ -5164,6 +5164,17 @@ def resolve_precision(config: QWenConfig) -> torch.dtype:
     return torch.float32
 
 
+def _log_precision_over_requested_dtype(dtype: torch.dtype) -> None:
+    """A ``dtype`` given to ``from_pretrained`` (or a default dtype) does not choose Qwen's precision: the flags
+    do, as in the original. Say so when the two disagree, rather than convert without a word."""
+    requested = torch.get_default_dtype()
+    if requested != torch.float32 and requested != dtype:
+        logger.warning_once(
+            f"QWen: the model runs in {dtype} as its bf16/fp16/fp32 flags (or this machine) decide, not in the "
+            f"requested {requested}; pass bf16=True, fp16=True or fp32=True to from_pretrained to choose"
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # Positions: rotary embedding with dynamic NTK, logn attention scaling
 # ----------------------------------------------------------------------------------------------
@@ -5632,6 +5643,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     def __init__(self, config: QWenConfig):
         super().__init__(config)
         dtype = resolve_precision(config)
+        _log_precision_over_requested_dtype(dtype)
         self.transformer = QWenModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.loss_type = "ForCausalLM"

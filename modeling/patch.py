@@ -31,6 +31,7 @@ section below.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import inspect
 import sys
 import types
@@ -272,6 +273,18 @@ def _config_options(config, backend: str, mask) -> dict:
     return options if options["backend"] != "auto" else {**options, "backend": backend}
 
 
+def _one_head_size(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v zero-padded to one head size: models with multi-head latent attention (DeepSeek-V2/V3) give
+    values another head size than queries and keys. Zero columns change neither the scores (the scale is fixed
+    before) nor the first ``value`` columns of the output."""
+    extra = query.shape[-1] - value.shape[-1]
+    if extra > 0:
+        value = F.pad(value, (0, extra))
+    elif extra < 0:
+        query, key = F.pad(query, (0, -extra)), F.pad(key, (0, -extra))
+    return query, key, value
+
+
 def _make_attention_function(backend: str) -> Callable:
     def kernel_layer_attention(
         module: nn.Module,
@@ -288,16 +301,19 @@ def _make_attention_function(backend: str) -> Callable:
             if kwargs.get(unsupported) is not None:
                 raise NotImplementedError(
                     f"the kernel layer ({implementation_name(backend)}) does not take `{unsupported}`; "
-                    "use attn_implementation='eager' or 'sdpa' for this model"
+                    "use this model's own attention (e.g. attn_implementation='eager')"
                 )
         is_causal = kwargs.get("is_causal")
         is_causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
         key, value, mask, causal = _kernel_arguments(key, value, attention_mask, is_causal, query.shape[2])
         options = _config_options(getattr(module, "config", None), backend, mask)
+        value_size = value.shape[-1]
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        query, key, value = _one_head_size(query, key, value)
         output = attention(
             query, key, value, causal=causal, attention_mask=mask, dropout_p=dropout, scale=scaling, **options
         )
-        return output.transpose(1, 2).contiguous(), None
+        return output[..., :value_size].transpose(1, 2).contiguous(), None
 
     kernel_layer_attention.__qualname__ = kernel_layer_attention.__name__ = f"{implementation_name(backend)}_attention"
     return kernel_layer_attention
@@ -340,8 +356,9 @@ def _bloom_modeling_module() -> types.ModuleType:
 def _bloom_kernel_attention(stock: nn.Module) -> nn.Module:
     """modeling_bloom.py's ``BloomAttention`` sharing ``stock``'s projections: one BLOOM attention code path.
 
-    Built once per stock module on the meta device (no weights allocated), then given the stock module's
-    ``query_key_value`` and ``dense``; kept in the stock module's ``__dict__``, outside its state dict.
+    Built once per stock module on the meta device (no weights allocated) and kept in the stock module's
+    ``__dict__``, outside its state dict. It is handed the stock module's ``query_key_value`` and ``dense`` at
+    every call, so that modules swapped in later (PEFT's LoRA layers, a quantizer's) are the ones that run.
     """
     twin = stock.__dict__.get(_KERNEL_ATTENTION)
     if twin is None:
@@ -356,12 +373,18 @@ def _bloom_kernel_attention(stock: nn.Module) -> nn.Module:
         )
         with torch.device("meta"):
             twin = modeling_bloom.BloomAttention(config, stock.layer_idx)
-        twin.query_key_value, twin.dense = stock.query_key_value, stock.dense
+        _share_projections(twin, stock)
         if any(parameter.is_meta for parameter in twin.parameters()):
             raise RuntimeError("modeling_bloom.BloomAttention has weights the stock BloomAttention lacks")
         stock.__dict__[_KERNEL_ATTENTION] = twin
+    elif twin.query_key_value is not stock.query_key_value or twin.dense is not stock.dense:
+        _share_projections(twin, stock)
     twin.training = stock.training
     return twin
+
+
+def _share_projections(twin: nn.Module, stock: nn.Module) -> None:
+    twin.query_key_value, twin.dense = stock.query_key_value, stock.dense
 
 
 def _bloom_padding_mask(attention_mask, kv_length: int):
@@ -647,6 +670,26 @@ def _class_patch_applies(patch: _ClassPatch, cls: type) -> bool:
     return False
 
 
+def _family_names(families: Iterable[str]) -> frozenset:
+    """``families`` as a set of names, each one a transformers model package or one of our files' families."""
+    if isinstance(families, str):
+        raise TypeError(f"families takes a list of family names, e.g. [{families!r}], not the string {families!r}")
+    names = frozenset(families)
+    unknown = sorted(repr(name) for name in names if not _is_model_family(name))
+    if unknown:
+        raise ValueError(
+            f"families: unknown model family {', '.join(unknown)}: a name is the package of a model "
+            "in transformers.models ('llama', 'gpt2', 'bloom', 'bart', 'mistral', ...) or 'qwen'"
+        )
+    return names
+
+
+def _is_model_family(name: object) -> bool:
+    if not isinstance(name, str) or not name.isidentifier():
+        return False
+    return name == "qwen" or importlib.util.find_spec(f"transformers.models.{name}") is not None
+
+
 def _make_init_hook(original: Callable) -> Callable:
     def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
         resolved = original(self, attn_implementation, *args, **kwargs)
@@ -727,7 +770,7 @@ def apply_attention_patch(
     implementation_name(backend)  # validates the backend
     register_attention_backends()
     if model is None:
-        _apply_to_classes(backend, None if families is None else frozenset(families))
+        _apply_to_classes(backend, None if families is None else _family_names(families))
         return None
     if families is not None:
         raise ValueError("families limits the class-level patch (no model); a model is patched whatever its family")

@@ -262,6 +262,16 @@ def test_unsupported_models_get_an_error_naming_the_class():
         mea.apply_attention_patch(tiny_stock("llama"), backend="turbo")
 
 
+@pytest.mark.parametrize(
+    "families, error, message",
+    [("llama", TypeError, "list of family names.*'llama'"), (["lama"], ValueError, "unknown model family 'lama'")],
+)
+def test_class_patch_refuses_families_it_cannot_read(families, error, message):
+    with pytest.raises(error, match=message):
+        mea.apply_attention_patch(families=families)
+    assert tiny_stock("llama").config._attn_implementation == "sdpa"
+
+
 # ----------------------------------------------------------------------------------------------
 # Class-level patch
 # ----------------------------------------------------------------------------------------------
@@ -388,12 +398,40 @@ def test_mask_function_returns_linear_masks_for_plain_patterns_and_4d_otherwise(
     assert not overlay.tensor[0, 0, 4, 3] and overlay.tensor[0, 0, 4, 2]
 
 
+@pytest.mark.parametrize("value_head_dim", [12, 24])
+def test_patched_model_with_another_value_head_size_matches_stock(value_head_dim):
+    """Multi-head latent attention (DeepSeek-V3): values narrower or wider than queries and keys (16)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "deepseek_v3", vocab_size=VOCAB, hidden_size=48, intermediate_size=64, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=value_head_dim, n_routed_experts=4,
+        num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    stock = randomize_(AutoModelForCausalLM.from_config(config, attn_implementation="eager"))
+    patched = randomize_(AutoModelForCausalLM.from_config(config, attn_implementation="eager"))
+    patched.load_state_dict(stock.state_dict())
+    mea.apply_attention_patch(patched, backend="chunked")
+    inputs, compare = model_inputs("llama", "left")
+    outputs = []
+    for model in (stock, patched):
+        out = model(**inputs).logits
+        out[compare].square().mean().backward()
+        outputs.append(out[compare].detach())
+    assert_close_rel(outputs[1], outputs[0], FP32_TOL, "logits")
+    for (name, ours), theirs in zip(patched.named_parameters(), stock.parameters()):
+        if theirs.grad is not None:
+            assert_close_rel(ours.grad, theirs.grad, FP32_TOL, name)
+
+
 def test_attention_function_refuses_what_it_cannot_compute():
     function = ALL_ATTENTION_FUNCTIONS["mea"]
     q = torch.randn(1, 2, 3, 8)
     output, weights = function(torch.nn.Module(), q, q, q, None, scaling=0.5)
     assert output.shape == (1, 3, 2, 8) and weights is None
-    with pytest.raises(NotImplementedError, match="softcap"):
+    with pytest.raises(NotImplementedError, match="softcap.*this model's own attention"):
         function(torch.nn.Module(), q, q, q, None, softcap=30.0)
 
 
@@ -532,6 +570,36 @@ def test_bloom_patch_shares_the_weights_and_leaves_no_trace(kernel_calls):
     assert list(model.state_dict()) == keys
     mea.remove_attention_patch(model)
     assert all(patch_module._KERNEL_ATTENTION not in m.__dict__ for m in model.modules())
+
+
+def test_patched_bloom_runs_adapters_added_after_its_first_forward():
+    """PEFT (or a quantizer) swapping ``query_key_value`` after a forward reaches the kernel-layer attention."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_stock("bloom")
+    reference = tiny_stock("bloom")
+    reference.load_state_dict(model.state_dict())
+    inputs, compare = model_inputs("bloom", "right")
+    mea.apply_attention_patch(model, backend="chunked")
+    with torch.no_grad():
+        model(**inputs)
+    adapters = LoraConfig(r=4, target_modules=["query_key_value", "dense"], init_lora_weights=False)
+    peft_models = []
+    for stock in (model, reference):
+        torch.manual_seed(5)
+        peft_models.append(get_peft_model(stock, LoraConfig(**adapters.to_dict())).train())
+    outputs = []
+    for peft_model in peft_models:
+        out = peft_model(**inputs).logits
+        out[compare].square().mean().backward()
+        outputs.append(out[compare].detach())
+    assert_close_rel(outputs[0], outputs[1], FP32_TOL, "logits with LoRA")
+    named = [dict(m.named_parameters()) for m in peft_models]
+    lora = [name for name in named[1] if "lora_" in name]
+    assert lora
+    for name in lora:
+        assert named[0][name].grad is not None, name
+        assert_close_rel(named[0][name].grad, named[1][name].grad, FP32_TOL, name)
 
 
 # ----------------------------------------------------------------------------------------------

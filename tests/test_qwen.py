@@ -13,6 +13,7 @@ back with ``AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import sys
@@ -664,6 +665,15 @@ def test_precision_flags_choose_the_dtype(saved):
     assert load(folder, fp16=True).dtype == torch.float16
     with pytest.raises(ValueError, match="Only one of"):
         load(folder, bf16=True, fp32=True)
+
+
+def test_a_dtype_the_precision_flags_override_is_logged(saved, caplog):
+    folder, _, _ = saved
+    logging.Logger.warning_once.cache_clear()  # transformers' once-only warnings: earlier tests may have logged it
+    with caplog.at_level(logging.WARNING):
+        model = load(folder, fp32=True, dtype=torch.bfloat16)
+    assert model.dtype == torch.float32
+    assert any("requested torch.bfloat16" in record.getMessage() for record in caplog.records)
 
 
 # ----------------------------------------------------------------------------------------------
