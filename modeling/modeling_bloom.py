@@ -3817,7 +3817,18 @@ def _loss_divisor(targets: torch.Tensor, num_items_in_batch, ignore_index: int, 
         divisor = (targets != ignore_index).sum()
     else:
         divisor = torch.as_tensor(num_items_in_batch, device=targets.device)
+        if divisor.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be one number, got a tensor of shape {list(divisor.shape)}")
+        divisor = divisor.reshape(())
     return divisor.to(torch.promote_types(dtype, torch.float32))
+
+
+def _shaped_like_stock(loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """Stock divides the summed loss by ``num_items_in_batch`` as given, so a ``[1, 1]`` count (the Trainer's
+    under DataParallel) gives a ``[1, 1]`` loss."""
+    if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.dim() > 0:
+        return loss.reshape(num_items_in_batch.shape)
+    return loss
 
 
 def linear_cross_entropy(
@@ -3935,14 +3946,15 @@ def lm_head_loss(
     linear = _plain_linear_run_by(lm_head)
     if linear is None:
         chunk_size = loss_chunk_size(config, config.vocab_size, autocast_dtype or hidden_states.dtype)
-        return wrapped_head_cross_entropy(
+        loss = wrapped_head_cross_entropy(
             hidden_rows, lm_head, targets, logits_bias, num_items_in_batch, ignore_index, chunk_size
         )
+        return _shaped_like_stock(loss, num_items_in_batch)
     bias = linear.bias
     if logits_bias is not None:
         bias = logits_bias if bias is None else bias + logits_bias
     head_dtype = autocast_dtype or linear.weight.dtype
-    return linear_cross_entropy(
+    loss = linear_cross_entropy(
         hidden_rows,
         linear.weight,
         targets,
@@ -3951,6 +3963,7 @@ def lm_head_loss(
         ignore_index=ignore_index,
         chunk_size=loss_chunk_size(config, linear.weight.shape[0], head_dtype),
     )
+    return _shaped_like_stock(loss, num_items_in_batch)
 
 
 # --- RMSNorm ----------------------------------------------------------------------------------

@@ -3798,7 +3798,18 @@ def _loss_divisor(targets: torch.Tensor, num_items_in_batch, ignore_index: int, 
         divisor = (targets != ignore_index).sum()
     else:
         divisor = torch.as_tensor(num_items_in_batch, device=targets.device)
+        if divisor.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be one number, got a tensor of shape {list(divisor.shape)}")
+        divisor = divisor.reshape(())
     return divisor.to(torch.promote_types(dtype, torch.float32))
+
+
+def _shaped_like_stock(loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """Stock divides the summed loss by ``num_items_in_batch`` as given, so a ``[1, 1]`` count (the Trainer's
+    under DataParallel) gives a ``[1, 1]`` loss."""
+    if isinstance(num_items_in_batch, torch.Tensor) and num_items_in_batch.dim() > 0:
+        return loss.reshape(num_items_in_batch.shape)
+    return loss
 
 
 def linear_cross_entropy(
@@ -3916,14 +3927,15 @@ def lm_head_loss(
     linear = _plain_linear_run_by(lm_head)
     if linear is None:
         chunk_size = loss_chunk_size(config, config.vocab_size, autocast_dtype or hidden_states.dtype)
-        return wrapped_head_cross_entropy(
+        loss = wrapped_head_cross_entropy(
             hidden_rows, lm_head, targets, logits_bias, num_items_in_batch, ignore_index, chunk_size
         )
+        return _shaped_like_stock(loss, num_items_in_batch)
     bias = linear.bias
     if logits_bias is not None:
         bias = logits_bias if bias is None else bias + logits_bias
     head_dtype = autocast_dtype or linear.weight.dtype
-    return linear_cross_entropy(
+    loss = linear_cross_entropy(
         hidden_rows,
         linear.weight,
         targets,
@@ -3932,6 +3944,7 @@ def lm_head_loss(
         ignore_index=ignore_index,
         chunk_size=loss_chunk_size(config, linear.weight.shape[0], head_dtype),
     )
+    return _shaped_like_stock(loss, num_items_in_batch)
 
 
 # --- RMSNorm ----------------------------------------------------------------------------------
@@ -5224,10 +5237,10 @@ class GPT2Attention(nn.Module):
 
 
 class EncoderContext(NamedTuple):
-    """What the blocks' cross-attention reads (`config.add_cross_attention`): the encoder's states, their keep-mask
+    """What the blocks' cross-attention reads (`config.add_cross_attention`) besides the encoder's states (which
+    the blocks take as a positional argument, so that reentrant checkpointing detaches them): their keep-mask
     (None: all kept), the cache holding their projected keys/values (or None) and a list collecting the weights."""
 
-    hidden_states: torch.Tensor
     mask: torch.Tensor | None
     cache: EncoderDecoderCache | None
     weights: list | None
@@ -5242,12 +5255,14 @@ class GPT2CrossAttention(GPT2Attention):
         self.c_attn = Conv1D(2 * self.embed_dim, self.embed_dim)
         self.q_attn = Conv1D(self.embed_dim, self.embed_dim)
 
-    def _encoder_keys_values(self, encoder: EncoderContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encoder_keys_values(
+        self, encoder_hidden_states: torch.Tensor, encoder: EncoderContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cache = encoder.cache
         if cache is not None and cache.is_updated.get(self.layer_idx, False):
             layer = cache.cross_attention_cache.layers[self.layer_idx]
             return layer.keys, layer.values
-        key, value = self.c_attn(encoder.hidden_states).split(self.embed_dim, dim=2)
+        key, value = self.c_attn(encoder_hidden_states).split(self.embed_dim, dim=2)
         key, value = self._split_heads(key), self._split_heads(value)
         if cache is not None:
             key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
@@ -5255,10 +5270,10 @@ class GPT2CrossAttention(GPT2Attention):
         return key, value
 
     def forward(
-        self, hidden_states: torch.Tensor, encoder: EncoderContext, backend: str
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, encoder: EncoderContext, backend: str
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         query = self._split_heads(self.q_attn(hidden_states))
-        key, value = self._encoder_keys_values(encoder)
+        key, value = self._encoder_keys_values(encoder_hidden_states, encoder)
         output = self._attend(query, key, value, encoder.mask, False, backend, encoder.weights)
         output = self._merge_heads(output, hidden_states.shape)
         return self.resid_dropout(self.c_proj(output)), recorded_weights(encoder.weights)
@@ -5313,6 +5328,7 @@ class GPT2Block(LongContextCheckpointing, GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         mask: torch.Tensor | None,
         causal: bool,
+        encoder_hidden_states: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         cache_position: torch.Tensor | None = None,
         backend: str = "auto",
@@ -5320,7 +5336,8 @@ class GPT2Block(LongContextCheckpointing, GradientCheckpointingLayer):
         sequence_ids: torch.Tensor | None = None,
         encoder: EncoderContext | None = None,
     ) -> torch.Tensor:
-        """`past_key_values` is the self-attention cache; `encoder` feeds the cross-attention (if the block has one)."""
+        """`past_key_values` is the self-attention cache; `encoder_hidden_states` with `encoder` feed the
+        cross-attention (if the block has one)."""
         tile_size, recompute = sequence_tile_size(self.config), recompute_norm_outputs(self.config)
 
         def attend(normed: torch.Tensor) -> torch.Tensor:
@@ -5329,12 +5346,12 @@ class GPT2Block(LongContextCheckpointing, GradientCheckpointingLayer):
             )[0]
 
         hidden_states = residual_after_norm(self.ln_1, hidden_states, attend, tile_size, recompute=recompute)
-        if encoder is not None:
+        if encoder_hidden_states is not None:
             if not hasattr(self, "crossattention"):
                 raise ValueError("encoder_hidden_states need a model built with config.add_cross_attention=True")
 
             def attend_to_encoder(normed: torch.Tensor) -> torch.Tensor:
-                return self.crossattention(normed, encoder, backend)[0]
+                return self.crossattention(normed, encoder_hidden_states, encoder, backend)[0]
 
             hidden_states = residual_after_norm(
                 self.ln_cross_attn, hidden_states, attend_to_encoder, recompute=recompute
@@ -5489,7 +5506,6 @@ class GPT2Model(GPT2PreTrainedModel):
         encoder = None
         if encoder_hidden_states is not None:
             encoder = EncoderContext(
-                encoder_hidden_states,
                 encoder_keep_mask(encoder_attention_mask),
                 past_key_values if isinstance(past_key_values, EncoderDecoderCache) else None,
                 [] if output_attentions else None,
@@ -5524,6 +5540,7 @@ class GPT2Model(GPT2PreTrainedModel):
                 hidden_states,
                 mask,
                 causal,
+                encoder_hidden_states,  # positional: reentrant checkpointing detaches positional tensors only
                 past_key_values=self_attention_cache,
                 cache_position=cache_position,
                 backend=backend,

@@ -150,11 +150,13 @@ def test_family_loss_and_every_gradient_match_stock_without_logits(family_pairs,
     assert got.logits is None and expected.logits is not None
 
 
+@pytest.mark.parametrize("num_items", [torch.tensor(40), torch.tensor([40]), torch.tensor([[40.0]])], ids=str)
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bloom"])
-def test_num_items_in_batch_divides_the_summed_loss_like_stock(family_pairs, name):
+def test_num_items_in_batch_divides_the_summed_loss_like_stock(family_pairs, name, num_items):
+    """Also a one-element tensor with dimensions (the Trainer's under DataParallel): the loss takes its shape."""
     stock, ours, _ = family_pairs[name]
     batch = batch_for(name, torch.Generator().manual_seed(2))
-    assert_same_training_step(stock, ours, batch, num_items_in_batch=torch.tensor(40))
+    assert_same_training_step(stock, ours, batch, num_items_in_batch=num_items)
 
 
 def test_bart_ignores_num_items_in_batch_like_stock(family_pairs):

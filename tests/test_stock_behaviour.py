@@ -671,6 +671,31 @@ def test_gpt2_cross_attention_matches_stock_with_cache_and_weights(tmp_path):
     assert_weights_match(actual.cross_attentions, expected.cross_attentions, None, "cross_attentions")
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gpt2_cross_attention_trains_under_gradient_checkpointing_like_stock(reentrant, tmp_path):
+    """Encoder states that carry gradients (an encoder's outputs) through several checkpointed blocks: reentrant
+    checkpointing detaches only positional arguments, so the blocks must take them positionally, as stock's do."""
+    config = family_config("gpt2", add_cross_attention=True, n_layer=3)
+    config.attn_pdrop = config.resid_pdrop = config.embd_pdrop = 0.0
+    stock, ours = stock_and_ours("gpt2", "GPT2LMHeadModel", tmp_path, config=config)
+    generator = torch.Generator().manual_seed(12)
+    states = torch.randn(2, 5, 32, generator=generator)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=generator)
+    results = []
+    for model in (stock, ours):
+        model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        encoder_states = states.clone().requires_grad_()
+        encoded = torch.tanh(encoder_states)  # a graph before the decoder, as an encoder's
+        loss = model(ids, encoder_hidden_states=encoded, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), encoder_states.grad, {n: p.grad for n, p in model.named_parameters()}))
+    (expected, expected_states, expected_grads), (actual, actual_states, grads) = results
+    assert_close_rel(actual, expected, TOL, "loss")
+    assert_close_rel(actual_states, expected_states, TOL, "gradient of the encoder states")
+    for name in ("transformer.h.0.crossattention.c_attn.weight", "transformer.h.2.attn.c_attn.weight"):
+        assert_close_rel(grads[name], expected_grads[name], TOL, name)
+
+
 LAYER_STACKS = {"llama": ("LlamaForCausalLM", "model.layers"), "gpt2": ("GPT2LMHeadModel", "transformer.h")}
 
 
