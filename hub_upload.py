@@ -68,19 +68,10 @@ PINNED_REVISION = re.compile(r"[0-9a-f]{40}")
 WEIGHT_INDEXES = {"safetensors": "model.safetensors.index.json", "bin": "pytorch_model.bin.index.json"}
 # Files copied verbatim from the source checkpoint when present (top level only).
 COPIED_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "spiece.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+    "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
 COPIED_PATTERNS = ("tokenization_*.py", "*.tiktoken", "LICENSE*", "NOTICE*", "USE_POLICY*")
 # Remote weights that a re-upload replaces; deleted in the same commit when our folder no longer has them.
 STALE_PATTERNS = ["*.safetensors", "model.safetensors.index.json"]
@@ -122,7 +113,12 @@ class RepoConfig:
 
 
 _TOP_KEYS = {"family", "source", "source_revision", "target", "publish", "options"}
-_OPTION_KEYS = {"backend", "revision", "private", "license"}
+_OPTION_TYPES: dict[str, tuple[type, str]] = {  # option -> (its type, what its value must be)
+    "backend": (str, f"one of {list(BACKENDS)}"),
+    "revision": (str, "a branch name (a string; quote it if it looks like a number)"),
+    "private": (bool, "true or false"),
+    "license": (str, "a license id string such as apache-2.0"),
+}
 
 
 def load_config(path: str | Path) -> RepoConfig:
@@ -157,13 +153,9 @@ def parse_config(raw: Any, name: str = "<config>") -> RepoConfig:
 
     if not isinstance(raw, dict):
         raise fail("expected a mapping at the top level")
-    options = raw.get("options") or {}
-    if not isinstance(options, dict):
-        raise fail("`options` must be a mapping")
     if unknown := set(raw) - _TOP_KEYS:
         raise fail(f"unknown keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
-    if unknown := set(options) - _OPTION_KEYS:
-        raise fail(f"unknown options {sorted(unknown)}; allowed: {sorted(_OPTION_KEYS)}")
+    options = checked_options(raw.get("options"), name)
 
     publish = raw.get("publish", "model")
     if publish not in ("model", "code"):
@@ -173,6 +165,8 @@ def parse_config(raw: Any, name: str = "<config>") -> RepoConfig:
     if family not in allowed_families:
         raise fail(f"`family` must be one of {allowed_families}, not {family!r}")
     source = raw.get("source")
+    if source is not None and not isinstance(source, str):
+        raise fail(f"`source` must be a string (a Hub repo id or a folder), not {source!r}")
     if publish == "model" and not source:
         raise fail("a `model` repo needs a `source` (Hub repo id or local folder)")
     if publish == "code" and options.get("backend"):
@@ -187,21 +181,33 @@ def parse_config(raw: Any, name: str = "<config>") -> RepoConfig:
     source_revision = raw.get("source_revision")
     if source_revision is not None and not isinstance(source_revision, str):
         raise fail(f"`source_revision` must be a string (quote a commit hash), not {source_revision!r}")
-    private = options.get("private", False)
-    if not isinstance(private, bool):
-        raise fail("`private` must be true or false")
     return RepoConfig(
         name=name,
         family=family,
         target=checked_target(raw.get("target"), name),
         publish=publish,
-        source=str(source) if source else None,
+        source=source or None,
         source_revision=source_revision,
         backend=backend,
-        revision=str(options.get("revision", "main")),
-        private=private,
+        revision=options.get("revision", "main"),
+        private=options.get("private", False),
         license=options.get("license"),
     )
+
+
+def checked_options(options: Any, name: str) -> dict[str, Any]:
+    """`options`, each value of its option's type (null too is refused: leave the key out for the default)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"{name}: `options` must be a mapping, not {options!r}")
+    if unknown := set(options) - set(_OPTION_TYPES):
+        raise ConfigError(f"{name}: unknown options {sorted(unknown)}; allowed: {sorted(_OPTION_TYPES)}")
+    for key, value in options.items():
+        kind, expected = _OPTION_TYPES[key]
+        if not isinstance(value, kind) or (kind is str and not value.strip()):
+            raise ConfigError(f"{name}: `options.{key}` must be {expected}, not {value!r}")
+    return options
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -264,19 +270,27 @@ class Source:
     def fetch(self, names: Iterable[str]) -> Path:
         """A folder that holds ``names`` (downloaded into the Hub cache for a Hub source)."""
         names = list(names)
+        if missing := [name for name in names if name not in self.sizes()]:
+            raise ConfigError(f"source {self.spec} has no {', '.join(missing)}"
+                              + (f" at {self.commit()}" if self.is_hub else ""))
         if self.local is not None:
             self._check_inside(names)
             return self.local
-        missing = [name for name in names if name not in self.sizes()]
-        if missing:
-            raise ConfigError(f"{self.spec}: no {missing} at {self.commit()}")
         logger.info("downloading %d file(s) from %s@%s", len(names), self.spec, self.commit()[:10])
         with reaching(f"source {self.spec}"):
             folder = snapshot_download(self.spec, revision=self.commit(), allow_patterns=names, token=self.token)
         return Path(folder)
 
     def read_json(self, name: str) -> dict:
-        return json.loads((self.fetch([name]) / name).read_text(encoding="utf-8"))
+        """A JSON object file of the source (config.json, a weight index)."""
+        path = self.fetch([name]) / name
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(f"{self.spec}/{name}: not readable as JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{self.spec}/{name}: expected a JSON object, not a {type(data).__name__}")
+        return data
 
 
 def copied_files(names: Iterable[str]) -> list[str]:
@@ -307,6 +321,8 @@ def select_weights(source: Source) -> Weights:
             shards = tuple(sorted(set(weight_map.values())))
             for shard in shards:
                 check_shard_name(shard, f"{source.spec}/{index}")
+            if missing := [shard for shard in shards if shard not in names]:
+                raise ConfigError(f"{source.spec}/{index}: names shards that the source does not have: {missing}")
             return Weights(fmt, shards, index)
         if single in names:
             return Weights(fmt, (single,), None)
@@ -529,8 +545,8 @@ def reaching(what: str):
     """Report a Hub that cannot be reached (offline mode included) with the repo we were trying to reach."""
     try:
         yield
-    except HfHubHTTPError:  # the Hub answered (an HTTP error is also one of the transport errors' subclasses)
-        raise
+    except (HfHubHTTPError, HubUnreachable):  # the Hub answered (an HTTP error is also a transport error), or
+        raise  # an inner reaching() has already named what it could not reach
     except RuntimeError as error:  # huggingface_hub wraps failed LFS uploads; report the error under it
         if isinstance(error.__cause__, (HfHubHTTPError, *transport_errors())):
             logger.error("%s", error)
@@ -636,8 +652,9 @@ def reference_config(source: str, family: str, code_repo: str, *, source_revisio
 
 def write_reference_config(source: str, family: str, code_repo: str, out_dir: str | Path, **kwargs) -> Path:
     """Write the reference config.json into ``out_dir``; nothing is written unless the config could be made."""
-    config = reference_config(source, family, code_repo, **kwargs)
     out_dir = Path(out_dir)
+    check_creatable(out_dir)
+    config = reference_config(source, family, code_repo, **kwargs)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "config.json"
     path.write_text(json.dumps(config, indent=2) + "\n")
@@ -709,9 +726,26 @@ def local_folder(cfg: RepoConfig, args: argparse.Namespace) -> Path:
     return args.local_dir if len(args.configs) == 1 else args.local_dir / cfg.target.split("/")[1]
 
 
+def check_creatable(folder: Path) -> None:
+    """``folder`` is a folder, or can be made one: its nearest existing parent is a folder, not a file."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise ConfigError(f"cannot make the folder {folder}: {existing} is a file, not a folder")
+
+
 def check_free(folder: Path) -> None:
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    check_creatable(folder)
+    if folder.exists() and any(folder.iterdir()):
         raise ConfigError(f"{folder} is not an empty folder; pick an empty or new one")
+
+
+def claim_local_folder(cfg: RepoConfig, folder: Path, claimed: dict[Path, RepoConfig]) -> None:
+    """``folder`` is free and no earlier config of this run writes it (targets org1/x and org2/x both get x/)."""
+    check_free(folder)
+    if first := claimed.get(folder):
+        raise ConfigError(f"{cfg.name}: {folder} is where {first.name} is written too ({cfg.target} and "
+                          f"{first.target} share the repo name); build them with separate --local-dir runs")
+    claimed[folder] = cfg
 
 
 def write_local(cfg: RepoConfig, folder: Path, source: Source | None) -> list[PlannedFile]:
@@ -777,12 +811,13 @@ def check_configs(configs: list[RepoConfig], args: argparse.Namespace, token: st
     """Plan every config before anything is written or pushed: sources reachable, their files present and
     consistent, revisions pinned, output folders free. The --dry-run plan is printed from here."""
     sources: dict[str, Source | None] = {}
+    local_folders: dict[Path, RepoConfig] = {}
     for cfg in configs:
         try:
             if pushing:
                 check_pinned(cfg, args.allow_unpinned)
             if args.local_dir:
-                check_free(local_folder(cfg, args))
+                claim_local_folder(cfg, local_folder(cfg, args), local_folders)
             source = Source(cfg.source, cfg.source_revision, token) if cfg.source else None
             with tempfile.TemporaryDirectory(prefix="hub-upload-plan-") as tmp:
                 planned = build_folder(cfg, Path(tmp), source, include_weights=False)

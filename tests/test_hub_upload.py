@@ -351,6 +351,12 @@ def test_shipped_configs():
         ({"family": "all", "publish": "code", "source": "Qwen/Qwen-7B", "target": "o/t"}, "no `source`"),
         ({"family": "bloom", "source": "a/b", "target": "no-org"}, "target"),
         ({"family": "bloom", "source": "a/b", "target": "o/t", "options": {"private": "yes"}}, "private"),
+        ({"family": "bloom", "source": "a/b", "target": "o/t", "options": {"license": 5}}, "`options.license`"),
+        ({"family": "bloom", "source": "a/b", "target": "o/t", "options": {"revision": None}}, "`options.revision`"),
+        ({"family": "bloom", "source": "a/b", "target": "o/t", "options": {"revision": 7}}, "`options.revision`"),
+        ({"family": "bloom", "source": "a/b", "target": "o/t", "options": {"backend": ["eager"]}}, "`options.backend`"),
+        ({"family": "bloom", "source": "a/b", "target": "o/t", "options": []}, "`options` must be a mapping"),
+        ({"family": "bloom", "source": 5, "target": "o/t"}, "`source` must be a string"),
     ],
 )
 def test_config_errors(raw, message):
@@ -684,4 +690,59 @@ def test_an_offline_hub_names_the_repo_it_could_not_reach(tmp_path, monkeypatch,
     assert hub_upload.main([str(config), "--local-dir", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "could not reach the Hub for source openai-community/gpt2" in err
+    assert err.count("could not reach the Hub") == 1, "said once, not wrapped again by an outer reaching()"
     assert not (tmp_path / "out").exists()
+
+
+def write_gpt2_configs(tmp_path: Path, *targets: str) -> list[str]:
+    make_source("gpt2", tmp_path / "source")
+    return [str(write_config(tmp_path / f"c{i}.yaml", family="gpt2", source=str(tmp_path / "source"), target=target))
+            for i, target in enumerate(targets)]
+
+
+def write_source_file(tmp_path: Path, name: str, text: str | None) -> list[str]:
+    """A gpt2 config whose source's ``name`` holds ``text`` (None: has no ``name``), built into out/."""
+    configs = write_gpt2_configs(tmp_path, "org/g")
+    if text is None:
+        (tmp_path / "source" / name).unlink()
+    else:
+        (tmp_path / "source" / name).write_text(text)
+    return [*configs, "--local-dir", str(tmp_path / "out")]
+
+
+def file_in_the_way(tmp_path: Path) -> Path:
+    (tmp_path / "afile").write_text("mine\n")
+    return tmp_path / "afile"
+
+
+def reference_into_a_file(tmp_path: Path) -> list[str]:
+    make_source("gpt2", tmp_path / "source")
+    return ["--reference", str(tmp_path / "source"), "--family", "gpt2", "--code-repo", "org/code", "--local-dir",
+            str(file_in_the_way(tmp_path))]
+
+
+BAD_INPUTS = {  # case -> (its command line, written under tmp_path; what the error says)
+    "no config.json": (lambda d: write_source_file(d, "config.json", None), "has no config.json"),
+    "invalid config.json": (lambda d: write_source_file(d, "config.json", "{bad"), "not readable as JSON"),
+    "config.json a list": (lambda d: write_source_file(d, "config.json", "[1]"), "expected a JSON object, not a list"),
+    "index names a missing shard": (
+        lambda d: write_source_file(d, "model.safetensors.index.json", json.dumps({"weight_map": {"w": "gone.st"}})),
+        "names shards that the source does not have: ['gone.st']"),
+    "two targets of one repo name": (lambda d: [*write_gpt2_configs(d, "org1/same", "org2/same"), "--local-dir",
+                                                str(d / "out")], "share the repo name"),
+    "--local-dir under a file": (lambda d: [*write_gpt2_configs(d, "org/g"), "--local-dir",
+                                            str(file_in_the_way(d) / "sub")], "afile is a file, not a folder"),
+    "--reference --local-dir a file": (reference_into_a_file, "afile is a file, not a folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_sources_and_local_dirs_are_refused_before_writing(case, tmp_path, capsys):
+    require_family("gpt2")
+    make_argv, message = BAD_INPUTS[case]
+    argv = make_argv(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert hub_upload.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before, "nothing is written"
