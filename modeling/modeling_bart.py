@@ -143,6 +143,7 @@ class ForwardMask:
             tensor = tensor.tensor
         self.tensor = tensor
         self.filled_keys = filled_keys  # see filled_cache_length
+        self.cache_slots: Optional[int] = None  # a fixed-size cache's whole length, once cut (written_slots)
         self.block_masks: dict = {}
         self.kept: dict = {}
         self.bloom_slopes: Optional[torch.Tensor] = None
@@ -224,9 +225,16 @@ def update_cache(
     ``filled_keys`` of the forward's ``ForwardMask`` (``filled_cache_length``)."""
     where = cache_update_kwargs(mask, key.shape[-2], key.device, cache_position)
     key, value = cache.update(key, value, layer_idx, where)
-    filled = _filled_keys(mask)
+    return written_slots(key, value, _filled_keys(mask), mask)
+
+
+def written_slots(key: torch.Tensor, value: torch.Tensor, filled: Optional[int], mask) -> tuple:
+    """The first ``filled`` keys and values of what a cache's ``update`` returned (None: all). A cut is noted on
+    the forward's ``ForwardMask``, so that attention weights asked for span the whole cache, as stock's do."""
     if filled is None or key.shape[-2] <= filled:
         return key, value
+    if isinstance(mask, ForwardMask):
+        mask.cache_slots = key.shape[-2]
     return key[:, :, :filled], value[:, :, :filled]
 
 
@@ -2740,8 +2748,17 @@ def attention_recording_weights(q, k, v, weights: Optional[list], **kwargs) -> t
     if weights is None:
         return attention(q, k, v, **kwargs)
     output, layer_weights = attention_with_weights(q, k, v, **{n: kwargs[n] for n in _WEIGHTS_ARGUMENTS if n in kwargs})
-    weights.append(layer_weights)
+    weights.append(_over_whole_cache(layer_weights, kwargs.get("attention_mask")))
     return output
+
+
+def _over_whole_cache(weights: torch.Tensor, mask) -> torch.Tensor:
+    """Weights over the written slots of a fixed-size cache widened to the whole cache with zeros: stock masks
+    the unwritten slots, so its weights there are exactly zero."""
+    slots = mask.cache_slots if isinstance(mask, ForwardMask) else None
+    if slots is None or weights.shape[-1] >= slots:
+        return weights
+    return F.pad(weights, (0, slots - weights.shape[-1]))
 
 
 def recorded_weights(weights: Optional[list]) -> Optional[torch.Tensor]:
@@ -3024,7 +3041,7 @@ def padded_rows(
         or output_attentions
         or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
         or varlen_keywords(kwargs)
-        or getattr(config, "unpad_batches", True) is False
+        or not config_switch(config, "unpad_batches", True)
         or _is_tracing()
     ):
         return None
@@ -3032,6 +3049,10 @@ def padded_rows(
     targets = shifted_labels(labels, **kwargs)
     predicted = keep.new_zeros(())
     if targets is not None:
+        if targets.shape != keep.shape:
+            raise ValueError(
+                f"labels of shape {list(targets.shape)} do not match the inputs' [batch, sequence] {list(keep.shape)}"
+            )
         predicted = targets.to(keep.device) != kwargs.get("ignore_index", IGNORE_INDEX)
     kept, predicted_from_padding = torch.stack([keep.sum(), (predicted & ~keep).sum()]).tolist()
     if kept in (0, keep.numel()):
@@ -3709,7 +3730,7 @@ def loss_chunk_size(config, vocab_size: int, dtype: torch.dtype = torch.float32)
     64 where that leaves some (2,048 tokens at a 32,000-token vocabulary in bf16, 384 at 151,936)."""
     explicit = getattr(config, "loss_chunk_size", None)
     if explicit is not None:
-        if not isinstance(explicit, int) or explicit < 1:
+        if isinstance(explicit, bool) or not isinstance(explicit, int) or explicit < 1:
             raise ValueError(f"config.loss_chunk_size must be a positive int or None, got {explicit!r}")
         return explicit
     rows = max(1, LOSS_CHUNK_BYTES // (torch.finfo(dtype).bits // 8 * vocab_size))
@@ -3748,7 +3769,7 @@ def fused_loss_applies(model, lm_head, labels, logits_to_keep=0) -> bool:
     applies = (
         labels is not None
         and model.training
-        and not getattr(model.config, "keep_logits_in_training", False)
+        and not config_switch(model.config, "keep_logits_in_training", False)
         and isinstance(logits_to_keep, int)
         and logits_to_keep == 0
     )
@@ -3819,6 +3840,8 @@ def linear_cross_entropy(
             f"linear_cross_entropy expects hidden [rows, d] and targets [rows], got {list(hidden.shape)} "
             f"and {list(targets.shape)}"
         )
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"labels must be integer token ids, got dtype {targets.dtype}")
     targets = targets.to(hidden.device)
     divisor = _loss_divisor(targets, num_items_in_batch, ignore_index, hidden.dtype)
     grad_enabled = torch.is_grad_enabled()
@@ -4626,10 +4649,18 @@ def sequence_tile_size(config) -> int:
 
 def offload_checkpoints(config) -> bool:
     """``config.offload_checkpoints``: checkpoint every decoder layer in training, its input kept in host memory."""
-    value = getattr(config, "offload_checkpoints", None)
-    if value is not None and not isinstance(value, bool):
-        raise ValueError(f"config.offload_checkpoints must be True, False or None, got {value!r}")
-    return bool(value)
+    return config_switch(config, "offload_checkpoints", False)
+
+
+def config_switch(config, name: str, default: bool) -> bool:
+    """A True/False setting of ``config`` (unset or None: ``default``); anything else is refused by name, since
+    a string such as "false" would otherwise read as true."""
+    value = getattr(config, name, None)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"config.{name} must be True, False or None, got {value!r}")
+    return value
 
 
 def keeps_checkpoint_on_device(config, layer_index: int, num_layers: Optional[int] = None) -> bool:

@@ -223,3 +223,35 @@ def test_bad_model_input_is_refused_clearly_and_changes_nothing(family, case):
     model.config.attn_backend, model.config.attn_chunk_size = None, None
     with torch.no_grad():
         assert torch.isfinite(model(**model_inputs(family)).logits).all()  # the model still runs
+
+
+TRAINING_CASES = {
+    "labels_shorter_than_a_padded_batch": r"labels of shape \[2, 5\] do not match the inputs' \[batch, sequence\] \[2, 6\]",
+    "float_labels": "labels must be integer token ids, got dtype torch.float32",
+    "keep_logits_in_training_as_a_string": r"config.keep_logits_in_training must be True, False or None, got 'false'",
+    "unpad_batches_as_0": r"config.unpad_batches must be True, False or None, got 0",
+    "loss_chunk_size_as_true": r"config.loss_chunk_size must be a positive int or None, got True",
+}
+
+
+@pytest.mark.parametrize("case", list(TRAINING_CASES))
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom"])
+def test_bad_training_input_or_setting_is_refused_by_name(family, case):
+    """Labels and loss settings a padded training step reads: stock's shape and dtype errors, and True/False
+    switches that refuse other values (a string "false" would read as true)."""
+    model = tiny(family).train()
+    inputs = model_inputs(family)
+    inputs["attention_mask"][1, 4:] = 0
+    labels = inputs["input_ids"].clone()
+    if case == "labels_shorter_than_a_padded_batch":
+        labels = labels[:, :-1]
+    elif case == "float_labels":
+        labels, inputs["attention_mask"] = labels.float(), torch.ones_like(labels)
+    elif case == "keep_logits_in_training_as_a_string":
+        model.config.keep_logits_in_training = "false"
+    elif case == "unpad_batches_as_0":
+        model.config.unpad_batches = 0
+    else:
+        model.config.loss_chunk_size = True
+    with pytest.raises(ValueError, match=TRAINING_CASES[case]):
+        model(**inputs, labels=labels)

@@ -790,6 +790,12 @@ def test_unsupported_cache_options_raise_a_clear_error(tmp_path, option):
         load(folder, **{option: True})
 
 
+def test_two_rotary_channels_raise_a_clear_error(tmp_path):
+    """The original divides by ``dim - 2`` for its NTK base: a ZeroDivisionError at the first forward."""
+    with pytest.raises(ValueError, match=r"kv_channels \* rotary_pct = 8 \* 0.25 gives 2 rotary channels"):
+        random_model(rotary_pct=0.25)
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------

@@ -454,6 +454,29 @@ def test_static_cache_without_a_4d_mask_attends_to_the_written_slots_only(family
     assert torch.equal(ours.generate(**generate_inputs, **options), stock.generate(**generate_inputs, **options))
 
 
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
+def test_static_cache_attention_weights_cover_the_whole_cache_like_stock(family, padded, tmp_path):
+    """``output_attentions`` over a static cache: stock's weights span the whole buffer (zeros at unwritten
+    slots) at the prefill and at every decoding step, where ours attend to the written slots only."""
+    stock, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path)
+    inputs = token_inputs(family, batch=1, seq=5)
+    inputs.pop("decoder_input_ids", None)
+    if not padded:
+        inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    options = dict(
+        max_new_tokens=3, do_sample=False, cache_implementation="static", pad_token_id=0, output_attentions=True,
+        return_dict_in_generate=True,
+    )  # fmt: skip
+    expected, actual = stock.generate(**inputs, **options), ours.generate(**inputs, **options)
+    assert torch.equal(actual.sequences, expected.sequences)
+    name = "decoder_attentions" if family == "bart" else "attentions"
+    assert len(getattr(actual, name)) == len(getattr(expected, name)) == 3
+    prompt_rows = inputs["attention_mask"] if family != "bart" else None  # stock's rows of padding are arbitrary
+    for step, (ours_step, stock_step) in enumerate(zip(getattr(actual, name), getattr(expected, name))):
+        assert_weights_match(ours_step, stock_step, prompt_rows, f"{family} step {step}")
+
+
 @pytest.mark.skipif(not TRANSFORMERS_5, reason="CompileConfig's all-device switch is transformers 5's")
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
 def test_fullgraph_compiled_static_generation_matches_stock(family, tmp_path):
