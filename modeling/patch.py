@@ -597,7 +597,15 @@ class _ClassPatch:
     original_check: Callable
     original_bloom_forward: Callable | None
     families: frozenset | None = None  # None: every family
-    models: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    models: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)  # model -> its switches
+    configs: dict = field(default_factory=dict)  # id(config) -> (weak reference, implementation before the patch)
+
+    def remember(self, config, previous) -> None:
+        """Keep a switched config's first implementation for as long as the config lives: the caller's config
+        outlives a model made from it, and removing the patch restores it too."""
+        key = id(config)
+        if key not in self.configs:
+            self.configs[key] = (weakref.ref(config, lambda _, key=key: self.configs.pop(key, None)), previous)
 
 
 _MODEL_PATCHES: weakref.WeakKeyDictionary[nn.Module, _ModelPatch] = weakref.WeakKeyDictionary()
@@ -639,6 +647,7 @@ def _restore_creation_switch(model: nn.Module) -> None:
     for module in model.modules():
         for config, previous in reversed(_CLASS_PATCH.models.pop(module, [])):
             _set_implementation(config, previous)
+            _CLASS_PATCH.configs.pop(id(config), None)
 
 
 def _family_of(cls: type) -> str:
@@ -699,6 +708,7 @@ def _make_init_hook(original: Callable) -> Callable:
         if not _class_patch_applies(patch, type(self)):
             return resolved
         patch.models.setdefault(self, []).append((self.config, resolved))
+        patch.remember(self.config, resolved)
         return implementation_name(patch.backend)
 
     _check_and_adjust_attn_implementation.__wrapped__ = original
@@ -737,8 +747,9 @@ def _remove_from_classes() -> None:
     bloom = _bloom_attention_class()
     if bloom is not None:
         bloom.forward = patch.original_bloom_forward
-    for model, records in list(patch.models.items()):
-        for config, previous in reversed(records):
+    for reference, previous in list(patch.configs.values()):
+        config = reference()
+        if config is not None:
             _set_implementation(config, previous)
 
 

@@ -307,6 +307,21 @@ def test_class_patch_switches_models_created_afterwards_and_removal_reverts_them
     assert tiny_stock("llama").config._attn_implementation == "sdpa"
 
 
+def test_class_patch_removal_reverts_the_config_of_a_model_already_collected():
+    """The switch lives on the config, which the caller keeps after the model is gone."""
+    import gc
+
+    config = tiny_config("llama")
+    mea.apply_attention_patch()
+    model = LlamaForCausalLM(config)
+    assert config._attn_implementation == "mea"
+    del model
+    gc.collect()
+    mea.remove_attention_patch()
+    assert config._attn_implementation == "sdpa"
+    assert LlamaForCausalLM(config).config._attn_implementation == "sdpa"
+
+
 def test_class_patch_then_instance_removal_reverts_that_model_only():
     mea.apply_attention_patch()
     first, second = tiny_stock("gpt2"), tiny_stock("gpt2")
