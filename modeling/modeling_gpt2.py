@@ -915,7 +915,7 @@ def _dropout_keep(seed: int, q_block: int, k_block: int, n_k_blocks: int, shape,
     """The dropout keep-mask of one block, drawn from a generator seeded per block so backward can redraw it."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed + q_block * n_k_blocks + k_block)
-    return torch.rand(shape, generator=generator, device=device)
+    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -1054,7 +1054,7 @@ def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, sca
             grad_probs = torch.matmul(g_blk, v[:, :, cols].to(dtype).transpose(-1, -2))
             if call.dropout_p > 0.0:
                 draw = _dropout_keep(seed, qi, ki, len(k_slices), probs.shape, q.device)
-                kept = (draw >= call.dropout_p) / (1.0 - call.dropout_p)
+                kept = (draw >= call.dropout_p).to(probs.dtype) / (1.0 - call.dropout_p)
                 grad_v[:, :, cols] += torch.matmul((probs * kept).transpose(-1, -2), g_blk)
                 grad_probs = grad_probs * kept
             else:
@@ -2845,9 +2845,10 @@ def _build_alibi_slopes(num_heads: int, device) -> torch.Tensor:
 
 
 def _is_tracing() -> bool:
-    """True while torch.compile or torch.export traces the forward: no host sync or data-dependent branch then."""
+    """True while torch.compile, torch.export or torch.jit.trace traces the forward: no host sync or
+    data-dependent branch then (a trace would keep the branch its example inputs took)."""
     exporting = getattr(torch.compiler, "is_exporting", None)
-    return torch.compiler.is_compiling() or (exporting is not None and exporting())
+    return torch.compiler.is_compiling() or (exporting is not None and exporting()) or torch.jit.is_tracing()
 
 
 def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -3091,7 +3092,7 @@ def unpadded_lm_outputs(model, lm_head, hidden_states, labels, rows: PaddedRows,
     logits = lm_head(hidden_states)
     loss = None
     if targets is not None:
-        vocab_size = model.config.vocab_size
+        vocab_size = logits.shape[-1]  # the head's: a head replaced by a wider one needs no config change
         loss = model.loss_function(logits=logits, labels=None, vocab_size=vocab_size, shift_labels=targets, **kwargs)
     return loss, rows.unpack(logits)
 

@@ -919,7 +919,7 @@ def _dropout_keep(seed: int, q_block: int, k_block: int, n_k_blocks: int, shape,
     """The dropout keep-mask of one block, drawn from a generator seeded per block so backward can redraw it."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed + q_block * n_k_blocks + k_block)
-    return torch.rand(shape, generator=generator, device=device)
+    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -1058,7 +1058,7 @@ def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, sca
             grad_probs = torch.matmul(g_blk, v[:, :, cols].to(dtype).transpose(-1, -2))
             if call.dropout_p > 0.0:
                 draw = _dropout_keep(seed, qi, ki, len(k_slices), probs.shape, q.device)
-                kept = (draw >= call.dropout_p) / (1.0 - call.dropout_p)
+                kept = (draw >= call.dropout_p).to(probs.dtype) / (1.0 - call.dropout_p)
                 grad_v[:, :, cols] += torch.matmul((probs * kept).transpose(-1, -2), g_blk)
                 grad_probs = grad_probs * kept
             else:
@@ -2849,9 +2849,10 @@ def _build_alibi_slopes(num_heads: int, device) -> torch.Tensor:
 
 
 def _is_tracing() -> bool:
-    """True while torch.compile or torch.export traces the forward: no host sync or data-dependent branch then."""
+    """True while torch.compile, torch.export or torch.jit.trace traces the forward: no host sync or
+    data-dependent branch then (a trace would keep the branch its example inputs took)."""
     exporting = getattr(torch.compiler, "is_exporting", None)
-    return torch.compiler.is_compiling() or (exporting is not None and exporting())
+    return torch.compiler.is_compiling() or (exporting is not None and exporting()) or torch.jit.is_tracing()
 
 
 def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -3095,7 +3096,7 @@ def unpadded_lm_outputs(model, lm_head, hidden_states, labels, rows: PaddedRows,
     logits = lm_head(hidden_states)
     loss = None
     if targets is not None:
-        vocab_size = model.config.vocab_size
+        vocab_size = logits.shape[-1]  # the head's: a head replaced by a wider one needs no config change
         loss = model.loss_function(logits=logits, labels=None, vocab_size=vocab_size, shift_labels=targets, **kwargs)
     return loss, rows.unpack(logits)
 
@@ -5329,6 +5330,7 @@ class QWenAttention(nn.Module):
         self.attention_dropout = config.attn_dropout_prob
         self.c_attn = nn.Linear(config.hidden_size, 3 * self.projection_size)
         self.c_proj = nn.Linear(self.projection_size, config.hidden_size, bias=not config.no_bias)
+        self.c_proj.is_residual_projection = True
 
     def forward(
         self,
@@ -5381,6 +5383,7 @@ class QWenMLP(nn.Module):
         self.w1 = nn.Linear(config.hidden_size, inner, bias=not config.no_bias)
         self.w2 = nn.Linear(config.hidden_size, inner, bias=not config.no_bias)
         self.c_proj = nn.Linear(inner, config.hidden_size, bias=not config.no_bias)
+        self.c_proj.is_residual_projection = True
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         up, gate = shared_input_projections(hidden_states, self.w1, self.w2)
@@ -5445,8 +5448,14 @@ class QWenPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, initializer_range) weights, zero biases, unit norms; the residual output projections
-        (``c_proj`` of attention and MLP) get the std divided by sqrt(2 * num_hidden_layers)."""
+        (``c_proj`` of attention and MLP) get the std divided by sqrt(2 * num_hidden_layers), as in the original.
+
+        Those are recognised by a flag on the ``nn.Linear`` itself: transformers 5 skips, for remote code, modules
+        without parameters of their own, so the attention and MLP modules are never passed here.
+        """
         std = self.config.initializer_range
+        if getattr(module, "is_residual_projection", False):
+            std = std / math.sqrt(2 * self.config.num_hidden_layers)
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -5455,8 +5464,6 @@ class QWenPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
-        elif isinstance(module, (QWenAttention, QWenMLP)):
-            nn.init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
 
 
 class QWenModel(QWenPreTrainedModel):
@@ -5767,7 +5774,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             logits = self.lm_head(hidden_states)
             loss = None
             if labels is not None:
-                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)
 
         output = CausalLMOutputWithPast(
             loss=loss,

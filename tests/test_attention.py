@@ -266,6 +266,26 @@ def test_dropout_backward_is_exact_for_a_fixed_seed(backend, small_chunks):
     assert not torch.allclose(dropped_attention(q, k, v), no_dropout)
 
 
+def test_chunked_dropout_does_not_follow_the_default_dtype(small_chunks):
+    """float32 attention with dropout under ``torch.set_default_dtype(torch.float64)``: the same masks and the
+    same float32 gradients as under the default float32 (its backward used to mix in float64 and fail)."""
+    mea.set_chunk_sizes(query=4, key=5)
+    q, k, v = (torch.randn(1, 2, 11, 8, requires_grad=True) for _ in range(3))
+    results = []
+    for default in (torch.float32, torch.float64):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            torch.manual_seed(7)
+            out = mea.attention(q, k, v, causal=True, dropout_p=0.3, backend="chunked")
+            grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        finally:
+            torch.set_default_dtype(previous)
+        results.append((out, *grads))
+    for expected, actual in zip(*results):
+        assert actual.dtype == torch.float32 and torch.equal(actual, expected)
+
+
 @pytest.mark.parametrize("backend", ["chunked", "eager", "sdpa"])
 def test_dropout_is_unbiased(backend, small_chunks):
     q, k, v = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)

@@ -790,6 +790,42 @@ def test_unsupported_cache_options_raise_a_clear_error(tmp_path, option):
         load(folder, **{option: True})
 
 
+def test_fresh_weights_follow_the_original_scheme():
+    """N(0, initializer_range), with the residual projections (attention's and the MLP's ``c_proj``) scaled by
+    1/sqrt(2 * num_hidden_layers): here 0.02 against 0.005 (8 layers)."""
+    torch.manual_seed(0)
+    config = QWenConfig(**{**TINY, "hidden_size": 64, "num_hidden_layers": 8, "initializer_range": 0.02, "fp32": True})
+    model = QWenLMHeadModel(config)
+    for name, param in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            expected = 0.02 / math.sqrt(2 * 8)
+        elif name.endswith((".weight",)) and param.dim() == 2:
+            expected = 0.02
+        else:
+            continue
+        assert abs(param.std().item() / expected - 1) < 0.1, f"{name}: std {param.std().item():.4f}, not {expected:.4f}"
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_wider_head_set_by_the_user_gives_the_loss_over_its_logits(padded):
+    """The original computes the loss over ``logits.size(-1)`` classes, so a head replaced by a wider one (with
+    ``config.vocab_size`` unchanged) trains and evaluates; in training the fused loss takes it as it is."""
+    torch.manual_seed(3)
+    model = random_model()
+    model.set_output_embeddings(torch.nn.Linear(TINY["hidden_size"], TINY["vocab_size"] + 10, bias=False))
+    ids = random_ids(2, 9)
+    mask = right_padded_mask([9, 6 if padded else 9], 9)
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        logits = model.eval()(ids, attention_mask=mask).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        with torch.no_grad():
+            loss = model(ids, attention_mask=mask, labels=labels).loss
+        assert_close_rel(loss, expected, 1e-5, f"{mode} loss")
+
+
 def test_two_rotary_channels_raise_a_clear_error(tmp_path):
     """The original divides by ``dim - 2`` for its NTK base: a ZeroDivisionError at the first forward."""
     with pytest.raises(ValueError, match=r"kv_channels \* rotary_pct = 8 \* 0.25 gives 2 rotary channels"):

@@ -719,6 +719,37 @@ def test_gpt2_cross_attention_trains_under_gradient_checkpointing_like_stock(ree
         assert_close_rel(grads[name], expected_grads[name], TOL, name)
 
 
+class _LogitsOf(torch.nn.Module):
+    """A model's logits as a function of tensors only, for ``torch.jit.trace``."""
+
+    def __init__(self, model, family: str):
+        super().__init__()
+        self.model, self.family = model, family
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        decoder = {"decoder_input_ids": ids[:, :5]} if self.family == "bart" else {}
+        return self.model(input_ids=ids, attention_mask=mask, use_cache=False, **decoder).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
+def test_jit_traced_model_follows_the_padding_of_its_inputs(family, tmp_path):
+    """``torch.jit.trace`` records one run: a decision taken on the host from the example mask (nothing padded,
+    or which tokens to keep) would stay in the trace. The traced model follows every other mask, as stock's."""
+    _, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    masks = [torch.ones(2, 7, dtype=torch.long), torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])]
+    masks.append(torch.tensor([[1] * 7, [0, 0, 0, 0, 1, 1, 1]]) if family != "bart" else masks[1].flip(1))
+    logits = _LogitsOf(ours, family)
+    for example in masks[:2]:
+        with torch.no_grad():
+            traced = torch.jit.trace(logits, (ids, example), check_trace=False)
+            for mask in masks:
+                rows = mask.bool()[..., None] if family != "bart" else torch.ones(1, dtype=torch.bool)
+                expected, actual = logits(ids, mask), traced(ids, mask)
+                what = f"traced with {example.tolist()}, run with {mask.tolist()}"
+                assert_close_rel(actual * rows, expected * rows, TOL, what)
+
+
 LAYER_STACKS = {"llama": ("LlamaForCausalLM", "model.layers"), "gpt2": ("GPT2LMHeadModel", "transformer.h")}
 
 
