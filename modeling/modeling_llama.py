@@ -2885,6 +2885,8 @@ def check_mask_shape(attention_mask: Optional[torch.Tensor], batch_size: int, ne
 def check_positions(position_ids: torch.Tensor, limit: int, what: str) -> None:
     """Refuse positions outside ``[0, limit)`` with a message naming them, without a host sync: on the CPU it
     raises at once; on CUDA it is a device-side assert, as the embedding lookup it protects would be."""
+    if position_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"position_ids must be int64 or int32 (they index {what}'s positions), got {position_ids.dtype}")
     inside = ((position_ids >= 0) & (position_ids < limit)).all()
     torch._assert_async(inside, f"position_ids must lie in [0, {limit}): {what} has {limit} positions")
 
@@ -2921,8 +2923,15 @@ def packed_documents(
     0 per document). No host sync and no data-dependent branch: one document per row gives all-zero ids.
     """
     if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
-        if cu_seq_lens_q is None or cu_seq_lens_k is None or cu_seq_lens_q.shape != cu_seq_lens_k.shape:
+        if not (isinstance(cu_seq_lens_q, torch.Tensor) and isinstance(cu_seq_lens_k, torch.Tensor)):
+            raise ValueError("packed self-attention needs cu_seq_lens_q and cu_seq_lens_k, both tensors")
+        if cu_seq_lens_q.shape != cu_seq_lens_k.shape:
             raise ValueError("packed self-attention needs cu_seq_lens_q and cu_seq_lens_k of the same shape")
+        if past_key_values is not None and not _is_tracing() and past_key_values.get_seq_length() > 0:
+            raise ValueError(
+                "cu_seq_lens_q/cu_seq_lens_k pack documents into fresh rows: they cannot continue a cache that "
+                "already holds tokens"
+            )
         if cu_seq_lens_q.dim() != 1 or cu_seq_lens_q.dtype.is_floating_point or cu_seq_lens_q.numel() < 2:
             raise ValueError(
                 f"cu_seq_lens_q must be 1-D integer cumulative lengths [documents + 1], got {cu_seq_lens_q.dtype} "

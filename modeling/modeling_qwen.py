@@ -2887,6 +2887,8 @@ def check_mask_shape(attention_mask: Optional[torch.Tensor], batch_size: int, ne
 def check_positions(position_ids: torch.Tensor, limit: int, what: str) -> None:
     """Refuse positions outside ``[0, limit)`` with a message naming them, without a host sync: on the CPU it
     raises at once; on CUDA it is a device-side assert, as the embedding lookup it protects would be."""
+    if position_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"position_ids must be int64 or int32 (they index {what}'s positions), got {position_ids.dtype}")
     inside = ((position_ids >= 0) & (position_ids < limit)).all()
     torch._assert_async(inside, f"position_ids must lie in [0, {limit}): {what} has {limit} positions")
 
@@ -2923,8 +2925,15 @@ def packed_documents(
     0 per document). No host sync and no data-dependent branch: one document per row gives all-zero ids.
     """
     if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
-        if cu_seq_lens_q is None or cu_seq_lens_k is None or cu_seq_lens_q.shape != cu_seq_lens_k.shape:
+        if not (isinstance(cu_seq_lens_q, torch.Tensor) and isinstance(cu_seq_lens_k, torch.Tensor)):
+            raise ValueError("packed self-attention needs cu_seq_lens_q and cu_seq_lens_k, both tensors")
+        if cu_seq_lens_q.shape != cu_seq_lens_k.shape:
             raise ValueError("packed self-attention needs cu_seq_lens_q and cu_seq_lens_k of the same shape")
+        if past_key_values is not None and not _is_tracing() and past_key_values.get_seq_length() > 0:
+            raise ValueError(
+                "cu_seq_lens_q/cu_seq_lens_k pack documents into fresh rows: they cannot continue a cache that "
+                "already holds tokens"
+            )
         if cu_seq_lens_q.dim() != 1 or cu_seq_lens_q.dtype.is_floating_point or cu_seq_lens_q.numel() < 2:
             raise ValueError(
                 f"cu_seq_lens_q must be 1-D integer cumulative lengths [documents + 1], got {cu_seq_lens_q.dtype} "
@@ -5569,12 +5578,15 @@ class QWenModel(QWenPreTrainedModel):
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        padded_rows_positions: bool = False,
         **kwargs,
     ) -> Union[BaseModelOutputWithPast, tuple]:
         """Like the original ``QWenModel.forward``. Positions are absolute (0 .. cache + seq - 1, left padding
         included), so ``position_ids`` is ignored, as are ``token_type_ids`` and the encoder arguments, except
         for packed rows: ``position_ids`` restarting inside a row with no attention mask and no cache, or
         ``cu_seq_lens_q``/``cu_seq_lens_k``, where each document attends only to itself, positions from 0.
+        ``padded_rows_positions``: the LM head's own call for a padded batch run as one packed row, whose
+        ``position_ids`` are the original's absolute positions of each row, used as given.
         ``attention_mask`` is a 2-D 0/1 padding mask covering the cache and the new tokens; ``past_key_values``
         a transformers ``Cache``."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -5604,8 +5616,8 @@ class QWenModel(QWenPreTrainedModel):
         sequence_ids, position_ids = packed_documents(
             batch_size, seq_len, device, position_ids, attention_mask, past_key_values, **kwargs
         )
-        if sequence_ids is not None and not varlen_keywords(kwargs):
-            # documents found by position_ids: the original reads no position_ids, so each counts from 0
+        if sequence_ids is not None and not padded_rows_positions:
+            # the original reads no position_ids: each packed document counts from 0, whatever positions came
             position_ids = document_positions(position_ids.expand(sequence_ids.shape), sequence_ids)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -5758,6 +5770,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            padded_rows_positions=rows is not None,
             **(varlen_keywords(kwargs) if rows is None else rows.keywords),
         )
         hidden_states = outputs.last_hidden_state

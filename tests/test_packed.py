@@ -391,6 +391,49 @@ def test_packed_row_matches_documents_run_alone(family, form, backend, mode, tmp
         assert_close_rel(grads[name] * predicted, ref_grads[name], 1e-5, f"grad {name}")
 
 
+@pytest.mark.parametrize("positions", ["row", "from 1"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_qwen_documents_count_positions_from_0_whatever_position_ids_come_with_cu_seq_lens(
+    positions, mode, tmp_path_factory
+):
+    """The original reads no ``position_ids``: given ``cu_seq_lens`` with positions over the whole row, or
+    restarting at 1 (``DataCollatorWithFlattening(position_ids_start=1)``), each document still counts from 0
+    (its rotary, logn scaling and dynamic NTK, which eval mode applies past ``seq_length``)."""
+    model, _ = load_ours("qwen", tmp_path_factory)
+    model.train(mode == "train")
+    set_backend(model, "auto")
+    ids, packing = packed_row("cu_seq_lens")
+    row = torch.arange(ids.shape[1])[None]
+    packing["position_ids"] = row if positions == "row" else torch.cat([torch.arange(1, n + 1) for n in DOCUMENT_LENGTHS])[None]
+    labels = document_labels(ids)
+    logits, loss, grads = logits_loss_grads(model, ids, labels, **packing)
+    ref_logits, ref_sum, ref_grads = per_document(model, ids)
+    predicted = int((labels[0, 1:] != -100).sum())
+    assert_close_rel(logits, ref_logits, 1e-5, "logits")
+    assert_close_rel(loss * predicted, ref_sum, 1e-5, "loss")
+    for name in grads:
+        assert_close_rel(grads[name] * predicted, ref_grads[name], 1e-5, f"grad {name}")
+
+
+@pytest.mark.parametrize("case", ["cu_seq_lens as lists", "cu_seq_lens over a cache", "uint8 positions"])
+def test_bad_packed_inputs_are_refused_by_name(case, tmp_path_factory):
+    model, _ = load_ours("gpt2", tmp_path_factory)
+    model.eval()
+    ids, packing = packed_row("cu_seq_lens")
+    if case == "cu_seq_lens as lists":
+        packing.update(cu_seq_lens_q=packing["cu_seq_lens_q"].tolist(), cu_seq_lens_k=packing["cu_seq_lens_k"].tolist())
+        message = "cu_seq_lens_q and cu_seq_lens_k, both tensors"
+    elif case == "cu_seq_lens over a cache":
+        with torch.no_grad():
+            packing["past_key_values"] = model(input_ids=ids[:, :3], use_cache=True).past_key_values
+        message = "cannot continue a cache that already holds tokens"
+    else:
+        packing = {"position_ids": torch.cat([torch.arange(n) for n in DOCUMENT_LENGTHS])[None].to(torch.uint8)}
+        message = "position_ids must be int64 or int32"
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        model(input_ids=ids, **packing)
+
+
 def load_stock(family: str, tmp_path_factory):
     import transformers
 
