@@ -5797,6 +5797,8 @@ class BartModel(BartPreTrainedModel):
 
 
 class BartForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
+    accepts_loss_kwargs = False  # its loss ignores num_items_in_batch (README, gradient accumulation)
+
     base_model_prefix = "model"
     _tied_weights_keys = _tied_weights_keys({"lm_head.weight": "model.shared.weight"})
     _keys_to_ignore_on_load_missing = ["final_logits_bias"]
@@ -5914,6 +5916,8 @@ class BartForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
 class BartForSequenceClassification(BartPreTrainedModel):
     """BART with a classification head on the decoder state at the last <eos> token of ``input_ids``."""
+
+    accepts_loss_kwargs = False  # its loss ignores num_items_in_batch (README, gradient accumulation)
 
     def __init__(self, config: BartConfig, **kwargs):
         super().__init__(config, **kwargs)
@@ -6079,6 +6083,8 @@ class BartDecoderWrapper(BartPreTrainedModel):
 class BartForCausalLM(BartPreTrainedModel, GenerationMixin):
     """The decoder alone as a causal LM (e.g. the decoder of an ``EncoderDecoderModel``, which passes
     ``encoder_hidden_states``). ``labels`` are not shifted: ``labels[..., i]`` is the target of ``logits[..., i]``."""
+
+    accepts_loss_kwargs = False  # its loss ignores num_items_in_batch (README, gradient accumulation)
 
     _tied_weights_keys = _tied_weights_keys({"lm_head.weight": "model.decoder.embed_tokens.weight"})
 

@@ -5623,6 +5623,8 @@ def _last_token_indices(
 
 
 class BloomForSequenceClassification(BloomPreTrainedModel):
+    accepts_loss_kwargs = False  # its loss ignores num_items_in_batch (README, gradient accumulation)
+
     def __init__(self, config: BloomConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -5691,6 +5693,8 @@ class BloomForSequenceClassification(BloomPreTrainedModel):
 
 
 class BloomForTokenClassification(BloomPreTrainedModel):
+    accepts_loss_kwargs = False  # its loss ignores num_items_in_batch (README, gradient accumulation)
+
     def __init__(self, config: BloomConfig):
         super().__init__(config)
         self.num_labels = config.num_labels

@@ -5694,6 +5694,8 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
 class GPT2ForSequenceClassification(GPT2PreTrainedModel):
     """Classifies each sequence from the hidden state of its last non-padding token."""
 
+    accepts_loss_kwargs = False  # its loss ignores num_items_in_batch (README, gradient accumulation)
+
     def __init__(self, config: GPT2Config):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -5779,6 +5781,8 @@ class GPT2DoubleHeadsModel(GPT2PreTrainedModel, GenerationMixin):
     """Language modelling plus multiple choice: inputs are `[batch, choices, seq]`; each choice is summarised at
     `mc_token_ids` (default: its last token) by stock's `GPT2SequenceSummary`."""
 
+    accepts_loss_kwargs = False  # its loss ignores num_items_in_batch (README, gradient accumulation)
+
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: GPT2Config):
@@ -5849,6 +5853,8 @@ class GPT2DoubleHeadsModel(GPT2PreTrainedModel, GenerationMixin):
 
 
 class GPT2ForTokenClassification(GPT2PreTrainedModel):
+    accepts_loss_kwargs = False  # its loss ignores num_items_in_batch (README, gradient accumulation)
+
     def __init__(self, config: GPT2Config):
         super().__init__(config)
         self.num_labels = config.num_labels

@@ -5596,6 +5596,8 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
 class LlamaForSequenceClassification(LlamaPreTrainedModel):
     """Scores the last non-padding token of each row (rows may be padded on either side)."""
 
+    accepts_loss_kwargs = False  # its loss ignores num_items_in_batch (README, gradient accumulation)
+
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -5724,6 +5726,8 @@ class LlamaForQuestionAnswering(LlamaPreTrainedModel):
 
 class LlamaForTokenClassification(LlamaPreTrainedModel):
     """Per-token labels from the final hidden states (dropout, then ``score``), as stock."""
+
+    accepts_loss_kwargs = False  # its loss ignores num_items_in_batch (README, gradient accumulation)
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)

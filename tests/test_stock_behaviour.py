@@ -750,6 +750,62 @@ def test_jit_traced_model_follows_the_padding_of_its_inputs(family, tmp_path):
                 assert_close_rel(actual * rows, expected * rows, TOL, what)
 
 
+LABELLED_HEADS = {
+    "llama": ["LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaForTokenClassification"],
+    "gpt2": ["GPT2LMHeadModel", "GPT2ForSequenceClassification", "GPT2ForTokenClassification", "GPT2DoubleHeadsModel"],
+    "bloom": ["BloomForCausalLM", "BloomForSequenceClassification", "BloomForTokenClassification"],
+    "bart": ["BartForConditionalGeneration", "BartForSequenceClassification", "BartForCausalLM"],
+}
+
+
+def labels_for(class_name: str, ids: torch.Tensor) -> torch.Tensor:
+    if "SequenceClassification" in class_name:
+        return torch.tensor([0, 1])
+    if "TokenClassification" in class_name:
+        return ids % 2
+    return ids
+
+
+@pytest.mark.parametrize("family", list(LABELLED_HEADS))
+def test_heads_whose_loss_ignores_num_items_in_batch_say_so_to_the_trainer(family, tmp_path):
+    """transformers' Trainer passes ``num_items_in_batch`` to a model whose forward takes ``**kwargs`` (or that
+    declares ``accepts_loss_kwargs``) and then leaves the loss undivided by the accumulation steps. A head whose
+    loss ignores the count declares ``accepts_loss_kwargs = False``, so that gradient accumulation averages."""
+    for class_name in LABELLED_HEADS[family]:
+        _, ours = stock_and_ours(family, class_name, tmp_path / class_name)
+        ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
+        ids[:, -1] = ours.config.eos_token_id if family == "bart" else ids[:, -1]
+        inputs = {"input_ids": ids[:, None] if "DoubleHeads" in class_name else ids}
+        inputs["labels"] = labels_for(class_name, inputs["input_ids"])
+        with torch.no_grad():
+            plain = ours(**inputs).loss
+            counted = ours(**inputs, num_items_in_batch=torch.tensor(100)).loss
+        honours = not torch.allclose(plain, counted)
+        assert getattr(type(ours), "accepts_loss_kwargs", True) == honours, class_name
+
+
+def test_trainer_gradient_accumulation_averages_a_head_that_ignores_num_items(tmp_path):
+    """Two micro-batches of one example accumulated take the step one batch of both takes (BART: its loss is
+    the mean over its own tokens, so the Trainer must divide by the accumulation steps)."""
+    from transformers import Trainer, TrainingArguments
+
+    config = family_config("bart")
+    config.dropout = config.attention_dropout = config.activation_dropout = 0.0
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(6))
+    examples = [{"input_ids": row, "labels": row.flip(0)} for row in ids]
+    weights = []
+    for batch, steps in ((2, 1), (1, 2)):
+        _, ours = stock_and_ours("bart", "BartForConditionalGeneration", tmp_path / f"{batch}x{steps}", config=config)
+        arguments = TrainingArguments(
+            output_dir=str(tmp_path / f"run{batch}x{steps}"), per_device_train_batch_size=batch,
+            gradient_accumulation_steps=steps, max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant",
+            weight_decay=0.0, max_grad_norm=0.0, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+        )  # fmt: skip
+        Trainer(model=ours.train(), args=arguments, train_dataset=examples).train()
+        weights.append(ours.model.shared.weight.detach().clone())
+    assert_close_rel(weights[1], weights[0], 1e-5, "weights after one step")
+
+
 LAYER_STACKS = {"llama": ("LlamaForCausalLM", "model.layers"), "gpt2": ("GPT2LMHeadModel", "transformer.h")}
 
 
