@@ -535,10 +535,10 @@ def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, l
     k = _expand_kv(k, call.heads)
     rows, cols = slice(0, call.q_len), slice(0, call.k_len)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    keep = _block_keep(call, mask, rows, cols, q.device, _documents_of(call, sequence_ids))
     bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
     if bias is not None:
-        scores = (scores.to(_compute_dtype(q.dtype)) + bias).to(q.dtype)
-    keep = _block_keep(call, mask, rows, cols, q.device, _documents_of(call, sequence_ids))
+        scores = _biased_scores(scores, bias, keep)
     row_has_key = None
     if keep is not None:
         scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
@@ -548,6 +548,16 @@ def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, l
     else:
         probs = torch.softmax(scores, dim=-1)
     return probs, row_has_key
+
+
+def _biased_scores(scores: torch.Tensor, bias: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """``scores + bias`` summed in the compute dtype, less each row's largest visible score, in the scores'
+    dtype. Softmax does not change; what changes is what a 16-bit cast keeps: ALiBi over a long non-causal row
+    adds hundreds, where bfloat16 steps by 2 to 4, but the scores near a row's largest decide its weights."""
+    biased = scores.to(_compute_dtype(scores.dtype)) + bias
+    visible = biased if keep is None else biased.masked_fill(~keep, float("-inf"))
+    largest = visible.amax(dim=-1, keepdim=True)
+    return (biased - torch.where(torch.isfinite(largest), largest, 0.0)).to(scores.dtype)
 
 
 def _run_eager(
@@ -2644,7 +2654,24 @@ def attention(
     )
     if requested == "auto":
         return _run_auto(q, k, v, call, mask, alibi_slopes, scale, options, name)
-    return _run(name, q, k, v, call, mask, alibi_slopes, scale, options)
+    return _run_requested(name, q, k, v, call, mask, alibi_slopes, scale, options)
+
+
+def _run_requested(name: str, q, k, v, call: AttentionCall, mask, alibi_slopes, scale, options: dict) -> torch.Tensor:
+    """A backend the caller named. A failure of its own (no kernel for this call, a compile that fails: a
+    Triton template without tiles for this head_dim) is raised as one RuntimeError naming the backend and the
+    call, from the original error; ``auto`` would have run the next backend that takes the call."""
+    try:
+        return _run(name, q, k, v, call, mask, alibi_slopes, scale, options)
+    except Exception as error:
+        if not _is_backend_failure(error):
+            raise
+        first_line = next(iter(str(error).strip().splitlines()), "")
+        raise RuntimeError(
+            f"attention backend {name!r} failed on this call (head_dim {call.head_dim}, {call.heads} heads, "
+            f"{call.kv_heads} key/value heads, {call.dtype}, {call.mask_kind} mask): {type(error).__name__}: "
+            f"{first_line}; backend='auto' runs the next backend that can take it"
+        ) from error
 
 
 def _described_and_selected(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids, requested: str):

@@ -249,6 +249,37 @@ def test_sdpa_takes_alibi_for_a_decoding_step_only(dtype):
 # ----------------------------------------------------------------------------------------------
 
 
+def test_eager_keeps_the_digits_of_a_large_alibi_bias_in_bfloat16():
+    """ALiBi over a long non-causal row adds up to hundreds to the scores, where bfloat16 steps by 2 to 4: the
+    eager path casts the biased scores back to bfloat16 only after taking each row's largest off (it was 0.2
+    off the float64 reference here, where the chunked backend is within bfloat16's rounding)."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 16, 1031, 32, generator=gen).to(torch.bfloat16) for _ in range(3))
+    slopes = mea.alibi_slopes(16)
+    expected = reference_attention(q, k, v, causal=False, slopes=slopes, scale=0.07)
+    for backend in ("eager", "chunked"):
+        out = mea.attention(q, k, v, causal=False, alibi_slopes=slopes, scale=0.07, backend=backend)
+        error = ((out.double() - expected).norm() / expected.norm()).item()
+        assert error < TOLERANCE[torch.bfloat16], (backend, error)
+
+
+def test_a_named_backend_that_fails_on_its_own_says_which_and_on_what(monkeypatch):
+    """A compile or kernel failure of a backend the caller named (e.g. flex's Triton templates for a head_dim
+    they have no tiles for) is one RuntimeError naming the backend and the call, chained to the original."""
+    inductor_error = type("InductorError", (RuntimeError,), {"__module__": "torch._inductor.exc"})
+
+    def failing_kernel(*args, **kwargs):
+        raise inductor_error("LoweringException: NoValidChoicesError: No choices to select.\nlong trace")
+
+    monkeypatch.setitem(kernel_layer._RUN, "chunked", failing_kernel)
+    q = torch.randn(1, 4, 9, 16)
+    message = r"attention backend 'chunked' failed on this call \(head_dim 16, 4 heads"
+    with pytest.raises(RuntimeError, match=message) as raised:
+        mea.attention(q, q, q, causal=True, backend="chunked")
+    assert "NoValidChoicesError" in str(raised.value) and "long trace" not in str(raised.value)
+    assert isinstance(raised.value.__cause__, inductor_error)
+
+
 @pytest.mark.parametrize("backend", ["chunked", "eager"])
 def test_dropout_backward_is_exact_for_a_fixed_seed(backend, small_chunks):
     """With the RNG reset before each call the dropped attention is a fixed function: gradcheck it in float64."""
