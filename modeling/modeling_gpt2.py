@@ -5463,15 +5463,16 @@ class GPT2PreTrainedModel(PreTrainedModel):
         """GPT-2's scheme: N(0, initializer_range), with both residual projections scaled by 1/sqrt(2 * n_layer).
 
         The residual projections are recognised by a flag on the module itself: transformers 5 skips, for remote
-        code, modules without parameters of their own, so the attention/MLP modules are never passed here.
+        code, modules without parameters of their own, so the attention/MLP modules are never passed here. Their
+        scaled draw follows a plain one, as stock draws them, so that one seed gives stock's weights.
         """
         std = self.config.initializer_range
-        if getattr(module, "is_residual_projection", False):
-            std = std / (2 * self.config.n_layer) ** 0.5
         if isinstance(module, (nn.Linear, Conv1D)):
             _init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 _init.zeros_(module.bias)
+            if getattr(module, "is_residual_projection", False):
+                _init.normal_(module.weight, mean=0.0, std=std / (2 * self.config.n_layer) ** 0.5)
         elif isinstance(module, nn.Embedding):
             _init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.LayerNorm):

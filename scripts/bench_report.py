@@ -29,6 +29,10 @@ KEY_FIELDS = (
     "cache",
     "lora",
     "loss_chunk_size",
+    "train_mask",
+    "optimizer",
+    "layers",
+    "qwen_shape",
 )
 FINAL_STATUSES = ("ok", "oom", "unsupported")
 
@@ -39,9 +43,11 @@ FLOP_FORMULAS = """\
   (labels = inputs), gradients freed after each step, no optimizer step unless the record says
   `optimizer: adamw`. FLOPs = `6·N·T + 3·A`, where `N` = weights of every matmul layer (`nn.Linear`,
   `Conv1D`, the LM head; embedding lookups excluded), `T` = tokens through those weights (BART: encoder
-  weights × source tokens, decoder weights and LM head × target tokens), and `A` = forward attention FLOPs
+  weights and the decoder's cross-attention keys/values × source tokens, the other decoder weights and the LM head ×
+  target tokens), and `A` = forward attention FLOPs
   `Σ_layers 4·b·q_len·k_len·d_attn·c` (`d_attn` = heads × head_dim, `c` = ½ for causal self-attention, 1
-  otherwise). For a decoder-only model that is `6·N·b·s + 6·L·d·s²·b` (= `12·L·d·s²·b / 2`).
+  otherwise; packed rows, `--train-mask packed`: Σ over documents). For a decoder-only model that is
+  `6·N·b·s + 6·L·d·s²·b` (= `12·L·d·s²·b / 2`).
 - MFU = FLOPs / step time / the device's peak dense bf16 tensor rate (H100 SXM and H200: 989 TFLOP/s; the
   `env` record names the value used).
 - Prefill (`infer`): `2·N·T + A` over the prompt. Decode tokens/s = batch × new tokens / decode time
@@ -51,8 +57,12 @@ FLOP_FORMULAS = """\
 """
 
 
+# What a record without the field measured (older records, and plans, leave the defaults out).
+KEY_DEFAULTS = {"optimizer": "none", "train_mask": "none"}
+
+
 def record_key(record: dict) -> tuple:
-    return tuple(record.get(field) for field in KEY_FIELDS)
+    return tuple(record.get(field, KEY_DEFAULTS.get(field)) for field in KEY_FIELDS)
 
 
 def load_records(paths: Iterable[Path]) -> list:

@@ -31,6 +31,8 @@ def read_records(paths: list) -> list:
     latest: dict = {}
     for path in paths:
         for line in Path(path).read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
             record = json.loads(line)
             if record.get("section") == "train" and record.get("status") == "ok" and record.get("peak_mem_mb"):
                 latest[(record["family"], record["vocab"], record["seq"], record["impl"])] = record

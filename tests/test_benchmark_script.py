@@ -94,16 +94,18 @@ def test_train_records_hold_consistent_numbers(run):
 
 
 def test_bart_training_flops_follow_the_stated_formula(run):
-    """6·N·T + 3·A counted by hand from the tiny config (weights only; encoder × source, decoder × target)."""
+    """6·N·T + 3·A counted by hand from the tiny config (weights only; the encoder and the decoder's cross-attention
+    keys/values see the source tokens, the other decoder weights the target tokens)."""
     dims = run["module"].TINY_DIMS["bart"]
     h, ffn, layers, vocab = dims.hidden, 4 * dims.hidden, dims.layers, dims.vocab
     encoder_weights = layers * (4 * h * h + 2 * h * ffn)
-    decoder_weights = layers * (8 * h * h + 2 * h * ffn) + h * vocab  # self + cross attention, MLP, LM head
+    cross_keys_values = layers * 2 * h * h
+    decoder_weights = layers * (6 * h * h + 2 * h * ffn) + h * vocab  # self attention, cross q/o, MLP, LM head
     for r in by(run["records"], section="train", family="bart", status="ok"):
         src, tgt = r["seq"], r["tgt_len"]
         assert (src, tgt) == (32, 16)
         attention = 4 * h * layers * (src * src + 0.5 * tgt * tgt + tgt * src)
-        expected = 6 * (encoder_weights * src + decoder_weights * tgt) + 3 * attention
+        expected = 6 * ((encoder_weights + cross_keys_values) * src + decoder_weights * tgt) + 3 * attention
         assert r["flops"] == pytest.approx(expected, rel=1e-12)
         assert r["tokens"] == src + tgt
 
@@ -592,3 +594,10 @@ def test_fused_ops_report_gives_ratios_against_liger_and_base(tmp_path):
     assert "| gpt2 8k | 32,000 | ours | 60.0 ms | 4.39 GiB | 50.0% | - | 0.75x time, 0.50x memory |" in table
     assert "| bloom 8k | 32,000 | ours | 63.0 ms | 4.00 GiB | 49.0% | - | 0.90x time, 0.50x memory |" in table
     assert table.index("| llama") < table.index("| gpt2") < table.index("| bloom")  # the family order
+
+
+def test_packed_rows_count_attention_flops_per_document():
+    """``--train-mask packed``: documents attend only to themselves, so A is Σ length² over the row's documents."""
+    models = bench_module("models")
+    rows = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]])
+    assert models.packed_attention_share(rows) == pytest.approx(((9 + 4) / 25 + 1.0) / 2)

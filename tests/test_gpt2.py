@@ -147,6 +147,11 @@ def test_fresh_init_follows_gpt2_scheme(tmp_path):
     assert torch.equal(block.attn.c_attn.bias, torch.zeros_like(block.attn.c_attn.bias))
     assert torch.equal(block.ln_1.weight, torch.ones_like(block.ln_1.weight))
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    torch.manual_seed(8)
+    seeded = type(ours)(config)
+    torch.manual_seed(8)
+    stock = GPT2LMHeadModel(config)  # one seed, stock's weights: the residual projections are drawn as stock draws them
+    assert all(torch.equal(tensor, stock.state_dict()[name]) for name, tensor in seeded.state_dict().items())
 
 
 def test_save_back_into_stock_class(tmp_path):

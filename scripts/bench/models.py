@@ -210,18 +210,27 @@ def lora_adapter(targets: list, modules_to_save: list) -> Optional[dict]:
 
 
 def matmul_weights(model, family: str) -> dict:
-    """Weights of every matmul layer, split into encoder (BART) and the rest; embeddings are lookups."""
+    """Weights of every matmul layer by the tokens they see: BART's encoder and its decoder's cross-attention
+    keys/values (source tokens), and the rest (target tokens; every weight of a decoder-only model). Embeddings
+    are lookups."""
     conv1d = None
     with contextlib.suppress(ImportError):
         from transformers.pytorch_utils import Conv1D as conv1d
-    counts = {"encoder": 0, "decoder": 0}
+    counts = {"encoder": 0, "cross_kv": 0, "decoder": 0}
     for name, module in model.named_modules():
         is_matmul = isinstance(module, torch.nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
         if not is_matmul:
             continue
-        part = "encoder" if family == "bart" and ".encoder." in f".{name}." else "decoder"
-        counts[part] += module.weight.numel()
+        counts[_matmul_part(family, name)] += module.weight.numel()
     return counts
+
+
+def _matmul_part(family: str, name: str) -> str:
+    if family != "bart":
+        return "decoder"
+    if ".encoder." in f".{name}.":
+        return "encoder"
+    return "cross_kv" if name.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj")) else "decoder"
 
 
 def attention_geometry(model, family: str) -> tuple:
@@ -247,21 +256,34 @@ def attention_forward_flops(model, family: str, batch: int, seq: int, tgt: Optio
     return 4.0 * batch * d * layers * 0.5 * seq * seq
 
 
-def training_flops(model, family: str, batch: int, seq: int, tgt: Optional[int]) -> float:
+def training_flops(
+    model, family: str, batch: int, seq: int, tgt: Optional[int], attention_share: float = 1.0
+) -> float:
+    """``6·N·T + 3·A``; ``attention_share`` scales A for packed rows (documents attend only to themselves)."""
     w = matmul_weights(model, family)
     if family == "bart":
-        tokens_mm = w["encoder"] * batch * seq + w["decoder"] * batch * tgt
+        tokens_mm = (w["encoder"] + w["cross_kv"]) * batch * seq + w["decoder"] * batch * tgt
     else:
         tokens_mm = w["decoder"] * batch * seq
-    return 6.0 * tokens_mm + 3.0 * attention_forward_flops(model, family, batch, seq, tgt)
+    return 6.0 * tokens_mm + 3.0 * attention_share * attention_forward_flops(model, family, batch, seq, tgt)
+
+
+def packed_attention_share(position_ids: torch.Tensor) -> float:
+    """Causal attention FLOPs of rows packed from documents (positions restarting at 0) over those of whole
+    rows: the mean over rows of sum(document length²) / row length²."""
+    shares = []
+    for row in position_ids.cpu():
+        starts = torch.nonzero(row == 0).flatten().tolist() + [row.numel()]
+        lengths = [end - start for start, end in zip(starts[:-1], starts[1:])]
+        shares.append(sum(length * length for length in lengths) / row.numel() ** 2)
+    return sum(shares) / len(shares)
 
 
 def prefill_flops(model, family: str, batch: int, seq: int) -> float:
     w = matmul_weights(model, family)
     if family == "bart":
-        return 2.0 * (w["encoder"] * batch * seq + w["decoder"] * batch) + attention_forward_flops(
-            model, family, batch, seq, 1
-        )
+        source = (w["encoder"] + w["cross_kv"]) * batch * seq
+        return 2.0 * (source + w["decoder"] * batch) + attention_forward_flops(model, family, batch, seq, 1)
     return 2.0 * w["decoder"] * batch * seq + attention_forward_flops(model, family, batch, seq)
 
 

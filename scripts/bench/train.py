@@ -18,6 +18,7 @@ from .models import (
     half_precision,
     model_flops_utilisation,
     next_pow2,
+    packed_attention_share,
     random_ids,
     training_flops,
 )
@@ -97,7 +98,8 @@ def measure_train(
     peak = bench.peak_mb()
     ms = statistics.median(times)
     tokens = batch * (seq + (tgt or 0)) if family == "bart" else batch * seq
-    flops = None if bench.args.lora else training_flops(model, family, batch, seq, tgt)  # LoRA: no weight grads
+    share = packed_attention_share(inputs["position_ids"]) if "position_ids" in inputs else 1.0
+    flops = None if bench.args.lora else training_flops(model, family, batch, seq, tgt, share)  # LoRA: no weight grads
     result = {
         "step_ms": ms,
         "step_ms_min": min(times),
@@ -234,6 +236,12 @@ def run_train_family(
 def train_record_fields(args) -> dict:
     """The options that change what a training record measures, where they are not the defaults."""
     fields = {"train_mask": args.train_mask} if args.train_mask != "none" else {}
+    if args.optimizer != "none":
+        fields["optimizer"] = args.optimizer
+    if args.layers is not None:
+        fields["layers"] = args.layers
+    if args.qwen_shape != "qwen-7b":
+        fields["qwen_shape"] = args.qwen_shape
     if args.lora:
         fields["lora"] = ",".join(args.lora + [f"save:{name}" for name in args.modules_to_save])
     if args.loss_chunk_size is not None:
