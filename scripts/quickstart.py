@@ -122,9 +122,15 @@ def training_steps(model, inputs: dict, steps: int, warmup: int) -> tuple[torch.
         model(**inputs).loss.backward()
         model.zero_grad(set_to_none=True)
     saved_bytes = [0]
+    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    counted: set = set()
 
     def pack(tensor):
-        saved_bytes[0] += tensor.numel() * tensor.element_size()
+        """Activation memory: each storage saved for backward once, the weights (saved by every matmul) not."""
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights and storage.data_ptr() not in counted:
+            counted.add(storage.data_ptr())
+            saved_bytes[0] += storage.nbytes()
         return tensor
 
     times = []
@@ -133,6 +139,7 @@ def training_steps(model, inputs: dict, steps: int, warmup: int) -> tuple[torch.
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         saved_bytes[0] = 0
+        counted.clear()
         start = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             out = model(**inputs)
