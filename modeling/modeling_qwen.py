@@ -5735,6 +5735,9 @@ def _check_chat_format(generation_config: GenerationConfig) -> None:
 
 
 class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
+    # tied only where config.tie_word_embeddings says so (Qwen-7B does not), as the original ties under transformers 4
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
     def __init__(self, config: QWenConfig):
         super().__init__(config)
         dtype = resolve_precision(config)

@@ -826,6 +826,18 @@ def test_a_wider_head_set_by_the_user_gives_the_loss_over_its_logits(padded):
         assert_close_rel(loss, expected, 1e-5, f"{mode} loss")
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_head_is_tied_to_the_embeddings_only_where_the_config_says_so(tied, tmp_path):
+    torch.manual_seed(4)
+    model = random_model(tie_word_embeddings=tied)
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tied
+    loaded = load(save_qwen(model, tmp_path))
+    assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == tied
+    ids = random_ids(1, 7)
+    with torch.no_grad():
+        assert_close_rel(loaded(ids).logits, model.eval()(ids).logits, 1e-6, "logits after a save and load")
+
+
 def test_two_rotary_channels_raise_a_clear_error(tmp_path):
     """The original divides by ``dim - 2`` for its NTK base: a ZeroDivisionError at the first forward."""
     with pytest.raises(ValueError, match=r"kv_channels \* rotary_pct = 8 \* 0.25 gives 2 rotary channels"):
