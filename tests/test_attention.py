@@ -250,9 +250,7 @@ def test_sdpa_takes_alibi_for_a_decoding_step_only(dtype):
 
 
 def test_eager_keeps_the_digits_of_a_large_alibi_bias_in_bfloat16():
-    """ALiBi over a long non-causal row adds up to hundreds to the scores, where bfloat16 steps by 2 to 4: the
-    eager path casts the biased scores back to bfloat16 only after taking each row's largest off (it was 0.2
-    off the float64 reference here, where the chunked backend is within bfloat16's rounding)."""
+    """ALiBi over a long non-causal row adds hundreds to the scores, where bfloat16 steps by 2 to 4 (eager: 0.2 off)."""
     gen = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(1, 16, 1031, 32, generator=gen).to(torch.bfloat16) for _ in range(3))
     slopes = mea.alibi_slopes(16)
@@ -264,8 +262,7 @@ def test_eager_keeps_the_digits_of_a_large_alibi_bias_in_bfloat16():
 
 
 def test_a_named_backend_that_fails_on_its_own_says_which_and_on_what(monkeypatch):
-    """A compile or kernel failure of a backend the caller named (e.g. flex's Triton templates for a head_dim
-    they have no tiles for) is one RuntimeError naming the backend and the call, chained to the original."""
+    """A named backend's compile or kernel failure: one RuntimeError naming it and the call, from the original."""
     inductor_error = type("InductorError", (RuntimeError,), {"__module__": "torch._inductor.exc"})
 
     def failing_kernel(*args, **kwargs):
@@ -298,8 +295,7 @@ def test_dropout_backward_is_exact_for_a_fixed_seed(backend, small_chunks):
 
 
 def test_chunked_dropout_does_not_follow_the_default_dtype(small_chunks):
-    """float32 attention with dropout under ``torch.set_default_dtype(torch.float64)``: the same masks and the
-    same float32 gradients as under the default float32 (its backward used to mix in float64 and fail)."""
+    """Under ``torch.set_default_dtype(torch.float64)``: the same masks and float32 gradients (backward failed)."""
     mea.set_chunk_sizes(query=4, key=5)
     q, k, v = (torch.randn(1, 2, 11, 8, requires_grad=True) for _ in range(3))
     results = []
