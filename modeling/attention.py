@@ -108,7 +108,7 @@ class ForwardMask:
             tensor = tensor.tensor
         self.tensor = tensor
         self.filled_keys = filled_keys  # see filled_cache_length
-        self.cache_slots: Optional[int] = None  # a fixed-size cache's whole length, once cut (written_slots)
+        self.cache_slots: Optional[int] = None  # a fixed-size cache's whole length, once cut (update_cache)
         self.block_masks: dict = {}
         self.kept: dict = {}
         self.bloom_slopes: Optional[torch.Tensor] = None
@@ -183,19 +183,21 @@ def cache_update_kwargs(mask, new_tokens: int, device, cache_position: Optional[
 
 
 def update_cache(
-    cache, key: torch.Tensor, value: torch.Tensor, layer_idx: int, mask, cache_position: Optional[torch.Tensor] = None
+    cache,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layer_idx: int,
+    mask,
+    cache_position: Optional[torch.Tensor] = None,
+    filled: Optional[int] = None,
 ) -> tuple:
     """``cache.update`` of a layer's new ``key``/``value`` ``[b, h, new, d]`` (at ``cache_update_kwargs``' positions),
-    returning the keys and values to attend to: without a fixed-size cache's unwritten slots, the first
-    ``filled_keys`` of the forward's ``ForwardMask`` (``filled_cache_length``)."""
+    returning the keys and values to attend to: without a fixed-size cache's unwritten slots, the first ``filled``
+    (by default the ``filled_keys`` of the forward's ``ForwardMask``, ``filled_cache_length``). A cut is noted on
+    the ``ForwardMask``, so that attention weights asked for span the whole cache, as stock's do."""
     where = cache_update_kwargs(mask, key.shape[-2], key.device, cache_position)
     key, value = cache.update(key, value, layer_idx, where)
-    return written_slots(key, value, _filled_keys(mask), mask)
-
-
-def written_slots(key: torch.Tensor, value: torch.Tensor, filled: Optional[int], mask) -> tuple:
-    """The first ``filled`` keys and values of what a cache's ``update`` returned (None: all). A cut is noted on
-    the forward's ``ForwardMask``, so that attention weights asked for span the whole cache, as stock's do."""
+    filled = _filled_keys(mask) if filled is None else filled
     if filled is None or key.shape[-2] <= filled:
         return key, value
     if isinstance(mask, ForwardMask):
@@ -3942,20 +3944,20 @@ def lm_head_loss(
         loss = wrapped_head_cross_entropy(
             hidden_rows, lm_head, targets, logits_bias, num_items_in_batch, ignore_index, chunk_size
         )
-        return _shaped_like_stock(loss, num_items_in_batch)
-    bias = linear.bias
-    if logits_bias is not None:
-        bias = logits_bias if bias is None else bias + logits_bias
-    head_dtype = autocast_dtype or linear.weight.dtype
-    loss = linear_cross_entropy(
-        hidden_rows,
-        linear.weight,
-        targets,
-        bias=bias,
-        num_items_in_batch=num_items_in_batch,
-        ignore_index=ignore_index,
-        chunk_size=loss_chunk_size(config, linear.weight.shape[0], head_dtype),
-    )
+    else:
+        bias = linear.bias
+        if logits_bias is not None:
+            bias = logits_bias if bias is None else bias + logits_bias
+        head_dtype = autocast_dtype or linear.weight.dtype
+        loss = linear_cross_entropy(
+            hidden_rows,
+            linear.weight,
+            targets,
+            bias=bias,
+            num_items_in_batch=num_items_in_batch,
+            ignore_index=ignore_index,
+            chunk_size=loss_chunk_size(config, linear.weight.shape[0], head_dtype),
+        )
     return _shaped_like_stock(loss, num_items_in_batch)
 
 
