@@ -369,6 +369,19 @@ def document_labels(ids):
     return labels
 
 
+def assert_packed_row_matches_documents_run_alone(model, ids: torch.Tensor, packing: dict) -> None:
+    """Logits, loss and every gradient of the packed row against its documents run one by one (fp32, 1e-5)."""
+    labels = document_labels(ids)
+    logits, loss, grads = logits_loss_grads(model, ids, labels, **packing)
+    ref_logits, ref_sum, ref_grads = per_document(model, ids)
+    predicted = int((labels[0, 1:] != -100).sum())
+    assert_close_rel(logits, ref_logits, 1e-5, "logits")
+    assert_close_rel(loss * predicted, ref_sum, 1e-5, "loss")
+    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(model.parameters()))
+    for name in grads:
+        assert_close_rel(grads[name] * predicted, ref_grads[name], 1e-5, f"grad {name}")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("form", ["position_ids", "cu_seq_lens"])
 @pytest.mark.parametrize("backend", ["auto", "sdpa", "eager"])
@@ -379,16 +392,7 @@ def test_packed_row_matches_documents_run_alone(family, form, backend, mode, tmp
     if family == "bloom" and backend == "sdpa":
         backend = "chunked"  # sdpa cannot take ALiBi
     set_backend(model, backend)
-    ids, packing = packed_row(form)
-    labels = document_labels(ids)
-    logits, loss, grads = logits_loss_grads(model, ids, labels, **packing)
-    ref_logits, ref_sum, ref_grads = per_document(model, ids)
-    predicted = int((labels[0, 1:] != -100).sum())
-    assert_close_rel(logits, ref_logits, 1e-5, "logits")
-    assert_close_rel(loss * predicted, ref_sum, 1e-5, "loss")
-    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(model.parameters()))
-    for name in grads:
-        assert_close_rel(grads[name] * predicted, ref_grads[name], 1e-5, f"grad {name}")
+    assert_packed_row_matches_documents_run_alone(model, *packed_row(form))
 
 
 @pytest.mark.parametrize("positions", ["row", "from 1"])
@@ -403,16 +407,9 @@ def test_qwen_documents_count_positions_from_0_whatever_position_ids_come_with_c
     model.train(mode == "train")
     set_backend(model, "auto")
     ids, packing = packed_row("cu_seq_lens")
-    row = torch.arange(ids.shape[1])[None]
-    packing["position_ids"] = row if positions == "row" else torch.cat([torch.arange(1, n + 1) for n in DOCUMENT_LENGTHS])[None]
-    labels = document_labels(ids)
-    logits, loss, grads = logits_loss_grads(model, ids, labels, **packing)
-    ref_logits, ref_sum, ref_grads = per_document(model, ids)
-    predicted = int((labels[0, 1:] != -100).sum())
-    assert_close_rel(logits, ref_logits, 1e-5, "logits")
-    assert_close_rel(loss * predicted, ref_sum, 1e-5, "loss")
-    for name in grads:
-        assert_close_rel(grads[name] * predicted, ref_grads[name], 1e-5, f"grad {name}")
+    from_1 = torch.cat([torch.arange(1, n + 1) for n in DOCUMENT_LENGTHS])[None]
+    packing["position_ids"] = torch.arange(ids.shape[1])[None] if positions == "row" else from_1
+    assert_packed_row_matches_documents_run_alone(model, ids, packing)
 
 
 @pytest.mark.parametrize("case", ["cu_seq_lens as lists", "cu_seq_lens over a cache", "uint8 positions"])
