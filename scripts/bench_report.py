@@ -61,6 +61,30 @@ FLOP_FORMULAS = """\
 KEY_DEFAULTS = {"optimizer": "none", "train_mask": "none"}
 
 
+# Fields that make a training step another measurement than the default one (LoRA, packed rows, an optimizer
+# step, another depth ...): tables keep each such variant apart, and targets and plots read the default runs only.
+VARIANT_FIELDS = ("lora", "loss_chunk_size", "train_mask", "optimizer", "layers", "qwen_shape")
+
+
+def variant(record: dict) -> tuple:
+    """(field, value) pairs of the VARIANT_FIELDS that ``record`` sets away from the default; () for a default run.
+
+    ``qwen_shape`` only shapes Qwen, so the other families' records ignore it."""
+    pairs = []
+    for field in VARIANT_FIELDS:
+        value = record.get(field)
+        if value is None or value == KEY_DEFAULTS.get(field):
+            continue
+        if field == "qwen_shape" and record.get("family") != "qwen":
+            continue
+        pairs.append((field, value))
+    return tuple(pairs)
+
+
+def variant_label(pairs: tuple) -> str:
+    return ", ".join(f"{field.replace('_', ' ')} {value}" for field, value in pairs)
+
+
 def record_key(record: dict) -> tuple:
     return tuple(record.get(field, KEY_DEFAULTS.get(field)) for field in KEY_FIELDS)
 
@@ -186,14 +210,16 @@ def train_tables(records: list, section: str = "train") -> str:
     for family in ordered(r["family"] for r in rows):
         fam = [r for r in rows if r["family"] == family]
         vocabs = ordered(r.get("vocab") for r in fam)
-        for batch, vocab in ordered((r.get("batch"), r.get("vocab")) for r in fam):
-            sub = [r for r in fam if r.get("batch") == batch and r.get("vocab") == vocab]
+        for batch, vocab, kind in ordered((r.get("batch"), r.get("vocab"), variant(r)) for r in fam):
+            sub = [r for r in fam if (r.get("batch"), r.get("vocab"), variant(r)) == (batch, vocab, kind)]
             seqs = sorted(ordered(r["seq"] for r in sub))
             impls = ordered(r["impl"] for r in sub)
             tgt = ordered(r.get("tgt_len") for r in sub if r.get("tgt_len"))
             title = f"#### {section}: {family}, batch {batch}"
             if len(vocabs) > 1:
                 title += f", vocabulary {vocab:,}" if vocab else ", vocabulary not recorded"
+            if kind:
+                title += f", {variant_label(kind)}"
             if tgt:
                 title += f" (source lengths below; target {', '.join(seq_label(t) for t in tgt)})"
             cells = {(r["impl"], r["seq"]): r for r in sub}
@@ -236,10 +262,11 @@ def _bloom_vs_llama(ours: dict, llama: dict) -> tuple:
 
 
 def target_pool(records: list, seq: int) -> list:
-    """Training-step records at ``seq`` tokens, batch 1, at one vocabulary: the targets (and the headline
-    plot) are set at the benchmark's default, the smallest one a run records (--vocab adds larger ones)."""
+    """Default training-step records (no LoRA, packing, optimizer ...: ``variant``) at ``seq`` tokens, batch 1, at
+    one vocabulary: the targets (and the headline plot) are set at the benchmark's default, the smallest one a run
+    records (--vocab adds larger ones)."""
     pool = [r for r in records if r.get("section") in ("compare", "train") and r.get("seq") == seq]
-    pool = [r for r in pool if r.get("batch") == 1]
+    pool = [r for r in pool if r.get("batch") == 1 and not variant(r)]
     vocabs = [r["vocab"] for r in pool if r.get("vocab") is not None]
     return [r for r in pool if r.get("vocab") is None or r["vocab"] == min(vocabs)]
 
@@ -312,8 +339,10 @@ def targets_section(records: list) -> str:
 
 
 def infer_label(record: dict) -> str:
-    """An infer row's name: the impl, and the cache when it is not the default dynamic one (--static-cache)."""
-    return record["impl"] + (f" · {record['cache']} cache" if record.get("cache") else "")
+    """An infer row's name: the impl, the cache when it is not the default dynamic one (--static-cache), and the
+    model's sizes when they are not the default ones (--layers, --qwen-shape)."""
+    label = record["impl"] + (f" · {record['cache']} cache" if record.get("cache") else "")
+    return label + (f" · {variant_label(variant(record))}" if variant(record) else "")
 
 
 def infer_tables(records: list) -> str:

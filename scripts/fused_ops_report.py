@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_report  # noqa: E402
 
 FAMILY_ORDER = ("llama", "qwen", "gpt2", "bloom", "bart")
 ORDER = ("stock:sdpa", "stock:sdpa+liger", "base:auto", "ours:auto", "ours:auto+compile")
@@ -35,7 +39,7 @@ def read_records(paths: list) -> list:
                 continue
             record = json.loads(line)
             if record.get("section") == "train" and record.get("status") == "ok" and record.get("peak_mem_mb"):
-                latest[(record["family"], record["vocab"], record["seq"], record["impl"])] = record
+                latest[bench_report.record_key(record)] = record
     return list(latest.values())
 
 
@@ -56,15 +60,25 @@ def read_summary(path: Path, seq: int) -> list:
 
 
 def groups_of(records: list) -> dict:
+    """impl -> record per measured model: family, vocabulary, length, batch and ``bench_report.variant`` (LoRA,
+    packing, another depth or Qwen shape ...), so that only like runs are set against each other."""
     groups: dict = {}
     for record in records:
-        groups.setdefault((record["family"], record["vocab"], record["seq"]), {})[record["impl"]] = record
+        key = (record["family"], record["vocab"], record["seq"], record.get("batch", 1), bench_report.variant(record))
+        groups.setdefault(key, {})[record["impl"]] = record
     return groups
 
 
 def group_order(item: tuple) -> tuple:
-    (family, vocab, seq), _ = item
-    return (FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER), family, vocab, seq)
+    (family, vocab, seq, batch, variant), _ = item
+    rank = FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
+    return (rank, family, vocab, seq, batch, str(variant))
+
+
+def model_label(family: str, seq: int, batch: int, variant: tuple, separator: str = " ") -> str:
+    """``llama 8k``, with the batch and the variant where they are not the defaults."""
+    extra = ([f"batch {batch}"] if batch != 1 else []) + ([bench_report.variant_label(variant)] if variant else [])
+    return f"{family} {seq // 1024}k" + (separator + ", ".join(extra) if extra else "")
 
 
 def ratio_text(record: dict, other: dict | None) -> str:
@@ -79,13 +93,13 @@ def table(groups: dict) -> list:
         "| model | vocab | impl | step | peak memory | MFU | against Liger | against base |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for (family, vocab, seq), impls in sorted(groups.items(), key=group_order):
+    for (family, vocab, seq, batch, variant), impls in sorted(groups.items(), key=group_order):
         for impl in [i for i in ORDER if i in impls]:
             record = impls[impl]
             mfu = f"{100 * record['mfu']:.1f}%" if record.get("mfu") else "-"
             ours = impl.startswith("ours")
             lines.append(
-                f"| {family} {seq // 1024}k | {vocab:,} | {LABEL[impl]} | {record['step_ms']:.1f} ms | "
+                f"| {model_label(family, seq, batch, variant)} | {vocab:,} | {LABEL[impl]} | {record['step_ms']:.1f} ms | "
                 f"{record['peak_mem_mb'] / 1024:.2f} GiB | {mfu} | "
                 f"{ratio_text(record, impls.get('stock:sdpa+liger')) if ours else '-'} | "
                 f"{ratio_text(record, impls.get('base:auto')) if ours else '-'} |"
@@ -106,7 +120,10 @@ def plot(groups: dict, path: Path) -> None:
         for axis, field, scale in ((axes[0], "step_ms", 1.0), (axes[1], "peak_mem_mb", 1 / 1024)):
             values = [groups[k][impl][field] * scale if impl in groups[k] else 0.0 for k in keys]
             axis.bar([i + index * width for i in range(len(keys))], values, width, label=LABEL[impl].replace("`", ""))
-    names = [f"{family}\n{seq // 1024}k, vocab {vocab // 1000}k" for family, vocab, seq in keys]
+    names = [
+        model_label(family, seq, batch, variant, "\n") + f"\nvocab {vocab // 1000}k"
+        for family, vocab, seq, batch, variant in keys
+    ]
     for axis, title in ((axes[0], "training step (ms)"), (axes[1], "peak memory (GiB)")):
         axis.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], names, fontsize=8)
         axis.set_title(title)

@@ -97,7 +97,7 @@ def _series(records: list, impl: str, metric: str, scale: float = 1.0):
 def plot_train(records: list, out: Path, section: str = "train") -> list:
     plt = _pyplot()
     written = []
-    rows = [r for r in records if r.get("section") == section and r.get("batch") == 1]
+    rows = [r for r in records if r.get("section") == section and r.get("batch") == 1 and not bench_report.variant(r)]
     for family, vocab in ordered((r["family"], r.get("vocab")) for r in rows):
         fam = [r for r in rows if r["family"] == family and r.get("vocab") == vocab]
         several = len(ordered(r.get("vocab") for r in rows if r["family"] == family)) > 1
@@ -182,7 +182,8 @@ def _cell_value(cells: dict, metric: str, impl: str, group: tuple) -> Optional[f
 def plot_infer(records: list, out: Path) -> list:
     plt = _pyplot()
     written = []
-    rows = [r for r in records if r.get("section") == "infer"]
+    # the default runs (dynamic cache, default sizes); the tables show the others
+    rows = [r for r in records if r.get("section") == "infer" and not r.get("cache") and not bench_report.variant(r)]
     for family in ordered(r["family"] for r in rows):
         fam = [r for r in rows if r["family"] == family]
         if not any(r.get("status") == "ok" for r in fam):

@@ -199,6 +199,63 @@ def test_latest_record_wins_and_targets_are_judged():
     assert rows["llama"][2] == "no"  # slower than stock sdpa
 
 
+def test_variant_runs_get_their_own_tables_and_stay_out_of_the_targets():
+    """LoRA, packed or deeper runs appended to one results file must not replace or judge the default ones."""
+    report = load_script("bench_report")
+    base = {"section": "train", "batch": 1, "seq": 8192, "status": "ok", "dtype": "bfloat16", "family": "llama"}
+    records = [
+        {**base, "impl": "stock:sdpa", "step_ms": 190.0, "peak_mem_mb": 8000.0},
+        {**base, "impl": "ours:auto", "step_ms": 200.0, "peak_mem_mb": 8000.0},
+        {**base, "impl": "ours:auto", "step_ms": 100.0, "peak_mem_mb": 3000.0, "lora": "q_proj,v_proj"},
+        {**base, "impl": "ours:auto", "step_ms": 90.0, "peak_mem_mb": 3000.0, "train_mask": "packed"},
+        {**base, "impl": "ours:auto", "step_ms": 80.0, "peak_mem_mb": 3000.0, "layers": 4},
+    ]
+    current = report.latest(records)
+    assert len(current) == 5
+    assert [report.variant(r) for r in current[2:]] == [(("lora", "q_proj,v_proj"),), (("train_mask", "packed"),),
+                                                        (("layers", 4),)]
+    assert report.variant({**base, "qwen_shape": "llama"}) == ()  # shapes Qwen only
+    assert report.variant({**base, "family": "qwen", "qwen_shape": "llama"}) == (("qwen_shape", "llama"),)
+    llama = next(row for row in report.target_rows(current, 8192) if row[0].startswith("llama"))
+    assert llama[1].startswith("0.950× its speed") and llama[2] == "no"  # 190 / 200: the default run only
+    markdown = report.train_tables(current)
+    assert "#### train: llama, batch 1, lora q_proj,v_proj" in markdown
+    assert "#### train: llama, batch 1, train mask packed" in markdown
+    assert all(f"{ms}.0 ms" in markdown for ms in (200, 100, 90, 80)) and "#### train: llama, batch 1, layers 4" in markdown
+
+
+def test_compare_and_infer_records_name_their_options(cpu_bench, monkeypatch):
+    """A compare run with --optimizer/--train-mask/--layers is not the default step: its records must say so."""
+    compare, infer = bench_module("compare"), bench_module("infer")
+    cpu_bench.args.optimizer, cpu_bench.args.layers, cpu_bench.args.seq = "adamw", 3, [16]
+    seen = []
+    monkeypatch.setattr(compare, "run_train_family", lambda *args, **kwargs: seen.append(kwargs["extra_record"]))
+    compare.run_compare(cpu_bench)
+    assert seen == [{"optimizer": "adamw", "layers": 3}] * 2
+    cpu_bench.args.family, cpu_bench.args.batch, cpu_bench.args.new_tokens = ["gpt2"], [1], 2
+    cpu_bench.dims = bench_module("models").family_dims(True, None, 3)
+    infer.run_infer(cpu_bench)
+    records = cpu_bench.rec.run_records
+    assert records and all(r["layers"] == 3 and r["section"] == "infer" for r in records)
+
+
+def test_unknown_impl_names_are_refused(tmp_path, capsys):
+    cli = bench_module("cli")
+    for bad in ("foo", "ours:auto+compil", "torch:sdpa-flashy"):
+        with pytest.raises(SystemExit) as stop:
+            cli.parse_args(["--device", "cpu", "--impl", f"ours:auto,{bad}"])
+        assert stop.value.code == 2 and f"impl '{bad}'" in capsys.readouterr().err
+    for good in ("core", "direct", "torch:sdpa-cudnn", "ours:eager+lightsoftmax", "stock:sdpa+liger", "base:auto"):
+        assert cli.parse_args(["--device", "cpu", "--impl", good]).impl == [good]
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--device", "cpu", "--quick", "--section", "train", "--family", "gpt2", "--impl", "ours:nonesuch"]
+        assert cli.main(argv + ["--out", str(tmp_path)]) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert "no configuration ran: --impl ours:nonesuch" in capsys.readouterr().out
+
+
 def test_plot_script_writes_markdown_without_matplotlib(run, tmp_path):
     plot = load_script("plot_benchmarks")
     assert plot.main([str(run["out"] / "results.jsonl"), "--out", str(tmp_path), "--no-plots"]) == 0
@@ -594,6 +651,25 @@ def test_fused_ops_report_gives_ratios_against_liger_and_base(tmp_path):
     assert "| gpt2 8k | 32,000 | ours | 60.0 ms | 4.39 GiB | 50.0% | - | 0.75x time, 0.50x memory |" in table
     assert "| bloom 8k | 32,000 | ours | 63.0 ms | 4.00 GiB | 49.0% | - | 0.90x time, 0.50x memory |" in table
     assert table.index("| llama") < table.index("| gpt2") < table.index("| bloom")  # the family order
+
+
+def test_fused_ops_report_sets_like_runs_against_each_other(tmp_path):
+    """Qwen at the LLaMA shape, LoRA or batch 2 runs are other models: each gets its own rows and ratios."""
+    report = load_script("fused_ops_report")
+    base = {"section": "train", "status": "ok", "family": "qwen", "vocab": 151936, "seq": 8192, "batch": 1,
+            "mfu": 0.5}
+    rows = [{**base, "impl": "base:auto", "step_ms": 200.0, "peak_mem_mb": 8192.0},
+            {**base, "impl": "ours:auto", "step_ms": 100.0, "peak_mem_mb": 4096.0},
+            {**base, "impl": "base:auto", "step_ms": 50.0, "peak_mem_mb": 2048.0, "qwen_shape": "llama"},
+            {**base, "impl": "ours:auto", "step_ms": 40.0, "peak_mem_mb": 1024.0, "qwen_shape": "llama"},
+            {**base, "impl": "ours:auto", "step_ms": 80.0, "peak_mem_mb": 2048.0, "batch": 2}]
+    results = tmp_path / "results.jsonl"
+    results.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert report.main([str(results), "--out", str(tmp_path / "table"), "--no-plot"]) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "| qwen 8k | 151,936 | ours | 100.0 ms | 4.00 GiB | 50.0% | - | 0.50x time, 0.50x memory |" in table
+    assert "| qwen 8k qwen shape llama | 151,936 | ours | 40.0 ms | 1.00 GiB | 50.0% | - | 0.80x time, 0.50x memory |" in table
+    assert "| qwen 8k batch 2 | 151,936 | ours | 80.0 ms | 2.00 GiB | 50.0% | - | - |" in table
 
 
 def test_packed_rows_count_attention_flops_per_document():

@@ -22,8 +22,9 @@ from . import ROOT
 from .compare import run_compare
 from .core import Bench, Recorder, short_error
 from .infer import run_infer
-from .kernel import run_kernel
-from .light import run_light
+from .impls import parse_impl
+from .kernel import DIRECT_KERNELS, run_kernel
+from .light import LIGHT_VARIANTS, run_light
 from .models import FAMILIES
 from .padded import run_padded
 from .train import PACKED_FAMILIES, run_train
@@ -84,6 +85,23 @@ def int_list(text: str) -> list:
 
 def str_list(text: str) -> list:
     return [p.strip() for p in text.split(",") if p.strip()]
+
+
+IMPL_KEYWORDS = ("core", "direct")
+
+
+def impl_name_problem(name: str) -> Optional[str]:
+    """Why ``--impl`` cannot mean ``name`` (None when some section knows it)."""
+    if name in IMPL_KEYWORDS or name in DIRECT_KERNELS or name in LIGHT_VARIANTS:
+        return None
+    try:
+        parse_impl(name)
+    except ValueError as error:
+        return (
+            f"{error}; the kernel section also takes {', '.join(DIRECT_KERNELS)}, the light section "
+            f"{', '.join(n for n in LIGHT_VARIANTS if '+' in n)}; core (every section) and direct (kernel) select groups"
+        )
+    return None
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
@@ -235,6 +253,10 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     unpacked = [f for f in args.family if f not in PACKED_FAMILIES]
     if args.train_mask == "packed" and "train" in args.section and unpacked:
         p.error(f"--train-mask packed restarts position ids, which {', '.join(unpacked)} do not take")
+    for name in args.impl or []:
+        problem = impl_name_problem(name)
+        if problem:
+            p.error(f"--impl: {problem}")
     if args.modules_to_save and not args.lora:
         p.error("--modules-to-save is a PEFT LoRA option: name the LoRA targets with --lora too")
     on_cpu = torch.device(args.device).type == "cpu"
@@ -321,4 +343,7 @@ def main(argv: Optional[list] = None) -> int:
     recorder.say(
         f"done in {bench.elapsed():.0f} s: {statuses}; results in {recorder.path} and {args.out / 'results.md'}"
     )
+    if args.impl and not args.resume and not recorder.run_records:
+        recorder.say(f"no configuration ran: --impl {','.join(args.impl)} names nothing that runs in {args.section}")
+        return 1
     return 0

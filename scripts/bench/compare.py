@@ -5,7 +5,7 @@ from __future__ import annotations
 import bench_report
 
 from .core import Bench
-from .train import run_train_family, select_impls
+from .train import run_train_family, select_impls, train_record_fields
 
 
 def run_compare(bench: Bench) -> None:
@@ -16,7 +16,17 @@ def run_compare(bench: Bench) -> None:
     for family, impls in plan:
         impls = select_impls(bench, impls) if args.impl else impls
         bench.rec.say(f"== compare {family}: {', '.join(impls)}")
-        run_train_family(bench, "compare", family, impls, seqs, batches, bench.dims[family], bench.dtype)
+        run_train_family(
+            bench,
+            "compare",
+            family,
+            impls,
+            seqs,
+            batches,
+            bench.dims[family],
+            bench.dtype,
+            extra_record=train_record_fields(args) or None,
+        )
     bench.rec.write_markdown()
     records = bench_report.latest(bench_report.load_records([bench.rec.path]))
     for seq in seqs:

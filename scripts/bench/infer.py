@@ -11,7 +11,7 @@ import torch
 from .core import Bench, ImplSweep, config_record
 from .models import STOCK_CONFIG, config_kwargs, next_pow2, prefill_flops, random_ids
 from .profiling import profile_call, profile_label
-from .train import train_impls
+from .train import shape_record_fields, train_impls
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +142,9 @@ def run_infer(bench: Bench) -> None:
             for batch in batches:
                 for seq in seqs:
                     cache = {"cache": "static"} if args.static_cache else {}
-                    record = config_record("infer", family, impl, seq, batch, bench.dtype, vocab=dims.vocab, **cache)
+                    record = config_record(
+                        "infer", family, impl, seq, batch, bench.dtype, vocab=dims.vocab, **cache, **shape_record_fields(args)
+                    )
                     measure = functools.partial(
                         measure_infer,
                         bench,

@@ -30,6 +30,19 @@ def _sdpa_context(backends: Optional[list], priority: bool = False):
     return sdpa_kernel(backends)
 
 
+# every direct call the kernel section can time (which of them run depends on the device and the backends)
+DIRECT_KERNELS = (
+    "torch:sdpa",
+    "torch:sdpa-cudnn-first",
+    "torch:sdpa-flash",
+    "torch:sdpa-efficient",
+    "torch:sdpa-cudnn",
+    "torch:flex",
+    "flash_attn",
+    "xformers",
+)
+
+
 class DirectKernels:
     """The kernels our layer dispatches to, called directly: what a user calling them by hand would get."""
 

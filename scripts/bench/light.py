@@ -10,6 +10,18 @@ from .train import run_train_family
 
 LIGHT_FULL = dict(layers=12, hidden=768, heads=12, vocab=50257, batch=4, seq=1024, dropout=0.1)
 LIGHT_TINY = dict(layers=2, hidden=64, heads=4, vocab=256, batch=2, seq=32, dropout=0.1)
+_PLAIN = {"use_lightsoftmax": False, "use_dropmatmul": False}
+# a light impl name -> (the impl it builds, the config switches it sets)
+LIGHT_VARIANTS = {
+    "stock:eager": ("stock:eager", {}),
+    "stock:sdpa": ("stock:sdpa", {}),
+    "ours:eager": ("ours:eager", _PLAIN),
+    "ours:eager+lightsoftmax": ("ours:eager", {"use_lightsoftmax": True, "use_dropmatmul": False}),
+    "ours:eager+dropmatmul": ("ours:eager", {"use_lightsoftmax": False, "use_dropmatmul": True}),
+    "ours:eager+lightsoftmax+dropmatmul": ("ours:eager", {"use_lightsoftmax": True, "use_dropmatmul": True}),
+    "ours:auto": ("ours:auto", _PLAIN),
+    "ours:chunked": ("ours:chunked", _PLAIN),
+}
 LIGHT_CORE = ("stock:eager", "ours:eager", "ours:eager+lightsoftmax+dropmatmul", "ours:auto")
 
 
@@ -17,21 +29,10 @@ def run_light(bench: Bench) -> None:
     """The Light Attention table: GPT-2 small in fp32 with dropout 0.1 in training mode."""
     spec = LIGHT_TINY if bench.tiny else LIGHT_FULL
     dims = Dims(spec["layers"], spec["hidden"], spec["heads"], spec["vocab"])
-    plain = {"use_lightsoftmax": False, "use_dropmatmul": False}
-    variants = {
-        "stock:eager": ("stock:eager", {}),
-        "stock:sdpa": ("stock:sdpa", {}),
-        "ours:eager": ("ours:eager", plain),
-        "ours:eager+lightsoftmax": ("ours:eager", {"use_lightsoftmax": True, "use_dropmatmul": False}),
-        "ours:eager+dropmatmul": ("ours:eager", {"use_lightsoftmax": False, "use_dropmatmul": True}),
-        "ours:eager+lightsoftmax+dropmatmul": ("ours:eager", {"use_lightsoftmax": True, "use_dropmatmul": True}),
-        "ours:auto": ("ours:auto", plain),
-        "ours:chunked": ("ours:chunked", plain),
-    }
-    wanted = bench.args.impl or list(variants)
+    wanted = bench.args.impl or list(LIGHT_VARIANTS)
     if "core" in wanted:
         wanted = list(wanted) + list(LIGHT_CORE)
-    impls = [name for name in variants if name in wanted]
+    impls = [name for name in LIGHT_VARIANTS if name in wanted]
     bench.rec.say(f"== light gpt2: {', '.join(impls)}")
     run_train_family(
         bench,
@@ -43,7 +44,7 @@ def run_light(bench: Bench) -> None:
         dims,
         torch.float32,
         dropout=spec["dropout"],
-        extra_config=variants,
+        extra_config=LIGHT_VARIANTS,
         extra_record={"layers": spec["layers"], "hidden": spec["hidden"], "dropout": spec["dropout"]},
     )
     bench.rec.write_markdown()

@@ -233,15 +233,23 @@ def run_train_family(
         sweep.close()
 
 
-def train_record_fields(args) -> dict:
-    """The options that change what a training record measures, where they are not the defaults."""
-    fields = {"train_mask": args.train_mask} if args.train_mask != "none" else {}
-    if args.optimizer != "none":
-        fields["optimizer"] = args.optimizer
+def shape_record_fields(args) -> dict:
+    """The model sizes a record measures, where they are not the defaults (every model-level section)."""
+    fields = {}
     if args.layers is not None:
         fields["layers"] = args.layers
     if args.qwen_shape != "qwen-7b":
         fields["qwen_shape"] = args.qwen_shape
+    return fields
+
+
+def train_record_fields(args) -> dict:
+    """The options that change what a training record measures, where they are not the defaults."""
+    fields = shape_record_fields(args)
+    if args.train_mask != "none":
+        fields["train_mask"] = args.train_mask
+    if args.optimizer != "none":
+        fields["optimizer"] = args.optimizer
     if args.lora:
         fields["lora"] = ",".join(args.lora + [f"save:{name}" for name in args.modules_to_save])
     if args.loss_chunk_size is not None:
