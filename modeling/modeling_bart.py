@@ -2609,12 +2609,12 @@ def select_backend(call: AttentionCall, backend: str = "auto") -> str:
 
 
 def _autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """Under ``torch.autocast`` cast q, k and v to the autocast dtype, as autocast does for SDPA."""
+    """Under ``torch.autocast`` cast q, k and v to the autocast dtype, as autocast does for SDPA (not float64)."""
     device_type = q.device.type
     if not torch.is_autocast_enabled(device_type):
         return q, k, v
     dtype = torch.get_autocast_dtype(device_type)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+    return tuple(_cast_as_autocast_would(t, dtype) for t in (q, k, v))
 
 
 def _run(name: str, q, k, v, call: AttentionCall, mask, alibi_slopes, scale, options: dict) -> torch.Tensor:
@@ -3027,9 +3027,13 @@ class PaddedRows:
         x = x.to(self.indices.device).expand(self.batch, self.seq, *x.shape[2:])
         return x.reshape(self.batch * self.seq, *x.shape[2:]).index_select(0, self.indices)[None]
 
-    def pack_inputs(self, input_ids, inputs_embeds, position_ids) -> tuple:
+    def pack_inputs(self, input_ids, inputs_embeds, position_ids, input_embeddings: torch.nn.Module) -> tuple:
         """``(input_ids, inputs_embeds, position_ids)`` as the packed row; positions default to what a forward
-        without cache uses, ``0 .. s - 1`` in every row (left padding included)."""
+        without cache uses, ``0 .. s - 1`` in every row (left padding included). Where hooks watch the model's
+        ``input_embeddings`` (the Trainer's NEFTune noise is scaled by the output's shape), the padded batch is
+        embedded first, so that they see the ``[b, s, d]`` output stock gives them."""
+        if input_ids is not None and (input_embeddings._forward_hooks or input_embeddings._forward_pre_hooks):
+            input_ids, inputs_embeds = None, input_embeddings(input_ids)
         if position_ids is None:
             position_ids = torch.arange(self.seq, device=self.indices.device)[None]
         return self.pack(input_ids), self.pack(inputs_embeds), self.pack(position_ids)
@@ -3827,6 +3831,20 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
+# the dtypes autocast casts for a matmul; float64 (and integer) tensors it leaves as they are
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cast_as_autocast_would(tensor: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return tensor.to(dtype) if tensor is not None and tensor.dtype in _AUTOCAST_CASTS else tensor
+
+
+def _dtype_under_autocast(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype a matmul of ``dtype`` inputs runs in here: autocast's where it is on and casts ``dtype``."""
+    autocast_dtype = _autocast_dtype(device_type)
+    return autocast_dtype if autocast_dtype is not None and dtype in _AUTOCAST_CASTS else dtype
+
+
 def _apply_as_autocast_would(function, tensors: tuple, *options):
     """``function.apply(*tensors, *options)``; under autocast the tensors are first cast to its dtype, as it
     would cast them for the matmuls inside, and the function runs with autocast off (its backward too)."""
@@ -3834,7 +3852,7 @@ def _apply_as_autocast_would(function, tensors: tuple, *options):
     autocast_dtype = _autocast_dtype(floating[0].device.type) if floating else None
     if autocast_dtype is None:
         return function.apply(*tensors, *options)
-    cast = tuple(t.to(autocast_dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+    cast = tuple(_cast_as_autocast_would(t, autocast_dtype) for t in tensors)
     with torch.autocast(floating[0].device.type, enabled=False):
         return function.apply(*cast, *options)
 
@@ -3966,16 +3984,22 @@ def lm_head_loss(
     ``shift_labels`` is used as is); ``shift=False``: labels align with positions (BART). A plain
     ``nn.Linear`` head runs the fused op; any other head (PEFT LoRA or ``modules_to_save``) is called on chunks.
     """
+    name, given = ("shift_labels", shift_labels) if shift and shift_labels is not None else ("labels", labels)
+    if given.numel() != hidden_states[..., 0].numel():
+        raise ValueError(
+            f"{name} of shape {list(given.shape)} do not match the inputs' [batch, sequence] "
+            f"{list(hidden_states.shape[:-1])}: one label per input token"
+        )
     if shift and shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = (shift_labels if shift else labels).reshape(-1)
     hidden_rows = hidden_states.reshape(-1, hidden_states.shape[-1])
     if logits_bias is not None:
         logits_bias = logits_bias.reshape(-1).to(hidden_states.device)
-    autocast_dtype = _autocast_dtype(hidden_states.device.type)
     linear = _plain_linear_run_by(lm_head)
     if linear is None:
-        chunk_size = loss_chunk_size(config, config.vocab_size, autocast_dtype or hidden_states.dtype)
+        head_dtype = _dtype_under_autocast(hidden_states.dtype, hidden_states.device.type)
+        chunk_size = loss_chunk_size(config, config.vocab_size, head_dtype)
         loss = wrapped_head_cross_entropy(
             hidden_rows, lm_head, targets, logits_bias, num_items_in_batch, ignore_index, chunk_size
         )
@@ -3983,7 +4007,7 @@ def lm_head_loss(
         bias = linear.bias
         if logits_bias is not None:
             bias = logits_bias if bias is None else bias + logits_bias
-        head_dtype = autocast_dtype or linear.weight.dtype
+        head_dtype = _dtype_under_autocast(linear.weight.dtype, hidden_states.device.type)
         loss = linear_cross_entropy(
             hidden_rows,
             linear.weight,

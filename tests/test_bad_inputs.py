@@ -9,6 +9,7 @@ at the end. hub_upload.py and scripts/train.py arguments have their own sweep in
 from __future__ import annotations
 
 import importlib
+import re
 
 import pytest
 import torch
@@ -165,6 +166,12 @@ def tiny(family: str):
         return module.GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=1, n_head=4, n_positions=16)).eval()
     if family == "bloom":
         return module.BloomForCausalLM(BloomConfig(vocab_size=40, hidden_size=32, n_layer=1, n_head=4)).eval()
+    if family == "qwen":
+        from memory_efficient_adapter.configuration_qwen import QWenConfig
+
+        config = QWenConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, kv_channels=8,
+                            intermediate_size=64, seq_length=16, max_position_embeddings=16, fp32=True)
+        return module.QWenLMHeadModel(config).eval()
     config = BartConfig(vocab_size=40, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
                         decoder_attention_heads=4, encoder_ffn_dim=40, decoder_ffn_dim=40, max_position_embeddings=16,
                         pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
@@ -254,4 +261,19 @@ def test_bad_training_input_or_setting_is_refused_by_name(family, case):
     else:
         model.config.loss_chunk_size = True
     with pytest.raises(ValueError, match=TRAINING_CASES[case]):
+        model(**inputs, labels=labels)
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["qwen"])
+def test_labels_of_another_length_are_named_by_the_fused_loss(family):
+    """Unpadded training rows go straight to the fused LM-head loss: a label count that is not one per token gets
+    a ValueError with both shapes (stock's cross-entropy: a ValueError about batch sizes), not an internal one."""
+    model = tiny(family).train()
+    inputs = model_inputs(family)
+    inputs.pop("attention_mask")
+    labels = (inputs["decoder_input_ids"] if family == "bart" else inputs["input_ids"])[:, :-1]
+    expected = [2, 3] if family == "bart" else [2, 5]
+    sequence = [2, 4] if family == "bart" else [2, 6]
+    message = f"labels of shape {expected} do not match the inputs' [batch, sequence] {sequence}"
+    with pytest.raises(ValueError, match=re.escape(message)):
         model(**inputs, labels=labels)

@@ -153,14 +153,17 @@ def test_fresh_init_follows_gpt2_scheme(tmp_path):
 @pytest.mark.skipif(
     transformers.__version__.startswith("5.0."), reason="transformers 5.0 initializes stock GPT-2 in another order"
 )
-def test_one_seed_gives_stocks_initial_weights(tmp_path):
-    """The residual projections are drawn as stock draws them (a plain draw, then the scaled one)."""
+@pytest.mark.parametrize("cross_attention", [False, True])
+def test_one_seed_gives_stocks_initial_weights(tmp_path, cross_attention):
+    """The residual projections are drawn as stock draws them (a plain draw, then the scaled one), and the
+    modules (cross-attention's too) in stock's order, so the state dicts list the same keys in the same order."""
     ours, _ = load_pair(tmp_path)
-    config = tiny_config(n_embd=64, n_layer=3, initializer_range=0.02)
+    config = tiny_config(n_embd=64, n_layer=3, initializer_range=0.02, add_cross_attention=cross_attention)
     torch.manual_seed(8)
     seeded = type(ours)(config)
     torch.manual_seed(8)
     stock = GPT2LMHeadModel(config)
+    assert list(seeded.state_dict()) == list(stock.state_dict())
     assert all(torch.equal(tensor, stock.state_dict()[name]) for name, tensor in seeded.state_dict().items())
 
 

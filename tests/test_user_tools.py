@@ -1,0 +1,164 @@
+"""Our heads under the tools users put around them: tuple outputs in training, a checkpoint loaded into another
+head, the Trainer's NEFTune hook on the input embeddings, and torch.autocast over a float64 model. Same weights
+and inputs as the stock class (loaded through trust_remote_code); Qwen, which has no stock class, against itself.
+
+Runs on transformers 5.x and 4.57.x.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModel
+
+from memory_efficient_adapter.configuration_qwen import QWenConfig
+from memory_efficient_adapter.families import write_remote_code
+from remote_code import assert_close_rel
+from test_stock_behaviour import TOL, VOCAB, family_config, head_inputs, randomize_, stock_and_ours
+
+try:
+    from transformers.integrations.neftune import neftune_post_forward_hook
+except ImportError:  # transformers 4.x keeps it with the Trainer's utilities
+    from transformers.trainer_utils import neftune_post_forward_hook
+
+NO_DROPOUT = {
+    "llama": {"classifier_dropout": 0.0},
+    "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "classifier_dropout": 0.0},
+    "bloom": {"hidden_dropout": 0.0, "attention_dropout": 0.0, "classifier_dropout": 0.0},
+}
+
+
+@pytest.mark.parametrize("family", list(NO_DROPOUT))
+def test_token_classification_tuple_in_training_mode_matches_stock(family, tmp_path):
+    """return_dict=False in training: (loss, logits, hidden states), as stock, though ours builds no cache there."""
+    class_name = {"llama": "LlamaForTokenClassification", "gpt2": "GPT2ForTokenClassification",
+                  "bloom": "BloomForTokenClassification"}[family]
+    stock, ours = stock_and_ours(family, class_name, tmp_path, family_config(family, **NO_DROPOUT[family]))
+    inputs = head_inputs(family, class_name)
+    expected = stock.train()(**inputs, output_hidden_states=True, return_dict=False)
+    actual = ours.train()(**inputs, output_hidden_states=True, return_dict=False)
+    assert len(actual) == len(expected) == 3
+    assert_close_rel(actual[0], expected[0], TOL, f"{class_name} loss")
+    assert_close_rel(actual[1], expected[1], TOL, f"{class_name} logits")
+    assert len(actual[2]) == len(expected[2]) == 4
+    for layer, (mine, theirs) in enumerate(zip(actual[2], expected[2])):
+        assert_close_rel(mine, theirs, TOL, f"{class_name} hidden state {layer}")
+
+
+def test_double_heads_model_scores_each_choice_with_one_logit(tmp_path):
+    """Stock sets num_labels = 1 before building the choice summary, whatever the config says (default 2), so an
+    LM checkpoint (the class's documented starting point) loads into it and scores one logit per choice."""
+    stock_lm = transformers.GPT2LMHeadModel(family_config("gpt2", **NO_DROPOUT["gpt2"]))
+    randomize_(stock_lm)
+    folder = tmp_path / "lm"
+    stock_lm.save_pretrained(folder)
+    write_remote_code(folder, "gpt2", {"AutoModel": "modeling_gpt2.GPT2DoubleHeadsModel"})
+    ours = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    stock = transformers.GPT2DoubleHeadsModel.from_pretrained(folder).eval()
+    assert ours.config.num_labels == stock.config.num_labels == 1
+    ours.multiple_choice_head.load_state_dict(stock.multiple_choice_head.state_dict())  # freshly drawn in both
+    inputs = head_inputs("gpt2", "GPT2DoubleHeadsModel")
+    with torch.no_grad():
+        expected, actual = stock(**inputs), ours(**inputs)
+    assert actual.mc_logits.shape == expected.mc_logits.shape == inputs["mc_token_ids"].shape
+    assert_close_rel(actual.mc_logits, expected.mc_logits, TOL, "mc_logits")
+    assert_close_rel(actual.mc_loss, expected.mc_loss, TOL, "mc_loss")
+
+
+CAUSAL_LM = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "bloom": "BloomForCausalLM"}
+
+
+def right_padded_batch(seed: int = 3) -> dict:
+    """Three rows of 9 tokens, two of them right-padded, with labels only where a kept token is predicted."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (3, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, 6:], mask[2, 4:] = 0, 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def neftune_step(model, inputs: dict) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """A training step with the Trainer's NEFTune hook: the loss, the shapes the hook saw, the embedding grad."""
+    embeddings = model.get_input_embeddings()
+    embeddings.neftune_noise_alpha = 5.0
+    seen = []
+    hooks = [embeddings.register_forward_hook(neftune_post_forward_hook),
+             embeddings.register_forward_hook(lambda module, args, output: seen.append(tuple(output.shape)))]
+    torch.manual_seed(11)
+    loss = model.train()(**inputs).loss
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+    return loss, seen, embeddings.weight.grad
+
+
+def qwen_model() -> torch.nn.Module:
+    from memory_efficient_adapter.modeling_qwen import QWenLMHeadModel
+
+    torch.manual_seed(0)
+    config = QWenConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, kv_channels=8,
+                        intermediate_size=64, seq_length=32, max_position_embeddings=32, fp32=True)
+    model = QWenLMHeadModel(config)
+    randomize_(model)
+    return model
+
+
+@pytest.mark.parametrize("family", [*CAUSAL_LM, "qwen"])
+def test_neftune_noise_matches_stock_on_a_padded_batch(family, tmp_path):
+    """NEFTune scales its noise by the embedding output's shape: our heads run a padded batch as one packed row
+    of its kept tokens, so a hooked embedding is run on the padded batch first, giving stock's shape and noise
+    (Qwen: the same as its own run at full rows, ``config.unpad_batches = False``)."""
+    inputs = right_padded_batch()
+    if family == "qwen":
+        ours = qwen_model()
+        ours.config.unpad_batches = False
+        expected_loss, expected_shapes, expected_grad = neftune_step(ours, inputs)
+        ours.config.unpad_batches, ours.transformer.wte.weight.grad = None, None
+    else:
+        config = family_config(family, **NO_DROPOUT[family])
+        stock, ours = stock_and_ours(family, CAUSAL_LM[family], tmp_path, config)
+        expected_loss, expected_shapes, expected_grad = neftune_step(stock, inputs)
+    loss, shapes, grad = neftune_step(ours, inputs)
+    assert shapes == expected_shapes == [(3, 9, ours.config.hidden_size)]
+    assert_close_rel(loss, expected_loss, TOL, f"{family} loss with NEFTune")
+    assert_close_rel(grad, expected_grad, 1e-4, f"{family} embedding gradient with NEFTune")
+    torch.manual_seed(11)
+    with torch.no_grad():
+        plain = ours(**inputs).loss
+    assert (plain - loss).abs() > 1e-4  # the noise was there
+
+
+def float64_loss_and_grads(model, inputs: dict, autocast: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model.train()(**inputs).loss
+        with torch.no_grad():
+            logits = model.eval()(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    loss.backward()
+    return loss, logits, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart", "qwen"])
+def test_autocast_leaves_a_float64_model_in_float64(family, tmp_path):
+    """Autocast casts float32/16 tensors only: a float64 model under it runs in float64 as without it (stock
+    does), in training (the fused loss, MLP and norms) and in eval (attention)."""
+    if family == "qwen":
+        ours = qwen_model()
+    else:
+        lm = {**CAUSAL_LM, "bart": "BartForConditionalGeneration"}[family]
+        no_dropout = {"bart": {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0}, **NO_DROPOUT}
+        stock, ours = stock_and_ours(family, lm, tmp_path, family_config(family, **no_dropout[family]))
+    ours = ours.double()
+    inputs = right_padded_batch()
+    if family == "bart":
+        inputs.pop("labels")
+        inputs["labels"] = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(4))
+    loss, logits, grads = float64_loss_and_grads(ours, inputs, autocast=True)
+    expected_loss, expected_logits, expected_grads = float64_loss_and_grads(ours, inputs, autocast=False)
+    assert loss.dtype == logits.dtype == torch.float64
+    assert_close_rel(loss, expected_loss, 1e-12, f"{family} loss")
+    assert_close_rel(logits, expected_logits, 1e-12, f"{family} logits")
+    assert grads.keys() == expected_grads.keys() and grads
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float64 and torch.allclose(grad, expected_grads[name], rtol=1e-10, atol=1e-14), name
