@@ -34,6 +34,7 @@ import copy
 import importlib.util
 import inspect
 import sys
+import threading
 import types
 import weakref
 from collections.abc import Callable, Iterable
@@ -44,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import BACKENDS, ForwardMask, alibi_slopes, attention, attention_options
+from .attention import BACKENDS, ForwardMask, alibi_slopes, attention, attention_options, backend_from_config
 
 __all__ = [
     "REGISTERED_NAMES",
@@ -353,33 +354,56 @@ def _bloom_modeling_module() -> types.ModuleType:
     return modeling_bloom
 
 
-def _bloom_kernel_attention(stock: nn.Module) -> nn.Module:
+class _LiveConfig:
+    """The config a stock BloomAttention's twin reads: the stock model's config, read at every call (so its
+    ``attn_backend``, ``attn_chunk_size``, ... apply whenever they are set, as on the registry's models), under
+    the patch's implementation name (a BLOOM created before a class-level patch still says "eager" there).
+    ``config`` is None where the class-level patch does not know the model: then no switches."""
+
+    def __init__(self, config, backend: str):
+        self.model_config, self._attn_implementation = config, implementation_name(backend)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "model_config":  # (copy protocol; an instance being copied)
+            raise AttributeError(name)
+        return getattr(self.model_config, name)
+
+
+def _make_twin(stock: nn.Module, config: _LiveConfig) -> nn.Module:
     """modeling_bloom.py's ``BloomAttention`` sharing ``stock``'s projections: one BLOOM attention code path.
 
-    Built once per stock module on the meta device (no weights allocated) and kept in the stock module's
-    ``__dict__``, outside its state dict. It is handed the stock module's ``query_key_value`` and ``dense`` at
-    every call, so that modules swapped in later (PEFT's LoRA layers, a quantizer's) are the ones that run.
+    Built on the meta device (no weights allocated) and kept in the stock module's ``__dict__``, outside its
+    state dict; it reads ``config``.
     """
+    modeling_bloom = _bloom_modeling_module()
+    shape = modeling_bloom.BloomConfig(
+        hidden_size=stock.hidden_size,
+        n_head=stock.num_heads,
+        pretraining_tp=stock.pretraining_tp,
+        slow_but_exact=stock.slow_but_exact,
+    )
+    with torch.device("meta"):
+        twin = modeling_bloom.BloomAttention(shape, stock.layer_idx)
+    _share_projections(twin, stock)
+    if any(parameter.is_meta for parameter in twin.parameters()):
+        raise RuntimeError("modeling_bloom.BloomAttention has weights the stock BloomAttention lacks")
+    twin.config = config
+    stock.__dict__[_KERNEL_ATTENTION] = twin
+    return twin
+
+
+def _bloom_kernel_attention(stock: nn.Module, backend: str) -> nn.Module:
+    """``stock``'s twin, up to date: it is handed the stock module's ``query_key_value`` and ``dense`` (modules
+    swapped in later, PEFT's LoRA layers or a quantizer's, are the ones that run), mode and dropout
+    probabilities (a trainer may change them after the first forward) at every call."""
     twin = stock.__dict__.get(_KERNEL_ATTENTION)
-    if twin is None:
-        modeling_bloom = _bloom_modeling_module()
-        config = modeling_bloom.BloomConfig(
-            hidden_size=stock.hidden_size,
-            n_head=stock.num_heads,
-            pretraining_tp=stock.pretraining_tp,
-            slow_but_exact=stock.slow_but_exact,
-            hidden_dropout=stock.hidden_dropout,
-            attention_dropout=stock.attention_dropout.p,
-        )
-        with torch.device("meta"):
-            twin = modeling_bloom.BloomAttention(config, stock.layer_idx)
-        _share_projections(twin, stock)
-        if any(parameter.is_meta for parameter in twin.parameters()):
-            raise RuntimeError("modeling_bloom.BloomAttention has weights the stock BloomAttention lacks")
-        stock.__dict__[_KERNEL_ATTENTION] = twin
+    if twin is None or twin.config._attn_implementation != implementation_name(backend):
+        # the first call under the class-level patch (which does not know the model), or another backend
+        twin = _make_twin(stock, _LiveConfig(None if twin is None else twin.config.model_config, backend))
     elif twin.query_key_value is not stock.query_key_value or twin.dense is not stock.dense:
         _share_projections(twin, stock)
-    twin.training = stock.training
+    twin.training, twin.hidden_dropout = stock.training, stock.hidden_dropout
+    twin.attention_dropout = stock.attention_dropout.p
     return twin
 
 
@@ -411,14 +435,10 @@ def _bloom_slopes(attention_mask, num_heads: int, device: torch.device) -> torch
     return holder.bloom_alibi_slopes(num_heads, device)
 
 
-_BLOOM_FORWARDS: dict[str, Callable] = {}
-
-
-def _bloom_forward(backend: str) -> Callable:
+def _make_bloom_forward(backend: str) -> Callable:
     """A stock ``BloomAttention.forward`` (same arguments and returns) that runs modeling_bloom's attention
-    module on ``backend``: ALiBi as slopes inside the kernel; attention probabilities only when asked for."""
-    if backend in _BLOOM_FORWARDS:
-        return _BLOOM_FORWARDS[backend]
+    module on ``backend`` (unless the model's ``config.attn_backend`` names another): ALiBi as slopes inside
+    the kernel; attention probabilities only when asked for."""
 
     def forward(
         self,
@@ -436,20 +456,24 @@ def _bloom_forward(backend: str) -> Callable:
             raise NotImplementedError("the kernel layer does not take BLOOM's head_mask; remove_attention_patch first")
         past = layer_past.get_seq_length(self.layer_idx) if layer_past is not None else 0
         kv_length = int(past) + hidden_states.shape[1]
-        return _bloom_kernel_attention(self)(
+        twin = _bloom_kernel_attention(self, backend)
+        return twin(
             hidden_states,
             residual,
             alibi_slopes=_bloom_slopes(attention_mask, self.num_heads, hidden_states.device),
             padding_mask=_bloom_padding_mask(attention_mask, kv_length),
-            backend=backend,
+            backend=backend_from_config(twin.config),
             kv_length=kv_length,
             layer_past=layer_past,
             attention_weights=[] if output_attentions else None,
         )
 
     forward.__qualname__ = f"BloomAttention.forward[{implementation_name(backend)}]"
-    _BLOOM_FORWARDS[backend] = forward
     return forward
+
+
+# Made once, never changed: forwards read it without a lock.
+_BLOOM_FORWARDS: dict[str, Callable] = {backend: _make_bloom_forward(backend) for backend in REGISTERED_NAMES.values()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,8 +527,10 @@ def _is_patched_bloom(config) -> bool:
         return False
     if bloom.__dict__["forward"] in _BLOOM_FORWARDS.values():
         return True
-    patched_blooms = (record for record in _MODEL_PATCHES.values() if record.forwards)
-    return any(config is patched for record in patched_blooms for patched, _ in record.configs)
+    implementation = _get_implementation(config)  # a model's own patch: a model holds its config
+    return isinstance(implementation, _HeldName) and any(
+        isinstance(reference(), nn.Module) for reference in implementation.hold.holding()
+    )
 
 
 def _warn_stock_attention_once(config) -> None:
@@ -579,75 +605,154 @@ def _model_configs(model: nn.Module) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# Patch state
+# Patch state, kept in the patched objects themselves
+#
+# What a patch changes on an object (a config's attention implementation, a BLOOM attention module's
+# forward) is recorded on that object: its value before the first patch and the patches that hold the change
+# (a ``_Hold``). Patches of one object (a model and its base model, two models built on one config) share the
+# record; the last one removed puts the value back. A deep copy of a patched model carries the records, so it
+# is removed like the original. Records are replaced, never changed, under ``_LOCK``: a forward reads them
+# without one.
 # ----------------------------------------------------------------------------------------------
 
+_LOCK = threading.RLock()
 _MISSING = object()
+_HELD_FORWARD = "_mea_held_forward"  # where a patched stock BloomAttention keeps its forward's _Hold
 
 
-@dataclass
-class _ModelPatch:
-    configs: list = field(default_factory=list)  # (config, implementation before the patch)
-    forwards: list = field(default_factory=list)  # (attention module, its instance-level forward before, or _MISSING)
-
-
-@dataclass
+@dataclass(eq=False)
 class _ClassPatch:
     backend: str
     original_check: Callable
     original_bloom_forward: Callable | None
     families: frozenset | None = None  # None: every family
-    models: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)  # model -> its switches
-    configs: dict = field(default_factory=dict)  # id(config) -> (weak reference, implementation before the patch)
-
-    def remember(self, config, previous) -> None:
-        """Keep a switched config's first implementation for as long as the config lives: the caller's config
-        outlives a model made from it, and removing the patch restores it too."""
-        key = id(config)
-        if key not in self.configs:
-            self.configs[key] = (weakref.ref(config, lambda _, key=key: self.configs.pop(key, None)), previous)
+    # id(config) -> config, for each config it switched, as long as the config lives: the caller's config
+    # outlives a model made from it, and removing the patch restores it too
+    configs: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
 
 
-_MODEL_PATCHES: weakref.WeakKeyDictionary[nn.Module, _ModelPatch] = weakref.WeakKeyDictionary()
 _CLASS_PATCH: _ClassPatch | None = None
+
+
+class _Hold:
+    """The value an object had before it was patched (``original``) and who holds the patch (``holders``: weak
+    references to patched models and to the class-level patch). ``owner_id`` is the object's id."""
+
+    def __init__(self, owner_id: int, original, holders: tuple):
+        self.owner_id, self.original, self.holders = owner_id, original, holders
+
+    def holding(self, leaving: tuple = ()) -> tuple:
+        """The holders still holding, less ``leaving``: live models, and the class-level patch while it runs."""
+        return tuple(reference for reference in self.holders if _holds(reference(), leaving))
+
+    def __deepcopy__(self, memo: dict) -> _Hold:
+        """The record of a copy: held by the models copied along with it (their copies), and by the running
+        class-level patch, which then restores the copy too."""
+        patch, holders = _CLASS_PATCH, []
+        for reference in self.holding():
+            holder = reference()
+            if holder is patch:
+                holders.append(reference)
+            elif id(holder) in memo:
+                holders.append(weakref.ref(memo[id(holder)]))
+        owner = memo.get(self.owner_id)
+        if owner is not None and patch is not None and any(reference() is patch for reference in holders):
+            with _LOCK:
+                patch.configs[id(owner)] = owner
+        original = self.original if self.original is _MISSING else copy.deepcopy(self.original, memo)
+        return _Hold(self.owner_id if owner is None else id(owner), original, tuple(holders))
+
+
+def _holds(holder, leaving: tuple) -> bool:
+    if holder is None or any(holder is gone for gone in leaving):
+        return False
+    return not isinstance(holder, _ClassPatch) or holder is _CLASS_PATCH
+
+
+def _taken(hold: _Hold | None, owner, original, holder) -> _Hold:
+    """``hold`` with ``holder`` added, or a new record of ``original`` where the object has none."""
+    if hold is None:
+        return _Hold(id(owner), original, (weakref.ref(holder),))
+    return _Hold(id(owner), hold.original, hold.holding((holder,)) + (weakref.ref(holder),))
+
+
+class _HeldName(str):
+    """An attention implementation name a patch set on a config, carrying the config's ``_Hold``. The name
+    is the value of ``_attn_implementation_internal``, which transformers never serializes, so the record
+    travels with the config (deep copies included) and leaves nothing in a saved ``config.json``."""
+
+    hold: _Hold
+
+    def __new__(cls, name: str, hold: _Hold) -> _HeldName:
+        held = super().__new__(cls, name)
+        held.hold = hold
+        return held
+
+    def __deepcopy__(self, memo: dict) -> _HeldName:
+        return _HeldName(str(self), copy.deepcopy(self.hold, memo))
+
+    def __copy__(self) -> _HeldName:
+        return self
+
+    def __reduce__(self):
+        return str, (str(self),)  # pickled (to another process) as the plain name
+
+
+def _switch_config(config, name: str, holder, original) -> _HeldName:
+    """``name`` for ``config``, held by ``holder``; ``original`` is the value to restore if nothing held it."""
+    current = _get_implementation(config)
+    hold = current.hold if isinstance(current, _HeldName) else None
+    return _HeldName(name, _taken(hold, config, original, holder))
+
+
+def _release_config(config, leaving: tuple) -> None:
+    current = _get_implementation(config)
+    if not isinstance(current, _HeldName):
+        return
+    hold = current.hold
+    holders = hold.holding(leaving)
+    kept = _HeldName(current, _Hold(id(config), hold.original, holders)) if holders else hold.original
+    _set_implementation(config, kept)
+
+
+def _patch_bloom_module(module: nn.Module, backend: str, model: nn.Module, config: _LiveConfig) -> None:
+    hold = module.__dict__.get(_HELD_FORWARD)
+    module.__dict__[_HELD_FORWARD] = _taken(hold, module, module.__dict__.get("forward", _MISSING), model)
+    module.forward = types.MethodType(_BLOOM_FORWARDS[backend], module)
+    _make_twin(module, config)
+
+
+def _release_bloom_module(module: nn.Module, leaving: tuple) -> None:
+    hold = module.__dict__[_HELD_FORWARD]
+    holders = hold.holding(leaving)
+    if holders:
+        module.__dict__[_HELD_FORWARD] = _Hold(id(module), hold.original, holders)
+        return
+    for name in (_HELD_FORWARD, _KERNEL_ATTENTION, "forward"):
+        module.__dict__.pop(name, None)
+    if hold.original is not _MISSING:
+        module.__dict__["forward"] = hold.original
 
 
 def _apply_to_model(model: nn.Module, backend: str) -> None:
     modules = _check_supported(model)
     name = implementation_name(backend)
-    record = _ModelPatch()
     for config in _model_configs(model):
-        record.configs.append((config, _get_implementation(config)))
-        _set_implementation(config, name)
+        _set_implementation(config, _switch_config(config, name, model, _get_implementation(config)))
+    twin_config = _LiveConfig(model.config, backend)  # one per model: options are then read once per forward
     for module in modules:
         if _attention_kind(type(module)) == "bloom":
-            record.forwards.append((module, module.__dict__.get("forward", _MISSING)))
-            module.forward = types.MethodType(_bloom_forward(backend), module)
-    _MODEL_PATCHES[model] = record
+            _patch_bloom_module(module, backend, model, twin_config)
 
 
-def _restore_model_patch(model: nn.Module) -> None:
-    record = _MODEL_PATCHES.pop(model, None)
-    if record is None:
-        return
-    for module, previous in reversed(record.forwards):
-        module.__dict__.pop(_KERNEL_ATTENTION, None)
-        if previous is _MISSING:
-            del module.__dict__["forward"]
-        else:
-            module.__dict__["forward"] = previous
-    for config, previous in reversed(record.configs):
-        _set_implementation(config, previous)
-
-
-def _restore_creation_switch(model: nn.Module) -> None:
-    """Undo what the class-level patch did to ``model`` (and its sub-models) when they were created."""
-    if _CLASS_PATCH is None:
-        return
+def _release(model: nn.Module, leaving: tuple) -> None:
+    """Drop the holds of ``leaving`` on ``model``'s BLOOM attention forwards and configs; whatever no patch holds
+    any more gets its value from before the first patch back."""
     for module in model.modules():
-        for config, previous in reversed(_CLASS_PATCH.models.pop(module, [])):
-            _set_implementation(config, previous)
-            _CLASS_PATCH.configs.pop(id(config), None)
+        if _HELD_FORWARD in module.__dict__:
+            _release_bloom_module(module, leaving)
+    for config in _model_configs(model):
+        _release_config(config, leaving)
 
 
 def _family_of(cls: type) -> str:
@@ -707,9 +812,9 @@ def _make_init_hook(original: Callable) -> Callable:
             return resolved
         if not _class_patch_applies(patch, type(self)):
             return resolved
-        patch.models.setdefault(self, []).append((self.config, resolved))
-        patch.remember(self.config, resolved)
-        return implementation_name(patch.backend)
+        with _LOCK:
+            patch.configs[id(self.config)] = self.config
+            return _switch_config(self.config, implementation_name(patch.backend), patch, resolved)
 
     _check_and_adjust_attn_implementation.__wrapped__ = original
     return _check_and_adjust_attn_implementation
@@ -733,7 +838,7 @@ def _apply_to_classes(backend: str, families: frozenset | None) -> None:
         PreTrainedModel._check_and_adjust_attn_implementation = _make_init_hook(original_check)
     bloom = _bloom_attention_class()
     if bloom is not None and _in_scope(_CLASS_PATCH, "bloom"):
-        bloom.forward = _bloom_forward(backend)
+        bloom.forward = _BLOOM_FORWARDS[backend]
 
 
 def _remove_from_classes() -> None:
@@ -747,10 +852,8 @@ def _remove_from_classes() -> None:
     bloom = _bloom_attention_class()
     if bloom is not None:
         bloom.forward = patch.original_bloom_forward
-    for reference, previous in list(patch.configs.values()):
-        config = reference()
-        if config is not None:
-            _set_implementation(config, previous)
+    for config in list(patch.configs.values()):
+        _release_config(config, (patch,))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -781,12 +884,15 @@ def apply_attention_patch(
     implementation_name(backend)  # validates the backend
     register_attention_backends()
     if model is None:
-        _apply_to_classes(backend, None if families is None else _family_names(families))
+        names = None if families is None else _family_names(families)
+        with _LOCK:
+            _apply_to_classes(backend, names)
         return None
     if families is not None:
         raise ValueError("families limits the class-level patch (no model); a model is patched whatever its family")
-    _restore_model_patch(model)
-    _apply_to_model(model, backend)
+    with _LOCK:
+        _release(model, (model,))
+        _apply_to_model(model, backend)
     return model
 
 
@@ -797,12 +903,16 @@ def remove_attention_patch(model: nn.Module | None = None) -> nn.Module | None:
     BLOOM's attention class itself stays patched until the class-level patch is removed); a model that was
     never patched is returned unchanged. Without a model: undo the class-level patch, including the switch it
     made on models created under it.
+
+    Where other patches hold the same config or module (the model's base model, another model built on the
+    same config), it keeps the patch until the last of them is removed. A deep copy of a patched model is
+    undone the same way.
     """
-    if model is None:
-        _remove_from_classes()
-        return None
-    _restore_model_patch(model)
-    _restore_creation_switch(model)
+    with _LOCK:
+        if model is None:
+            _remove_from_classes()
+            return None
+        _release(model, (model,) if _CLASS_PATCH is None else (model, _CLASS_PATCH))
     return model
 
 
@@ -813,7 +923,7 @@ def transform(model: nn.Module, keep_original_model: bool = False, backend: str 
     memory, as with BetterTransformer); otherwise ``model`` itself is patched and returned.
     """
     if keep_original_model:
-        model = _copy_with_patch_record(model)
+        model = copy.deepcopy(model)  # a patched model's copy carries its patch records (see "Patch state")
     return apply_attention_patch(model, backend=backend)
 
 
@@ -828,23 +938,6 @@ class BetterTransformer:
 
     transform = staticmethod(transform)
     reverse = staticmethod(reverse)
-
-
-def _copy_with_patch_record(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model``; when ``model`` is patched, the copy's patch record points at the copy's own
-    configs and modules, so that ``reverse`` undoes the copy's patch exactly as it would the original's."""
-    memo: dict = {}
-    duplicate = copy.deepcopy(model, memo)
-    record = _MODEL_PATCHES.get(model)
-    if record is not None:
-        _MODEL_PATCHES[duplicate] = _ModelPatch(
-            configs=[(memo[id(config)], previous) for config, previous in record.configs],
-            forwards=[
-                (memo[id(module)], previous if previous is _MISSING else copy.deepcopy(previous, memo))
-                for module, previous in record.forwards
-            ],
-        )
-    return duplicate
 
 
 register_attention_backends()

@@ -1,0 +1,235 @@
+"""What apply_attention_patch / remove_attention_patch keep and undo when patches meet: a patch applied or
+removed while another thread runs a patched model, patches of a model and its base model or of two models on
+one config, deep copies of patched models, and a patched BLOOM whose config or dropout changes afterwards.
+
+References are stock models with the same weights, as in test_patch.py (whose helpers these tests use).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import memory_efficient_adapter as mea
+import pytest
+import torch
+from remote_code import assert_close_rel
+from test_patch import (  # noqa: F401  (kernel_calls is a fixture)
+    FP32_TOL,
+    bloom_module,
+    instance_forwards,
+    kernel_calls,
+    logits,
+    model_inputs,
+    patch_module,
+    tiny_config,
+    tiny_stock,
+)
+from transformers import LlamaForCausalLM
+
+
+@pytest.fixture(autouse=True)
+def _no_class_patch_left_behind():
+    yield
+    mea.remove_attention_patch()
+
+
+def base_model(model):
+    """The base model inside a causal LM (it reads the same config object)."""
+    return model.transformer if hasattr(model, "transformer") else model.model
+
+
+def twins(model) -> list[str]:
+    return [name for name, module in model.named_modules() if patch_module._KERNEL_ATTENTION in module.__dict__]
+
+
+def assert_stock(model, inputs, reference, implementation, what: str) -> None:
+    assert model.config._attn_implementation == implementation, what
+    assert instance_forwards(model) == [] and twins(model) == [], what
+    assert torch.equal(logits(model, inputs), reference), f"{what}: not stock"
+
+
+# ----------------------------------------------------------------------------------------------
+# Patching in one thread while another runs a patched model
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_patch_or_removal_between_any_two_lines_of_a_patched_forward_leaves_it_intact():
+    """Another thread may patch or unpatch some model between any two lines of patch.py that a patched BLOOM's
+    forward runs (its mask function asks whether the model is a patched BLOOM). A trace function does exactly
+    that at every such line, deterministically; the forward must still match stock."""
+    model = tiny_stock("bloom")
+    inputs, compare = model_inputs("bloom", "left")
+    reference = logits(model, inputs)
+    others = [mea.apply_attention_patch(tiny_stock("llama")) for _ in range(3)]
+    churned = tiny_stock("llama")
+    mea.apply_attention_patch(model, backend="chunked")
+    patch_file, busy, injected = patch_module.__file__, [], []
+
+    def patch_or_unpatch_another_model(frame, event, arg):
+        if event == "line" and not busy:
+            busy.append(True)
+            if churned.config._attn_implementation == "sdpa":
+                mea.apply_attention_patch(churned)
+            else:
+                mea.remove_attention_patch(churned)
+            injected.append(True)
+            busy.pop()
+        return patch_or_unpatch_another_model
+
+    def tracer(frame, event, arg):
+        return patch_or_unpatch_another_model if frame.f_code.co_filename == patch_file else None
+
+    sys.settrace(tracer)
+    try:
+        out = logits(model, inputs)
+    finally:
+        sys.settrace(None)
+    assert len(injected) > 10, "the forward ran too few lines of patch.py to test anything"
+    assert_close_rel(out[compare], reference[compare], FP32_TOL, "patched BLOOM with patches changing meanwhile")
+    assert all(other.config._attn_implementation == "mea" for other in others)
+
+
+# ----------------------------------------------------------------------------------------------
+# Two patches holding one config (and one BLOOM attention module)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first_removed", ["base model", "model"])
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_patches_of_a_model_and_its_base_model_undo_only_when_both_are_removed(family, first_removed, kernel_calls):
+    model = tiny_stock(family)
+    inputs, compare = model_inputs(family, "left")
+    reference = logits(model, inputs)
+    implementation = model.config._attn_implementation
+    mea.apply_attention_patch(base_model(model), backend="chunked")
+    mea.apply_attention_patch(model, backend="chunked")
+    order = [base_model(model), model] if first_removed == "base model" else [model, base_model(model)]
+
+    mea.remove_attention_patch(order[0])
+    assert model.config._attn_implementation == "mea_chunked", "the other patch still holds the config"
+    kernel_calls.clear()
+    out = logits(model, inputs)
+    assert kernel_calls and {call[0] for call in kernel_calls} == {"chunked"}
+    assert_close_rel(out[compare], reference[compare], FP32_TOL, f"{family} still patched once")
+
+    mea.remove_attention_patch(order[1])
+    assert_stock(model, inputs, reference, implementation, f"{family} after both removals")
+
+
+def test_patches_of_two_models_built_on_one_config_undo_only_when_both_are_removed(kernel_calls):
+    config = tiny_config("llama")
+    first, second = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    second.load_state_dict(first.state_dict())
+    inputs, _ = model_inputs("llama", "right")
+    reference = logits(first.eval(), inputs)
+    mea.apply_attention_patch(first)
+    mea.apply_attention_patch(second.eval())
+    mea.remove_attention_patch(first)
+    assert config._attn_implementation == "mea"
+    kernel_calls.clear()
+    logits(second, inputs)
+    assert kernel_calls, "the second model's patch was undone by the first one's removal"
+    mea.remove_attention_patch(second)
+    for model in (first, second):
+        assert_stock(model, inputs, reference, "sdpa", "two models on one config")
+
+
+# ----------------------------------------------------------------------------------------------
+# Deep copies of patched models
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_a_deep_copy_of_a_patched_model_is_removed_like_the_original(family, kernel_calls):
+    model = tiny_stock(family)
+    inputs, compare = model_inputs(family, "left")
+    reference = logits(model, inputs)
+    implementation = model.config._attn_implementation
+    mea.apply_attention_patch(model, backend="chunked")
+    duplicate = copy.deepcopy(model)  # e.g. a reference model for DPO, an EMA copy
+    kernel_calls.clear()
+    out = logits(duplicate, inputs)
+    assert kernel_calls, "the copy does not run on the kernel layer"
+    assert_close_rel(out[compare], reference[compare], FP32_TOL, f"{family} patched copy")
+
+    mea.remove_attention_patch(duplicate)
+    assert_stock(duplicate, inputs, reference, implementation, f"{family} copy after its removal")
+    assert model.config._attn_implementation == "mea_chunked", "removing the copy's patch touched the original"
+    kernel_calls.clear()
+    logits(model, inputs)
+    assert kernel_calls
+    mea.remove_attention_patch(model)
+    assert_stock(model, inputs, reference, implementation, f"{family} original after its removal")
+
+
+@pytest.mark.parametrize("removal", ["class patch", "the copy"])
+def test_a_deep_copy_of_a_model_created_under_the_class_patch_is_removed_like_the_original(removal):
+    inputs, _ = model_inputs("llama", "left")
+    reference = logits(tiny_stock("llama"), inputs)
+    mea.apply_attention_patch()
+    model = tiny_stock("llama")
+    duplicate = copy.deepcopy(model)
+    assert duplicate.config._attn_implementation == "mea"
+    if removal == "class patch":
+        mea.remove_attention_patch()
+        assert_stock(model, inputs, reference, "sdpa", "original after removing the class patch")
+    else:
+        mea.remove_attention_patch(duplicate)
+        assert model.config._attn_implementation == "mea", "removing the copy's switch touched the original"
+    assert_stock(duplicate, inputs, reference, "sdpa", f"copy after removing {removal}")
+
+
+# ----------------------------------------------------------------------------------------------
+# A patched BLOOM reads its config and its modules' dropout at every forward
+# ----------------------------------------------------------------------------------------------
+
+
+def test_patched_bloom_reads_the_config_switches_at_every_forward(monkeypatch):
+    model = tiny_stock("bloom")
+    inputs, compare = model_inputs("bloom", "right")
+    reference = logits(model, inputs)
+    mea.apply_attention_patch(model, backend="chunked")
+    calls = []
+    real_attention = bloom_module.attention
+
+    def spy(q, k, v, **kwargs):
+        calls.append((kwargs.get("backend"), kwargs.get("chunk_size")))
+        return real_attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(bloom_module, "attention", spy)
+    for switches, expected in [
+        ({}, ("chunked", None)),
+        ({"attn_backend": "eager"}, ("eager", None)),
+        ({"attn_backend": None, "attn_chunk_size": [2, 3]}, ("chunked", [2, 3])),
+    ]:
+        for name, value in switches.items():
+            setattr(model.config, name, value)
+        calls.clear()
+        out = logits(model, inputs)
+        assert calls and all(call == expected for call in calls), (switches, calls)
+        assert_close_rel(out[compare], reference[compare], FP32_TOL, f"patched BLOOM with {switches}")
+
+
+def test_patched_bloom_reads_dropout_changed_after_its_first_forward():
+    """As TRL's disable_dropout_in_model does: every nn.Dropout's p set to 0 once the model has run (here also
+    the residual dropout, a float on BLOOM's modules). Training forwards must then match stock's."""
+    stock = tiny_stock("bloom", attention_dropout=0.3, hidden_dropout=0.2).train()
+    patched = mea.apply_attention_patch(copy.deepcopy(stock), backend="chunked")
+    inputs, compare = model_inputs("bloom", "left")
+    for model in (stock, patched):
+        model(**inputs)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if hasattr(module, "hidden_dropout"):
+                module.hidden_dropout = 0.0
+    reference = logits(stock, inputs)
+    first, second = logits(patched, inputs), logits(patched, inputs)
+    assert torch.equal(first, second), "dropout is still on"
+    assert_close_rel(first[compare], reference[compare], FP32_TOL, "training forward without dropout")
+
+    for module in patched.modules():  # and back on: attention dropout applies again
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    assert not torch.equal(logits(patched, inputs), logits(patched, inputs)), "attention dropout stays off"
