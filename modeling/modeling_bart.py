@@ -4390,7 +4390,7 @@ def _activation_linear_backward(
     for the weight's: by the kernel that computes the inputs' gradients when both are wanted. The bias's
     comes first: the reduction's workspace (as large as ``[tokens, intermediate]`` on CUDA for a bf16 sum over
     8k rows) then meets none of the ``[tokens, intermediate]`` tensors this backward makes."""
-    grad_rows = grad.reshape(-1, grad.shape[-1])
+    grad_rows = grad.flatten(0, -2)
     grad_bias = [grad_rows.sum(0)] if need_bias else []
     grad_inputs, activated = [], None
     if need_inputs and need_weight:
@@ -4402,7 +4402,7 @@ def _activation_linear_backward(
         grad_inputs = _activation_input_grads(kind, grad.matmul(weight), x, up, run)
     elif need_weight:
         activated = run(_activation_forward_triton, _activation_forward, kind, x, up)
-    grad_weight = [grad_rows.t().mm(activated.reshape(-1, activated.shape[-1]))] if need_weight else []
+    grad_weight = [grad_rows.t().mm(activated.flatten(0, -2))] if need_weight else []  # (an MLP width of 0 too)
     return grad_inputs + grad_weight + grad_bias
 
 
@@ -4475,10 +4475,10 @@ def _shared_input_linears_backward(
 ) -> list:
     """The wanted gradients of ``_SharedInputLinears``, in order: x's, then the weights', then the biases'.
     x's gradient is summed in the matmuls (``addmm_``, beta 1) in place."""
-    x_rows = x.reshape(-1, x.shape[-1])
+    x_rows = x.flatten(0, -2)
     grad_x, grad_weights, grad_biases = None, [], []
     for grad, weight, want_weight, want_bias in zip(grads, weights, want_weights, want_biases, strict=True):
-        grad_rows = grad.reshape(-1, grad.shape[-1])
+        grad_rows = grad.flatten(0, -2)
         if want_bias:
             grad_biases.append(grad_rows.sum(0))
         if want_weight:
@@ -4777,7 +4777,7 @@ def _tiles(rows: int, tile_size: int) -> list:
 
 def _run_in_tiles(modules: tuple, x: torch.Tensor, tile_size: int) -> torch.Tensor:
     """``modules`` over ``x`` ``[..., hidden]`` one tile of tokens at a time, written into one output tensor."""
-    flat = x.reshape(-1, x.shape[-1])
+    flat = x.flatten(0, -2)
     out = None
     for rows in _tiles(flat.shape[0], tile_size):
         tile = _run_modules(modules, flat[rows])
@@ -4803,7 +4803,7 @@ class _SequenceTiled(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         x, *params = ctx.saved_tensors
         wants_input = ctx.needs_input_grad[2]
-        flat, grad_flat = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+        flat, grad_flat = x.flatten(0, -2), grad_out.flatten(0, -2)
         grad_x = torch.empty_like(flat) if wants_input else None
         sums = [None] * len(params)
         with ctx.state.replay():

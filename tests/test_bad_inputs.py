@@ -277,3 +277,17 @@ def test_labels_of_another_length_are_named_by_the_fused_loss(family):
     message = f"labels of shape {expected} do not match the inputs' [batch, sequence] {sequence}"
     with pytest.raises(ValueError, match=re.escape(message)):
         model(**inputs, labels=labels)
+
+
+def test_qwen_refuses_logn_scaling_over_a_training_length_of_one():
+    """logn scaling divides by log(seq_length): the original fails at construction (division by zero); ours
+    names the setting instead of building a model whose backends return NaN or disagree."""
+    from memory_efficient_adapter.configuration_qwen import QWenConfig
+    from memory_efficient_adapter.modeling_qwen import QWenLMHeadModel
+
+    config = QWenConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, kv_channels=8,
+                        intermediate_size=64, seq_length=1, use_logn_attn=True, fp32=True)
+    with pytest.raises(ValueError, match=r"use_logn_attn=True .* seq_length=1"):
+        QWenLMHeadModel(config)
+    config.use_logn_attn = False
+    assert torch.isfinite(QWenLMHeadModel(config).eval()(torch.randint(3, 40, (1, 5))).logits).all()

@@ -420,3 +420,20 @@ def test_bf16_training_step_on_cuda_is_as_close_to_fp32_stock_as_bf16_stock(tmp_
     for name, grad in expected_grads.items():
         limit = 2 * relative_error(baseline_grads[name].float(), grad) + 1e-2
         assert_close_rel(grads[name].float(), grad, limit, f"bf16 grad of {name}")
+
+
+@pytest.mark.parametrize("name, width", [("llama", {"intermediate_size": 0}),
+                                         ("bart", {"encoder_ffn_dim": 0, "decoder_ffn_dim": 0})])
+def test_an_mlp_of_width_zero_trains_like_stock(tmp_path, name, width):
+    """Stock trains a model whose MLP has no hidden units (the block passes its input through): so do we."""
+    stock_class, make_config, auto_class = STOCK[name]
+    config = make_config()
+    for field, value in width.items():
+        setattr(config, field, value)
+    torch.manual_seed(0)
+    stock = stock_class(config)
+    randomize_(stock)
+    stock.save_pretrained(tmp_path)
+    write_remote_code(tmp_path, name)
+    ours = auto_class.from_pretrained(tmp_path, trust_remote_code=True)
+    assert_same_training_step(stock, ours, batch_for(name, torch.Generator().manual_seed(6)))
