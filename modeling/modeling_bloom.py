@@ -2349,8 +2349,8 @@ def _cannot_flex(call: AttentionCall) -> Optional[str]:
         return "flex has no backward on CPU"
     if call.dropout_p > 0.0:
         return "flex does not take attention dropout"
-    if call.head_dim < 32:
-        return f"flex needs head_dim >= 32 (its Triton templates have no smaller tiles), got {call.head_dim}"
+    if call.device_type == "cuda" and call.head_dim < 32:
+        return f"flex needs head_dim >= 32 on CUDA (its Triton templates have no smaller tiles), got {call.head_dim}"
     if call.dtype == torch.float64 or (call.device_type == "cpu" and call.dtype == torch.float16):
         return f"flex does not take {call.dtype} on {call.device_type}"
     return None

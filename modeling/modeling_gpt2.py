@@ -2330,8 +2330,8 @@ def _cannot_flex(call: AttentionCall) -> Optional[str]:
         return "flex has no backward on CPU"
     if call.dropout_p > 0.0:
         return "flex does not take attention dropout"
-    if call.head_dim < 32:
-        return f"flex needs head_dim >= 32 (its Triton templates have no smaller tiles), got {call.head_dim}"
+    if call.device_type == "cuda" and call.head_dim < 32:
+        return f"flex needs head_dim >= 32 on CUDA (its Triton templates have no smaller tiles), got {call.head_dim}"
     if call.dtype == torch.float64 or (call.device_type == "cpu" and call.dtype == torch.float16):
         return f"flex does not take {call.dtype} on {call.device_type}"
     return None
@@ -5477,8 +5477,8 @@ class GPT2PreTrainedModel(PreTrainedModel):
         "attentions": OutputRecorder(GPT2Attention, layer_name=".attn", index=1),
         "cross_attentions": OutputRecorder(GPT2Attention, layer_name=".crossattention", index=1),
     }
-    # Old checkpoints carry the causal-mask buffers of the original implementation.
-    _keys_to_ignore_on_load_unexpected = [r"attn\.bias$", r"attn\.masked_bias$"]
+    # Old checkpoints carry the causal-mask buffers of the original implementation (self- and cross-attention's)
+    _keys_to_ignore_on_load_unexpected = [r"(attn|crossattention)\.(masked_)?bias$"]
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:

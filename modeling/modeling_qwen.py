@@ -2334,8 +2334,8 @@ def _cannot_flex(call: AttentionCall) -> Optional[str]:
         return "flex has no backward on CPU"
     if call.dropout_p > 0.0:
         return "flex does not take attention dropout"
-    if call.head_dim < 32:
-        return f"flex needs head_dim >= 32 (its Triton templates have no smaller tiles), got {call.head_dim}"
+    if call.device_type == "cuda" and call.head_dim < 32:
+        return f"flex needs head_dim >= 32 on CUDA (its Triton templates have no smaller tiles), got {call.head_dim}"
     if call.dtype == torch.float64 or (call.device_type == "cpu" and call.dtype == torch.float16):
         return f"flex does not take {call.dtype} on {call.device_type}"
     return None
@@ -5773,6 +5773,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         super().__init__(config)
         dtype = resolve_precision(config)
         _log_precision_over_requested_dtype(dtype)
+        config.dtype = dtype  # what the model runs in, as transformers records a loaded model's dtype
         self.transformer = QWenModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.loss_type = "ForCausalLM"

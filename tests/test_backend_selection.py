@@ -4,6 +4,7 @@ in auto, backend selection from the config, keep-masks and ALiBi slopes."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -43,6 +44,17 @@ def test_auto_order_on_cpu():
 def test_explicit_backend_that_cannot_take_the_call_raises(backend, call, message):
     with pytest.raises(ValueError, match=message):
         mea.select_backend(describe(**call), backend)
+
+
+def test_flex_takes_small_heads_on_the_cpu_but_not_on_cuda():
+    """CUDA's flex runs Triton templates with no tiles under head_dim 32; the CPU's runs any head size."""
+    call = describe()
+    assert call.head_dim == 16 and mea.select_backend(call, "flex") == "flex"
+    q, k, v = (torch.randn(2, 4, 9, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    actual = kernel_layer.attention(q, k, v, causal=True, backend="flex")
+    assert torch.allclose(actual.double(), reference_attention(q, k, v, causal=True), atol=1e-6)
+    on_cuda = dataclasses.replace(call, device_type="cuda", dtype=torch.bfloat16)
+    assert "flex needs head_dim >= 32 on CUDA" in kernel_layer._CANNOT["flex"](on_cuda)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
+from memory_efficient_adapter.families import write_remote_code
 from remote_code import assert_close_rel, left_padded_mask, right_padded_mask, save_with_remote_code
 
 CPU_BACKENDS = ["sdpa", "chunked", "eager"]
@@ -165,6 +166,25 @@ def test_one_seed_gives_stocks_initial_weights(tmp_path, cross_attention):
     stock = GPT2LMHeadModel(config)
     assert list(seeded.state_dict()) == list(stock.state_dict())
     assert all(torch.equal(tensor, stock.state_dict()[name]) for name, tensor in seeded.state_dict().items())
+
+
+def test_old_checkpoints_mask_buffers_load_without_a_report(tmp_path):
+    """Checkpoints of the original GPT-2 code carry causal-mask buffers (`attn.bias`, `attn.masked_bias`, and the
+    cross-attention's): nothing reads them, so the loading report leaves them out (stock reports some of them,
+    which ones depending on its version)."""
+    stock = GPT2LMHeadModel(tiny_config(add_cross_attention=True))
+    state = dict(stock.state_dict())
+    for layer in range(stock.config.n_layer):
+        for module in ("attn", "crossattention"):
+            state[f"transformer.h.{layer}.{module}.bias"] = torch.tril(torch.ones(1, 1, 8, 8, dtype=torch.bool))
+            state[f"transformer.h.{layer}.{module}.masked_bias"] = torch.tensor(-1e4)
+    folder = tmp_path / "old"
+    stock.save_pretrained(folder, state_dict=dict(state))  # (it drops the tied head from the dict it gets)
+    write_remote_code(folder, "gpt2")
+    ours, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+    assert type(ours).__module__.startswith("transformers_modules")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert all(torch.equal(tensor, state[name]) for name, tensor in ours.state_dict().items())
 
 
 def test_save_back_into_stock_class(tmp_path):

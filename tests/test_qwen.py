@@ -661,8 +661,9 @@ def test_precision_flags_choose_the_dtype(saved):
     automatic = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     flag = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[automatic_dtype()]
     assert automatic.dtype == automatic_dtype() and getattr(automatic.config, flag)  # the choice is recorded
-    assert load(folder, bf16=True).dtype == torch.bfloat16
-    assert load(folder, fp16=True).dtype == torch.float16
+    for flag, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        model = load(folder, **{flag: True})
+        assert model.dtype == model.config.dtype == dtype  # the config says what the model runs in
     with pytest.raises(ValueError, match="Only one of"):
         load(folder, bf16=True, fp32=True)
 
