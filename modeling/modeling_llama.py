@@ -187,6 +187,18 @@ class ForwardMask:
     def device(self) -> torch.device:
         return self.tensor.device
 
+    def contiguous(self) -> Optional[torch.Tensor]:
+        """The mask tensor itself, for code outside the attention layers that asks for a tensor (``generate``
+        makes a static cache's mask before the forward and passes it in as a custom mask)."""
+        return None if self.tensor is None else self.tensor.contiguous()
+
+    def __getitem__(self, index):
+        raise TypeError(
+            "this model reads its attention mask itself (it indexes it), where the kernel layer's attention "
+            "names hand the attention layers a per-forward ForwardMask: load it with its own attention "
+            "(attn_implementation='sdpa' or 'eager')"
+        )
+
 
 def forward_mask(
     mask: Optional[torch.Tensor], without_mask: bool = False, filled_keys: Optional[int] = None

@@ -298,7 +298,7 @@ def _make_attention_function(backend: str) -> Callable:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         """transformers attention function: q ``[b, h, q, d]``, k/v ``[b, h_kv, k, d]`` -> (``[b, q, h, d]``, None)."""
-        for unsupported in ("softcap", "s_aux", "position_bias", "cache", "head_mask"):
+        for unsupported in ("softcap", "s_aux", "position_bias", "cache", "head_mask", "indices"):
             if kwargs.get(unsupported) is not None:
                 raise NotImplementedError(
                     f"the kernel layer ({implementation_name(backend)}) does not take `{unsupported}`; "
@@ -559,7 +559,14 @@ def _attention_kind(cls: type) -> str:
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if m is not model and "Attention" in type(m).__name__ and not _is_model(m)]
+    """The model's attention modules a registry name reaches (torch's own ``nn.MultiheadAttention``, e.g. in
+    SigLIP's pooling head, reads no registry: it stays as it is)."""
+    return [
+        m
+        for m in model.modules()
+        if m is not model and "Attention" in type(m).__name__ and not _is_model(m)
+        and not type(m).__module__.startswith("torch.")
+    ]
 
 
 def _is_model(module: nn.Module) -> bool:

@@ -233,3 +233,59 @@ def test_patched_bloom_reads_dropout_changed_after_its_first_forward():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.5
     assert not torch.equal(logits(patched, inputs), logits(patched, inputs)), "attention dropout stays off"
+
+
+# ----------------------------------------------------------------------------------------------
+# Code outside the attention layers that handles the mask our names make
+# ----------------------------------------------------------------------------------------------
+
+
+def greedy_with_a_static_cache(model, inputs) -> torch.Tensor:
+    return model.generate(**inputs, max_new_tokens=5, do_sample=False, cache_implementation="static", pad_token_id=0)
+
+
+def test_generate_with_a_static_cache_through_our_names_matches_stock():
+    """For a static cache ``generate`` makes the mask before each forward and asks it for ``.contiguous()``: a
+    registry name or a patch must give it a tensor, and the tokens must be stock's."""
+    model = tiny_stock("llama").eval()
+    inputs, _ = model_inputs("llama", "left")
+    expected = greedy_with_a_static_cache(model, inputs)
+    for name in ("mea", "mea_chunked"):
+        model.set_attn_implementation(name)
+        assert torch.equal(greedy_with_a_static_cache(model, inputs), expected), name
+    model.set_attn_implementation("sdpa")
+    mea.apply_attention_patch(model, backend="chunked")
+    assert torch.equal(greedy_with_a_static_cache(model, inputs), expected), "patched"
+
+
+def test_a_model_that_reads_the_mask_or_passes_sparse_indices_is_refused_by_name():
+    """DeepSeek-V3.2-style models index the mask for their top-k selector, then hand other attention names the
+    selection as ``indices``: both must fail naming the problem, never run dense attention silently."""
+    forward_mask = patch_module.ForwardMask(torch.ones(2, 1, 5, 5, dtype=torch.bool))
+    assert forward_mask.contiguous().shape == (2, 1, 5, 5)
+    with pytest.raises(TypeError, match="reads its attention mask itself"):
+        forward_mask[:, 0]
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    indices = torch.randint(0, 5, (1, 5, 2))
+    with pytest.raises(NotImplementedError, match="does not take `indices`"):
+        ALL_ATTENTION_FUNCTIONS["mea_chunked"](torch.nn.Module(), q, k, v, None, indices=indices)
+
+
+def test_torch_multihead_attention_in_a_pooling_head_stays_as_it_is():
+    """SigLIP's vision pooling head is a plain ``nn.MultiheadAttention``, which no registry name reaches: the
+    patch leaves it and patches the encoder's attention, with stock's outputs; removal is exact."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    model = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                 num_attention_heads=4, image_size=16, patch_size=8)).eval()
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).pooler_output
+        mea.apply_attention_patch(model, backend="chunked")
+        assert model.config._attn_implementation == "mea_chunked"
+        assert_close_rel(model(pixel_values=pixels).pooler_output, expected, FP32_TOL, "patched SigLIP")
+        mea.remove_attention_patch(model)
+        assert torch.equal(model(pixel_values=pixels).pooler_output, expected)
