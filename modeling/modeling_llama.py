@@ -210,6 +210,19 @@ def forward_mask(
     return None if mask is None and not without_mask else ForwardMask(mask, filled_keys)
 
 
+def broadcast_encoder_batch(
+    batch: int, encoder_hidden_states: Optional[torch.Tensor], encoder_attention_mask: Optional[torch.Tensor]
+) -> tuple:
+    """One encoder row's states (and mask) for a decoder batch of ``batch`` rows: stock's attention matmuls
+    broadcast a single source over every decoder row (one source scored against several targets)."""
+    if encoder_hidden_states is None or encoder_hidden_states.shape[0] != 1 or batch == 1:
+        return encoder_hidden_states, encoder_attention_mask
+    encoder_hidden_states = encoder_hidden_states.expand(batch, *encoder_hidden_states.shape[1:]).contiguous()
+    if encoder_attention_mask is not None and encoder_attention_mask.shape[0] == 1:
+        encoder_attention_mask = encoder_attention_mask.expand(batch, *encoder_attention_mask.shape[1:])
+    return encoder_hidden_states, encoder_attention_mask
+
+
 def filled_cache_length(past_key_values, attention_mask: Optional[torch.Tensor], new_tokens: int) -> Optional[int]:
     """How many slots of a fixed-size cache hold keys once this forward has written its ``new_tokens``.
 

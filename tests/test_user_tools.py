@@ -162,3 +162,29 @@ def test_autocast_leaves_a_float64_model_in_float64(family, tmp_path):
     assert grads.keys() == expected_grads.keys() and grads
     for name, grad in grads.items():
         assert grad.dtype == torch.float64 and torch.allclose(grad, expected_grads[name], rtol=1e-10, atol=1e-14), name
+
+
+@pytest.mark.parametrize("family", ["bart", "gpt2"])
+def test_one_source_scored_against_several_targets_broadcasts_like_stock(family, tmp_path):
+    """Encoder states of batch 1 with a decoder batch of 3: stock's attention broadcasts the source over every
+    decoder row; so do we (BART's decoder, GPT-2 with cross-attention), with the source's gradient summed."""
+    if family == "bart":
+        config = family_config("bart", dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+        stock, ours = stock_and_ours("bart", "BartForCausalLM", tmp_path, config)
+    else:
+        config = family_config("gpt2", add_cross_attention=True, **NO_DROPOUT["gpt2"])
+        stock, ours = stock_and_ours("gpt2", "GPT2LMHeadModel", tmp_path, config)
+    generator = torch.Generator().manual_seed(8)
+    targets = torch.randint(3, VOCAB, (3, 6), generator=generator)
+    source = torch.randn(1, 5, 32, generator=generator)
+    source_mask = torch.tensor([[1, 1, 1, 1, 0]])
+    results = []
+    for model in (stock, ours):
+        states = source.clone().requires_grad_()
+        output = model(input_ids=targets, encoder_hidden_states=states, encoder_attention_mask=source_mask)
+        output.logits.square().sum().backward()
+        results.append((output.logits.detach(), states.grad))
+    (expected, expected_grad), (actual, grad) = results
+    assert actual.shape == expected.shape == (3, 6, VOCAB)
+    assert_close_rel(actual, expected, TOL, f"{family} logits")
+    assert_close_rel(grad, expected_grad, 1e-4, f"{family} source gradient")
