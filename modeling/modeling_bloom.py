@@ -5710,7 +5710,7 @@ class BloomForSequenceClassification(BloomPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
-    def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
         if self.config.problem_type is None:
             if self.num_labels == 1:
                 self.config.problem_type = "regression"
@@ -5725,7 +5725,9 @@ class BloomForSequenceClassification(BloomPreTrainedModel):
             return MSELoss()(logits, labels)
         if self.config.problem_type == "single_label_classification":
             return CrossEntropyLoss()(logits, labels)
-        return BCEWithLogitsLoss()(logits, labels)
+        if self.config.problem_type == "multi_label_classification":
+            return BCEWithLogitsLoss()(logits, labels)
+        return None  # a problem type stock does not know: no loss, as stock
 
     def forward(
         self,

@@ -5804,7 +5804,7 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
         return (positions * (input_ids != pad_token_id)).argmax(-1)
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         if self.config.problem_type is None:
             if self.num_labels == 1:
                 self.config.problem_type = "regression"
@@ -5818,7 +5818,9 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
             return nn.functional.mse_loss(logits, labels)
         if self.config.problem_type == "single_label_classification":
             return nn.functional.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
-        return nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        if self.config.problem_type == "multi_label_classification":
+            return nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        return None  # a problem type stock does not know: no loss, as stock
 
     def forward(
         self,
@@ -5838,7 +5840,6 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         outputs = self.transformer(
             input_ids,
-            cache_position=kwargs.pop("cache_position", None),
             past_key_values=past_key_values,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
@@ -5848,6 +5849,7 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **kwargs,
         )
         logits = self.score(outputs.last_hidden_state)
         batch_size = logits.shape[0]
@@ -5908,7 +5910,6 @@ class GPT2DoubleHeadsModel(GPT2PreTrainedModel, GenerationMixin):
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         outputs = self.transformer(
             input_ids,
-            cache_position=kwargs.pop("cache_position", None),
             past_key_values=past_key_values,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
@@ -5918,6 +5919,7 @@ class GPT2DoubleHeadsModel(GPT2PreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         lm_logits = self.lm_head(hidden_states)
@@ -5979,6 +5981,7 @@ class GPT2ForTokenClassification(GPT2PreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **kwargs,
         )
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         loss = None
@@ -6022,6 +6025,7 @@ class GPT2ForQuestionAnswering(GPT2PreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **kwargs,
         )
         start_logits, end_logits = span_logits(self.qa_outputs(outputs.last_hidden_state))
         loss = None

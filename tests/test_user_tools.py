@@ -179,12 +179,54 @@ def test_one_source_scored_against_several_targets_broadcasts_like_stock(family,
     source = torch.randn(1, 5, 32, generator=generator)
     source_mask = torch.tensor([[1, 1, 1, 1, 0]])
     results = []
-    for model in (stock, ours):
+    for model, rows in ((stock, 3), (ours, 1)):  # stock given the source expanded (older stock cannot broadcast)
         states = source.clone().requires_grad_()
-        output = model(input_ids=targets, encoder_hidden_states=states, encoder_attention_mask=source_mask)
+        output = model(input_ids=targets, encoder_hidden_states=states.expand(rows, -1, -1).contiguous(),
+                       encoder_attention_mask=source_mask.expand(rows, -1))
         output.logits.square().sum().backward()
         results.append((output.logits.detach(), states.grad))
     (expected, expected_grad), (actual, grad) = results
     assert actual.shape == expected.shape == (3, 6, VOCAB)
     assert_close_rel(actual, expected, TOL, f"{family} logits")
     assert_close_rel(grad, expected_grad, 1e-4, f"{family} source gradient")
+
+
+GPT2_HEADS = ["GPT2ForSequenceClassification", "GPT2ForTokenClassification", "GPT2ForQuestionAnswering",
+              "GPT2DoubleHeadsModel"]
+
+
+@pytest.mark.parametrize("class_name", GPT2_HEADS)
+def test_gpt2_heads_hand_their_keywords_to_the_base_model(class_name, tmp_path):
+    """Stock GPT-2 heads pass what their signature does not name (encoder states, a cache) on to GPT2Model (from
+    transformers 5.x; older ones drop it): with cross-attention, the heads' outputs depend on the encoder states,
+    equal to stock's where stock reads them."""
+    config = family_config("gpt2", add_cross_attention=True, **NO_DROPOUT["gpt2"])
+    stock, ours = stock_and_ours("gpt2", class_name, tmp_path, config)
+    inputs = {k: v for k, v in head_inputs("gpt2", class_name).items() if "labels" not in k and "positions" not in k}
+    source = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        actual, unconditioned = ours(**inputs, encoder_hidden_states=source), ours(**inputs)
+        stock_unconditioned = stock(**inputs)
+        try:
+            expected = stock(**inputs, encoder_hidden_states=source)
+        except TypeError:  # transformers 4.x heads take no other keywords
+            expected = stock_unconditioned
+    names = [name for name in ("logits", "mc_logits", "start_logits", "end_logits") if name in expected]
+    assert names
+    for name in names:
+        assert not torch.allclose(getattr(actual, name), getattr(unconditioned, name), atol=1e-4), name
+        if not torch.equal(getattr(expected, name), getattr(stock_unconditioned, name)):  # stock read the states
+            assert_close_rel(getattr(actual, name), getattr(expected, name), TOL, f"{class_name}.{name}")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bloom"])
+def test_an_unknown_problem_type_gives_no_loss_as_stock(family, tmp_path):
+    class_name = {"gpt2": "GPT2ForSequenceClassification", "bloom": "BloomForSequenceClassification"}[family]
+    stock, ours = stock_and_ours(family, class_name, tmp_path)
+    inputs = {"input_ids": torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(4)),
+              "labels": torch.rand(2, 2, generator=torch.Generator().manual_seed(5))}
+    for model in (stock, ours):
+        model.config.problem_type = "multi_label"  # not one of the three stock knows
+    expected, actual = stock(**inputs), ours(**inputs)
+    assert expected.loss is None and actual.loss is None
+    assert_close_rel(actual.logits, expected.logits, TOL, f"{class_name} logits")
