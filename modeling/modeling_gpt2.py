@@ -5503,7 +5503,7 @@ class GPT2PreTrainedModel(PreTrainedModel):
         "cross_attentions": OutputRecorder(GPT2Attention, layer_name=".crossattention", index=1),
     }
     # Old checkpoints carry the causal-mask buffers of the original implementation (self- and cross-attention's)
-    _keys_to_ignore_on_load_unexpected = [r"(attn|crossattention)\.(masked_)?bias$"]
+    _keys_to_ignore_on_load_unexpected = [r"\.(attn|crossattention)\.(masked_)?bias$"]
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
