@@ -199,7 +199,8 @@ def broadcast_encoder_batch(
     batch: int, encoder_hidden_states: Optional[torch.Tensor], encoder_attention_mask: Optional[torch.Tensor]
 ) -> tuple:
     """One encoder row's states (and mask) for a decoder batch of ``batch`` rows: stock's attention matmuls
-    broadcast a single source over every decoder row (one source scored against several targets)."""
+    broadcast a single source over every decoder row (one source scored against several targets). The states
+    are copied, not only expanded: GPT-2's ``Conv1D`` views its input as rows."""
     if encoder_hidden_states is None or encoder_hidden_states.shape[0] != 1 or batch == 1:
         return encoder_hidden_states, encoder_attention_mask
     encoder_hidden_states = encoder_hidden_states.expand(batch, *encoder_hidden_states.shape[1:]).contiguous()
@@ -3074,6 +3075,14 @@ class PaddedRows:
         return None if states is None else tuple(self.unpack(x) for x in states)
 
 
+def labels_mismatch(name: str, shape: torch.Size, inputs_shape: torch.Size) -> ValueError:
+    """The error for labels (or ``shift_labels``) of ``shape`` given with inputs of ``[batch, sequence]``."""
+    return ValueError(
+        f"{name} of shape {list(shape)} do not match the inputs' [batch, sequence] {list(inputs_shape)}: one label "
+        "per input token"
+    )
+
+
 def shifted_labels(labels: Optional[torch.Tensor], shift_labels=None, ignore_index: Optional[int] = None, **_):
     """The target of every position of a causal LM, as transformers shifts ``labels`` (``shift_labels`` as given)."""
     if shift_labels is not None or labels is None:
@@ -3118,9 +3127,7 @@ def padded_rows(
     predicted = keep.new_zeros(())
     if targets is not None:
         if targets.shape != keep.shape:
-            raise ValueError(
-                f"labels of shape {list(targets.shape)} do not match the inputs' [batch, sequence] {list(keep.shape)}"
-            )
+            raise labels_mismatch("labels", targets.shape, keep.shape)
         predicted = targets.to(keep.device) != kwargs.get("ignore_index", IGNORE_INDEX)
     kept, predicted_from_padding = torch.stack([keep.sum(), (predicted & ~keep).sum()]).tolist()
     if kept in (0, keep.numel()):
@@ -4010,11 +4017,8 @@ def lm_head_loss(
     ``nn.Linear`` head runs the fused op; any other head (PEFT LoRA or ``modules_to_save``) is called on chunks.
     """
     name, given = ("shift_labels", shift_labels) if shift and shift_labels is not None else ("labels", labels)
-    if given.numel() != hidden_states[..., 0].numel():
-        raise ValueError(
-            f"{name} of shape {list(given.shape)} do not match the inputs' [batch, sequence] "
-            f"{list(hidden_states.shape[:-1])}: one label per input token"
-        )
+    if given.numel() != hidden_states.shape[:-1].numel():
+        raise labels_mismatch(name, given.shape, hidden_states.shape[:-1])
     if shift and shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = (shift_labels if shift else labels).reshape(-1)

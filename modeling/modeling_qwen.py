@@ -216,7 +216,8 @@ def broadcast_encoder_batch(
     batch: int, encoder_hidden_states: Optional[torch.Tensor], encoder_attention_mask: Optional[torch.Tensor]
 ) -> tuple:
     """One encoder row's states (and mask) for a decoder batch of ``batch`` rows: stock's attention matmuls
-    broadcast a single source over every decoder row (one source scored against several targets)."""
+    broadcast a single source over every decoder row (one source scored against several targets). The states
+    are copied, not only expanded: GPT-2's ``Conv1D`` views its input as rows."""
     if encoder_hidden_states is None or encoder_hidden_states.shape[0] != 1 or batch == 1:
         return encoder_hidden_states, encoder_attention_mask
     encoder_hidden_states = encoder_hidden_states.expand(batch, *encoder_hidden_states.shape[1:]).contiguous()
@@ -3091,6 +3092,14 @@ class PaddedRows:
         return None if states is None else tuple(self.unpack(x) for x in states)
 
 
+def labels_mismatch(name: str, shape: torch.Size, inputs_shape: torch.Size) -> ValueError:
+    """The error for labels (or ``shift_labels``) of ``shape`` given with inputs of ``[batch, sequence]``."""
+    return ValueError(
+        f"{name} of shape {list(shape)} do not match the inputs' [batch, sequence] {list(inputs_shape)}: one label "
+        "per input token"
+    )
+
+
 def shifted_labels(labels: Optional[torch.Tensor], shift_labels=None, ignore_index: Optional[int] = None, **_):
     """The target of every position of a causal LM, as transformers shifts ``labels`` (``shift_labels`` as given)."""
     if shift_labels is not None or labels is None:
@@ -3135,9 +3144,7 @@ def padded_rows(
     predicted = keep.new_zeros(())
     if targets is not None:
         if targets.shape != keep.shape:
-            raise ValueError(
-                f"labels of shape {list(targets.shape)} do not match the inputs' [batch, sequence] {list(keep.shape)}"
-            )
+            raise labels_mismatch("labels", targets.shape, keep.shape)
         predicted = targets.to(keep.device) != kwargs.get("ignore_index", IGNORE_INDEX)
     kept, predicted_from_padding = torch.stack([keep.sum(), (predicted & ~keep).sum()]).tolist()
     if kept in (0, keep.numel()):
@@ -4027,11 +4034,8 @@ def lm_head_loss(
     ``nn.Linear`` head runs the fused op; any other head (PEFT LoRA or ``modules_to_save``) is called on chunks.
     """
     name, given = ("shift_labels", shift_labels) if shift and shift_labels is not None else ("labels", labels)
-    if given.numel() != hidden_states[..., 0].numel():
-        raise ValueError(
-            f"{name} of shape {list(given.shape)} do not match the inputs' [batch, sequence] "
-            f"{list(hidden_states.shape[:-1])}: one label per input token"
-        )
+    if given.numel() != hidden_states.shape[:-1].numel():
+        raise labels_mismatch(name, given.shape, hidden_states.shape[:-1])
     if shift and shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = (shift_labels if shift else labels).reshape(-1)
@@ -5279,7 +5283,8 @@ def _check_supported(config: QWenConfig) -> None:
 
 
 def resolve_precision(config: QWenConfig) -> torch.dtype:
-    """The original's load-time precision choice; records it in ``config`` and returns the dtype to use.
+    """The original's load-time precision choice; records it in ``config`` (its flags and ``dtype``) and returns
+    the dtype to use.
 
     With none of ``bf16``/``fp16``/``fp32`` set: bf16 where CUDA supports it, else fp16 on CUDA devices of
     compute capability 7 or newer, else fp32 (always fp32 on CPU).
@@ -5299,11 +5304,13 @@ def resolve_precision(config: QWenConfig) -> torch.dtype:
                 f"QWen: converting the model to {'bf16' if config.bf16 else 'fp16'} for faster inference; pass "
                 "bf16/fp16/fp32=True to from_pretrained to choose the precision yourself."
             )
+    dtype = torch.float32
     if getattr(config, "bf16", False):
-        return torch.bfloat16
-    if getattr(config, "fp16", False):
-        return torch.float16
-    return torch.float32
+        dtype = torch.bfloat16
+    elif getattr(config, "fp16", False):
+        dtype = torch.float16
+    config.dtype = dtype  # what the model runs in, as transformers records a loaded model's dtype
+    return dtype
 
 
 def _log_precision_over_requested_dtype(dtype: torch.dtype) -> None:
@@ -5798,7 +5805,6 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         super().__init__(config)
         dtype = resolve_precision(config)
         _log_precision_over_requested_dtype(dtype)
-        config.dtype = dtype  # what the model runs in, as transformers records a loaded model's dtype
         self.transformer = QWenModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.loss_type = "ForCausalLM"

@@ -12,7 +12,6 @@ matplotlib). It does not import torch.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -32,15 +31,12 @@ LABEL = {
 
 def read_records(paths: list) -> list:
     """The ``ok`` train records (with a peak memory) of ``paths``; a later record of one configuration wins."""
-    latest: dict = {}
-    for path in paths:
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if record.get("section") == "train" and record.get("status") == "ok" and record.get("peak_mem_mb"):
-                latest[bench_report.record_key(record)] = record
-    return list(latest.values())
+    measured = [
+        record
+        for record in bench_report.load_records(paths)
+        if record.get("section") == "train" and record.get("status") == "ok" and record.get("peak_mem_mb")
+    ]
+    return list({bench_report.record_key(record): record for record in measured}.values())
 
 
 def read_summary(path: Path, seq: int) -> list:
