@@ -5270,9 +5270,9 @@ def _check_supported(config: QWenConfig) -> None:
                 f"{option}=True is not supported: this modeling file does not implement {what}. "
                 f"Load the model with {option}=False."
             )
-    if config.use_logn_attn and config.seq_length <= 1:
+    if config.use_logn_attn and _seq_length(config) <= 1:
         raise ValueError(
-            f"use_logn_attn=True scales queries by log(position) / log(seq_length): seq_length={config.seq_length} "
+            f"use_logn_attn=True scales queries by log(position) / log(seq_length): seq_length={_seq_length(config)} "
             "gives no such scale (the original divides by zero); set seq_length to the training length"
         )
     if int(config.kv_channels * config.rotary_pct) == 2:

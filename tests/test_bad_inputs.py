@@ -291,3 +291,5 @@ def test_qwen_refuses_logn_scaling_over_a_training_length_of_one():
         QWenLMHeadModel(config)
     config.use_logn_attn = False
     assert torch.isfinite(QWenLMHeadModel(config).eval()(torch.randint(3, 40, (1, 5))).logits).all()
+    config.use_logn_attn, config.seq_length = True, None  # no training length given: the default one
+    assert torch.isfinite(QWenLMHeadModel(config).eval()(torch.randint(3, 40, (1, 5))).logits).all()
