@@ -147,8 +147,8 @@ class ForwardMask:
     cudnn backend's checks of the padding layout and the ALiBi slopes, a patched model's slopes). So each of
     those happens once per forward rather than once per layer, and nothing outlives the forward: no cache
     keyed by tensor identity.
-    ``attention()`` takes it wherever it takes a mask tensor; ``dim()``, ``shape``, ``dtype`` and ``device``
-    are the tensor's.
+    ``attention()`` takes it wherever it takes a mask tensor; ``dim()``, ``ndim``, ``shape``, ``dtype`` and
+    ``device`` are the tensor's, and ``to()`` moves it.
     """
 
     def __init__(self, tensor: Optional[torch.Tensor], filled_keys: Optional[int] = None):
@@ -174,6 +174,10 @@ class ForwardMask:
         return self.tensor.dim()
 
     @property
+    def ndim(self) -> int:
+        return self.tensor.dim()
+
+    @property
     def shape(self) -> torch.Size:
         return self.tensor.shape
 
@@ -189,6 +193,18 @@ class ForwardMask:
         """The mask tensor itself, for code outside the attention layers that asks for a tensor (``generate``
         makes a static cache's mask before the forward and passes it in as a custom mask)."""
         return None if self.tensor is None else self.tensor.contiguous()
+
+    def to(self, *args, **kwargs) -> "ForwardMask":
+        """The same mask on another device (transformers' mask preparation moves a 2-D mask it is handed back,
+        ``generate`` before 5.x); another dtype would change what the mask means, so it is refused."""
+        moved = self.tensor.to(*args, **kwargs)
+        if moved.dtype != self.tensor.dtype:
+            raise TypeError(
+                f"this model converts its attention mask itself (to {moved.dtype}), where the kernel layer's "
+                "attention names hand the attention layers a per-forward ForwardMask: load it with its own "
+                "attention (attn_implementation='sdpa' or 'eager')"
+            )
+        return self if moved is self.tensor else ForwardMask(moved, self.filled_keys)
 
     def __getitem__(self, index):
         raise TypeError(

@@ -235,7 +235,12 @@ def kernel_layer_mask(**mask_kwargs: Any):
     slopes; a patched BLOOM gets modeling_bloom's class, whose copy of the kernel layer runs its attention):
     flex's block mask and cudnn's checks then happen once per forward, not once per layer. (The
     bidirectional keep-mask stays a tensor: the attention function makes a new 2-D mask of it per layer.)
+    A ``ForwardMask`` given as the attention mask is returned as it is: ``generate`` before transformers 5.x
+    makes a static cache's mask with this function and passes the result to the forward, which asks again.
     """
+    made_for_this_step, _ = _forward_mask_parts(mask_kwargs.get("attention_mask"))
+    if made_for_this_step is not None:
+        return made_for_this_step
     config = mask_kwargs.get("config")
     if config is not None and not _attention_reads_our_mask(config):
         _warn_stock_attention_once(config)

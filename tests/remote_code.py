@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
 
 # MODELING_DIR: test files import it from here
 from memory_efficient_adapter.families import MODELING_DIR, copy_modeling_files, set_auto_map  # noqa: F401
+
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 
 def save_with_remote_code(model, folder: Path, files: list[str], auto_map: dict[str, str]) -> Path:

@@ -11,8 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
-from remote_code import assert_close_rel, relative_error
+from remote_code import TRANSFORMERS_5, assert_close_rel, relative_error
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
@@ -31,7 +30,6 @@ from memory_efficient_adapter.families import write_remote_code
 
 TOL = 1e-5
 VOCAB = 97
-TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-import transformers
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -18,12 +17,18 @@ from transformers import (
     LlamaForSequenceClassification,
 )
 
-from remote_code import assert_close_rel, left_padded_mask, relative_error, right_padded_mask, save_with_remote_code
+from remote_code import (
+    TRANSFORMERS_5,
+    assert_close_rel,
+    left_padded_mask,
+    relative_error,
+    right_padded_mask,
+    save_with_remote_code,
+)
 
 CPU_BACKENDS = ["sdpa", "chunked", "eager"]
 TOL = 1e-5
 VOCAB = 101
-TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 LLAMA3_1_ROPE = {
     "rope_type": "llama3",

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-import transformers
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
@@ -28,12 +27,11 @@ from transformers import (
 from memory_efficient_adapter.configuration_qwen import QWenConfig
 from memory_efficient_adapter.families import write_remote_code
 from memory_efficient_adapter.modeling_qwen import QWenLMHeadModel
-from remote_code import assert_close_rel, relative_error, right_padded_mask
+from remote_code import TRANSFORMERS_5, assert_close_rel, relative_error, right_padded_mask
 
 TOL = 1e-5
 VOCAB = 97
 TILE = 5
-TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 LORA_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen": ["c_attn", "c_proj", "w1", "w2"],

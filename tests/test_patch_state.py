@@ -263,6 +263,9 @@ def test_a_model_that_reads_the_mask_or_passes_sparse_indices_is_refused_by_name
     selection as ``indices``: both must fail naming the problem, never run dense attention silently."""
     forward_mask = patch_module.ForwardMask(torch.ones(2, 1, 5, 5, dtype=torch.bool))
     assert forward_mask.contiguous().shape == (2, 1, 5, 5)
+    assert forward_mask.to("cpu") is forward_mask and forward_mask.ndim == 4
+    with pytest.raises(TypeError, match=r"converts its attention mask itself \(to torch.float32\)"):
+        forward_mask.to(torch.float32)
     with pytest.raises(TypeError, match="reads its attention mask itself"):
         forward_mask[:, 0]
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

@@ -15,9 +15,8 @@ import transformers
 from transformers import AutoModel, BartConfig, BloomConfig, GPT2Config, LlamaConfig
 
 from memory_efficient_adapter.families import family_files, write_remote_code
-from remote_code import assert_close_rel
+from remote_code import TRANSFORMERS_5, assert_close_rel
 
-TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 TOL = 1e-5
 VOCAB = 101
 
