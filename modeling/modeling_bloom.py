@@ -167,7 +167,7 @@ class ForwardMask:
     those happens once per forward rather than once per layer, and nothing outlives the forward: no cache
     keyed by tensor identity.
     ``attention()`` takes it wherever it takes a mask tensor; ``dim()``, ``ndim``, ``shape``, ``dtype`` and
-    ``device`` are the tensor's, and ``to()`` moves it.
+    ``device`` are the tensor's.
     """
 
     def __init__(self, tensor: Optional[torch.Tensor], filled_keys: Optional[int] = None):
@@ -212,18 +212,6 @@ class ForwardMask:
         """The mask tensor itself, for code outside the attention layers that asks for a tensor (``generate``
         makes a static cache's mask before the forward and passes it in as a custom mask)."""
         return None if self.tensor is None else self.tensor.contiguous()
-
-    def to(self, *args, **kwargs) -> "ForwardMask":
-        """The same mask on another device (transformers' mask preparation moves a 2-D mask it is handed back,
-        ``generate`` before 5.x); another dtype would change what the mask means, so it is refused."""
-        moved = self.tensor.to(*args, **kwargs)
-        if moved.dtype != self.tensor.dtype:
-            raise TypeError(
-                f"this model converts its attention mask itself (to {moved.dtype}), where the kernel layer's "
-                "attention names hand the attention layers a per-forward ForwardMask: load it with its own "
-                "attention (attn_implementation='sdpa' or 'eager')"
-            )
-        return self if moved is self.tensor else ForwardMask(moved, self.filled_keys)
 
     def __getitem__(self, index):
         raise TypeError(
@@ -303,12 +291,19 @@ def update_cache(
     """``cache.update`` of a layer's new ``key``/``value`` ``[b, h, new, d]`` (at ``cache_update_kwargs``' positions),
     returning the keys and values to attend to: without a fixed-size cache's unwritten slots, the first ``filled``
     (by default the ``filled_keys`` of the forward's ``ForwardMask``, ``filled_cache_length``). A cut is noted on
-    the ``ForwardMask``, so that attention weights asked for span the whole cache, as stock's do."""
+    the ``ForwardMask``, so that attention weights asked for span the whole cache, as stock's do. A growing cache
+    with more than ``filled`` keys was written twice by this forward: refused."""
     where = cache_update_kwargs(mask, key.shape[-2], key.device, cache_position)
     key, value = cache.update(key, value, layer_idx, where)
     filled = _filled_keys(mask) if filled is None else filled
     if filled is None or key.shape[-2] <= filled:
         return key, value
+    if not getattr(cache, "is_compileable", False):
+        raise ValueError(
+            f"the cache of layer {layer_idx} holds {key.shape[-2]} keys where this forward has {filled}: the layer "
+            "ran twice in one forward (one module in two places of the stack?), and both wrote to that cache "
+            "layer; give each place its own copy (copy.deepcopy) with its own layer_idx"
+        )
     if isinstance(mask, ForwardMask):
         mask.cache_slots = key.shape[-2]
     return key[:, :, :filled], value[:, :, :filled]
@@ -3860,24 +3855,41 @@ def loss_chunk_size(config, vocab_size: int, dtype: torch.dtype = torch.float32)
     return rows - rows % 64 if rows >= 64 else rows
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_GLOBAL_MODULE_HOOKS = (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"
+)
+
+
+def _global_module_hooks() -> bool:
+    """Whether hooks for every module are registered (``torch.nn.modules.module.register_module_forward_hook``
+    and its siblings): they expect each module to be called, once per forward."""
+    return any(getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_MODULE_HOOKS)
+
+
 def _is_plain_module(module, expected_class: type = torch.nn.Linear) -> bool:
-    """A bare ``expected_class`` whose forward nobody changed: no subclass or wrapper (PEFT, quantization),
-    no hooks."""
+    """A bare ``expected_class`` whose forward nobody changed and whose parameters are plain tensors: no
+    subclass or wrapper (PEFT, parametrizations, quantized modules), no quantized weight in a bare module
+    (torchao's tensor subclasses, whose matmuls the fused ops' backward cannot run), no hooks of its own or for
+    every module. The fused ops compute such a module's output from its weights without calling it."""
     return (
         type(module) is expected_class
         and not module._forward_hooks
         and not module._forward_pre_hooks
         and "forward" not in module.__dict__
+        and all(p is None or type(p) in _PLAIN_TENSOR_TYPES for p in module._parameters.values())
+        and not _global_module_hooks()
     )
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
-    """Whether ``module`` or a module inside it has hooks or a replaced ``forward`` (FSDP, DeepSpeed ZeRO-3,
-    accelerate's offloading, or the user's own): those gather or move weights, or observe outputs, at each call
-    and expect one call per forward."""
-    return any(
+    """Whether ``module`` or a module inside it has hooks or a replaced ``forward`` (FSDP2, DeepSpeed ZeRO-3,
+    accelerate's offloading, or the user's own) or is an FSDP1 wrapper, or hooks for every module are
+    registered: those gather or move weights, or observe outputs, at each call and expect one call per forward
+    (FSDP's gathers are collectives: a call per chunk would mismatch across ranks with other token counts)."""
+    return _global_module_hooks() or any(
         m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        or "forward" in m.__dict__
+        or "forward" in m.__dict__ or "_fsdp_wrapped_module" in m._modules
         for m in module.modules()
     )
 
@@ -3988,11 +4000,31 @@ def linear_cross_entropy(
     )
 
 
+def _is_parametrized_linear(module) -> bool:
+    """An ``nn.Linear`` whose weights ``torch.nn.utils.parametrize`` computes (weight or spectral norm,
+    orthogonal), nothing else changed. Its one call per forward in stock computes the weight once, and so must
+    the fused loss: a per-chunk call would redo the parametrization, and a stateful one (spectral norm's power
+    iteration) would step once per chunk."""
+    return (
+        torch.nn.utils.parametrize.is_parametrized(module)
+        and type(module).__bases__ == (torch.nn.Linear,)
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and "forward" not in module.__dict__
+        and not _global_module_hooks()
+    )
+
+
+def _linear_read_by_weight(module: torch.nn.Module) -> bool:
+    return _is_plain_module(module) or _is_parametrized_linear(module)
+
+
 def _plain_linear_run_by(head: torch.nn.Module) -> Optional[torch.nn.Linear]:
-    """The plain ``nn.Linear`` that ``head(x)`` runs, or None: the head itself, or the module a PEFT
-    ``modules_to_save`` wrapper calls (its one active copy; the original with adapters disabled or none active).
-    The wrapper is read through its own module slots and properties, so an attribute it lacks gives None."""
-    if _is_plain_module(head):
+    """The ``nn.Linear`` that ``head(x)`` runs, when the fused op may read its weights instead (a plain or a
+    parametrized one), or None: the head itself, or the module a PEFT ``modules_to_save`` wrapper calls (its
+    one active copy; the original with adapters disabled or none active). The wrapper is read through its own
+    module slots and properties, so an attribute it lacks gives None."""
+    if _linear_read_by_weight(head):
         return head
     copies, original = head._modules.get("modules_to_save"), head._modules.get("original_module")
     wrapper = type(head)
@@ -4010,7 +4042,7 @@ def _plain_linear_run_by(head: torch.nn.Module) -> Optional[torch.nn.Linear]:
         module = copies[active[0]]
     else:
         return None
-    return module if _is_plain_module(module) else None
+    return module if _linear_read_by_weight(module) else None
 
 
 def _chunk_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor, logits_bias, ignore_index: int):
@@ -4081,18 +4113,18 @@ def lm_head_loss(
             hidden_rows, lm_head, targets, logits_bias, num_items_in_batch, ignore_index, chunk_size
         )
     else:
-        bias = linear.bias
+        weight, bias = linear.weight, linear.bias  # read once: a parametrized head computes them at each read
         if logits_bias is not None:
             bias = logits_bias if bias is None else bias + logits_bias
-        head_dtype = _dtype_under_autocast(linear.weight.dtype, hidden_states.device.type)
+        head_dtype = _dtype_under_autocast(weight.dtype, hidden_states.device.type)
         loss = linear_cross_entropy(
             hidden_rows,
-            linear.weight,
+            weight,
             targets,
             bias=bias,
             num_items_in_batch=num_items_in_batch,
             ignore_index=ignore_index,
-            chunk_size=loss_chunk_size(config, linear.weight.shape[0], head_dtype),
+            chunk_size=loss_chunk_size(config, weight.shape[0], head_dtype),
         )
     return _shaped_like_stock(loss, num_items_in_batch)
 
@@ -4429,11 +4461,19 @@ class _Activation(torch.autograd.Function):
         return None, grads[0], grads[1] if up is not None else None
 
 
-def _fused_kind(name: str, gated: bool) -> Optional[str]:
-    """The fused activation for transformers' activation ``name`` (gated: times ``up``), or None."""
+def _fused_kind(name: Optional[str], gated: bool) -> Optional[str]:
+    """The fused activation for transformers' activation ``name`` (gated: times ``up``), or None (also for no
+    name: a replaced activation module, see ``fused_activation_name``)."""
     if gated:
         return "silu_mul" if name in _SILU_NAMES else None
     return _GELU_KINDS.get(name)
+
+
+def fused_activation_name(name: Optional[str], module: torch.nn.Module, built_type: type) -> Optional[str]:
+    """``name`` while the MLP's activation ``module`` is still the plain one it was built with (of
+    ``built_type``: ``ACT2FN[name]``), whose function the fused ops compute; None once it is replaced or hooked
+    (``mlp.act_fn = nn.ReLU()``, a hook that records activations): it is then called as it is."""
+    return name if _is_plain_module(module, built_type) else None
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -4441,13 +4481,15 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     return _Activation.apply("gelu_tanh" if approximate == "tanh" else "gelu", x, None)
 
 
-def activation(name: str, x: torch.Tensor, fallback: Callable) -> torch.Tensor:
+def activation(name: Optional[str], x: torch.Tensor, fallback: Callable) -> torch.Tensor:
     """``ACT2FN[name](x)``; the GeLU family through the fused op, anything else through ``fallback``."""
     kind = _fused_kind(name, gated=False)
     return fallback(x) if kind is None else _Activation.apply(kind, x, None)
 
 
-def gated_activation(name: str, gate: torch.Tensor, up: torch.Tensor, fallback: Callable) -> torch.Tensor:
+def gated_activation(
+    name: Optional[str], gate: torch.Tensor, up: torch.Tensor, fallback: Callable
+) -> torch.Tensor:
     """``ACT2FN[name](gate) * up``; SiLU through the fused op, anything else through ``fallback``."""
     kind = _fused_kind(name, gated=True)
     return fallback(gate) * up if kind is None else _Activation.apply(kind, gate, up)
@@ -4523,7 +4565,7 @@ class _ActivationLinear(torch.autograd.Function):
 
 
 def projected_activation(
-    name: str,
+    name: Optional[str],
     x: torch.Tensor,
     projection: torch.nn.Module,
     fallback: Callable,
@@ -5062,6 +5104,32 @@ def _tiles_apply(x: torch.Tensor, tile_size: int) -> bool:
     return tile_size > 0 and x.numel() // max(x.shape[-1], 1) > tile_size
 
 
+def _weights_outside_parameters(modules) -> bool:
+    """Whether a module in ``modules`` (or inside one) computes with a trainable tensor that is neither one of
+    their parameters nor a view of one: FSDP1's views of a flat parameter held by an outer wrapper
+    (``use_orig_params=False``). The tiles' and offloaded checkpoints' backward takes gradients for their
+    inputs only, and would give those weights none: such modules run as usual instead (logged once)."""
+    registered = {id(param) for module in modules for param in module.parameters()}
+    for module in modules:
+        for inner in module.modules():
+            for value in vars(inner).values():
+                if isinstance(value, torch.Tensor) and value.requires_grad and not isinstance(value, torch.nn.Parameter):
+                    if id(value if value._base is None else value._base) not in registered:
+                        return True
+    return False
+
+
+def _runs_without_saving(what: str, modules) -> bool:
+    """``_weights_outside_parameters`` while gradients are recorded, logged once with ``what`` is off."""
+    if not torch.is_grad_enabled() or not _weights_outside_parameters(modules):
+        return False
+    _log_once(
+        f"{what} is off for modules whose weights are views of a parameter they do not hold (FSDP1 with "
+        "use_orig_params=False): they run as usual; FSDP2 (fully_shard) or use_orig_params=True keep it on"
+    )
+    return True
+
+
 def sequence_tiled(modules, x: torch.Tensor, tile_size: int) -> torch.Tensor:
     """``modules`` (position-wise: an MLP, a norm, or a norm then an MLP; modules or bound methods of modules)
     applied one after the other to ``x`` ``[..., hidden]``, ``tile_size`` tokens at a time, so that no
@@ -5072,6 +5140,8 @@ def sequence_tiled(modules, x: torch.Tensor, tile_size: int) -> torch.Tensor:
     if not _tiles_apply(x, tile_size):
         return _run_modules(modules, x)
     owners = {id(owner): owner for owner in map(_owning_module, modules)}.values()
+    if _runs_without_saving("config.sequence_tile_size", owners):
+        return _run_modules(modules, x)
     params = [param for module in owners for param in module.parameters() if param.requires_grad]
     if not torch.is_grad_enabled() or not (x.requires_grad or params):
         return _run_in_tiles(modules, x, tile_size)
@@ -5225,6 +5295,8 @@ def offloaded_checkpoint(
     params = [param for param in layer.parameters() if param.requires_grad]
     if not torch.is_grad_enabled() or not (hidden.requires_grad or params or slots):
         return function(hidden, *rest)
+    if _runs_without_saving("config.offload_checkpoints", [layer]):
+        return function(hidden, *rest)
     link = _CheckpointLink(getattr(hidden, _CHECKPOINT_LINK_ATTRIBUTE, None), keep_on_device)
     context = [rest[slot] for slot in slots]
     rest = tuple(None if i in slots else arg for i, arg in enumerate(rest))
@@ -5362,6 +5434,13 @@ class BloomAttention(nn.Module):
         return dropout_add(output, residual, self.hidden_dropout, self.training), recorded_weights(attention_weights)
 
 
+class BloomGelu(nn.Module):
+    """BLOOM's GeLU, the tanh approximation: a module, as in stock, so that it can be hooked or replaced."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
 class BloomMLP(nn.Module):
     def __init__(self, config: BloomConfig):
         super().__init__()
@@ -5371,18 +5450,19 @@ class BloomMLP(nn.Module):
         self.slow_but_exact = config.slow_but_exact
         self.hidden_dropout = config.hidden_dropout
         self.dense_h_to_4h = nn.Linear(hidden_size, 4 * hidden_size)
+        self.gelu_impl = BloomGelu()
         self.dense_4h_to_h = nn.Linear(4 * hidden_size, hidden_size)
 
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The position-wise part (no residual, no dropout): what ``config.sequence_tile_size`` tiles."""
-        # BLOOM's GELU is the tanh approximation; the fused ops keep only its input for backward.
+        # The fused ops keep only the GeLU's input for backward, while gelu_impl is still BloomGelu.
         hidden_states = self.dense_h_to_4h(hidden_states)
+        name = fused_activation_name("gelu_pytorch_tanh", self.gelu_impl, BloomGelu)
         if self.pretraining_tp > 1 and self.slow_but_exact:
-            activated = gelu(hidden_states, approximate="tanh")
+            activated = self.gelu_impl(hidden_states) if name is None else gelu(hidden_states, approximate="tanh")
             return tp_sliced_linear(activated, self.dense_4h_to_h.weight, self.pretraining_tp)
         # the GeLU is recomputed in backward, not kept for dense_4h_to_h's weight gradient
-        fallback = partial(F.gelu, approximate="tanh")
-        return projected_activation("gelu_pytorch_tanh", hidden_states, self.dense_4h_to_h, fallback)
+        return projected_activation(name, hidden_states, self.dense_4h_to_h, self.gelu_impl)
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         output = sequence_tiled((self.feed_forward,), hidden_states, sequence_tile_size(self.config))

@@ -152,7 +152,7 @@ class ForwardMask:
     those happens once per forward rather than once per layer, and nothing outlives the forward: no cache
     keyed by tensor identity.
     ``attention()`` takes it wherever it takes a mask tensor; ``dim()``, ``ndim``, ``shape``, ``dtype`` and
-    ``device`` are the tensor's, and ``to()`` moves it.
+    ``device`` are the tensor's.
     """
 
     def __init__(self, tensor: Optional[torch.Tensor], filled_keys: Optional[int] = None):
@@ -197,18 +197,6 @@ class ForwardMask:
         """The mask tensor itself, for code outside the attention layers that asks for a tensor (``generate``
         makes a static cache's mask before the forward and passes it in as a custom mask)."""
         return None if self.tensor is None else self.tensor.contiguous()
-
-    def to(self, *args, **kwargs) -> "ForwardMask":
-        """The same mask on another device (transformers' mask preparation moves a 2-D mask it is handed back,
-        ``generate`` before 5.x); another dtype would change what the mask means, so it is refused."""
-        moved = self.tensor.to(*args, **kwargs)
-        if moved.dtype != self.tensor.dtype:
-            raise TypeError(
-                f"this model converts its attention mask itself (to {moved.dtype}), where the kernel layer's "
-                "attention names hand the attention layers a per-forward ForwardMask: load it with its own "
-                "attention (attn_implementation='sdpa' or 'eager')"
-            )
-        return self if moved is self.tensor else ForwardMask(moved, self.filled_keys)
 
     def __getitem__(self, index):
         raise TypeError(
@@ -288,12 +276,19 @@ def update_cache(
     """``cache.update`` of a layer's new ``key``/``value`` ``[b, h, new, d]`` (at ``cache_update_kwargs``' positions),
     returning the keys and values to attend to: without a fixed-size cache's unwritten slots, the first ``filled``
     (by default the ``filled_keys`` of the forward's ``ForwardMask``, ``filled_cache_length``). A cut is noted on
-    the ``ForwardMask``, so that attention weights asked for span the whole cache, as stock's do."""
+    the ``ForwardMask``, so that attention weights asked for span the whole cache, as stock's do. A growing cache
+    with more than ``filled`` keys was written twice by this forward: refused."""
     where = cache_update_kwargs(mask, key.shape[-2], key.device, cache_position)
     key, value = cache.update(key, value, layer_idx, where)
     filled = _filled_keys(mask) if filled is None else filled
     if filled is None or key.shape[-2] <= filled:
         return key, value
+    if not getattr(cache, "is_compileable", False):
+        raise ValueError(
+            f"the cache of layer {layer_idx} holds {key.shape[-2]} keys where this forward has {filled}: the layer "
+            "ran twice in one forward (one module in two places of the stack?), and both wrote to that cache "
+            "layer; give each place its own copy (copy.deepcopy) with its own layer_idx"
+        )
     if isinstance(mask, ForwardMask):
         mask.cache_slots = key.shape[-2]
     return key[:, :, :filled], value[:, :, :filled]
@@ -3845,24 +3840,41 @@ def loss_chunk_size(config, vocab_size: int, dtype: torch.dtype = torch.float32)
     return rows - rows % 64 if rows >= 64 else rows
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_GLOBAL_MODULE_HOOKS = (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"
+)
+
+
+def _global_module_hooks() -> bool:
+    """Whether hooks for every module are registered (``torch.nn.modules.module.register_module_forward_hook``
+    and its siblings): they expect each module to be called, once per forward."""
+    return any(getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_MODULE_HOOKS)
+
+
 def _is_plain_module(module, expected_class: type = torch.nn.Linear) -> bool:
-    """A bare ``expected_class`` whose forward nobody changed: no subclass or wrapper (PEFT, quantization),
-    no hooks."""
+    """A bare ``expected_class`` whose forward nobody changed and whose parameters are plain tensors: no
+    subclass or wrapper (PEFT, parametrizations, quantized modules), no quantized weight in a bare module
+    (torchao's tensor subclasses, whose matmuls the fused ops' backward cannot run), no hooks of its own or for
+    every module. The fused ops compute such a module's output from its weights without calling it."""
     return (
         type(module) is expected_class
         and not module._forward_hooks
         and not module._forward_pre_hooks
         and "forward" not in module.__dict__
+        and all(p is None or type(p) in _PLAIN_TENSOR_TYPES for p in module._parameters.values())
+        and not _global_module_hooks()
     )
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
-    """Whether ``module`` or a module inside it has hooks or a replaced ``forward`` (FSDP, DeepSpeed ZeRO-3,
-    accelerate's offloading, or the user's own): those gather or move weights, or observe outputs, at each call
-    and expect one call per forward."""
-    return any(
+    """Whether ``module`` or a module inside it has hooks or a replaced ``forward`` (FSDP2, DeepSpeed ZeRO-3,
+    accelerate's offloading, or the user's own) or is an FSDP1 wrapper, or hooks for every module are
+    registered: those gather or move weights, or observe outputs, at each call and expect one call per forward
+    (FSDP's gathers are collectives: a call per chunk would mismatch across ranks with other token counts)."""
+    return _global_module_hooks() or any(
         m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        or "forward" in m.__dict__
+        or "forward" in m.__dict__ or "_fsdp_wrapped_module" in m._modules
         for m in module.modules()
     )
 
@@ -3973,11 +3985,31 @@ def linear_cross_entropy(
     )
 
 
+def _is_parametrized_linear(module) -> bool:
+    """An ``nn.Linear`` whose weights ``torch.nn.utils.parametrize`` computes (weight or spectral norm,
+    orthogonal), nothing else changed. Its one call per forward in stock computes the weight once, and so must
+    the fused loss: a per-chunk call would redo the parametrization, and a stateful one (spectral norm's power
+    iteration) would step once per chunk."""
+    return (
+        torch.nn.utils.parametrize.is_parametrized(module)
+        and type(module).__bases__ == (torch.nn.Linear,)
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and "forward" not in module.__dict__
+        and not _global_module_hooks()
+    )
+
+
+def _linear_read_by_weight(module: torch.nn.Module) -> bool:
+    return _is_plain_module(module) or _is_parametrized_linear(module)
+
+
 def _plain_linear_run_by(head: torch.nn.Module) -> Optional[torch.nn.Linear]:
-    """The plain ``nn.Linear`` that ``head(x)`` runs, or None: the head itself, or the module a PEFT
-    ``modules_to_save`` wrapper calls (its one active copy; the original with adapters disabled or none active).
-    The wrapper is read through its own module slots and properties, so an attribute it lacks gives None."""
-    if _is_plain_module(head):
+    """The ``nn.Linear`` that ``head(x)`` runs, when the fused op may read its weights instead (a plain or a
+    parametrized one), or None: the head itself, or the module a PEFT ``modules_to_save`` wrapper calls (its
+    one active copy; the original with adapters disabled or none active). The wrapper is read through its own
+    module slots and properties, so an attribute it lacks gives None."""
+    if _linear_read_by_weight(head):
         return head
     copies, original = head._modules.get("modules_to_save"), head._modules.get("original_module")
     wrapper = type(head)
@@ -3995,7 +4027,7 @@ def _plain_linear_run_by(head: torch.nn.Module) -> Optional[torch.nn.Linear]:
         module = copies[active[0]]
     else:
         return None
-    return module if _is_plain_module(module) else None
+    return module if _linear_read_by_weight(module) else None
 
 
 def _chunk_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor, logits_bias, ignore_index: int):
@@ -4066,18 +4098,18 @@ def lm_head_loss(
             hidden_rows, lm_head, targets, logits_bias, num_items_in_batch, ignore_index, chunk_size
         )
     else:
-        bias = linear.bias
+        weight, bias = linear.weight, linear.bias  # read once: a parametrized head computes them at each read
         if logits_bias is not None:
             bias = logits_bias if bias is None else bias + logits_bias
-        head_dtype = _dtype_under_autocast(linear.weight.dtype, hidden_states.device.type)
+        head_dtype = _dtype_under_autocast(weight.dtype, hidden_states.device.type)
         loss = linear_cross_entropy(
             hidden_rows,
-            linear.weight,
+            weight,
             targets,
             bias=bias,
             num_items_in_batch=num_items_in_batch,
             ignore_index=ignore_index,
-            chunk_size=loss_chunk_size(config, linear.weight.shape[0], head_dtype),
+            chunk_size=loss_chunk_size(config, weight.shape[0], head_dtype),
         )
     return _shaped_like_stock(loss, num_items_in_batch)
 
@@ -4414,11 +4446,19 @@ class _Activation(torch.autograd.Function):
         return None, grads[0], grads[1] if up is not None else None
 
 
-def _fused_kind(name: str, gated: bool) -> Optional[str]:
-    """The fused activation for transformers' activation ``name`` (gated: times ``up``), or None."""
+def _fused_kind(name: Optional[str], gated: bool) -> Optional[str]:
+    """The fused activation for transformers' activation ``name`` (gated: times ``up``), or None (also for no
+    name: a replaced activation module, see ``fused_activation_name``)."""
     if gated:
         return "silu_mul" if name in _SILU_NAMES else None
     return _GELU_KINDS.get(name)
+
+
+def fused_activation_name(name: Optional[str], module: torch.nn.Module, built_type: type) -> Optional[str]:
+    """``name`` while the MLP's activation ``module`` is still the plain one it was built with (of
+    ``built_type``: ``ACT2FN[name]``), whose function the fused ops compute; None once it is replaced or hooked
+    (``mlp.act_fn = nn.ReLU()``, a hook that records activations): it is then called as it is."""
+    return name if _is_plain_module(module, built_type) else None
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -4426,13 +4466,15 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     return _Activation.apply("gelu_tanh" if approximate == "tanh" else "gelu", x, None)
 
 
-def activation(name: str, x: torch.Tensor, fallback: Callable) -> torch.Tensor:
+def activation(name: Optional[str], x: torch.Tensor, fallback: Callable) -> torch.Tensor:
     """``ACT2FN[name](x)``; the GeLU family through the fused op, anything else through ``fallback``."""
     kind = _fused_kind(name, gated=False)
     return fallback(x) if kind is None else _Activation.apply(kind, x, None)
 
 
-def gated_activation(name: str, gate: torch.Tensor, up: torch.Tensor, fallback: Callable) -> torch.Tensor:
+def gated_activation(
+    name: Optional[str], gate: torch.Tensor, up: torch.Tensor, fallback: Callable
+) -> torch.Tensor:
     """``ACT2FN[name](gate) * up``; SiLU through the fused op, anything else through ``fallback``."""
     kind = _fused_kind(name, gated=True)
     return fallback(gate) * up if kind is None else _Activation.apply(kind, gate, up)
@@ -4508,7 +4550,7 @@ class _ActivationLinear(torch.autograd.Function):
 
 
 def projected_activation(
-    name: str,
+    name: Optional[str],
     x: torch.Tensor,
     projection: torch.nn.Module,
     fallback: Callable,
@@ -5047,6 +5089,32 @@ def _tiles_apply(x: torch.Tensor, tile_size: int) -> bool:
     return tile_size > 0 and x.numel() // max(x.shape[-1], 1) > tile_size
 
 
+def _weights_outside_parameters(modules) -> bool:
+    """Whether a module in ``modules`` (or inside one) computes with a trainable tensor that is neither one of
+    their parameters nor a view of one: FSDP1's views of a flat parameter held by an outer wrapper
+    (``use_orig_params=False``). The tiles' and offloaded checkpoints' backward takes gradients for their
+    inputs only, and would give those weights none: such modules run as usual instead (logged once)."""
+    registered = {id(param) for module in modules for param in module.parameters()}
+    for module in modules:
+        for inner in module.modules():
+            for value in vars(inner).values():
+                if isinstance(value, torch.Tensor) and value.requires_grad and not isinstance(value, torch.nn.Parameter):
+                    if id(value if value._base is None else value._base) not in registered:
+                        return True
+    return False
+
+
+def _runs_without_saving(what: str, modules) -> bool:
+    """``_weights_outside_parameters`` while gradients are recorded, logged once with ``what`` is off."""
+    if not torch.is_grad_enabled() or not _weights_outside_parameters(modules):
+        return False
+    _log_once(
+        f"{what} is off for modules whose weights are views of a parameter they do not hold (FSDP1 with "
+        "use_orig_params=False): they run as usual; FSDP2 (fully_shard) or use_orig_params=True keep it on"
+    )
+    return True
+
+
 def sequence_tiled(modules, x: torch.Tensor, tile_size: int) -> torch.Tensor:
     """``modules`` (position-wise: an MLP, a norm, or a norm then an MLP; modules or bound methods of modules)
     applied one after the other to ``x`` ``[..., hidden]``, ``tile_size`` tokens at a time, so that no
@@ -5057,6 +5125,8 @@ def sequence_tiled(modules, x: torch.Tensor, tile_size: int) -> torch.Tensor:
     if not _tiles_apply(x, tile_size):
         return _run_modules(modules, x)
     owners = {id(owner): owner for owner in map(_owning_module, modules)}.values()
+    if _runs_without_saving("config.sequence_tile_size", owners):
+        return _run_modules(modules, x)
     params = [param for module in owners for param in module.parameters() if param.requires_grad]
     if not torch.is_grad_enabled() or not (x.requires_grad or params):
         return _run_in_tiles(modules, x, tile_size)
@@ -5209,6 +5279,8 @@ def offloaded_checkpoint(
         )
     params = [param for param in layer.parameters() if param.requires_grad]
     if not torch.is_grad_enabled() or not (hidden.requires_grad or params or slots):
+        return function(hidden, *rest)
+    if _runs_without_saving("config.offload_checkpoints", [layer]):
         return function(hidden, *rest)
     link = _CheckpointLink(getattr(hidden, _CHECKPOINT_LINK_ATTRIBUTE, None), keep_on_device)
     context = [rest[slot] for slot in slots]
@@ -5456,10 +5528,12 @@ class QWenAttention(nn.Module):
         past_key_values: Optional[Cache] = None,
         sequence_ids: Optional[torch.Tensor] = None,
         attention_weights: Optional[list] = None,
+        cache_index: Optional[int] = None,
     ) -> torch.Tensor:
         """``rotary``: cos/sin ``[b or 1, 1, s, rotary_dim]``; ``query_scale``: logn factors ``[b or 1, 1, s, 1]``;
         ``attention_mask``: bool keep-mask ``[b, past + s]`` or None; ``sequence_ids``: packed documents. Given
-        an ``attention_weights`` list, the weights are computed and appended to it (``output_attentions``)."""
+        an ``attention_weights`` list, the weights are computed and appended to it (``output_attentions``).
+        ``cache_index``: the block's place in the stack, which picks its cache layer (``layer_idx`` by default)."""
         batch, q_len, _ = hidden_states.shape
         mixed = self.c_attn(hidden_states).view(batch, q_len, 3, self.num_heads, self.head_dim)
         query, key, value = mixed.permute(2, 0, 3, 1, 4).unbind(0)
@@ -5469,7 +5543,7 @@ class QWenAttention(nn.Module):
         if query_scale is not None:
             query = query * query_scale
         if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+            key, value = past_key_values.update(key, value, self.layer_idx if cache_index is None else cache_index)
         elif value.requires_grad and torch.is_grad_enabled():
             # query and key are new tensors after the rotation: a value kept for backward as a view of c_attn's
             # output would hold all of it, two [tokens, hidden] tensors more per layer than this copy
@@ -5524,6 +5598,7 @@ class QWenBlock(LongContextCheckpointing, GradientCheckpointingLayer):
         past_key_values: Optional[Cache] = None,
         sequence_ids: Optional[torch.Tensor] = None,
         attention_weights: Optional[list] = None,
+        cache_index: Optional[int] = None,
     ) -> torch.Tensor:
         tile_size, recompute = sequence_tile_size(self.config), recompute_norm_outputs(self.config)
 
@@ -5536,6 +5611,7 @@ class QWenBlock(LongContextCheckpointing, GradientCheckpointingLayer):
                 past_key_values=past_key_values,
                 sequence_ids=sequence_ids,
                 attention_weights=attention_weights,
+                cache_index=cache_index,
             )
 
         hidden_states = residual_after_norm(self.ln_1, hidden_states, attend, tile_size, recompute=recompute)
@@ -5726,7 +5802,7 @@ class QWenModel(QWenPreTrainedModel):
             # the original reads no position_ids: each packed document counts from 0, whatever positions came
             position_ids = document_positions(position_ids.expand(sequence_ids.shape), sequence_ids)
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = DynamicCache()  # a layer per block that runs, however many the config says
 
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         total_length = past_length + seq_len
@@ -5750,7 +5826,9 @@ class QWenModel(QWenPreTrainedModel):
         hidden_states = self.drop(inputs_embeds)
         all_hidden_states = []
         all_attentions = [] if output_attentions else None
-        for block in self.h:
+        # a block's cache layer is its place in the stack, as in the original (whose cache is a list it walks
+        # with the blocks): blocks dropped, reordered or repeated after loading keep a cache each
+        for index, block in enumerate(self.h):
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
             hidden_states = block(
@@ -5761,6 +5839,7 @@ class QWenModel(QWenPreTrainedModel):
                 past_key_values=past_key_values,
                 sequence_ids=sequence_ids,
                 attention_weights=all_attentions,
+                cache_index=index,
             )
         hidden_states = sequence_tiled((self.ln_f,), hidden_states, sequence_tile_size(self.config))
         if output_hidden_states:

@@ -249,8 +249,13 @@ def kernel_layer_mask(**mask_kwargs: Any):
     pattern = _plain_mask_pattern(mask_kwargs.get("mask_function"))
     if mask_kwargs.get("local_size") is not None or isinstance(kv_offset, torch.Tensor) or _is_tracing():
         pattern = None
-    if pattern == "causal" and _query_end(mask_kwargs) != kv_offset + kv_length:
-        pattern = None  # queries not aligned with the last keys (static cache): needs the explicit mask
+    if pattern == "causal" and (
+        _query_end(mask_kwargs) != kv_offset + kv_length or mask_kwargs.get("allow_is_causal_skip") is False
+    ):
+        # queries not aligned with the last keys, or a fixed-size cache's step (transformers then allows no
+        # causal shortcut): the explicit mask. Before 5.x ``generate`` hands this mask to the model as its
+        # ``attention_mask``, where a 2-D keep-mask would be read as a padding mask (GPT-2 reshapes it).
+        pattern = None
     patched_bloom = config is not None and _is_patched_bloom(config)
     holder = _bloom_modeling_module().ForwardMask if patched_bloom else ForwardMask
     if pattern is not None:

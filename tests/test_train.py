@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from remote_code import assert_close_rel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -192,6 +193,32 @@ def test_torchrun_two_processes_match_one(mode, tmp_path):
         assert ours["loss"] == pytest.approx(reference["loss"], rel=1e-5), ours["step"]
         assert ours["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-4), ours["step"]
     assert (tmp_path / mode / "final" / "modeling_llama.py").exists(), "save_pretrained saw the FSDP class"
+
+
+def test_fsdp1_flat_parameters_train_every_weight_and_a_wrapped_head_runs_once(tmp_path):
+    """FSDP1's default (``use_orig_params=False``) gives inner modules views of a flat parameter: the tiles'
+    backward gave those weights no gradient (now they run untiled, logged), and a head wrapped as its own unit
+    was called once per loss chunk, a different number of gathers per rank (a collective mismatch or a hang)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memory_efficient_adapter.families import write_remote_code
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    write_remote_code(tmp_path, "llama")
+    output = tmp_path / "updates.pt"
+    command = [sys.executable, str(ROOT / "tests" / "fsdp1_worker.py"), str(tmp_path), str(output)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=240, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sequence_tile_size is off for modules whose weights are views" in result.stderr
+    updates = torch.load(output, weights_only=True)
+    assert updates["ours"].keys() == updates["stock"].keys()
+    for name, expected in updates["stock"].items():
+        assert expected.norm() > 0, name
+        assert_close_rel(updates["ours"][name], expected, 1e-5, name)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,252 @@
+"""Models changed after loading, the same way on both sides: the fused ops compute a module from its weights
+only while it is the plain module they assume, and every other change runs as in stock. Quantized weights in a
+bare ``nn.Linear`` (torchao's tensor subclasses), a parametrized LM head (spectral norm), hooks for every
+module, replaced or hooked activations, GPT-2 position tables with options or wrappers, and blocks dropped or
+repeated (Qwen keeps a cache per place in its stack, as the original does; BLOOM refuses a block run twice).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from remote_code import assert_close_rel
+from test_fused_models import TOL, assert_same_training_step, batch_for, family_pairs  # noqa: F401 - a fixture
+from transformers import LlamaConfig
+
+from memory_efficient_adapter.configuration_qwen import QWenConfig
+from memory_efficient_adapter.modeling_llama import LlamaForCausalLM as OurLlama
+from memory_efficient_adapter.modeling_qwen import QWenLMHeadModel
+
+MATMULS = {torch.mm, torch.matmul, torch.addmm, torch.Tensor.mm, torch.Tensor.matmul, torch.Tensor.addmm_,
+           torch.Tensor.addmm, torch.Tensor.__matmul__}
+
+
+class LinearOnlyWeight(torch.Tensor):
+    """A frozen weight that, like torchao's quantized tensors, runs ``F.linear`` and no other matmul."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight, *rest = args
+            return F.linear(x, weight.as_subclass(torch.Tensor), *rest, **kwargs)
+        if func in MATMULS:
+            raise NotImplementedError(f"LinearOnlyWeight runs F.linear only, not {func.__name__}")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def pair_copy(family_pairs, name: str) -> tuple:
+    stock, ours, _ = family_pairs[name]
+    return copy.deepcopy(stock), copy.deepcopy(ours)
+
+
+def modify_both(pair: tuple, change) -> tuple:
+    for model in pair:
+        change(model)
+    return pair
+
+
+def linear_only(module: torch.nn.Linear) -> None:
+    module.weight = torch.nn.Parameter(module.weight.detach().clone().as_subclass(LinearOnlyWeight), requires_grad=False)
+
+
+QUANTIZED = {
+    "llama": ["lm_head", "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj", "model.layers.0.mlp.down_proj"],
+    "bloom": ["transformer.h.0.mlp.dense_4h_to_h", "transformer.h.1.self_attention.query_key_value"],
+    "bart": ["model.decoder.layers.1.fc2", "model.encoder.layers.0.self_attn.k_proj"],
+}
+
+
+@pytest.mark.parametrize("name, module", [(name, module) for name, modules in QUANTIZED.items() for module in modules])
+def test_a_quantized_weight_in_a_bare_linear_keeps_the_stock_call(family_pairs, name, module):
+    """The fused ops' backward multiplies by the weight itself, which such a tensor cannot do (torchao's
+    int8/NF4 weights raised, or silently multiplied by the transpose): the module is called as stock calls it."""
+    stock, ours = modify_both(pair_copy(family_pairs, name), lambda model: linear_only(model.get_submodule(module)))
+    batch = batch_for(name, torch.Generator().manual_seed(11))
+    assert_same_training_step(stock, ours, batch)
+
+
+def test_a_spectral_norm_head_computes_its_weight_once_per_forward(family_pairs):
+    """A parametrized head's weight is read once, as its one stock call reads it: spectral norm's power
+    iteration steps once per forward (called per chunk it stepped per chunk, and again in backward)."""
+
+    def spectral_norm_head(model):
+        torch.manual_seed(5)  # the power iteration's random start, and its steps at registration (train mode)
+        torch.nn.utils.parametrizations.spectral_norm(model.train().lm_head)
+
+    stock, ours = modify_both(pair_copy(family_pairs, "llama"), spectral_norm_head)
+    for step in range(2):
+        batch = batch_for("llama", torch.Generator().manual_seed(12 + step))
+        assert_same_training_step(stock, ours, batch)
+        vectors = [model.lm_head.parametrizations.weight[0]._u for model in (stock, ours)]
+        assert_close_rel(vectors[1], vectors[0], TOL, f"power-iteration vector after step {step}")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "bart"])
+def test_hooks_for_every_module_see_stock_calls_and_change_outputs_as_in_stock(family_pairs, name):
+    stock, ours = pair_copy(family_pairs, name)
+    calls = []
+
+    def scale_linear_outputs(module, inputs, output):
+        if isinstance(module, torch.nn.Linear):
+            calls.append(module)
+            return output * 1.1
+        return output
+
+    handle = torch.nn.modules.module.register_module_forward_hook(scale_linear_outputs)
+    try:
+        batch = batch_for(name, torch.Generator().manual_seed(13))
+        counts = []
+        for model in (stock, ours):
+            calls.clear()
+            model.train()
+            model(**batch).loss.backward()
+            counts.append(len(calls))
+        assert counts[1] == counts[0] > 0
+        assert_same_training_step(stock, ours, batch)
+    finally:
+        handle.remove()
+
+
+ACTIVATIONS = {
+    "llama": lambda model: [layer.mlp for layer in model.model.layers],
+    "gpt2": lambda model: [block.mlp for block in model.transformer.h],
+    "bloom": lambda model: [block.mlp for block in model.transformer.h],
+    "bart": lambda model: [*model.model.encoder.layers, *model.model.decoder.layers],
+}
+ACTIVATION_SLOT = {"llama": "act_fn", "gpt2": "act", "bloom": "gelu_impl", "bart": "activation_fn"}
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_a_replaced_activation_runs_as_stock_runs_it(family_pairs, name):
+    """``mlp.act_fn = nn.ReLU()`` on both: the fused ops computed the configured activation regardless."""
+
+    def replace(model):
+        for owner in ACTIVATIONS[name](model):
+            setattr(owner, ACTIVATION_SLOT[name], torch.nn.ReLU())
+
+    stock, ours = modify_both(pair_copy(family_pairs, name), replace)
+    assert_same_training_step(stock, ours, batch_for(name, torch.Generator().manual_seed(14)))
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_a_hooked_activation_sees_every_call_with_stock_inputs(family_pairs, name):
+    """An activation-recording hook (interpretability, pruning statistics) gets what stock's gets."""
+    stock, ours = pair_copy(family_pairs, name)
+    recorded = {}
+    for label, model in (("stock", stock), ("ours", ours)):
+        recorded[label] = []
+        owner = ACTIVATIONS[name](model)[0]
+        getattr(owner, ACTIVATION_SLOT[name]).register_forward_hook(
+            lambda module, inputs, output, into=recorded[label]: into.append(output.detach())
+        )
+    batch = batch_for(name, torch.Generator().manual_seed(15))
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])  # unpadded: the same [b, s, d] tensors
+    assert_same_training_step(stock, ours, batch)
+    assert len(recorded["ours"]) == len(recorded["stock"]) > 0
+    for got, expected in zip(recorded["ours"], recorded["stock"]):
+        assert_close_rel(got, expected, TOL, f"{name} recorded activation")
+
+
+def test_bloom_keeps_stock_gelu_module(family_pairs):
+    stock, ours, _ = family_pairs["bloom"]
+    assert {n for n, _ in stock.named_modules() if n.endswith("gelu_impl")} == {
+        n for n, _ in ours.named_modules() if n.endswith("gelu_impl")
+    }
+
+
+@pytest.mark.parametrize(
+    "options", [dict(padding_idx=0), dict(max_norm=0.05), dict(scale_grad_by_freq=True)], ids=lambda o: next(iter(o))
+)
+def test_gpt2_position_table_options_are_honoured(family_pairs, options):
+    """A table with options is looked up as stock looks it up (a slice of its rows ignored them: padding_idx's
+    row got a gradient, max_norm's rows were not renormalized)."""
+
+    def with_options(model):
+        old = model.transformer.wpe
+        table = torch.nn.Embedding(old.num_embeddings, old.embedding_dim, **options)
+        table.weight = torch.nn.Parameter(old.weight.detach().clone())
+        model.transformer.wpe = table
+
+    stock, ours = modify_both(pair_copy(family_pairs, "gpt2"), with_options)
+    batch = batch_for("gpt2", torch.Generator().manual_seed(16))
+    # unpadded: the positions are a slice of the table (a padded batch runs unpadded, and with
+    # scale_grad_by_freq its padded positions would not be counted)
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+    assert_same_training_step(stock, ours, batch)
+
+
+def test_gpt2_with_lora_on_its_position_table_runs_as_stock(family_pairs):
+    """PEFT's LoRA embedding has no ``num_embeddings``: our position check read it and raised."""
+    peft = pytest.importorskip("peft")
+    stock, ours = pair_copy(family_pairs, "gpt2")
+    config = dict(target_modules=["wpe"], r=2, lora_alpha=4, init_lora_weights=False)
+    torch.manual_seed(3)
+    stock = peft.get_peft_model(stock, peft.LoraConfig(**config))
+    torch.manual_seed(3)
+    ours = peft.get_peft_model(ours, peft.LoraConfig(**config))
+    batch = batch_for("gpt2", torch.Generator().manual_seed(17))
+    assert_same_training_step(stock, ours, batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks dropped, reordered or repeated
+# ----------------------------------------------------------------------------------------------
+
+
+def qwen_with_blocks(order: list, share: bool) -> tuple:
+    """A Qwen whose stack is ``order`` (indices into the built blocks; ``share``: repeats are one module) and
+    the same model with a deep copy per place, each numbered by its place."""
+    torch.manual_seed(0)
+    model = QWenLMHeadModel(QWenConfig(vocab_size=101, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                       kv_channels=8, intermediate_size=48, seq_length=64, fp32=True)).eval()
+    blocks = list(model.transformer.h)
+    renumbered = copy.deepcopy(model)
+    copies = [copy.deepcopy(blocks[i]) for i in order]
+    for place, block in enumerate(copies):
+        block.layer_idx = block.attn.layer_idx = place
+    renumbered.transformer.h = torch.nn.ModuleList(copies)
+    model.transformer.h = torch.nn.ModuleList([blocks[i] if share else copy.deepcopy(blocks[i]) for i in order])
+    for changed in (model, renumbered):
+        changed.config.num_hidden_layers = len(order)
+    return model, renumbered
+
+
+@pytest.mark.parametrize("order, share", [([1, 2], False), ([0, 1, 1, 2], True), ([2, 0, 1], False)],
+                         ids=["drop-first", "repeat-shared", "reorder"])
+def test_qwen_blocks_changed_after_loading_keep_a_cache_each_as_in_the_original(order, share):
+    """The original walks its cache list with its blocks; ours picked a block's cache layer by the index it was
+    built with: dropping block 0 broke decoding, a repeated block wrote one layer twice."""
+    model, renumbered = qwen_with_blocks(order, share)
+    ids = torch.randint(1, 101, (2, 7), generator=torch.Generator().manual_seed(18))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    settings = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    expected = renumbered.generate(ids, use_cache=False, **settings)
+    assert torch.equal(model.generate(ids, **settings), expected)
+    assert torch.equal(model.generate(ids, use_cache=False, **settings), expected)
+    with torch.no_grad():
+        assert_close_rel(model(ids, attention_mask=mask).logits[mask.bool()],
+                         renumbered(ids, attention_mask=mask, use_cache=False).logits[mask.bool()], TOL, "logits")
+
+
+def test_bloom_block_run_twice_with_a_cache_is_refused_by_name(family_pairs):
+    """Both places write the one cache layer: the second attended to the first one's keys (stock fails on the
+    mask's size)."""
+    _, ours = pair_copy(family_pairs, "bloom")
+    blocks = ours.transformer.h
+    ours.transformer.h = torch.nn.ModuleList([blocks[0], blocks[1], blocks[1]])
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(19))
+    with torch.no_grad(), pytest.raises(ValueError, match="ran twice in one forward"):
+        ours.eval()(ids, use_cache=True)
+
+
+def test_llama_with_an_odd_head_size_is_refused_by_name():
+    """RoPE turns channel pairs: stock 5.x builds one with head_dim 1 and broadcasts q/k to two channels."""
+    config = LlamaConfig(vocab_size=97, hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=1,
+                         intermediate_size=32, num_hidden_layers=1)
+    with pytest.raises(ValueError, match="head_dim must be even, got 1"):
+        OurLlama(config)
