@@ -557,6 +557,16 @@ def _clear_padded_keys(k: torch.Tensor, v: torch.Tensor, call: AttentionCall, ma
 # ----------------------------------------------------------------------------------------------
 
 
+def _refuse_double_backward(op: str) -> None:
+    """Called first in the backward of ops whose backward is not itself differentiable: autograd runs a backward
+    with gradients recorded only for ``create_graph=True``, whose second derivatives would be silently wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: gradients of gradients (backward with create_graph=True: gradient penalties, Hessian-vector "
+            "products, influence functions) are not supported by this op's backward; run the stock class for them"
+        )
+
+
 class LightSoftmax(torch.autograd.Function):
     """Softmax over the last dim, computed in float32, that keeps only its output (in the input dtype) for backward."""
 
@@ -763,6 +773,7 @@ class _FlashVarlenAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _refuse_double_backward("flash-attention varlen")
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state, rng_offset = ctx.saved_tensors
         max_seqlen_q, max_seqlen_k, dropout_p, causal, scale = ctx.options
         _, backward_op = _flash_varlen_ops()
@@ -969,6 +980,7 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _refuse_double_backward("chunked attention")
         q, k, v, out, lse, mask, alibi_slopes, documents = ctx.saved_tensors
         grads = _chunked_backward_op(q, k, v, out, lse, grad_out, mask, alibi_slopes, documents, *ctx.options)
         return (*grads, None, None, None, None, None, None, None)
@@ -2047,6 +2059,7 @@ class _CudnnTrainingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _refuse_double_backward("cudnn attention")
         q, k, v, out, stats, *layout = ctx.saved_tensors
         grads = ctx.ops[1](q, k, v, out, stats, grad_out, *layout, *ctx.options)
         return (None, *grads, None, *(None,) * len(ctx.options))
@@ -2648,7 +2661,7 @@ def select_backend(call: AttentionCall, backend: str = "auto") -> str:
 def _autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """Under ``torch.autocast`` cast q, k and v to the autocast dtype, as autocast does for SDPA (not float64)."""
     device_type = q.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):  # autocast knows no meta device
         return q, k, v
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(_cast_as_autocast_would(t, dtype) for t in (q, k, v))
@@ -2868,8 +2881,9 @@ def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
     Outside tracing the tensor is cached per head count and device (treat it as read-only)."""
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"alibi_slopes needs a positive number of attention heads, got num_heads={num_heads!r}")
-    if _is_tracing() or torch.is_inference_mode_enabled():
-        return _build_alibi_slopes(num_heads, device)  # a constant of the traced graph; an inference tensor
+    if _is_tracing() or torch.is_inference_mode_enabled() or _fake_tensor_mode_active():
+        # a constant of the traced graph; an inference tensor; a fake tensor (shape inference), never cached
+        return _build_alibi_slopes(num_heads, device)
     key = (num_heads, torch.device("cpu" if device is None else device))
     with _slopes_lock:
         slopes = _slopes_cache.get(key)
@@ -2878,6 +2892,11 @@ def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
                 _slopes_cache.clear()
             slopes = _slopes_cache[key] = _build_alibi_slopes(num_heads, device)
     return slopes
+
+
+def _fake_tensor_mode_active() -> bool:
+    detect = getattr(torch._guards, "detect_fake_mode", None)
+    return detect is not None and detect() is not None
 
 
 def _is_cached_bloom_slopes(slopes: torch.Tensor) -> bool:
@@ -3804,6 +3823,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        _refuse_double_backward("the fused LM head + loss")
         grads = ctx.saved_tensors
         # in place: a second backward through this graph then fails autograd's version check, loudly
         _scale_in_place_op([g for g in grads if g is not None], grad_loss)
@@ -3835,18 +3855,28 @@ def _global_module_hooks() -> bool:
     return any(getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_MODULE_HOOKS)
 
 
+def _runs_as_written(module) -> bool:
+    """No hooks on ``module`` (forward or backward, its own or for every module) and no forward set on the
+    instance: calling it runs its class's forward and nothing else."""
+    return (
+        not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not module._backward_hooks
+        and not module._backward_pre_hooks
+        and "forward" not in module.__dict__
+        and not _global_module_hooks()
+    )
+
+
 def _is_plain_module(module, expected_class: type = torch.nn.Linear) -> bool:
-    """A bare ``expected_class`` whose forward nobody changed and whose parameters are plain tensors: no
-    subclass or wrapper (PEFT, parametrizations, quantized modules), no quantized weight in a bare module
-    (torchao's tensor subclasses, whose matmuls the fused ops' backward cannot run), no hooks of its own or for
-    every module. The fused ops compute such a module's output from its weights without calling it."""
+    """A bare ``expected_class`` that runs as written and whose parameters are plain tensors: no subclass or
+    wrapper (PEFT, parametrizations, quantized modules), no quantized weight in a bare module (torchao's tensor
+    subclasses, whose matmuls the fused ops' backward cannot run), no hooks. The fused ops compute such a
+    module's output (and its gradients) from its weights without calling it."""
     return (
         type(module) is expected_class
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and "forward" not in module.__dict__
+        and _runs_as_written(module)
         and all(p is None or type(p) in _PLAIN_TENSOR_TYPES for p in module._parameters.values())
-        and not _global_module_hooks()
     )
 
 
@@ -3976,10 +4006,7 @@ def _is_parametrized_linear(module) -> bool:
     return (
         torch.nn.utils.parametrize.is_parametrized(module)
         and type(module).__bases__ == (torch.nn.Linear,)
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and "forward" not in module.__dict__
-        and not _global_module_hooks()
+        and _runs_as_written(module)
     )
 
 
@@ -4186,6 +4213,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, residual_grad=None):
+        _refuse_double_backward("the fused RMSNorm")
         x, weight, rstd = ctx.saved_tensors
         grad_x, grad_weight = _rms_norm_backward_op(grad, x, weight, rstd, residual_grad)
         return grad_x, grad_weight if ctx.needs_input_grad[1] else None, None, None
@@ -4284,6 +4312,7 @@ class _LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, residual_grad=None):
+        _refuse_double_backward("the fused LayerNorm")
         x, weight, mean, rstd = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = _layer_norm_backward_op(grad, x, weight, mean, rstd, residual_grad)
         needs = ctx.needs_input_grad
@@ -4888,6 +4917,7 @@ class _SequenceTiled(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        _refuse_double_backward("config.sequence_tile_size")
         x, *params = ctx.saved_tensors
         wants_input = ctx.needs_input_grad[2]
         flat, grad_flat = x.flatten(0, -2), grad_out.flatten(0, -2)
@@ -5004,8 +5034,13 @@ def _normed_and_residual(norm, x: torch.Tensor) -> tuple:
 
 
 def _layer_of_normed(norm, x: torch.Tensor, normed: torch.Tensor, layer, recompute: Optional[bool]):
-    """``layer(normed)`` for ``normed = norm(x)``, the norm's output recomputed in backward (see ``after_norm``)."""
-    if not (_norm_output_can_be_recomputed(normed) and _recompute_wanted(normed, recompute)):
+    """``layer(normed)`` for ``normed = norm(x)``, the norm's output recomputed in backward (see ``after_norm``).
+    A hooked norm is not run again: its hooks would see a second call."""
+    if not (
+        _norm_output_can_be_recomputed(normed)
+        and _recompute_wanted(normed, recompute)
+        and _is_plain_module(norm, type(norm))
+    ):
         return layer(normed)
     recipe = _NormOutputRecipe(norm, x)
     with torch.autograd.graph.saved_tensors_hooks(recipe.pack_for(normed), recipe.unpack):
@@ -5214,6 +5249,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
+        _refuse_double_backward("config.offload_checkpoints")
         inputs = list(ctx.saved_tensors)
         hidden = ctx.link.copy.fetch()
         if ctx.link.previous is not None:
@@ -5268,9 +5304,26 @@ def offloaded_checkpoint(
     link = _CheckpointLink(getattr(hidden, _CHECKPOINT_LINK_ATTRIBUTE, None), keep_on_device)
     context = [rest[slot] for slot in slots]
     rest = tuple(None if i in slots else arg for i, arg in enumerate(rest))
-    output = _OffloadedCheckpoint.apply(function, rest, slots, link, hidden, *params, *context)
+    extras: list = []
+    output = _OffloadedCheckpoint.apply(_hidden_states_of(function, extras), rest, slots, link, hidden, *params, *context)
     setattr(output, _CHECKPOINT_LINK_ATTRIBUTE, link)
-    return output
+    return (output, *extras[0]) if extras else output
+
+
+def _hidden_states_of(function: Callable, extras: list) -> Callable:
+    """``function`` returning only its hidden states, for a layer that returns ``(hidden states, *rest)`` as
+    stock BLOOM's does: the rest of its first call (the forward's, without gradients: attention weights or
+    None) goes to ``extras``."""
+
+    def hidden_states_only(*args):
+        output = function(*args)
+        if not isinstance(output, tuple):
+            return output
+        if not extras:
+            extras.append(output[1:])
+        return output[0]
+
+    return hidden_states_only
 
 
 class LongContextCheckpointing:

@@ -413,7 +413,7 @@ def _bloom_kernel_attention(stock: nn.Module, backend: str) -> nn.Module:
     elif twin.query_key_value is not stock.query_key_value or twin.dense is not stock.dense:
         _share_projections(twin, stock)
     twin.training, twin.hidden_dropout = stock.training, stock.hidden_dropout
-    twin.attention_dropout = stock.attention_dropout.p
+    twin.attention_dropout.p = stock.attention_dropout.p
     return twin
 
 

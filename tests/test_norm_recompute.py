@@ -51,13 +51,21 @@ def norm_modules(model, family: str) -> list:
 
 @contextlib.contextmanager
 def norm_outputs_seen(model, family: str, record):
-    """``record(output)`` for every norm output made inside the block."""
-    hooks = [module.register_forward_hook(lambda _m, _i, out: record(out)) for module in norm_modules(model, family)]
+    """``record(output)`` for every norm output made inside the block, as the model's kernel layer hands it to
+    ``_layer_of_normed`` (a hook on the norms would make them hooked norms, which are never recomputed)."""
+    kernel_layer = sys.modules[type(model).__module__]
+    layer_of_normed, norms = kernel_layer._layer_of_normed, {id(module) for module in norm_modules(model, family)}
+
+    def recording(norm, x, normed, layer, recompute):
+        if id(norm) in norms:
+            record(normed)
+        return layer_of_normed(norm, x, normed, layer, recompute)
+
+    kernel_layer._layer_of_normed = recording
     try:
         yield
     finally:
-        for hook in hooks:
-            hook.remove()
+        kernel_layer._layer_of_normed = layer_of_normed
 
 
 @contextlib.contextmanager
