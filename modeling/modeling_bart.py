@@ -2993,6 +2993,11 @@ def packed_documents(
     0 per document). No host sync and no data-dependent branch: one document per row gives all-zero ids.
     """
     if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
+        if isinstance(cu_seq_lens_q, dict) or isinstance(cu_seq_lens_k, dict):
+            raise NotImplementedError(
+                "cu_seq_lens per layer type (transformers' continuous batching: generate_batch, a paged cache) is "
+                "not supported by these modeling files: use generate(), or the stock class for continuous batching"
+            )
         if not (isinstance(cu_seq_lens_q, torch.Tensor) and isinstance(cu_seq_lens_k, torch.Tensor)):
             raise ValueError("packed self-attention needs cu_seq_lens_q and cu_seq_lens_k, both tensors")
         if cu_seq_lens_q.shape != cu_seq_lens_k.shape:
@@ -3140,6 +3145,7 @@ def padded_rows(
         return None
     if tuple(attention_mask.shape) != tuple(inputs.shape[:2]) or inputs.dim() != 2 + (input_ids is None):
         return None
+    cache_dropped = default_use_cache(model, use_cache)  # what a forward that ran as it came would return
     use_cache = config.use_cache if use_cache is None else use_cache
     output_attentions = config.output_attentions if output_attentions is None else output_attentions
     if (
@@ -3165,7 +3171,7 @@ def padded_rows(
     if predicted_from_padding:
         _log_once("a padded batch with labels predicted from padded positions runs with every row at full length")
         return None
-    if use_cache:
+    if cache_dropped:
         _log_once("a padded batch in training mode runs unpadded and returns no cache (use_cache is ignored)")
     return PaddedRows(keep, kept)
 
@@ -5461,11 +5467,24 @@ class BartLearnedPositionalEmbedding(nn.Embedding):
     def __init__(self, num_positions: int, embedding_dim: int):
         super().__init__(num_positions + self.offset, embedding_dim)
 
-    def forward(self, seq_len: int, past_len: int | torch.Tensor = 0) -> torch.Tensor:
-        """Embeddings of positions past_len .. past_len + seq_len - 1, shape [seq_len, dim] (broadcast over batch).
-        ``past_len`` may be a tensor (a static cache's length): while compiling, the range is then checked on the
-        device, without a host sync."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values_length: int | torch.Tensor = 0,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Stock's call: the embeddings ``[batch, seq, dim]`` of positions ``past_key_values_length`` onwards for
+        ``input_ids`` ``[batch, seq]`` (any tensor of that shape), or ``[1, seq, dim]`` of the given 1-D
+        ``position_ids``. A tensor ``past_key_values_length`` (a static cache's length) is checked on the device
+        while compiling, without a host sync."""
         limit = self.num_embeddings - self.offset
+        if position_ids is not None:
+            check_positions(position_ids, limit, "BART (config.max_position_embeddings)")
+            return super().forward(position_ids.unsqueeze(0) + self.offset)
+        batch, seq_len = input_ids.shape[:2]
+        return self._consecutive(seq_len, past_key_values_length, limit).expand(batch, seq_len, -1)
+
+    def _consecutive(self, seq_len: int, past_len: int | torch.Tensor, limit: int) -> torch.Tensor:
         if isinstance(past_len, int):
             self._check_positions_fit(past_len, seq_len, limit)
             # consecutive rows: a slice of the table, whose backward copies the gradient into those rows (a lookup
@@ -5788,7 +5807,7 @@ class BartEncoder(BartPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
 
         seq_len = inputs_embeds.shape[1]
-        hidden_states = inputs_embeds + self.embed_positions(seq_len).to(inputs_embeds.device)
+        hidden_states = inputs_embeds + self.embed_positions(inputs_embeds[..., 0]).to(inputs_embeds.device)
         hidden_states = sequence_tiled((self.layernorm_embedding,), hidden_states, sequence_tile_size(self.config))
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
         keep_mask = _padding_keep_mask(attention_mask, seq_len, "attention_mask")
@@ -5879,7 +5898,7 @@ class BartDecoder(BartPreTrainedModel):
                 encoder_attention_mask, encoder_hidden_states.shape[1], "encoder attention_mask"
             )
 
-        positions = self.embed_positions(seq_len, past_len).to(inputs_embeds.device)
+        positions = self.embed_positions(inputs_embeds[..., 0], past_len).to(inputs_embeds.device)
         tile_size = sequence_tile_size(self.config)
         hidden_states = sequence_tiled((self.layernorm_embedding,), inputs_embeds + positions, tile_size)
         hidden_states = nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)

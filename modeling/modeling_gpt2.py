@@ -3006,6 +3006,11 @@ def packed_documents(
     0 per document). No host sync and no data-dependent branch: one document per row gives all-zero ids.
     """
     if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
+        if isinstance(cu_seq_lens_q, dict) or isinstance(cu_seq_lens_k, dict):
+            raise NotImplementedError(
+                "cu_seq_lens per layer type (transformers' continuous batching: generate_batch, a paged cache) is "
+                "not supported by these modeling files: use generate(), or the stock class for continuous batching"
+            )
         if not (isinstance(cu_seq_lens_q, torch.Tensor) and isinstance(cu_seq_lens_k, torch.Tensor)):
             raise ValueError("packed self-attention needs cu_seq_lens_q and cu_seq_lens_k, both tensors")
         if cu_seq_lens_q.shape != cu_seq_lens_k.shape:
@@ -3153,6 +3158,7 @@ def padded_rows(
         return None
     if tuple(attention_mask.shape) != tuple(inputs.shape[:2]) or inputs.dim() != 2 + (input_ids is None):
         return None
+    cache_dropped = default_use_cache(model, use_cache)  # what a forward that ran as it came would return
     use_cache = config.use_cache if use_cache is None else use_cache
     output_attentions = config.output_attentions if output_attentions is None else output_attentions
     if (
@@ -3178,7 +3184,7 @@ def padded_rows(
     if predicted_from_padding:
         _log_once("a padded batch with labels predicted from padded positions runs with every row at full length")
         return None
-    if use_cache:
+    if cache_dropped:
         _log_once("a padded batch in training mode runs unpadded and returns no cache (use_cache is ignored)")
     return PaddedRows(keep, kept)
 

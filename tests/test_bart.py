@@ -168,18 +168,18 @@ def test_learned_positions_are_read_as_a_slice_with_the_lookups_values_and_gradi
     for past_len, seq_len in [(0, 11), (5, 1), (3, 9)]:
         grad = torch.randn(seq_len, table.embedding_dim)
         table.zero_grad(), stock.zero_grad()
-        rows = table(seq_len, past_len)
+        rows = table(torch.zeros(1, seq_len), past_len)[0]  # stock's call
         expected = stock(torch.zeros(1, seq_len), past_key_values_length=past_len)[0]
         assert rows.untyped_storage().data_ptr() == table.weight.untyped_storage().data_ptr()
         torch.testing.assert_close(rows, expected, rtol=0, atol=0)
         rows.backward(grad), expected.backward(grad)
         torch.testing.assert_close(table.weight.grad, stock.weight.grad, rtol=0, atol=0)
         assert table.weight.grad.count_nonzero() == seq_len * table.embedding_dim
-    looked_up = table(4, torch.tensor(2))
+    looked_up = table(torch.zeros(2, 4), torch.tensor(2))
     assert looked_up.untyped_storage().data_ptr() != table.weight.untyped_storage().data_ptr()
-    torch.testing.assert_close(looked_up, table.weight[4:8], rtol=0, atol=0)
+    torch.testing.assert_close(looked_up, table.weight[4:8].expand(2, 4, -1), rtol=0, atol=0)
     with pytest.raises(ValueError, match="max_position_embeddings = 64 positions, but this call needs 65"):
-        table(6, 59)
+        table(torch.zeros(1, 6), 59)
 
 
 def test_gradient_checkpointing_keeps_loss_and_gradients(seq2seq_folder):

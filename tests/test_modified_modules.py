@@ -8,6 +8,7 @@ repeated (Qwen keeps a cache per place in its stack, as the original does; BLOOM
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -382,3 +383,48 @@ def test_bloom_slopes_made_under_fake_tensor_mode_are_not_kept_for_real_steps(fa
         fake_ids = mode.from_tensor(ids)
         assert fake_model(input_ids=fake_ids).logits.shape == (2, 5, 97)
     assert_same_training_step(stock, ours, dict(input_ids=ids, labels=ids))
+
+
+@pytest.mark.parametrize("use_cache, logged", [(None, False), (True, True)])
+def test_the_dropped_cache_of_a_padded_training_batch_is_logged_only_when_asked_for(
+    family_pairs, monkeypatch, caplog, use_cache, logged
+):
+    """``config.use_cache`` (True by default) asks for no cache in training: saying it was ignored misled."""
+    _, ours = pair_copy(family_pairs, "llama")
+    kernel_layer = sys.modules[type(ours).__module__]
+    monkeypatch.setattr(kernel_layer, "_logged_messages", set())
+    batch = batch_for("llama", torch.Generator().manual_seed(31))
+    with caplog.at_level("WARNING"):
+        ours.train()(**batch, use_cache=use_cache)
+    assert ("returns no cache (use_cache is ignored)" in caplog.text) is logged
+
+
+def test_bart_position_embeddings_take_stock_arguments_and_give_stock_shapes(family_pairs):
+    """Ours took ``(seq_len, past_len)`` and gave ``[seq, dim]``: a hook ablating position 0 (``out[:, 0]``)
+    zeroed a feature instead, and a direct call with input ids failed."""
+    stock, ours = pair_copy(family_pairs, "bart")
+    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(32))
+    for model in (stock, ours):
+        assert model.model.encoder.embed_positions(ids).shape == (2, 11, 32)
+
+        def ablate_first_position(module, args, output):
+            output = output.clone()
+            output[:, 0] = 0
+            return output
+
+        model.model.encoder.embed_positions.register_forward_hook(ablate_first_position)
+    batch = batch_for("bart", torch.Generator().manual_seed(33))
+    stock.eval(), ours.eval()
+    with torch.no_grad():
+        assert_close_rel(ours(**batch).logits, stock(**batch).logits, TOL, "logits with position 0 ablated")
+    assert_same_training_step(stock, ours, batch)
+
+
+def test_continuous_batching_keywords_are_refused_by_name():
+    """``generate_batch`` hands the model ``cu_seq_lens`` per layer type: an internal message before (which
+    transformers only logs, returning empty generations)."""
+    from memory_efficient_adapter.attention import packed_documents
+
+    per_layer_type = {"full_attention": torch.tensor([0, 3, 5], dtype=torch.int32)}
+    with pytest.raises(NotImplementedError, match="continuous batching"):
+        packed_documents(1, 5, "cpu", None, None, None, cu_seq_lens_q=per_layer_type, cu_seq_lens_k=per_layer_type)
