@@ -2658,10 +2658,15 @@ def select_backend(call: AttentionCall, backend: str = "auto") -> str:
     return backend
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``; False on the meta device, which autocast refuses to name."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def _autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """Under ``torch.autocast`` cast q, k and v to the autocast dtype, as autocast does for SDPA (not float64)."""
     device_type = q.device.type
-    if device_type == "meta" or not torch.is_autocast_enabled(device_type):  # autocast knows no meta device
+    if not _autocast_enabled(device_type):
         return q, k, v
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(_cast_as_autocast_would(t, dtype) for t in (q, k, v))
@@ -3902,8 +3907,8 @@ def fused_loss_applies(model, lm_head, labels, logits_to_keep=0) -> bool:
     """Whether ``model`` computes its training loss without logits (and returns none).
 
     It does in training mode with ``labels``, all logits asked for, ``config.keep_logits_in_training`` unset
-    and a head without hooks: a plain ``nn.Linear`` runs the fused LM head + loss, a wrapped one (PEFT) is
-    called chunk by chunk (``lm_head_loss``). Everything else goes the stock way.
+    and a head without hooks that is no FSDP1 unit (``_has_hooks``); ``lm_head_loss`` then runs the fused op or
+    calls a wrapped head chunk by chunk. Everything else goes the stock way.
     """
     applies = (
         labels is not None
@@ -3914,7 +3919,8 @@ def fused_loss_applies(model, lm_head, labels, logits_to_keep=0) -> bool:
     )
     if applies and _has_hooks(lm_head):
         _log_once(
-            "the LM head has hooks (FSDP, DeepSpeed ZeRO-3, offloading or your own), so it is called once on "
+            "the LM head has hooks or is an FSDP unit (FSDP, DeepSpeed ZeRO-3, offloading, hooks for every module "
+            "or your own), so it is called once on "
             "every token as stock calls it: the training loss holds the [tokens, vocab] logits"
         )
         return False
@@ -4094,8 +4100,9 @@ def lm_head_loss(
     """The stock LM loss of ``lm_head(hidden_states) (+ logits_bias)`` against ``labels``, without logits.
 
     ``shift``: causal LM (position t predicts label t + 1, as transformers' ``ForCausalLMLoss``; a given
-    ``shift_labels`` is used as is); ``shift=False``: labels align with positions (BART). A plain
-    ``nn.Linear`` head runs the fused op; any other head (PEFT LoRA or ``modules_to_save``) is called on chunks.
+    ``shift_labels`` is used as is); ``shift=False``: labels align with positions (BART). A plain or parametrized
+    ``nn.Linear`` head (or a PEFT ``modules_to_save`` copy of one) runs the fused op; any other head (PEFT LoRA, a
+    quantized layer) is called on chunks.
     """
     name, given = ("shift_labels", shift_labels) if shift and shift_labels is not None else ("labels", labels)
     if given.numel() != hidden_states.shape[:-1].numel():
@@ -4459,6 +4466,7 @@ class _Activation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _refuse_double_backward("the fused activation")
         x, up = ctx.saved_tensors
         grads = _activation_backward_op(ctx.kind, grad, x, up)
         return None, grads[0], grads[1] if up is not None else None
@@ -4556,6 +4564,7 @@ class _ActivationLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _refuse_double_backward("the fused MLP projection")
         x, up, weight = ctx.saved_tensors
         need_x, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
         need_inputs = need_x or need_up
@@ -4784,6 +4793,7 @@ class _Rotary(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_q, grad_k=None):
+        _refuse_double_backward("the fused RoPE")
         cos, sin = ctx.saved_tensors
         grads = _rotary_backward_op(grad_q, grad_k, cos, sin, ctx.input_dtype)
         return None, None, None, grads[0], grads[1] if grad_k is not None else None
@@ -4864,7 +4874,7 @@ class _ReplayState:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.autocast = torch.is_autocast_enabled(device.type)
+        self.autocast = _autocast_enabled(device.type)
         self.autocast_dtype = torch.get_autocast_dtype(device.type) if self.autocast else None
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -5114,17 +5124,22 @@ def _tiles_apply(x: torch.Tensor, tile_size: int) -> bool:
 
 
 def _weights_outside_parameters(modules) -> bool:
-    """Whether a module in ``modules`` (or inside one) computes with a trainable tensor that is neither one of
-    their parameters nor a view of one: FSDP1's views of a flat parameter held by an outer wrapper
-    (``use_orig_params=False``). The tiles' and offloaded checkpoints' backward takes gradients for their
+    """Whether a module in ``modules`` (or inside one) computes with a view of a parameter that neither the view
+    nor its base is registered in them as: FSDP1's views of a flat parameter held by an outer wrapper
+    (``use_orig_params=False``; with ``True`` the views are registered). The tiles' and offloaded checkpoints' backward takes gradients for their
     inputs only, and would give those weights none: such modules run as usual instead (logged once)."""
     registered = {id(param) for module in modules for param in module.parameters()}
     for module in modules:
         for inner in module.modules():
             for value in vars(inner).values():
-                if isinstance(value, torch.Tensor) and value.requires_grad and not isinstance(value, torch.nn.Parameter):
-                    if id(value if value._base is None else value._base) not in registered:
-                        return True
+                if (
+                    isinstance(value, torch.Tensor)
+                    and isinstance(value._base, torch.nn.Parameter)
+                    and value.requires_grad
+                    and id(value) not in registered
+                    and id(value._base) not in registered
+                ):
+                    return True
     return False
 
 
@@ -5134,7 +5149,7 @@ def _runs_without_saving(what: str, modules) -> bool:
         return False
     _log_once(
         f"{what} is off for modules whose weights are views of a parameter they do not hold (FSDP1 with "
-        "use_orig_params=False): they run as usual; FSDP2 (fully_shard) or use_orig_params=True keep it on"
+        "use_orig_params=False): they run as usual; FSDP2 (fully_shard) or FSDP1's use_orig_params=True keep it on"
     )
     return True
 

@@ -428,3 +428,17 @@ def test_continuous_batching_keywords_are_refused_by_name():
     per_layer_type = {"full_attention": torch.tensor([0, 3, 5], dtype=torch.int32)}
     with pytest.raises(NotImplementedError, match="continuous batching"):
         packed_documents(1, 5, "cpu", None, None, None, cu_seq_lens_q=per_layer_type, cu_seq_lens_k=per_layer_type)
+
+
+def test_qwen_attention_dropout_is_the_original_module_that_trainers_turn_off():
+    torch.manual_seed(0)
+    model = QWenLMHeadModel(QWenConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       kv_channels=8, intermediate_size=48, seq_length=64, fp32=True,
+                                       attn_dropout_prob=0.4)).train()
+    ids = torch.randint(1, 101, (2, 9), generator=torch.Generator().manual_seed(34))
+    assert model(ids, labels=ids).loss != model(ids, labels=ids).loss, "dropout on"
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    assert isinstance(model.transformer.h[0].attn.attn_dropout, torch.nn.Dropout)
+    assert model(ids, labels=ids).loss == model(ids, labels=ids).loss, "every dropout off"

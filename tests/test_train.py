@@ -195,10 +195,12 @@ def test_torchrun_two_processes_match_one(mode, tmp_path):
     assert (tmp_path / mode / "final" / "modeling_llama.py").exists(), "save_pretrained saw the FSDP class"
 
 
-def test_fsdp1_flat_parameters_train_every_weight_and_a_wrapped_head_runs_once(tmp_path):
+@pytest.mark.parametrize("use_orig_params", [False, True])
+def test_fsdp1_flat_parameters_train_every_weight_and_a_wrapped_head_runs_once(tmp_path, use_orig_params):
     """FSDP1's default (``use_orig_params=False``) gives inner modules views of a flat parameter: the tiles'
-    backward gave those weights no gradient (now they run untiled, logged), and a head wrapped as its own unit
-    was called once per loss chunk, a different number of gathers per rank (a collective mismatch or a hang)."""
+    backward gave those weights no gradient (now they run untiled, logged; with ``use_orig_params=True`` the
+    views are registered and the tiles stay), and a head wrapped as its own unit was called once per loss chunk,
+    a different number of gathers per rank (a collective mismatch or a hang)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from memory_efficient_adapter.families import write_remote_code
@@ -209,11 +211,11 @@ def test_fsdp1_flat_parameters_train_every_weight_and_a_wrapped_head_runs_once(t
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     write_remote_code(tmp_path, "llama")
     output = tmp_path / "updates.pt"
-    command = [sys.executable, str(ROOT / "tests" / "fsdp1_worker.py"), str(tmp_path), str(output)]
+    command = [sys.executable, str(ROOT / "tests" / "fsdp1_worker.py"), str(tmp_path), str(output), str(int(use_orig_params))]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=240, env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "sequence_tile_size is off for modules whose weights are views" in result.stderr
+    assert ("sequence_tile_size is off for modules whose weights are views" in result.stderr) is not use_orig_params
     updates = torch.load(output, weights_only=True)
     assert updates["ours"].keys() == updates["stock"].keys()
     for name, expected in updates["stock"].items():
