@@ -3928,11 +3928,7 @@ def _has_hooks(module: torch.nn.Module) -> bool:
     accelerate's offloading, or the user's own) or is an FSDP1 wrapper, or hooks for every module are
     registered: those gather or move weights, or observe outputs, at each call and expect one call per forward
     (FSDP's gathers are collectives: a call per chunk would mismatch across ranks with other token counts)."""
-    return _global_module_hooks() or any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        or "forward" in m.__dict__ or "_fsdp_wrapped_module" in m._modules
-        for m in module.modules()
-    )
+    return any(not _runs_as_written(m) or "_fsdp_wrapped_module" in m._modules for m in module.modules())
 
 
 def fused_loss_applies(model, lm_head, labels, logits_to_keep=0) -> bool:
@@ -3952,8 +3948,8 @@ def fused_loss_applies(model, lm_head, labels, logits_to_keep=0) -> bool:
     if applies and _has_hooks(lm_head):
         _log_once(
             "the LM head has hooks or is an FSDP unit (FSDP, DeepSpeed ZeRO-3, offloading, hooks for every module "
-            "or your own), so it is called once on "
-            "every token as stock calls it: the training loss holds the [tokens, vocab] logits"
+            "or your own), so it is called once on every token as stock calls it: the training loss holds the "
+            "[tokens, vocab] logits"
         )
         return False
     return applies
@@ -5158,8 +5154,9 @@ def _tiles_apply(x: torch.Tensor, tile_size: int) -> bool:
 def _weights_outside_parameters(modules) -> bool:
     """Whether a module in ``modules`` (or inside one) computes with a view of a parameter that neither the view
     nor its base is registered in them as: FSDP1's views of a flat parameter held by an outer wrapper
-    (``use_orig_params=False``; with ``True`` the views are registered). The tiles' and offloaded checkpoints' backward takes gradients for their
-    inputs only, and would give those weights none: such modules run as usual instead (logged once)."""
+    (``use_orig_params=False``; with ``True`` the views are registered). The tiles' and offloaded checkpoints'
+    backward takes gradients for their inputs only, and would give those weights none: such modules run as usual
+    instead (logged once)."""
     registered = {id(param) for module in modules for param in module.parameters()}
     for module in modules:
         for inner in module.modules():
@@ -5533,7 +5530,7 @@ class BloomMLP(nn.Module):
         hidden_states = self.dense_h_to_4h(hidden_states)
         name = fused_activation_name("gelu_pytorch_tanh", self.gelu_impl, BloomGelu)
         if self.pretraining_tp > 1 and self.slow_but_exact:
-            activated = self.gelu_impl(hidden_states) if name is None else gelu(hidden_states, approximate="tanh")
+            activated = activation(name, hidden_states, self.gelu_impl)
             return tp_sliced_linear(activated, self.dense_4h_to_h.weight, self.pretraining_tp)
         # the GeLU is recomputed in backward, not kept for dense_4h_to_h's weight gradient
         return projected_activation(name, hidden_states, self.dense_4h_to_h, self.gelu_impl)
