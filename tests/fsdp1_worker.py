@@ -55,6 +55,7 @@ def run_rank(rank: int, folder: str, output: str, use_orig_params: bool) -> None
     ours = sgd_update(ours_model, rank_batch(rank), use_orig_params)
     if rank == 0:
         torch.save({"stock": stock, "ours": ours}, output)
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort at exit otherwise)
     dist.destroy_process_group()
 
 
