@@ -570,6 +570,20 @@ def _clear_padded_keys(k: torch.Tensor, v: torch.Tensor, call: AttentionCall, ma
 # ----------------------------------------------------------------------------------------------
 
 
+def _under_function_transform() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``; Opacus's per-sample gradients
+    of layers it has no rule for) is running. Our autograd Functions have no ``setup_context`` or vmap rule,
+    which those transforms need, so the fused ops and attention's own Functions then compute as stock does;
+    logged once."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    _log_once(
+        "a torch.func transform is running: the fused ops (loss, norms, MLP, RoPE, tiles, offloaded checkpoints) "
+        "and the chunked and light eager attention compute as stock does, holding what stock holds"
+    )
+    return True
+
+
 def _refuse_double_backward(op: str) -> None:
     """Called first in the backward of ops whose backward is not itself differentiable: autograd runs a backward
     with gradients recorded only for ``create_graph=True``, whose second derivatives would be silently wrong."""
@@ -640,7 +654,7 @@ def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, l
     if keep is not None:
         scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
         row_has_key = keep.any(dim=-1, keepdim=True)
-    if light_softmax:
+    if light_softmax and not _under_function_transform():
         probs = LightSoftmax.apply(scores)
     else:
         probs = torch.softmax(scores, dim=-1)
@@ -662,7 +676,7 @@ def _run_eager(
 ):
     probs, row_has_key = _eager_probabilities(q, k, call, mask, alibi_slopes, scale, light_softmax, sequence_ids)
     v = _expand_kv(v, call.heads)
-    if call.dropout_p > 0.0 and dropout_matmul:
+    if call.dropout_p > 0.0 and dropout_matmul and not _under_function_transform():
         out = DropoutMatmul.apply(probs, v, call.dropout_p)
     else:
         out = torch.matmul(F.dropout(probs, p=call.dropout_p, training=call.dropout_p > 0.0), v)
@@ -825,7 +839,7 @@ def _sdpa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
 
 
 def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_ids=None, **_):
-    if call.ragged and call.q_len > 1 and _sdpa_needs_dense_mask(call) is None:
+    if call.ragged and call.q_len > 1 and _sdpa_needs_dense_mask(call) is None and not _under_function_transform():
         return _run_varlen(_sdpa_varlen, q, k, v, call, mask, sequence_ids, scale)
     dropout = call.dropout_p
     no_mask = call.mask_kind == "none" and not call.documents and not call.alibi
@@ -2569,8 +2583,21 @@ def _cannot_differentiate(name: str, call: AttentionCall) -> Optional[str]:
     return None
 
 
+def _cannot_transform(name: str) -> Optional[str]:
+    """Under a ``torch.func`` transform only torch's sdpa and the plain eager path run: the other backends are
+    autograd Functions (ours, flash_attn's, xformers') or higher-order ops without rules for every transform."""
+    if name not in ("sdpa", "eager") and _under_function_transform():
+        return f"{name} cannot run under torch.func transforms (grad, vmap, jvp); sdpa and eager can"
+    return None
+
+
 def _why_not(name: str, call: AttentionCall) -> Optional[str]:
-    return _probe(name, call.device_type) or _cannot_differentiate(name, call) or _CANNOT[name](call)
+    return (
+        _probe(name, call.device_type)
+        or _cannot_differentiate(name, call)
+        or _cannot_transform(name)
+        or _CANNOT[name](call)
+    )
 
 
 def _auto_skips(name: str, call: AttentionCall) -> bool:
@@ -2694,7 +2721,8 @@ def _run(name: str, q, k, v, call: AttentionCall, mask, alibi_slopes, scale, opt
 def _run_auto(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, options: dict, name: Optional[str] = None):
     """The first backend of the auto order that takes the call (``name`` when the caller chose it already). A
     backend failing for reasons of its own is skipped for this kind of call from then on; any other error is
-    the caller's (or a bug) and is raised."""
+    the caller's (or a bug) and is raised. A failure under a ``torch.func`` transform (sdpa has no forward-mode
+    derivative for ``jvp``) belongs to the transform: the next backend runs, and nothing is skipped later."""
     name = select_backend(call, "auto") if name is None else name
     failed, first_failure = (), None
     while name is not None:
@@ -2703,7 +2731,8 @@ def _run_auto(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, options: 
         except Exception as error:
             if not _is_backend_failure(error):
                 raise
-            _demote(name, call, error)
+            if not _under_function_transform():
+                _demote(name, call, error)
             failed, first_failure = failed + (name,), first_failure or error
         name = _first_auto_backend(call, skip=failed)
     raise first_failure
@@ -3895,12 +3924,14 @@ def _runs_as_written(module) -> bool:
 def _is_plain_module(module, expected_class: type = torch.nn.Linear) -> bool:
     """A bare ``expected_class`` that runs as written and whose parameters are plain tensors: no subclass or
     wrapper (PEFT, parametrizations, quantized modules), no quantized weight in a bare module (torchao's tensor
-    subclasses, whose matmuls the fused ops' backward cannot run), no hooks. The fused ops compute such a
-    module's output (and its gradients) from its weights without calling it."""
+    subclasses, whose matmuls the fused ops' backward cannot run), no hooks, and no ``torch.func`` transform
+    running. The fused ops compute such a module's output (and its gradients) from its weights without
+    calling it."""
     return (
         type(module) is expected_class
         and _runs_as_written(module)
         and all(p is None or type(p) in _PLAIN_TENSOR_TYPES for p in module._parameters.values())
+        and not _under_function_transform()
     )
 
 
@@ -3925,6 +3956,7 @@ def fused_loss_applies(model, lm_head, labels, logits_to_keep=0) -> bool:
         and not config_switch(model.config, "keep_logits_in_training", False)
         and isinstance(logits_to_keep, int)
         and logits_to_keep == 0
+        and not _under_function_transform()
     )
     if applies and _has_hooks(lm_head):
         _log_once(
@@ -4245,6 +4277,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, with_residual: b
     """RMSNorm as LLaMA and Qwen compute it: statistics in float32 (float64 for float64 input), normalised
     value cast to the input dtype, then scaled by ``weight``. ``with_residual``: ``(normed, x)``, x passed
     through the norm's autograd node (see ``residual_after_norm``)."""
+    if _under_function_transform():
+        normed = _rms_norm_forward(x, weight, eps)[0]
+        return (normed, x) if with_residual else normed
     return _RMSNorm.apply(x, weight, eps, with_residual)
 
 
@@ -4369,6 +4404,7 @@ class FusedLayerNorm(torch.nn.LayerNorm):
             and x.dtype == self.weight.dtype == self.bias.dtype
             and x.is_floating_point()
             and _autocast_dtype(x.device.type) is None
+            and not _under_function_transform()
         )
 
 
@@ -4483,7 +4519,9 @@ class _Activation(torch.autograd.Function):
 
 def _fused_kind(name: Optional[str], gated: bool) -> Optional[str]:
     """The fused activation for transformers' activation ``name`` (gated: times ``up``), or None (also for no
-    name: a replaced activation module, see ``fused_activation_name``)."""
+    name: a replaced activation module, see ``fused_activation_name``; also under a ``torch.func`` transform)."""
+    if _under_function_transform():
+        return None
     if gated:
         return "silu_mul" if name in _SILU_NAMES else None
     return _GELU_KINDS.get(name)
@@ -4498,6 +4536,8 @@ def fused_activation_name(name: Optional[str], module: torch.nn.Module, built_ty
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """``F.gelu(x, approximate=approximate)`` keeping only ``x`` for backward."""
+    if _under_function_transform():
+        return F.gelu(x, approximate=approximate)
     return _Activation.apply("gelu_tanh" if approximate == "tanh" else "gelu", x, None)
 
 
@@ -4809,8 +4849,9 @@ class _Rotary(torch.autograd.Function):
 
 
 def _rotates_through_autograd(cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """cos/sin that need a gradient (nobody's do in our files) or differ in dtype: the plain autograd path."""
-    return cos.requires_grad or sin.requires_grad or cos.dtype != sin.dtype
+    """cos/sin that need a gradient (nobody's do in our files) or differ in dtype, or a ``torch.func`` transform
+    running: the plain autograd path."""
+    return cos.requires_grad or sin.requires_grad or cos.dtype != sin.dtype or _under_function_transform()
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -5129,7 +5170,7 @@ class _NormOutputRecipe:
 
 
 def _tiles_apply(x: torch.Tensor, tile_size: int) -> bool:
-    return tile_size > 0 and x.numel() // max(x.shape[-1], 1) > tile_size
+    return tile_size > 0 and x.numel() // max(x.shape[-1], 1) > tile_size and not _under_function_transform()
 
 
 def _weights_outside_parameters(modules) -> bool:
@@ -5330,7 +5371,7 @@ def offloaded_checkpoint(
     params = [param for param in layer.parameters() if param.requires_grad]
     if not torch.is_grad_enabled() or not (hidden.requires_grad or params or slots):
         return function(hidden, *rest)
-    if _runs_without_saving("config.offload_checkpoints", [layer]):
+    if _runs_without_saving("config.offload_checkpoints", [layer]) or _under_function_transform():
         return function(hidden, *rest)
     link = _CheckpointLink(getattr(hidden, _CHECKPOINT_LINK_ATTRIBUTE, None), keep_on_device)
     context = [rest[slot] for slot in slots]
