@@ -3100,6 +3100,23 @@ def check_cache_type(past_key_values) -> None:
         )
 
 
+def check_cache_not_dropped(past_key_values, layers, training: bool) -> None:
+    """Refuses a filled cache in a training forward whose layers are checkpointed (``gradient_checkpointing_enable``
+    or ``config.offload_checkpoints``): transformers' checkpointed layers run without the cache (their recompute
+    in backward would write it twice), so the cached tokens would silently be left out while positions count
+    them. Stock fails there on a shape mismatch."""
+    checkpointed = any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
+    if not training or past_key_values is None or not checkpointed:
+        return
+    cached = past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 0
+    if cached:
+        raise ValueError(
+            f"a training forward with checkpointed layers (gradient checkpointing or config.offload_checkpoints) "
+            f"cannot continue a cache: its layers run without past_key_values, which holds {cached} tokens here. "
+            "Run the cached prefix in the same forward, or continue the cache with checkpointing off"
+        )
+
+
 def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optional[tuple]:
     """The hidden states a model returns: all of them for ``output_hidden_states=True``, None when it is false,
     and for an index or list of indices (transformers 5's selection; negative ones count from the end) a tuple of
@@ -5726,6 +5743,7 @@ class BloomModel(BloomPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         check_cache_type(past_key_values)
+        check_cache_not_dropped(past_key_values, self.h, self.training)
         if self.gradient_checkpointing and self.training and use_cache:
             if not torch.compiler.is_compiling():  # a logging call would break the compiled graph
                 logger.warning_once(
@@ -5749,7 +5767,8 @@ class BloomModel(BloomPreTrainedModel):
             past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
             kv_length = int(past_length) + seq_length
         filled = filled_cache_length(past_key_values, attention_mask, seq_length)
-        padding_mask = self._padding_mask(attention_mask, batch_size, kv_length, filled)
+        fixed_size = getattr(past_key_values, "is_compileable", False)
+        padding_mask = self._padding_mask(attention_mask, batch_size, kv_length, filled, fixed_size)
         slopes = padding_mask.bloom_alibi_slopes(self.num_heads, inputs_embeds.device)
         backend = backend_from_config(self.config)
 
@@ -5783,14 +5802,26 @@ class BloomModel(BloomPreTrainedModel):
 
     @staticmethod
     def _padding_mask(
-        attention_mask: Optional[torch.Tensor], batch_size: int, kv_length: int, filled_keys: Optional[int] = None
+        attention_mask: Optional[torch.Tensor],
+        batch_size: int,
+        kv_length: int,
+        filled_keys: Optional[int] = None,
+        fixed_size: bool = False,
     ) -> ForwardMask:
         """The forward's mask object for every layer: the kernel layer's O(n) bool keep-mask ``[batch, kv_length]``
         (no tensor when nothing is padded), where per-forward work (block masks, cudnn's checks) is kept, and the
-        ``filled_keys`` of a static cache (``filled_cache_length``)."""
+        ``filled_keys`` of a static cache (``filled_cache_length``). A mask for a fixed-size cache may cover its
+        unwritten slots too (``generate`` passes one as long as the cache); any other must cover exactly the
+        cached and new tokens, as stock requires."""
         if attention_mask is None:
             return forward_mask(None, without_mask=True, filled_keys=filled_keys)
-        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size or attention_mask.shape[1] < kv_length:
+        length = attention_mask.shape[-1]
+        if (
+            attention_mask.dim() != 2
+            or attention_mask.shape[0] != batch_size
+            or length < kv_length
+            or (length > kv_length and not fixed_size)
+        ):
             raise ValueError(
                 f"BLOOM takes a 2-D padding mask [batch, past + current length] = [{batch_size}, {kv_length}], "
                 f"got shape {list(attention_mask.shape)}"

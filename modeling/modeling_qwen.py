@@ -3085,6 +3085,23 @@ def check_cache_type(past_key_values) -> None:
         )
 
 
+def check_cache_not_dropped(past_key_values, layers, training: bool) -> None:
+    """Refuses a filled cache in a training forward whose layers are checkpointed (``gradient_checkpointing_enable``
+    or ``config.offload_checkpoints``): transformers' checkpointed layers run without the cache (their recompute
+    in backward would write it twice), so the cached tokens would silently be left out while positions count
+    them. Stock fails there on a shape mismatch."""
+    checkpointed = any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
+    if not training or past_key_values is None or not checkpointed:
+        return
+    cached = past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 0
+    if cached:
+        raise ValueError(
+            f"a training forward with checkpointed layers (gradient checkpointing or config.offload_checkpoints) "
+            f"cannot continue a cache: its layers run without past_key_values, which holds {cached} tokens here. "
+            "Run the cached prefix in the same forward, or continue the cache with checkpointing off"
+        )
+
+
 def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optional[tuple]:
     """The hidden states a model returns: all of them for ``output_hidden_states=True``, None when it is false,
     and for an index or list of indices (transformers 5's selection; negative ones count from the end) a tuple of
@@ -5889,6 +5906,7 @@ class QWenModel(QWenPreTrainedModel):
         if head_mask is not None:
             raise ValueError("head_mask is not supported: the fused attention kernels take no per-head mask")
         check_cache_type(past_key_values)
+        check_cache_not_dropped(past_key_values, self.h, self.training)
         if getattr(past_key_values, "is_compileable", False):
             raise ValueError("static (compileable) caches are not supported; use a DynamicCache")
         output_hidden_states = (

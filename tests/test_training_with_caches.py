@@ -1,0 +1,87 @@
+"""Training forwards that continue a cache (a cached prompt, a loss on the continuation, as RL code runs them),
+and masks that must cover exactly the cached and new tokens.
+
+transformers' checkpointed layers run without the cache (a recompute in backward would write it twice): a
+training forward with checkpointed layers (``gradient_checkpointing_enable`` or ``config.offload_checkpoints``)
+that continues a filled cache is refused by name, where it silently left the cached tokens out (stock fails on a
+shape mismatch with gradient checkpointing, and has no offloaded checkpoints).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from remote_code import assert_close_rel
+from test_fused_models import TOL, family_pairs  # noqa: F401 - a fixture
+from test_qwen import random_model
+
+CAUSAL = ["llama", "gpt2", "bloom", "bart_causal"]
+
+
+def prompt_and_answer(vocab: int = 97) -> tuple:
+    generator = torch.Generator().manual_seed(21)
+    return torch.randint(3, vocab, (2, 5), generator=generator), torch.randint(3, vocab, (2, 4), generator=generator)
+
+
+def continued_loss(model, prompt, answer, checkpointing: str = "") -> torch.Tensor:
+    """The training loss of ``answer`` after ``prompt``'s cache (built in eval mode, without gradients)."""
+    model.eval()
+    with torch.no_grad():
+        cache = model(input_ids=prompt, use_cache=True).past_key_values
+    if checkpointing == "gradient_checkpointing":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.offload_checkpoints = checkpointing == "offload_checkpoints"
+    mask = torch.ones(answer.shape[0], prompt.shape[1] + answer.shape[1], dtype=torch.long)
+    return model.train()(input_ids=answer, attention_mask=mask, past_key_values=cache, labels=answer).loss
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+def test_a_training_forward_continuing_a_cache_matches_stock(family_pairs, name):
+    stock, ours, _ = family_pairs[name]
+    prompt, answer = prompt_and_answer()
+    expected = continued_loss(copy.deepcopy(stock), prompt, answer)
+    assert_close_rel(continued_loss(copy.deepcopy(ours), prompt, answer), expected.detach(), TOL, "loss")
+
+
+@pytest.mark.parametrize("checkpointing", ["gradient_checkpointing", "offload_checkpoints"])
+@pytest.mark.parametrize("name", CAUSAL)
+def test_checkpointed_layers_refuse_to_continue_a_cache(family_pairs, name, checkpointing):
+    """Ran with the cached tokens left out (the loss of the answer alone), silently."""
+    _, ours, _ = family_pairs[name]
+    prompt, answer = prompt_and_answer()
+    with pytest.raises(ValueError, match="checkpointed layers .* cannot continue a cache: .* holds 5 tokens"):
+        continued_loss(copy.deepcopy(ours), prompt, answer, checkpointing)
+
+
+@pytest.mark.parametrize("checkpointing", ["gradient_checkpointing", "offload_checkpoints"])
+def test_qwen_checkpointed_layers_refuse_to_continue_a_cache(checkpointing):
+    prompt, answer = prompt_and_answer(vocab=101)
+    with pytest.raises(ValueError, match="cannot continue a cache"):
+        continued_loss(random_model(), prompt, answer, checkpointing)
+
+
+@pytest.mark.parametrize("checkpointing", ["gradient_checkpointing", "offload_checkpoints"])
+def test_checkpointed_training_without_a_cache_still_trains_like_stock(family_pairs, checkpointing):
+    stock, ours, _ = family_pairs["llama"]
+    ours = copy.deepcopy(ours)
+    if checkpointing == "gradient_checkpointing":
+        ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ours.config.offload_checkpoints = checkpointing == "offload_checkpoints"
+    _, answer = prompt_and_answer()
+    expected = stock.train()(input_ids=answer, labels=answer, use_cache=True).loss
+    got = ours.train()(input_ids=answer, labels=answer, use_cache=True)
+    assert_close_rel(got.loss, expected.detach(), TOL, "loss")
+
+
+def test_bloom_refuses_a_mask_longer_than_the_cached_and_new_tokens(family_pairs):
+    """It read the mask's first columns (stock raises): a mask for a cache the forward was not given, say."""
+    stock, ours, _ = family_pairs["bloom"]
+    prompt, answer = prompt_and_answer()
+    mask = torch.ones(2, prompt.shape[1] + answer.shape[1], dtype=torch.long)
+    mask[0, :2] = 0
+    with pytest.raises(RuntimeError):
+        stock.eval()(input_ids=answer, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"2-D padding mask \[batch, past \+ current length\] = \[2, 4\], got shape \[2, 9\]"):
+        ours.eval()(input_ids=answer, attention_mask=mask)
