@@ -3176,6 +3176,17 @@ def shifted_labels(labels: Optional[torch.Tensor], shift_labels=None, ignore_ind
     return F.pad(labels, (0, 1), value=IGNORE_INDEX if ignore_index is None else ignore_index)[..., 1:]
 
 
+def _is_peft_hook(hook) -> bool:
+    return (getattr(getattr(hook, "func", hook), "__module__", None) or "").startswith("peft.")
+
+
+def _peft_hooks_carry_rows(model: torch.nn.Module) -> bool:
+    """Whether PEFT put forward pre-hooks in ``model`` for this call: they carry per-row state (a mixed-adapter
+    batch's ``adapter_names``, aLoRA's offsets, Poly's task ids, X-LoRA's scalings, Shadow's states) that rows
+    packed into one would mismatch. Plain LoRA and the other token-wise adapters add none."""
+    return any(_is_peft_hook(hook) for module in model.modules() for hook in module._forward_pre_hooks.values())
+
+
 def padded_rows(
     model, attention_mask, input_ids=None, inputs_embeds=None, labels=None, past_key_values=None, use_cache=None,
     output_attentions=None, logits_to_keep=0, **kwargs,
@@ -3184,7 +3195,8 @@ def padded_rows(
 
     Unpadded: a 2-D padding mask with at least one padded and one kept token, no cache given, none to build
     (``use_cache`` false, or training mode: a padded training forward returns no cache), no attention weights
-    asked for, all logits asked for, no packed keywords already, ``config.unpad_batches`` not false, no label
+    asked for, all logits asked for, no packed keywords already, ``config.unpad_batches`` not false, no PEFT
+    hooks with per-row state (``_peft_hooks_carry_rows``), no label
     that a padded position predicts (its loss term needs that position's output; with left padding, mask the
     first token's label too), and not while compiling or exporting (finding the kept tokens is a host read:
     compiled forwards keep the padding mask and run every row at full length). One host read decides and
@@ -3207,6 +3219,7 @@ def padded_rows(
         or varlen_keywords(kwargs)
         or not config_switch(config, "unpad_batches", True)
         or _is_tracing()
+        or _peft_hooks_carry_rows(model)
     ):
         return None
     keep = attention_mask.to(inputs.device).bool()

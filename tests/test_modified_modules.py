@@ -442,3 +442,43 @@ def test_qwen_attention_dropout_is_the_original_module_that_trainers_turn_off():
             module.p = 0.0
     assert isinstance(model.transformer.h[0].attn.attn_dropout, torch.nn.Dropout)
     assert model(ids, labels=ids).loss == model(ids, labels=ids).loss, "every dropout off"
+
+
+PER_ROW_ADAPTERS = {  # PEFT methods whose forward pre-hooks carry per-row state
+    "mixed adapter batch": ("eval", lambda peft: peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "c_attn",
+                            "query_key_value"], init_lora_weights=False), {"use_cache": False}),
+    "aLoRA": ("train", lambda peft: peft.LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False,
+              target_modules=["q_proj", "v_proj", "c_attn", "query_key_value"], alora_invocation_tokens=[5, 6]), {}),
+    "Poly": ("eval", lambda peft: peft.PolyConfig(task_type="CAUSAL_LM", r=4, n_tasks=2, n_skills=2,
+             target_modules=["q_proj", "v_proj", "query_key_value"]),
+             {"task_ids": torch.tensor([0, 1]), "use_cache": False}),
+}
+
+
+@pytest.mark.parametrize(  # Poly draws router noise in training, and takes no Conv1D (GPT-2)
+    "name, case", [(name, case) for name in ("llama", "gpt2", "bloom") for case in PER_ROW_ADAPTERS
+                   if not (case == "Poly" and name == "gpt2")]
+)
+def test_peft_methods_with_per_row_state_keep_a_padded_batch_in_its_rows(family_pairs, name, case):
+    """Their hooks hold ``[batch]`` or ``[batch, seq]`` state (adapter names per row, aLoRA's offsets, Poly's task
+    ids), which a padded batch packed into one row mismatched: every such forward raised."""
+    peft = pytest.importorskip("peft")
+    mode, make_config, options = PER_ROW_ADAPTERS[case]
+    batch = batch_for(name, torch.Generator().manual_seed(35))
+    batch["input_ids"][:, 6:8] = torch.tensor([5, 6])  # aLoRA's invocation tokens
+    models = []
+    for model in pair_copy(family_pairs, name):
+        torch.manual_seed(36)
+        model = peft.get_peft_model(model, make_config(peft))
+        if case == "mixed adapter batch":
+            model.add_adapter("other", make_config(peft))
+            options = {**options, "adapter_names": ["default", "other"]}
+        models.append(model)
+    models[1].load_state_dict(models[0].state_dict())
+    if mode == "train":
+        assert_same_training_step(*models, batch, **options)
+        return
+    kept = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected, got = (model.eval()(**batch, **options).logits[kept] for model in models)
+    assert_close_rel(got, expected, TOL, f"{case} logits")
