@@ -5514,6 +5514,7 @@ class GPT2Attention(nn.Module):
         super().__init__()
         self.config = config
         self.embed_dim = config.hidden_size
+        self.split_size = self.embed_dim  # stock's name, read by code written for it (PEFT's adaption prompts)
         self.num_heads = config.num_attention_heads
         self.head_dim = self.embed_dim // self.num_heads
         if self.head_dim * self.num_heads != self.embed_dim:
@@ -5574,22 +5575,30 @@ class GPT2Attention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        mask: torch.Tensor | None,
-        causal: bool,
-        past_key_values: Cache | None,
-        cache_position: torch.Tensor | None,
-        backend: str,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        causal: bool = True,
+        cache_position: torch.Tensor | None = None,
+        backend: str = "auto",
         attention_weights: list | None = None,
         sequence_ids: torch.Tensor | None = None,
+        **stock_keywords,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Given an `attention_weights` list, the weights are computed, appended to it (`output_attentions`) and
-        returned beside the output, as stock's attention returns them; otherwise None."""
+        """Called by keyword with stock's names, as stock's block calls it, so that code wrapping it for stock
+        (PEFT's adaption prompts) calls it too; `stock_keywords` takes what such code passes on (`use_cache`,
+        `output_attentions`; no head mask or encoder states, which self-attention cannot use). Given an
+        `attention_weights` list, the weights are computed, appended to it (`output_attentions`) and returned
+        beside the output, as stock's attention returns them; otherwise None."""
+        for name in ("head_mask", "encoder_hidden_states"):
+            if stock_keywords.get(name) is not None:
+                raise ValueError(f"GPT-2's self-attention takes no {name}")
         query, key, value = self.c_attn(hidden_states).split(self.embed_dim, dim=2)
         query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)
         if past_key_values is not None:
-            key, value = update_cache(past_key_values, key, value, self.layer_idx, mask, cache_position)
+            key, value = update_cache(past_key_values, key, value, self.layer_idx, attention_mask, cache_position)
 
-        output = self._attend(query, key, value, mask, causal, backend, attention_weights, sequence_ids)
+        output = self._attend(query, key, value, attention_mask, causal, backend, attention_weights, sequence_ids)
         output = self._merge_heads(output, hidden_states.shape)
         return self.resid_dropout(self.c_proj(output)), recorded_weights(attention_weights)
 
@@ -5698,7 +5707,14 @@ class GPT2Block(LongContextCheckpointing, GradientCheckpointingLayer):
 
         def attend(normed: torch.Tensor) -> torch.Tensor:
             return self.attn(
-                normed, mask, causal, past_key_values, cache_position, backend, attention_weights, sequence_ids
+                normed,
+                past_key_values=past_key_values,
+                attention_mask=mask,
+                causal=causal,
+                cache_position=cache_position,
+                backend=backend,
+                attention_weights=attention_weights,
+                sequence_ids=sequence_ids,
             )[0]
 
         hidden_states = residual_after_norm(self.ln_1, hidden_states, attend, tile_size, recompute=recompute)

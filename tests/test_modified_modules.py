@@ -482,3 +482,25 @@ def test_peft_methods_with_per_row_state_keep_a_padded_batch_in_its_rows(family_
     with torch.no_grad():
         expected, got = (model.eval()(**batch, **options).logits[kept] for model in models)
     assert_close_rel(got, expected, TOL, f"{case} logits")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_peft_adaption_prompts_wrap_the_attention_as_on_stock(family_pairs, name):
+    """PEFT's wrapper calls the attention with stock's keywords (GPT-2's raised a TypeError at every call) and
+    reads stock's attribute names."""
+    peft = pytest.importorskip("peft")
+    models = []
+    for model in pair_copy(family_pairs, name):
+        torch.manual_seed(37)
+        config = peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3, adapter_layers=2)
+        model = peft.get_peft_model(model, config)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(0.1)  # the gates start at 0, which would leave the prompts out
+        models.append(model)
+    batch = batch_for(name, torch.Generator().manual_seed(38))
+    assert_same_training_step(*models, batch)
+    prompt = dict(input_ids=batch["input_ids"][:, :6], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    expected, got = (model.eval().generate(**prompt) for model in models)
+    assert torch.equal(got, expected)
