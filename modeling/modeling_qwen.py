@@ -5472,8 +5472,10 @@ logger = get_logger(__name__)
 
 HistoryType = list[tuple[str, str]]
 
-# Attribute of the Cache object that carries the NTK alphas chosen at prefill to the decode steps.
+# Attributes of the Cache object that carry the NTK alphas chosen at prefill to the decode steps, and what
+# tells per-sample alphas' rows apart (``_alphas_of_cached_rows``).
 _NTK_ALPHAS_ATTRIBUTE = "qwen_ntk_alphas"
+_NTK_ROWS_ATTRIBUTE = "qwen_ntk_rows"
 
 _DEFAULT_SEQ_LENGTH = 2048
 
@@ -5563,6 +5565,28 @@ def ntk_alpha(length: int, seq_length: int) -> float:
     """Dynamic-NTK alpha for a sequence of ``length`` tokens: 2^ceil(log2(length / seq_length) + 1) - 1, at least 1."""
     context_value = math.log(max(length, 1) / seq_length, 2) + 1
     return max(2 ** math.ceil(context_value) - 1, 1)
+
+
+def _row_signatures(cache: Cache, position: int) -> Optional[torch.Tensor]:
+    """One number per cached row: the sum of the last layer's key at ``position``. A key there depends on the
+    whole prompt before it, and it moves with its row whatever reorders, selects or repeats the rows. None where
+    the cache no longer holds that key as it is (cropped into the prompt, or a quantized cache's older keys)."""
+    keys = getattr(cache.layers[-1], "keys", None) if getattr(cache, "layers", None) else None
+    if keys is None or keys.dim() != 4 or keys.shape[2] <= position or cache.get_seq_length() != keys.shape[2]:
+        return None
+    return keys[:, :, position].double().sum(dim=(1, 2))
+
+
+def _alphas_of_cached_rows(cache: Cache, alphas: torch.Tensor) -> torch.Tensor:
+    """The prefill's NTK alphas for the rows the cache holds now. Per-sample alphas follow their rows through
+    beam search's reordering and the cache's own ``reorder_cache``, ``batch_select_indices`` and
+    ``batch_repeat_interleave``: each row takes the alpha of the prefill row whose signature is nearest."""
+    rows = getattr(cache, _NTK_ROWS_ATTRIBUTE, None)
+    current = None if alphas.numel() == 1 or rows is None else _row_signatures(cache, rows[1])
+    if current is None:
+        return alphas
+    distances = (current.to(rows[0].device)[:, None] - rows[0][None, :]).abs()
+    return alphas[distances.argmin(dim=1).to(alphas.device)]
 
 
 def document_ntk_alphas(sequence_ids: torch.Tensor, seq_length: int) -> torch.Tensor:
@@ -5829,27 +5853,20 @@ class QWenModel(QWenPreTrainedModel):
         past_key_values: Optional[Cache],
         past_length: int,
         total_length: int,
-        batch_size: int,
         device: torch.device,
     ) -> torch.Tensor:
         """NTK alphas ``[1]`` or ``[batch]`` (float64) for this forward.
 
         Chosen at prefill (empty cache): with a padding mask and a total length above ``seq_length``, one alpha
         per sample from its count of non-padded tokens; otherwise one alpha from the total length. They are kept
-        on the cache, and decode steps reuse them (``_reorder_cache`` keeps them in step with beam search).
+        on the cache, and decode steps reuse them, per sample for the rows the cache holds then.
         """
         if self.training or not self.config.use_dynamic_ntk:
             return torch.ones(1, dtype=torch.float64, device=device)
         if past_length > 0:
             stored = getattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, None)
             if stored is not None:
-                if stored.numel() in (1, batch_size):
-                    return stored
-                if batch_size % stored.numel() == 0:  # rows expanded per sample after prefill
-                    return stored.repeat_interleave(batch_size // stored.numel())
-                raise ValueError(
-                    f"the cache holds per-sample NTK alphas for {stored.numel()} rows but the batch has {batch_size}"
-                )
+                return _alphas_of_cached_rows(past_key_values, stored)
             lengths = [total_length]  # a cache filled elsewhere: decide from the length so far
         elif attention_mask is not None and total_length > self.seq_length:
             lengths = attention_mask.sum(dim=-1).tolist()
@@ -5957,7 +5974,7 @@ class QWenModel(QWenPreTrainedModel):
 
         if sequence_ids is None:
             positions = torch.arange(past_length, total_length, device=device)[None]
-            alphas = self._ntk_alphas(attention_mask, past_key_values, past_length, total_length, batch_size, device)
+            alphas = self._ntk_alphas(attention_mask, past_key_values, past_length, total_length, device)
             rotary = rotary_cos_sin(positions, alphas[:, None], self.rotary_dim, float(self.config.rotary_emb_base))
             query_scale = self._logn_query_scale(positions, total_length, inputs_embeds.dtype)
         else:
@@ -5987,6 +6004,10 @@ class QWenModel(QWenPreTrainedModel):
         hidden_states = sequence_tiled((self.ln_f,), hidden_states, sequence_tile_size(self.config))
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
+        if sequence_ids is None and past_length == 0 and past_key_values is not None and alphas.numel() > 1:
+            signatures = _row_signatures(past_key_values, total_length - 1)
+            if signatures is not None:
+                setattr(past_key_values, _NTK_ROWS_ATTRIBUTE, (signatures, total_length - 1))
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
@@ -6130,14 +6151,6 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
         return output if return_dict else output.to_tuple()
-
-    def _reorder_cache(self, past_key_values: Cache, beam_idx: torch.LongTensor) -> Cache:
-        """Beam search: reorder the cached keys/values and the per-sample NTK alphas kept with them."""
-        past_key_values.reorder_cache(beam_idx)
-        alphas = getattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, None)
-        if alphas is not None and alphas.numel() > 1:
-            setattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, alphas.index_select(0, beam_idx.to(alphas.device)))
-        return past_key_values
 
     def generate(
         self,
