@@ -125,7 +125,8 @@ def test_padded_rows_read_the_host_once(monkeypatch):
     labels = ids.masked_fill(~keep, -100)
     labels[torch.arange(3), 7 - torch.tensor([7, 3, 5])] = -100  # a row's first real token is predicted from padding
     expected = torch.arange(keep.numel())[keep.flatten()]
-    model = SimpleNamespace(config=SimpleNamespace(use_cache=False, output_attentions=False), training=True)
+    model = torch.nn.Module().train()  # a stand-in head: a config, no modules
+    model.config = SimpleNamespace(use_cache=False, output_attentions=False)
     reads = counting_host_reads(monkeypatch)
     rows = kernel_layer.padded_rows(model, keep.long(), input_ids=ids, labels=labels)
     assert reads == ["tolist"]
