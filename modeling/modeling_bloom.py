@@ -592,14 +592,16 @@ def _clear_padded_keys(k: torch.Tensor, v: torch.Tensor, call: AttentionCall, ma
 def _under_function_transform() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``; Opacus's per-sample gradients
     of layers it has no rule for) is running. Our autograd Functions have no ``setup_context`` or vmap rule,
-    which those transforms need, so the fused ops and attention's own Functions then compute as stock does;
-    logged once."""
+    which those transforms need, so the fused ops and attention's own paths then compute as stock does; logged
+    once (not while compiling: a logging call would break the graph)."""
     if not torch._C._are_functorch_transforms_active():
         return False
-    _log_once(
-        "a torch.func transform is running: the fused ops (loss, norms, MLP, RoPE, tiles, offloaded checkpoints) "
-        "and the chunked and light eager attention compute as stock does, holding what stock holds"
-    )
+    if not torch.compiler.is_compiling():
+        _log_once(
+            "a torch.func transform is running: the fused ops (loss, norms, MLP, RoPE, tiles, offloaded "
+            "checkpoints) compute as stock does, holding what stock holds, and attention runs on sdpa or plain "
+            "eager (another backend named explicitly is refused)"
+        )
     return True
 
 
@@ -3113,7 +3115,8 @@ def check_cache_not_dropped(past_key_values, layers, training: bool) -> None:
         raise ValueError(
             f"a training forward with checkpointed layers (gradient checkpointing or config.offload_checkpoints) "
             f"cannot continue a cache: its layers run without past_key_values, which holds {cached} tokens here. "
-            "Run the cached prefix in the same forward, or continue the cache with checkpointing off"
+            "Run the cached prefix in the same forward, or continue the cache with checkpointing off (PEFT's "
+            "prefix tuning is such a cache)"
         )
 
 
@@ -3213,9 +3216,10 @@ def _is_peft_hook(hook) -> bool:
 
 
 def _peft_hooks_carry_rows(model: torch.nn.Module) -> bool:
-    """Whether PEFT put forward pre-hooks in ``model`` for this call: they carry per-row state (a mixed-adapter
-    batch's ``adapter_names``, aLoRA's offsets, Poly's task ids, X-LoRA's scalings, Shadow's states) that rows
-    packed into one would mismatch. Plain LoRA and the other token-wise adapters add none."""
+    """Whether PEFT's forward pre-hooks are on ``model`` (for one call or for good): in peft 0.21 every such hook
+    carries per-row state (a mixed-adapter batch's ``adapter_names``, aLoRA's offsets, Poly's task ids, X-LoRA's
+    scalings, Shadow's states) that rows packed into one would mismatch. Plain LoRA and the other token-wise
+    adapters add none."""
     return any(_is_peft_hook(hook) for module in model.modules() for hook in module._forward_pre_hooks.values())
 
 
@@ -5780,8 +5784,8 @@ class BloomModel(BloomPreTrainedModel):
             past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
             kv_length = int(past_length) + seq_length
         filled = filled_cache_length(past_key_values, attention_mask, seq_length)
-        fixed_size = getattr(past_key_values, "is_compileable", False)
-        padding_mask = self._padding_mask(attention_mask, batch_size, kv_length, filled, fixed_size)
+        capacity = _cache_capacity(past_key_values) if getattr(past_key_values, "is_compileable", False) else None
+        padding_mask = self._padding_mask(attention_mask, batch_size, kv_length, filled, capacity)
         slopes = padding_mask.bloom_alibi_slopes(self.num_heads, inputs_embeds.device)
         backend = backend_from_config(self.config)
 
@@ -5819,21 +5823,20 @@ class BloomModel(BloomPreTrainedModel):
         batch_size: int,
         kv_length: int,
         filled_keys: Optional[int] = None,
-        fixed_size: bool = False,
+        capacity: Optional[int] = None,
     ) -> ForwardMask:
         """The forward's mask object for every layer: the kernel layer's O(n) bool keep-mask ``[batch, kv_length]``
         (no tensor when nothing is padded), where per-forward work (block masks, cudnn's checks) is kept, and the
-        ``filled_keys`` of a static cache (``filled_cache_length``). A mask for a fixed-size cache may cover its
-        unwritten slots too (``generate`` passes one as long as the cache); any other must cover exactly the
-        cached and new tokens, as stock requires."""
+        ``filled_keys`` of a static cache (``filled_cache_length``). A mask for a fixed-size cache of ``capacity``
+        slots may cover its unwritten slots too (``generate`` passes one as long as the cache); any other must
+        cover exactly the cached and new tokens, as stock requires."""
         if attention_mask is None:
             return forward_mask(None, without_mask=True, filled_keys=filled_keys)
-        length = attention_mask.shape[-1]
+        longest = kv_length if capacity is None else max(capacity, kv_length)
         if (
             attention_mask.dim() != 2
             or attention_mask.shape[0] != batch_size
-            or length < kv_length
-            or (length > kv_length and not fixed_size)
+            or not kv_length <= attention_mask.shape[1] <= longest
         ):
             raise ValueError(
                 f"BLOOM takes a 2-D padding mask [batch, past + current length] = [{batch_size}, {kv_length}], "

@@ -575,14 +575,16 @@ def _clear_padded_keys(k: torch.Tensor, v: torch.Tensor, call: AttentionCall, ma
 def _under_function_transform() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``; Opacus's per-sample gradients
     of layers it has no rule for) is running. Our autograd Functions have no ``setup_context`` or vmap rule,
-    which those transforms need, so the fused ops and attention's own Functions then compute as stock does;
-    logged once."""
+    which those transforms need, so the fused ops and attention's own paths then compute as stock does; logged
+    once (not while compiling: a logging call would break the graph)."""
     if not torch._C._are_functorch_transforms_active():
         return False
-    _log_once(
-        "a torch.func transform is running: the fused ops (loss, norms, MLP, RoPE, tiles, offloaded checkpoints) "
-        "and the chunked and light eager attention compute as stock does, holding what stock holds"
-    )
+    if not torch.compiler.is_compiling():
+        _log_once(
+            "a torch.func transform is running: the fused ops (loss, norms, MLP, RoPE, tiles, offloaded "
+            "checkpoints) compute as stock does, holding what stock holds, and attention runs on sdpa or plain "
+            "eager (another backend named explicitly is refused)"
+        )
     return True
 
 
@@ -3096,7 +3098,8 @@ def check_cache_not_dropped(past_key_values, layers, training: bool) -> None:
         raise ValueError(
             f"a training forward with checkpointed layers (gradient checkpointing or config.offload_checkpoints) "
             f"cannot continue a cache: its layers run without past_key_values, which holds {cached} tokens here. "
-            "Run the cached prefix in the same forward, or continue the cache with checkpointing off"
+            "Run the cached prefix in the same forward, or continue the cache with checkpointing off (PEFT's "
+            "prefix tuning is such a cache)"
         )
 
 
@@ -3196,9 +3199,10 @@ def _is_peft_hook(hook) -> bool:
 
 
 def _peft_hooks_carry_rows(model: torch.nn.Module) -> bool:
-    """Whether PEFT put forward pre-hooks in ``model`` for this call: they carry per-row state (a mixed-adapter
-    batch's ``adapter_names``, aLoRA's offsets, Poly's task ids, X-LoRA's scalings, Shadow's states) that rows
-    packed into one would mismatch. Plain LoRA and the other token-wise adapters add none."""
+    """Whether PEFT's forward pre-hooks are on ``model`` (for one call or for good): in peft 0.21 every such hook
+    carries per-row state (a mixed-adapter batch's ``adapter_names``, aLoRA's offsets, Poly's task ids, X-LoRA's
+    scalings, Shadow's states) that rows packed into one would mismatch. Plain LoRA and the other token-wise
+    adapters add none."""
     return any(_is_peft_hook(hook) for module in model.modules() for hook in module._forward_pre_hooks.values())
 
 

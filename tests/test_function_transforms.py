@@ -10,13 +10,17 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
+import sys
 
 import pytest
 import torch
 from remote_code import assert_close_rel
-from test_fused_models import TOL, batch_for, family_pairs, train_step  # noqa: F401 - a fixture
+from test_fused_models import TOL, batch_for, family_pairs, llama_config, randomize_, train_step  # noqa: F401
 from test_qwen import random_model
 from torch.func import functional_call, grad, vmap
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from memory_efficient_adapter.families import write_remote_code
 
 kernel_layer = importlib.import_module("memory_efficient_adapter.attention")
 
@@ -83,6 +87,41 @@ def test_forward_mode_jvp_of_the_loss_matches_stock_eager(family_pairs, name):
         for model in (stock, ours.train())
     ]
     assert_close_rel(derivatives[1], derivatives[0], TOL, "directional derivative of the loss")
+
+
+def test_a_compiled_loss_under_torch_func_grad_matches_stock(family_pairs, monkeypatch):
+    """The once-only log of the transform path is not written while compiling (a logging call breaks the graph,
+    and the resumed graph failed inside a transform)."""
+    stock, ours, _ = family_pairs["llama"]
+    monkeypatch.setattr(sys.modules[type(ours).__module__], "_logged_messages", set())
+    batch = batch_for("llama", torch.Generator().manual_seed(15))
+    expected, expected_grads = train_step(stock, batch)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_of(ours.train()), backend="eager", fullgraph=True)
+    assert_same_gradients(grad(compiled)(parameters_of(ours), batch), expected_grads, "compiled under grad")
+
+
+def test_attention_dropout_under_a_transform_draws_as_stock_eager(tmp_path):
+    """The eager path's fused dropout-matmul is an autograd Function too: under a transform it is stock's
+    dropout then matmul, drawing the same masks from the same seed."""
+    torch.manual_seed(0)
+    stock = LlamaForCausalLM(llama_config(attention_dropout=0.3, attn_implementation="eager"))
+    randomize_(stock)
+    stock.save_pretrained(tmp_path)
+    write_remote_code(tmp_path, "llama")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    ours.config.attn_backend = "eager"
+    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(12))
+    batch = dict(input_ids=ids, labels=ids)
+    torch.manual_seed(13)
+    expected, expected_grads = train_step(stock, batch)
+    torch.manual_seed(13)
+    ours.train()
+    loss, grads = torch.func.grad_and_value(loss_of(ours))(parameters_of(ours), batch)[::-1]
+    assert_close_rel(loss, expected.loss.detach(), TOL, "loss with attention dropout")
+    assert_same_gradients(grads, expected_grads, "llama with attention dropout")
+    torch.manual_seed(14)
+    assert train_step(stock, batch)[0].loss != expected.loss, "dropout is on"
 
 
 @pytest.mark.parametrize("options", [{}, dict(sequence_tile_size=4, offload_checkpoints=True)], ids=str)

@@ -16,6 +16,7 @@ import torch
 from remote_code import assert_close_rel
 from test_fused_models import TOL, family_pairs  # noqa: F401 - a fixture
 from test_qwen import random_model
+from transformers import StaticCache
 
 CAUSAL = ["llama", "gpt2", "bloom", "bart_causal"]
 
@@ -85,3 +86,20 @@ def test_bloom_refuses_a_mask_longer_than_the_cached_and_new_tokens(family_pairs
         stock.eval()(input_ids=answer, attention_mask=mask)
     with pytest.raises(ValueError, match=r"2-D padding mask \[batch, past \+ current length\] = \[2, 4\], got shape \[2, 9\]"):
         ours.eval()(input_ids=answer, attention_mask=mask)
+
+
+def test_bloom_takes_a_mask_as_long_as_a_fixed_size_cache_and_no_longer(family_pairs):
+    """``generate`` sizes a fixed-size cache's mask to the cache; longer than the cache is refused."""
+    _, ours, _ = family_pairs["bloom"]
+    prompt, answer = prompt_and_answer()
+
+    def step_logits(mask_length: int) -> torch.Tensor:
+        cache = StaticCache(config=ours.config, max_cache_len=16)
+        with torch.no_grad():
+            ours.eval()(input_ids=prompt, past_key_values=cache, use_cache=True)
+            mask = torch.ones(2, mask_length, dtype=torch.long)
+            return ours(input_ids=answer[:, :1], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+
+    assert_close_rel(step_logits(16), step_logits(6), TOL, "a mask as long as the cache")
+    with pytest.raises(ValueError, match=r"= \[2, 6\], got shape \[2, 20\]"):
+        step_logits(20)
