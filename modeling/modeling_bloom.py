@@ -4073,6 +4073,13 @@ def _shaped_like_stock(loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
     return loss
 
 
+def _token_ids(targets: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Integer labels as int64 on ``device``: the gathers index with them (PyTorch's loss takes uint8 labels too)."""
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"labels must be integer token ids, got dtype {targets.dtype}")
+    return targets.to(device, torch.int64)
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -4093,9 +4100,7 @@ def linear_cross_entropy(
             f"linear_cross_entropy expects hidden [rows, d] and targets [rows], got {list(hidden.shape)} "
             f"and {list(targets.shape)}"
         )
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise ValueError(f"labels must be integer token ids, got dtype {targets.dtype}")
-    targets = targets.to(hidden.device)
+    targets = _token_ids(targets, hidden.device)
     divisor = _loss_divisor(targets, num_items_in_batch, ignore_index, hidden.dtype)
     grad_enabled = torch.is_grad_enabled()
     wants = tuple(grad_enabled and t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -4167,7 +4172,7 @@ def wrapped_head_cross_entropy(
     divisor of ``linear_cross_entropy``. The head is called on chunks of rows, each one checkpointed: its
     logits are freed once its loss is summed and recomputed (dropout included) in backward.
     """
-    targets = targets.to(hidden.device)
+    targets = _token_ids(targets, hidden.device)
     divisor = _loss_divisor(targets, num_items_in_batch, ignore_index, hidden.dtype)
     chunk_loss = _chunk_loss_sum
     if torch.is_grad_enabled():

@@ -148,6 +148,20 @@ def test_family_loss_and_every_gradient_match_stock_without_logits(family_pairs,
     assert got.logits is None and expected.logits is not None
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "bart_causal"])
+def test_uint8_labels_train_as_stock(family_pairs, name):
+    """PyTorch's loss takes uint8 labels (without -100); the fused op's gathers needed int64."""
+    stock, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(2))
+    small = batch.pop("labels").clamp_min(0).to(torch.uint8)
+    if name == "bart_causal":
+        batch["labels"] = small
+    else:  # stock shifts labels by padding them with -100, which uint8 cannot hold: shifted ones are given
+        batch["shift_labels"] = F.pad(small, (0, 1), value=5)[:, 1:].contiguous()
+        batch["labels"] = small.long()
+    assert_same_training_step(stock, ours, batch)
+
+
 @pytest.mark.parametrize("num_items", [torch.tensor(40), torch.tensor([40]), torch.tensor([[40.0]])], ids=str)
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bloom"])
 def test_num_items_in_batch_divides_the_summed_loss_like_stock(family_pairs, name, num_items):
