@@ -3088,8 +3088,9 @@ def check_cache_not_dropped(past_key_values, layers, training: bool) -> None:
     or ``config.offload_checkpoints``): transformers' checkpointed layers run without the cache (their recompute
     in backward would write it twice), so the cached tokens would silently be left out while positions count
     them. Stock fails there on a shape mismatch."""
-    checkpointed = any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
-    if not training or past_key_values is None or not checkpointed:
+    if not training or past_key_values is None:
+        return
+    if not any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
         return
     cached = past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 0
     if cached:
