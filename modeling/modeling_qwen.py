@@ -5587,16 +5587,21 @@ def _row_signatures(cache: Cache, position: int) -> Optional[torch.Tensor]:
     return keys[:, :, position].double().sum(dim=(1, 2))
 
 
-def _alphas_of_cached_rows(cache: Cache, alphas: torch.Tensor) -> torch.Tensor:
-    """The prefill's NTK alphas for the rows the cache holds now. Per-sample alphas follow their rows through
-    beam search's reordering and the cache's own ``reorder_cache``, ``batch_select_indices`` and
-    ``batch_repeat_interleave``: each row takes the alpha of the prefill row whose signature is nearest."""
+def _alphas_of_cached_rows(cache: Cache, alphas: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The prefill's NTK alphas for the ``batch_size`` rows the cache holds now. Per-sample alphas follow their
+    rows through beam search's reordering and the cache's own ``reorder_cache``, ``batch_select_indices`` and
+    ``batch_repeat_interleave``: each row takes the alpha of the prefill row whose signature is nearest. Where
+    the signatures cannot be read, the rows are taken as kept in order, each repeated alike."""
     rows = getattr(cache, _NTK_ROWS_ATTRIBUTE, None)
     current = None if alphas.numel() == 1 or rows is None else _row_signatures(cache, rows[1])
-    if current is None:
+    if current is not None:
+        distances = (current.to(rows[0].device)[:, None] - rows[0][None, :]).abs()
+        return alphas[distances.argmin(dim=1).to(alphas.device)]
+    if alphas.numel() in (1, batch_size):
         return alphas
-    distances = (current.to(rows[0].device)[:, None] - rows[0][None, :]).abs()
-    return alphas[distances.argmin(dim=1).to(alphas.device)]
+    if batch_size % alphas.numel() == 0:
+        return alphas.repeat_interleave(batch_size // alphas.numel())
+    raise ValueError(f"the cache holds per-sample NTK alphas for {alphas.numel()} rows but the batch has {batch_size}")
 
 
 def document_ntk_alphas(sequence_ids: torch.Tensor, seq_length: int) -> torch.Tensor:
@@ -5863,6 +5868,7 @@ class QWenModel(QWenPreTrainedModel):
         past_key_values: Optional[Cache],
         past_length: int,
         total_length: int,
+        batch_size: int,
         device: torch.device,
     ) -> torch.Tensor:
         """NTK alphas ``[1]`` or ``[batch]`` (float64) for this forward.
@@ -5876,7 +5882,7 @@ class QWenModel(QWenPreTrainedModel):
         if past_length > 0:
             stored = getattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, None)
             if stored is not None:
-                return _alphas_of_cached_rows(past_key_values, stored)
+                return _alphas_of_cached_rows(past_key_values, stored, batch_size)
             lengths = [total_length]  # a cache filled elsewhere: decide from the length so far
         elif attention_mask is not None and total_length > self.seq_length:
             lengths = attention_mask.sum(dim=-1).tolist()
@@ -5984,7 +5990,7 @@ class QWenModel(QWenPreTrainedModel):
 
         if sequence_ids is None:
             positions = torch.arange(past_length, total_length, device=device)[None]
-            alphas = self._ntk_alphas(attention_mask, past_key_values, past_length, total_length, device)
+            alphas = self._ntk_alphas(attention_mask, past_key_values, past_length, total_length, batch_size, device)
             rotary = rotary_cos_sin(positions, alphas[:, None], self.rotary_dim, float(self.config.rotary_emb_base))
             query_scale = self._logn_query_scale(positions, total_length, inputs_embeds.dtype)
         else:

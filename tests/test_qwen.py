@@ -575,6 +575,27 @@ def test_the_caches_row_operations_move_the_per_sample_alphas_with_the_rows(save
     assert_close_rel(moved, straight[rows], 1e-6, f"decode after {operation}")
 
 
+def test_rows_expanded_after_the_prompt_was_cropped_keep_their_alphas(saved):
+    """Cropped into the prompt, the cache no longer tells its rows apart: rows repeated in order keep theirs."""
+    folder, _, _ = saved
+    model = load(folder)
+    ids = random_ids(2, 16)
+    mask = left_padded_mask([16, 8], 16)  # alphas 3 and 1
+    step = random_ids(2, 1)
+    step_mask = torch.cat((mask[:, :14], torch.ones(2, 1, dtype=mask.dtype)), dim=1)
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        cache.crop(-2)  # to 14 tokens
+        straight = model(step, attention_mask=step_mask, past_key_values=cache).logits
+        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        cache.crop(-2)  # to 14 tokens
+        cache.batch_repeat_interleave(2)
+        expanded = model(
+            step.repeat_interleave(2, 0), attention_mask=step_mask.repeat_interleave(2, 0), past_key_values=cache
+        ).logits
+    assert_close_rel(expanded, straight.repeat_interleave(2, 0), 1e-6, "decode after cropping and expanding")
+
+
 def test_greedy_generate_with_left_padding_matches_reference(saved):
     folder, config, state = saved
     model = load(folder)
