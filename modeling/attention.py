@@ -3477,8 +3477,8 @@ if triton is not None:
         logits_ptr, stride, targets_ptr, loss_ptr, scale_ptr, n_cols, ignore_index,
         WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        """One row: loss = logsumexp - logit[target] (0 when ignored); with WRITE_GRAD the row is overwritten
-        by its gradient (softmax - one_hot) x scale (0 when ignored)."""
+        """One row: loss = logsumexp - logit[target] (0 when ignored), both less the row's maximum; with
+        WRITE_GRAD the row is overwritten by its gradient (softmax - one_hot) x scale (0 when ignored)."""
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride
         target = tl.load(targets_ptr + row)
@@ -3490,17 +3490,17 @@ if triton is not None:
             new_max = tl.maximum(running_max, tl.max(x, 0))
             running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
             running_max = new_max
-        lse = running_max + tl.log(running_sum)
+        log_sum = tl.log(running_sum)  # apart from the maximum: not rounded at the logits' magnitude
         counted = target != ignore_index
         safe_target = tl.where(counted, target, 0)
-        picked = tl.load(base + safe_target).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(counted, lse - picked, 0.0))
+        picked = tl.load(base + safe_target).to(tl.float32) - running_max
+        tl.store(loss_ptr + row, tl.where(counted, log_sum - picked, 0.0))
         if WRITE_GRAD:
             scale = tl.where(counted, tl.load(scale_ptr).to(tl.float32), 0.0)
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 x = tl.load(base + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-                grad = tl.exp(x - lse) - tl.where(cols == safe_target, 1.0, 0.0)
+                grad = tl.exp((x - running_max) - log_sum) - tl.where(cols == safe_target, 1.0, 0.0)
                 tl.store(base + cols, (grad * scale).to(logits_ptr.dtype.element_ty), mask=cols < n_cols)
 
     @triton.jit
@@ -3731,24 +3731,29 @@ def _row_warps(block: int) -> int:
 
 
 def _cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
-    """Summed float32 cross-entropy of the counted rows of one chunk, and every row's log-sum-exp."""
+    """Summed float32 cross-entropy of the counted rows of one chunk, the logits less their row maximum, and
+    each row's log-sum-exp of those. Kept apart from the maximum, the log-sum is not rounded at the logits'
+    magnitude, so a saturated softmax keeps its precision, as with log_softmax."""
     logits = _at_least_float32(logits)
-    lse = torch.logsumexp(logits, dim=-1)
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    log_sum = torch.logsumexp(shifted, dim=-1)
     counted = targets != ignore_index
-    picked = logits.gather(1, torch.where(counted, targets, 0).unsqueeze(1)).squeeze(1)
-    return torch.where(counted, lse - picked, 0.0).sum(), lse
+    picked = shifted.gather(1, torch.where(counted, targets, 0).unsqueeze(1)).squeeze(1)
+    return torch.where(counted, log_sum - picked, 0.0).sum(), shifted, log_sum
 
 
 def _cross_entropy_chunk_grad(
-    logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, ignore_index: int, scale: torch.Tensor
+    shifted: torch.Tensor, log_sum: torch.Tensor, targets: torch.Tensor, ignore_index: int, scale: torch.Tensor,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """d(loss)/d(logits) of one chunk, in the logits' dtype: (softmax - one_hot) x scale on counted rows."""
+    """d(loss)/d(logits) of one chunk in ``dtype``: (softmax - one_hot) x scale on counted rows, the softmax
+    taken from ``_cross_entropy_chunk``'s shifted logits (overwritten)."""
     counted = targets != ignore_index
     safe_targets = torch.where(counted, targets, 0).unsqueeze(1)
-    grad = torch.exp(_at_least_float32(logits) - lse.unsqueeze(1))
+    grad = shifted.sub_(log_sum.unsqueeze(1)).exp_()
     grad = grad.scatter_add(1, safe_targets, torch.full_like(safe_targets, -1, dtype=grad.dtype))
     row_scale = torch.where(counted, scale, 0.0)
-    return (grad * row_scale.unsqueeze(1)).to(logits.dtype)
+    return (grad * row_scale.unsqueeze(1)).to(dtype)
 
 
 def _cross_entropy_in_place_triton(logits, targets, ignore_index: int, scale: Optional[torch.Tensor]):
@@ -3766,10 +3771,10 @@ def _cross_entropy_in_place_triton(logits, targets, ignore_index: int, scale: Op
 
 def _cross_entropy_torch(logits, targets, ignore_index: int, scale: Optional[torch.Tensor]):
     """The chunk's summed loss, and its logits' gradient when ``scale`` is given (the PyTorch body)."""
-    chunk_sum, lse = _cross_entropy_chunk(logits, targets, ignore_index)
+    chunk_sum, shifted, log_sum = _cross_entropy_chunk(logits, targets, ignore_index)
     if scale is None:
         return chunk_sum, None
-    return chunk_sum, _cross_entropy_chunk_grad(logits, lse, targets, ignore_index, scale)
+    return chunk_sum, _cross_entropy_chunk_grad(shifted, log_sum, targets, ignore_index, scale, logits.dtype)
 
 
 def _cross_entropy_with_grad(logits, targets, ignore_index: int, scale: Optional[torch.Tensor]):

@@ -89,6 +89,35 @@ def test_linear_cross_entropy_matches_float64_reference(rows, vocab, chunk, with
             assert_close_rel(got, want, tol, f"grad of {name} ({dtype})")
 
 
+def check_precision_when_softmax_saturates(logit_scale: float, device: str) -> None:
+    """Logits of a few hundred (a loss of about 900): the log-sum-exp, rounded at that magnitude, must not
+    enter the softmax of the gradient; ours is as close to float64 as stock's float32 log_softmax."""
+    generator = torch.Generator().manual_seed(7)
+    hidden = torch.randn(23, 16, generator=generator, dtype=torch.float64)
+    weight = logit_scale * torch.randn(41, 16, generator=generator, dtype=torch.float64)
+    targets = random_targets(23, 41, 0.2, generator).to(device)
+
+    def stock_fn(h, w):
+        return F.cross_entropy(h @ w.t(), targets)
+
+    def ours_fn(h, w):
+        return ops.linear_cross_entropy(h, w, targets, chunk_size=5)
+
+    def cast(dtype):
+        return [t.to(device, dtype).requires_grad_() for t in (hidden, weight)]
+
+    reference = run_and_grads(stock_fn, cast(torch.float64), None)
+    stock = run_and_grads(stock_fn, cast(torch.float32), None)
+    ours = run_and_grads(ours_fn, cast(torch.float32), None)
+    assert reference[0] > logit_scale  # saturated: the loss is of the logits' magnitude
+    assert_as_close_as_stock("saturated linear_cross_entropy", ours, stock, reference, torch.float32)
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 100.0])
+def test_linear_cross_entropy_keeps_precision_when_softmax_saturates(logit_scale):
+    check_precision_when_softmax_saturates(logit_scale, "cpu")
+
+
 def test_all_ignored_batch_gives_nan_loss_and_zero_gradients_like_pytorch():
     hidden = torch.randn(9, 6, requires_grad=True)
     weight = torch.randn(13, 6, requires_grad=True)
@@ -794,6 +823,14 @@ def test_triton_linear_cross_entropy_matches_float64_like_stock(dtype, rows, dim
     stock = [3 * v for v in run_and_grads(stock_fn, on_cuda(*tensors, dtype=dtype), None)]
     ours = run_and_grads(ours_fn, on_cuda(*tensors, dtype=dtype), None)
     assert_as_close_as_stock("linear_cross_entropy", ours, stock, reference, dtype)
+    triton_paths_ran()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("logit_scale", [1.0, 100.0])
+def test_triton_linear_cross_entropy_keeps_precision_when_softmax_saturates(logit_scale):
+    check_precision_when_softmax_saturates(logit_scale, "cuda")
     triton_paths_ran()
 
 
