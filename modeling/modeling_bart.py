@@ -2977,11 +2977,14 @@ def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[t
 
 def check_mask_shape(attention_mask: Optional[torch.Tensor], batch_size: int, new_tokens: int) -> None:
     """Refuse a model's attention_mask made for another batch or shorter than the new tokens, before an
-    all-ones padding mask (which ``keep_mask_from_padding`` turns into None) could hide its shape."""
+    all-ones padding mask (which ``keep_mask_from_padding`` turns into None) could hide its shape. A 4-D mask
+    may broadcast over the batch and the keys (size 1), as SDPA takes it."""
     if attention_mask is None:
         return
-    batch_ok = attention_mask.shape[0] == batch_size or (attention_mask.dim() == 4 and attention_mask.shape[0] == 1)
-    if not batch_ok or attention_mask.shape[-1] < new_tokens:
+    broadcasts = attention_mask.dim() == 4
+    batch_ok = attention_mask.shape[0] == batch_size or (broadcasts and attention_mask.shape[0] == 1)
+    keys_ok = attention_mask.shape[-1] >= new_tokens or (broadcasts and attention_mask.shape[-1] == 1)
+    if not batch_ok or not keys_ok:
         raise ValueError(
             f"attention_mask has shape {list(attention_mask.shape)}, but the inputs have batch size {batch_size} "
             f"and {new_tokens} new tokens (the mask covers the cached tokens too)"

@@ -162,6 +162,35 @@ def test_uint8_labels_train_as_stock(family_pairs, name):
     assert_same_training_step(stock, ours, batch)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bart_causal"])
+def test_a_4d_mask_broadcast_over_the_keys_trains_as_stock(family_pairs, name):
+    """``[batch, 1, q, 1]``: SDPA broadcasts a key dimension of one (here each query row kept or hidden
+    whole, a 4-D mask replacing causal masking as in transformers); the mask-shape check took it for too short."""
+    stock, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(3))
+    rows_kept = batch.pop("attention_mask").bool()[:, None, :, None]
+    batch["attention_mask"] = rows_kept
+    batch["labels"] = batch["labels"].masked_fill(~rows_kept[:, 0, :, 0], -100)
+    assert_same_training_step(stock, ours, batch)
+    with torch.no_grad():
+        expected = stock.eval()(input_ids=batch["input_ids"], attention_mask=rows_kept).logits
+        got = ours.eval()(input_ids=batch["input_ids"], attention_mask=rows_kept).logits
+    assert_close_rel(got[rows_kept[:, 0, :, 0]], expected[rows_kept[:, 0, :, 0]], TOL, "eval logits")
+
+
+@pytest.mark.parametrize("shape", ["[batch, 1, seq]", "[seq] for a batch of one"])
+def test_gpt2_flattens_a_mask_of_fewer_dimensions_as_stock(family_pairs, shape):
+    """Stock GPT-2 reads any mask of fewer than 4 dimensions as one row per sequence."""
+    stock, ours, _ = family_pairs["gpt2"]
+    batch = batch_for("gpt2", torch.Generator().manual_seed(4))
+    if shape == "[batch, 1, seq]":
+        batch["attention_mask"] = batch["attention_mask"][:, None, :]
+    else:
+        batch = {key: value[1:] for key, value in batch.items()}
+        batch["attention_mask"] = batch["attention_mask"][0]
+    assert_same_training_step(stock, ours, batch)
+
+
 @pytest.mark.parametrize("num_items", [torch.tensor(40), torch.tensor([40]), torch.tensor([[40.0]])], ids=str)
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bloom"])
 def test_num_items_in_batch_divides_the_summed_loss_like_stock(family_pairs, name, num_items):
