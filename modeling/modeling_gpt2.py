@@ -3344,7 +3344,7 @@ def backend_from_config(config=None, backend: str = "auto") -> str:
     if config is None:
         return _backend_from_environment() or "auto"
     explicit = getattr(config, "attn_backend", None)
-    if explicit and _named_backend(explicit, "config.attn_backend") != "auto":
+    if explicit is not None and _named_backend(explicit, "config.attn_backend") != "auto":
         return explicit
     implemented = _backend_from_implementation(getattr(config, "_attn_implementation", None))
     if implemented != "auto":
@@ -5051,10 +5051,10 @@ class _SequenceTiled(torch.autograd.Function):
 
 
 def _accumulate(total: Optional[torch.Tensor], grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Sum of per-tile parameter gradients, in float32 for half-precision parameters."""
+    """Sum of per-tile parameter gradients, in float32 for half-precision parameters (float64 stays)."""
     if grad is None:
         return total
-    return grad.float() if total is None else total.add_(grad)
+    return _at_least_float32(grad) if total is None else total.add_(grad)
 
 
 def default_use_cache(module, use_cache: Optional[bool]) -> bool:
@@ -5525,6 +5525,17 @@ def flatten_leading_dimensions(input_shape: torch.Size, *inputs: torch.Tensor | 
     return flat
 
 
+def one_mask_row_per_sequence(attention_mask: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+    """A mask of fewer than 4 dimensions holding one row per sequence (`[batch, 1, seq]`, or `[seq]` for a
+    batch of one) as `[batch, seq]`, as stock GPT-2 reads it; a mask of another size is left for the shape
+    check to name."""
+    if attention_mask is None or attention_mask.dim() not in (1, 3):
+        return attention_mask
+    if attention_mask.numel() != batch_size * attention_mask.shape[-1]:
+        return attention_mask
+    return attention_mask.reshape(batch_size, -1)
+
+
 class GPT2Attention(nn.Module):
     """Causal multi-head self-attention with GPT-2's fused qkv projection (`c_attn`) and `c_proj`."""
 
@@ -5892,8 +5903,9 @@ class GPT2Model(GPT2PreTrainedModel):
         input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds = flatten_leading_dimensions(
             input_shape, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
         )
-        if attention_mask is not None and attention_mask.dim() < 4:  # as stock: one row of the mask per sequence
-            attention_mask = attention_mask.reshape((input_ids if input_ids is not None else inputs_embeds).shape[0], -1)
+        attention_mask = one_mask_row_per_sequence(
+            attention_mask, (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        )
         use_cache = default_use_cache(self, use_cache)
         return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
         checkpointing = self.training and any(block.gradient_checkpointing for block in self.h)
