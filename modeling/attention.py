@@ -3296,7 +3296,7 @@ def backend_from_config(config=None, backend: str = "auto") -> str:
     if config is None:
         return _backend_from_environment() or "auto"
     explicit = getattr(config, "attn_backend", None)
-    if explicit and _named_backend(explicit, "config.attn_backend") != "auto":
+    if explicit is not None and _named_backend(explicit, "config.attn_backend") != "auto":
         return explicit
     implemented = _backend_from_implementation(getattr(config, "_attn_implementation", None))
     if implemented != "auto":
@@ -5003,10 +5003,10 @@ class _SequenceTiled(torch.autograd.Function):
 
 
 def _accumulate(total: Optional[torch.Tensor], grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Sum of per-tile parameter gradients, in float32 for half-precision parameters."""
+    """Sum of per-tile parameter gradients, in float32 for half-precision parameters (float64 stays)."""
     if grad is None:
         return total
-    return grad.float() if total is None else total.add_(grad)
+    return _at_least_float32(grad) if total is None else total.add_(grad)
 
 
 def default_use_cache(module, use_cache: Optional[bool]) -> bool:

@@ -286,6 +286,8 @@ def test_backend_selection_without_a_config_applies_only_the_environment(monkeyp
     "config, environment, message",
     [
         (FakeConfig(None, "fastest"), None, "config.attn_backend='fastest'"),
+        (FakeConfig(None, ""), None, "config.attn_backend=''"),  # unset is None; an empty or false value is not
+        (FakeConfig(None, False), None, "config.attn_backend=False"),
         (FakeConfig("mea_fastest"), None, "attn_implementation='fastest'"),
         (FakeConfig(), "fastest", "USE_FLASH_ATTN='fastest'"),
     ],

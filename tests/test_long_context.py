@@ -278,6 +278,23 @@ def test_sequence_tiled_keeps_only_its_input_and_matches_the_module(folders):
         assert_close_rel(actual, wanted, TOL, "tiled gradient")
 
 
+def test_sequence_tiled_float64_sums_its_tiles_in_float64(folders):
+    """Per-tile parameter gradients are summed in float32 for half-precision parameters, never below float64."""
+    model = load(folders["llama"], "llama").double()
+    layer = model.model.layers[0]
+    modules = (layer.post_attention_layernorm, layer.mlp)
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    weights = torch.randn(2, 9, 32, dtype=torch.float64)
+    (kernel_module(model).sequence_tiled(modules, x, 2) * weights).sum().backward()
+    tiled = [param.grad.clone() for module in modules for param in module.parameters()]
+    model.zero_grad()
+    (layer.mlp(layer.post_attention_layernorm(x)) * weights).sum().backward()
+    whole = [param.grad for module in modules for param in module.parameters()]
+    assert all(grad.dtype == torch.float64 for grad in tiled)
+    for actual, wanted in zip(tiled, whole):
+        assert_close_rel(actual, wanted, 1e-12, "float64 tiled gradient")
+
+
 def test_sequence_tile_size_must_be_a_non_negative_int(folders):
     module = kernel_module(load(folders["llama"], "llama"))
     assert module.sequence_tile_size(llama_config()) == 0
