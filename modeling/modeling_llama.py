@@ -3202,12 +3202,19 @@ def _is_peft_hook(hook) -> bool:
     return (getattr(getattr(hook, "func", hook), "__module__", None) or "").startswith("peft.")
 
 
-def _peft_hooks_carry_rows(model: torch.nn.Module) -> bool:
-    """Whether PEFT's forward pre-hooks are on ``model`` (for one call or for good): in peft 0.21 every such hook
-    carries per-row state (a mixed-adapter batch's ``adapter_names``, aLoRA's offsets, Poly's task ids, X-LoRA's
-    scalings, Shadow's states) that rows packed into one would mismatch. Plain LoRA and the other token-wise
-    adapters add none."""
-    return any(_is_peft_hook(hook) for module in model.modules() for hook in module._forward_pre_hooks.values())
+def _needs_its_padded_rows(model: torch.nn.Module) -> bool:
+    """Whether a module of ``model`` computes over the batch as a whole, so that rows packed into one would
+    change its result: PEFT's forward pre-hooks (for one call or for good: in peft 0.21 every such hook carries
+    per-row state, a mixed-adapter batch's ``adapter_names``, aLoRA's offsets, Poly's task ids, X-LoRA's
+    scalings, Shadow's states; plain LoRA and the other token-wise adapters add none), and an embedding whose
+    lookup depends on every id of the batch, padding's too (``max_norm`` renormalises each row it looks up in
+    place; ``scale_grad_by_freq`` divides by the counts of ids in the batch)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq):
+            return True
+        if any(_is_peft_hook(hook) for hook in module._forward_pre_hooks.values()):
+            return True
+    return False
 
 
 def padded_rows(
@@ -3218,8 +3225,8 @@ def padded_rows(
 
     Unpadded: a 2-D padding mask with at least one padded and one kept token, no cache given, none to build
     (``use_cache`` false, or training mode: a padded training forward returns no cache), no attention weights
-    asked for, all logits asked for, no packed keywords already, ``config.unpad_batches`` not false, no PEFT
-    hooks with per-row state (``_peft_hooks_carry_rows``), no label
+    asked for, all logits asked for, no packed keywords already, ``config.unpad_batches`` not false, no module
+    that computes over the whole batch (``_needs_its_padded_rows``), no label
     that a padded position predicts (its loss term needs that position's output; with left padding, mask the
     first token's label too), and not while compiling or exporting (finding the kept tokens is a host read:
     compiled forwards keep the padding mask and run every row at full length). One host read decides and
@@ -3242,7 +3249,7 @@ def padded_rows(
         or varlen_keywords(kwargs)
         or not config_switch(config, "unpad_batches", True)
         or _is_tracing()
-        or _peft_hooks_carry_rows(model)
+        or _needs_its_padded_rows(model)
     ):
         return None
     keep = attention_mask.to(inputs.device).bool()

@@ -162,22 +162,53 @@ def test_bloom_keeps_stock_gelu_module(family_pairs):
 @pytest.mark.parametrize(
     "options", [dict(padding_idx=0), dict(max_norm=0.05), dict(scale_grad_by_freq=True)], ids=lambda o: next(iter(o))
 )
-def test_gpt2_position_table_options_are_honoured(family_pairs, options):
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_gpt2_position_table_options_are_honoured(family_pairs, options, padded):
     """A table with options is looked up as stock looks it up (a slice of its rows ignored them: padding_idx's
-    row got a gradient, max_norm's rows were not renormalized)."""
-
-    def with_options(model):
-        old = model.transformer.wpe
-        table = torch.nn.Embedding(old.num_embeddings, old.embedding_dim, **options)
-        table.weight = torch.nn.Parameter(old.weight.detach().clone())
-        model.transformer.wpe = table
-
-    stock, ours = modify_both(pair_copy(family_pairs, "gpt2"), with_options)
+    row got a gradient, max_norm's rows were not renormalized; a padded batch run as packed rows counted each
+    position once per row that keeps it, where stock looks up one row of positions for the batch)."""
+    pair = pair_copy(family_pairs, "gpt2")
+    stock, ours = modify_both(pair, lambda model: with_embedding_options(model, "transformer.wpe", options))
     batch = batch_for("gpt2", torch.Generator().manual_seed(16))
-    # unpadded: the positions are a slice of the table (a padded batch runs unpadded, and with
-    # scale_grad_by_freq its padded positions would not be counted)
-    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+    if not padded:  # the positions are a slice of the table
+        batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
     assert_same_training_step(stock, ours, batch)
+    assert torch.equal(ours.transformer.wpe.weight, stock.transformer.wpe.weight)  # max_norm renormalizes in place
+
+
+def with_embedding_options(model: torch.nn.Module, name: str, options: dict) -> None:
+    """Replaces the embedding ``name`` by one with the same rows and ``options`` (a tied head keeps the tie)."""
+    old = model.get_submodule(name)
+    table = torch.nn.Embedding(old.num_embeddings, old.embedding_dim, **options)
+    table.weight = old.weight
+    parent, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent), attribute, table)
+
+
+@pytest.mark.parametrize("options", [dict(max_norm=1.0), dict(scale_grad_by_freq=True)], ids=lambda o: next(iter(o)))
+@pytest.mark.parametrize("name", ["llama_tied", "gpt2", "bloom"])
+def test_input_embedding_options_that_act_on_the_whole_batch_see_its_padding_as_in_stock(family_pairs, name, options):
+    """``max_norm`` renormalizes every row looked up (padding's ids too) and ``scale_grad_by_freq`` counts ids over
+    the whole batch: a padded batch run as packed rows of its kept tokens gave other gradients (and, tied, another
+    loss), so such a model keeps its padded rows."""
+    stock, ours = pair_copy(family_pairs, name)
+    batch = batch_for(name, torch.Generator().manual_seed(18))
+    if "max_norm" in options:  # an id only the padding uses: stock renormalizes its row, packed rows did not
+        pad_id = next(i for i in range(3, 1000) if not (batch["input_ids"] == i).any())
+    else:  # a real token of row 0 is also the padding of row 1: stock counts it there too
+        pad_id = int(batch["input_ids"][0, 3])
+    batch["input_ids"][1] = batch["input_ids"][1].masked_fill(batch["attention_mask"][1] == 0, pad_id)
+    for model in (stock, ours):
+        with torch.no_grad():  # rows of norm above max_norm, the padding's among them
+            model.get_input_embeddings().weight.mul_(3.0)
+        with_embedding_options(model, embedding_name(model), options)
+    assert_same_training_step(stock, ours, batch)
+    assert torch.equal(ours.get_input_embeddings().weight, stock.get_input_embeddings().weight)
+
+
+def embedding_name(model: torch.nn.Module) -> str:
+    embeddings = model.get_input_embeddings()
+    return next(name for name, module in model.named_modules() if module is embeddings)
 
 
 def test_gpt2_with_lora_on_its_position_table_runs_as_stock(family_pairs):
