@@ -3163,10 +3163,10 @@ class PaddedRows:
 
     def pack_inputs(self, input_ids, inputs_embeds, position_ids, input_embeddings: torch.nn.Module) -> tuple:
         """``(input_ids, inputs_embeds, position_ids)`` as the packed row; positions default to what a forward
-        without cache uses, ``0 .. s - 1`` in every row (left padding included). Where hooks watch the model's
-        ``input_embeddings`` (the Trainer's NEFTune noise is scaled by the output's shape), the padded batch is
-        embedded first, so that they see the ``[b, s, d]`` output stock gives them."""
-        if input_ids is not None and (input_embeddings._forward_hooks or input_embeddings._forward_pre_hooks):
+        without cache uses, ``0 .. s - 1`` in every row (left padding included). Where hooks (forward or backward)
+        watch the model's ``input_embeddings`` (the Trainer's NEFTune noise is scaled by the output's shape), the
+        padded batch is embedded first, so that they see the ``[b, s, d]`` tensors stock gives them."""
+        if input_ids is not None and not _runs_as_written(input_embeddings):
             input_ids, inputs_embeds = None, input_embeddings(input_ids)
         if position_ids is None:
             position_ids = torch.arange(self.seq, device=self.indices.device)[None]
@@ -3219,15 +3219,16 @@ def _needs_its_padded_rows(model: torch.nn.Module) -> bool:
 
 def padded_rows(
     model, attention_mask, input_ids=None, inputs_embeds=None, labels=None, past_key_values=None, use_cache=None,
-    output_attentions=None, logits_to_keep=0, **kwargs,
+    output_attentions=None, logits_to_keep=0, output_hidden_states=None, **kwargs,
 ) -> Optional[PaddedRows]:
     """The ``PaddedRows`` of a causal LM forward that runs unpadded, or None for one that runs as it came.
 
     Unpadded: a 2-D padding mask with at least one padded and one kept token, no cache given, none to build
     (``use_cache`` false, or training mode: a padded training forward returns no cache), no attention weights
-    asked for, all logits asked for, no packed keywords already, ``config.unpad_batches`` not false, no module
-    that computes over the whole batch (``_needs_its_padded_rows``), no label
-    that a padded position predicts (its loss term needs that position's output; with left padding, mask the
+    asked for, no hidden states asked for while gradients are recorded (those returned are copies beside the
+    graph the loss comes from: a hook or ``autograd.grad`` on them would not see its gradient), all logits asked
+    for, no packed keywords already, ``config.unpad_batches`` not false, no module that computes over the whole
+    batch (``_needs_its_padded_rows``), no label that a padded position predicts (its loss term needs that position's output; with left padding, mask the
     first token's label too), and not while compiling or exporting (finding the kept tokens is a host read:
     compiled forwards keep the padding mask and run every row at full length). One host read decides and
     sizes the packed row.
@@ -3241,10 +3242,12 @@ def padded_rows(
     cache_dropped = default_use_cache(model, use_cache)  # what a forward that ran as it came would return
     use_cache = config.use_cache if use_cache is None else use_cache
     output_attentions = config.output_attentions if output_attentions is None else output_attentions
+    output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
     if (
         past_key_values is not None
         or (use_cache and not model.training)
         or output_attentions
+        or (output_hidden_states and torch.is_grad_enabled())
         or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
         or varlen_keywords(kwargs)
         or not config_switch(config, "unpad_batches", True)
@@ -3274,18 +3277,21 @@ def unpadded_lm_outputs(model, lm_head, hidden_states, labels, rows: PaddedRows,
     """``(loss, logits)`` of a causal LM head over the packed hidden states ``[1, n, d]`` of ``rows``: the loss
     over the kept positions (the fused LM head + loss where ``fused_loss_applies``), the same terms as
     transformers' loss over the padded batch (``padded_rows`` made sure no padded position predicts a label);
-    logits ``[b, s, vocab]`` with zeros at padded positions (None with the fused loss)."""
+    logits ``[b, s, vocab]`` with zeros at padded positions (None with the fused loss). The loss is computed from
+    the logits returned, so that a hook or ``autograd.grad`` on them sees its gradient, as in stock."""
     targets = shifted_labels(labels, **kwargs)
     kwargs.pop("shift_labels", None)
-    targets = rows.pack(targets)
     if fused_loss_applies(model, lm_head, targets):
-        return lm_head_loss(hidden_states, lm_head, targets, model.config, shift_labels=targets, **kwargs), None
-    logits = lm_head(hidden_states)
+        packed = rows.pack(targets)
+        return lm_head_loss(hidden_states, lm_head, packed, model.config, shift_labels=packed, **kwargs), None
+    logits = rows.unpack(lm_head(hidden_states))
     loss = None
     if targets is not None:
         vocab_size = logits.shape[-1]  # the head's: a head replaced by a wider one needs no config change
-        loss = model.loss_function(logits=logits, labels=None, vocab_size=vocab_size, shift_labels=targets, **kwargs)
-    return loss, rows.unpack(logits)
+        loss = model.loss_function(
+            logits=logits, labels=None, vocab_size=vocab_size, shift_labels=targets.contiguous(), **kwargs
+        )
+    return loss, logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3929,8 +3935,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         _refuse_double_backward("the fused LM head + loss")
+        if getattr(ctx, "scaled", False):  # autograd's version check misses tensors saved through hooks
+            raise RuntimeError(
+                "the fused LM head + loss: a second backward through one loss (retain_graph=True) is not supported: "
+                "the first scaled its kept gradients in place; set config.keep_logits_in_training = True for it"
+            )
         grads = ctx.saved_tensors
-        # in place: a second backward through this graph then fails autograd's version check, loudly
+        ctx.scaled = True
         _scale_in_place_op([g for g in grads if g is not None], grad_loss)
         return (*grads, None, None, None, None, None)
 
@@ -5251,15 +5262,31 @@ def _weights_outside_parameters(modules) -> bool:
     return False
 
 
+def _parameters_with_gradient_hooks(modules) -> bool:
+    """Whether a trainable parameter in ``modules`` has tensor hooks (``param.register_hook``). The tiles' and
+    offloaded checkpoints' backward takes the parameters' gradients in a recompute and hands them on to autograd,
+    which would run such hooks twice (once per tile, and again on the sum), where stock runs them once."""
+    return any(param.requires_grad and param._backward_hooks for module in modules for param in module.parameters())
+
+
 def _runs_without_saving(what: str, modules) -> bool:
-    """``_weights_outside_parameters`` while gradients are recorded, logged once with ``what`` is off."""
-    if not torch.is_grad_enabled() or not _weights_outside_parameters(modules):
+    """While gradients are recorded, whether ``modules`` must run as usual, logged once with ``what`` is off:
+    ``_weights_outside_parameters`` or ``_parameters_with_gradient_hooks``."""
+    if not torch.is_grad_enabled():
         return False
-    _log_once(
-        f"{what} is off for modules whose weights are views of a parameter they do not hold (FSDP1 with "
-        "use_orig_params=False): they run as usual; FSDP2 (fully_shard) or FSDP1's use_orig_params=True keep it on"
-    )
-    return True
+    if _weights_outside_parameters(modules):
+        _log_once(
+            f"{what} is off for modules whose weights are views of a parameter they do not hold (FSDP1 with "
+            "use_orig_params=False): they run as usual; FSDP2 (fully_shard) or FSDP1's use_orig_params=True keep it on"
+        )
+        return True
+    if _parameters_with_gradient_hooks(modules):
+        _log_once(
+            f"{what} is off for modules with a parameter that has gradient hooks (Tensor.register_hook), which its "
+            "recompute would run more than once: they run as usual (register_post_accumulate_grad_hook keeps it on)"
+        )
+        return True
+    return False
 
 
 def sequence_tiled(modules, x: torch.Tensor, tile_size: int) -> torch.Tensor:
@@ -5893,7 +5920,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         if not frequencies_follow_the_largest_position(self.model.rotary_emb):
             rows = padded_rows(
                 self, attention_mask, input_ids, inputs_embeds, labels, past_key_values, use_cache,
-                output_attentions, logits_to_keep, **kwargs,
+                output_attentions, logits_to_keep, output_hidden_states, **kwargs,
             )
         if rows is not None:  # a padded batch runs as one packed row of its kept tokens
             input_ids, inputs_embeds, position_ids = rows.pack_inputs(

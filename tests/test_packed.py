@@ -540,14 +540,18 @@ class LayerInputs:
 
 
 def step(model, ids, keep, labels, **extra):
-    """Loss, logits, hidden states and gradients of one forward + backward (logits kept in training)."""
+    """Loss, logits and gradients of one forward + backward (logits kept in training), with the hidden states of
+    the same forward run without gradients (asked for while gradients are recorded, they keep the padded rows)."""
     model.config.keep_logits_in_training = True
     model.zero_grad(set_to_none=True)
     if extra.pop("embeddings", False):  # the same tokens as inputs_embeds, through each model's own table
         extra["inputs_embeds"], ids = model.get_input_embeddings()(ids), None
-    out = model(input_ids=ids, attention_mask=keep, labels=labels, output_hidden_states=True, **extra)
+    out = model(input_ids=ids, attention_mask=keep, labels=labels, **extra)
     out.loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    with torch.no_grad():
+        extra = {key: value.detach() if key == "inputs_embeds" else value for key, value in extra.items()}
+        out.hidden_states = model(input_ids=ids, attention_mask=keep, output_hidden_states=True, **extra).hidden_states
     return out, grads
 
 
@@ -619,7 +623,8 @@ def test_qwen_padded_batch_unpadded_matches_its_rows_at_full_length(mode, tmp_pa
         model.config.unpad_batches = True
     with LayerInputs(model) as seen_unpadded:
         unpadded = step(model, ids, keep, labels)
-    assert seen.shapes == [(3, 16, 32)] and seen_unpadded.shapes == [(1, int(keep.sum()), 32)]
+    # each step: a training forward, then one without gradients for the hidden states
+    assert seen.shapes == [(3, 16, 32)] * 2 and seen_unpadded.shapes == [(1, int(keep.sum()), 32)] * 2
     assert_same_step(unpadded, full_rows, keep)
 
 
@@ -637,7 +642,7 @@ def test_lora_gradients_of_an_unpadded_batch_match_its_rows_at_full_length(tmp_p
         unpadded = step(lora, ids, keep, labels)
         model.config.unpad_batches = False
         full_rows = step(lora, ids, keep, labels)
-    assert seen.shapes == [(1, int(keep.sum()), 32), (4, 17, 32)]
+    assert seen.shapes == [(1, int(keep.sum()), 32)] * 2 + [(4, 17, 32)] * 2  # training, then hidden states
     assert unpadded[1] and all("lora_" in name for name in unpadded[1])
     assert_same_step(unpadded, full_rows, keep)
 

@@ -1,0 +1,111 @@
+"""What code that observes or reuses gradients sees, against stock: tensor hooks on parameters and on returned
+tensors, ``retain_grad``/``autograd.grad`` on outputs, module backward hooks, and a second backward through one
+loss. A padded batch runs unpadded and the long-context options recompute layers in backward: neither may change
+what these observers see."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from remote_code import assert_close_rel
+from test_fused_models import TOL, assert_same_training_step, batch_for, family_pairs  # noqa: F401 - a fixture
+from test_modified_modules import pair_copy
+
+
+def loss_of(model, batch: dict, **kwargs):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    return model(**batch, **kwargs)
+
+
+@pytest.mark.parametrize("hooks", ["none", "save_on_cpu", "identity saved_tensors_hooks"])
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_second_backward_through_the_fused_loss_is_refused_under_saved_tensor_hooks_too(family_pairs, name, hooks):
+    """The first backward scales the kept gradients in place; autograd's version check misses that for tensors
+    saved through hooks, so a second one (with a first gradient other than 1) silently gave 1.5x stock's."""
+    stock, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(21))
+    contexts = {
+        "none": contextlib.nullcontext,
+        "save_on_cpu": torch.autograd.graph.save_on_cpu,
+        "identity saved_tensors_hooks": lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
+    }
+    grads = {}
+    for label, model in (("stock", stock), ("ours", ours)):
+        with contexts[hooks]():
+            loss = loss_of(model, batch).loss
+        loss.backward(torch.tensor(2.0), retain_graph=True)
+        grads[label] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        if label == "ours":
+            with pytest.raises(RuntimeError, match="second backward through one loss"):
+                loss.backward(torch.tensor(2.0))
+    for param_name, grad in grads["stock"].items():
+        if not param_name.endswith("k_proj.bias"):
+            assert_close_rel(grads["ours"][param_name], grad, TOL, f"first backward, grad of {param_name}")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom"])
+def test_hidden_states_returned_in_training_are_on_the_graph_of_the_loss(family_pairs, name):
+    """A padded batch asked for its hidden states while gradients are recorded keeps its rows: the hidden states
+    of packed rows came back as copies beside the loss's graph (``autograd.grad`` raised, hooks did nothing)."""
+    stock, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(22))
+    expected, got = (loss_of(model, batch, output_hidden_states=True) for model in (stock, ours))
+    (want,) = torch.autograd.grad(expected.loss, expected.hidden_states[1])
+    (have,) = torch.autograd.grad(got.loss, got.hidden_states[1])
+    assert_close_rel(have, want, TOL, "gradient of the loss at hidden_states[1]")
+
+
+@pytest.mark.parametrize("name", ["llama", "bloom"])
+def test_logits_returned_beside_the_loss_are_what_it_is_computed_from(family_pairs, name):
+    """With ``keep_logits_in_training`` a padded batch still runs unpadded, and the loss comes from the logits
+    it returns (it came from the packed logits, so a hook on the returned ones did nothing)."""
+    stock, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(23))
+    ours.config.keep_logits_in_training = True
+    try:
+        expected, got = (loss_of(model, batch) for model in (stock, ours))
+        (want,) = torch.autograd.grad(expected.loss, expected.logits)
+        (have,) = torch.autograd.grad(got.loss, got.logits)
+    finally:
+        del ours.config.keep_logits_in_training
+    assert_close_rel(have, want, TOL, "gradient of the loss at the logits")
+
+
+@pytest.mark.parametrize("option", [dict(sequence_tile_size=4), dict(offload_checkpoints=True)], ids=lambda o: next(iter(o)))
+@pytest.mark.parametrize("name, parameter", [
+    ("llama", "model.layers.0.mlp.down_proj.weight"), ("bart_causal", "model.decoder.layers.0.fc2.weight"),
+])  # fmt: skip
+def test_parameter_gradient_hooks_run_once_with_tiles_and_offloaded_checkpoints(family_pairs, name, parameter, option):
+    """The recompute took the parameters' gradients itself and handed them on, so autograd ran their tensor hooks
+    once per tile and again on the sum (a doubling hook gave 4x), and with None for a layer's unused parameters
+    (BART-causal's cross-attention): such modules run as usual (logged once)."""
+    stock, ours = pair_copy(family_pairs, name)
+    for key, value in option.items():
+        setattr(ours.config, key, value)
+    calls = {"stock": [], "ours": []}
+    for label, model in (("stock", stock), ("ours", ours)):
+        for param_name, param in model.named_parameters():
+            param.register_hook(lambda grad, label=label, param_name=param_name: calls[label].append(param_name) or (
+                None if grad is None else (2 * grad if param_name == parameter else grad)
+            ))
+    batch = batch_for(name, torch.Generator().manual_seed(24))
+    assert_same_training_step(stock, ours, batch)
+    assert sorted(calls["ours"]) == sorted(calls["stock"]) and calls["ours"].count(parameter) == 1
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom"])
+def test_backward_hooks_on_the_input_embeddings_see_the_padded_batch(family_pairs, name):
+    """The padded batch is embedded first for them, as for forward hooks: they saw the packed ``[1, n, d]``."""
+    stock, ours = pair_copy(family_pairs, name)
+    seen = {}
+    for label, model in (("stock", stock), ("ours", ours)):
+        model.get_input_embeddings().register_full_backward_hook(
+            lambda module, grad_input, grad_output, label=label: seen.__setitem__(label, grad_output[0])
+        )
+    batch = batch_for(name, torch.Generator().manual_seed(25))
+    assert_same_training_step(stock, ours, batch)
+    assert seen["ours"].shape == seen["stock"].shape == (*batch["input_ids"].shape, 32)
+    assert_close_rel(seen["ours"], seen["stock"], TOL, "grad_output of the input embeddings")
