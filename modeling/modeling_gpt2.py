@@ -93,6 +93,9 @@ _probe_results: dict = {}
 
 
 def _log_once(message: str) -> None:
+    """Logs ``message`` the first time it comes, except while compiling (a logging call would break the graph)."""
+    if torch.compiler.is_compiling():
+        return
     if message not in _logged_messages:
         _logged_messages.add(message)
         _logger.warning(message)
@@ -574,15 +577,14 @@ def _under_function_transform() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``; Opacus's per-sample gradients
     of layers it has no rule for) is running. Our autograd Functions have no ``setup_context`` or vmap rule,
     which those transforms need, so the fused ops and attention's own paths then compute as stock does; logged
-    once (not while compiling: a logging call would break the graph)."""
+    once."""
     if not torch._C._are_functorch_transforms_active():
         return False
-    if not torch.compiler.is_compiling():
-        _log_once(
-            "a torch.func transform is running: the fused ops (loss, norms, MLP, RoPE, tiles, offloaded "
-            "checkpoints) compute as stock does, holding what stock holds, and attention runs on sdpa or plain "
-            "eager (another backend named explicitly is refused)"
-        )
+    _log_once(
+        "a torch.func transform is running: the fused ops (loss, norms, MLP, RoPE, tiles, offloaded "
+        "checkpoints) compute as stock does, holding what stock holds, and attention runs on sdpa or plain "
+        "eager (another backend named explicitly is refused)"
+    )
     return True
 
 
@@ -4192,6 +4194,20 @@ def wrapped_head_cross_entropy(
     return torch.stack(sums).sum() / divisor
 
 
+def _fused_loss_keeps_stock_numerics(weight: torch.Tensor, logits_bias: Optional[torch.Tensor]) -> bool:
+    """Whether the fused op computes what stock's head and loss compute here. Not for a float16 head (autocast's
+    included): it keeps its gradients from forward in float16, scaled by ``1 / divisor``, and can only multiply
+    them by backward's incoming gradient, where a loss scale of 2**16 (``GradScaler``'s) overflows float16 and
+    small gradients have already underflowed. Not for a logits bias in another dtype than the head's matmul
+    (BART's float32 ``final_logits_bias`` in a half-precision model), which promotes stock's logits. Those heads
+    run on checkpointed chunks as a wrapped head does (stock's numerics, one more head matmul in backward)."""
+    head_dtype = _dtype_under_autocast(weight.dtype, weight.device.type)
+    if head_dtype == torch.float16:
+        _log_once("the fused LM head + loss runs a float16 head on checkpointed chunks (room for a loss scale)")
+        return False
+    return logits_bias is None or logits_bias.dtype == head_dtype
+
+
 def lm_head_loss(
     hidden_states: torch.Tensor,
     lm_head: torch.nn.Linear,
@@ -4221,6 +4237,8 @@ def lm_head_loss(
     if logits_bias is not None:
         logits_bias = logits_bias.reshape(-1).to(hidden_states.device)
     linear = _plain_linear_run_by(lm_head)
+    if linear is not None and not _fused_loss_keeps_stock_numerics(linear.weight, logits_bias):
+        linear = None
     if linear is None:
         head_dtype = _dtype_under_autocast(hidden_states.dtype, hidden_states.device.type)
         chunk_size = loss_chunk_size(config, config.vocab_size, head_dtype)

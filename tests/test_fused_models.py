@@ -6,6 +6,7 @@ bf16 against fp32 stock. The ops themselves are tested in ``test_fused_ops.py``.
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
@@ -189,6 +190,49 @@ def test_gpt2_flattens_a_mask_of_fewer_dimensions_as_stock(family_pairs, shape):
         batch = {key: value[1:] for key, value in batch.items()}
         batch["attention_mask"] = batch["attention_mask"][0]
     assert_same_training_step(stock, ours, batch)
+
+
+def scaled_float16_gradients(model, batch: dict, scale: float) -> dict:
+    """Every gradient of ``(loss * scale).backward()`` in float16, unscaled in float64 (a GradScaler's step)."""
+    model.half().train()
+    model.zero_grad(set_to_none=True)
+    (model(**batch).loss * scale).backward()
+    return {n: p.grad.double() / scale for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom"])
+def test_float16_gradients_take_a_gradscaler_loss_scale_as_stock(family_pairs, name):
+    """GradScaler starts at 2**16: the fused loss kept its gradients from forward in float16, scaled by 1 / tokens,
+    and multiplied them by the scale there (inf in float16; GradScaler skipped every such step)."""
+    stock, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(5))
+    _, reference = train_step(copy.deepcopy(stock).double(), batch)
+    expected = scaled_float16_gradients(copy.deepcopy(stock), batch, 2.0**16)
+    got = scaled_float16_gradients(copy.deepcopy(ours), batch, 2.0**16)
+    assert got.keys() == expected.keys() == reference.keys()
+    for param_name, want in reference.items():
+        if param_name.endswith("k_proj.bias"):
+            continue
+        assert torch.isfinite(got[param_name]).all(), param_name
+        error, stock_error = relative_error(got[param_name], want), relative_error(expected[param_name], want)
+        assert error <= 2 * stock_error + 1e-3, (param_name, error, stock_error)
+
+
+def test_bart_with_a_float32_final_logits_bias_in_a_bfloat16_model_trains_as_stock(family_pairs):
+    """Stock's logits become float32 where the bias is added; the fused op took the bias into a bf16 matmul
+    and raised a dtype error."""
+    stock, ours = (copy.deepcopy(model).to(torch.bfloat16) for model in family_pairs["bart"][:2])
+    for model in (stock, ours):
+        model.final_logits_bias.data = model.final_logits_bias.data.float()
+    batch = batch_for("bart", torch.Generator().manual_seed(6))
+    reference_loss, reference = train_step(copy.deepcopy(stock).double(), batch)
+    (expected, expected_grads), (got, grads) = train_step(stock, batch), train_step(ours, batch)
+    assert got.loss.dtype == expected.loss.dtype == torch.float32
+    assert_close_rel(got.loss.double(), reference_loss.loss.detach(), 1e-2, "loss")
+    for param_name, want in reference.items():
+        error = relative_error(grads[param_name].double(), want)
+        stock_error = relative_error(expected_grads[param_name].double(), want)
+        assert error <= 2 * stock_error + 1e-3, (param_name, error, stock_error)
 
 
 @pytest.mark.parametrize("num_items", [torch.tensor(40), torch.tensor([40]), torch.tensor([[40.0]])], ids=str)
