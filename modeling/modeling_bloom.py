@@ -3261,7 +3261,8 @@ def padded_rows(
     cache_dropped = default_use_cache(model, use_cache)  # what a forward that ran as it came would return
     use_cache = config.use_cache if use_cache is None else use_cache
     output_attentions = config.output_attentions if output_attentions is None else output_attentions
-    output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+    if output_hidden_states is None:
+        output_hidden_states = getattr(config, "output_hidden_states", False)
     if (
         past_key_values is not None
         or (use_cache and not model.training)
@@ -3573,7 +3574,8 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(base + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
             new_max = tl.maximum(running_max, tl.max(x, 0))
-            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # -inf - -inf would be NaN
+            running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), 0)
             running_max = new_max
         log_sum = tl.log(running_sum)  # apart from the maximum: not rounded at the logits' magnitude
         counted = target != ignore_index
@@ -3845,6 +3847,7 @@ def _cross_entropy_in_place_triton(logits, targets, ignore_index: int, scale: Op
     """The chunk's summed loss; with ``scale``, ``logits`` now hold their gradient (one Triton kernel)."""
     if not logits.is_contiguous():
         return None
+    targets = targets.contiguous()  # the kernel reads one target per row at stride 1
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     block = min(_row_block(logits.shape[1]), 4096)
     _cross_entropy_rows_kernel[(logits.shape[0],)](
@@ -4109,6 +4112,13 @@ def _token_ids(targets: torch.Tensor, device: torch.device) -> torch.Tensor:
     return targets.to(device, torch.int64)
 
 
+def _check_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Refuse a label outside ``[0, vocab)`` that is not ``ignore_index``, as PyTorch's loss does, without a host
+    sync: at once on the CPU, a device-side assert on CUDA (the Triton kernel would read another row's logit)."""
+    inside = ((targets >= 0) & (targets < vocab_size)) | (targets == ignore_index)
+    torch._assert_async(inside.all(), f"labels must lie in [0, {vocab_size}) or be ignore_index ({ignore_index})")
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -4130,6 +4140,7 @@ def linear_cross_entropy(
             f"and {list(targets.shape)}"
         )
     targets = _token_ids(targets, hidden.device)
+    _check_targets(targets, weight.shape[0], ignore_index)
     divisor = _loss_divisor(targets, num_items_in_batch, ignore_index, hidden.dtype)
     grad_enabled = torch.is_grad_enabled()
     wants = tuple(grad_enabled and t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -4213,14 +4224,17 @@ def wrapped_head_cross_entropy(
     return torch.stack(sums).sum() / divisor
 
 
-def _fused_loss_keeps_stock_numerics(weight: torch.Tensor, logits_bias: Optional[torch.Tensor]) -> bool:
+def _fused_loss_keeps_stock_numerics(linear: torch.nn.Linear, logits_bias: Optional[torch.Tensor]) -> bool:
     """Whether the fused op computes what stock's head and loss compute here. Not for a float16 head (autocast's
     included): it keeps its gradients from forward in float16, scaled by ``1 / divisor``, and can only multiply
     them by backward's incoming gradient, where a loss scale of 2**16 (``GradScaler``'s) overflows float16 and
     small gradients have already underflowed. Not for a logits bias in another dtype than the head's matmul
     (BART's float32 ``final_logits_bias`` in a half-precision model), which promotes stock's logits. Those heads
-    run on checkpointed chunks as a wrapped head does (stock's numerics, one more head matmul in backward)."""
-    head_dtype = _dtype_under_autocast(weight.dtype, weight.device.type)
+    run on checkpointed chunks as a wrapped head does (stock's numerics, one more head matmul in backward). The
+    weight's dtype is read from the stored parameter: a parametrized weight is computed only once per forward."""
+    parametrized = torch.nn.utils.parametrize.is_parametrized(linear, "weight")
+    stored = linear.parametrizations["weight"].original if parametrized else linear.weight
+    head_dtype = _dtype_under_autocast(stored.dtype, stored.device.type)
     if head_dtype == torch.float16:
         _log_once("the fused LM head + loss runs a float16 head on checkpointed chunks (room for a loss scale)")
         return False
@@ -4256,7 +4270,7 @@ def lm_head_loss(
     if logits_bias is not None:
         logits_bias = logits_bias.reshape(-1).to(hidden_states.device)
     linear = _plain_linear_run_by(lm_head)
-    if linear is not None and not _fused_loss_keeps_stock_numerics(linear.weight, logits_bias):
+    if linear is not None and not _fused_loss_keeps_stock_numerics(linear, logits_bias):
         linear = None
     if linear is None:
         head_dtype = _dtype_under_autocast(hidden_states.dtype, hidden_states.device.type)
@@ -4300,7 +4314,7 @@ def _rms_norm_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, residual_grad=None
 ):
     x_hat = _at_least_float32(x) * rstd
-    grad_normed = (grad * weight).to(x_hat.dtype)
+    grad_normed = (grad * weight).to(x.dtype).to(x_hat.dtype)  # rounded as stock's cast of the normed input
     grad_x = rstd * (grad_normed - x_hat * (grad_normed * x_hat).mean(-1, keepdim=True))
     grad_weight = (grad.to(x_hat.dtype) * x_hat.to(x.dtype).to(x_hat.dtype)).reshape(-1, x.shape[-1]).sum(0)
     return _plus_residual(grad_x, residual_grad).to(x.dtype), grad_weight.to(weight.dtype)
@@ -4334,6 +4348,8 @@ def _rms_norm_backward_triton(
 ):
     x_rows, grad_rows = _rows(x), _rows(grad)
     n_rows, n_cols = x_rows.shape
+    if n_rows == 0:  # nothing to split over programs: the PyTorch body returns the empty and zero gradients
+        return None
     block = _row_block(n_cols)
     programs, rows_per_program, rows_at_once = _norm_backward_split(n_rows, block, x.device)
     grad_x = torch.empty_like(x_rows)
@@ -4433,6 +4449,8 @@ def _layer_norm_backward_triton(
 ):
     x_rows, grad_rows = _rows(x), _rows(grad)
     n_rows, n_cols = x_rows.shape
+    if n_rows == 0:  # nothing to split over programs: the PyTorch body returns the empty and zero gradients
+        return None
     block = _row_block(n_cols)
     programs, rows_per_program, rows_at_once = _norm_backward_split(n_rows, block, x.device)
     grad_x = torch.empty_like(x_rows)
