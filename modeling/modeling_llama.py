@@ -94,13 +94,16 @@ _logged_messages: set = set()
 _probe_results: dict = {}
 
 
-def _log_once(message: str) -> None:
-    """Logs ``message`` the first time it comes, except while compiling (a logging call would break the graph)."""
-    if torch.compiler.is_compiling():
-        return
+def _log_once(message: str) -> bool:
+    """Logs ``message`` the first time it comes. Marked as a constant-result function below: while compiling,
+    dynamo runs it when it traces the graph instead of putting a logging call (a graph break) into it."""
     if message not in _logged_messages:
         _logged_messages.add(message)
         _logger.warning(message)
+    return True
+
+
+_log_once._dynamo_marked_constant = True  # as torch._dynamo.assume_constant_result sets it (see _probe)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -4207,21 +4210,22 @@ def wrapped_head_cross_entropy(
     return torch.stack(sums).sum() / divisor
 
 
-def _fused_loss_keeps_stock_numerics(linear: torch.nn.Linear, logits_bias: Optional[torch.Tensor]) -> bool:
+def _fused_loss_keeps_stock_numerics(weight: torch.Tensor, logits_bias: Optional[torch.Tensor]) -> bool:
     """Whether the fused op computes what stock's head and loss compute here. Not for a float16 head (autocast's
     included): it keeps its gradients from forward in float16, scaled by ``1 / divisor``, and can only multiply
     them by backward's incoming gradient, where a loss scale of 2**16 (``GradScaler``'s) overflows float16 and
     small gradients have already underflowed. Not for a logits bias in another dtype than the head's matmul
-    (BART's float32 ``final_logits_bias`` in a half-precision model), which promotes stock's logits. Those heads
-    run on checkpointed chunks as a wrapped head does (stock's numerics, one more head matmul in backward). The
-    weight's dtype is read from the stored parameter: a parametrized weight is computed only once per forward."""
-    parametrized = torch.nn.utils.parametrize.is_parametrized(linear, "weight")
-    stored = linear.parametrizations["weight"].original if parametrized else linear.weight
-    head_dtype = _dtype_under_autocast(stored.dtype, stored.device.type)
+    (BART's float32 ``final_logits_bias`` in a half-precision model or under autocast), which promotes stock's
+    logits. Those heads run on checkpointed chunks of ``F.linear`` of the weight read once (stock's numerics, one
+    more head matmul in backward)."""
+    head_dtype = _dtype_under_autocast(weight.dtype, weight.device.type)
     if head_dtype == torch.float16:
         _log_once("the fused LM head + loss runs a float16 head on checkpointed chunks (room for a loss scale)")
         return False
-    return logits_bias is None or logits_bias.dtype == head_dtype
+    if logits_bias is not None and logits_bias.dtype != head_dtype:
+        _log_once("the fused LM head + loss runs on checkpointed chunks: a logits bias in another dtype than the head")
+        return False
+    return True
 
 
 def lm_head_loss(
@@ -4253,8 +4257,11 @@ def lm_head_loss(
     if logits_bias is not None:
         logits_bias = logits_bias.reshape(-1).to(hidden_states.device)
     linear = _plain_linear_run_by(lm_head)
-    if linear is not None and not _fused_loss_keeps_stock_numerics(linear, logits_bias):
-        linear = None
+    weight = bias = None
+    if linear is not None:
+        weight, bias = linear.weight, linear.bias  # read once: a parametrized head computes them at each read
+        if not _fused_loss_keeps_stock_numerics(weight, logits_bias):
+            lm_head, linear = partial(F.linear, weight=weight, bias=bias), None
     if linear is None:
         head_dtype = _dtype_under_autocast(hidden_states.dtype, hidden_states.device.type)
         chunk_size = loss_chunk_size(config, config.vocab_size, head_dtype)
@@ -4262,7 +4269,6 @@ def lm_head_loss(
             hidden_rows, lm_head, targets, logits_bias, num_items_in_batch, ignore_index, chunk_size
         )
     else:
-        weight, bias = linear.weight, linear.bias  # read once: a parametrized head computes them at each read
         if logits_bias is not None:
             bias = logits_bias if bias is None else bias + logits_bias
         head_dtype = _dtype_under_autocast(weight.dtype, hidden_states.device.type)
@@ -5303,6 +5309,9 @@ def _parameters_with_gradient_hooks(modules) -> bool:
     offloaded checkpoints' backward takes the parameters' gradients in a recompute and hands them on to autograd,
     which would run such hooks twice (once per tile, and again on the sum), where stock runs them once."""
     return any(param.requires_grad and param._backward_hooks for module in modules for param in module.parameters())
+
+
+_parameters_with_gradient_hooks._dynamo_marked_constant = True  # dynamo's trace reads ``_backward_hooks`` as empty
 
 
 def _runs_without_saving(what: str, modules) -> bool:

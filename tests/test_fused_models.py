@@ -179,36 +179,43 @@ def test_a_4d_mask_broadcast_over_the_keys_trains_as_stock(family_pairs, name):
     assert_close_rel(got[rows_kept[:, 0, :, 0]], expected[rows_kept[:, 0, :, 0]], TOL, "eval logits")
 
 
-@pytest.mark.parametrize("shape", ["[batch, 1, seq]", "[seq] for a batch of one"])
+@pytest.mark.parametrize("shape", ["[batch, 1, seq]", "[batch, seq, 1]", "[batch * seq]", "[seq] for a batch of one"])
 def test_gpt2_flattens_a_mask_of_fewer_dimensions_as_stock(family_pairs, shape):
-    """Stock GPT-2 reads any mask of fewer than 4 dimensions as one row per sequence."""
+    """Stock GPT-2 views any mask of fewer than 4 dimensions as ``[batch, -1]``."""
     stock, ours, _ = family_pairs["gpt2"]
     batch = batch_for("gpt2", torch.Generator().manual_seed(4))
-    if shape == "[batch, 1, seq]":
-        batch["attention_mask"] = batch["attention_mask"][:, None, :]
-    else:
+    mask = batch["attention_mask"]
+    if shape == "[seq] for a batch of one":
         batch = {key: value[1:] for key, value in batch.items()}
-        batch["attention_mask"] = batch["attention_mask"][0]
+        batch["attention_mask"] = mask[1]
+    else:
+        batch["attention_mask"] = {"[batch, 1, seq]": mask[:, None, :], "[batch, seq, 1]": mask[..., None]}.get(
+            shape, mask.reshape(-1)
+        )
     assert_same_training_step(stock, ours, batch)
 
 
-def scaled_float16_gradients(model, batch: dict, scale: float) -> dict:
-    """Every gradient of ``(loss * scale).backward()`` in float16, unscaled in float64 (a GradScaler's step)."""
-    model.half().train()
-    model.zero_grad(set_to_none=True)
-    (model(**batch).loss * scale).backward()
+def scaled_float16_gradients(model, batch: dict, scale: float, autocast: bool) -> dict:
+    """Every gradient of ``(loss * scale).backward()`` of a float16 model (or a float32 one under float16
+    autocast), unscaled in float64 (a GradScaler's step)."""
+    model = model.float() if autocast else model.half()
+    model.train().zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+        loss = model(**batch).loss
+    (loss * scale).backward()
     return {n: p.grad.double() / scale for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["float16 model", "float16 autocast"])
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bloom"])
-def test_float16_gradients_take_a_gradscaler_loss_scale_as_stock(family_pairs, name):
+def test_float16_gradients_take_a_gradscaler_loss_scale_as_stock(family_pairs, name, autocast):
     """GradScaler starts at 2**16: the fused loss kept its gradients from forward in float16, scaled by 1 / tokens,
     and multiplied them by the scale there (inf in float16; GradScaler skipped every such step)."""
     stock, ours, _ = family_pairs[name]
     batch = batch_for(name, torch.Generator().manual_seed(5))
     _, reference = train_step(copy.deepcopy(stock).double(), batch)
-    expected = scaled_float16_gradients(copy.deepcopy(stock), batch, 2.0**16)
-    got = scaled_float16_gradients(copy.deepcopy(ours), batch, 2.0**16)
+    expected = scaled_float16_gradients(copy.deepcopy(stock), batch, 2.0**16, autocast)
+    got = scaled_float16_gradients(copy.deepcopy(ours), batch, 2.0**16, autocast)
     assert got.keys() == expected.keys() == reference.keys()
     for param_name, want in reference.items():
         if param_name.endswith("k_proj.bias"):

@@ -46,13 +46,17 @@ def test_a_second_backward_through_the_fused_loss_is_refused_under_saved_tensor_
             assert_close_rel(grads["ours"][param_name], grad, TOL, f"first backward, grad of {param_name}")
 
 
+@pytest.mark.parametrize("asked", ["argument", "config"])
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bloom"])
-def test_hidden_states_returned_in_training_are_on_the_graph_of_the_loss(family_pairs, name):
+def test_hidden_states_returned_in_training_are_on_the_graph_of_the_loss(family_pairs, name, asked):
     """A padded batch asked for its hidden states while gradients are recorded keeps its rows: the hidden states
     of packed rows came back as copies beside the loss's graph (``autograd.grad`` raised, hooks did nothing)."""
-    stock, ours, _ = family_pairs[name]
+    stock, ours = pair_copy(family_pairs, name)
     batch = batch_for(name, torch.Generator().manual_seed(22))
-    expected, got = (loss_of(model, batch, output_hidden_states=True) for model in (stock, ours))
+    for model in (stock, ours):
+        model.config.output_hidden_states = asked == "config"
+    kwargs = {"output_hidden_states": True} if asked == "argument" else {}
+    expected, got = (loss_of(model, batch, **kwargs) for model in (stock, ours))
     (want,) = torch.autograd.grad(expected.loss, expected.hidden_states[1])
     (have,) = torch.autograd.grad(got.loss, got.hidden_states[1])
     assert_close_rel(have, want, TOL, "gradient of the loss at hidden_states[1]")

@@ -86,6 +86,23 @@ def test_a_spectral_norm_head_computes_its_weight_once_per_forward(family_pairs)
         assert_close_rel(vectors[1], vectors[0], TOL, f"power-iteration vector after step {step}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("parametrization", ["spectral_norm", "weight_norm"])
+def test_a_parametrized_head_computes_its_weight_once_per_forward_in_any_dtype(family_pairs, parametrization, dtype):
+    """A float16 head goes to checkpointed chunks: they called the head per chunk and again in backward, so the
+    parametrization ran once per chunk (spectral norm's power iteration stepped each time); the dtype check
+    crashed on weight norm (no ``original``)."""
+    stock, ours = pair_copy(family_pairs, "llama")
+    for model in (stock, ours):
+        torch.manual_seed(5)
+        getattr(torch.nn.utils.parametrizations, parametrization)(model.to(dtype).train().lm_head)
+        model.config.loss_chunk_size = 4
+    batch = batch_for("llama", torch.Generator().manual_seed(19))
+    assert_same_training_step(stock, ours, batch, tol=TOL if dtype == torch.float32 else 5e-3)
+    if parametrization == "spectral_norm":  # the power iteration's vector after one step each
+        assert torch.equal(ours.lm_head.parametrizations.weight[0]._u, stock.lm_head.parametrizations.weight[0]._u)
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "bart"])
 def test_hooks_for_every_module_see_stock_calls_and_change_outputs_as_in_stock(family_pairs, name):
     stock, ours = pair_copy(family_pairs, name)
