@@ -1,0 +1,109 @@
+"""Edge cases of the fused ops, against stock and float64: a saturated softmax in the fused loss, labels outside
+the vocabulary, RMSNorm with a float32 weight on a half input; on CUDA the Triton kernels with strided targets, a first
+block of -inf logits and a norm backward of no rows. The ops' main tests are in ``test_fused_ops.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from remote_code import assert_close_rel
+from test_fused_ops import (
+    assert_as_close_as_stock,
+    ops,
+    random_targets,
+    run_and_grads,
+    stock_rms_norm,
+    triton_paths_ran,
+)
+
+
+def check_precision_when_softmax_saturates(logit_scale: float, device: str) -> None:
+    """Logits of a few hundred (a loss of about 900): the log-sum-exp, rounded at that magnitude, must not
+    enter the softmax of the gradient; ours is as close to float64 as stock's float32 log_softmax."""
+    generator = torch.Generator().manual_seed(7)
+    hidden = torch.randn(23, 16, generator=generator, dtype=torch.float64)
+    weight = logit_scale * torch.randn(41, 16, generator=generator, dtype=torch.float64)
+    targets = random_targets(23, 41, 0.2, generator).to(device)
+
+    def stock_fn(h, w):
+        return F.cross_entropy(h @ w.t(), targets)
+
+    def ours_fn(h, w):
+        return ops.linear_cross_entropy(h, w, targets, chunk_size=5)
+
+    def cast(dtype):
+        return [t.to(device, dtype).requires_grad_() for t in (hidden, weight)]
+
+    reference = run_and_grads(stock_fn, cast(torch.float64), None)
+    stock = run_and_grads(stock_fn, cast(torch.float32), None)
+    ours = run_and_grads(ours_fn, cast(torch.float32), None)
+    assert reference[0] > logit_scale  # saturated: the loss is of the logits' magnitude
+    assert_as_close_as_stock("saturated linear_cross_entropy", ours, stock, reference, torch.float32)
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 100.0])
+def test_linear_cross_entropy_keeps_precision_when_softmax_saturates(logit_scale):
+    check_precision_when_softmax_saturates(logit_scale, "cpu")
+
+
+@pytest.mark.parametrize("bad", [-1, 41])
+def test_labels_outside_the_vocabulary_are_refused(bad):
+    """As PyTorch's loss refuses them (the Triton kernel would have read another row's logit)."""
+    targets = torch.tensor([3, bad, -100, 7])
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 41\) or be ignore_index \(-100\)"):
+        ops.linear_cross_entropy(torch.randn(4, 8), torch.randn(41, 8), targets)
+
+
+def test_rms_norm_backward_with_a_float32_weight_rounds_as_stock():
+    """bf16 input, float32 weight (PEFT's prepare_model_for_kbit_training upcasts norms): stock rounds
+    ``grad * weight`` to the input's dtype where it backpropagates through the cast, as the Triton kernel does."""
+    generator = torch.Generator().manual_seed(13)
+    x = torch.randn(8, 256, generator=generator).to(torch.bfloat16).requires_grad_()
+    weight = (1 + 0.2 * torch.randn(256, generator=generator)).requires_grad_()
+    grad = torch.randn(8, 256, generator=generator)
+    expected = torch.autograd.grad(stock_rms_norm(x, weight, 1e-6), (x, weight), grad)
+    got = torch.autograd.grad(ops.rms_norm(x, weight, 1e-6), (x, weight), grad)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_cross_entropy_takes_strided_targets_and_a_first_block_of_minus_inf():
+    """The kernel read targets at stride 1, and a row whose first 4,096 logits are -inf (tokens banned by a bias)
+    turned its running sum to NaN (-inf - -inf)."""
+    generator = torch.Generator().manual_seed(14)
+    hidden = torch.randn(6, 16, generator=generator).cuda()
+    weight = torch.randn(4200, 16, generator=generator).cuda()
+    bias = torch.zeros(4200).cuda()
+    bias[:4096] = float("-inf")
+    strided = torch.randint(4096, 4200, (6, 2), generator=generator).cuda()[:, 0]
+    for targets, row_bias in ((strided, None), (strided.contiguous(), bias)):
+        loss = ops.linear_cross_entropy(hidden, weight, targets, bias=row_bias, chunk_size=4)
+        expected = F.cross_entropy(F.linear(hidden, weight, row_bias), targets)
+        assert_close_rel(loss, expected, 1e-5, f"loss, bias {row_bias is not None}")
+    triton_paths_ran()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_triton_norm_backward_of_no_rows_falls_back_without_disabling_the_kernel(norm):
+    """No rows to split over programs divided by zero: the kernel was marked failed for the whole process."""
+    x = torch.randn(0, 64, device="cuda", requires_grad=True)
+    weight = torch.ones(64, device="cuda", requires_grad=True)
+    if norm == "rms":
+        out = ops.rms_norm(x, weight, 1e-6)
+    else:
+        out = ops.FusedLayerNorm(64).cuda()(x)
+    out.sum().backward()
+    assert x.grad.shape == (0, 64)
+    triton_paths_ran()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("logit_scale", [1.0, 100.0])
+def test_triton_linear_cross_entropy_keeps_precision_when_softmax_saturates(logit_scale):
+    check_precision_when_softmax_saturates(logit_scale, "cuda")
+    triton_paths_ran()
