@@ -3235,10 +3235,10 @@ def padded_rows(
     asked for, no hidden states asked for while gradients are recorded (those returned are copies beside the
     graph the loss comes from: a hook or ``autograd.grad`` on them would not see its gradient), all logits asked
     for, no packed keywords already, ``config.unpad_batches`` not false, no module that computes over the whole
-    batch (``_needs_its_padded_rows``), no label that a padded position predicts (its loss term needs that position's output; with left padding, mask the
-    first token's label too), and not while compiling or exporting (finding the kept tokens is a host read:
-    compiled forwards keep the padding mask and run every row at full length). One host read decides and
-    sizes the packed row.
+    batch (``_needs_its_padded_rows``), no label that a padded position predicts (its loss term needs that
+    position's output; with left padding, mask the first token's label too), and not while compiling or
+    exporting (finding the kept tokens is a host read: compiled forwards keep the padding mask and run every row
+    at full length). One host read decides and sizes the packed row.
     """
     config = model.config
     inputs = input_ids if input_ids is not None else inputs_embeds
@@ -4259,7 +4259,6 @@ def lm_head_loss(
     if logits_bias is not None:
         logits_bias = logits_bias.reshape(-1).to(hidden_states.device)
     linear = _plain_linear_run_by(lm_head)
-    weight = bias = None
     if linear is not None:
         weight, bias = linear.weight, linear.bias  # read once: a parametrized head computes them at each read
         if not _fused_loss_keeps_stock_numerics(weight, logits_bias):
