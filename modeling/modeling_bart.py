@@ -5288,14 +5288,16 @@ def _weights_outside_parameters(modules) -> bool:
     return False
 
 
-def _parameters_with_gradient_hooks(modules) -> bool:
+def _parameters_with_gradient_hooks(*modules: torch.nn.Module) -> bool:
     """Whether a trainable parameter in ``modules`` has tensor hooks (``param.register_hook``). The tiles' and
     offloaded checkpoints' backward takes the parameters' gradients in a recompute and hands them on to autograd,
     which would run such hooks twice (once per tile, and again on the sum), where stock runs them once."""
     return any(param.requires_grad and param._backward_hooks for module in modules for param in module.parameters())
 
 
-_parameters_with_gradient_hooks._dynamo_marked_constant = True  # dynamo's trace reads ``_backward_hooks`` as empty
+# Dynamo's trace reads ``_backward_hooks`` as empty: the check runs at trace time instead, on the modules themselves
+# (one positional argument each: a list of them is an argument dynamo cannot hand over).
+_parameters_with_gradient_hooks._dynamo_marked_constant = True
 
 
 def _runs_without_saving(what: str, modules) -> bool:
@@ -5309,7 +5311,7 @@ def _runs_without_saving(what: str, modules) -> bool:
             "use_orig_params=False): they run as usual; FSDP2 (fully_shard) or FSDP1's use_orig_params=True keep it on"
         )
         return True
-    if _parameters_with_gradient_hooks(modules):
+    if _parameters_with_gradient_hooks(*modules):
         _log_once(
             f"{what} is off for modules with a parameter that has gradient hooks (Tensor.register_hook), which its "
             "recompute would run more than once: they run as usual (register_post_accumulate_grad_hook keeps it on)"

@@ -100,6 +100,26 @@ def test_parameter_gradient_hooks_run_once_with_tiles_and_offloaded_checkpoints(
     assert sorted(calls["ours"]) == sorted(calls["stock"]) and calls["ours"].count(parameter) == 1
 
 
+@pytest.mark.parametrize("option", [dict(sequence_tile_size=4), dict(offload_checkpoints=True)], ids=lambda o: next(iter(o)))
+def test_parameter_gradient_hooks_run_once_in_a_compiled_step(family_pairs, option):
+    """Dynamo's trace reads a parameter's ``_backward_hooks`` as empty, so a compiled step checkpointed the layer
+    anyway: an offloaded layer's hook ran twice (a doubling hook gave that weight 4x its gradient)."""
+    stock, ours = pair_copy(family_pairs, "llama")
+    for key, value in option.items():
+        setattr(ours.config, key, value)
+    parameter = "model.layers.0.mlp.down_proj.weight"
+    calls = {"stock": 0, "ours": 0}
+    for label, model in (("stock", stock), ("ours", ours)):
+        model.get_parameter(parameter).register_hook(
+            lambda grad, label=label: calls.__setitem__(label, calls[label] + 1) or 2 * grad
+        )
+    batch = batch_for("llama", torch.Generator().manual_seed(26))
+    torch._dynamo.reset()
+    ours.compile(backend="aot_eager")
+    assert_same_training_step(stock, ours, batch)
+    assert calls == {"stock": 1, "ours": 1}
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bloom"])
 def test_backward_hooks_on_the_input_embeddings_see_the_padded_batch(family_pairs, name):
     """The padded batch is embedded first for them, as for forward hooks: they saw the packed ``[1, n, d]``."""
