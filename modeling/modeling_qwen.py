@@ -5649,8 +5649,9 @@ def _log_precision_over_requested_dtype(dtype: torch.dtype) -> None:
     requested = torch.get_default_dtype()
     if requested != torch.float32 and requested != dtype:
         logger.warning_once(
-            f"QWen: the model runs in {dtype} as its bf16/fp16/fp32 flags (or this machine) decide, not in the "
-            f"requested {requested}; pass bf16=True, fp16=True or fp32=True to from_pretrained to choose"
+            f"QWen: the model runs in {dtype} as its bf16/fp16/fp32 flags (or this machine) decide, not in "
+            f"{requested}, the dtype from_pretrained set (a dtype= passed to it, or config.json's under "
+            "transformers' default dtype='auto'); pass bf16=True, fp16=True or fp32=True to from_pretrained to choose"
         )
 
 
@@ -6264,12 +6265,19 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         **kwargs,
     ):
         """``GenerationMixin.generate`` plus the original's stop words: ``stop_words_ids`` (a keyword argument or
-        ``generation_config.stop_words_ids``) end a sequence with EOS once it ends with one of them."""
+        ``generation_config.stop_words_ids``) end a sequence with EOS once it ends with one of them. EOS is the
+        call's ``eos_token_id`` where it gives one (as for ``generate`` itself), else the generation config's."""
         config = generation_config if generation_config is not None else self.generation_config
         stop_words_ids = kwargs.pop("stop_words_ids", None)
         if stop_words_ids is None:
             stop_words_ids = getattr(config, "stop_words_ids", None)
-        processor = self._stop_words_processor(stop_words_ids, config.eos_token_id)
+        eos_token_id = kwargs.get("eos_token_id", config.eos_token_id)
+        if stop_words_ids and eos_token_id is None:
+            raise ValueError(
+                "stop_words_ids end a sequence with EOS, and no eos_token_id is set: pass eos_token_id= to generate() "
+                "or set generation_config.eos_token_id"
+            )
+        processor = self._stop_words_processor(stop_words_ids, eos_token_id)
         if processor is not None:
             logits_processor = LogitsProcessorList([*(logits_processor or []), processor])
         return super().generate(

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from memory_efficient_adapter.configuration_qwen import QWenConfig
 from memory_efficient_adapter.modeling_qwen import QWenLMHeadModel
@@ -697,7 +697,7 @@ def test_a_dtype_the_precision_flags_override_is_logged(saved, caplog):
     with caplog.at_level(logging.WARNING):
         model = load(folder, fp32=True, dtype=torch.bfloat16)
     assert model.dtype == torch.float32
-    assert any("requested torch.bfloat16" in record.getMessage() for record in caplog.records)
+    assert any("not in torch.bfloat16, the dtype from_pretrained set" in record.getMessage() for record in caplog.records)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -784,6 +784,16 @@ def test_copied_over_a_qwen_snapshot_loads_generates_and_chats(tmp_path):
         stopped = model.generate(ids[:1], max_new_tokens=3, do_sample=False, stop_words_ids=[[int(plain[0, 15])]])
     assert torch.equal(plain, reference.greedy(ids[:1], torch.ones_like(ids[:1]), steps=3))
     assert stopped[0, 15] == plain[0, 15] and stopped[0, 16] == EOS
+    # an eos_token_id given to the call is the one forced (and it ends the row); none at all is named
+    other_eos = (int(plain[0, 15]) + 1) % model.config.vocab_size
+    with torch.no_grad():
+        stopped = model.generate(
+            ids[:1], max_new_tokens=4, do_sample=False, stop_words_ids=[[int(plain[0, 15])]], eos_token_id=other_eos
+        )
+    assert stopped[0, 16] == other_eos and stopped.shape[1] == 17
+    no_eos = GenerationConfig(max_new_tokens=2, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match="no eos_token_id is set"):
+        model.generate(ids[:1], generation_config=no_eos, stop_words_ids=[[int(plain[0, 15])]])
 
     # chat() and chat_stream(): ChatML prompt through qwen_generation_utils, greedy as the generation config says
     utils = stand_in_generation_utils()
