@@ -5673,8 +5673,8 @@ class GPT2Attention(nn.Module):
             "scale": self.scaling,
             **attention_options(self.config, backend, mask=mask),
             # Only the eager backend reads these; passed always so an `auto` that lands on eager honours them.
-            "light_softmax": bool(getattr(self.config, "use_lightsoftmax", False)),
-            "dropout_matmul": bool(getattr(self.config, "use_dropmatmul", False)),
+            "light_softmax": config_switch(self.config, "use_lightsoftmax", False),
+            "dropout_matmul": config_switch(self.config, "use_dropmatmul", False),
         }
         if attention_weights is not None or backend != "eager" or not self.config.reorder_and_upcast_attn:
             return attention_recording_weights(query, key, value, attention_weights, **kwargs)

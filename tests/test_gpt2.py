@@ -410,6 +410,9 @@ def test_attn_implementation_mapping(tmp_path, monkeypatch):
     assert backends_used(light) == {("auto", True, True)}
     monkeypatch.setenv("USE_FLASH_ATTN", "false")  # the original adapter's switch: auto -> eager
     assert backends_used(light) == {("eager", True, True)}
+    light.config.use_lightsoftmax = "false"  # read as true before
+    with pytest.raises(ValueError, match="config.use_lightsoftmax must be True, False or None, got 'false'"):
+        backends_used(light)
 
 
 # ---------------------------------------------------------------------------------------------
