@@ -3854,13 +3854,12 @@ def _cross_entropy_with_grad(logits, targets, ignore_index: int, scale: Optional
     return _fused(_cross_entropy_in_place_triton, _cross_entropy_torch, logits, targets, ignore_index, scale)
 
 
-def _linear_cross_entropy_forward(
-    hidden, weight, bias, targets, divisor, chunk_size: int, ignore_index: int, *wants: bool
-) -> list:
-    """``[summed loss / divisor]`` followed by the gradients ``wants`` asks for (of hidden, weight, bias), each
-    computed chunk by chunk while the chunk's logits exist, already scaled by ``1 / divisor``."""
+def _chunked_loss_and_grads(
+    hidden, weight, bias, targets, scale: Optional[torch.Tensor], chunk_size: int, ignore_index: int, wants: tuple
+) -> tuple:
+    """The summed loss (float32 or float64) and the gradients ``wants`` asks for (of hidden, weight, bias),
+    each computed chunk by chunk while the chunk's logits exist, the logits' gradient taken at ``scale``."""
     accumulate = torch.promote_types(hidden.dtype, torch.float32)
-    scale = (1.0 / divisor).to(accumulate) if any(wants) else None
     grad_hidden = torch.empty_like(hidden) if wants[0] else None
     grad_weight = None  # the first chunk's product, then accumulated in place (no zero fill of vocab x hidden)
     grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if wants[2] else None
@@ -3883,7 +3882,25 @@ def _linear_cross_entropy_forward(
         grad_weight = torch.zeros_like(weight)
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
-    return [total / divisor] + [g for g in (grad_hidden, grad_weight, grad_bias) if g is not None]
+    return total, [g for g in (grad_hidden, grad_weight, grad_bias) if g is not None]
+
+
+def _linear_cross_entropy_forward(
+    hidden, weight, bias, targets, divisor, chunk_size: int, ignore_index: int, *wants: bool
+) -> list:
+    """``[summed loss / divisor]`` followed by the gradients ``wants`` asks for, already scaled by ``1 / divisor``."""
+    scale = (1.0 / divisor).to(torch.promote_types(hidden.dtype, torch.float32)) if any(wants) else None
+    total, grads = _chunked_loss_and_grads(hidden, weight, bias, targets, scale, chunk_size, ignore_index, wants)
+    return [total / divisor] + grads
+
+
+def _linear_cross_entropy_backward(
+    hidden, weight, bias, targets, scale, chunk_size: int, ignore_index: int, *wants: bool
+) -> list:
+    """The gradients ``wants`` asks for, from logits recomputed chunk by chunk, the logits' gradient taken at
+    ``scale`` (backward's incoming gradient over the divisor) before its cast to the head's dtype."""
+    scale = scale.to(torch.promote_types(hidden.dtype, torch.float32))
+    return _chunked_loss_and_grads(hidden, weight, bias, targets, scale, chunk_size, ignore_index, wants)[1]
 
 
 def _linear_cross_entropy_fake(hidden, weight, bias, targets, divisor, chunk_size, ignore_index, *wants) -> list:
@@ -3903,6 +3920,13 @@ _linear_cross_entropy_op = _opaque(
     "int ignore_index, bool want_hidden, bool want_weight, bool want_bias) -> Tensor[]",
     lambda *args: _contiguous(_linear_cross_entropy_forward(*args)),
     _linear_cross_entropy_fake,
+)
+_linear_cross_entropy_backward_op = _opaque(
+    "linear_cross_entropy_backward",
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor scale, int chunk_size, "
+    "int ignore_index, bool want_hidden, bool want_weight, bool want_bias) -> Tensor[]",
+    lambda *args: _contiguous(_linear_cross_entropy_backward(*args)),
+    lambda *args: _linear_cross_entropy_fake(*args)[1:],
 )
 
 
@@ -3928,19 +3952,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
     No ``[rows, vocab]`` tensor outlives its chunk. When gradients are wanted, forward computes them chunk by
     chunk while each chunk's logits exist (so backward runs no second matmul over the vocabulary) and keeps
     only them: backward scales them by the incoming gradient, in place. The loss is accumulated in float32.
+
+    A float16 head (``in_backward``) keeps its inputs instead, and backward recomputes each chunk's logits and
+    takes their gradient at the incoming gradient, as stock does: one more matmul, and room for a loss scale
+    (GradScaler's 2**16 times gradients kept at ``1 / divisor`` overflowed float16, and small ones underflowed).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, divisor, chunk_size: int, ignore_index: int, wants: tuple):
-        options = (targets, divisor, chunk_size, ignore_index, *wants)
+    def forward(
+        ctx, hidden, weight, bias, targets, divisor, chunk_size: int, ignore_index: int, wants: tuple,
+        in_backward: bool = False,
+    ):
+        ctx.in_backward, ctx.wants, ctx.options = in_backward, wants, (chunk_size, ignore_index)
+        computing = (False,) * 3 if in_backward else wants
+        options = (targets, divisor, chunk_size, ignore_index, *computing)
         loss, *computed = _linear_cross_entropy_op(hidden, weight, bias, *options)
-        computed = iter(computed)
-        ctx.save_for_backward(*(next(computed) if wanted else None for wanted in wants))
+        if in_backward:
+            ctx.save_for_backward(hidden, weight, bias, targets, divisor)
+        else:
+            computed = iter(computed)
+            ctx.save_for_backward(*(next(computed) if wanted else None for wanted in wants))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         _refuse_double_backward("the fused LM head + loss")
+        if ctx.in_backward:
+            hidden, weight, bias, targets, divisor = ctx.saved_tensors
+            options = (targets, grad_loss / divisor, *ctx.options, *ctx.wants)
+            computed = iter(_linear_cross_entropy_backward_op(hidden, weight, bias, *options))
+            return (*(next(computed) if wanted else None for wanted in ctx.wants), None, None, None, None, None, None)
         if getattr(ctx, "scaled", False):  # autograd's version check misses tensors saved through hooks
             raise RuntimeError(
                 "the fused LM head + loss: a second backward through one loss (retain_graph=True) is not supported: "
@@ -3949,7 +3990,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads = ctx.saved_tensors
         ctx.scaled = True
         _scale_in_place_op([g for g in grads if g is not None], grad_loss)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def loss_chunk_size(config, vocab_size: int, dtype: torch.dtype = torch.float32) -> int:
@@ -4128,8 +4169,11 @@ def linear_cross_entropy(
     divisor = _loss_divisor(targets, num_items_in_batch, ignore_index, hidden.dtype)
     grad_enabled = torch.is_grad_enabled()
     wants = tuple(grad_enabled and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    in_backward = any(wants) and _dtype_under_autocast(weight.dtype, weight.device.type) == torch.float16
+    if in_backward:
+        _log_once("the fused LM head + loss takes a float16 head's gradients in backward (room for a loss scale)")
     return _apply_as_autocast_would(
-        _LinearCrossEntropy, (hidden, weight, bias), targets, divisor, chunk_size, ignore_index, wants
+        _LinearCrossEntropy, (hidden, weight, bias), targets, divisor, chunk_size, ignore_index, wants, in_backward
     )
 
 
@@ -4209,17 +4253,11 @@ def wrapped_head_cross_entropy(
 
 
 def _fused_loss_keeps_stock_numerics(weight: torch.Tensor, logits_bias: Optional[torch.Tensor]) -> bool:
-    """Whether the fused op computes what stock's head and loss compute here. Not for a float16 head (autocast's
-    included): it keeps its gradients from forward in float16, scaled by ``1 / divisor``, and can only multiply
-    them by backward's incoming gradient, where a loss scale of 2**16 (``GradScaler``'s) overflows float16 and
-    small gradients have already underflowed. Not for a logits bias in another dtype than the head's matmul
-    (BART's float32 ``final_logits_bias`` in a half-precision model or under autocast), which promotes stock's
-    logits. Those heads run on checkpointed chunks of ``F.linear`` of the weight read once (stock's numerics, one
-    more head matmul in backward)."""
+    """Whether the fused op computes what stock's head and loss compute here. Not for a logits bias in another
+    dtype than the head's matmul (BART's float32 ``final_logits_bias`` in a half-precision model or under
+    autocast), which promotes stock's logits: such a head runs on checkpointed chunks of ``F.linear`` of the
+    weight read once (stock's numerics, one more head matmul in backward)."""
     head_dtype = _dtype_under_autocast(weight.dtype, weight.device.type)
-    if head_dtype == torch.float16:
-        _log_once("the fused LM head + loss runs a float16 head on checkpointed chunks (room for a loss scale)")
-        return False
     if logits_bias is not None and logits_bias.dtype != head_dtype:
         _log_once("the fused LM head + loss runs on checkpointed chunks: a logits bias in another dtype than the head")
         return False
