@@ -3855,7 +3855,7 @@ def _linear_cross_entropy_backward(
     return _chunked_loss_and_grads(hidden, weight, bias, targets, scale, chunk_size, ignore_index, wants)[1]
 
 
-def _linear_cross_entropy_fake(hidden, weight, bias, targets, divisor, chunk_size, ignore_index, *wants) -> list:
+def _linear_cross_entropy_fake(hidden, weight, bias, targets, divisor_or_scale, chunk_size, ignore_index, *wants):
     outputs = [hidden.new_empty((), dtype=torch.promote_types(hidden.dtype, torch.float32))]
     if wants[0]:
         outputs.append(hidden.new_empty(hidden.shape))

@@ -3907,7 +3907,7 @@ def _linear_cross_entropy_backward(
     return _chunked_loss_and_grads(hidden, weight, bias, targets, scale, chunk_size, ignore_index, wants)[1]
 
 
-def _linear_cross_entropy_fake(hidden, weight, bias, targets, divisor, chunk_size, ignore_index, *wants) -> list:
+def _linear_cross_entropy_fake(hidden, weight, bias, targets, divisor_or_scale, chunk_size, ignore_index, *wants):
     outputs = [hidden.new_empty((), dtype=torch.promote_types(hidden.dtype, torch.float32))]
     if wants[0]:
         outputs.append(hidden.new_empty(hidden.shape))
@@ -5688,8 +5688,9 @@ def _log_precision_over_requested_dtype(dtype: torch.dtype) -> None:
     if requested != torch.float32 and requested != dtype:
         logger.warning_once(
             f"QWen: the model runs in {dtype} as its bf16/fp16/fp32 flags (or this machine) decide, not in "
-            f"{requested}, the dtype from_pretrained set (a dtype= passed to it, or config.json's under "
-            "transformers' default dtype='auto'); pass bf16=True, fp16=True or fp32=True to from_pretrained to choose"
+            f"{requested}, the dtype it was created in (a dtype= given to from_pretrained or from_config, "
+            "config.json's under transformers' default dtype='auto', or torch's default dtype); pass bf16=True, "
+            "fp16=True or fp32=True to choose"
         )
 
 
@@ -6303,13 +6304,12 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         **kwargs,
     ):
         """``GenerationMixin.generate`` plus the original's stop words: ``stop_words_ids`` (a keyword argument or
-        ``generation_config.stop_words_ids``) end a sequence with EOS once it ends with one of them. EOS is the
-        call's ``eos_token_id`` where it gives one (as for ``generate`` itself), else the generation config's."""
-        config = generation_config if generation_config is not None else self.generation_config
-        stop_words_ids = kwargs.pop("stop_words_ids", None)
-        if stop_words_ids is None:
-            stop_words_ids = getattr(config, "stop_words_ids", None)
-        eos_token_id = kwargs.get("eos_token_id", config.eos_token_id)
+        ``generation_config.stop_words_ids``) end a sequence with EOS once it ends with one of them. Each of the
+        two is read as ``generate`` reads its settings: the call's keyword, else the ``generation_config`` passed,
+        else the model's own (``generate`` fills a passed config's unset values from it)."""
+        given_stop_words = kwargs.pop("stop_words_ids", None)
+        stop_words_ids = self._generation_setting("stop_words_ids", generation_config, given_stop_words)
+        eos_token_id = self._generation_setting("eos_token_id", generation_config, kwargs.get("eos_token_id"))
         if stop_words_ids and eos_token_id is None:
             raise ValueError(
                 "stop_words_ids end a sequence with EOS, and no eos_token_id is set: pass eos_token_id= to generate() "
@@ -6321,6 +6321,13 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         return super().generate(
             inputs, generation_config=generation_config, logits_processor=logits_processor, **kwargs
         )
+
+    def _generation_setting(self, name: str, generation_config: Optional[GenerationConfig], given):
+        """``given`` (a keyword of the call), else ``generation_config``'s value, else the model's own."""
+        for value in (given, getattr(generation_config, name, None)):
+            if value is not None:
+                return value
+        return getattr(self.generation_config, name, None)
 
     @staticmethod
     def _stop_words_processor(stop_words_ids: Optional[list[list[int]]], eos_token_id):

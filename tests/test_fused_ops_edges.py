@@ -1,5 +1,5 @@
 """Edge cases of the fused ops, against stock and float64: a saturated softmax in the fused loss, labels outside
-the vocabulary, RMSNorm with a float32 weight on a half input; on CUDA the Triton kernels with strided targets, a first
+the vocabulary, a float16 head under a loss scale, RMSNorm with a float32 weight on a half input; on CUDA the Triton kernels with strided targets, a first
 block of -inf logits and a norm backward of no rows. The ops' main tests are in ``test_fused_ops.py``."""
 
 from __future__ import annotations
@@ -53,6 +53,40 @@ def test_labels_outside_the_vocabulary_are_refused(bad):
     targets = torch.tensor([3, bad, -100, 7])
     with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 41\) or be ignore_index \(-100\)"):
         ops.linear_cross_entropy(torch.randn(4, 8), torch.randn(41, 8), targets)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("wants", [(True, True, True), (True, False, False), (False, True, True), (False, True, False)])
+def test_float16_head_gradients_taken_in_backward_are_as_close_to_float64_as_stock(wants, compiled):
+    """A float16 head takes its gradients in backward, at the incoming gradient (a loss scale of 2**16 here):
+    every combination of what needs one (a frozen head, hidden states without one), with a bias, eager and
+    compiled (the backward's own opaque op), and a second backward that gives what the first gave."""
+    generator = torch.Generator().manual_seed(15)
+    values = (torch.randn(37, 16, generator=generator), torch.randn(41, 16, generator=generator), torch.randn(41))
+    targets = random_targets(37, 41, 0.2, generator)
+
+    def stock_fn(hidden, weight, bias):
+        return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets)
+
+    def ours_fn(hidden, weight, bias):
+        return ops.linear_cross_entropy(hidden, weight, targets, bias=bias, chunk_size=5)
+
+    if compiled:
+        torch._dynamo.reset()
+        ours_fn = torch.compile(ours_fn, backend="aot_eager", fullgraph=True)
+    results = {}
+    for name, fn, dtype in (("reference", stock_fn, torch.float64), ("stock", stock_fn, torch.float16),
+                            ("ours", ours_fn, torch.float16)):  # fmt: skip
+        inputs = [value.to(dtype).requires_grad_(wanted) for value, wanted in zip(values, wants, strict=True)]
+        loss = fn(*inputs)
+        trained = [t for t in inputs if t.requires_grad]
+        grads = torch.autograd.grad(loss, trained, torch.tensor(2.0**16), retain_graph=True)
+        results[name] = [loss.detach(), *(grad / 2**16 for grad in grads)]
+        assert all(torch.isfinite(grad).all() for grad in grads), name
+        if name == "ours":
+            again = torch.autograd.grad(loss, trained, torch.tensor(2.0**16))
+            assert all(torch.equal(a, b) for a, b in zip(again, grads, strict=True))
+    assert_as_close_as_stock("float16 head", results["ours"], results["stock"], results["reference"], torch.float16)
 
 
 def test_rms_norm_backward_with_a_float32_weight_rounds_as_stock():

@@ -89,9 +89,9 @@ def test_a_spectral_norm_head_computes_its_weight_once_per_forward(family_pairs)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("parametrization", ["spectral_norm", "weight_norm"])
 def test_a_parametrized_head_computes_its_weight_once_per_forward_in_any_dtype(family_pairs, parametrization, dtype):
-    """A float16 head goes to checkpointed chunks: they called the head per chunk and again in backward, so the
-    parametrization ran once per chunk (spectral norm's power iteration stepped each time); the dtype check
-    crashed on weight norm (no ``original``)."""
+    """A float16 head once went to checkpointed chunks, which called the head per chunk and again in backward,
+    so the parametrization ran once per chunk (spectral norm's power iteration stepped each time); the dtype
+    check crashed on weight norm (no ``original``)."""
     stock, ours = pair_copy(family_pairs, "llama")
     for model in (stock, ours):
         torch.manual_seed(5)

@@ -697,7 +697,7 @@ def test_a_dtype_the_precision_flags_override_is_logged(saved, caplog):
     with caplog.at_level(logging.WARNING):
         model = load(folder, fp32=True, dtype=torch.bfloat16)
     assert model.dtype == torch.float32
-    assert any("not in torch.bfloat16, the dtype from_pretrained set" in record.getMessage() for record in caplog.records)
+    assert any("not in torch.bfloat16, the dtype it was created in" in record.getMessage() for record in caplog.records)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -791,9 +791,17 @@ def test_copied_over_a_qwen_snapshot_loads_generates_and_chats(tmp_path):
             ids[:1], max_new_tokens=4, do_sample=False, stop_words_ids=[[int(plain[0, 15])]], eos_token_id=other_eos
         )
     assert stopped[0, 16] == other_eos and stopped.shape[1] == 17
-    no_eos = GenerationConfig(max_new_tokens=2, do_sample=False, pad_token_id=0)
-    with pytest.raises(ValueError, match="no eos_token_id is set"):
-        model.generate(ids[:1], generation_config=no_eos, stop_words_ids=[[int(plain[0, 15])]])
+    # a generation config passed without one: the model's own, as generate fills a passed config's unset values
+    no_eos = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        stopped = model.generate(ids[:1], generation_config=no_eos, stop_words_ids=[[int(plain[0, 15])]])
+    assert stopped[0, 15] == plain[0, 15] and stopped[0, 16] == EOS
+    model.generation_config.eos_token_id = None
+    try:
+        with pytest.raises(ValueError, match="no eos_token_id is set"):
+            model.generate(ids[:1], generation_config=no_eos, stop_words_ids=[[int(plain[0, 15])]])
+    finally:
+        model.generation_config.eos_token_id = EOS
 
     # chat() and chat_stream(): ChatML prompt through qwen_generation_utils, greedy as the generation config says
     utils = stand_in_generation_utils()
