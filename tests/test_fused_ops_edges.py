@@ -1,6 +1,7 @@
 """Edge cases of the fused ops, against stock and float64: a saturated softmax in the fused loss, labels outside
-the vocabulary, a float16 head under a loss scale, RMSNorm with a float32 weight on a half input; on CUDA the Triton kernels with strided targets, a first
-block of -inf logits and a norm backward of no rows. The ops' main tests are in ``test_fused_ops.py``."""
+the vocabulary, a float16 head under a loss scale, RMSNorm with a float32 weight on a half input; on CUDA the
+Triton kernels with strided targets, a first block of -inf logits and a norm backward of no rows. The ops' main
+tests are in ``test_fused_ops.py``."""
 
 from __future__ import annotations
 
