@@ -1,7 +1,9 @@
 """Settings and inputs the fused ops read that the other tests hold fixed: an ``ignore_index`` other than -100,
 a bf16 loss over more tokens than bf16 counts exactly, a head with a bias of its own plus a logits bias, a wrapped
 head in bf16, ``logits_to_keep`` in training, norm epsilons other than the test configs', the MLP projection
-when only ``up`` needs a gradient, and dropout inside sequence tiles. Each against stock or float64."""
+when only ``up`` needs a gradient, dropout and autocast inside sequence tiles and recomputed norms, a norm subclass
+that changes the forward, padded labels at another ``ignore_index``. Each against stock, float64 or the plain run
+(each test catches a mutant of the code that the rest of the suite let through)."""
 
 from __future__ import annotations
 
@@ -155,3 +157,71 @@ def test_dropout_inside_sequence_tiles_is_replayed_in_backward():
     (plain_grad,) = torch.autograd.grad(plain.pow(2).sum(), x)
     assert torch.equal(tiled, plain)
     assert_close_rel(tiled_grad, plain_grad, 1e-6, "input gradient through dropout in tiles")
+
+
+def test_sequence_tiles_recompute_under_the_forwards_autocast():
+    """Backward's recompute of a tile replays the forward's autocast: the input gradient is the plain run's, bit
+    for bit (float32 recomputed, it was 4e-3 off), and the weight's is its sum over tiles."""
+    torch.manual_seed(9)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    x = torch.randn(1, 12, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tiled, plain = ops.sequence_tiled((mlp,), x, 4), mlp(x)
+    grad = torch.randn(tiled.shape).to(tiled.dtype)
+    (got_x, got_weight), (expected_x, expected_weight) = (
+        torch.autograd.grad(out, (x, mlp[0].weight), grad) for out in (tiled, plain)
+    )
+    assert torch.equal(tiled, plain) and torch.equal(got_x, expected_x)
+    assert_close_rel(got_weight, expected_weight, 1e-2, "weight gradient summed over bf16 tiles")
+
+
+def test_a_recomputed_norm_output_replays_the_forwards_autocast():
+    """A norm whose forward runs an op autocast casts (a plain LayerNorm on CUDA; here a Linear after one): its output
+    recomputed in backward is the one forward made."""
+    torch.manual_seed(10)
+    norm = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))
+    weight = torch.randn(8, requires_grad=True)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    grad = torch.randn(2, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recomputed = ops.after_norm(norm, x, lambda h: h * weight, recompute=True)
+        kept = norm(x) * weight
+    got, expected = (torch.autograd.grad(out, weight, grad.to(out.dtype))[0] for out in (recomputed, kept))
+    assert torch.equal(got, expected)
+
+
+def test_a_norm_subclass_with_its_own_with_residual_but_a_changed_forward_runs_the_forward():
+    """``with_residual`` stands for the forward only where the class defines both: here a parent changed the forward."""
+
+    class Doubled(ops.FusedLayerNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class WithResidual(Doubled):
+        def with_residual(self, x):
+            return ops.FusedLayerNorm.with_residual(self, x)
+
+    torch.manual_seed(11)
+    norm = WithResidual(8, dtype=torch.float64).train()
+    projection = torch.nn.Linear(8, 8, dtype=torch.float64)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert_close_rel(ops.residual_after_norm(norm, x, projection), x + projection(norm(x)), 1e-12, "residual branch")
+
+
+def test_padded_labels_under_another_ignore_index_still_run_unpadded(family_pairs):
+    """Labels of padded positions at the model's ``ignore_index`` (-1 here) are not predicted from padding: the
+    batch still runs as its kept rows (it ran padded, every row at full length)."""
+    _, ours, _ = family_pairs["llama"]
+    keep = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    ids = torch.randint(3, ours.config.vocab_size, keep.shape, generator=torch.Generator().manual_seed(12))
+    shapes = []
+    handle = ours.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple((args[0] if args else kwargs["hidden_states"]).shape)),
+        with_kwargs=True,
+    )
+    try:
+        ours.train()
+        ours(input_ids=ids, attention_mask=keep, labels=ids.masked_fill(keep == 0, -1), ignore_index=-1)
+    finally:
+        handle.remove()
+    assert shapes == [(1, 13, ours.config.hidden_size)]
