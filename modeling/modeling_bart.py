@@ -3847,6 +3847,7 @@ def _chunked_loss_and_grads(
     """The summed loss (float32 or float64) and the gradients ``wants`` asks for (of hidden, weight, bias),
     each computed chunk by chunk while the chunk's logits exist, the logits' gradient taken at ``scale``."""
     accumulate = torch.promote_types(hidden.dtype, torch.float32)
+    scale = None if scale is None else scale.to(accumulate)
     grad_hidden = torch.empty_like(hidden) if wants[0] else None
     grad_weight = None  # the first chunk's product, then accumulated in place (no zero fill of vocab x hidden)
     grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if wants[2] else None
@@ -3876,7 +3877,7 @@ def _linear_cross_entropy_forward(
     hidden, weight, bias, targets, divisor, chunk_size: int, ignore_index: int, *wants: bool
 ) -> list:
     """``[summed loss / divisor]`` followed by the gradients ``wants`` asks for, already scaled by ``1 / divisor``."""
-    scale = (1.0 / divisor).to(torch.promote_types(hidden.dtype, torch.float32)) if any(wants) else None
+    scale = 1.0 / divisor if any(wants) else None
     total, grads = _chunked_loss_and_grads(hidden, weight, bias, targets, scale, chunk_size, ignore_index, wants)
     return [total / divisor] + grads
 
@@ -3886,7 +3887,6 @@ def _linear_cross_entropy_backward(
 ) -> list:
     """The gradients ``wants`` asks for, from logits recomputed chunk by chunk, the logits' gradient taken at
     ``scale`` (backward's incoming gradient over the divisor) before its cast to the head's dtype."""
-    scale = scale.to(torch.promote_types(hidden.dtype, torch.float32))
     return _chunked_loss_and_grads(hidden, weight, bias, targets, scale, chunk_size, ignore_index, wants)[1]
 
 
