@@ -117,12 +117,14 @@ def test_no_rows_give_a_nan_loss_and_zero_gradients_of_the_right_shapes_like_pyt
         assert got.shape == want.shape and torch.equal(got, want) and not got.any()
 
 
-def test_kept_loss_gradients_are_scaled_in_each_gradients_dtype():
+def test_kept_loss_gradients_are_scaled_in_float32_and_rounded_once():
+    """The scale (the loss's float32 gradient) is not rounded to a bf16 gradient's dtype before the product."""
     generator = torch.Generator().manual_seed(8)
     grads = [torch.randn(37, 5, generator=generator).to(dtype) for dtype in (torch.bfloat16, torch.float32)]
     grads.append(torch.randn(11, generator=generator).bfloat16())
     scale = torch.tensor(0.7312345)
-    expected = [grad * scale.to(grad.dtype) for grad in grads]
+    expected = [(grad.float() * scale).to(grad.dtype) for grad in grads]
+    assert not torch.equal(expected[0], grads[0] * scale.to(torch.bfloat16))
     ops._scale_in_place(grads, scale)
     for got, want in zip(grads, expected, strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want)

@@ -90,6 +90,43 @@ def test_float16_head_gradients_taken_in_backward_are_as_close_to_float64_as_sto
     assert_as_close_as_stock("float16 head", results["ours"], results["stock"], results["reference"], torch.float16)
 
 
+def check_bf16_loss_gradient_scale_is_not_rounded(device: str, compiled: bool) -> None:
+    """``(loss / 3).backward()`` on a bf16 head (gradient accumulation by hand, accelerate's ``backward``): the
+    gradients kept from forward are scaled by float32's 1/3 and rounded once, not by bf16's 1/3 (0.2% high)."""
+    generator = torch.Generator().manual_seed(21)
+    values = (torch.randn(37, 16, generator=generator), torch.randn(41, 16, generator=generator), torch.randn(41))
+    targets = random_targets(37, 41, 0.2, generator).to(device)
+
+    def ours_fn(hidden, weight, bias):
+        return ops.linear_cross_entropy(hidden, weight, targets, bias=bias, chunk_size=5)
+
+    if compiled:
+        torch._dynamo.reset()
+        ours_fn = torch.compile(ours_fn, backend="aot_eager", fullgraph=True)
+
+    def grads_at(divisor: float) -> list:
+        inputs = [value.to(device, torch.bfloat16).requires_grad_() for value in values]
+        return torch.autograd.grad(ours_fn(*inputs) / divisor, inputs)
+
+    third = torch.tensor(1 / 3, device=device)
+    for unscaled, scaled in zip(grads_at(1.0), grads_at(3.0), strict=True):
+        assert torch.equal(scaled, (unscaled.float() * third).bfloat16())
+        assert not torch.equal(scaled, unscaled * third.bfloat16())
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_bf16_loss_gradient_scale_is_not_rounded(compiled):
+    check_bf16_loss_gradient_scale_is_not_rounded("cpu", compiled)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_bf16_loss_gradient_scale_is_not_rounded_on_cuda(compiled):
+    check_bf16_loss_gradient_scale_is_not_rounded("cuda", compiled)
+    triton_paths_ran()
+
+
 def test_rms_norm_backward_with_a_float32_weight_rounds_as_stock():
     """bf16 input, float32 weight (PEFT's prepare_model_for_kbit_training upcasts norms): stock rounds
     ``grad * weight`` to the input's dtype where it backpropagates through the cast, as the Triton kernel does."""
