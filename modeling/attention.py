@@ -857,7 +857,7 @@ def _opaque(
     ``_traced_kernels_take`` the arguments, the compiler traces it instead (``_kernel_op``) and launches those
     kernels from its own code, without our Python around each launch."""
     if _custom_op is None:
-        return implementation
+        return lambda *args: _as_compiled_graphs_run(implementation, args)
     tagged = {"tags": tags} if tags else {}
     op = _custom_op(f"{_OPS_NAMESPACE}::{name}", implementation, mutates_args=mutates, schema=schema, **tagged)
     op.register_fake(fake)
@@ -866,12 +866,33 @@ def _opaque(
 
     def run(*args):
         if not torch.compiler.is_compiling():
-            return implementation(*args)
+            return _as_compiled_graphs_run(implementation, args)
         if traced is not None and _traced_kernels_take(*args):
             return traced(*args)
         return overload(*args)
 
     return run
+
+
+def _as_compiled_graphs_run(implementation: Callable, args: tuple):
+    """``implementation(*args)`` with autocast off on the arguments' device, as a compiled graph runs an opaque
+    op. Our ops cast their inputs as autocast would before they are called, and keep float32 matmuls (attention
+    scores and sums) in float32 on purpose: autocast left on would cast those to half in eager calls only."""
+    first = _first_tensor(args)
+    device_type = first.device.type if first is not None else "meta"
+    if not _autocast_enabled(device_type):
+        return implementation(*args)
+    with torch.autocast(device_type, enabled=False):
+        return implementation(*args)
+
+
+def _first_tensor(args) -> Optional[torch.Tensor]:
+    """The first tensor of ``args``, looking into lists (an op's ``Tensor[]`` argument)."""
+    for arg in args:
+        found = _first_tensor(arg) if isinstance(arg, (list, tuple)) else arg
+        if isinstance(found, torch.Tensor):
+            return found
+    return None
 
 
 _wrap_triton = getattr(torch.library, "wrap_triton", None)  # torch >= 2.6
