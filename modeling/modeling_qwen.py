@@ -930,12 +930,18 @@ def _as_compiled_graphs_run(implementation: Callable, args: tuple):
     """``implementation(*args)`` with autocast off on the arguments' device, as a compiled graph runs an opaque
     op. Our ops cast their inputs as autocast would before they are called, and keep float32 matmuls (attention
     scores and sums) in float32 on purpose: autocast left on would cast those to half in eager calls only."""
+    if not _any_autocast_enabled():
+        return implementation(*args)
     first = _first_tensor(args)
     device_type = first.device.type if first is not None else "meta"
     if not _autocast_enabled(device_type):
         return implementation(*args)
     with torch.autocast(device_type, enabled=False):
         return implementation(*args)
+
+
+# One cheap check for the common case of no autocast at all (torch >= 2.4; else the per-device check decides).
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _first_tensor(args) -> Optional[torch.Tensor]:
