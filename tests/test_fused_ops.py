@@ -196,10 +196,11 @@ def test_loss_without_grad_mode_computes_no_gradients():
 def test_loss_chunk_size_by_vocab_and_from_config():
     config = transformers.PretrainedConfig()
     assert ops.loss_chunk_size(config, 32000, torch.bfloat16) == 2048  # 2048 x 32000 bf16 logits <= 128 MiB
-    assert ops.loss_chunk_size(config, 151936, torch.bfloat16) == 384  # 441 fit, rounded down to 64s
-    assert 441 * 151936 * 2 <= ops.LOSS_CHUNK_BYTES < 442 * 151936 * 2
     assert ops.loss_chunk_size(config, 32000, torch.float32) == 1024
-    assert ops.loss_chunk_size(config, 10**9, torch.float32) == 1  # never zero rows
+    assert ops.loss_chunk_size(config, 151936, torch.bfloat16) == 768  # 441 fit: raised to the fewest tokens
+    assert 441 * 151936 * 2 <= ops.LOSS_CHUNK_BYTES < 442 * 151936 * 2
+    assert ops.loss_chunk_size(config, 151936, torch.bfloat16, min_tokens=1) == 384  # a wrapped head's: 64s
+    assert ops.loss_chunk_size(config, 10**9, torch.float32, min_tokens=1) == 1  # never zero rows
     config.loss_chunk_size = 64
     assert ops.loss_chunk_size(config, 32000) == 64
     config.loss_chunk_size = 0
