@@ -5747,6 +5747,7 @@ class BloomAttention(nn.Module):
         layer_past: Optional[Cache] = None,
         sequence_ids: Optional[torch.Tensor] = None,
         attention_weights: Optional[list] = None,
+        cache_position: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Given an ``attention_weights`` list, the weights are computed, appended to it (``output_attentions``) and
         returned beside the output (after the residual), as stock's attention returns them; otherwise None."""
@@ -5755,7 +5756,9 @@ class BloomAttention(nn.Module):
 
         if layer_past is not None:
             # kv_length, not only the mask's filled keys: a traced call without a mask knows its length too
-            key, value = update_cache(layer_past, key, value, self.layer_idx, padding_mask, filled=kv_length)
+            key, value = update_cache(
+                layer_past, key, value, self.layer_idx, padding_mask, cache_position=cache_position, filled=kv_length
+            )
 
         context = attention_recording_weights(
             query,
@@ -5834,6 +5837,7 @@ class BloomBlock(LongContextCheckpointing, GradientCheckpointingLayer):
         layer_past: Optional[Cache] = None,
         sequence_ids: Optional[torch.Tensor] = None,
         attention_weights: Optional[list] = None,
+        cache_position: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(hidden states, this layer's attention weights or None)``, stock's layout (hooks read ``[0]``)."""
         # the MLP tiles its own position-wise part
@@ -5851,6 +5855,7 @@ class BloomBlock(LongContextCheckpointing, GradientCheckpointingLayer):
                 layer_past=layer_past,
                 sequence_ids=sequence_ids,
                 attention_weights=attention_weights,
+                cache_position=cache_position,
             )[0]
 
         attention_output = residual_after_norm(
@@ -5984,6 +5989,13 @@ class BloomModel(BloomPreTrainedModel):
         filled = filled_cache_length(past_key_values, attention_mask, seq_length)
         capacity = _cache_capacity(past_key_values) if getattr(past_key_values, "is_compileable", False) else None
         padding_mask = self._padding_mask(attention_mask, batch_size, kv_length, filled, capacity)
+        cache_position = None
+        if _is_tracing() and capacity is not None:
+            # where this call's tokens go: a tensor the cache knows (its own count; transformers before 5.4 write
+            # where a cache_position says, and neither the mask's length nor the cache's capacity says it)
+            cache_position = torch.arange(seq_length, device=inputs_embeds.device) + past_key_values.get_seq_length()
+            if seq_length > 1 and attention_mask is not None:
+                padding_mask = _keep_by_cache_position(padding_mask, cache_position)
         slopes = padding_mask.bloom_alibi_slopes(self.num_heads, inputs_embeds.device)
         backend = backend_from_config(self.config)
 
@@ -6002,6 +6014,7 @@ class BloomModel(BloomPreTrainedModel):
                 layer_past=past_key_values,
                 sequence_ids=sequence_ids,
                 attention_weights=all_attentions,
+                cache_position=cache_position,
             )
         hidden_states = sequence_tiled((self.ln_f,), hidden_states, sequence_tile_size(self.config))
         if output_hidden_states:
@@ -6042,6 +6055,16 @@ class BloomModel(BloomPreTrainedModel):
             )
         keep = keep_mask_from_padding(attention_mask[:, :kv_length])
         return forward_mask(keep, without_mask=True, filled_keys=filled_keys)
+
+
+def _keep_by_cache_position(padding_mask: ForwardMask, cache_position: torch.Tensor) -> ForwardMask:
+    """A traced call of several tokens into a fixed-size cache (a compiled prefill): ``generate`` pads BLOOM's 2-D
+    mask to the cache's length, so the mask's length does not say where the queries sit, and a causal call would
+    align them with the cache's last slot (each seeing later tokens). A 4-D keep-mask ``[batch, 1, new, slots]``
+    lets each query see the kept slots up to its ``cache_position``, as stock's 4-D mask does."""
+    keep = padding_mask.tensor
+    causal = torch.arange(keep.shape[-1], device=keep.device) <= cache_position.to(keep.device)[:, None]
+    return forward_mask(keep[:, None, None, :] & causal, without_mask=True)
 
 
 def _cache_capacity(cache: Cache) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import tempfile
@@ -11,10 +12,12 @@ import torch
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     BloomConfig,
     BloomForCausalLM,
+    BloomForQuestionAnswering,
     BloomForSequenceClassification,
     BloomForTokenClassification,
     BloomModel,
@@ -32,12 +35,14 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_bloom.BloomForCausalLM",
     "AutoModelForSequenceClassification": "modeling_bloom.BloomForSequenceClassification",
     "AutoModelForTokenClassification": "modeling_bloom.BloomForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_bloom.BloomForQuestionAnswering",
 }
 STOCK_TO_AUTO = {
     BloomModel: AutoModel,
     BloomForCausalLM: AutoModelForCausalLM,
     BloomForSequenceClassification: AutoModelForSequenceClassification,
     BloomForTokenClassification: AutoModelForTokenClassification,
+    BloomForQuestionAnswering: AutoModelForQuestionAnswering,
 }
 # "auto" = no attn_backend and attn_implementation left unset, which the kernel layer reads as auto.
 CPU_BACKENDS = ["auto", "chunked", "eager"]
@@ -196,6 +201,21 @@ def test_hidden_states_and_inputs_embeds_match_stock(backend):
     keep = mask.bool()
     for layer, (a, e) in enumerate(zip(actual, expected)):
         assert_close_rel(a[keep], e[keep], FP32_TOL, f"hidden state {layer}")
+
+
+@pytest.mark.skipif(
+    "logits_to_keep" not in inspect.signature(BloomForCausalLM.forward).parameters,
+    reason="this transformers' BloomForCausalLM has no logits_to_keep to compare with",
+)
+def test_logits_to_keep_int_and_tensor_match_stock():
+    """An int keeps the last positions' logits, a 1-D tensor the logits of the positions it lists."""
+    stock, ours = load_pair()
+    ids, _ = make_inputs([9, 9], 9, "none", seed=22)  # unpadded: position 0 is kept too
+    with torch.no_grad():
+        for keep in (3, torch.tensor([0, 4, 8])):
+            expected = stock(ids, logits_to_keep=keep).logits
+            actual = ours(ids, logits_to_keep=keep).logits
+            assert_close_rel(actual, expected, FP32_TOL, f"logits_to_keep={keep}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -494,6 +514,55 @@ def test_sampling_and_static_cache_generate_match_stock():
     torch.testing.assert_close(static, greedy, rtol=0, atol=0)
 
 
+def test_compiled_forward_with_a_static_cache_generates_stocks_logits():
+    """``model.forward = torch.compile(model.forward)`` with a static cache, as transformers' docs do it: the
+    prefill is traced too, and ``generate`` pads BLOOM's 2-D mask to the cache's length, so the queries' positions
+    come from the cache (each prompt token saw up to two later ones: logits 10% off)."""
+    stock, ours, ids, mask = generation_pair()
+    use_backend(ours, "auto")
+    greedy = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    expected = stock.generate(ids, **greedy, output_logits=True, return_dict_in_generate=True)
+    torch._dynamo.reset()
+    ours.forward = torch.compile(ours.forward, backend="aot_eager", dynamic=False)
+    try:
+        actual = ours.generate(
+            ids, **greedy, output_logits=True, return_dict_in_generate=True, cache_implementation="static"
+        )
+    finally:
+        del ours.forward
+    torch.testing.assert_close(actual.sequences, expected.sequences, rtol=0, atol=0)
+    for step, (ours_logits, stock_logits) in enumerate(zip(actual.logits, expected.logits, strict=True)):
+        assert_close_rel(ours_logits, stock_logits, FP32_TOL, f"logits of step {step}")
+
+
+def test_static_cache_generate_masks_the_unwritten_slots_in_traced_decoding_steps(monkeypatch):
+    """Under torch.compile (``_is_tracing``) a decoding step reads the key length from the mask, which ``generate``
+    pads to the static cache's length: its unwritten slots must be masked out. Run eagerly with tracing faked
+    where ``generate`` compiles (the one-token decoding steps; the prefill runs as it comes), so no compile."""
+    stock, ours, ids, mask = generation_pair()
+    use_backend(ours, "auto")
+    greedy = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    expected = stock.generate(ids, **greedy, output_logits=True, return_dict_in_generate=True)
+    decoding = [False]
+
+    def note_the_step(module, args, kwargs):
+        decoding[0] = (kwargs.get("input_ids") if args == () else args[0]).shape[1] == 1
+
+    monkeypatch.setattr(our_module(ours), "_is_tracing", lambda: decoding[0])
+    hook = ours.transformer.register_forward_pre_hook(note_the_step, with_kwargs=True)
+    try:
+        actual = ours.generate(
+            ids, **greedy, output_logits=True, return_dict_in_generate=True, cache_implementation="static"
+        )
+    finally:
+        hook.remove()
+    assert decoding[0], "no decoding step ran as traced"
+    torch.testing.assert_close(actual.sequences, expected.sequences, rtol=0, atol=0)
+    assert len(actual.logits) == len(expected.logits) == 4
+    for step, (ours_logits, stock_logits) in enumerate(zip(actual.logits, expected.logits)):
+        assert_close_rel(ours_logits, stock_logits, FP32_TOL, f"logits of step {step}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Checkpoint compatibility and task heads
 # ------------------------------------------------------------------------------------------------
@@ -544,6 +613,31 @@ def test_sequence_classification_matches_stock(backend, padding):
     assert_close_rel(actual.loss, expected.loss, FP32_TOL, "loss")
 
 
+@pytest.mark.parametrize("num_labels, problem_type", [(1, None), (3, "multi_label_classification"), (3, "regression")])
+def test_sequence_classification_regression_and_multi_label_losses_match_stock(num_labels, problem_type):
+    """One label means regression: MSE over the squeezed [batch, 1] logits; multi-label takes BCE with logits."""
+    stock, ours = load_pair(BloomForSequenceClassification, num_labels=num_labels, problem_type=problem_type)
+    ids, mask = make_inputs([9, 5, 2], 9, "left", seed=23)
+    labels = torch.rand(3, num_labels) if problem_type == "multi_label_classification" else torch.randn(3, num_labels)
+    labels = labels.squeeze(-1)
+    with torch.no_grad():
+        expected = stock(ids, attention_mask=mask, labels=labels)
+        actual = ours(ids, attention_mask=mask, labels=labels)
+    assert_close_rel(actual.logits, expected.logits, FP32_TOL, "pooled logits")
+    assert_close_rel(actual.loss, expected.loss, FP32_TOL, f"{problem_type} loss")
+
+
+def test_sequence_classification_without_a_pad_token_takes_one_row_only_as_stock():
+    """Without pad_token_id the last token is pooled, which stock allows for batch size 1 only."""
+    stock, ours = load_pair(BloomForSequenceClassification, num_labels=2, pad_token_id=None)
+    ids, _ = make_inputs([9, 9], 9, "none", seed=24)
+    for model in (stock, ours):
+        with pytest.raises(ValueError, match="batch sizes > 1"):
+            model(ids)
+    with torch.no_grad():
+        assert_close_rel(ours(ids[:1]).logits, stock(ids[:1]).logits, FP32_TOL, "one row without a pad token")
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_token_classification_matches_stock(backend):
     stock, ours = load_pair(BloomForTokenClassification, num_labels=5)
@@ -555,6 +649,37 @@ def test_token_classification_matches_stock(backend):
         actual = ours(ids, attention_mask=mask, labels=labels)
     keep = mask.bool()
     assert_close_rel(actual.logits[keep], expected.logits[keep], FP32_TOL, "token logits")
+    assert_close_rel(actual.loss, expected.loss, FP32_TOL, "loss")
+
+
+def test_token_classification_dropout_matches_stock_in_training():
+    """The head's dropout (classifier_dropout) draws stock's mask from the same seed; eval mode has none."""
+    stock, ours = load_pair(BloomForTokenClassification, num_labels=5, classifier_dropout=0.5)
+    ids, _ = make_inputs([9, 9], 9, "none", seed=25)
+    with torch.no_grad():
+        evaluated = ours(ids).logits
+        stock.train(), ours.train()
+        try:
+            torch.manual_seed(3)
+            expected = stock(ids).logits
+            torch.manual_seed(3)
+            trained = ours(ids).logits
+        finally:
+            stock.eval(), ours.eval()
+        assert_close_rel(evaluated, stock(ids).logits, FP32_TOL, "eval logits")
+    assert relative_error(trained, evaluated) > 1e-2
+    assert_close_rel(trained, expected, FP32_TOL, "train-mode logits with classifier dropout")
+
+
+def test_question_answering_matches_stock():
+    """Unpadded rows: the span logits at padded positions are not defined (README)."""
+    stock, ours = load_pair(BloomForQuestionAnswering)
+    ids, _ = make_inputs([9, 9, 9], 9, "none", seed=26)
+    spans = dict(start_positions=torch.tensor([4, 5, 7]), end_positions=torch.tensor([6, 8, 8]))
+    with torch.no_grad():
+        expected, actual = stock(ids, **spans), ours(ids, **spans)
+    assert_close_rel(actual.start_logits, expected.start_logits, FP32_TOL, "start logits")
+    assert_close_rel(actual.end_logits, expected.end_logits, FP32_TOL, "end logits")
     assert_close_rel(actual.loss, expected.loss, FP32_TOL, "loss")
 
 
