@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import inspect
 import shutil
+import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from remote_code import assert_close_rel, relative_error, save_with_remote_code
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     BartConfig,
+    BartForCausalLM,
     BartForConditionalGeneration,
+    BartForQuestionAnswering,
     BartForSequenceClassification,
 )
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.models.bart.modeling_bart import shift_tokens_right
 
 CPU_BACKENDS = ["sdpa", "chunked", "eager"]
 PAD, BOS, EOS = 1, 0, 2
@@ -24,6 +32,8 @@ AUTO_MAP = {
     "AutoModel": "modeling_bart.BartModel",
     "AutoModelForSeq2SeqLM": "modeling_bart.BartForConditionalGeneration",
     "AutoModelForSequenceClassification": "modeling_bart.BartForSequenceClassification",
+    "AutoModelForQuestionAnswering": "modeling_bart.BartForQuestionAnswering",
+    "AutoModelForCausalLM": "modeling_bart.BartForCausalLM",
 }
 
 
@@ -70,6 +80,17 @@ def seq2seq_folder(tmp_path_factory):
     return save_with_remote_code(stock_seq2seq(), folder, ["modeling_bart.py"], AUTO_MAP)
 
 
+def save_stock(folder, model_class, **overrides):
+    """A stock ``model_class`` on ``tiny_config(**overrides)`` with random weights, saved with our remote code."""
+    torch.manual_seed(7)
+    return save_with_remote_code(model_class(tiny_config(**overrides)), folder, ["modeling_bart.py"], AUTO_MAP)
+
+
+@pytest.fixture(scope="module")
+def classifier_folder(tmp_path_factory):
+    return save_stock(tmp_path_factory.mktemp("bart-classifier"), BartForSequenceClassification)
+
+
 def load_ours(folder, backend: str, auto_class=AutoModelForSeq2SeqLM, **config_changes):
     config = AutoConfig.from_pretrained(folder)
     config.attn_backend = backend
@@ -103,6 +124,17 @@ def padded_batch() -> dict[str, torch.Tensor]:
         decoder_input_ids=decoder_input_ids,
         decoder_attention_mask=decoder_attention_mask,
     )
+
+
+def classification_batch() -> dict[str, torch.Tensor]:
+    """padded_batch()'s encoder side with two <eos> in every row: one ending its real tokens, one earlier (the
+    classification head pools the last)."""
+    batch = padded_batch()
+    input_ids, attention_mask = batch["input_ids"].clone(), batch["attention_mask"]
+    last_real = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(dim=1)
+    input_ids[torch.arange(3), last_real] = EOS
+    input_ids[torch.arange(3), torch.tensor([1, 2, 4])] = EOS
+    return dict(input_ids=input_ids, attention_mask=attention_mask)
 
 
 def gradients(model) -> dict[str, torch.Tensor]:
@@ -142,6 +174,22 @@ def test_logits_and_hidden_states_match_stock_with_padding(seq2seq_folder, backe
         assert_close_rel(ours_h[encoder_keep], stock_h[encoder_keep], 1e-5, f"encoder hidden state {layer}")
 
 
+@pytest.mark.parametrize("scale_embedding", [False, True])
+def test_scale_embedding_scales_every_token_embedding_as_stock(seq2seq_folder, scale_embedding):
+    """``config.scale_embedding`` multiplies the token embeddings by sqrt(d_model): the encoder's, the decoder's
+    and ``model.shared`` (``get_input_embeddings()``, which callers use to build ``inputs_embeds``)."""
+    ours = load_ours(seq2seq_folder, "sdpa", scale_embedding=scale_embedding)
+    stock = load_stock(seq2seq_folder, scale_embedding=scale_embedding)
+    batch = padded_batch()
+    keep = batch["decoder_attention_mask"].bool()
+    with torch.no_grad():
+        assert_close_rel(ours(**batch).logits[keep], stock(**batch).logits[keep], 1e-5, "logits")
+        for name in ("shared", "encoder.embed_tokens", "decoder.embed_tokens"):
+            ours_embeddings = ours.model.get_submodule(name)(batch["input_ids"])
+            stock_embeddings = stock.model.get_submodule(name)(batch["input_ids"])
+            assert_close_rel(ours_embeddings, stock_embeddings, 1e-6, f"model.{name}")
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_loss_and_all_gradients_match_stock(seq2seq_folder, backend):
     ours, stock = load_ours(seq2seq_folder, backend).train(), load_stock(seq2seq_folder).train()
@@ -154,6 +202,28 @@ def test_loss_and_all_gradients_match_stock(seq2seq_folder, backend):
     expected.loss.backward()
     actual.loss.backward()
     assert_same_gradients(ours, stock, 1e-4)
+
+
+def test_labels_shift_into_stocks_decoder_inputs_with_ignored_labels_read_as_padding(seq2seq_folder):
+    """Without decoder_input_ids the decoder reads the labels shifted right, with -100 mapped to the pad token
+    (stock's shift_tokens_right): an ignored label mid-row is a pad token at the next decoder position. Both loss
+    paths: the fused head + loss (``keep_logits_in_training`` False, no logits returned) and the logits one."""
+    ours, stock = load_ours(seq2seq_folder, "sdpa").train(), load_stock(seq2seq_folder).train()
+    batch = padded_batch()
+    labels = torch.randint(3, VOCAB, (3, 9))
+    labels[0, 3] = -100
+    labels[1, 6:] = -100
+    labels[2, :2] = -100
+    ours_shift = sys.modules[type(ours).__module__].shift_tokens_right
+    assert torch.equal(ours_shift(labels, PAD, EOS), shift_tokens_right(labels, PAD, EOS))
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+    with torch.no_grad():
+        expected = stock(**inputs).loss
+        for keep_logits in (False, True):
+            ours.config.keep_logits_in_training = keep_logits
+            actual = ours(**inputs)
+            assert (actual.logits is not None) == keep_logits
+            assert_close_rel(actual.loss, expected, 1e-5, f"loss (keep_logits_in_training={keep_logits})")
 
 
 def test_learned_positions_are_read_as_a_slice_with_the_lookups_values_and_gradient(seq2seq_folder):
@@ -180,6 +250,18 @@ def test_learned_positions_are_read_as_a_slice_with_the_lookups_values_and_gradi
     torch.testing.assert_close(looked_up, table.weight[4:8].expand(2, 4, -1), rtol=0, atol=0)
     with pytest.raises(ValueError, match="max_position_embeddings = 64 positions, but this call needs 65"):
         table(torch.zeros(1, 6), 59)
+
+
+def test_explicit_position_ids_read_the_same_learned_rows_as_stock(seq2seq_folder):
+    """position_ids given to the learned positions are offset by 2 (the table's first two rows are unused)."""
+    ours, stock = load_ours(seq2seq_folder, "sdpa"), load_stock(seq2seq_folder)
+    position_ids = torch.tensor([0, 1, 2, 5, 9])
+    with torch.no_grad():
+        for part in ("encoder", "decoder"):
+            ours_table = getattr(ours.model, part).embed_positions
+            stock_table = getattr(stock.model, part).embed_positions
+            expected = stock_table(torch.zeros(3, 5), position_ids=position_ids)
+            assert torch.equal(ours_table(torch.zeros(3, 5), position_ids=position_ids), expected), part
 
 
 def test_gradient_checkpointing_keeps_loss_and_gradients(seq2seq_folder):
@@ -224,16 +306,19 @@ def test_layerdrop_skips_the_same_layers_as_stock(seq2seq_folder):
     assert dropped_some, "layerdrop never dropped a layer"
 
 
-def test_attention_dropout_is_applied_in_training_only(seq2seq_folder):
+@pytest.mark.parametrize("dropout", ["attention_dropout", "dropout", "activation_dropout"])
+def test_each_dropout_is_applied_in_training_only(seq2seq_folder, dropout):
+    """Each of BART's dropouts set alone (on the attention probabilities; on the embeddings and every residual
+    branch; inside the feed-forward block) changes the logits in train mode and leaves eval mode's untouched."""
     batch = padded_batch()
     keep = batch["decoder_attention_mask"].bool()
     with torch.no_grad():
-        with_dropout = load_ours(seq2seq_folder, "sdpa", attention_dropout=0.5)
+        with_dropout = load_ours(seq2seq_folder, "sdpa", **{dropout: 0.5})
         evaluated = with_dropout(**batch).logits
         trained = with_dropout.train()(**batch).logits
         without_dropout = load_ours(seq2seq_folder, "sdpa").train()(**batch).logits
-    assert relative_error(trained[keep], evaluated[keep]) > 1e-2
-    assert_close_rel(without_dropout[keep], evaluated[keep], 1e-6, "train mode without any dropout")
+    assert relative_error(trained[keep], evaluated[keep]) > 1e-2, f"{dropout} had no effect in training"
+    assert_close_rel(without_dropout[keep], evaluated[keep], 1e-6, f"eval mode with {dropout} vs no dropout")
 
 
 GENERATION_SETTINGS = {
@@ -333,22 +418,122 @@ def test_embeddings_stored_only_under_the_decoder_are_tied(seq2seq_folder, tmp_p
         assert_close_rel(ours(**batch).logits[keep], stock(**batch).logits[keep], 1e-5, "logits")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_sequence_classification_matches_stock(tmp_path, backend):
-    torch.manual_seed(7)
-    stock = BartForSequenceClassification(tiny_config()).eval()
-    save_with_remote_code(stock, tmp_path, ["modeling_bart.py"], AUTO_MAP)
-    ours = load_ours(tmp_path, backend, AutoModelForSequenceClassification)
+def test_fresh_token_embeddings_have_a_zero_padding_row_as_stock(seq2seq_folder):
+    """A model built from its config (trained from scratch) starts with a zero embedding for the pad token."""
+    config = AutoConfig.from_pretrained(seq2seq_folder)
+    ours = AutoModelForSeq2SeqLM.from_config(config, trust_remote_code=True)
+    assert type(ours).__module__.startswith("transformers_modules"), type(ours).__module__
+    for model in (ours, BartForConditionalGeneration(config)):
+        for name in ("shared", "encoder.embed_tokens", "decoder.embed_tokens"):
+            weight = model.model.get_submodule(name).weight
+            assert torch.count_nonzero(weight[PAD]) == 0, f"{type(model).__module__}: model.{name}"
+            assert abs(weight[PAD + 1 :].std().item() / config.init_std - 1) < 0.1, name
+
+
+def test_resized_embeddings_grow_final_logits_bias_as_stock(seq2seq_folder):
+    """resize_token_embeddings grows final_logits_bias with zeros; with the (randomly drawn) new embedding rows
+    copied over, the logits over the grown vocabulary are stock's."""
+    ours, stock = load_ours(seq2seq_folder, "sdpa"), load_stock(seq2seq_folder)
+    for model in (ours, stock):
+        model.resize_token_embeddings(VOCAB + 5)
+    torch.testing.assert_close(ours.final_logits_bias, stock.final_logits_bias, rtol=0, atol=0)
+    assert stock.final_logits_bias.shape == (1, VOCAB + 5)
     batch = padded_batch()
-    input_ids, attention_mask = batch["input_ids"].clone(), batch["attention_mask"]
-    last_real = attention_mask.shape[1] - 1 - attention_mask.flip(1).argmax(dim=1)
-    input_ids[torch.arange(3), last_real] = EOS
+    keep = batch["decoder_attention_mask"].bool()
+    with torch.no_grad():
+        stock.model.shared.weight.copy_(ours.model.shared.weight)
+        assert_close_rel(ours(**batch).logits[keep], stock(**batch).logits[keep], 1e-5, "logits after resizing")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sequence_classification_matches_stock(classifier_folder, backend):
+    ours = load_ours(classifier_folder, backend, AutoModelForSequenceClassification)
+    stock = load_stock(classifier_folder, BartForSequenceClassification)
+    batch = classification_batch()
     labels = torch.tensor([0, 2, 1])
     with torch.no_grad():
-        expected = stock(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        actual = ours(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        expected = stock(**batch, labels=labels)
+        actual = ours(**batch, labels=labels)
     assert_close_rel(actual.logits, expected.logits, 1e-5, "classification logits")
     assert_close_rel(actual.loss, expected.loss, 1e-5, "classification loss")
+
+
+@pytest.mark.parametrize("num_labels, problem_type", [(1, None), (3, "multi_label_classification"), (3, "regression")])
+def test_sequence_classification_regression_and_multi_label_losses_match_stock(
+    classifier_folder, tmp_path, num_labels, problem_type
+):
+    """One label means regression: MSE over the squeezed [batch, 1] logits; multi-label takes BCE with logits."""
+    folder = classifier_folder if num_labels == 3 else save_stock(tmp_path, BartForSequenceClassification, num_labels=1)
+    ours = load_ours(folder, "sdpa", AutoModelForSequenceClassification, problem_type=problem_type)
+    stock = load_stock(folder, BartForSequenceClassification, problem_type=problem_type)
+    batch = classification_batch()
+    labels = torch.rand(3, num_labels) if problem_type == "multi_label_classification" else torch.randn(3, num_labels)
+    labels = labels.squeeze(-1)
+    with torch.no_grad():
+        expected = stock(**batch, labels=labels)
+        actual = ours(**batch, labels=labels)
+    assert_close_rel(actual.logits, expected.logits, 1e-5, "classification logits")
+    assert_close_rel(actual.loss, expected.loss, 1e-5, f"{problem_type} loss")
+
+
+def test_classification_head_applies_both_its_dropouts_in_training(classifier_folder):
+    """The head's two dropouts (before ``dense`` and before ``out_proj``, as stock's): its output is replayed from
+    its input and the random state it was called with (stock's own draw order differs between releases)."""
+    ours = load_ours(classifier_folder, "sdpa", AutoModelForSequenceClassification, classifier_dropout=0.5)
+    head = ours.classification_head
+    seen = {}
+
+    def note_input_and_random_state(module, args):
+        seen["input"], seen["state"] = args[0], torch.get_rng_state()
+
+    hook = head.register_forward_pre_hook(note_input_and_random_state)
+    try:
+        with torch.no_grad():
+            evaluated = ours(**classification_batch()).logits
+            torch.manual_seed(11)
+            trained = ours.train()(**classification_batch()).logits
+            torch.set_rng_state(seen["state"])
+            dense = torch.tanh(head.dense(F.dropout(seen["input"], 0.5)))
+            expected = head.out_proj(F.dropout(dense, 0.5))
+    finally:
+        hook.remove()
+        ours.eval()
+    assert relative_error(trained, evaluated) > 1e-2
+    assert_close_rel(trained, expected, 1e-6, "train-mode logits with classifier dropout")
+
+
+def test_question_answering_matches_stock(tmp_path):
+    folder = save_stock(tmp_path, BartForQuestionAnswering)
+    ours = load_ours(folder, "sdpa", AutoModelForQuestionAnswering)
+    stock = load_stock(folder, BartForQuestionAnswering)
+    batch = padded_batch()
+    inputs = dict(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        start_positions=torch.tensor([1, 2, 5]),
+        end_positions=torch.tensor([3, 6, 8]),
+    )
+    with torch.no_grad():
+        expected, actual = stock(**inputs), ours(**inputs)
+    assert_close_rel(actual.start_logits, expected.start_logits, 1e-5, "start logits")
+    assert_close_rel(actual.end_logits, expected.end_logits, 1e-5, "end logits")
+    assert_close_rel(actual.loss, expected.loss, 1e-5, "loss")
+
+
+@pytest.mark.skipif(
+    "logits_to_keep" not in inspect.signature(BartForCausalLM.forward).parameters,
+    reason="this transformers' BartForCausalLM has no logits_to_keep to compare with",
+)
+def test_causal_lm_logits_to_keep_matches_stock(tmp_path):
+    """BartForCausalLM (the decoder alone): an int keeps the last positions' logits, a tensor those positions'."""
+    folder = save_stock(tmp_path, BartForCausalLM)
+    ours = load_ours(folder, "sdpa", AutoModelForCausalLM)
+    stock = load_stock(folder, BartForCausalLM)
+    input_ids = torch.randint(3, VOCAB, (3, 11))
+    with torch.no_grad():
+        for keep in (0, 3, torch.tensor([0, 4, 7])):
+            expected = stock(input_ids, logits_to_keep=keep).logits
+            assert_close_rel(ours(input_ids, logits_to_keep=keep).logits, expected, 1e-5, f"logits_to_keep={keep}")
 
 
 def test_backend_is_read_from_the_config_at_every_forward(seq2seq_folder):

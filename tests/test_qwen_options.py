@@ -1,0 +1,120 @@
+"""Qwen-7B options and generation settings beyond tests/test_qwen.py's core checks (which this file shares its
+reference, helpers and saved model with): scale_attn_weights, the dropouts, no dynamic NTK or logn in training,
+logits_to_keep, and how stop words given to generate() and chat() take effect."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from tests.remote_code import assert_close_rel, relative_error
+from tests.test_qwen import EOS, CharTokenizer, ReferenceQwen, load, random_ids, saved  # noqa: F401 - saved: a fixture
+
+
+def test_scale_attn_weights_false_leaves_the_scores_unscaled(saved):
+    """scale_attn_weights=False (the original divides by sqrt(head_dim) only when set) equals the scaled model with
+    its query projection multiplied by 1/sqrt(head_dim) (the rotation is linear)."""
+    folder, config, _ = saved
+    ids = random_ids(2, 9)
+    unscaled = load(folder, scale_attn_weights=False)
+    with torch.no_grad():
+        expected = load(folder)(ids).logits
+        rows = config.kv_channels * config.num_attention_heads
+        for block in unscaled.transformer.h:
+            block.attn.c_attn.weight[:rows] *= config.kv_channels**-0.5
+            block.attn.c_attn.bias[:rows] *= config.kv_channels**-0.5
+        actual = unscaled(ids).logits
+    assert_close_rel(actual, expected, 1e-5, "unscaled scores with a pre-scaled query")
+
+
+def test_training_uses_no_dynamic_ntk_or_logn_on_long_inputs(saved):
+    """Past seq_length, eval mode would pick NTK alpha 7 and scale queries by logn; training mode does neither."""
+    folder, config, state = saved
+    model = load(folder).train()
+    ids = random_ids(2, 3 * config.seq_length)
+    with torch.no_grad():
+        actual = model(ids).logits
+    expected, _, alphas = ReferenceQwen(config, state).forward(ids, training=True)
+    assert alphas == [1.0, 1.0]
+    assert_close_rel(actual, expected.float(), 1e-5, "train-mode logits of a long input")
+
+
+@pytest.mark.parametrize("dropout", ["emb_dropout_prob", "attn_dropout_prob"])
+def test_each_dropout_applies_in_training_only(saved, dropout):
+    folder, config, state = saved
+    model = load(folder, **{dropout: 0.5})
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        evaluated = model(ids).logits
+        trained = model.train()(ids).logits
+    expected, _, _ = ReferenceQwen(config, state).forward(ids)
+    assert_close_rel(evaluated, expected.float(), 1e-5, f"eval logits with {dropout} set")
+    assert relative_error(trained, evaluated) > 1e-2, f"{dropout} had no effect in training"
+
+
+def test_logits_to_keep_int_and_tensor_select_the_reference_positions(saved):
+    """An int keeps the last positions' logits, a 1-D tensor the logits of the positions it lists."""
+    folder, config, state = saved
+    model = load(folder)
+    ids = random_ids(2, 9)
+    expected, _, _ = ReferenceQwen(config, state).forward(ids)
+    with torch.no_grad():
+        for keep, positions in ((2, [7, 8]), (torch.tensor([0, 3, 8]), [0, 3, 8])):
+            actual = model(ids, logits_to_keep=keep).logits
+            assert_close_rel(actual, expected[:, positions].float(), 1e-5, f"logits_to_keep={keep}")
+
+
+def first_greedy_tokens(model, ids, count: int = 2) -> list[int]:
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=4, do_sample=False)
+    return plain[0, ids.shape[1] : ids.shape[1] + count].tolist()
+
+
+def test_a_multi_token_stop_word_ends_the_row_beside_an_eos_stop_word(saved):
+    """stop_words_ids=[[EOS], [a, b]]: EOS alone would need no stop-word processor, the two-token word does."""
+    model = load(saved[0])
+    ids = random_ids(1, 7)
+    words = first_greedy_tokens(model, ids)
+    with torch.no_grad():
+        stopped = model.generate(
+            ids, max_new_tokens=4, do_sample=False, stop_words_ids=[[EOS], words], eos_token_id=EOS
+        )
+    assert stopped[0, 7:].tolist() == words + [EOS], (words, stopped)
+
+
+def test_the_calls_stop_words_win_over_the_generation_configs(saved):
+    model = load(saved[0])
+    ids = random_ids(1, 7)
+    words = first_greedy_tokens(model, ids)
+    never = [[99, 98, 97]]
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=EOS, pad_token_id=0, stop_words_ids=never)
+    with torch.no_grad():
+        stopped = model.generate(ids, generation_config=config, stop_words_ids=[words])
+        unstopped = model.generate(ids, generation_config=config)
+    assert stopped[0, 7:].tolist() == words + [EOS], (words, stopped)
+    assert unstopped[0, 7:9].tolist() == words and EOS not in unstopped[0, 7:].tolist(), (words, unstopped)
+
+
+def test_chat_and_chat_stream_stop_on_the_chatml_stop_words(saved, monkeypatch):
+    """chat() and chat_stream() pass <|im_end|> and <|im_start|> (the original's get_stop_words_ids) to generate(),
+    besides the caller's own stop words. A random model rarely emits them, and chat()'s text hides what follows
+    them, so the test records what generate() is given."""
+    model = load(saved[0])
+    model.generation_config.chat_format = "chatml"
+    model.generation_config.max_new_tokens = 2
+    model.generation_config.eos_token_id = EOS
+    tokenizer = CharTokenizer()
+    seen = []
+    real_generate = type(model).generate
+
+    def recording_generate(self, *args, **kwargs):
+        seen.append(kwargs.get("stop_words_ids"))
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", recording_generate)
+    model.chat(tokenizer, "hi", history=None, stop_words_ids=[[50, 51]])
+    list(model.chat_stream(tokenizer, "hi", history=None))
+    assert len(seen) == 2 and [50, 51] in seen[0], seen
+    for words in seen:
+        assert [tokenizer.im_end_id] in words and [tokenizer.im_start_id] in words, words
