@@ -118,3 +118,16 @@ def test_chat_and_chat_stream_stop_on_the_chatml_stop_words(saved, monkeypatch):
     assert len(seen) == 2 and [50, 51] in seen[0], seen
     for words in seen:
         assert [tokenizer.im_end_id] in words and [tokenizer.im_start_id] in words, words
+
+
+def test_a_cache_passed_with_use_cache_false_is_read_and_not_returned(saved):
+    """As the original: the past keys are attended to, and no cache comes back (``presents`` only with use_cache)."""
+    folder, _, _ = saved
+    model = load(folder)
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        prefix = model(ids[:, :6], use_cache=True)
+        rest = model(ids[:, 6:], past_key_values=prefix.past_key_values, use_cache=False)
+        full = model(ids).logits
+    assert prefix.past_key_values is not None and rest.past_key_values is None
+    assert_close_rel(rest.logits, full[:, 6:], 1e-5, "logits of the tokens after a passed cache")
