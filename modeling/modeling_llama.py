@@ -159,11 +159,17 @@ class ForwardMask:
     ``device`` are the tensor's.
     """
 
-    def __init__(self, tensor: Optional[torch.Tensor], filled_keys: Optional[int] = None):
+    def __init__(
+        self,
+        tensor: Optional[torch.Tensor],
+        filled_keys: Optional[int] = None,
+        cache_position: Optional[torch.Tensor] = None,
+    ):
         if isinstance(tensor, ForwardMask):
             tensor = tensor.tensor
         self.tensor = tensor
         self.filled_keys = filled_keys  # see filled_cache_length
+        self.cache_position = cache_position  # see traced_cache_mask
         self.cache_slots: Optional[int] = None  # a fixed-size cache's whole length, once cut (update_cache)
         self.block_masks: dict = {}
         self.kept: dict = {}
@@ -211,13 +217,43 @@ class ForwardMask:
 
 
 def forward_mask(
-    mask: Optional[torch.Tensor], without_mask: bool = False, filled_keys: Optional[int] = None
+    mask: Optional[torch.Tensor],
+    without_mask: bool = False,
+    filled_keys: Optional[int] = None,
+    cache_position: Optional[torch.Tensor] = None,
 ) -> Optional[ForwardMask]:
     """The mask a model hands to all its layers for one forward pass. None stays None unless
     ``without_mask``: then a holder without a tensor, for a model whose layers hand it only to ``attention()``
     (so a packed row's block mask, document index and varlen layout, and the slopes check, are worked out once
-    per forward there too). ``filled_keys``: see ``filled_cache_length``."""
-    return None if mask is None and not without_mask else ForwardMask(mask, filled_keys)
+    per forward there too). ``filled_keys``: see ``filled_cache_length``; ``cache_position``: see
+    ``traced_cache_mask``."""
+    return None if mask is None and not without_mask else ForwardMask(mask, filled_keys, cache_position)
+
+
+def traced_cache_mask(
+    past_key_values, attention_mask: Optional[torch.Tensor], batch_size: int, new_tokens: int, cache_position, device
+) -> tuple:
+    """``(attention_mask, cache_position)`` for a forward. While tracing a call into a fixed-size cache without a
+    mask (``generate`` drops an all-ones one; transformers before 5.x passes BART's decoder none), the filled slots
+    cannot be counted (a data-dependent value), and the layers would attend to the whole buffer, unwritten slots
+    included, with the queries aligned to its end. Such a call gets the positions of its tokens (the caller's
+    ``cache_position``, else the cache's count, a tensor) and a bool 4-D mask ``[batch, 1, new, slots]`` in which
+    each query sees the slots up to its own position, as transformers' static-cache masks; the positions go on the
+    ``ForwardMask`` too, where caches that need one write (before transformers 5.4). Anything else as given."""
+    if attention_mask is not None or not _is_tracing() or not getattr(past_key_values, "is_compileable", False):
+        return attention_mask, cache_position
+    if cache_position is None:
+        cache_position = torch.arange(new_tokens, device=device) + past_key_values.get_seq_length()
+    slots = torch.arange(cache_capacity(past_key_values), device=device)
+    visible = slots <= cache_position.to(device)[:, None]
+    return visible.expand(batch_size, 1, new_tokens, slots.shape[0]), cache_position
+
+
+def cache_capacity(cache) -> int:
+    """How many tokens a fixed-size cache holds (``get_max_length`` since transformers 5.2x, before that
+    ``get_max_cache_shape``)."""
+    capacity = getattr(cache, "get_max_length", None) or cache.get_max_cache_shape
+    return capacity()
 
 
 def broadcast_encoder_batch(
@@ -262,6 +298,8 @@ def cache_update_kwargs(mask, new_tokens: int, device, cache_position: Optional[
     """``cache_kwargs`` for ``Cache.update``: where the new tokens go. transformers 4.x static caches write at
     ``cache_position`` (without it, at 0 .. new_tokens - 1; later ones track it themselves); when the caller gave
     none, it follows from the forward's ``filled_keys`` (``filled_cache_length``)."""
+    if cache_position is None and isinstance(mask, ForwardMask):
+        cache_position = mask.cache_position
     filled = _filled_keys(mask)
     if cache_position is None and filled is not None:
         cache_position = torch.arange(filled - new_tokens, filled, device=device)
@@ -5994,11 +6032,13 @@ class LlamaModel(LlamaPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
 
+        attention_mask, cache_position = traced_cache_mask(
+            past_key_values, attention_mask, batch_size, seq_len, kwargs.get("cache_position"), inputs_embeds.device
+        )
         mask = kernel_attention_mask(attention_mask)
         check_mask_shape(attention_mask, batch_size, seq_len)
         filled = filled_cache_length(past_key_values, attention_mask, seq_len)
         mask = forward_mask(mask, without_mask=True, filled_keys=filled)  # one object for every layer: see forward_mask
-        cache_position = kwargs.get("cache_position")
         if position_ids is None:
             if cache_position is None:
                 past_length = past_key_values.get_seq_length() if past_key_values is not None else 0

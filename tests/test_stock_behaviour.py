@@ -502,6 +502,31 @@ def test_fullgraph_compiled_static_generation_matches_stock(family, tmp_path):
     assert torch.equal(actual, stock.generate(**inputs, **options))
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
+@pytest.mark.parametrize("padded", [False, True], ids=["one_row", "padded"])
+def test_compiled_forward_with_a_static_cache_generates_stocks_logits(family, padded, tmp_path):
+    """``model.forward = torch.compile(model.forward)`` with a static cache (transformers' documented recipe)
+    traces the prefill too. One row comes without a mask (``generate`` drops an all-ones one; before transformers
+    5.x BART's decoder gets none), where the filled slots cannot be counted: the layers saw the unwritten ones
+    (logits up to 1.7x off), and caches before transformers 5.4 were written where no position was given."""
+    stock, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path)
+    inputs = token_inputs(family, batch=2 if padded else 1)
+    inputs.pop("decoder_input_ids", None)
+    if not padded:
+        inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    options = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    expected = stock.generate(**inputs, **options)
+    torch._dynamo.reset()
+    ours.forward = torch.compile(ours.forward, backend="aot_eager", dynamic=False)
+    try:
+        actual = ours.generate(**inputs, **options, cache_implementation="static")
+    finally:
+        del ours.forward
+    assert torch.equal(actual.sequences, expected.sequences)
+    for step, (got, want) in enumerate(zip(actual.logits, expected.logits, strict=True)):
+        assert_close_rel(got, want, 1e-5, f"{family} logits of step {step}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Every RoPE type transformers knows (item 7)
 # ----------------------------------------------------------------------------------------------
