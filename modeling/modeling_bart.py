@@ -221,17 +221,34 @@ def traced_cache_mask(
     """``(attention_mask, cache_position)`` for a forward. While tracing a call into a fixed-size cache without a
     mask (``generate`` drops an all-ones one; transformers before 5.x passes BART's decoder none), the filled slots
     cannot be counted (a data-dependent value), and the layers would attend to the whole buffer, unwritten slots
-    included, with the queries aligned to its end. Such a call gets the positions of its tokens (the caller's
-    ``cache_position``, else the cache's count, a tensor) and a bool 4-D mask ``[batch, 1, new, slots]`` in which
-    each query sees the slots up to its own position, as transformers' static-cache masks; the positions go on the
-    ``ForwardMask`` too, where caches that need one write (before transformers 5.4). Anything else as given."""
-    if attention_mask is not None or not _is_tracing() or not getattr(past_key_values, "is_compileable", False):
+    included, with the queries aligned to its end. Such a call gets its ``traced_cache_position`` and a bool 4-D
+    mask ``[batch, 1, new, slots]`` of ``visible_cache_slots``, as transformers' static-cache masks; the positions
+    go on the ``ForwardMask`` too, where caches that need one write (before transformers 5.4). Else as given."""
+    if attention_mask is not None or not _traced_into_fixed_cache(past_key_values):
         return attention_mask, cache_position
-    if cache_position is None:
+    cache_position = traced_cache_position(past_key_values, new_tokens, device, cache_position)
+    visible = visible_cache_slots(cache_position.to(device), cache_capacity(past_key_values))
+    return visible.expand(batch_size, 1, *visible.shape), cache_position
+
+
+def traced_cache_position(
+    past_key_values, new_tokens: int, device, cache_position: Optional[torch.Tensor] = None
+) -> Optional[torch.Tensor]:
+    """Where a traced call into a fixed-size cache puts its tokens: the caller's ``cache_position``, else the
+    cache's own count (a tensor) plus 0 .. new_tokens - 1; neither a mask's length nor the cache's capacity says
+    it. Outside such a call, ``cache_position`` as given."""
+    if cache_position is None and _traced_into_fixed_cache(past_key_values):
         cache_position = torch.arange(new_tokens, device=device) + past_key_values.get_seq_length()
-    slots = torch.arange(cache_capacity(past_key_values), device=device)
-    visible = slots <= cache_position.to(device)[:, None]
-    return visible.expand(batch_size, 1, new_tokens, slots.shape[0]), cache_position
+    return cache_position
+
+
+def visible_cache_slots(cache_position: torch.Tensor, slots: int) -> torch.Tensor:
+    """Bool ``[new, slots]``: each new token sees the cache's slots up to its own position."""
+    return torch.arange(slots, device=cache_position.device) <= cache_position[:, None]
+
+
+def _traced_into_fixed_cache(past_key_values) -> bool:
+    return _is_tracing() and getattr(past_key_values, "is_compileable", False)
 
 
 def cache_capacity(cache) -> int:
@@ -3496,7 +3513,7 @@ def _pointwise(fn: Callable, *args):
 
     A compiler that fails here (e.g. no C compiler for Triton) is logged once and the eager body is used.
     """
-    first = next(a for a in args if isinstance(a, torch.Tensor))
+    first = _first_tensor(args)
     if first.device.type != "cuda" or torch.compiler.is_compiling() or fn in _compile_failed:
         return fn(*args)
     try:

@@ -253,17 +253,34 @@ def traced_cache_mask(
     """``(attention_mask, cache_position)`` for a forward. While tracing a call into a fixed-size cache without a
     mask (``generate`` drops an all-ones one; transformers before 5.x passes BART's decoder none), the filled slots
     cannot be counted (a data-dependent value), and the layers would attend to the whole buffer, unwritten slots
-    included, with the queries aligned to its end. Such a call gets the positions of its tokens (the caller's
-    ``cache_position``, else the cache's count, a tensor) and a bool 4-D mask ``[batch, 1, new, slots]`` in which
-    each query sees the slots up to its own position, as transformers' static-cache masks; the positions go on the
-    ``ForwardMask`` too, where caches that need one write (before transformers 5.4). Anything else as given."""
-    if attention_mask is not None or not _is_tracing() or not getattr(past_key_values, "is_compileable", False):
+    included, with the queries aligned to its end. Such a call gets its ``traced_cache_position`` and a bool 4-D
+    mask ``[batch, 1, new, slots]`` of ``visible_cache_slots``, as transformers' static-cache masks; the positions
+    go on the ``ForwardMask`` too, where caches that need one write (before transformers 5.4). Else as given."""
+    if attention_mask is not None or not _traced_into_fixed_cache(past_key_values):
         return attention_mask, cache_position
-    if cache_position is None:
+    cache_position = traced_cache_position(past_key_values, new_tokens, device, cache_position)
+    visible = visible_cache_slots(cache_position.to(device), cache_capacity(past_key_values))
+    return visible.expand(batch_size, 1, *visible.shape), cache_position
+
+
+def traced_cache_position(
+    past_key_values, new_tokens: int, device, cache_position: Optional[torch.Tensor] = None
+) -> Optional[torch.Tensor]:
+    """Where a traced call into a fixed-size cache puts its tokens: the caller's ``cache_position``, else the
+    cache's own count (a tensor) plus 0 .. new_tokens - 1; neither a mask's length nor the cache's capacity says
+    it. Outside such a call, ``cache_position`` as given."""
+    if cache_position is None and _traced_into_fixed_cache(past_key_values):
         cache_position = torch.arange(new_tokens, device=device) + past_key_values.get_seq_length()
-    slots = torch.arange(cache_capacity(past_key_values), device=device)
-    visible = slots <= cache_position.to(device)[:, None]
-    return visible.expand(batch_size, 1, new_tokens, slots.shape[0]), cache_position
+    return cache_position
+
+
+def visible_cache_slots(cache_position: torch.Tensor, slots: int) -> torch.Tensor:
+    """Bool ``[new, slots]``: each new token sees the cache's slots up to its own position."""
+    return torch.arange(slots, device=cache_position.device) <= cache_position[:, None]
+
+
+def _traced_into_fixed_cache(past_key_values) -> bool:
+    return _is_tracing() and getattr(past_key_values, "is_compileable", False)
 
 
 def cache_capacity(cache) -> int:
@@ -3528,7 +3545,7 @@ def _pointwise(fn: Callable, *args):
 
     A compiler that fails here (e.g. no C compiler for Triton) is logged once and the eager body is used.
     """
-    first = next(a for a in args if isinstance(a, torch.Tensor))
+    first = _first_tensor(args)
     if first.device.type != "cuda" or torch.compiler.is_compiling() or fn in _compile_failed:
         return fn(*args)
     try:
@@ -5785,7 +5802,6 @@ class BloomAttention(nn.Module):
         layer_past: Optional[Cache] = None,
         sequence_ids: Optional[torch.Tensor] = None,
         attention_weights: Optional[list] = None,
-        cache_position: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Given an ``attention_weights`` list, the weights are computed, appended to it (``output_attentions``) and
         returned beside the output (after the residual), as stock's attention returns them; otherwise None."""
@@ -5794,9 +5810,7 @@ class BloomAttention(nn.Module):
 
         if layer_past is not None:
             # kv_length, not only the mask's filled keys: a traced call without a mask knows its length too
-            key, value = update_cache(
-                layer_past, key, value, self.layer_idx, padding_mask, cache_position=cache_position, filled=kv_length
-            )
+            key, value = update_cache(layer_past, key, value, self.layer_idx, padding_mask, filled=kv_length)
 
         context = attention_recording_weights(
             query,
@@ -5875,7 +5889,6 @@ class BloomBlock(LongContextCheckpointing, GradientCheckpointingLayer):
         layer_past: Optional[Cache] = None,
         sequence_ids: Optional[torch.Tensor] = None,
         attention_weights: Optional[list] = None,
-        cache_position: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(hidden states, this layer's attention weights or None)``, stock's layout (hooks read ``[0]``)."""
         # the MLP tiles its own position-wise part
@@ -5893,7 +5906,6 @@ class BloomBlock(LongContextCheckpointing, GradientCheckpointingLayer):
                 layer_past=layer_past,
                 sequence_ids=sequence_ids,
                 attention_weights=attention_weights,
-                cache_position=cache_position,
             )[0]
 
         attention_output = residual_after_norm(
@@ -6026,14 +6038,10 @@ class BloomModel(BloomPreTrainedModel):
             kv_length = int(past_length) + seq_length
         filled = filled_cache_length(past_key_values, attention_mask, seq_length)
         capacity = cache_capacity(past_key_values) if getattr(past_key_values, "is_compileable", False) else None
-        padding_mask = self._padding_mask(attention_mask, batch_size, kv_length, filled, capacity)
-        cache_position = None
-        if _is_tracing() and capacity is not None:
-            # where this call's tokens go: a tensor the cache knows (its own count; transformers before 5.4 write
-            # where a cache_position says, and neither the mask's length nor the cache's capacity says it)
-            cache_position = torch.arange(seq_length, device=inputs_embeds.device) + past_key_values.get_seq_length()
-            if seq_length > 1 and attention_mask is not None:
-                padding_mask = _keep_by_cache_position(padding_mask, cache_position)
+        cache_position = traced_cache_position(past_key_values, seq_length, inputs_embeds.device)
+        padding_mask = self._padding_mask(attention_mask, batch_size, kv_length, filled, capacity, cache_position)
+        if cache_position is not None and seq_length > 1 and attention_mask is not None:
+            padding_mask = _keep_by_cache_position(padding_mask)
         slopes = padding_mask.bloom_alibi_slopes(self.num_heads, inputs_embeds.device)
         backend = backend_from_config(self.config)
 
@@ -6052,7 +6060,6 @@ class BloomModel(BloomPreTrainedModel):
                 layer_past=past_key_values,
                 sequence_ids=sequence_ids,
                 attention_weights=all_attentions,
-                cache_position=cache_position,
             )
         hidden_states = sequence_tiled((self.ln_f,), hidden_states, sequence_tile_size(self.config))
         if output_hidden_states:
@@ -6073,14 +6080,16 @@ class BloomModel(BloomPreTrainedModel):
         kv_length: int,
         filled_keys: Optional[int] = None,
         capacity: Optional[int] = None,
+        cache_position: Optional[torch.Tensor] = None,
     ) -> ForwardMask:
         """The forward's mask object for every layer: the kernel layer's O(n) bool keep-mask ``[batch, kv_length]``
         (no tensor when nothing is padded), where per-forward work (block masks, cudnn's checks) is kept, and the
-        ``filled_keys`` of a static cache (``filled_cache_length``). A mask for a fixed-size cache of ``capacity``
+        ``filled_keys`` of a static cache (``filled_cache_length``) or a traced call's ``cache_position``
+        (``traced_cache_position``: where the cache writes). A mask for a fixed-size cache of ``capacity``
         slots may cover its unwritten slots too (``generate`` passes one as long as the cache); any other must
         cover exactly the cached and new tokens, as stock requires."""
         if attention_mask is None:
-            return forward_mask(None, without_mask=True, filled_keys=filled_keys)
+            return forward_mask(None, without_mask=True, filled_keys=filled_keys, cache_position=cache_position)
         longest = kv_length if capacity is None else max(capacity, kv_length)
         if (
             attention_mask.dim() != 2
@@ -6092,17 +6101,17 @@ class BloomModel(BloomPreTrainedModel):
                 f"got shape {list(attention_mask.shape)}"
             )
         keep = keep_mask_from_padding(attention_mask[:, :kv_length])
-        return forward_mask(keep, without_mask=True, filled_keys=filled_keys)
+        return forward_mask(keep, without_mask=True, filled_keys=filled_keys, cache_position=cache_position)
 
 
-def _keep_by_cache_position(padding_mask: ForwardMask, cache_position: torch.Tensor) -> ForwardMask:
+def _keep_by_cache_position(padding_mask: ForwardMask) -> ForwardMask:
     """A traced call of several tokens into a fixed-size cache (a compiled prefill): ``generate`` pads BLOOM's 2-D
     mask to the cache's length, so the mask's length does not say where the queries sit, and a causal call would
     align them with the cache's last slot (each seeing later tokens). A 4-D keep-mask ``[batch, 1, new, slots]``
     lets each query see the kept slots up to its ``cache_position``, as stock's 4-D mask does."""
-    keep = padding_mask.tensor
-    causal = torch.arange(keep.shape[-1], device=keep.device) <= cache_position.to(keep.device)[:, None]
-    return forward_mask(keep[:, None, None, :] & causal, without_mask=True)
+    keep, cache_position = padding_mask.tensor, padding_mask.cache_position
+    visible = keep[:, None, None, :] & visible_cache_slots(cache_position.to(keep.device), keep.shape[-1])
+    return forward_mask(visible, without_mask=True, cache_position=cache_position)
 
 
 class BloomForCausalLM(BloomPreTrainedModel, GenerationMixin):
