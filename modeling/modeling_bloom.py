@@ -6031,14 +6031,16 @@ class BloomModel(BloomPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
 
+        capacity = cache_capacity(past_key_values) if getattr(past_key_values, "is_compileable", False) else None
+        cache_position = traced_cache_position(past_key_values, seq_length, inputs_embeds.device)
+        if cache_position is not None and attention_mask is None:
+            attention_mask = _traced_cache_keep_mask(cache_position, capacity, batch_size)
         if _is_tracing() and attention_mask is not None and attention_mask.dim() == 2:
             kv_length = attention_mask.shape[1]  # the mask covers past + current tokens: a static length to trace
         else:
             past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
             kv_length = int(past_length) + seq_length
         filled = filled_cache_length(past_key_values, attention_mask, seq_length)
-        capacity = cache_capacity(past_key_values) if getattr(past_key_values, "is_compileable", False) else None
-        cache_position = traced_cache_position(past_key_values, seq_length, inputs_embeds.device)
         padding_mask = self._padding_mask(attention_mask, batch_size, kv_length, filled, capacity, cache_position)
         if cache_position is not None and seq_length > 1 and attention_mask is not None:
             padding_mask = _keep_by_cache_position(padding_mask)
@@ -6102,6 +6104,14 @@ class BloomModel(BloomPreTrainedModel):
             )
         keep = keep_mask_from_padding(attention_mask[:, :kv_length])
         return forward_mask(keep, without_mask=True, filled_keys=filled_keys, cache_position=cache_position)
+
+
+def _traced_cache_keep_mask(cache_position: torch.Tensor, capacity: int, batch_size: int) -> torch.Tensor:
+    """The 2-D mask, as long as the cache, of a traced call into a fixed-size cache that came without one
+    (``generate`` drops an all-ones mask): the slots up to its last new token. Counting the filled slots instead
+    would read the cache on the host, a graph break and a recompile per decoding step."""
+    last_visible = visible_cache_slots(cache_position[-1:], capacity)
+    return last_visible.expand(batch_size, capacity)
 
 
 def _keep_by_cache_position(padding_mask: ForwardMask) -> ForwardMask:

@@ -507,8 +507,9 @@ def test_compiled_forward_with_a_static_cache_generates_stocks_logits(family, tm
     """``model.forward = torch.compile(model.forward)`` with a static cache (transformers' documented recipe)
     traces the prefill too. One row comes without a mask (``generate`` drops an all-ones one; before transformers
     5.x BART's decoder gets none), where the filled slots cannot be counted: the layers saw the unwritten ones
-    (logits up to 1.7x off), and caches before transformers 5.4 were written where no position was given. A padded
-    batch's mask says it (BLOOM's, which ``generate`` pads to the cache's length: ``test_bloom.py``)."""
+    (logits up to 1.7x off), caches before transformers 5.4 were written where no position was given, and BLOOM
+    counted them on the host (a graph break and a recompile per token). A padded batch's mask says it (BLOOM's,
+    which ``generate`` pads to the cache's length: ``test_bloom.py``)."""
     stock, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path)
     inputs = token_inputs(family, batch=1)
     inputs.pop("decoder_input_ids", None)
@@ -516,7 +517,7 @@ def test_compiled_forward_with_a_static_cache_generates_stocks_logits(family, tm
     options = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
     expected = stock.generate(**inputs, **options)
     torch._dynamo.reset()
-    ours.forward = torch.compile(ours.forward, backend="aot_eager", dynamic=False)
+    ours.forward = torch.compile(ours.forward, backend="aot_eager", dynamic=False, fullgraph=True)
     try:
         actual = ours.generate(**inputs, **options, cache_implementation="static")
     finally:
