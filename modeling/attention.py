@@ -219,8 +219,9 @@ def _traced_into_fixed_cache(past_key_values) -> bool:
 def cache_capacity(cache) -> int:
     """How many tokens a fixed-size cache holds (``get_max_length`` since transformers 5.2x, before that
     ``get_max_cache_shape``)."""
-    capacity = getattr(cache, "get_max_length", None) or cache.get_max_cache_shape
-    return capacity()
+    if hasattr(cache, "get_max_length"):  # not ``getattr(...) or``: dynamo before torch 2.13 breaks the graph there
+        return cache.get_max_length()
+    return cache.get_max_cache_shape()
 
 
 def broadcast_encoder_batch(

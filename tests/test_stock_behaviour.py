@@ -478,17 +478,26 @@ def test_static_cache_attention_weights_cover_the_whole_cache_like_stock(family,
 
 @pytest.mark.skipif(not TRANSFORMERS_5, reason="CompileConfig's all-device switch is transformers 5's")
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
-def test_fullgraph_compiled_static_generation_matches_stock(family, tmp_path):
+@pytest.mark.parametrize(
+    "device, rows",
+    [("cpu", "padded"), pytest.param("cuda", "padded", marks=pytest.mark.gpu), pytest.param("cuda", "one", marks=pytest.mark.gpu)],
+)
+def test_fullgraph_compiled_static_generation_matches_stock(family, device, rows, tmp_path):
     """``generate`` compiles the forward with ``fullgraph=True`` for a static cache (dynamo only, so that it
     runs without a C++ compiler): no graph break, no data-dependent branch on the decoding path, and one graph
     for every decoding step. More steps than dynamo's recompile limit are decoded: an input whose shape grew
-    with each token (BLOOM's 2-D mask did) would recompile per step and then fail."""
+    with each token (BLOOM's 2-D mask did) would recompile per step and then fail. On CUDA with an unpadded row
+    too (``generate`` drops its all-ones mask): the kernel layer's CUDA paths, and the GPU machine's older torch,
+    whose dynamo broke the graph where ours asked a cache for a method with ``getattr(...) or``."""
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
     stock, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path)
-    inputs = token_inputs(family)
+    stock, ours = stock.to(device), ours.to(device)
+    inputs = {name: tensor.to(device) for name, tensor in token_inputs(family, batch=2 if rows == "padded" else 1).items()}
     inputs.pop("decoder_input_ids", None)
+    if rows == "one":
+        inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
     compile_config = CompileConfig(fullgraph=True, backend="eager", dynamic=False)
     compile_config._compile_all_devices = True
     recompile_limit = 8  # dynamo's default (other tests may raise it in this process)

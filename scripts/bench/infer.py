@@ -53,9 +53,12 @@ def generate_static(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     )
 
 
-def measure_static_generate(bench: Bench, model, batch: int, ids: torch.Tensor, new_tokens: int) -> dict:
+def measure_static_generate(
+    bench: Bench, model, batch: int, ids: torch.Tensor, new_tokens: int, profile_name: Optional[str] = None
+) -> dict:
     """Decode speed over a static cache: ``generate`` of ``new_tokens`` tokens less ``generate`` of one (the
-    prefill), so the ``new_tokens - 1`` compiled decoding steps are what is timed (after a warm-up that compiles)."""
+    prefill), so the ``new_tokens - 1`` compiled decoding steps are what is timed (after a warm-up that compiles).
+    With ``--profile``, one more ``generate`` runs under the profiler."""
     model.eval()
     with torch.no_grad():
         bench.clean()
@@ -64,6 +67,10 @@ def measure_static_generate(bench: Bench, model, batch: int, ids: torch.Tensor, 
         prefill_times = bench.timed(functools.partial(generate_static, model, ids, 1), bench.args.prefill_iters)
         generate_times = bench.timed(functools.partial(generate_static, model, ids, new_tokens), 2)
         peak = bench.peak_mb()
+        profiled = {}
+        if profile_name is not None:
+            generate = functools.partial(generate_static, model, ids, new_tokens)
+            profiled = {f"{key}_generate": value for key, value in profile_call(bench, generate, profile_name).items()}
     prefill_ms, generate_ms = statistics.median(prefill_times), min(generate_times)
     decode_ms = generate_ms - prefill_ms
     steps = new_tokens - 1
@@ -75,6 +82,7 @@ def measure_static_generate(bench: Bench, model, batch: int, ids: torch.Tensor, 
         "decode_ms_per_step": decode_ms / steps,
         "decode_tokens_per_s": batch * steps / (decode_ms / 1e3),
         "peak_mem_mb": peak,
+        **profiled,
     }
 
 
@@ -90,7 +98,7 @@ def measure_infer(
 ) -> dict:
     ids = random_ids(vocab, batch, seq, bench.device)
     if bench.args.static_cache:
-        return measure_static_generate(bench, model, batch, ids, new_tokens)
+        return measure_static_generate(bench, model, batch, ids, new_tokens, profile_name)
     model.eval()
     with torch.no_grad():
         bench.clean()
