@@ -183,17 +183,31 @@ def forward_mask(
 def traced_cache_mask(
     past_key_values, attention_mask: Optional[torch.Tensor], batch_size: int, new_tokens: int, cache_position, device
 ) -> tuple:
-    """``(attention_mask, cache_position)`` for a forward. While tracing a call into a fixed-size cache without a
-    mask (``generate`` drops an all-ones one; transformers before 5.x passes BART's decoder none), the filled slots
-    cannot be counted (a data-dependent value), and the layers would attend to the whole buffer, unwritten slots
-    included, with the queries aligned to its end. Such a call gets its ``traced_cache_position`` and a bool 4-D
-    mask ``[batch, 1, new, slots]`` of ``visible_cache_slots``, as transformers' static-cache masks; the positions
-    go on the ``ForwardMask`` too, where caches that need one write (before transformers 5.4). Else as given."""
-    if attention_mask is not None or not _traced_into_fixed_cache(past_key_values):
+    """``(attention_mask, cache_position)`` for a forward. While tracing a call into a fixed-size cache with no
+    mask or a 2-D one, the filled slots cannot be counted (a data-dependent value), and neither the mask's length
+    (stock pads it to the cache's, as ``generate`` does for BLOOM) nor the capacity says where the queries sit:
+    aligned with the end of either, prompt tokens saw later ones. Such a call gets its ``traced_cache_position``
+    and a bool 4-D mask ``[batch, 1, new, slots]``: the slots up to each query's position (``visible_cache_slots``)
+    that the 2-D mask keeps (its column j is slot j), as transformers' static-cache masks; the positions go on the
+    ``ForwardMask`` too, where caches that need one write (before transformers 5.4). Else as given."""
+    two_d = attention_mask is not None and attention_mask.dim() == 2
+    if (attention_mask is not None and not two_d) or not _traced_into_fixed_cache(past_key_values):
         return attention_mask, cache_position
     cache_position = traced_cache_position(past_key_values, new_tokens, device, cache_position)
-    visible = visible_cache_slots(cache_position.to(device), cache_capacity(past_key_values))
-    return visible.expand(batch_size, 1, *visible.shape), cache_position
+    slots = cache_capacity(past_key_values)
+    visible = visible_cache_slots(cache_position.to(device), slots)
+    if not two_d:
+        return visible.expand(batch_size, 1, *visible.shape), cache_position
+    return _mask_over_cache_slots(attention_mask, slots)[:, None, None, :] & visible, cache_position
+
+
+def _mask_over_cache_slots(attention_mask: torch.Tensor, slots: int) -> torch.Tensor:
+    """A 2-D padding mask as bool ``[batch, slots]``: slots past its end hold nothing yet."""
+    if attention_mask.shape[1] > slots:
+        raise ValueError(
+            f"a 2-D attention_mask of {attention_mask.shape[1]} positions is longer than the cache's {slots} slots"
+        )
+    return F.pad(attention_mask.bool(), (0, slots - attention_mask.shape[1]), value=False)
 
 
 def traced_cache_position(
@@ -439,7 +453,8 @@ def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     mask_kind = _mask_kind(attention_mask, batch, heads, q_len, k_len)
-    if q_len > k_len and (sequence_ids is not None or (alibi_slopes is not None and mask_kind == "padding")):
+    keys_must_cover_queries = sequence_ids is not None or (alibi_slopes is not None and mask_kind == "padding")
+    if keys_must_cover_queries and q_len > k_len:  # in this order: a traced q_len > k_len is a guard on the shapes
         given = "sequence_ids" if sequence_ids is not None else "alibi_slopes and a [b, k_len] keep-mask"
         raise ValueError(
             f"q_len {q_len} > k_len {k_len} with {given}: the queries take the positions of the last q_len "
@@ -599,6 +614,28 @@ def _under_function_transform() -> bool:
     return True
 
 
+def _computes_as_stock() -> bool:
+    """Whether the fused ops and attention's own paths compute as stock does, with torch's operators only: under
+    a ``torch.func`` transform (``_under_function_transform``), and while ``torch.export`` traces, so that an
+    exported program holds no op of ours (it has a backward, loads where this file was never imported, and
+    lowers to runtimes such as ExecuTorch that know torch's operators only); logged once."""
+    if _under_function_transform():
+        return True
+    if not _is_exporting():
+        return False
+    _log_once(
+        "torch.export is tracing: the fused ops (loss, norms, MLP, RoPE, tiles, offloaded checkpoints) compute "
+        "as stock does and attention's auto backend takes sdpa or plain eager, so the program holds torch's "
+        "operators only"
+    )
+    return True
+
+
+def _is_exporting() -> bool:
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return exporting is not None and exporting()
+
+
 def _refuse_double_backward(op: str) -> None:
     """Called first in the backward of ops whose backward is not itself differentiable: autograd runs a backward
     with gradients recorded only for ``create_graph=True``, whose second derivatives would be silently wrong."""
@@ -669,7 +706,7 @@ def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, l
     if keep is not None:
         scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
         row_has_key = keep.any(dim=-1, keepdim=True)
-    if light_softmax and not _under_function_transform():
+    if light_softmax and not _computes_as_stock():
         probs = LightSoftmax.apply(scores)
     else:
         probs = torch.softmax(scores, dim=-1)
@@ -691,7 +728,7 @@ def _run_eager(
 ):
     probs, row_has_key = _eager_probabilities(q, k, call, mask, alibi_slopes, scale, light_softmax, sequence_ids)
     v = _expand_kv(v, call.heads)
-    if call.dropout_p > 0.0 and dropout_matmul and not _under_function_transform():
+    if call.dropout_p > 0.0 and dropout_matmul and not _computes_as_stock():
         out = DropoutMatmul.apply(probs, v, call.dropout_p)
     else:
         out = torch.matmul(F.dropout(probs, p=call.dropout_p, training=call.dropout_p > 0.0), v)
@@ -854,7 +891,7 @@ def _sdpa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
 
 
 def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_ids=None, **_):
-    if call.ragged and call.q_len > 1 and _sdpa_needs_dense_mask(call) is None and not _under_function_transform():
+    if call.ragged and call.q_len > 1 and _sdpa_needs_dense_mask(call) is None and not _computes_as_stock():
         return _run_varlen(_sdpa_varlen, q, k, v, call, mask, sequence_ids, scale)
     dropout = call.dropout_p
     no_mask = call.mask_kind == "none" and not call.documents and not call.alibi
@@ -2643,7 +2680,10 @@ def _why_not(name: str, call: AttentionCall) -> Optional[str]:
 
 
 def _auto_skips(name: str, call: AttentionCall) -> bool:
-    """``auto`` passes over sdpa where it would build an O(q * k) mask for a padded or packed call."""
+    """``auto`` passes over sdpa where it would build an O(q * k) mask for a padded or packed call, and, while
+    ``torch.export`` traces, over every backend but sdpa and plain eager (``_computes_as_stock``)."""
+    if _computes_as_stock():
+        return name not in ("sdpa", "eager")
     return name == "sdpa" and _sdpa_needs_dense_mask(call) is not None
 
 
@@ -3008,8 +3048,7 @@ def _build_alibi_slopes(num_heads: int, device) -> torch.Tensor:
 def _is_tracing() -> bool:
     """True while torch.compile, torch.export or torch.jit.trace traces the forward: no host sync or
     data-dependent branch then (a trace would keep the branch its example inputs took)."""
-    exporting = getattr(torch.compiler, "is_exporting", None)
-    return torch.compiler.is_compiling() or (exporting is not None and exporting()) or torch.jit.is_tracing()
+    return torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing()
 
 
 def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -3064,6 +3103,21 @@ def varlen_keywords(kwargs: dict) -> dict:
     return {name: kwargs[name] for name in names if name in kwargs}
 
 
+CONTINUOUS_BATCHING_REFUSAL = (
+    "transformers' continuous batching (generate_batch, generate(cache_implementation='paged'), a paged cache) is "
+    "not supported by these modeling files: use generate() with a dynamic or static cache, or the stock class"
+)
+
+
+class RefusesContinuousBatching:
+    """First base of every model class of ours. transformers' continuous batching runs the model on a thread of
+    its own, which only logs a forward's error: each request came back empty (``generate`` returned the prompts),
+    and BART, whose forward drops unknown keywords, decoded one wrong token. Refused before it starts."""
+
+    def init_continuous_batching(self, *args, **kwargs):
+        raise NotImplementedError(CONTINUOUS_BATCHING_REFUSAL)
+
+
 def packed_documents(
     batch_size: int,
     seq_len: int,
@@ -3086,10 +3140,7 @@ def packed_documents(
     """
     if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
         if isinstance(cu_seq_lens_q, dict) or isinstance(cu_seq_lens_k, dict):
-            raise NotImplementedError(
-                "cu_seq_lens per layer type (transformers' continuous batching: generate_batch, a paged cache) is "
-                "not supported by these modeling files: use generate(), or the stock class for continuous batching"
-            )
+            raise NotImplementedError(f"cu_seq_lens per layer type: {CONTINUOUS_BATCHING_REFUSAL}")
         if not (isinstance(cu_seq_lens_q, torch.Tensor) and isinstance(cu_seq_lens_k, torch.Tensor)):
             raise ValueError("packed self-attention needs cu_seq_lens_q and cu_seq_lens_k, both tensors")
         if cu_seq_lens_q.shape != cu_seq_lens_k.shape:
@@ -3362,6 +3413,8 @@ def _backend_from_implementation(implementation) -> str:
         return _IMPLEMENTATION_TO_BACKEND[implementation]
     if isinstance(implementation, str) and implementation.startswith("mea_"):
         return _named_backend(implementation[len("mea_") :], "attn_implementation")
+    if isinstance(implementation, str) and implementation.startswith("paged|"):
+        raise ValueError(f"attn_implementation={implementation!r}: {CONTINUOUS_BATCHING_REFUSAL}")
     _log_once(f"attn_implementation={implementation!r} has no kernel-layer equivalent; using auto")
     return "auto"
 
@@ -4114,7 +4167,7 @@ def _is_plain_module(module, expected_class: type = torch.nn.Linear) -> bool:
         type(module) is expected_class
         and _runs_as_written(module)
         and all(p is None or type(p) in _PLAIN_TENSOR_TYPES for p in module._parameters.values())
-        and not _under_function_transform()
+        and not _computes_as_stock()
     )
 
 
@@ -4139,7 +4192,7 @@ def fused_loss_applies(model, lm_head, labels, logits_to_keep=0) -> bool:
         and not config_switch(model.config, "keep_logits_in_training", False)
         and isinstance(logits_to_keep, int)
         and logits_to_keep == 0
-        and not _under_function_transform()
+        and not _computes_as_stock()
     )
     if applies and _has_hooks(lm_head):
         _log_once(
@@ -4357,7 +4410,7 @@ def lm_head_loss(
     quantized layer) is called on chunks.
     """
     name, given = ("shift_labels", shift_labels) if shift and shift_labels is not None else ("labels", labels)
-    if given.numel() != hidden_states.shape[:-1].numel():
+    if given.numel() != math.prod(hidden_states.shape[:-1]):  # Size.numel() would specialize traced sizes
         raise labels_mismatch(name, given.shape, hidden_states.shape[:-1])
     if shift and shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
@@ -4494,7 +4547,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, with_residual: b
     """RMSNorm as LLaMA and Qwen compute it: statistics in float32 (float64 for float64 input), normalised
     value cast to the input dtype, then scaled by ``weight``. ``with_residual``: ``(normed, x)``, x passed
     through the norm's autograd node (see ``residual_after_norm``)."""
-    if _under_function_transform():
+    if _computes_as_stock():
         normed = _rms_norm_forward(x, weight, eps)[0]
         return (normed, x) if with_residual else normed
     return _RMSNorm.apply(x, weight, eps, with_residual)
@@ -4623,7 +4676,7 @@ class FusedLayerNorm(torch.nn.LayerNorm):
             and x.dtype == self.weight.dtype == self.bias.dtype
             and x.is_floating_point()
             and _autocast_dtype(x.device.type) is None
-            and not _under_function_transform()
+            and not _computes_as_stock()
         )
 
 
@@ -4739,7 +4792,7 @@ class _Activation(torch.autograd.Function):
 def _fused_kind(name: Optional[str], gated: bool) -> Optional[str]:
     """The fused activation for transformers' activation ``name`` (gated: times ``up``), or None (also for no
     name: a replaced activation module, see ``fused_activation_name``; also under a ``torch.func`` transform)."""
-    if _under_function_transform():
+    if _computes_as_stock():
         return None
     if gated:
         return "silu_mul" if name in _SILU_NAMES else None
@@ -4755,7 +4808,7 @@ def fused_activation_name(name: Optional[str], module: torch.nn.Module, built_ty
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """``F.gelu(x, approximate=approximate)`` keeping only ``x`` for backward."""
-    if _under_function_transform():
+    if _computes_as_stock():
         return F.gelu(x, approximate=approximate)
     return _Activation.apply("gelu_tanh" if approximate == "tanh" else "gelu", x, None)
 
@@ -5070,7 +5123,7 @@ class _Rotary(torch.autograd.Function):
 def _rotates_through_autograd(cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """cos/sin that need a gradient (nobody's do in our files) or differ in dtype, or a ``torch.func`` transform
     running: the plain autograd path."""
-    return cos.requires_grad or sin.requires_grad or cos.dtype != sin.dtype or _under_function_transform()
+    return cos.requires_grad or sin.requires_grad or cos.dtype != sin.dtype or _computes_as_stock()
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -5389,7 +5442,7 @@ class _NormOutputRecipe:
 
 
 def _tiles_apply(x: torch.Tensor, tile_size: int) -> bool:
-    return tile_size > 0 and x.numel() // max(x.shape[-1], 1) > tile_size and not _under_function_transform()
+    return tile_size > 0 and x.numel() // max(x.shape[-1], 1) > tile_size and not _computes_as_stock()
 
 
 def _weights_outside_parameters(modules) -> bool:
@@ -5611,7 +5664,7 @@ def offloaded_checkpoint(
     params = [param for param in layer.parameters() if param.requires_grad]
     if not torch.is_grad_enabled() or not (hidden.requires_grad or params or slots):
         return function(hidden, *rest)
-    if _runs_without_saving("config.offload_checkpoints", [layer]) or _under_function_transform():
+    if _runs_without_saving("config.offload_checkpoints", [layer]) or _computes_as_stock():
         return function(hidden, *rest)
     link = _CheckpointLink(getattr(hidden, _CHECKPOINT_LINK_ATTRIBUTE, None), keep_on_device)
     context = [rest[slot] for slot in slots]

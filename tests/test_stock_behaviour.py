@@ -8,6 +8,7 @@ Runs on transformers 5.x and 4.57.x.
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -534,6 +535,101 @@ def test_compiled_forward_with_a_static_cache_generates_stocks_logits(family, tm
     assert torch.equal(actual.sequences, expected.sequences)
     for step, (got, want) in enumerate(zip(actual.logits, expected.logits, strict=True)):
         assert_close_rel(got, want, 1e-5, f"{family} logits of step {step}")
+
+
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="static caches that track their own writes: transformers 5")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_compiled_steps_take_a_2d_mask_as_long_as_the_static_cache(family, tmp_path):
+    """A 2-D mask padded to the static cache's length, as stock pads it: traced, its length was taken for the
+    count of filled slots, so the queries were aligned with the end of the buffer and prompt tokens saw later ones
+    (prefill logits up to 0.94 off, no error)."""
+    from transformers import StaticCache
+
+    stock, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path, stock_attn="sdpa")
+    inputs = token_inputs(family)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    step = torch.randint(3, VOCAB, (ids.shape[0], 1), generator=torch.Generator().manual_seed(5))
+
+    def prefill_and_step(model):
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + 5)
+        padded = torch.nn.functional.pad(mask, (0, 5))
+        prefill = model(input_ids=ids, attention_mask=padded, position_ids=positions, past_key_values=cache).logits
+        padded[:, ids.shape[1]] = 1
+        decode = model(input_ids=step, attention_mask=padded, position_ids=positions[:, -1:] + 1, past_key_values=cache)
+        return prefill, decode.logits
+
+    with torch.no_grad():
+        expected = prefill_and_step(stock)
+        torch._dynamo.reset()
+        ours.forward = torch.compile(ours.forward, backend="aot_eager", dynamic=False, fullgraph=True)
+        actual = prefill_and_step(ours)
+    kept = mask.bool()
+    assert_close_rel(actual[0][kept], expected[0][kept], 1e-5, f"{family} prefill logits")
+    assert_close_rel(actual[1], expected[1], 1e-5, f"{family} decoding step's logits")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
+def test_an_exported_training_forward_holds_torchs_operators_only_and_trains_as_stock(family, tmp_path):
+    """``torch.export`` of a training forward with labels, batch and length dynamic: the program holds no op of
+    ours (it loads where our file was never imported, and lowers to runtimes that know torch's operators), runs
+    at another shape, and its loss and gradients are stock's. Our custom ops had no autograd formula there
+    (backward raised), their names carried the checkpoint's folder, and the dynamic shapes were specialized."""
+    from torch.export import Dim
+
+    config = family_config(family)
+    for name, value in list(vars(config).items()):
+        if "drop" in name and isinstance(value, float):
+            setattr(config, name, 0.0)
+    stock, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path, config)
+    stock.train(), ours.train()
+    batch, length = Dim("batch", min=2, max=8), Dim("length", min=4, max=32)
+
+    def training_inputs(rows: int, seq: int, seed: int) -> dict:
+        inputs = token_inputs(family, batch=rows, seq=seq, seed=seed)
+        labels = inputs.get("decoder_input_ids", inputs["input_ids"]).clone()
+        if family != "bart":  # padding, and the token after it (predicted by a padded query: README)
+            mask = inputs["attention_mask"]
+            labels[(mask == 0) | (torch.nn.functional.pad(mask, (1, 0), value=1)[:, :-1] == 0)] = -100
+        return {**inputs, "labels": labels, "use_cache": False}
+
+    example = training_inputs(2, 9, seed=0)
+    dims = {name: {0: batch, 1: length} for name in example if name != "use_cache"}
+    if family == "bart":
+        dims["decoder_input_ids"] = dims["labels"] = {0: batch, 1: Dim("target", min=2, max=32)}
+    program = torch.export.export(ours, (), kwargs=example, dynamic_shapes={**dims, "use_cache": None})
+    ours_ops = [str(node.target) for node in program.graph.nodes if "memory_efficient_adapter" in str(node.target)]
+    assert not ours_ops, f"the exported program holds our ops: {sorted(set(ours_ops))}"
+
+    inputs = training_inputs(3, 11, seed=1)
+    exported = program.module()
+    loss = exported(**inputs).loss
+    loss.backward()
+    stock_loss = stock(**inputs).loss
+    stock_loss.backward()
+    assert_close_rel(loss, stock_loss, 1e-5, f"{family} exported loss")
+    stock_grads = dict(stock.named_parameters())
+    names = [name for name, _ in exported.named_parameters()]
+    assert names and set(names) <= set(stock_grads)
+    gradients = torch.cat([param.grad.flatten() for _, param in exported.named_parameters()])
+    assert_close_rel(gradients, torch.cat([stock_grads[name].grad.flatten() for name in names]), 1e-5, "gradients")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
+def test_continuous_batching_is_refused_before_it_starts(family, tmp_path):
+    """transformers' continuous batching runs the forward on a thread that only logs errors: the refusal inside
+    our forward left every request empty, ``generate(cache_implementation="paged")`` returned the prompts as if
+    it had decoded, and BART (whose forward drops unknown keywords) decoded one wrong token."""
+    _, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path)
+    inputs = token_inputs(family, batch=1)
+    with pytest.raises(NotImplementedError, match="continuous batching"):
+        ours.generate_batch(inputs=inputs["input_ids"].tolist(), generation_config=ours.generation_config)
+    if TRANSFORMERS_5:
+        with pytest.raises(NotImplementedError, match="continuous batching"):
+            ours.generate(inputs["input_ids"], cache_implementation="paged", max_new_tokens=2)
+    ours.config._attn_implementation = "paged|eager"  # ran auto before, the config saying otherwise
+    with pytest.raises(ValueError, match=re.escape("'paged|eager': transformers' continuous batching")):
+        ours(**inputs)
 
 
 # ----------------------------------------------------------------------------------------------
