@@ -169,7 +169,7 @@ class ForwardMask:
             tensor = tensor.tensor
         self.tensor = tensor
         self.filled_keys = filled_keys  # see filled_cache_length
-        self.cache_position = cache_position  # see traced_cache_mask
+        self.cache_position = cache_position  # see fixed_cache_mask
         self.cache_slots: Optional[int] = None  # a fixed-size cache's whole length, once cut (update_cache)
         self.block_masks: dict = {}
         self.kept: dict = {}
@@ -226,22 +226,28 @@ def forward_mask(
     ``without_mask``: then a holder without a tensor, for a model whose layers hand it only to ``attention()``
     (so a packed row's block mask, document index and varlen layout, and the slopes check, are worked out once
     per forward there too). ``filled_keys``: see ``filled_cache_length``; ``cache_position``: see
-    ``traced_cache_mask``."""
+    ``fixed_cache_mask``."""
     return None if mask is None and not without_mask else ForwardMask(mask, filled_keys, cache_position)
 
 
-def traced_cache_mask(
+def fixed_cache_mask(
     past_key_values, attention_mask: Optional[torch.Tensor], batch_size: int, new_tokens: int, cache_position, device
 ) -> tuple:
-    """``(attention_mask, cache_position)`` for a forward. While tracing a call into a fixed-size cache with no
-    mask or a 2-D one, the filled slots cannot be counted (a data-dependent value), and neither the mask's length
-    (stock pads it to the cache's, as ``generate`` does for BLOOM) nor the capacity says where the queries sit:
-    aligned with the end of either, prompt tokens saw later ones. Such a call gets its ``traced_cache_position``
-    and a bool 4-D mask ``[batch, 1, new, slots]``: the slots up to each query's position (``visible_cache_slots``)
-    that the 2-D mask keeps (its column j is slot j), as transformers' static-cache masks; the positions go on the
-    ``ForwardMask`` too, where caches that need one write (before transformers 5.4). Else as given."""
+    """``(attention_mask, cache_position)`` for a forward into a fixed-size cache, whose 2-D mask may cover its
+    unwritten slots too (stock pads it to the cache's length). Eager: such a mask is cut to the filled slots.
+    While tracing, with no mask or a 2-D one, the filled slots cannot be counted (a data-dependent value), and
+    neither the mask's length nor the capacity says where the queries sit: aligned with the end of either, prompt
+    tokens saw later ones. Such a call gets its ``traced_cache_position`` and a bool 4-D mask
+    ``[batch, 1, new, slots]``: the slots up to each query's position (``visible_cache_slots``) that the 2-D mask
+    keeps (its column j is slot j), as transformers' static-cache masks; the positions go on the ``ForwardMask``
+    too, where caches that need one write (before transformers 5.4). Anything else as given."""
     two_d = attention_mask is not None and attention_mask.dim() == 2
-    if (attention_mask is not None and not two_d) or not _traced_into_fixed_cache(past_key_values):
+    if not _traced_into_fixed_cache(past_key_values):
+        filled = filled_cache_length(past_key_values, attention_mask, new_tokens) if two_d else None
+        if filled is not None and attention_mask.shape[1] > filled:
+            attention_mask = _mask_over_cache_slots(attention_mask, cache_capacity(past_key_values))[:, :filled]
+        return attention_mask, cache_position
+    if attention_mask is not None and not two_d:
         return attention_mask, cache_position
     cache_position = traced_cache_position(past_key_values, new_tokens, device, cache_position)
     slots = cache_capacity(past_key_values)
@@ -6103,7 +6109,7 @@ class LlamaModel(LlamaPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
 
-        attention_mask, cache_position = traced_cache_mask(
+        attention_mask, cache_position = fixed_cache_mask(
             past_key_values, attention_mask, batch_size, seq_len, kwargs.get("cache_position"), inputs_embeds.device
         )
         mask = kernel_attention_mask(attention_mask)

@@ -171,7 +171,7 @@ class ForwardMask:
             tensor = tensor.tensor
         self.tensor = tensor
         self.filled_keys = filled_keys  # see filled_cache_length
-        self.cache_position = cache_position  # see traced_cache_mask
+        self.cache_position = cache_position  # see fixed_cache_mask
         self.cache_slots: Optional[int] = None  # a fixed-size cache's whole length, once cut (update_cache)
         self.block_masks: dict = {}
         self.kept: dict = {}
@@ -228,22 +228,28 @@ def forward_mask(
     ``without_mask``: then a holder without a tensor, for a model whose layers hand it only to ``attention()``
     (so a packed row's block mask, document index and varlen layout, and the slopes check, are worked out once
     per forward there too). ``filled_keys``: see ``filled_cache_length``; ``cache_position``: see
-    ``traced_cache_mask``."""
+    ``fixed_cache_mask``."""
     return None if mask is None and not without_mask else ForwardMask(mask, filled_keys, cache_position)
 
 
-def traced_cache_mask(
+def fixed_cache_mask(
     past_key_values, attention_mask: Optional[torch.Tensor], batch_size: int, new_tokens: int, cache_position, device
 ) -> tuple:
-    """``(attention_mask, cache_position)`` for a forward. While tracing a call into a fixed-size cache with no
-    mask or a 2-D one, the filled slots cannot be counted (a data-dependent value), and neither the mask's length
-    (stock pads it to the cache's, as ``generate`` does for BLOOM) nor the capacity says where the queries sit:
-    aligned with the end of either, prompt tokens saw later ones. Such a call gets its ``traced_cache_position``
-    and a bool 4-D mask ``[batch, 1, new, slots]``: the slots up to each query's position (``visible_cache_slots``)
-    that the 2-D mask keeps (its column j is slot j), as transformers' static-cache masks; the positions go on the
-    ``ForwardMask`` too, where caches that need one write (before transformers 5.4). Else as given."""
+    """``(attention_mask, cache_position)`` for a forward into a fixed-size cache, whose 2-D mask may cover its
+    unwritten slots too (stock pads it to the cache's length). Eager: such a mask is cut to the filled slots.
+    While tracing, with no mask or a 2-D one, the filled slots cannot be counted (a data-dependent value), and
+    neither the mask's length nor the capacity says where the queries sit: aligned with the end of either, prompt
+    tokens saw later ones. Such a call gets its ``traced_cache_position`` and a bool 4-D mask
+    ``[batch, 1, new, slots]``: the slots up to each query's position (``visible_cache_slots``) that the 2-D mask
+    keeps (its column j is slot j), as transformers' static-cache masks; the positions go on the ``ForwardMask``
+    too, where caches that need one write (before transformers 5.4). Anything else as given."""
     two_d = attention_mask is not None and attention_mask.dim() == 2
-    if (attention_mask is not None and not two_d) or not _traced_into_fixed_cache(past_key_values):
+    if not _traced_into_fixed_cache(past_key_values):
+        filled = filled_cache_length(past_key_values, attention_mask, new_tokens) if two_d else None
+        if filled is not None and attention_mask.shape[1] > filled:
+            attention_mask = _mask_over_cache_slots(attention_mask, cache_capacity(past_key_values))[:, :filled]
+        return attention_mask, cache_position
+    if attention_mask is not None and not two_d:
         return attention_mask, cache_position
     cache_position = traced_cache_position(past_key_values, new_tokens, device, cache_position)
     slots = cache_capacity(past_key_values)
@@ -5880,36 +5886,41 @@ def ntk_alpha(length: int, seq_length: int) -> float:
     return max(2 ** math.ceil(context_value) - 1, 1)
 
 
-def _position_signatures(cache: Cache, length: int) -> Optional[torch.Tensor]:
-    """``[rows, length]`` (float64): the sum of the last layer's key at each of the first ``length`` cached
-    positions. A key depends on its row's tokens up to it and moves with its row whatever reorders, selects or
-    repeats the rows. None where the cache holds no such keys (fewer, or a quantized cache's older keys)."""
-    keys = getattr(cache.layers[-1], "keys", None) if getattr(cache, "layers", None) else None
-    if keys is None or keys.dim() != 4 or keys.shape[2] < length or cache.get_seq_length() != keys.shape[2]:
+# How many leading positions tell a cache's rows apart (``_position_signatures``).
+_SIGNATURE_POSITIONS = 8
+
+
+def _position_signatures(cache: Cache) -> Optional[torch.Tensor]:
+    """``[rows, n]`` (int64): the first layer's key at each of the first ``n`` (up to ``_SIGNATURE_POSITIONS``)
+    cached positions, summed exactly over its bits (so equal keys give equal sums, whatever the summation order).
+    Keys are stored rotated, so prompt rows with other NTK alphas differ from position 1 on, whatever their tokens;
+    a key moves with its row whatever reorders, selects or repeats the rows. None where the cache holds no such
+    keys (none yet, or a quantized cache's older keys)."""
+    keys = getattr(cache.layers[0], "keys", None) if getattr(cache, "layers", None) else None
+    if keys is None or keys.dim() != 4 or keys.shape[2] == 0 or cache.get_seq_length() != keys.shape[2]:
         return None
-    return keys[:, :, :length].sum(dim=(1, 3), dtype=torch.float64)
-
-
-# Two positions hold the same key when their sums differ by less than this share of the prompt's largest sum: the
-# same stored key summed in another order (a few ulps), never another token's key.
-_SAME_KEY_TOLERANCE = 1e-9
+    if keys.element_size() < 2:
+        return None
+    leading = keys[:, :, :_SIGNATURE_POSITIONS].contiguous()
+    return leading.view(torch.int16).sum(dim=(1, 3), dtype=torch.int64)
 
 
 def _prompt_rows(current: torch.Tensor, prompt: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
-    """For each cached row (``current``: its ``_position_signatures``), the prompt row (``prompt``'s) whose keys
-    it still holds over the longest run of leading positions: crop and tokens fed since change only later ones."""
-    tolerance = _SAME_KEY_TOLERANCE * prompt.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-    same = (current[:, None, :] - prompt[None, :, :]).abs() <= tolerance
+    """For each cached row (``current``: its ``_position_signatures``), a prompt row (``prompt``'s) whose keys it
+    still holds over the longest run of leading positions (crop and tokens fed since change only later ones), and
+    whose alpha every such prompt row shares; asserted on the device (no host sync), as positions are."""
+    shown = min(current.shape[1], prompt.shape[1])
+    same = current[:, None, :shown] == prompt[None, :, :shown]
     shared = same.to(torch.int32).cumprod(dim=-1).sum(dim=-1)
     longest = shared.max(dim=1, keepdim=True).values
     candidates = (shared == longest) & (longest > 0)
-    candidate_alphas = torch.where(candidates, alphas[None, :], torch.nan)
-    spread = candidate_alphas.nan_to_num(-1.0).amax(dim=1) - candidate_alphas.nan_to_num(torch.inf).amin(dim=1)
-    if bool((spread != 0).any()):
-        raise ValueError(
-            "the cache's rows no longer tell which prompt row each one decodes (cropped to keys that prompts with "
-            "different dynamic-NTK alphas share, or replaced): decode from a fresh prefill"
-        )
+    highest = torch.where(candidates, alphas[None, :], -torch.inf).amax(dim=1)
+    lowest = torch.where(candidates, alphas[None, :], torch.inf).amin(dim=1)
+    torch._assert_async(
+        (highest == lowest).all(),
+        "the cache's rows no longer tell which prompt row each one decodes (cropped to keys that prompts with "
+        "different dynamic-NTK alphas share, or replaced): decode from a fresh prefill",
+    )
     return candidates.to(torch.int32).argmax(dim=1)
 
 
@@ -5921,9 +5932,9 @@ def _alphas_of_cached_rows(cache: Cache, alphas: torch.Tensor, batch_size: int) 
     each repeated alike."""
     prompt = getattr(cache, _NTK_ROWS_ATTRIBUTE, None)
     if alphas.numel() > 1 and prompt is not None:
-        current = _position_signatures(cache, min(prompt.shape[1], cache.get_seq_length()))
+        current = _position_signatures(cache)
         if current is not None:
-            origin = _prompt_rows(current, prompt[:, : current.shape[1]].to(current.device), alphas.to(current.device))
+            origin = _prompt_rows(current, prompt.to(current.device), alphas.to(current.device))
             return alphas[origin.to(alphas.device)]
     if alphas.numel() in (1, batch_size):
         return alphas
@@ -6354,8 +6365,9 @@ class QWenModel(QWenPreTrainedModel):
         hidden_states = sequence_tiled((self.ln_f,), hidden_states, sequence_tile_size(self.config))
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
-        if sequence_ids is None and past_length == 0 and past_key_values is not None and alphas.numel() > 1:
-            signatures = _position_signatures(past_key_values, total_length)
+        kept_alphas = getattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, None) if past_length == 0 else None
+        if kept_alphas is not None and kept_alphas.numel() > 1:
+            signatures = _position_signatures(past_key_values)
             if signatures is not None:
                 setattr(past_key_values, _NTK_ROWS_ATTRIBUTE, signatures)
 

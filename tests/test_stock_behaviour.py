@@ -539,10 +539,11 @@ def test_compiled_forward_with_a_static_cache_generates_stocks_logits(family, tm
 
 @pytest.mark.skipif(not TRANSFORMERS_5, reason="static caches that track their own writes: transformers 5")
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_compiled_steps_take_a_2d_mask_as_long_as_the_static_cache(family, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_steps_into_a_static_cache_take_a_2d_mask_as_long_as_the_cache(family, compiled, tmp_path):
     """A 2-D mask padded to the static cache's length, as stock pads it: traced, its length was taken for the
     count of filled slots, so the queries were aligned with the end of the buffer and prompt tokens saw later ones
-    (prefill logits up to 0.94 off, no error)."""
+    (prefill logits up to 0.94 off, no error); eager calls refused it."""
     from transformers import StaticCache
 
     stock, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path, stock_attn="sdpa")
@@ -561,8 +562,9 @@ def test_compiled_steps_take_a_2d_mask_as_long_as_the_static_cache(family, tmp_p
 
     with torch.no_grad():
         expected = prefill_and_step(stock)
-        torch._dynamo.reset()
-        ours.forward = torch.compile(ours.forward, backend="aot_eager", dynamic=False, fullgraph=True)
+        if compiled:
+            torch._dynamo.reset()
+            ours.forward = torch.compile(ours.forward, backend="aot_eager", dynamic=False, fullgraph=True)
         actual = prefill_and_step(ours)
     kept = mask.bool()
     assert_close_rel(actual[0][kept], expected[0][kept], 1e-5, f"{family} prefill logits")
