@@ -608,6 +608,23 @@ def test_rows_of_a_cache_cropped_into_the_prompt_keep_their_alphas(saved, edit):
     assert_close_rel(edited, expected, 1e-6, f"decode after {edit}")
 
 
+def test_the_alphas_of_a_packed_prefill_follow_the_caches_rows(saved):
+    """Packed documents (positions restarting, no mask): each row decodes its last document with that document's
+    alpha, through a reorder too (the alphas stayed in place: 6% off)."""
+    folder, _, _ = saved
+    model = load(folder)
+    ids, step = random_ids(2, 24), random_ids(2, 1)
+    # row 0: documents of 4 and 20 tokens (last alpha 3); row 1: of 19 and 5 (last alpha 1)
+    positions = torch.stack((torch.cat((torch.arange(4), torch.arange(20))), torch.cat((torch.arange(19), torch.arange(5)))))
+    with torch.no_grad():
+        swapped = model(ids[[1, 0]], position_ids=positions[[1, 0]], use_cache=True).past_key_values
+        expected = model(step[[1, 0]], past_key_values=swapped).logits
+        cache = model(ids, position_ids=positions, use_cache=True).past_key_values
+        cache.reorder_cache(torch.tensor([1, 0]))
+        reordered = model(step[[1, 0]], past_key_values=cache).logits
+    assert_close_rel(reordered, expected, 1e-6, "decode after reordering a packed prefill's rows")
+
+
 def test_a_cache_cropped_to_keys_that_prompts_share_refuses_to_guess_their_alphas(saved):
     """Cropped to one position where both rows hold the same padding key, the rows cannot be told apart, and
     their alphas differ: a clear error, not one row's alpha for both."""
