@@ -2720,9 +2720,18 @@ def _cannot_differentiate(name: str, call: AttentionCall) -> Optional[str]:
 
 def _cannot_transform(name: str) -> Optional[str]:
     """Under a ``torch.func`` transform only torch's sdpa and the plain eager path run: the other backends are
-    autograd Functions (ours, flash_attn's, xformers') or higher-order ops without rules for every transform."""
-    if name not in ("sdpa", "eager") and _under_function_transform():
+    autograd Functions (ours, flash_attn's, xformers') or higher-order ops without rules for every transform.
+    While ``torch.export`` traces, the same two (``_computes_as_stock``): any other puts an op of its own into the
+    program, without a backward there, and one that loads only where this file was imported."""
+    if name in ("sdpa", "eager"):
+        return None
+    if _under_function_transform():
         return f"{name} cannot run under torch.func transforms (grad, vmap, jvp); sdpa and eager can"
+    if _is_exporting():
+        return (
+            f"{name} would put an op of its own into the exported program (no backward there, and it loads only "
+            "where this modeling file was imported): export with the auto, sdpa or eager backend"
+        )
     return None
 
 

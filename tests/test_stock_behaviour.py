@@ -618,6 +618,15 @@ def test_an_exported_training_forward_holds_torchs_operators_only_and_trains_as_
     assert_close_rel(gradients, torch.cat([stock_grads[name].grad.flatten() for name in names]), 1e-5, "gradients")
 
 
+def test_exporting_with_a_backend_that_would_put_its_own_op_in_the_program_is_refused(tmp_path):
+    """A backend named explicitly (``chunked``) put its op into the exported program: no backward there (torch's
+    generic error), and a ``.pt2`` that loads only where the modeling file was imported."""
+    _, ours = stock_and_ours("llama", GENERATIVE_CLASSES["llama"], tmp_path)
+    ours.config.attn_backend = "chunked"
+    with pytest.raises(ValueError, match="chunked would put an op of its own into the exported program"):
+        torch.export.export(ours, (), kwargs={**token_inputs("llama"), "use_cache": False})
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
 def test_continuous_batching_is_refused_before_it_starts(family, tmp_path):
     """transformers' continuous batching runs the forward on a thread that only logs errors: the refusal inside
