@@ -240,12 +240,12 @@ def fixed_cache_mask(
     keeps (its column j is slot j), as transformers' static-cache masks; the positions go on the ``ForwardMask``
     too, where caches that need one write (before transformers 5.4). Anything else as given."""
     two_d = attention_mask is not None and attention_mask.dim() == 2
+    if attention_mask is not None and not two_d:
+        return attention_mask, _fixed_cache_position(past_key_values, new_tokens, device, cache_position)
     if not _traced_into_fixed_cache(past_key_values):
         filled = filled_cache_length(past_key_values, attention_mask, new_tokens) if two_d else None
         if filled is not None and attention_mask.shape[1] > filled:
             attention_mask = _mask_over_cache_slots(attention_mask, cache_capacity(past_key_values))[:, :filled]
-        return attention_mask, cache_position
-    if attention_mask is not None and not two_d:
         return attention_mask, cache_position
     cache_position = traced_cache_position(past_key_values, new_tokens, device, cache_position)
     slots = cache_capacity(past_key_values)
@@ -253,6 +253,15 @@ def fixed_cache_mask(
     if not two_d:
         return visible.expand(batch_size, 1, *visible.shape), cache_position
     return _mask_over_cache_slots(attention_mask, slots)[:, None, None, :] & visible, cache_position
+
+
+def _fixed_cache_position(past_key_values, new_tokens: int, device, cache_position: Optional[torch.Tensor]):
+    """Where a call with a 4-D mask writes into a fixed-size cache: the caller's ``cache_position``, else the
+    cache's count plus 0 .. new_tokens - 1 (a tensor: no host sync, and a static shape while tracing). The mask
+    says which slots each query sees, not where the new tokens go (caches before transformers 5.4 need it)."""
+    if cache_position is not None or not getattr(past_key_values, "is_compileable", False):
+        return cache_position
+    return torch.arange(new_tokens, device=device) + past_key_values.get_seq_length()
 
 
 def _mask_over_cache_slots(attention_mask: torch.Tensor, slots: int) -> torch.Tensor:

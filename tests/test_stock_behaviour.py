@@ -572,6 +572,38 @@ def test_steps_into_a_static_cache_take_a_2d_mask_as_long_as_the_cache(family, c
     assert_close_rel(actual[1], expected[1], 1e-5, f"{family} decoding step's logits")
 
 
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="static caches that track their own writes: transformers 5")
+def test_compiled_steps_into_a_static_cache_take_a_4d_mask_without_positions(tmp_path):
+    """A 4-D mask in transformers' static-cache layout and neither ``cache_position`` nor ``position_ids``: the
+    positions came from a data-dependent ``arange`` of the cache's count, which the compiled graph cannot size
+    (dynamo failed where stock compiles); before transformers 5.4 the caches also wrote such calls at 0."""
+    from transformers import StaticCache
+
+    stock, ours = stock_and_ours("llama", GENERATIVE_CLASSES["llama"], tmp_path, stock_attn="sdpa")
+    inputs = token_inputs("llama")
+    ids, slots = inputs["input_ids"], inputs["input_ids"].shape[1] + 3
+    kept = torch.nn.functional.pad(inputs["attention_mask"], (0, 3), value=1).bool()
+    step = torch.randint(3, VOCAB, (ids.shape[0], 1), generator=torch.Generator().manual_seed(5))
+
+    def four_d(first: int, count: int) -> torch.Tensor:
+        visible = torch.arange(slots)[None, :] <= torch.arange(first, first + count)[:, None]
+        return kept[:, None, None, :] & visible
+
+    def prefill_and_step(model):
+        cache = StaticCache(config=model.config, max_cache_len=slots)
+        prefill = model(input_ids=ids, attention_mask=four_d(0, ids.shape[1]), past_key_values=cache).logits
+        return prefill, model(input_ids=step, attention_mask=four_d(ids.shape[1], 1), past_key_values=cache).logits
+
+    with torch.no_grad():
+        expected = prefill_and_step(stock)
+        torch._dynamo.reset()
+        ours.forward = torch.compile(ours.forward, backend="aot_eager", dynamic=False, fullgraph=True)
+        actual = prefill_and_step(ours)
+    rows = inputs["attention_mask"].bool()
+    assert_close_rel(actual[0][rows], expected[0][rows], 1e-5, "prefill logits")
+    assert_close_rel(actual[1], expected[1], 1e-5, "decoding step's logits")
+
+
 @pytest.mark.parametrize("family", ["llama", "bart"])  # every fused op kind; BART's cross-attention too
 def test_an_exported_training_forward_holds_torchs_operators_only_and_trains_as_stock(family, tmp_path):
     """``torch.export`` of a training forward with labels, batch and length dynamic: the program holds no op of
