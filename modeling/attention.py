@@ -197,20 +197,21 @@ def fixed_cache_mask(
     if not _traced_into_fixed_cache(past_key_values):
         filled = filled_cache_length(past_key_values, attention_mask, new_tokens) if two_d else None
         if filled is not None and attention_mask.shape[1] > filled:
-            attention_mask = _mask_over_cache_slots(attention_mask, cache_capacity(past_key_values))[:, :filled]
+            _refuse_mask_longer_than_cache(attention_mask, cache_capacity(past_key_values))
+            attention_mask = attention_mask[:, :filled]
         return attention_mask, cache_position
     cache_position = traced_cache_position(past_key_values, new_tokens, device, cache_position)
     slots = cache_capacity(past_key_values)
-    visible = visible_cache_slots(cache_position.to(device), slots)
     if not two_d:
+        visible = visible_cache_slots(cache_position.to(device), slots)
         return visible.expand(batch_size, 1, *visible.shape), cache_position
-    return _mask_over_cache_slots(attention_mask, slots)[:, None, None, :] & visible, cache_position
+    return cache_slots_mask(_mask_over_cache_slots(attention_mask, slots), cache_position), cache_position
 
 
 def _fixed_cache_position(past_key_values, new_tokens: int, device, cache_position: Optional[torch.Tensor]):
-    """Where a call with a 4-D mask writes into a fixed-size cache: the caller's ``cache_position``, else the
-    cache's count plus 0 .. new_tokens - 1 (a tensor: no host sync, and a static shape while tracing). The mask
-    says which slots each query sees, not where the new tokens go (caches before transformers 5.4 need it)."""
+    """Where a call writes into a fixed-size cache: the caller's ``cache_position``, else the cache's count plus
+    0 .. new_tokens - 1 (a tensor: no host sync, and a static shape while tracing). Neither a 4-D mask nor a traced
+    2-D one says it (caches before transformers 5.4 need it)."""
     if cache_position is not None or not getattr(past_key_values, "is_compileable", False):
         return cache_position
     return torch.arange(new_tokens, device=device) + past_key_values.get_seq_length()
@@ -218,27 +219,37 @@ def _fixed_cache_position(past_key_values, new_tokens: int, device, cache_positi
 
 def _mask_over_cache_slots(attention_mask: torch.Tensor, slots: int) -> torch.Tensor:
     """A 2-D padding mask as bool ``[batch, slots]``: slots past its end hold nothing yet."""
+    _refuse_mask_longer_than_cache(attention_mask, slots)
+    return F.pad(attention_mask.bool(), (0, slots - attention_mask.shape[1]), value=False)
+
+
+def _refuse_mask_longer_than_cache(attention_mask: torch.Tensor, slots: int) -> None:
     if attention_mask.shape[1] > slots:
         raise ValueError(
             f"a 2-D attention_mask of {attention_mask.shape[1]} positions is longer than the cache's {slots} slots"
         )
-    return F.pad(attention_mask.bool(), (0, slots - attention_mask.shape[1]), value=False)
 
 
 def traced_cache_position(
     past_key_values, new_tokens: int, device, cache_position: Optional[torch.Tensor] = None
 ) -> Optional[torch.Tensor]:
-    """Where a traced call into a fixed-size cache puts its tokens: the caller's ``cache_position``, else the
-    cache's own count (a tensor) plus 0 .. new_tokens - 1; neither a mask's length nor the cache's capacity says
-    it. Outside such a call, ``cache_position`` as given."""
-    if cache_position is None and _traced_into_fixed_cache(past_key_values):
-        cache_position = torch.arange(new_tokens, device=device) + past_key_values.get_seq_length()
-    return cache_position
+    """Where a traced call into a fixed-size cache puts its tokens (``_fixed_cache_position``): neither a mask's
+    length nor the cache's capacity says it. Outside such a call, ``cache_position`` as given."""
+    if not _traced_into_fixed_cache(past_key_values):
+        return cache_position
+    return _fixed_cache_position(past_key_values, new_tokens, device, cache_position)
 
 
 def visible_cache_slots(cache_position: torch.Tensor, slots: int) -> torch.Tensor:
     """Bool ``[new, slots]``: each new token sees the cache's slots up to its own position."""
     return torch.arange(slots, device=cache_position.device) <= cache_position[:, None]
+
+
+def cache_slots_mask(kept_slots: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+    """Bool ``[batch, 1, new, slots]`` from a bool ``[batch, slots]``: the kept slots up to each new token's
+    position, as transformers' static-cache masks."""
+    visible = visible_cache_slots(cache_position.to(kept_slots.device), kept_slots.shape[-1])
+    return kept_slots[:, None, None, :] & visible
 
 
 def _traced_into_fixed_cache(past_key_values) -> bool:
@@ -2704,11 +2715,9 @@ def _why_not(name: str, call: AttentionCall) -> Optional[str]:
 
 
 def _auto_skips(name: str, call: AttentionCall) -> bool:
-    """``auto`` passes over sdpa where it would build an O(q * k) mask for a padded or packed call, and, while
-    ``torch.export`` traces, over every backend but sdpa and plain eager (``_computes_as_stock``)."""
-    if _computes_as_stock():
-        return name not in ("sdpa", "eager")
-    return name == "sdpa" and _sdpa_needs_dense_mask(call) is not None
+    """``auto`` passes over sdpa where it would build an O(q * k) mask for a padded or packed call, unless only
+    sdpa and plain eager may run (``_computes_as_stock``; ``_cannot_transform`` refuses the others)."""
+    return name == "sdpa" and _sdpa_needs_dense_mask(call) is not None and not _computes_as_stock()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3133,12 +3142,19 @@ CONTINUOUS_BATCHING_REFUSAL = (
 )
 
 
-class RefusesContinuousBatching:
-    """First base of every model class of ours. transformers' continuous batching runs the model on a thread of
-    its own, which only logs a forward's error: each request came back empty (``generate`` returned the prompts),
-    and BART, whose forward drops unknown keywords, decoded one wrong token. Refused before it starts."""
+class KernelLayerModelMixin:
+    """First base of every model class of ours: how they answer transformers' attention machinery."""
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """``set_attn_implementation`` works: attention reads ``config._attn_implementation`` on every forward
+        (transformers decides this from the source text, looking for its own AttentionInterface)."""
+        return True
 
     def init_continuous_batching(self, *args, **kwargs):
+        """Refused before it starts: continuous batching runs the model on a thread of its own, which only logs a
+        forward's error (each request came back empty, ``generate`` returned the prompts, and BART, whose forward
+        drops unknown keywords, decoded one wrong token)."""
         raise NotImplementedError(CONTINUOUS_BATCHING_REFUSAL)
 
 

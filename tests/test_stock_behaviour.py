@@ -512,6 +512,12 @@ def test_fullgraph_compiled_static_generation_matches_stock(family, device, rows
     assert torch.equal(actual, stock.generate(**inputs, **options))
 
 
+def compile_forward(model) -> None:
+    """``model.forward = torch.compile(model.forward)`` as transformers' docs do it (dynamo only, whole graph)."""
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="aot_eager", dynamic=False, fullgraph=True)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
 def test_compiled_forward_with_a_static_cache_generates_stocks_logits(family, tmp_path):
     """``model.forward = torch.compile(model.forward)`` with a static cache (transformers' documented recipe)
@@ -526,8 +532,7 @@ def test_compiled_forward_with_a_static_cache_generates_stocks_logits(family, tm
     inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
     options = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
     expected = stock.generate(**inputs, **options)
-    torch._dynamo.reset()
-    ours.forward = torch.compile(ours.forward, backend="aot_eager", dynamic=False, fullgraph=True)
+    compile_forward(ours)
     try:
         actual = ours.generate(**inputs, **options, cache_implementation="static")
     finally:
@@ -564,8 +569,7 @@ def test_steps_into_a_static_cache_take_a_2d_mask_as_long_as_the_cache(family, c
     with torch.no_grad():
         expected = prefill_and_step(stock)
         if compiled:
-            torch._dynamo.reset()
-            ours.forward = torch.compile(ours.forward, backend="aot_eager", dynamic=False, fullgraph=True)
+            compile_forward(ours)
         actual = prefill_and_step(ours)
     kept = mask.bool()
     assert_close_rel(actual[0][kept], expected[0][kept], 1e-5, f"{family} prefill logits")
@@ -596,8 +600,7 @@ def test_compiled_steps_into_a_static_cache_take_a_4d_mask_without_positions(tmp
 
     with torch.no_grad():
         expected = prefill_and_step(stock)
-        torch._dynamo.reset()
-        ours.forward = torch.compile(ours.forward, backend="aot_eager", dynamic=False, fullgraph=True)
+        compile_forward(ours)
         actual = prefill_and_step(ours)
     rows = inputs["attention_mask"].bool()
     assert_close_rel(actual[0][rows], expected[0][rows], 1e-5, "prefill logits")
