@@ -693,6 +693,11 @@ def _computes_as_stock() -> bool:
 
 
 def _is_exporting() -> bool:
+    """Whether ``torch.export`` is tracing. The flag export sets is read where torch has it: torch 2.11's dynamo
+    folds ``torch.compiler.is_exporting()`` to True in every graph it traces, ``torch.compile``'s included."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if isinstance(flag, bool):
+        return flag
     exporting = getattr(torch.compiler, "is_exporting", None)
     return exporting is not None and exporting()
 

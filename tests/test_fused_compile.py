@@ -313,3 +313,16 @@ def test_compiled_backward_sums_the_shared_input_gradient_in_place(family_pairs)
     ops = backward_graph_ops(ours, unpadded_batch("llama", 23))
     assert not [op for op in ops if op.startswith("aten.addmm")], ops
     assert sum(op.endswith("shared_input_linears_backward.default") for op in ops) == 2 * ours.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("name", ["llama", "bart"])
+def test_a_compiled_step_keeps_the_fused_ops_where_dynamo_folds_is_exporting_to_true(family_pairs, name, monkeypatch):
+    """torch 2.11's dynamo folds ``torch.compiler.is_exporting()`` to True in every graph it traces, so the
+    fused ops took ``torch.compile`` for an export and computed as stock (on the GPU machine's torch, none of our
+    kernels ran in a compiled step). Simulated here: ``is_exporting`` answers what ``is_compiling`` answers."""
+    _, ours, _ = family_pairs[name]
+    batch = unpadded_batch(name, 23)
+    expected = [op for op in backward_graph_ops(ours, batch) if "memory_efficient_adapter" in op]
+    assert expected
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: torch.compiler.is_compiling())
+    assert [op for op in backward_graph_ops(ours, batch) if "memory_efficient_adapter" in op] == expected
