@@ -55,7 +55,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +159,8 @@ class ForwardMask:
         self.block_masks: dict = {}
         self.kept: dict = {}
         self.bloom_slopes: Optional[torch.Tensor] = None
+        # [b, k_len] ALiBi positions of the keys of a 4-D mask whose slots are not positions (see _alibi_key_positions)
+        self.alibi_key_positions: Optional[torch.Tensor] = None
 
     def bloom_alibi_slopes(self, num_heads: int, device) -> torch.Tensor:
         """BLOOM's slopes (``alibi_slopes``) for every layer of this forward. The cudnn backend, which computes
@@ -567,6 +569,14 @@ def _kept_positions(keep: torch.Tensor, dtype: torch.dtype = torch.float32) -> t
     return keep.cumsum(-1, dtype=dtype)
 
 
+def _alibi_key_positions(call: AttentionCall) -> Optional[torch.Tensor]:
+    """``[b, k_len]`` ALiBi positions of a 4-D mask call's keys, where the model gives them on its ``ForwardMask``:
+    BLOOM's traced prefill into a fixed-size cache, whose 4-D mask keeps slots by cache position while ALiBi
+    counts only kept keys (a hole inside a row is no distance). A query's own position adds the same to every
+    score of its row, which softmax ignores, so the query side keeps its slot index."""
+    return None if call.holder is None or not call.alibi else call.holder.alibi_key_positions
+
+
 def _query_slice(call: AttentionCall, rows: slice) -> slice:
     """The key positions of query rows (bottom-right aligned)."""
     return slice(rows.start + call.causal_offset, rows.stop + call.causal_offset)
@@ -598,9 +608,11 @@ def _block_keep(call: AttentionCall, mask, rows: slice, cols: slice, device, doc
     return keep
 
 
-def _block_bias(call: AttentionCall, mask, alibi_slopes, rows: slice, cols: slice, device) -> Optional[torch.Tensor]:
+def _block_bias(
+    call: AttentionCall, mask, alibi_slopes, rows: slice, cols: slice, device, key_positions=None
+) -> Optional[torch.Tensor]:
     """Additive bias of the block (ALiBi and an additive mask) in the call's compute dtype (float32, or float64
-    for float64 inputs), broadcastable to [b, h, rows, cols]."""
+    for float64 inputs), broadcastable to [b, h, rows, cols]. ``key_positions``: ``_alibi_key_positions``."""
     dtype, bias = _compute_dtype(call.dtype), None
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(device=device, dtype=dtype)[None, :, None, None]
@@ -609,7 +621,10 @@ def _block_bias(call: AttentionCall, mask, alibi_slopes, rows: slice, cols: slic
             bias = slopes * (positions[:, None, None, cols] - positions[:, None, _query_slice(call, rows), None])
         else:
             q_pos = torch.arange(rows.start, rows.stop, device=device, dtype=dtype)[:, None] + call.causal_offset
-            k_pos = torch.arange(cols.start, cols.stop, device=device, dtype=dtype)[None, :]
+            if key_positions is None:
+                k_pos = torch.arange(cols.start, cols.stop, device=device, dtype=dtype)[None, :]
+            else:
+                k_pos = key_positions[:, None, None, cols].to(device=device, dtype=dtype)
             bias = slopes * (k_pos - q_pos)
     if call.mask_kind == "additive":
         block = _mask_block(mask, rows, cols)
@@ -765,7 +780,7 @@ def _eager_probabilities(q, k, call: AttentionCall, mask, alibi_slopes, scale, l
     rows, cols = slice(0, call.q_len), slice(0, call.k_len)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     keep = _block_keep(call, mask, rows, cols, q.device, _documents_of(call, sequence_ids))
-    bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
+    bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device, _alibi_key_positions(call))
     if bias is not None:
         scores = _biased_scores(scores, bias, keep)
     row_has_key = None
@@ -976,7 +991,7 @@ def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_
         row_has_key = keep.any(dim=-1, keepdim=True)
         safe_keep = keep | ~row_has_key
         if call.alibi:  # one query row (_cannot_sdpa): the bias is O(k)
-            bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device)
+            bias = _block_bias(call, mask, alibi_slopes, rows, cols, q.device, _alibi_key_positions(call))
             attn_mask = bias.masked_fill(~safe_keep, float("-inf")).to(q.dtype)
         elif call.mask_kind == "additive":
             attn_mask = mask.to(q.dtype).clamp_min(torch.finfo(q.dtype).min).masked_fill(~safe_keep, float("-inf"))
@@ -1144,17 +1159,19 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, call, mask, alibi_slopes, scale, seed, documents, sizes):
-        options = _chunked_options(call, scale, seed, sizes)
-        out, lse = _chunked_forward_op(q, k, v, mask, alibi_slopes, documents, *options)
-        ctx.save_for_backward(q, k, v, out, lse, mask, alibi_slopes, documents)
+        options, key_positions = _chunked_options(call, scale, seed, sizes), _alibi_key_positions(call)
+        out, lse = _chunked_forward_op(q, k, v, mask, alibi_slopes, documents, key_positions, *options)
+        ctx.save_for_backward(q, k, v, out, lse, mask, alibi_slopes, documents, key_positions)
         ctx.options = options
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         _refuse_double_backward("chunked attention")
-        q, k, v, out, lse, mask, alibi_slopes, documents = ctx.saved_tensors
-        grads = _chunked_backward_op(q, k, v, out, lse, grad_out, mask, alibi_slopes, documents, *ctx.options)
+        q, k, v, out, lse, mask, alibi_slopes, documents, key_positions = ctx.saved_tensors
+        grads = _chunked_backward_op(
+            q, k, v, out, lse, grad_out, mask, alibi_slopes, documents, key_positions, *ctx.options
+        )
         return (*grads, None, None, None, None, None, None, None)
 
 
@@ -1173,24 +1190,27 @@ def _chunked_call(q, k, slopes, documents, causal: bool, mask_kind: str, dropout
 
 
 def _chunked_forward_impl(
-    q, k, v, mask, slopes, documents, scale, seed, q_chunk, k_chunk, causal, mask_kind, dropout_p
+    q, k, v, mask, slopes, documents, key_positions, scale, seed, q_chunk, k_chunk, causal, mask_kind, dropout_p
 ):
     call = _chunked_call(q, k, slopes, documents, causal, mask_kind, dropout_p)
-    return _chunked_forward(q, k, v, call, mask, slopes, scale, seed, documents, (q_chunk, k_chunk))
+    blocks = _ChunkedBlocks(mask, slopes, scale, documents, key_positions)
+    return _chunked_forward(q, k, v, call, blocks, seed, (q_chunk, k_chunk))
 
 
 def _chunked_backward_impl(
-    q, k, v, out, lse, grad_out, mask, slopes, documents, scale, seed, q_chunk, k_chunk, causal, mask_kind, dropout_p
+    q, k, v, out, lse, grad_out, mask, slopes, documents, key_positions, scale, seed, q_chunk, k_chunk, causal,
+    mask_kind, dropout_p,
 ):
     call = _chunked_call(q, k, slopes, documents, causal, mask_kind, dropout_p)
-    sizes = (q_chunk, k_chunk)
-    return list(_chunked_backward(q, k, v, out, lse, grad_out, call, mask, slopes, scale, seed, documents, sizes))
+    blocks = _ChunkedBlocks(mask, slopes, scale, documents, key_positions)
+    return list(_chunked_backward(q, k, v, out, lse, grad_out, call, blocks, seed, (q_chunk, k_chunk)))
 
 
 _CHUNKED_OPTIONS_SCHEMA = "float scale, int seed, int q_chunk, int k_chunk, bool causal, str mask_kind, float dropout_p"
 _chunked_forward_op = _opaque(
     "chunked_attention_forward",
-    f"(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? slopes, Tensor? documents, {_CHUNKED_OPTIONS_SCHEMA}) "
+    "(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? slopes, Tensor? documents, Tensor? key_positions, "
+    f"{_CHUNKED_OPTIONS_SCHEMA}) "
     "-> (Tensor, Tensor)",
     _chunked_forward_impl,
     lambda q, k, v, *rest: (torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_compute_dtype(q.dtype))),
@@ -1198,7 +1218,7 @@ _chunked_forward_op = _opaque(
 _chunked_backward_op = _opaque(
     "chunked_attention_backward",
     "(Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor grad_out, Tensor? mask, Tensor? slopes, "
-    f"Tensor? documents, {_CHUNKED_OPTIONS_SCHEMA}) -> Tensor[]",
+    f"Tensor? documents, Tensor? key_positions, {_CHUNKED_OPTIONS_SCHEMA}) -> Tensor[]",
     _chunked_backward_impl,
     lambda q, k, v, *rest: [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)],
 )
@@ -1213,20 +1233,30 @@ def _block_is_hidden(call: AttentionCall, rows: slice, cols: slice) -> bool:
     return call.causal and cols.start > rows.stop - 1 + call.causal_offset
 
 
-def _block_scores(q_blk, k_blk, call, mask, alibi_slopes, scale, rows, cols, documents):
+class _ChunkedBlocks(NamedTuple):
+    """What every block of a chunked call reads besides q, k and v (see ``attention()`` and ``_block_bias``)."""
+
+    mask: Optional[torch.Tensor]
+    alibi_slopes: Optional[torch.Tensor]
+    scale: float
+    documents: Optional[torch.Tensor]
+    key_positions: Optional[torch.Tensor]
+
+
+def _block_scores(q_blk, k_blk, call, blocks: _ChunkedBlocks, rows, cols):
     """Float32 scores of one block with ALiBi/additive bias and -inf where a key is hidden."""
-    dtype = _compute_dtype(q_blk.dtype)
-    scores = torch.matmul(q_blk.to(dtype), k_blk.to(dtype).transpose(-1, -2)) * scale
-    bias = _block_bias(call, mask, alibi_slopes, rows, cols, q_blk.device)
+    dtype, mask = _compute_dtype(q_blk.dtype), blocks.mask
+    scores = torch.matmul(q_blk.to(dtype), k_blk.to(dtype).transpose(-1, -2)) * blocks.scale
+    bias = _block_bias(call, mask, blocks.alibi_slopes, rows, cols, q_blk.device, blocks.key_positions)
     if bias is not None:
         scores = scores + bias
-    keep = _block_keep(call, mask, rows, cols, q_blk.device, documents)
+    keep = _block_keep(call, mask, rows, cols, q_blk.device, blocks.documents)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     return scores
 
 
-def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed, documents, sizes):
+def _chunked_forward(q, k, v, call, blocks: _ChunkedBlocks, seed, sizes):
     batch, heads, _, dim = q.shape
     dtype = _compute_dtype(q.dtype)
     out = torch.empty_like(q)
@@ -1240,7 +1270,7 @@ def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed, documents, 
         for ki, cols in enumerate(k_slices):
             if _block_is_hidden(call, rows, cols):
                 continue
-            scores = _block_scores(q_blk, k[:, :, cols], call, mask, alibi_slopes, scale, rows, cols, documents)
+            scores = _block_scores(q_blk, k[:, :, cols], call, blocks, rows, cols)
             new_max = torch.maximum(row_max, scores.amax(dim=-1, keepdim=True))
             safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
             probs = torch.exp(scores - safe_max)
@@ -1257,7 +1287,7 @@ def _chunked_forward(q, k, v, call, mask, alibi_slopes, scale, seed, documents, 
     return out, lse
 
 
-def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, scale, seed, documents, sizes):
+def _chunked_backward(q, k, v, out, lse, grad_out, call, blocks: _ChunkedBlocks, seed, sizes):
     dtype = _compute_dtype(q.dtype)
     grad_q, grad_k, grad_v = (torch.zeros_like(x, dtype=dtype) for x in (q, k, v))
     delta = (grad_out.to(dtype) * out.to(dtype)).sum(dim=-1, keepdim=True)
@@ -1269,7 +1299,7 @@ def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, sca
         for ki, cols in enumerate(k_slices):
             if _block_is_hidden(call, rows, cols):
                 continue
-            scores = _block_scores(q_blk, k[:, :, cols], call, mask, alibi_slopes, scale, rows, cols, documents)
+            scores = _block_scores(q_blk, k[:, :, cols], call, blocks, rows, cols)
             probs = torch.exp(scores - finite_lse).masked_fill(torch.isinf(row_lse), 0.0)
             grad_probs = torch.matmul(g_blk, v[:, :, cols].to(dtype).transpose(-1, -2))
             if call.dropout_p > 0.0:
@@ -1279,7 +1309,7 @@ def _chunked_backward(q, k, v, out, lse, grad_out, call, mask, alibi_slopes, sca
                 grad_probs = grad_probs * kept
             else:
                 grad_v[:, :, cols] += torch.matmul(probs.transpose(-1, -2), g_blk)
-            grad_scores = probs * (grad_probs - delta[:, :, rows]) * scale
+            grad_scores = probs * (grad_probs - delta[:, :, rows]) * blocks.scale
             grad_q[:, :, rows] += torch.matmul(grad_scores, k[:, :, cols].to(dtype))
             grad_k[:, :, cols] += torch.matmul(grad_scores.transpose(-1, -2), q_blk.to(dtype))
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
@@ -1437,6 +1467,10 @@ def _flex_score_mod(call: AttentionCall, mask, alibi_slopes) -> Optional[Callabl
         slopes, positions = alibi_slopes.to(torch.float32), _kept_positions(mask)
         offset = _flex_offset(call, slopes.device)
         terms.append(lambda b, h, q_idx, kv_idx: slopes[h] * (positions[b, kv_idx] - positions[b, q_idx + offset]))
+    elif alibi_slopes is not None and _alibi_key_positions(call) is not None:
+        slopes, positions = alibi_slopes.to(torch.float32), _alibi_key_positions(call).to(torch.float32)
+        offset = _flex_offset(call, slopes.device)
+        terms.append(lambda b, h, q_idx, kv_idx: slopes[h] * (positions[b, kv_idx] - q_idx - offset))
     elif alibi_slopes is not None:
         slopes = alibi_slopes.to(torch.float32)
         offset = _flex_offset(call, slopes.device)
@@ -2315,7 +2349,7 @@ def _chunked_for_padded_rows(q, alibi: bool) -> tuple:
 def _padded_rows_chunked_forward(q, k, v, keep, alibi, scale, with_stats):
     call, slopes, sizes = _chunked_for_padded_rows(q, alibi)
     k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
-    out, lse = _chunked_forward(q, k, v, call, keep, slopes, scale, 0, None, sizes)
+    out, lse = _chunked_forward(q, k, v, call, _ChunkedBlocks(keep, slopes, scale, None, None), 0, sizes)
     stats = lse.transpose(1, 2).reshape(-1, call.heads) if with_stats else _no_stats(q)
     return _packed_operand(out), stats
 
@@ -2325,7 +2359,8 @@ def _padded_rows_chunked_backward(q, k, v, out, stats, grad_out, keep, alibi, sc
     batch, heads, seq, dim = q.shape
     lse = stats.view(batch, seq, heads).transpose(1, 2)
     full_k, full_v = _expand_kv(k, heads), _expand_kv(v, heads)
-    grads = _chunked_backward(q, full_k, full_v, out, lse, grad_out, call, keep, slopes, scale, 0, None, sizes)
+    blocks = _ChunkedBlocks(keep, slopes, scale, None, None)
+    grads = _chunked_backward(q, full_k, full_v, out, lse, grad_out, call, blocks, 0, sizes)
     grad_q, grad_k, grad_v = (
         grad.view(batch, x.shape[1], heads // x.shape[1], seq, dim).sum(2) if x.shape[1] != heads else grad
         for grad, x in zip(grads, (q, k, v))

@@ -535,6 +535,31 @@ def test_compiled_forward_with_a_static_cache_generates_stocks_logits():
         assert_close_rel(ours_logits, stock_logits, FP32_TOL, f"logits of step {step}")
 
 
+@pytest.mark.parametrize("backend", ["auto", "flex", "eager"])
+def test_compiled_prefill_into_a_static_cache_counts_alibi_distances_over_kept_tokens(backend):
+    """A mask with holes inside rows (not only left padding): stock's ALiBi counts kept tokens only. A traced
+    prefill into a static cache attends through a 4-D mask by cache position, whose slots count the holes too:
+    the kept keys' positions go with it (logits 2% off before)."""
+    stock, ours, ids, mask = generation_pair()
+    mask = mask.clone()
+    mask[0, [2, 5, 6]] = 0
+    mask[1, 5] = 0
+    use_backend(ours, backend)
+    greedy = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=PAD)
+    expected = stock.generate(ids, **greedy, output_logits=True, return_dict_in_generate=True)
+    torch._dynamo.reset()
+    ours.forward = torch.compile(ours.forward, backend="aot_eager", dynamic=False)
+    try:
+        actual = ours.generate(
+            ids, **greedy, output_logits=True, return_dict_in_generate=True, cache_implementation="static"
+        )
+    finally:
+        del ours.forward
+    torch.testing.assert_close(actual.sequences, expected.sequences, rtol=0, atol=0)
+    for step, (ours_logits, stock_logits) in enumerate(zip(actual.logits, expected.logits, strict=True)):
+        assert_close_rel(ours_logits, stock_logits, FP32_TOL, f"logits of step {step}")
+
+
 def test_static_cache_generate_masks_the_unwritten_slots_in_traced_decoding_steps(monkeypatch):
     """Under torch.compile (``_is_tracing``) a decoding step reads the key length from the mask, which ``generate``
     pads to the static cache's length: its unwritten slots must be masked out. Run eagerly with tracing faked
