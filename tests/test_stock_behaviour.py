@@ -220,10 +220,15 @@ def test_bart_set_attn_implementation_reaches_the_kernel_layer(tmp_path, monkeyp
 
 
 def stock_selects_hidden_states() -> bool:
-    """transformers' output capture selects hidden states by index from 5.x on (4.57 returns them all)."""
+    """Whether stock selects hidden states by index as ours does (``selected_hidden_states``, transformers 5.23;
+    4.57 and 5.0 return them all, 5.17 cuts the tuple after the last index and takes no negative one)."""
     import importlib.util
 
-    return importlib.util.find_spec("transformers.utils.output_capturing") is not None
+    if importlib.util.find_spec("transformers.utils.output_capturing") is None:
+        return False
+    from transformers.utils import output_capturing
+
+    return hasattr(output_capturing, "selected_hidden_states")
 
 
 HIDDEN_FIELDS = {"llama": ("hidden_states",), "gpt2": ("hidden_states",), "bloom": ("hidden_states",),
