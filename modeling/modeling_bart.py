@@ -27,10 +27,14 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.logging import get_logger
 
-try:  # where transformers keeps OutputRecorder (for `_can_record_outputs`): 5.2x, then 4.57 / 5.0
+try:  # where transformers keeps OutputRecorder (for `_can_record_outputs`): 5.1x and later, then 4.57 / 5.0
     from transformers.utils.output_capturing import OutputRecorder
+
+    _STOCK_RECORDS_OUTPUTS = True  # stock's decoder returns what its recorders saw: () where no layer ran
 except ImportError:
     from transformers.utils.generic import OutputRecorder
+
+    _STOCK_RECORDS_OUTPUTS = False
 
 # >>> kernel layer: copied from modeling/attention.py by scripts/sync_kernels.py; edit it there >>>
 """The kernel layer of memory-efficient-adapter: one ``attention()`` call, many fused kernels.
@@ -692,15 +696,16 @@ def _under_function_transform() -> bool:
 
 def _computes_as_stock() -> bool:
     """Whether the fused ops and attention's own paths compute as stock does, with torch's operators only: under
-    a ``torch.func`` transform (``_under_function_transform``), and while ``torch.export`` traces, so that an
-    exported program holds no op of ours (it has a backward, loads where this file was never imported, and
-    lowers to runtimes such as ExecuTorch that know torch's operators only); logged once."""
+    a ``torch.func`` transform (``_under_function_transform``), and while ``torch.export`` or ``torch.onnx``
+    traces (``_is_exporting``), so that an exported program holds no op of ours (it has a backward, loads where
+    this file was never imported, and lowers to runtimes such as ExecuTorch and ONNX Runtime that know torch's
+    operators only); logged once."""
     if _under_function_transform():
         return True
     if not _is_exporting():
         return False
     _log_once(
-        "torch.export is tracing: the fused ops (loss, norms, MLP, RoPE, tiles, offloaded checkpoints) compute "
+        "torch.export or torch.onnx is tracing: the fused ops (loss, norms, MLP, RoPE, tiles, offloaded checkpoints) compute "
         "as stock does and attention's auto backend takes sdpa or plain eager, so the program holds torch's "
         "operators only"
     )
@@ -708,13 +713,17 @@ def _computes_as_stock() -> bool:
 
 
 def _is_exporting() -> bool:
-    """Whether ``torch.export`` is tracing. The flag export sets is read where torch has it: torch 2.11's dynamo
-    folds ``torch.compiler.is_exporting()`` to True in every graph it traces, ``torch.compile``'s included."""
+    """Whether ``torch.export`` is tracing, or ``torch.onnx``'s TorchScript exporter (``dynamo=False``), which
+    drops what an autograd Function of ours writes into its output slice by slice (attention came out of
+    ``chunked`` as a constant). The flag export sets is read where torch has it: torch 2.11's dynamo folds
+    ``torch.compiler.is_exporting()`` to True in every graph it traces, ``torch.compile``'s included."""
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     if isinstance(flag, bool):
-        return flag
-    exporting = getattr(torch.compiler, "is_exporting", None)
-    return exporting is not None and exporting()
+        exporting = flag
+    else:
+        is_exporting = getattr(torch.compiler, "is_exporting", None)
+        exporting = is_exporting is not None and is_exporting()
+    return exporting or torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()
 
 
 def _refuse_double_backward(op: str) -> None:
@@ -2766,8 +2775,8 @@ def _cannot_differentiate(name: str, call: AttentionCall) -> Optional[str]:
 def _cannot_transform(name: str) -> Optional[str]:
     """Under a ``torch.func`` transform only torch's sdpa and the plain eager path run: the other backends are
     autograd Functions (ours, flash_attn's, xformers') or higher-order ops without rules for every transform.
-    While ``torch.export`` traces, the same two (``_computes_as_stock``): any other puts an op of its own into the
-    program, without a backward there, and one that loads only where this file was imported."""
+    While ``torch.export`` or ``torch.onnx`` traces, the same two (``_computes_as_stock``): any other puts an op of
+    its own into the program, without a backward there, and one that loads only where this file was imported."""
     if name in ("sdpa", "eager"):
         return None
     if _under_function_transform():
@@ -6380,7 +6389,8 @@ class BartDecoder(BartPreTrainedModel):
 
         all_hidden_states = []
         all_attentions = [] if output_attentions else None
-        all_cross_attentions = [] if output_attentions and encoder_hidden_states is not None else None
+        crossing = encoder_hidden_states is not None or _STOCK_RECORDS_OUTPUTS  # stock: () without encoder states
+        all_cross_attentions = [] if output_attentions and crossing else None
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
@@ -6659,7 +6669,7 @@ class BartForSequenceClassification(BartPreTrainedModel):
         selected = hidden_states[eos_mask, :].view(hidden_states.shape[0], -1, hidden_states.shape[-1])
         return selected[:, -1, :]
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         labels = labels.to(logits.device)
         num_labels = self.config.num_labels
         if self.config.problem_type is None:
@@ -6675,7 +6685,9 @@ class BartForSequenceClassification(BartPreTrainedModel):
             return MSELoss()(logits, labels)
         if self.config.problem_type == "single_label_classification":
             return CrossEntropyLoss()(logits.view(-1, num_labels), labels.view(-1))
-        return BCEWithLogitsLoss()(logits, labels)
+        if self.config.problem_type == "multi_label_classification":
+            return BCEWithLogitsLoss()(logits, labels)
+        return None  # a problem type stock does not know: no loss, as stock
 
     def forward(
         self,

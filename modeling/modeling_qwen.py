@@ -709,15 +709,16 @@ def _under_function_transform() -> bool:
 
 def _computes_as_stock() -> bool:
     """Whether the fused ops and attention's own paths compute as stock does, with torch's operators only: under
-    a ``torch.func`` transform (``_under_function_transform``), and while ``torch.export`` traces, so that an
-    exported program holds no op of ours (it has a backward, loads where this file was never imported, and
-    lowers to runtimes such as ExecuTorch that know torch's operators only); logged once."""
+    a ``torch.func`` transform (``_under_function_transform``), and while ``torch.export`` or ``torch.onnx``
+    traces (``_is_exporting``), so that an exported program holds no op of ours (it has a backward, loads where
+    this file was never imported, and lowers to runtimes such as ExecuTorch and ONNX Runtime that know torch's
+    operators only); logged once."""
     if _under_function_transform():
         return True
     if not _is_exporting():
         return False
     _log_once(
-        "torch.export is tracing: the fused ops (loss, norms, MLP, RoPE, tiles, offloaded checkpoints) compute "
+        "torch.export or torch.onnx is tracing: the fused ops (loss, norms, MLP, RoPE, tiles, offloaded checkpoints) compute "
         "as stock does and attention's auto backend takes sdpa or plain eager, so the program holds torch's "
         "operators only"
     )
@@ -725,13 +726,17 @@ def _computes_as_stock() -> bool:
 
 
 def _is_exporting() -> bool:
-    """Whether ``torch.export`` is tracing. The flag export sets is read where torch has it: torch 2.11's dynamo
-    folds ``torch.compiler.is_exporting()`` to True in every graph it traces, ``torch.compile``'s included."""
+    """Whether ``torch.export`` is tracing, or ``torch.onnx``'s TorchScript exporter (``dynamo=False``), which
+    drops what an autograd Function of ours writes into its output slice by slice (attention came out of
+    ``chunked`` as a constant). The flag export sets is read where torch has it: torch 2.11's dynamo folds
+    ``torch.compiler.is_exporting()`` to True in every graph it traces, ``torch.compile``'s included."""
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     if isinstance(flag, bool):
-        return flag
-    exporting = getattr(torch.compiler, "is_exporting", None)
-    return exporting is not None and exporting()
+        exporting = flag
+    else:
+        is_exporting = getattr(torch.compiler, "is_exporting", None)
+        exporting = is_exporting is not None and is_exporting()
+    return exporting or torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()
 
 
 def _refuse_double_backward(op: str) -> None:
@@ -2783,8 +2788,8 @@ def _cannot_differentiate(name: str, call: AttentionCall) -> Optional[str]:
 def _cannot_transform(name: str) -> Optional[str]:
     """Under a ``torch.func`` transform only torch's sdpa and the plain eager path run: the other backends are
     autograd Functions (ours, flash_attn's, xformers') or higher-order ops without rules for every transform.
-    While ``torch.export`` traces, the same two (``_computes_as_stock``): any other puts an op of its own into the
-    program, without a backward there, and one that loads only where this file was imported."""
+    While ``torch.export`` or ``torch.onnx`` traces, the same two (``_computes_as_stock``): any other puts an op of
+    its own into the program, without a backward there, and one that loads only where this file was imported."""
     if name in ("sdpa", "eager"):
         return None
     if _under_function_transform():

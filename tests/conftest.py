@@ -56,7 +56,8 @@ def kernel_layers() -> list:
     return [
         module
         for name, module in list(sys.modules.items())
-        if module is not None and callable(getattr(module, "demoted_backends", None)) and hasattr(module, "_demoted")
+        # vars(), not getattr(): a lazy module (transformers') would import its submodules to answer
+        if module is not None and callable(vars(module).get("demoted_backends")) and "_demoted" in vars(module)
     ]
 
 
