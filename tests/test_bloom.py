@@ -520,7 +520,13 @@ def test_compiled_forward_with_a_static_cache_generates_stocks_logits():
     come from the cache (each prompt token saw up to two later ones: logits 10% off)."""
     stock, ours, ids, mask = generation_pair()
     use_backend(ours, "auto")
-    greedy = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    assert_compiled_static_generation_matches_stock(stock, ours, ids, mask, new_tokens=4)
+
+
+def assert_compiled_static_generation_matches_stock(stock, ours, ids, mask, new_tokens: int) -> None:
+    """``model.forward = torch.compile(model.forward)`` (transformers' documented recipe) with a static cache:
+    stock's tokens and the logits of every step."""
+    greedy = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD)
     expected = stock.generate(ids, **greedy, output_logits=True, return_dict_in_generate=True)
     torch._dynamo.reset()
     ours.forward = torch.compile(ours.forward, backend="aot_eager", dynamic=False)
@@ -545,19 +551,7 @@ def test_compiled_prefill_into_a_static_cache_counts_alibi_distances_over_kept_t
     mask[0, [2, 5, 6]] = 0
     mask[1, 5] = 0
     use_backend(ours, backend)
-    greedy = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=PAD)
-    expected = stock.generate(ids, **greedy, output_logits=True, return_dict_in_generate=True)
-    torch._dynamo.reset()
-    ours.forward = torch.compile(ours.forward, backend="aot_eager", dynamic=False)
-    try:
-        actual = ours.generate(
-            ids, **greedy, output_logits=True, return_dict_in_generate=True, cache_implementation="static"
-        )
-    finally:
-        del ours.forward
-    torch.testing.assert_close(actual.sequences, expected.sequences, rtol=0, atol=0)
-    for step, (ours_logits, stock_logits) in enumerate(zip(actual.logits, expected.logits, strict=True)):
-        assert_close_rel(ours_logits, stock_logits, FP32_TOL, f"logits of step {step}")
+    assert_compiled_static_generation_matches_stock(stock, ours, ids, mask, new_tokens=3)
 
 
 def test_static_cache_generate_masks_the_unwritten_slots_in_traced_decoding_steps(monkeypatch):
