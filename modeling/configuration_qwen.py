@@ -50,6 +50,9 @@ class QWenConfig(PretrainedConfig):
         softmax_in_fp32: bool = False,
         seq_length: int = 2048,
         attn_backend: str | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -79,4 +82,6 @@ class QWenConfig(PretrainedConfig):
         self.softmax_in_fp32 = softmax_in_fp32
         self.seq_length = seq_length
         self.attn_backend = attn_backend
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        # None unless given, as every config had them before transformers 5 (its pipelines still read them)
+        special_tokens = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **special_tokens, **kwargs)

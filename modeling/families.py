@@ -56,6 +56,8 @@ FAMILIES: dict[str, Family] = {
             AutoEntry("AutoModelForSequenceClassification", "modeling_gpt2.py", "GPT2ForSequenceClassification"),
             AutoEntry("AutoModelForQuestionAnswering", "modeling_gpt2.py", "GPT2ForQuestionAnswering"),
             AutoEntry("AutoModelForTokenClassification", "modeling_gpt2.py", "GPT2ForTokenClassification"),
+            AutoEntry("AutoModelForPreTraining", "modeling_gpt2.py", "GPT2LMHeadModel"),
+            AutoEntry("AutoModelWithLMHead", "modeling_gpt2.py", "GPT2LMHeadModel"),  # transformers 4.x
         ),
     ),
     "bloom": Family(
@@ -66,6 +68,8 @@ FAMILIES: dict[str, Family] = {
             AutoEntry("AutoModelForSequenceClassification", "modeling_bloom.py", "BloomForSequenceClassification"),
             AutoEntry("AutoModelForTokenClassification", "modeling_bloom.py", "BloomForTokenClassification"),
             AutoEntry("AutoModelForQuestionAnswering", "modeling_bloom.py", "BloomForQuestionAnswering"),
+            AutoEntry("AutoModelForPreTraining", "modeling_bloom.py", "BloomForCausalLM"),
+            AutoEntry("AutoModelWithLMHead", "modeling_bloom.py", "BloomForCausalLM"),  # transformers 4.x
         ),
     ),
     "bart": Family(
@@ -76,6 +80,9 @@ FAMILIES: dict[str, Family] = {
             AutoEntry("AutoModelForSequenceClassification", "modeling_bart.py", "BartForSequenceClassification"),
             AutoEntry("AutoModelForQuestionAnswering", "modeling_bart.py", "BartForQuestionAnswering"),
             AutoEntry("AutoModelForCausalLM", "modeling_bart.py", "BartForCausalLM"),
+            AutoEntry("AutoModelForMaskedLM", "modeling_bart.py", "BartForConditionalGeneration"),
+            AutoEntry("AutoModelForPreTraining", "modeling_bart.py", "BartForConditionalGeneration"),
+            AutoEntry("AutoModelWithLMHead", "modeling_bart.py", "BartForConditionalGeneration"),  # transformers 4.x
         ),
     ),
     "qwen": Family(

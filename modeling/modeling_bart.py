@@ -5,7 +5,9 @@ self-attention, causal decoder self-attention (with KV cache) and decoder cross-
 ``attention(...)`` with an O(n) padding keep-mask; no 4-D mask is ever built here.
 """
 
+import inspect
 import math
+import sys
 
 import torch
 from torch import nn
@@ -6527,9 +6529,32 @@ class BartModel(BartPreTrainedModel):
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
 
 
-class BartForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
-    accepts_loss_kwargs = False  # its loss ignores num_items_in_batch (README, gradient accumulation)
+class _CountsLossItems:
+    """For a head whose loss divides by ``num_items_in_batch`` when given one (``_token_loss``, ``lm_head_loss``).
 
+    The Trainer reads ``accepts_loss_kwargs``: where True it counts the labels of the accumulated micro-batches,
+    passes the count and leaves the loss undivided by the accumulation steps, and its label smoothing divides
+    by the count too from transformers 5.1x on. Before that its label smoother takes no count, and a smoothed
+    loss would be summed over the micro-batches: there the Trainer gets False and averages them instead."""
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        trainer_utils = sys.modules.get("transformers.trainer_pt_utils")
+        smoother = getattr(trainer_utils, "LabelSmoother", None)
+        return smoother is None or "num_items_in_batch" in inspect.signature(smoother.__call__).parameters
+
+
+def _token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Stock BART's loss over logits (labels aligned with them, -100 ignored): the mean over the counted tokens,
+    or, given the Trainer's ``num_items_in_batch`` (which stock BART ignores), their sum divided by it, so that
+    accumulated micro-batches add up to the loss of the whole batch (README, gradient accumulation)."""
+    flat_logits, targets = logits.view(-1, logits.shape[-1]), labels.to(logits.device).view(-1)
+    if num_items_in_batch is None:
+        return CrossEntropyLoss()(flat_logits, targets)
+    return CrossEntropyLoss(reduction="sum")(flat_logits, targets) / num_items_in_batch
+
+
+class BartForConditionalGeneration(_CountsLossItems, BartPreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     _tied_weights_keys = _tied_weights_keys({"lm_head.weight": "model.shared.weight"})
     _keys_to_ignore_on_load_missing = ["final_logits_bias"]
@@ -6617,16 +6642,14 @@ class BartForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         if fused_loss_applies(self, self.lm_head, labels):
             # labels align with the decoder positions (no shift); mean over counted tokens, as stock BART
             loss = lm_head_loss(
-                outputs.last_hidden_state, self.lm_head, labels, self.config, shift=False, logits_bias=self.final_logits_bias
+                outputs.last_hidden_state, self.lm_head, labels, self.config, shift=False,
+                logits_bias=self.final_logits_bias, num_items_in_batch=kwargs.get("num_items_in_batch"),
             )
             logits = None
         else:
             hidden_states = outputs.last_hidden_state
             logits = self.lm_head(hidden_states) + self.final_logits_bias.to(hidden_states.device)
-            loss = None
-            if labels is not None:
-                labels = labels.to(logits.device)
-                loss = CrossEntropyLoss()(logits.view(-1, logits.shape[-1]), labels.view(-1))
+            loss = None if labels is None else _token_loss(logits, labels, kwargs.get("num_items_in_batch"))
 
         output = Seq2SeqLMOutput(
             loss=loss,
@@ -6813,11 +6836,9 @@ class BartDecoderWrapper(BartPreTrainedModel):
         return self.decoder(*args, **kwargs)
 
 
-class BartForCausalLM(BartPreTrainedModel, GenerationMixin):
+class BartForCausalLM(_CountsLossItems, BartPreTrainedModel, GenerationMixin):
     """The decoder alone as a causal LM (e.g. the decoder of an ``EncoderDecoderModel``, which passes
     ``encoder_hidden_states``). ``labels`` are not shifted: ``labels[..., i]`` is the target of ``logits[..., i]``."""
-
-    accepts_loss_kwargs = False  # its loss ignores num_items_in_batch (README, gradient accumulation)
 
     _tied_weights_keys = _tied_weights_keys({"lm_head.weight": "model.decoder.embed_tokens.weight"})
 
@@ -6875,7 +6896,10 @@ class BartForCausalLM(BartPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         if fused_loss_applies(self, self.lm_head, labels, logits_to_keep):
             # labels align with the positions (no shift), mean over counted tokens: stock BartForCausalLM's loss
-            loss = lm_head_loss(hidden_states, self.lm_head, labels, self.config, shift=False)
+            loss = lm_head_loss(
+                hidden_states, self.lm_head, labels, self.config, shift=False,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
             logits = None
         else:
             if isinstance(logits_to_keep, int):
@@ -6883,9 +6907,7 @@ class BartForCausalLM(BartPreTrainedModel, GenerationMixin):
             else:
                 hidden_states = hidden_states[:, logits_to_keep]
             logits = self.lm_head(hidden_states)
-            loss = None
-            if labels is not None:
-                loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size), labels.to(logits.device).view(-1))
+            loss = None if labels is None else _token_loss(logits, labels, kwargs.get("num_items_in_batch"))
         output = CausalLMOutputWithCrossAttentions(
             loss=loss,
             logits=logits,

@@ -399,6 +399,16 @@ def test_config_defaults_and_extra_keys():
     assert config.to_dict()["model_type"] == "qwen"
 
 
+def test_special_token_ids_default_to_none_as_configs_did_before_transformers_5(tmp_path):
+    """Qwen-7B's config.json names no special tokens; transformers 5's pipelines still read them (an assistant
+    model in "text-generation" raised an AttributeError on ``bos_token_id``)."""
+    config = QWenConfig()
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (None, None, None)
+    QWenConfig(eos_token_id=151643, pad_token_id=7).save_pretrained(tmp_path)
+    loaded = QWenConfig.from_pretrained(tmp_path)
+    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (None, 151643, 7)
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward against the reference
 # ----------------------------------------------------------------------------------------------
