@@ -60,6 +60,23 @@ for version in "${versions[@]}"; do
         echo "compat.sh: $venv has torch/transformers '$seen', expected '$active_torch $version'" >&2
         exit 1
     fi
-    echo "== transformers $version (torch $active_torch from $("$python" -c 'import sys; print(sys.prefix)')) =="
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}"
 done
+
+# The versions' runs are independent (one thread each: tests/conftest.py), so they run side by side; each
+# one's output is printed whole, in order, once they have all finished.
+logs=() pids=()
+for version in "${versions[@]}"; do
+    logs+=("$(mktemp)")
+    {
+        echo "== transformers $version (torch $active_torch from $("$python" -c 'import sys; print(sys.prefix)')) =="
+        "${TMPDIR:-/tmp}/mea-transformers-$version/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}"
+    } > "${logs[-1]}" 2>&1 &
+    pids+=($!)
+done
+status=0
+for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || status=1
+    cat "${logs[$i]}"
+    rm -f "${logs[$i]}"
+done
+exit "$status"
