@@ -1473,13 +1473,13 @@ def _flex_mask_mod(call: AttentionCall, mask, device, sequence_ids=None) -> Call
 
 
 def _flex_score_mod(call: AttentionCall, mask, alibi_slopes) -> Optional[Callable]:
-    terms = []
+    terms, key_positions = [], _alibi_key_positions(call)
     if alibi_slopes is not None and call.mask_kind == "padding":
         slopes, positions = alibi_slopes.to(torch.float32), _kept_positions(mask)
         offset = _flex_offset(call, slopes.device)
         terms.append(lambda b, h, q_idx, kv_idx: slopes[h] * (positions[b, kv_idx] - positions[b, q_idx + offset]))
-    elif alibi_slopes is not None and _alibi_key_positions(call) is not None:
-        slopes, positions = alibi_slopes.to(torch.float32), _alibi_key_positions(call).to(torch.float32)
+    elif alibi_slopes is not None and key_positions is not None:
+        slopes, positions = alibi_slopes.to(torch.float32), key_positions.to(torch.float32)
         offset = _flex_offset(call, slopes.device)
         terms.append(lambda b, h, q_idx, kv_idx: slopes[h] * (positions[b, kv_idx] - q_idx - offset))
     elif alibi_slopes is not None:
@@ -6640,7 +6640,7 @@ class BartForConditionalGeneration(_CountsLossItems, BartPreTrainedModel, Genera
             return_dict=True,
         )
         if fused_loss_applies(self, self.lm_head, labels):
-            # labels align with the decoder positions (no shift); mean over counted tokens, as stock BART
+            # labels align with the decoder positions (no shift); the loss of _token_loss
             loss = lm_head_loss(
                 outputs.last_hidden_state, self.lm_head, labels, self.config, shift=False,
                 logits_bias=self.final_logits_bias, num_items_in_batch=kwargs.get("num_items_in_batch"),
@@ -6895,7 +6895,7 @@ class BartForCausalLM(_CountsLossItems, BartPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         if fused_loss_applies(self, self.lm_head, labels, logits_to_keep):
-            # labels align with the positions (no shift), mean over counted tokens: stock BartForCausalLM's loss
+            # labels align with the positions (no shift); the loss of _token_loss
             loss = lm_head_loss(
                 hidden_states, self.lm_head, labels, self.config, shift=False,
                 num_items_in_batch=kwargs.get("num_items_in_batch"),

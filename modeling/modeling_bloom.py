@@ -1499,13 +1499,13 @@ def _flex_mask_mod(call: AttentionCall, mask, device, sequence_ids=None) -> Call
 
 
 def _flex_score_mod(call: AttentionCall, mask, alibi_slopes) -> Optional[Callable]:
-    terms = []
+    terms, key_positions = [], _alibi_key_positions(call)
     if alibi_slopes is not None and call.mask_kind == "padding":
         slopes, positions = alibi_slopes.to(torch.float32), _kept_positions(mask)
         offset = _flex_offset(call, slopes.device)
         terms.append(lambda b, h, q_idx, kv_idx: slopes[h] * (positions[b, kv_idx] - positions[b, q_idx + offset]))
-    elif alibi_slopes is not None and _alibi_key_positions(call) is not None:
-        slopes, positions = alibi_slopes.to(torch.float32), _alibi_key_positions(call).to(torch.float32)
+    elif alibi_slopes is not None and key_positions is not None:
+        slopes, positions = alibi_slopes.to(torch.float32), key_positions.to(torch.float32)
         offset = _flex_offset(call, slopes.device)
         terms.append(lambda b, h, q_idx, kv_idx: slopes[h] * (positions[b, kv_idx] - q_idx - offset))
     elif alibi_slopes is not None:
@@ -6250,11 +6250,11 @@ def _keep_by_cache_position(padding_mask: ForwardMask) -> ForwardMask:
     mask to the cache's length, so the mask's length does not say where the queries sit, and a causal call would
     align them with the cache's last slot (each seeing later tokens). A 4-D keep-mask ``[batch, 1, new, slots]``
     lets each query see the kept slots up to its ``cache_position``, as stock's 4-D mask does."""
-    cache_position, kept_slots = padding_mask.cache_position, padding_mask.tensor
-    visible = forward_mask(cache_slots_mask(kept_slots, cache_position), without_mask=True, cache_position=cache_position)
-    if kept_slots is not None:  # ALiBi counts kept keys only: a hole inside a row is no distance (as stock's)
-        visible.alibi_key_positions = _kept_positions(kept_slots)
-    return visible
+    cache_position, kept_slots = padding_mask.cache_position, padding_mask.tensor  # traced: a keep-mask, never None
+    visible = cache_slots_mask(kept_slots, cache_position)
+    forward = forward_mask(visible, without_mask=True, cache_position=cache_position)
+    forward.alibi_key_positions = _kept_positions(kept_slots)  # ALiBi counts kept keys only, as stock's positions
+    return forward
 
 
 class BloomForCausalLM(BloomPreTrainedModel, GenerationMixin):

@@ -1480,13 +1480,13 @@ def _flex_mask_mod(call: AttentionCall, mask, device, sequence_ids=None) -> Call
 
 
 def _flex_score_mod(call: AttentionCall, mask, alibi_slopes) -> Optional[Callable]:
-    terms = []
+    terms, key_positions = [], _alibi_key_positions(call)
     if alibi_slopes is not None and call.mask_kind == "padding":
         slopes, positions = alibi_slopes.to(torch.float32), _kept_positions(mask)
         offset = _flex_offset(call, slopes.device)
         terms.append(lambda b, h, q_idx, kv_idx: slopes[h] * (positions[b, kv_idx] - positions[b, q_idx + offset]))
-    elif alibi_slopes is not None and _alibi_key_positions(call) is not None:
-        slopes, positions = alibi_slopes.to(torch.float32), _alibi_key_positions(call).to(torch.float32)
+    elif alibi_slopes is not None and key_positions is not None:
+        slopes, positions = alibi_slopes.to(torch.float32), key_positions.to(torch.float32)
         offset = _flex_offset(call, slopes.device)
         terms.append(lambda b, h, q_idx, kv_idx: slopes[h] * (positions[b, kv_idx] - q_idx - offset))
     elif alibi_slopes is not None:

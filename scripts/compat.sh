@@ -46,6 +46,7 @@ if [ "${1:-}" = "--env-only" ]; then
 fi
 
 active_torch=$("$python" -c "import torch; print(torch.__version__)")
+active_prefix=$("$python" -c 'import sys; print(sys.prefix)')
 for version in "${versions[@]}"; do
     venv="${TMPDIR:-/tmp}/mea-transformers-$version"
     make_layered_env "$venv"
@@ -68,7 +69,7 @@ logs=() pids=()
 for version in "${versions[@]}"; do
     logs+=("$(mktemp)")
     {
-        echo "== transformers $version (torch $active_torch from $("$python" -c 'import sys; print(sys.prefix)')) =="
+        echo "== transformers $version (torch $active_torch from $active_prefix) =="
         "${TMPDIR:-/tmp}/mea-transformers-$version/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}"
     } > "${logs[-1]}" 2>&1 &
     pids+=($!)
