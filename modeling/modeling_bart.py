@@ -5,13 +5,10 @@ self-attention, causal decoder self-attention (with KV cache) and decoder cross-
 ``attention(...)`` with an O(n) padding keep-mask; no 4-D mask is ever built here.
 """
 
-import inspect
 import math
-import sys
 
 import torch
 from torch import nn
-from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from transformers import BartConfig
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
@@ -4572,6 +4569,68 @@ def lm_head_loss(
     return _shaped_like_stock(loss, num_items_in_batch)
 
 
+# --- Losses of the heads that keep their logits ------------------------------------------------
+
+
+class CountsLossItems:
+    """For a head whose loss divides by ``num_items_in_batch`` when given one (``token_loss``,
+    ``sequence_classification_loss``, ``lm_head_loss``).
+
+    The Trainer reads ``accepts_loss_kwargs``: where True it counts the labels of the accumulated micro-batches,
+    passes the count and leaves the loss undivided by the accumulation steps, and its label smoothing divides
+    by the count too from transformers 5.1x on. Before that its label smoother takes no count, and a smoothed
+    loss would be summed over the micro-batches: there the Trainer gets False and averages them instead."""
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        trainer_utils = sys.modules.get("transformers.trainer_pt_utils")
+        smoother = getattr(trainer_utils, "LabelSmoother", None)
+        return smoother is None or "num_items_in_batch" in inspect.signature(smoother.__call__).parameters
+
+
+def _mean_or_counted(loss_fn: Callable, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch):
+    """``loss_fn``'s mean, or, given the Trainer's ``num_items_in_batch``, its sum divided by that count, so that
+    accumulated micro-batches add up to the loss of the whole batch (README, gradient accumulation)."""
+    if num_items_in_batch is None:
+        return loss_fn(logits, labels)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(logits.device)
+    return loss_fn(logits, labels, reduction="sum") / num_items_in_batch
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy of per-position logits ``[..., classes]`` against labels aligned with them (-100 ignored):
+    the token-classification heads' loss and BART's LM loss over kept logits."""
+    flat_logits, targets = logits.reshape(-1, logits.shape[-1]), labels.to(logits.device).reshape(-1)
+    return _mean_or_counted(F.cross_entropy, flat_logits, targets, num_items_in_batch)
+
+
+def sequence_classification_loss(
+    config, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None
+) -> Optional[torch.Tensor]:
+    """A sequence-classification head's loss of its pooled ``[batch, num_labels]`` logits, by
+    ``config.problem_type`` (inferred and stored on the config where unset, as stock): mean squared error,
+    cross-entropy or binary cross-entropy with logits. None for a problem type stock does not know."""
+    num_labels = config.num_labels
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    labels = labels.to(logits.device)
+    if config.problem_type == "regression":
+        if num_labels == 1:
+            logits, labels = logits.squeeze(), labels.squeeze()
+        return _mean_or_counted(F.mse_loss, logits, labels, num_items_in_batch)
+    if config.problem_type == "single_label_classification":
+        return _mean_or_counted(F.cross_entropy, logits.view(-1, num_labels), labels.view(-1), num_items_in_batch)
+    if config.problem_type == "multi_label_classification":
+        return _mean_or_counted(F.binary_cross_entropy_with_logits, logits, labels, num_items_in_batch)
+    return None
+
+
 # --- RMSNorm ----------------------------------------------------------------------------------
 
 
@@ -6529,32 +6588,7 @@ class BartModel(BartPreTrainedModel):
         return output if _return_dict(self.config, return_dict) else output.to_tuple()
 
 
-class _CountsLossItems:
-    """For a head whose loss divides by ``num_items_in_batch`` when given one (``_token_loss``, ``lm_head_loss``).
-
-    The Trainer reads ``accepts_loss_kwargs``: where True it counts the labels of the accumulated micro-batches,
-    passes the count and leaves the loss undivided by the accumulation steps, and its label smoothing divides
-    by the count too from transformers 5.1x on. Before that its label smoother takes no count, and a smoothed
-    loss would be summed over the micro-batches: there the Trainer gets False and averages them instead."""
-
-    @property
-    def accepts_loss_kwargs(self) -> bool:
-        trainer_utils = sys.modules.get("transformers.trainer_pt_utils")
-        smoother = getattr(trainer_utils, "LabelSmoother", None)
-        return smoother is None or "num_items_in_batch" in inspect.signature(smoother.__call__).parameters
-
-
-def _token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Stock BART's loss over logits (labels aligned with them, -100 ignored): the mean over the counted tokens,
-    or, given the Trainer's ``num_items_in_batch`` (which stock BART ignores), their sum divided by it, so that
-    accumulated micro-batches add up to the loss of the whole batch (README, gradient accumulation)."""
-    flat_logits, targets = logits.view(-1, logits.shape[-1]), labels.to(logits.device).view(-1)
-    if num_items_in_batch is None:
-        return CrossEntropyLoss()(flat_logits, targets)
-    return CrossEntropyLoss(reduction="sum")(flat_logits, targets) / num_items_in_batch
-
-
-class BartForConditionalGeneration(_CountsLossItems, BartPreTrainedModel, GenerationMixin):
+class BartForConditionalGeneration(CountsLossItems, BartPreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     _tied_weights_keys = _tied_weights_keys({"lm_head.weight": "model.shared.weight"})
     _keys_to_ignore_on_load_missing = ["final_logits_bias"]
@@ -6640,7 +6674,7 @@ class BartForConditionalGeneration(_CountsLossItems, BartPreTrainedModel, Genera
             return_dict=True,
         )
         if fused_loss_applies(self, self.lm_head, labels):
-            # labels align with the decoder positions (no shift); the loss of _token_loss
+            # labels align with the decoder positions (no shift); the loss of token_loss
             loss = lm_head_loss(
                 outputs.last_hidden_state, self.lm_head, labels, self.config, shift=False,
                 logits_bias=self.final_logits_bias, num_items_in_batch=kwargs.get("num_items_in_batch"),
@@ -6649,7 +6683,7 @@ class BartForConditionalGeneration(_CountsLossItems, BartPreTrainedModel, Genera
         else:
             hidden_states = outputs.last_hidden_state
             logits = self.lm_head(hidden_states) + self.final_logits_bias.to(hidden_states.device)
-            loss = None if labels is None else _token_loss(logits, labels, kwargs.get("num_items_in_batch"))
+            loss = None if labels is None else token_loss(logits, labels, kwargs.get("num_items_in_batch"))
 
         output = Seq2SeqLMOutput(
             loss=loss,
@@ -6668,10 +6702,8 @@ class BartForConditionalGeneration(_CountsLossItems, BartPreTrainedModel, Genera
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
 
-class BartForSequenceClassification(BartPreTrainedModel):
+class BartForSequenceClassification(CountsLossItems, BartPreTrainedModel):
     """BART with a classification head on the decoder state at the last <eos> token of ``input_ids``."""
-
-    accepts_loss_kwargs = False  # its loss ignores num_items_in_batch (README, gradient accumulation)
 
     def __init__(self, config: BartConfig, **kwargs):
         super().__init__(config, **kwargs)
@@ -6691,26 +6723,6 @@ class BartForSequenceClassification(BartPreTrainedModel):
             raise ValueError("Each example must contain at least one <eos> token.")
         selected = hidden_states[eos_mask, :].view(hidden_states.shape[0], -1, hidden_states.shape[-1])
         return selected[:, -1, :]
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
-        labels = labels.to(logits.device)
-        num_labels = self.config.num_labels
-        if self.config.problem_type is None:
-            if num_labels == 1:
-                self.config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                self.config.problem_type = "single_label_classification"
-            else:
-                self.config.problem_type = "multi_label_classification"
-        if self.config.problem_type == "regression":
-            if num_labels == 1:
-                return MSELoss()(logits.squeeze(), labels.squeeze())
-            return MSELoss()(logits, labels)
-        if self.config.problem_type == "single_label_classification":
-            return CrossEntropyLoss()(logits.view(-1, num_labels), labels.view(-1))
-        if self.config.problem_type == "multi_label_classification":
-            return BCEWithLogitsLoss()(logits, labels)
-        return None  # a problem type stock does not know: no loss, as stock
 
     def forward(
         self,
@@ -6746,7 +6758,9 @@ class BartForSequenceClassification(BartPreTrainedModel):
             return_dict=True,
         )
         logits = self.classification_head(self._eos_states(input_ids, outputs.last_hidden_state))
-        loss = self._loss(logits, labels) if labels is not None else None
+        loss = None
+        if labels is not None:  # None for a problem type stock does not know, as stock
+            loss = sequence_classification_loss(self.config, logits, labels, kwargs.get("num_items_in_batch"))
 
         output = Seq2SeqSequenceClassifierOutput(
             loss=loss,
@@ -6836,7 +6850,7 @@ class BartDecoderWrapper(BartPreTrainedModel):
         return self.decoder(*args, **kwargs)
 
 
-class BartForCausalLM(_CountsLossItems, BartPreTrainedModel, GenerationMixin):
+class BartForCausalLM(CountsLossItems, BartPreTrainedModel, GenerationMixin):
     """The decoder alone as a causal LM (e.g. the decoder of an ``EncoderDecoderModel``, which passes
     ``encoder_hidden_states``). ``labels`` are not shifted: ``labels[..., i]`` is the target of ``logits[..., i]``."""
 
@@ -6895,7 +6909,7 @@ class BartForCausalLM(_CountsLossItems, BartPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         if fused_loss_applies(self, self.lm_head, labels, logits_to_keep):
-            # labels align with the positions (no shift); the loss of _token_loss
+            # labels align with the positions (no shift); the loss of token_loss
             loss = lm_head_loss(
                 hidden_states, self.lm_head, labels, self.config, shift=False,
                 num_items_in_batch=kwargs.get("num_items_in_batch"),
@@ -6907,7 +6921,7 @@ class BartForCausalLM(_CountsLossItems, BartPreTrainedModel, GenerationMixin):
             else:
                 hidden_states = hidden_states[:, logits_to_keep]
             logits = self.lm_head(hidden_states)
-            loss = None if labels is None else _token_loss(logits, labels, kwargs.get("num_items_in_batch"))
+            loss = None if labels is None else token_loss(logits, labels, kwargs.get("num_items_in_batch"))
         output = CausalLMOutputWithCrossAttentions(
             loss=loss,
             logits=logits,

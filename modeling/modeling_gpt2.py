@@ -4579,6 +4579,68 @@ def lm_head_loss(
     return _shaped_like_stock(loss, num_items_in_batch)
 
 
+# --- Losses of the heads that keep their logits ------------------------------------------------
+
+
+class CountsLossItems:
+    """For a head whose loss divides by ``num_items_in_batch`` when given one (``token_loss``,
+    ``sequence_classification_loss``, ``lm_head_loss``).
+
+    The Trainer reads ``accepts_loss_kwargs``: where True it counts the labels of the accumulated micro-batches,
+    passes the count and leaves the loss undivided by the accumulation steps, and its label smoothing divides
+    by the count too from transformers 5.1x on. Before that its label smoother takes no count, and a smoothed
+    loss would be summed over the micro-batches: there the Trainer gets False and averages them instead."""
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        trainer_utils = sys.modules.get("transformers.trainer_pt_utils")
+        smoother = getattr(trainer_utils, "LabelSmoother", None)
+        return smoother is None or "num_items_in_batch" in inspect.signature(smoother.__call__).parameters
+
+
+def _mean_or_counted(loss_fn: Callable, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch):
+    """``loss_fn``'s mean, or, given the Trainer's ``num_items_in_batch``, its sum divided by that count, so that
+    accumulated micro-batches add up to the loss of the whole batch (README, gradient accumulation)."""
+    if num_items_in_batch is None:
+        return loss_fn(logits, labels)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(logits.device)
+    return loss_fn(logits, labels, reduction="sum") / num_items_in_batch
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy of per-position logits ``[..., classes]`` against labels aligned with them (-100 ignored):
+    the token-classification heads' loss and BART's LM loss over kept logits."""
+    flat_logits, targets = logits.reshape(-1, logits.shape[-1]), labels.to(logits.device).reshape(-1)
+    return _mean_or_counted(F.cross_entropy, flat_logits, targets, num_items_in_batch)
+
+
+def sequence_classification_loss(
+    config, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None
+) -> Optional[torch.Tensor]:
+    """A sequence-classification head's loss of its pooled ``[batch, num_labels]`` logits, by
+    ``config.problem_type`` (inferred and stored on the config where unset, as stock): mean squared error,
+    cross-entropy or binary cross-entropy with logits. None for a problem type stock does not know."""
+    num_labels = config.num_labels
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    labels = labels.to(logits.device)
+    if config.problem_type == "regression":
+        if num_labels == 1:
+            logits, labels = logits.squeeze(), labels.squeeze()
+        return _mean_or_counted(F.mse_loss, logits, labels, num_items_in_batch)
+    if config.problem_type == "single_label_classification":
+        return _mean_or_counted(F.cross_entropy, logits.view(-1, num_labels), labels.view(-1), num_items_in_batch)
+    if config.problem_type == "multi_label_classification":
+        return _mean_or_counted(F.binary_cross_entropy_with_logits, logits, labels, num_items_in_batch)
+    return None
+
+
 # --- RMSNorm ----------------------------------------------------------------------------------
 
 
@@ -6456,10 +6518,8 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
         return output if return_dict else output.to_tuple()
 
 
-class GPT2ForSequenceClassification(GPT2PreTrainedModel):
+class GPT2ForSequenceClassification(CountsLossItems, GPT2PreTrainedModel):
     """Classifies each sequence from the hidden state of its last non-padding token."""
-
-    accepts_loss_kwargs = False  # its loss ignores num_items_in_batch (README, gradient accumulation)
 
     def __init__(self, config: GPT2Config):
         super().__init__(config)
@@ -6480,24 +6540,6 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
             return -1
         positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
         return (positions * (input_ids != pad_token_id)).argmax(-1)
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
-        if self.config.problem_type is None:
-            if self.num_labels == 1:
-                self.config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                self.config.problem_type = "single_label_classification"
-            else:
-                self.config.problem_type = "multi_label_classification"
-        if self.config.problem_type == "regression":
-            if self.num_labels == 1:
-                return nn.functional.mse_loss(logits.squeeze(), labels.squeeze())
-            return nn.functional.mse_loss(logits, labels)
-        if self.config.problem_type == "single_label_classification":
-            return nn.functional.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
-        if self.config.problem_type == "multi_label_classification":
-            return nn.functional.binary_cross_entropy_with_logits(logits, labels)
-        return None  # a problem type stock does not know: no loss, as stock
 
     def forward(
         self,
@@ -6533,7 +6575,9 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         last = self._last_token_index(input_ids, batch_size)
         pooled_logits = logits[torch.arange(batch_size, device=logits.device), last]
 
-        loss = self._loss(pooled_logits, labels.to(logits.device)) if labels is not None else None
+        loss = None
+        if labels is not None:  # None for a problem type stock does not know, as stock
+            loss = sequence_classification_loss(self.config, pooled_logits, labels, kwargs.get("num_items_in_batch"))
         output = SequenceClassifierOutputWithPast(
             loss=loss,
             logits=pooled_logits,
@@ -6620,9 +6664,7 @@ class GPT2DoubleHeadsModel(GPT2PreTrainedModel, GenerationMixin):
         return output if return_dict else output.to_tuple()
 
 
-class GPT2ForTokenClassification(GPT2PreTrainedModel):
-    accepts_loss_kwargs = False  # its loss ignores num_items_in_batch (README, gradient accumulation)
-
+class GPT2ForTokenClassification(CountsLossItems, GPT2PreTrainedModel):
     def __init__(self, config: GPT2Config):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -6661,9 +6703,7 @@ class GPT2ForTokenClassification(GPT2PreTrainedModel):
             **kwargs,
         )
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1).to(logits.device))
+        loss = None if labels is None else token_loss(logits, labels, kwargs.get("num_items_in_batch"))
         output = TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )

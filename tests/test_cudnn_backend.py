@@ -15,7 +15,6 @@ import dataclasses
 import importlib
 import logging
 import math
-import tempfile
 import threading
 import weakref
 from types import SimpleNamespace
@@ -718,7 +717,7 @@ def launched_kernels(step) -> list:
     [(False, "right"), (False, "left"), (True, None), (True, "right"), (True, "left")],
     ids=["eager_right", "eager_left", "compiled", "compiled_right", "compiled_left"],
 )
-def test_bloom_on_cudnn_matches_fp32_stock_logits_and_gradients(compiled, padding):
+def test_bloom_on_cudnn_matches_fp32_stock_logits_and_gradients(compiled, padding, tmp_path):
     """Eager: a padded batch on the cudnn backend (kept padded: ``unpad_batches=False``). Compiled (Inductor, one
     graph): ``auto`` sends the attention to cudnn's opaque ops (not to flex) with the slopes of the model's
     ForwardMask; a padding mask on the ragged ops, checked when the step runs."""
@@ -728,7 +727,7 @@ def test_bloom_on_cudnn_matches_fp32_stock_logits_and_gradients(compiled, paddin
     stock = BloomForCausalLM(config).eval()
     for param in stock.parameters():
         param.data.normal_(0.0, 0.05)
-    folder = save_with_remote_code(stock, tempfile.mkdtemp(prefix="bloom-"), ["modeling_bloom.py"],
+    folder = save_with_remote_code(stock, str(tmp_path), ["modeling_bloom.py"],
                                    {"AutoModelForCausalLM": "modeling_bloom.BloomForCausalLM"})
     ours = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).cuda().eval()
     stock = stock.cuda()

@@ -55,7 +55,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="mea-bench-modules-"))
+if "HF_MODULES_CACHE" not in os.environ:  # a module cache of this run only, removed when it ends
+    _MODULES_CACHE = tempfile.TemporaryDirectory(prefix="mea-bench-modules-")
+    os.environ["HF_MODULES_CACHE"] = _MODULES_CACHE.name
 
 SCRIPTS_DIR = Path(__file__).resolve().parent.parent
 ROOT = SCRIPTS_DIR.parent

@@ -125,7 +125,8 @@ class ModelFactory:
         self.device = device
         self.flex_static_shapes = flex_static_shapes
         self.baseline_modeling = baseline_modeling
-        self.root = Path(tempfile.mkdtemp(prefix="mea-bench-models-"))
+        self._folder = tempfile.TemporaryDirectory(prefix="mea-bench-models-")  # removed with the factory
+        self.root = Path(self._folder.name)
         self.undo: list = []
         self.adapter: Optional[dict] = None  # PEFT LoraConfig options every model is wrapped with (--lora)
         self.loss_chunk_size: Optional[int] = None  # config.loss_chunk_size of our models (--loss-chunk-size)

@@ -1,0 +1,135 @@
+"""The heads' losses under transformers' Trainer: gradient accumulation takes the step of the whole batch, with and
+without label smoothing, where transformers lets it (its label smoother counts from 5.1x on).
+
+Runs on transformers 5.x and 4.57.x.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from test_stock_behaviour import VOCAB, family_config, stock_and_ours
+
+LABELLED_HEADS = {
+    "llama": ["LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaForTokenClassification"],
+    "gpt2": ["GPT2LMHeadModel", "GPT2ForSequenceClassification", "GPT2ForTokenClassification", "GPT2DoubleHeadsModel"],
+    "bloom": ["BloomForCausalLM", "BloomForSequenceClassification", "BloomForTokenClassification"],
+    "bart": ["BartForConditionalGeneration", "BartForSequenceClassification", "BartForCausalLM"],
+}
+
+
+def labels_for(class_name: str, ids: torch.Tensor) -> torch.Tensor:
+    if "SequenceClassification" in class_name:
+        return torch.tensor([0, 1])
+    if "TokenClassification" in class_name:
+        return ids % 2
+    return ids
+
+
+@pytest.mark.parametrize("family", list(LABELLED_HEADS))
+def test_heads_that_take_loss_kwargs_divide_by_the_trainers_count(family, tmp_path):
+    """transformers' Trainer passes ``num_items_in_batch`` to a model that takes loss kwargs (``**kwargs`` in its
+    forward, or ``accepts_loss_kwargs``) and then leaves the loss undivided by the accumulation steps: a head that
+    says it takes them must divide by the count, or accumulated micro-batches would add up their means."""
+    for class_name in LABELLED_HEADS[family]:
+        _, ours = stock_and_ours(family, class_name, tmp_path / class_name)
+        ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
+        ids[:, -1] = ours.config.eos_token_id if family == "bart" else ids[:, -1]
+        inputs = {"input_ids": ids[:, None] if "DoubleHeads" in class_name else ids}
+        inputs["labels"] = labels_for(class_name, inputs["input_ids"])
+        with torch.no_grad():
+            plain = ours(**inputs).loss
+            counted = ours(**inputs, num_items_in_batch=torch.tensor(100)).loss
+        honours = not torch.allclose(plain, counted)
+        assert honours or not getattr(ours, "accepts_loss_kwargs", True), class_name
+
+
+def smoother_counts() -> bool:
+    """Whether the Trainer's label smoother divides by ``num_items_in_batch`` (transformers 5.1x on)."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    return "num_items_in_batch" in inspect.signature(LabelSmoother.__call__).parameters
+
+
+ACCUMULATED_HEADS = [
+    ("bart", "BartForConditionalGeneration", None),
+    ("bart", "BartForCausalLM", None),
+    ("bart", "BartForSequenceClassification", None),
+    ("llama", "LlamaForSequenceClassification", None),
+    ("llama", "LlamaForSequenceClassification", "multi_label_classification"),
+    ("llama", "LlamaForTokenClassification", None),
+    ("gpt2", "GPT2ForSequenceClassification", "regression"),
+    ("gpt2", "GPT2ForTokenClassification", None),
+    ("bloom", "BloomForSequenceClassification", None),
+    ("bloom", "BloomForTokenClassification", None),
+]
+
+
+def without_dropout(config):
+    for name, value in config.to_dict().items():
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+            setattr(config, name, 0.0)
+    return config
+
+
+def accumulation_examples(family: str, class_name: str, problem_type, uneven: bool) -> list:
+    """Examples for the step test: with ``uneven``, three (micro-batches of two and one) whose token heads count
+    different numbers of labels; else four with the same count each."""
+    count = 3 if uneven else 4
+    generator = torch.Generator().manual_seed(6)
+    ids = torch.randint(3, VOCAB, (count, 6), generator=generator)
+    if family == "bart":
+        ids[:, -1] = 2  # BART's sequence classification pools the last <eos>
+    if problem_type == "regression":
+        labels = torch.randn(count, generator=generator)
+    elif problem_type == "multi_label_classification":
+        labels = torch.randint(0, 2, (count, 3), generator=generator).float()
+    elif "SequenceClassification" in class_name:
+        labels = torch.randint(0, 3, (count,), generator=generator)
+    else:
+        labels = ids.flip(1) % 3 if "TokenClassification" in class_name else ids.flip(1).clone()
+        if uneven:
+            labels[1, :4] = -100
+    return [{"input_ids": row, "labels": target} for row, target in zip(ids, labels)]
+
+
+@pytest.mark.parametrize(
+    "family, class_name, problem_type, label_smoothing",
+    # the Trainer's label smoothing takes class indices: not for regression, and it turns itself off for multi-label
+    [(*head, smoothing) for head in ACCUMULATED_HEADS for smoothing in (0.0, 0.1) if not (head[2] and smoothing)],
+)
+def test_trainer_gradient_accumulation_takes_the_whole_batchs_step(family, class_name, problem_type, label_smoothing,
+                                                                  tmp_path):
+    """Micro-batches of different sizes or counted tokens, accumulated, take the step of one batch of them all:
+    our heads divide their summed loss by the Trainer's ``num_items_in_batch`` (stock BART and stock classification
+    heads ignore it, and the Trainer summed their micro-batches' means), and with label smoothing the Trainer,
+    given the count, divides its own loss by it (a head that declared no loss kwargs got an average of the
+    micro-batches' means). Before transformers 5.1x the label smoother takes no count, so the Trainer averages
+    the micro-batches (exact for micro-batches of equal counts, which the test then takes)."""
+    from transformers import Trainer, TrainingArguments
+
+    config = without_dropout(family_config(family, num_labels=1 if problem_type == "regression" else 3))
+    config.problem_type = problem_type
+    examples = accumulation_examples(family, class_name, problem_type, uneven=smoother_counts())
+    steps = []
+    for batch, accumulation in ((len(examples), 1), (2, 2)):
+        _, ours = stock_and_ours(family, class_name, tmp_path / f"{batch}x{accumulation}", config=config)
+        before = {name: param.detach().clone() for name, param in ours.named_parameters()}
+        arguments = TrainingArguments(
+            output_dir=str(tmp_path / f"run{batch}x{accumulation}"), per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd",
+            lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to=[], use_cpu=True,
+            save_strategy="no", logging_strategy="no", label_smoothing_factor=label_smoothing,
+        )  # fmt: skip
+        Trainer(model=ours.train(), args=arguments, train_dataset=examples).train()
+        steps.append({name: param.detach() - before[name] for name, param in ours.named_parameters()})
+    whole, accumulated = steps
+    largest = max(step.norm() for step in whole.values())
+    assert largest > 0, "the step changed no weight"
+    for name, step in whole.items():
+        # a step a thousand times smaller than the largest (a key bias, whose gradient is zero) is rounding
+        scale = max(step.norm(), 1e-3 * largest)
+        assert (accumulated[name] - step).norm() <= 1e-4 * scale, f"{name}'s step differs"
