@@ -3436,7 +3436,7 @@ def padded_rows(
     """The ``PaddedRows`` of a causal LM forward that runs unpadded, or None for one that runs as it came.
 
     Unpadded: a 2-D padding mask with at least one padded and one kept token, no cache given, none to build
-    (``use_cache`` false, or training mode: a padded training forward returns no cache), no attention weights
+    (``use_cache`` false, or training mode with gradients: such a padded forward returns no cache), no attention weights
     asked for, no hidden states asked for while gradients are recorded (those returned are copies beside the
     graph the loss comes from: a hook or ``autograd.grad`` on them would not see its gradient), all logits asked
     for, no packed keywords already, ``config.unpad_batches`` not false, no module that computes over the whole
@@ -3458,7 +3458,7 @@ def padded_rows(
         output_hidden_states = getattr(config, "output_hidden_states", False)
     if (
         past_key_values is not None
-        or (use_cache and not model.training)
+        or (use_cache and not (model.training and torch.is_grad_enabled()))
         or output_attentions
         or (output_hidden_states and torch.is_grad_enabled())
         or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
@@ -4533,8 +4533,9 @@ def lm_head_loss(
     quantized layer) is called on chunks.
     """
     name, given = ("shift_labels", shift_labels) if shift and shift_labels is not None else ("labels", labels)
-    if given.numel() != math.prod(hidden_states.shape[:-1]):  # Size.numel() would specialize traced sizes
-        raise labels_mismatch(name, given.shape, hidden_states.shape[:-1])
+    # the rank too: labels [b, s, 1] would shift along their last dimension and count no token (a NaN loss)
+    if given.dim() != hidden_states.dim() - 1 or given.numel() != math.prod(hidden_states.shape[:-1]):
+        raise labels_mismatch(name, given.shape, hidden_states.shape[:-1])  # (Size.numel() specializes traced sizes)
     if shift and shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = (shift_labels if shift else labels).reshape(-1)
@@ -4625,6 +4626,8 @@ def sequence_classification_loss(
             logits, labels = logits.squeeze(), labels.squeeze()
         return _mean_or_counted(F.mse_loss, logits, labels, num_items_in_batch)
     if config.problem_type == "single_label_classification":
+        if labels.is_floating_point():  # class probabilities [batch, num_labels], as stock BLOOM's loss takes
+            return _mean_or_counted(F.cross_entropy, logits, labels, num_items_in_batch)
         return _mean_or_counted(F.cross_entropy, logits.view(-1, num_labels), labels.view(-1), num_items_in_batch)
     if config.problem_type == "multi_label_classification":
         return _mean_or_counted(F.binary_cross_entropy_with_logits, logits, labels, num_items_in_batch)
@@ -6064,6 +6067,8 @@ class BartScaledWordEmbedding(nn.Embedding):
 class BartAttention(nn.Module):
     """Multi-head attention; self-attention (optionally causal, with KV cache) or cross-attention."""
 
+    reads_keep_mask = True  # what BartLayerParts.attention looks for (wrappers that forward attributes pass)
+
     def __init__(
         self,
         config: BartConfig,
@@ -6157,6 +6162,18 @@ class BartLayerParts:
     def tiled_feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return sequence_tiled((self.feed_forward,), hidden_states, sequence_tile_size(self.config))
 
+    def attention(self, name: str) -> nn.Module:
+        """The attention module ``name``: this file's, which reads the padding mask the layer passes as
+        ``keep_mask``; another (stock's, put in by hand) would take it among its ``**kwargs`` and attend to
+        padding, so it is refused."""
+        module = getattr(self, name)
+        if not getattr(module, "reads_keep_mask", False):
+            raise TypeError(
+                f"{name} is a {type(module).__name__}: this layer passes its padding mask as keep_mask, which only "
+                "this file's BartAttention reads (another attention module would attend to padding)"
+            )
+        return module
+
     def residual_sum(self, residual: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """``residual + dropout(update)``: what a post-LN norm takes."""
         return residual + nn.functional.dropout(update, p=self.dropout, training=self.training)
@@ -6197,7 +6214,8 @@ class BartEncoderLayer(BartLayerParts, LongContextCheckpointing, GradientCheckpo
         keep_mask: torch.Tensor | None = None,
         attention_weights: list | None = None,
     ) -> torch.Tensor:
-        attended, _ = self.self_attn(hidden_states, keep_mask=keep_mask, attention_weights=attention_weights)
+        self_attn = self.attention("self_attn")
+        attended, _ = self_attn(hidden_states, keep_mask=keep_mask, attention_weights=attention_weights)
         summed = self.residual_sum(hidden_states, attended)
         hidden_states = self.norm_then(self.self_attn_layer_norm, summed, self.feed_forward_block)
         if hidden_states.dtype == torch.float16 and not torch.isfinite(hidden_states).all():
@@ -6236,7 +6254,7 @@ class BartDecoderLayer(BartLayerParts, LongContextCheckpointing, GradientCheckpo
     ) -> torch.Tensor:
         """Tensors that need gradients come first so gradient checkpointing (offloaded too) passes them
         positionally."""
-        attended, _ = self.self_attn(
+        attended, _ = self.attention("self_attn")(
             hidden_states, keep_mask=keep_mask, past_key_values=past_key_values, attention_weights=attention_weights
         )
         summed = self.residual_sum(hidden_states, attended)
@@ -6244,7 +6262,7 @@ class BartDecoderLayer(BartLayerParts, LongContextCheckpointing, GradientCheckpo
             return self.norm_then(self.self_attn_layer_norm, summed, self.feed_forward_block)
 
         def cross_attention_block(hidden_states: torch.Tensor) -> torch.Tensor:
-            attended, _ = self.encoder_attn(
+            attended, _ = self.attention("encoder_attn")(
                 hidden_states,
                 key_value_states=encoder_hidden_states,
                 keep_mask=encoder_keep_mask,
@@ -6498,8 +6516,10 @@ class BartModel(BartPreTrainedModel):
         """transformers 4.x hook (5.x ties through `_tied_weights_keys`): one embedding matrix for all three.
 
         Some checkpoints (facebook/bart-large-cnn) store it only as `decoder.embed_tokens`; tie to that one
-        when `shared` was not loaded.
+        when `shared` was not loaded. 4.x calls this hook whatever the config says: untied, nothing is tied.
         """
+        if not self.config.tie_word_embeddings:
+            return
         source = self.shared
         if self.shared.weight.device.type == "meta" and self.decoder.embed_tokens.weight.device.type != "meta":
             source = self.decoder.embed_tokens

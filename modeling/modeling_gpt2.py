@@ -3446,7 +3446,7 @@ def padded_rows(
     """The ``PaddedRows`` of a causal LM forward that runs unpadded, or None for one that runs as it came.
 
     Unpadded: a 2-D padding mask with at least one padded and one kept token, no cache given, none to build
-    (``use_cache`` false, or training mode: a padded training forward returns no cache), no attention weights
+    (``use_cache`` false, or training mode with gradients: such a padded forward returns no cache), no attention weights
     asked for, no hidden states asked for while gradients are recorded (those returned are copies beside the
     graph the loss comes from: a hook or ``autograd.grad`` on them would not see its gradient), all logits asked
     for, no packed keywords already, ``config.unpad_batches`` not false, no module that computes over the whole
@@ -3468,7 +3468,7 @@ def padded_rows(
         output_hidden_states = getattr(config, "output_hidden_states", False)
     if (
         past_key_values is not None
-        or (use_cache and not model.training)
+        or (use_cache and not (model.training and torch.is_grad_enabled()))
         or output_attentions
         or (output_hidden_states and torch.is_grad_enabled())
         or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
@@ -4543,8 +4543,9 @@ def lm_head_loss(
     quantized layer) is called on chunks.
     """
     name, given = ("shift_labels", shift_labels) if shift and shift_labels is not None else ("labels", labels)
-    if given.numel() != math.prod(hidden_states.shape[:-1]):  # Size.numel() would specialize traced sizes
-        raise labels_mismatch(name, given.shape, hidden_states.shape[:-1])
+    # the rank too: labels [b, s, 1] would shift along their last dimension and count no token (a NaN loss)
+    if given.dim() != hidden_states.dim() - 1 or given.numel() != math.prod(hidden_states.shape[:-1]):
+        raise labels_mismatch(name, given.shape, hidden_states.shape[:-1])  # (Size.numel() specializes traced sizes)
     if shift and shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = (shift_labels if shift else labels).reshape(-1)
@@ -4635,6 +4636,8 @@ def sequence_classification_loss(
             logits, labels = logits.squeeze(), labels.squeeze()
         return _mean_or_counted(F.mse_loss, logits, labels, num_items_in_batch)
     if config.problem_type == "single_label_classification":
+        if labels.is_floating_point():  # class probabilities [batch, num_labels], as stock BLOOM's loss takes
+            return _mean_or_counted(F.cross_entropy, logits, labels, num_items_in_batch)
         return _mean_or_counted(F.cross_entropy, logits.view(-1, num_labels), labels.view(-1), num_items_in_batch)
     if config.problem_type == "multi_label_classification":
         return _mean_or_counted(F.binary_cross_entropy_with_logits, logits, labels, num_items_in_batch)
@@ -6360,9 +6363,9 @@ class GPT2Model(GPT2PreTrainedModel):
         if checkpointing:
             past_key_values = None
         elif use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
+            past_key_values = DynamicCache(config=self.config)
         if use_cache and self.config.add_cross_attention and not isinstance(past_key_values, EncoderDecoderCache):
-            past_key_values = EncoderDecoderCache(past_key_values, DynamicCache())
+            past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=self.config))
         self_attention_cache = past_key_values
         if isinstance(past_key_values, EncoderDecoderCache):
             self_attention_cache = past_key_values.self_attention_cache

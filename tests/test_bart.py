@@ -418,6 +418,46 @@ def test_embeddings_stored_only_under_the_decoder_are_tied(seq2seq_folder, tmp_p
         assert_close_rel(ours(**batch).logits[keep], stock(**batch).logits[keep], 1e-5, "logits")
 
 
+def test_untied_embeddings_load_each_of_their_matrices_as_stock(tmp_path):
+    """``tie_word_embeddings=False``: the shared, encoder and decoder embeddings and the head are four matrices,
+    each loaded from the checkpoint (transformers 4.x calls every module's ``_tie_weights``, whatever the config
+    says: ours tied the encoder's and decoder's to ``shared``, and their saved matrices were never read)."""
+    torch.manual_seed(11)
+    stock = stock_seq2seq(tie_word_embeddings=False)
+    embeddings = (stock.model.shared, stock.model.encoder.embed_tokens, stock.model.decoder.embed_tokens, stock.lm_head)
+    for module in embeddings:
+        module.weight = torch.nn.Parameter(0.5 * torch.randn_like(module.weight))
+    folder = save_with_remote_code(stock, tmp_path, ["modeling_bart.py"], AUTO_MAP)
+    ours, stock = load_ours(folder, "sdpa"), load_stock(folder)
+    for name in ("model.shared", "model.encoder.embed_tokens", "model.decoder.embed_tokens", "lm_head"):
+        assert torch.equal(ours.get_submodule(name).weight, stock.get_submodule(name).weight), name
+    assert not torch.equal(ours.model.encoder.embed_tokens.weight, ours.model.shared.weight)
+    batch = padded_batch()
+    keep = batch["decoder_attention_mask"].bool()
+    with torch.no_grad():
+        assert_close_rel(ours(**batch).logits[keep], stock(**batch).logits[keep], 1e-5, "logits")
+
+
+@pytest.mark.parametrize("path", ["model.encoder.layers.1.self_attn", "model.decoder.layers.1.encoder_attn"])
+def test_a_stock_attention_module_put_in_a_layer_is_refused_by_name(seq2seq_folder, path):
+    """Our layers pass the padding mask as ``keep_mask``: stock's BartAttention, put in by hand, took it among its
+    ``**kwargs`` and attended to padding without a word. A wrapper that forwards attributes to ours still runs."""
+    import copy
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    ours, stock = load_ours(seq2seq_folder, "sdpa"), load_stock(seq2seq_folder)
+    batch = padded_batch()
+    parent, _, child = path.rpartition(".")
+    wrapped = copy.deepcopy(ours)
+    setattr(wrapped.get_submodule(parent), child, checkpoint_wrapper(ours.get_submodule(path)))
+    with torch.no_grad():
+        assert_close_rel(wrapped(**batch).logits, ours(**batch).logits, 1e-6, "logits through a checkpoint wrapper")
+    setattr(ours.get_submodule(parent), child, copy.deepcopy(stock.get_submodule(path)))
+    with pytest.raises(TypeError, match=f"{child} is a BartAttention: this layer passes its padding mask as keep_mask"):
+        ours(**batch)
+
+
 def test_fresh_token_embeddings_have_a_zero_padding_row_as_stock(seq2seq_folder):
     """A model built from its config (trained from scratch) starts with a zero embedding for the pad token."""
     config = AutoConfig.from_pretrained(seq2seq_folder)

@@ -632,13 +632,21 @@ def test_sequence_classification_matches_stock(backend, padding):
     assert_close_rel(actual.loss, expected.loss, FP32_TOL, "loss")
 
 
-@pytest.mark.parametrize("num_labels, problem_type", [(1, None), (3, "multi_label_classification"), (3, "regression")])
-def test_sequence_classification_regression_and_multi_label_losses_match_stock(num_labels, problem_type):
-    """One label means regression: MSE over the squeezed [batch, 1] logits; multi-label takes BCE with logits."""
+@pytest.mark.parametrize(
+    "num_labels, problem_type",
+    [(1, None), (3, "multi_label_classification"), (3, "regression"), (3, "single_label_classification")],
+)
+def test_sequence_classification_regression_multi_label_and_soft_label_losses_match_stock(num_labels, problem_type):
+    """One label means regression: MSE over the squeezed [batch, 1] logits; multi-label takes BCE with logits;
+    single-label takes class probabilities [batch, num_labels] as targets too, as stock BLOOM's loss does."""
     stock, ours = load_pair(BloomForSequenceClassification, num_labels=num_labels, problem_type=problem_type)
     ids, mask = make_inputs([9, 5, 2], 9, "left", seed=23)
-    labels = torch.rand(3, num_labels) if problem_type == "multi_label_classification" else torch.randn(3, num_labels)
-    labels = labels.squeeze(-1)
+    if problem_type == "single_label_classification":
+        labels = torch.randn(3, num_labels).softmax(-1)
+    elif problem_type == "multi_label_classification":
+        labels = torch.rand(3, num_labels)
+    else:
+        labels = torch.randn(3, num_labels).squeeze(-1)
     with torch.no_grad():
         expected = stock(ids, attention_mask=mask, labels=labels)
         actual = ours(ids, attention_mask=mask, labels=labels)

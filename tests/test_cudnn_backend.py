@@ -231,7 +231,8 @@ def fake_cudnn(monkeypatch):
     monkeypatch.setattr(kernel_layer, "_cuda_stream", lambda device: 7)
     monkeypatch.setattr(kernel_layer, "_cudnn_plans", kernel_layer._CudnnPlans(capacity=64))
     monkeypatch.setattr(kernel_layer, "_demoted", {})
-    monkeypatch.setattr(kernel_layer, "_probe_results", {})
+    # probed as running: on a machine with CUDA the real probe would run the stand-in (and fail)
+    monkeypatch.setattr(kernel_layer, "_probe_results", {("cudnn", "cuda"): None})
     monkeypatch.setattr(kernel_layer, "_logged_messages", set())
     FakeGraph.built_graphs = 0
     return SimpleNamespace(module=module, streams=streams)
@@ -423,6 +424,7 @@ def test_broken_module_is_probed_once_logged_once_and_skipped(fake_cudnn, monkey
         raise RuntimeError("cudnnGraphNotSupportedError: no engine for this build")
 
     monkeypatch.setattr(kernel_layer, "_cudnn_module", lambda: fake_cudnn_module(pygraph=broken_graph))
+    monkeypatch.setattr(kernel_layer, "_probe_results", {})  # this test probes
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch, "randn", lambda *shape, **kw: torch.empty(shape).normal_())
     q, k, v = qkv()

@@ -347,6 +347,20 @@ def test_kv_cache_decode_matches_full_forward(tmp_path, backend):
     assert cache.get_seq_length() == TOTAL
 
 
+
+@pytest.mark.parametrize("cross_attention", [False, True])
+def test_a_cache_from_a_shallower_model_is_refused_as_stock_refuses_it(tmp_path, cross_attention):
+    """The caches a model builds have one layer per block, as stock's (``DynamicCache(config=...)``): a cache
+    left by a one-layer model, given to a deeper one, raised nowhere and its second layer saw no past."""
+    shallow, _ = load_pair(tmp_path / "shallow", n_layer=1, add_cross_attention=cross_attention)
+    deep, _ = load_pair(tmp_path / "deep", add_cross_attention=cross_attention)
+    ids = random_ids()
+    encoder = {"encoder_hidden_states": torch.randn(len(LENGTHS), 5, 32)} if cross_attention else {}
+    with torch.no_grad():
+        cache = shallow(ids, use_cache=True, **encoder).past_key_values
+        with pytest.raises(IndexError):
+            deep(ids[:, :1], past_key_values=cache, use_cache=True, **encoder)
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_generate_greedy_beam_and_sampling(tmp_path, backend):
     ours, stock = load_pair(tmp_path, backend)

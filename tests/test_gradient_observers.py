@@ -100,6 +100,11 @@ def test_parameter_gradient_hooks_run_once_with_tiles_and_offloaded_checkpoints(
     assert sorted(calls["ours"]) == sorted(calls["stock"]) and calls["ours"].count(parameter) == 1
 
 
+@pytest.mark.skipif(
+    tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 13),
+    reason="torch 2.11's dynamo cannot call the trace-time hook check with modules (README: use "
+    "register_post_accumulate_grad_hook there)",
+)
 @pytest.mark.parametrize("option", [dict(sequence_tile_size=4), dict(offload_checkpoints=True)], ids=lambda o: next(iter(o)))
 def test_parameter_gradient_hooks_run_once_in_a_compiled_step(family_pairs, option):
     """Dynamo's trace reads a parameter's ``_backward_hooks`` as empty, so a compiled step checkpointed the layer

@@ -62,7 +62,8 @@ def our_qwen():
     from memory_efficient_adapter.modeling_qwen import QWenLMHeadModel
 
     config = QWenConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, kv_channels=8,
-                        intermediate_size=64, seq_length=64, max_position_embeddings=64)
+                        intermediate_size=64, seq_length=64, max_position_embeddings=64,
+                        fp32=True)  # the original's automatic choice is bf16 where CUDA has it
     return QWenLMHeadModel(config)
 
 

@@ -599,6 +599,8 @@ def test_padded_batch_runs_unpadded_and_matches_stock(family, padding, variant, 
     finally:
         for model in (ours, stock):
             model.gradient_checkpointing_disable()
+            if variant == "checkpointing":  # enabling it hooked the embeddings; the cached models go on
+                model.disable_input_require_grads()
     kept = int(keep.sum())
     assert set(seen.shapes) == {(1, kept, 32)}
     assert_same_step(got, want, keep)
@@ -685,6 +687,26 @@ def test_training_forward_with_use_cache_runs_unpadded_and_returns_no_cache(fami
         out = model(input_ids=ids, attention_mask=keep, labels=labels, use_cache=True)
     assert seen.shapes == [(1, int(keep.sum()), 32)]
     assert out.past_key_values is None and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_mode_without_gradients_keeps_the_rows_and_the_cache(family, tmp_path_factory):
+    """A rollout in training mode under ``torch.no_grad()`` (a hand-written decode loop) builds the cache it
+    asks for, as in eval mode: the rows stay padded, the cache comes back, and the next step decodes on it as a
+    whole forward does (unpadded, it returned no cache and the next step failed on the mask's length)."""
+    model, _ = load_ours(family, tmp_path_factory)
+    model.train()
+    set_backend(model, "auto")
+    ids, keep, _ = padded_batch("left")
+    following = torch.randint(0, 97, (ids.shape[0], 1))
+    whole_ids, whole_keep = torch.cat([ids, following], 1), F.pad(keep, (0, 1), value=1)
+    with torch.no_grad():
+        with LayerInputs(model) as seen:
+            out = model(input_ids=ids, attention_mask=keep, use_cache=True)
+        assert seen.shapes == [(*ids.shape, 32)] and out.past_key_values is not None
+        step = model(input_ids=following, attention_mask=whole_keep, past_key_values=out.past_key_values).logits
+        whole = model(input_ids=whole_ids, attention_mask=whole_keep).logits  # training mode: Qwen's NTK off
+    assert_close_rel(step[:, -1], whole[:, -1], 1e-5, "logits of the step after a cached training-mode prefill")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen"])

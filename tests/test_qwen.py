@@ -737,6 +737,18 @@ def test_the_head_is_tied_to_the_embeddings_only_where_the_config_says_so(tied, 
         assert_close_rel(loaded(ids).logits, model.eval()(ids).logits, 1e-6, "logits after a save and load")
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_labels_with_a_trailing_dimension_raise_a_clear_error(saved, training):
+    """Labels [batch, seq, 1] would be shifted along their last dimension, leaving no counted token (a NaN loss);
+    the original's shift ``labels[..., 1:]`` raises at its loss. One label per token, or a clear error."""
+    folder, _, _ = saved
+    model = load(folder).train(training)
+    ids = random_ids(2, 9)
+    with pytest.raises(ValueError, match=r"labels of shape \[2, 9, 1\] do not match the inputs' \[batch, sequence\]"):
+        model(ids, labels=ids[..., None])
+    assert torch.isfinite(model(ids, labels=ids).loss)
+
+
 def test_two_rotary_channels_raise_a_clear_error(tmp_path):
     """The original divides by ``dim - 2`` for its NTK base: a ZeroDivisionError at the first forward."""
     with pytest.raises(ValueError, match=r"kv_channels \* rotary_pct = 8 \* 0.25 gives 2 rotary channels"):

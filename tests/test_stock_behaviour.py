@@ -166,6 +166,7 @@ def test_qwen_attention_weights_reproduce_the_fused_output():
     config = QWenConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, kv_channels=8,
         intermediate_size=48, seq_length=12, max_position_embeddings=64, initializer_range=0.2,
+        fp32=True,  # without a precision flag the original's choice is bf16 where CUDA has it
     )
     model = QWenLMHeadModel(config).eval()
     inputs = token_inputs("qwen", seq=9)
