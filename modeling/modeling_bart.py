@@ -740,7 +740,9 @@ class LightSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(scores, dim=-1, dtype=_compute_dtype(scores.dtype)).to(scores.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=_compute_dtype(scores.dtype))
+        if probs.dtype != scores.dtype:  # a no-op .to() returns an alias, whose gradient torch 2.11's dynamo drops
+            probs = probs.to(scores.dtype)
         ctx.save_for_backward(probs)
         return probs
 
@@ -5638,7 +5640,10 @@ def _weights_outside_parameters(modules) -> bool:
     nor its base is registered in them as: FSDP1's views of a flat parameter held by an outer wrapper
     (``use_orig_params=False``; with ``True`` the views are registered). The tiles' and offloaded checkpoints'
     backward takes gradients for their inputs only, and would give those weights none: such modules run as usual
-    instead (logged once)."""
+    instead (logged once). Not while compiling: torch.compile takes FSDP1 with ``use_orig_params=True`` only (and
+    torch 2.11's dynamo cannot walk ``vars()`` of a module)."""
+    if torch.compiler.is_compiling():
+        return False
     registered = {id(param) for module in modules for param in module.parameters()}
     for module in modules:
         for inner in module.modules():
@@ -5665,6 +5670,16 @@ def _parameters_with_gradient_hooks(*modules: torch.nn.Module) -> bool:
 # (one positional argument each: a list of them is an argument dynamo cannot hand over).
 _parameters_with_gradient_hooks._dynamo_marked_constant = True
 
+# torch 2.11's dynamo cannot hand a decoder layer (a module it does not specialize) to such a trace-time function:
+# the compile failed. There a compiled step does not see parameter hooks (README).
+_HOOKS_SEEN_WHILE_COMPILING = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 13)
+
+
+def _gradient_hooks_seen(modules) -> bool:
+    if torch.compiler.is_compiling() and not _HOOKS_SEEN_WHILE_COMPILING:
+        return False
+    return _parameters_with_gradient_hooks(*modules)
+
 
 def _runs_without_saving(what: str, modules) -> bool:
     """While gradients are recorded, whether ``modules`` must run as usual, logged once with ``what`` is off:
@@ -5677,7 +5692,7 @@ def _runs_without_saving(what: str, modules) -> bool:
             "use_orig_params=False): they run as usual; FSDP2 (fully_shard) or FSDP1's use_orig_params=True keep it on"
         )
         return True
-    if _parameters_with_gradient_hooks(*modules):
+    if _gradient_hooks_seen(modules):
         _log_once(
             f"{what} is off for modules with a parameter that has gradient hooks (Tensor.register_hook), which its "
             "recompute would run more than once: they run as usual (register_post_accumulate_grad_hook keeps it on)"

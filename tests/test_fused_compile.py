@@ -326,3 +326,27 @@ def test_a_compiled_step_keeps_the_fused_ops_where_dynamo_folds_is_exporting_to_
     assert expected
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: torch.compiler.is_compiling())
     assert [op for op in backward_graph_ops(ours, batch) if "memory_efficient_adapter" in op] == expected
+
+
+@pytest.mark.parametrize("name, switches", [
+    ("llama", dict(attn_backend="eager")), ("bloom", dict(attn_backend="eager")), ("bart", dict(attn_backend="eager")),
+    ("gpt2", dict(attn_backend="eager", use_lightsoftmax=True)),
+])  # fmt: skip
+def test_compiled_step_on_the_eager_attention_backend_equals_eager(family_pairs, name, switches):
+    """The eager backend's float32 softmax kept its output through a ``.to()`` that changed nothing (an alias):
+    torch 2.11's dynamo gave the scores no gradient (LLaMA's q and k projections got zeros), 2.13 did not."""
+    _, ours, _ = family_pairs[name]
+    batch = unpadded_batch(name, 24)
+    previous = {key: getattr(ours.config, key, None) for key in switches}
+    for key, value in switches.items():
+        setattr(ours.config, key, value)
+    try:
+        ours.train()
+        expected, expected_grads = train_step(ours, batch)
+        torch._dynamo.reset()
+        got, grads = train_step(torch.compile(ours, backend="aot_eager", fullgraph=True), batch)
+    finally:
+        for key, value in previous.items():
+            setattr(ours.config, key, value)
+    grads = {key.removeprefix("_orig_mod."): grad for key, grad in grads.items()}
+    assert_same_step(got, grads, expected, expected_grads, f"eager ({switches})")
