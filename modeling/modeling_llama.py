@@ -4598,19 +4598,30 @@ class CountsLossItems:
 
     @property
     def accepts_loss_kwargs(self) -> bool:
+        chosen = getattr(self, "_accepts_loss_kwargs_set", None)
+        if chosen is not None:
+            return chosen
         trainer_utils = sys.modules.get("transformers.trainer_pt_utils")
         smoother = getattr(trainer_utils, "LabelSmoother", None)
         return smoother is None or "num_items_in_batch" in inspect.signature(smoother.__call__).parameters
 
+    @accepts_loss_kwargs.setter
+    def accepts_loss_kwargs(self, value: bool) -> None:
+        """Set by hand (as on a stock model), it is what the Trainer reads."""
+        self._accepts_loss_kwargs_set = value
+
 
 def _mean_or_counted(loss_fn: Callable, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch):
     """``loss_fn``'s mean, or, given the Trainer's ``num_items_in_batch``, its sum divided by that count, so that
-    accumulated micro-batches add up to the loss of the whole batch (README, gradient accumulation)."""
+    accumulated micro-batches add up to the loss of the whole batch (README, gradient accumulation). The sum is
+    taken in float32 at least (a float16 one over many tokens overflows) and returned in the logits' dtype."""
     if num_items_in_batch is None:
         return loss_fn(logits, labels)
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(logits.device)
-    return loss_fn(logits, labels, reduction="sum") / num_items_in_batch
+    wide = _at_least_float32(logits)
+    labels = labels.to(wide.dtype) if labels.is_floating_point() else labels
+    return (loss_fn(wide, labels, reduction="sum") / num_items_in_batch).to(logits.dtype)
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
@@ -4641,7 +4652,9 @@ def sequence_classification_loss(
         return _mean_or_counted(F.mse_loss, logits, labels, num_items_in_batch)
     if config.problem_type == "single_label_classification":
         if labels.is_floating_point():  # class probabilities [batch, num_labels], as stock BLOOM's loss takes
-            return _mean_or_counted(F.cross_entropy, logits, labels, num_items_in_batch)
+            # the Trainer counts every entry of such labels: num_labels a row
+            rows = None if num_items_in_batch is None else num_items_in_batch / labels.shape[-1]
+            return _mean_or_counted(F.cross_entropy, logits, labels, rows)
         return _mean_or_counted(F.cross_entropy, logits.view(-1, num_labels), labels.view(-1), num_items_in_batch)
     if config.problem_type == "multi_label_classification":
         return _mean_or_counted(F.binary_cross_entropy_with_logits, logits, labels, num_items_in_batch)

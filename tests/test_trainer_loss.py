@@ -133,3 +133,60 @@ def test_trainer_gradient_accumulation_takes_the_whole_batchs_step(family, class
         # a step a thousand times smaller than the largest (a key bias, whose gradient is zero) is rounding
         scale = max(step.norm(), 1e-3 * largest)
         assert (accumulated[name] - step).norm() <= 1e-4 * scale, f"{name}'s step differs"
+
+
+WHOLE_BATCH_HEADS = [
+    ("bart", "BartForConditionalGeneration", None), ("bart", "BartForSequenceClassification", None),
+    ("llama", "LlamaForSequenceClassification", "regression"), ("llama", "LlamaForTokenClassification", None),
+    ("gpt2", "GPT2ForSequenceClassification", "multi_label_classification"),
+    ("gpt2", "GPT2ForTokenClassification", None), ("bloom", "BloomForTokenClassification", None),
+    ("bloom", "BloomForSequenceClassification", "single_label_classification"),  # class probabilities
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("family, class_name, problem_type", WHOLE_BATCH_HEADS)
+def test_one_whole_batch_has_the_same_loss_with_the_trainers_count(family, class_name, problem_type, tmp_path):
+    """Given the count the Trainer takes for a batch (its labels other than -100: every entry of regression,
+    multi-label and class-probability labels), the loss of that one batch is its plain loss: class probabilities
+    [batch, num_labels] were divided by num_labels times too many (eval_loss a quarter of stock's for 4 labels)."""
+    config = without_dropout(family_config(family, num_labels=1 if problem_type == "regression" else 4))
+    config.problem_type = problem_type
+    _, ours = stock_and_ours(family, class_name, tmp_path, config=config)
+    generator = torch.Generator().manual_seed(8)
+    ids = torch.randint(3, VOCAB, (3, 7), generator=generator)
+    if family == "bart":
+        ids[:, -1] = 2
+    if problem_type == "single_label_classification":
+        labels = torch.randn(3, 4, generator=generator).softmax(-1)
+    elif problem_type is not None:
+        labels = torch.rand(3, 1 if problem_type == "regression" else 4, generator=generator).squeeze(-1)
+    elif "SequenceClassification" in class_name:
+        labels = torch.tensor([1, -100, 3])
+    else:
+        labels = (ids % 4).masked_fill(torch.rand(ids.shape, generator=generator) < 0.3, -100)
+    with torch.no_grad():
+        plain = ours(input_ids=ids, labels=labels).loss
+        counted = ours(input_ids=ids, labels=labels, num_items_in_batch=labels.ne(-100).sum()).loss
+    assert torch.allclose(counted, plain, rtol=1e-6, atol=0), (counted, plain)
+
+
+def test_the_counted_token_loss_sums_in_float32():
+    """A float16 sum over 70,000 tokens passes float16's largest value (65,504): the counted loss was inf where
+    the mean is finite."""
+    import importlib
+
+    kernel_layer = importlib.import_module("memory_efficient_adapter.attention")
+    generator = torch.Generator().manual_seed(9)
+    logits = (3 * torch.randn(70_000, 3, generator=generator)).half()
+    labels = torch.randint(0, 3, (70_000,), generator=generator)
+    counted = kernel_layer.token_loss(logits, labels, num_items_in_batch=torch.tensor(70_000))
+    expected = torch.nn.functional.cross_entropy(logits.double(), labels)
+    assert counted.dtype == torch.float16 and torch.isfinite(counted)
+    assert abs(counted.double() - expected) <= 1e-3 * expected
+
+
+def test_accepts_loss_kwargs_can_be_set_by_hand_as_on_a_stock_model(tmp_path):
+    _, ours = stock_and_ours("gpt2", "GPT2ForTokenClassification", tmp_path)
+    for value in (False, True):
+        ours.accepts_loss_kwargs = value
+        assert ours.accepts_loss_kwargs is value
