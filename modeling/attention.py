@@ -4567,11 +4567,10 @@ def _mean_or_counted(loss_fn: Callable, logits: torch.Tensor, labels: torch.Tens
     taken in float32 at least (a float16 one over many tokens overflows) and returned in the logits' dtype."""
     if num_items_in_batch is None:
         return loss_fn(logits, labels)
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(logits.device)
     wide = _at_least_float32(logits)
     labels = labels.to(wide.dtype) if labels.is_floating_point() else labels
-    return (loss_fn(wide, labels, reduction="sum") / num_items_in_batch).to(logits.dtype)
+    divisor = _loss_divisor(labels, num_items_in_batch, IGNORE_INDEX, wide.dtype)  # the LM loss's count rules
+    return _shaped_like_stock((loss_fn(wide, labels, reduction="sum") / divisor).to(logits.dtype), num_items_in_batch)
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
