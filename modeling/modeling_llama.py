@@ -3389,10 +3389,12 @@ class PaddedRows:
 
     def pack_inputs(self, input_ids, inputs_embeds, position_ids, input_embeddings: torch.nn.Module) -> tuple:
         """``(input_ids, inputs_embeds, position_ids)`` as the packed row; positions default to what a forward
-        without cache uses, ``0 .. s - 1`` in every row (left padding included). Where hooks (forward or backward)
-        watch the model's ``input_embeddings`` (the Trainer's NEFTune noise is scaled by the output's shape), the
-        padded batch is embedded first, so that they see the ``[b, s, d]`` tensors stock gives them."""
-        if input_ids is not None and not _runs_as_written(input_embeddings):
+        without cache uses, ``0 .. s - 1`` in every row (left padding included). Only a bare ``nn.Embedding``
+        embeds the packed ids: any other module, or hooks on it (the Trainer's NEFTune noise is scaled by the
+        output's shape), may depend on the shape it is given, so the padded batch is embedded first and they see
+        the ``[b, s]`` ids and ``[b, s, d]`` tensors stock gives them."""
+        embeds_by_token = type(input_embeddings) is torch.nn.Embedding and _runs_as_written(input_embeddings)
+        if input_ids is not None and not embeds_by_token:
             input_ids, inputs_embeds = None, input_embeddings(input_ids)
         if position_ids is None:
             position_ids = torch.arange(self.seq, device=self.indices.device)[None]

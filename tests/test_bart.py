@@ -470,19 +470,27 @@ def test_fresh_token_embeddings_have_a_zero_padding_row_as_stock(seq2seq_folder)
             assert abs(weight[PAD + 1 :].std().item() / config.init_std - 1) < 0.1, name
 
 
-def test_resized_embeddings_grow_final_logits_bias_as_stock(seq2seq_folder):
-    """resize_token_embeddings grows final_logits_bias with zeros; with the (randomly drawn) new embedding rows
-    copied over, the logits over the grown vocabulary are stock's."""
-    ours, stock = load_ours(seq2seq_folder, "sdpa"), load_stock(seq2seq_folder)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_resized_embeddings_grow_final_logits_bias_as_stock(seq2seq_folder, dtype, tol):
+    """resize_token_embeddings grows final_logits_bias with zeros (in the default dtype, as stock: a bfloat16
+    bias becomes float32, and so do the logits); with the (randomly drawn) new embedding rows copied over, the
+    logits and the training loss over the grown vocabulary are stock's."""
+    ours, stock = load_ours(seq2seq_folder, "sdpa").to(dtype), load_stock(seq2seq_folder).to(dtype)
     for model in (ours, stock):
         model.resize_token_embeddings(VOCAB + 5)
+    assert ours.final_logits_bias.dtype == stock.final_logits_bias.dtype == torch.float32
     torch.testing.assert_close(ours.final_logits_bias, stock.final_logits_bias, rtol=0, atol=0)
     assert stock.final_logits_bias.shape == (1, VOCAB + 5)
     batch = padded_batch()
     keep = batch["decoder_attention_mask"].bool()
+    labels = batch["decoder_input_ids"].masked_fill(~keep, -100)
     with torch.no_grad():
         stock.model.shared.weight.copy_(ours.model.shared.weight)
-        assert_close_rel(ours(**batch).logits[keep], stock(**batch).logits[keep], 1e-5, "logits after resizing")
+        actual, expected = ours(**batch).logits, stock(**batch).logits
+        assert actual.dtype == expected.dtype
+        assert_close_rel(actual[keep], expected[keep], tol, "logits after resizing")
+        losses = [model.train()(**batch, labels=labels).loss for model in (ours, stock)]
+    assert_close_rel(losses[0], losses[1], tol / 10, "loss after resizing")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

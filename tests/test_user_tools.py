@@ -7,6 +7,8 @@ Runs on transformers 5.x and 4.57.x.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -127,6 +129,41 @@ def test_neftune_noise_matches_stock_on_a_padded_batch(family, tmp_path):
     with torch.no_grad():
         plain = ours(**inputs).loss
     assert (plain - loss).abs() > 1e-4  # the noise was there
+
+
+class LengthScaledEmbedding(torch.nn.Embedding):
+    """An embedding whose output depends on the shape it is given (as NEFTune written as a subclass would)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) * 4.0 / input_ids.shape[-1] ** 0.5
+
+
+def loss_and_embedding_grad(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    loss = model.train()(**inputs).loss
+    loss.backward()
+    return loss, model.get_input_embeddings().weight.grad
+
+
+@pytest.mark.parametrize("family", [*CAUSAL_LM, "qwen"])
+def test_an_embedding_subclass_sees_the_padded_batch_as_in_stock(family, tmp_path):
+    """A padded batch runs as one packed row of its kept tokens, but only a bare ``nn.Embedding`` may embed the
+    packed ids: any other input-embedding module is given the padded ``[b, s]`` ids, as in stock (Qwen: as in
+    its own run at full rows)."""
+    inputs = right_padded_batch()
+    if family == "qwen":
+        ours = qwen_model()
+        stock = qwen_model()
+        stock.config.unpad_batches = False
+    else:
+        stock, ours = stock_and_ours(family, CAUSAL_LM[family], tmp_path, family_config(family, **NO_DROPOUT[family]))
+    torch.manual_seed(5)
+    embedding = LengthScaledEmbedding(VOCAB, ours.config.hidden_size)
+    stock.set_input_embeddings(copy.deepcopy(embedding))
+    ours.set_input_embeddings(embedding)
+    expected_loss, expected_grad = loss_and_embedding_grad(stock, inputs)
+    loss, grad = loss_and_embedding_grad(ours, inputs)
+    assert_close_rel(loss, expected_loss, TOL, f"{family} loss with a subclassed embedding")
+    assert_close_rel(grad, expected_grad, 1e-4, f"{family} embedding gradient with a subclassed embedding")
 
 
 def float64_loss_and_grads(model, inputs: dict, autocast: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
