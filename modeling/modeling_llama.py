@@ -3452,8 +3452,8 @@ def padded_rows(
     """The ``PaddedRows`` of a causal LM forward that runs unpadded, or None for one that runs as it came.
 
     Unpadded: a 2-D padding mask with at least one padded and one kept token, no cache given, none to build
-    (``use_cache`` false, or training mode with gradients: such a padded forward returns no cache), no attention weights
-    asked for, no hidden states asked for while gradients are recorded (those returned are copies beside the
+    (``default_use_cache``: ``use_cache=True`` keeps the rows padded, so that the cache covers them, in training
+    too), no attention weights asked for, no hidden states asked for while gradients are recorded (those returned are copies beside the
     graph the loss comes from: a hook or ``autograd.grad`` on them would not see its gradient), all logits asked
     for, no packed keywords already, ``config.unpad_batches`` not false, no module that computes over the whole
     batch (``_needs_its_padded_rows``), no label that a padded position predicts (its loss term needs that
@@ -3467,14 +3467,12 @@ def padded_rows(
         return None
     if tuple(attention_mask.shape) != tuple(inputs.shape[:2]) or inputs.dim() != 2 + (input_ids is None):
         return None
-    cache_dropped = default_use_cache(model, use_cache)  # what a forward that ran as it came would return
-    use_cache = config.use_cache if use_cache is None else use_cache
     output_attentions = config.output_attentions if output_attentions is None else output_attentions
     if output_hidden_states is None:
         output_hidden_states = getattr(config, "output_hidden_states", False)
     if (
         past_key_values is not None
-        or (use_cache and not (model.training and torch.is_grad_enabled()))
+        or default_use_cache(model, use_cache)
         or output_attentions
         or (output_hidden_states and torch.is_grad_enabled())
         or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
@@ -3497,8 +3495,6 @@ def padded_rows(
     if predicted_from_padding:
         _log_once("a padded batch with labels predicted from padded positions runs with every row at full length")
         return None
-    if cache_dropped:
-        _log_once("a padded batch in training mode runs unpadded and returns no cache (use_cache is ignored)")
     return PaddedRows(keep, kept)
 
 
@@ -4613,16 +4609,43 @@ class CountsLossItems:
         self._accepts_loss_kwargs_set = value
 
 
+def _transformers_major_version() -> int:
+    """The major version of the transformers the model files run under (5 where it is not imported)."""
+    module = sys.modules.get("transformers")
+    return 5 if module is None else int(module.__version__.split(".")[0])
+
+
+_TORCHSCRIPT_CONFIG_RETURNS_TUPLES = _transformers_major_version() < 5
+
+
+def returns_dict(config, return_dict: Optional[bool]) -> bool:
+    """``return_dict`` where the call gives it, else the config's ``use_return_dict`` as stock's GPT-2, BLOOM and
+    BART and the original Qwen read it: False for a ``torchscript`` config on transformers 4.x (tuples, for
+    ``torch.jit.trace``); 5.x reads ``return_dict`` alone (and warns that ``use_return_dict`` is deprecated)."""
+    if return_dict is not None:
+        return return_dict
+    return config.return_dict and not (_TORCHSCRIPT_CONFIG_RETURNS_TUPLES and config.torchscript)
+
+
 def _mean_or_counted(loss_fn: Callable, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch):
     """``loss_fn``'s mean, or, given the Trainer's ``num_items_in_batch``, its sum divided by that count, so that
     accumulated micro-batches add up to the loss of the whole batch (README, gradient accumulation). The sum is
-    taken in float32 at least (a float16 one over many tokens overflows) and returned in the logits' dtype."""
+    taken in float32 at least (a float16 one over many tokens overflows) and returned in the mean's dtype."""
     if num_items_in_batch is None:
         return loss_fn(logits, labels)
     wide = _at_least_float32(logits)
     labels = labels.to(wide.dtype) if labels.is_floating_point() else labels
     divisor = _loss_divisor(labels, num_items_in_batch, IGNORE_INDEX, wide.dtype)  # the LM loss's count rules
-    return _shaped_like_stock((loss_fn(wide, labels, reduction="sum") / divisor).to(logits.dtype), num_items_in_batch)
+    counted = (loss_fn(wide, labels, reduction="sum") / divisor).to(_plain_loss_dtype(logits))
+    return _shaped_like_stock(counted, num_items_in_batch)
+
+
+def _plain_loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    """The dtype of a loss function's result for ``logits``: float32 for half-precision logits under autocast
+    (which runs the losses in float32), else the logits' own."""
+    if logits.dtype in (torch.float16, torch.bfloat16) and _autocast_enabled(logits.device.type):
+        return torch.float32
+    return logits.dtype
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:

@@ -8,7 +8,6 @@ repeated (Qwen keeps a cache per place in its stack, as the original does; BLOOM
 from __future__ import annotations
 
 import copy
-import sys
 
 import pytest
 import torch
@@ -431,20 +430,6 @@ def test_bloom_slopes_made_under_fake_tensor_mode_are_not_kept_for_real_steps(fa
         fake_ids = mode.from_tensor(ids)
         assert fake_model(input_ids=fake_ids).logits.shape == (2, 5, 97)
     assert_same_training_step(stock, ours, dict(input_ids=ids, labels=ids))
-
-
-@pytest.mark.parametrize("use_cache, logged", [(None, False), (True, True)])
-def test_the_dropped_cache_of_a_padded_training_batch_is_logged_only_when_asked_for(
-    family_pairs, monkeypatch, caplog, use_cache, logged
-):
-    """``config.use_cache`` (True by default) asks for no cache in training: saying it was ignored misled."""
-    _, ours = pair_copy(family_pairs, "llama")
-    kernel_layer = sys.modules[type(ours).__module__]
-    monkeypatch.setattr(kernel_layer, "_logged_messages", set())
-    batch = batch_for("llama", torch.Generator().manual_seed(31))
-    with caplog.at_level("WARNING"):
-        ours.train()(**batch, use_cache=use_cache)
-    assert ("returns no cache (use_cache is ignored)" in caplog.text) is logged
 
 
 def test_bart_position_embeddings_take_stock_arguments_and_give_stock_shapes(family_pairs):

@@ -678,15 +678,22 @@ def test_padded_batches_that_keep_their_rows_at_full_length(family, case, tmp_pa
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_training_forward_with_use_cache_runs_unpadded_and_returns_no_cache(family, tmp_path_factory):
+def test_training_forward_asked_for_a_cache_keeps_the_rows_and_returns_it(family, tmp_path_factory):
+    """``use_cache=True`` in training with gradients: the rows stay padded and the cache comes back, as stock
+    (it ran unpadded and returned none, or one when a label was predicted from padding); unset, no cache is
+    built in training and the batch runs unpadded, with the same loss."""
     model, _ = load_ours(family, tmp_path_factory)
     model.train()
     set_backend(model, "auto")
     ids, keep, labels = padded_batch("right")
     with LayerInputs(model) as seen:
         out = model(input_ids=ids, attention_mask=keep, labels=labels, use_cache=True)
-    assert seen.shapes == [(1, int(keep.sum()), 32)]
-    assert out.past_key_values is None and torch.isfinite(out.loss)
+    assert seen.shapes == [(*ids.shape, 32)]
+    assert out.past_key_values.get_seq_length() == ids.shape[1]
+    with LayerInputs(model) as seen:
+        unpadded = model(input_ids=ids, attention_mask=keep, labels=labels)
+    assert seen.shapes == [(1, int(keep.sum()), 32)] and unpadded.past_key_values is None
+    assert_close_rel(out.loss.detach(), unpadded.loss.detach(), 1e-5, "loss with and without the cache")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

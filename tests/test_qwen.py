@@ -23,11 +23,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from memory_efficient_adapter.configuration_qwen import QWenConfig
 from memory_efficient_adapter.modeling_qwen import QWenLMHeadModel
 from tests.remote_code import (
     MODELING_DIR,
+    TRANSFORMERS_5,
     assert_close_rel,
     left_padded_mask,
     right_padded_mask,
@@ -428,6 +430,31 @@ def test_logits_with_left_padding_match_reference(saved, backend):
     assert_close_where_kept(out.logits, expected, mask, 1e-5, f"logits ({backend})")
     assert torch.equal(as_tuple[0], out.logits)
     assert len(out.hidden_states) == config.num_hidden_layers + 1
+
+
+@pytest.mark.parametrize("torchscript", [False, True])
+def test_tuples_carry_the_originals_fields(saved, torchscript):
+    """``return_dict=False`` (or, on transformers 4.x, a ``torchscript`` config, which the original reads through
+    ``use_return_dict``): the original's tuples, ``(logits, past, hidden states)`` of the fields that are set,
+    never the attention weights."""
+    folder, _, _ = saved
+    model = load(folder)
+    model.config.torchscript = torchscript
+    ids, mask = random_ids(2, 7), left_padded_mask([7, 4], 7)
+    flags = dict(output_attentions=True, output_hidden_states=True, use_cache=True)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, return_dict=True, **flags)
+        as_tuple = model(ids, attention_mask=mask, return_dict=None if torchscript else False, **flags)
+        base_tuple = model.transformer(ids, attention_mask=mask, return_dict=None if torchscript else False, **flags)
+    if torchscript and TRANSFORMERS_5:  # 5.x ignores torchscript here
+        assert isinstance(as_tuple, type(out)) and isinstance(base_tuple, BaseModelOutputWithPast)
+        return
+    assert isinstance(as_tuple, tuple) and isinstance(base_tuple, tuple)
+    assert len(as_tuple) == 3 and len(base_tuple) == 3
+    assert torch.equal(as_tuple[0], out.logits)
+    assert as_tuple[1].get_seq_length() == 7
+    assert all(torch.equal(a, b) for a, b in zip(as_tuple[2], out.hidden_states, strict=True))
+    assert torch.equal(base_tuple[2][-1], base_tuple[0])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -320,3 +320,23 @@ def test_onnx_export_without_dynamo_runs_stocks_attention(family, tmp_path):
         expected = _LogitsOf(stock, family)(ids, mask)
     rows = mask.bool()[..., None] if family != "bart" else torch.ones(1, dtype=torch.bool)
     assert_close_rel(torch.from_numpy(actual) * rows, expected * rows, TOL, f"{family} ONNX Runtime logits")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
+def test_a_torchscript_config_returns_what_stock_returns(family, tmp_path):
+    """On transformers 4.x a ``torchscript`` config makes stock's GPT-2, BLOOM and BART heads (not LLaMA's) return
+    tuples when the call leaves ``return_dict`` unset (their ``use_return_dict``), as ``torch.jit.trace`` needs;
+    5.x returns ModelOutput. Ours return what stock returns, with the same first element."""
+    stock, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path)
+    inputs = token_inputs(family)
+    inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])  # padded positions' values differ
+    for model in (stock, ours):
+        model.config.torchscript = True
+    with torch.no_grad():
+        expected, actual = stock(**inputs, use_cache=False), ours(**inputs, use_cache=False)
+        expected_base = stock.base_model(**inputs, use_cache=False)
+        actual_base = ours.base_model(**inputs, use_cache=False)
+    assert isinstance(actual, tuple) == isinstance(expected, tuple)
+    assert isinstance(actual_base, tuple) == isinstance(expected_base, tuple)
+    assert isinstance(expected, tuple) == (family != "llama" and not TRANSFORMERS_5)
+    assert_close_rel(actual[0], expected[0], TOL, "first output")
