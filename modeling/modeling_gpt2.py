@@ -3246,11 +3246,32 @@ class KernelLayerModelMixin:
         (transformers decides this from the source text, looking for its own AttentionInterface)."""
         return True
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' ``save_pretrained``, with our code written beside the checkpoint wherever the config's
+        ``auto_map`` names this class: transformers before 5.1x registers a class loaded as remote code for its
+        Auto class only where it has no class of that model type itself, so our LLaMA, GPT-2, BLOOM and BART
+        saved a config pointing at a modeling file they did not write (reloading failed, or gave the stock class
+        without a word)."""
+        if type(self)._auto_class is None:
+            auto_class = _auto_class_naming(self.config, type(self).__name__)
+            if auto_class is not None:
+                type(self).register_for_auto_class(auto_class)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def init_continuous_batching(self, *args, **kwargs):
         """Refused before it starts: continuous batching runs the model on a thread of its own, which only logs a
         forward's error (each request came back empty, ``generate`` returned the prompts, and BART, whose forward
         drops unknown keywords, decoded one wrong token)."""
         raise NotImplementedError(CONTINUOUS_BATCHING_REFUSAL)
+
+
+def _auto_class_naming(config, class_name: str) -> Optional[str]:
+    """The first Auto class whose ``config.auto_map`` entry (``module.Class`` or ``repo--module.Class``) is the
+    class ``class_name``."""
+    for auto_class, reference in (getattr(config, "auto_map", None) or {}).items():
+        if isinstance(reference, str) and reference.rsplit(".", 1)[-1] == class_name:
+            return auto_class
+    return None
 
 
 def packed_documents(
@@ -3428,15 +3449,48 @@ def _is_peft_hook(hook) -> bool:
     return (getattr(getattr(hook, "func", hook), "__module__", None) or "").startswith("peft.")
 
 
+# Modules whose output depends on statistics of the whole tensor they see, padded rows included in stock: torch.ao's
+# observers and fake-quantizers (QAT, calibration: min/max of the activations), dynamically quantized linears (an
+# activation scale per call) and batch norms.
+_BATCH_STATISTICS_MODULES = (
+    torch.ao.quantization.ObserverBase,
+    torch.ao.quantization.FakeQuantizeBase,
+    torch.ao.nn.quantized.dynamic.Linear,
+    torch.nn.modules.batchnorm._BatchNorm,
+)
+
+
+def _must_be_called_once(*modules: torch.nn.Module) -> bool:
+    """Whether a module in ``modules`` (or inside one) would change the result if called on parts of its input
+    (loss chunks, sequence tiles) instead of once: a parametrized weight (spectral norm steps its power iteration
+    at each computation in training; legacy spectral norm's hook too) or a module that takes statistics of what
+    it sees (``_BATCH_STATISTICS_MODULES``)."""
+    return any(
+        torch.nn.utils.parametrize.is_parametrized(inner)
+        or isinstance(inner, _BATCH_STATISTICS_MODULES)
+        or any(_is_legacy_spectral_norm(hook) for hook in inner._forward_pre_hooks.values())
+        for module in modules
+        for inner in module.modules()
+    )
+
+
+def _is_legacy_spectral_norm(hook) -> bool:
+    """``torch.nn.utils.spectral_norm``'s hook (the package attribute of that name is the function)."""
+    return type(hook).__name__ == "SpectralNorm" and type(hook).__module__ == "torch.nn.utils.spectral_norm"
+
+
 def _needs_its_padded_rows(model: torch.nn.Module) -> bool:
     """Whether a module of ``model`` computes over the batch as a whole, so that rows packed into one would
     change its result: PEFT's forward pre-hooks (for one call or for good: in peft 0.21 every such hook carries
     per-row state, a mixed-adapter batch's ``adapter_names``, aLoRA's offsets, Poly's task ids, X-LoRA's
     scalings, Shadow's states; plain LoRA and the other token-wise adapters add none), and an embedding whose
     lookup depends on every id of the batch, padding's too (``max_norm`` renormalises each row it looks up in
-    place; ``scale_grad_by_freq`` divides by the counts of ids in the batch)."""
+    place; ``scale_grad_by_freq`` divides by the counts of ids in the batch), and modules that take statistics
+    of the whole tensor they see (``_BATCH_STATISTICS_MODULES``)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq):
+            return True
+        if isinstance(module, _BATCH_STATISTICS_MODULES):
             return True
         if any(_is_peft_hook(hook) for hook in module._forward_pre_hooks.values()):
             return True
@@ -4331,6 +4385,13 @@ def fused_loss_applies(model, lm_head, labels, logits_to_keep=0) -> bool:
         _log_once(
             "the LM head has hooks or is an FSDP unit (FSDP, DeepSpeed ZeRO-3, offloading, hooks for every module "
             "or your own), so it is called once on every token as stock calls it: the training loss holds the "
+            "[tokens, vocab] logits"
+        )
+        return False
+    if applies and _plain_linear_run_by(lm_head) is None and _must_be_called_once(lm_head):
+        _log_once(
+            "the LM head holds a parametrized weight or a quantization observer, which a call per loss chunk would "
+            "change, so it is called once on every token as stock calls it: the training loss holds the "
             "[tokens, vocab] logits"
         )
         return False
@@ -5683,27 +5744,42 @@ def _tiles_apply(x: torch.Tensor, tile_size: int) -> bool:
 
 
 def _weights_outside_parameters(modules) -> bool:
-    """Whether a module in ``modules`` (or inside one) computes with a view of a parameter that neither the view
-    nor its base is registered in them as: FSDP1's views of a flat parameter held by an outer wrapper
-    (``use_orig_params=False``; with ``True`` the views are registered). The tiles' and offloaded checkpoints'
-    backward takes gradients for their inputs only, and would give those weights none: such modules run as usual
-    instead (logged once). Not while compiling: torch.compile takes FSDP1 with ``use_orig_params=True`` only (and
-    torch 2.11's dynamo cannot walk ``vars()`` of a module)."""
+    """Whether a module in ``modules`` (or inside one) computes with a tensor made from a parameter they do not
+    hold: FSDP1's views of a flat parameter held by an outer wrapper (``use_orig_params=False``; with ``True``
+    the views are registered), or a weight a hook computes from another module's parameter (pruning's and weight
+    norm's come from parameters of their own module). The tiles' and offloaded checkpoints' backward takes
+    gradients for their inputs only, and would give those parameters none: such modules run as usual instead
+    (logged once). Not while compiling: torch.compile takes FSDP1 with ``use_orig_params=True`` only (and torch
+    2.11's dynamo cannot walk ``vars()`` of a module)."""
     if torch.compiler.is_compiling():
         return False
     registered = {id(param) for module in modules for param in module.parameters()}
     for module in modules:
         for inner in module.modules():
             for value in vars(inner).values():
-                if (
-                    isinstance(value, torch.Tensor)
-                    and isinstance(value._base, torch.nn.Parameter)
-                    and value.requires_grad
-                    and id(value) not in registered
-                    and id(value._base) not in registered
-                ):
+                if not isinstance(value, torch.Tensor) or not value.requires_grad or id(value) in registered:
+                    continue
+                if isinstance(value._base, torch.nn.Parameter):
+                    if id(value._base) not in registered:
+                        return True
+                elif any(id(leaf) not in registered for leaf in _leaf_tensors(value)):
                     return True
     return False
+
+
+def _leaf_tensors(tensor: torch.Tensor) -> list:
+    """The leaf tensors (parameters) ``tensor``'s autograd graph reaches."""
+    leaves, seen, pending = [], set(), [tensor.grad_fn]
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad
+        if leaf is not None:
+            leaves.append(leaf)
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
 
 
 def _parameters_with_gradient_hooks(*modules: torch.nn.Module) -> bool:
@@ -5735,8 +5811,9 @@ def _runs_without_saving(what: str, modules) -> bool:
         return False
     if _weights_outside_parameters(modules):
         _log_once(
-            f"{what} is off for modules whose weights are views of a parameter they do not hold (FSDP1 with "
-            "use_orig_params=False): they run as usual; FSDP2 (fully_shard) or FSDP1's use_orig_params=True keep it on"
+            f"{what} is off for modules whose weights are made from a parameter they do not hold (FSDP1 with "
+            "use_orig_params=False, or a hook computing a weight from another module's parameter): they run as "
+            "usual; FSDP2 (fully_shard) or FSDP1's use_orig_params=True keep it on"
         )
         return True
     if _gradient_hooks_seen(modules):
@@ -5758,6 +5835,12 @@ def sequence_tiled(modules, x: torch.Tensor, tile_size: int) -> torch.Tensor:
     if not _tiles_apply(x, tile_size):
         return _run_modules(modules, x)
     owners = {id(owner): owner for owner in map(_owning_module, modules)}.values()
+    if _must_be_called_once(*owners):
+        _log_once(
+            "config.sequence_tile_size is off for modules with a parametrized weight or a quantization observer, "
+            "which a call per tile would change: they run as usual"
+        )
+        return _run_modules(modules, x)
     if _runs_without_saving("config.sequence_tile_size", owners):
         return _run_modules(modules, x)
     params = [param for module in owners for param in module.parameters() if param.requires_grad]

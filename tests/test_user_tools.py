@@ -269,3 +269,19 @@ def test_an_unknown_problem_type_gives_no_loss_as_stock(family, tmp_path):
     expected, actual = stock(**inputs), ours(**inputs)
     assert expected.loss is None and actual.loss is None
     assert_close_rel(actual.logits, expected.logits, TOL, f"{class_name} logits")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
+def test_a_saved_model_carries_our_code_and_reloads_as_ours(family, tmp_path):
+    """transformers 4.57 and 5.0 register a remote-code class for saving only where they have no class of that
+    model type: our LLaMA, GPT-2, BLOOM and BART saved an ``auto_map`` naming a modeling file they did not write."""
+    class_name = {**CAUSAL_LM, "bart": "BartForConditionalGeneration"}[family]
+    stock, ours = stock_and_ours(family, class_name, tmp_path / "first", family_config(family))
+    ours.save_pretrained(tmp_path / "saved")
+    module_file = f"{type(ours).__module__.rsplit('.', 1)[-1]}.py"
+    assert (tmp_path / "saved" / module_file).is_file()
+    reloaded = AutoModel.from_pretrained(tmp_path / "saved", trust_remote_code=True).eval()
+    assert type(reloaded).__module__.startswith("transformers_modules") and type(reloaded).__name__ == class_name
+    inputs = head_inputs(family, class_name)
+    with torch.no_grad():
+        assert_close_rel(reloaded(**inputs).logits, stock(**inputs).logits, TOL, f"{class_name} reloaded")
