@@ -3205,9 +3205,12 @@ class KernelLayerModelMixin:
         saved a config pointing at a modeling file they did not write (reloading failed, or gave the stock class
         without a word)."""
         if type(self)._auto_class is None:
-            auto_class = _auto_class_naming(self.config, type(self).__name__)
-            if auto_class is not None:
-                type(self).register_for_auto_class(auto_class)
+            for auto_class in _auto_classes_naming(self.config, type(self).__name__):
+                try:
+                    type(self).register_for_auto_class(auto_class)
+                    break
+                except ValueError:  # an Auto class this transformers does not have
+                    continue
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def init_continuous_batching(self, *args, **kwargs):
@@ -3217,13 +3220,11 @@ class KernelLayerModelMixin:
         raise NotImplementedError(CONTINUOUS_BATCHING_REFUSAL)
 
 
-def _auto_class_naming(config, class_name: str) -> Optional[str]:
-    """The first Auto class whose ``config.auto_map`` entry (``module.Class`` or ``repo--module.Class``) is the
-    class ``class_name``."""
-    for auto_class, reference in (getattr(config, "auto_map", None) or {}).items():
-        if isinstance(reference, str) and reference.rsplit(".", 1)[-1] == class_name:
-            return auto_class
-    return None
+def _auto_classes_naming(config, class_name: str) -> list:
+    """The Auto classes whose ``config.auto_map`` entry (``module.Class`` or ``repo--module.Class``) is the class
+    ``class_name``."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    return [key for key, ref in auto_map.items() if isinstance(ref, str) and ref.rsplit(".", 1)[-1] == class_name]
 
 
 def packed_documents(
@@ -3449,6 +3450,11 @@ def _needs_its_padded_rows(model: torch.nn.Module) -> bool:
     return False
 
 
+def _drops_its_cache(model) -> bool:
+    """Training with gradient checkpointing: the forward builds no cache, whatever ``use_cache`` says (as stock)."""
+    return model.training and any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
 def padded_rows(
     model, attention_mask, input_ids=None, inputs_embeds=None, labels=None, past_key_values=None, use_cache=None,
     output_attentions=None, logits_to_keep=0, output_hidden_states=None, **kwargs,
@@ -3476,7 +3482,7 @@ def padded_rows(
         output_hidden_states = getattr(config, "output_hidden_states", False)
     if (
         past_key_values is not None
-        or default_use_cache(model, use_cache)
+        or (default_use_cache(model, use_cache) and not _drops_its_cache(model))
         or output_attentions
         or (output_hidden_states and torch.is_grad_enabled())
         or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
@@ -4645,18 +4651,20 @@ def _mean_or_counted(loss_fn: Callable, logits: torch.Tensor, labels: torch.Tens
     if num_items_in_batch is None:
         return loss_fn(logits, labels)
     wide = _at_least_float32(logits)
+    plain_dtype = _plain_loss_dtype(logits, labels)
     labels = labels.to(wide.dtype) if labels.is_floating_point() else labels
     divisor = _loss_divisor(labels, num_items_in_batch, IGNORE_INDEX, wide.dtype)  # the LM loss's count rules
-    counted = (loss_fn(wide, labels, reduction="sum") / divisor).to(_plain_loss_dtype(logits))
+    counted = (loss_fn(wide, labels, reduction="sum") / divisor).to(plain_dtype)
     return _shaped_like_stock(counted, num_items_in_batch)
 
 
-def _plain_loss_dtype(logits: torch.Tensor) -> torch.dtype:
-    """The dtype of a loss function's result for ``logits``: float32 for half-precision logits under autocast
-    (which runs the losses in float32), else the logits' own."""
+def _plain_loss_dtype(logits: torch.Tensor, labels: torch.Tensor) -> torch.dtype:
+    """The dtype of a loss function's result for ``logits`` and ``labels``: float32 for half-precision logits
+    under autocast (which runs the losses in float32), else the logits' own, promoted with float labels'
+    (mean squared error and binary cross-entropy of bfloat16 logits against float32 labels are float32)."""
     if logits.dtype in (torch.float16, torch.bfloat16) and _autocast_enabled(logits.device.type):
         return torch.float32
-    return logits.dtype
+    return torch.promote_types(logits.dtype, labels.dtype) if labels.is_floating_point() else logits.dtype
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
@@ -5699,7 +5707,8 @@ def _weights_outside_parameters(modules) -> bool:
     """Whether a module in ``modules`` (or inside one) computes with a tensor made from a parameter they do not
     hold: FSDP1's views of a flat parameter held by an outer wrapper (``use_orig_params=False``; with ``True``
     the views are registered), or a weight a hook computes from another module's parameter (pruning's and weight
-    norm's come from parameters of their own module). The tiles' and offloaded checkpoints' backward takes
+    norm's come from parameters of their own module; only tensors named as weights and biases count, not an
+    activation a hook keeps on its module). The tiles' and offloaded checkpoints' backward takes
     gradients for their inputs only, and would give those parameters none: such modules run as usual instead
     (logged once). Not while compiling: torch.compile takes FSDP1 with ``use_orig_params=True`` only (and torch
     2.11's dynamo cannot walk ``vars()`` of a module)."""
@@ -5708,13 +5717,13 @@ def _weights_outside_parameters(modules) -> bool:
     registered = {id(param) for module in modules for param in module.parameters()}
     for module in modules:
         for inner in module.modules():
-            for value in vars(inner).values():
+            for name, value in vars(inner).items():
                 if not isinstance(value, torch.Tensor) or not value.requires_grad or id(value) in registered:
                     continue
                 if isinstance(value._base, torch.nn.Parameter):
                     if id(value._base) not in registered:
                         return True
-                elif any(id(leaf) not in registered for leaf in _leaf_tensors(value)):
+                elif name.endswith(("weight", "bias")) and not registered.issuperset(map(id, _leaf_tensors(value))):
                     return True
     return False
 

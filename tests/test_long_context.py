@@ -6,6 +6,7 @@ options, the loss and every gradient (LoRA gradients through PEFT too) agree wit
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 
@@ -224,6 +225,21 @@ def test_weight_transforms_keep_the_plain_models_loss_and_gradients(folders, tra
         models.append(model)
     expected, actual = loss_and_grads(models[0]), loss_and_grads(models[1])
     assert_same_loss_and_grads(actual, expected, f"{transform.__name__}, {options}")
+
+
+def test_an_activation_kept_on_a_module_leaves_the_options_on(folders, monkeypatch, caplog):
+    """Only tensors named as weights and biases are looked at for parameters held elsewhere: an output that a
+    hook keeps on its module (its graph reaches every earlier layer's parameters) turned tiles and offloaded
+    checkpoints off from the second step on."""
+    model = load(folders["llama"], "llama", **OPTIONS["tiled+offloaded"])
+    for layer in model.model.layers:
+        layer.mlp.register_forward_hook(lambda module, args, output: setattr(module, "last_output", output))
+    monkeypatch.setattr(kernel_module(model), "_logged_messages", set())
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            loss_and_grads(model)
+            model.zero_grad(set_to_none=True)
+    assert "is off for modules" not in caplog.text
 
 
 @pytest.mark.parametrize("family", ["llama", "bart"])

@@ -3,6 +3,7 @@ against stock transformers and against its documents run one by one, and no O(q 
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 
@@ -694,6 +695,11 @@ def test_training_forward_asked_for_a_cache_keeps_the_rows_and_returns_it(family
         unpadded = model(input_ids=ids, attention_mask=keep, labels=labels)
     assert seen.shapes == [(1, int(keep.sum()), 32)] and unpadded.past_key_values is None
     assert_close_rel(out.loss.detach(), unpadded.loss.detach(), 1e-5, "loss with and without the cache")
+    checkpointed = copy.deepcopy(model)  # gradient checkpointing drops the cache (as stock): no reason to pad
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with LayerInputs(checkpointed) as seen:
+        dropped = checkpointed(input_ids=ids, attention_mask=keep, labels=labels, use_cache=True)
+    assert seen.shapes[0] == (1, int(keep.sum()), 32) and dropped.past_key_values is None
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -285,3 +285,17 @@ def test_a_saved_model_carries_our_code_and_reloads_as_ours(family, tmp_path):
     inputs = head_inputs(family, class_name)
     with torch.no_grad():
         assert_close_rel(reloaded(**inputs).logits, stock(**inputs).logits, TOL, f"{class_name} reloaded")
+
+
+def test_an_auto_map_entry_this_transformers_lacks_does_not_stop_saving(tmp_path, monkeypatch):
+    """Saving registers the first Auto class of the config's ``auto_map`` naming the model's class that this
+    transformers has (``AutoModelWithLMHead`` is gone from 5.x: registering it raised)."""
+    from memory_efficient_adapter.modeling_gpt2 import GPT2LMHeadModel
+
+    monkeypatch.setattr(GPT2LMHeadModel, "_auto_class", None)  # the class attribute registering sets
+    model = GPT2LMHeadModel(family_config("gpt2"))
+    entry = "modeling_gpt2.GPT2LMHeadModel"
+    model.config.auto_map = {"AutoModelOfNoKind": entry, "AutoModelForCausalLM": entry}
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "modeling_gpt2.py").is_file()
+    assert GPT2LMHeadModel._auto_class == "AutoModelForCausalLM"
