@@ -5730,9 +5730,9 @@ class _NormOutputRecipe:
 
         def pack(tensor: torch.Tensor):
             if tensor.layout != torch.strided or tensor.is_nested:
-                return tensor
+                return tensor.detach()
             if (tensor.untyped_storage().data_ptr(), tensor.device, tensor.dtype) != key:
-                return tensor
+                return tensor.detach()
             return (self, tensor.shape, tensor.stride(), tensor.storage_offset())
 
         return pack

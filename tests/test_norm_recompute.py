@@ -239,3 +239,29 @@ def test_a_bad_switch_value_is_refused(family_pairs):  # noqa: F811
     with recompute_set(model.config, "yes"), refused:
         train_step(model, batch_for("bloom", torch.Generator().manual_seed(11)))
     assert ops.recompute_norm_outputs(model.config) is None
+
+
+def test_a_dropped_forward_frees_what_a_layer_saved_of_its_own_outputs():
+    """The saved-tensor hooks kept every other tensor as it was: a node that saves its own output (SDPA) then held
+    the output, whose ``grad_fn`` is that node, a cycle Python's collector cannot see, so a training forward
+    dropped without backward (an exception, a skipped batch) never freed it. Kept detached, it is freed."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    norm = torch.nn.RMSNorm(16)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+
+    attended = []
+
+    def attend(normed: torch.Tensor) -> torch.Tensor:
+        q = normed.view(2, 5, 2, 8).transpose(1, 2)
+        output = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        attended.append(weakref.ref(output))
+        return output.transpose(1, 2).reshape(2, 5, 16)
+
+    out = ops.after_norm(norm, x * 1.0, attend, recompute=True)
+    assert attended[0]() is not None
+    del out
+    gc.collect()
+    assert attended[0]() is None
