@@ -284,7 +284,7 @@ def test_training_forwards_dropped_without_backward_leave_nothing_alive(family_p
         return sum(isinstance(obj, torch.Tensor) for obj in gc.get_objects())
 
     model(**batch)  # anything built once (tables, caches) is built before counting
-    before = live_tensors()
+    before = live_tensors()  # (other tests' garbage may go meanwhile: fewer is fine)
     for _ in range(3):
         model(**batch)
-    assert live_tensors() == before
+    assert live_tensors() <= before
