@@ -5722,6 +5722,9 @@ class _NormOutputRecipe:
         self.value: Optional[torch.Tensor] = None
 
     def pack_for(self, normed: torch.Tensor):
+        """The pack hook: the norm's output (and its views) as the recipe, any other tensor detached. Kept as it
+        was, a tensor that its own node saves (SDPA's output) would hold that node through its ``grad_fn``, a
+        cycle through C++ that Python's collector cannot break: a forward dropped without backward leaked."""
         key = (normed.untyped_storage().data_ptr(), normed.device, normed.dtype)
 
         def pack(tensor: torch.Tensor):
