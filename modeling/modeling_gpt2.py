@@ -2729,6 +2729,16 @@ def _probe_cudnn(device_type: str) -> Optional[str]:
 _PROBES = {"flash_attn": _probe_flash_attn, "xformers": _probe_xformers, "cudnn": _probe_cudnn}
 
 
+def _run_outside_transforms_and_modes(probe: Callable[[str], Optional[str]], device_type: str) -> Optional[str]:
+    """A probe's kernels run on fresh real tensors even when the first call that asks comes under a
+    ``torch.func`` transform (whose tensors have no storage to hand a kernel) or a dispatch mode such as
+    FakeTensorMode: there the probe would fail and a working backend be recorded broken for the process."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with torch._C._DisableFuncTorch(), _disable_current_modes():
+        return probe(device_type)
+
+
 def _probe(name: str, device_type: str) -> Optional[str]:
     """Why an optional backend does not run on this machine (None if it runs); probed once, logged once.
 
@@ -2740,7 +2750,7 @@ def _probe(name: str, device_type: str) -> Optional[str]:
     key = (name, device_type)
     if key not in _probe_results:
         try:
-            _probe_results[key] = _PROBES[name](device_type)
+            _probe_results[key] = _run_outside_transforms_and_modes(_PROBES[name], device_type)
         except Exception as error:  # an install built for another torch/CUDA fails in many ways
             reason = f"{name} is installed but does not run here ({type(error).__name__}: {error}); skipping it"
             _log_once(reason)

@@ -346,3 +346,32 @@ def test_alibi_slopes_are_built_once_per_device_and_rebuilt_after_a_change(monke
     with torch.inference_mode():  # not kept: an inference tensor has no version counter to check later
         made_in_inference = mea.alibi_slopes(5)
     assert mea.alibi_slopes(5) is not made_in_inference and mea.alibi_slopes(5) is mea.alibi_slopes(5)
+
+
+@pytest.mark.parametrize("context", ["torch.func.grad", "FakeTensorMode"])
+def test_a_probe_first_asked_under_a_transform_or_a_mode_runs_on_real_tensors(monkeypatch, caplog, context):
+    """The first attention call of a process may come under ``torch.func.grad`` (on CUDA, every cuDNN probe
+    failed there: its tensors have no storage) or a dispatch mode such as FakeTensorMode: the probe runs outside
+    them, so a working backend is not recorded as broken for the rest of the process."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def probe_touching_storage(device_type: str):
+        q = torch.randn(1, 8, 2, 64)
+        q.data_ptr()
+        return None if float(q.square().sum()) > 0 else "no kernel ran"
+
+    monkeypatch.setitem(kernel_layer._PROBES, "xformers", probe_touching_storage)
+    monkeypatch.setattr(kernel_layer, "_probe_results", {})
+    monkeypatch.setattr(kernel_layer, "_logged_messages", set())
+    with caplog.at_level(logging.WARNING, logger="memory_efficient_adapter"):
+        if context == "FakeTensorMode":
+            with FakeTensorMode():
+                reason = kernel_layer._probe("xformers", "cuda")
+        else:
+            answers = []
+            torch.func.grad(lambda x: answers.append(kernel_layer._probe("xformers", "cuda")) or x.square().sum())(
+                torch.randn(3)
+            )
+            reason = answers[0]
+    assert reason is None and kernel_layer._probe_results == {("xformers", "cuda"): None}
+    assert not [record for record in caplog.records if "does not run here" in record.getMessage()]

@@ -35,11 +35,15 @@ def saved_storages(model, step) -> tuple:
     return result, Counter(storages.values())
 
 
-def assert_keeps_no_more(compiled: Counter, eager: Counter, buffer_reuse: float = 0.0) -> None:
+def assert_keeps_no_more(compiled: Counter, eager: Counter, buffer_reuse: float = 0.0, block: int = 1) -> None:
     """The compiled step keeps no more bytes than the eager one; on failure, what each kept that the other did not.
-    ``buffer_reuse``: the fraction more that Inductor may hold where it puts a kept tensor in a larger buffer freed
-    before (seen on CUDA: BART's [2, 13, 48] bf16 tensors in 3,072-byte buffers, 576 bytes more each)."""
-    compiled_bytes, eager_bytes = (sum(entry[0] * n for entry, n in kept.items()) for kept in (compiled, eager))
+    ``block``: the allocator's rounding of each storage (CUDA's caching allocator: 512 bytes), so that a tensor
+    Inductor keeps in a larger buffer freed before (BART's [2, 4, 13, 8] bf16 tensors, 1,664 bytes, in 2,048-byte
+    buffers) costs what it costs on the device. ``buffer_reuse``: the fraction more that such buffers may hold
+    beyond the rounding (seen on CUDA: BART's [2, 13, 48] bf16 tensors, 2,496 bytes, in 3,072-byte buffers)."""
+    compiled_bytes, eager_bytes = (
+        sum(-(-entry[0] // block) * block * n for entry, n in kept.items()) for kept in (compiled, eager)
+    )
     assert compiled_bytes <= eager_bytes * (1 + buffer_reuse), (
         compiled_bytes, eager_bytes, compiled - eager, eager - compiled
     )
@@ -184,7 +188,7 @@ def test_inductor_compiled_bf16_step_on_cuda_runs_our_triton_kernels_and_keeps_n
     assert not layer._triton_failed and not layer._compile_failed
     opaque_calls = [key for key in kernels if key.split("::")[-1] in KERNEL_OPS]  # traced, not called
     assert not opaque_calls, opaque_calls
-    assert_keeps_no_more(compiled_saved, eager_saved, buffer_reuse=0.02)
+    assert_keeps_no_more(compiled_saved, eager_saved, buffer_reuse=0.02, block=512)
     assert_close_rel(got.loss.detach().float(), eager.loss.detach().float(), 1e-2, "compiled bf16 loss")
     for key, grad in eager_grads.items():
         if not key.endswith("k_proj.bias"):  # softmax ignores a key bias: rounding noise around 0 on both sides
