@@ -3401,6 +3401,15 @@ def span_logits(logits: torch.Tensor) -> tuple:
     return start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
 
 
+def span_loss(start_logits, end_logits, start_positions, end_positions) -> torch.Tensor:
+    """transformers' question-answering loss (positions clamped to the sequence, those past it ignored), called
+    directly for heads whose stock class computes it itself: a ``model.loss_function`` of the user's is not
+    theirs to call."""
+    from transformers.loss.loss_utils import ForQuestionAnsweringLoss
+
+    return ForQuestionAnsweringLoss(start_logits, end_logits, start_positions, end_positions)
+
+
 def classifier_dropout_probability(config) -> float:
     """Token-classification dropout as transformers picks it: ``classifier_dropout``, else ``hidden_dropout``,
     else 0.1."""
@@ -3542,7 +3551,8 @@ def padded_rows(
     too), no attention weights asked for, no hidden states asked for while gradients are recorded (those returned are copies beside the
     graph the loss comes from: a hook or ``autograd.grad`` on them would not see its gradient), all logits asked
     for, no packed keywords already, ``config.unpad_batches`` not false, no module that computes over the whole
-    batch (``_needs_its_padded_rows``), no label that a padded position predicts (its loss term needs that
+    batch (``_needs_its_padded_rows``), no loss function of the user's with labels (``loss_replaced_by_user``:
+    it gets stock's logits, padded positions' too), no label that a padded position predicts (its loss term needs that
     position's output; with left padding, mask the first token's label too), and not while compiling or
     exporting (finding the kept tokens is a host read: compiled forwards keep the padding mask and run every row
     at full length). One host read decides and sizes the packed row.
@@ -3568,8 +3578,10 @@ def padded_rows(
         or _needs_its_padded_rows(model)
     ):
         return None
-    keep = attention_mask.to(inputs.device).bool()
     targets = shifted_labels(labels, **kwargs)
+    if targets is not None and loss_replaced_by_user(model):  # the user's loss gets stock's logits, padding's too
+        return None
+    keep = attention_mask.to(inputs.device).bool()
     predicted = keep.new_zeros(())
     if targets is not None:
         if targets.shape != keep.shape:
@@ -4400,12 +4412,30 @@ def _has_hooks(module: torch.nn.Module) -> bool:
     return any(not _runs_as_written(m) or "_fsdp_wrapped_module" in m._modules for m in module.modules())
 
 
-def fused_loss_applies(model, lm_head, labels, logits_to_keep=0) -> bool:
+def loss_replaced_by_user(model, stock_loss: str = "ForCausalLMLoss") -> bool:
+    """Whether the loss stock would call is the user's: a function set as ``model.loss_function``, or the entry
+    of transformers' ``LOSS_MAPPING`` that ``model.loss_type`` names (stock's rule: ForCausalLM's where it names
+    none) when it is not transformers' own ``stock_loss``. Our heads compute the stock losses their own way
+    (fused, counted, in float32), which would skip such a function."""
+    if "_loss_function" in vars(model):
+        return True
+    try:
+        from transformers.loss import loss_utils
+    except ImportError:  # a transformers without LOSS_MAPPING calls no loss of the user's
+        return False
+    loss_type = getattr(model, "loss_type", None)
+    chosen = loss_utils.LOSS_MAPPING.get(loss_type if loss_type in loss_utils.LOSS_MAPPING else "ForCausalLM")
+    return chosen is not getattr(loss_utils, stock_loss)
+
+
+def fused_loss_applies(model, lm_head, labels, logits_to_keep=0, stock_calls_loss_function: bool = True) -> bool:
     """Whether ``model`` computes its training loss without logits (and returns none).
 
-    It does in training mode with ``labels``, all logits asked for, ``config.keep_logits_in_training`` unset
-    and a head without hooks that is no FSDP1 unit (``_has_hooks``); ``lm_head_loss`` then runs the fused op or
-    calls a wrapped head chunk by chunk. Everything else goes the stock way.
+    It does in training mode with ``labels``, all logits asked for, ``config.keep_logits_in_training`` unset,
+    a head without hooks that is no FSDP1 unit (``_has_hooks``) and, where stock's head calls
+    ``model.loss_function`` (``stock_calls_loss_function``; BART's computes its cross-entropy itself), no loss
+    function of the user's; ``lm_head_loss`` then runs the fused op or calls a wrapped head chunk by chunk.
+    Everything else goes the stock way.
     """
     applies = (
         labels is not None
@@ -4415,6 +4445,12 @@ def fused_loss_applies(model, lm_head, labels, logits_to_keep=0) -> bool:
         and logits_to_keep == 0
         and not _computes_as_stock()
     )
+    if applies and stock_calls_loss_function and loss_replaced_by_user(model):
+        _log_once(
+            "the model's loss function is your own (model.loss_function or loss_type), so it gets the [tokens, "
+            "vocab] logits of every position as stock gives them: no fused LM head + loss"
+        )
+        return False
     if applies and _has_hooks(lm_head):
         _log_once(
             "the LM head has hooks or is an FSDP unit (FSDP, DeepSpeed ZeRO-3, offloading, hooks for every module "
@@ -6719,7 +6755,7 @@ class BloomForQuestionAnswering(BloomPreTrainedModel):
         start_logits, end_logits = span_logits(self.qa_outputs(outputs.last_hidden_state))
         loss = None
         if start_positions is not None and end_positions is not None:
-            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions)
+            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
         output = QuestionAnsweringModelOutput(
             loss=loss,
             start_logits=start_logits,
