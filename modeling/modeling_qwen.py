@@ -19,6 +19,7 @@ import math
 import os
 import queue
 import threading
+from contextlib import ExitStack
 from functools import partial
 from typing import Any, Generator, Optional, Union
 
@@ -27,6 +28,7 @@ from torch import nn
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedTokenizer
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
@@ -6370,7 +6372,12 @@ class QWenAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.kv_channels
         self.projection_size = config.kv_channels * config.num_attention_heads
-        self.scale = self.head_dim**-0.5 if getattr(config, "scale_attn_weights", True) else 1.0
+        self.scale = self.head_dim**-0.5
+        if getattr(config, "scale_attn_weights", True) is False:
+            _log_once(
+                "config.scale_attn_weights=False is ignored, as the original Qwen-7B code ignores it: the scores "
+                "are always scaled by 1/sqrt(kv_channels)"
+            )
         self.attn_dropout = nn.Dropout(config.attn_dropout_prob)  # a module, as the original's (trainers set its p)
         self.c_attn = nn.Linear(config.hidden_size, 3 * self.projection_size)
         self.c_proj = nn.Linear(self.projection_size, config.hidden_size, bias=not config.no_bias)
@@ -6734,6 +6741,26 @@ class _TokenQueueStreamer(BaseStreamer):
         self.queue.put(None)
 
 
+class _StopWhenAbandoned(StoppingCriteria):
+    """Ends ``generate`` at its next step once the reader of ``chat_stream`` stopped reading (a ``break``,
+    ``close()``, the generator collected), as the original's generator, which runs nothing unread, stops."""
+
+    def __init__(self, abandoned: threading.Event):
+        self.abandoned = abandoned
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.abandoned.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _autocast_regions_of_this_thread() -> list:
+    """The autocast regions the calling thread is in (autocast is per thread), to enter again in a worker."""
+    return [
+        torch.autocast(device, dtype=torch.get_autocast_dtype(device))
+        for device in ("cpu", "cuda")
+        if torch.is_autocast_enabled(device)
+    ]
+
+
 def _generation_utils():
     """``make_context, decode_tokens, get_stop_words_ids, StopWordsLogitsProcessor`` from the
     ``qwen_generation_utils.py`` beside this file, imported only when chat or stop words need them."""
@@ -6970,10 +6997,15 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         generation_config: Optional[GenerationConfig] = None,
         **kwargs,
     ) -> Generator[str, Any, None]:
-        """Like ``chat`` but yields the growing response text; ``generate`` runs in a background thread."""
+        """Like ``chat`` but yields the growing response text. ``generate`` runs in a worker thread, in the
+        caller's autocast regions, and stops at its next step once the reader stops reading."""
         _, _, input_ids, stop_words_ids = self._chat_inputs(
             tokenizer, query, history, system, stop_words_ids, generation_config, kwargs.pop("max_window_size", None)
         )
+        abandoned = threading.Event()
+        stopping_criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+        stopping_criteria.append(_StopWhenAbandoned(abandoned))
+        autocast_regions = _autocast_regions_of_this_thread()
 
         def stream() -> Generator[str, Any, None]:
             streamer = _TokenQueueStreamer()
@@ -6981,14 +7013,18 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
             def run() -> None:
                 try:
-                    self.generate(
-                        input_ids,
-                        stop_words_ids=stop_words_ids,
-                        logits_processor=logits_processor,
-                        generation_config=generation_config,
-                        streamer=streamer,
-                        **kwargs,
-                    )
+                    with ExitStack() as regions:
+                        for region in autocast_regions:
+                            regions.enter_context(region)
+                        self.generate(
+                            input_ids,
+                            stop_words_ids=stop_words_ids,
+                            logits_processor=logits_processor,
+                            generation_config=generation_config,
+                            stopping_criteria=stopping_criteria,
+                            streamer=streamer,
+                            **kwargs,
+                        )
                 except Exception as error:  # re-raised in the consumer's thread below
                     failures.append(error)
                     streamer.end()
@@ -6996,10 +7032,13 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             worker = threading.Thread(target=run, daemon=True)
             worker.start()
             tokens: list[int] = []
-            while (new_tokens := streamer.queue.get()) is not None:
-                tokens.extend(new_tokens)
-                yield tokenizer.decode(tokens, skip_special_tokens=True, errors="ignore")
-            worker.join()
+            try:
+                while (new_tokens := streamer.queue.get()) is not None:
+                    tokens.extend(new_tokens)
+                    yield tokenizer.decode(tokens, skip_special_tokens=True, errors="ignore")
+            finally:
+                abandoned.set()
+                worker.join()
             if failures:
                 raise failures[0]
 

@@ -1,6 +1,7 @@
 """Qwen-7B options and generation settings beyond tests/test_qwen.py's core checks (which this file shares its
-reference, helpers and saved model with): scale_attn_weights, the dropouts, no dynamic NTK or logn in training,
-logits_to_keep, and how stop words given to generate() and chat() take effect."""
+reference, helpers and saved model with): scale_attn_weights (ignored, as by the original), the dropouts, no
+dynamic NTK or logn in training, logits_to_keep, how stop words given to generate() and chat() take effect, and
+chat_stream's worker thread."""
 
 from __future__ import annotations
 
@@ -12,20 +13,21 @@ from tests.remote_code import assert_close_rel, relative_error
 from tests.test_qwen import EOS, CharTokenizer, ReferenceQwen, load, random_ids, saved  # noqa: F401 - saved: a fixture
 
 
-def test_scale_attn_weights_false_leaves_the_scores_unscaled(saved):
-    """scale_attn_weights=False (the original divides by sqrt(head_dim) only when set) equals the scaled model with
-    its query projection multiplied by 1/sqrt(head_dim) (the rotation is linear)."""
-    folder, config, _ = saved
+def test_scale_attn_weights_false_is_ignored_as_the_original_ignores_it(saved, caplog, monkeypatch):
+    """The original's attention sets ``self.scale_attn_weights = True`` whatever the config says and always divides
+    the scores by sqrt(kv_channels); ours left them unscaled (logits 0.44 off). Now the same logits, said once."""
+    import logging
+    import sys
+
+    folder, _, _ = saved
     ids = random_ids(2, 9)
-    unscaled = load(folder, scale_attn_weights=False)
-    with torch.no_grad():
-        expected = load(folder)(ids).logits
-        rows = config.kv_channels * config.num_attention_heads
-        for block in unscaled.transformer.h:
-            block.attn.c_attn.weight[:rows] *= config.kv_channels**-0.5
-            block.attn.c_attn.bias[:rows] *= config.kv_channels**-0.5
-        actual = unscaled(ids).logits
-    assert_close_rel(actual, expected, 1e-5, "unscaled scores with a pre-scaled query")
+    scaled = load(folder)
+    monkeypatch.setattr(sys.modules[type(scaled).__module__], "_logged_messages", set())
+    with caplog.at_level(logging.WARNING, logger="memory_efficient_adapter"), torch.no_grad():
+        actual = load(folder, scale_attn_weights=False)(ids).logits
+        expected = scaled(ids).logits
+    assert_close_rel(actual, expected, 1e-6, "logits with scale_attn_weights=False")
+    assert sum("scale_attn_weights=False is ignored" in record.getMessage() for record in caplog.records) == 1
 
 
 def test_training_uses_no_dynamic_ntk_or_logn_on_long_inputs(saved):
@@ -118,6 +120,45 @@ def test_chat_and_chat_stream_stop_on_the_chatml_stop_words(saved, monkeypatch):
     assert len(seen) == 2 and [50, 51] in seen[0], seen
     for words in seen:
         assert [tokenizer.im_end_id] in words and [tokenizer.im_start_id] in words, words
+
+
+def chatting_model(folder, max_new_tokens: int):
+    """Our Qwen in ChatML mode that never ends a reply early (the stop and special ids suppressed)."""
+    model = load(folder)
+    model.generation_config.chat_format = "chatml"
+    model.generation_config.max_new_tokens = max_new_tokens
+    model.generation_config.eos_token_id = EOS
+    model.generation_config.suppress_tokens = list(range(10))
+    return model
+
+
+def test_chat_stream_stops_generating_once_its_reader_stops(saved):
+    """The original's chat_stream is a generator in the reader's thread: nothing runs unread. Ours generates in a
+    worker thread, which before went on to max_new_tokens after a ``break`` (and a script exiting meanwhile
+    aborted in torch's teardown); now it ends at its next step and is joined."""
+    import threading
+
+    model = chatting_model(saved[0], max_new_tokens=200)
+    forwards = []
+    model.transformer.register_forward_pre_hook(lambda *args: forwards.append(1))
+    stream = model.chat_stream(CharTokenizer(), "hi", history=None)
+    for chunks, _ in enumerate(stream, start=1):
+        if chunks == 3:
+            break
+    stream.close()
+    workers = [thread for thread in threading.enumerate() if thread.name.endswith("(run)")]
+    assert not workers and len(forwards) <= chunks + 2, (workers, len(forwards))
+
+
+def test_chat_stream_generates_in_the_readers_autocast(saved):
+    """Autocast is per thread: the worker thread enters the reader's regions, as the original's chat_stream (in
+    the reader's thread) and chat() compute under them."""
+    model = chatting_model(saved[0], max_new_tokens=3)
+    head_dtypes = []
+    model.lm_head.register_forward_hook(lambda module, args, output: head_dtypes.append(output.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        streamed = list(model.chat_stream(CharTokenizer(), "hi", history=None))
+    assert streamed and head_dtypes == [torch.bfloat16] * 3, head_dtypes
 
 
 def test_a_cache_passed_with_use_cache_false_is_read_and_not_returned(saved):
