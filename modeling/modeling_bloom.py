@@ -5901,6 +5901,20 @@ def _runs_without_saving(what: str, modules) -> bool:
     return False
 
 
+def _say_hooks_see_no_gradients(what: str, modules) -> None:
+    """Forward hooks inside ``modules`` (PEFT's aside) see outputs computed without gradients, computed again in
+    backward (as under reentrant checkpointing): a loss term made from what such a hook catches gets no gradient
+    from it, which is said once."""
+    hooks = (hook for owner in modules for module in owner.modules()
+             for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values()))  # fmt: skip
+    if any(not _is_peft_hook(hook) for hook in hooks):
+        _log_once(
+            f"{what}: forward hooks on the modules it runs see their outputs without gradients (computed again in "
+            f"backward, as under reentrant checkpointing), so a loss term made from what a hook catches gets no "
+            f"gradient; set {what} off for such a term"
+        )
+
+
 def sequence_tiled(modules, x: torch.Tensor, tile_size: int) -> torch.Tensor:
     """``modules`` (position-wise: an MLP, a norm, or a norm then an MLP; modules or bound methods of modules)
     applied one after the other to ``x`` ``[..., hidden]``, ``tile_size`` tokens at a time, so that no
@@ -5922,6 +5936,7 @@ def sequence_tiled(modules, x: torch.Tensor, tile_size: int) -> torch.Tensor:
     params = [param for module in owners for param in module.parameters() if param.requires_grad]
     if not torch.is_grad_enabled() or not (x.requires_grad or params):
         return _run_in_tiles(modules, x, tile_size)
+    _say_hooks_see_no_gradients("config.sequence_tile_size", owners)
     return _SequenceTiled.apply(modules, tile_size, x, *params)
 
 
@@ -6063,6 +6078,13 @@ def offloaded_checkpoint(
     if not isinstance(hidden, torch.Tensor):
         raise TypeError("offloaded checkpoints need the hidden states as the first positional argument")
     bound = getattr(function, "keywords", None) or {}
+    if torch.is_grad_enabled() and any(name.endswith("attention_weights") and value is not None
+                                       for name, value in bound.items()):  # fmt: skip
+        _log_once(
+            "config.offload_checkpoints is off for a training forward asked for attention weights "
+            "(output_attentions): they carry gradients only from the layer's own graph, so its layers run as usual"
+        )
+        return function(hidden, *rest)
     slots = tuple(i for i, arg in enumerate(rest) if isinstance(arg, torch.Tensor) and arg.requires_grad)
     nested = [arg for i, arg in enumerate(rest) if i not in slots]
     if any(tensor.requires_grad for tensor in _nested_tensors((nested, bound))):
@@ -6075,6 +6097,7 @@ def offloaded_checkpoint(
         return function(hidden, *rest)
     if _runs_without_saving("config.offload_checkpoints", [layer]) or _computes_as_stock():
         return function(hidden, *rest)
+    _say_hooks_see_no_gradients("config.offload_checkpoints", [layer])
     link = _CheckpointLink(getattr(hidden, _CHECKPOINT_LINK_ATTRIBUTE, None), keep_on_device)
     context = [rest[slot] for slot in slots]
     rest = tuple(None if i in slots else arg for i, arg in enumerate(rest))
