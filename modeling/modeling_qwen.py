@@ -6660,6 +6660,13 @@ class QWenModel(QWenPreTrainedModel):
         a transformers ``Cache``."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if (input_ids is not None and input_ids.dim() != 2) or (inputs_embeds is not None and inputs_embeds.dim() != 3):
+            given = "input_ids" if input_ids is not None else "inputs_embeds"
+            shape = list((input_ids if input_ids is not None else inputs_embeds).shape)
+            raise ValueError(
+                f"{given} must be [batch, seq]{'' if input_ids is not None else ' + [hidden]'}, got shape {shape}; "
+                "the original flattened extra leading dimensions into the batch: pass them flattened"
+            )
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         if head_mask is not None:
             raise ValueError("head_mask is not supported: the fused attention kernels take no per-head mask")

@@ -776,6 +776,18 @@ def test_labels_with_a_trailing_dimension_raise_a_clear_error(saved, training):
     assert torch.isfinite(model(ids, labels=ids).loss)
 
 
+@pytest.mark.parametrize("given", ["input_ids", "inputs_embeds"])
+def test_inputs_with_extra_leading_dimensions_raise_a_clear_error(saved, given):
+    """The original views ``[a, b, seq]`` ids as ``[a * b, seq]``; ours failed with "too many values to unpack".
+    Flattened ids, or a clear error that says so."""
+    folder, config, _ = saved
+    model = load(folder)
+    ids = random_ids(2, 9).view(2, 1, 9)
+    inputs = {"input_ids": ids} if given == "input_ids" else {"inputs_embeds": model.transformer.wte(ids).detach()}
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"{given} must be \[batch, seq\].*got shape \[2, 1, 9"):
+        model(**inputs)
+
+
 def test_two_rotary_channels_raise_a_clear_error(tmp_path):
     """The original divides by ``dim - 2`` for its NTK base: a ZeroDivisionError at the first forward."""
     with pytest.raises(ValueError, match=r"kv_channels \* rotary_pct = 8 \* 0.25 gives 2 rotary channels"):
