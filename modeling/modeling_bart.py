@@ -35,6 +35,13 @@ except ImportError:
 
     _STOCK_RECORDS_OUTPUTS = False
 
+# Version guard: transformers 5 re-runs `_init_weights` over loaded modules and ships init
+# functions that skip tensors it has already loaded; transformers 4 only initializes missing weights.
+try:
+    from transformers import initialization as _init
+except ImportError:
+    from torch.nn import init as _init
+
 # >>> kernel layer: copied from modeling/attention.py by scripts/sync_kernels.py; edit it there >>>
 """The kernel layer of memory-efficient-adapter: one ``attention()`` call, many fused kernels.
 
@@ -6520,22 +6527,22 @@ class BartPreTrainedModel(KernelLayerModelMixin, PreTrainedModel):
     _can_compile_fullgraph = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        # Calls go through `nn.init` so that transformers 5 can skip tensors already loaded from a checkpoint.
+        # Calls go through transformers 5's init functions, which skip tensors already loaded from a checkpoint.
         std = self.config.init_std
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            _init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
-                nn.init.zeros_(module.bias)
+                _init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            _init.normal_(module.weight, mean=0.0, std=std)
             if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
         elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+            _init.ones_(module.weight)
+            _init.zeros_(module.bias)
         elif isinstance(module, BartForConditionalGeneration):
-            nn.init.zeros_(module.final_logits_bias)
+            _init.zeros_(module.final_logits_bias)
 
 
 class BartEncoder(BartPreTrainedModel):

@@ -51,6 +51,13 @@ except ImportError:  # transformers without modeling_layers: the same mechanism,
             return super().__call__(*args, **kwargs)
 
 
+# Version guard: transformers 5 re-runs `_init_weights` over loaded modules and ships init
+# functions that skip tensors it has already loaded; transformers 4 only initializes missing weights.
+try:
+    from transformers import initialization as _init
+except ImportError:
+    from torch.nn import init as _init
+
 # >>> kernel layer: copied from modeling/attention.py by scripts/sync_kernels.py; edit it there >>>
 """The kernel layer of memory-efficient-adapter: one ``attention()`` call, many fused kernels.
 
@@ -6541,13 +6548,13 @@ class QWenPreTrainedModel(KernelLayerModelMixin, PreTrainedModel):
         if getattr(module, "is_residual_projection", False):
             std = std / math.sqrt(2 * self.config.num_hidden_layers)
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            _init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
-                nn.init.zeros_(module.bias)
+                _init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            _init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
+            _init.ones_(module.weight)
 
 
 class QWenModel(QWenPreTrainedModel):

@@ -776,6 +776,18 @@ def test_labels_with_a_trailing_dimension_raise_a_clear_error(saved, training):
     assert torch.isfinite(model(ids, labels=ids).loss)
 
 
+def test_init_weights_called_on_a_loaded_model_keeps_its_weights_on_transformers_5(saved):
+    """As transformers 5's stock models: its init functions skip tensors loaded from a checkpoint (on 4.x, where the
+    original Qwen ran, they draw them again). Ours called ``torch.nn.init`` directly."""
+    import importlib.util
+
+    model = load(saved[0])
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    model.apply(model._init_weights)
+    kept = all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    assert kept == (importlib.util.find_spec("transformers.initialization") is not None)
+
+
 @pytest.mark.parametrize("given", ["input_ids", "inputs_embeds"])
 def test_inputs_with_extra_leading_dimensions_raise_a_clear_error(saved, given):
     """The original views ``[a, b, seq]`` ids as ``[a * b, seq]``; ours failed with "too many values to unpack".

@@ -577,6 +577,25 @@ def test_head_matches_stock_and_keeps_its_keys(family, class_name, tmp_path):
     assert compared >= 2
 
 
+def changed_by_init_weights(model) -> set:
+    """The names of the tensors that ``model.apply(model._init_weights)`` changes (users call it after adding
+    modules to a loaded model)."""
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    model.apply(model._init_weights)
+    return {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])}
+
+
+@pytest.mark.parametrize("family,class_name", [("llama", "LlamaForCausalLM"), ("gpt2", "GPT2LMHeadModel"),
+                                               ("bloom", "BloomForCausalLM"), ("bart", "BartForConditionalGeneration")])  # fmt: skip
+def test_init_weights_called_on_a_loaded_model_changes_what_stocks_changes(family, class_name, tmp_path):
+    """transformers 5's init functions skip tensors loaded from a checkpoint (4.57's re-initialise them, in stock
+    too). Our BART called ``torch.nn.init`` directly: every loaded weight was drawn again on 5.x (logits 2.6 off)."""
+    stock, ours = stock_and_ours(family, class_name, tmp_path)
+    expected = changed_by_init_weights(stock)
+    assert changed_by_init_weights(ours) == expected
+    assert not expected or not TRANSFORMERS_5
+
+
 def test_bart_causal_lm_decodes_with_cross_attention_like_stock(tmp_path):
     """BartForCausalLM as the decoder of an encoder-decoder pair: encoder states in, cached generation steps."""
     stock, ours = stock_and_ours("bart", "BartForCausalLM", tmp_path)
