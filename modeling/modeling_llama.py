@@ -3562,7 +3562,7 @@ def padded_rows(
         or _needs_its_padded_rows(model)
     ):
         return None
-    targets = shifted_labels(labels, **kwargs)
+    targets = None if labels is None else shifted_labels(labels, **kwargs)  # as stock: no labels, no loss
     if targets is not None and loss_replaced_by_user(model):  # the user's loss gets stock's logits, padding's too
         return None
     keep = attention_mask.to(inputs.device).bool()
@@ -3586,7 +3586,7 @@ def unpadded_lm_outputs(model, lm_head, hidden_states, labels, rows: PaddedRows,
     transformers' loss over the padded batch (``padded_rows`` made sure no padded position predicts a label);
     logits ``[b, s, vocab]`` with zeros at padded positions (None with the fused loss). The loss is computed from
     the logits returned, so that a hook or ``autograd.grad`` on them sees its gradient, as in stock."""
-    targets = shifted_labels(labels, **kwargs)
+    targets = None if labels is None else shifted_labels(labels, **kwargs)
     kwargs.pop("shift_labels", None)
     if fused_loss_applies(model, lm_head, targets):
         packed = rows.pack(targets)
@@ -4399,7 +4399,7 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 def loss_replaced_by_user(model, stock_loss: str = "ForCausalLMLoss") -> bool:
     """Whether the loss stock would call is the user's: a function set as ``model.loss_function``, or the entry
     of transformers' ``LOSS_MAPPING`` that ``model.loss_type`` names (stock's rule: ForCausalLM's where it names
-    none) when it is not transformers' own ``stock_loss``. Our heads compute the stock losses their own way
+    none) when it is not transformers' own ``stock_loss`` (a patched entry included). Our heads compute the stock losses their own way
     (fused, counted, in float32), which would skip such a function."""
     if "_loss_function" in vars(model):
         return True
@@ -4409,7 +4409,8 @@ def loss_replaced_by_user(model, stock_loss: str = "ForCausalLMLoss") -> bool:
         return False
     loss_type = getattr(model, "loss_type", None)
     chosen = loss_utils.LOSS_MAPPING.get(loss_type if loss_type in loss_utils.LOSS_MAPPING else "ForCausalLM")
-    return chosen is not getattr(loss_utils, stock_loss)
+    # by where it is defined: a library may patch the module's name and the mapping's entry alike
+    return (getattr(chosen, "__module__", None), getattr(chosen, "__name__", None)) != (loss_utils.__name__, stock_loss)
 
 
 def fused_loss_applies(model, lm_head, labels, logits_to_keep=0, stock_calls_loss_function: bool = True) -> bool:
@@ -6066,8 +6067,11 @@ def offloaded_checkpoint(
                                        for name, value in bound.items()):  # fmt: skip
         _log_once(
             "config.offload_checkpoints is off for a training forward asked for attention weights "
-            "(output_attentions): they carry gradients only from the layer's own graph, so its layers run as usual"
+            "(output_attentions): they carry gradients only from the layer's own graph, so its layers run as usual "
+            "(checkpointed as gradient_checkpointing_enable() set, where it was called)"
         )
+        if layer.__dict__.get("_checkpointing_enabled", False):
+            return layer.enabled_checkpointing_function()(function, hidden, *rest)
         return function(hidden, *rest)
     slots = tuple(i for i, arg in enumerate(rest) if isinstance(arg, torch.Tensor) and arg.requires_grad)
     nested = [arg for i, arg in enumerate(rest) if i not in slots]
@@ -6128,10 +6132,12 @@ class LongContextCheckpointing:
         if offload_checkpoints(self.config):
             keep = keeps_checkpoint_on_device(self.config, self.layer_idx, getattr(self, "num_stack_layers", None))
             return partial(offloaded_checkpoint, self, keep_on_device=keep)
+        return self.enabled_checkpointing_function()
+
+    def enabled_checkpointing_function(self) -> Callable:
+        """The checkpointing ``gradient_checkpointing_enable`` set (non-reentrant where it set none)."""
         function = self.__dict__.get("_checkpointing_function")
-        if function is None:
-            function = partial(checkpoint, use_reentrant=False)
-        return function
+        return partial(checkpoint, use_reentrant=False) if function is None else function
 
     @_gradient_checkpointing_func.setter
     def _gradient_checkpointing_func(self, function: Callable) -> None:

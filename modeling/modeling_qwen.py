@@ -3573,7 +3573,7 @@ def padded_rows(
         or _needs_its_padded_rows(model)
     ):
         return None
-    targets = shifted_labels(labels, **kwargs)
+    targets = None if labels is None else shifted_labels(labels, **kwargs)  # as stock: no labels, no loss
     if targets is not None and loss_replaced_by_user(model):  # the user's loss gets stock's logits, padding's too
         return None
     keep = attention_mask.to(inputs.device).bool()
@@ -3597,7 +3597,7 @@ def unpadded_lm_outputs(model, lm_head, hidden_states, labels, rows: PaddedRows,
     transformers' loss over the padded batch (``padded_rows`` made sure no padded position predicts a label);
     logits ``[b, s, vocab]`` with zeros at padded positions (None with the fused loss). The loss is computed from
     the logits returned, so that a hook or ``autograd.grad`` on them sees its gradient, as in stock."""
-    targets = shifted_labels(labels, **kwargs)
+    targets = None if labels is None else shifted_labels(labels, **kwargs)
     kwargs.pop("shift_labels", None)
     if fused_loss_applies(model, lm_head, targets):
         packed = rows.pack(targets)
@@ -4410,7 +4410,7 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 def loss_replaced_by_user(model, stock_loss: str = "ForCausalLMLoss") -> bool:
     """Whether the loss stock would call is the user's: a function set as ``model.loss_function``, or the entry
     of transformers' ``LOSS_MAPPING`` that ``model.loss_type`` names (stock's rule: ForCausalLM's where it names
-    none) when it is not transformers' own ``stock_loss``. Our heads compute the stock losses their own way
+    none) when it is not transformers' own ``stock_loss`` (a patched entry included). Our heads compute the stock losses their own way
     (fused, counted, in float32), which would skip such a function."""
     if "_loss_function" in vars(model):
         return True
@@ -4420,7 +4420,8 @@ def loss_replaced_by_user(model, stock_loss: str = "ForCausalLMLoss") -> bool:
         return False
     loss_type = getattr(model, "loss_type", None)
     chosen = loss_utils.LOSS_MAPPING.get(loss_type if loss_type in loss_utils.LOSS_MAPPING else "ForCausalLM")
-    return chosen is not getattr(loss_utils, stock_loss)
+    # by where it is defined: a library may patch the module's name and the mapping's entry alike
+    return (getattr(chosen, "__module__", None), getattr(chosen, "__name__", None)) != (loss_utils.__name__, stock_loss)
 
 
 def fused_loss_applies(model, lm_head, labels, logits_to_keep=0, stock_calls_loss_function: bool = True) -> bool:
@@ -6077,8 +6078,11 @@ def offloaded_checkpoint(
                                        for name, value in bound.items()):  # fmt: skip
         _log_once(
             "config.offload_checkpoints is off for a training forward asked for attention weights "
-            "(output_attentions): they carry gradients only from the layer's own graph, so its layers run as usual"
+            "(output_attentions): they carry gradients only from the layer's own graph, so its layers run as usual "
+            "(checkpointed as gradient_checkpointing_enable() set, where it was called)"
         )
+        if layer.__dict__.get("_checkpointing_enabled", False):
+            return layer.enabled_checkpointing_function()(function, hidden, *rest)
         return function(hidden, *rest)
     slots = tuple(i for i, arg in enumerate(rest) if isinstance(arg, torch.Tensor) and arg.requires_grad)
     nested = [arg for i, arg in enumerate(rest) if i not in slots]
@@ -6139,10 +6143,12 @@ class LongContextCheckpointing:
         if offload_checkpoints(self.config):
             keep = keeps_checkpoint_on_device(self.config, self.layer_idx, getattr(self, "num_stack_layers", None))
             return partial(offloaded_checkpoint, self, keep_on_device=keep)
+        return self.enabled_checkpointing_function()
+
+    def enabled_checkpointing_function(self) -> Callable:
+        """The checkpointing ``gradient_checkpointing_enable`` set (non-reentrant where it set none)."""
         function = self.__dict__.get("_checkpointing_function")
-        if function is None:
-            function = partial(checkpoint, use_reentrant=False)
-        return function
+        return partial(checkpoint, use_reentrant=False) if function is None else function
 
     @_gradient_checkpointing_func.setter
     def _gradient_checkpointing_func(self, function: Callable) -> None:
@@ -6672,7 +6678,7 @@ class QWenModel(QWenPreTrainedModel):
             shape = list((input_ids if input_ids is not None else inputs_embeds).shape)
             raise ValueError(
                 f"{given} must be [batch, seq]{'' if input_ids is not None else ' + [hidden]'}, got shape {shape}; "
-                "the original flattened extra leading dimensions into the batch: pass them flattened"
+                "the original viewed other shapes as rows of seq tokens: pass them so (input_ids.view(-1, seq))"
             )
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         if head_mask is not None:
@@ -6762,20 +6768,31 @@ class QWenModel(QWenPreTrainedModel):
 
 
 class _TokenQueueStreamer(BaseStreamer):
-    """Hands the tokens ``generate`` produces to a queue (the prompt, its first ``put``, is skipped)."""
+    """Hands the tokens ``generate`` produces to a queue of one entry (the prompt, its first ``put``, is skipped):
+    the worker waits for the reader, so it runs at most a token ahead, as the original's generator runs only when
+    read. Once the reader is gone (``abandoned``) nothing waits."""
 
-    def __init__(self):
-        self.queue: queue.Queue = queue.Queue()
+    def __init__(self, abandoned: threading.Event):
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.abandoned = abandoned
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:
             self._prompt_seen = True
             return
-        self.queue.put(value.reshape(-1).tolist())
+        self._hand_over(value.reshape(-1).tolist())
 
     def end(self) -> None:
-        self.queue.put(None)
+        self._hand_over(None)
+
+    def _hand_over(self, item: Optional[list]) -> None:
+        while not self.abandoned.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
 
 
 class _StopWhenAbandoned(StoppingCriteria):
@@ -7035,17 +7052,17 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> Generator[str, Any, None]:
         """Like ``chat`` but yields the growing response text. ``generate`` runs in a worker thread, in the
-        caller's autocast regions, and stops at its next step once the reader stops reading."""
+        reader's autocast regions, at most a token ahead of the reader, and stops once the generator is closed."""
         _, _, input_ids, stop_words_ids = self._chat_inputs(
             tokenizer, query, history, system, stop_words_ids, generation_config, kwargs.pop("max_window_size", None)
         )
         abandoned = threading.Event()
         stopping_criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
         stopping_criteria.append(_StopWhenAbandoned(abandoned))
-        autocast_regions = _autocast_regions_of_this_thread()
 
         def stream() -> Generator[str, Any, None]:
-            streamer = _TokenQueueStreamer()
+            streamer = _TokenQueueStreamer(abandoned)
+            autocast_regions = _autocast_regions_of_this_thread()  # the reader's, at its first next()
             failures = []
 
             def run() -> None:

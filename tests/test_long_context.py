@@ -258,13 +258,21 @@ def loss_with_attention_terms(model) -> tuple:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_attention_weights_asked_for_in_training_carry_gradients_with_offloaded_checkpoints(folders, family, caplog):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "gradient_checkpointing_enable"])
+def test_attention_weights_asked_for_in_training_carry_gradients_with_offloaded_checkpoints(
+    folders, family, checkpointing
+):
     """Before, the offloaded layers' attention weights came from their forward without gradients: a loss term on
-    them changed no gradient (0.95 to 1.0 relative error, all families). Such a forward runs its layers as usual."""
+    them changed no gradient (0.95 to 1.0 relative error, all families). Such a forward runs its layers as usual,
+    checkpointed as ``gradient_checkpointing_enable()`` set where it was called (each layer runs again)."""
     expected = loss_with_attention_terms(load(folders[family], family))
     model = load(folders[family], family, **OPTIONS["tiled+offloaded"])
-    with caplog.at_level(logging.WARNING):
-        assert_same_loss_and_grads(loss_with_attention_terms(model), expected, f"{family} attention terms")
+    if checkpointing:
+        enable_checkpointing(model)
+    calls = []
+    model.get_submodule(SECOND_ATTENTION[family]).register_forward_hook(lambda module, *args: calls.append(module))
+    assert_same_loss_and_grads(loss_with_attention_terms(model), expected, f"{family} attention terms")
+    assert len(calls) == (2 if checkpointing else 1)
 
 
 def test_forward_hooks_under_the_options_are_said_to_see_no_gradients(folders, monkeypatch, caplog):

@@ -135,8 +135,9 @@ def chatting_model(folder, max_new_tokens: int):
 def test_chat_stream_stops_generating_once_its_reader_stops(saved):
     """The original's chat_stream is a generator in the reader's thread: nothing runs unread. Ours generates in a
     worker thread, which before went on to max_new_tokens after a ``break`` (and a script exiting meanwhile
-    aborted in torch's teardown); now it ends at its next step and is joined."""
+    aborted in torch's teardown); now it waits for the reader and ends once the generator is closed."""
     import threading
+    import time
 
     model = chatting_model(saved[0], max_new_tokens=200)
     forwards = []
@@ -145,20 +146,24 @@ def test_chat_stream_stops_generating_once_its_reader_stops(saved):
     for chunks, _ in enumerate(stream, start=1):
         if chunks == 3:
             break
+    time.sleep(0.5)  # the generator is still held: the worker waits for the reader, a token or two ahead at most
+    assert len(forwards) <= chunks + 3, len(forwards)
     stream.close()
     workers = [thread for thread in threading.enumerate() if thread.name.endswith("(run)")]
-    assert not workers and len(forwards) <= chunks + 2, (workers, len(forwards))
+    assert not workers and len(forwards) <= chunks + 3, (workers, len(forwards))
 
 
 def test_chat_stream_generates_in_the_readers_autocast(saved):
-    """Autocast is per thread: the worker thread enters the reader's regions, as the original's chat_stream (in
-    the reader's thread) and chat() compute under them."""
+    """Autocast is per thread: the worker thread enters the regions its reader is in at the first ``next()``, as
+    the original's chat_stream (computing in the reader's thread when read) and chat() compute under them."""
     model = chatting_model(saved[0], max_new_tokens=3)
     head_dtypes = []
     model.lm_head.register_forward_hook(lambda module, args, output: head_dtypes.append(output.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         streamed = list(model.chat_stream(CharTokenizer(), "hi", history=None))
+        made_here = model.chat_stream(CharTokenizer(), "hi", history=None)
     assert streamed and head_dtypes == [torch.bfloat16] * 3, head_dtypes
+    assert list(made_here) and head_dtypes[3:] == [torch.float32] * 3, head_dtypes  # read outside autocast
 
 
 def test_a_cache_passed_with_use_cache_false_is_read_and_not_returned(saved):

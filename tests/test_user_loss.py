@@ -124,6 +124,31 @@ def test_a_loss_type_naming_an_entry_of_the_users_trains_as_in_stock(tmp_path, m
     assert smoothed_loss_with_z_term.calls == 2
 
 
+def test_a_builtin_loss_patched_where_transformers_keeps_it_trains_as_in_stock(tmp_path, monkeypatch):
+    """Libraries patch transformers' causal-LM loss in both places it lives (the module's name and the mapping's
+    entry): stock calls the patched function; ours compared against the patched name and ran the fused loss."""
+    from transformers.loss import loss_utils
+
+    monkeypatch.setattr(loss_utils, "ForCausalLMLoss", smoothed_loss_with_z_term)
+    monkeypatch.setitem(loss_utils.LOSS_MAPPING, "ForCausalLM", smoothed_loss_with_z_term)
+    stock, ours = trainable_pair("llama", "LlamaForCausalLM", tmp_path)
+    smoothed_loss_with_z_term.calls = 0
+    assert_same_training_step(stock, ours, right_padded_batch("LlamaForCausalLM"), "patched ForCausalLMLoss")
+    assert smoothed_loss_with_z_term.calls == 2
+
+
+@pytest.mark.parametrize("family, class_name", [("llama", "LlamaForCausalLM"), ("gpt2", "GPT2LMHeadModel")])
+def test_shift_labels_without_labels_give_no_loss_as_in_stock(tmp_path, family, class_name):
+    """Stock computes a causal LM's loss only where ``labels`` are given; ours took ``shift_labels`` alone for a
+    padded training batch (loss, no logits)."""
+    stock, ours = trainable_pair(family, class_name, tmp_path)
+    batch = right_padded_batch(class_name)
+    labels = batch.pop("labels")
+    for model in (stock.train(), ours.train()):
+        output = model(**batch, shift_labels=labels)
+        assert output.loss is None and output.logits.shape == (*labels.shape, VOCAB)
+
+
 @pytest.mark.parametrize(
     "family, class_name",
     [
