@@ -3534,8 +3534,8 @@ def padded_rows(
     graph the loss comes from: a hook or ``autograd.grad`` on them would not see its gradient), all logits asked
     for, no packed keywords already, ``config.unpad_batches`` not false, no module that computes over the whole
     batch (``_needs_its_padded_rows``), no loss function of the user's with labels (``loss_replaced_by_user``:
-    it gets stock's logits, padded positions' too), no label that a padded position predicts (its loss term needs that
-    position's output; with left padding, mask the first token's label too), and not while compiling or
+    it gets stock's logits, padded positions' too), no label that a padded position predicts (its loss term needs
+    that position's output; with left padding, mask the first token's label too), and not while compiling or
     exporting (finding the kept tokens is a host read: compiled forwards keep the padding mask and run every row
     at full length). One host read decides and sizes the packed row.
     """
@@ -4397,8 +4397,8 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 def loss_replaced_by_user(model, stock_loss: str = "ForCausalLMLoss") -> bool:
     """Whether the loss stock would call is the user's: a function set as ``model.loss_function``, or the entry
     of transformers' ``LOSS_MAPPING`` that ``model.loss_type`` names (stock's rule: ForCausalLM's where it names
-    none) when it is not transformers' own ``stock_loss`` (a patched entry included). Our heads compute the stock losses their own way
-    (fused, counted, in float32), which would skip such a function."""
+    none) when it is not transformers' own ``stock_loss`` (a patched entry included). Our heads compute the
+    stock losses their own way (fused, counted, in float32), which would skip such a function."""
     if "_loss_function" in vars(model):
         return True
     try:
@@ -6057,7 +6057,8 @@ def offloaded_checkpoint(
     memory (on the device with ``keep_on_device``). Gradients flow to ``hidden``, to ``layer``'s trainable
     parameters (PEFT LoRA included) and to tensors in ``rest`` itself (a decoder's encoder states, kept on the
     device); the other arguments (positions, masks, nested in ``rest`` or bound in ``function``) must not need
-    gradients."""
+    gradients. A call that records attention weights runs as usual (its weights carry gradients only from the
+    layer's own graph)."""
     if not isinstance(hidden, torch.Tensor):
         raise TypeError("offloaded checkpoints need the hidden states as the first positional argument")
     bound = getattr(function, "keywords", None) or {}

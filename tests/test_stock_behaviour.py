@@ -585,8 +585,11 @@ def changed_by_init_weights(model) -> set:
     return {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])}
 
 
-@pytest.mark.parametrize("family,class_name", [("llama", "LlamaForCausalLM"), ("gpt2", "GPT2LMHeadModel"),
-                                               ("bloom", "BloomForCausalLM"), ("bart", "BartForConditionalGeneration")])  # fmt: skip
+LM_HEADS = [("llama", "LlamaForCausalLM"), ("gpt2", "GPT2LMHeadModel"), ("bloom", "BloomForCausalLM"),
+            ("bart", "BartForConditionalGeneration")]  # fmt: skip
+
+
+@pytest.mark.parametrize("family,class_name", LM_HEADS)
 def test_init_weights_called_on_a_loaded_model_changes_what_stocks_changes(family, class_name, tmp_path):
     """transformers 5's init functions skip tensors loaded from a checkpoint (4.57's re-initialise them, in stock
     too). Our BART called ``torch.nn.init`` directly: every loaded weight was drawn again on 5.x (logits 2.6 off)."""
