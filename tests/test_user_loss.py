@@ -14,6 +14,7 @@ import pytest
 import torch.nn.functional as F
 from remote_code import assert_close_rel
 
+from test_fused_models import train_step
 from test_stock_behaviour import VOCAB, family_config, stock_and_ours
 from test_qwen import ReferenceQwen, load, random_ids, saved  # noqa: F401 - saved: a fixture
 
@@ -70,17 +71,9 @@ def right_padded_batch(class_name: str) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels.masked_fill(mask == 0, -100)}
 
 
-def training_loss_and_grads(model, batch: dict) -> tuple:
-    model.train()
-    model.zero_grad(set_to_none=True)
-    output = model(**batch)
-    output.loss.backward()
-    return output, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-
-
 def assert_same_training_step(stock, ours, batch: dict, what: str) -> None:
-    expected, expected_grads = training_loss_and_grads(stock, batch)
-    got, grads = training_loss_and_grads(ours, batch)
+    expected, expected_grads = train_step(stock, batch)
+    got, grads = train_step(ours, batch)
     assert_close_rel(got.loss.detach(), expected.loss.detach(), TOL, f"{what}: loss")
     assert grads.keys() == expected_grads.keys()
     for name, grad in expected_grads.items():
