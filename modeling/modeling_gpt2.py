@@ -3480,14 +3480,32 @@ _BATCH_STATISTICS_MODULES = (
 )
 
 
+def _takes_batch_statistics(module: torch.nn.Module) -> bool:
+    """Whether ``module`` scales what it computes by statistics of the whole tensor it is given (padded rows
+    included in stock): ``_BATCH_STATISTICS_MODULES``, and the quantization libraries' modules that quantize
+    their input activations: optimum-quanto's (``activation_qtype`` set; calibrated from the activations),
+    torchao's QAT linears (``activation_fake_quantizer``) and its weights that quantize the input at each call
+    (``act_quant_kwargs``, ``input_quant_func``), and bitsandbytes' LLM.int8 (outlier columns chosen over all
+    tokens: a ``threshold`` above 0). Some of them scale per token, which would allow parts of the input; the
+    libraries do not say so alike, so every such module counts."""
+    if isinstance(module, _BATCH_STATISTICS_MODULES):
+        return True
+    if any(getattr(module, name, None) is not None for name in ("activation_qtype", "activation_fake_quantizer")):
+        return True
+    weight = module._parameters.get("weight")
+    if any(getattr(weight, name, None) is not None for name in ("act_quant_kwargs", "input_quant_func")):
+        return True
+    return type(module).__name__ == "Linear8bitLt" and getattr(getattr(module, "state", None), "threshold", 0) > 0
+
+
 def _must_be_called_once(*modules: torch.nn.Module) -> bool:
     """Whether a module in ``modules`` (or inside one) would change the result if called on parts of its input
     (loss chunks, sequence tiles) instead of once: a parametrized weight (spectral norm steps its power iteration
     at each computation in training; legacy spectral norm's hook too) or a module that takes statistics of what
-    it sees (``_BATCH_STATISTICS_MODULES``)."""
+    it sees (``_takes_batch_statistics``)."""
     return any(
         torch.nn.utils.parametrize.is_parametrized(inner)
-        or isinstance(inner, _BATCH_STATISTICS_MODULES)
+        or _takes_batch_statistics(inner)
         or any(_is_legacy_spectral_norm(hook) for hook in inner._forward_pre_hooks.values())
         for module in modules
         for inner in module.modules()
@@ -3503,14 +3521,17 @@ def _needs_its_padded_rows(model: torch.nn.Module) -> bool:
     """Whether a module of ``model`` computes over the batch as a whole, so that rows packed into one would
     change its result: PEFT's forward pre-hooks (for one call or for good: in peft 0.21 every such hook carries
     per-row state, a mixed-adapter batch's ``adapter_names``, aLoRA's offsets, Poly's task ids, X-LoRA's
-    scalings, Shadow's states; plain LoRA and the other token-wise adapters add none), and an embedding whose
+    scalings, Shadow's states; plain LoRA and the other token-wise adapters add none), an embedding whose
     lookup depends on every id of the batch, padding's too (``max_norm`` renormalises each row it looks up in
-    place; ``scale_grad_by_freq`` divides by the counts of ids in the batch), and modules that take statistics
-    of the whole tensor they see (``_BATCH_STATISTICS_MODULES``)."""
+    place; ``scale_grad_by_freq`` divides by the counts of ids in the batch), modules that take statistics of
+    the whole tensor they see (``_takes_batch_statistics``), and hooks for every module (calibration, such as
+    optimum-quanto's, records the range of every module's input and output)."""
+    if _global_module_hooks():
+        return True
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq):
             return True
-        if isinstance(module, _BATCH_STATISTICS_MODULES):
+        if _takes_batch_statistics(module):
             return True
         if any(_is_peft_hook(hook) for hook in module._forward_pre_hooks.values()):
             return True
@@ -4443,9 +4464,9 @@ def fused_loss_applies(model, lm_head, labels, logits_to_keep=0, stock_calls_los
         return False
     if applies and _plain_linear_run_by(lm_head) is None and _must_be_called_once(lm_head):
         _log_once(
-            "the LM head holds a parametrized weight or a quantization observer, which a call per loss chunk would "
-            "change, so it is called once on every token as stock calls it: the training loss holds the "
-            "[tokens, vocab] logits"
+            "the LM head holds a parametrized weight or quantizes by statistics of its whole input, which a call "
+            "per loss chunk would change, so it is called once on every token as stock calls it: the training "
+            "loss holds the [tokens, vocab] logits"
         )
         return False
     return applies
@@ -5748,7 +5769,9 @@ def _recompute_wanted(normed: torch.Tensor, recompute: Optional[bool]) -> bool:
 
 
 def _norm_output_can_be_recomputed(normed: torch.Tensor) -> bool:
-    if not torch.is_grad_enabled() or _is_tracing() or not normed.is_contiguous() or normed.storage_offset() != 0:
+    if not torch.is_grad_enabled() or _is_tracing() or type(normed) is not torch.Tensor:
+        return False
+    if not normed.is_contiguous() or normed.storage_offset() != 0:
         return False
     top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     if top_hooks is None:
@@ -5775,7 +5798,8 @@ class _NormOutputRecipe:
         key = (normed.untyped_storage().data_ptr(), normed.device, normed.dtype)
 
         def pack(tensor: torch.Tensor):
-            if tensor.layout != torch.strided or tensor.is_nested:
+            # a wrapper subclass (optimum-quanto's weights) has no storage to compare
+            if type(tensor) not in _PLAIN_TENSOR_TYPES or tensor.layout != torch.strided or tensor.is_nested:
                 return tensor.detach()
             if (tensor.untyped_storage().data_ptr(), tensor.device, tensor.dtype) != key:
                 return tensor.detach()
@@ -5910,8 +5934,8 @@ def sequence_tiled(modules, x: torch.Tensor, tile_size: int) -> torch.Tensor:
     owners = {id(owner): owner for owner in map(_owning_module, modules)}.values()
     if _must_be_called_once(*owners):
         _log_once(
-            "config.sequence_tile_size is off for modules with a parametrized weight or a quantization observer, "
-            "which a call per tile would change: they run as usual"
+            "config.sequence_tile_size is off for modules with a parametrized weight or that quantize by statistics "
+            "of their whole input, which a call per tile would change: they run as usual"
         )
         return _run_modules(modules, x)
     if _runs_without_saving("config.sequence_tile_size", owners):

@@ -38,6 +38,39 @@ class LinearOnlyWeight(torch.Tensor):
         return super().__torch_function__(func, types, args, kwargs)
 
 
+class LookupOnlyWeight(torch.Tensor):
+    """A frozen table that, like torchao's quantized tensors, runs ``F.embedding`` and no slicing."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.embedding:
+            ids, weight, *rest = args
+            return F.embedding(ids, weight.as_subclass(torch.Tensor), *rest, **kwargs)
+        if func is torch.Tensor.__getitem__:
+            raise NotImplementedError("LookupOnlyWeight runs F.embedding only, not slicing")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+class StoragelessWeight(torch.Tensor):
+    """A frozen weight with no storage of its own (a wrapper around a plain tensor), as optimum-quanto's
+    quantized weights are."""
+
+    @staticmethod
+    def __new__(cls, inner: torch.Tensor):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner: torch.Tensor):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.detach.default, torch.ops.aten.t.default):  # stay wrapped, as quanto's do
+            return StoragelessWeight(func(args[0].inner))
+        unwrap = lambda value: value.inner if isinstance(value, StoragelessWeight) else value  # noqa: E731
+        return func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+
+
 def pair_copy(family_pairs, name: str) -> tuple:
     stock, ours, _ = family_pairs[name]
     return copy.deepcopy(stock), copy.deepcopy(ours)
@@ -451,6 +484,31 @@ def test_bart_position_embeddings_take_stock_arguments_and_give_stock_shapes(fam
     with torch.no_grad():
         assert_close_rel(ours(**batch).logits, stock(**batch).logits, TOL, "logits with position 0 ablated")
     assert_same_training_step(stock, ours, batch)
+
+
+def test_bart_position_table_that_only_looks_up_trains_as_stock(family_pairs):
+    """A quantized position table (torchao's, which has no slicing) failed: ours read consecutive positions as
+    a slice of the table. Such a table is looked up, as stock does."""
+    stock, ours = pair_copy(family_pairs, "bart")
+    for model in (stock, ours):
+        for stack in (model.model.encoder, model.model.decoder):
+            table = stack.embed_positions
+            table.weight = torch.nn.Parameter(table.weight.detach().clone().as_subclass(LookupOnlyWeight), False)
+    assert_same_training_step(stock, ours, batch_for("bart", torch.Generator().manual_seed(34)))
+
+
+@pytest.mark.parametrize("name", ["llama", "bloom", "bart"])
+def test_weights_without_storage_train_with_norm_outputs_recomputed(family_pairs, name):
+    """The recompute's saved-tensor hook read the storage of every tensor saved while a norm's output was in
+    use: a weight without one (optimum-quanto's) failed there, with ``recompute_norm_outputs`` or a norm output
+    of 16 MiB."""
+    stock, ours = pair_copy(family_pairs, name)
+    for model in (stock, ours):
+        for module in model.modules():
+            if type(module) is torch.nn.Linear and module is not model.get_output_embeddings():
+                module.weight = torch.nn.Parameter(StoragelessWeight(module.weight.detach().clone()), False)
+    ours.config.recompute_norm_outputs = True
+    assert_same_training_step(stock, ours, batch_for(name, torch.Generator().manual_seed(35)))
 
 
 def test_continuous_batching_keywords_are_refused_by_name():

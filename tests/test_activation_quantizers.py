@@ -1,0 +1,158 @@
+"""Quantizers that scale activations by statistics of the whole tensor a module is given (one int8 scale per
+call, outlier columns chosen over every token, calibrated ranges): a call on part of the tokens (a padded
+batch run unpadded, a loss chunk, a sequence tile) would scale them otherwise, so such a model runs these
+modules on what stock gives them. The stand-ins carry the attributes by which the libraries' modules are known
+(torchao's QAT linears and quantized weights, optimum-quanto's modules, bitsandbytes' LLM.int8), and compute
+their kind of quantization with a straight-through gradient, so that every gradient is checked against stock.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from remote_code import assert_close_rel
+from test_fused_models import assert_same_training_step, batch_for, family_pairs  # noqa: F401 - a fixture
+
+
+def fake_int8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to int8 steps of one scale for the whole tensor; the gradient passes straight through."""
+    scale = x.detach().abs().amax().clamp_min(1e-6) / 127
+    return x + ((x / scale).round() * scale - x).detach()
+
+
+class ActivationFakeQuantizer(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_int8(x)
+
+
+class QATLinear(torch.nn.Linear):
+    """As torchao's QAT linear: the input goes through ``activation_fake_quantizer``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.activation_fake_quantizer(x), self.weight, self.bias)
+
+
+class QuantoLinear(torch.nn.Linear):
+    """As optimum-quanto's ``QLinear`` with ``activations=qint8``."""
+
+    activation_qtype = "qint8"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(fake_int8(x), self.weight, self.bias)
+
+
+class Linear8bitLt(torch.nn.Linear):
+    """As bitsandbytes' LLM.int8: feature columns with an entry above ``state.threshold`` in any token stay exact,
+    the others are quantized."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outliers = (x.detach().abs() > self.state.threshold).flatten(0, -2).any(0)
+        return F.linear(torch.where(outliers, x, fake_int8(x)), self.weight, self.bias)
+
+
+class DynamicActivationWeight(torch.Tensor):
+    """As torchao's weights that quantize the input of each ``F.linear`` (``act_quant_kwargs`` set), in a bare
+    ``nn.Linear``."""
+
+    act_quant_kwargs = "per tensor"
+
+    @classmethod
+    def __torch_function__(cls, func, types=(), args=(), kwargs=None):
+        if func is F.linear:
+            x, weight, *rest = args
+            return F.linear(fake_int8(x), weight.as_subclass(torch.Tensor), *rest, **(kwargs or {}))
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def qat(module: torch.nn.Linear) -> None:
+    module.__class__ = QATLinear
+    module.activation_fake_quantizer = ActivationFakeQuantizer()
+
+
+def quanto(module: torch.nn.Linear) -> None:
+    module.__class__ = QuantoLinear
+
+
+def int8_with_outliers(module: torch.nn.Linear) -> None:
+    module.__class__ = Linear8bitLt
+    module.state = types.SimpleNamespace(threshold=0.5)
+
+
+def dynamic_activations(module: torch.nn.Linear) -> None:
+    frozen = module.weight.detach().clone().as_subclass(DynamicActivationWeight)
+    module.weight = torch.nn.Parameter(frozen, requires_grad=False)
+
+
+QUANTIZERS = {"torchao QAT": qat, "optimum-quanto": quanto, "bitsandbytes int8": int8_with_outliers,
+              "torchao dynamic": dynamic_activations}
+TILED = {"llama": "model.layers.0.mlp.down_proj", "bloom": "transformer.h.1.mlp.dense_4h_to_h",
+         "bart": "model.encoder.layers.0.fc2"}
+PAD = 3
+
+
+def loud_padding(models: tuple, batch: dict) -> dict:
+    """The padded positions hold a token whose embedding is one spike, which stays one through the norms: the
+    largest activations of the batch are the padding's, and in stock a per-tensor scale sees them."""
+    for model in models:
+        with torch.no_grad():
+            model.get_input_embeddings().weight[PAD] = F.one_hot(torch.tensor(0), model.config.hidden_size) * 10.0
+    batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, PAD)
+    return batch
+
+
+CASES = [("llama", "padded"), ("gpt2", "padded"), ("bloom", "padded"), ("llama", "loss chunks"),
+         ("bart", "loss chunks"), ("llama", "tiles"), ("bloom", "tiles"), ("bart", "tiles")]
+
+
+@pytest.mark.parametrize("quantizer", list(QUANTIZERS))
+@pytest.mark.parametrize("name, case", CASES)
+def test_a_module_quantizing_by_its_whole_input_gets_it_whole_as_in_stock(family_pairs, name, case, quantizer):
+    """Unpadded, the head's scale left out the padding (losses 4e-4 to 4e-3 off); per loss chunk or tile each
+    part had its own scale or outlier columns (losses 2e-5 to 4e-4 off, BART's embedding gradient 3e-4)."""
+    stock, ours, _ = family_pairs[name]
+    stock, ours = copy.deepcopy(stock), copy.deepcopy(ours)
+    for model in (stock, ours):
+        QUANTIZERS[quantizer](model.get_submodule(TILED[name] if case == "tiles" else "lm_head"))
+    batch = batch_for(name, torch.Generator().manual_seed(41))
+    if case == "padded":
+        batch = loud_padding((stock, ours), batch)
+    else:
+        batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+    ours.config.loss_chunk_size = 4 if case == "loss chunks" else None
+    ours.config.sequence_tile_size = 4 if case == "tiles" else 0
+    assert_same_training_step(stock, ours, batch)
+
+
+def input_ranges(model, batch: dict) -> dict:
+    """The largest input magnitude of every linear in one eval forward, as calibration (optimum-quanto's, with
+    hooks for every module) records it."""
+    names = {id(module): name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    ranges = {}
+
+    def record(module, args, output):
+        if id(module) in names:
+            ranges[names[id(module)]] = max(ranges.get(names[id(module)], 0.0), float(args[0].abs().max()))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        with torch.no_grad():
+            model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        handle.remove()
+    return ranges
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom"])
+def test_calibration_by_hooks_for_every_module_sees_the_padded_batch_as_stock(family_pairs, name):
+    """Unpadded, the recorded ranges left out the padding's (a third smaller for the first layer and the head)."""
+    stock, ours, _ = family_pairs[name]
+    stock, ours = copy.deepcopy(stock), copy.deepcopy(ours)
+    batch = loud_padding((stock, ours), batch_for(name, torch.Generator().manual_seed(43)))
+    expected, got = input_ranges(stock, batch), input_ranges(ours, batch)
+    assert got.keys() == expected.keys() and "lm_head" in got
+    for module, value in expected.items():
+        assert_close_rel(torch.tensor(got[module]), torch.tensor(value), 1e-5, f"input range of {module}")
