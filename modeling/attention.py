@@ -5883,6 +5883,13 @@ def sequence_tiled(modules, x: torch.Tensor, tile_size: int) -> torch.Tensor:
     modules = tuple(modules)
     if not _tiles_apply(x, tile_size):
         return _run_modules(modules, x)
+    return _run_tiled(modules, x, tile_size)
+
+
+@torch.compiler.disable
+def _run_tiled(modules: tuple, x: torch.Tensor, tile_size: int) -> torch.Tensor:
+    """``sequence_tiled`` where tiles apply. Under ``torch.compile`` it runs between graphs (the tiles' RNG replay
+    cannot be traced), as one call: traced, Dynamo compiled it again for every module it tiles."""
     owners = {id(owner): owner for owner in map(_owning_module, modules)}.values()
     if _must_be_called_once(*owners):
         _log_once(
@@ -6026,6 +6033,7 @@ def _nested_tensors(value) -> list:
     return []
 
 
+@torch.compiler.disable
 def offloaded_checkpoint(
     layer: torch.nn.Module, function: Callable, hidden: torch.Tensor, *rest, keep_on_device: bool = False
 ) -> torch.Tensor:
@@ -6034,7 +6042,8 @@ def offloaded_checkpoint(
     parameters (PEFT LoRA included) and to tensors in ``rest`` itself (a decoder's encoder states, kept on the
     device); the other arguments (positions, masks, nested in ``rest`` or bound in ``function``) must not need
     gradients. A call that records attention weights runs as usual (its weights carry gradients only from the
-    layer's own graph)."""
+    layer's own graph). Under ``torch.compile`` it runs between graphs, as one call (traced, Dynamo compiled it
+    again for every layer)."""
     if not isinstance(hidden, torch.Tensor):
         raise TypeError("offloaded checkpoints need the hidden states as the first positional argument")
     bound = getattr(function, "keywords", None) or {}
