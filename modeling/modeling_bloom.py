@@ -3510,7 +3510,7 @@ def _takes_batch_statistics(module: torch.nn.Module) -> bool:
         return True
     if any(getattr(module, name, None) is not None for name in ("activation_qtype", "activation_fake_quantizer")):
         return True
-    weight = module._parameters.get("weight")
+    weight = module._parameters["weight"] if "weight" in module._parameters else None  # a ScriptModule's has no get
     if any(getattr(weight, name, None) is not None for name in ("act_quant_kwargs", "input_quant_func")):
         return True
     return type(module).__name__ == "Linear8bitLt" and getattr(getattr(module, "state", None), "threshold", 0) > 0
@@ -6099,7 +6099,6 @@ def _nested_tensors(value) -> list:
     return []
 
 
-@torch.compiler.disable
 def offloaded_checkpoint(
     layer: torch.nn.Module, function: Callable, hidden: torch.Tensor, *rest, keep_on_device: bool = False
 ) -> torch.Tensor:
@@ -6109,7 +6108,16 @@ def offloaded_checkpoint(
     device); the other arguments (positions, masks, nested in ``rest`` or bound in ``function``) must not need
     gradients. A call that records attention weights runs as usual (its weights carry gradients only from the
     layer's own graph). Under ``torch.compile`` it runs between graphs, as one call (traced, Dynamo compiled it
-    again for every layer)."""
+    again for every layer), and the layer with it; ``torch.export`` traces the layer as stock."""
+    if _computes_as_stock():
+        return function(hidden, *rest)
+    return _offloaded_checkpoint(layer, function, hidden, *rest, keep_on_device=keep_on_device)
+
+
+@torch.compiler.disable
+def _offloaded_checkpoint(
+    layer: torch.nn.Module, function: Callable, hidden: torch.Tensor, *rest, keep_on_device: bool = False
+) -> torch.Tensor:
     if not isinstance(hidden, torch.Tensor):
         raise TypeError("offloaded checkpoints need the hidden states as the first positional argument")
     bound = getattr(function, "keywords", None) or {}
@@ -6133,7 +6141,7 @@ def offloaded_checkpoint(
     params = [param for param in layer.parameters() if param.requires_grad]
     if not torch.is_grad_enabled() or not (hidden.requires_grad or params or slots):
         return function(hidden, *rest)
-    if _runs_without_saving("config.offload_checkpoints", [layer]) or _computes_as_stock():
+    if _runs_without_saving("config.offload_checkpoints", [layer]):
         return function(hidden, *rest)
     _say_hooks_see_no_gradients("config.offload_checkpoints", [layer])
     link = _CheckpointLink(getattr(hidden, _CHECKPOINT_LINK_ATTRIBUTE, None), keep_on_device)

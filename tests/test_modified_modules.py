@@ -182,6 +182,18 @@ def test_a_replaced_activation_runs_as_stock_runs_it(family_pairs, name):
     assert_same_training_step(stock, ours, batch_for(name, torch.Generator().manual_seed(14)))
 
 
+@pytest.mark.parametrize("tile_size", [0, 4])
+def test_a_scripted_activation_trains_as_stock(family_pairs, tile_size):
+    """A TorchScript module has no ``_parameters.get``: the check for activation quantizers failed on it in
+    every padded training forward and before tiles."""
+    stock, ours = pair_copy(family_pairs, "llama")
+    for model in (stock, ours):
+        for mlp in ACTIVATIONS["llama"](model):
+            mlp.act_fn = torch.jit.script(torch.nn.SiLU())
+    ours.config.sequence_tile_size = tile_size
+    assert_same_training_step(stock, ours, batch_for("llama", torch.Generator().manual_seed(36)))
+
+
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
 def test_a_hooked_activation_sees_every_call_with_stock_inputs(family_pairs, name):
     """An activation-recording hook (interpretability, pruning statistics) gets what stock's gets."""
