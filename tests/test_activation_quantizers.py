@@ -8,7 +8,6 @@ their kind of quantization with a straight-through gradient, so that every gradi
 
 from __future__ import annotations
 
-import copy
 import types
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from remote_code import assert_close_rel
 from test_fused_models import assert_same_training_step, batch_for, family_pairs  # noqa: F401 - a fixture
+from test_modified_modules import pair_copy
 
 
 def fake_int8(x: torch.Tensor) -> torch.Tensor:
@@ -113,8 +113,7 @@ CASES = [("llama", "padded"), ("gpt2", "padded"), ("bloom", "padded"), ("llama",
 def test_a_module_quantizing_by_its_whole_input_gets_it_whole_as_in_stock(family_pairs, name, case, quantizer):
     """Unpadded, the head's scale left out the padding (losses 4e-4 to 4e-3 off); per loss chunk or tile each
     part had its own scale or outlier columns (losses 2e-5 to 4e-4 off, BART's embedding gradient 3e-4)."""
-    stock, ours, _ = family_pairs[name]
-    stock, ours = copy.deepcopy(stock), copy.deepcopy(ours)
+    stock, ours = pair_copy(family_pairs, name)
     for model in (stock, ours):
         QUANTIZERS[quantizer](model.get_submodule(TILED[name] if case == "tiles" else "lm_head"))
     batch = batch_for(name, torch.Generator().manual_seed(41))
@@ -149,8 +148,7 @@ def input_ranges(model, batch: dict) -> dict:
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bloom"])
 def test_calibration_by_hooks_for_every_module_sees_the_padded_batch_as_stock(family_pairs, name):
     """Unpadded, the recorded ranges left out the padding's (a third smaller for the first layer and the head)."""
-    stock, ours, _ = family_pairs[name]
-    stock, ours = copy.deepcopy(stock), copy.deepcopy(ours)
+    stock, ours = pair_copy(family_pairs, name)
     batch = loud_padding((stock, ours), batch_for(name, torch.Generator().manual_seed(43)))
     expected, got = input_ranges(stock, batch), input_ranges(ours, batch)
     assert got.keys() == expected.keys() and "lm_head" in got
