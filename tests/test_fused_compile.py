@@ -35,16 +35,15 @@ def saved_storages(model, step) -> tuple:
     return result, Counter(storages.values())
 
 
-def assert_keeps_no_more(compiled: Counter, eager: Counter, buffer_reuse: float = 0.0, block: int = 1) -> None:
+def assert_keeps_no_more(compiled: Counter, eager: Counter, block: int = 1) -> None:
     """The compiled step keeps no more bytes than the eager one; on failure, what each kept that the other did not.
     ``block``: the allocator's rounding of each storage (CUDA's caching allocator: 512 bytes), so that a tensor
     Inductor keeps in a larger buffer freed before (BART's [2, 4, 13, 8] bf16 tensors, 1,664 bytes, in 2,048-byte
-    buffers) costs what it costs on the device. ``buffer_reuse``: the fraction more that such buffers may hold
-    beyond the rounding (seen on CUDA: BART's [2, 13, 48] bf16 tensors, 2,496 bytes, in 3,072-byte buffers)."""
+    buffers) costs what it costs on the device."""
     compiled_bytes, eager_bytes = (
         sum(-(-entry[0] // block) * block * n for entry, n in kept.items()) for kept in (compiled, eager)
     )
-    assert compiled_bytes <= eager_bytes * (1 + buffer_reuse), (
+    assert compiled_bytes <= eager_bytes, (
         compiled_bytes, eager_bytes, compiled - eager, eager - compiled
     )
 
@@ -175,7 +174,10 @@ def test_inductor_compiled_bf16_step_on_cuda_runs_our_triton_kernels_and_keeps_n
     batch = {key: value.cuda() for key, value in unpadded_batch(name, 21).items()}
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)  # Inductor
-    train_step(compiled, batch)
+    # Inductor pads a matmul's unaligned rows (26 tokens here) where its own timing of both says padding is
+    # faster, and then keeps the padded copy for backward: a choice that varies between machines, not ours.
+    with torch._inductor.config.patch(shape_padding=False):
+        train_step(compiled, batch)
     (eager, eager_grads), eager_saved = saved_storages(model, lambda: train_step(model, batch))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         (got, grads), compiled_saved = saved_storages(model, lambda: train_step(compiled, batch))
@@ -188,7 +190,7 @@ def test_inductor_compiled_bf16_step_on_cuda_runs_our_triton_kernels_and_keeps_n
     assert not layer._triton_failed and not layer._compile_failed
     opaque_calls = [key for key in kernels if key.split("::")[-1] in KERNEL_OPS]  # traced, not called
     assert not opaque_calls, opaque_calls
-    assert_keeps_no_more(compiled_saved, eager_saved, buffer_reuse=0.02, block=512)
+    assert_keeps_no_more(compiled_saved, eager_saved, block=512)
     assert_close_rel(got.loss.detach().float(), eager.loss.detach().float(), 1e-2, "compiled bf16 loss")
     for key, grad in eager_grads.items():
         if not key.endswith("k_proj.bias"):  # softmax ignores a key bias: rounding noise around 0 on both sides
