@@ -5556,8 +5556,10 @@ def _tiles(rows: int, tile_size: int) -> list:
 
 
 def _run_in_tiles(modules: tuple, x: torch.Tensor, tile_size: int) -> torch.Tensor:
-    """``modules`` over ``x`` ``[..., hidden]`` one tile of tokens at a time, written into one output tensor."""
-    flat = x.flatten(0, -2)
+    """``modules`` over ``x`` ``[..., hidden]`` one tile of tokens at a time, written into one output tensor.
+    Nothing here takes gradients; ``x`` is detached so that its tiles do not look like tensors that need them
+    (a view taken without gradients of one that needs them says it does, with no autograd node behind it)."""
+    flat = x.detach().flatten(0, -2)
     out = None
     for rows in _tiles(flat.shape[0], tile_size):
         tile = _run_modules(modules, flat[rows])
@@ -5590,7 +5592,7 @@ class _SequenceTiled(torch.autograd.Function):
         with ctx.state.replay():
             for rows in _tiles(flat.shape[0], ctx.tile_size):
                 tile = flat[rows].detach().requires_grad_(wants_input)
-                out = _run_modules(ctx.modules, tile)
+                out = _run_modules(ctx.modules, _behind_a_node(tile))
                 inputs = ([tile] if wants_input else []) + params
                 grads = list(torch.autograd.grad(out, inputs, grad_flat[rows], allow_unused=True))
                 if wants_input:
@@ -5598,6 +5600,13 @@ class _SequenceTiled(torch.autograd.Function):
                 sums = [_accumulate(total, grad) for total, grad in zip(sums, grads)]
         grad_params = [None if total is None else total.to(param.dtype) for total, param in zip(sums, params)]
         return (None, None, None if grad_x is None else grad_x.view_as(x), *grad_params)
+
+
+def _behind_a_node(tensor: torch.Tensor) -> torch.Tensor:
+    """A recomputed input as the output of an autograd node (a view of itself) when it requires gradients:
+    tools that watch a module input's gradient (``torch.utils.module_tracker``, run by ``FlopCounterMode``)
+    cannot set their hook on a leaf while ``autograd.grad`` runs."""
+    return tensor.view_as(tensor) if tensor.requires_grad else tensor
 
 
 def _accumulate(total: Optional[torch.Tensor], grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -6017,7 +6026,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ]
         hidden = hidden.requires_grad_(wants[0])
         with ctx.state.replay():
-            output = ctx.function(hidden, *_with_context(ctx.rest, ctx.slots, inputs[first_context:]))
+            context = [_behind_a_node(tensor) for tensor in inputs[first_context:]]
+            output = ctx.function(_behind_a_node(hidden), *_with_context(ctx.rest, ctx.slots, context))
         differentiable = [tensor for tensor, wanted in zip([hidden, *inputs], wants) if wanted]
         grads = iter(torch.autograd.grad(output, differentiable, grad_output, allow_unused=True))
         return (None, None, None, None, *(next(grads) if wanted else None for wanted in wants))

@@ -291,6 +291,31 @@ def test_forward_hooks_under_the_options_are_said_to_see_no_gradients(folders, m
         assert len(said) == 1 and said[0].startswith(f"config.{option}:"), said
 
 
+MLP_MODULE = {"llama": "model.layers.0.mlp", "qwen": "transformer.h.0.mlp", "gpt2": "transformer.h.0.mlp",
+              "bloom": "transformer.h.0.mlp", "bart": "model.encoder.layers.0.fc1"}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_flop_counter_around_a_step_with_the_options_counts_their_recompute(folders, family):
+    """``FlopCounterMode`` hooks every module (``ModuleTracker``): the tiles' inputs taken without gradients and
+    the inputs recomputed in backward made it fail (a view with no autograd node; a hook on a leaf while
+    ``autograd.grad`` runs). With both options the step equals the plain one, and the count includes the
+    layers run again in backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    expected = loss_and_grads(load(folders[family], family))
+    counts = []
+    for options in ({}, OPTIONS["tiled+offloaded"]):
+        with FlopCounterMode(display=False) as counter:
+            result = loss_and_grads(load(folders[family], family, **options))
+        counts.append((counter.get_total_flops(), counter.get_flop_counts()))
+    assert_same_loss_and_grads(result, expected, f"{family} tiled+offloaded under FlopCounterMode")
+    (plain, _), (with_options, per_module) = counts
+    assert with_options > plain, (with_options, plain)
+    mlp = next(name for name in per_module if name.endswith(MLP_MODULE[family]))
+    assert sum(per_module[mlp].values()) > 0, per_module[mlp]
+
+
 def recompiled_functions(run) -> list:
     """The names of the functions Dynamo compiles again while ``run()`` runs."""
     messages = []
