@@ -3003,6 +3003,7 @@ def attention(
     positions do). Padded or packed calls never build a ``[b, 1, q_len, k_len]`` mask except on ``eager``
     and for a user's 4-D mask; outputs at padded query positions are unspecified (zeros on varlen kernels).
     """
+    _refuse_context_parallel()
     mask = mask_tensor(attention_mask)
     requested = backend_from_config(None, backend)
     _check_are_tensors(q, k, v)
@@ -3022,6 +3023,23 @@ def attention(
     if requested == "auto":
         return _run_auto(q, k, v, call, mask, alibi_slopes, scale, options, name)
     return _run_requested(name, q, k, v, call, mask, alibi_slopes, scale, options)
+
+
+_CONTEXT_PARALLEL_MODULE = "torch.distributed.tensor.experimental._context_parallel._attention"
+
+
+def _refuse_context_parallel() -> None:
+    """torch's ``context_parallel`` shards the sequence over ranks and makes attention whole again by replacing
+    ``F.scaled_dot_product_attention`` (its record of replaced functions says so), which the kernels here do
+    not go through: each rank would attend to its own shard only, silently."""
+    if torch.compiler.is_compiling():
+        return
+    replaced = getattr(sys.modules.get(_CONTEXT_PARALLEL_MODULE), "_replaced_functions", None)
+    if replaced and F.scaled_dot_product_attention in replaced:
+        raise NotImplementedError(
+            "context parallel (torch.distributed.tensor.experimental.context_parallel) is not supported: it "
+            "reaches attention through F.scaled_dot_product_attention, which these kernels do not call"
+        )
 
 
 def _run_requested(name: str, q, k, v, call: AttentionCall, mask, alibi_slopes, scale, options: dict) -> torch.Tensor:
@@ -3206,13 +3224,15 @@ def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[t
     """A transformers 0/1 padding mask ``[b, k_len]`` as a bool keep-mask, or None when nothing is padded.
 
     Deciding "nothing is padded" reads the mask on the host, so while compiling or exporting the keep-mask
-    is always returned (the kernels take an all-True mask as well, at the price of a mask).
+    is always returned (the kernels take an all-True mask as well, at the price of a mask). A bool mask is
+    copied too: layers run again in backward (checkpoints, recomputed norms) read the keep-mask then, and the
+    caller may have changed their mask in place since (stock builds a mask of its own at every forward).
     """
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2:
         raise ValueError(f"expected a 2-D padding mask [batch, k_len], got shape {list(attention_mask.shape)}")
-    keep = attention_mask.bool()
+    keep = attention_mask.to(torch.bool, copy=True)
     if _is_tracing():
         return keep
     return None if bool(keep.all()) else keep
@@ -3348,6 +3368,24 @@ def packed_documents(
     return F.pad(starts.cumsum(-1, dtype=torch.int32), (1, 0)), position_ids
 
 
+def refuse_head_masks(keywords: dict) -> None:
+    """Head masks among a model's keyword arguments (``head_mask``, ``decoder_head_mask``,
+    ``cross_attn_head_mask``), which the fused kernels cannot take. transformers 4.x applies them (stock BLOOM
+    always, GPT-2 and BART on eager attention), so there one is refused by name rather than ignored;
+    transformers 5 ignores them, as ours do."""
+    names = ("head_mask", "decoder_head_mask", "cross_attn_head_mask")
+    given = [name for name in names if keywords.get(name) is not None]
+    if not given:
+        return
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ValueError(
+            f"{', '.join(given)} is not supported: the fused attention kernels take no per-head mask (transformers "
+            f"{transformers.__version__}'s stock eager attention applies it; transformers 5 ignores head masks)"
+        )
+
+
 def check_cache_type(past_key_values) -> None:
     """Refuses the legacy tuple-of-tuples cache with one clear error (every family, every transformers version)."""
     if isinstance(past_key_values, (tuple, list)):
@@ -3448,6 +3486,12 @@ class PaddedRows:
         embeds_by_token = type(input_embeddings) is torch.nn.Embedding and _runs_as_written(input_embeddings)
         if input_ids is not None and not embeds_by_token:
             input_ids, inputs_embeds = None, input_embeddings(input_ids)
+            if tuple(inputs_embeds.shape[:2]) != (self.batch, self.seq):
+                raise ValueError(
+                    f"the input embeddings gave {list(inputs_embeds.shape[:2])} for ids of [batch, sequence] "
+                    f"{[self.batch, self.seq]} (a sequence-parallel plan shards them): a padded batch runs unpadded "
+                    "only whole; set config.unpad_batches = False"
+                )
         if position_ids is None:
             position_ids = torch.arange(self.seq, device=self.indices.device)[None]
         return self.pack(input_ids), self.pack(inputs_embeds), self.pack(position_ids)
@@ -5037,10 +5081,13 @@ class _LayerNorm(torch.autograd.Function):
 
 class FusedLayerNorm(torch.nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters, state-dict keys and math) that runs the fused op (``_LayerNorm``:
-    Triton kernels on CUDA, one per direction) where it applies: in training mode (a recomputation in backward,
-    see ``after_norm``, then runs the same kernel as the forward), over one dim, with a weight and a bias of the
-    input's dtype, without autocast. Anything else, inference included (where aten's one kernel launches faster
-    than a Triton kernel), is stock's ``nn.LayerNorm``."""
+    Triton kernels on CUDA, one per direction) where it applies: in training mode or while gradients are
+    recorded (a recomputation in backward, see ``after_norm``, or a checkpointed layer's, then runs the same
+    kernel as the forward, even after ``model.eval()`` between the two), over one dim, with a weight and a bias
+    of the input's dtype, without autocast. Anything else, inference included (where aten's one kernel launches
+    faster than a Triton kernel), is stock's ``nn.LayerNorm``."""
+
+    recomputes_exactly = True  # see ``_runs_again_alike``
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fused_applies(x):
@@ -5056,7 +5103,7 @@ class FusedLayerNorm(torch.nn.LayerNorm):
 
     def _fused_applies(self, x: torch.Tensor) -> bool:
         return (
-            self.training
+            (self.training or torch.is_grad_enabled())
             and len(self.normalized_shape) == 1
             and self.weight is not None
             and self.bias is not None
@@ -5578,11 +5625,13 @@ def keeps_checkpoint_on_device(config, layer_index: int, num_layers: Optional[in
 
 
 class _ReplayState:
-    """Autocast settings and RNG states at the start of a forward, so a recompute in backward replays it exactly
-    (same dropout masks, same autocast dtype)."""
+    """Autocast settings, RNG states and the train/eval mode of ``modules`` (and every module inside them) at the
+    start of a forward, so a recompute in backward replays it exactly (same dropout masks, same autocast dtype),
+    also after ``model.eval()`` between forward and backward (a teacher's or a validation call)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, modules: tuple):
         self.device = device
+        self.modes = [(module, module.training) for owner in modules for module in owner.modules()]
         self.autocast = _autocast_enabled(device.type)
         self.autocast_dtype = torch.get_autocast_dtype(device.type) if self.autocast else None
         self.cpu_rng = torch.get_rng_state()
@@ -5597,8 +5646,19 @@ class _ReplayState:
                 torch.cuda.set_rng_state(self.cuda_rng, self.device)
             with torch.enable_grad(), torch.autocast(
                 self.device.type, dtype=self.autocast_dtype, enabled=self.autocast
-            ):
+            ), self._modes_of_the_forward():
                 yield
+
+    @contextmanager
+    def _modes_of_the_forward(self):
+        now = [module.training for module, _ in self.modes]
+        for module, training in self.modes:
+            module.training = training
+        try:
+            yield
+        finally:
+            for (module, _), training in zip(self.modes, now):
+                module.training = training
 
 
 def _owning_module(function) -> torch.nn.Module:
@@ -5637,7 +5697,8 @@ class _SequenceTiled(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, modules: tuple, tile_size: int, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        ctx.modules, ctx.tile_size, ctx.state = modules, tile_size, _ReplayState(x.device)
+        ctx.owners = tuple({id(owner): owner for owner in map(_owning_module, modules)}.values())
+        ctx.modules, ctx.tile_size, ctx.state = modules, tile_size, _ReplayState(x.device, ctx.owners)
         ctx.save_for_backward(x, *params)
         with torch.no_grad():
             return _run_in_tiles(modules, x, tile_size)
@@ -5645,6 +5706,7 @@ class _SequenceTiled(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         _refuse_double_backward("config.sequence_tile_size")
+        _refuse_gradient_hooks_added_since_forward("config.sequence_tile_size", ctx.owners)
         x, *params = ctx.saved_tensors
         wants_input = ctx.needs_input_grad[2]
         flat, grad_flat = x.flatten(0, -2), grad_out.flatten(0, -2)
@@ -5655,12 +5717,21 @@ class _SequenceTiled(torch.autograd.Function):
                 tile = flat[rows].detach().requires_grad_(wants_input)
                 out = _run_modules(ctx.modules, _behind_a_node(tile))
                 inputs = ([tile] if wants_input else []) + params
-                grads = list(torch.autograd.grad(out, inputs, grad_flat[rows], allow_unused=True))
+                grads = _gradients_or_none(out, inputs, grad_flat[rows])
                 if wants_input:
-                    grad_x[rows] = grads.pop(0)
+                    grad = grads.pop(0)
+                    grad_x[rows] = 0 if grad is None else grad
                 sums = [_accumulate(total, grad) for total, grad in zip(sums, grads)]
         grad_params = [None if total is None else total.to(param.dtype) for total, param in zip(sums, params)]
         return (None, None, None if grad_x is None else grad_x.view_as(x), *grad_params)
+
+
+def _gradients_or_none(output: torch.Tensor, inputs: list, grad_output: torch.Tensor) -> list:
+    """``output``'s gradients for ``inputs``, None for those it does not depend on: all of them when it needs
+    none (a module that ignores its input and has no trainable parameters, such as an ablated MLP)."""
+    if not output.requires_grad:
+        return [None] * len(inputs)
+    return list(torch.autograd.grad(output, inputs, grad_output, allow_unused=True))
 
 
 def _behind_a_node(tensor: torch.Tensor) -> torch.Tensor:
@@ -5773,12 +5844,21 @@ def _layer_of_normed(norm, x: torch.Tensor, normed: torch.Tensor, layer, recompu
     if not (
         _norm_output_can_be_recomputed(normed)
         and _recompute_wanted(normed, recompute)
-        and _is_plain_module(norm, type(norm))
+        and _runs_again_alike(norm)
     ):
         return layer(normed)
     recipe = _NormOutputRecipe(norm, x)
     with torch.autograd.graph.saved_tensors_hooks(recipe.pack_for(normed), recipe.unpack):
         return layer(normed)
+
+
+def _runs_again_alike(norm) -> bool:
+    """Whether a second call of ``norm`` computes what the first did and changes nothing: torch's LayerNorm or
+    RMSNorm, or a norm class of ours (its own ``recomputes_exactly``), called as written. A norm replaced by
+    something else (with dropout, a batch norm's running statistics, a subclass) is not run again."""
+    cls = type(norm)
+    known = cls in (torch.nn.LayerNorm, getattr(torch.nn, "RMSNorm", None)) or cls.__dict__.get("recomputes_exactly")
+    return bool(known) and _is_plain_module(norm, cls)
 
 
 def _recompute_wanted(normed: torch.Tensor, recompute: Optional[bool]) -> bool:
@@ -5839,7 +5919,7 @@ class _NormOutputRecipe:
         if self.value is None:
             dtype = self.autocast_dtype
             with torch.autocast(self.x.device.type, dtype=dtype, enabled=dtype is not None):
-                self.value = self.norm(self.x)
+                self.value = type(self.norm).forward(self.norm, self.x)  # as in forward: without hooks added since
         return self.value
 
 
@@ -5901,6 +5981,18 @@ _parameters_with_gradient_hooks._dynamo_marked_constant = True
 # torch 2.11's dynamo cannot hand a decoder layer (a module it does not specialize) to such a trace-time function:
 # the compile failed. There a compiled step does not see parameter hooks (README).
 _HOOKS_SEEN_WHILE_COMPILING = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 13)
+
+
+def _refuse_gradient_hooks_added_since_forward(what: str, modules: tuple) -> None:
+    """A forward that ran ``modules`` in tiles or an offloaded checkpoint saw no gradient hooks on their parameters
+    (``_runs_without_saving``); one registered since would run on every recompute's gradient and again on
+    their sum, where stock runs it once."""
+    if _parameters_with_gradient_hooks(*modules):
+        raise RuntimeError(
+            f"{what}: a gradient hook (Tensor.register_hook) was registered on a parameter after the forward that "
+            "ran it; its backward would run the hook more than once. Register it before the forward (those modules "
+            "then run as usual) or use register_post_accumulate_grad_hook"
+        )
 
 
 def _gradient_hooks_seen(modules) -> bool:
@@ -6024,7 +6116,11 @@ class _HostCopy:
     def fetch(self) -> torch.Tensor:
         """The tensor back on its device (ready for the current stream); the host copy is released."""
         if self._fetched:
-            raise RuntimeError("an offloaded checkpoint was fetched twice: backward ran twice through one forward")
+            raise RuntimeError(
+                "config.offload_checkpoints: backward ran twice through one forward (retain_graph=True, or two losses "
+                "of one forward backpropagated one after the other), and a layer's offloaded input is released by its "
+                "first backward: sum the losses and call backward once, or turn the option off for such steps"
+            )
         if self._on_device is None and self.device.type != "cuda":
             tensor = self.host.to(self.device, copy=True)
         else:
@@ -6061,9 +6157,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     tensor shared by every layer, not a per-layer activation."""
 
     @staticmethod
-    def forward(ctx, function: Callable, rest: tuple, slots: tuple, link: _CheckpointLink, hidden, *inputs):
-        ctx.function, ctx.rest, ctx.slots, ctx.link = function, rest, slots, link
-        ctx.state = _ReplayState(hidden.device)
+    def forward(ctx, function: Callable, layer, rest: tuple, slots: tuple, link: _CheckpointLink, hidden, *inputs):
+        ctx.function, ctx.layer, ctx.rest, ctx.slots, ctx.link = function, layer, rest, slots, link
+        ctx.state = _ReplayState(hidden.device, (layer,))
         link.copy = _HostCopy(hidden, link.keep_on_device)  # first, so that the copy overlaps this layer's compute
         with torch.no_grad():
             output = function(hidden, *_with_context(rest, slots, inputs[len(inputs) - len(slots) :]))
@@ -6075,11 +6171,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         _refuse_double_backward("config.offload_checkpoints")
+        _refuse_gradient_hooks_added_since_forward("config.offload_checkpoints", (ctx.layer,))
         inputs = list(ctx.saved_tensors)
         hidden = ctx.link.copy.fetch()
         if ctx.link.previous is not None:
             ctx.link.previous.copy.prefetch()
-        wants = ctx.needs_input_grad[4:]
+        wants = ctx.needs_input_grad[5:]
         first_context = len(inputs) - len(ctx.slots)
         context_wants = wants[1 + first_context :]
         inputs[first_context:] = [
@@ -6091,7 +6188,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             output = ctx.function(_behind_a_node(hidden), *_with_context(ctx.rest, ctx.slots, context))
         differentiable = [tensor for tensor, wanted in zip([hidden, *inputs], wants) if wanted]
         grads = iter(torch.autograd.grad(output, differentiable, grad_output, allow_unused=True))
-        return (None, None, None, None, *(next(grads) if wanted else None for wanted in wants))
+        return (None, None, None, None, None, *(next(grads) if wanted else None for wanted in wants))
 
 
 def _nested_tensors(value) -> list:
@@ -6153,7 +6250,9 @@ def _offloaded_checkpoint(
     context = [rest[slot] for slot in slots]
     rest = tuple(None if i in slots else arg for i, arg in enumerate(rest))
     extras: list = []
-    output = _OffloadedCheckpoint.apply(_hidden_states_of(function, extras), rest, slots, link, hidden, *params, *context)
+    output = _OffloadedCheckpoint.apply(
+        _hidden_states_of(function, extras), layer, rest, slots, link, hidden, *params, *context
+    )
     setattr(output, _CHECKPOINT_LINK_ATTRIBUTE, link)
     return (output, *extras[0]) if extras else output
 
@@ -6434,6 +6533,8 @@ def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
+    recomputes_exactly = True  # its output may be recomputed in backward (see after_norm)
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps

@@ -293,3 +293,23 @@ def test_qwen_refuses_logn_scaling_over_a_training_length_of_one():
     assert torch.isfinite(QWenLMHeadModel(config).eval()(torch.randint(3, 40, (1, 5))).logits).all()
     config.use_logn_attn, config.seq_length = True, None  # no training length given: the default one
     assert torch.isfinite(QWenLMHeadModel(config).eval()(torch.randint(3, 40, (1, 5))).logits).all()
+
+
+def test_context_parallel_is_refused_by_name(monkeypatch):
+    """torch's ``context_parallel`` replaces ``F.scaled_dot_product_attention`` and records the replacement; the
+    kernels here do not go through it, so each rank attended to its own shard of the sequence only (a wrong
+    loss, silently). Stand-in for the replacement, made as ``context_parallel`` makes it."""
+    import torch.nn.functional as F
+
+    context_parallel = importlib.import_module("torch.distributed.tensor.experimental._context_parallel._attention")
+    original = F.scaled_dot_product_attention
+
+    def replaced(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    q = torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", replaced)
+    assert kernel_layer.attention(q, q, q, causal=True).shape == q.shape  # another library's replacement runs
+    monkeypatch.setitem(context_parallel._replaced_functions, replaced, ("scaled_dot_product_attention", original))
+    with pytest.raises(NotImplementedError, match=re.escape("context parallel (torch.distributed.tensor.experimental")):
+        kernel_layer.attention(q, q, q, causal=True)

@@ -2,7 +2,8 @@
 only while it is the plain module they assume, and every other change runs as in stock. Quantized weights in a
 bare ``nn.Linear`` (torchao's tensor subclasses), a parametrized LM head (spectral norm), hooks for every
 module, replaced or hooked activations, GPT-2 position tables with options or wrappers, and blocks dropped or
-repeated (Qwen keeps a cache per place in its stack, as the original does; BLOOM refuses a block run twice).
+repeated (Qwen keeps a cache per place in its stack, as the original does; BLOOM refuses a block run twice),
+blocks wrapped by the user, MLPs ablated under sequence tiles, and eval mode set before a checkpointed backward.
 """
 
 from __future__ import annotations
@@ -621,3 +622,120 @@ def test_a_wrapped_head_with_a_spectral_norm_inside_is_called_once_as_stock(fami
         model.set_output_embeddings(torch.nn.Sequential(head))
     ours.config.loss_chunk_size = 4
     assert_same_training_step(stock, ours, batch_for(name, torch.Generator().manual_seed(33)))
+
+
+BLOCKS = {"llama": "model.layers", "gpt2": "transformer.h", "bloom": "transformer.h", "bart": "model.decoder.layers"}
+MLPS = {"llama": "mlp", "gpt2": "mlp"}
+
+
+class AdapterAroundBlock(torch.nn.Module):
+    """A block wrapped by the user: a bottleneck adapter added to its hidden states."""
+
+    def __init__(self, block: torch.nn.Module, hidden: int):
+        super().__init__()
+        self.block = block
+        torch.manual_seed(31)
+        self.down, self.up = torch.nn.Linear(hidden, 8), torch.nn.Linear(8, hidden)
+
+    def forward(self, *args, **kwargs):
+        out = self.block(*args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = hidden + self.up(F.relu(self.down(hidden)))
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_a_block_wrapped_in_a_module_of_the_users_trains_as_stock(family_pairs, name):
+    """GPT-2 read ``gradient_checkpointing`` of every block: a wrapped one made each training forward fail."""
+    def wrap_second_block(model):
+        blocks = model.get_submodule(BLOCKS[name])
+        blocks[1] = AdapterAroundBlock(blocks[1], model.config.hidden_size)
+
+    stock, ours = modify_both(pair_copy(family_pairs, name), wrap_second_block)
+    assert_same_training_step(stock, ours, batch_for(name, torch.Generator().manual_seed(24)))
+
+
+class ZeroMLP(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+class LearnedConstantMLP(torch.nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.value = torch.nn.Parameter(torch.linspace(-0.1, 0.2, hidden))
+
+    def forward(self, x):
+        return self.value.expand_as(x) * 1.0
+
+
+@pytest.mark.parametrize("ablation", ["zeros", "learned constant"])
+@pytest.mark.parametrize("name", sorted(MLPS))
+def test_an_ablated_mlp_trains_with_sequence_tiles_as_stock(family_pairs, name, ablation):
+    """An MLP whose output does not depend on its input: the tiles' backward asked autograd for gradients of an
+    output that needs none (zeros) or wrote a missing input gradient (a learned constant), and failed."""
+    def ablate(model):
+        for block in model.get_submodule(BLOCKS[name]):
+            hidden = model.config.hidden_size
+            setattr(block, MLPS[name], ZeroMLP() if ablation == "zeros" else LearnedConstantMLP(hidden))
+        model.config.sequence_tile_size = 4
+
+    stock, ours = modify_both(pair_copy(family_pairs, name), ablate)
+    assert_same_training_step(stock, ours, batch_for(name, torch.Generator().manual_seed(25)))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bloom", "bart"])
+def test_eval_mode_between_forward_and_backward_with_checkpointing_trains_as_stock(family_pairs, name):
+    """A teacher or validation call switches the model to eval before the student's backward: the layer norm
+    took stock's path when the checkpointed layers ran again, which saved other tensors than the forward did,
+    and backward failed (torch's CheckpointError)."""
+    stock, ours = pair_copy(family_pairs, name)
+    batch = batch_for(name, torch.Generator().manual_seed(26))
+    steps = []
+    for model in (stock, ours):
+        model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        model.eval()
+        loss.backward()
+        steps.append((loss.detach(), {key: p.grad.clone() for key, p in model.named_parameters() if p.grad is not None}))
+    (expected_loss, expected_grads), (loss, grads) = steps
+    assert_close_rel(loss, expected_loss, TOL, "loss")
+    assert grads.keys() == expected_grads.keys()
+    for key, grad in expected_grads.items():
+        if not key.endswith("k_proj.bias"):
+            assert_close_rel(grads[key], grad, TOL, f"grad of {key}")
+
+
+def keep_half_the_heads(model) -> None:
+    """Every BART attention's projections cut to the first half of its heads, as a tensor-parallel rank holds
+    them (column-wise q/k/v, row-wise out_proj)."""
+    for module in model.modules():
+        if not (hasattr(module, "q_proj") and hasattr(module, "out_proj")):
+            continue
+        half = module.q_proj.out_features // 2
+        for name in ("q_proj", "k_proj", "v_proj"):
+            full = getattr(module, name)
+            narrow = torch.nn.Linear(full.in_features, half)
+            narrow.weight.data, narrow.bias.data = full.weight.data[:half].clone(), full.bias.data[:half].clone()
+            setattr(module, name, narrow)
+        full = module.out_proj
+        narrow = torch.nn.Linear(half, full.out_features)
+        narrow.weight.data, narrow.bias.data = full.weight.data[:, :half].clone(), full.bias.data.clone()
+        module.out_proj = narrow
+
+
+def test_bart_attention_counts_its_heads_from_its_projections_as_stock(family_pairs):
+    """A tensor-parallel plan for BART (q/k/v column-wise, out_proj row-wise) leaves each rank half the heads;
+    ours viewed the projections with the config's head count and failed, stock counts them from the width."""
+    stock, ours = modify_both(pair_copy(family_pairs, "bart"), keep_half_the_heads)
+    assert_same_training_step(stock, ours, batch_for("bart", torch.Generator().manual_seed(27)))
+
+
+def test_input_embeddings_that_shard_the_sequence_are_refused_by_name_for_an_unpadded_batch(family_pairs):
+    """A sequence-parallel plan (torch's ``RowwiseParallel(output_layouts=Shard(1))`` on the embeddings) hands
+    each rank part of the sequence; packing it against the whole padding mask failed with a shape error."""
+    ours = pair_copy(family_pairs, "llama")[1]
+    ours.model.embed_tokens.register_forward_hook(lambda module, args, output: output[:, : output.shape[1] // 2])
+    with pytest.raises(ValueError, match=r"the input embeddings gave \[2, 6\] .* config.unpad_batches = False"):
+        ours.train()(**batch_for("llama", torch.Generator().manual_seed(28)))

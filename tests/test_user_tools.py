@@ -16,8 +16,8 @@ from transformers import AutoModel
 
 from memory_efficient_adapter.configuration_qwen import QWenConfig
 from memory_efficient_adapter.families import write_remote_code
-from remote_code import assert_close_rel
-from test_stock_behaviour import TOL, VOCAB, family_config, head_inputs, randomize_, stock_and_ours
+from remote_code import TRANSFORMERS_5, assert_close_rel, relative_error
+from test_stock_behaviour import TOL, VOCAB, family_config, head_inputs, randomize_, stock_and_ours, token_inputs
 
 try:
     from transformers.integrations.neftune import neftune_post_forward_hook
@@ -299,3 +299,30 @@ def test_an_auto_map_entry_this_transformers_lacks_does_not_stop_saving(tmp_path
     model.save_pretrained(tmp_path)
     assert (tmp_path / "modeling_gpt2.py").is_file()
     assert GPT2LMHeadModel._auto_class == "AutoModelForCausalLM"
+
+
+HEAD_MASKED = {"gpt2": "GPT2LMHeadModel", "bloom": "BloomForCausalLM", "bart": "BartForConditionalGeneration"}
+
+
+@pytest.mark.parametrize("family", sorted(HEAD_MASKED))
+def test_a_head_mask_is_refused_where_stock_applies_it_and_ignored_where_stock_ignores_it(family, tmp_path):
+    """transformers 4.x's stock eager attention applies a head mask (BLOOM's always); ours took it in ``**kwargs``
+    and ignored it (BLOOM's logits 13% off stock's). There ours refuse it by name; transformers 5 ignores head
+    masks, and so do ours."""
+    stock, ours = stock_and_ours(family, HEAD_MASKED[family], tmp_path)
+    inputs = token_inputs(family)
+    inputs.pop("attention_mask")
+    config = ours.config
+    layers, heads = (config.encoder_layers, config.encoder_attention_heads) if family == "bart" else (
+        config.num_hidden_layers, config.num_attention_heads)
+    head_mask = torch.ones(layers, heads)
+    head_mask[0, 1] = head_mask[layers - 1, 0] = 0.0
+    with torch.no_grad():
+        stock_logits, stock_masked = (stock(**inputs, **extra).logits for extra in ({}, {"head_mask": head_mask}))
+        if TRANSFORMERS_5:
+            assert torch.equal(stock_masked, stock_logits)
+            assert torch.equal(ours(**inputs, head_mask=head_mask).logits, ours(**inputs).logits)
+            return
+        assert relative_error(stock_masked, stock_logits) > 1e-3
+        with pytest.raises(ValueError, match="head_mask is not supported: the fused attention kernels"):
+            ours(**inputs, head_mask=head_mask)
