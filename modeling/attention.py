@@ -3341,7 +3341,8 @@ def check_cache_not_dropped(past_key_values, layers, training: bool) -> None:
     them. Stock fails there on a shape mismatch."""
     if not training or past_key_values is None:
         return
-    if not any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+    checkpointed = (getattr(module, "gradient_checkpointing", False) is True for layer in layers for module in layer.modules())
+    if not any(checkpointed):  # a layer wrapped by the user (an adapter around it) included
         return
     cached = past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 0
     if cached:
@@ -5570,7 +5571,7 @@ class _ReplayState:
 
     def __init__(self, device: torch.device, modules: tuple):
         self.device = device
-        self.modes = [(module, module.training) for owner in modules for module in owner.modules()]
+        self.modes = _train_modes(modules)
         self.autocast = _autocast_enabled(device.type)
         self.autocast_dtype = torch.get_autocast_dtype(device.type) if self.autocast else None
         self.cpu_rng = torch.get_rng_state()
@@ -5585,19 +5586,27 @@ class _ReplayState:
                 torch.cuda.set_rng_state(self.cuda_rng, self.device)
             with torch.enable_grad(), torch.autocast(
                 self.device.type, dtype=self.autocast_dtype, enabled=self.autocast
-            ), self._modes_of_the_forward():
+            ), _train_modes_restored(self.modes):
                 yield
 
-    @contextmanager
-    def _modes_of_the_forward(self):
-        now = [module.training for module, _ in self.modes]
-        for module, training in self.modes:
+
+def _train_modes(modules) -> list:
+    """``(module, module.training)`` for ``modules`` and every module inside them."""
+    return [(module, module.training) for owner in modules for module in owner.modules()]
+
+
+@contextmanager
+def _train_modes_restored(modes: list):
+    """The modules in the train/eval modes ``modes`` recorded (``_train_modes``), and back to their current ones
+    after: a recompute in backward runs them as the forward did, also after ``model.eval()`` in between."""
+    now = [module.training for module, _ in modes]
+    for module, training in modes:
+        module.training = training
+    try:
+        yield
+    finally:
+        for (module, _), training in zip(modes, now):
             module.training = training
-        try:
-            yield
-        finally:
-            for (module, _), training in zip(self.modes, now):
-                module.training = training
 
 
 def _owning_module(function) -> torch.nn.Module:
@@ -5824,11 +5833,12 @@ def _norm_output_can_be_recomputed(normed: torch.Tensor) -> bool:
 
 
 class _NormOutputRecipe:
-    """Saved for backward in place of a norm's output (and its views): the norm, its input and the forward's
-    autocast state. The first unpack runs the norm again; the result lives while a saved slot refers to it."""
+    """Saved for backward in place of a norm's output (and its views): the norm, its input, its train/eval mode and
+    the forward's autocast state. The first unpack runs the norm again; the result lives while a saved slot
+    refers to it."""
 
     def __init__(self, norm, x: torch.Tensor):
-        self.norm, self.x = norm, x
+        self.norm, self.x, self.modes = norm, x, _train_modes((norm,))
         self.autocast_dtype = _autocast_dtype(x.device.type)
         self.value: Optional[torch.Tensor] = None
 
@@ -5857,7 +5867,9 @@ class _NormOutputRecipe:
     def recomputed(self) -> torch.Tensor:
         if self.value is None:
             dtype = self.autocast_dtype
-            with torch.autocast(self.x.device.type, dtype=dtype, enabled=dtype is not None):
+            with torch.autocast(self.x.device.type, dtype=dtype, enabled=dtype is not None), _train_modes_restored(
+                self.modes
+            ):
                 self.value = type(self.norm).forward(self.norm, self.x)  # as in forward: without hooks added since
         return self.value
 

@@ -739,3 +739,19 @@ def test_input_embeddings_that_shard_the_sequence_are_refused_by_name_for_an_unp
     ours.model.embed_tokens.register_forward_hook(lambda module, args, output: output[:, : output.shape[1] // 2])
     with pytest.raises(ValueError, match=r"the input embeddings gave \[2, 6\] .* config.unpad_batches = False"):
         ours.train()(**batch_for("llama", torch.Generator().manual_seed(28)))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bloom"])
+def test_wrapped_checkpointed_blocks_refuse_to_continue_a_cache_in_training_by_name(family_pairs, name):
+    """The refusal looked for checkpointing on the stack's entries only: with each block wrapped, a training
+    forward dropped a filled cache silently (the prefix left out; stock fails on a shape mismatch)."""
+    ours = pair_copy(family_pairs, name)[1].eval()
+    ids = torch.randint(3, 97, (1, 8), generator=torch.Generator().manual_seed(29))
+    with torch.no_grad():
+        cache = ours(ids[:, :5], use_cache=True).past_key_values
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    blocks = ours.get_submodule(BLOCKS[name])
+    for index in range(len(blocks)):
+        blocks[index] = AdapterAroundBlock(blocks[index], ours.config.hidden_size)
+    with pytest.raises(ValueError, match="cannot continue a cache: its layers run without past_key_values"):
+        ours.train()(ids[:, 5:], past_key_values=cache, labels=ids[:, 5:])
