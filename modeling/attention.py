@@ -3341,8 +3341,7 @@ def check_cache_not_dropped(past_key_values, layers, training: bool) -> None:
     them. Stock fails there on a shape mismatch."""
     if not training or past_key_values is None:
         return
-    checkpointed = (getattr(module, "gradient_checkpointing", False) is True for layer in layers for module in layer.modules())
-    if not any(checkpointed):  # a layer wrapped by the user (an adapter around it) included
+    if not _checkpointed(layers):
         return
     cached = past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 0
     if cached:
@@ -3537,7 +3536,15 @@ def _needs_its_padded_rows(model: torch.nn.Module) -> bool:
 
 def _drops_its_cache(model) -> bool:
     """Training with gradient checkpointing: the forward builds no cache, whatever ``use_cache`` says (as stock)."""
-    return model.training and any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+    return model.training and _checkpointed((model,))
+
+
+def _checkpointed(modules) -> bool:
+    """Whether a module among ``modules`` or inside one (a layer wrapped by the user included) is checkpointed
+    (``gradient_checkpointing_enable`` or ``config.offload_checkpoints``)."""
+    return any(
+        getattr(module, "gradient_checkpointing", False) is True for owner in modules for module in owner.modules()
+    )
 
 
 def padded_rows(
@@ -5641,12 +5648,15 @@ def _run_in_tiles(modules: tuple, x: torch.Tensor, tile_size: int) -> torch.Tens
 class _SequenceTiled(torch.autograd.Function):
     """Position-wise ``modules`` over tiles of the sequence. Forward keeps only the input; backward recomputes one
     tile at a time and takes its gradients at once, so no tile's intermediates outlive it. The trainable
-    parameters are inputs of the function, so their gradients flow through autograd like any other."""
+    parameters are inputs of the function, so their gradients flow through autograd like any other. ``owners``:
+    the modules whose parameters ``modules`` use (``_owning_module``), whose train/eval mode the recompute replays."""
 
     @staticmethod
-    def forward(ctx, modules: tuple, tile_size: int, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        ctx.owners = tuple({id(owner): owner for owner in map(_owning_module, modules)}.values())
-        ctx.modules, ctx.tile_size, ctx.state = modules, tile_size, _ReplayState(x.device, ctx.owners)
+    def forward(
+        ctx, modules: tuple, owners: tuple, tile_size: int, x: torch.Tensor, *params: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.modules, ctx.owners, ctx.tile_size = modules, owners, tile_size
+        ctx.state = _ReplayState(x.device, owners)
         ctx.save_for_backward(x, *params)
         with torch.no_grad():
             return _run_in_tiles(modules, x, tile_size)
@@ -5656,7 +5666,7 @@ class _SequenceTiled(torch.autograd.Function):
         _refuse_double_backward("config.sequence_tile_size")
         _refuse_gradient_hooks_added_since_forward("config.sequence_tile_size", ctx.owners)
         x, *params = ctx.saved_tensors
-        wants_input = ctx.needs_input_grad[2]
+        wants_input = ctx.needs_input_grad[3]
         flat, grad_flat = x.flatten(0, -2), grad_out.flatten(0, -2)
         grad_x = torch.empty_like(flat) if wants_input else None
         sums = [None] * len(params)
@@ -5671,7 +5681,7 @@ class _SequenceTiled(torch.autograd.Function):
                     grad_x[rows] = 0 if grad is None else grad
                 sums = [_accumulate(total, grad) for total, grad in zip(sums, grads)]
         grad_params = [None if total is None else total.to(param.dtype) for total, param in zip(sums, params)]
-        return (None, None, None if grad_x is None else grad_x.view_as(x), *grad_params)
+        return (None, None, None, None if grad_x is None else grad_x.view_as(x), *grad_params)
 
 
 def _gradients_or_none(output: torch.Tensor, inputs: list, grad_output: torch.Tensor) -> list:
@@ -5805,7 +5815,7 @@ def _runs_again_alike(norm) -> bool:
     RMSNorm, or a norm class of ours (its own ``recomputes_exactly``), called as written. A norm replaced by
     something else (with dropout, a batch norm's running statistics, a subclass) is not run again."""
     cls = type(norm)
-    known = cls in (torch.nn.LayerNorm, getattr(torch.nn, "RMSNorm", None)) or cls.__dict__.get("recomputes_exactly")
+    known = cls in (torch.nn.LayerNorm, torch.nn.RMSNorm) or cls.__dict__.get("recomputes_exactly")
     return bool(known) and _is_plain_module(norm, cls)
 
 
@@ -6003,7 +6013,7 @@ def sequence_tiled(modules, x: torch.Tensor, tile_size: int) -> torch.Tensor:
 def _run_tiled(modules: tuple, x: torch.Tensor, tile_size: int) -> torch.Tensor:
     """``sequence_tiled`` where tiles apply. Under ``torch.compile`` it runs between graphs (the tiles' RNG replay
     cannot be traced), as one call: traced, Dynamo compiled it again for every module it tiles."""
-    owners = {id(owner): owner for owner in map(_owning_module, modules)}.values()
+    owners = tuple({id(owner): owner for owner in map(_owning_module, modules)}.values())
     if _must_be_called_once(*owners):
         _log_once(
             "config.sequence_tile_size is off for modules with a parametrized weight or that quantize by statistics "
@@ -6016,7 +6026,7 @@ def _run_tiled(modules: tuple, x: torch.Tensor, tile_size: int) -> torch.Tensor:
     if not torch.is_grad_enabled() or not (x.requires_grad or params):
         return _run_in_tiles(modules, x, tile_size)
     _say_hooks_see_no_gradients("config.sequence_tile_size", owners)
-    return _SequenceTiled.apply(modules, tile_size, x, *params)
+    return _SequenceTiled.apply(modules, owners, tile_size, x, *params)
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":
