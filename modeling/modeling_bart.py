@@ -3383,11 +3383,22 @@ def check_cache_not_dropped(past_key_values, layers, training: bool) -> None:
     """Refuses a filled cache in a training forward whose layers are checkpointed (``gradient_checkpointing_enable``
     or ``config.offload_checkpoints``): transformers' checkpointed layers run without the cache (their recompute
     in backward would write it twice), so the cached tokens would silently be left out while positions count
-    them. Stock fails there on a shape mismatch."""
+    them. Stock fails there on a shape mismatch.
+
+    Without gradients (``generate()`` with the model left in train mode), a cache is refused even while empty: the
+    layers would not fill it, so every later step would attend to its new tokens only (stock silently generates
+    from them)."""
     if not training or past_key_values is None:
         return
     if not _checkpointed(layers):
         return
+    if not torch.is_grad_enabled():
+        raise ValueError(
+            "a forward with a cache (generate() uses one) on a model in train mode whose layers are checkpointed "
+            "(gradient checkpointing or config.offload_checkpoints): those layers run without past_key_values, so "
+            "the cache would stay empty and later steps would see only their new tokens. Call model.eval() before "
+            "generating (or pass use_cache=False)"
+        )
     cached = past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 0
     if cached:
         raise ValueError(

@@ -4,7 +4,9 @@ and masks that must cover exactly the cached and new tokens.
 transformers' checkpointed layers run without the cache (a recompute in backward would write it twice): a
 training forward with checkpointed layers (``gradient_checkpointing_enable`` or ``config.offload_checkpoints``)
 that continues a filled cache is refused by name, where it silently left the cached tokens out (stock fails on a
-shape mismatch with gradient checkpointing, and has no offloaded checkpoints).
+shape mismatch with gradient checkpointing, and has no offloaded checkpoints). ``generate()`` on such a model left
+in train mode would build a cache the layers never fill: refused by name at its first step (stock generates from
+the newest token alone after the first step, silently).
 """
 
 from __future__ import annotations
@@ -74,6 +76,40 @@ def test_checkpointed_training_without_a_cache_still_trains_like_stock(family_pa
     expected = stock.train()(input_ids=answer, labels=answer, use_cache=True).loss
     got = ours.train()(input_ids=answer, labels=answer, use_cache=True)
     assert_close_rel(got.loss, expected.detach(), TOL, "loss")
+
+
+def checkpointed_in_train_mode(model, checkpointing: str):
+    model = copy.deepcopy(model)
+    if checkpointing == "gradient_checkpointing":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.offload_checkpoints = checkpointing == "offload_checkpoints"
+    return model.train()
+
+
+def greedy(model, prompt, **kwargs) -> torch.Tensor:
+    mask = torch.ones_like(prompt)
+    mask[0, :2] = 0
+    return model.generate(
+        input_ids=prompt, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=1,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("checkpointing", ["gradient_checkpointing", "offload_checkpoints"])
+@pytest.mark.parametrize("name", [*CAUSAL, "bart", "qwen"])
+def test_generate_in_train_mode_with_checkpointed_layers_is_refused_by_name_and_runs_without_a_cache(
+    family_pairs, name, checkpointing
+):
+    """Ours failed at the second step on a mask shape; without a cache (``use_cache=False``) it generates what eval
+    mode generates (every dropout of these models is 0)."""
+    model = random_model() if name == "qwen" else family_pairs[name][1]
+    prompt, _ = prompt_and_answer()
+    expected = greedy(copy.deepcopy(model).eval(), prompt)
+    training = checkpointed_in_train_mode(model, checkpointing)
+    with pytest.raises(ValueError, match=r"model in train mode whose layers are checkpointed .* Call model.eval\(\)"):
+        greedy(training, prompt)
+    assert torch.equal(greedy(training, prompt, use_cache=False), expected)
+    assert training.training
 
 
 def test_bloom_refuses_a_mask_longer_than_the_cached_and_new_tokens(family_pairs):
