@@ -568,8 +568,15 @@ def _describe(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence
 
 
 def _additive_hidden(mask: torch.Tensor) -> torch.Tensor:
-    """Positions an additive mask hides: -inf or the dtype's minimum (transformers' convention)."""
-    return mask <= torch.finfo(mask.dtype).min
+    """Positions an additive mask hides: -inf or the dtype's minimum (transformers' convention), and for a
+    float64 mask anything at or below float32's minimum, which a float32 softmax would read as -inf (every
+    backend then agrees, whatever the inputs' dtype)."""
+    return mask <= max(torch.finfo(mask.dtype).min, torch.finfo(torch.float32).min)
+
+
+def _additive_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An additive mask's entries in ``dtype``, the hidden ones 0 (the keep-mask hides them)."""
+    return mask.to(dtype).masked_fill(_additive_hidden(mask), 0.0)
 
 
 def _document_index(sequence_ids: torch.Tensor) -> torch.Tensor:
@@ -643,7 +650,7 @@ def _block_bias(
             bias = slopes * (k_pos - q_pos)
     if call.mask_kind == "additive":
         block = _mask_block(mask, rows, cols)
-        block = block.to(dtype).masked_fill(_additive_hidden(block), 0.0)
+        block = _additive_bias(block, dtype)
         bias = block if bias is None else bias + block
     return bias
 
@@ -1498,7 +1505,7 @@ def _flex_score_mod(call: AttentionCall, mask, alibi_slopes) -> Optional[Callabl
         offset = _flex_offset(call, slopes.device)
         terms.append(lambda b, h, q_idx, kv_idx: slopes[h] * (kv_idx - q_idx - offset))
     if call.mask_kind == "additive":
-        finite = mask.float().masked_fill(_additive_hidden(mask), 0.0)
+        finite = _additive_bias(mask, torch.float32)
         q_broadcast, h_broadcast, b_broadcast = finite.shape[2] == 1, finite.shape[1] == 1, finite.shape[0] == 1
         terms.append(
             lambda b, h, q_idx, kv_idx: finite[
@@ -4417,6 +4424,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
+def _check_loss_chunk_size(chunk_size, name: str = "chunk_size", alternative: str = "") -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{name} must be a positive int{alternative}, got {chunk_size!r}")
+
+
 def loss_chunk_size(
     config, vocab_size: int, dtype: torch.dtype = torch.float32, min_tokens: int = LOSS_CHUNK_MIN_TOKENS
 ) -> int:
@@ -4426,8 +4438,7 @@ def loss_chunk_size(
     768 at 151,936)."""
     explicit = getattr(config, "loss_chunk_size", None)
     if explicit is not None:
-        if isinstance(explicit, bool) or not isinstance(explicit, int) or explicit < 1:
-            raise ValueError(f"config.loss_chunk_size must be a positive int or None, got {explicit!r}")
+        _check_loss_chunk_size(explicit, "config.loss_chunk_size", " or None")
         return explicit
     rows = max(1, LOSS_CHUNK_BYTES // (torch.finfo(dtype).bits // 8 * vocab_size))
     return max(rows - rows % 64 if rows >= 64 else rows, min_tokens)
@@ -4623,6 +4634,7 @@ def linear_cross_entropy(
             f"linear_cross_entropy expects hidden [rows, d] and targets [rows], got {list(hidden.shape)} "
             f"and {list(targets.shape)}"
         )
+    _check_loss_chunk_size(chunk_size)
     targets = _token_ids(targets, hidden.device)
     _check_targets(targets, weight.shape[0], ignore_index)
     divisor = _loss_divisor(targets, num_items_in_batch, ignore_index, hidden.dtype)
@@ -4699,6 +4711,7 @@ def wrapped_head_cross_entropy(
     divisor of ``linear_cross_entropy``. The head is called on chunks of rows, each one checkpointed: its
     logits are freed once its loss is summed and recomputed (dropout included) in backward.
     """
+    _check_loss_chunk_size(chunk_size)
     targets = _token_ids(targets, hidden.device)
     divisor = _loss_divisor(targets, num_items_in_batch, ignore_index, hidden.dtype)
     chunk_loss = _chunk_loss_sum
@@ -5352,10 +5365,10 @@ def projected_activation(
 
     Fused where the activation has a fused form and ``projection`` is a plain ``projection_class`` (an
     ``nn.Linear``, or GPT-2's ``Conv1D`` whose weight is ``[in, out]``: ``transposed``); a wrapped or hooked
-    projection (PEFT LoRA, quantization) or another activation takes the stock path.
+    projection (PEFT LoRA, quantization), another activation or a single vector ``x`` takes the stock path.
     """
     kind = _fused_kind(name, gated=up is not None)
-    if kind is None or not _is_plain_module(projection, projection_class):
+    if kind is None or x.dim() < 2 or not _is_plain_module(projection, projection_class):
         return projection(activation(name, x, fallback) if up is None else gated_activation(name, x, up, fallback))
     weight = projection.weight.t() if transposed else projection.weight
     return _apply_as_autocast_would(_ActivationLinear, (x, up, weight, projection.bias), kind)
@@ -5433,8 +5446,8 @@ class _SharedInputLinears(torch.autograd.Function):
 def shared_input_projections(x: torch.Tensor, *projections: torch.nn.Module) -> tuple:
     """``tuple(projection(x) for projection in projections)``: one autograd node (``_SharedInputLinears``)
     when gradients are recorded and every projection is a plain ``nn.Linear``; a wrapped or hooked one (PEFT
-    LoRA, quantization) keeps the stock calls."""
-    if torch.is_grad_enabled() and all(_is_plain_module(projection) for projection in projections):
+    LoRA, quantization) keeps the stock calls, as does a single vector ``x``."""
+    if torch.is_grad_enabled() and x.dim() >= 2 and all(_is_plain_module(projection) for projection in projections):
         weights = tuple(projection.weight for projection in projections)
         biases = tuple(projection.bias for projection in projections)
         if any(t is not None and t.requires_grad for t in (x, *weights, *biases)):

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import memory_efficient_adapter as mea
+from remote_code import assert_close_rel
 kernel_layer = importlib.import_module("memory_efficient_adapter.attention")
 
 CPU_BACKENDS = ["sdpa", "chunked", "eager"]
@@ -641,6 +642,32 @@ def padded_case():
     keep[0, :2] = False  # left padding
     keep[1, 4:] = False  # right padding
     return q, k, v, keep
+
+
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "flex"])
+def test_a_float64_additive_mask_hides_what_float32_cannot_hold_on_every_backend(backend):
+    """-1e300 is finite in float64 but -inf in a float32 softmax: it hides its key, as float64's minimum does
+    (a row of only such entries is zeros). Backends disagreed: eager returned NaN, sdpa the uniform average
+    (with a gradient 160% off), chunked and flex zeros."""
+    generator = torch.Generator().manual_seed(31)
+    q, k, v = (torch.randn(2, 2, length, 8, generator=generator) for length in (4, 6, 6))
+    mask = torch.randn(2, 1, 4, 6, generator=generator, dtype=torch.float64)
+    mask[0, 0, 1] = -1e300  # every key of a row
+    mask[1, 0, 2, :3] = -1e300  # some keys of a row
+    mask[1, 0, 3, 4:] = torch.finfo(torch.float64).min
+    as_hidden = mask.masked_fill(mask == -1e300, torch.finfo(torch.float64).min)
+    leaves = [t.requires_grad_() for t in (q, k, v)] if backend != "flex" else []  # flex: no backward on CPU
+    with torch.set_grad_enabled(bool(leaves)):
+        out = mea.attention(q, k, v, attention_mask=mask, backend=backend)
+    reference_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = reference_attention(*reference_leaves, mask=as_hidden)
+    assert_close_rel(out.detach(), expected.detach().float(), 1e-5, backend)
+    assert torch.equal(out[0, :, 1], torch.zeros_like(out[0, :, 1]))
+    if leaves:
+        grad_out = torch.randn(out.shape, generator=generator)
+        expected_grads = torch.autograd.grad(expected, reference_leaves, grad_out.double())
+        for got, want in zip(torch.autograd.grad(out, leaves, grad_out), expected_grads, strict=True):
+            assert_close_rel(got, want.float(), 1e-5, f"{backend} gradient")
 
 
 @pytest.mark.parametrize(

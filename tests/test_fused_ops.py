@@ -208,6 +208,18 @@ def test_loss_chunk_size_by_vocab_and_from_config():
         ops.loss_chunk_size(config, 32000)
 
 
+@pytest.mark.parametrize("chunk_size", [0, -1, True, 2.0])
+def test_the_loss_functions_refuse_a_chunk_size_that_is_not_a_positive_int(chunk_size):
+    """``chunk_size=-1`` returned a loss of 0 and an unwritten hidden-state gradient (no chunk ran)."""
+    hidden, weight = torch.randn(5, 3, requires_grad=True), torch.randn(7, 3, requires_grad=True)
+    targets = torch.tensor([1, 2, -100, 6, 0])
+    with pytest.raises(ValueError, match=f"chunk_size must be a positive int, got {chunk_size!r}"):
+        ops.linear_cross_entropy(hidden, weight, targets, chunk_size=chunk_size)
+    head = torch.nn.Linear(3, 7)
+    with pytest.raises(ValueError, match=f"chunk_size must be a positive int, got {chunk_size!r}"):
+        ops.wrapped_head_cross_entropy(hidden, head, targets, chunk_size=chunk_size)
+
+
 def test_linear_cross_entropy_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="targets"):
         ops.linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), torch.zeros(3, dtype=torch.long))
@@ -397,6 +409,29 @@ def test_projected_activation_matches_float64_and_keeps_only_the_matmul_outputs(
     activation_sized = [shape for shape in kept if torch.Size(shape).numel() == x.numel()]
     stock_activation_sized = [shape for shape in stock_kept if torch.Size(shape).numel() == x.numel()]
     assert len(stock_activation_sized) > len(activation_sized)  # stock also keeps the activation for the weight
+
+
+def test_projected_activation_and_shared_input_projections_on_one_vector_compute_as_stock():
+    """A single vector (no rows): the backward flattened rows and failed; stock's calls take it."""
+    generator = torch.Generator().manual_seed(14)
+    x, up = torch.randn(12, generator=generator), torch.randn(12, generator=generator)
+    first, second = torch.nn.Linear(12, 7), torch.nn.Linear(12, 5)
+    act = transformers.activations.ACT2FN["silu"]
+    cases = {
+        "projected": (lambda x: ops.projected_activation("silu", x, first, act), lambda x: first(act(x))),
+        "gated": (lambda x: ops.projected_activation("silu", x, first, act, up=up), lambda x: first(act(x) * up)),
+        "shared": (lambda x: torch.cat(ops.shared_input_projections(x, first, second)),
+                   lambda x: torch.cat([first(x), second(x)])),
+    }
+    leaves = [first.weight, first.bias, second.weight]
+    for what, (ours, stock) in cases.items():
+        grad_out = torch.randn(stock(x).shape, generator=generator)
+        expected = torch.autograd.grad(stock(x.requires_grad_()), [x, *leaves], grad_out, allow_unused=True)
+        got = torch.autograd.grad(ours(x), [x, *leaves], grad_out, allow_unused=True)
+        for index, (g, want) in enumerate(zip(got, expected, strict=True)):
+            assert (g is None) == (want is None), f"{what}: grad {index}"
+            if want is not None:
+                assert_close_rel(g, want, TOL, f"{what}: grad {index}")
 
 
 class _WideTensorsAtBiasReduction(torch.utils._python_dispatch.TorchDispatchMode):
