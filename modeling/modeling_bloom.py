@@ -3204,6 +3204,21 @@ def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
     return slopes
 
 
+def _fresh_locks_in_forked_child() -> None:
+    """A process forked while another thread held one of the kernel layer's locks (a DataLoader worker, say)
+    would inherit it held, and wait on it forever (every BLOOM forward takes the slopes' lock): the child gets new
+    ones. What they guard stays as the fork found it (each cache is consistent between its statements)."""
+    global _sdpa_priority_lock, _causal_block_masks_lock, _cudnn_handles_lock, _demoted_lock, _slopes_lock
+    global _compiled_functions_lock
+    _sdpa_priority_lock, _causal_block_masks_lock, _cudnn_handles_lock = (threading.Lock() for _ in range(3))
+    _demoted_lock, _slopes_lock, _compiled_functions_lock = (threading.Lock() for _ in range(3))
+    _cudnn_plans._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_fresh_locks_in_forked_child)
+
+
 def _fake_tensor_mode_active() -> bool:
     detect = getattr(torch._guards, "detect_fake_mode", None)
     return detect is not None and detect() is not None
@@ -5662,13 +5677,15 @@ def keeps_checkpoint_on_device(config, layer_index: int, num_layers: Optional[in
 
 
 class _ReplayState:
-    """Autocast settings, RNG states and the train/eval mode of ``modules`` (and every module inside them) at the
-    start of a forward, so a recompute in backward replays it exactly (same dropout masks, same autocast dtype),
-    also after ``model.eval()`` between forward and backward (a teacher's or a validation call)."""
+    """Autocast settings, RNG states, and the train/eval mode and weights of ``modules`` (and every module inside
+    them) at the start of a forward, so a recompute in backward replays it exactly (same dropout masks, same
+    autocast dtype), also after ``model.eval()`` between forward and backward (a teacher's or a validation call)
+    and for a forward under ``torch.func.functional_call`` (EMA or fast weights)."""
 
     def __init__(self, device: torch.device, modules: tuple):
         self.device = device
         self.modes = _train_modes(modules)
+        self.tensors = _module_tensors(modules)
         self.autocast = _autocast_enabled(device.type)
         self.autocast_dtype = torch.get_autocast_dtype(device.type) if self.autocast else None
         self.cpu_rng = torch.get_rng_state()
@@ -5683,7 +5700,7 @@ class _ReplayState:
                 torch.cuda.set_rng_state(self.cuda_rng, self.device)
             with torch.enable_grad(), torch.autocast(
                 self.device.type, dtype=self.autocast_dtype, enabled=self.autocast
-            ), _train_modes_restored(self.modes):
+            ), _train_modes_restored(self.modes), _module_tensors_restored(self.tensors):
                 yield
 
 
@@ -5704,6 +5721,35 @@ def _train_modes_restored(modes: list):
     finally:
         for (module, _), training in zip(modes, now):
             module.training = training
+
+
+def _module_tensors(modules) -> list:
+    """``(module, slot, name, tensor)`` for every parameter and buffer of ``modules`` and the modules inside them,
+    as their forward reads them: under ``torch.func.functional_call``, the tensors it passed."""
+    return [
+        (module, slot, name, tensor)
+        for owner in modules
+        for module in owner.modules()
+        for slot in (module._parameters, module._buffers)
+        for name, tensor in slot.items()
+        if tensor is not None
+    ]
+
+
+@contextmanager
+def _module_tensors_restored(tensors: list):
+    """The modules computing with the tensors ``tensors`` recorded (``_module_tensors``), and with their current
+    ones after. A recompute in backward then uses the forward's weights also where the forward ran under
+    ``torch.func.functional_call``, which has put the modules' own back by then (gradients went to the wrong
+    tensors). Nothing is written where the tensors are the same (every other forward)."""
+    swapped = [(slot, name, slot.get(name), tensor) for _, slot, name, tensor in tensors if slot.get(name) is not tensor]
+    for slot, name, _, tensor in swapped:
+        slot[name] = tensor
+    try:
+        yield
+    finally:
+        for slot, name, now, _ in swapped:
+            slot[name] = now
 
 
 def _owning_module(function) -> torch.nn.Module:
@@ -5934,11 +5980,11 @@ def _norm_output_can_be_recomputed(normed: torch.Tensor) -> bool:
 
 class _NormOutputRecipe:
     """Saved for backward in place of a norm's output (and its views): the norm, its input, its train/eval mode and
-    the forward's autocast state. The first unpack runs the norm again; the result lives while a saved slot
+    weights and the forward's autocast state. The first unpack runs the norm again; the result lives while a saved slot
     refers to it."""
 
     def __init__(self, norm, x: torch.Tensor):
-        self.norm, self.x, self.modes = norm, x, _train_modes((norm,))
+        self.norm, self.x, self.modes, self.tensors = norm, x, _train_modes((norm,)), _module_tensors((norm,))
         self.autocast_dtype = _autocast_dtype(x.device.type)
         self.value: Optional[torch.Tensor] = None
 
@@ -5969,7 +6015,7 @@ class _NormOutputRecipe:
             dtype = self.autocast_dtype
             with torch.autocast(self.x.device.type, dtype=dtype, enabled=dtype is not None), _train_modes_restored(
                 self.modes
-            ):
+            ), _module_tensors_restored(self.tensors):
                 self.value = type(self.norm).forward(self.norm, self.x)  # as in forward: without hooks added since
         return self.value
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -642,6 +644,22 @@ def padded_case():
     keep[0, :2] = False  # left padding
     keep[1, 4:] = False  # right padding
     return q, k, v, keep
+
+
+def test_a_process_forked_while_another_thread_holds_the_slopes_lock_still_gets_slopes():
+    """A child forked while the lock was held (another thread building slopes) inherited it held and waited on it
+    forever in every BLOOM forward."""
+    with kernel_layer._slopes_lock:
+        pid = os.fork()
+        if pid == 0:  # the child: slopes within 30 s, or SIGALRM ends it; never back into pytest
+            code = 1
+            try:
+                signal.alarm(30)
+                code = 0 if torch.equal(kernel_layer.alibi_slopes(5), kernel_layer._build_alibi_slopes(5, None)) else 2
+            finally:
+                os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 @pytest.mark.parametrize("backend", [*CPU_BACKENDS, "flex"])

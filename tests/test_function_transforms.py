@@ -57,6 +57,37 @@ def test_torch_func_grad_of_a_padded_training_loss_matches_stock_backward(family
     assert_same_gradients(grads, expected_grads, name)
 
 
+def gradients_for_passed_tensors(model, batch: dict) -> dict:
+    """Gradients of the loss for tensors ``functional_call`` passes in place of the model's parameters (EMA or
+    MAML fast weights), taken by an ordinary backward after the call has put the model's own back."""
+    generator = torch.Generator().manual_seed(8)
+    passed = {
+        name: (param.detach() + 0.05 * torch.randn(param.shape, generator=generator)).requires_grad_()
+        for name, param in model.named_parameters()
+    }
+    loss = functional_call(model.train(), passed, kwargs=batch).loss
+    grads = torch.autograd.grad(loss, list(passed.values()), allow_unused=True)
+    return {name: grad for name, grad in zip(passed, grads, strict=True) if grad is not None}
+
+
+@pytest.mark.parametrize(
+    "options", [dict(recompute_norm_outputs=True), dict(sequence_tile_size=4), dict(offload_checkpoints=True)], ids=str
+)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_recomputes_in_backward_use_the_tensors_functional_call_passed(family_pairs, name, options):
+    """Recomputed with the model's own weights (norm outputs: gradients 5-8% off; tiles and offloaded layers:
+    no gradient at all for the passed tensors); stock without checkpointing is the reference."""
+    stock, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(4))
+    expected = gradients_for_passed_tensors(stock, batch)
+    ours = copy.deepcopy(ours)
+    for option, value in options.items():
+        setattr(ours.config, option, value)
+    got = gradients_for_passed_tensors(ours, batch)
+    assert_same_gradients(got, expected, f"{name} {options}")
+    assert all(param.grad is None for param in ours.parameters())
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_per_sample_gradients_with_vmap_match_one_backward_per_row(family_pairs, name):
     stock, ours, _ = family_pairs[name]
