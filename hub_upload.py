@@ -89,9 +89,8 @@ class HubUnreachable(ConnectionError):
 def check_backend(family: str, backend: str | None, name: str) -> None:
     """Refuse a default backend that cannot run the family's attention (it would fail at every forward)."""
     if backend in BACKENDS_WITHOUT_ALIBI and family in ALIBI_FAMILIES:
-        usable = [option for option in BACKENDS if option not in BACKENDS_WITHOUT_ALIBI]
         raise ConfigError(f"{name}: backend {backend!r} cannot run {family} (its attention uses ALiBi slopes, which "
-                          f"{backend} cannot take); use one of {usable}")
+                          f"{backend} cannot take); use auto, which picks a backend that takes them for every call")
 
 
 # --------------------------------------------------------------------------------------------------- configs

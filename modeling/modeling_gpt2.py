@@ -60,6 +60,7 @@ import hashlib
 import inspect
 import logging
 import math
+import operator
 import os
 import sys
 import threading
@@ -3404,26 +3405,20 @@ def check_cache_type(past_key_values) -> None:
         )
 
 
-def check_cache_not_dropped(past_key_values, layers, training: bool) -> None:
+def check_cache_not_dropped(
+    past_key_values, layers, training: bool, attention_mask: Optional[torch.Tensor] = None, inputs=None
+) -> None:
     """Refuses a filled cache in a training forward whose layers are checkpointed (``gradient_checkpointing_enable``
     or ``config.offload_checkpoints``): transformers' checkpointed layers run without the cache (their recompute
     in backward would write it twice), so the cached tokens would silently be left out while positions count
     them. Stock fails there on a shape mismatch.
 
-    Without gradients (``generate()`` with the model left in train mode), a cache is refused even while empty: the
-    layers would not fill it, so every later step would attend to its new tokens only (stock silently generates
-    from them)."""
-    if not training or past_key_values is None:
+    For the same reason such layers never fill a cache: refused are an empty cache too (``generate()`` with the
+    model left in train mode, a decode loop) and a forward whose 2-D ``attention_mask`` covers earlier tokens than
+    its ``inputs`` (ids or embeddings) without a cache (a later step of ``generate()`` where it passes none at
+    first). Each step would attend to its new tokens only (stock silently generates from them)."""
+    if not training or not _checkpointed(layers):
         return
-    if not _checkpointed(layers):
-        return
-    if not torch.is_grad_enabled():
-        raise ValueError(
-            "a forward with a cache (generate() uses one) on a model in train mode whose layers are checkpointed "
-            "(gradient checkpointing or config.offload_checkpoints): those layers run without past_key_values, so "
-            "the cache would stay empty and later steps would see only their new tokens. Call model.eval() before "
-            "generating (or pass use_cache=False)"
-        )
     cached = past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 0
     if cached:
         raise ValueError(
@@ -3432,6 +3427,25 @@ def check_cache_not_dropped(past_key_values, layers, training: bool) -> None:
             "Run the cached prefix in the same forward, or continue the cache with checkpointing off (PEFT's "
             "prefix tuning is such a cache)"
         )
+    if past_key_values is not None:
+        raise _cache_left_unfilled("a forward given a cache (generate() passes one)")
+    length = inputs.shape[1] if inputs is not None and inputs.dim() >= 2 else None
+    if length is not None and attention_mask is not None and attention_mask.dim() == 2:
+        if attention_mask.shape[-1] > length:
+            raise _cache_left_unfilled(
+                f"a forward whose attention_mask covers {attention_mask.shape[-1]} tokens, {length} of them new, "
+                "with no cached ones"
+            )
+
+
+def _cache_left_unfilled(what: str) -> ValueError:
+    return ValueError(
+        f"{what}, on a model in train mode whose layers are checkpointed (gradient checkpointing or "
+        "config.offload_checkpoints): those layers run without past_key_values, so a cache stays empty and each "
+        "step would see only its new tokens. Call model.eval() before generating or decoding (or pass "
+        "use_cache=False; gradient_checkpointing_disable() and config.offload_checkpoints = False turn "
+        "checkpointing off)"
+    )
 
 
 def selected_hidden_states(hidden_states: list, output_hidden_states) -> Optional[tuple]:
@@ -3620,12 +3634,31 @@ def _drops_its_cache(model) -> bool:
     return model.training and _checkpointed((model,))
 
 
+def use_cache_under_checkpointing(model, use_cache: bool) -> bool:
+    """``use_cache``, but False in training with checkpointed layers (said once): they run without the cache, so
+    it would come back empty, and a later call continuing it would leave the tokens before it out (as stock)."""
+    if use_cache and _drops_its_cache(model):
+        if not torch.compiler.is_compiling():  # a logging call would break the compiled graph
+            _log_once("use_cache=True is incompatible with gradient checkpointing; setting use_cache=False")
+        return False
+    return use_cache
+
+
 def _checkpointed(modules) -> bool:
-    """Whether a module among ``modules`` or inside one (a layer wrapped by the user included) is checkpointed
-    (``gradient_checkpointing_enable`` or ``config.offload_checkpoints``)."""
+    """Whether a layer among ``modules`` or inside one (wrapped by the user too) is checkpointed
+    (``gradient_checkpointing_enable`` or ``config.offload_checkpoints``) and in training: what transformers'
+    ``GradientCheckpointingLayer`` checks before it checkpoints (the models' own flag is not a layer's)."""
     return any(
-        getattr(module, "gradient_checkpointing", False) is True for owner in modules for module in owner.modules()
+        getattr(module, "gradient_checkpointing", False) is True and module.training and _is_checkpointing_layer(module)
+        for owner in modules
+        for module in owner.modules()
     )
+
+
+def _is_checkpointing_layer(module) -> bool:
+    """A transformers ``GradientCheckpointingLayer`` (named, not imported: the kernel layer loads without
+    transformers)."""
+    return any(cls.__name__ == "GradientCheckpointingLayer" for cls in type(module).__mro__)
 
 
 def padded_rows(
@@ -4437,9 +4470,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
-def _check_loss_chunk_size(chunk_size, name: str = "chunk_size", alternative: str = "") -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+def _loss_chunk_size_checked(chunk_size, name: str = "chunk_size", alternative: str = "") -> int:
+    """``chunk_size`` as an int (a numpy integer or a 0-d integer tensor too), or a ValueError naming it."""
+    try:
+        size = None if isinstance(chunk_size, bool) else operator.index(chunk_size)
+    except TypeError:
+        size = None
+    if size is None or size < 1:
         raise ValueError(f"{name} must be a positive int{alternative}, got {chunk_size!r}")
+    return size
 
 
 def loss_chunk_size(
@@ -4451,8 +4490,7 @@ def loss_chunk_size(
     768 at 151,936)."""
     explicit = getattr(config, "loss_chunk_size", None)
     if explicit is not None:
-        _check_loss_chunk_size(explicit, "config.loss_chunk_size", " or None")
-        return explicit
+        return _loss_chunk_size_checked(explicit, "config.loss_chunk_size", " or None")
     rows = max(1, LOSS_CHUNK_BYTES // (torch.finfo(dtype).bits // 8 * vocab_size))
     return max(rows - rows % 64 if rows >= 64 else rows, min_tokens)
 
@@ -4647,7 +4685,7 @@ def linear_cross_entropy(
             f"linear_cross_entropy expects hidden [rows, d] and targets [rows], got {list(hidden.shape)} "
             f"and {list(targets.shape)}"
         )
-    _check_loss_chunk_size(chunk_size)
+    chunk_size = _loss_chunk_size_checked(chunk_size)
     targets = _token_ids(targets, hidden.device)
     _check_targets(targets, weight.shape[0], ignore_index)
     divisor = _loss_divisor(targets, num_items_in_batch, ignore_index, hidden.dtype)
@@ -4724,7 +4762,7 @@ def wrapped_head_cross_entropy(
     divisor of ``linear_cross_entropy``. The head is called on chunks of rows, each one checkpointed: its
     logits are freed once its loss is summed and recomputed (dropout included) in backward.
     """
-    _check_loss_chunk_size(chunk_size)
+    chunk_size = _loss_chunk_size_checked(chunk_size)
     targets = _token_ids(targets, hidden.device)
     divisor = _loss_divisor(targets, num_items_in_batch, ignore_index, hidden.dtype)
     chunk_loss = _chunk_loss_sum
@@ -6797,7 +6835,6 @@ class GPT2Model(GPT2PreTrainedModel):
             raise ValueError("specify exactly one of input_ids and inputs_embeds")
         refuse_head_masks(kwargs)
         check_cache_type(past_key_values)
-        check_cache_not_dropped(past_key_values, self.h, self.training)
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -6808,15 +6845,13 @@ class GPT2Model(GPT2PreTrainedModel):
         attention_mask = one_mask_row_per_sequence(
             attention_mask, (input_ids if input_ids is not None else inputs_embeds).shape[0]
         )
-        use_cache = default_use_cache(self, use_cache)
+        check_cache_not_dropped(
+            past_key_values, self.h, self.training, attention_mask,
+            input_ids if input_ids is not None else inputs_embeds,
+        )
+        use_cache = use_cache_under_checkpointing(self, default_use_cache(self, use_cache))
         return_dict = returns_dict(self.config, return_dict)
         checkpointing = _drops_its_cache(self)
-        if checkpointing and use_cache:
-            if not torch.compiler.is_compiling():  # a logging call would break the compiled graph
-                logger.warning_once(
-                    "use_cache=True is incompatible with gradient checkpointing; using use_cache=False"
-                )
-            use_cache = False
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
         encoder_hidden_states, encoder_attention_mask = broadcast_encoder_batch(

@@ -673,7 +673,8 @@ def test_a_float64_additive_mask_hides_what_float32_cannot_hold_on_every_backend
     mask[0, 0, 1] = -1e300  # every key of a row
     mask[1, 0, 2, :3] = -1e300  # some keys of a row
     mask[1, 0, 3, 4:] = torch.finfo(torch.float64).min
-    as_hidden = mask.masked_fill(mask == -1e300, torch.finfo(torch.float64).min)
+    mask[1, 0, 0] = -3.5e38  # just below float32's minimum: hidden, the row zeros
+    as_hidden = mask.masked_fill(mask <= -3.5e38, torch.finfo(torch.float64).min)
     leaves = [t.requires_grad_() for t in (q, k, v)] if backend != "flex" else []  # flex: no backward on CPU
     with torch.set_grad_enabled(bool(leaves)):
         out = mea.attention(q, k, v, attention_mask=mask, backend=backend)
@@ -681,11 +682,24 @@ def test_a_float64_additive_mask_hides_what_float32_cannot_hold_on_every_backend
     expected = reference_attention(*reference_leaves, mask=as_hidden)
     assert_close_rel(out.detach(), expected.detach().float(), 1e-5, backend)
     assert torch.equal(out[0, :, 1], torch.zeros_like(out[0, :, 1]))
+    assert torch.equal(out[1, :, 0], torch.zeros_like(out[1, :, 0]))
     if leaves:
         grad_out = torch.randn(out.shape, generator=generator)
         expected_grads = torch.autograd.grad(expected, reference_leaves, grad_out.double())
         for got, want in zip(torch.autograd.grad(out, leaves, grad_out), expected_grads, strict=True):
             assert_close_rel(got, want.float(), 1e-5, f"{backend} gradient")
+
+
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "flex"])
+def test_a_float64_additive_mask_just_above_float32_minimum_keeps_its_keys(backend):
+    """-3.0e38 fits float32: the keys stay visible, a row of only such entries their plain average."""
+    generator = torch.Generator().manual_seed(32)
+    q, k, v = (torch.randn(1, 2, length, 8, generator=generator) for length in (3, 5, 5))
+    mask = torch.zeros(1, 1, 3, 5, dtype=torch.float64)
+    mask[0, 0, 1] = -3.0e38
+    with torch.no_grad():
+        out = mea.attention(q, k, v, attention_mask=mask, backend=backend)
+    assert_close_rel(out[0, :, 1], v[0].mean(dim=1), 1e-5, backend)
 
 
 @pytest.mark.parametrize(

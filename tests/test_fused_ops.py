@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import weakref
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -220,6 +221,18 @@ def test_the_loss_functions_refuse_a_chunk_size_that_is_not_a_positive_int(chunk
         ops.wrapped_head_cross_entropy(hidden, head, targets, chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("chunk_size", [np.int64(2), np.int32(3), torch.tensor(2)], ids=repr)
+def test_the_loss_functions_take_a_chunk_size_of_any_integer_type(chunk_size):
+    hidden, weight = torch.randn(5, 3, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    targets = torch.tensor([1, 2, -100, 6, 0])
+    expected = F.cross_entropy(hidden @ weight.t(), targets)
+    assert_close_rel(ops.linear_cross_entropy(hidden, weight, targets, chunk_size=chunk_size), expected, 1e-12)
+    head = torch.nn.Linear(3, 7, dtype=torch.float64)
+    expected = F.cross_entropy(head(hidden), targets)
+    got = ops.wrapped_head_cross_entropy(hidden, head, targets, chunk_size=chunk_size)
+    assert_close_rel(got.detach(), expected.detach(), 1e-12)
+
+
 def test_linear_cross_entropy_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="targets"):
         ops.linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), torch.zeros(3, dtype=torch.long))
@@ -414,7 +427,7 @@ def test_projected_activation_matches_float64_and_keeps_only_the_matmul_outputs(
 def test_projected_activation_and_shared_input_projections_on_one_vector_compute_as_stock():
     """A single vector (no rows): the backward flattened rows and failed; stock's calls take it."""
     generator = torch.Generator().manual_seed(14)
-    x, up = torch.randn(12, generator=generator), torch.randn(12, generator=generator)
+    x, up = torch.randn(12, generator=generator), torch.randn(12, generator=generator).requires_grad_()
     first, second = torch.nn.Linear(12, 7), torch.nn.Linear(12, 5)
     act = transformers.activations.ACT2FN["silu"]
     cases = {
@@ -423,7 +436,7 @@ def test_projected_activation_and_shared_input_projections_on_one_vector_compute
         "shared": (lambda x: torch.cat(ops.shared_input_projections(x, first, second)),
                    lambda x: torch.cat([first(x), second(x)])),
     }
-    leaves = [first.weight, first.bias, second.weight]
+    leaves = [up, first.weight, first.bias, second.weight, second.bias]
     for what, (ours, stock) in cases.items():
         grad_out = torch.randn(stock(x).shape, generator=generator)
         expected = torch.autograd.grad(stock(x.requires_grad_()), [x, *leaves], grad_out, allow_unused=True)

@@ -608,9 +608,7 @@ def test_a_bloom_backend_that_cannot_take_alibi_is_refused_before_writing(tmp_pa
     assert hub_upload.main(["--reference", str(tmp_path / "stock"), "--family", "bloom", "--code-repo", "org/code",
                             "--backend", "sdpa", "--local-dir", str(tmp_path / "ref")]) == 2
     error = capsys.readouterr().err
-    assert "cannot run bloom" in error and not (tmp_path / "ref").exists()
-    suggested = ast.literal_eval(error[error.index("use one of ") + len("use one of "):].splitlines()[0])
-    assert set(suggested) == {"auto", *mea.BACKENDS} - set(hub_upload.BACKENDS_WITHOUT_ALIBI)
+    assert "cannot run bloom" in error and "use auto" in error and not (tmp_path / "ref").exists()
     assert hub_upload.main(["--reference", str(tmp_path / "stock"), "--family", "bloom", "--code-repo", "org/code",
                             "--backend", "chunked", "--local-dir", str(tmp_path / "ref")]) == 0
     assert json.loads((tmp_path / "ref" / "config.json").read_text())["attn_backend"] == "chunked"
