@@ -1200,9 +1200,13 @@ class _ChunkedAttention(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None)
 
 
-def _chunked_options(call: AttentionCall, scale: float, seed: int, sizes: tuple) -> tuple:
+def _chunked_options(call: AttentionCall, scale: float, seed: Optional[torch.Tensor], sizes: tuple) -> tuple:
     """What the chunked ops read of a call, beyond its tensors, as custom-op arguments (in their order)."""
-    return float(scale), int(seed), int(sizes[0]), int(sizes[1]), call.causal, call.mask_kind, float(call.dropout_p)
+    return float(scale), seed, int(sizes[0]), int(sizes[1]), call.causal, call.mask_kind, float(call.dropout_p)
+
+
+def _dropout_seed(seed: Optional[torch.Tensor]) -> int:
+    return 0 if seed is None else int(seed.item())
 
 
 def _chunked_call(q, k, slopes, documents, causal: bool, mask_kind: str, dropout_p: float) -> AttentionCall:
@@ -1219,7 +1223,7 @@ def _chunked_forward_impl(
 ):
     call = _chunked_call(q, k, slopes, documents, causal, mask_kind, dropout_p)
     blocks = _ChunkedBlocks(mask, slopes, scale, documents, key_positions)
-    return _chunked_forward(q, k, v, call, blocks, seed, (q_chunk, k_chunk))
+    return _chunked_forward(q, k, v, call, blocks, _dropout_seed(seed), (q_chunk, k_chunk))
 
 
 def _chunked_backward_impl(
@@ -1228,10 +1232,12 @@ def _chunked_backward_impl(
 ):
     call = _chunked_call(q, k, slopes, documents, causal, mask_kind, dropout_p)
     blocks = _ChunkedBlocks(mask, slopes, scale, documents, key_positions)
-    return list(_chunked_backward(q, k, v, out, lse, grad_out, call, blocks, seed, (q_chunk, k_chunk)))
+    return list(_chunked_backward(q, k, v, out, lse, grad_out, call, blocks, _dropout_seed(seed), (q_chunk, k_chunk)))
 
 
-_CHUNKED_OPTIONS_SCHEMA = "float scale, int seed, int q_chunk, int k_chunk, bool causal, str mask_kind, float dropout_p"
+_CHUNKED_OPTIONS_SCHEMA = (
+    "float scale, Tensor? seed, int q_chunk, int k_chunk, bool causal, str mask_kind, float dropout_p"
+)
 _chunked_forward_op = _opaque(
     "chunked_attention_forward",
     "(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? slopes, Tensor? documents, Tensor? key_positions, "
@@ -1342,7 +1348,8 @@ def _chunked_backward(q, k, v, out, lse, grad_out, call, blocks: _ChunkedBlocks,
 
 def _run_chunked(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_ids=None, chunk_size=None, **_):
     k, v = _expand_kv(k, call.heads), _expand_kv(v, call.heads)
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if call.dropout_p > 0.0 else 0
+    # a tensor: read inside the ops, so that a compiled graph does not read it on the host (a break per call)
+    seed = torch.randint(0, 2**62, (1,), device="cpu") if call.dropout_p > 0.0 else None
     documents, sizes = _documents_of(call, sequence_ids), _chunk_sizes(chunk_size)
     return _ChunkedAttention.apply(q, k, v, call, mask, alibi_slopes, scale, seed, documents, sizes)
 
@@ -1653,9 +1660,18 @@ def _run_flex(
 def _flash_attn_functions():
     try:
         from flash_attn import flash_attn_func, flash_attn_varlen_func
-    except ImportError:
-        return None
+    except ImportError as error:
+        return _none_if_not_installed(error, "flash_attn")
     return flash_attn_func, flash_attn_varlen_func
+
+
+def _none_if_not_installed(error: ImportError, package: str) -> None:
+    """None where ``package`` itself is missing; any other import error is a broken install (a wheel built for
+    another torch fails on an undefined symbol, one of another version lacks a function, a compiled extension is
+    missing), raised for the backend's probe to log once by name instead of calling it "not installed"."""
+    if isinstance(error, ModuleNotFoundError) and error.name == package:
+        return None
+    raise error
 
 
 def _ragged_layout(call: AttentionCall, mask, sequence_ids, batch: int, device):
@@ -1745,8 +1761,8 @@ def _run_flash_attn(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, seq
 def _xformers_ops():
     try:
         import xformers.ops as xops
-    except ImportError:
-        return None
+    except ImportError as error:
+        return _none_if_not_installed(error, "xformers")
     return xops
 
 
@@ -1770,8 +1786,8 @@ def _run_xformers(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, **_):
 def _cudnn_module():
     try:
         import cudnn
-    except ImportError:
-        return None
+    except ImportError as error:
+        return _none_if_not_installed(error, "cudnn")
     return cudnn
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 
 import pytest
 import torch
@@ -128,6 +129,49 @@ def test_broken_optional_package_is_probed_once_logged_once_and_skipped(monkeypa
     assert BrokenOps.calls == 1
     assert sum("xformers" in record.getMessage() for record in caplog.records) == 1
     assert "xformers" not in mea.available_backends("cuda")
+
+
+@pytest.mark.parametrize(
+    "package, source, named",
+    [
+        ("flash_attn", "raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda')", "undefined symbol"),
+        ("flash_attn", "def flash_attn_func(*args, **kwargs):\n    return None", "flash_attn_varlen_func"),
+        ("flash_attn", "import flash_attn_2_cuda", "flash_attn_2_cuda"),
+        ("xformers", "raise ImportError('xformers was built for another torch')", "another torch"),
+        ("cudnn", "raise ImportError('libcudnn.so.9: cannot open shared object file')", "libcudnn"),
+    ],
+)
+def test_an_optional_package_that_fails_to_import_is_logged_as_broken_not_missing(
+    tmp_path, monkeypatch, caplog, package, source, named
+):
+    """An ImportError from inside an installed package (a wheel for another torch, a missing function or
+    extension) read as "not installed": nothing logged, and an explicit backend said it was not installed."""
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text(source + "\n")
+    (tmp_path / package / "ops.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [name for name in sys.modules if name.split(".")[0] == package]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(kernel_layer, "_probe_results", {})
+    monkeypatch.setattr(kernel_layer, "_logged_messages", set())
+    with caplog.at_level(logging.WARNING, logger="memory_efficient_adapter"):
+        reasons = {kernel_layer._probe(package, "cpu") for _ in range(2)}
+    (reason,) = reasons
+    assert reason.startswith(f"{package} is installed but does not run here") and named in reason
+    assert sum(reason in record.getMessage() for record in caplog.records) == 1
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="installed but does not run here"):
+        mea.attention(q, q, q, backend=package)
+
+
+@pytest.mark.parametrize("package", ["flash_attn", "xformers", "cudnn"])
+def test_a_missing_optional_package_is_said_to_be_not_installed(tmp_path, monkeypatch, package):
+    monkeypatch.setattr(kernel_layer, "_probe_results", {})
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])  # an empty folder: no package can be found
+    for name in [name for name in sys.modules if name.split(".")[0] == package]:
+        monkeypatch.delitem(sys.modules, name)
+    reason = kernel_layer._probe(package, "cpu")
+    assert reason.startswith(f"{package} ") and reason.endswith("is not installed")
 
 
 def test_probes_run_as_written_while_torch_compile_traces(monkeypatch):

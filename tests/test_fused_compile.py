@@ -8,6 +8,7 @@ what a compiled step keeps for backward) cannot keep the activations the fused o
 ``aot_eager_decomp_partition`` runs Inductor's decompositions and partitioner without generating code.
 """
 
+import copy
 from collections import Counter
 
 import pytest
@@ -291,6 +292,35 @@ def test_compiled_step_with_gradient_checkpointing_is_one_graph_and_equals_eager
         ours.gradient_checkpointing_disable()
     grads = {key.removeprefix("_orig_mod."): grad for key, grad in grads.items()}
     assert_same_step(got, grads, expected, expected_grads, "eager without checkpointing")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom"])
+def test_compiled_step_with_attention_dropout_and_a_padding_mask_is_one_graph_and_equals_eager(family_pairs, name):
+    """The chunked backend (where a compiled padded call goes on the CPU, or on CUDA without flash-attn) read its
+    dropout seed on the host: a graph break at every attention call, and ``fullgraph=True`` failed (stock compiles
+    it in one graph). The seed now reaches the ops as a tensor; the same RNG state draws the same dropout in both.
+    An all-ones mask, as the Trainer passes: eager runs every row at full length too."""
+    ours = copy.deepcopy(family_pairs[name][1])
+    ours.config.attn_backend = "chunked"
+    for module in ours.modules():  # what the attention layers read: LLaMA's float, GPT-2's and BLOOM's modules
+        for attribute in ("attention_dropout", "attn_dropout"):
+            value = module.__dict__.get(attribute, module._modules.get(attribute))
+            if isinstance(value, torch.nn.Dropout):
+                value.p = 0.25
+            elif isinstance(value, float):
+                setattr(module, attribute, 0.25)
+    batch = unpadded_batch(name, 24)
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    torch.manual_seed(5)
+    expected, expected_grads = train_step(ours, batch)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend=PARTITIONING_BACKEND, fullgraph=True)
+    torch.manual_seed(5)
+    got, grads = train_step(compiled, batch)
+    grads = {key.removeprefix("_orig_mod."): grad for key, grad in grads.items()}
+    assert_same_step(got, grads, expected, expected_grads, "eager with the same dropout")
+    torch.manual_seed(6)
+    assert not torch.equal(train_step(ours, batch)[0].loss, expected.loss)  # dropout does draw
 
 
 def backward_graph_ops(model, batch: dict) -> list:
