@@ -5762,10 +5762,11 @@ def _train_modes_restored(modes: list):
 
 
 def _module_tensors(modules) -> list:
-    """``(module, slot, name, tensor)`` for every parameter and buffer of ``modules`` and the modules inside them,
-    as their forward reads them: under ``torch.func.functional_call``, the tensors it passed."""
+    """``(slot, name, tensor)`` for every parameter and buffer of ``modules`` and the modules inside them (``slot``:
+    the module's ``_parameters`` or ``_buffers``), as their forward reads them: under ``torch.func.functional_call``,
+    the tensors it passed."""
     return [
-        (module, slot, name, tensor)
+        (slot, name, tensor)
         for owner in modules
         for module in owner.modules()
         for slot in (module._parameters, module._buffers)
@@ -5780,7 +5781,7 @@ def _module_tensors_restored(tensors: list):
     ones after. A recompute in backward then uses the forward's weights also where the forward ran under
     ``torch.func.functional_call``, which has put the modules' own back by then (gradients went to the wrong
     tensors). Nothing is written where the tensors are the same (every other forward)."""
-    swapped = [(slot, name, slot.get(name), tensor) for _, slot, name, tensor in tensors if slot.get(name) is not tensor]
+    swapped = [(slot, name, slot.get(name), tensor) for slot, name, tensor in tensors if slot.get(name) is not tensor]
     for slot, name, _, tensor in swapped:
         slot[name] = tensor
     try:
