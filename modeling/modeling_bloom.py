@@ -3746,7 +3746,11 @@ def padded_rows(
     if kept in (0, keep.numel()):
         return None
     if predicted_from_padding:
-        _log_once("a padded batch with labels predicted from padded positions runs with every row at full length")
+        _log_once(
+            "a padded batch with labels predicted from padded positions runs with every row at full length (slower; "
+            "the loss stock computes); with left padding, a label of -100 on each row's first kept token lets it run "
+            "unpadded"
+        )
         return None
     return PaddedRows(keep, kept)
 
