@@ -3447,10 +3447,11 @@ def check_cache_not_dropped(
     in backward would write it twice), so the cached tokens would silently be left out while positions count
     them. Stock fails there on a shape mismatch.
 
-    For the same reason such layers never fill a cache: refused are an empty cache too (``generate()`` with the
-    model left in train mode, a decode loop) and a forward whose 2-D ``attention_mask`` covers earlier tokens than
-    its ``inputs`` (ids or embeddings) without a cache (a later step of ``generate()`` where it passes none at
-    first). Each step would attend to its new tokens only (stock silently generates from them)."""
+    For the same reason such layers never fill a cache: refused are an empty cache handed to a forward without
+    gradients (``generate()`` with the model left in train mode; with gradients it is a training forward that
+    happens to pass one) and a forward whose 2-D ``attention_mask`` covers earlier tokens than its ``inputs`` (ids
+    or embeddings) without cached ones (a later step of ``generate()`` or of a decode loop). Each step would attend
+    to its new tokens only (stock silently generates from them)."""
     if not training or not _checkpointed(layers):
         return
     cached = past_key_values.get_seq_length() if hasattr(past_key_values, "get_seq_length") else 0
@@ -3461,8 +3462,8 @@ def check_cache_not_dropped(
             "Run the cached prefix in the same forward, or continue the cache with checkpointing off (PEFT's "
             "prefix tuning is such a cache)"
         )
-    if past_key_values is not None:
-        raise _cache_left_unfilled("a forward given a cache (generate() passes one)")
+    if past_key_values is not None and not torch.is_grad_enabled():
+        raise _cache_left_unfilled("a forward without gradients given a cache (generate() passes one)")
     length = inputs.shape[1] if inputs is not None and inputs.dim() >= 2 else None
     if length is not None and attention_mask is not None and attention_mask.dim() == 2:
         if attention_mask.shape[-1] > length:

@@ -123,17 +123,21 @@ def test_generate_in_train_mode_with_checkpointed_layers_is_refused_by_name_and_
 @pytest.mark.parametrize("name", [*CAUSAL, "bart", "qwen"])
 def test_checkpointed_layers_in_train_mode_return_no_cache_and_refuse_a_decode_loop(family_pairs, name, checkpointing):
     """An empty cache came back from ``use_cache=True`` (offloaded checkpoints; BART with either): continued in eval
-    mode, it silently left the prompt out (stock returns None). A decode loop in train mode passing a cache, and a
-    step whose mask covers earlier tokens without one (transformers 5.0's ``generate`` passes none at first), ran
-    on the new tokens alone."""
+    mode, it silently left the prompt out (stock returns None). A step of a no-gradient decode loop in train mode
+    passing a cache, and one whose mask covers earlier tokens without cached ones (transformers 5.0's ``generate``
+    passes no cache at first, a decode loop an empty one), ran on the new tokens alone. An empty cache in a
+    training forward with gradients is one that happens to be passed: it runs, as on stock."""
     model = checkpointed_in_train_mode(random_model() if name == "qwen" else family_pairs[name][1], checkpointing)
     prompt, answer = prompt_and_answer()
     extra = {"decoder_input_ids": answer} if name == "bart" else {}
     for gradients in (True, False):
         with torch.set_grad_enabled(gradients):
             assert model(input_ids=prompt, use_cache=True, **extra).past_key_values is None
+    expected = model(input_ids=prompt, labels=answer if name == "bart" else prompt).loss
+    given = model(input_ids=prompt, labels=answer if name == "bart" else prompt, past_key_values=DynamicCache())
+    assert torch.equal(given.loss, expected)
     step = dict(decoder_input_ids=answer[:, :1], input_ids=prompt) if name == "bart" else dict(input_ids=answer[:, :1])
-    with pytest.raises(ValueError, match=r"given a cache .* model in train mode whose layers are checkpointed"):
+    with torch.no_grad(), pytest.raises(ValueError, match=r"given a cache .* model in train mode whose layers are"):
         model(**step, past_key_values=DynamicCache(config=model.config))
     mask = torch.ones(2, 6, dtype=torch.long)
     mask_name = "decoder_attention_mask" if name == "bart" else "attention_mask"
