@@ -3206,12 +3206,16 @@ def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
 def _fresh_locks_in_forked_child() -> None:
     """A process forked while another thread held one of the kernel layer's locks (a DataLoader worker, say)
     would inherit it held, and wait on it forever (every BLOOM forward takes the slopes' lock): the child gets new
-    ones. What they guard stays as the fork found it (each cache is consistent between its statements)."""
-    global _sdpa_priority_lock, _causal_block_masks_lock, _cudnn_handles_lock, _demoted_lock, _slopes_lock
-    global _compiled_functions_lock
-    _sdpa_priority_lock, _causal_block_masks_lock, _cudnn_handles_lock = (threading.Lock() for _ in range(3))
-    _demoted_lock, _slopes_lock, _compiled_functions_lock = (threading.Lock() for _ in range(3))
+    ones, every module-level lock found as it is (a lock added later included) and the cuDNN plan cache's. What they
+    guard stays as the fork found it (each cache is consistent between its statements)."""
+    module_globals = globals()
+    for name, value in list(module_globals.items()):
+        if isinstance(value, _LOCK_TYPE):
+            module_globals[name] = threading.Lock()
     _cudnn_plans._lock = threading.Lock()
+
+
+_LOCK_TYPE = type(threading.Lock())
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
@@ -3446,13 +3450,13 @@ def check_cache_not_dropped(
         )
     if past_key_values is not None and not torch.is_grad_enabled():
         raise _cache_left_unfilled("a forward without gradients given a cache (generate() passes one)")
-    length = inputs.shape[1] if inputs is not None and inputs.dim() >= 2 else None
-    if length is not None and attention_mask is not None and attention_mask.dim() == 2:
-        if attention_mask.shape[-1] > length:
-            raise _cache_left_unfilled(
-                f"a forward whose attention_mask covers {attention_mask.shape[-1]} tokens, {length} of them new, "
-                "with no cached ones"
-            )
+    if inputs is None or inputs.dim() < 2 or attention_mask is None or attention_mask.dim() != 2:
+        return
+    if attention_mask.shape[-1] > inputs.shape[1]:
+        raise _cache_left_unfilled(
+            f"a forward whose attention_mask covers {attention_mask.shape[-1]} tokens, {inputs.shape[1]} of them "
+            "new, with no cached ones"
+        )
 
 
 def _cache_left_unfilled(what: str) -> ValueError:

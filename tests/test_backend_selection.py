@@ -131,6 +131,12 @@ def test_broken_optional_package_is_probed_once_logged_once_and_skipped(monkeypa
     assert "xformers" not in mea.available_backends("cuda")
 
 
+def forget_imports(monkeypatch, package: str) -> None:
+    """``package`` and its submodules out of ``sys.modules`` for the test, so that importing it looks again."""
+    for name in [name for name in sys.modules if name.split(".")[0] == package]:
+        monkeypatch.delitem(sys.modules, name)
+
+
 @pytest.mark.parametrize(
     "package, source, named",
     [
@@ -150,8 +156,7 @@ def test_an_optional_package_that_fails_to_import_is_logged_as_broken_not_missin
     (tmp_path / package / "__init__.py").write_text(source + "\n")
     (tmp_path / package / "ops.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in [name for name in sys.modules if name.split(".")[0] == package]:
-        monkeypatch.delitem(sys.modules, name)
+    forget_imports(monkeypatch, package)
     monkeypatch.setattr(kernel_layer, "_probe_results", {})
     monkeypatch.setattr(kernel_layer, "_logged_messages", set())
     with caplog.at_level(logging.WARNING, logger="memory_efficient_adapter"):
@@ -168,8 +173,7 @@ def test_an_optional_package_that_fails_to_import_is_logged_as_broken_not_missin
 def test_a_missing_optional_package_is_said_to_be_not_installed(tmp_path, monkeypatch, package):
     monkeypatch.setattr(kernel_layer, "_probe_results", {})
     monkeypatch.setattr(sys, "path", [str(tmp_path)])  # an empty folder: no package can be found
-    for name in [name for name in sys.modules if name.split(".")[0] == package]:
-        monkeypatch.delitem(sys.modules, name)
+    forget_imports(monkeypatch, package)
     reason = kernel_layer._probe(package, "cpu")
     assert reason.startswith(f"{package} ") and reason.endswith("is not installed")
 

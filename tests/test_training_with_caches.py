@@ -30,14 +30,21 @@ def prompt_and_answer(vocab: int = 97) -> tuple:
     return torch.randint(3, vocab, (2, 5), generator=generator), torch.randint(3, vocab, (2, 4), generator=generator)
 
 
+def with_checkpointing(model, checkpointing: str):
+    """``model`` with its layers checkpointed as ``checkpointing`` names ("gradient_checkpointing",
+    "offload_checkpoints", or "" for neither)."""
+    if checkpointing == "gradient_checkpointing":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.offload_checkpoints = checkpointing == "offload_checkpoints"
+    return model
+
+
 def continued_loss(model, prompt, answer, checkpointing: str = "") -> torch.Tensor:
     """The training loss of ``answer`` after ``prompt``'s cache (built in eval mode, without gradients)."""
     model.eval()
     with torch.no_grad():
         cache = model(input_ids=prompt, use_cache=True).past_key_values
-    if checkpointing == "gradient_checkpointing":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.offload_checkpoints = checkpointing == "offload_checkpoints"
+    with_checkpointing(model, checkpointing)
     mask = torch.ones(answer.shape[0], prompt.shape[1] + answer.shape[1], dtype=torch.long)
     return model.train()(input_ids=answer, attention_mask=mask, past_key_values=cache, labels=answer).loss
 
@@ -70,10 +77,7 @@ def test_qwen_checkpointed_layers_refuse_to_continue_a_cache(checkpointing):
 @pytest.mark.parametrize("checkpointing", ["gradient_checkpointing", "offload_checkpoints"])
 def test_checkpointed_training_without_a_cache_still_trains_like_stock(family_pairs, checkpointing):
     stock, ours, _ = family_pairs["llama"]
-    ours = copy.deepcopy(ours)
-    if checkpointing == "gradient_checkpointing":
-        ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ours.config.offload_checkpoints = checkpointing == "offload_checkpoints"
+    ours = with_checkpointing(copy.deepcopy(ours), checkpointing)
     _, answer = prompt_and_answer()
     expected = stock.train()(input_ids=answer, labels=answer, use_cache=True).loss
     got = ours.train()(input_ids=answer, labels=answer, use_cache=True)
@@ -81,11 +85,7 @@ def test_checkpointed_training_without_a_cache_still_trains_like_stock(family_pa
 
 
 def checkpointed_in_train_mode(model, checkpointing: str):
-    model = copy.deepcopy(model)
-    if checkpointing == "gradient_checkpointing":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.offload_checkpoints = checkpointing == "offload_checkpoints"
-    return model.train()
+    return with_checkpointing(copy.deepcopy(model), checkpointing).train()
 
 
 def greedy(model, prompt, **kwargs) -> torch.Tensor:
