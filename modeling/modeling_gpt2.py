@@ -4567,12 +4567,27 @@ def _has_hooks(module: torch.nn.Module) -> bool:
     return any(not _runs_as_written(m) or "_fsdp_wrapped_module" in m._modules for m in module.modules())
 
 
+def _defined_by_transformers(function, name: str, loss_utils) -> bool:
+    """By where it is defined: a library may patch a module's name and the mapping's entry alike."""
+    return (getattr(function, "__module__", None), getattr(function, "__name__", None)) == (loss_utils.__name__, name)
+
+
+def _loss_function_of_the_users(model) -> bool:
+    """A function set as ``model.loss_function`` (or a class's ``_loss_function``), or a subclass's own
+    ``loss_function`` (a property or a method): stock reads ``model.loss_function`` and calls either."""
+    if hasattr(model, "_loss_function"):
+        return True
+    owner = next((cls for cls in type(model).__mro__ if "loss_function" in vars(cls)), None)
+    return owner is not None and not owner.__module__.startswith("transformers.")
+
+
 def loss_replaced_by_user(model, stock_loss: str = "ForCausalLMLoss") -> bool:
-    """Whether the loss stock would call is the user's: a function set as ``model.loss_function``, or the entry
-    of transformers' ``LOSS_MAPPING`` that ``model.loss_type`` names (stock's rule: ForCausalLM's where it names
-    none) when it is not transformers' own ``stock_loss`` (a patched entry included). Our heads compute the
-    stock losses their own way (fused, counted, in float32), which would skip such a function."""
-    if "_loss_function" in vars(model):
+    """Whether the loss stock would call is the user's: a loss function of the model's own
+    (``_loss_function_of_the_users``), the entry of transformers' ``LOSS_MAPPING`` that ``model.loss_type`` names
+    (stock's rule: ForCausalLM's where it names none) when it is not transformers' own ``stock_loss`` (a patched
+    entry included), or a patched ``fixed_cross_entropy`` (which stock's losses look up at each call). Our heads
+    compute the stock losses their own way (fused, counted, in float32), which would skip such a function."""
+    if _loss_function_of_the_users(model):
         return True
     try:
         from transformers.loss import loss_utils
@@ -4580,8 +4595,9 @@ def loss_replaced_by_user(model, stock_loss: str = "ForCausalLMLoss") -> bool:
         return False
     loss_type = getattr(model, "loss_type", None)
     chosen = loss_utils.LOSS_MAPPING.get(loss_type if loss_type in loss_utils.LOSS_MAPPING else "ForCausalLM")
-    # by where it is defined: a library may patch the module's name and the mapping's entry alike
-    return (getattr(chosen, "__module__", None), getattr(chosen, "__name__", None)) != (loss_utils.__name__, stock_loss)
+    cross_entropy = getattr(loss_utils, "fixed_cross_entropy", None)
+    patched = cross_entropy is not None and not _defined_by_transformers(cross_entropy, "fixed_cross_entropy", loss_utils)
+    return patched or not _defined_by_transformers(chosen, stock_loss, loss_utils)
 
 
 def fused_loss_applies(model, lm_head, labels, logits_to_keep=0, stock_calls_loss_function: bool = True) -> bool:
@@ -4767,7 +4783,9 @@ def _plain_linear_run_by(head: torch.nn.Module) -> Optional[torch.nn.Linear]:
 
 
 def _chunk_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor, logits_bias, ignore_index: int):
-    logits = head(hidden)
+    """The head sees its chunk of rows as a batch of one sequence, ``[1, rows, d]``: the shape of stock's call,
+    which a head written for ``[batch, seq, d]`` (an einsum, an unpacked shape) takes."""
+    logits = head(hidden.unsqueeze(0)).flatten(0, -2)
     if logits_bias is not None:
         logits = logits + logits_bias
     return F.cross_entropy(_at_least_float32(logits), targets, ignore_index=ignore_index, reduction="sum")
@@ -4879,13 +4897,17 @@ class CountsLossItems:
     The Trainer reads ``accepts_loss_kwargs``: where True it counts the labels of the accumulated micro-batches,
     passes the count and leaves the loss undivided by the accumulation steps, and its label smoothing divides
     by the count too from transformers 5.1x on. Before that its label smoother takes no count, and a smoothed
-    loss would be summed over the micro-batches: there the Trainer gets False and averages them instead."""
+    loss would be summed over the micro-batches: there the Trainer gets False and averages them instead. A
+    subclass's forward that takes no ``**kwargs`` gets False, as the Trainer decides for a stock model."""
 
     @property
     def accepts_loss_kwargs(self) -> bool:
         chosen = getattr(self, "_accepts_loss_kwargs_set", None)
         if chosen is not None:
             return chosen
+        parameters = inspect.signature(self.forward).parameters.values()
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "num_items_in_batch" for p in parameters):
+            return False
         trainer_utils = sys.modules.get("transformers.trainer_pt_utils")
         smoother = getattr(trainer_utils, "LabelSmoother", None)
         return smoother is None or "num_items_in_batch" in inspect.signature(smoother.__call__).parameters
@@ -6016,12 +6038,33 @@ def _norm_output_can_be_recomputed(normed: torch.Tensor) -> bool:
     if not normed.is_contiguous() or normed.storage_offset() != 0:
         return False
     top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top_hooks is None:
+    hooks_enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
+    if top_hooks is None or hooks_enabled is None or not hooks_enabled():  # the caller's disable_saved_tensors_hooks
         return False
     try:
         return top_hooks(False) is None  # nobody else's saved-tensor hooks (ours would hide theirs)
     except TypeError:
         return False
+
+
+class _SavedWithVersion:
+    """A tensor saved through our hooks, detached, with its version at saving. Autograd checks the version of the
+    tensors it saves itself but not of those that hooks return: a weight changed in place between forward and
+    backward (an optimizer step, an EMA update) would give gradients at the new values where stock raises."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.version = tensor.detach(), tensor._version  # detach() shares the version counter
+
+    def unchanged(self) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"[{self.tensor.type()} {list(self.tensor.shape)}] is at version {self.tensor._version}; expected "
+                f"version {self.version} instead (a tensor saved by a layer whose input norm is recomputed)"
+            )
+        return self.tensor
 
 
 class _NormOutputRecipe:
@@ -6035,24 +6078,25 @@ class _NormOutputRecipe:
         self.value: Optional[torch.Tensor] = None
 
     def pack_for(self, normed: torch.Tensor):
-        """The pack hook: the norm's output (and its views) as the recipe, any other tensor detached. Kept as it
-        was, a tensor that its own node saves (SDPA's output) would hold that node through its ``grad_fn``, a
-        cycle through C++ that Python's collector cannot break: a forward dropped without backward leaked."""
+        """The pack hook: the norm's output (and its views) as the recipe, any other tensor detached with its
+        version (``_SavedWithVersion``). Kept as it was, a tensor that its own node saves (SDPA's output) would
+        hold that node through its ``grad_fn``, a cycle through C++ that Python's collector cannot break: a
+        forward dropped without backward leaked."""
         key = (normed.untyped_storage().data_ptr(), normed.device, normed.dtype)
 
         def pack(tensor: torch.Tensor):
             # a wrapper subclass (optimum-quanto's weights) has no storage to compare
             if type(tensor) not in _PLAIN_TENSOR_TYPES or tensor.layout != torch.strided or tensor.is_nested:
-                return tensor.detach()
+                return _SavedWithVersion(tensor)
             if (tensor.untyped_storage().data_ptr(), tensor.device, tensor.dtype) != key:
-                return tensor.detach()
+                return _SavedWithVersion(tensor)
             return (self, tensor.shape, tensor.stride(), tensor.storage_offset())
 
         return pack
 
     def unpack(self, saved):
-        if not (isinstance(saved, tuple) and saved[0] is self):
-            return saved
+        if isinstance(saved, _SavedWithVersion):
+            return saved.unchanged()
         _, size, stride, offset = saved
         return self.recomputed().as_strided(size, stride, offset)
 
@@ -6868,6 +6912,8 @@ class GPT2Model(GPT2PreTrainedModel):
         input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds = flatten_leading_dimensions(
             input_shape, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
         )
+        if input_ids is not None:
+            self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
         attention_mask = one_mask_row_per_sequence(
             attention_mask, (input_ids if input_ids is not None else inputs_embeds).shape[0]
         )

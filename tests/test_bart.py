@@ -506,6 +506,18 @@ def test_sequence_classification_matches_stock(classifier_folder, backend):
     assert_close_rel(actual.loss, expected.loss, 1e-5, "classification loss")
 
 
+def test_dummy_inputs_run_the_classification_head_as_stock(classifier_folder):
+    """Before, ours had transformers' generic dummy inputs (rows without eos tokens): the classification head
+    refused them where stock's run."""
+    ours = load_ours(classifier_folder, "sdpa", AutoModelForSequenceClassification)
+    stock = load_stock(classifier_folder, BartForSequenceClassification)
+    eos = ours.config.eos_token_id
+    assert all((row == eos).sum() == 1 for row in ours.dummy_inputs["input_ids"])
+    with torch.no_grad():
+        actual, expected = ours(**ours.dummy_inputs).logits, stock(**ours.dummy_inputs).logits
+    assert_close_rel(actual, expected, 1e-5, "classification logits of the dummy inputs")
+
+
 @pytest.mark.parametrize("num_labels, problem_type", [(1, None), (3, "multi_label_classification"), (3, "regression")])
 def test_sequence_classification_regression_and_multi_label_losses_match_stock(
     classifier_folder, tmp_path, num_labels, problem_type

@@ -599,3 +599,27 @@ def test_attention_output_sliced_from_a_longer_bucket_reaches_conv1d(tmp_path, m
     with torch.no_grad():
         got, want = ours(ids).logits, stock(ids).logits
     assert_close_rel(got, want, 1e-5, "logits through a bucket-sliced attention output")
+
+
+def test_padding_without_an_attention_mask_is_warned_about_as_stock(tmp_path):
+    """Stock GPT-2 asks for an attention mask when the ids end or start with the pad token and none is given."""
+    import logging
+
+    ours, stock = load_pair(tmp_path)
+    ids = random_ids(2, 6)
+    ids[1, -2:] = PAD
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings[-1].append(record.getMessage())
+    logger = logging.getLogger("transformers")  # which does not propagate to the root logger
+    logger.addHandler(handler)
+    try:
+        for model in (stock, ours):
+            logging.Logger.warning_once.cache_clear()  # the same message from either model is logged once a process
+            warnings.append([])
+            with torch.no_grad():
+                model(ids)
+    finally:
+        logger.removeHandler(handler)
+    asked = [[message for message in logged if "attention_mask" in message] for logged in warnings]
+    assert len(asked[0]) == 1 and asked[1] == asked[0]

@@ -332,3 +332,55 @@ def test_training_forwards_dropped_without_backward_leave_nothing_alive(family_p
     for _ in range(3):
         model(**batch)
     assert live_tensors() <= before
+
+
+# a weight of a projection that reads a recomputed norm output (a tensor its op saves for backward)
+PROJECTION_AFTER_NORM = {
+    "llama": "layers.1.mlp.gate_proj.weight",
+    "gpt2": "h.1.mlp.c_fc.weight",
+    "bloom": "h.1.mlp.dense_h_to_4h.weight",
+    "qwen": "h.1.mlp.w1.weight",
+    "bart": "encoder.layers.0.fc1.weight",
+}
+
+
+def backward_after_changing(model, batch: dict, name: str):
+    """A training forward, then the parameter ending in ``name`` changed in place (an optimizer step or EMA
+    update run too early), then backward."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    weight = next(param for key, param in model.named_parameters() if key.endswith(name))
+    with torch.no_grad():
+        weight.mul_(1.5)
+    try:
+        loss.backward()
+    finally:
+        with torch.no_grad():
+            weight.div_(1.5)
+
+
+@pytest.mark.parametrize("family", list(PROJECTION_AFTER_NORM))
+def test_a_saved_weight_changed_in_place_before_backward_is_refused_as_stock(family, family_pairs, tmp_path):  # noqa: F811
+    """Autograd checks the version of what it saves, not of what saved-tensor hooks return: with the norm outputs
+    recomputed, ours ran backward with the changed weight (gradients 3-13% off) where stock raises."""
+    model, batch = model_and_batch(family, family_pairs, tmp_path)
+    models = [model] if family == "qwen" else [family_pairs[family][0], model]
+    for each in models:
+        with recompute_set(model.config, True), pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            backward_after_changing(each, batch, PROJECTION_AFTER_NORM[family])
+    with recompute_set(model.config, True):
+        assert recomputed_norms(model) > 0 and not any(norm_outputs_kept(model, family, batch))
+
+
+def test_a_step_under_disabled_saved_tensor_hooks_keeps_its_norm_outputs(family_pairs):  # noqa: F811
+    """``disable_saved_tensors_hooks`` refuses every hook set inside it: ours set its own and failed with the
+    caller's message, where stock runs."""
+    model = family_pairs["llama"][1]
+    batch = batch_for("llama", torch.Generator().manual_seed(11))
+    with recompute_set(model.config, True):
+        expected = loss_and_grads(model, batch)
+        with torch.autograd.graph.disable_saved_tensors_hooks("this step takes no saved-tensor hooks"):
+            assert all(norm_outputs_kept(model, "llama", batch))
+            got = loss_and_grads(model, batch)
+    assert_identical_steps(got, expected)

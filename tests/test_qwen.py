@@ -393,6 +393,12 @@ def test_state_dict_keys_and_shapes_are_the_original_ones(no_bias):
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
 
 
+def test_accelerate_is_told_to_leave_the_cache_where_it_is():
+    """accelerate's dispatch skips the names in ``_skip_keys_device_placement``: given as a bare string, transformers
+    5 made it a set of the string's letters."""
+    assert "past_key_values" in QWenLMHeadModel(QWenConfig(**TINY))._skip_keys_device_placement
+
+
 def test_config_defaults_and_extra_keys():
     config = QWenConfig(onnx_safe=None, tokenizer_class="QWenTokenizer")
     assert (config.seq_length, config.use_flash_attn, config.rotary_emb_base) == (2048, "auto", 10000)

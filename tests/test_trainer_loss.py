@@ -198,3 +198,26 @@ def test_accepts_loss_kwargs_can_be_set_by_hand_as_on_a_stock_model(tmp_path):
     for value in (False, True):
         ours.accepts_loss_kwargs = value
         assert ours.accepts_loss_kwargs is value
+
+
+@pytest.mark.parametrize(
+    "family, class_name",
+    [("bart", "BartForConditionalGeneration"), ("llama", "LlamaForSequenceClassification")],
+)
+def test_a_subclass_whose_forward_takes_no_loss_kwargs_gets_none_from_the_trainer(tmp_path, family, class_name):
+    """The Trainer passes ``num_items_in_batch`` where the model takes loss kwargs; for a stock model it reads the
+    forward's signature. Ours said True for a user's subclass whose forward takes no ``**kwargs``: the Trainer
+    passed the count and the step failed with an unexpected keyword argument."""
+    from transformers import Trainer, TrainingArguments
+
+    stock, ours = stock_and_ours(family, class_name, tmp_path)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True)
+    accepts = ours.accepts_loss_kwargs  # False before transformers 5.1x (the label smoother)
+    for model in (stock, ours):
+        def forward(self, input_ids=None, attention_mask=None, labels=None):
+            return super(type(self), self).forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+        model.__class__ = type(f"Users{class_name}", (type(model),), {"forward": forward})
+        assert Trainer(model=model, args=args).model_accepts_loss_kwargs is False, type(model).__module__
+        model.__class__ = type(f"Users{class_name}WithKwargs", (type(model).__base__,), {})
+    assert Trainer(model=ours, args=args).model_accepts_loss_kwargs is accepts

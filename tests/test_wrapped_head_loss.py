@@ -16,6 +16,7 @@ from test_fused_models import (
     STOCK,
     TOL,
     VOCAB,
+    assert_same_training_step,
     assert_training_step_compiles_into_one_graph,
     batch_for,
     randomize_,
@@ -127,14 +128,19 @@ HEAD_ADAPTERS = {  # family: PEFT options that wrap its lm_head
 }
 
 
-def peft_pair(tmp_path, name: str, adapter: dict):
+def plain_pair(tmp_path, name: str):
+    """Stock and ours with the same random weights, ours loaded through trust_remote_code."""
     stock_class, make_config, auto_class = STOCK[name]
     torch.manual_seed(0)
     stock = stock_class(make_config())
     randomize_(stock)
     stock.save_pretrained(tmp_path)
     write_remote_code(tmp_path, name.split("_")[0])
-    ours = auto_class.from_pretrained(tmp_path, trust_remote_code=True)
+    return stock, auto_class.from_pretrained(tmp_path, trust_remote_code=True)
+
+
+def peft_pair(tmp_path, name: str, adapter: dict):
+    stock, ours = plain_pair(tmp_path, name)
     lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, **adapter)
     torch.manual_seed(1)
     stock = peft.get_peft_model(stock, peft.LoraConfig(**lora))
@@ -164,6 +170,30 @@ def test_wrapped_head_trains_without_logits_like_stock_with_peft(tmp_path, name)
     assert grads.keys() == expected_grads.keys() and any("lm_head" in key for key in grads)
     for key, grad in expected_grads.items():
         assert_close_rel(grads[key], grad, TOL, f"grad of {key}")
+
+
+class SequenceShapedHead(torch.nn.Module):
+    """A user's head written for ``[batch, seq, d]`` input, as stock calls it: an unpacked shape and an einsum."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight = torch.nn.Parameter(linear.weight.detach().clone())
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = hidden.shape
+        return torch.einsum("bsd,vd->bsv", hidden, self.weight).reshape(batch, seq, -1)
+
+
+@pytest.mark.parametrize("name", ["llama", "bart"])
+def test_a_head_written_for_batch_and_sequence_trains_without_logits_like_stock(tmp_path, name):
+    """Before, the chunks reached the head as ``[rows, d]``: a ValueError (unpack) or a RuntimeError (einsum)
+    where stock trains."""
+    stock, ours = plain_pair(tmp_path, name)
+    stock.lm_head = SequenceShapedHead(stock.lm_head)
+    ours.lm_head = SequenceShapedHead(ours.lm_head)
+    ours.config.loss_chunk_size = 5  # several chunks and a remainder
+    _, got = assert_same_training_step(stock, ours, batch_for(name, torch.Generator().manual_seed(14)))
+    assert got.logits is None and ours.lm_head.weight.grad is not None
 
 
 def spy_on(monkeypatch, model, name: str) -> list:
