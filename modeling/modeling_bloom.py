@@ -6104,11 +6104,10 @@ class _NormOutputRecipe:
 
         def pack(tensor: torch.Tensor):
             # a wrapper subclass (optimum-quanto's weights) has no storage to compare
-            if type(tensor) not in _PLAIN_TENSOR_TYPES or tensor.layout != torch.strided or tensor.is_nested:
-                return _SavedWithVersion(tensor)
-            if (tensor.untyped_storage().data_ptr(), tensor.device, tensor.dtype) != key:
-                return _SavedWithVersion(tensor)
-            return (self, tensor.shape, tensor.stride(), tensor.storage_offset())
+            plain = type(tensor) in _PLAIN_TENSOR_TYPES and tensor.layout == torch.strided and not tensor.is_nested
+            if plain and (tensor.untyped_storage().data_ptr(), tensor.device, tensor.dtype) == key:
+                return (self, tensor.shape, tensor.stride(), tensor.storage_offset())
+            return _SavedWithVersion(tensor)
 
         return pack
 

@@ -177,6 +177,12 @@ def test_qwen_trains_with_a_loss_function_set_on_the_model(saved):
     folder, config, state = saved
     model = load(folder)
     model.loss_function = smoothed_loss_with_z_term
+    assert_qwen_trains_with_the_users_loss(model, config, state, "the user's function")
+
+
+def assert_qwen_trains_with_the_users_loss(model, config, state, what: str) -> None:
+    """Qwen's training loss of a right-padded batch is ``smoothed_loss_with_z_term`` of a float64 reference's
+    logits, called once per forward (the fused loss would skip it)."""
     ids = random_ids(2, 9)
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
@@ -185,7 +191,7 @@ def test_qwen_trains_with_a_loss_function_set_on_the_model(saved):
     loss = model.train()(ids, attention_mask=mask, labels=labels).loss
     logits = ReferenceQwen(config, state).forward(ids, attention_mask=mask, training=True)[0]
     expected = smoothed_loss_with_z_term(logits, labels)
-    assert_close_rel(loss.detach(), expected.float(), TOL, "Qwen training loss with the user's function")
+    assert_close_rel(loss.detach(), expected.float(), TOL, f"Qwen training loss with {what}")
     assert smoothed_loss_with_z_term.calls == 2
 
 
@@ -233,16 +239,7 @@ def test_a_subclass_bringing_its_own_loss_function_trains_as_in_stock(tmp_path, 
 def test_qwen_subclass_bringing_its_own_loss_function_trains_with_it(saved):
     folder, config, state = saved
     model = as_users_subclass(load(folder), smoothed_loss_with_z_term, "property")
-    ids = random_ids(2, 9)
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    smoothed_loss_with_z_term.calls = 0
-    loss = model.train()(ids, attention_mask=mask, labels=labels).loss
-    logits = ReferenceQwen(config, state).forward(ids, attention_mask=mask, training=True)[0]
-    expected = smoothed_loss_with_z_term(logits, labels)
-    assert_close_rel(loss.detach(), expected.float(), TOL, "Qwen training loss with a subclass's function")
-    assert smoothed_loss_with_z_term.calls == 2
+    assert_qwen_trains_with_the_users_loss(model, config, state, "a subclass's function")
 
 
 def label_smoothed_cross_entropy(source, target, num_items_in_batch=None, ignore_index=-100, **kwargs):
