@@ -3331,6 +3331,13 @@ class KernelLayerModelMixin:
                     continue
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def _initialize_weights(self, module: torch.nn.Module, is_custom_code: bool = False) -> None:
+        """transformers' per-module init, as it runs for its own classes. For remote code later transformers 5 skips
+        modules without parameters of their own, guarding code that writes loaded tensors directly; ours writes
+        through transformers' init functions, which leave loaded tensors alone, and GPT-2's and Qwen's attention
+        and MLP modules hold the scaled draw of their ``c_proj``, as stock's do."""
+        super()._initialize_weights(module)
+
     def init_continuous_batching(self, *args, **kwargs):
         """Refused before it starts: continuous batching runs the model on a thread of its own, which only logs a
         forward's error (each request came back empty, ``generate`` returned the prompts, and BART, whose forward
@@ -6510,6 +6517,14 @@ def _tied_weights_keys(mapping: dict[str, str]) -> dict[str, str] | list[str]:
     return dict(mapping) if _TIED_WEIGHTS_AS_MAPPING else list(mapping)
 
 
+def _init_std(config: BartConfig) -> float:
+    """The std stock BART draws its weights with: transformers 5 takes it by its generic rule (a config's
+    `initializer_range` first, where one carries it, 0 meaning 0.02), 4.x always from `init_std`."""
+    if _TIED_WEIGHTS_AS_MAPPING and hasattr(config, "initializer_range"):
+        return config.initializer_range or 0.02
+    return config.init_std
+
+
 def _cached_cross_attention(cache: Cache | None, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The encoder keys/values a previous decoding step stored for this layer, or None."""
     if not isinstance(cache, EncoderDecoderCache) or not cache.is_updated.get(layer_idx, False):
@@ -6896,7 +6911,7 @@ class BartPreTrainedModel(KernelLayerModelMixin, PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         # Calls go through transformers 5's init functions, which skip tensors already loaded from a checkpoint.
-        std = self.config.init_std
+        std = _init_std(self.config)
         if isinstance(module, nn.Linear):
             _init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -7102,6 +7117,8 @@ class BartModel(BartPreTrainedModel):
         )
         self.encoder = BartEncoder(config)
         self.decoder = BartDecoder(config)
+        if not _TIED_WEIGHTS_AS_MAPPING:  # 4.x builds both stacks on the shared matrix, whatever the config says
+            self.encoder.embed_tokens.weight = self.decoder.embed_tokens.weight = self.shared.weight
         self.post_init()
 
     def _tie_weights(self) -> None:

@@ -3352,6 +3352,13 @@ class KernelLayerModelMixin:
                     continue
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def _initialize_weights(self, module: torch.nn.Module, is_custom_code: bool = False) -> None:
+        """transformers' per-module init, as it runs for its own classes. For remote code later transformers 5 skips
+        modules without parameters of their own, guarding code that writes loaded tensors directly; ours writes
+        through transformers' init functions, which leave loaded tensors alone, and GPT-2's and Qwen's attention
+        and MLP modules hold the scaled draw of their ``c_proj``, as stock's do."""
+        super()._initialize_weights(module)
+
     def init_continuous_batching(self, *args, **kwargs):
         """Refused before it starts: continuous batching runs the model on a thread of its own, which only logs a
         forward's error (each request came back empty, ``generate`` returned the prompts, and BART, whose forward

@@ -3334,6 +3334,13 @@ class KernelLayerModelMixin:
                     continue
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def _initialize_weights(self, module: torch.nn.Module, is_custom_code: bool = False) -> None:
+        """transformers' per-module init, as it runs for its own classes. For remote code later transformers 5 skips
+        modules without parameters of their own, guarding code that writes loaded tensors directly; ours writes
+        through transformers' init functions, which leave loaded tensors alone, and GPT-2's and Qwen's attention
+        and MLP modules hold the scaled draw of their ``c_proj``, as stock's do."""
+        super()._initialize_weights(module)
+
     def init_continuous_batching(self, *args, **kwargs):
         """Refused before it starts: continuous batching runs the model on a thread of its own, which only logs a
         forward's error (each request came back empty, ``generate`` returned the prompts, and BART, whose forward
@@ -6571,7 +6578,6 @@ class GPT2Attention(nn.Module):
 
         self._add_input_projections()
         self.c_proj = Conv1D(self.embed_dim, self.embed_dim)
-        self.c_proj.is_residual_projection = True
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
@@ -6702,7 +6708,6 @@ class GPT2MLP(nn.Module):
         super().__init__()
         self.c_fc = Conv1D(intermediate_size, config.hidden_size)
         self.c_proj = Conv1D(config.hidden_size, intermediate_size)
-        self.c_proj.is_residual_projection = True
         self.act = ACT2FN[config.activation_function]
         self.activation_function, self.activation_type = config.activation_function, type(self.act)
         self.dropout = nn.Dropout(config.resid_pdrop)
@@ -6803,22 +6808,21 @@ class GPT2PreTrainedModel(KernelLayerModelMixin, PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2's scheme: N(0, initializer_range), with both residual projections scaled by 1/sqrt(2 * n_layer).
 
-        The residual projections are recognised by a flag on the module itself: transformers 5 skips, for remote
-        code, modules without parameters of their own, so the attention/MLP modules are never passed here. Their
-        scaled draw follows a plain one, as stock draws them, so that one seed gives stock's weights.
+        As in stock, the scaled draw is made when the attention or MLP module is passed, after its ``c_proj`` had
+        its plain draw (modules are passed after their children), so that one seed gives stock's weights.
         """
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, Conv1D)):
             _init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 _init.zeros_(module.bias)
-            if getattr(module, "is_residual_projection", False):
-                _init.normal_(module.weight, mean=0.0, std=std / (2 * self.config.n_layer) ** 0.5)
         elif isinstance(module, nn.Embedding):
             _init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.LayerNorm):
             _init.ones_(module.weight)
             _init.zeros_(module.bias)
+        if isinstance(module, (GPT2Attention, GPT2MLP)):
+            _init.normal_(module.c_proj.weight, mean=0.0, std=std / (2 * self.config.n_layer) ** 0.5)
 
 
 POSITIONS_OF_GPT2 = "GPT-2's position embedding (config.n_positions)"

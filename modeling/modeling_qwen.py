@@ -3347,6 +3347,13 @@ class KernelLayerModelMixin:
                     continue
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def _initialize_weights(self, module: torch.nn.Module, is_custom_code: bool = False) -> None:
+        """transformers' per-module init, as it runs for its own classes. For remote code later transformers 5 skips
+        modules without parameters of their own, guarding code that writes loaded tensors directly; ours writes
+        through transformers' init functions, which leave loaded tensors alone, and GPT-2's and Qwen's attention
+        and MLP modules hold the scaled draw of their ``c_proj``, as stock's do."""
+        super()._initialize_weights(module)
+
     def init_continuous_batching(self, *args, **kwargs):
         """Refused before it starts: continuous batching runs the model on a thread of its own, which only logs a
         forward's error (each request came back empty, ``generate`` returned the prompts, and BART, whose forward
@@ -6769,7 +6776,6 @@ class QWenAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.attn_dropout_prob)  # a module, as the original's (trainers set its p)
         self.c_attn = nn.Linear(config.hidden_size, 3 * self.projection_size)
         self.c_proj = nn.Linear(self.projection_size, config.hidden_size, bias=not config.no_bias)
-        self.c_proj.is_residual_projection = True
 
     def forward(
         self,
@@ -6824,7 +6830,6 @@ class QWenMLP(nn.Module):
         self.w1 = nn.Linear(config.hidden_size, inner, bias=not config.no_bias)
         self.w2 = nn.Linear(config.hidden_size, inner, bias=not config.no_bias)
         self.c_proj = nn.Linear(inner, config.hidden_size, bias=not config.no_bias)
-        self.c_proj.is_residual_projection = True
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         up, gate = shared_input_projections(hidden_states, self.w1, self.w2)
@@ -6897,14 +6902,9 @@ class QWenPreTrainedModel(KernelLayerModelMixin, PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, initializer_range) weights, zero biases, unit norms; the residual output projections
-        (``c_proj`` of attention and MLP) get the std divided by sqrt(2 * num_hidden_layers), as in the original.
-
-        Those are recognised by a flag on the ``nn.Linear`` itself: transformers 5 skips, for remote code, modules
-        without parameters of their own, so the attention and MLP modules are never passed here.
-        """
+        (``c_proj`` of attention and MLP) are drawn again, with the std divided by sqrt(2 * num_hidden_layers), when
+        their attention or MLP module is passed, as in the original."""
         std = self.config.initializer_range
-        if getattr(module, "is_residual_projection", False):
-            std = std / math.sqrt(2 * self.config.num_hidden_layers)
         if isinstance(module, nn.Linear):
             _init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -6913,6 +6913,8 @@ class QWenPreTrainedModel(KernelLayerModelMixin, PreTrainedModel):
             _init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
             _init.ones_(module.weight)
+        if isinstance(module, (QWenAttention, QWenMLP)):
+            _init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
 
 
 class QWenModel(QWenPreTrainedModel):
