@@ -669,14 +669,31 @@ def _computes_as_stock() -> bool:
     traces (``_is_exporting``), so that an exported program holds no op of ours (it has a backward, loads where
     this file was never imported, and lowers to runtimes such as ExecuTorch and ONNX Runtime that know torch's
     operators only); logged once."""
-    if _under_function_transform():
+    if _under_function_transform() or _under_users_function_mode():
         return True
-    if not _is_exporting():
+    if not (_is_exporting() or torch.jit.is_tracing()):
         return False
     _log_once(
-        "torch.export or torch.onnx is tracing: the fused ops (loss, norms, MLP, RoPE, tiles, offloaded checkpoints) compute "
-        "as stock does and attention's auto backend takes sdpa or plain eager, so the program holds torch's "
-        "operators only"
+        "torch.export, torch.onnx or torch.jit.trace is tracing: the fused ops (loss, norms, MLP, RoPE, tiles, "
+        "offloaded checkpoints) compute as stock does and attention's auto backend takes sdpa or plain eager, so "
+        "the program holds torch's operators only (a traced module is saved by torch.jit.save)"
+    )
+    return True
+
+
+def _under_users_function_mode() -> bool:
+    """Whether a ``TorchFunctionMode`` of the caller's is active (torch's own ``torch.device(...)`` context aside).
+    Such a mode sees, and may change, the calls inside our autograd Functions' forwards (a fake-quantized weight
+    given to ``F.linear``), which their backwards would not see; the fused ops then compute as stock does, so that
+    the mode sees stock's calls; logged once."""
+    if torch._C._len_torch_function_stack() == 0 or torch.compiler.is_compiling():
+        return False
+    modes = torch.overrides._get_current_function_mode_stack()
+    if all(type(mode).__name__ == "DeviceContext" for mode in modes):
+        return False
+    _log_once(
+        "a TorchFunctionMode is active: the fused ops (loss, norms, MLP, RoPE, tiles, offloaded checkpoints) compute "
+        "as stock does, so that the mode sees the calls stock makes"
     )
     return True
 
@@ -1161,7 +1178,8 @@ def _chunked_options(call: AttentionCall, scale: float, seed: Optional[torch.Ten
 
 
 def _dropout_seed(seed: Optional[torch.Tensor]) -> int:
-    return 0 if seed is None else int(seed.item())
+    """The seed's value; 0 for a fake seed, which has none (a run on fake tensors computes shapes only)."""
+    return 0 if seed is None or _fake_tensor_mode_active() else int(seed.item())
 
 
 def _chunked_call(q, k, slopes, documents, causal: bool, mask_kind: str, dropout_p: float) -> AttentionCall:
@@ -2796,9 +2814,12 @@ def _why_not(name: str, call: AttentionCall) -> Optional[str]:
 
 
 def _auto_skips(name: str, call: AttentionCall) -> bool:
-    """``auto`` passes over sdpa where it would build an O(q * k) mask for a padded or packed call, unless only
-    sdpa and plain eager may run (``_computes_as_stock``; ``_cannot_transform`` refuses the others)."""
-    return name == "sdpa" and _sdpa_needs_dense_mask(call) is not None and not _computes_as_stock()
+    """``auto`` passes over sdpa where it would build an O(q * k) mask for a padded or packed call, and over every
+    backend but sdpa and plain eager while the model computes as stock does (``_computes_as_stock``: the others
+    are ops of their own, which a trace cannot save and a user's TorchFunctionMode sees only in forward)."""
+    if _computes_as_stock():
+        return name not in ("sdpa", "eager")
+    return name == "sdpa" and _sdpa_needs_dense_mask(call) is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3215,9 +3236,15 @@ def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[t
     if attention_mask.dim() != 2:
         raise ValueError(f"expected a 2-D padding mask [batch, k_len], got shape {list(attention_mask.shape)}")
     keep = attention_mask.to(torch.bool, copy=True)
-    if _is_tracing():
+    if _host_cannot_read(keep):
         return keep
     return None if bool(keep.all()) else keep
+
+
+def _host_cannot_read(tensor: torch.Tensor) -> bool:
+    """Whether a mask's values cannot be read on the host to choose a path: while tracing, and for fake or meta
+    tensors (what tools that estimate memory or shapes run a model on)."""
+    return _is_tracing() or _fake_tensor_mode_active() or tensor.device.type == "meta"
 
 
 def check_mask_shape(attention_mask: Optional[torch.Tensor], batch_size: int, new_tokens: int) -> None:
@@ -3675,7 +3702,7 @@ def padded_rows(
         or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
         or varlen_keywords(kwargs)
         or not config_switch(config, "unpad_batches", True)
-        or _is_tracing()
+        or _host_cannot_read(attention_mask)
         or _needs_its_padded_rows(model)
     ):
         return None

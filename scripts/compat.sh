@@ -19,7 +19,8 @@ tests=(tests/test_attention.py tests/test_attention_edges.py tests/test_backend_
        tests/test_attention_gpu.py tests/test_llama.py tests/test_gpt2.py tests/test_bloom.py tests/test_bart.py
        tests/test_qwen.py tests/test_qwen_cache.py tests/test_stock_behaviour.py tests/test_trainer_loss.py
        tests/test_tracing.py tests/test_user_tools.py tests/test_patch.py tests/test_patch_state.py
-       tests/test_training_with_caches.py tests/test_weight_init.py)
+       tests/test_training_with_caches.py tests/test_weight_init.py
+       tests/test_torch_modes.py)
 
 # One line of Python for the .pth file: site.addsitedir() for every site directory of the active environment.
 layer_line=$("$python" - <<'EOF'

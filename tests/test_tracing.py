@@ -293,6 +293,38 @@ def test_jit_traced_model_follows_the_padding_of_its_inputs(family, tmp_path):
 
 
 
+class _LossOf(torch.nn.Module):
+    def __init__(self, model, family: str):
+        super().__init__()
+        self.model, self.family = model, family
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        decoder = {"decoder_input_ids": ids[:, :5]} if self.family == "bart" else {}
+        labels = decoder.get("decoder_input_ids", ids)
+        return self.model(input_ids=ids, attention_mask=mask, labels=labels, **decoder).loss
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
+def test_jit_traced_model_holds_torchs_operators_only(family, tmp_path):
+    """``torch.jit.save`` refuses a trace holding Python calls (``prim::PythonOp``): our autograd Functions (RoPE,
+    norms, MLP, chunked attention; the fused loss in training) were traced as such, so transformers' TorchScript
+    recipe (trace, then save) failed. While ``torch.jit.trace`` runs, our code computes as stock's."""
+    stock, ours = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    if family == "bart":
+        mask = mask.flip(1)
+    with torch.no_grad():
+        traced = torch.jit.trace(_LogitsOf(ours, family), (ids, mask), check_trace=False)
+        expected = _LogitsOf(stock, family)(ids, mask)
+        actual = traced(ids, mask)
+    trained = torch.jit.trace(_LossOf(ours.train(), family), (ids, mask), check_trace=False)
+    for program in (traced, trained):
+        assert not program.inlined_graph.findAllNodes("prim::PythonOp")
+    rows = mask.bool()[..., None] if family != "bart" else torch.ones(1, dtype=torch.bool)
+    assert_close_rel(actual * rows, expected * rows, TOL, f"{family} traced logits")
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
 def test_onnx_export_without_dynamo_runs_stocks_attention(family, tmp_path):
     """``torch.onnx.export(dynamo=False)`` traces with TorchScript, and its conversion dropped what the chunked
