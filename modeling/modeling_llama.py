@@ -736,7 +736,7 @@ def _under_users_function_mode() -> bool:
     Such a mode sees, and may change, the calls inside our autograd Functions' forwards (a fake-quantized weight
     given to ``F.linear``), which their backwards would not see; the fused ops then compute as stock does, so that
     the mode sees stock's calls; logged once."""
-    if torch._C._len_torch_function_stack() == 0 or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._len_torch_function_stack() == 0:
         return False
     modes = torch.overrides._get_current_function_mode_stack()
     if all(type(mode).__name__ == "DeviceContext" for mode in modes):
