@@ -4316,29 +4316,29 @@ def _row_warps(block: int) -> int:
 
 
 def _cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
-    """Summed float32 cross-entropy of the counted rows of one chunk, the logits less their row maximum, and
-    each row's log-sum-exp of those. Kept apart from the maximum, the log-sum is not rounded at the logits'
-    magnitude, so a saturated softmax keeps its precision, as with log_softmax."""
-    logits = _at_least_float32(logits)
-    shifted = logits - logits.amax(dim=-1, keepdim=True)
-    log_sum = torch.logsumexp(shifted, dim=-1)
+    """Summed float32 cross-entropy of the counted rows of one chunk, the exponentials of the logits less their row
+    maximum, and each row's sum of those. Kept apart from the maximum, the log-sum is not rounded at the logits'
+    magnitude, so a saturated softmax keeps its precision, as with log_softmax. Float32 and float64 logits (the
+    chunk's own) are overwritten: no other ``[rows, vocab]`` tensor is made."""
+    shifted = _at_least_float32(logits)
+    shifted = shifted.sub_(shifted.amax(dim=-1, keepdim=True))
     counted = targets != ignore_index
     picked = shifted.gather(1, torch.where(counted, targets, 0).unsqueeze(1)).squeeze(1)
-    return torch.where(counted, log_sum - picked, 0.0).sum(), shifted, log_sum
+    exps = shifted.exp_()
+    exp_sums = exps.sum(dim=-1)
+    return torch.where(counted, exp_sums.log() - picked, 0.0).sum(), exps, exp_sums
 
 
 def _cross_entropy_chunk_grad(
-    shifted: torch.Tensor, log_sum: torch.Tensor, targets: torch.Tensor, ignore_index: int, scale: torch.Tensor,
-    dtype: torch.dtype,
+    exps: torch.Tensor, exp_sums: torch.Tensor, targets: torch.Tensor, ignore_index: int, scale: torch.Tensor
 ) -> torch.Tensor:
-    """d(loss)/d(logits) of one chunk in ``dtype``: (softmax - one_hot) x scale on counted rows, the softmax
-    taken from ``_cross_entropy_chunk``'s shifted logits (overwritten)."""
+    """d(loss)/d(logits) of one chunk: (softmax - one_hot) x scale on counted rows, computed in the memory of
+    ``_cross_entropy_chunk``'s exponentials."""
     counted = targets != ignore_index
     safe_targets = torch.where(counted, targets, 0).unsqueeze(1)
-    grad = shifted.sub_(log_sum.unsqueeze(1)).exp_()
-    grad = grad.scatter_add(1, safe_targets, torch.full_like(safe_targets, -1, dtype=grad.dtype))
-    row_scale = torch.where(counted, scale, 0.0)
-    return (grad * row_scale.unsqueeze(1)).to(dtype)
+    grad = exps.div_(exp_sums.unsqueeze(1))
+    grad.scatter_add_(1, safe_targets, torch.full_like(safe_targets, -1, dtype=grad.dtype))
+    return grad.mul_(torch.where(counted, scale, 0.0).unsqueeze(1))
 
 
 def _cross_entropy_in_place_triton(logits, targets, ignore_index: int, scale: Optional[torch.Tensor]):
@@ -4356,11 +4356,13 @@ def _cross_entropy_in_place_triton(logits, targets, ignore_index: int, scale: Op
 
 
 def _cross_entropy_torch(logits, targets, ignore_index: int, scale: Optional[torch.Tensor]):
-    """The chunk's summed loss, and its logits' gradient when ``scale`` is given (the PyTorch body)."""
-    chunk_sum, shifted, log_sum = _cross_entropy_chunk(logits, targets, ignore_index)
+    """The chunk's summed loss, and its logits' gradient when ``scale`` is given, written over the logits (the
+    PyTorch body; half-precision logits get it from a float32 copy)."""
+    chunk_sum, exps, exp_sums = _cross_entropy_chunk(logits, targets, ignore_index)
     if scale is None:
         return chunk_sum, None
-    return chunk_sum, _cross_entropy_chunk_grad(shifted, log_sum, targets, ignore_index, scale, logits.dtype)
+    grad = _cross_entropy_chunk_grad(exps, exp_sums, targets, ignore_index, scale)
+    return chunk_sum, grad if grad is logits else logits.copy_(grad)
 
 
 def _cross_entropy_with_grad(logits, targets, ignore_index: int, scale: Optional[torch.Tensor]):
