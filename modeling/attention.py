@@ -6055,28 +6055,52 @@ class _SavedWithVersion:
         return self.tensor
 
 
+# autograd nodes of views that keep a contiguous tensor's element order (what ``_NormOutputRecipe`` may follow)
+_RESHAPE_NODES = frozenset(
+    ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0", "SqueezeBackward0",
+     "SqueezeBackward1", "UnsqueezeBackward0")
+)
+
+
 class _NormOutputRecipe:
-    """Saved for backward in place of a norm's output (and its views): the norm, its input, its train/eval mode and
-    weights and the forward's autocast state. The first unpack runs the norm again; the result lives while a saved slot
-    refers to it."""
+    """Saved for backward in place of a norm's output, its views and its copies in another dtype (autocast's half
+    precision copy, which the projections keep when their weights are float32): the norm, its input, its
+    train/eval mode and weights and the forward's autocast state. The first unpack of each dtype runs the norm
+    again; the result lives while a saved slot refers to it."""
 
     def __init__(self, norm, x: torch.Tensor):
         self.norm, self.x, self.modes, self.tensors = norm, x, _train_modes((norm,)), _module_tensors((norm,))
         self.autocast_dtype = _autocast_dtype(x.device.type)
-        self.value: Optional[torch.Tensor] = None
+        self.values: dict = {}
 
     def pack_for(self, normed: torch.Tensor):
-        """The pack hook: the norm's output (and its views) as the recipe, any other tensor detached with its
-        version (``_SavedWithVersion``). Kept as it was, a tensor that its own node saves (SDPA's output) would
-        hold that node through its ``grad_fn``, a cycle through C++ that Python's collector cannot break: a
-        forward dropped without backward leaked."""
+        """The pack hook: the norm's output, its views and its dtype copies as the recipe, any other tensor
+        detached with its version (``_SavedWithVersion``). Kept as it was, a tensor that its own node saves (SDPA's
+        output) would hold that node through its ``grad_fn``, a cycle through C++ that Python's collector cannot
+        break: a forward dropped without backward leaked."""
         key = (normed.untyped_storage().data_ptr(), normed.device, normed.dtype)
+        normed_dtype, normed_node, numel, device = normed.dtype, normed.grad_fn, normed.numel(), normed.device
+
+        def is_dtype_copy(tensor: torch.Tensor) -> bool:
+            """``tensor`` holds ``normed.to(dtype)`` in its order, reshaped: made from ``normed`` by one dtype copy
+            (autocast's) and reshapes only (``x.view(-1, d)`` before ``addmm``, a matmul's folding)."""
+            if normed_node is None or tensor.numel() != numel or tensor.device != device:
+                return False
+            if not tensor.is_contiguous() or tensor.storage_offset() != 0:
+                return False
+            node, copies = tensor.grad_fn, 0
+            while type(node).__name__ in _RESHAPE_NODES or type(node).__name__ == "ToCopyBackward0":
+                copies += type(node).__name__ == "ToCopyBackward0"
+                node = node.next_functions[0][0]
+            return node is normed_node and copies == 1
 
         def pack(tensor: torch.Tensor):
             # a wrapper subclass (optimum-quanto's weights) has no storage to compare
             plain = type(tensor) in _PLAIN_TENSOR_TYPES and tensor.layout == torch.strided and not tensor.is_nested
             if plain and (tensor.untyped_storage().data_ptr(), tensor.device, tensor.dtype) == key:
-                return (self, tensor.shape, tensor.stride(), tensor.storage_offset())
+                return (self, normed_dtype, tensor.shape, tensor.stride(), tensor.storage_offset())
+            if plain and is_dtype_copy(tensor):
+                return (self, tensor.dtype, tensor.shape, tensor.stride(), 0)
             return _SavedWithVersion(tensor)
 
         return pack
@@ -6084,17 +6108,19 @@ class _NormOutputRecipe:
     def unpack(self, saved):
         if isinstance(saved, _SavedWithVersion):
             return saved.unchanged()
-        _, size, stride, offset = saved
-        return self.recomputed().as_strided(size, stride, offset)
+        _, dtype, size, stride, offset = saved
+        return self.recomputed(dtype).as_strided(size, stride, offset)
 
-    def recomputed(self) -> torch.Tensor:
-        if self.value is None:
-            dtype = self.autocast_dtype
-            with torch.autocast(self.x.device.type, dtype=dtype, enabled=dtype is not None), _train_modes_restored(
-                self.modes
-            ), _module_tensors_restored(self.tensors):
-                self.value = type(self.norm).forward(self.norm, self.x)  # as in forward: without hooks added since
-        return self.value
+    def recomputed(self, dtype: torch.dtype) -> torch.Tensor:
+        """The norm's output, in ``dtype`` (cast as autocast casts it)."""
+        if dtype not in self.values:
+            autocast_dtype = self.autocast_dtype
+            with torch.autocast(
+                self.x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ), _train_modes_restored(self.modes), _module_tensors_restored(self.tensors):
+                normed = type(self.norm).forward(self.norm, self.x)  # as in forward: without hooks added since
+            self.values[dtype] = normed.to(dtype)
+        return self.values[dtype]
 
 
 def _tiles_apply(x: torch.Tensor, tile_size: int) -> bool:

@@ -148,6 +148,49 @@ def test_norm_outputs_are_freed_after_forward_and_gradients_are_unchanged(family
     assert_identical_steps(steps[True], steps[False])
 
 
+def autocast_copies_kept(model, family: str, batch: dict) -> tuple:
+    """A training forward under bf16 autocast (float32 weights, as ``Trainer(bf16=True)`` runs): for every bf16
+    copy autocast makes of a norm output (or of a reshape of one), whether it is alive while the forward's graph
+    is; and the step's loss and gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    norm_storages, copies = set(), []
+
+    class RecordCopies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if func is torch.ops.aten._to_copy.default and source.untyped_storage().data_ptr() in norm_storages:
+                copies.append(StorageWeakRef(result.untyped_storage()))
+            return result
+
+    model.train()
+    model.zero_grad(set_to_none=True)
+    record = lambda out: norm_storages.add(out.untyped_storage().data_ptr())  # noqa: E731
+    with norm_outputs_seen(model, family, record), RecordCopies(), torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(**batch)
+    kept = [not ref.expired() for ref in copies]
+    output.loss.backward()
+    grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+    return kept, (output.loss.detach(), grads)
+
+
+@pytest.mark.parametrize("family", list(NORMS))
+def test_autocasts_copies_of_norm_outputs_are_freed_after_forward_and_gradients_are_unchanged(
+    family, family_pairs, tmp_path  # noqa: F811
+):
+    """With float32 weights under autocast the projections keep autocast's bf16 copy of the norm output, not the
+    output: recomputing it freed nothing. The copies are recomputed too (the norm, then the same cast)."""
+    model, batch = model_and_batch(family, family_pairs, tmp_path)
+    steps = {}
+    for recompute in (False, True):
+        with recompute_set(model.config, recompute):
+            kept, steps[recompute] = autocast_copies_kept(model, family, batch)
+        held = sum(kept)  # (a copy that nothing saves is freed either way)
+        assert held >= recomputed_norms(model) if not recompute else held == 0, (recompute, kept)
+    assert_identical_steps(steps[True], steps[False])
+
+
 @pytest.mark.parametrize("family", ["llama", "bart"])
 def test_unset_the_size_decides_and_gradients_match_under_autocast(family, family_pairs, monkeypatch):  # noqa: F811
     """Unset, the switch leaves it to each norm output's size: kept below ``_NORM_RECOMPUTE_MIN_BYTES``,
