@@ -35,8 +35,12 @@ from transformers.utils import logging as hf_logging
 
 try:  # where transformers keeps OutputRecorder (for `_can_record_outputs`): 5.2x, then 4.57 / 5.0
     from transformers.utils.output_capturing import OutputRecorder
+
+    _STOCK_RECORDS_OUTPUTS = True  # stock returns what its recorders saw: () where no cross-attention ran
 except ImportError:
     from transformers.utils.generic import OutputRecorder
+
+    _STOCK_RECORDS_OUTPUTS = False
 
 # Version guard: transformers 5 re-runs `_init_weights` over loaded modules and ships init
 # functions that skip tensors it has already loaded; transformers 4 only initializes missing weights.
@@ -7058,9 +7062,18 @@ class GPT2Model(GPT2PreTrainedModel):
             past_key_values=past_key_values if use_cache else None,
             hidden_states=selected_hidden_states(all_hidden_states, output_hidden_states),
             attentions=tuple(all_attentions) if output_attentions else None,
-            cross_attentions=tuple(encoder.weights) if encoder is not None and output_attentions else None,
+            cross_attentions=self._cross_attention_weights(encoder, output_attentions),
         )
         return output if return_dict else output.to_tuple()
+
+    def _cross_attention_weights(self, encoder, output_attentions: bool) -> Optional[tuple]:
+        """What stock returns: each layer's cross-attention weights; with none computed, () where the model has
+        cross-attention (or transformers records outputs, 5.2x), else None."""
+        if not output_attentions:
+            return None
+        if encoder is not None:
+            return tuple(encoder.weights)
+        return () if self.config.add_cross_attention or _STOCK_RECORDS_OUTPUTS else None
 
 
 class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):

@@ -15,6 +15,7 @@ from functools import partial
 from typing import Optional, Union
 
 import torch
+import transformers
 from torch import nn
 from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as StockLlamaForCausalLM
@@ -6569,6 +6570,9 @@ logger = get_logger(__name__)
 # ----------------------------------------------------------------------------------------------
 
 
+_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
 def rope_parameters_from_config(config: LlamaConfig) -> dict:
     """The RoPE settings as one dict with at least ``rope_type`` and ``rope_theta``.
 
@@ -6582,6 +6586,18 @@ def rope_parameters_from_config(config: LlamaConfig) -> dict:
     return params
 
 
+def settle_rope_for_transformers_4(config: LlamaConfig) -> None:
+    """A config saved by transformers 5 keeps its RoPE in ``rope_parameters``, which 4.x does not read: its init
+    functions, and stock 4.x, which then runs plain RoPE at theta 10000, read ``rope_scaling`` and ``rope_theta``.
+    On 4.x those two are set from it (where no ``rope_scaling`` is given), so that the checkpoint's RoPE runs."""
+    if _TRANSFORMERS_5 or not getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None):
+        return
+    params = rope_parameters_from_config(config)
+    config.rope_theta = params["rope_theta"]
+    if params["rope_type"] != "default":
+        config.rope_scaling = {key: value for key, value in params.items() if key != "rope_theta"}
+
+
 class LlamaRotaryEmbedding(nn.Module):
     """cos/sin tables for given positions, for every rope type this transformers version knows.
 
@@ -6593,6 +6609,7 @@ class LlamaRotaryEmbedding(nn.Module):
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
+        settle_rope_for_transformers_4(config)
         self.config = config
         self.rope_type = rope_parameters_from_config(config)["rope_type"]
         if self.rope_type != "default" and self.rope_type not in ROPE_INIT_FUNCTIONS:

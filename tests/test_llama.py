@@ -342,6 +342,26 @@ def test_rope_variant_changes_the_logits(pair, variant):
         assert relative_error(plain(input_ids=ids).logits, stock(input_ids=ids).logits) > 1e-3
 
 
+@pytest.mark.parametrize("variant", ["llama3_theta", "llama3.1", "linear", "dynamic"])
+def test_a_config_written_by_transformers_5_runs_its_rope_on_every_version(tmp_path_factory, variant):
+    """transformers 5 writes RoPE as ``rope_parameters`` only. On 4.57 ours failed to load a scaled one (4.x's init
+    functions read ``rope_scaling``, None there) and stock runs plain RoPE; ours now runs the checkpoint's RoPE,
+    that of the stock model built from the same settings in this version's format."""
+    import json
+
+    stock, folder = stock_and_folder(tmp_path_factory, VARIANTS[variant]())
+    saved = json.loads((folder / "config.json").read_text())
+    theta = saved.pop("rope_theta", None) or 10000.0  # 4.x's keys, folded into 5.x's one dict
+    params = {"rope_type": "default", "rope_theta": theta, **(saved.pop("rope_scaling", None) or {})}
+    params.update(saved.pop("rope_parameters", None) or {})
+    params["rope_type"] = params.pop("type", params["rope_type"])
+    (folder / "config.json").write_text(json.dumps({**saved, "rope_parameters": params}))
+    ours = load_ours(folder)
+    ids = random_ids(2, 23, 4)
+    with torch.no_grad():
+        assert_close_rel(ours(input_ids=ids).logits, stock(input_ids=ids).logits, TOL, variant)
+
+
 def test_dynamic_ntk_generation_past_max_position_embeddings_matches_stock(tmp_path_factory):
     """The prompt fits max_position_embeddings (16); decoding goes past it, re-deriving the base each step."""
     stock, folder = stock_and_folder(tmp_path_factory, VARIANTS["dynamic"]())
