@@ -262,14 +262,18 @@ def test_exporting_with_a_backend_that_would_put_its_own_op_in_the_program_is_re
 
 
 class _LogitsOf(torch.nn.Module):
-    """A model's logits as a function of tensors only, for ``torch.jit.trace``."""
+    """A model's logits (with ``loss``: its loss, the inputs as labels) as a function of tensors only, for
+    ``torch.jit.trace``."""
 
-    def __init__(self, model, family: str):
+    def __init__(self, model, family: str, loss: bool = False):
         super().__init__()
-        self.model, self.family = model, family
+        self.model, self.family, self.loss = model, family, loss
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         decoder = {"decoder_input_ids": ids[:, :5]} if self.family == "bart" else {}
+        if self.loss:
+            labels = decoder.get("decoder_input_ids", ids)
+            return self.model(input_ids=ids, attention_mask=mask, labels=labels, **decoder).loss
         return self.model(input_ids=ids, attention_mask=mask, use_cache=False, **decoder).logits
 
 
@@ -293,17 +297,6 @@ def test_jit_traced_model_follows_the_padding_of_its_inputs(family, tmp_path):
 
 
 
-class _LossOf(torch.nn.Module):
-    def __init__(self, model, family: str):
-        super().__init__()
-        self.model, self.family = model, family
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        decoder = {"decoder_input_ids": ids[:, :5]} if self.family == "bart" else {}
-        labels = decoder.get("decoder_input_ids", ids)
-        return self.model(input_ids=ids, attention_mask=mask, labels=labels, **decoder).loss
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
 def test_jit_traced_model_holds_torchs_operators_only(family, tmp_path):
     """``torch.jit.save`` refuses a trace holding Python calls (``prim::PythonOp``): our autograd Functions (RoPE,
@@ -318,7 +311,7 @@ def test_jit_traced_model_holds_torchs_operators_only(family, tmp_path):
         traced = torch.jit.trace(_LogitsOf(ours, family), (ids, mask), check_trace=False)
         expected = _LogitsOf(stock, family)(ids, mask)
         actual = traced(ids, mask)
-    trained = torch.jit.trace(_LossOf(ours.train(), family), (ids, mask), check_trace=False)
+    trained = torch.jit.trace(_LogitsOf(ours.train(), family, loss=True), (ids, mask), check_trace=False)
     for program in (traced, trained):
         assert not program.inlined_graph.findAllNodes("prim::PythonOp")
     rows = mask.bool()[..., None] if family != "bart" else torch.ones(1, dtype=torch.bool)
