@@ -1143,7 +1143,10 @@ def _launch_or_body(kernel: Callable, body: Callable, *args):
 
 
 def _dropout_keep(seed: int, q_block: int, k_block: int, n_k_blocks: int, shape, device) -> torch.Tensor:
-    """The dropout keep-mask of one block, drawn from a generator seeded per block so backward can redraw it."""
+    """The dropout keep-mask of one block, drawn from a generator seeded per block so backward can redraw it (on
+    the meta device, which has no generator, an empty one: a run on meta tensors computes shapes only)."""
+    if torch.device(device).type == "meta":
+        return torch.empty(shape, device=device, dtype=torch.float32)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed + q_block * n_k_blocks + k_block)
     return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
@@ -6078,28 +6081,31 @@ class _NormOutputRecipe:
         detached with its version (``_SavedWithVersion``). Kept as it was, a tensor that its own node saves (SDPA's
         output) would hold that node through its ``grad_fn``, a cycle through C++ that Python's collector cannot
         break: a forward dropped without backward leaked."""
-        key = (normed.untyped_storage().data_ptr(), normed.device, normed.dtype)
-        normed_dtype, normed_node, numel, device = normed.dtype, normed.grad_fn, normed.numel(), normed.device
+        key = (normed.untyped_storage().data_ptr(), normed.device, normed.dtype, normed._version)
+        normed_dtype, numel, device = normed.dtype, normed.numel(), normed.device
+        normed_edge = (normed.grad_fn, normed.output_nr)
+        copy_dtype = _autocast_dtype(device.type)
 
-        def is_dtype_copy(tensor: torch.Tensor) -> bool:
-            """``tensor`` holds ``normed.to(dtype)`` in its order, reshaped: made from ``normed`` by one dtype copy
-            (autocast's) and reshapes only (``x.view(-1, d)`` before ``addmm``, a matmul's folding)."""
-            if normed_node is None or tensor.numel() != numel or tensor.device != device:
+        def is_autocast_copy(tensor: torch.Tensor) -> bool:
+            """``tensor`` holds ``normed.to(dtype)`` in its order, reshaped: under autocast, a copy in autocast's
+            dtype made from ``normed`` (that output of its node: BLOOM's norm also hands on its residual) by one
+            dtype copy and reshapes only (``x.view(-1, d)`` before ``addmm``, a matmul's folding), unchanged since."""
+            if copy_dtype is None or tensor.dtype != copy_dtype or normed_edge[0] is None or tensor._version != 0:
                 return False
-            if not tensor.is_contiguous() or tensor.storage_offset() != 0:
+            if tensor.numel() != numel or tensor.device != device or not tensor.is_contiguous():
                 return False
-            node, copies = tensor.grad_fn, 0
-            while type(node).__name__ in _RESHAPE_NODES or type(node).__name__ == "ToCopyBackward0":
-                copies += type(node).__name__ == "ToCopyBackward0"
-                node = node.next_functions[0][0]
-            return node is normed_node and copies == 1
+            edge, copies = (tensor.grad_fn, 0), 0
+            while type(edge[0]).__name__ in _RESHAPE_NODES or type(edge[0]).__name__ == "ToCopyBackward0":
+                copies += type(edge[0]).__name__ == "ToCopyBackward0"
+                edge = edge[0].next_functions[0]
+            return edge[0] is normed_edge[0] and edge[1] == normed_edge[1] and copies == 1
 
         def pack(tensor: torch.Tensor):
             # a wrapper subclass (optimum-quanto's weights) has no storage to compare
             plain = type(tensor) in _PLAIN_TENSOR_TYPES and tensor.layout == torch.strided and not tensor.is_nested
-            if plain and (tensor.untyped_storage().data_ptr(), tensor.device, tensor.dtype) == key:
+            if plain and (tensor.untyped_storage().data_ptr(), tensor.device, tensor.dtype, tensor._version) == key:
                 return (self, normed_dtype, tensor.shape, tensor.stride(), tensor.storage_offset())
-            if plain and is_dtype_copy(tensor):
+            if plain and tensor.storage_offset() == 0 and is_autocast_copy(tensor):
                 return (self, tensor.dtype, tensor.shape, tensor.stride(), 0)
             return _SavedWithVersion(tensor)
 
@@ -6473,6 +6479,26 @@ def _hidden_states_of(function: Callable, extras: list) -> Callable:
     return hidden_states_only
 
 
+class _PassThroughFunctionMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _recomputed_on_the_forwards_path(checkpoint_function: Callable, function: Callable, *args, **kwargs):
+    """``checkpoint_function(function, *args, **kwargs)``. Under a user's TorchFunctionMode a layer computes as
+    stock does (``_under_users_function_mode``); backward recomputes it where the mode may be gone (a mode around
+    the forward only), and the fused path would save other tensors than the forward did (a CheckpointError).
+    Such a layer is recomputed under a pass-through mode: on stock's path again."""
+    if not _under_users_function_mode():
+        return checkpoint_function(function, *args, **kwargs)
+
+    def under_a_mode(*inner_args, **inner_kwargs):
+        with _PassThroughFunctionMode():
+            return function(*inner_args, **inner_kwargs)
+
+    return checkpoint_function(under_a_mode, *args, **kwargs)
+
+
 class LongContextCheckpointing:
     """Mixin for decoder layers (before ``GradientCheckpointingLayer`` in the bases; the layer has ``config``
     and ``layer_idx``, and ``num_stack_layers`` where its stack is not ``config.num_hidden_layers`` deep).
@@ -6497,9 +6523,11 @@ class LongContextCheckpointing:
         return self.enabled_checkpointing_function()
 
     def enabled_checkpointing_function(self) -> Callable:
-        """The checkpointing ``gradient_checkpointing_enable`` set (non-reentrant where it set none)."""
+        """The checkpointing ``gradient_checkpointing_enable`` set (non-reentrant where it set none), recomputing
+        on the path its forward took (``_recomputed_on_the_forwards_path``)."""
         function = self.__dict__.get("_checkpointing_function")
-        return partial(checkpoint, use_reentrant=False) if function is None else function
+        function = partial(checkpoint, use_reentrant=False) if function is None else function
+        return partial(_recomputed_on_the_forwards_path, function)
 
     @_gradient_checkpointing_func.setter
     def _gradient_checkpointing_func(self, function: Callable) -> None:
