@@ -6149,8 +6149,7 @@ class _NormOutputRecipe:
         break: a forward dropped without backward leaked."""
         key = (normed.untyped_storage().data_ptr(), normed.device, normed.dtype, normed._version)
         normed_dtype, numel, device = normed.dtype, normed.numel(), normed.device
-        normed_edge = (normed.grad_fn, normed.output_nr)
-        copy_dtype = _autocast_dtype(device.type)
+        normed_edge, copy_dtype = (normed.grad_fn, normed.output_nr), self.autocast_dtype
 
         def is_autocast_copy(tensor: torch.Tensor) -> bool:
             """``tensor`` holds ``normed.to(dtype)`` in its order, reshaped: under autocast, a copy in autocast's
