@@ -1013,8 +1013,13 @@ def _sdpa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     return out.transpose(1, 2).values()
 
 
+def _sdpa_runs_varlen(call: AttentionCall) -> bool:
+    """Whether sdpa runs a padded or packed call on its nested jagged (varlen) kernels, each row or document alone."""
+    return call.ragged and call.q_len > 1 and _sdpa_needs_dense_mask(call) is None and not _computes_as_stock()
+
+
 def _run_sdpa(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, sequence_ids=None, **_):
-    if call.ragged and call.q_len > 1 and _sdpa_needs_dense_mask(call) is None and not _computes_as_stock():
+    if _sdpa_runs_varlen(call):
         return _run_varlen(_sdpa_varlen, q, k, v, call, mask, sequence_ids, scale)
     dropout = call.dropout_p
     no_mask = call.mask_kind == "none" and not call.documents and not call.alibi
@@ -2980,7 +2985,57 @@ def _autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 def _run(name: str, q, k, v, call: AttentionCall, mask, alibi_slopes, scale, options: dict) -> torch.Tensor:
     if name != "flash_attn":  # flash_attn drops padded keys itself (varlen)
         k, v = _clear_padded_keys(k, v, call, mask)
+    if _runs_documents_in_one_dense_row(name, call):
+        return _run_documents_kept_apart(_RUN[name], q, k, v, call, (mask, alibi_slopes, scale), options)
     return _RUN[name](q, k, v, call, mask, alibi_slopes, scale, **options)
+
+
+def _runs_documents_in_one_dense_row(name: str, call: AttentionCall) -> bool:
+    """Whether ``name`` runs an inference call's packed documents as one dense row (sdpa's varlen kernels and
+    cuDNN's ragged graphs run each document alone). There a key hidden from a query still enters its matmuls
+    at probability 0, and 0 * NaN is NaN: a value that is not finite (on sdpa's additive mask a key too) would
+    reach every document of the row. In inference each document's outputs are read on their own (a padded eval
+    batch runs packed, see ``padded_rows``); in training a NaN anywhere makes the loss NaN anyway."""
+    if not call.documents or call.needs_grad:
+        return False
+    return name in ("eager", "chunked", "flex") or name == "sdpa" and not _sdpa_runs_varlen(call)
+
+
+def _run_documents_kept_apart(run: Callable, q, k, v, call: AttentionCall, arguments: tuple, options: dict):
+    """``run`` on keys and values whose non-finite rows are zeroed, then NaN at the queries that see such a
+    row in their own document (to their left when causal): what running each document alone gives, up to
+    which non-finite value (inf or NaN) comes out."""
+    not_finite = ~(torch.isfinite(k).all(dim=-1) & torch.isfinite(v).all(dim=-1))
+    hidden = not_finite[..., None]
+    out = run(q, k.masked_fill(hidden, 0.0), v.masked_fill(hidden, 0.0), call, *arguments, **options)
+    documents = _documents_of(call, options["sequence_ids"])
+    seen = _queries_seeing_in_their_document(not_finite, documents, call)
+    return out.masked_fill(_expand_kv(seen[..., None], call.heads), float("nan"))
+
+
+def _queries_seeing_in_their_document(flags: torch.Tensor, documents: torch.Tensor, call: AttentionCall):
+    """``[b, h_kv, q_len]``: whether a query's document holds a flagged key (``flags`` ``[b, h_kv, k_len]``) that
+    the query sees: at or before its own position when causal (queries aligned to the last keys), anywhere in
+    the document otherwise."""
+    batch, kv_heads, length = flags.shape
+    documents = documents.expand(batch, length)
+    positions = torch.arange(length, device=flags.device).expand(batch, length)
+    starts = F.pad(documents[:, 1:] != documents[:, :-1], (1, 0), value=True)
+    first = torch.where(starts, positions, 0).cummax(dim=-1).values
+    flags = flags.long()
+    counts = flags.cumsum(dim=-1)
+
+    def at(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return values.gather(-1, index[:, None].expand(batch, kv_heads, length))
+
+    before = at(counts, first) - at(flags, first)
+    if call.causal:
+        through = counts
+    else:
+        ends = F.pad(documents[:, 1:] != documents[:, :-1], (0, 1), value=True)
+        last = torch.where(ends, positions, length - 1).flip(-1).cummin(dim=-1).values.flip(-1)
+        through = at(counts, last)
+    return (through - before > 0)[..., length - call.q_len:]
 
 
 def _run_auto(q, k, v, call: AttentionCall, mask, alibi_slopes, scale, options: dict, name: Optional[str] = None):

@@ -148,6 +148,32 @@ def test_nan_or_inf_in_a_real_input_reaches_the_rows_that_see_it_and_demotes_not
     assert mea.demoted_backends() == []
 
 
+DOCUMENT_IDS = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2], [5, 5, 5, 5, 5, 7, 7, 7, 7]])
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "chunked", "eager", "flex"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("where, value", [("k", float("nan")), ("k", -float("inf")), ("v", float("nan")), ("v", float("inf"))])
+def test_a_non_finite_key_or_value_reaches_only_its_own_document_in_inference(backend, causal, where, value):
+    """Packed documents share a row, where a hidden key still meets its queries at probability 0 (0 * NaN is NaN);
+    in inference (how a padded eval batch runs) it reaches the queries of its own document that see it, and no
+    other document's, as if each document ran alone."""
+    generator = torch.Generator().manual_seed(33)
+    q = torch.randn(2, 4, 9, 8, generator=generator)
+    k, v = (torch.randn(2, 2, 9, 8, generator=generator) for _ in range(2))
+    with torch.no_grad():
+        clean = mea.attention(q, k, v, causal=causal, sequence_ids=DOCUMENT_IDS, backend=backend)
+        poisoned = {"k": k.clone(), "v": v.clone()}
+        poisoned[where][0, 1, 4, 2] = value  # row 0, document 1 (keys 3-6), key/value head 1: query heads 2 and 3
+        out = mea.attention(q, poisoned["k"], poisoned["v"], causal=causal, sequence_ids=DOCUMENT_IDS, backend=backend)
+    seeing = torch.zeros(2, 4, 9, dtype=torch.bool)
+    seeing[0, 2:, 4:7] = True
+    if not causal:
+        seeing[0, 2:, 3] = True
+    assert (~torch.isfinite(out)).any(dim=-1).equal(seeing)
+    assert torch.allclose(out[~seeing], clean[~seeing], atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # The modeling files
 # ----------------------------------------------------------------------------------------------

@@ -306,6 +306,27 @@ def test_output_capturing_hooks_record_what_the_forward_returns(family, tmp_path
                 assert torch.equal(a, b), (family, field, index)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_sample_leaves_the_others_of_an_eval_batch_as_stock_does(family, value, tmp_path):
+    """A padded eval batch without a cache runs packed into one row; an overflow in one sample stays there."""
+    stock, ours = stock_and_ours(family, {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel",
+                                          "bloom": "BloomForCausalLM"}[family], tmp_path)
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, VOCAB, (3, 9), generator=generator)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:], mask[2, :3] = 0, 0
+    embeds = stock.get_input_embeddings()(ids).detach()
+    embeds[0, 4, 3] = value
+    with torch.no_grad():
+        expected = stock(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+        actual = ours(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+    assert not torch.isfinite(actual[0, 4:]).any(dim=-1).any()  # the sample itself, from the overflow on
+    kept = mask[1:].bool()
+    assert torch.isfinite(actual[1:][kept]).all()
+    assert_close_rel(actual[1:][kept], expected[1:][kept], TOL, f"{family}: the other samples")
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart", "qwen"])
 def test_legacy_tuple_cache_gets_one_clear_type_error(family, tmp_path):
     if family == "qwen":
