@@ -21,7 +21,7 @@ import queue
 import threading
 from contextlib import ExitStack
 from functools import partial
-from typing import Any, Generator, Optional, Union
+from typing import Any, Callable, Generator, Optional, Union
 
 import torch
 from torch import nn
@@ -7257,31 +7257,52 @@ class QWenModel(QWenPreTrainedModel):
 
 
 class _TokenQueueStreamer(BaseStreamer):
-    """Hands the tokens ``generate`` produces to a queue of one entry (the prompt, its first ``put``, is skipped):
-    the worker waits for the reader, so it runs at most a token ahead, as the original's generator runs only when
-    read. Once the reader is gone (``abandoned``) nothing waits."""
+    """Hands the tokens ``generate`` produces to the reader, one ``put`` at a time (the prompt, its first ``put``,
+    is skipped), and lets ``generate`` go on only when the reader asks for the next ones: the worker computes (and
+    samples, from torch's process-wide generator) only while the reader waits, as the original's generator runs
+    only when read, so a reader drawing random numbers between reads changes no token. Once the reader is gone
+    (``abandoned``) nothing waits."""
 
     def __init__(self, abandoned: threading.Event):
         self.queue: queue.Queue = queue.Queue(maxsize=1)
         self.abandoned = abandoned
+        self._asked = threading.Semaphore(0)
         self._prompt_seen = False
+        self._handed_any = False
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:
             self._prompt_seen = True
             return
         self._hand_over(value.reshape(-1).tolist())
+        self._wait(lambda timeout: self._asked.acquire(timeout=timeout))
 
     def end(self) -> None:
         self._hand_over(None)
 
+    def next_tokens(self) -> Optional[list]:
+        """The reader's side: the next tokens ``generate`` hands over (None at the end). The first call runs with
+        the worker just started; each later one first lets the worker's last ``put`` return."""
+        if self._handed_any:
+            self._asked.release()
+        self._handed_any = True
+        return self.queue.get()
+
     def _hand_over(self, item: Optional[list]) -> None:
+        self._wait(lambda timeout: self._put_in_queue(item, timeout))
+
+    def _put_in_queue(self, item: Optional[list], timeout: float) -> bool:
+        try:
+            self.queue.put(item, timeout=timeout)
+            return True
+        except queue.Full:
+            return False
+
+    def _wait(self, attempt: Callable[[float], bool]) -> None:
+        """``attempt(timeout)`` until it succeeds or the reader is gone."""
         while not self.abandoned.is_set():
-            try:
-                self.queue.put(item, timeout=0.05)
+            if attempt(0.05):
                 return
-            except queue.Full:
-                continue
 
 
 class _StopWhenAbandoned(StoppingCriteria):
@@ -7542,7 +7563,8 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> Generator[str, Any, None]:
         """Like ``chat`` but yields the growing response text. ``generate`` runs in a worker thread, in the
-        reader's autocast regions, at most a token ahead of the reader, and stops once the generator is closed."""
+        reader's autocast regions, only while the reader waits for the next text (``_TokenQueueStreamer``), and
+        stops once the generator is closed."""
         _, _, input_ids, stop_words_ids = self._chat_inputs(
             tokenizer, query, history, system, stop_words_ids, generation_config, kwargs.pop("max_window_size", None)
         )
@@ -7577,7 +7599,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             worker.start()
             tokens: list[int] = []
             try:
-                while (new_tokens := streamer.queue.get()) is not None:
+                while (new_tokens := streamer.next_tokens()) is not None:
                     tokens.extend(new_tokens)
                     yield tokenizer.decode(tokens, skip_special_tokens=True, errors="ignore")
             finally:

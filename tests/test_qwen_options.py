@@ -153,6 +153,26 @@ def test_chat_stream_stops_generating_once_its_reader_stops(saved):
     assert not workers and len(forwards) <= chunks + 3, (workers, len(forwards))
 
 
+def test_chat_stream_samples_only_while_its_reader_waits(saved):
+    """The original's chat_stream samples inside ``next()``: a reader drawing from torch's generator between reads
+    gets the same text on every run with one seed. Ours did not: its worker sampled the next token meanwhile."""
+    import time
+
+    model = chatting_model(saved[0], max_new_tokens=10)
+    model.generation_config.update(do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
+
+    def read(pause: float) -> str:
+        torch.manual_seed(0)
+        text = ""
+        for text in model.chat_stream(CharTokenizer(), "hi", history=None):
+            time.sleep(pause)
+            torch.rand(1)  # the reader's own use of the generator
+        return text
+
+    texts = {read(pause) for pause in (0.0, 0.0, 0.01, 0.0, 0.02, 0.0)}
+    assert len(texts) == 1, texts
+
+
 def test_chat_stream_generates_in_the_readers_autocast(saved):
     """Autocast is per thread: the worker thread enters the regions its reader is in at the first ``next()``, as
     the original's chat_stream (computing in the reader's thread when read) and chat() compute under them."""
