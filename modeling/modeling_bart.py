@@ -3726,10 +3726,13 @@ def _needs_its_padded_rows(model: torch.nn.Module) -> bool:
     lookup depends on every id of the batch, padding's too (``max_norm`` renormalises each row it looks up in
     place; ``scale_grad_by_freq`` divides by the counts of ids in the batch), modules that take statistics of
     the whole tensor they see (``_takes_batch_statistics``), and hooks for every module (calibration, such as
-    optimum-quanto's, records the range of every module's input and output)."""
+    optimum-quanto's, records the range of every module's input and output), and modules of a kind this file
+    does not know (``_of_a_kind_unknown_here``)."""
     if _global_module_hooks():
         return True
     for module in model.modules():
+        if _of_a_kind_unknown_here(module):
+            return True
         if isinstance(module, torch.nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq):
             return True
         if _takes_batch_statistics(module):
@@ -3737,6 +3740,27 @@ def _needs_its_padded_rows(model: torch.nn.Module) -> bool:
         if any(_is_peft_hook(hook) for hook in module._forward_pre_hooks.values()):
             return True
     return False
+
+
+# Packages whose modules compute token by token (layers, norms, activations, adapters, quantized linears) or wrap
+# one that does without mixing tokens (checkpointing, sharding, offloading).
+_PACKAGES_WITH_TOKEN_WISE_MODULES = (
+    "torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "torchao", "optimum", "liger_kernel",
+)
+
+
+def _of_a_kind_unknown_here(module: torch.nn.Module) -> bool:
+    """A module neither of this file nor of a package in ``_PACKAGES_WITH_TOKEN_WISE_MODULES``: a user's own
+    attention, MLP or wrapper, which may mix the tokens of a row (a causal attention of its own, a token shift)
+    and would then mix the rows packed into one; such a model keeps its padded rows (said once)."""
+    defined_in = type(module).__module__ or ""
+    if defined_in == __name__ or defined_in.split(".")[0] in _PACKAGES_WITH_TOKEN_WISE_MODULES:
+        return False
+    _log_once(
+        f"a module of a kind this file does not know ({type(module).__name__}, from {defined_in}) is inside the "
+        "model: padded batches keep their rows (packed into one, a module that mixes tokens would mix the rows)"
+    )
+    return True
 
 
 def _drops_its_cache(model) -> bool:
@@ -6246,6 +6270,8 @@ def _weights_outside_parameters(modules) -> bool:
     registered = {id(param) for module in modules for param in module.parameters()}
     for module in modules:
         for inner in module.modules():
+            if _weight_made_at_each_call(inner):
+                return True
             for name, value in vars(inner).items():
                 if not isinstance(value, torch.Tensor) or not value.requires_grad or id(value) in registered:
                     continue
@@ -6255,6 +6281,20 @@ def _weights_outside_parameters(modules) -> bool:
                 elif name.endswith(("weight", "bias")) and not registered.issuperset(map(id, _leaf_tensors(value))):
                     return True
     return False
+
+
+_MODULES_HOLDING_A_WEIGHT = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)
+
+
+def _weight_made_at_each_call(module: torch.nn.Module) -> bool:
+    """A module of a kind that holds its weight (``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``, GPT-2's
+    ``Conv1D``) holding none, neither registered nor set, nor parametrized: a forward pre-hook must set it at each
+    call, from a parameter held elsewhere (before the first call nothing shows where from)."""
+    if not isinstance(module, _MODULES_HOLDING_A_WEIGHT) and type(module).__name__ != "Conv1D":
+        return False
+    if "weight" in module._parameters or isinstance(vars(module).get("weight"), torch.Tensor):
+        return False
+    return not torch.nn.utils.parametrize.is_parametrized(module, "weight")
 
 
 def _leaf_tensors(tensor: torch.Tensor) -> list:
@@ -6324,7 +6364,21 @@ def _runs_without_saving(what: str, modules) -> bool:
             "recompute would run more than once: they run as usual (register_post_accumulate_grad_hook keeps it on)"
         )
         return True
+    if _module_backward_hooks(modules):
+        _log_once(
+            f"{what} is off for modules with backward hooks (register_full_backward_hook and its pre-hook), which "
+            "would see each tile's or recompute's gradients instead of the whole output's: they run as usual"
+        )
+        return True
     return False
+
+
+def _module_backward_hooks(modules) -> bool:
+    """Whether a module in ``modules`` (or inside one) has backward hooks, or hooks for every module's backward are
+    registered."""
+    if any(getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_MODULE_HOOKS[2:]):
+        return True
+    return any(inner._backward_hooks or inner._backward_pre_hooks for module in modules for inner in module.modules())
 
 
 def _say_hooks_see_no_gradients(what: str, modules) -> None:

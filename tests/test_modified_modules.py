@@ -103,6 +103,72 @@ def test_a_quantized_weight_in_a_bare_linear_keeps_the_stock_call(family_pairs, 
     assert_same_training_step(stock, ours, batch)
 
 
+class TokenShift(torch.nn.Module):
+    """A user's module around a layer's MLP that mixes each token with the one before it in its row."""
+
+    def __init__(self, mlp: torch.nn.Module):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, hidden, *args, **kwargs):
+        output = self.mlp(hidden, *args, **kwargs)
+        return output + 0.5 * F.pad(hidden, (0, 0, 1, 0))[:, :-1]
+
+
+MLP_PATHS = {"llama": ("model.layers", "mlp"), "gpt2": ("transformer.h", "mlp"), "bloom": ("transformer.h", "mlp")}
+
+
+@pytest.mark.parametrize("name", list(MLP_PATHS))
+def test_a_users_token_mixing_module_in_the_layers_keeps_the_padded_rows(family_pairs, name):
+    """Packed into one row, a padded batch's rows would meet in a module of the user's that mixes tokens (here
+    row 1's first token took row 0's last): a module of a kind the file does not know keeps the rows."""
+    layers_path, attribute = MLP_PATHS[name]
+
+    def shift_tokens(model):
+        for layer in model.get_submodule(layers_path):
+            setattr(layer, attribute, TokenShift(getattr(layer, attribute)))
+
+    stock, ours = modify_both(pair_copy(family_pairs, name), shift_tokens)
+    batch = batch_for(name, torch.Generator().manual_seed(13))
+    assert_same_training_step(stock, ours, batch)
+
+
+def remove_head(model, name: str, head: int = 1) -> None:
+    """Head ``head`` of every layer's self-attention removed by hand, as stock 4.x's ``prune_heads`` did."""
+    layers = model.transformer.h
+    for layer in layers:
+        attention = layer.attn if name == "gpt2" else layer.self_attention
+        heads, width = attention.num_heads, attention.head_dim
+        kept_heads = [index for index in range(heads) if index != head]
+        if name == "gpt2":  # Conv1D: weight [in, out]; c_attn's columns are q | k | v, each heads x head_dim
+            columns = torch.tensor([part * heads * width + index * width + offset for part in range(3)
+                                    for index in kept_heads for offset in range(width)])
+            rows = columns[: len(columns) // 3]
+            attention.c_attn.weight = torch.nn.Parameter(attention.c_attn.weight.detach()[:, columns].clone())
+            attention.c_attn.bias = torch.nn.Parameter(attention.c_attn.bias.detach()[columns].clone())
+            attention.c_attn.nf = len(columns)  # Conv1D's output width
+            attention.c_proj.weight = torch.nn.Parameter(attention.c_proj.weight.detach()[rows].clone())
+            attention.split_size = len(rows)
+        else:  # Linear: query_key_value's rows are per head [q, k, v], each head_dim
+            rows = torch.tensor([index * 3 * width + offset for index in kept_heads for offset in range(3 * width)])
+            columns = torch.tensor([index * width + offset for index in kept_heads for offset in range(width)])
+            qkv = attention.query_key_value
+            qkv.weight = torch.nn.Parameter(qkv.weight.detach()[rows].clone())
+            qkv.bias = torch.nn.Parameter(qkv.bias.detach()[rows].clone())
+            attention.dense.weight = torch.nn.Parameter(attention.dense.weight.detach()[:, columns].clone())
+        attention.num_heads = heads - 1
+    if name == "bloom":
+        model.transformer.num_heads -= 1  # the ALiBi slopes
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bloom"])
+def test_attention_heads_removed_by_hand_train_as_stock(family_pairs, name):
+    """Stock splits and merges the heads by ``split_size`` / ``num_heads * head_dim``; ours used the hidden size."""
+    stock, ours = modify_both(pair_copy(family_pairs, name), lambda model: remove_head(model, name))
+    batch = batch_for(name, torch.Generator().manual_seed(14))
+    assert_same_training_step(stock, ours, batch)
+
+
 def test_a_spectral_norm_head_computes_its_weight_once_per_forward(family_pairs):
     """A parametrized head's weight is read once, as its one stock call reads it: spectral norm's power
     iteration steps once per forward (called per chunk it stepped per chunk, and again in backward)."""
