@@ -761,7 +761,15 @@ def _is_exporting() -> bool:
     else:
         is_exporting = getattr(torch.compiler, "is_exporting", None)
         exporting = is_exporting is not None and is_exporting()
-    return exporting or torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()
+    return exporting and _traced_in_this_thread() or torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()
+
+
+def _traced_in_this_thread() -> bool:
+    """Whether this thread's code is being traced: dynamo tracing it, or fake tensors running through it (a
+    non-strict export, AOTAutograd). torch sets its export flag for the whole process, so another thread's
+    export would otherwise move this thread's models onto the paths they take while exported."""
+    dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", None)
+    return (dynamo_compiling is not None and dynamo_compiling()) or _fake_tensor_mode_active()
 
 
 def _refuse_double_backward(op: str) -> None:

@@ -150,12 +150,12 @@ def loss_and_grads(model, length: int = 13):
     return loss.detach(), grads
 
 
-def assert_same_loss_and_grads(actual, expected, what: str) -> None:
+def assert_same_loss_and_grads(actual, expected, what: str, tol: float = TOL) -> None:
     (loss, grads), (expected_loss, expected_grads) = actual, expected
-    assert_close_rel(loss, expected_loss, TOL, f"loss ({what})")
+    assert_close_rel(loss, expected_loss, tol, f"loss ({what})")
     assert grads.keys() == expected_grads.keys()
     for name, grad in expected_grads.items():
-        assert_close_rel(grads[name], grad, TOL, f"grad of {name} ({what})")
+        assert_close_rel(grads[name], grad, tol, f"grad of {name} ({what})")
 
 
 def kernel_module(model):
@@ -309,7 +309,9 @@ def test_a_flop_counter_around_a_step_with_the_options_counts_their_recompute(fo
         with FlopCounterMode(display=False) as counter:
             result = loss_and_grads(load(folders[family], family, **options))
         counts.append((counter.get_total_flops(), counter.get_flop_counts()))
-    assert_same_loss_and_grads(result, expected, f"{family} tiled+offloaded under FlopCounterMode")
+    # Under hooks for every module (ModuleTracker's) the fused ops compute as stock does, in another order than the
+    # plain step's: BART's cross-attention query bias, a sum of nearly cancelling terms, is 1.1e-5 off on some CPUs.
+    assert_same_loss_and_grads(result, expected, f"{family} tiled+offloaded under FlopCounterMode", tol=3 * TOL)
     (plain, _), (with_options, per_module) = counts
     assert with_options > plain, (with_options, plain)
     mlp = next(name for name in per_module if name.endswith(MLP_MODULE[family]))

@@ -260,6 +260,39 @@ def test_exporting_with_a_backend_that_would_put_its_own_op_in_the_program_is_re
         torch.export.export(ours, (), kwargs={**token_inputs("llama"), "use_cache": False})
 
 
+def test_an_export_in_another_thread_leaves_this_threads_training_step_alone(tmp_path):
+    """torch flags an export for the whole process: a model training in another thread meanwhile took the export
+    paths (logits back, stock's memory) and refused its named backend with an error about exporting."""
+    import threading
+
+    stock, exported = stock_and_ours("llama", GENERATIVE_CLASSES["llama"], tmp_path)
+    training = type(exported).from_pretrained(tmp_path / "llama-LlamaForCausalLM", trust_remote_code=True).train()
+    training.config.attn_backend = "chunked"
+    batch = token_inputs("llama")
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+    inside, release = threading.Event(), threading.Event()
+
+    def wait_inside_the_export(module, args, output):
+        inside.set()
+        release.wait(60)
+
+    exported.model.layers[0].register_forward_hook(wait_inside_the_export)
+    worker = threading.Thread(target=lambda: torch.export.export(
+        exported, (), kwargs={**batch, "use_cache": False}, strict=False
+    ))  # fmt: skip
+    worker.start()
+    try:
+        assert inside.wait(120)
+        out = training(**batch, labels=batch["input_ids"])
+        out.loss.backward()
+    finally:
+        release.set()
+        worker.join()
+    assert out.logits is None  # the fused loss ran
+    expected = stock.train()(**batch, labels=batch["input_ids"]).loss
+    assert_close_rel(out.loss.detach(), expected.detach(), 1e-5, "loss")
+
+
 
 class _LogitsOf(torch.nn.Module):
     """A model's logits (with ``loss``: its loss, the inputs as labels) as a function of tensors only, for
