@@ -6293,8 +6293,9 @@ def _weights_outside_parameters(modules) -> bool:
     activation a hook keeps on its module). The tiles' and offloaded checkpoints' backward takes
     gradients for their inputs only, and would give those parameters none: such modules run as usual instead
     (logged once). Not while compiling: torch.compile takes FSDP1 with ``use_orig_params=True`` only (and torch
-    2.11's dynamo cannot walk ``vars()`` of a module)."""
-    if torch.compiler.is_compiling():
+    2.11's dynamo cannot walk ``vars()`` of a module; another thread's compile, which torch flags for the whole
+    process, does not count)."""
+    if torch.compiler.is_compiling() and _traced_in_this_thread():
         return False
     registered = {id(param) for module in modules for param in module.parameters()}
     for module in modules:

@@ -138,6 +138,36 @@ def test_a_weight_a_pre_hook_makes_gets_its_gradient_from_the_first_step(family_
     assert_close_rel(ours.shared_up.grad, stock.shared_up.grad, TOL, "the shared weight's gradient")
 
 
+def test_a_weight_a_pre_hook_makes_gets_its_gradient_while_another_thread_compiles(family_pairs):
+    """torch flags a compile for the whole process: while another thread compiled, the check for such weights was
+    skipped here (dynamo cannot run it), so the tiles ran the projection and its weight's parameter got none."""
+    import threading
+
+    stock, ours = pair_copy(family_pairs, "llama")
+    ours.config.sequence_tile_size = 4
+    for model in (stock, ours):
+        up = model.model.layers[0].mlp.up_proj
+        model.shared_up = torch.nn.Parameter(up.weight.detach().clone())
+        del up.weight
+        up.register_forward_pre_hook(lambda module, args, model=model: setattr(module, "weight", 1.5 * model.shared_up))
+    inside, release = threading.Event(), threading.Event()
+
+    def backend_that_waits(graph_module, example_inputs):
+        inside.set()
+        release.wait(60)
+        return graph_module
+
+    worker = threading.Thread(target=lambda: torch.compile(torch.sin, backend=backend_that_waits)(torch.ones(3)))
+    worker.start()
+    try:
+        assert inside.wait(60) and torch.compiler.is_compiling()
+        assert_same_training_step(stock, ours, batch_for("llama", torch.Generator().manual_seed(27)))
+    finally:
+        release.set()
+        worker.join()
+    assert_close_rel(ours.shared_up.grad, stock.shared_up.grad, TOL, "the shared weight's gradient")
+
+
 @pytest.mark.skipif(
     tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 13),
     reason="torch 2.11's dynamo cannot call the trace-time hook check with modules (README: use "
