@@ -155,19 +155,28 @@ def autocast_copies_kept(model, family: str, batch: dict) -> tuple:
     is; and the step's loss and gradients."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    norm_storages, copies = set(), []
+    norm_storages, copies = {}, []
+
+    def is_norm_output(tensor: torch.Tensor) -> bool:
+        """Its storage is a norm output's, still alive (a freed one's address may be reused by another tensor)."""
+        storage = tensor.untyped_storage()
+        ref = norm_storages.get(storage.data_ptr())
+        return ref is not None and not ref.expired() and ref.cdata == storage._cdata
 
     class RecordCopies(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             result = func(*args, **(kwargs or {}))
             source = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            if func is torch.ops.aten._to_copy.default and source.untyped_storage().data_ptr() in norm_storages:
+            if func is torch.ops.aten._to_copy.default and is_norm_output(source):
                 copies.append(StorageWeakRef(result.untyped_storage()))
             return result
 
     model.train()
     model.zero_grad(set_to_none=True)
-    record = lambda out: norm_storages.add(out.untyped_storage().data_ptr())  # noqa: E731
+
+    def record(out: torch.Tensor) -> None:
+        norm_storages[out.untyped_storage().data_ptr()] = StorageWeakRef(out.untyped_storage())
+
     with norm_outputs_seen(model, family, record), RecordCopies(), torch.autocast("cpu", dtype=torch.bfloat16):
         output = model(**batch)
     kept = [not ref.expired() for ref in copies]
