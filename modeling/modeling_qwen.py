@@ -21,7 +21,7 @@ import queue
 import threading
 from contextlib import ExitStack
 from functools import partial
-from typing import Any, Callable, Generator, Optional, Union
+from typing import Any, Generator, Optional, Union
 
 import torch
 from torch import nn
@@ -7323,11 +7323,12 @@ class _TokenQueueStreamer(BaseStreamer):
     """Hands the tokens ``generate`` produces to the reader, one ``put`` at a time (the prompt, its first ``put``,
     is skipped), and lets ``generate`` go on only when the reader asks for the next ones: the worker computes (and
     samples, from torch's process-wide generator) only while the reader waits, as the original's generator runs
-    only when read, so a reader drawing random numbers between reads changes no token. Once the reader is gone
-    (``abandoned``) nothing waits."""
+    only when read, so a reader drawing random numbers between reads changes no token. The queue holds at most
+    one unread entry while the reader reads (the worker waits for its ask), and is left behind once the reader is
+    gone (``abandoned``): then nothing waits."""
 
     def __init__(self, abandoned: threading.Event):
-        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.queue: queue.Queue = queue.Queue()
         self.abandoned = abandoned
         self._asked = threading.Semaphore(0)
         self._prompt_seen = False
@@ -7337,11 +7338,11 @@ class _TokenQueueStreamer(BaseStreamer):
         if not self._prompt_seen:
             self._prompt_seen = True
             return
-        self._hand_over(value.reshape(-1).tolist())
-        self._wait(lambda timeout: self._asked.acquire(timeout=timeout))
+        self.queue.put(value.reshape(-1).tolist())
+        self._wait_for_the_readers_ask()
 
     def end(self) -> None:
-        self._hand_over(None)
+        self.queue.put(None)
 
     def next_tokens(self) -> Optional[list]:
         """The reader's side: the next tokens ``generate`` hands over (None at the end). The first call runs with
@@ -7351,20 +7352,9 @@ class _TokenQueueStreamer(BaseStreamer):
         self._handed_any = True
         return self.queue.get()
 
-    def _hand_over(self, item: Optional[list]) -> None:
-        self._wait(lambda timeout: self._put_in_queue(item, timeout))
-
-    def _put_in_queue(self, item: Optional[list], timeout: float) -> bool:
-        try:
-            self.queue.put(item, timeout=timeout)
-            return True
-        except queue.Full:
-            return False
-
-    def _wait(self, attempt: Callable[[float], bool]) -> None:
-        """``attempt(timeout)`` until it succeeds or the reader is gone."""
+    def _wait_for_the_readers_ask(self) -> None:
         while not self.abandoned.is_set():
-            if attempt(0.05):
+            if self._asked.acquire(timeout=0.05):
                 return
 
 
