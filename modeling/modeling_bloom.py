@@ -4665,15 +4665,14 @@ def loss_chunk_size(
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-_GLOBAL_MODULE_HOOKS = (
-    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"
-)
+_GLOBAL_BACKWARD_HOOKS = ("_global_backward_hooks", "_global_backward_pre_hooks")
+_GLOBAL_MODULE_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", *_GLOBAL_BACKWARD_HOOKS)
 
 
-def _global_module_hooks() -> bool:
+def _global_module_hooks(names: tuple = _GLOBAL_MODULE_HOOKS) -> bool:
     """Whether hooks for every module are registered (``torch.nn.modules.module.register_module_forward_hook``
-    and its siblings): they expect each module to be called, once per forward."""
-    return any(getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_MODULE_HOOKS)
+    and its siblings; those ``names`` only): they expect each module to be called, once per forward."""
+    return any(getattr(torch.nn.modules.module, name, None) for name in names)
 
 
 def _runs_as_written(module) -> bool:
@@ -6406,7 +6405,7 @@ def _runs_without_saving(what: str, modules) -> bool:
 def _module_backward_hooks(modules) -> bool:
     """Whether a module in ``modules`` (or inside one) has backward hooks, or hooks for every module's backward are
     registered."""
-    if any(getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_MODULE_HOOKS[2:]):
+    if _global_module_hooks(_GLOBAL_BACKWARD_HOOKS):
         return True
     return any(inner._backward_hooks or inner._backward_pre_hooks for module in modules for inner in module.modules())
 

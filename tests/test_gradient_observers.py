@@ -14,6 +14,19 @@ from test_fused_models import TOL, assert_same_training_step, batch_for, family_
 from test_modified_modules import pair_copy
 
 
+OPTIONS = [dict(sequence_tile_size=4), dict(offload_checkpoints=True)]
+
+
+def share_the_up_projections_weight(*models) -> None:
+    """Layer 0's ``up_proj`` of each model without a weight of its own: a forward pre-hook makes it, at every
+    call, from a parameter the model holds (``model.shared_up``)."""
+    for model in models:
+        up = model.model.layers[0].mlp.up_proj
+        model.shared_up = torch.nn.Parameter(up.weight.detach().clone())
+        del up.weight
+        up.register_forward_pre_hook(lambda module, args, model=model: setattr(module, "weight", 1.5 * model.shared_up))
+
+
 def loss_of(model, batch: dict, **kwargs):
     model.train()
     model.zero_grad(set_to_none=True)
@@ -78,7 +91,7 @@ def test_logits_returned_beside_the_loss_are_what_it_is_computed_from(family_pai
     assert_close_rel(have, want, TOL, "gradient of the loss at the logits")
 
 
-@pytest.mark.parametrize("option", [dict(sequence_tile_size=4), dict(offload_checkpoints=True)], ids=lambda o: next(iter(o)))
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda o: next(iter(o)))
 @pytest.mark.parametrize("name, parameter", [
     ("llama", "model.layers.0.mlp.down_proj.weight"), ("bart_causal", "model.decoder.layers.0.fc2.weight"),
 ])  # fmt: skip
@@ -98,9 +111,6 @@ def test_parameter_gradient_hooks_run_once_with_tiles_and_offloaded_checkpoints(
     batch = batch_for(name, torch.Generator().manual_seed(24))
     assert_same_training_step(stock, ours, batch)
     assert sorted(calls["ours"]) == sorted(calls["stock"]) and calls["ours"].count(parameter) == 1
-
-
-OPTIONS = [dict(sequence_tile_size=4), dict(offload_checkpoints=True)]
 
 
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: next(iter(o)))
@@ -128,11 +138,7 @@ def test_a_weight_a_pre_hook_makes_gets_its_gradient_from_the_first_step(family_
     stock, ours = pair_copy(family_pairs, "llama")
     for key, value in option.items():
         setattr(ours.config, key, value)
-    for model in (stock, ours):
-        up = model.model.layers[0].mlp.up_proj
-        model.shared_up = torch.nn.Parameter(up.weight.detach().clone())
-        del up.weight
-        up.register_forward_pre_hook(lambda module, args, model=model: setattr(module, "weight", 1.5 * model.shared_up))
+    share_the_up_projections_weight(stock, ours)
     assert_same_training_step(stock, ours, batch_for("llama", torch.Generator().manual_seed(26)))
     assert ours.shared_up.grad is not None
     assert_close_rel(ours.shared_up.grad, stock.shared_up.grad, TOL, "the shared weight's gradient")
@@ -145,11 +151,7 @@ def test_a_weight_a_pre_hook_makes_gets_its_gradient_while_another_thread_compil
 
     stock, ours = pair_copy(family_pairs, "llama")
     ours.config.sequence_tile_size = 4
-    for model in (stock, ours):
-        up = model.model.layers[0].mlp.up_proj
-        model.shared_up = torch.nn.Parameter(up.weight.detach().clone())
-        del up.weight
-        up.register_forward_pre_hook(lambda module, args, model=model: setattr(module, "weight", 1.5 * model.shared_up))
+    share_the_up_projections_weight(stock, ours)
     inside, release = threading.Event(), threading.Event()
 
     def backend_that_waits(graph_module, example_inputs):
@@ -173,7 +175,7 @@ def test_a_weight_a_pre_hook_makes_gets_its_gradient_while_another_thread_compil
     reason="torch 2.11's dynamo cannot call the trace-time hook check with modules (README: use "
     "register_post_accumulate_grad_hook there)",
 )
-@pytest.mark.parametrize("option", [dict(sequence_tile_size=4), dict(offload_checkpoints=True)], ids=lambda o: next(iter(o)))
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda o: next(iter(o)))
 def test_parameter_gradient_hooks_run_once_in_a_compiled_step(family_pairs, option):
     """Dynamo's trace reads a parameter's ``_backward_hooks`` as empty, so a compiled step checkpointed the layer
     anyway: an offloaded layer's hook ran twice (a doubling hook gave that weight 4x its gradient)."""
