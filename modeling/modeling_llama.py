@@ -3680,8 +3680,13 @@ def shifted_labels(labels: Optional[torch.Tensor], shift_labels=None, ignore_ind
     return F.pad(labels, (0, 1), value=IGNORE_INDEX if ignore_index is None else ignore_index)[..., 1:]
 
 
+def _hook_defined_in(hook) -> str:
+    """The module a hook is defined in (a ``functools.partial``'s function's; a callable object's class's)."""
+    return getattr(getattr(hook, "func", hook), "__module__", None) or ""
+
+
 def _is_peft_hook(hook) -> bool:
-    return (getattr(getattr(hook, "func", hook), "__module__", None) or "").startswith("peft.")
+    return _hook_defined_in(hook).startswith("peft.")
 
 
 # Modules whose output depends on statistics of the whole tensor they see, padded rows included in stock: torch.ao's
@@ -3753,6 +3758,8 @@ def _needs_its_padded_rows(model: torch.nn.Module) -> bool:
             return True
         if any(_is_peft_hook(hook) for hook in module._forward_pre_hooks.values()):
             return True
+        if _has_forward_hooks_of_a_kind_unknown_here(module):
+            return True
     return False
 
 
@@ -3763,18 +3770,39 @@ _PACKAGES_WITH_TOKEN_WISE_MODULES = (
 )
 
 
+def _known_here(defined_in: str) -> bool:
+    """Whether code defined in module ``defined_in`` is this file's or a package's in
+    ``_PACKAGES_WITH_TOKEN_WISE_MODULES``."""
+    return defined_in == __name__ or defined_in.split(".")[0] in _PACKAGES_WITH_TOKEN_WISE_MODULES
+
+
 def _of_a_kind_unknown_here(module: torch.nn.Module) -> bool:
     """A module neither of this file nor of a package in ``_PACKAGES_WITH_TOKEN_WISE_MODULES``: a user's own
     attention, MLP or wrapper, which may mix the tokens of a row (a causal attention of its own, a token shift)
     and would then mix the rows packed into one; such a model keeps its padded rows (said once)."""
     defined_in = type(module).__module__ or ""
-    if defined_in == __name__ or defined_in.split(".")[0] in _PACKAGES_WITH_TOKEN_WISE_MODULES:
+    if _known_here(defined_in):
         return False
     _log_once(
         f"a module of a kind this file does not know ({type(module).__name__}, from {defined_in}) is inside the "
         "model: padded batches keep their rows (packed into one, a module that mixes tokens would mix the rows)"
     )
     return True
+
+
+def _has_forward_hooks_of_a_kind_unknown_here(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has a forward hook or pre-hook defined outside this file and the packages of
+    ``_PACKAGES_WITH_TOKEN_WISE_MODULES``: a user's, which may treat the rows apart (steer one row, read each
+    row's last token) and would see them packed into one; such a model keeps its padded rows (said once)."""
+    hooks = (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+    unknown = [hook for hook in hooks if not _known_here(_hook_defined_in(hook))]
+    if unknown:
+        _log_once(
+            f"a forward hook from {_hook_defined_in(unknown[0]) or 'an unknown module'} is on a "
+            f"{type(module).__name__}: padded batches keep their rows (packed into one, a hook that treats rows "
+            "apart would see a single row)"
+        )
+    return bool(unknown)
 
 
 def _drops_its_cache(model) -> bool:
@@ -6432,13 +6460,33 @@ def _run_tiled(modules: tuple, x: torch.Tensor, tile_size: int) -> torch.Tensor:
             "of their whole input, which a call per tile would change: they run as usual"
         )
         return _run_modules(modules, x)
+    if _forward_hooks_run_per_tile(modules):
+        _log_once(
+            "config.sequence_tile_size is off for modules with forward hooks, which would see each tile's tokens "
+            "(flattened) instead of the whole output: they run as usual"
+        )
+        return _run_modules(modules, x)
     if _runs_without_saving("config.sequence_tile_size", owners):
         return _run_modules(modules, x)
     params = [param for module in owners for param in module.parameters() if param.requires_grad]
     if not torch.is_grad_enabled() or not (x.requires_grad or params):
         return _run_in_tiles(modules, x, tile_size)
-    _say_hooks_see_no_gradients("config.sequence_tile_size", owners)
     return _SequenceTiled.apply(modules, owners, tile_size, x, *params)
+
+
+def _forward_hooks_run_per_tile(modules) -> bool:
+    """Whether a module that a tile's call runs has forward hooks or pre-hooks: a module of ``modules`` and
+    those inside it (a bound method runs its owner's forward without the owner's hooks, those inside with
+    theirs). Hooks for every module (``FlopCounterMode``'s) do not count: they see every module as a tool does."""
+    called = (
+        module
+        for function in modules
+        for module in (
+            function.modules() if isinstance(function, torch.nn.Module)
+            else (inner for child in _owning_module(function).children() for inner in child.modules())
+        )
+    )
+    return any(module._forward_hooks or module._forward_pre_hooks for module in called)
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from remote_code import assert_close_rel
 from test_fused_models import family_pairs  # noqa: F401 - a fixture
 from test_fused_ops import error_against, ops
+from test_packed import LayerInputs
 
 CONFIG = types.SimpleNamespace(vocab_size=50, loss_chunk_size=3)
 
@@ -214,14 +215,6 @@ def test_padded_labels_under_another_ignore_index_still_run_unpadded(family_pair
     _, ours, _ = family_pairs["llama"]
     keep = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
     ids = torch.randint(3, ours.config.vocab_size, keep.shape, generator=torch.Generator().manual_seed(12))
-    shapes = []
-    handle = ours.model.layers[0].register_forward_pre_hook(
-        lambda module, args, kwargs: shapes.append(tuple((args[0] if args else kwargs["hidden_states"]).shape)),
-        with_kwargs=True,
-    )
-    try:
-        ours.train()
-        ours(input_ids=ids, attention_mask=keep, labels=ids.masked_fill(keep == 0, -1), ignore_index=-1)
-    finally:
-        handle.remove()
-    assert shapes == [(1, 13, ours.config.hidden_size)]
+    with LayerInputs(ours) as seen:
+        ours.train()(input_ids=ids, attention_mask=keep, labels=ids.masked_fill(keep == 0, -1), ignore_index=-1)
+    assert seen.shapes == [(1, 13, ours.config.hidden_size)]

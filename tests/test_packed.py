@@ -519,19 +519,27 @@ def decoder_layers(model):
 
 
 class LayerInputs:
-    """Records the shape of the hidden states every forward hands the first decoder layer."""
+    """Records the shape of the hidden states every forward hands the first decoder layer. It wraps the layer's
+    class's forward for a while instead of hooking the layer: a forward hook of the user's keeps a padded batch's
+    rows."""
 
     def __init__(self, model):
         self.shapes = []
-        self.handle = decoder_layers(model)[0].register_forward_pre_hook(
-            lambda module, args: self.shapes.append(tuple(args[0].shape))
-        )
+        layer = decoder_layers(model)[0]
+        self.layer_class, self.class_forward = type(layer), vars(type(layer))["forward"]
+
+        def forward(module, *args, **kwargs):
+            if module is layer:
+                self.shapes.append(tuple((args[0] if args else kwargs["hidden_states"]).shape))
+            return self.class_forward(module, *args, **kwargs)
+
+        self.layer_class.forward = forward
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.handle.remove()
+        self.layer_class.forward = self.class_forward
 
 
 # ----------------------------------------------------------------------------------------------
