@@ -6810,6 +6810,18 @@ def one_mask_row_per_sequence(attention_mask: torch.Tensor | None, batch_size: i
     return attention_mask.reshape(batch_size, -1)
 
 
+def _conv1d_keeping(layer: Conv1D, index: torch.Tensor, dim: int) -> Conv1D:
+    """A new ``Conv1D`` with the entries ``index`` of ``layer``'s weight along ``dim`` (``[in, out]``: 1 keeps
+    outputs, with their biases; 0 keeps inputs, all biases)."""
+    weight = layer.weight.detach().index_select(dim, index.to(layer.weight.device)).clone()
+    bias = layer.bias.detach()
+    bias = (bias[index.to(bias.device)] if dim == 1 else bias).clone()
+    kept = Conv1D(weight.shape[1], weight.shape[0]).to(device=weight.device, dtype=weight.dtype)
+    kept.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
+    kept.bias = nn.Parameter(bias, requires_grad=layer.bias.requires_grad)
+    return kept
+
+
 class GPT2Attention(nn.Module):
     """Causal multi-head self-attention with GPT-2's fused qkv projection (`c_attn`) and `c_proj`."""
 
@@ -6827,11 +6839,29 @@ class GPT2Attention(nn.Module):
             )
         self.layer_idx = layer_idx
         self.scaling = attention_scale(config, layer_idx)
+        self.pruned_heads = set()
 
         self._add_input_projections()
         self.c_proj = Conv1D(self.embed_dim, self.embed_dim)
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def prune_heads(self, heads) -> None:
+        """Removes attention ``heads`` (numbered as the layer had them before any pruning; ones already removed
+        are skipped), as stock GPT-2 did in transformers 4: the heads' query, key and value columns of
+        ``c_attn`` and their rows of ``c_proj``."""
+        heads = set(heads) - self.pruned_heads
+        if not heads:
+            return
+        now_numbered = [head - sum(removed < head for removed in self.pruned_heads) for head in heads]
+        kept = torch.ones(self.num_heads, self.head_dim, dtype=torch.bool)
+        kept[now_numbered] = False
+        index = kept.flatten().nonzero().squeeze(1)
+        self.c_attn = _conv1d_keeping(self.c_attn, torch.cat([index + part * self.split_size for part in range(3)]), 1)
+        self.c_proj = _conv1d_keeping(self.c_proj, index, 0)
+        self.split_size = index.numel()
+        self.num_heads -= len(heads)
+        self.pruned_heads |= heads
 
     def _add_input_projections(self) -> None:
         """The projections before attention, registered before `c_proj` as stock's are, so that one seed
@@ -7097,6 +7127,12 @@ class GPT2Model(GPT2PreTrainedModel):
 
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
         self.wte = new_embeddings
+
+    def _prune_heads(self, heads_to_prune: dict) -> None:
+        """``{layer: [heads]}``: what transformers 4's ``prune_heads`` (and its loading of a checkpoint whose
+        config lists ``pruned_heads``) calls; stock GPT-2 prunes the self-attention only."""
+        for layer, heads in heads_to_prune.items():
+            self.h[int(layer)].attn.prune_heads(heads)
 
     def _positions_read_as_slice(self) -> bool:
         """Whether ``wpe`` is a plain table whose lookup is its rows as they are: no ``padding_idx`` (its row

@@ -198,6 +198,33 @@ def test_save_back_into_stock_class(tmp_path):
     assert_close_rel(reloaded.eval()(ids).logits, stock(ids).logits, 1e-5, "reloaded stock")
 
 
+@pytest.mark.skipif(not hasattr(transformers.PreTrainedModel, "prune_heads"), reason="transformers 5 prunes no heads")
+def test_pruned_heads_train_save_and_reload_as_stock(tmp_path):
+    """transformers 4's ``prune_heads``, and its loading of a checkpoint whose config lists ``pruned_heads``, call
+    the base model's ``_prune_heads``, which ours lacked (AttributeError where stock pruned)."""
+    ours, stock = load_pair(tmp_path)
+    for model in (ours, stock):
+        model.prune_heads({0: [1, 2], 1: [0]})
+        model.prune_heads({0: [2, 3]})  # head 2 again, and head 3 as numbered before any pruning
+    assert [block.attn.num_heads for block in ours.transformer.h] == [1, 3, 4]
+    ids, mask = random_ids(), right_padded_mask(LENGTHS, TOTAL)
+    labels = labels_for(ids, mask)
+    ours.train(), stock.train()
+    assert_same_loss_and_grads(
+        loss_and_grads(ours, ids, mask, labels), loss_and_grads(stock, ids, mask, labels), 1e-5, "pruned"
+    )
+    ours.save_pretrained(tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", trust_remote_code=True).eval()
+    assert type(reloaded).__module__.startswith("transformers_modules"), type(reloaded).__module__
+    real = mask.bool()
+    with torch.no_grad():
+        got, want = reloaded(ids, attention_mask=mask).logits, stock.eval()(ids, attention_mask=mask).logits
+    assert_close_rel(got[real], want[real], 1e-5, "reloaded pruned logits")
+    prompt = dict(input_ids=ids[:1, :6], attention_mask=torch.ones(1, 6, dtype=torch.long))
+    settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(reloaded.generate(**prompt, **settings), stock.generate(**prompt, **settings))
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward, loss and gradients
 # ---------------------------------------------------------------------------------------------
