@@ -6214,13 +6214,18 @@ class _SavedWithVersion:
         self.tensor, self.version = tensor.detach(), tensor._version  # detach() shares the version counter
 
     def unchanged(self) -> torch.Tensor:
-        if self.tensor._version != self.version:
-            raise RuntimeError(
-                "one of the variables needed for gradient computation has been modified by an inplace operation: "
-                f"[{self.tensor.type()} {list(self.tensor.shape)}] is at version {self.tensor._version}; expected "
-                f"version {self.version} instead (a tensor saved by a layer whose input norm is recomputed)"
-            )
-        return self.tensor
+        return _unchanged_since_saved(self.tensor, self.version)
+
+
+def _unchanged_since_saved(tensor: torch.Tensor, version: int) -> torch.Tensor:
+    """``tensor``, at the ``version`` it had when backward's need for it was recorded, or autograd's error."""
+    if tensor._version != version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace operation: "
+            f"[{tensor.type()} {list(tensor.shape)}] is at version {tensor._version}; expected version {version} "
+            "instead (a tensor that backward needs where a norm's output is recomputed)"
+        )
+    return tensor
 
 
 # autograd nodes of views that keep a contiguous tensor's element order (what ``_NormOutputRecipe`` may follow)
@@ -6234,10 +6239,12 @@ class _NormOutputRecipe:
     """Saved for backward in place of a norm's output, its views and its copies in another dtype (autocast's half
     precision copy, which the projections keep when their weights are float32): the norm, its input, its
     train/eval mode and weights and the forward's autocast state. The first unpack of each dtype runs the norm
-    again; the result lives while a saved slot refers to it."""
+    again; the result lives while a saved slot refers to it. A weight or bias changed in place since (an optimizer
+    step before backward) raises autograd's error, as the norm's output it stands for would have in stock."""
 
     def __init__(self, norm, x: torch.Tensor):
         self.norm, self.x, self.modes, self.tensors = norm, x, _train_modes((norm,)), _module_tensors((norm,))
+        self.versions = [tensor._version for _, _, tensor in self.tensors]
         self.autocast_dtype = _autocast_dtype(x.device.type)
         self.values: dict = {}
 
@@ -6284,6 +6291,8 @@ class _NormOutputRecipe:
     def recomputed(self, dtype: torch.dtype) -> torch.Tensor:
         """The norm's output, in ``dtype`` (cast as autocast casts it)."""
         if dtype not in self.values:
+            for (_, _, tensor), version in zip(self.tensors, self.versions):
+                _unchanged_since_saved(tensor, version)
             autocast_dtype = self.autocast_dtype
             with torch.autocast(
                 self.x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
