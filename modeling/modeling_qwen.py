@@ -3416,8 +3416,45 @@ CONTINUOUS_BATCHING_REFUSAL = (
 )
 
 
+# The settings this layer reads from a model's config at each forward (README, "Settings"), which our classes'
+# ``from_pretrained`` and ``from_config`` also take as keywords.
+CONFIG_SWITCHES = (
+    "attn_backend", "attn_chunk_size", "attn_flex_static_shapes", "unpad_batches", "sequence_tile_size",
+    "offload_checkpoints", "checkpoints_on_device", "recompute_norm_outputs", "loss_chunk_size",
+    "keep_logits_in_training",
+)
+
+
 class KernelLayerModelMixin:
     """First base of every model class of ours: how they answer transformers' attention machinery."""
+
+    # the family's own config settings beyond ``CONFIG_SWITCHES`` (GPT-2's Light Attention)
+    _family_config_switches: tuple = ()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' ``from_pretrained``, which also takes our settings as keywords (``sequence_tile_size=4``)
+        and sets them on the loaded config: transformers sets a keyword on the config only where ``config.json``
+        already has it, and hands the others to the model's constructor, which takes none (a TypeError)."""
+        switches = cls._config_switches_in(kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        _set_config_switches((loaded[0] if isinstance(loaded, tuple) else loaded).config, switches)
+        return loaded
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        """What ``AutoModel...from_config(config, **kwargs)`` calls: as ``from_pretrained``, our settings among the
+        keywords go to the model's config."""
+        switches = cls._config_switches_in(kwargs)
+        model = super()._from_config(config, **kwargs)
+        _set_config_switches(model.config, switches)
+        return model
+
+    @classmethod
+    def _config_switches_in(cls, kwargs: dict) -> dict:
+        """Our settings among ``kwargs``, taken out of it."""
+        names = (*CONFIG_SWITCHES, *cls._family_config_switches)
+        return {name: kwargs.pop(name) for name in names if name in kwargs}
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -3452,6 +3489,11 @@ class KernelLayerModelMixin:
         forward's error (each request came back empty, ``generate`` returned the prompts, and BART, whose forward
         drops unknown keywords, decoded one wrong token)."""
         raise NotImplementedError(CONTINUOUS_BATCHING_REFUSAL)
+
+
+def _set_config_switches(config, switches: dict) -> None:
+    for name, value in switches.items():
+        setattr(config, name, value)
 
 
 def _auto_classes_naming(config, class_name: str) -> list:
@@ -5877,10 +5919,18 @@ _side_streams: dict = {}
 
 def sequence_tile_size(config) -> int:
     """``config.sequence_tile_size``: tokens per tile of the sequence-tiled MLP and norms (0 or None: off)."""
-    size = getattr(config, "sequence_tile_size", None) or 0
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ValueError(f"config.sequence_tile_size must be a non-negative int (tokens per tile), got {size!r}")
-    return size
+    return _count_setting(config, "sequence_tile_size", "tokens per tile")
+
+
+def _count_setting(config, name: str, unit: str) -> int:
+    """A count setting of ``config`` (unset or None: 0); anything but a non-negative int is refused by name (also
+    ``False``, ``0.0`` or ``""``, which read as 0 but would say nothing of a ``4.0`` refused)."""
+    value = getattr(config, name, None)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"config.{name} must be a non-negative int ({unit}), got {value!r}")
+    return value
 
 
 def offload_checkpoints(config) -> bool:
@@ -5903,9 +5953,7 @@ def keeps_checkpoint_on_device(config, layer_index: int, num_layers: Optional[in
     """``config.checkpoints_on_device = N``: the last N layers (of ``num_layers``, by default
     ``config.num_hidden_layers``; an encoder-decoder passes each stack's own) keep their checkpoint on the device
     (their backward comes first, so they need no copy back; host memory then holds only the others')."""
-    kept = getattr(config, "checkpoints_on_device", None) or 0
-    if isinstance(kept, bool) or not isinstance(kept, int) or kept < 0:
-        raise ValueError(f"config.checkpoints_on_device must be a non-negative int (layers), got {kept!r}")
+    kept = _count_setting(config, "checkpoints_on_device", "layers")
     return layer_index >= (config.num_hidden_layers if num_layers is None else num_layers) - kept
 
 
@@ -6819,6 +6867,9 @@ def _check_supported(config: QWenConfig) -> None:
         )
 
 
+PRECISION_FLAGS = ("bf16", "fp16", "fp32")
+
+
 def resolve_precision(config: QWenConfig) -> torch.dtype:
     """The original's load-time precision choice; records it in ``config`` (its flags and ``dtype``) and returns
     the dtype to use.
@@ -6826,9 +6877,14 @@ def resolve_precision(config: QWenConfig) -> torch.dtype:
     With none of ``bf16``/``fp16``/``fp32`` set: bf16 where CUDA supports it, else fp16 on CUDA devices of
     compute capability 7 or newer, else fp32 (always fp32 on CPU).
     """
-    flags = [bool(getattr(config, name, False)) for name in ("bf16", "fp16", "fp32")]
+    flags = [bool(getattr(config, name, False)) for name in PRECISION_FLAGS]
     if sum(flags) > 1:
-        raise ValueError('Only one of "bf16", "fp16", "fp32" can be true')
+        chosen = [name for name, flag in zip(PRECISION_FLAGS, flags) if flag]
+        raise ValueError(
+            f'Only one of "bf16", "fp16", "fp32" can be true; {" and ".join(chosen)} are. A checkpoint saved by '
+            "save_pretrained keeps the precision chosen when it was loaded: pass the others as False (e.g. "
+            "from_pretrained(path, bf16=True, fp32=False))"
+        )
     if sum(flags) == 0:
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             config.bf16 = True

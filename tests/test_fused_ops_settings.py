@@ -218,3 +218,16 @@ def test_padded_labels_under_another_ignore_index_still_run_unpadded(family_pair
     with LayerInputs(ours) as seen:
         ours.train()(input_ids=ids, attention_mask=keep, labels=ids.masked_fill(keep == 0, -1), ignore_index=-1)
     assert seen.shapes == [(1, 13, ours.config.hidden_size)]
+
+
+@pytest.mark.parametrize("name", ["sequence_tile_size", "checkpoints_on_device"])
+def test_count_settings_take_none_or_a_non_negative_int_only(name):
+    """``False``, ``0.0`` and ``""`` read as off while ``4.0`` was refused: every value but None or an int >= 0 is
+    refused by name now."""
+    read = {"sequence_tile_size": ops.sequence_tile_size,
+            "checkpoints_on_device": lambda config: ops.keeps_checkpoint_on_device(config, 3, 4)}[name]
+    assert read(types.SimpleNamespace(**{name: None})) in (0, False)
+    assert read(types.SimpleNamespace(**{name: 2})) in (2, True)
+    for value in (False, True, 0.0, 4.0, "", "4", -1):
+        with pytest.raises(ValueError, match=f"config.{name} must be a non-negative int"):
+            read(types.SimpleNamespace(**{name: value}))

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     BartConfig,
@@ -582,6 +583,26 @@ def test_checkpoints_on_device_keeps_the_last_layers_inputs_without_a_copy(folde
     model.config.checkpoints_on_device, model.config.offload_checkpoints = 1, "false"  # bool("false") is True
     with pytest.raises(ValueError, match="offload_checkpoints must be True, False or None, got 'false'"):
         model.model.layers[0](hidden, position_embeddings=position_embeddings)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_settings_given_to_from_pretrained_or_from_config_go_to_the_config(folders, family):
+    """transformers sets a keyword on the config only where ``config.json`` has that attribute and hands the
+    others to the model's constructor: ``from_pretrained(path, sequence_tile_size=5)`` failed with a TypeError.
+    Our settings among the keywords now go to the config, and the step is the one with them set after loading."""
+    auto_class = AutoModelForSeq2SeqLM if family == "bart" else AutoModelForCausalLM
+    precision = {"fp32": True} if family == "qwen" else {}
+    options = OPTIONS["tiled+offloaded"]
+    model = auto_class.from_pretrained(folders[family], trust_remote_code=True, **options, **precision)
+    assert {name: getattr(model.config, name) for name in options} == options
+    assert_same_loss_and_grads(
+        loss_and_grads(model.train()), loss_and_grads(load(folders[family], family, **options)), family, tol=0.0
+    )
+    config = AutoConfig.from_pretrained(folders[family], trust_remote_code=True, **precision)
+    built = auto_class.from_config(config, trust_remote_code=True, unpad_batches=False, loss_chunk_size=3)
+    assert (built.config.unpad_batches, built.config.loss_chunk_size) == (False, 3)
+    with pytest.raises(TypeError, match="sequence_tile_sizes"):
+        auto_class.from_pretrained(folders[family], trust_remote_code=True, sequence_tile_sizes=5, **precision)
 
 
 def test_offloaded_decoder_layer_carries_gradients_to_the_encoder_states(folders):

@@ -581,6 +581,16 @@ def test_precision_flags_choose_the_dtype(saved):
         load(folder, bf16=True, fp32=True)
 
 
+def test_a_precision_flag_against_the_one_a_saved_checkpoint_records_is_refused_with_the_way_out(saved, tmp_path):
+    """``save_pretrained`` writes the precision chosen at load (fp32 on a CPU): ``bf16=True``, as the automatic
+    choice's warning suggests, met the saved ``fp32`` with a message that named no flag the call had not given."""
+    folder, _, _ = saved
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, fp32=True).save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match=r"bf16 and fp32 are\. .* from_pretrained\(path, bf16=True, fp32=False\)"):
+        load(tmp_path / "saved", bf16=True)
+    assert load(tmp_path / "saved", bf16=True, fp32=False).dtype == torch.bfloat16
+
+
 def test_a_dtype_the_precision_flags_override_is_logged(saved, caplog):
     folder, _, _ = saved
     logging.Logger.warning_once.cache_clear()  # transformers' once-only warnings: earlier tests may have logged it
