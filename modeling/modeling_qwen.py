@@ -6848,13 +6848,18 @@ def _seq_length(config: QWenConfig) -> int:
     return getattr(config, "seq_length", None) or _DEFAULT_SEQ_LENGTH
 
 
-def _check_supported(config: QWenConfig) -> None:
+def _check_no_unsupported_option(config: QWenConfig) -> None:
+    """At build and at every forward: an option set on the config after loading would otherwise be ignored."""
     for option, what in _UNSUPPORTED_OPTIONS.items():
         if getattr(config, option, False):
             raise ValueError(
                 f"{option}=True is not supported: this modeling file does not implement {what}. "
                 f"Load the model with {option}=False."
             )
+
+
+def _check_supported(config: QWenConfig) -> None:
+    _check_no_unsupported_option(config)
     if config.use_logn_attn and _seq_length(config) <= 1:
         raise ValueError(
             f"use_logn_attn=True scales queries by log(position) / log(seq_length): seq_length={_seq_length(config)} "
@@ -7337,6 +7342,7 @@ class QWenModel(QWenPreTrainedModel):
         ``position_ids`` are the original's absolute positions of each row, used as given.
         ``attention_mask`` is a 2-D 0/1 padding mask covering the cache and the new tokens; ``past_key_values``
         a transformers ``Cache``."""
+        _check_no_unsupported_option(self.config)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if (input_ids is not None and input_ids.dim() != 2) or (inputs_embeds is not None and inputs_embeds.dim() != 3):

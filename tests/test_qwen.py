@@ -730,6 +730,10 @@ def test_unsupported_cache_options_raise_a_clear_error(tmp_path, option):
     folder = qwen_snapshot(tmp_path / "Qwen-7B", random_model())
     with pytest.raises(ValueError, match=option):
         load(folder, **{option: True})
+    model = load(folder)
+    setattr(model.config, option, True)  # after loading: generate ran as if unset
+    with pytest.raises(ValueError, match=f"{option}=True is not supported"):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2)
 
 
 def test_fresh_weights_follow_the_original_scheme():
