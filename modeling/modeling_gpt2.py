@@ -3725,7 +3725,7 @@ def shifted_labels(labels: Optional[torch.Tensor], shift_labels=None, ignore_ind
 
 def _hook_defined_in(hook) -> str:
     """The module a hook is defined in (a ``functools.partial``'s function's; a callable object's class's)."""
-    return getattr(getattr(hook, "func", hook), "__module__", None) or ""
+    return getattr(hook.func if isinstance(hook, partial) else hook, "__module__", None) or ""
 
 
 def _is_peft_hook(hook) -> bool:
@@ -3801,7 +3801,7 @@ def _needs_its_padded_rows(model: torch.nn.Module) -> bool:
             return True
         if any(_is_peft_hook(hook) for hook in module._forward_pre_hooks.values()):
             return True
-        if _has_forward_hooks_of_a_kind_unknown_here(module):
+        if _code_of_a_kind_unknown_here(module):
             return True
     return False
 
@@ -3833,19 +3833,26 @@ def _of_a_kind_unknown_here(module: torch.nn.Module) -> bool:
     return True
 
 
-def _has_forward_hooks_of_a_kind_unknown_here(module: torch.nn.Module) -> bool:
-    """Whether ``module`` has a forward hook or pre-hook defined outside this file and the packages of
-    ``_PACKAGES_WITH_TOKEN_WISE_MODULES``: a user's, which may treat the rows apart (steer one row, read each
-    row's last token) and would see them packed into one; such a model keeps its padded rows (said once)."""
-    hooks = (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
-    unknown = [hook for hook in hooks if not _known_here(_hook_defined_in(hook))]
+def _code_of_a_kind_unknown_here(module: torch.nn.Module) -> list:
+    """The hooks of ``module`` (forward and backward, and their pre-hooks) and the ``forward`` set on it
+    (accelerate's ``ModelHook``s included) that are defined outside this file and the packages of
+    ``_PACKAGES_WITH_TOKEN_WISE_MODULES``: a user's, which may treat the rows apart (steer one row, edit one row's
+    gradient, read each row's last token) and would see them packed into one; such a model keeps its padded rows
+    (said once)."""
+    code = [*module._forward_hooks.values(), *module._forward_pre_hooks.values(),
+            *module._backward_hooks.values(), *module._backward_pre_hooks.values()]  # fmt: skip
+    if "forward" in module.__dict__:
+        code.append(module.__dict__["forward"])
+        accelerate_hook = getattr(module, "_hf_hook", None)
+        code.extend(getattr(accelerate_hook, "hooks", [accelerate_hook]))  # a SequentialHook holds several
+    unknown = [each for each in code if each is not None and not _known_here(_hook_defined_in(each))]
     if unknown:
         _log_once(
-            f"a forward hook from {_hook_defined_in(unknown[0]) or 'an unknown module'} is on a "
+            f"a hook or forward from {_hook_defined_in(unknown[0]) or 'an unknown module'} is on a "
             f"{type(module).__name__}: padded batches keep their rows (packed into one, a hook that treats rows "
             "apart would see a single row)"
         )
-    return bool(unknown)
+    return unknown
 
 
 def _drops_its_cache(model) -> bool:
@@ -6520,8 +6527,8 @@ def _run_tiled(modules: tuple, x: torch.Tensor, tile_size: int) -> torch.Tensor:
         return _run_modules(modules, x)
     if _forward_hooks_run_per_tile(modules):
         _log_once(
-            "config.sequence_tile_size is off for modules with forward hooks, which would see each tile's tokens "
-            "(flattened) instead of the whole output: they run as usual"
+            "config.sequence_tile_size is off for modules with forward hooks of your own or PEFT's, which would see "
+            "each tile's tokens (flattened) instead of the whole output: they run as usual"
         )
         return _run_modules(modules, x)
     if _runs_without_saving("config.sequence_tile_size", owners):
@@ -6533,9 +6540,11 @@ def _run_tiled(modules: tuple, x: torch.Tensor, tile_size: int) -> torch.Tensor:
 
 
 def _forward_hooks_run_per_tile(modules) -> bool:
-    """Whether a module that a tile's call runs has forward hooks or pre-hooks: a module of ``modules`` and
-    those inside it (a bound method runs its owner's forward without the owner's hooks, those inside with
-    theirs). Hooks for every module (``FlopCounterMode``'s) do not count: they see every module as a tool does."""
+    """Whether a module that a tile's call runs has a forward hook or pre-hook of the user's or of PEFT (which
+    carries per-row state): a module of ``modules`` and those inside it (a bound method runs its owner's forward
+    without the owner's hooks, those inside with theirs). The known packages' other hooks act per token (tensor
+    parallelism, pruning, ZeRO-3's gathering) and keep the tiles, as do hooks for every module
+    (``FlopCounterMode``'s): they see every module as a tool does."""
     called = (
         module
         for function in modules
@@ -6544,7 +6553,11 @@ def _forward_hooks_run_per_tile(modules) -> bool:
             else (inner for child in _owning_module(function).children() for inner in child.modules())
         )
     )
-    return any(module._forward_hooks or module._forward_pre_hooks for module in called)
+    return any(
+        _is_peft_hook(hook) or not _known_here(_hook_defined_in(hook))
+        for module in called
+        for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+    )
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":

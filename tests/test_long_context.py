@@ -325,6 +325,34 @@ def test_a_forward_hook_inside_a_tiled_module_sees_the_whole_output(folders, fam
     assert shapes[1] == shapes[0] and all(len(shape) == 3 and shape[0] == 2 for shape in shapes[1]), shapes
 
 
+def test_pruned_projections_keep_their_tiles(folders, monkeypatch):
+    """torch's pruning computes a weight per call in a forward pre-hook, token by token like tensor parallelism's
+    and ZeRO-3's hooks: a module with a known package's hook keeps its tiles (only hooks of the user's or PEFT's
+    turn them off), and the step equals the untiled one."""
+    from torch.nn.utils import prune
+
+    seen = []
+    compute_weight_before_the_call = prune.RandomUnstructured.__call__
+
+    def noting_the_input(hook, module, inputs):
+        seen.append(tuple(inputs[0].shape))
+        return compute_weight_before_the_call(hook, module, inputs)
+
+    monkeypatch.setattr(prune.RandomUnstructured, "__call__", noting_the_input)  # still torch's hook class
+    results, shapes = [], []
+    for options in ({}, OPTIONS["tiled"]):
+        model = load(folders["llama"], "llama", **options)
+        torch.manual_seed(0)  # the same pruning mask on both
+        prune.random_unstructured(model.model.layers[0].mlp.up_proj, "weight", amount=0.3)
+        seen.clear()
+        results.append(loss_and_grads(model))
+        shapes.append(list(seen))
+    assert_same_loss_and_grads(results[1], results[0], "llama tiled, pruned")
+    untiled, tiled = shapes
+    assert len(untiled) == 1 and len(untiled[0]) == 3, shapes  # one call on the (packed) batch
+    assert tiled and all(len(shape) == 2 and shape[0] <= TILE for shape in tiled), shapes  # a call per tile
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_flop_counter_around_a_step_with_the_options_counts_their_recompute(folders, family):
     """``FlopCounterMode`` hooks every module (``ModuleTracker``): the tiles' inputs taken without gradients and

@@ -136,21 +136,64 @@ def test_a_users_token_mixing_module_in_the_layers_keeps_the_padded_rows(family_
 def steer_first_row(module, args, output):
     """A user's hook that treats the rows apart: a direction added to the first row's hidden states only."""
     hidden = output[0] if isinstance(output, tuple) else output
-    first_row = torch.zeros_like(hidden[..., :1])
-    first_row[0] = 1.0
-    steered = hidden + first_row * torch.linspace(-1.0, 1.0, hidden.shape[-1], dtype=hidden.dtype)
+    steered = hidden + first_row_direction(hidden)
     return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
 
+def first_row_direction(tensor: torch.Tensor) -> torch.Tensor:
+    """A direction on the first row of ``tensor`` ``[batch, seq, hidden]``, zeros elsewhere."""
+    first_row = torch.zeros_like(tensor[..., :1])
+    first_row[0] = 1.0
+    return first_row * torch.linspace(-1.0, 1.0, tensor.shape[-1], dtype=tensor.dtype)
+
+
+def edit_first_rows_gradient(module, grad_input, grad_output):
+    """A user's backward hook that treats the rows apart: the first row's input gradient edited."""
+    return (grad_input[0] + 0.3 * first_row_direction(grad_input[0]), *grad_input[1:])
+
+
+class FirstRowSteering:
+    """A user's hook object; its ``func`` attribute is not a ``functools.partial``'s function."""
+
+    func = torch.nn.functional.linear
+
+    def __call__(self, module, args, output):
+        return steer_first_row(module, args, output)
+
+
+def steer_through_the_instances_forward(layer) -> None:
+    """A user's wrapper set as the layer's ``forward`` (a steering recipe), not a hook."""
+    forward = layer.forward
+
+    def steered(*args, **kwargs):
+        return steer_first_row(layer, args, forward(*args, **kwargs))
+
+    layer.forward = steered
+
+
+ROW_TREATING_CODE = {
+    "forward hook": lambda layer: layer.register_forward_hook(steer_first_row),
+    "hook object with func": lambda layer: layer.register_forward_hook(FirstRowSteering()),
+    "backward hook": lambda layer: layer.register_full_backward_hook(edit_first_rows_gradient),
+    "backward pre-hook": lambda layer: layer.register_full_backward_pre_hook(
+        lambda module, grad_output: (grad_output[0] * (1.0 + first_row_direction(grad_output[0]).abs()),
+                                     *grad_output[1:])
+    ),
+    "forward set on the instance": steer_through_the_instances_forward,
+}
+
+
+@pytest.mark.parametrize("code", list(ROW_TREATING_CODE))
 @pytest.mark.parametrize("name", list(MLP_PATHS))
-def test_a_users_forward_hook_that_treats_rows_apart_keeps_the_padded_rows(family_pairs, name):
+def test_a_users_code_that_treats_rows_apart_keeps_the_padded_rows(family_pairs, name, code):
     """Packed into one row, a padded batch's rows met a user's hook on a layer as one row: a hook steering the
-    first row steered every row (LLaMA's loss 3.4e-2 off). A forward hook defined outside the known packages
-    keeps the rows."""
+    first row steered every row (LLaMA's loss 3.4e-2 off), a backward hook editing the first row's gradient
+    edited every row's (24-64% off). Hooks and a ``forward`` set on a module, defined outside the known
+    packages, keep the rows."""
     layers_path, _ = MLP_PATHS[name]
     stock, ours = pair_copy(family_pairs, name)
     for model in (stock, ours):
-        model.get_submodule(layers_path)[0].register_forward_hook(steer_first_row)
+        ROW_TREATING_CODE[code](model.get_submodule(layers_path)[0])
     batch = batch_for(name, torch.Generator().manual_seed(15))
     assert_same_training_step(stock, ours, batch)
 
