@@ -6936,7 +6936,10 @@ class BartLearnedPositionalEmbedding(nn.Embedding):
             check_positions(position_ids, limit, "BART (config.max_position_embeddings)")
             return super().forward(position_ids.unsqueeze(0) + self.offset)
         batch, seq_len = input_ids.shape[:2]
-        return self._consecutive(seq_len, past_key_values_length, limit).expand(batch, seq_len, -1)
+        rows = self._consecutive(seq_len, past_key_values_length, limit)
+        if _is_plain_module(self, type(self)):
+            return rows.expand(batch, seq_len, -1)
+        return rows.repeat(batch, 1, 1)  # a tensor of its own, as stock's lookup gives, for hooks to edit in place
 
     def _consecutive(self, seq_len: int, past_len: int | torch.Tensor, limit: int) -> torch.Tensor:
         if isinstance(past_len, int):
