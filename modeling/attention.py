@@ -6193,7 +6193,10 @@ def _recompute_wanted(normed: torch.Tensor, recompute: Optional[bool]) -> bool:
 
 
 def _norm_output_can_be_recomputed(normed: torch.Tensor) -> bool:
-    if not torch.is_grad_enabled() or _is_tracing() or type(normed) is not torch.Tensor:
+    """Where the norm recorded a graph: without one (its input and weights need no gradient) nothing else keeps
+    its input, so a recipe would keep as much as the output does, and the output's values are final (a weight
+    changed before backward changes nothing, as in stock)."""
+    if not torch.is_grad_enabled() or _is_tracing() or type(normed) is not torch.Tensor or normed.grad_fn is None:
         return False
     if not normed.is_contiguous() or normed.storage_offset() != 0:
         return False

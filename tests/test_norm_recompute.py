@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from remote_code import assert_close_rel
 from test_fused_compile import assert_same_step
 from test_fused_models import batch_for, family_pairs, train_step  # noqa: F401 - a fixture
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -485,6 +486,25 @@ def test_a_saved_weight_changed_in_place_before_backward_is_refused_as_stock(  #
             backward_after_changing(each, batch, changed[family])
     with recompute_set(model.config, True):
         assert recomputed_norms(model) > 0 and not any(norm_outputs_kept(model, family, batch))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom"])
+def test_a_frozen_norm_changed_in_place_before_backward_changes_nothing_as_in_stock(family, family_pairs):  # noqa: F811
+    """With only the MLPs trained, a norm records no graph and stock keeps its output: a norm parameter changed
+    before backward changes nothing. Ours recomputed that output (and then refused the changed parameter), keeping
+    the norm's input instead, which saves nothing there."""
+    name = RECOMPUTED_NORM_PARAMETER[family].replace("1.", "0.", 1)  # the first layer's: its input needs no gradient
+    grads = []
+    for model in (copy.deepcopy(family_pairs[family][0]), copy.deepcopy(family_pairs[family][1])):
+        model.config.recompute_norm_outputs = True
+        for key, param in model.named_parameters():
+            param.requires_grad_(".mlp." in key)
+        backward_after_changing(model, batch_for(family, torch.Generator().manual_seed(7)), name)
+        grads.append({key: param.grad for key, param in model.named_parameters() if param.grad is not None})
+    expected, got = grads
+    assert got.keys() == expected.keys() and expected
+    for key, grad in expected.items():
+        assert_close_rel(got[key], grad, 1e-5, f"grad of {key}")
 
 
 def test_a_step_under_disabled_saved_tensor_hooks_keeps_its_norm_outputs(family_pairs):  # noqa: F811
