@@ -5599,7 +5599,18 @@ def gated_activation(
 
 
 def _activation_linear_forward(kind: str, x, up, weight, bias, run: Callable = _fused) -> torch.Tensor:
-    return F.linear(run(_activation_forward_triton, _activation_forward, kind, x, up), weight, bias)
+    return _linear_of_its_own(run(_activation_forward_triton, _activation_forward, kind, x, up), weight, bias)
+
+
+def _linear_of_its_own(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` as a tensor of its own, not a view: with a bias and a batch of rows,
+    ``F.linear`` returns its 2-D ``addmm`` viewed as ``[..., out]``, and a view that an autograd Function returns
+    cannot be edited in place (a user's hook ablating MLP channels, which stock's output takes)."""
+    if bias is None or x.dim() == 2:
+        return F.linear(x, weight, bias)
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t(), out=out.view(-1, weight.shape[0]))
+    return out
 
 
 def _activation_linear_backward(
@@ -6061,13 +6072,14 @@ def _run_in_tiles(modules: tuple, x: torch.Tensor, tile_size: int) -> torch.Tens
     Nothing here takes gradients; ``x`` is detached so that its tiles do not look like tensors that need them
     (a view taken without gradients of one that needs them says it does, with no autograd node behind it)."""
     flat = x.detach().flatten(0, -2)
-    out = None
+    out = flat_out = None
     for rows in _tiles(flat.shape[0], tile_size):
         tile = _run_modules(modules, flat[rows])
-        if out is None:
-            out = tile.new_empty((flat.shape[0], *tile.shape[1:]))
-        out[rows] = tile
-    return out.view(*x.shape[:-1], *out.shape[1:])
+        if out is None:  # the output's own shape, written through a flat view: a view returned would refuse edits
+            out = tile.new_empty((*x.shape[:-1], *tile.shape[1:]))
+            flat_out = out.view(flat.shape[0], *tile.shape[1:])
+        flat_out[rows] = tile
+    return out
 
 
 class _SequenceTiled(torch.autograd.Function):
@@ -6901,10 +6913,13 @@ def resolve_precision(config: QWenConfig) -> torch.dtype:
     flags = [bool(getattr(config, name, False)) for name in PRECISION_FLAGS]
     if sum(flags) > 1:
         chosen = [name for name, flag in zip(PRECISION_FLAGS, flags) if flag]
+        ways = " or ".join(
+            ", ".join(f"{name}={name == wanted}" for name in chosen) for wanted in chosen
+        )
         raise ValueError(
             f'Only one of "bf16", "fp16", "fp32" can be true; {" and ".join(chosen)} are. A checkpoint saved by '
-            "save_pretrained keeps the precision chosen when it was loaded: pass the others as False (e.g. "
-            "from_pretrained(path, bf16=True, fp32=False))"
+            "save_pretrained keeps the precision chosen when it was loaded: pass the one you want as True and the "
+            f"others as False ({ways})"
         )
     if sum(flags) == 0:
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():

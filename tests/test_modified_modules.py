@@ -198,6 +198,38 @@ def test_a_users_code_that_treats_rows_apart_keeps_the_padded_rows(family_pairs,
     assert_same_training_step(stock, ours, batch)
 
 
+def ablate_channels_in_place(module, args, output):
+    """An interpretability hook that zeroes some channels of a module's output in place."""
+    (output if isinstance(output, torch.Tensor) else output[0])[..., :8] = 0  # a tuple or a ModelOutput
+
+
+@pytest.mark.parametrize("where,options", [("transformer.h.0.mlp", {}), ("transformer", {"sequence_tile_size": 4})],
+                         ids=["mlp", "base model, tiled"])
+def test_a_hook_editing_an_output_in_place_trains_as_stock(family_pairs, where, options):
+    """The fused MLP's output (F.linear with a bias: a view of its 2-D matmul) and the tiles' output (a view of
+    their flat buffer) came out of autograd Functions as views, which refuse in-place edits: stock's are tensors
+    of their own."""
+    stock, ours = pair_copy(family_pairs, "gpt2")
+    for name, value in options.items():
+        setattr(ours.config, name, value)
+    for model in (stock, ours):
+        model.get_submodule(where).register_forward_hook(ablate_channels_in_place)
+    assert_same_training_step(stock, ours, batch_for("gpt2", torch.Generator().manual_seed(16)))
+
+
+def test_a_pre_hook_on_llamas_rotary_module_finds_the_positions_by_keyword(family_pairs):
+    """Stock calls ``rotary_emb(hidden_states, position_ids=...)``; ours passed the positions by place, so a
+    pre-hook with keywords that rescales them (position interpolation) failed with a KeyError."""
+
+    def halve_positions(module, args, kwargs):
+        return args, {**kwargs, "position_ids": kwargs["position_ids"] // 2}
+
+    stock, ours = pair_copy(family_pairs, "llama")
+    for model in (stock, ours):
+        model.model.rotary_emb.register_forward_pre_hook(halve_positions, with_kwargs=True)
+    assert_same_training_step(stock, ours, batch_for("llama", torch.Generator().manual_seed(17)))
+
+
 def remove_head(model, name: str, head: int = 1) -> None:
     """Head ``head`` of every layer's self-attention removed by hand, as stock 4.x's ``prune_heads`` did."""
     layers = model.transformer.h
