@@ -5599,7 +5599,7 @@ def _linear_of_its_own(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if bias is None or x.dim() == 2:
         return F.linear(x, weight, bias)
     out = x.new_empty((*x.shape[:-1], weight.shape[0]))
-    torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t(), out=out.view(-1, weight.shape[0]))
+    torch.addmm(bias, x.flatten(0, -2), weight.t(), out=out.flatten(0, -2))
     return out
 
 
