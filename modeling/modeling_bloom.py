@@ -7091,6 +7091,14 @@ class BloomModel(BloomPreTrainedModel):
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
         self.word_embeddings = new_embeddings
 
+    def build_alibi_tensor(self, attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+        """Stock's dense ALiBi bias ``[batch * num_heads, 1, keys]``, for code that asks the model for it (our blocks
+        take the slopes, from which the kernels form the bias): each head's slope times the key's position counted
+        over the kept tokens (0 at padding)."""
+        positions = (attention_mask.cumsum(dim=-1) - 1) * attention_mask
+        bias = alibi_slopes(num_heads, device=attention_mask.device)[None, :, None] * positions[:, None, :]
+        return bias.reshape(-1, 1, attention_mask.shape[-1]).to(dtype)
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,

@@ -149,6 +149,18 @@ def test_alibi_slopes_match_stock_build_alibi_tensor(n_head):
     torch.testing.assert_close(our_module(ours).alibi_slopes(n_head), stock_slopes, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_base_models_build_alibi_tensor_gives_stocks_dense_bias(dtype):
+    """Code that runs the blocks itself asks the base model for the dense bias; ours had no such method."""
+    stock, ours = load_pair()
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 0, 0]])
+    for heads in (4, 6):
+        expected = stock.transformer.build_alibi_tensor(mask, heads, dtype)
+        got = ours.transformer.build_alibi_tensor(mask, heads, dtype)
+        assert got.shape == expected.shape == (3 * heads, 1, 7) and got.dtype == dtype
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_relative_alibi_differs_from_stock_by_a_row_constant(padding):
     """slope*(key - query) vs stock's slope*(cumsum(mask)-1): equal up to a per-row constant on visible keys."""
