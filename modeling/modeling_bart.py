@@ -3832,8 +3832,10 @@ def _code_of_a_kind_unknown_here(module: torch.nn.Module) -> list:
     ``_PACKAGES_WITH_TOKEN_WISE_MODULES``: a user's, which may treat the rows apart (steer one row, edit one row's
     gradient, read each row's last token) and would see them packed into one; such a model keeps its padded rows
     (said once)."""
-    code = [*module._forward_hooks.values(), *module._forward_pre_hooks.values(),
-            *module._backward_hooks.values(), *module._backward_pre_hooks.values()]  # fmt: skip
+    hook_dicts = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    if not any(hook_dicts) and "forward" not in module.__dict__:  # most modules: walked at every padded forward
+        return []
+    code = [hook for hooks in hook_dicts for hook in hooks.values()]
     if "forward" in module.__dict__:
         code.append(module.__dict__["forward"])
         accelerate_hook = getattr(module, "_hf_hook", None)
@@ -6951,15 +6953,16 @@ class BartLearnedPositionalEmbedding(nn.Embedding):
             check_positions(position_ids, limit, "BART (config.max_position_embeddings)")
             return super().forward(position_ids.unsqueeze(0) + self.offset)
         batch, seq_len = input_ids.shape[:2]
-        rows = self._consecutive(seq_len, past_key_values_length, limit)
-        if _is_plain_module(self, type(self)):
+        plain = _is_plain_module(self, type(self))
+        rows = self._consecutive(seq_len, past_key_values_length, limit, plain)
+        if plain:
             return rows.expand(batch, seq_len, -1)
         return rows.repeat(batch, 1, 1)  # a tensor of its own, as stock's lookup gives, for hooks to edit in place
 
-    def _consecutive(self, seq_len: int, past_len: int | torch.Tensor, limit: int) -> torch.Tensor:
+    def _consecutive(self, seq_len: int, past_len: int | torch.Tensor, limit: int, plain: bool) -> torch.Tensor:
         if isinstance(past_len, int):
             self._check_positions_fit(past_len, seq_len, limit)
-            if _is_plain_module(self, type(self)):
+            if plain:
                 # consecutive rows: a slice of the table, whose backward copies the gradient into those rows (a
                 # lookup by index sorts and scatters 8k indices in backward, about 0.3 ms on an H200); a quantized
                 # table (torchao's tensor subclasses) is looked up as stock does, and so is a hooked one (a hook

@@ -3839,8 +3839,10 @@ def _code_of_a_kind_unknown_here(module: torch.nn.Module) -> list:
     ``_PACKAGES_WITH_TOKEN_WISE_MODULES``: a user's, which may treat the rows apart (steer one row, edit one row's
     gradient, read each row's last token) and would see them packed into one; such a model keeps its padded rows
     (said once)."""
-    code = [*module._forward_hooks.values(), *module._forward_pre_hooks.values(),
-            *module._backward_hooks.values(), *module._backward_pre_hooks.values()]  # fmt: skip
+    hook_dicts = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    if not any(hook_dicts) and "forward" not in module.__dict__:  # most modules: walked at every padded forward
+        return []
+    code = [hook for hooks in hook_dicts for hook in hooks.values()]
     if "forward" in module.__dict__:
         code.append(module.__dict__["forward"])
         accelerate_hook = getattr(module, "_hf_hook", None)

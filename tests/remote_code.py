@@ -51,3 +51,11 @@ def right_padded_mask(lengths: list[int], total: int) -> torch.Tensor:
     for row, length in enumerate(lengths):
         mask[row, :length] = 1
     return mask
+
+
+def first_row_direction(tensor: torch.Tensor) -> torch.Tensor:
+    """A direction on the first row of ``tensor`` ``[batch, seq, hidden]``, zeros elsewhere: what a hook that
+    treats the rows apart (steering one row) adds."""
+    first_row = torch.zeros_like(tensor[..., :1])
+    first_row[0] = 1.0
+    return first_row * torch.linspace(-1.0, 1.0, tensor.shape[-1], dtype=tensor.dtype, device=tensor.device)

@@ -29,7 +29,13 @@ from transformers import (
 from memory_efficient_adapter.configuration_qwen import QWenConfig
 from memory_efficient_adapter.families import write_remote_code
 from memory_efficient_adapter.modeling_qwen import QWenLMHeadModel
-from remote_code import TRANSFORMERS_5, assert_close_rel, relative_error, right_padded_mask
+from remote_code import (
+    TRANSFORMERS_5,
+    assert_close_rel,
+    first_row_direction,
+    relative_error,
+    right_padded_mask,
+)
 
 TOL = 1e-5
 VOCAB = 97
@@ -306,10 +312,7 @@ def first_row_steering(seen: list):
 
     def steer(module, args, output):
         seen.append(tuple(output.shape))
-        direction = torch.linspace(-1.0, 1.0, output.shape[-1], dtype=output.dtype, device=output.device)
-        first_row = torch.zeros_like(output[..., :1])
-        first_row[0] = 1.0
-        return output + first_row * direction
+        return output + first_row_direction(output)
 
     return steer
 

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from remote_code import assert_close_rel
+from remote_code import assert_close_rel, first_row_direction
 from test_fused_models import TOL, assert_same_training_step, batch_for, family_pairs  # noqa: F401 - a fixture
 from transformers import LlamaConfig
 
@@ -138,13 +138,6 @@ def steer_first_row(module, args, output):
     hidden = output[0] if isinstance(output, tuple) else output
     steered = hidden + first_row_direction(hidden)
     return (steered, *output[1:]) if isinstance(output, tuple) else steered
-
-
-def first_row_direction(tensor: torch.Tensor) -> torch.Tensor:
-    """A direction on the first row of ``tensor`` ``[batch, seq, hidden]``, zeros elsewhere."""
-    first_row = torch.zeros_like(tensor[..., :1])
-    first_row[0] = 1.0
-    return first_row * torch.linspace(-1.0, 1.0, tensor.shape[-1], dtype=tensor.dtype)
 
 
 def edit_first_rows_gradient(module, grad_input, grad_output):
