@@ -3698,15 +3698,39 @@ def _takes_batch_statistics(module: torch.nn.Module) -> bool:
     torchao's QAT linears (``activation_fake_quantizer``) and its weights that quantize the input at each call
     (``act_quant_kwargs``, ``input_quant_func``), and bitsandbytes' LLM.int8 (outlier columns chosen over all
     tokens: a ``threshold`` above 0). Some of them scale per token, which would allow parts of the input; the
-    libraries do not say so alike, so every such module counts."""
-    if isinstance(module, _BATCH_STATISTICS_MODULES):
+    libraries do not say so alike, so every such module counts. This runs for every module at every padded
+    forward, so it reads a module's own attributes where the module keeps them, and its class's once per class:
+    a missing attribute asked of the module costs ``nn.Module.__getattr__``'s exception."""
+    kind = type(module)
+    if _kind_takes_batch_statistics(kind):
         return True
-    if any(getattr(module, name, None) is not None for name in ("activation_qtype", "activation_fake_quantizer")):
-        return True
+    own = (module.__dict__, module._modules, module._parameters, module._buffers)
+    if _kind_names_activation_quantizer(kind) or not all(_ACTIVATION_QUANTIZERS.isdisjoint(kept) for kept in own):
+        if any(getattr(module, name, None) is not None for name in _ACTIVATION_QUANTIZERS):
+            return True
     weight = module._parameters["weight"] if "weight" in module._parameters else None  # a ScriptModule's has no get
-    if any(getattr(weight, name, None) is not None for name in ("act_quant_kwargs", "input_quant_func")):
+    if type(weight) not in (torch.nn.Parameter, torch.Tensor, type(None)) and any(
+        getattr(weight, name, None) is not None for name in ("act_quant_kwargs", "input_quant_func")
+    ):
         return True
-    return type(module).__name__ == "Linear8bitLt" and getattr(getattr(module, "state", None), "threshold", 0) > 0
+    return kind.__name__ == "Linear8bitLt" and getattr(getattr(module, "state", None), "threshold", 0) > 0
+
+
+_ACTIVATION_QUANTIZERS = frozenset(("activation_qtype", "activation_fake_quantizer"))
+
+
+@lru_cache(maxsize=1024)
+def _kind_takes_batch_statistics(kind: type) -> bool:
+    return issubclass(kind, _BATCH_STATISTICS_MODULES)
+
+
+@lru_cache(maxsize=1024)
+def _kind_names_activation_quantizer(kind: type) -> bool:
+    """Whether a class has an attribute in ``_ACTIVATION_QUANTIZERS``, or a ``__getattr__`` of its own that might
+    give one (a wrapper forwarding its inner module's attributes)."""
+    return kind.__getattr__ is not torch.nn.Module.__getattr__ or any(
+        hasattr(kind, name) for name in _ACTIVATION_QUANTIZERS
+    )
 
 
 def _must_be_called_once(*modules: torch.nn.Module) -> bool:

@@ -8,6 +8,7 @@ their kind of quantization with a straight-through gradient, so that every gradi
 
 from __future__ import annotations
 
+import importlib
 import types
 
 import pytest
@@ -37,9 +38,7 @@ class QATLinear(torch.nn.Linear):
 
 
 class QuantoLinear(torch.nn.Linear):
-    """As optimum-quanto's ``QLinear`` with ``activations=qint8``."""
-
-    activation_qtype = "qint8"
+    """As optimum-quanto's ``QLinear`` with ``activations=qint8`` (which its constructor sets on the instance)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(fake_int8(x), self.weight, self.bias)
@@ -75,6 +74,7 @@ def qat(module: torch.nn.Linear) -> None:
 
 def quanto(module: torch.nn.Linear) -> None:
     module.__class__ = QuantoLinear
+    module.activation_qtype = "qint8"
 
 
 def int8_with_outliers(module: torch.nn.Linear) -> None:
@@ -92,6 +92,7 @@ QUANTIZERS = {"torchao QAT": qat, "optimum-quanto": quanto, "bitsandbytes int8":
 TILED = {"llama": "model.layers.0.mlp.down_proj", "bloom": "transformer.h.1.mlp.dense_4h_to_h",
          "bart": "model.encoder.layers.0.fc2"}
 PAD = 3
+kernel_layer = importlib.import_module("memory_efficient_adapter.attention")
 
 
 def loud_padding(models: tuple, batch: dict) -> dict:
@@ -154,3 +155,60 @@ def test_calibration_by_hooks_for_every_module_sees_the_padded_batch_as_stock(fa
     assert got.keys() == expected.keys() and "lm_head" in got
     for module, value in expected.items():
         assert_close_rel(torch.tensor(got[module]), torch.tensor(value), 1e-5, f"input range of {module}")
+
+
+class QuantizerOfItsClass(torch.nn.Linear):
+    activation_qtype = "qint8"
+
+
+class QuantizerAsProperty(torch.nn.Linear):
+    @property
+    def activation_fake_quantizer(self):
+        return self.__dict__.get("quantizer")
+
+
+def quantizer_as_property(quantizer) -> torch.nn.Module:
+    module = QuantizerAsProperty(2, 2)
+    module.__dict__["quantizer"] = quantizer
+    return module
+
+
+class ForwardingAttributes(torch.nn.Module):
+    """A wrapper that gives the attributes of the module it wraps as its own."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.__dict__["inner"] = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["inner"], name)
+
+
+def with_attribute(name: str, value) -> torch.nn.Module:
+    module = torch.nn.Linear(2, 2)
+    setattr(module, name, value)
+    return module
+
+
+KEPT_QUANTIZERS = {
+    "on the instance": (lambda: with_attribute("activation_qtype", "qint8"), True),
+    "None on the instance": (lambda: with_attribute("activation_qtype", None), False),
+    "a submodule": (lambda: with_attribute("activation_fake_quantizer", ActivationFakeQuantizer()), True),
+    "None as a submodule": (lambda: with_attribute("activation_fake_quantizer", None), False),
+    "on the class": (lambda: QuantizerOfItsClass(2, 2), True),
+    "a property": (lambda: quantizer_as_property(ActivationFakeQuantizer()), True),
+    "a property giving None": (lambda: quantizer_as_property(None), False),
+    "forwarded by a wrapper": (lambda: ForwardingAttributes(with_attribute("activation_qtype", "qint8")), True),
+    "none": (lambda: torch.nn.Linear(2, 2), False),
+    "a batch norm": (lambda: torch.nn.BatchNorm1d(2), True),
+}
+
+
+@pytest.mark.parametrize("kept", list(KEPT_QUANTIZERS))
+def test_an_activation_quantizer_is_found_wherever_the_module_keeps_it(kept):
+    """The check reads a module's attributes where ``nn.Module`` keeps them (and its class's once per class), to
+    skip ``nn.Module.__getattr__``'s exception: each place counts, and None counts nowhere."""
+    make, expected = KEPT_QUANTIZERS[kept]
+    module = make()
+    assert kernel_layer._takes_batch_statistics(module) is expected
+    assert kernel_layer._takes_batch_statistics(module) is expected
