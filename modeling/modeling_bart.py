@@ -7859,6 +7859,7 @@ class BartForCausalLM(CountsLossItems, BartPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = BartDecoderWrapper(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.loss_type = "ForMaskedLM"  # unshifted labels, so the Trainer counts them all (not as a causal LM's)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

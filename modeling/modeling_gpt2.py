@@ -7425,6 +7425,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = GPT2Model(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.loss_type = "ForCausalLM"  # the class name maps to none; the Trainer then counts the shifted labels
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:

@@ -221,3 +221,47 @@ def test_a_subclass_whose_forward_takes_no_loss_kwargs_gets_none_from_the_traine
         assert Trainer(model=model, args=args).model_accepts_loss_kwargs is False, type(model).__module__
         model.__class__ = type(f"Users{class_name}WithKwargs", (type(model).__base__,), {})
     assert Trainer(model=ours, args=args).model_accepts_loss_kwargs is accepts
+
+
+LM_HEADS = [("llama", "LlamaForCausalLM"), ("gpt2", "GPT2LMHeadModel"), ("bloom", "BloomForCausalLM"),
+            ("bart", "BartForCausalLM"), ("bart", "BartForConditionalGeneration")]  # fmt: skip
+
+
+def trainer_shifts_causal_counts() -> bool:
+    """Whether the Trainer counts ``labels[..., 1:]`` for a model whose ``loss_type`` maps to the causal-LM loss
+    (transformers 5.2x on); before, it counts every label for every model."""
+    from transformers import Trainer
+
+    return "_loss_shifts_labels" in inspect.getsource(Trainer.__init__)
+
+
+@pytest.mark.parametrize("family, class_name", LM_HEADS)
+def test_the_trainers_step_of_one_batch_is_the_step_of_its_mean_loss(family, class_name, tmp_path):
+    """The Trainer counts the labels its model predicts from the ``loss_type`` the class name gives. GPT-2's LM
+    head names no loss type, so its shifted loss was divided by the count of every label (as stock's); BART's
+    causal LM, named a causal LM, does not shift, so its loss and step were 23/19 of the batch's mean. Where the
+    Trainer counts every label, the first label of each row is -100, so both counts agree."""
+    from transformers import Trainer, TrainingArguments
+
+    _, ours = stock_and_ours(family, class_name, tmp_path, config=without_dropout(family_config(family)))
+    generator = torch.Generator().manual_seed(10)
+    ids = torch.randint(3, VOCAB, (3, 7), generator=generator)
+    labels = ids.flip(1).masked_fill(torch.rand(ids.shape, generator=generator) < 0.3, -100)
+    labels[:, 0] = torch.where(labels[:, 0] == -100, ids[:, 0], labels[:, 0]) if trainer_shifts_causal_counts() else -100
+    ours.train().zero_grad()
+    ours(input_ids=ids, labels=labels).loss.backward()
+    expected = {name: torch.zeros_like(param) if param.grad is None else -param.grad.clone()  # BART: no encoder
+                for name, param in ours.named_parameters()}
+    ours.zero_grad()
+    before = {name: param.detach().clone() for name, param in ours.named_parameters()}
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=3, max_steps=1, learning_rate=1.0, optim="sgd",
+        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no",
+    )  # fmt: skip
+    examples = [{"input_ids": row, "labels": target} for row, target in zip(ids, labels)]
+    Trainer(model=ours, args=arguments, train_dataset=examples).train()
+    largest = max(step.norm() for step in expected.values())
+    for name, param in ours.named_parameters():
+        scale = max(expected[name].norm(), 1e-3 * largest)
+        assert (param.detach() - before[name] - expected[name]).norm() <= 1e-4 * scale, f"{name}'s step differs"
