@@ -3715,6 +3715,21 @@ def labels_mismatch(name: str, shape: torch.Size, inputs_shape: torch.Size) -> V
     )
 
 
+def labels_of_rows(labels: Optional[torch.Tensor], kwargs: dict, input_ids, inputs_embeds) -> Optional[torch.Tensor]:
+    """``labels`` (and a ``shift_labels`` in ``kwargs``, replaced there) of a batch of one given without their batch
+    dimension, ``[s]`` for inputs ``[1, s]``, as ``[1, s]``: stock's LM losses take them so (they shift along the
+    last dimension and flatten). Other shapes are left to the loss's check."""
+    inputs = input_ids if input_ids is not None else inputs_embeds
+
+    def with_batch(given):
+        lacks_batch = given is not None and inputs is not None and given.dim() == 1 and inputs.dim() >= 2
+        return given[None] if lacks_batch and inputs.shape[0] == 1 and given.shape[0] == inputs.shape[1] else given
+
+    if kwargs.get("shift_labels") is not None:
+        kwargs["shift_labels"] = with_batch(kwargs["shift_labels"])
+    return with_batch(labels)
+
+
 def shifted_labels(labels: Optional[torch.Tensor], shift_labels=None, ignore_index: Optional[int] = None, **_):
     """The target of every position of a causal LM, as transformers shifts ``labels`` (``shift_labels`` as given)."""
     if shift_labels is not None or labels is None:
@@ -7275,6 +7290,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         """``logits_to_keep``: an int keeps the logits of that many last positions (0 = all), a tensor indexes
         the sequence dimension. Extra ``kwargs`` reach the loss (e.g. ``num_items_in_batch``)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        labels = labels_of_rows(labels, kwargs, input_ids, inputs_embeds)
         rows = None
         if not frequencies_follow_the_largest_position(self.model.rotary_emb):
             rows = padded_rows(

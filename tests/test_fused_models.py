@@ -149,6 +149,23 @@ def test_family_loss_and_every_gradient_match_stock_without_logits(family_pairs,
     assert got.logits is None and expected.logits is not None
 
 
+@pytest.mark.parametrize(
+    "name, given", [("llama", "labels"), ("llama", "shift_labels"), ("gpt2", "labels"), ("bloom", "labels"),
+                    ("bart_causal", "labels")],
+)  # fmt: skip
+def test_the_labels_of_one_row_without_their_batch_dimension_train_as_stock(family_pairs, name, given):
+    """Stock's LM losses take the labels of a batch of one as ``[s]`` (they shift along the last dimension and
+    flatten); ours refused them in training (a ValueError naming the shapes), eval mode took them."""
+    stock, ours, _ = family_pairs[name]
+    batch = {key: value[:1] for key, value in batch_for(name, torch.Generator().manual_seed(12)).items()}
+    batch["labels"] = batch["labels"][0]
+    if given == "shift_labels":  # used in place of the shifted labels: other targets
+        batch["shift_labels"] = batch["labels"].flip(0)
+    assert_same_training_step(stock, ours, batch)
+    with torch.no_grad():
+        assert_close_rel(ours.eval()(**batch).loss, stock.eval()(**batch).loss, TOL, "eval loss")
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "bart_causal"])
 def test_uint8_labels_train_as_stock(family_pairs, name):
     """PyTorch's loss takes uint8 labels (without -100); the fused op's gathers needed int64."""

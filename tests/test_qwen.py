@@ -513,6 +513,28 @@ def test_loss_and_gradients_match_reference(saved, backend):
         assert_close_rel(grads[name].grad, param.grad.float(), 2e-5, f"grad of {name} ({backend})")
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_the_labels_of_one_row_without_their_batch_dimension_give_the_same_loss(saved, training):
+    """The original's loss takes the labels of a batch of one as ``[s]`` (``labels[..., 1:]``, flattened); ours
+    refused them (a ValueError naming the shapes), in training and eval."""
+    folder, _, _ = saved
+    model = load(folder).train(training)
+    ids = random_ids(1, 11)
+    labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.3, -100)
+    results = []
+    for given in (labels, labels[0]):
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=given).loss
+        if training:
+            loss.backward()
+        results.append((loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}))
+    (expected, expected_grads), (loss, grads) = results
+    assert_close_rel(loss, expected, 1e-6, "loss")
+    assert grads.keys() == expected_grads.keys() and (len(grads) > 0) is training
+    for name, grad in expected_grads.items():
+        assert_close_rel(grads[name], grad, 1e-6, f"grad of {name}")
+
+
 def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(saved):
     folder, _, _ = saved
     ids = random_ids(2, 10)
