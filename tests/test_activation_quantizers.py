@@ -184,6 +184,19 @@ class ForwardingAttributes(torch.nn.Module):
         return getattr(self.__dict__["inner"], name)
 
 
+class GivesQuantizerOnLookup(torch.nn.Linear):
+    """A ``__getattribute__`` of its own that gives an attribute held nowhere."""
+
+    def __getattribute__(self, name: str):
+        return "qint8" if name == "activation_qtype" else super().__getattribute__(name)
+
+
+def weight_with_attribute(name: str, value) -> torch.nn.Module:
+    module = torch.nn.Linear(2, 2)
+    setattr(module.weight, name, value)
+    return module
+
+
 def with_attribute(name: str, value) -> torch.nn.Module:
     module = torch.nn.Linear(2, 2)
     setattr(module, name, value)
@@ -199,6 +212,9 @@ KEPT_QUANTIZERS = {
     "a property": (lambda: quantizer_as_property(ActivationFakeQuantizer()), True),
     "a property giving None": (lambda: quantizer_as_property(None), False),
     "forwarded by a wrapper": (lambda: ForwardingAttributes(with_attribute("activation_qtype", "qint8")), True),
+    "given by __getattribute__": (lambda: GivesQuantizerOnLookup(2, 2), True),
+    "on a plain weight": (lambda: weight_with_attribute("act_quant_kwargs", "per tensor"), True),
+    "None on a plain weight": (lambda: weight_with_attribute("input_quant_func", None), False),
     "none": (lambda: torch.nn.Linear(2, 2), False),
     "a batch norm": (lambda: torch.nn.BatchNorm1d(2), True),
 }
@@ -212,3 +228,16 @@ def test_an_activation_quantizer_is_found_wherever_the_module_keeps_it(kept):
     module = make()
     assert kernel_layer._takes_batch_statistics(module) is expected
     assert kernel_layer._takes_batch_statistics(module) is expected
+
+
+def test_a_class_registered_as_a_quantizer_after_it_was_checked_counts():
+    """The checks of a module's class are kept per class; registering a class with torch.ao's abstract bases
+    (``register``) changes ``isinstance`` afterwards, and so the kept answer."""
+
+    class LateQuantizer(torch.nn.Identity):
+        pass
+
+    module = LateQuantizer()
+    assert kernel_layer._takes_batch_statistics(module) is False
+    torch.ao.quantization.FakeQuantizeBase.register(LateQuantizer)
+    assert kernel_layer._takes_batch_statistics(module) is True

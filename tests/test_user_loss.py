@@ -117,6 +117,19 @@ def test_a_loss_type_naming_an_entry_of_the_users_trains_as_in_stock(tmp_path, m
     assert smoothed_loss_with_z_term.calls == 2
 
 
+def test_an_entry_of_the_users_named_after_the_class_is_its_loss_type_as_in_stock(tmp_path, monkeypatch):
+    """transformers names the loss type after the class where ``LOSS_MAPPING`` has an entry of that name; GPT-2's
+    head set its own ``ForCausalLM`` over it, so the user's loss was never called."""
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    monkeypatch.setitem(LOSS_MAPPING, "GPT2LMHeadModel", smoothed_loss_with_z_term)
+    stock, ours = trainable_pair("gpt2", "GPT2LMHeadModel", tmp_path)
+    assert stock.loss_type == ours.loss_type == "GPT2LMHeadModel"
+    smoothed_loss_with_z_term.calls = 0
+    assert_same_training_step(stock, ours, right_padded_batch("GPT2LMHeadModel"), "loss_type")
+    assert smoothed_loss_with_z_term.calls == 2
+
+
 def test_a_builtin_loss_patched_where_transformers_keeps_it_trains_as_in_stock(tmp_path, monkeypatch):
     """Libraries patch transformers' causal-LM loss in both places it lives (the module's name and the mapping's
     entry): stock calls the patched function; ours compared against the patched name and ran the fused loss."""
