@@ -3763,9 +3763,10 @@ def _takes_batch_statistics(module: torch.nn.Module) -> bool:
     included in stock): ``_BATCH_STATISTICS_MODULES``, and the quantization libraries' modules that quantize
     their input activations: optimum-quanto's (``activation_qtype`` set; calibrated from the activations),
     torchao's QAT linears (``activation_fake_quantizer``) and its weights that quantize the input at each call
-    (``act_quant_kwargs``, ``input_quant_func``), and bitsandbytes' LLM.int8 (outlier columns chosen over all
-    tokens: a ``threshold`` above 0). Some of them scale per token, which would allow parts of the input; the
-    libraries do not say so alike, so every such module counts.
+    (``act_quant_kwargs``, ``input_quant_func``) and float8 training linears (``Float8Linear``: an amax over the
+    input), and bitsandbytes' LLM.int8 (outlier columns chosen over all tokens: a ``threshold`` above 0). Some of
+    them scale per token, which would allow parts of the input; the libraries do not say so alike, so every such
+    module counts.
 
     This runs for every module at every padded forward, and ``getattr``'s miss costs ``nn.Module.__getattr__``'s
     exception: so the module's own attributes are looked up where it keeps them, and its class's facts once per
@@ -3799,7 +3800,8 @@ def _kind_of_module(kind: type, abc_token) -> tuple:
     custom_lookup = (
         kind.__getattr__ is not torch.nn.Module.__getattr__ or kind.__getattribute__ is not object.__getattribute__
     )
-    return issubclass(kind, _BATCH_STATISTICS_MODULES), custom_lookup or any(
+    float8_training = kind.__name__ == "Float8Linear" and kind.__module__.startswith("torchao.")
+    return issubclass(kind, _BATCH_STATISTICS_MODULES) or float8_training, custom_lookup or any(
         hasattr(kind, name) for name in _ACTIVATION_QUANTIZERS
     )
 

@@ -53,6 +53,16 @@ class Linear8bitLt(torch.nn.Linear):
         return F.linear(torch.where(outliers, x, fake_int8(x)), self.weight, self.bias)
 
 
+class Float8Linear(torch.nn.Linear):
+    """As torchao's float8 training linear with tensorwise scaling: the input is cast by one amax of it all."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(fake_int8(x), self.weight, self.bias)
+
+
+Float8Linear.__module__ = "torchao.float8.float8_linear"
+
+
 class DynamicActivationWeight(torch.Tensor):
     """As torchao's weights that quantize the input of each ``F.linear`` (``act_quant_kwargs`` set), in a bare
     ``nn.Linear``."""
@@ -82,13 +92,17 @@ def int8_with_outliers(module: torch.nn.Linear) -> None:
     module.state = types.SimpleNamespace(threshold=0.5)
 
 
+def float8_training(module: torch.nn.Linear) -> None:
+    module.__class__ = Float8Linear
+
+
 def dynamic_activations(module: torch.nn.Linear) -> None:
     frozen = module.weight.detach().clone().as_subclass(DynamicActivationWeight)
     module.weight = torch.nn.Parameter(frozen, requires_grad=False)
 
 
 QUANTIZERS = {"torchao QAT": qat, "optimum-quanto": quanto, "bitsandbytes int8": int8_with_outliers,
-              "torchao dynamic": dynamic_activations}
+              "torchao dynamic": dynamic_activations, "torchao float8": float8_training}
 TILED = {"llama": "model.layers.0.mlp.down_proj", "bloom": "transformer.h.1.mlp.dense_4h_to_h",
          "bart": "model.encoder.layers.0.fc2"}
 PAD = 3
