@@ -357,13 +357,17 @@ def _filled_keys(mask) -> Optional[int]:
     return mask.filled_keys if isinstance(mask, ForwardMask) else None
 
 
-def cache_update_kwargs(mask, new_tokens: int, device, cache_position: Optional[torch.Tensor] = None) -> dict:
+def cache_update_kwargs(
+    mask, new_tokens: int, device, cache_position: Optional[torch.Tensor] = None, filled: Optional[int] = None
+) -> dict:
     """``cache_kwargs`` for ``Cache.update``: where the new tokens go. transformers 4.x static caches write at
     ``cache_position`` (without it, at 0 .. new_tokens - 1; later ones track it themselves); when the caller gave
-    none, it follows from the forward's ``filled_keys`` (``filled_cache_length``)."""
+    none, it follows from the forward's ``filled_keys`` (``filled_cache_length``), else from ``filled`` (the keys
+    after this update, where a layer knows them without our mask: a patched stock BLOOM's)."""
     if cache_position is None and isinstance(mask, ForwardMask):
         cache_position = mask.cache_position
-    filled = _filled_keys(mask)
+    mask_filled = _filled_keys(mask)
+    filled = mask_filled if mask_filled is not None else filled
     if cache_position is None and filled is not None:
         cache_position = torch.arange(filled - new_tokens, filled, device=device)
     return {"cache_position": cache_position}
@@ -383,7 +387,7 @@ def update_cache(
     (by default the ``filled_keys`` of the forward's ``ForwardMask``, ``filled_cache_length``). A cut is noted on
     the ``ForwardMask``, so that attention weights asked for span the whole cache, as stock's do. A growing cache
     with more than ``filled`` keys was written twice by this forward: refused."""
-    where = cache_update_kwargs(mask, key.shape[-2], key.device, cache_position)
+    where = cache_update_kwargs(mask, key.shape[-2], key.device, cache_position, filled)
     key, value = cache.update(key, value, layer_idx, where)
     filled = _filled_keys(mask) if filled is None else filled
     if filled is None or key.shape[-2] <= filled:

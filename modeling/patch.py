@@ -45,7 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import BACKENDS, ForwardMask, alibi_slopes, attention, attention_options, backend_from_config
+from .attention import (
+    BACKENDS, ForwardMask, alibi_slopes, attention, attention_options, attention_recording_weights,
+    backend_from_config, recorded_weights,
+)
 
 __all__ = [
     "REGISTERED_NAMES",
@@ -296,6 +299,11 @@ def _one_head_size(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) 
     return query, key, value
 
 
+# What some models hand the attention function and the kernel layer cannot take: Gemma 2's logit softcapping,
+# gpt-oss's attention sinks, T5's relative position bias, and the rest.
+_REFUSED_ARGUMENTS = ("softcap", "s_aux", "position_bias", "cache", "head_mask", "indices")
+
+
 def _make_attention_function(backend: str) -> Callable:
     def kernel_layer_attention(
         module: nn.Module,
@@ -306,9 +314,11 @@ def _make_attention_function(backend: str) -> Callable:
         scaling: float | None = None,
         dropout: float = 0.0,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        """transformers attention function: q ``[b, h, q, d]``, k/v ``[b, h_kv, k, d]`` -> (``[b, q, h, d]``, None)."""
-        for unsupported in ("softcap", "s_aux", "position_bias", "cache", "head_mask", "indices"):
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """transformers attention function: q ``[b, h, q, d]``, k/v ``[b, h_kv, k, d]`` -> (``[b, q, h, d]``, the
+        weights ``[b, h, q, k]`` where ``output_attentions`` asks for them, as eager attention gives them, else
+        None)."""
+        for unsupported in _REFUSED_ARGUMENTS:
             if kwargs.get(unsupported) is not None:
                 raise NotImplementedError(
                     f"the kernel layer ({implementation_name(backend)}) does not take `{unsupported}`; "
@@ -321,10 +331,13 @@ def _make_attention_function(backend: str) -> Callable:
         value_size = value.shape[-1]
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         query, key, value = _one_head_size(query, key, value)
-        output = attention(
-            query, key, value, causal=causal, attention_mask=mask, dropout_p=dropout, scale=scaling, **options
-        )
-        return output[..., :value_size].transpose(1, 2).contiguous(), None
+        arguments = dict(causal=causal, attention_mask=mask, dropout_p=dropout, scale=scaling, **options)
+        weights = [] if kwargs.get("output_attentions") else None
+        if weights is None:
+            output = attention(query, key, value, **arguments)
+        else:
+            output = attention_recording_weights(query, key, value, weights, **arguments)
+        return output[..., :value_size].transpose(1, 2).contiguous(), recorded_weights(weights)
 
     kernel_layer_attention.__qualname__ = kernel_layer_attention.__name__ = f"{implementation_name(backend)}_attention"
     return kernel_layer_attention
@@ -504,6 +517,30 @@ def _module_uses_registry(module_name: str) -> bool:
     return _SOURCE_USES_REGISTRY[module_name]
 
 
+_SOURCE_PASSES: dict[str, frozenset] = {}
+
+
+def _arguments_passed_in(module_name: str) -> frozenset:
+    """The names of ``_REFUSED_ARGUMENTS`` a Python module's source passes as keywords (cached per module)."""
+    if module_name not in _SOURCE_PASSES:
+        try:
+            source = inspect.getsource(sys.modules[module_name])
+        except (KeyError, OSError, TypeError):
+            source = ""
+        _SOURCE_PASSES[module_name] = frozenset(name for name in _REFUSED_ARGUMENTS if f"{name}=" in source)
+    return _SOURCE_PASSES[module_name]
+
+
+def _refused_arguments(cls: type, config) -> list[str]:
+    """What a registry model of class ``cls`` would hand our attention function and it refuses: T5's
+    ``position_bias``, gpt-oss's ``s_aux``, and ``softcap`` where the config sets a softcapping (Gemma 2)."""
+    passed = _arguments_passed_in(cls.__module__)
+    refused = [name for name in ("position_bias", "s_aux") if name in passed]
+    if "softcap" in passed and getattr(config, "attn_logit_softcapping", None) is not None:
+        refused.append("softcap")
+    return refused
+
+
 def _is_our_module(module: types.ModuleType | None) -> bool:
     """One of our modeling files (they carry the kernel layer and read the config per call)."""
     return (
@@ -604,6 +641,12 @@ def _check_supported(model: nn.Module) -> list[nn.Module]:
                 f"apply_attention_patch does not support {name}: its attention module "
                 f"{type(module).__module__}.{type(module).__name__} neither calls transformers' attention "
                 f"registry nor is BLOOM's; {advice}"
+            )
+        refused = _refused_arguments(type(module), getattr(module, "config", model.config))
+        if _attention_kind(type(module)) == "registry" and refused:
+            raise TypeError(
+                f"apply_attention_patch does not support {name}: its attention module {type(module).__name__} "
+                f"passes {', '.join(f'`{n}`' for n in refused)}, which the kernel layer does not take; {advice}"
             )
     return modules
 
@@ -781,22 +824,29 @@ def _in_scope(patch: _ClassPatch, family: str) -> bool:
     return patch.families is None or family in patch.families
 
 
-def _class_patch_applies(patch: _ClassPatch, cls: type) -> bool:
+def _class_patch_applies(patch: _ClassPatch, cls: type, config) -> bool:
     """Whether a model class created under the class-level patch should use our kernels (logs why not, once,
-    for a class of a family the patch names: the original Qwen-7B code, a model without the registry)."""
+    for a class of a family the patch names: the original Qwen-7B code, a model without the registry, a model
+    whose attention takes what ours refuses)."""
     if not _in_scope(patch, _family_of(cls)):
         return False
     bloom = _bloom_pretrained_class()
     if (bloom is not None and issubclass(cls, bloom)) or _is_ours(cls):
         return True
-    if _module_uses_registry(cls.__module__):
-        return True
     from transformers.utils import logging
 
+    refused = _refused_arguments(cls, config)
+    if _module_uses_registry(cls.__module__) and not refused:
+        return True
+    why = (
+        f"passes its attention {', '.join(f'`{name}`' for name in refused)}, which the kernel layer does not take"
+        if refused
+        else "computes attention itself (not through transformers' attention registry)"
+    )
     logging.get_logger(__name__).warning_once(
-        f"apply_attention_patch(): {cls.__module__}.{cls.__name__} computes attention itself (not through "
-        "transformers' attention registry), so its models keep their own attention; our modeling files "
-        "(trust_remote_code=True, or copied over the original) run it on the kernel layer"
+        f"apply_attention_patch(): {cls.__module__}.{cls.__name__} {why}, so its models keep their own attention; "
+        "our modeling files (trust_remote_code=True, or copied over the original) run LLaMA, GPT-2, BLOOM, BART "
+        "and Qwen-7B on the kernel layer"
     )
     return False
 
@@ -827,7 +877,7 @@ def _make_init_hook(original: Callable) -> Callable:
         patch = _CLASS_PATCH
         if patch is None or not _is_init_check(args, kwargs) or attn_implementation not in (None, "sdpa"):
             return resolved
-        if not _class_patch_applies(patch, type(self)):
+        if not _class_patch_applies(patch, type(self), self.config):
             return resolved
         with _LOCK:
             patch.configs[id(self.config)] = self.config
@@ -925,6 +975,11 @@ def remove_attention_patch(model: nn.Module | None = None) -> nn.Module | None:
     same config), it keeps the patch until the last of them is removed. A deep copy of a patched model is
     undone the same way.
     """
+    if model is not None and not _is_model(model):
+        raise TypeError(
+            f"remove_attention_patch needs the transformers model that was patched, got {type(model).__name__}; "
+            "pass the model a wrapper holds (a PEFT model's get_base_model(), a compiled module's _orig_mod)"
+        )
     with _LOCK:
         if model is None:
             _remove_from_classes()

@@ -261,6 +261,28 @@ def test_generate_with_a_static_cache_through_our_names_matches_stock(family):
     assert torch.equal(greedy_with_a_static_cache(model, inputs), expected), "patched"
 
 
+def static_cache_scores(model, inputs) -> tuple:
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=False, cache_implementation="static", pad_token_id=0,
+                         output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    return out.scores
+
+
+def test_a_patched_bloom_decodes_over_a_static_cache_with_stocks_scores():
+    """transformers 4.57 and 5.0 static caches write where ``cache_position`` says (4.57's stock BLOOM hands it to
+    its attention) and at slot 0 without it: the patched attention passed none, so every decoding step wrote over
+    the first key (scores 4e-2 to 1e-1 off from the second step on; tokens of a tiny model still agreed)."""
+    model = tiny_stock("bloom").eval()
+    inputs, _ = model_inputs("bloom", "left")
+    expected = static_cache_scores(model, inputs)
+    mea.apply_attention_patch(model, backend="chunked")
+    got = static_cache_scores(model, inputs)
+    assert len(got) == len(expected) == 5
+    for step, (scores, stock_scores) in enumerate(zip(got, expected)):
+        keep = stock_scores.isfinite()
+        assert torch.equal(scores.isfinite(), keep), step
+        assert_close_rel(scores[keep], stock_scores[keep], FP32_TOL, f"scores of step {step}")
+
+
 def test_a_model_that_reads_the_mask_or_passes_sparse_indices_is_refused_by_name():
     """DeepSeek-V3.2-style models index the mask for their top-k selector, then hand other attention names the
     selection as ``indices``: both must fail naming the problem, never run dense attention silently."""
@@ -293,3 +315,75 @@ def test_torch_multihead_attention_in_a_pooling_head_stays_as_it_is():
         assert_close_rel(model(pixel_values=pixels).pooler_output, expected, FP32_TOL, "patched SigLIP")
         mea.remove_attention_patch(model)
         assert torch.equal(model(pixel_values=pixels).pooler_output, expected)
+
+
+def tiny_t5_and_gemma2() -> list:
+    """Models whose attention hands the registry what ours refuses: T5's position bias (on 5.x; on 4.57 it
+    computes attention itself) and Gemma 2's logit softcapping (set by default)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB_OF_REFUSED, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                             num_heads=4, decoder_start_token_id=0))  # fmt: skip
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB_OF_REFUSED, hidden_size=32, intermediate_size=48,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            head_dim=8))  # fmt: skip
+    return [t5.eval(), gemma2.eval()]
+
+
+VOCAB_OF_REFUSED = 53
+
+
+def forward_of(model) -> torch.Tensor:
+    ids = torch.randint(3, VOCAB_OF_REFUSED, (2, 7), generator=torch.Generator().manual_seed(3))
+    extra = {"decoder_input_ids": ids[:, :5]} if model.config.is_encoder_decoder else {}
+    with torch.no_grad():
+        return model(input_ids=ids, **extra).logits
+
+
+def test_models_whose_attention_passes_what_ours_refuses_keep_their_own_under_the_class_patch():
+    """The no-model patch switched every later model that calls the registry, T5 and Gemma 2 too, which then
+    failed at their first forward (``position_bias``, ``softcap``) where stock runs; patching one of them names
+    the problem at once instead."""
+    expected = [forward_of(model) for model in tiny_t5_and_gemma2()]
+    mea.apply_attention_patch()
+    try:
+        models = tiny_t5_and_gemma2()
+        for model, logits_before in zip(models, expected):
+            assert not str(model.config._attn_implementation).startswith("mea"), type(model).__name__
+            assert torch.equal(forward_of(model), logits_before), type(model).__name__
+    finally:
+        mea.remove_attention_patch()
+    for model in models:
+        with pytest.raises(TypeError, match=f"apply_attention_patch does not support {type(model).__name__}"):
+            mea.apply_attention_patch(model)
+
+
+def test_output_attentions_through_our_registry_name_gives_eager_weights():
+    """The registry function returned no weights and said nothing (stock sdpa warns); it now computes them."""
+    model = tiny_stock("llama").eval()
+    inputs, _ = model_inputs("llama", "left")
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = model(**inputs, output_attentions=True).attentions
+    model.set_attn_implementation("mea")
+    with torch.no_grad():
+        got = model(**inputs, output_attentions=True).attentions
+    assert len(got) == len(expected) == 2
+    for layer, (weights, stock_weights) in enumerate(zip(got, expected)):
+        assert weights.shape == stock_weights.shape
+        keep = inputs["attention_mask"].bool()
+        rows, stock_rows = weights.transpose(1, 2)[keep], stock_weights.transpose(1, 2)[keep]  # kept queries
+        assert_close_rel(rows, stock_rows, FP32_TOL, f"weights of layer {layer}")
+
+
+def test_removing_the_patch_from_a_wrapper_is_refused_as_patching_one_is():
+    """Removing through a wrapper (a PEFT model, a container) released nothing and said nothing."""
+    model = mea.apply_attention_patch(tiny_stock("llama"), backend="chunked")
+    wrapper = torch.nn.ModuleList([model])
+    for call in (mea.apply_attention_patch, mea.remove_attention_patch, mea.reverse):
+        with pytest.raises(TypeError, match="PreTrainedModel|transformers model that was patched"):
+            call(wrapper)
+    assert str(model.config._attn_implementation).startswith("mea")
+    mea.remove_attention_patch(model)
+    assert not str(model.config._attn_implementation).startswith("mea")
