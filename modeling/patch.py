@@ -503,38 +503,31 @@ _BLOOM_FORWARDS: dict[str, Callable] = {backend: _make_bloom_forward(backend) fo
 # Which models we can patch
 # ----------------------------------------------------------------------------------------------
 
-_SOURCE_USES_REGISTRY: dict[str, bool] = {}
+# Per Python module: whether its source calls the attention registry, and the ``_REFUSED_ARGUMENTS`` it passes as
+# keywords. Filled once per module (a source does not change), read without a lock.
+_SOURCE_FACTS: dict[str, tuple[bool, frozenset]] = {}
+
+
+def _source_facts(module_name: str) -> tuple[bool, frozenset]:
+    if module_name not in _SOURCE_FACTS:
+        try:
+            source = inspect.getsource(sys.modules[module_name])
+        except (KeyError, OSError, TypeError):
+            source = ""
+        passed = frozenset(name for name in _REFUSED_ARGUMENTS if f"{name}=" in source)
+        _SOURCE_FACTS[module_name] = ("ALL_ATTENTION_FUNCTIONS" in source, passed)
+    return _SOURCE_FACTS[module_name]
 
 
 def _module_uses_registry(module_name: str) -> bool:
-    """Whether a Python module's source calls transformers' attention registry (cached per module)."""
-    if module_name not in _SOURCE_USES_REGISTRY:
-        try:
-            source = inspect.getsource(sys.modules[module_name])
-        except (KeyError, OSError, TypeError):
-            source = ""
-        _SOURCE_USES_REGISTRY[module_name] = "ALL_ATTENTION_FUNCTIONS" in source
-    return _SOURCE_USES_REGISTRY[module_name]
-
-
-_SOURCE_PASSES: dict[str, frozenset] = {}
-
-
-def _arguments_passed_in(module_name: str) -> frozenset:
-    """The names of ``_REFUSED_ARGUMENTS`` a Python module's source passes as keywords (cached per module)."""
-    if module_name not in _SOURCE_PASSES:
-        try:
-            source = inspect.getsource(sys.modules[module_name])
-        except (KeyError, OSError, TypeError):
-            source = ""
-        _SOURCE_PASSES[module_name] = frozenset(name for name in _REFUSED_ARGUMENTS if f"{name}=" in source)
-    return _SOURCE_PASSES[module_name]
+    """Whether a Python module's source calls transformers' attention registry."""
+    return _source_facts(module_name)[0]
 
 
 def _refused_arguments(cls: type, config) -> list[str]:
     """What a registry model of class ``cls`` would hand our attention function and it refuses: T5's
     ``position_bias``, gpt-oss's ``s_aux``, and ``softcap`` where the config sets a softcapping (Gemma 2)."""
-    passed = _arguments_passed_in(cls.__module__)
+    passed = _source_facts(cls.__module__)[1]
     refused = [name for name in ("position_bias", "s_aux") if name in passed]
     if "softcap" in passed and getattr(config, "attn_logit_softcapping", None) is not None:
         refused.append("softcap")
