@@ -69,7 +69,6 @@ Layout is ``[batch, heads, seq, head_dim]``. Backends, one function each, declar
 ``auto`` walks a fixed order per device (``AUTO_ORDER``) and runs the first one that can take the call.
 """
 
-import abc
 import hashlib
 import inspect
 import logging
@@ -3776,56 +3775,22 @@ def _takes_batch_statistics(module: torch.nn.Module) -> bool:
     """Whether ``module`` scales what it computes by statistics of the whole tensor it is given (padded rows
     included in stock): ``_BATCH_STATISTICS_MODULES``, and the quantization libraries' modules that quantize
     their input activations: optimum-quanto's (``activation_qtype`` set; calibrated from the activations),
-    torchao's QAT linears (``activation_fake_quantizer``) and its weights that quantize the input at each call
+    torchao's QAT linears (``activation_fake_quantizer``), its weights that quantize the input at each call
     (``act_quant_kwargs``, ``input_quant_func``) and float8 training linears (``Float8Linear``: an amax over the
     input), and bitsandbytes' LLM.int8 (outlier columns chosen over all tokens: a ``threshold`` above 0). Some of
     them scale per token, which would allow parts of the input; the libraries do not say so alike, so every such
-    module counts.
-
-    This runs for every module at every padded forward, and ``getattr``'s miss costs ``nn.Module.__getattr__``'s
-    exception: so the module's own attributes are looked up where it keeps them, and its class's facts once per
-    class (``_kind_of_module``)."""
-    takes_statistics, may_give_quantizer = _kind_of_module(type(module), abc.get_cache_token())
-    if takes_statistics:
+    module counts."""
+    if isinstance(module, _BATCH_STATISTICS_MODULES):
         return True
-    if may_give_quantizer or _keeps_any(module, _ACTIVATION_QUANTIZERS):
-        if any(getattr(module, name, None) is not None for name in _ACTIVATION_QUANTIZERS):
-            return True
+    if any(getattr(module, name, None) is not None for name in ("activation_qtype", "activation_fake_quantizer")):
+        return True
     weight = module._parameters["weight"] if "weight" in module._parameters else None  # a ScriptModule's has no get
-    plain = type(weight) in (torch.nn.Parameter, torch.Tensor) and weight.__dict__.keys().isdisjoint(
-        _INPUT_QUANTIZING_WEIGHTS
-    )
-    if weight is not None and not plain:
-        if any(getattr(weight, name, None) is not None for name in _INPUT_QUANTIZING_WEIGHTS):
-            return True
-    return type(module).__name__ == "Linear8bitLt" and getattr(getattr(module, "state", None), "threshold", 0) > 0
-
-
-_ACTIVATION_QUANTIZERS = frozenset(("activation_qtype", "activation_fake_quantizer"))
-_INPUT_QUANTIZING_WEIGHTS = frozenset(("act_quant_kwargs", "input_quant_func"))
-
-
-@lru_cache(maxsize=1024)
-def _kind_of_module(kind: type, abc_token) -> tuple:
-    """For a module class: whether it is one of ``_BATCH_STATISTICS_MODULES``, and whether it may give an attribute
-    in ``_ACTIVATION_QUANTIZERS`` (as its own, or through a ``__getattr__`` / ``__getattribute__`` of its own).
-    Keyed by ``abc.get_cache_token()`` too, which changes when a class is registered with an ABC (torch.ao's
-    observer bases are ABCs); a class attribute added after the class was first seen here is not seen."""
-    custom_lookup = (
-        kind.__getattr__ is not torch.nn.Module.__getattr__ or kind.__getattribute__ is not object.__getattribute__
-    )
-    float8_training = kind.__name__ == "Float8Linear" and kind.__module__.startswith("torchao.")
-    return issubclass(kind, _BATCH_STATISTICS_MODULES) or float8_training, custom_lookup or any(
-        hasattr(kind, name) for name in _ACTIVATION_QUANTIZERS
-    )
-
-
-def _keeps_any(module: torch.nn.Module, names: frozenset) -> bool:
-    """Whether ``module`` holds an attribute in ``names`` of its own (wherever ``nn.Module`` puts one)."""
-    return not (
-        module.__dict__.keys().isdisjoint(names) and module._modules.keys().isdisjoint(names)
-        and module._parameters.keys().isdisjoint(names) and module._buffers.keys().isdisjoint(names)
-    )
+    if any(getattr(weight, name, None) is not None for name in ("act_quant_kwargs", "input_quant_func")):
+        return True
+    kind = type(module)
+    if kind.__name__ == "Float8Linear" and kind.__module__.startswith("torchao."):
+        return True
+    return kind.__name__ == "Linear8bitLt" and getattr(getattr(module, "state", None), "threshold", 0) > 0
 
 
 def _must_be_called_once(*modules: torch.nn.Module) -> bool:

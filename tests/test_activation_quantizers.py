@@ -236,8 +236,8 @@ KEPT_QUANTIZERS = {
 
 @pytest.mark.parametrize("kept", list(KEPT_QUANTIZERS))
 def test_an_activation_quantizer_is_found_wherever_the_module_keeps_it(kept):
-    """The check reads a module's attributes where ``nn.Module`` keeps them (and its class's once per class), to
-    skip ``nn.Module.__getattr__``'s exception: each place counts, and None counts nowhere."""
+    """Each place a module or its weight may keep a quantizer counts (its instance, a submodule, its class, a
+    property, a ``__getattr__`` or ``__getattribute__`` of its own), and None counts nowhere."""
     make, expected = KEPT_QUANTIZERS[kept]
     module = make()
     assert kernel_layer._takes_batch_statistics(module) is expected
@@ -245,8 +245,8 @@ def test_an_activation_quantizer_is_found_wherever_the_module_keeps_it(kept):
 
 
 def test_a_class_registered_as_a_quantizer_after_it_was_checked_counts():
-    """The checks of a module's class are kept per class; registering a class with torch.ao's abstract bases
-    (``register``) changes ``isinstance`` afterwards, and so the kept answer."""
+    """Registering a class with torch.ao's abstract bases (``register``) after a module of it was checked makes
+    it count from then on, as ``isinstance`` says."""
 
     class LateQuantizer(torch.nn.Identity):
         pass
