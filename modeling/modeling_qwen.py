@@ -6918,6 +6918,11 @@ def _check_supported(config: QWenConfig) -> None:
             f"use_logn_attn=True scales queries by log(position) / log(seq_length): seq_length={_seq_length(config)} "
             "gives no such scale (the original divides by zero); set seq_length to the training length"
         )
+    if not 0 <= config.rotary_pct <= 1:
+        raise ValueError(
+            f"rotary_pct={config.rotary_pct} is not a fraction of the head's kv_channels: the rotated channels are "
+            "the first kv_channels * rotary_pct of each head; give a value from 0 to 1"
+        )
     if int(config.kv_channels * config.rotary_pct) == 2:
         raise ValueError(
             f"kv_channels * rotary_pct = {config.kv_channels} * {config.rotary_pct} gives 2 rotary channels, which "

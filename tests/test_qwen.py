@@ -847,6 +847,13 @@ def test_two_rotary_channels_raise_a_clear_error(tmp_path):
         random_model(rotary_pct=0.25)
 
 
+@pytest.mark.parametrize("rotary_pct", [1.5, -0.5])
+def test_a_rotary_fraction_outside_zero_to_one_raises_a_clear_error(rotary_pct):
+    """Above 1 both the original and ours failed with a shape mismatch deep in the rotation."""
+    with pytest.raises(ValueError, match=rf"rotary_pct={rotary_pct} is not a fraction of the head's kv_channels"):
+        random_model(rotary_pct=rotary_pct)
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------
