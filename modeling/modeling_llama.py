@@ -4003,6 +4003,7 @@ _IMPLEMENTATION_TO_BACKEND = {
     "eager": "eager",
     "flash_attention_2": "flash_attn",
     "flash_attention_3": "flash_attn",
+    "flash_attention_4": "flash_attn",
     "flex_attention": "flex",
     "mea": "auto",
 }
@@ -4021,10 +4022,17 @@ def _backend_from_implementation(implementation) -> str:
         return _IMPLEMENTATION_TO_BACKEND[implementation]
     if isinstance(implementation, str) and implementation.startswith("mea_"):
         return _named_backend(implementation[len("mea_") :], "attn_implementation")
-    if isinstance(implementation, str) and implementation.startswith("paged|"):
+    if isinstance(implementation, str) and "paged" in implementation:
         raise ValueError(f"attn_implementation={implementation!r}: {CONTINUOUS_BATCHING_REFUSAL}")
-    _log_once(f"attn_implementation={implementation!r} has no kernel-layer equivalent; using auto")
-    return "auto"
+    if isinstance(implementation, str) and "/" in implementation:
+        _log_once(f"attn_implementation={implementation!r} (a Hub kernel) has no kernel-layer equivalent; using auto")
+        return "auto"
+    raise ValueError(
+        f"attn_implementation={implementation!r} is not a name these modeling files can run: they compute "
+        "attention in their own kernel layer and call no function registered with transformers' "
+        f"AttentionInterface. Name one of {', '.join(repr(name) for name in _IMPLEMENTATION_TO_BACKEND if name)} "
+        f"or 'mea_<backend>' ({', '.join(BACKENDS)}), or load the stock class to run your own attention function"
+    )
 
 
 def _backend_from_environment() -> Optional[str]:

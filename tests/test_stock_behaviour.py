@@ -462,6 +462,30 @@ def test_continuous_batching_is_refused_before_it_starts(family, tmp_path):
         ours(**inputs)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
+def test_an_attention_function_registered_by_the_user_is_refused_by_name(family, tmp_path):
+    """Stock LLaMA, GPT-2 and BART call a function registered with ``AttentionInterface`` under the name given as
+    ``attn_implementation``; ours cannot (attention runs in the kernel layer) and ran ``auto`` instead, logged."""
+    calls = []
+
+    def recorded_attention(module, query, key, value, attention_mask, **kwargs):
+        calls.append(module)
+        return transformers.integrations.sdpa_attention.sdpa_attention_forward(
+            module, query, key, value, attention_mask, **kwargs
+        )
+
+    transformers.AttentionInterface.register("recorded_attention", recorded_attention)
+    stock, _ = stock_and_ours(family, GENERATIVE_CLASSES[family], tmp_path, stock_attn="recorded_attention")
+    inputs = token_inputs(family)
+    with torch.no_grad():
+        stock(**inputs)
+    assert bool(calls) == (family != "bloom")  # stock BLOOM computes its attention itself
+    ours = AutoModel.from_pretrained(tmp_path / f"{family}-{GENERATIVE_CLASSES[family]}", trust_remote_code=True,
+                                     attn_implementation="recorded_attention")
+    with torch.no_grad(), pytest.raises(ValueError, match="'recorded_attention' is not a name these modeling files"):
+        ours(**inputs)
+
+
 # ----------------------------------------------------------------------------------------------
 # Every RoPE type transformers knows (item 7)
 # ----------------------------------------------------------------------------------------------
