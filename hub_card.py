@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -25,18 +25,29 @@ BACKENDS: dict[str, str] = {
     "flash_attn": "the flash-attn package, when installed",
     "xformers": "xformers memory-efficient attention, when installed and working",
     "chunked": "pure PyTorch, O(n) memory, runs anywhere",
-    "eager": "the reference math path (GPT-2: light softmax, fused dropout-matmul)",
+    "eager": "the reference math path (GPT-2: `use_lightsoftmax` / `use_dropmatmul` in the config for Light Attention)",
 }
+# Backends whose kernels take no ALiBi slopes: BLOOM's attention cannot run on them.
+BACKENDS_WITHOUT_ALIBI = ("sdpa", "xformers")
+ALIBI_FAMILIES = ("bloom",)
 
 
-def backends_markdown(default: str | None) -> str:
-    rows = [f"| `{name}` | {text} |" for name, text in BACKENDS.items()]
+def backends_markdown(default: str | None, families: Iterable[str]) -> str:
+    """The card's backend table; what a user can pick depends on whether config.json names a default."""
+    alibi = any(family in ALIBI_FAMILIES for family in families)
+    no_alibi = " (not BLOOM: it takes no ALiBi slopes)" if alibi else ""
+    rows = [f"| `{name}` | {text}{no_alibi * (name in BACKENDS_WITHOUT_ALIBI)} |" for name, text in BACKENDS.items()]
+    if default in (None, "auto"):
+        choose = (" Pick one with `from_pretrained(..., attn_backend=\"chunked\")`, transformers' `attn_implementation`"
+                  " (\"eager\", \"flash_attention_2\", \"flex_attention\" or \"mea_<backend>\") or the `USE_FLASH_ATTN`"
+                  " environment variable (`true`, `false` or a backend name).")
+    else:
+        choose = (" Pick another with `from_pretrained(..., attn_backend=...)`; while `attn_backend` names one,"
+                  " transformers' `attn_implementation` and the `USE_FLASH_ATTN` environment variable are not read.")
     return "\n".join(
         [
             f"Attention runs through one kernel layer; this repo's default is `attn_backend = \"{default or 'auto'}\"`"
-            " (config.json). Pick another with `from_pretrained(..., attn_backend=\"chunked\")`, transformers'"
-            " `attn_implementation` (\"eager\", \"sdpa\", \"flash_attention_2\", \"flex_attention\") or the"
-            " `USE_FLASH_ATTN` environment variable (`true`, `false` or a backend name).",
+            f" (config.json).{choose}",
             "",
             "| backend | what it is |",
             "|---|---|",
@@ -78,7 +89,7 @@ def model_card_body(cfg: RepoConfig, source: Source, license_: str) -> str:
 The weights, tokenizer and config of {origin}, with modeling code from
 [memory-efficient-adapter]({PROJECT_URL}): its attention goes through fused, memory-efficient kernels
 (no materialized sequence-by-sequence masks or ALiBi biases). Outputs match the original modeling code
-up to floating-point rounding.
+up to floating-point rounding, except where the project's README says otherwise.
 Classes: {classes}.
 
 ## Usage
@@ -95,7 +106,7 @@ outputs = model(**inputs)
 
 ## Attention backends
 
-{backends_markdown(cfg.backend)}
+{backends_markdown(cfg.backend, [cfg.family])}
 
 ## License
 
@@ -151,10 +162,11 @@ config.auto_map = {{"{entry.auto_class}": "{cfg.target}--{module}.{entry.class_n
 model = {entry.auto_class}.from_pretrained("<original repo>", config=config, trust_remote_code=True)
 ```
 
-`hub_upload.py --reference` in the project writes such a config.json for a given checkpoint. Or copy a
-`modeling_<family>.py` next to a checkpoint and set `auto_map` to `"<module>.<Class>"`.
+`hub_upload.py --reference` in the project writes such a config.json for a given checkpoint (for Qwen-7B, whose
+config is custom code that `AutoConfig` would run from the original repo, use that: its `auto_map` takes `AutoConfig`
+from this repo too). Or copy a `modeling_<family>.py` next to a checkpoint and set `auto_map` to `"<module>.<Class>"`.
 
 ## Attention backends
 
-{backends_markdown(None)}
+{backends_markdown(None, cfg.families)}
 """

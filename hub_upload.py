@@ -45,24 +45,14 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
 
-from hub_card import BACKENDS, file_sha256, model_card
+from hub_card import ALIBI_FAMILIES, BACKENDS, BACKENDS_WITHOUT_ALIBI, CODE_LICENSE, file_sha256, model_card
 from hub_verify import VerifyError, verify_code, verify_model_folder
-from memory_efficient_adapter.families import (
-    FAMILIES,
-    ModelingFilesError,
-    auto_map,
-    copy_modeling_files,
-    family_files,
-)
+from memory_efficient_adapter.families import FAMILIES, ModelingFilesError, auto_map, copy_modeling_files, family_files
 
 logger = logging.getLogger("hub_upload")
 
 ALL_FAMILIES = "all"  # `family: all` in a code config publishes every family's files
 
-
-# Backends that cannot take a family's attention at all (BLOOM: ALiBi slopes; see the kernel layer's _cannot_*).
-BACKENDS_WITHOUT_ALIBI = ("sdpa", "xformers")
-ALIBI_FAMILIES = ("bloom",)
 PINNED_REVISION = re.compile(r"[0-9a-f]{40}")
 
 WEIGHT_INDEXES = {"safetensors": "model.safetensors.index.json", "bin": "pytorch_model.bin.index.json"}
@@ -169,8 +159,8 @@ def parse_config(raw: Any, name: str = "<config>") -> RepoConfig:
         raise fail(f"`source` must be a string (a Hub repo id or a folder), not {source!r}")
     if publish == "model" and not source:
         raise fail("a `model` repo needs a `source` (Hub repo id or local folder)")
-    if publish == "code" and options.get("backend"):
-        raise fail("a `code` repo takes no `backend`")
+    if publish == "code" and (options.get("backend") or options.get("license")):
+        raise fail(f"a `code` repo takes no `backend` or `license`: it holds only our files ({CODE_LICENSE})")
     if publish == "code" and (source or raw.get("source_revision")):
         raise fail("a `code` repo takes no `source`: it holds only our files")
     backend = options.get("backend")
@@ -662,6 +652,14 @@ def write_reference_config(source: str, family: str, code_repo: str, out_dir: st
 
 
 # --------------------------------------------------------------------------------------------------- CLI
+_REFERENCE_FLAGS = ("family", "code_repo", "source_revision", "backend")
+_PUSH_FLAGS = ("private", "revision", "allow_unpinned", "create_pr")
+
+
+def flags_given(args: argparse.Namespace, names: tuple) -> str:
+    return ", ".join(f"--{name.replace('_', '-')}" for name in names if getattr(args, name))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="*", type=Path, help="configs/*.yaml files")
@@ -688,12 +686,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error("--reference needs --family, --code-repo and --local-dir (no configs, --dry-run, --verify)")
     elif not args.configs:
         parser.error("give at least one config file (or --reference)")
+    if not args.reference and flags_given(args, _REFERENCE_FLAGS):
+        parser.error(f"reference-mode flags without --reference: {flags_given(args, _REFERENCE_FLAGS)} (a config "
+                     "file names its own source_revision and options.backend)")
+    if args.local_dir and flags_given(args, _PUSH_FLAGS):
+        parser.error(f"push-only flags with --local-dir, which pushes nothing: {flags_given(args, _PUSH_FLAGS)}")
+    if args.create_pr and args.dry_run:
+        parser.error("--create-pr is for pushes: drop --dry-run")
     if args.target and len(args.configs) != 1:
         parser.error("--target needs exactly one config")
     if args.dry_run and (args.local_dir or args.verify):
         parser.error("--dry-run writes nothing: drop --local-dir / --verify")
-    if args.create_pr and (args.dry_run or args.local_dir):
-        parser.error("--create-pr is for pushes: drop --dry-run / --local-dir")
     return args
 
 

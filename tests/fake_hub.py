@@ -173,7 +173,10 @@ class FakeHub:
         r = self._repo(repo, req.authorized)
         if branch in r.refs:
             return 409, {"error": f"Branch {branch} already exists"}
-        r.refs[branch] = r.refs["main"]
+        start = r.resolve(req.json().get("startingPoint") or "main")  # a branch name or a commit id, as the Hub takes
+        if start is None:
+            raise HubError(404, "RevisionNotFound", f"no revision {req.json()['startingPoint']} to branch from")
+        r.refs[branch] = start.oid
         return 200, {}
 
     def delete_branch(self, req: "Request", repo: str, branch: str) -> tuple[int, dict]:

@@ -7,6 +7,7 @@ import ast
 import json
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from remote_code import assert_close_rel
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import hub_card  # noqa: E402
 import hub_upload  # noqa: E402
 
 FP32_TOL = 1e-5
@@ -184,6 +186,40 @@ def test_card_backends_are_the_kernel_layers():
     from memory_efficient_adapter import BACKENDS
 
     assert set(hub_upload.BACKENDS) == {"auto", *BACKENDS}
+
+
+@pytest.mark.parametrize("default", [None, "auto", "chunked"])
+def test_the_card_says_how_to_pick_a_backend_as_the_kernel_layer_decides(default):
+    """With a default in config.json, transformers' attn_implementation and USE_FLASH_ATTN are not read: the card
+    offered them as ways to pick another backend."""
+    from memory_efficient_adapter import backend_from_config
+
+    config = types.SimpleNamespace(attn_backend=default, _attn_implementation="eager")
+    text = hub_card.backends_markdown(default, ["bloom"])
+    offers_attn_implementation = "`attn_implementation` (" in text
+    assert offers_attn_implementation == (backend_from_config(config) == "eager")
+    assert '"sdpa"' not in text.split("|")[0]  # names nothing
+    assert "| `sdpa` | " in text and "(not BLOOM: it takes no ALiBi slopes)" in text
+    assert "(not BLOOM" not in hub_card.backends_markdown(default, ["llama"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--source-revision", "0" * 40, "--backend", "eager"],
+         "reference-mode flags without --reference: --source-revision, --backend"),
+        (["--family", "gpt2"], "reference-mode flags without --reference: --family"),
+        (["--private", "--revision", "dev"], "which pushes nothing: --private, --revision"),
+        (["--allow-unpinned"], "push-only flags with --local-dir, which pushes nothing: --allow-unpinned"),
+    ],
+)
+def test_flags_a_mode_does_not_read_are_refused(extra, message, tmp_path, capsys):
+    """They were accepted and ignored: --source-revision built the folder from the source's current files."""
+    argv = [*write_gpt2_configs(tmp_path, "org/g"), "--local-dir", str(tmp_path / "out"), *extra]
+    with pytest.raises(SystemExit) as exit_:
+        hub_upload.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------------- local folders
@@ -350,6 +386,7 @@ def test_shipped_configs():
         ({"family": "all", "source": "a/b", "target": "o/t"}, "family"),
         ({"family": "all", "publish": "code", "target": "o/t", "options": {"backend": "sdpa"}}, "no `backend`"),
         ({"family": "all", "publish": "code", "source": "Qwen/Qwen-7B", "target": "o/t"}, "no `source`"),
+        ({"family": "all", "publish": "code", "target": "o/t", "options": {"license": "mit"}}, "or `license`"),
         ({"family": "bloom", "source": "a/b", "target": "no-org"}, "target"),
         ({"family": "bloom", "source": "a/b", "target": "o/t", "options": {"private": "yes"}}, "private"),
         ({"family": "bloom", "source": "a/b", "target": "o/t", "options": {"license": 5}}, "`options.license`"),
