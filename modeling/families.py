@@ -11,6 +11,7 @@ the package installed (scripts/benchmark.py) can load this file from its path.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 import shutil
@@ -102,8 +103,14 @@ class ModelingFilesError(ValueError):
 
 def defined_classes(path: Path) -> set[str]:
     """Names of the classes defined at the top level of a Python file (parsed, not imported)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    return {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    return set(_top_level_classes(path.read_text(encoding="utf-8"), str(path)))
+
+
+@functools.lru_cache(maxsize=16)
+def _top_level_classes(text: str, filename: str) -> frozenset[str]:
+    """Parsing a 7,000-line modeling file takes about 0.1 s, at every folder written: once per text instead."""
+    tree = ast.parse(text, filename=filename)
+    return frozenset(node.name for node in tree.body if isinstance(node, ast.ClassDef))
 
 
 def relative_imports(path: Path) -> set[str]:

@@ -1,10 +1,12 @@
 """Shared pytest set-up: offline Hub, a private module cache, the `gpu` marker, and no demoted backend left behind."""
 
 import atexit
+import hashlib
 import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 
 def _private_folder(prefix: str) -> str:
@@ -42,6 +44,27 @@ def _one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _import_scan_once_per_file_content():
+    """transformers parses a remote-code file's whole syntax tree at every load to list its imports (about 0.4 s
+    for one of our 7,000-line files, over a second per test that loads three models). The list depends only on the
+    file's text: each text is scanned once per session, with transformers' own function."""
+    from transformers import dynamic_module_utils
+
+    scan = dynamic_module_utils.get_imports
+    scanned: dict[str, list] = {}
+
+    def get_imports(filename) -> list:
+        digest = hashlib.sha256(Path(filename).read_bytes()).hexdigest()
+        if digest not in scanned:
+            scanned[digest] = scan(filename)
+        return list(scanned[digest])
+
+    dynamic_module_utils.get_imports = get_imports
+    yield
+    dynamic_module_utils.get_imports = scan
 
 
 @pytest.fixture(autouse=True)
