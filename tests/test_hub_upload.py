@@ -203,25 +203,6 @@ def test_the_card_says_how_to_pick_a_backend_as_the_kernel_layer_decides(default
     assert "(not BLOOM" not in hub_card.backends_markdown(default, ["llama"])
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--source-revision", "0" * 40, "--backend", "eager"],
-         "reference-mode flags without --reference: --source-revision, --backend"),
-        (["--family", "gpt2"], "reference-mode flags without --reference: --family"),
-        (["--private", "--revision", "dev"], "which pushes nothing: --private, --revision"),
-        (["--allow-unpinned"], "push-only flags with --local-dir, which pushes nothing: --allow-unpinned"),
-    ],
-)
-def test_flags_a_mode_does_not_read_are_refused(extra, message, tmp_path, capsys):
-    """They were accepted and ignored: --source-revision built the folder from the source's current files."""
-    argv = [*write_gpt2_configs(tmp_path, "org/g"), "--local-dir", str(tmp_path / "out"), *extra]
-    with pytest.raises(SystemExit) as exit_:
-        hub_upload.main(argv)
-    assert exit_.value.code == 2 and message in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
 # --------------------------------------------------------------------------------------- local folders
 @pytest.mark.parametrize("family", list(SOURCES))
 def test_local_dir_loads_as_our_code_and_matches_the_source(family, tmp_path, monkeypatch):
