@@ -67,7 +67,7 @@ def model_card(cfg: RepoConfig, source: Source | None, fields: dict,
         body = code_card_body(cfg, files)
     else:
         data = ModelCardData(
-            base_model=source.spec if source.is_hub else None,
+            base_model=hub_origin(source)[0],
             library_name="transformers",
             tags=["memory-efficient-adapter", "custom_code", FAMILIES[cfg.family].model_type],
             **fields,
@@ -76,11 +76,24 @@ def model_card(cfg: RepoConfig, source: Source | None, fields: dict,
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
+def hub_origin(source: Source) -> tuple[str | None, str | None]:
+    """The Hub repo id and commit a source comes from: a Hub source's, or a Hugging Face cache snapshot's
+    (``models--<org>--<name>/snapshots/<commit>``, the folder `hf download` prints); (None, None) otherwise."""
+    if source.is_hub:
+        return source.spec, source.commit()
+    snapshot = source.local.resolve()
+    repo_folder = snapshot.parent.parent.name
+    if snapshot.parent.name == "snapshots" and repo_folder.startswith("models--"):
+        return repo_folder[len("models--"):].replace("--", "/"), snapshot.name
+    return None, None
+
+
 def model_card_body(cfg: RepoConfig, source: Source, license_: str) -> str:
     entry = main_entry(cfg.family)
+    repo, commit = hub_origin(source)
     origin = (
-        f"[`{source.spec}`](https://huggingface.co/{source.spec}) at commit `{source.commit()}`"
-        if source.is_hub
+        f"[`{repo}`](https://huggingface.co/{repo}) at commit `{commit}`"
+        if repo
         else f"a local checkpoint (`{Path(source.spec).name}`)"
     )
     classes = ", ".join(f"`{e.class_name}` ({e.auto_class})" for e in available_entries(cfg.family))

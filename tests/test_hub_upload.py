@@ -589,6 +589,21 @@ def test_the_card_lists_the_sources_python_files_with_their_sha256(tmp_path):
     assert f"| `tokenization_tiny.py` | `{hashlib.sha256(code).hexdigest()}` |" in card
 
 
+@pytest.mark.parametrize("folder, repo", [("models--org--tiny-gpt2/snapshots/" + "a1" * 20, "org/tiny-gpt2"),
+                                          ("source", None)])
+def test_the_card_names_the_hub_repo_of_a_cache_snapshot_source(folder, repo, tmp_path):
+    """A Hugging Face cache snapshot (what `hf download` prints) was named by its commit folder, with no base_model."""
+    require_family("gpt2")
+    make_source("gpt2", tmp_path / folder)
+    config = write_config(tmp_path / "c.yaml", family="gpt2", source=str(tmp_path / folder), target="org/g")
+    assert hub_upload.main([str(config), "--local-dir", str(tmp_path / "out")]) == 0
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.base_model == repo
+    named = f"[`{repo}`](https://huggingface.co/{repo}) at commit `{Path(folder).name}`"
+    assert (named in card.text) == (repo is not None)
+    assert (f"a local checkpoint (`{Path(folder).name}`)" in card.text) == (repo is None)
+
+
 def test_local_dir_verify_runs_the_folders_code_in_a_child_without_the_token(tmp_path, monkeypatch, caplog):
     require_family("gpt2")
     make_source("gpt2", tmp_path / "source")
