@@ -38,16 +38,16 @@ def backends_markdown(default: str | None, families: Iterable[str]) -> str:
     no_alibi = " (not BLOOM: it takes no ALiBi slopes)" if alibi else ""
     rows = [f"| `{name}` | {text}{no_alibi * (name in BACKENDS_WITHOUT_ALIBI)} |" for name, text in BACKENDS.items()]
     if default in (None, "auto"):
-        choose = (" Pick one with `from_pretrained(..., attn_backend=\"chunked\")`, transformers' `attn_implementation`"
-                  " (\"eager\", \"flash_attention_2\", \"flex_attention\" or \"mea_<backend>\") or the `USE_FLASH_ATTN`"
-                  " environment variable (`true`, `false` or a backend name).")
+        choose = ("The default is `auto`. Pick a backend with `from_pretrained(..., attn_backend=\"chunked\")`,"
+                  " transformers' `attn_implementation` (\"eager\", \"flash_attention_2\", \"flex_attention\") or the"
+                  " `USE_FLASH_ATTN` environment variable (`true`, `false` or a backend name).")
     else:
-        choose = (" Pick another with `from_pretrained(..., attn_backend=...)`; while `attn_backend` names one,"
-                  " transformers' `attn_implementation` and the `USE_FLASH_ATTN` environment variable are not read.")
+        choose = (f"This repo's default is `attn_backend = \"{default}\"` (config.json). Pick another with"
+                  " `from_pretrained(..., attn_backend=...)`; while `attn_backend` names one, transformers'"
+                  " `attn_implementation` and the `USE_FLASH_ATTN` environment variable are not read.")
     return "\n".join(
         [
-            f"Attention runs through one kernel layer; this repo's default is `attn_backend = \"{default or 'auto'}\"`"
-            f" (config.json).{choose}",
+            f"Attention runs through one kernel layer. {choose}",
             "",
             "| backend | what it is |",
             "|---|---|",

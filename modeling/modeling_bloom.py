@@ -4018,7 +4018,6 @@ _IMPLEMENTATION_TO_BACKEND = {
     "eager": "eager",
     "flash_attention_2": "flash_attn",
     "flash_attention_3": "flash_attn",
-    "flash_attention_4": "flash_attn",
     "flex_attention": "flex",
     "mea": "auto",
 }
@@ -4032,22 +4031,39 @@ def _named_backend(name, source: str) -> str:
     return name
 
 
+# transformers 4.57's names of its continuous-batching attention (5.x: "paged|<name>").
+_PAGED_IMPLEMENTATIONS = ("paged_attention", "sdpa_paged", "eager_paged")
+
+
 def _backend_from_implementation(implementation) -> str:
     if implementation in _IMPLEMENTATION_TO_BACKEND:
         return _IMPLEMENTATION_TO_BACKEND[implementation]
     if isinstance(implementation, str) and implementation.startswith("mea_"):
         return _named_backend(implementation[len("mea_") :], "attn_implementation")
-    if isinstance(implementation, str) and "paged" in implementation:
+    paged = isinstance(implementation, str) and implementation.startswith("paged|")
+    if paged or implementation in _PAGED_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation={implementation!r}: {CONTINUOUS_BATCHING_REFUSAL}")
-    if isinstance(implementation, str) and "/" in implementation:
-        _log_once(f"attn_implementation={implementation!r} (a Hub kernel) has no kernel-layer equivalent; using auto")
-        return "auto"
-    raise ValueError(
-        f"attn_implementation={implementation!r} is not a name these modeling files can run: they compute "
-        "attention in their own kernel layer and call no function registered with transformers' "
-        f"AttentionInterface. Name one of {', '.join(repr(name) for name in _IMPLEMENTATION_TO_BACKEND if name)} "
-        f"or 'mea_<backend>' ({', '.join(BACKENDS)}), or load the stock class to run your own attention function"
-    )
+    function = _registered_attention_of_others(implementation)
+    if function is not None:
+        raise ValueError(
+            f"attn_implementation={implementation!r} names {getattr(function, '__qualname__', function)!r} "
+            f"(from {function.__module__}), registered with transformers' AttentionInterface: these modeling files "
+            "compute attention in their own kernel layer and cannot call it. Load the stock class to run it, or name "
+            f"one of {', '.join(repr(name) for name in _IMPLEMENTATION_TO_BACKEND if name)}"
+        )
+    _log_once(f"attn_implementation={implementation!r} has no kernel-layer equivalent; using auto")
+    return "auto"
+
+
+def _registered_attention_of_others(implementation):
+    """The function transformers' attention registry holds under ``implementation`` when someone other than
+    transformers registered it (a user's or an engine's attention, which ``auto`` would not compute), else None.
+    transformers' own entries (kernels, export variants of sdpa) compute the usual attention, which ``auto`` does."""
+    registry = getattr(sys.modules.get("transformers.modeling_utils"), "ALL_ATTENTION_FUNCTIONS", None)
+    function = registry.get(implementation) if registry is not None and isinstance(implementation, str) else None
+    if function is None or str(getattr(function, "__module__", "")).split(".")[0] == "transformers":
+        return None
+    return function
 
 
 def _backend_from_environment() -> Optional[str]:

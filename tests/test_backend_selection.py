@@ -296,8 +296,10 @@ class FakeConfig:
         ("sdpa", None, None, "auto", "auto"),  # transformers' default names nothing
         ("eager", None, None, "auto", "eager"),
         ("flash_attention_2", None, None, "auto", "flash_attn"),
-        ("flash_attention_4", None, None, "auto", "flash_attn"),
-        ("kernels-community/flash-attn2", None, None, "auto", "auto"),  # a Hub kernel: the same attention, logged
+        # transformers' other names (Hub kernels, export variants, flash_attention_4) compute the usual math: auto
+        ("flash_attention_4", None, None, "auto", "auto"),
+        ("kernels-community/flash-attn2", None, None, "auto", "auto"),
+        ("sdpa_without_vmap", None, None, "auto", "auto"),
         ("flex_attention", None, None, "auto", "flex"),
         ("mea_chunked", None, None, "auto", "chunked"),
         ("mea", None, None, "auto", "auto"),
@@ -339,7 +341,6 @@ def test_backend_selection_without_a_config_applies_only_the_environment(monkeyp
         (FakeConfig(None, ""), None, "config.attn_backend=''"),  # unset is None; an empty or false value is not
         (FakeConfig(None, False), None, "config.attn_backend=False"),
         (FakeConfig("mea_fastest"), None, "attn_implementation='fastest'"),
-        (FakeConfig("my_attention"), None, "attn_implementation='my_attention' is not a name these modeling files"),
         (FakeConfig("sdpa_paged"), None, "'sdpa_paged': transformers' continuous batching"),
         (FakeConfig(), "fastest", "USE_FLASH_ATTN='fastest'"),
     ],

@@ -199,6 +199,7 @@ def test_the_card_says_how_to_pick_a_backend_as_the_kernel_layer_decides(default
     offers_attn_implementation = "`attn_implementation` (" in text
     assert offers_attn_implementation == (backend_from_config(config) == "eager")
     assert '"sdpa"' not in text.split("|")[0]  # names nothing
+    assert "mea_" not in text  # registered only where the package is imported, not by a Hub repo's files
     assert "| `sdpa` | " in text and "(not BLOOM: it takes no ALiBi slopes)" in text
     assert "(not BLOOM" not in hub_card.backends_markdown(default, ["llama"])
 

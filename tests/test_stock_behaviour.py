@@ -465,7 +465,8 @@ def test_continuous_batching_is_refused_before_it_starts(family, tmp_path):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
 def test_an_attention_function_registered_by_the_user_is_refused_by_name(family, tmp_path):
     """Stock LLaMA, GPT-2 and BART call a function registered with ``AttentionInterface`` under the name given as
-    ``attn_implementation``; ours cannot (attention runs in the kernel layer) and ran ``auto`` instead, logged."""
+    ``attn_implementation``; ours cannot (attention runs in the kernel layer) and ran ``auto`` instead, logged.
+    transformers' own registrations (4.57's ``sdpa_without_vmap`` for ExecuTorch export) still run ``auto``."""
     calls = []
 
     def recorded_attention(module, query, key, value, attention_mask, **kwargs):
@@ -482,8 +483,17 @@ def test_an_attention_function_registered_by_the_user_is_refused_by_name(family,
     assert bool(calls) == (family != "bloom")  # stock BLOOM computes its attention itself
     ours = AutoModel.from_pretrained(tmp_path / f"{family}-{GENERATIVE_CLASSES[family]}", trust_remote_code=True,
                                      attn_implementation="recorded_attention")
-    with torch.no_grad(), pytest.raises(ValueError, match="'recorded_attention' is not a name these modeling files"):
+    with torch.no_grad(), pytest.raises(ValueError, match="'recorded_attention' names '.*recorded_attention' "
+                                                          "\\(from test_stock_behaviour\\), registered with"):
         ours(**inputs)
+    transformers.AttentionInterface.register(
+        "sdpa_as_exported", transformers.integrations.sdpa_attention.sdpa_attention_forward
+    )
+    ours.config._attn_implementation = "sdpa_as_exported"  # as 4.57's ExecuTorch wrappers set it
+    with torch.no_grad():
+        exported_name = ours(**inputs).logits
+        ours.config._attn_implementation = None
+        assert torch.equal(exported_name, ours(**inputs).logits)
 
 
 # ----------------------------------------------------------------------------------------------
