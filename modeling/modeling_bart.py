@@ -4022,7 +4022,7 @@ def _backend_from_implementation(implementation) -> str:
     paged = isinstance(implementation, str) and implementation.startswith("paged|")
     if paged or implementation in _PAGED_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation={implementation!r}: {CONTINUOUS_BATCHING_REFUSAL}")
-    function = _registered_attention_of_others(implementation)
+    function = None if "/" in str(implementation) else _registered_attention_of_others(implementation)
     if function is not None:
         raise ValueError(
             f"attn_implementation={implementation!r} names {getattr(function, '__qualname__', function)!r} "
@@ -4037,9 +4037,11 @@ def _backend_from_implementation(implementation) -> str:
 def _registered_attention_of_others(implementation):
     """The function transformers' attention registry holds under ``implementation`` when someone other than
     transformers registered it (a user's or an engine's attention, which ``auto`` would not compute), else None.
-    transformers' own entries (kernels, export variants of sdpa) compute the usual attention, which ``auto`` does."""
+    transformers' own entries (export variants of sdpa, ...) compute the usual attention, which ``auto`` does;
+    Hub kernels (names with a "/") are not asked about."""
     registry = getattr(sys.modules.get("transformers.modeling_utils"), "ALL_ATTENTION_FUNCTIONS", None)
     function = registry.get(implementation) if registry is not None and isinstance(implementation, str) else None
+    function = getattr(function, "func", function)  # a functools.partial of a function
     if function is None or str(getattr(function, "__module__", "")).split(".")[0] == "transformers":
         return None
     return function

@@ -352,6 +352,30 @@ def test_backend_selection_rejects_unknown_names(monkeypatch, config, environmen
         mea.backend_from_config(config)
 
 
+def test_only_attention_registered_by_others_than_transformers_is_refused():
+    """A Hub kernel's name, or transformers' own function under another name (also as a partial), computes the usual
+    attention, which auto runs; a function a user or an engine registered cannot be called by the kernel layer."""
+    import functools
+
+    import transformers
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def users_attention(module, query, key, value, attention_mask, **kwargs):
+        return query, None
+
+    registered = {
+        "kernels-org/some-attention-kernel": users_attention,
+        "transformers_sdpa_as_partial": functools.partial(sdpa_attention_forward, dropout=0.0),
+        "users_attention": users_attention,
+    }
+    for name, function in registered.items():
+        transformers.AttentionInterface.register(name, function)
+    assert mea.backend_from_config(FakeConfig("kernels-org/some-attention-kernel")) == "auto"
+    assert mea.backend_from_config(FakeConfig("transformers_sdpa_as_partial")) == "auto"
+    with pytest.raises(ValueError, match=r"'users_attention' names '.*users_attention' \(from test_backend_selection"):
+        mea.backend_from_config(FakeConfig("users_attention"))
+
+
 def test_keep_mask_from_padding():
     assert mea.keep_mask_from_padding(torch.ones(2, 5, dtype=torch.long)) is None
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
