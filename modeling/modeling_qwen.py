@@ -58,6 +58,14 @@ try:
 except ImportError:
     from torch.nn import init as _init
 
+# Cache implementations whose caches are static (compileable): refused before generate() builds one.
+try:
+    from transformers.generation.configuration_utils import (
+        ALL_STATIC_CACHE_IMPLEMENTATIONS as _STATIC_CACHE_IMPLEMENTATIONS,
+    )
+except ImportError:
+    _STATIC_CACHE_IMPLEMENTATIONS = ("static", "offloaded_static", "sliding_window", "hybrid", "hybrid_chunked")
+
 # >>> kernel layer: copied from modeling/attention.py by scripts/sync_kernels.py; edit it there >>>
 """The kernel layer of memory-efficient-adapter: one ``attention()`` call, many fused kernels.
 
@@ -7715,6 +7723,14 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         ``generation_config.stop_words_ids``) end a sequence with EOS once it ends with one of them. Each of the
         two is read as ``generate`` reads its settings: the call's keyword, else the ``generation_config`` passed,
         else the model's own (``generate`` fills a passed config's unset values from it)."""
+        cache_implementation = self._generation_setting(
+            "cache_implementation", generation_config, kwargs.get("cache_implementation")
+        )
+        if cache_implementation in _STATIC_CACHE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"cache_implementation={cache_implementation!r} builds a static (compileable) cache, which QWen does "
+                "not support: leave it unset for the default DynamicCache"
+            )
         given_stop_words = kwargs.pop("stop_words_ids", None)
         stop_words_ids = self._generation_setting("stop_words_ids", generation_config, given_stop_words)
         eos_token_id = self._generation_setting("eos_token_id", generation_config, kwargs.get("eos_token_id"))

@@ -219,3 +219,20 @@ def test_sampling_matches_reference_sampling_with_the_same_seed(saved):
         sequences, mask = torch.cat((sequences, token), 1), torch.cat((mask, torch.ones_like(token)), 1)
         logits, past, _ = reference.forward(token, mask, past, alphas)
     assert torch.equal(generated, sequences)
+
+
+@pytest.mark.parametrize("implementation", ["static", "sliding_window"])
+def test_static_cache_implementations_are_refused_before_generate_builds_one(saved, implementation):
+    """On transformers 4.57 and 5.0 generate() built the cache and kept it on the model before our forward refused
+    it, so the next such call failed inside transformers with an AttributeError on the half-built cache."""
+    folder, _, _ = saved
+    model = load(folder)
+    ids = random_ids(1, 6)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=f"cache_implementation='{implementation}' builds a static"):
+            model.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation=implementation)
+    model.generation_config.cache_implementation = implementation
+    with pytest.raises(ValueError, match=f"cache_implementation='{implementation}' builds a static"):
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    model.generation_config.cache_implementation = None
+    assert model.generate(ids, max_new_tokens=2, do_sample=False).shape == (1, 8)
