@@ -451,6 +451,8 @@ def _mask_kind(mask: Optional[torch.Tensor], batch: int, heads: int, q_len: int,
 def _check_sequence_ids(sequence_ids: Optional[torch.Tensor], attention_mask, batch: int, k_len: int, device) -> bool:
     if sequence_ids is None:
         return False
+    if not isinstance(sequence_ids, torch.Tensor):
+        raise TypeError(f"sequence_ids must be an integer tensor [batch, k_len], got {type(sequence_ids).__name__}")
     if sequence_ids.dtype.is_floating_point or sequence_ids.dtype.is_complex or sequence_ids.dtype == torch.bool:
         raise ValueError(f"sequence_ids must be an integer tensor [batch, k_len], got dtype {sequence_ids.dtype}")
     if tuple(sequence_ids.shape) != (batch, k_len):
@@ -3109,7 +3111,7 @@ def attention(
     q, k, v = _autocast_inputs(q, k, v)
     call, name = _described_and_selected(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids, requested)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -math.inf < scale < math.inf):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+        raise ValueError(f"scale must be a finite Python float or None, got {type(scale).__name__} {scale!r}")
     scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
     options = dict(
         light_softmax=light_softmax,
@@ -3536,6 +3538,12 @@ def packed_documents(
         return documents.view(batch_size, seq_len), position_ids
     if position_ids is None or attention_mask is not None or past_key_values is not None:
         return None, position_ids
+    rows_given = position_ids.shape[0] if position_ids.dim() == 2 else 1
+    if not 1 <= position_ids.dim() <= 2 or position_ids.shape[-1] != seq_len or rows_given not in (1, batch_size):
+        raise ValueError(
+            f"position_ids must be [batch, seq], [1, seq] or [seq] for inputs of batch size {batch_size} and "
+            f"{seq_len} tokens, got shape {list(position_ids.shape)}"
+        )
     rows = position_ids.expand(batch_size, seq_len)
     starts = torch.diff(rows, dim=-1) != 1
     return F.pad(starts.cumsum(-1, dtype=torch.int32), (1, 0)), position_ids
@@ -5474,6 +5482,7 @@ class FusedLayerNorm(torch.nn.LayerNorm):
         return (
             (self.training or torch.is_grad_enabled())
             and len(self.normalized_shape) == 1
+            and x.shape[-1] == self.normalized_shape[0]  # else stock's call names the mismatch
             and self.weight is not None
             and self.bias is not None
             and x.dtype == self.weight.dtype == self.bias.dtype

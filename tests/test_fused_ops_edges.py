@@ -220,3 +220,19 @@ def test_the_loss_of_one_chunk_holds_one_float32_logits_tensor_on_the_cpu(dtype)
     chunk_logits = rows * vocab * dtype.itemsize
     allowed = float32_logits + (chunk_logits if dtype != torch.float32 else 0) + float32_logits // 4
     assert peak_allocated_bytes(step) <= allowed
+
+
+def test_a_layer_norm_input_of_another_width_gets_stocks_error_naming_the_shapes():
+    """BLOOM given inputs_embeds one wider than its hidden size failed inside the fused op with a bare size mismatch."""
+    norm = ops.FusedLayerNorm(32).train()
+    x = torch.randn(2, 7, 33, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"normalized_shape=\[32\], expected input with shape \[\*, 32\]"):
+        norm(x)
+
+
+def test_kernel_arguments_of_the_wrong_type_are_named():
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    with pytest.raises(TypeError, match="sequence_ids must be an integer tensor .*got list"):
+        ops.attention(q, k, v, causal=True, sequence_ids=[[0, 0, 1, 1, 1]])
+    with pytest.raises(ValueError, match="scale must be a finite Python float or None, got Tensor"):
+        ops.attention(q, k, v, causal=True, scale=torch.tensor(0.25))

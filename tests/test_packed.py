@@ -754,3 +754,15 @@ def test_modules_that_take_statistics_of_the_batch_keep_its_rows(family, quantiz
         stock_parameters = dict(stock.named_parameters())
         for name, parameter in ours.named_parameters():
             assert_close_rel(parameter.grad, stock_parameters[name].grad, 1e-4, f"{quantization} {name}")
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom", "qwen"])
+@pytest.mark.parametrize("shape", [(2, 8), (3, 7), (1, 2, 7)])
+def test_packed_position_ids_of_the_wrong_shape_are_refused_by_name(family, shape, tmp_path_factory):
+    """Restarting positions with no mask pack documents; a wrong shape failed in an expand without naming them."""
+    model, _ = load_ours(family, tmp_path_factory)
+    ids = torch.randint(0, 97, (2, 7))
+    positions = torch.arange(shape[-1]).remainder(4).expand(shape)
+    shown = ", ".join(map(str, shape))
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"position_ids must be .*got shape \[{shown}\]"):
+        model(input_ids=ids, position_ids=positions)

@@ -847,6 +847,14 @@ def test_two_rotary_channels_raise_a_clear_error(tmp_path):
         random_model(rotary_pct=0.25)
 
 
+@pytest.mark.parametrize("kv_channels", [7, 1])
+def test_rotary_channels_that_do_not_fit_a_head_in_pairs_raise_a_clear_error(kv_channels):
+    """The rotation takes channels in pairs: an odd kv_channels rotated whole failed at the first forward (as in the
+    original) with a shape mismatch."""
+    with pytest.raises(ValueError, match=rf"kv_channels \* rotary_pct = {kv_channels} \* 1.0 gives {kv_channels} rotary"):
+        random_model(kv_channels=kv_channels)
+
+
 @pytest.mark.parametrize("rotary_pct", [1.5, -0.5])
 def test_a_rotary_fraction_outside_zero_to_one_raises_a_clear_error(rotary_pct):
     """Above 1 both the original and ours failed with a shape mismatch deep in the rotation."""
