@@ -3118,7 +3118,9 @@ def attention(
     q, k, v = _autocast_inputs(q, k, v)
     call, name = _described_and_selected(q, k, v, causal, attention_mask, alibi_slopes, dropout_p, sequence_ids, requested)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -math.inf < scale < math.inf):
-        raise ValueError(f"scale must be a finite Python float or None, got {type(scale).__name__} {scale!r}")
+        raise ValueError(
+            f"scale must be a finite number (a Python float) or None, got {type(scale).__name__} {scale!r}"
+        )
     scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
     options = dict(
         light_softmax=light_softmax,
