@@ -686,11 +686,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error("--reference needs --family, --code-repo and --local-dir (no configs, --dry-run, --verify)")
     elif not args.configs:
         parser.error("give at least one config file (or --reference)")
-    if not args.reference and flags_given(args, _REFERENCE_FLAGS):
-        parser.error(f"reference-mode flags without --reference: {flags_given(args, _REFERENCE_FLAGS)} (a config "
-                     "file names its own source_revision and options.backend)")
-    if args.local_dir and flags_given(args, _PUSH_FLAGS):
-        parser.error(f"push-only flags with --local-dir, which pushes nothing: {flags_given(args, _PUSH_FLAGS)}")
+    reference_flags, push_flags = flags_given(args, _REFERENCE_FLAGS), flags_given(args, _PUSH_FLAGS)
+    if reference_flags and not args.reference:
+        parser.error(f"reference-mode flags without --reference: {reference_flags} (a config file names its own "
+                     "source_revision and options.backend)")
+    if push_flags and args.local_dir:
+        parser.error(f"push-only flags with --local-dir, which pushes nothing: {push_flags}")
     if args.create_pr and args.dry_run:
         parser.error("--create-pr is for pushes: drop --dry-run")
     if args.target and len(args.configs) != 1:

@@ -4032,7 +4032,7 @@ def _backend_from_implementation(implementation) -> str:
     paged = isinstance(implementation, str) and implementation.startswith("paged|")
     if paged or implementation in _PAGED_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation={implementation!r}: {CONTINUOUS_BATCHING_REFUSAL}")
-    function = None if "/" in str(implementation) else _registered_attention_of_others(implementation)
+    function = _registered_attention_of_others(implementation)
     if function is not None:
         raise ValueError(
             f"attn_implementation={implementation!r} names {getattr(function, '__qualname__', function)!r} "
@@ -4049,8 +4049,10 @@ def _registered_attention_of_others(implementation):
     transformers registered it (a user's or an engine's attention, which ``auto`` would not compute), else None.
     transformers' own entries (export variants of sdpa, ...) compute the usual attention, which ``auto`` does;
     Hub kernels (names with a "/") are not asked about."""
+    if not isinstance(implementation, str) or "/" in implementation:
+        return None
     registry = getattr(sys.modules.get("transformers.modeling_utils"), "ALL_ATTENTION_FUNCTIONS", None)
-    function = registry.get(implementation) if registry is not None and isinstance(implementation, str) else None
+    function = registry.get(implementation) if registry is not None else None
     function = getattr(function, "func", function)  # a functools.partial of a function
     if function is None or str(getattr(function, "__module__", "")).split(".")[0] == "transformers":
         return None
