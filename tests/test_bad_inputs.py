@@ -86,6 +86,8 @@ ATTENTION_CASES = {
     "scale_nan": (good(scale=float("nan")), ValueError, "scale must be a finite number"),
     "scale_inf": (good(scale=float("inf")), ValueError, "scale must be a finite number"),
     "scale_a_string": (good(scale="0.3"), ValueError, "scale must be a finite number"),
+    "scale_a_tensor": (good(scale=torch.tensor(0.25)), ValueError, r"finite number \(a Python float\) or None, got Tensor"),
+    "sequence_ids_a_list": (good(sequence_ids=[[0] * K_LEN] * BATCH), TypeError, "sequence_ids must be an integer tensor .*got list"),
     # backend and its settings
     "backend_unknown": (good(backend="fastest"), ValueError, "backend='fastest' is not auto or one of"),
     "backend_not_a_string": (good(backend=None), ValueError, "backend=None"),

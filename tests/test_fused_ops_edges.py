@@ -229,10 +229,3 @@ def test_a_layer_norm_input_of_another_width_gets_stocks_error_naming_the_shapes
     with pytest.raises(RuntimeError, match=r"normalized_shape=\[32\], expected input with shape \[\*, 32\]"):
         norm(x)
 
-
-def test_kernel_arguments_of_the_wrong_type_are_named():
-    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
-    with pytest.raises(TypeError, match="sequence_ids must be an integer tensor .*got list"):
-        ops.attention(q, k, v, causal=True, sequence_ids=[[0, 0, 1, 1, 1]])
-    with pytest.raises(ValueError, match=r"scale must be a finite number \(a Python float\) or None, got Tensor"):
-        ops.attention(q, k, v, causal=True, scale=torch.tensor(0.25))
