@@ -513,6 +513,13 @@ def _check_scalars(causal, dropout_p) -> None:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
 
 
+def _check_switches(**switches) -> None:
+    """True/False arguments: anything else (a string "false", a tensor) would be read by its truth value."""
+    for name, value in switches.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a Python bool, got {type(value).__name__} {value!r}")
+
+
 def _check_options(q, attention_mask, alibi_slopes, causal, dropout_p) -> None:
     """The caller's mistakes, caught before any backend runs (a backend never pays for them)."""
     _check_scalars(causal, dropout_p)
@@ -3121,6 +3128,7 @@ def attention(
             f"scale must be a finite number (a Python float) or None, got {type(scale).__name__} {scale!r}"
         )
     scale = 1.0 / math.sqrt(call.head_dim) if scale is None else float(scale)
+    _check_switches(light_softmax=light_softmax, dropout_matmul=dropout_matmul)
     options = dict(
         light_softmax=light_softmax,
         dropout_matmul=dropout_matmul,
@@ -3573,6 +3581,28 @@ def refuse_head_masks(keywords: dict) -> None:
             f"{', '.join(given)} is not supported: the fused attention kernels take no per-head mask (transformers "
             f"{transformers.__version__}'s stock eager attention applies it; transformers 5 ignores head masks)"
         )
+
+
+def check_token_inputs(
+    input_ids: Optional[torch.Tensor],
+    inputs_embeds: Optional[torch.Tensor],
+    prefix: str = "",
+    leading_dimensions: bool = False,
+) -> None:
+    """Exactly one of ``{prefix}input_ids`` ``[batch, seq]`` and ``{prefix}inputs_embeds`` ``[batch, seq, hidden]``.
+
+    Stock fails on other ranks deep inside (a mask or a shape unpacking; an unbatched sequence is blamed on the
+    attention mask), so the shape is named here. ``leading_dimensions``: more leading dimensions are flattened
+    into the batch (GPT-2's ``[batch, choices, seq]``)."""
+    ids_name, embeds_name = f"{prefix}input_ids", f"{prefix}inputs_embeds"
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError(f"You must specify exactly one of {ids_name} or {embeds_name}")
+    name, given, rank = (ids_name, input_ids, 2) if input_ids is not None else (embeds_name, inputs_embeds, 3)
+    if given.dim() == rank or (leading_dimensions and given.dim() > rank):
+        return
+    expected = "[batch, seq]" if rank == 2 else "[batch, seq, hidden]"
+    hint = f"; add the batch dimension ({name}[None])" if given.dim() == rank - 1 else ""
+    raise ValueError(f"{name} must be {expected}, got shape {list(given.shape)}{hint}")
 
 
 def check_cache_type(past_key_values) -> None:
@@ -7216,8 +7246,7 @@ class LlamaModel(LlamaPreTrainedModel):
         the cache (``cache_position``, passed by transformers 4.x, is accepted in ``kwargs``); ``generate``
         passes positions derived from the attention mask, so left padding gets the positions stock uses.
         Other keyword arguments (e.g. the Trainer's ``num_items_in_batch``) are accepted and ignored."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        check_token_inputs(input_ids, inputs_embeds)
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         check_cache_type(past_key_values)
         check_cache_not_dropped(

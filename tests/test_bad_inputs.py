@@ -78,6 +78,8 @@ ATTENTION_CASES = {
     "slopes_other_device": (good(alibi_slopes=torch.rand(HEADS, device=META)), ValueError, "alibi_slopes is on meta"),
     # scalars
     "causal_a_tensor": (good(causal=torch.tensor(True)), TypeError, "causal must be a Python bool"),
+    "light_softmax_a_string": (good(light_softmax="false"), TypeError, "light_softmax must be a Python bool, got str 'false'"),
+    "dropout_matmul_none": (good(dropout_matmul=None), TypeError, "dropout_matmul must be a Python bool, got NoneType None"),
     "causal_none": (good(causal=None), TypeError, "causal must be a Python bool"),
     "dropout_one": (good(dropout_p=1.0), ValueError, r"dropout_p must be a number in \[0, 1\)"),
     "dropout_negative": (good(dropout_p=-0.1), ValueError, "dropout_p"),
@@ -220,7 +222,9 @@ MODEL_CASES = [
     (family, case)
     for family in FAMILIES
     for case in ("mask_too_short", "mask_wrong_batch", "mask_3d", "unknown_attn_backend", "bad_chunk_size")
-] + [("gpt2", "position_ids_past_maximum"), ("bart", "input_past_maximum"), ("gpt2", "input_past_maximum")]
+] + [("gpt2", "position_ids_past_maximum"), ("bart", "input_past_maximum"), ("gpt2", "input_past_maximum")] + [
+    (family, "unbatched_input_ids") for family in FAMILIES + ["qwen"]
+] + [(family, "input_ids_3d") for family in ("llama", "bloom", "bart")] + [("bart", "unbatched_decoder_input_ids")]
 
 MODEL_MESSAGES = {
     "mask_too_short": r"(attention_mask|padding mask).*\[2, 5\]|\[2, 5\].*(attention_mask|padding mask)|got shape \[2, 5\]",
@@ -230,6 +234,9 @@ MODEL_MESSAGES = {
     "bad_chunk_size": r"config.attn_chunk_size\) must be a positive int",
     "position_ids_past_maximum": r"position_ids must lie in \[0, 16\)",
     "input_past_maximum": r"16 positions|\[0, 16\)",
+    "unbatched_input_ids": r"^input_ids must be \[batch, seq\], got shape \[6\]",
+    "input_ids_3d": r"^input_ids must be \[batch, seq\], got shape \[2, 1, 6\]",
+    "unbatched_decoder_input_ids": r"^decoder_input_ids must be \[batch, seq\], got shape \[4\]",
 }
 
 
@@ -252,6 +259,12 @@ def test_bad_model_input_is_refused_clearly_and_changes_nothing(family, case):
         inputs["position_ids"] = torch.arange(12, 18).expand(2, -1)
     elif case == "input_past_maximum":
         inputs = model_inputs(family, length=20)
+    elif case == "unbatched_input_ids":
+        inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][0], inputs["attention_mask"][0]
+    elif case == "input_ids_3d":
+        inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][:, None], inputs["attention_mask"][:, None]
+    elif case == "unbatched_decoder_input_ids":
+        inputs["decoder_input_ids"] = inputs["decoder_input_ids"][0]
     with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match=MODEL_MESSAGES[case]):
         model(**inputs)
     assert importlib.import_module(type(model).__module__).demoted_backends() == []
