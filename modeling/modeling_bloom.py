@@ -3777,16 +3777,27 @@ def labels_mismatch(name: str, shape: torch.Size, inputs_shape: torch.Size) -> V
 def labels_of_rows(labels: Optional[torch.Tensor], kwargs: dict, input_ids, inputs_embeds) -> Optional[torch.Tensor]:
     """``labels`` (and a ``shift_labels`` in ``kwargs``, replaced there) of a batch of one given without their batch
     dimension, ``[s]`` for inputs ``[1, s]``, as ``[1, s]``: stock's LM losses take them so (they shift along the
-    last dimension and flatten). Other shapes are left to the loss's check."""
+    last dimension and flatten). Other shapes are left to the loss's check. Narrower signed integer labels
+    come back as int64 (``label_ids``)."""
     inputs = input_ids if input_ids is not None else inputs_embeds
 
     def with_batch(given):
+        given = label_ids(given)
         lacks_batch = given is not None and inputs is not None and given.dim() == 1 and inputs.dim() >= 2
         return given[None] if lacks_batch and inputs.shape[0] == 1 and given.shape[0] == inputs.shape[1] else given
 
     if kwargs.get("shift_labels") is not None:
         kwargs["shift_labels"] = with_batch(kwargs["shift_labels"])
     return with_batch(labels)
+
+
+def label_ids(labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """int8/int16/int32 labels as int64. The fused loss takes any integer labels, PyTorch's cross-entropy only
+    int64 (and uint8): without this a model trained on int32 labels (a dataset's column type) would fail at its
+    first evaluation, where the logits path runs. Stock refuses them in both."""
+    if labels is not None and labels.dtype in (torch.int8, torch.int16, torch.int32):
+        return labels.long()
+    return labels
 
 
 def shifted_labels(labels: Optional[torch.Tensor], shift_labels=None, ignore_index: Optional[int] = None, **_):
@@ -5275,7 +5286,7 @@ def _plain_loss_dtype(logits: torch.Tensor, labels: torch.Tensor) -> torch.dtype
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
     """Cross-entropy of per-position logits ``[..., classes]`` against labels aligned with them (-100 ignored):
     the token-classification heads' loss and BART's LM loss over kept logits."""
-    flat_logits, targets = logits.reshape(-1, logits.shape[-1]), labels.to(logits.device).reshape(-1)
+    flat_logits, targets = logits.reshape(-1, logits.shape[-1]), label_ids(labels).to(logits.device).reshape(-1)
     return _mean_or_counted(F.cross_entropy, flat_logits, targets, num_items_in_batch)
 
 

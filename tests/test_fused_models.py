@@ -128,9 +128,10 @@ def train_step(model, batch: dict, **kwargs):
     return output, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_same_training_step(stock, ours, batch, tol=TOL, **kwargs):
+def assert_same_training_step(stock, ours, batch, tol=TOL, ours_batch=None, **kwargs):
+    """``ours_batch``: what our model is given instead of ``batch`` (the same data in another form)."""
     expected, expected_grads = train_step(stock, batch, **kwargs)
-    got, grads = train_step(ours, batch, **kwargs)
+    got, grads = train_step(ours, batch if ours_batch is None else ours_batch, **kwargs)
     assert_close_rel(got.loss.detach(), expected.loss.detach(), tol, "loss")
     assert grads.keys() == expected_grads.keys()
     for name, grad in expected_grads.items():
@@ -178,6 +179,19 @@ def test_uint8_labels_train_as_stock(family_pairs, name):
         batch["shift_labels"] = F.pad(small, (0, 1), value=5)[:, 1:].contiguous()
         batch["labels"] = small.long()
     assert_same_training_step(stock, ours, batch)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "bart", "bart_causal"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16])
+def test_narrower_integer_labels_give_stocks_int64_loss_in_training_and_in_evaluation(family_pairs, name, dtype):
+    """Stock's cross-entropy refuses int32 labels (a dataset column's type); the fused loss took them, so a model
+    trained on them failed at its first evaluation. Both now take them as int64."""
+    stock, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(4))
+    narrow = dict(batch, labels=batch["labels"].to(dtype))
+    assert_same_training_step(stock, ours, batch, ours_batch=narrow)
+    with torch.no_grad():
+        assert_close_rel(ours.eval()(**narrow).loss, stock.eval()(**batch).loss, TOL, "eval loss")
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bart_causal"])
