@@ -3496,6 +3496,7 @@ def packed_documents(
                 f"{list(cu_seq_lens_q.shape)}"
             )
         cu_seqlens = cu_seq_lens_q.to(device)
+        _check_cumulative_lengths(cu_seqlens, cu_seq_lens_k.to(device), batch_size * seq_len)
         tokens = torch.arange(batch_size * seq_len, device=device)
         documents = _document_of_token(cu_seqlens, tokens)
         if position_ids is None:
@@ -3512,6 +3513,19 @@ def packed_documents(
     rows = position_ids.expand(batch_size, seq_len)
     starts = torch.diff(rows, dim=-1) != 1
     return F.pad(starts.cumsum(-1, dtype=torch.int32), (1, 0)), position_ids
+
+
+def _check_cumulative_lengths(cu_seq_lens_q: torch.Tensor, cu_seq_lens_k: torch.Tensor, tokens: int) -> None:
+    """Self-attention's cumulative lengths: equal for queries and keys, from 0, never decreasing, ending at the
+    flattened inputs' token count (flash-attention's convention over the kept tokens of a padded batch ends
+    short: each document would take others' tokens). Checked without a host sync: at once on the CPU, a
+    device-side assert on CUDA. The message names no size: a traced length would be specialized by it."""
+    valid = (cu_seq_lens_q[0] == 0) & (cu_seq_lens_q[-1] == tokens) & (cu_seq_lens_q.diff() >= 0).all()
+    torch._assert_async(
+        valid & (cu_seq_lens_k == cu_seq_lens_q).all(),
+        "cu_seq_lens_q and cu_seq_lens_k must be the same cumulative document lengths, from 0 and never decreasing "
+        "up to the inputs' batch * seq tokens (padding included)",
+    )
 
 
 def refuse_head_masks(keywords: dict) -> None:

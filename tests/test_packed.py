@@ -412,6 +412,31 @@ def test_qwen_documents_count_positions_from_0_whatever_position_ids_come_with_c
     assert_packed_row_matches_documents_run_alone(model, ids, packing)
 
 
+CUMULATIVE_LENGTHS_MESSAGE = "cu_seq_lens_q and cu_seq_lens_k must be the same cumulative document lengths"
+BAD_CUMULATIVE_LENGTHS = {  # DOCUMENT_LENGTHS' cumulative lengths are [0, 5, 18, 19, 30]
+    "cu_seq_lens short of the tokens": [0, 5, 18, 19, 28],
+    "cu_seq_lens past the tokens": [0, 5, 18, 19, 31],
+    "cu_seq_lens not from 0": [1, 5, 18, 19, 30],
+    "cu_seq_lens decreasing": [0, 18, 5, 19, 30],
+    "cu_seq_lens_k other than cu_seq_lens_q": [0, 5, 17, 19, 30],
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", list(BAD_CUMULATIVE_LENGTHS))
+def test_cumulative_lengths_that_do_not_cover_the_tokens_are_refused_by_name(family, case, tmp_path_factory):
+    """Lengths that do not cover the tokens (flash-attention's varlen convention counts only a padded batch's kept
+    ones) mixed documents silently; GPT-2 blamed its position_ids."""
+    model, _ = load_ours(family, tmp_path_factory)
+    ids, packing = packed_row("cu_seq_lens")
+    bad = torch.tensor(BAD_CUMULATIVE_LENGTHS[case])
+    packing["cu_seq_lens_k" if case.startswith("cu_seq_lens_k") else "cu_seq_lens_q"] = bad
+    if not case.startswith("cu_seq_lens_k"):
+        packing["cu_seq_lens_k"] = bad
+    with pytest.raises(RuntimeError, match=CUMULATIVE_LENGTHS_MESSAGE):
+        model(input_ids=ids, **packing)
+
+
 @pytest.mark.parametrize("case", ["cu_seq_lens as lists", "cu_seq_lens over a cache", "uint8 positions"])
 def test_bad_packed_inputs_are_refused_by_name(case, tmp_path_factory):
     model, _ = load_ours("gpt2", tmp_path_factory)
