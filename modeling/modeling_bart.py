@@ -7006,7 +7006,10 @@ def _self_attention_cache(cache: Cache | None) -> Cache | None:
 def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int | None, decoder_start_token_id: int) -> torch.Tensor:
     """Decoder inputs for teacher forcing: prepend the start token, drop the last token, map -100 to padding."""
     if pad_token_id is None:
-        raise ValueError("config.pad_token_id has to be defined to shift labels into decoder_input_ids.")
+        raise ValueError(
+            "config.pad_token_id has to be defined to shift input_ids or labels right into decoder_input_ids "
+            "(or pass decoder_input_ids)"
+        )
     shifted = input_ids.new_full(input_ids.shape, decoder_start_token_id)
     shifted[:, 1:] = input_ids[:, :-1]
     return shifted.masked_fill(shifted == -100, pad_token_id)

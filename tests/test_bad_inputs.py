@@ -224,7 +224,9 @@ MODEL_CASES = [
     for case in ("mask_too_short", "mask_wrong_batch", "mask_3d", "unknown_attn_backend", "bad_chunk_size")
 ] + [("gpt2", "position_ids_past_maximum"), ("bart", "input_past_maximum"), ("gpt2", "input_past_maximum")] + [
     (family, "unbatched_input_ids") for family in FAMILIES + ["qwen"]
-] + [(family, "input_ids_3d") for family in ("llama", "bloom", "bart")] + [("bart", "unbatched_decoder_input_ids")]
+] + [(family, "input_ids_3d") for family in ("llama", "bloom", "bart")] + [
+    ("bart", "unbatched_decoder_input_ids"), ("bart", "no_pad_token_to_shift_input_ids")
+]
 
 MODEL_MESSAGES = {
     "mask_too_short": r"(attention_mask|padding mask).*\[2, 5\]|\[2, 5\].*(attention_mask|padding mask)|got shape \[2, 5\]",
@@ -237,6 +239,7 @@ MODEL_MESSAGES = {
     "unbatched_input_ids": r"^input_ids must be \[batch, seq\], got shape \[6\]",
     "input_ids_3d": r"^input_ids must be \[batch, seq\], got shape \[2, 1, 6\]",
     "unbatched_decoder_input_ids": r"^decoder_input_ids must be \[batch, seq\], got shape \[4\]",
+    "no_pad_token_to_shift_input_ids": r"pad_token_id has to be defined to shift input_ids or labels right",
 }
 
 
@@ -265,6 +268,9 @@ def test_bad_model_input_is_refused_clearly_and_changes_nothing(family, case):
         inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][:, None], inputs["attention_mask"][:, None]
     elif case == "unbatched_decoder_input_ids":
         inputs["decoder_input_ids"] = inputs["decoder_input_ids"][0]
+    elif case == "no_pad_token_to_shift_input_ids":
+        del inputs["decoder_input_ids"]
+        model.config.pad_token_id = None
     with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match=MODEL_MESSAGES[case]):
         model(**inputs)
     assert importlib.import_module(type(model).__module__).demoted_backends() == []
