@@ -772,7 +772,7 @@ def _under_users_function_mode() -> bool:
         return False
     _log_once(
         "a TorchFunctionMode is active: the fused ops (loss, norms, MLP, RoPE, tiles, offloaded checkpoints) compute "
-        "as stock does, so that the mode sees the calls stock makes"
+        "as stock does and padded batches keep their rows, so that the mode sees the calls stock makes"
     )
     return True
 
@@ -4002,7 +4002,8 @@ def padded_rows(
     too), no attention weights asked for, no hidden states asked for while gradients are recorded (those returned are copies beside the
     graph the loss comes from: a hook or ``autograd.grad`` on them would not see its gradient), all logits asked
     for, no packed keywords already, ``config.unpad_batches`` not false, no module that computes over the whole
-    batch (``_needs_its_padded_rows``), no loss function of the user's with labels (``loss_replaced_by_user``:
+    batch (``_needs_its_padded_rows``), nothing that makes the fused ops compute as stock (``_computes_as_stock``: a
+    ``TorchFunctionMode`` of the user's sees stock's padded calls), no loss function of the user's with labels (``loss_replaced_by_user``:
     it gets stock's logits, padded positions' too), no label that a padded position predicts (its loss term needs
     that position's output; with left padding, mask the first token's label too), and not while compiling or
     exporting (finding the kept tokens is a host read: compiled forwards keep the padding mask and run every row
@@ -4027,6 +4028,7 @@ def padded_rows(
         or not config_switch(config, "unpad_batches", True)
         or _host_cannot_read(attention_mask)
         or _needs_its_padded_rows(model)
+        or _computes_as_stock()
     ):
         return None
     targets = None if labels is None else shifted_labels(labels, **kwargs)  # as stock: no labels, no loss

@@ -405,11 +405,13 @@ def per_document_stock_step(stock, ids: torch.Tensor, lengths_per_row: list, lab
 @pytest.mark.parametrize(
     "lengths_per_row", [[[150, 61, 122], [333]], [[333], [333]]], ids=["packed", "one_document_per_row"]
 )
-def test_packed_llama_trains_against_fp32_stock_per_document(backend, compiled, lengths_per_row, tmp_path):
-    """DataCollatorWithFlattening's batches (position ids restarting, no attention mask) in a bf16 training step,
-    eager and compiled (Inductor, one graph): attention on cuDNN by default (no flex kernel), on PyTorch's flash
-    varlen kernels with ``backend="sdpa"`` (what runs without the cuDNN frontend); logits, loss and every
-    gradient against the fp32 stock model run on each document alone."""
+@pytest.mark.parametrize("form", ["position_ids", "cu_seq_lens"])
+def test_packed_llama_trains_against_fp32_stock_per_document(backend, compiled, lengths_per_row, form, tmp_path):
+    """DataCollatorWithFlattening's batches (position ids restarting, no attention mask; or the flash-attention
+    keywords, whose lengths are checked on the device) in a bf16 training step, eager and compiled (Inductor, one
+    graph): attention on cuDNN by default (no flex kernel), on PyTorch's flash varlen kernels with
+    ``backend="sdpa"`` (what runs without the cuDNN frontend); logits, loss and every gradient against the fp32
+    stock model run on each document alone."""
     if backend == "auto":
         needs_cudnn_frontend()
     from transformers import AutoModelForCausalLM
@@ -432,7 +434,12 @@ def test_packed_llama_trains_against_fp32_stock_per_document(backend, compiled, 
     if compiled:
         torch._dynamo.reset()
         run = torch.compile(ours, fullgraph=True)
-    actual, kernels = launched_kernels(lambda: run(ids, position_ids=position_ids, labels=labels))
+    packing = {"position_ids": position_ids}
+    if form == "cu_seq_lens":
+        lengths = torch.tensor([n for row in lengths_per_row for n in row])
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).cuda()
+        packing = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 333, "max_length_k": 333}
+    actual, kernels = launched_kernels(lambda: run(ids, labels=labels, **packing))
     _, backward_kernels = launched_kernels(actual.loss.backward)
     forward_kernel, backward_kernel = ("fprop", "bprop") if backend == "auto" else ("flash_fwd", "flash_bwd")
     assert any(forward_kernel in name for name in kernels), kernels
