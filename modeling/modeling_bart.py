@@ -1512,6 +1512,19 @@ def _flex_masks_causally(call: AttentionCall) -> bool:
     return call.causal and call.q_len > 1
 
 
+def _lookup_in_broadcast_mask(mask: torch.Tensor) -> Callable:
+    """``(b, h, q_idx, kv_idx) -> mask[b, h, q_idx, kv_idx]`` for a ``[b or 1, h or 1, q or 1, k]`` mask (bool, or
+    a bias for a ``score_mod``). Its dimensions of size one are dropped rather than indexed at 0: flex evaluates
+    masks under vmap, which in torch 2.9 reads a Python int among vmapped tensor indices on the host and fails."""
+    broadcast = tuple(dim for dim in range(3) if mask.shape[dim] == 1)
+    kept = mask.squeeze(broadcast) if broadcast else mask
+
+    def lookup(b, h, q_idx, kv_idx):
+        return kept[tuple(index for dim, index in enumerate((b, h, q_idx)) if dim not in broadcast) + (kv_idx,)]
+
+    return lookup
+
+
 def _flex_mask_mod(call: AttentionCall, mask, device, sequence_ids=None) -> Callable:
     conditions = []
     if sequence_ids is not None:
@@ -1524,12 +1537,7 @@ def _flex_mask_mod(call: AttentionCall, mask, device, sequence_ids=None) -> Call
         conditions.append(lambda b, h, q_idx, kv_idx: mask[b, kv_idx])
     elif call.mask_kind in ("bool", "additive"):
         keep = mask if call.mask_kind == "bool" else ~_additive_hidden(mask)
-        q_broadcast, h_broadcast, b_broadcast = keep.shape[2] == 1, keep.shape[1] == 1, keep.shape[0] == 1
-        conditions.append(
-            lambda b, h, q_idx, kv_idx: keep[
-                0 if b_broadcast else b, 0 if h_broadcast else h, 0 if q_broadcast else q_idx, kv_idx
-            ]
-        )
+        conditions.append(_lookup_in_broadcast_mask(keep))
 
     def mask_mod(b, h, q_idx, kv_idx):
         result = conditions[0](b, h, q_idx, kv_idx)
@@ -1555,13 +1563,7 @@ def _flex_score_mod(call: AttentionCall, mask, alibi_slopes) -> Optional[Callabl
         offset = _flex_offset(call, slopes.device)
         terms.append(lambda b, h, q_idx, kv_idx: slopes[h] * (kv_idx - q_idx - offset))
     if call.mask_kind == "additive":
-        finite = _additive_bias(mask, torch.float32)
-        q_broadcast, h_broadcast, b_broadcast = finite.shape[2] == 1, finite.shape[1] == 1, finite.shape[0] == 1
-        terms.append(
-            lambda b, h, q_idx, kv_idx: finite[
-                0 if b_broadcast else b, 0 if h_broadcast else h, 0 if q_broadcast else q_idx, kv_idx
-            ]
-        )
+        terms.append(_lookup_in_broadcast_mask(_additive_bias(mask, torch.float32)))
     if not terms:
         return None
 
@@ -3136,7 +3138,11 @@ def attention(
     return _run_requested(name, q, k, v, call, mask, alibi_slopes, scale, options)
 
 
-_CONTEXT_PARALLEL_MODULE = "torch.distributed.tensor.experimental._context_parallel._attention"
+# Where torch's context parallel keeps its record of replaced functions (torch 2.13; before: the second).
+_CONTEXT_PARALLEL_MODULES = (
+    "torch.distributed.tensor.experimental._context_parallel._attention",
+    "torch.distributed.tensor.experimental._attention",
+)
 
 
 def _refuse_context_parallel() -> None:
@@ -3145,8 +3151,8 @@ def _refuse_context_parallel() -> None:
     not go through: each rank would attend to its own shard only, silently."""
     if torch.compiler.is_compiling():
         return
-    replaced = getattr(sys.modules.get(_CONTEXT_PARALLEL_MODULE), "_replaced_functions", None)
-    if replaced and F.scaled_dot_product_attention in replaced:
+    records = (getattr(sys.modules.get(name), "_replaced_functions", None) for name in _CONTEXT_PARALLEL_MODULES)
+    if any(replaced and F.scaled_dot_product_attention in replaced for replaced in records):
         raise NotImplementedError(
             "context parallel (torch.distributed.tensor.experimental.context_parallel) is not supported: it "
             "reaches attention through F.scaled_dot_product_attention, which these kernels do not call"
@@ -6187,6 +6193,21 @@ def _run_in_tiles(modules: tuple, x: torch.Tensor, tile_size: int) -> torch.Tens
     return out
 
 
+@contextmanager
+def _no_grad_past_autocasts_cache():
+    """``torch.no_grad()`` for running a user's modules, with autocast's cache of cast weights off. torch 2.9 caches
+    the low-precision copy of a trainable weight made without gradients too, for the rest of the autocast region:
+    a later use of that weight with gradients (the backward's recompute, a second forward) would take the copy
+    without its history, and the weight (a LoRA matrix) would get no gradient."""
+    cache_enabled = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.set_autocast_cache_enabled(cache_enabled)
+
+
 class _SequenceTiled(torch.autograd.Function):
     """Position-wise ``modules`` over tiles of the sequence. Forward keeps only the input; backward recomputes one
     tile at a time and takes its gradients at once, so no tile's intermediates outlive it. The trainable
@@ -6200,7 +6221,7 @@ class _SequenceTiled(torch.autograd.Function):
         ctx.modules, ctx.owners, ctx.tile_size = modules, owners, tile_size
         ctx.state = _ReplayState(x.device, owners)
         ctx.save_for_backward(x, *params)
-        with torch.no_grad():
+        with _no_grad_past_autocasts_cache():
             return _run_in_tiles(modules, x, tile_size)
 
     @staticmethod
@@ -6782,7 +6803,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.function, ctx.layer, ctx.rest, ctx.slots, ctx.link = function, layer, rest, slots, link
         ctx.state = _ReplayState(hidden.device, (layer,))
         link.copy = _HostCopy(hidden, link.keep_on_device)  # first, so that the copy overlaps this layer's compute
-        with torch.no_grad():
+        with _no_grad_past_autocasts_cache():
             output = function(hidden, *_with_context(rest, slots, inputs[len(inputs) - len(slots) :]))
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"offloaded checkpoints need a layer that returns one tensor, got {type(output).__name__}")
