@@ -4,6 +4,7 @@
 # *active* Python environment (a virtualenv, a conda env or a system Python): same test tools, same install of
 # this package; only the one package (and what it pins) differs.
 #   bash scripts/compat.sh [VERSION ...]      (default: 4.57.6 5.0.0 torch==2.9.1; a bare VERSION is transformers')
+#   bash scripts/compat.sh --prepare [VERSION ...]  (only build the environments: CI downloads torch meanwhile)
 #   bash scripts/compat.sh --env-only DIR     (only make DIR such an environment, without pip; for the tests)
 #
 # `python -m venv --system-site-packages` would layer the environment over the base interpreter, which inside
@@ -14,6 +15,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python}
+prepare_only=false
+if [ "${1:-}" = "--prepare" ]; then
+    prepare_only=true
+    shift
+fi
 versions=("$@")
 [ ${#versions[@]} -gt 0 ] || versions=(4.57.6 5.0.0 torch==2.9.1)
 tests=(tests/test_attention.py tests/test_attention_edges.py tests/test_backend_selection.py
@@ -81,6 +87,10 @@ for version in "${versions[@]}"; do
         exit 1
     fi
 done
+
+if $prepare_only; then
+    exit 0
+fi
 
 # The versions' runs are independent (one thread each: tests/conftest.py), so they run side by side; each
 # one's output is printed whole, in order, once they have all finished.
