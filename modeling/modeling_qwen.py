@@ -524,18 +524,17 @@ def _check_tensors(q, k, v) -> None:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
 
 
-def _check_scalars(causal, dropout_p) -> None:
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a Python bool, got {type(causal).__name__}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-
-
 def _check_switches(**switches) -> None:
     """True/False arguments: anything else (a string "false", a tensor) would be read by its truth value."""
     for name, value in switches.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a Python bool, got {type(value).__name__} {value!r}")
+
+
+def _check_scalars(causal, dropout_p) -> None:
+    _check_switches(causal=causal)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
 
 
 def _check_options(q, attention_mask, alibi_slopes, causal, dropout_p) -> None:
