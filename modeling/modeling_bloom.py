@@ -7355,8 +7355,23 @@ class BloomModel(BloomPreTrainedModel):
                 f"BLOOM takes a 2-D padding mask [batch, past + current length] = [{batch_size}, {kv_length}], "
                 f"got shape {list(attention_mask.shape)}"
             )
+        _refuse_weighted_padding(attention_mask)
         keep = keep_mask_from_padding(attention_mask[:, :kv_length])
         return forward_mask(keep, without_mask=True, filled_keys=filled_keys, cache_position=cache_position)
+
+
+def _refuse_weighted_padding(attention_mask: torch.Tensor) -> None:
+    """A padding mask of values other than 0 and 1. Stock BLOOM multiplies its ALiBi key positions by the mask
+    (a 2 doubles every distance it covers), where the kernels count kept keys; refused rather than computed apart.
+    Eagerly it is read on the host (the keep-mask is read there anyway); traced, a device-side assert."""
+    if attention_mask.dtype == torch.bool:
+        return
+    binary = ((attention_mask == 0) | (attention_mask == 1)).all()
+    message = "BLOOM's attention_mask must hold only 0 and 1 (stock BLOOM scales its ALiBi distances by other values)"
+    if _host_cannot_read(attention_mask):
+        torch._assert_async(binary, message)
+    elif not binary:
+        raise ValueError(message)
 
 
 def _traced_cache_keep_mask(cache_position: torch.Tensor, capacity: int, batch_size: int) -> torch.Tensor:

@@ -200,6 +200,22 @@ def test_logits_match_stock(n_head, backend):
         assert_close_rel(actual[keep], expected[keep], FP32_TOL, f"{n_head} heads, {backend}, {padding} padding")
 
 
+def test_padding_masks_of_any_dtype_match_stock_and_weighted_ones_are_refused():
+    """Stock BLOOM multiplies its ALiBi positions by the mask's values: a mask of 0 and 1 in any dtype gives
+    stock's logits; a 2 or a 0.5 (which stock turns into other distances) is refused by name."""
+    stock, ours = load_pair()
+    ids, mask = make_inputs([11, 6], 11, "left", seed=5)
+    with torch.no_grad():
+        expected = stock(ids, attention_mask=mask).logits
+        for dtype in (torch.bool, torch.int32, torch.float32, torch.bfloat16):
+            actual = ours(ids, attention_mask=mask.to(dtype)).logits
+            assert_close_rel(actual[mask.bool()], expected[mask.bool()], FP32_TOL, f"{dtype} mask")
+        for weighted in (mask * 2, mask * 0.5):
+            assert relative_error(stock(ids, attention_mask=weighted).logits[mask.bool()], expected[mask.bool()]) > 1e-4
+            with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):
+                ours(ids, attention_mask=weighted)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_hidden_states_and_inputs_embeds_match_stock(backend):
     stock, ours = load_pair()
