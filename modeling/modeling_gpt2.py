@@ -794,6 +794,15 @@ def _refuse_double_backward(op: str) -> None:
         )
 
 
+def _pass_unused_gradients_as_none(ctx) -> None:
+    """A backward of several outputs then gets None, not zeros, for an output that reaches no loss (a norm's
+    output read only by non-differentiable modules, such as dynamically quantized linears), so the weights behind
+    it keep a None gradient, as stock's do (optimizers skip those; zeros would be decayed). Traced graphs make
+    their own gradients (dynamo cannot trace the call)."""
+    if not _is_tracing():
+        ctx.set_materialize_grads(False)
+
+
 class LightSoftmax(torch.autograd.Function):
     """Softmax over the last dim, computed in float32, that keeps only its output (in the input dtype) for backward."""
 
@@ -5414,11 +5423,14 @@ class _RMSNorm(torch.autograd.Function):
     def forward(ctx, x, weight, eps: float, with_residual: bool):
         out, rstd = _rms_norm_forward_op(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
+        _pass_unused_gradients_as_none(ctx)
         return (out, x) if with_residual else out
 
     @staticmethod
     def backward(ctx, grad, residual_grad=None):
         _refuse_double_backward("the fused RMSNorm")
+        if grad is None:  # only the residual reaches a loss
+            return residual_grad, None, None, None
         x, weight, rstd = ctx.saved_tensors
         grad_x, grad_weight = _rms_norm_backward_op(grad, x, weight, rstd, residual_grad)
         return grad_x, grad_weight if ctx.needs_input_grad[1] else None, None, None
@@ -5518,11 +5530,14 @@ class _LayerNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps: float, with_residual: bool):
         out, mean, rstd = _layer_norm_forward_op(x, weight, bias, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
+        _pass_unused_gradients_as_none(ctx)
         return (out, x) if with_residual else out
 
     @staticmethod
     def backward(ctx, grad, residual_grad=None):
         _refuse_double_backward("the fused LayerNorm")
+        if grad is None:  # only the residual reaches a loss
+            return residual_grad, None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = _layer_norm_backward_op(grad, x, weight, mean, rstd, residual_grad)
         needs = ctx.needs_input_grad
@@ -5867,21 +5882,30 @@ class _SharedInputLinears(torch.autograd.Function):
         count = len(weights_and_biases) // 2
         weights, biases = weights_and_biases[:count], weights_and_biases[count:]
         ctx.save_for_backward(x, *weights)
+        _pass_unused_gradients_as_none(ctx)
         return tuple(F.linear(x, weight, bias) for weight, bias in zip(weights, biases))
 
     @staticmethod
     def backward(ctx, *grads):
+        """Projections whose output reaches no loss (None gradient) are left out: None for their weights."""
         x, *weights = ctx.saved_tensors
         count = len(weights)
-        want_x = ctx.needs_input_grad[0]
-        want_weights = list(ctx.needs_input_grad[1 : 1 + count])
-        want_biases = list(ctx.needs_input_grad[1 + count :])
+        used = [index for index, grad in enumerate(grads) if grad is not None]
+        want_x = ctx.needs_input_grad[0] and bool(used)
+        want_weights = [ctx.needs_input_grad[1 + index] for index in used]
+        want_biases = [ctx.needs_input_grad[1 + count + index] for index in used]
         computed = iter(
-            _shared_input_linears_backward_op(x, weights, list(grads), want_x, want_weights, want_biases)
+            _shared_input_linears_backward_op(
+                x, [weights[index] for index in used], [grads[index] for index in used], want_x, want_weights,
+                want_biases,
+            ) if used else []
         )
         grad_x = next(computed) if want_x else None
-        grad_weights = [next(computed) if wanted else None for wanted in want_weights]
-        return (grad_x, *grad_weights, *(next(computed) if wanted else None for wanted in want_biases))
+        grad_weights, grad_biases = [None] * count, [None] * count
+        for gradients, wants in ((grad_weights, want_weights), (grad_biases, want_biases)):
+            for index, wanted in zip(used, wants):
+                gradients[index] = next(computed) if wanted else None
+        return (grad_x, *grad_weights, *grad_biases)
 
 
 def shared_input_projections(x: torch.Tensor, *projections: torch.nn.Module) -> tuple:
@@ -6006,14 +6030,18 @@ class _Rotary(torch.autograd.Function):
     def forward(ctx, cos, sin, dtype, q, k):
         ctx.save_for_backward(cos, sin)
         ctx.input_dtype = q.dtype
+        _pass_unused_gradients_as_none(ctx)
         return tuple(_rotary_forward_op(q, k, cos, sin, dtype))
 
     @staticmethod
     def backward(ctx, grad_q, grad_k=None):
         _refuse_double_backward("the fused RoPE")
         cos, sin = ctx.saved_tensors
-        grads = _rotary_backward_op(grad_q, grad_k, cos, sin, ctx.input_dtype)
-        return None, None, None, grads[0], grads[1] if grad_k is not None else None
+        given = [grad for grad in (grad_q, grad_k) if grad is not None]  # None: that output reaches no loss
+        if not given:
+            return None, None, None, None, None
+        rotated = iter(_rotary_backward_op(given[0], given[1] if len(given) == 2 else None, cos, sin, ctx.input_dtype))
+        return None, None, None, *(None if grad is None else next(rotated) for grad in (grad_q, grad_k))
 
 
 def _rotates_through_autograd(cos: torch.Tensor, sin: torch.Tensor) -> bool:

@@ -291,3 +291,37 @@ def test_a_class_registered_as_a_quantizer_after_it_was_checked_counts():
     assert kernel_layer._takes_batch_statistics(module) is False
     torch.ao.quantization.FakeQuantizeBase.register(LateQuantizer)
     assert kernel_layer._takes_batch_statistics(module) is True
+
+
+def quantize_layer_linears(model: torch.nn.Module) -> None:
+    """``quantize_dynamic`` on every ``nn.Linear`` but the LM head: int8 modules that pass no gradient back."""
+    for name, module in list(model.named_children()):
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            setattr(model, name, torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(module), dtype=torch.qint8)[0])
+        else:
+            quantize_layer_linears(module)
+
+
+@pytest.mark.parametrize("name", ["llama", "bloom", "bart"])
+def test_norms_read_only_by_dynamically_quantized_linears_get_no_gradient_as_in_stock(family_pairs, name):
+    """A norm whose output feeds only non-differentiable modules gets a None gradient in stock, which AdamW skips;
+    our fused norms (and the projections and rotary op beside them) returned zeros there, which weight decay moved."""
+    stock, ours = pair_copy(family_pairs, name)
+    for model in (stock, ours):
+        quantize_layer_linears(model)
+    batch = batch_for(name, torch.Generator().manual_seed(3))
+    steps = []
+    for model in (stock, ours):
+        torch.manual_seed(0)
+        output, grads = train_step(model, batch)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)
+        optimizer.step()
+        steps.append((output.loss.detach(), grads, dict(model.named_parameters())))
+    (expected_loss, expected_grads, expected_after), (loss, grads, after) = steps
+    assert_close_rel(loss, expected_loss, 1e-5, "loss")
+    assert any("norm" in key for key in set(dict(stock.named_parameters())) - set(expected_grads))
+    assert grads.keys() == expected_grads.keys()
+    for key, grad in expected_grads.items():
+        assert_close_rel(grads[key], grad, 1e-4, f"grad of {key}")
+    for key, parameter in expected_after.items():
+        assert_close_rel(after[key].detach(), parameter.detach(), 1e-5, f"{key} after an AdamW step")

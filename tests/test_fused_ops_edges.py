@@ -229,3 +229,50 @@ def test_a_layer_norm_input_of_another_width_gets_stocks_error_naming_the_shapes
     with pytest.raises(RuntimeError, match=r"normalized_shape=\[32\], expected input with shape \[\*, 32\]"):
         norm(x)
 
+
+
+
+def rotate_as_stock(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def outputs_a_loss_reads(name: str, fused: bool, x, weight, bias) -> list:
+    """The outputs of a several-output op that reach the loss: the others are read by nothing differentiable."""
+    if name == "rms_norm":
+        return [ops.rms_norm(x, weight, 1e-6, with_residual=True)[1] if fused else x]
+    if name == "layer_norm":
+        norm = ops.FusedLayerNorm(8).train()
+        norm.weight, norm.bias = weight, bias
+        return [norm.with_residual(x)[1] if fused else x]
+    if name == "projections":
+        linears = [torch.nn.Linear(8, 4, dtype=torch.float64), torch.nn.Linear(8, 4, dtype=torch.float64)]
+        linears[0].weight, linears[0].bias = weight, bias
+        with torch.no_grad():
+            linears[1].weight.copy_(weight.flip(0)), linears[1].bias.copy_(bias.flip(0))
+        outputs = ops.shared_input_projections(x, *linears) if fused else [linear(x) for linear in linears]
+        return [outputs[1]]
+    cos, sin = bias.detach().cos(), bias.detach().sin()
+    q, k = x.unsqueeze(2), weight.view(2, 4, 1, 8)
+    return [ops.rotary_pair(q, k, cos, sin)[1] if fused else rotate_as_stock(k, cos, sin)]
+
+
+@pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "projections", "rotary"])
+def test_an_output_that_reaches_no_loss_leaves_its_inputs_without_gradient_as_stock(name):
+    """A None gradient (an output read only by a non-differentiable module, such as a dynamically quantized
+    linear) stays None: our ops turned it into zeros, which an optimizer's weight decay then moved."""
+    generator = torch.Generator().manual_seed(11)
+    shapes = {"x": (2, 4, 8), "weight": {"projections": (4, 8), "rotary": (64,)}.get(name, (8,)),
+              "bias": (4,) if name == "projections" else (8,)}
+    values = {key: torch.randn(shape, generator=generator, dtype=torch.float64) for key, shape in shapes.items()}
+    grads = []
+    for fused in (True, False):
+        leaves = {key: torch.nn.Parameter(value.clone()) for key, value in values.items()}
+        sum(output.pow(2).sum() for output in outputs_a_loss_reads(name, fused, **leaves)).backward()
+        grads.append({key: leaf.grad for key, leaf in leaves.items()})
+    fused_grads, stock_grads = grads
+    assert any(grad is None for grad in stock_grads.values()), stock_grads
+    for key, expected in stock_grads.items():
+        assert (fused_grads[key] is None) == (expected is None), f"{name}: {key}"
+        if expected is not None:
+            assert_close_rel(fused_grads[key], expected, 1e-12, f"{name}: gradient of {key}")
