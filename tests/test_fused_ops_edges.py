@@ -242,11 +242,11 @@ def outputs_a_loss_reads(name: str, fused: bool, x, weight, bias) -> list:
     if name == "rms_norm":
         return [ops.rms_norm(x, weight, 1e-6, with_residual=True)[1] if fused else x]
     if name == "layer_norm":
-        norm = ops.FusedLayerNorm(8).train()
+        norm = ops.FusedLayerNorm(8).to(x).train()
         norm.weight, norm.bias = weight, bias
         return [norm.with_residual(x)[1] if fused else x]
     if name == "projections":
-        linears = [torch.nn.Linear(8, 4, dtype=torch.float64), torch.nn.Linear(8, 4, dtype=torch.float64)]
+        linears = [torch.nn.Linear(8, 4, dtype=x.dtype, device=x.device) for _ in range(2)]
         linears[0].weight, linears[0].bias = weight, bias
         with torch.no_grad():
             linears[1].weight.copy_(weight.flip(0)), linears[1].bias.copy_(bias.flip(0))
@@ -257,14 +257,22 @@ def outputs_a_loss_reads(name: str, fused: bool, x, weight, bias) -> list:
     return [ops.rotary_pair(q, k, cos, sin)[1] if fused else rotate_as_stock(k, cos, sin)]
 
 
+ON_DEVICES = [
+    ("cpu", torch.float64, 1e-12),
+    pytest.param("cuda", torch.float32, 1e-5, marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("device, dtype, tol", ON_DEVICES)
 @pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "projections", "rotary"])
-def test_an_output_that_reaches_no_loss_leaves_its_inputs_without_gradient_as_stock(name):
+def test_an_output_that_reaches_no_loss_leaves_its_inputs_without_gradient_as_stock(name, device, dtype, tol):
     """A None gradient (an output read only by a non-differentiable module, such as a dynamically quantized
-    linear) stays None: our ops turned it into zeros, which an optimizer's weight decay then moved."""
+    linear) stays None: our ops turned it into zeros, which an optimizer's weight decay then moved. On CUDA
+    through the Triton kernels."""
     generator = torch.Generator().manual_seed(11)
     shapes = {"x": (2, 4, 8), "weight": {"projections": (4, 8), "rotary": (64,)}.get(name, (8,)),
               "bias": (4,) if name == "projections" else (8,)}
-    values = {key: torch.randn(shape, generator=generator, dtype=torch.float64) for key, shape in shapes.items()}
+    values = {key: torch.randn(shape, generator=generator, dtype=dtype).to(device) for key, shape in shapes.items()}
     grads = []
     for fused in (True, False):
         leaves = {key: torch.nn.Parameter(value.clone()) for key, value in values.items()}
@@ -275,4 +283,6 @@ def test_an_output_that_reaches_no_loss_leaves_its_inputs_without_gradient_as_st
     for key, expected in stock_grads.items():
         assert (fused_grads[key] is None) == (expected is None), f"{name}: {key}"
         if expected is not None:
-            assert_close_rel(fused_grads[key], expected, 1e-12, f"{name}: gradient of {key}")
+            assert_close_rel(fused_grads[key], expected, tol, f"{name}: gradient of {key}")
+    if device == "cuda" and name != "projections":
+        triton_paths_ran()
