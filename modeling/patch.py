@@ -503,31 +503,35 @@ _BLOOM_FORWARDS: dict[str, Callable] = {backend: _make_bloom_forward(backend) fo
 # Which models we can patch
 # ----------------------------------------------------------------------------------------------
 
-# Per Python module: whether its source calls the attention registry, and the ``_REFUSED_ARGUMENTS`` it passes as
-# keywords. Filled once per module (a source does not change), read without a lock.
+# Per Python module or class (by qualified name): whether its source calls the attention registry, and the
+# ``_REFUSED_ARGUMENTS`` it passes as keywords. Filled once each (a source does not change), read without a lock.
 _SOURCE_FACTS: dict[str, tuple[bool, frozenset]] = {}
 
 
-def _source_facts(module_name: str) -> tuple[bool, frozenset]:
-    if module_name not in _SOURCE_FACTS:
+def _source_facts(owner: types.ModuleType | type | None) -> tuple[bool, frozenset]:
+    key = getattr(owner, "__name__", "") if isinstance(owner, types.ModuleType) else repr(owner)
+    if key not in _SOURCE_FACTS:
         try:
-            source = inspect.getsource(sys.modules[module_name])
-        except (KeyError, OSError, TypeError):
+            source = inspect.getsource(owner)
+        except (OSError, TypeError):
             source = ""
         passed = frozenset(name for name in _REFUSED_ARGUMENTS if f"{name}=" in source)
-        _SOURCE_FACTS[module_name] = ("ALL_ATTENTION_FUNCTIONS" in source, passed)
-    return _SOURCE_FACTS[module_name]
+        _SOURCE_FACTS[key] = ("ALL_ATTENTION_FUNCTIONS" in source, passed)
+    return _SOURCE_FACTS[key]
 
 
 def _module_uses_registry(module_name: str) -> bool:
     """Whether a Python module's source calls transformers' attention registry."""
-    return _source_facts(module_name)[0]
+    return _source_facts(sys.modules.get(module_name))[0]
 
 
-def _refused_arguments(cls: type, config) -> list[str]:
-    """What a registry model of class ``cls`` would hand our attention function and it refuses: T5's
-    ``position_bias``, gpt-oss's ``s_aux``, and ``softcap`` where the config sets a softcapping (Gemma 2)."""
-    passed = _source_facts(cls.__module__)[1]
+def _refused_arguments(owner: types.ModuleType | type, config) -> list[str]:
+    """What ``owner`` (an attention module class, by the class whose ``forward`` it runs; or a model's whole
+    modeling file, before its modules exist) hands our attention function and it refuses: T5's ``position_bias``,
+    gpt-oss's ``s_aux``, and ``softcap`` where the config sets a softcapping (Gemma 2)."""
+    if isinstance(owner, type):
+        owner = next((base for base in owner.__mro__ if "forward" in vars(base)), owner)
+    passed = _source_facts(owner)[1]
     refused = [name for name in ("position_bias", "s_aux") if name in passed]
     if "softcap" in passed and getattr(config, "attn_logit_softcapping", None) is not None:
         refused.append("softcap")
@@ -828,11 +832,12 @@ def _class_patch_applies(patch: _ClassPatch, cls: type, config) -> bool:
         return True
     from transformers.utils import logging
 
-    refused = _refused_arguments(cls, config)
+    refused = _refused_arguments(sys.modules.get(cls.__module__), config)
     if _module_uses_registry(cls.__module__) and not refused:
         return True
     why = (
-        f"passes its attention {', '.join(f'`{name}`' for name in refused)}, which the kernel layer does not take"
+        f"is in a modeling file whose attention takes {', '.join(f'`{name}`' for name in refused)}, which the "
+        "kernel layer does not take"
         if refused
         else "computes attention itself (not through transformers' attention registry)"
     )

@@ -8,6 +8,7 @@ References are stock models with the same weights, as in test_patch.py (whose he
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
 
 import memory_efficient_adapter as mea
@@ -387,3 +388,27 @@ def test_removing_the_patch_from_a_wrapper_is_refused_as_patching_one_is():
     assert str(model.config._attn_implementation).startswith("mea")
     mea.remove_attention_patch(model)
     assert not str(model.config._attn_implementation).startswith("mea")
+
+
+def test_a_model_whose_modeling_file_also_has_a_position_bias_attention_is_patched_by_its_own_classes():
+    """SeamlessM4T's file holds a conformer attention that passes ``position_bias``; its text-to-text model
+    never uses it. The refusal read the whole file and named the text attention, which passes none."""
+    from transformers import SeamlessM4TConfig, SeamlessM4TForTextToText
+
+    torch.manual_seed(0)
+    config = SeamlessM4TConfig(
+        vocab_size=VOCAB_OF_REFUSED, t2u_vocab_size=VOCAB_OF_REFUSED, hidden_size=32, encoder_layers=1,
+        decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
+        speech_encoder_layers=1, speech_encoder_attention_heads=4, speech_encoder_intermediate_size=48,
+        t2u_encoder_layers=1, t2u_decoder_layers=1, max_position_embeddings=64, pad_token_id=0, bos_token_id=2,
+        eos_token_id=3, decoder_start_token_id=3,
+    )
+    model = SeamlessM4TForTextToText(config).eval()
+    expected = forward_of(model)
+    if "ALL_ATTENTION_FUNCTIONS" not in inspect.getsource(sys.modules[type(model).__module__]):  # before 5.x
+        with pytest.raises(TypeError, match="SeamlessM4TAttention neither calls transformers' attention registry"):
+            mea.apply_attention_patch(model)
+        return
+    mea.apply_attention_patch(model, backend="chunked")
+    assert model.config._attn_implementation == "mea_chunked"
+    assert_close_rel(forward_of(model), expected, FP32_TOL, "patched SeamlessM4T text-to-text")
