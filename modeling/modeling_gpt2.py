@@ -1528,14 +1528,14 @@ def _flex_masks_causally(call: AttentionCall) -> bool:
 
 
 def _lookup_in_broadcast_mask(mask: torch.Tensor) -> Callable:
-    """``(b, h, q_idx, kv_idx) -> mask[b, h, q_idx, kv_idx]`` for a ``[b or 1, h or 1, q or 1, k]`` mask (bool, or
-    a bias for a ``score_mod``). Its dimensions of size one are dropped rather than indexed at 0: flex evaluates
+    """``(b, h, q_idx, kv_idx) -> mask[b, h, q_idx, kv_idx]`` for a ``[b or 1, h or 1, q or 1, k or 1]`` mask (bool,
+    or a bias for a ``score_mod``). Its dimensions of size one are dropped rather than indexed at 0: flex evaluates
     masks under vmap, which in torch 2.9 reads a Python int among vmapped tensor indices on the host and fails."""
-    broadcast = tuple(dim for dim in range(3) if mask.shape[dim] == 1)
+    broadcast = tuple(dim for dim in range(4) if mask.shape[dim] == 1)
     kept = mask.squeeze(broadcast) if broadcast else mask
 
     def lookup(b, h, q_idx, kv_idx):
-        return kept[tuple(index for dim, index in enumerate((b, h, q_idx)) if dim not in broadcast) + (kv_idx,)]
+        return kept[tuple(index for dim, index in enumerate((b, h, q_idx, kv_idx)) if dim not in broadcast)]
 
     return lookup
 

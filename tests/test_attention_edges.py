@@ -13,13 +13,14 @@ from tests.test_attention import reference_attention
 
 @pytest.mark.parametrize("shape", [(1, 1, 8, 1), (1, 2, 1, 1), (1, 1, 1, 12)])
 @pytest.mark.parametrize("kind", ["bool", "additive"])
-def test_a_4d_mask_broadcast_over_keys_or_queries_works_in_every_chunked_block(shape, kind):
+def test_a_4d_mask_broadcast_over_keys_or_queries_works_in_every_chunked_block_and_on_flex(shape, kind):
     gen = torch.Generator().manual_seed(21)
     q, k, v = (torch.randn(1, 2, n, 16, generator=gen) for n in (8, 12, 12))
     mask = torch.rand(shape, generator=gen) > 0.3 if kind == "bool" else torch.randn(shape, generator=gen)
     mask[..., 0] = True if kind == "bool" else 0.5  # some key visible to every query
     expected = reference_attention(q, k, v, causal=True, mask=mask)
-    for backend, options in (("chunked", {"chunk_size": [3, 4]}), ("chunked", {"chunk_size": [8, 1]}), ("eager", {})):
+    chunked = (("chunked", {"chunk_size": [3, 4]}), ("chunked", {"chunk_size": [8, 1]}))
+    for backend, options in (*chunked, ("eager", {}), ("flex", {})):  # flex's lookup indexed a broadcast key
         out = mea.attention(q, k, v, causal=True, attention_mask=mask, backend=backend, **options)
         torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
 
