@@ -809,12 +809,17 @@ def _refuse_double_backward(op: str) -> None:
 
 
 def _pass_unused_gradients_as_none(ctx) -> None:
-    """A backward of several outputs then gets None, not zeros, for an output that reaches no loss (a norm's
-    output read only by non-differentiable modules, such as dynamically quantized linears), so the weights behind
-    it keep a None gradient, as stock's do (optimizers skip those; zeros would be decayed). Traced graphs make
-    their own gradients (dynamo cannot trace the call)."""
+    """Called in forward: backward then gets None, not zeros, for an output whose gradient is undefined (it
+    reaches no loss, or only through an op without a derivative, such as ``quantize_dynamic``'s linears), and
+    passes None on, so the parameters behind it keep a None gradient, as stock's do (optimizers skip those; zeros
+    would be decayed). Traced graphs make their own gradients (dynamo cannot trace the call)."""
     if not _is_tracing():
         ctx.set_materialize_grads(False)
+
+
+def _none_for_every_input(ctx) -> tuple:
+    """A backward's result when its output's gradient is undefined (see ``_pass_unused_gradients_as_none``)."""
+    return (None,) * len(ctx.needs_input_grad)
 
 
 class LightSoftmax(torch.autograd.Function):
@@ -826,10 +831,13 @@ class LightSoftmax(torch.autograd.Function):
         if probs.dtype != scores.dtype:  # a no-op .to() returns an alias, whose gradient torch 2.11's dynamo drops
             probs = probs.to(scores.dtype)
         ctx.save_for_backward(probs)
+        _pass_unused_gradients_as_none(ctx)
         return probs
 
     @staticmethod
     def backward(ctx, grad_probs: torch.Tensor):
+        if grad_probs is None:
+            return _none_for_every_input(ctx)
         (probs,) = ctx.saved_tensors
         return torch._softmax_backward_data(grad_probs.to(probs.dtype), probs, -1, probs.dtype)
 
@@ -843,10 +851,13 @@ class DropoutMatmul(torch.autograd.Function):
         scale = 1.0 / (1.0 - p)
         ctx.save_for_backward(probs, value, keep)
         ctx.scale = scale
+        _pass_unused_gradients_as_none(ctx)
         return torch.matmul(probs * keep * scale, value)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        if grad_out is None:
+            return _none_for_every_input(ctx)
         probs, value, keep = ctx.saved_tensors
         dropped = probs * keep * ctx.scale
         grad_value = torch.matmul(dropped.transpose(-1, -2), grad_out)
@@ -1021,11 +1032,14 @@ class _FlashVarlenAttention(torch.autograd.Function):
         )
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state, rng_offset)
         ctx.options = (max_seqlen_q, max_seqlen_k, dropout_p, causal, scale)
+        _pass_unused_gradients_as_none(ctx)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         _refuse_double_backward("flash-attention varlen")
+        if grad_out is None:
+            return _none_for_every_input(ctx)
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state, rng_offset = ctx.saved_tensors
         max_seqlen_q, max_seqlen_k, dropout_p, causal, scale = ctx.options
         _, backward_op = _flash_varlen_ops()
@@ -1263,11 +1277,14 @@ class _ChunkedAttention(torch.autograd.Function):
         out, lse = _chunked_forward_op(q, k, v, mask, alibi_slopes, documents, key_positions, *options)
         ctx.save_for_backward(q, k, v, out, lse, mask, alibi_slopes, documents, key_positions)
         ctx.options = options
+        _pass_unused_gradients_as_none(ctx)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         _refuse_double_backward("chunked attention")
+        if grad_out is None:
+            return _none_for_every_input(ctx)
         q, k, v, out, lse, mask, alibi_slopes, documents, key_positions = ctx.saved_tensors
         grads = _chunked_backward_op(
             q, k, v, out, lse, grad_out, mask, alibi_slopes, documents, key_positions, *ctx.options
@@ -2380,11 +2397,14 @@ class _CudnnTrainingAttention(torch.autograd.Function):
         out, stats = forward_op(q, k, v, *layout, *options, True)
         ctx.save_for_backward(q, k, v, out, stats, *layout)
         ctx.ops, ctx.options = ops, options
+        _pass_unused_gradients_as_none(ctx)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         _refuse_double_backward("cudnn attention")
+        if grad_out is None:
+            return _none_for_every_input(ctx)
         q, k, v, out, stats, *layout = ctx.saved_tensors
         grads = ctx.ops[1](q, k, v, out, stats, grad_out, *layout, *ctx.options)
         return (None, *grads, None, *(None,) * len(ctx.options))
@@ -4829,11 +4849,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             computed = iter(computed)
             ctx.save_for_backward(*(next(computed) if wanted else None for wanted in wants))
+        _pass_unused_gradients_as_none(ctx)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         _refuse_double_backward("the fused LM head + loss")
+        if grad_loss is None:
+            return _none_for_every_input(ctx)
         if ctx.in_backward:
             hidden, weight, bias, targets, divisor = ctx.saved_tensors
             options = (targets, grad_loss / divisor, *ctx.options, *ctx.wants)
@@ -5693,11 +5716,14 @@ class _Activation(torch.autograd.Function):
     def forward(ctx, kind: str, x, up):
         ctx.kind = kind
         ctx.save_for_backward(x, up)
+        _pass_unused_gradients_as_none(ctx)
         return _activation_forward_op(kind, x, up)
 
     @staticmethod
     def backward(ctx, grad):
         _refuse_double_backward("the fused activation")
+        if grad is None:
+            return _none_for_every_input(ctx)
         x, up = ctx.saved_tensors
         grads = _activation_backward_op(ctx.kind, grad, x, up)
         return None, grads[0], grads[1] if up is not None else None
@@ -5806,11 +5832,14 @@ class _ActivationLinear(torch.autograd.Function):
     def forward(ctx, x, up, weight, bias, kind: str):
         ctx.kind = kind
         ctx.save_for_backward(x, up, weight)
+        _pass_unused_gradients_as_none(ctx)
         return _activation_linear_forward_op(kind, x, up, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         _refuse_double_backward("the fused MLP projection")
+        if grad is None:
+            return _none_for_every_input(ctx)
         x, up, weight = ctx.saved_tensors
         need_x, need_up, need_weight, need_bias = ctx.needs_input_grad[:4]
         need_inputs = need_x or need_up
@@ -6269,12 +6298,15 @@ class _SequenceTiled(torch.autograd.Function):
         ctx.modules, ctx.owners, ctx.tile_size = modules, owners, tile_size
         ctx.state = _ReplayState(x.device, owners)
         ctx.save_for_backward(x, *params)
+        _pass_unused_gradients_as_none(ctx)
         with _no_grad_past_autocasts_cache():
             return _run_in_tiles(modules, x, tile_size)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         _refuse_double_backward("config.sequence_tile_size")
+        if grad_out is None:
+            return _none_for_every_input(ctx)
         _refuse_gradient_hooks_added_since_forward("config.sequence_tile_size", ctx.owners)
         x, *params = ctx.saved_tensors
         wants_input = ctx.needs_input_grad[3]
@@ -6858,11 +6890,14 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"offloaded checkpoints need a layer that returns one tensor, got {type(output).__name__}")
         ctx.save_for_backward(*inputs)
+        _pass_unused_gradients_as_none(ctx)
         return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         _refuse_double_backward("config.offload_checkpoints")
+        if grad_output is None:
+            return _none_for_every_input(ctx)
         _refuse_gradient_hooks_added_since_forward("config.offload_checkpoints", (ctx.layer,))
         inputs = list(ctx.saved_tensors)
         hidden = ctx.link.copy.fetch()
