@@ -248,6 +248,8 @@ def kernel_layer_mask(**mask_kwargs: Any):
     if config is not None and not _attention_reads_our_mask(config):
         _warn_stock_attention_once(config)
         return _stock_mask_function("eager")(**mask_kwargs)
+    if config is not None and _stock_runs_eager_only(config):
+        return _stock_mask_function("eager")(**mask_kwargs)
     kv_length, kv_offset = mask_kwargs["kv_length"], mask_kwargs.get("kv_offset", 0)
     pattern = _plain_mask_pattern(mask_kwargs.get("mask_function"))
     if mask_kwargs.get("local_size") is not None or isinstance(kv_offset, torch.Tensor) or _is_tracing():
@@ -324,8 +326,7 @@ def _make_attention_function(backend: str) -> Callable:
                     f"the kernel layer ({implementation_name(backend)}) does not take `{unsupported}`; "
                     "use this model's own attention (e.g. attn_implementation='eager')"
                 )
-        is_causal = kwargs.get("is_causal")
-        is_causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+        is_causal = _causal_without_a_mask(module, kwargs.get("is_causal"))
         key, value, mask, causal = _kernel_arguments(key, value, attention_mask, is_causal, query.shape[2])
         options = _config_options(getattr(module, "config", None), backend, mask)
         value_size = value.shape[-1]
@@ -344,6 +345,16 @@ def _make_attention_function(backend: str) -> Callable:
 
 
 _ATTENTION_FUNCTIONS: dict[str, Callable] = {name: _make_attention_function(b) for name, b in REGISTERED_NAMES.items()}
+
+
+def _causal_without_a_mask(module: nn.Module, is_causal: bool | None) -> bool:
+    """Whether a call that comes without a mask is causal: as transformers' sdpa function reads it (the caller's
+    ``is_causal``, else the module's flag, causal when unset), except in a model stock runs on eager attention
+    only, whose attention applies no pattern but its mask's (its encoders' modules have no flag)."""
+    config = getattr(module, "config", None)
+    if config is not None and _stock_runs_eager_only(config):
+        return False
+    return getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
 
 
 def register_attention_backends() -> list[str]:
@@ -562,6 +573,34 @@ def _attention_reads_our_mask(config) -> bool:
 
 def _modeling_module_name(config) -> str:
     return type(config).__module__.replace(".configuration_", ".modeling_")
+
+
+# Per modeling module: whether none of its model classes declares sdpa support. Filled once per module, read
+# without a lock.
+_EAGER_ONLY: dict[str, bool] = {}
+
+
+def _stock_runs_eager_only(config) -> bool:
+    """Whether stock runs the config's model on eager attention only (no model class of its modeling file
+    declares sdpa support). Such a model's code may rely on eager's mask: a decoder whose attention modules say
+    ``is_causal=False`` (NLLB-MoE, Pegasus-X), encoders whose modules have no such flag (which sdpa's contract
+    reads as causal: Splinter, ALIGN, CLAP), modules that read the mask or add it to scores they compute
+    themselves (NLLB-MoE's router, BigBird-Pegasus's full attention). Our mask function gives these models that
+    mask, whose values say every pattern; the kernels take it as an additive mask. Not our files, nor a stock
+    BLOOM whose attention runs ours (both take our masks)."""
+    from transformers import PreTrainedModel
+
+    name = _modeling_module_name(config)
+    if name not in _EAGER_ONLY:
+        module = sys.modules.get(name)
+        if module is None or _is_our_module(module):
+            return False
+        classes = [
+            value for value in vars(module).values()
+            if isinstance(value, type) and issubclass(value, PreTrainedModel) and value.__module__ == name
+        ]
+        _EAGER_ONLY[name] = bool(classes) and not any(cls._supports_sdpa for cls in classes)
+    return _EAGER_ONLY[name] and not _is_patched_bloom(config)
 
 
 def _is_patched_bloom(config) -> bool:

@@ -412,3 +412,45 @@ def test_a_model_whose_modeling_file_also_has_a_position_bias_attention_is_patch
     mea.apply_attention_patch(model, backend="chunked")
     assert model.config._attn_implementation == "mea_chunked"
     assert_close_rel(forward_of(model), expected, FP32_TOL, "patched SeamlessM4T text-to-text")
+
+
+def eager_only_models() -> dict:
+    """Stock models that run on eager attention only, whose code relies on eager's mask: NLLB-MoE (decoder modules
+    say ``is_causal=False``; its router reads the mask), Splinter (no ``is_causal`` flag: bidirectional), and
+    BigBird-Pegasus (its full encoder attention adds the mask to scores it computes itself)."""
+    import transformers as T
+
+    seq2seq = dict(vocab_size=VOCAB_OF_REFUSED, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                   decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+                   pad_token_id=0, decoder_start_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    return {
+        "nllb_moe": T.NllbMoeForConditionalGeneration(T.NllbMoeConfig(
+            **seq2seq, num_experts=2, expert_capacity=16, encoder_sparse_step=1, decoder_sparse_step=1)),
+        "splinter": T.SplinterModel(T.SplinterConfig(
+            vocab_size=VOCAB_OF_REFUSED, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+            intermediate_size=48, pad_token_id=0, question_token_id=5)),
+        "bigbird_pegasus": T.BigBirdPegasusModel(T.BigBirdPegasusConfig(**seq2seq, attention_type="original_full")),
+    }
+
+
+@pytest.mark.parametrize("name", ["nllb_moe", "splinter", "bigbird_pegasus"])
+@pytest.mark.parametrize("backend", ["auto", "chunked"])
+def test_models_that_stock_runs_on_eager_only_get_eager_masks_and_stock_outputs(name, backend):
+    """Their unpadded calls got no mask, so the kernel took the pattern from the modules' is_causal (NLLB-MoE's
+    decoder saw later tokens; Splinter's encoder became causal); padded ones got our keep-masks, which BigBird's
+    own attention added to its scores as +1/0 and NLLB-MoE's router read inverted."""
+    model = eager_only_models()[name].eval()
+    ids = torch.randint(3, VOCAB_OF_REFUSED, (2, 9), generator=torch.Generator().manual_seed(4))
+    padded = torch.ones_like(ids)
+    padded[1, 6:] = 0
+    extra = {"decoder_input_ids": ids[:, :6]} if model.config.is_encoder_decoder else {}
+    expected = []
+    with torch.no_grad():
+        for mask in (None, padded):
+            expected.append(model(input_ids=ids, attention_mask=mask, **extra)[0])
+        mea.apply_attention_patch(model, backend=backend)
+        for mask, stock_output in zip((None, padded), expected):
+            output = model(input_ids=ids, attention_mask=mask, **extra)[0]
+            kept = (slice(None),) if mask is None or extra else (mask.bool(),)
+            assert_close_rel(output[kept], stock_output[kept], FP32_TOL, f"{name}, mask {mask is not None}")
