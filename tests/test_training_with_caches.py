@@ -41,20 +41,28 @@ def with_checkpointing(model, checkpointing: str):
 
 def continued_loss(model, prompt, answer, checkpointing: str = "") -> torch.Tensor:
     """The training loss of ``answer`` after ``prompt``'s cache (built in eval mode, without gradients)."""
+    return continued_step(model, prompt, answer, checkpointing).loss
+
+
+def continued_step(model, prompt, answer, checkpointing: str = ""):
     model.eval()
     with torch.no_grad():
         cache = model(input_ids=prompt, use_cache=True).past_key_values
     with_checkpointing(model, checkpointing)
     mask = torch.ones(answer.shape[0], prompt.shape[1] + answer.shape[1], dtype=torch.long)
-    return model.train()(input_ids=answer, attention_mask=mask, past_key_values=cache, labels=answer).loss
+    return model.train()(input_ids=answer, attention_mask=mask, past_key_values=cache, labels=answer)
 
 
 @pytest.mark.parametrize("name", CAUSAL)
-def test_a_training_forward_continuing_a_cache_matches_stock(family_pairs, name):
+def test_a_training_forward_continuing_a_cache_matches_stock_and_returns_it(family_pairs, name):
+    """With ``use_cache`` unset, the passed cache comes back holding prompt and answer, as stock's does (GPT-2
+    returned none: our training forwards build no cache unless asked, and a passed one was not taken as asking)."""
     stock, ours, _ = family_pairs[name]
     prompt, answer = prompt_and_answer()
-    expected = continued_loss(copy.deepcopy(stock), prompt, answer)
-    assert_close_rel(continued_loss(copy.deepcopy(ours), prompt, answer), expected.detach(), TOL, "loss")
+    expected = continued_step(copy.deepcopy(stock), prompt, answer)
+    got = continued_step(copy.deepcopy(ours), prompt, answer)
+    assert_close_rel(got.loss, expected.loss.detach(), TOL, "loss")
+    assert got.past_key_values.get_seq_length() == expected.past_key_values.get_seq_length() == 9
 
 
 @pytest.mark.parametrize("checkpointing", ["gradient_checkpointing", "offload_checkpoints"])
