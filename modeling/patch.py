@@ -575,14 +575,15 @@ def _modeling_module_name(config) -> str:
     return type(config).__module__.replace(".configuration_", ".modeling_")
 
 
-# Per modeling module: whether none of its model classes declares sdpa support. Filled once per module, read
-# without a lock.
+# Per config class: whether none of the model classes made from it declares sdpa support. Filled once per class,
+# read without a lock.
 _EAGER_ONLY: dict[str, bool] = {}
 
 
 def _stock_runs_eager_only(config) -> bool:
-    """Whether stock runs the config's model on eager attention only (no model class of its modeling file
-    declares sdpa support). Such a model's code may rely on eager's mask: a decoder whose attention modules say
+    """Whether stock runs the config's model on eager attention only: no model class of its modeling file made
+    from this config class (else none of the file's) declares sdpa support. Such a model's code may rely on
+    eager's mask: a decoder whose attention modules say
     ``is_causal=False`` (NLLB-MoE, Pegasus-X), encoders whose modules have no such flag (which sdpa's contract
     reads as causal: Splinter, ALIGN, CLAP), modules that read the mask or add it to scores they compute
     themselves (NLLB-MoE's router, BigBird-Pegasus's full attention). Our mask function gives these models that
@@ -591,7 +592,8 @@ def _stock_runs_eager_only(config) -> bool:
     from transformers import PreTrainedModel
 
     name = _modeling_module_name(config)
-    if name not in _EAGER_ONLY:
+    key = f"{type(config).__module__}.{type(config).__qualname__}"
+    if key not in _EAGER_ONLY:
         module = sys.modules.get(name)
         if module is None or _is_our_module(module):
             return False
@@ -599,8 +601,9 @@ def _stock_runs_eager_only(config) -> bool:
             value for value in vars(module).values()
             if isinstance(value, type) and issubclass(value, PreTrainedModel) and value.__module__ == name
         ]
-        _EAGER_ONLY[name] = bool(classes) and not any(cls._supports_sdpa for cls in classes)
-    return _EAGER_ONLY[name] and not _is_patched_bloom(config)
+        own = [cls for cls in classes if cls.config_class is type(config)] or classes
+        _EAGER_ONLY[key] = bool(own) and not any(cls._supports_sdpa for cls in own)
+    return _EAGER_ONLY[key] and not _is_patched_bloom(config)
 
 
 def _is_patched_bloom(config) -> bool:
