@@ -306,7 +306,8 @@ def quantize_linears(model: torch.nn.Module, chosen) -> None:
     """``quantize_dynamic`` on the ``nn.Linear`` children ``chosen`` by name: int8 modules that pass no gradient."""
     for name, module in list(model.named_children()):
         if isinstance(module, torch.nn.Linear) and chosen(name):
-            setattr(model, name, torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(module), dtype=torch.qint8)[0])
+            quantized = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(module), dtype=torch.qint8)
+            setattr(model, name, quantized[0])
         else:
             quantize_linears(module, chosen)
 
@@ -319,7 +320,9 @@ def quantize_linears(model: torch.nn.Module, chosen) -> None:
      ("bloom", "attention outputs", {}), ("bart", "attention outputs", {}), ("llama", "LM head", {}),
      ("llama", "LM head", {"sequence_tile_size": 4}), ("bart", "LM head", {})],
 )
-def test_what_only_non_differentiable_modules_read_gets_no_gradient_as_in_stock(family_pairs, name, quantized, settings):
+def test_what_only_non_differentiable_modules_read_gets_no_gradient_as_in_stock(
+    family_pairs, name, quantized, settings
+):
     """Parameters whose outputs reach the loss only through ``quantize_dynamic``'s int8 linears get a None gradient
     in stock, which AdamW skips; our fused ops (norms, MLP activations, the padded batch's chunked or eager
     attention, sequence tiles) passed zeros back instead, which weight decay moved."""
@@ -346,5 +349,5 @@ def test_what_only_non_differentiable_modules_read_gets_no_gradient_as_in_stock(
             continue
         assert_close_rel(grads[key], grad, 1e-4, f"grad of {key}")
     torch.optim.AdamW(ours.parameters(), lr=0.1, weight_decay=0.5).step()
-    moved = [key for key, parameter in ours.named_parameters() if key in untouched and not torch.equal(parameter, before[key])]
+    moved = [key for key, value in ours.named_parameters() if key in untouched and not torch.equal(value, before[key])]
     assert not moved, f"AdamW moved parameters that stock leaves without a gradient: {moved}"

@@ -420,9 +420,9 @@ def eager_only_models() -> dict:
     BigBird-Pegasus (its full encoder attention adds the mask to scores it computes itself)."""
     import transformers as T
 
-    seq2seq = dict(vocab_size=VOCAB_OF_REFUSED, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                   decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
-                   pad_token_id=0, decoder_start_token_id=2)  # fmt: skip
+    seq2seq = dict(vocab_size=VOCAB_OF_REFUSED, d_model=32, encoder_layers=1, decoder_layers=1,
+                   encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
+                   max_position_embeddings=64, pad_token_id=0, decoder_start_token_id=2)  # fmt: skip
     torch.manual_seed(0)
     return {
         "nllb_moe": T.NllbMoeForConditionalGeneration(T.NllbMoeConfig(
