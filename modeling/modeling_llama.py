@@ -6067,7 +6067,7 @@ class _Rotary(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         given = [grad for grad in (grad_q, grad_k) if grad is not None]  # None: that output reaches no loss
         if not given:
-            return None, None, None, None, None
+            return _none_for_every_input(ctx)
         rotated = iter(_rotary_backward_op(given[0], given[1] if len(given) == 2 else None, cos, sin, ctx.input_dtype))
         return None, None, None, *(None if grad is None else next(rotated) for grad in (grad_q, grad_k))
 
