@@ -874,14 +874,16 @@ def _class_patch_applies(patch: _ClassPatch, cls: type, config) -> bool:
         return True
     from transformers.utils import logging
 
-    refused = _refused_arguments(sys.modules.get(cls.__module__), config)
-    if _module_uses_registry(cls.__module__) and not refused:
+    uses_registry = _module_uses_registry(cls.__module__)
+    refused = _refused_arguments(sys.modules.get(cls.__module__), config) if uses_registry else []
+    if uses_registry and not refused:
         return True
     why = (
         f"is in a modeling file whose attention takes {', '.join(f'`{name}`' for name in refused)}, which the "
         "kernel layer does not take"
         if refused
-        else "computes attention itself (not through transformers' attention registry)"
+        else "does not call transformers' attention registry itself (it computes attention itself, or only holds "
+        "sub-models, which are patched on their own where their classes call it)"
     )
     logging.get_logger(__name__).warning_once(
         f"apply_attention_patch(): {cls.__module__}.{cls.__name__} {why}, so its models keep their own attention; "

@@ -454,3 +454,20 @@ def test_models_that_stock_runs_on_eager_only_get_eager_masks_and_stock_outputs(
             output = model(input_ids=ids, attention_mask=mask, **extra)[0]
             kept = (slice(None),) if mask is None or extra else (mask.bool(),)
             assert_close_rel(output[kept], stock_output[kept], FP32_TOL, f"{name}, mask {mask is not None}")
+
+
+def test_the_class_patch_says_why_a_model_without_the_registry_keeps_its_own_attention(caplog):
+    """MPT computes attention itself (its ALiBi ``position_bias`` is its own argument): the log said its attention
+    takes a ``position_bias`` the kernel layer refuses, as for T5, whose attention calls the registry."""
+    from transformers import MptConfig, MptForCausalLM
+
+    mea.apply_attention_patch()
+    try:
+        with caplog.at_level("WARNING"):
+            model = MptForCausalLM(MptConfig(vocab_size=VOCAB_OF_REFUSED, d_model=32, n_heads=4, n_layers=1))
+    finally:
+        mea.remove_attention_patch()
+    assert not str(model.config._attn_implementation).startswith("mea")
+    said = [record.getMessage() for record in caplog.records if "MptForCausalLM" in record.getMessage()]
+    assert said and "does not call transformers' attention registry itself" in said[0], said
+    assert "position_bias" not in said[0]
