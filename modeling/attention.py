@@ -4013,9 +4013,9 @@ def padded_rows(
         return None
     if predicted_from_padding:
         _log_once(
-            "a padded batch with labels predicted from padded positions runs with every row at full length (slower; "
-            "the loss stock computes); with left padding, a label of -100 on each row's first kept token lets it run "
-            "unpadded"
+            "a padded batch with labels predicted from padded positions runs with every row at full length (slower); "
+            "with left padding each row's first kept token is predicted from a padded position, whose output differs "
+            "from stock's (README, 'Differences from stock'): a label of -100 there lets it run unpadded, as stock"
         )
         return None
     return PaddedRows(keep, kept)
