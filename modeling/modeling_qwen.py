@@ -820,6 +820,14 @@ def _pass_unused_gradients_as_none(ctx) -> None:
         ctx.set_materialize_grads(False)
 
 
+def _keep_fake_constants_whole(ctx, constants: tuple) -> None:
+    """Under a ``FakeTensorMode`` outside tracing (memory estimators), hold the Python objects of saved tensors made
+    in forward that nothing else keeps (masks, slopes): torch 2.9 unpacks a saved fake tensor whose object died as a
+    bare ``FakeTensor`` without its ``fake_mode``, on which backward's first device query fails."""
+    if not _is_tracing() and _fake_tensor_mode_active():
+        ctx.fake_constants = constants
+
+
 def _none_for_every_input(ctx) -> tuple:
     """A backward's result when its output's gradient is undefined (see ``_pass_unused_gradients_as_none``)."""
     return (None,) * len(ctx.needs_input_grad)
@@ -1280,6 +1288,7 @@ class _ChunkedAttention(torch.autograd.Function):
         out, lse = _chunked_forward_op(q, k, v, mask, alibi_slopes, documents, key_positions, *options)
         ctx.save_for_backward(q, k, v, out, lse, mask, alibi_slopes, documents, key_positions)
         ctx.options = options
+        _keep_fake_constants_whole(ctx, (mask, alibi_slopes, documents, key_positions))
         _pass_unused_gradients_as_none(ctx)
         return out
 
