@@ -577,7 +577,7 @@ def _modeling_module_name(config) -> str:
 
 # Per config class: whether none of the model classes made from it declares sdpa support. Filled once per class,
 # read without a lock.
-_EAGER_ONLY: dict[str, bool] = {}
+_EAGER_ONLY: dict[type, bool] = {}
 
 
 def _stock_runs_eager_only(config) -> bool:
@@ -591,9 +591,9 @@ def _stock_runs_eager_only(config) -> bool:
     BLOOM whose attention runs ours (both take our masks)."""
     from transformers import PreTrainedModel
 
-    name = _modeling_module_name(config)
-    key = f"{type(config).__module__}.{type(config).__qualname__}"
+    key = type(config)  # read per attention call: no string work once known
     if key not in _EAGER_ONLY:
+        name = _modeling_module_name(config)
         module = sys.modules.get(name)
         if module is None or _is_our_module(module):
             return False
