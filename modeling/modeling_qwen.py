@@ -231,11 +231,22 @@ class ForwardMask:
         return None if self.tensor is None else self.tensor.contiguous()
 
     def __getitem__(self, index):
-        raise TypeError(
-            "this model reads its attention mask itself (it indexes it), where the kernel layer's attention "
-            "names hand the attention layers a per-forward ForwardMask: load it with its own attention "
-            "(attn_implementation='sdpa' or 'eager')"
-        )
+        raise TypeError(_read_as_a_tensor("it indexes it"))
+
+    def __getattr__(self, name: str):
+        """Only for names that normal lookup does not find: a tensor method names the problem (still an
+        AttributeError, so ``hasattr`` and ``getattr(..., default)`` keep working)."""
+        if name.startswith("_") or not hasattr(torch.Tensor, name):
+            raise AttributeError(f"'ForwardMask' object has no attribute {name!r}")
+        raise AttributeError(f"'ForwardMask' object has no attribute {name!r}: " + _read_as_a_tensor(f"it uses .{name}"))
+
+
+def _read_as_a_tensor(how: str) -> str:
+    return (
+        f"this model reads its attention mask itself ({how}), where the kernel layer's attention names hand the "
+        "attention layers a per-forward ForwardMask: load it with its own attention (attn_implementation='sdpa' "
+        "or 'eager')"
+    )
 
 
 def forward_mask(

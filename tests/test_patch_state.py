@@ -284,6 +284,21 @@ def test_a_patched_bloom_decodes_over_a_static_cache_with_stocks_scores():
         assert_close_rel(scores[keep], stock_scores[keep], FP32_TOL, f"scores of step {step}")
 
 
+def test_a_tensor_method_called_on_the_forward_mask_names_the_problem_and_hasattr_still_works():
+    """Stock code that treats the mask as a tensor (``attention_mask.to(...)``, ``.masked_fill``) gets an
+    AttributeError saying why, as ``hasattr``/``getattr(..., default)`` and copies expect of a missing attribute."""
+    forward_mask = patch_module.ForwardMask(torch.tensor([[True, False, True]]))
+    for name in ("to", "masked_fill", "is_cuda"):
+        with pytest.raises(AttributeError, match=rf"no attribute '{name}': this model reads its attention mask itself"):
+            getattr(forward_mask, name)
+        assert not hasattr(forward_mask, name)
+    with pytest.raises(AttributeError, match=r"no attribute 'not_a_tensor_method'$"):
+        forward_mask.not_a_tensor_method
+    assert getattr(forward_mask, "_private", "default") == "default"
+    copied = copy.deepcopy(forward_mask)
+    assert torch.equal(copied.tensor, forward_mask.tensor) and copied.tensor is not forward_mask.tensor
+
+
 def test_a_model_that_reads_the_mask_or_passes_sparse_indices_is_refused_by_name():
     """DeepSeek-V3.2-style models index the mask for their top-k selector, then hand other attention names the
     selection as ``indices``: both must fail naming the problem, never run dense attention silently."""
