@@ -3839,10 +3839,11 @@ def labels_of_rows(labels: Optional[torch.Tensor], kwargs: dict, input_ids, inpu
 
 
 def label_ids(labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """int8/int16/int32 labels as int64. The fused loss takes any integer labels, PyTorch's cross-entropy only
-    int64 (and uint8): without this a model trained on int32 labels (a dataset's column type) would fail at its
-    first evaluation, where the logits path runs. Stock refuses them in both."""
-    if labels is not None and labels.dtype in (torch.int8, torch.int16, torch.int32):
+    """uint8/int8/int16/int32 labels as int64. The fused loss takes any integer labels, PyTorch's cross-entropy
+    only int64 (and uint8, which the label shift's -100 padding overflows): without this a model trained on int32
+    labels (a dataset's column type) would fail at its first evaluation, where the logits path runs. Stock refuses
+    them in both."""
+    if labels is not None and labels.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
         return labels.long()
     return labels
 

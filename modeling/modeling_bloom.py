@@ -3860,10 +3860,11 @@ def labels_of_rows(labels: Optional[torch.Tensor], kwargs: dict, input_ids, inpu
 
 
 def label_ids(labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """int8/int16/int32 labels as int64. The fused loss takes any integer labels, PyTorch's cross-entropy only
-    int64 (and uint8): without this a model trained on int32 labels (a dataset's column type) would fail at its
-    first evaluation, where the logits path runs. Stock refuses them in both."""
-    if labels is not None and labels.dtype in (torch.int8, torch.int16, torch.int32):
+    """uint8/int8/int16/int32 labels as int64. The fused loss takes any integer labels, PyTorch's cross-entropy
+    only int64 (and uint8, which the label shift's -100 padding overflows): without this a model trained on int32
+    labels (a dataset's column type) would fail at its first evaluation, where the logits path runs. Stock refuses
+    them in both."""
+    if labels is not None and labels.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
         return labels.long()
     return labels
 
@@ -7531,6 +7532,7 @@ class BloomForCausalLM(BloomPreTrainedModel, GenerationMixin):
         if rows is not None:
             # A padded batch runs as one packed row of its kept tokens, one document per row: ALiBi distances
             # inside a document count its kept tokens, as stock's positions (the mask's cumulative sum) do.
+            _refuse_weighted_padding(attention_mask)  # the model, which checks it otherwise, gets no mask
             input_ids, inputs_embeds, _ = rows.pack_inputs(
                 input_ids, inputs_embeds, None, self.get_input_embeddings()
             )

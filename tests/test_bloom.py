@@ -214,6 +214,14 @@ def test_padding_masks_of_any_dtype_match_stock_and_weighted_ones_are_refused():
             assert relative_error(stock(ids, attention_mask=weighted).logits[mask.bool()], expected[mask.bool()]) > 1e-4
             with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):
                 ours(ids, attention_mask=weighted)
+            with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):  # runs unpadded
+                ours(ids, attention_mask=weighted, use_cache=False)
+    ours.train()
+    try:
+        with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):  # unpadded, the model gets none
+            ours(ids, attention_mask=mask * 2, labels=ids.masked_fill(mask == 0, -100))
+    finally:
+        ours.eval()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

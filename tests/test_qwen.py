@@ -514,6 +514,27 @@ def test_loss_and_gradients_match_reference(saved, backend):
 
 
 @pytest.mark.parametrize("training", [True, False])
+def test_uint8_labels_give_the_int64_loss(saved, training):
+    """The original's loss (``CrossEntropyLoss``) takes uint8 targets; ours padded uint8 labels with -100 for the
+    shift and failed on the overflow, in training and eval. Read as int64 now, as int8 to int32 labels are."""
+    folder, _, _ = saved
+    model = load(folder).train(training)
+    ids = random_ids(2, 9)
+    losses = []
+    for labels in (ids, ids.to(torch.uint8)):
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=labels).loss
+        if training:
+            loss.backward()
+        losses.append((loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]))
+    (expected, expected_grads), (loss, grads) = losses
+    assert_close_rel(loss, expected, 1e-6, "loss")
+    assert len(grads) == len(expected_grads) and (len(grads) > 0) is training
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert_close_rel(grad, expected_grad, 1e-6, "gradient")
+
+
+@pytest.mark.parametrize("training", [True, False])
 def test_the_labels_of_one_row_without_their_batch_dimension_give_the_same_loss(saved, training):
     """The original's loss takes the labels of a batch of one as ``[s]`` (``labels[..., 1:]``, flattened); ours
     refused them (a ValueError naming the shapes), in training and eval."""
