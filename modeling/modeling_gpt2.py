@@ -221,7 +221,8 @@ class ForwardMask:
         AttributeError, so ``hasattr`` and ``getattr(..., default)`` keep working)."""
         if name.startswith("_") or not hasattr(torch.Tensor, name):
             raise AttributeError(f"'ForwardMask' object has no attribute {name!r}")
-        raise AttributeError(f"'ForwardMask' object has no attribute {name!r}: " + _read_as_a_tensor(f"it uses .{name}"))
+        reason = _read_as_a_tensor(f"it uses .{name}")
+        raise AttributeError(f"'ForwardMask' object has no attribute {name!r}: {reason}")
 
 
 def _read_as_a_tensor(how: str) -> str:
@@ -725,17 +726,22 @@ def _clear_padded_keys(k: torch.Tensor, v: torch.Tensor, call: AttentionCall, ma
 
 def _under_function_transform() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``; Opacus's per-sample gradients
-    of layers it has no rule for) is running. Our autograd Functions have no ``setup_context`` or vmap rule,
-    which those transforms need, so the fused ops and attention's own paths then compute as stock does; logged
-    once."""
-    if not torch._C._are_functorch_transforms_active():
+    of layers it has no rule for) or forward-mode AD (a ``torch.autograd.forward_ad.dual_level``) is running. Our
+    autograd Functions have no ``setup_context``, vmap rule or ``jvp``, which those need, so the fused ops and
+    attention's own paths then compute as stock does; logged once."""
+    if not (torch._C._are_functorch_transforms_active() or _forward_ad_active()):
         return False
     _log_once(
-        "a torch.func transform is running: the fused ops (loss, norms, MLP, RoPE, tiles, offloaded "
-        "checkpoints) compute as stock does, holding what stock holds, and attention runs on sdpa or plain "
-        "eager (another backend named explicitly is refused)"
+        "a torch.func transform or forward-mode AD is running: the fused ops (loss, norms, MLP, RoPE, tiles, "
+        "offloaded checkpoints) compute as stock does, holding what stock holds, and attention runs on sdpa or "
+        "plain eager (another backend named explicitly is refused)"
     )
     return True
+
+
+def _forward_ad_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level()`` is open (its dual tensors need forward derivatives)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def _computes_as_stock() -> bool:
@@ -801,8 +807,17 @@ def _refuse_double_backward(op: str) -> None:
     if torch.is_grad_enabled():
         raise RuntimeError(
             f"{op}: gradients of gradients (backward with create_graph=True: gradient penalties, Hessian-vector "
-            "products, influence functions) are not supported by this op's backward; run the stock class for them"
+            "products, influence functions) are not supported by this op's backward: take them with torch.func "
+            "(torch.func.hessian, grad of grad; the fused ops then compute as stock does, attention on "
+            "config.attn_backend='eager'), or run the stock class"
         )
+
+
+def _savable(x: torch.Tensor) -> torch.Tensor:
+    """``x``, as a forward saves it for backward: a copy of a tensor made under ``torch.inference_mode`` (frozen
+    features passed as ``inputs_embeds``), which autograd refuses to save; stock's norms save a tensor of their own
+    there, so they train on such inputs."""
+    return x.clone() if not _is_tracing() and x.is_inference() else x
 
 
 def _pass_unused_gradients_as_none(ctx) -> None:
@@ -3348,11 +3363,18 @@ _slopes_lock = threading.Lock()
 def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
     """BLOOM's ALiBi slopes (float32 ``[num_heads]``), including head counts that are not powers of two.
 
-    Outside tracing the tensor is cached per head count and device (treat it as read-only)."""
+    Outside tracing and ``torch.func`` transforms the tensor is cached per head count and device (treat it as
+    read-only)."""
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"alibi_slopes needs a positive number of attention heads, got num_heads={num_heads!r}")
-    if _is_tracing() or torch.is_inference_mode_enabled() or _fake_tensor_mode_active():
-        # a constant of the traced graph; an inference tensor; a fake tensor (shape inference), never cached
+    if (
+        _is_tracing()
+        or torch.is_inference_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or _fake_tensor_mode_active()
+    ):
+        # a constant of the traced graph; an inference tensor; one a transform wraps at its level (used after the
+        # transform, it fails torch's level check); a fake tensor (shape inference): never cached
         return _build_alibi_slopes(num_heads, device)
     key = (num_heads, torch.device("cpu" if device is None else device))
     with _slopes_lock:
@@ -3430,8 +3452,14 @@ def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[t
 
 
 def _host_cannot_read(tensor: torch.Tensor) -> bool:
-    """Whether a mask's values cannot be read on the host to choose a path: while tracing, and for fake or meta
-    tensors (what tools that estimate memory or shapes run a model on)."""
+    """Whether a mask's values cannot be read on the host to choose a path: while tracing, under a ``torch.func``
+    transform (``vmap``'s per-sample rows), and for fake or meta tensors (what tools that estimate memory or shapes
+    run a model on)."""
+    return torch._C._are_functorch_transforms_active() or _values_unreadable(tensor)
+
+
+def _values_unreadable(tensor: torch.Tensor) -> bool:
+    """Whether a tensor's values cannot be read on the host at all: while tracing, fake or meta tensors."""
     return _is_tracing() or _fake_tensor_mode_active() or tensor.device.type == "meta"
 
 
@@ -5466,7 +5494,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float, with_residual: bool):
         out, rstd = _rms_norm_forward_op(x, weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
+        ctx.save_for_backward(_savable(x), weight, rstd)
         _pass_unused_gradients_as_none(ctx)
         return (out, x) if with_residual else out
 
@@ -5573,7 +5601,7 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, with_residual: bool):
         out, mean, rstd = _layer_norm_forward_op(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_backward(_savable(x), weight, mean, rstd)
         _pass_unused_gradients_as_none(ctx)
         return (out, x) if with_residual else out
 

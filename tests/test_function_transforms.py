@@ -104,6 +104,69 @@ def test_per_sample_gradients_with_vmap_match_one_backward_per_row(family_pairs,
         assert_same_gradients({key: value[row] for key, value in per_sample.items()}, expected, f"{name} row {row}")
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "bart_causal"])
+def test_per_sample_gradients_of_padded_rows_with_their_mask_match_one_backward_per_row(family_pairs, name):
+    """Each row with its own padding mask: deciding whether a row is padded read the mask on the host, which
+    ``vmap`` refuses (functorch's data-dependent error on every backend), where stock eager runs."""
+    stock, ours, _ = family_pairs[name]
+    rows = batch_for(name, torch.Generator().manual_seed(6))
+    assert not rows["attention_mask"].bool().all()
+    ours.train()
+
+    def row_loss(params, row):
+        return loss_of(ours)(params, {key: value[None] for key, value in row.items()})
+
+    per_sample = vmap(grad(row_loss), in_dims=(None, 0))(parameters_of(ours), rows)
+    for row in range(rows["input_ids"].shape[0]):
+        _, expected = train_step(stock, {key: value[row : row + 1] for key, value in rows.items()})
+        assert_same_gradients({key: value[row] for key, value in per_sample.items()}, expected, f"{name} row {row}")
+    if name == "bloom":  # its 0/1 check reads the rows' masks beneath vmap's wrapper
+        with pytest.raises(ValueError, match="must hold only 0 and 1"):
+            weighted = dict(rows, attention_mask=rows["attention_mask"] * 2)
+            vmap(grad(row_loss), in_dims=(None, 0))(parameters_of(ours), weighted)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_forward_mode_ad_with_dual_tensors_matches_stock_eager(family_pairs, name):
+    """``torch.autograd.forward_ad``'s dual tensors need a forward derivative of every op: our autograd Functions
+    have none (torch's generic error), so inside a ``dual_level`` the fused ops compute as stock does."""
+    stock, ours, _ = family_pairs[name]
+    stock = copy.deepcopy(stock).eval()
+    stock.set_attn_implementation("eager")
+    batch = batch_for(name, torch.Generator().manual_seed(12))
+    embeddings = ours.get_input_embeddings()(batch["input_ids"]).detach()
+    tangent = torch.randn(embeddings.shape, generator=torch.Generator().manual_seed(13))
+    derivatives = []
+    for model in (stock, ours.eval()):
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(embeddings, tangent)
+            logits = model(inputs_embeds=dual, attention_mask=batch["attention_mask"]).logits
+            derivatives.append(torch.autograd.forward_ad.unpack_dual(logits).tangent)
+    kept = batch["attention_mask"].bool()
+    assert_close_rel(derivatives[1][kept], derivatives[0][kept], TOL, "directional derivative of the logits")
+
+
+def test_bloom_keeps_no_slopes_a_transform_made_so_later_transforms_run(family_pairs):
+    """Slopes built inside a transform are wrapped at its level; kept in the slopes cache, the next transform
+    failed torch's internal level check (second-order steps, one after the other)."""
+    _, ours, _ = family_pairs["bloom"]
+    ours.eval().config.attn_backend = "eager"
+    try:
+        ids = batch_for("bloom", torch.Generator().manual_seed(14))["input_ids"][:1]
+        embeddings = ours.get_input_embeddings()(ids).detach()
+        kernels = sys.modules[type(ours).__module__]
+        kernels._slopes_cache.clear()
+
+        def logits_sum(inputs_embeds):
+            return ours(inputs_embeds=inputs_embeds).logits.square().sum()
+
+        curvatures = [torch.func.grad(lambda e: torch.func.grad(logits_sum)(e).sum())(embeddings) for _ in range(2)]
+        assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in kernels._slopes_cache.values())
+        assert torch.equal(curvatures[0], curvatures[1]) and curvatures[0].abs().sum() > 0
+    finally:
+        ours.config.attn_backend = None
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bart"])
 def test_forward_mode_jvp_of_the_loss_matches_stock_eager(family_pairs, name):
     """Forward-mode AD (``torch.func.jvp``): stock needs its eager attention (sdpa has no forward derivative)."""

@@ -181,6 +181,19 @@ def test_uint8_labels_train_as_stock(family_pairs, name):
     assert_same_training_step(stock, ours, batch)
 
 
+@pytest.mark.parametrize("name", ["llama", "llama_tied", "gpt2", "bart_causal"])
+def test_inputs_embeds_made_under_inference_mode_train_as_stock(family_pairs, name):
+    """Frozen features computed under ``torch.inference_mode`` and passed as ``inputs_embeds`` of an unpadded
+    batch: autograd refuses to save such a tensor, which our first RMSNorm did (LLaMA and Qwen failed where stock
+    trains: its norm saves a tensor of its own)."""
+    stock, ours, _ = family_pairs[name]
+    ids = batch_for(name, torch.Generator().manual_seed(7))["input_ids"]
+    with torch.inference_mode():
+        features = stock.get_input_embeddings()(ids)
+    assert features.is_inference()
+    assert_same_training_step(stock, ours, dict(inputs_embeds=features, labels=ids))
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "bart", "bart_causal"])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16])
 def test_narrower_integer_labels_give_stocks_int64_loss_in_training_and_in_evaluation(family_pairs, name, dtype):

@@ -513,6 +513,27 @@ def test_loss_and_gradients_match_reference(saved, backend):
         assert_close_rel(grads[name].grad, param.grad.float(), 2e-5, f"grad of {name} ({backend})")
 
 
+def test_inputs_embeds_made_under_inference_mode_train_as_with_ordinary_ones(saved):
+    """Autograd refuses to save a tensor made under ``torch.inference_mode``; our first norm saved its input (a
+    RuntimeError, where the original's RMSNorm saves a tensor of its own and trains)."""
+    folder, _, _ = saved
+    model = load(folder).train()
+    ids = random_ids(2, 9)
+    results = []
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            features = model.get_input_embeddings()(ids)
+        model.zero_grad(set_to_none=True)
+        loss = model(inputs_embeds=features, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}))
+    (expected, expected_grads), (loss, grads) = results
+    assert_close_rel(loss, expected, 1e-6, "loss")
+    assert grads.keys() == expected_grads.keys() and len(grads) > 0
+    for name, grad in expected_grads.items():
+        assert_close_rel(grads[name], grad, 1e-6, f"grad of {name}")
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_uint8_labels_give_the_int64_loss(saved, training):
     """The original's loss (``CrossEntropyLoss``) takes uint8 targets; ours padded uint8 labels with -100 for the
