@@ -214,18 +214,22 @@ class ForwardMask:
         return None if self.tensor is None else self.tensor.contiguous()
 
     def __getitem__(self, index):
-        raise TypeError(_read_as_a_tensor("it indexes it"))
+        raise TypeError(_mask_used_as_a_tensor_message("it indexes it"))
 
     def __getattr__(self, name: str):
-        """Only for names that normal lookup does not find: a tensor method names the problem (still an
-        AttributeError, so ``hasattr`` and ``getattr(..., default)`` keep working)."""
+        """Only for names that normal lookup does not find (or whose property raised AttributeError): a tensor
+        method names the problem (still an AttributeError, so ``hasattr`` and ``getattr(..., default)`` keep
+        working)."""
+        if name in type(self).__dict__:  # shape, dtype, ... of a holder without a tensor
+            raise AttributeError(f"this ForwardMask holds no mask tensor (the forward has no mask): no {name}")
         if name.startswith("_") or not hasattr(torch.Tensor, name):
             raise AttributeError(f"'ForwardMask' object has no attribute {name!r}")
-        reason = _read_as_a_tensor(f"it uses .{name}")
+        reason = _mask_used_as_a_tensor_message(f"it uses .{name}")
         raise AttributeError(f"'ForwardMask' object has no attribute {name!r}: {reason}")
 
 
-def _read_as_a_tensor(how: str) -> str:
+def _mask_used_as_a_tensor_message(how: str) -> str:
+    """Why a model that treats its attention mask as a tensor (``how``) cannot run on our attention names."""
     return (
         f"this model reads its attention mask itself ({how}), where the kernel layer's attention names hand the "
         "attention layers a per-forward ForwardMask: load it with its own attention (attn_implementation='sdpa' "
@@ -2941,7 +2945,10 @@ def _cannot_transform(name: str) -> Optional[str]:
     if name in ("sdpa", "eager"):
         return None
     if _under_function_transform():
-        return f"{name} cannot run under torch.func transforms (grad, vmap, jvp); sdpa and eager can"
+        return (
+            f"{name} cannot run under torch.func transforms (grad, vmap, jvp) or forward-mode AD (inside "
+            "torch.autograd.forward_ad.dual_level, which torch keeps process-wide); sdpa and eager can"
+        )
     if _is_exporting():
         return (
             f"{name} would put an op of its own into the exported program (no backward there, and it loads only "
@@ -3436,8 +3443,8 @@ def _is_tracing() -> bool:
 def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A transformers 0/1 padding mask ``[b, k_len]`` as a bool keep-mask, or None when nothing is padded.
 
-    Deciding "nothing is padded" reads the mask on the host, so while compiling or exporting the keep-mask
-    is always returned (the kernels take an all-True mask as well, at the price of a mask). A bool mask is
+    Deciding "nothing is padded" reads the mask on the host, so while compiling or exporting, and under
+    ``torch.func`` transforms, the keep-mask is always returned (the kernels take an all-True mask as well, at the price of a mask). A bool mask is
     copied too: layers run again in backward (checkpoints, recomputed norms) read the keep-mask then, and the
     caller may have changed their mask in place since (stock builds a mask of its own at every forward).
     """

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import (
-    BACKENDS, ForwardMask, alibi_slopes, attention, attention_options, attention_recording_weights,
+    BACKENDS, ForwardMask, _host_cannot_read, alibi_slopes, attention, attention_options, attention_recording_weights,
     backend_from_config, recorded_weights,
 )
 
@@ -265,7 +265,7 @@ def kernel_layer_mask(**mask_kwargs: Any):
     holder = _bloom_modeling_module().ForwardMask if patched_bloom else ForwardMask
     if pattern is not None:
         keep = _padding_keep(mask_kwargs.get("attention_mask"), kv_length, kv_offset)
-        padded = keep is not None and not bool(keep.all())
+        padded = keep is not None and (_host_cannot_read(keep) or not bool(keep.all()))  # vmap: no host read
         if pattern == "causal" and (padded or patched_bloom):
             return holder(keep if padded else None)
         if padded:

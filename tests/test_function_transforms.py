@@ -126,6 +126,26 @@ def test_per_sample_gradients_of_padded_rows_with_their_mask_match_one_backward_
             vmap(grad(row_loss), in_dims=(None, 0))(parameters_of(ours), weighted)
 
 
+def test_per_sample_gradients_of_padded_rows_through_the_attention_registry_match_stock_eager():
+    """Stock LLaMA on ``attn_implementation="mea"``: the registry's mask function read each row's mask on the host
+    to tell a padded batch, which ``vmap`` refuses (stock sdpa's mask function fails the same way)."""
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(21))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    rows = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    per_sample = {}
+    for implementation in ("eager", "mea"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(llama_config()).train()
+        model.set_attn_implementation(implementation)
+
+        def row_loss(params, row, model=model):
+            return loss_of(model)(params, {key: value[None] for key, value in row.items()})
+
+        per_sample[implementation] = vmap(grad(row_loss), in_dims=(None, 0))(parameters_of(model), rows)
+    assert_same_gradients(per_sample["mea"], per_sample["eager"], "registry")
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_forward_mode_ad_with_dual_tensors_matches_stock_eager(family_pairs, name):
     """``torch.autograd.forward_ad``'s dual tensors need a forward derivative of every op: our autograd Functions

@@ -295,6 +295,9 @@ def test_a_tensor_method_called_on_the_forward_mask_names_the_problem_and_hasatt
     with pytest.raises(AttributeError, match=r"no attribute 'not_a_tensor_method'$"):
         forward_mask.not_a_tensor_method
     assert getattr(forward_mask, "_private", "default") == "default"
+    without_tensor = patch_module.ForwardMask(None)  # what a forward without a mask hands its layers
+    with pytest.raises(AttributeError, match="holds no mask tensor"):
+        without_tensor.shape
     copied = copy.deepcopy(forward_mask)
     assert torch.equal(copied.tensor, forward_mask.tensor) and copied.tensor is not forward_mask.tensor
 
