@@ -7145,6 +7145,11 @@ def flatten_leading_dimensions(input_shape: torch.Size, *inputs: torch.Tensor | 
     return flat
 
 
+def token_types_as_rows(token_type_ids: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """Token types in rows of ``seq_len``, as stock views them (flat ``[batch * seq]`` types included)."""
+    return None if token_type_ids is None else token_type_ids.reshape(-1, seq_len)
+
+
 def one_mask_row_per_sequence(attention_mask: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
     """A 1-D mask, or a 3-D one with a dimension of one, as `[batch, -1]`, as stock GPT-2 views any mask of fewer
     than 4 dimensions (`[batch, 1, seq]`, `[batch, seq, 1]`, `[1, batch, seq]`, `[batch * seq]`). One that does
@@ -7551,7 +7556,8 @@ class GPT2Model(GPT2PreTrainedModel):
         input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds = flatten_leading_dimensions(
             input_shape, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
         )
-        if input_ids is not None:
+        token_type_ids = token_types_as_rows(token_type_ids, input_shape[-1])
+        if input_ids is not None and "cu_seq_lens_q" not in kwargs:  # a packed row's pad ids are real tokens
             self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
         attention_mask = one_mask_row_per_sequence(
             attention_mask, (input_ids if input_ids is not None else inputs_embeds).shape[0]
@@ -7705,7 +7711,8 @@ class GPT2LMHeadModel(GPT2PreTrainedModel, GenerationMixin):
             input_ids, inputs_embeds, position_ids = rows.pack_inputs(
                 input_ids, inputs_embeds, position_ids, self.get_input_embeddings()
             )
-            token_type_ids, attention_mask, use_cache = rows.pack(token_type_ids), None, False
+            token_type_ids = rows.pack(token_types_as_rows(token_type_ids, rows.seq))
+            attention_mask, use_cache = None, False
         outputs = self.transformer(
             input_ids,
             cache_position=kwargs.pop("cache_position", None),

@@ -115,6 +115,42 @@ def test_token_type_ids_are_embedded_as_stock(tmp_path):
     assert_close_rel(got[real], want[real], 1e-5, "logits with token_type_ids")
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_flat_token_type_ids_are_read_as_rows_as_stock(tmp_path, training):
+    """Stock views `token_type_ids` as rows of the sequence length (flat `[batch * seq]` types too); ours failed on
+    a shape error, unpadded (training with labels) and on full rows."""
+    ours, stock = load_pair(tmp_path, "sdpa")
+    ids, mask = random_ids(), right_padded_mask(LENGTHS, TOTAL)
+    token_types = torch.randint(1, VOCAB, ids.shape, generator=torch.Generator().manual_seed(4))
+    labels = ids.masked_fill(mask == 0, -100)
+    losses = []
+    for model, types in ((stock, token_types), (ours, token_types.reshape(-1))):
+        model.train(training)
+        with torch.no_grad():
+            losses.append(model(ids, attention_mask=mask, token_type_ids=types, labels=labels).loss)
+    assert_close_rel(losses[1], losses[0], 1e-5, "loss with flat token_type_ids")
+
+
+def test_a_padded_batch_run_unpadded_gives_no_missing_mask_warning(tmp_path, monkeypatch):
+    """Run as one packed row without a mask, GPT2Model saw the pad id among the kept tokens (EOS as pad, as GPT-2
+    fine-tuning sets it) and logged transformers' "passing in an attention_mask" advice, though the caller gave one.
+    transformers warns where the pad id ends a row without a mask: recorded here, as its warning is logged once."""
+    ours, _ = load_pair(tmp_path, "sdpa")
+    ids, mask = random_ids(), right_padded_mask(LENGTHS, TOTAL)
+    ids[0, 0] = ids[-1, LENGTHS[-1] - 1] = PAD  # real tokens equal to the pad id at both ends of the packed row
+    would_warn = []
+
+    def record(self, input_ids, attention_mask):
+        would_warn.append(attention_mask is None and bool((input_ids[:, [-1, 0]] == PAD).any()))
+
+    monkeypatch.setattr(type(ours.transformer), "warn_if_padding_and_no_attention_mask", record)
+    ours.train()
+    assert ours(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.isfinite()
+    assert not any(would_warn)
+    ours(ids[:, :3])  # a call without a mask is still checked
+    assert would_warn
+
+
 @pytest.mark.parametrize("dropout", ["embd_pdrop", "resid_pdrop", "attn_pdrop"])
 def test_training_forward_under_one_seed_matches_stock_dropout(tmp_path, dropout):
     """Each dropout (embeddings, attention and MLP outputs, attention probabilities) sits where stock's does:
