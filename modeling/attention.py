@@ -3392,9 +3392,10 @@ def keep_mask_from_padding(attention_mask: Optional[torch.Tensor]) -> Optional[t
     """A transformers 0/1 padding mask ``[b, k_len]`` as a bool keep-mask, or None when nothing is padded.
 
     Deciding "nothing is padded" reads the mask on the host, so while compiling or exporting, and under
-    ``torch.func`` transforms, the keep-mask is always returned (the kernels take an all-True mask as well, at the price of a mask). A bool mask is
-    copied too: layers run again in backward (checkpoints, recomputed norms) read the keep-mask then, and the
-    caller may have changed their mask in place since (stock builds a mask of its own at every forward).
+    ``torch.func`` transforms, the keep-mask is always returned (the kernels take an all-True mask as well, at the
+    price of a mask). A bool mask is copied too: layers run again in backward (checkpoints, recomputed norms) read
+    the keep-mask then, and the caller may have changed their mask in place since (stock builds a mask of its own at
+    every forward).
     """
     if attention_mask is None:
         return None
