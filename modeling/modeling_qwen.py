@@ -278,7 +278,8 @@ def fixed_cache_mask(
     tokens saw later ones. Such a call gets its ``traced_cache_position`` and a bool 4-D mask
     ``[batch, 1, new, slots]``: the slots up to each query's position (``visible_cache_slots``) that the 2-D mask
     keeps (its column j is slot j), as transformers' static-cache masks; the positions go on the ``ForwardMask``
-    too, where caches that need one write (before transformers 5.4). Anything else as given."""
+    too, where caches that need one write (before transformers 5.4). Without a cache, or into one that grows, a
+    2-D mask covers the cached and new tokens (``_mask_over_growing_keys``). Anything else as given."""
     two_d = attention_mask is not None and attention_mask.dim() == 2
     if attention_mask is not None and not two_d:
         return attention_mask, _fixed_cache_position(past_key_values, new_tokens, device, cache_position)
@@ -287,6 +288,8 @@ def fixed_cache_mask(
         if filled is not None and attention_mask.shape[1] > filled:
             _refuse_mask_longer_than_cache(attention_mask, cache_capacity(past_key_values))
             attention_mask = attention_mask[:, :filled]
+        elif two_d and filled is None and not _is_tracing():
+            attention_mask = _mask_over_growing_keys(past_key_values, attention_mask, new_tokens)
         return attention_mask, cache_position
     cache_position = traced_cache_position(past_key_values, new_tokens, device, cache_position)
     slots = cache_capacity(past_key_values)
@@ -294,6 +297,20 @@ def fixed_cache_mask(
         visible = visible_cache_slots(cache_position.to(device), slots)
         return visible.expand(batch_size, 1, *visible.shape), cache_position
     return cache_slots_mask(_mask_over_cache_slots(attention_mask, slots), cache_position), cache_position
+
+
+def _mask_over_growing_keys(past_key_values, attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """A 2-D mask of a forward without a cache, or into one that grows, over its keys (the cached tokens, then the
+    new ones). Stock reads the first columns of a longer mask (a loop may pass the whole sequence's mask at every
+    step), so it is cut; a shorter one is refused whatever it holds (stock pads it with zeros, hiding the newest
+    keys, a silently wrong result; and an all-ones one would otherwise pass unseen: see ``check_mask_shape``)."""
+    keys = (past_key_values.get_seq_length() if past_key_values is not None else 0) + new_tokens
+    if attention_mask.shape[1] < keys:
+        raise ValueError(
+            f"a 2-D attention_mask must cover the cached and the new tokens ({keys - new_tokens} + {new_tokens} = "
+            f"{keys} positions), got {attention_mask.shape[1]} (shape {list(attention_mask.shape)})"
+        )
+    return attention_mask[:, :keys]
 
 
 def _fixed_cache_position(past_key_values, new_tokens: int, device, cache_position: Optional[torch.Tensor]):

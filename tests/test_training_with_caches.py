@@ -1,5 +1,5 @@
 """Training forwards that continue a cache (a cached prompt, a loss on the continuation, as RL code runs them),
-and masks that must cover exactly the cached and new tokens.
+and masks that must cover the cached and new tokens (a longer one read as stock reads it).
 
 transformers' checkpointed layers run without the cache (a recompute in backward would write it twice): a
 training forward with checkpointed layers (``gradient_checkpointing_enable`` or ``config.offload_checkpoints``)
@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 from remote_code import assert_close_rel
-from test_fused_models import TOL, family_pairs  # noqa: F401 - a fixture
+from test_fused_models import TOL, assert_same_training_step, batch_for, family_pairs  # noqa: F401 - a fixture
 from test_qwen import random_model
 from transformers import DynamicCache, StaticCache
 
@@ -189,3 +189,66 @@ def test_bloom_takes_a_mask_as_long_as_a_fixed_size_cache_and_no_longer(family_p
     assert_close_rel(step_logits(16), step_logits(6), TOL, "a mask as long as the cache")
     with pytest.raises(ValueError, match=r"= \[2, 6\], got shape \[2, 20\]"):
         step_logits(20)
+
+
+
+def step_inputs(name: str, tokens, new, mask) -> dict:
+    """A forward's inputs: ``new`` tokens with ``mask`` (BART's seq2seq head: as the decoder's, after ``tokens``)."""
+    if name == "bart":
+        return dict(input_ids=tokens, decoder_input_ids=new, decoder_attention_mask=mask)
+    return dict(input_ids=new, attention_mask=mask)
+
+
+def decode_with_the_whole_mask(model, name: str, tokens, mask, steps=(5, 2, 1, 1)) -> tuple:
+    """Logits and cache of a decode loop into a ``DynamicCache`` that passes the whole sequence's mask at every
+    step."""
+    cache, logits, start = None, [], 0
+    with torch.no_grad():
+        for step in steps:
+            inputs = step_inputs(name, tokens, tokens[:, start : start + step], mask)
+            output = model.eval()(**inputs, past_key_values=cache, use_cache=True)
+            cache, start = output.past_key_values, start + step
+            logits.append(output.logits)
+    return torch.cat(logits, dim=1), cache
+
+
+def left_padded_tokens() -> tuple:
+    tokens = torch.cat(prompt_and_answer(), dim=1)
+    mask = torch.ones_like(tokens)
+    mask[1, :2] = 0
+    return tokens, mask
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bart", "bart_causal"])
+def test_a_mask_longer_than_the_keys_is_read_as_stock_reads_it(family_pairs, name):
+    """Stock reads the first cached + new columns of a longer 2-D mask (a loop may pass the whole sequence's mask
+    at every step); ours refused it when it held a zero and took it when it was all ones."""
+    stock, ours, _ = family_pairs[name]
+    tokens, mask = left_padded_tokens()
+    kept = mask.bool()
+    expected, _ = decode_with_the_whole_mask(stock, name, tokens, mask)
+    got, _ = decode_with_the_whole_mask(ours, name, tokens, mask)
+    assert_close_rel(got[kept], expected[kept], TOL, "logits")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bart_causal"])
+def test_a_training_batch_with_a_longer_mask_trains_as_stock(family_pairs, name):
+    """The same read without a cache: the padded batch's mask with extra columns (zeros among them)."""
+    stock, ours, _ = family_pairs[name]
+    batch = batch_for(name, torch.Generator().manual_seed(4))
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], torch.tensor([[1, 0, 1], [0, 1, 1]])], dim=1)
+    assert_same_training_step(stock, ours, batch)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bart", "bart_causal"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_mask_of_the_new_tokens_alone_is_refused_after_a_cache(family_pairs, name, padded):
+    """Stock pads such a mask with zeros (the newest keys hidden: a wrong result). Ours refused it when it held a
+    zero and silently took it when it was all ones (the new tokens then saw the cached prompt's padding)."""
+    _, ours, _ = family_pairs[name]
+    tokens, mask = left_padded_tokens()
+    _, cache = decode_with_the_whole_mask(ours, name, tokens, mask[:, :5], steps=(5,))
+    new_mask = torch.ones(2, 2, dtype=torch.long)
+    new_mask[0, 0] = 0 if padded else 1
+    with pytest.raises(ValueError, match=r"cover the cached and the new tokens \(5 \+ 2 = 7 positions\), got 2"):
+        ours(**step_inputs(name, tokens, tokens[:, 5:7], new_mask), past_key_values=cache, use_cache=True)
