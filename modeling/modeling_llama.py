@@ -7146,13 +7146,18 @@ def rope_parameters_from_config(config: LlamaConfig) -> dict:
 def settle_rope_for_transformers_4(config: LlamaConfig) -> None:
     """A config saved by transformers 5 keeps its RoPE in ``rope_parameters``, which 4.x does not read: its init
     functions, and stock 4.x, which then runs plain RoPE at theta 10000, read ``rope_scaling`` and ``rope_theta``.
-    On 4.x those two are set from it (where no ``rope_scaling`` is given), so that the checkpoint's RoPE runs."""
+    On 4.x those two are set from it (where no ``rope_scaling`` is given), so that the checkpoint's RoPE runs.
+    4.x's LongRoPE reads its original length at the config's top level only (else it takes
+    ``max_position_embeddings`` and a ``factor`` that 5.x derives from the two lengths), so it is set there too."""
     if _TRANSFORMERS_5 or not getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None):
         return
     params = rope_parameters_from_config(config)
     config.rope_theta = params["rope_theta"]
     if params["rope_type"] != "default":
         config.rope_scaling = {key: value for key, value in params.items() if key != "rope_theta"}
+    original = params.get("original_max_position_embeddings")
+    if params["rope_type"] == "longrope" and original and not getattr(config, "original_max_position_embeddings", None):
+        config.original_max_position_embeddings = original
 
 
 class LlamaRotaryEmbedding(nn.Module):

@@ -313,7 +313,21 @@ VARIANTS = {
     "llama3.1": lambda: llama_config(rope=LLAMA3_1_ROPE, rope_theta=500000.0),
     "linear": lambda: llama_config(rope={"rope_type": "linear", "factor": 2.0}),
     "dynamic": lambda: llama_config(rope={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=16),
+    "longrope": lambda: longrope_config(),
 }
+
+
+def longrope_config() -> LlamaConfig:
+    """LongRoPE past its original length 8 (long factors from 9 tokens on): transformers 5 keeps the original length
+    in ``rope_parameters``, 4.x at the config's top level."""
+    factors = {
+        "rope_type": "longrope",
+        "short_factor": [1.0 + 0.1 * i for i in range(8)],
+        "long_factor": [2.0 + 0.5 * i for i in range(8)],
+    }
+    if TRANSFORMERS_5:
+        return llama_config(rope={**factors, "original_max_position_embeddings": 8}, max_position_embeddings=64)
+    return llama_config(rope=factors, max_position_embeddings=64, original_max_position_embeddings=8)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -331,7 +345,7 @@ def test_config_variants_match_stock(pair, variant):
     assert_close_rel(actual[keep], expected[keep], TOL, variant)
 
 
-@pytest.mark.parametrize("variant", ["llama3_theta", "llama3.1", "linear", "dynamic"])
+@pytest.mark.parametrize("variant", ["llama3_theta", "llama3.1", "linear", "dynamic", "longrope"])
 def test_rope_variant_changes_the_logits(pair, variant):
     """Guards the variant tests: plain RoPE on the same weights must give clearly different logits."""
     stock, _ = pair(variant, VARIANTS[variant])
@@ -342,11 +356,12 @@ def test_rope_variant_changes_the_logits(pair, variant):
         assert relative_error(plain(input_ids=ids).logits, stock(input_ids=ids).logits) > 1e-3
 
 
-@pytest.mark.parametrize("variant", ["llama3_theta", "llama3.1", "linear", "dynamic"])
+@pytest.mark.parametrize("variant", ["llama3_theta", "llama3.1", "linear", "dynamic", "longrope"])
 def test_a_config_written_by_transformers_5_runs_its_rope_on_every_version(tmp_path_factory, variant):
     """transformers 5 writes RoPE as ``rope_parameters`` only. On 4.57 ours failed to load a scaled one (4.x's init
     functions read ``rope_scaling``, None there) and stock runs plain RoPE; ours now runs the checkpoint's RoPE,
-    that of the stock model built from the same settings in this version's format."""
+    that of the stock model built from the same settings in this version's format. LongRoPE's original length,
+    nested there, failed to load on 4.57 (or, with a ``factor``, ran another scaling)."""
     import json
 
     stock, folder = stock_and_folder(tmp_path_factory, VARIANTS[variant]())
@@ -355,6 +370,8 @@ def test_a_config_written_by_transformers_5_runs_its_rope_on_every_version(tmp_p
     params = {"rope_type": "default", "rope_theta": theta, **(saved.pop("rope_scaling", None) or {})}
     params.update(saved.pop("rope_parameters", None) or {})
     params["rope_type"] = params.pop("type", params["rope_type"])
+    if saved.get("original_max_position_embeddings"):  # 4.x's LongRoPE keeps it at the top level
+        params["original_max_position_embeddings"] = saved.pop("original_max_position_embeddings")
     (folder / "config.json").write_text(json.dumps({**saved, "rope_parameters": params}))
     ours = load_ours(folder)
     ids = random_ids(2, 23, 4)
