@@ -172,7 +172,7 @@ class ForwardMask:
             tensor = tensor.tensor
         self.tensor = tensor
         self.filled_keys = filled_keys  # see filled_cache_length
-        self.cache_position = cache_position  # see fixed_cache_mask
+        self.cache_position = cache_position  # see cache_mask_and_position
         self.cache_slots: Optional[int] = None  # a fixed-size cache's whole length, once cut (update_cache)
         self.block_masks: dict = {}
         self.kept: dict = {}
@@ -247,33 +247,26 @@ def forward_mask(
     ``without_mask``: then a holder without a tensor, for a model whose layers hand it only to ``attention()``
     (so a packed row's block mask, document index and varlen layout, and the slopes check, are worked out once
     per forward there too). ``filled_keys``: see ``filled_cache_length``; ``cache_position``: see
-    ``fixed_cache_mask``."""
+    ``cache_mask_and_position``."""
     return None if mask is None and not without_mask else ForwardMask(mask, filled_keys, cache_position)
 
 
-def fixed_cache_mask(
+def cache_mask_and_position(
     past_key_values, attention_mask: Optional[torch.Tensor], batch_size: int, new_tokens: int, cache_position, device
 ) -> tuple:
-    """``(attention_mask, cache_position)`` for a forward into a fixed-size cache, whose 2-D mask may cover its
-    unwritten slots too (stock pads it to the cache's length). Eager: such a mask is cut to the filled slots.
-    While tracing, with no mask or a 2-D one, the filled slots cannot be counted (a data-dependent value), and
-    neither the mask's length nor the capacity says where the queries sit: aligned with the end of either, prompt
-    tokens saw later ones. Such a call gets its ``traced_cache_position`` and a bool 4-D mask
-    ``[batch, 1, new, slots]``: the slots up to each query's position (``visible_cache_slots``) that the 2-D mask
-    keeps (its column j is slot j), as transformers' static-cache masks; the positions go on the ``ForwardMask``
-    too, where caches that need one write (before transformers 5.4). Without a cache, or into one that grows, a
-    2-D mask covers the cached and new tokens (``_mask_over_growing_keys``). Anything else as given."""
+    """``(attention_mask, cache_position)`` of a forward, its 2-D mask over the keys (``_mask_over_keys``: the
+    cached and new tokens, where a fixed-size cache's mask may cover its unwritten slots too).
+    While tracing into a fixed-size cache, with no mask or a 2-D one, the filled slots cannot be counted (a
+    data-dependent value), and neither the mask's length nor the capacity says where the queries sit: aligned with
+    the end of either, prompt tokens saw later ones. Such a call gets its ``traced_cache_position`` and a bool 4-D
+    mask ``[batch, 1, new, slots]``: the slots up to each query's position (``visible_cache_slots``) that the 2-D
+    mask keeps (its column j is slot j), as transformers' static-cache masks; the positions go on the
+    ``ForwardMask`` too, where caches that need one write (before transformers 5.4). Anything else as given."""
     two_d = attention_mask is not None and attention_mask.dim() == 2
     if attention_mask is not None and not two_d:
         return attention_mask, _fixed_cache_position(past_key_values, new_tokens, device, cache_position)
     if not _traced_into_fixed_cache(past_key_values):
-        filled = filled_cache_length(past_key_values, attention_mask, new_tokens) if two_d else None
-        if filled is not None and attention_mask.shape[1] > filled:
-            _refuse_mask_longer_than_cache(attention_mask, cache_capacity(past_key_values))
-            attention_mask = attention_mask[:, :filled]
-        elif two_d and filled is None and not _is_tracing():
-            attention_mask = _mask_over_growing_keys(past_key_values, attention_mask, new_tokens)
-        return attention_mask, cache_position
+        return (_mask_over_keys(past_key_values, attention_mask, new_tokens) if two_d else None), cache_position
     cache_position = traced_cache_position(past_key_values, new_tokens, device, cache_position)
     slots = cache_capacity(past_key_values)
     if not two_d:
@@ -282,12 +275,17 @@ def fixed_cache_mask(
     return cache_slots_mask(_mask_over_cache_slots(attention_mask, slots), cache_position), cache_position
 
 
-def _mask_over_growing_keys(past_key_values, attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """A 2-D mask of a forward without a cache, or into one that grows, over its keys (the cached tokens, then the
-    new ones). Stock reads the first columns of a longer mask (a loop may pass the whole sequence's mask at every
-    step), so it is cut; a shorter one is refused whatever it holds (stock pads it with zeros, hiding the newest
-    keys, a silently wrong result; and an all-ones one would otherwise pass unseen: see ``check_mask_shape``)."""
-    keys = (past_key_values.get_seq_length() if past_key_values is not None else 0) + new_tokens
+def _mask_over_keys(past_key_values, attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """A 2-D mask cut to the keys its forward attends to: the cached tokens, then the new ones (the filled slots of
+    a fixed-size cache, whose mask stock pads to the cache's length). Stock reads the first columns of a longer
+    mask (a decode loop may pass the whole sequence's mask at every step); a shorter one is refused whatever it
+    holds (stock pads it with zeros, hiding the newest keys, a silently wrong result; and an all-ones one would
+    otherwise pass unseen: see ``check_mask_shape``)."""
+    keys = filled_cache_length(past_key_values, attention_mask, new_tokens)
+    if keys is None:
+        keys = (past_key_values.get_seq_length() if past_key_values is not None else 0) + new_tokens
+    else:
+        _refuse_mask_longer_than_cache(attention_mask, cache_capacity(past_key_values))
     if attention_mask.shape[1] < keys:
         raise ValueError(
             f"a 2-D attention_mask must cover the cached and the new tokens ({keys - new_tokens} + {new_tokens} = "
@@ -7152,13 +7150,15 @@ def padding_mask_and_causality(attention_mask: torch.Tensor | None) -> tuple[tor
 
 def flatten_leading_dimensions(input_shape: torch.Size, *inputs: torch.Tensor | None) -> list:
     """`[batch, choices, seq]` (or any more leading dimensions) as `[batch * choices, seq]`; embeddings keep
-    their last dimension. A no-op for the usual 2-D inputs."""
+    their last dimension, and a mask its own length (it covers cached tokens too). A no-op for 2-D inputs."""
     if len(input_shape) == 2:
         return list(inputs)
-    flat = []
+    flat, rank = [], len(input_shape)
     for tensor in inputs:
-        if tensor is not None and tensor.dim() > 2 and tensor.shape[: len(input_shape)] == input_shape:
-            tensor = tensor.reshape(-1, *tensor.shape[len(input_shape) - 1 :])
+        rows = tensor is not None and tensor.dim() == rank and tensor.shape[:-1] == input_shape[:-1]
+        embeddings = tensor is not None and tensor.dim() > rank and tensor.shape[:rank] == input_shape
+        if rows or embeddings:
+            tensor = tensor.reshape(-1, *tensor.shape[rank - 1 :])
         flat.append(tensor)
     return flat
 
@@ -7613,9 +7613,10 @@ class GPT2Model(GPT2PreTrainedModel):
                 [] if output_attentions else None,
             )
 
+        check_mask_shape(attention_mask, *inputs_embeds.shape[:2])
         # Only positions the caller did not give are derived from the cache length (a data-dependent value
         # under torch.compile with a static cache); transformers 4.x static caches write at `cache_position`.
-        attention_mask, cache_position = fixed_cache_mask(
+        attention_mask, cache_position = cache_mask_and_position(
             self_attention_cache, attention_mask, *inputs_embeds.shape[:2], kwargs.get("cache_position"),
             inputs_embeds.device,
         )
@@ -7632,7 +7633,6 @@ class GPT2Model(GPT2PreTrainedModel):
         hidden_states = self.drop(hidden_states)
 
         mask, causal = padding_mask_and_causality(attention_mask)
-        check_mask_shape(attention_mask, *inputs_embeds.shape[:2])
         filled = filled_cache_length(past_key_values, attention_mask, inputs_embeds.shape[1])
         mask = forward_mask(mask, without_mask=True, filled_keys=filled)  # one object for every layer: see forward_mask
         backend = resolved_backend(self.config)

@@ -189,7 +189,7 @@ class ForwardMask:
             tensor = tensor.tensor
         self.tensor = tensor
         self.filled_keys = filled_keys  # see filled_cache_length
-        self.cache_position = cache_position  # see fixed_cache_mask
+        self.cache_position = cache_position  # see cache_mask_and_position
         self.cache_slots: Optional[int] = None  # a fixed-size cache's whole length, once cut (update_cache)
         self.block_masks: dict = {}
         self.kept: dict = {}
@@ -264,33 +264,26 @@ def forward_mask(
     ``without_mask``: then a holder without a tensor, for a model whose layers hand it only to ``attention()``
     (so a packed row's block mask, document index and varlen layout, and the slopes check, are worked out once
     per forward there too). ``filled_keys``: see ``filled_cache_length``; ``cache_position``: see
-    ``fixed_cache_mask``."""
+    ``cache_mask_and_position``."""
     return None if mask is None and not without_mask else ForwardMask(mask, filled_keys, cache_position)
 
 
-def fixed_cache_mask(
+def cache_mask_and_position(
     past_key_values, attention_mask: Optional[torch.Tensor], batch_size: int, new_tokens: int, cache_position, device
 ) -> tuple:
-    """``(attention_mask, cache_position)`` for a forward into a fixed-size cache, whose 2-D mask may cover its
-    unwritten slots too (stock pads it to the cache's length). Eager: such a mask is cut to the filled slots.
-    While tracing, with no mask or a 2-D one, the filled slots cannot be counted (a data-dependent value), and
-    neither the mask's length nor the capacity says where the queries sit: aligned with the end of either, prompt
-    tokens saw later ones. Such a call gets its ``traced_cache_position`` and a bool 4-D mask
-    ``[batch, 1, new, slots]``: the slots up to each query's position (``visible_cache_slots``) that the 2-D mask
-    keeps (its column j is slot j), as transformers' static-cache masks; the positions go on the ``ForwardMask``
-    too, where caches that need one write (before transformers 5.4). Without a cache, or into one that grows, a
-    2-D mask covers the cached and new tokens (``_mask_over_growing_keys``). Anything else as given."""
+    """``(attention_mask, cache_position)`` of a forward, its 2-D mask over the keys (``_mask_over_keys``: the
+    cached and new tokens, where a fixed-size cache's mask may cover its unwritten slots too).
+    While tracing into a fixed-size cache, with no mask or a 2-D one, the filled slots cannot be counted (a
+    data-dependent value), and neither the mask's length nor the capacity says where the queries sit: aligned with
+    the end of either, prompt tokens saw later ones. Such a call gets its ``traced_cache_position`` and a bool 4-D
+    mask ``[batch, 1, new, slots]``: the slots up to each query's position (``visible_cache_slots``) that the 2-D
+    mask keeps (its column j is slot j), as transformers' static-cache masks; the positions go on the
+    ``ForwardMask`` too, where caches that need one write (before transformers 5.4). Anything else as given."""
     two_d = attention_mask is not None and attention_mask.dim() == 2
     if attention_mask is not None and not two_d:
         return attention_mask, _fixed_cache_position(past_key_values, new_tokens, device, cache_position)
     if not _traced_into_fixed_cache(past_key_values):
-        filled = filled_cache_length(past_key_values, attention_mask, new_tokens) if two_d else None
-        if filled is not None and attention_mask.shape[1] > filled:
-            _refuse_mask_longer_than_cache(attention_mask, cache_capacity(past_key_values))
-            attention_mask = attention_mask[:, :filled]
-        elif two_d and filled is None and not _is_tracing():
-            attention_mask = _mask_over_growing_keys(past_key_values, attention_mask, new_tokens)
-        return attention_mask, cache_position
+        return (_mask_over_keys(past_key_values, attention_mask, new_tokens) if two_d else None), cache_position
     cache_position = traced_cache_position(past_key_values, new_tokens, device, cache_position)
     slots = cache_capacity(past_key_values)
     if not two_d:
@@ -299,12 +292,17 @@ def fixed_cache_mask(
     return cache_slots_mask(_mask_over_cache_slots(attention_mask, slots), cache_position), cache_position
 
 
-def _mask_over_growing_keys(past_key_values, attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """A 2-D mask of a forward without a cache, or into one that grows, over its keys (the cached tokens, then the
-    new ones). Stock reads the first columns of a longer mask (a loop may pass the whole sequence's mask at every
-    step), so it is cut; a shorter one is refused whatever it holds (stock pads it with zeros, hiding the newest
-    keys, a silently wrong result; and an all-ones one would otherwise pass unseen: see ``check_mask_shape``)."""
-    keys = (past_key_values.get_seq_length() if past_key_values is not None else 0) + new_tokens
+def _mask_over_keys(past_key_values, attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """A 2-D mask cut to the keys its forward attends to: the cached tokens, then the new ones (the filled slots of
+    a fixed-size cache, whose mask stock pads to the cache's length). Stock reads the first columns of a longer
+    mask (a decode loop may pass the whole sequence's mask at every step); a shorter one is refused whatever it
+    holds (stock pads it with zeros, hiding the newest keys, a silently wrong result; and an all-ones one would
+    otherwise pass unseen: see ``check_mask_shape``)."""
+    keys = filled_cache_length(past_key_values, attention_mask, new_tokens)
+    if keys is None:
+        keys = (past_key_values.get_seq_length() if past_key_values is not None else 0) + new_tokens
+    else:
+        _refuse_mask_longer_than_cache(attention_mask, cache_capacity(past_key_values))
     if attention_mask.shape[1] < keys:
         raise ValueError(
             f"a 2-D attention_mask must cover the cached and the new tokens ({keys - new_tokens} + {new_tokens} = "

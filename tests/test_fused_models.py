@@ -169,6 +169,19 @@ def test_the_labels_of_one_row_without_their_batch_dimension_train_as_stock(fami
         assert_close_rel(ours.eval()(**batch).loss, stock.eval()(**batch).loss, TOL, "eval loss")
 
 
+@pytest.mark.parametrize("layout", ["flat", "trailing_one"])
+def test_bart_seq2seq_labels_in_another_layout_train_as_stock(family_pairs, layout):
+    """Stock's seq2seq loss flattens the labels (no shift): ``[batch * s]`` or ``[batch, s, 1]`` labels train as
+    rows. Ours refused them in training (eval took them)."""
+    stock, ours, _ = family_pairs["bart"]
+    batch = batch_for("bart", torch.Generator().manual_seed(13))
+    batch["decoder_input_ids"] = batch["labels"].clamp_min(3).flip(1)
+    batch["labels"] = batch["labels"].reshape(-1) if layout == "flat" else batch["labels"][..., None]
+    assert_same_training_step(stock, ours, batch)
+    with torch.no_grad():
+        assert_close_rel(ours.eval()(**batch).loss, stock.eval()(**batch).loss, TOL, "eval loss")
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "bart_causal"])
 def test_uint8_labels_train_as_stock(family_pairs, name):
     """PyTorch's loss takes uint8 labels (without -100); the fused op's gathers needed int64."""

@@ -197,6 +197,23 @@ def test_double_heads_mc_token_ids_and_both_losses_match_stock(tmp_path):
     assert_close_rel(got.mc_loss, want.mc_loss, 1e-5, "mc loss")
 
 
+def test_double_heads_decode_step_with_the_choices_whole_masks_matches_stock(tmp_path):
+    """A cached step of `[batch, choices, seq]` inputs with `[batch, choices, past + new]` masks: ours refused the
+    mask (its length is not the new tokens'), stock reads it as rows."""
+    ours, stock = load_head_pair(tmp_path, GPT2DoubleHeadsModel, AutoModel, "GPT2DoubleHeadsModel")
+    ids = torch.randint(1, VOCAB - 1, (2, 3, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, 0, :2] = 0
+    steps = []
+    for model in (ours, stock):
+        with torch.no_grad():
+            cache = model(ids[..., :4], attention_mask=mask[..., :4], use_cache=True).past_key_values
+            step = model(ids[..., 4:], attention_mask=mask, past_key_values=cache, mc_token_ids=torch.ones(2, 3).long())
+        steps.append(step)
+    assert_close_rel(steps[0].logits, steps[1].logits, 1e-5, "lm logits")
+    assert_close_rel(steps[0].mc_logits, steps[1].mc_logits, 1e-5, "mc logits")
+
+
 @pytest.mark.parametrize("num_labels, problem_type", [(1, None), (3, "multi_label_classification"), (3, "regression")])
 def test_sequence_classification_regression_and_multi_label_losses_match_stock(tmp_path, num_labels, problem_type):
     """Float labels: regression (one label: squeezed; several: per label) and multi-label BCE, as stock."""

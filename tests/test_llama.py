@@ -379,6 +379,35 @@ def test_a_config_written_by_transformers_5_runs_its_rope_on_every_version(tmp_p
         assert_close_rel(ours(input_ids=ids).logits, stock(input_ids=ids).logits, TOL, variant)
 
 
+@pytest.mark.parametrize("given", [{"factor": 4.0}, {}, {"attention_factor": 1.2}])
+def test_longrope_as_transformers_5_writes_it_runs_its_tables_on_every_version(tmp_path_factory, given):
+    """A LongRoPE config in transformers 5's format (original length 8 in ``rope_parameters``, max 64): short
+    factors up to 8 positions, long ones past them, cos/sin scaled by the given ``attention_factor``, else by
+    ``sqrt(1 + ln(factor) / ln(8))`` with the given factor, else 64 / 8. Against a float64 reference of that rule.
+    On 4.57 ours failed to load it without a factor; with one it scaled by 64 / 8."""
+    import json
+    import math
+
+    stock, folder = stock_and_folder(tmp_path_factory, VARIANTS["longrope"]())
+    saved = json.loads((folder / "config.json").read_text())
+    saved.pop("rope_scaling", None), saved.pop("original_max_position_embeddings", None)
+    short, long = [1.0 + 0.1 * i for i in range(8)], [2.0 + 0.5 * i for i in range(8)]
+    params = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short, "long_factor": long,
+              "original_max_position_embeddings": 8, **given}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps({**saved, "rope_parameters": params}))
+    rotary = load_ours(folder).model.rotary_emb
+    factor = given.get("factor", 64 / 8)
+    scaling = given.get("attention_factor", math.sqrt(1 + math.log(factor) / math.log(8)))
+    for length, factors in ((6, short), (23, long)):
+        positions = torch.arange(length)[None]
+        exponents = torch.arange(0, 16, 2, dtype=torch.float64) / 16
+        angles = positions[0, :, None].double() / (torch.tensor(factors, dtype=torch.float64) * 10000.0**exponents)
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = rotary(torch.ones(1, dtype=torch.float32), positions)
+        assert_close_rel(cos[0].double(), angles.cos() * scaling, 1e-6, f"cos at {length} positions")
+        assert_close_rel(sin[0].double(), angles.sin() * scaling, 1e-6, f"sin at {length} positions")
+
+
 def test_dynamic_ntk_generation_past_max_position_embeddings_matches_stock(tmp_path_factory):
     """The prompt fits max_position_embeddings (16); decoding goes past it, re-deriving the base each step."""
     stock, folder = stock_and_folder(tmp_path_factory, VARIANTS["dynamic"]())

@@ -191,7 +191,6 @@ def test_bloom_takes_a_mask_as_long_as_a_fixed_size_cache_and_no_longer(family_p
         step_logits(20)
 
 
-
 def step_inputs(name: str, tokens, new, mask) -> dict:
     """A forward's inputs: ``new`` tokens with ``mask`` (BART's seq2seq head: as the decoder's, after ``tokens``)."""
     if name == "bart":
@@ -252,3 +251,39 @@ def test_a_mask_of_the_new_tokens_alone_is_refused_after_a_cache(family_pairs, n
     new_mask[0, 0] = 0 if padded else 1
     with pytest.raises(ValueError, match=r"cover the cached and the new tokens \(5 \+ 2 = 7 positions\), got 2"):
         ours(**step_inputs(name, tokens, tokens[:, 5:7], new_mask), past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_mask_of_the_new_tokens_alone_is_refused_with_a_fixed_size_cache(family_pairs, name):
+    """Into a ``StaticCache`` an all-ones one passed too (the new tokens saw the cached prompt's padding)."""
+    _, ours, _ = family_pairs[name]
+    tokens, mask = left_padded_tokens()
+    cache = StaticCache(config=ours.config, max_cache_len=16)
+    with torch.no_grad():
+        ours.eval()(input_ids=tokens[:, :5], attention_mask=mask[:, :5], past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match=r"cover the cached and the new tokens \(5 \+ 2 = 7 positions\), got 2"):
+            ours(input_ids=tokens[:, 5:7], attention_mask=torch.ones(2, 2).long(), past_key_values=cache)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bart_causal"])
+def test_a_traced_decode_step_reads_a_longer_mask_as_eager_does(family_pairs, name):
+    """``torch.jit.trace`` of a prefill and a step into a ``DynamicCache``, both given the whole sequence's mask
+    (the cache's length is a shape, so the cut is traced; it was left out while tracing, and the trace failed)."""
+    _, ours, _ = family_pairs[name]
+    tokens, mask = left_padded_tokens()
+
+    def prefill_and_step(tokens, mask):
+        cache = DynamicCache(config=ours.config)
+        first = ours(input_ids=tokens[:, :5], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        second = ours(input_ids=tokens[:, 5:7], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        return torch.cat([first, second], dim=1)
+
+    ours.eval().requires_grad_(False)
+    try:
+        with torch.no_grad():
+            expected = prefill_and_step(tokens, mask)
+            traced = torch.jit.trace(prefill_and_step, (tokens, mask), check_trace=False)
+            kept = mask[:, :7].bool()
+            assert_close_rel(traced(tokens, mask)[kept], expected[kept], TOL, "traced logits")
+    finally:
+        ours.requires_grad_(True)
