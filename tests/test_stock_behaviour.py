@@ -258,6 +258,19 @@ def test_output_hidden_states_selects_by_index_as_stock_does(family, selection, 
             assert [state is None for state in actual] == [state is None for state in getattr(expected, field)]
 
 
+def test_bart_causal_lm_counts_negative_hidden_state_indices_over_its_decoder(tmp_path):
+    """Its states are the decoder's (2 layers here, 3 states); stock counts a negative index over
+    ``num_hidden_layers``, the encoder's depth (4), and so selects nothing for -1 (README)."""
+    config = family_config("bart", encoder_layers=4, decoder_layers=2)
+    stock, ours = stock_and_ours("bart", "BartForCausalLM", tmp_path, config=config)
+    inputs = {"input_ids": token_inputs("bart")["input_ids"]}
+    with torch.no_grad():
+        every = ours(**inputs, output_hidden_states=True).hidden_states
+        chosen = ours(**inputs, output_hidden_states=[0, -1]).hidden_states
+    assert len(chosen) == len(every) == 3 and chosen[1] is None
+    assert torch.equal(chosen[0], every[0]) and torch.equal(chosen[2], every[2])
+
+
 CAPTURED_FIELDS = ("hidden_states", "attentions", "cross_attentions")
 
 
