@@ -233,6 +233,7 @@ def _mask_over_keys(past_key_values, attention_mask: torch.Tensor, new_tokens: i
     if keys is None:
         keys = (past_key_values.get_seq_length() if past_key_values is not None else 0) + new_tokens
     else:
+        _refuse_tokens_past_the_cache(keys, new_tokens, cache_capacity(past_key_values))
         _refuse_mask_longer_than_cache(attention_mask, cache_capacity(past_key_values))
     if attention_mask.shape[1] < keys:
         raise ValueError(
@@ -255,6 +256,14 @@ def _mask_over_cache_slots(attention_mask: torch.Tensor, slots: int) -> torch.Te
     """A 2-D padding mask as bool ``[batch, slots]``: slots past its end hold nothing yet."""
     _refuse_mask_longer_than_cache(attention_mask, slots)
     return F.pad(attention_mask.bool(), (0, slots - attention_mask.shape[1]), value=False)
+
+
+def _refuse_tokens_past_the_cache(keys: int, new_tokens: int, slots: int) -> None:
+    if keys > slots:
+        raise ValueError(
+            f"the cache has {slots} slots: {keys - new_tokens} cached and {new_tokens} new tokens do not fit "
+            "(build it with a larger max_cache_len)"
+        )
 
 
 def _refuse_mask_longer_than_cache(attention_mask: torch.Tensor, slots: int) -> None:

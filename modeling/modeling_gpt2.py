@@ -285,6 +285,7 @@ def _mask_over_keys(past_key_values, attention_mask: torch.Tensor, new_tokens: i
     if keys is None:
         keys = (past_key_values.get_seq_length() if past_key_values is not None else 0) + new_tokens
     else:
+        _refuse_tokens_past_the_cache(keys, new_tokens, cache_capacity(past_key_values))
         _refuse_mask_longer_than_cache(attention_mask, cache_capacity(past_key_values))
     if attention_mask.shape[1] < keys:
         raise ValueError(
@@ -307,6 +308,14 @@ def _mask_over_cache_slots(attention_mask: torch.Tensor, slots: int) -> torch.Te
     """A 2-D padding mask as bool ``[batch, slots]``: slots past its end hold nothing yet."""
     _refuse_mask_longer_than_cache(attention_mask, slots)
     return F.pad(attention_mask.bool(), (0, slots - attention_mask.shape[1]), value=False)
+
+
+def _refuse_tokens_past_the_cache(keys: int, new_tokens: int, slots: int) -> None:
+    if keys > slots:
+        raise ValueError(
+            f"the cache has {slots} slots: {keys - new_tokens} cached and {new_tokens} new tokens do not fit "
+            "(build it with a larger max_cache_len)"
+        )
 
 
 def _refuse_mask_longer_than_cache(attention_mask: torch.Tensor, slots: int) -> None:
@@ -7148,19 +7157,19 @@ def padding_mask_and_causality(attention_mask: torch.Tensor | None) -> tuple[tor
     return keep_mask_from_padding(attention_mask), True
 
 
-def flatten_leading_dimensions(input_shape: torch.Size, *inputs: torch.Tensor | None) -> list:
-    """`[batch, choices, seq]` (or any more leading dimensions) as `[batch * choices, seq]`; embeddings keep
-    their last dimension, and a mask its own length (it covers cached tokens too). A no-op for 2-D inputs."""
+def flatten_leading_dimensions(input_shape: torch.Size, *rows: torch.Tensor | None, embeddings=None) -> list:
+    """`[batch, choices, seq]` (or any more leading dimensions) as `[batch * choices, seq]`: ``rows`` (ids, a mask
+    of their rank, which keeps its own length: it covers cached tokens too, token types, positions) and
+    ``embeddings`` `[..., seq, hidden]`, returned in that order. Anything else (a 4-D mask) as given, as stock
+    passes it. A no-op for 2-D inputs."""
     if len(input_shape) == 2:
-        return list(inputs)
-    flat, rank = [], len(input_shape)
-    for tensor in inputs:
-        rows = tensor is not None and tensor.dim() == rank and tensor.shape[:-1] == input_shape[:-1]
-        embeddings = tensor is not None and tensor.dim() > rank and tensor.shape[:rank] == input_shape
-        if rows or embeddings:
-            tensor = tensor.reshape(-1, *tensor.shape[rank - 1 :])
-        flat.append(tensor)
-    return flat
+        return [*rows, embeddings]
+
+    def flat(row):
+        of_the_inputs = row is not None and row.dim() == len(input_shape) and row.shape[:-1] == input_shape[:-1]
+        return row.reshape(-1, row.shape[-1]) if of_the_inputs else row
+
+    return [*map(flat, rows), None if embeddings is None else embeddings.reshape(-1, *embeddings.shape[-2:])]
 
 
 def token_types_as_rows(token_type_ids: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
@@ -7572,7 +7581,7 @@ class GPT2Model(GPT2PreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         input_shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds = flatten_leading_dimensions(
-            input_shape, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
+            input_shape, input_ids, attention_mask, token_type_ids, position_ids, embeddings=inputs_embeds
         )
         token_type_ids = token_types_as_rows(token_type_ids, input_shape[-1])
         if input_ids is not None and "cu_seq_lens_q" not in kwargs:  # a packed row's pad ids are real tokens

@@ -214,6 +214,28 @@ def test_double_heads_decode_step_with_the_choices_whole_masks_matches_stock(tmp
     assert_close_rel(steps[0].mc_logits, steps[1].mc_logits, 1e-5, "mc logits")
 
 
+def test_double_heads_with_one_choice_takes_a_4d_mask_as_stock(tmp_path):
+    """`[batch, 1, seq]` inputs with an additive 4-D mask `[batch, 1, q, k]`: ours reshaped the mask as if it were
+    embeddings (its leading dimensions equal the inputs' shape), refusing a prefill and, in a decode step, reading
+    its 0 (keep) as padding and its -inf as keep. Stock passes it on as it is."""
+    ours, stock = load_head_pair(tmp_path, GPT2DoubleHeadsModel, AutoModel, "GPT2DoubleHeadsModel")
+    ids = torch.randint(1, VOCAB - 1, (2, 1, 5), generator=torch.Generator().manual_seed(3))
+    causal = torch.ones(5, 5, dtype=torch.bool).tril().expand(2, 1, 5, 5).clone()
+    causal[0, ..., 1] = False
+    additive = torch.zeros(causal.shape).masked_fill(~causal, float("-inf"))
+    choice = torch.full((2, 1), 3)
+    outputs = []
+    for model in (ours, stock):
+        with torch.no_grad():
+            prefill = model(ids, attention_mask=additive, mc_token_ids=choice)
+            cache = model(ids[..., :4], use_cache=True).past_key_values
+            step_mask = additive[:, :, 4:]
+            step = model(ids[..., 4:], attention_mask=step_mask, past_key_values=cache, mc_token_ids=choice * 0)
+        outputs.append((prefill.logits, prefill.mc_logits, step.logits))
+    for name, got, want in zip(("prefill logits", "mc logits", "step logits"), *outputs):
+        assert_close_rel(got, want, 1e-5, name)
+
+
 @pytest.mark.parametrize("num_labels, problem_type", [(1, None), (3, "multi_label_classification"), (3, "regression")])
 def test_sequence_classification_regression_and_multi_label_losses_match_stock(tmp_path, num_labels, problem_type):
     """Float labels: regression (one label: squeezed; several: per label) and multi-label BCE, as stock."""

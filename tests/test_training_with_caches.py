@@ -287,3 +287,18 @@ def test_a_traced_decode_step_reads_a_longer_mask_as_eager_does(family_pairs, na
             assert_close_rel(traced(tokens, mask)[kept], expected[kept], TOL, "traced logits")
     finally:
         ours.requires_grad_(True)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_step_past_a_full_fixed_size_cache_is_refused_by_name(family_pairs, name):
+    """A mask as long as the full cache was refused as too short, one a column longer as longer than the cache
+    (stock fails on an index error): either way the message says the cache is full."""
+    _, ours, _ = family_pairs[name]
+    tokens, mask = left_padded_tokens()
+    cache = StaticCache(config=ours.config, max_cache_len=5)
+    with torch.no_grad():
+        ours.eval()(input_ids=tokens[:, :5], attention_mask=mask[:, :5], past_key_values=cache, use_cache=True)
+        for length in (5, 6):
+            step_mask = torch.ones(2, length, dtype=torch.long)
+            with pytest.raises(ValueError, match=r"the cache has 5 slots: 5 cached and 1 new tokens do not fit"):
+                ours(input_ids=tokens[:, 5:6], attention_mask=step_mask, past_key_values=cache)
