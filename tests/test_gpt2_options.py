@@ -214,6 +214,25 @@ def test_double_heads_decode_step_with_the_choices_whole_masks_matches_stock(tmp
     assert_close_rel(steps[0].mc_logits, steps[1].mc_logits, 1e-5, "mc logits")
 
 
+@pytest.mark.parametrize("layout", ["choices_in_one_row", "one_row", "one_column"])
+def test_double_heads_masks_of_other_2d_layouts_are_viewed_as_rows_as_stock(tmp_path, layout):
+    """Stock views any mask of fewer than 4 dimensions as `[batch * choices, -1]`: `[batch, choices * seq]`,
+    `[1, batch * choices * seq]`, `[batch * choices * seq, 1]` run there; ours refused them (a 2-D mask was
+    taken as rows as it came)."""
+    ours, stock = load_head_pair(tmp_path, GPT2DoubleHeadsModel, AutoModel, "GPT2DoubleHeadsModel")
+    ids = torch.randint(1, VOCAB - 1, (2, 3, 5), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, 2, 3:] = 0
+    shapes = {"choices_in_one_row": (2, 15), "one_row": (1, 30), "one_column": (30, 1)}
+    given = mask.reshape(shapes[layout])
+    choice = torch.tensor([[4, 4, 4], [4, 4, 2]])
+    with torch.no_grad():
+        got, want = (model(ids, attention_mask=given, mc_token_ids=choice) for model in (ours, stock))
+    kept = mask.bool()
+    assert_close_rel(got.logits[kept], want.logits[kept], 1e-5, "lm logits")
+    assert_close_rel(got.mc_logits, want.mc_logits, 1e-5, "mc logits")
+
+
 def test_double_heads_with_one_choice_takes_a_4d_mask_as_stock(tmp_path):
     """`[batch, 1, seq]` inputs with an additive 4-D mask `[batch, 1, q, k]`: ours reshaped the mask as if it were
     embeddings (its leading dimensions equal the inputs' shape), refusing a prefill and, in a decode step, reading
