@@ -233,8 +233,9 @@ def _mask_over_keys(past_key_values, attention_mask: torch.Tensor, new_tokens: i
     if keys is None:
         keys = (past_key_values.get_seq_length() if past_key_values is not None else 0) + new_tokens
     else:
-        _refuse_tokens_past_the_cache(keys, new_tokens, cache_capacity(past_key_values))
-        _refuse_mask_longer_than_cache(attention_mask, cache_capacity(past_key_values))
+        slots = cache_capacity(past_key_values)
+        _refuse_tokens_past_the_cache(keys, new_tokens, slots)
+        _refuse_mask_longer_than_cache(attention_mask, slots)
     if attention_mask.shape[1] < keys:
         raise ValueError(
             f"a 2-D attention_mask must cover the cached and the new tokens ({keys - new_tokens} + {new_tokens} = "

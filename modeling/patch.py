@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import (
-    BACKENDS, ForwardMask, _host_cannot_read, alibi_slopes, attention, attention_options, attention_recording_weights,
-    backend_from_config, recorded_weights,
+    BACKENDS, ForwardMask, alibi_slopes, attention, attention_options, attention_recording_weights, backend_from_config,
+    keep_mask_from_padding, recorded_weights,
 )
 
 __all__ = [
@@ -264,11 +264,10 @@ def kernel_layer_mask(**mask_kwargs: Any):
     patched_bloom = config is not None and _is_patched_bloom(config)
     holder = _bloom_modeling_module().ForwardMask if patched_bloom else ForwardMask
     if pattern is not None:
-        keep = _padding_keep(mask_kwargs.get("attention_mask"), kv_length, kv_offset)
-        padded = keep is not None and (_host_cannot_read(keep) or not bool(keep.all()))  # vmap: no host read
-        if pattern == "causal" and (padded or patched_bloom):
-            return holder(keep if padded else None)
-        if padded:
+        keep = keep_mask_from_padding(_padding_keep(mask_kwargs.get("attention_mask"), kv_length, kv_offset))
+        if pattern == "causal" and (keep is not None or patched_bloom):
+            return holder(keep)
+        if keep is not None:
             return keep[:, None, None, :]
     mask = _stock_mask_function("sdpa")(**mask_kwargs)
     return holder(mask) if mask is not None and mask.dim() == 4 and not _is_tracing() else mask
