@@ -317,14 +317,13 @@ VARIANTS = {
 }
 
 
+LONGROPE_SHORT, LONGROPE_LONG = [1.0 + 0.1 * i for i in range(8)], [2.0 + 0.5 * i for i in range(8)]
+
+
 def longrope_config() -> LlamaConfig:
     """LongRoPE past its original length 8 (long factors from 9 tokens on): transformers 5 keeps the original length
     in ``rope_parameters``, 4.x at the config's top level."""
-    factors = {
-        "rope_type": "longrope",
-        "short_factor": [1.0 + 0.1 * i for i in range(8)],
-        "long_factor": [2.0 + 0.5 * i for i in range(8)],
-    }
+    factors = {"rope_type": "longrope", "short_factor": LONGROPE_SHORT, "long_factor": LONGROPE_LONG}
     if TRANSFORMERS_5:
         return llama_config(rope={**factors, "original_max_position_embeddings": 8}, max_position_embeddings=64)
     return llama_config(rope=factors, max_position_embeddings=64, original_max_position_embeddings=8)
@@ -388,17 +387,16 @@ def test_longrope_as_transformers_5_writes_it_runs_its_tables_on_every_version(t
     import json
     import math
 
-    stock, folder = stock_and_folder(tmp_path_factory, VARIANTS["longrope"]())
+    _, folder = stock_and_folder(tmp_path_factory, VARIANTS["longrope"]())
     saved = json.loads((folder / "config.json").read_text())
     saved.pop("rope_scaling", None), saved.pop("original_max_position_embeddings", None)
-    short, long = [1.0 + 0.1 * i for i in range(8)], [2.0 + 0.5 * i for i in range(8)]
-    params = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short, "long_factor": long,
-              "original_max_position_embeddings": 8, **given}  # fmt: skip
+    params = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": LONGROPE_SHORT,
+              "long_factor": LONGROPE_LONG, "original_max_position_embeddings": 8, **given}  # fmt: skip
     (folder / "config.json").write_text(json.dumps({**saved, "rope_parameters": params}))
     rotary = load_ours(folder).model.rotary_emb
     factor = given.get("factor", 64 / 8)
     scaling = given.get("attention_factor", math.sqrt(1 + math.log(factor) / math.log(8)))
-    for length, factors in ((6, short), (23, long)):
+    for length, factors in ((6, LONGROPE_SHORT), (23, LONGROPE_LONG)):
         positions = torch.arange(length)[None]
         exponents = torch.arange(0, 16, 2, dtype=torch.float64) / 16
         angles = positions[0, :, None].double() / (torch.tensor(factors, dtype=torch.float64) * 10000.0**exponents)
