@@ -510,7 +510,8 @@ def test_qwen_training_keeps_no_part_of_the_fused_qkv_projection_for_backward(tm
 
 
 def test_qwen_fused_loss_and_gradients_match_reference_with_num_items(tmp_path):
-    from test_qwen import ReferenceQwen, load, random_ids, random_model, save_qwen
+    from qwen_reference import ReferenceQwen
+    from test_qwen import load, random_ids, random_model, save_qwen
 
     torch.manual_seed(4)
     model = random_model(rotary_pct=0.5, no_bias=False)

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from tests.remote_code import assert_close_rel, left_padded_mask
-from test_qwen import (  # noqa: F401 - saved is a fixture
-    CPU_BACKENDS, ReferenceQwen, assert_close_where_kept, load, random_ids, reference_beam_search, saved,
-)
+from qwen_reference import ReferenceQwen, reference_beam_search
+from test_qwen import CPU_BACKENDS, assert_close_where_kept, load, random_ids, saved  # noqa: F401 - saved: a fixture
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -10,7 +10,8 @@ import torch
 from transformers import GenerationConfig
 
 from tests.remote_code import assert_close_rel, relative_error
-from tests.test_qwen import EOS, CharTokenizer, ReferenceQwen, load, random_ids, saved  # noqa: F401 - saved: a fixture
+from tests.qwen_reference import EOS, CharTokenizer, ReferenceQwen
+from tests.test_qwen import load, random_ids, saved  # noqa: F401 - saved: a fixture
 
 
 def test_scale_attn_weights_false_is_ignored_as_the_original_ignores_it(saved, caplog, monkeypatch):

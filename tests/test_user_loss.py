@@ -16,7 +16,8 @@ from remote_code import assert_close_rel
 
 from test_fused_models import train_step
 from test_stock_behaviour import VOCAB, family_config, stock_and_ours
-from test_qwen import ReferenceQwen, load, random_ids, saved  # noqa: F401 - saved: a fixture
+from test_qwen import load, random_ids, saved  # noqa: F401 - saved: a fixture
+from qwen_reference import ReferenceQwen
 
 TOL = 1e-5
 
