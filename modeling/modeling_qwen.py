@@ -7455,7 +7455,7 @@ class QWenAttention(nn.Module):
         cos, sin = rotary
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if query_scale is not None:
-            query = query * query_scale
+            query = query * query_scale.to(query.dtype)  # float64 factors rounded once, as the original's type_as
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx if cache_index is None else cache_index)
         elif value.requires_grad and torch.is_grad_enabled():
@@ -7631,15 +7631,13 @@ class QWenModel(QWenPreTrainedModel):
             setattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, alphas)
         return alphas
 
-    def _logn_query_scale(
-        self, positions: torch.Tensor, total_length: int, dtype: torch.dtype
-    ) -> Optional[torch.Tensor]:
+    def _logn_query_scale(self, positions: torch.Tensor, total_length: int) -> Optional[torch.Tensor]:
         if self.training or not self.config.use_logn_attn or total_length <= self.seq_length:
             return None
-        return logn_scale(positions, self.seq_length).to(dtype)[:, None, :, None]
+        return logn_scale(positions, self.seq_length)[:, None, :, None]
 
     def _packed_positions(
-        self, sequence_ids: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype, cache: Optional[Cache]
+        self, sequence_ids: torch.Tensor, position_ids: torch.Tensor, cache: Optional[Cache]
     ) -> tuple:
         """Rotary cos/sin and logn scale of packed documents, each as the original computes them for that
         document alone: NTK alpha from the document's length, kept on a cache being built as the alpha of each
@@ -7653,7 +7651,7 @@ class QWenModel(QWenPreTrainedModel):
                 setattr(cache, _NTK_ALPHAS_ATTRIBUTE, alphas[:, -1])
         rotary = rotary_cos_sin(positions, alphas, self.rotary_dim, float(self.config.rotary_emb_base))
         logn = not self.training and self.config.use_logn_attn  # logn_scale is 1 inside a short document
-        return rotary, logn_scale(positions, self.seq_length).to(dtype)[:, None, :, None] if logn else None
+        return rotary, logn_scale(positions, self.seq_length)[:, None, :, None] if logn else None
 
     def forward(
         self,
@@ -7733,11 +7731,9 @@ class QWenModel(QWenPreTrainedModel):
             positions = torch.arange(past_length, total_length, device=device)[None]
             alphas = self._ntk_alphas(attention_mask, past_key_values, past_length, total_length, batch_size, device)
             rotary = rotary_cos_sin(positions, alphas[:, None], self.rotary_dim, float(self.config.rotary_emb_base))
-            query_scale = self._logn_query_scale(positions, total_length, inputs_embeds.dtype)
+            query_scale = self._logn_query_scale(positions, total_length)
         else:
-            rotary, query_scale = self._packed_positions(
-                sequence_ids, position_ids, inputs_embeds.dtype, past_key_values
-            )
+            rotary, query_scale = self._packed_positions(sequence_ids, position_ids, past_key_values)
         keep_mask = forward_mask(keep_mask_from_padding(attention_mask), without_mask=True)  # one for every layer
 
         hidden_states = self.drop(inputs_embeds)

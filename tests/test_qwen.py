@@ -309,6 +309,30 @@ def test_inputs_embeds_made_under_inference_mode_train_as_with_ordinary_ones(sav
         assert_close_rel(grads[name], grad, 1e-6, f"grad of {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logn_factors_are_rounded_to_the_queries_dtype_not_the_embeddings(saved, dtype):
+    """Half-precision ``inputs_embeds`` into an fp32 model: the original rounds its logn factors to the query's
+    dtype (fp32 here); ours rounded them to the embeddings' (1e-3 off). The float64 run reproduces the original's
+    one dtype-dependent step for these inputs: its first RMSNorm returns the input's dtype."""
+    folder, config, _ = saved
+    model, reference = load(folder), load(folder).double()
+    ids = random_ids(1, 3 * config.seq_length + 4)
+    embeds = model.transformer.wte(ids).detach().to(dtype)
+    first_norm = reference.transformer.h[0].ln_1
+
+    def normalised_in_the_inputs_dtype(module, args, output):
+        x = args[0]
+        normalised = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.layer_norm_epsilon)
+        return normalised.to(dtype).double() * module.weight
+
+    handle = first_norm.register_forward_hook(normalised_in_the_inputs_dtype)
+    with torch.no_grad():
+        expected = reference(inputs_embeds=embeds.double()).logits
+        logits = model(inputs_embeds=embeds).logits
+    handle.remove()
+    assert_close_rel(logits, expected, 1e-5, f"logits from {dtype} inputs_embeds with logn scaling")
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_uint8_labels_give_the_int64_loss(saved, training):
     """The original's loss (``CrossEntropyLoss``) takes uint8 targets; ours padded uint8 labels with -100 for the
