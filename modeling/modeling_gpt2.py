@@ -7179,21 +7179,27 @@ def token_types_as_rows(token_type_ids: torch.Tensor | None, seq_len: int) -> to
 
 
 def one_mask_row_per_sequence(
-    attention_mask: torch.Tensor | None, inputs: torch.Tensor, past_key_values
+    attention_mask: torch.Tensor | None, input_shape: torch.Size, inputs: torch.Tensor, past_key_values
 ) -> torch.Tensor | None:
     """A 1-D mask, or a 3-D one with a dimension of one, as `[batch, -1]`, as stock GPT-2 views any mask of fewer
     than 4 dimensions (`[batch, 1, seq]`, `[batch, seq, 1]`, `[1, batch, seq]`, `[batch * seq]`); a 2-D one with
-    other rows than the batch too where it holds one value per cached and new token of each sequence (`[1, batch *
-    seq]`, `[batch * seq, 1]`, `[batch, choices * seq]` for `[batch, choices, seq]` inputs), so that a mask made
-    for another batch is still refused. One that does not divide into the batch, or a `[batch, seq, seq]` mask (a
-    4-D mask's shape without its head dimension, which stock would read as one long row), is left for the shape
-    check to name."""
+    other rows than the batch too where it holds at least one value per cached and new token of each sequence:
+    `[1, batch * seq]`, `[batch * seq, 1]`, `[batch, choices * seq]` for ``input_shape`` `[batch, choices, seq]`
+    (longer rows are then cut as `[batch, seq]` ones are). Any other 2-D layout is viewed only where it holds
+    exactly that many values, so that a mask made for another batch is still refused. One that does not divide
+    into the batch, or a `[batch, seq, seq]` mask (a 4-D mask's shape without its head dimension, which stock
+    would read as one long row), is left for the shape check to name."""
     batch_size = inputs.shape[0]
     if attention_mask is None or not batch_size or attention_mask.numel() % batch_size:
         return attention_mask
     if attention_mask.dim() == 2 and attention_mask.shape[0] != batch_size:  # the cache is read for these only
         keys = inputs.shape[1] + (past_key_values.get_seq_length() if past_key_values is not None else 0)
-        return attention_mask.reshape(batch_size, -1) if attention_mask.numel() == batch_size * keys else attention_mask
+        per_sequence = attention_mask.numel() // batch_size
+        rows_of_the_inputs = 1 in attention_mask.shape or (
+            len(input_shape) > 2 and attention_mask.shape[0] == input_shape[0]
+        )
+        fits = per_sequence == keys or (rows_of_the_inputs and per_sequence > keys)
+        return attention_mask.reshape(batch_size, -1) if fits else attention_mask
     if attention_mask.dim() != 1 and not (attention_mask.dim() == 3 and 1 in attention_mask.shape):
         return attention_mask
     return attention_mask.reshape(batch_size, -1)
@@ -7597,7 +7603,7 @@ class GPT2Model(GPT2PreTrainedModel):
         if input_ids is not None and "cu_seq_lens_q" not in kwargs:  # a packed row's pad ids are real tokens
             self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
         attention_mask = one_mask_row_per_sequence(
-            attention_mask, input_ids if input_ids is not None else inputs_embeds, past_key_values
+            attention_mask, input_shape, input_ids if input_ids is not None else inputs_embeds, past_key_values
         )
         check_cache_not_dropped(
             past_key_values, self.h, self.training, attention_mask,

@@ -233,6 +233,39 @@ def test_double_heads_masks_of_other_2d_layouts_are_viewed_as_rows_as_stock(tmp_
     assert_close_rel(got.mc_logits, want.mc_logits, 1e-5, "mc logits")
 
 
+@pytest.mark.parametrize("layout", ["choices_in_one_row", "one_row", "one_column"])
+def test_double_heads_whole_sequence_masks_of_other_2d_layouts_are_cut_as_stock(tmp_path, layout):
+    """A prefill and a decode step each given the whole sequence's mask (longer than the cached + new tokens) as
+    `[batch, choices * total]`, `[1, batch * choices * total]` or `[batch * choices * total, 1]`: stock views it as
+    rows and reads their first columns; ours refused it (only a mask of exactly the cached + new tokens was
+    viewed so)."""
+    ours, stock = load_head_pair(tmp_path, GPT2DoubleHeadsModel, AutoModel, "GPT2DoubleHeadsModel")
+    ids = torch.randint(1, VOCAB - 1, (2, 3, 7), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[0, 1, :2] = 0
+    given = mask.reshape({"choices_in_one_row": (2, 21), "one_row": (1, 42), "one_column": (42, 1)}[layout])
+    last = torch.full((2, 3), -1)
+    runs = []
+    for model in (ours, stock):
+        with torch.no_grad():
+            prefill = model(ids[..., :4], attention_mask=given, use_cache=True, mc_token_ids=last + 4)
+            cache = prefill.past_key_values
+            step = model(ids[..., 4:6], attention_mask=given, past_key_values=cache, mc_token_ids=last + 2)
+        runs.append((prefill, step))
+    for what, got, want, kept in zip(("prefill", "step"), *runs, (mask[..., :4].bool(), mask[..., 4:6].bool())):
+        assert_close_rel(got.logits[kept], want.logits[kept], 1e-5, f"{what} logits")
+        assert_close_rel(got.mc_logits, want.mc_logits, 1e-5, f"{what} mc logits")
+
+
+def test_a_2d_mask_of_another_batch_is_refused_even_where_it_is_long_enough(tmp_path):
+    """`[2, 12]` for four rows of 4 tokens holds three values per token: its rows are not the inputs' (nor a
+    vector of them), so ours names its shape rather than read it as `[4, 6]` and cut it."""
+    ours, _ = load_head_pair(tmp_path, GPT2DoubleHeadsModel, AutoModel, "GPT2DoubleHeadsModel")
+    ids = torch.randint(1, VOCAB - 1, (4, 1, 4), generator=torch.Generator().manual_seed(7))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \[2, 12\]"):
+        ours(ids, attention_mask=torch.ones(2, 12, dtype=torch.long))
+
+
 def test_double_heads_with_one_choice_takes_a_4d_mask_as_stock(tmp_path):
     """`[batch, 1, seq]` inputs with an additive 4-D mask `[batch, 1, q, k]`: ours reshaped the mask as if it were
     embeddings (its leading dimensions equal the inputs' shape), refusing a prefill and, in a decode step, reading
