@@ -9,14 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from remote_code import assert_close_rel
-from test_fused_ops import (
-    assert_as_close_as_stock,
-    ops,
-    random_targets,
-    run_and_grads,
-    stock_rms_norm,
-    triton_paths_ran,
-)
+from test_fused_ops import ops, random_targets
+from test_fused_ops_triton import assert_as_close_as_stock, run_and_grads, stock_rms_norm, triton_paths_ran
 
 
 def check_precision_when_softmax_saturates(logit_scale: float, device: str) -> None:

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from remote_code import assert_close_rel
 from test_fused_models import family_pairs  # noqa: F401 - a fixture
-from test_fused_ops import error_against, ops
+from test_fused_ops import ops
+from test_fused_ops_triton import error_against
 from test_packed import LayerInputs
 
 CONFIG = types.SimpleNamespace(vocab_size=50, loss_chunk_size=3)

@@ -8,18 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_fused_models import batch_for, family_pairs  # noqa: F401 - a fixture
-from test_fused_ops import (
-    TOL,
-    TRITON_CASES,
-    _AddsOfShape,
-    assert_as_close_as_stock,
-    assert_close_rel,
-    on_cuda,
-    ops,
-    reference_rms_norm,
-    stock_rms_norm,
-    triton_paths_ran,
-)
+from test_fused_ops import TOL, _AddsOfShape, assert_close_rel, ops, reference_rms_norm
+from test_fused_ops_triton import TRITON_CASES, assert_as_close_as_stock, on_cuda, stock_rms_norm, triton_paths_ran
 
 
 def autograd_edges(output: torch.Tensor) -> collections.Counter:
