@@ -5062,6 +5062,20 @@ def loss_replaced_by_user(model, stock_loss: str = "ForCausalLMLoss") -> bool:
     return patched or not _defined_by_transformers(chosen, stock_loss, loss_utils)
 
 
+def hidden_states_to_keep(hidden_states: torch.Tensor, logits_to_keep: Union[int, torch.Tensor]) -> torch.Tensor:
+    """The positions of ``hidden_states`` ``[batch, seq, hidden]`` whose logits are asked for, as transformers 5.23
+    reads ``logits_to_keep`` (on every release we run on): an int keeps the last n (0: all); a 1-D tensor the same
+    positions of every row; a 2-D integer one ``[batch, n]`` n positions of each row; a 2-D bool one
+    ``[batch, seq]`` the True positions, flattened to ``[kept, hidden]`` (their count may differ between rows)."""
+    if isinstance(logits_to_keep, int):
+        return hidden_states if logits_to_keep == 0 else hidden_states[:, -logits_to_keep:]
+    if logits_to_keep.dim() == 2 and logits_to_keep.dtype == torch.bool:
+        return hidden_states[logits_to_keep.to(hidden_states.device)]
+    if logits_to_keep.dim() == 2:
+        return torch.take_along_dim(hidden_states, logits_to_keep.to(hidden_states.device)[..., None], dim=1)
+    return hidden_states[:, logits_to_keep]
+
+
 def fused_loss_applies(model, lm_head, labels, logits_to_keep=0, stock_calls_loss_function: bool = True) -> bool:
     """Whether ``model`` computes its training loss without logits (and returns none).
 
@@ -7934,11 +7948,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         else:
             if labels is not None and labels.dim() != hidden_states.dim() - 1:  # the original raises too
                 raise labels_mismatch("labels", labels.shape, hidden_states.shape[:-1])
-            if isinstance(logits_to_keep, int):
-                hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
-            else:
-                hidden_states = hidden_states[:, logits_to_keep]
-            logits = self.lm_head(hidden_states)
+            logits = self.lm_head(hidden_states_to_keep(hidden_states, logits_to_keep))
             loss = None
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs)

@@ -94,6 +94,35 @@ def test_logits_to_keep_in_training_returns_stock_loss_and_logits(family_pairs):
     assert_close_rel(outputs[1].logits, outputs[0].logits, 1e-5, "kept logits")
 
 
+def qwen_model(tmp_path):
+    from test_qwen import load, random_model, save_qwen
+
+    torch.manual_seed(6)
+    return load(save_qwen(random_model(), tmp_path / "qwen"))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "qwen"])
+@pytest.mark.parametrize("training", [False, True])
+def test_two_dimensional_logits_to_keep_selects_as_transformers_reads_it(family_pairs, tmp_path, name, training):
+    """transformers 5.23 reads a 2-D ``logits_to_keep``: integer ``[batch, n]`` positions of each row, or a bool
+    ``[batch, seq]`` mask whose True positions come back flattened. Ours indexed the sequence dimension with
+    either: ``[batch, batch, n, vocab]`` logits, or an IndexError for the mask."""
+    model = qwen_model(tmp_path) if name == "qwen" else family_pairs[name][1]
+    model.train(training)
+    ids = torch.randint(3, 90, (3, 8), generator=torch.Generator().manual_seed(8))
+    positions = torch.tensor([[0, 5], [7, 2], [3, 3]])
+    kept = torch.zeros(3, 8, dtype=torch.bool)
+    kept[0, [1, 6]], kept[2, [0, 2, 7]] = True, True
+    torch.manual_seed(0)
+    with torch.no_grad():
+        every = model(input_ids=ids).logits
+        by_row = model(input_ids=ids, logits_to_keep=positions).logits
+        by_mask = model(input_ids=ids, logits_to_keep=kept).logits
+    assert by_row.shape == (3, 2, every.shape[-1]) and by_mask.shape == (5, every.shape[-1])
+    assert_close_rel(by_row, torch.take_along_dim(every, positions[..., None], dim=1), 1e-6, "positions per row")
+    assert_close_rel(by_mask, every[kept], 1e-6, "positions of a bool mask")
+
+
 @pytest.mark.parametrize("eps", [1e-5, 0.3])
 def test_rms_norm_reads_its_epsilon(eps):
     """Inputs of about 1e-3, where an epsilon of 1e-5 (LLaMA-2's) moves the output: float64 against the formula."""
