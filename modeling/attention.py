@@ -4993,6 +4993,21 @@ def loss_replaced_by_user(model, stock_loss: str = "ForCausalLMLoss") -> bool:
     return patched or not _defined_by_transformers(chosen, stock_loss, loss_utils)
 
 
+def attention_dropout_p(dropout: torch.nn.Module) -> float:
+    """The probability an attention-dropout module of BLOOM or Qwen drops with now, handed to the kernels (which
+    drop inside, where stock calls the module on the weights): an ``nn.Dropout``'s ``p`` while that module is in
+    training mode (its own flag, as when stock calls it: Monte-Carlo dropout turns only the dropouts on), none for
+    ``nn.Identity`` (a common way to switch it off). Another module cannot run inside a kernel: a clear error."""
+    if isinstance(dropout, torch.nn.Identity):
+        return 0.0
+    if isinstance(dropout, torch.nn.modules.dropout._DropoutNd):
+        return dropout.p if dropout.training else 0.0
+    raise TypeError(
+        f"the attention dropout is a {type(dropout).__name__}: the attention kernels drop by an nn.Dropout's p "
+        "(nn.Identity for none) and cannot call another module on the attention weights"
+    )
+
+
 def hidden_states_to_keep(hidden_states: torch.Tensor, logits_to_keep: Union[int, torch.Tensor]) -> torch.Tensor:
     """The positions of ``hidden_states`` ``[batch, seq, hidden]`` whose logits are asked for, as transformers 5.23
     reads ``logits_to_keep`` (on every release we run on): an int keeps the last n (0: all); a 1-D tensor the same

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import sys
@@ -237,6 +238,61 @@ def test_hidden_states_and_inputs_embeds_match_stock(backend):
     keep = mask.bool()
     for layer, (a, e) in enumerate(zip(actual, expected)):
         assert_close_rel(a[keep], e[keep], FP32_TOL, f"hidden state {layer}")
+
+
+def pair_with_attention_dropout(setting: str):
+    """Copies of a pair with ``attention_dropout`` 0.5, every layer's attention-dropout module set up as ``setting``
+    says (the model in training mode, but in eval for Monte-Carlo dropout)."""
+    models = tuple(copy.deepcopy(model) for model in load_pair(attention_dropout=0.5))
+    for model in models:
+        model.train(setting != "monte_carlo_in_eval")
+        for layer in model.transformer.h:
+            attention = layer.self_attention
+            if setting == "identity_in_training":
+                attention.attention_dropout = torch.nn.Identity()
+            elif setting == "a_module_of_its_own":
+                attention.attention_dropout = torch.nn.Softsign()
+            else:
+                attention.attention_dropout.train(setting == "monte_carlo_in_eval")
+    return models
+
+
+@pytest.mark.parametrize("setting", ["dropouts_off_in_training", "identity_in_training"])
+def test_an_attention_dropout_switched_off_by_its_module_trains_as_stock(setting):
+    """Stock calls ``attention_dropout`` on the weights, so that module decides: trainers switch dropouts off one
+    by one (``.eval()``) or put ``nn.Identity`` in their place. Ours read its ``p`` by the attention's own mode:
+    it dropped in the first case and failed on the second (the Identity has no ``p``)."""
+    stock, ours = pair_with_attention_dropout(setting)
+    ids, mask = make_inputs([7, 5], 7, "right", seed=23)
+    results = []
+    for model in (stock, ours):
+        loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    (expected, expected_grads), (loss, grads) = results
+    assert_close_rel(loss, expected, FP32_TOL, "loss")
+    for (name, _), grad, want in zip(stock.named_parameters(), grads, expected_grads):
+        assert_close_rel(grad, want, 1e-4, f"grad of {name}")
+
+
+def test_monte_carlo_attention_dropout_in_eval_drops_as_stock():
+    """``model.eval()`` with only the attention dropouts in training mode: stock drops attention weights (the
+    module is called), ours never did (the attention's mode decided)."""
+    ids, mask = make_inputs([7, 5], 7, "right", seed=24)
+    plain = load_pair(attention_dropout=0.5)[1](ids, attention_mask=mask).logits.detach()
+    for model in pair_with_attention_dropout("monte_carlo_in_eval"):
+        with torch.no_grad():
+            runs = [model(ids, attention_mask=mask).logits for _ in range(2)]
+        kept = mask.bool()
+        assert relative_error(runs[0][kept], plain[kept]) > 0.05, type(model).__module__
+        assert relative_error(runs[0][kept], runs[1][kept]) > 0.05, type(model).__module__
+
+
+def test_an_attention_dropout_module_a_kernel_cannot_run_is_named():
+    stock, ours = pair_with_attention_dropout("a_module_of_its_own")
+    ids, _ = make_inputs([6], 6, "none", seed=25)
+    stock(ids, labels=ids).loss.backward()
+    with pytest.raises(TypeError, match="the attention dropout is a Softsign"):
+        ours(ids, labels=ids)
 
 
 @pytest.mark.skipif(

@@ -31,6 +31,23 @@ def test_scale_attn_weights_false_is_ignored_as_the_original_ignores_it(saved, c
     assert sum("scale_attn_weights=False is ignored" in record.getMessage() for record in caplog.records) == 1
 
 
+@pytest.mark.parametrize("switched_off", ["module_in_eval", "identity"])
+def test_an_attention_dropout_switched_off_by_its_module_trains_without_dropout(saved, switched_off):
+    """The original calls ``attn_dropout`` on the weights, so the module decides: set to eval, or replaced by
+    ``nn.Identity``, it drops nothing in training. Ours read its ``p`` by the attention's mode: it dropped in the
+    first case and failed on the second (no ``p``)."""
+    folder, _, _ = saved
+    ids = random_ids(2, 9)
+    model, plain = load(folder, attn_dropout_prob=0.5).train(), load(folder).train()
+    for block in model.transformer.h:
+        if switched_off == "identity":
+            block.attn.attn_dropout = torch.nn.Identity()
+        else:
+            block.attn.attn_dropout.eval()
+    with torch.no_grad():
+        assert_close_rel(model(ids, labels=ids).loss, plain(ids, labels=ids).loss, 1e-6, "loss")
+
+
 def test_training_uses_no_dynamic_ntk_or_logn_on_long_inputs(saved):
     """Past seq_length, eval mode would pick NTK alpha 7 and scale queries by logn; training mode does neither."""
     folder, config, state = saved
