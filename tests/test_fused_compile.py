@@ -237,11 +237,9 @@ def test_cuda_graph_replays_of_training_steps_match_eager(family_pairs, name):
     import copy
 
     from torch._dynamo.utils import counters
-    from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
     model = copy.deepcopy(family_pairs[name][1]).to("cuda", torch.bfloat16).train()
     torch._dynamo.reset()
-    reset_cudagraph_trees()  # graphs an earlier test of this worker recorded (compiled static-cache generation)
     counters.clear()
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     generator = torch.Generator().manual_seed(29)
