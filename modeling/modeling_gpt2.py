@@ -7323,10 +7323,16 @@ class GPT2Attention(nn.Module):
             "light_softmax": config_switch(self.config, "use_lightsoftmax", False),
             "dropout_matmul": config_switch(self.config, "use_dropmatmul", False),
         }
-        if attention_weights is not None or backend != "eager" or not self.config.reorder_and_upcast_attn:
+        if backend != "eager" or not self.config.reorder_and_upcast_attn:
             return attention_recording_weights(query, key, value, attention_weights, **kwargs)
+        # stock's upcast: scores and softmax in float32 or wider, weights asked for or not; both come back in the
+        # value's dtype
+        wide = torch.promote_types(query.dtype, torch.float32)
+        wide_weights = None if attention_weights is None else []
         with torch.autocast(device_type=query.device.type, enabled=False):
-            output = attention(query.float(), key.float(), value.float(), **kwargs)
+            output = attention_recording_weights(query.to(wide), key.to(wide), value.to(wide), wide_weights, **kwargs)
+        if attention_weights is not None:
+            attention_weights.append(wide_weights[-1].to(value.dtype))
         return output.to(query.dtype)
 
     def forward(

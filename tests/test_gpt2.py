@@ -345,6 +345,36 @@ def test_reorder_and_upcast_runs_eager_in_float32(tmp_path, monkeypatch, backend
     assert_close_rel(got[mask.bool()], want[mask.bool()], 2e-2, "bf16 vs fp32 stock")
 
 
+def test_reorder_and_upcast_holds_when_attention_weights_are_asked_for(tmp_path):
+    """Stock upcasts the eager scores to float32 whether or not it returns the weights; ours computed them in the
+    model's dtype when they were asked for (bf16: the logits changed by 1e-2; fp16: NaN where scores pass its
+    range)."""
+    ours, stock = load_pair(tmp_path, "eager", reorder_and_upcast_attn=True)
+    ours.to(torch.bfloat16), stock.to(torch.bfloat16)
+    ids, mask = random_ids(), left_padded_mask(LENGTHS, TOTAL)
+    with torch.no_grad():
+        plain = ours(ids, attention_mask=mask).logits
+        weighed, expected = (m(ids, attention_mask=mask, output_attentions=True) for m in (ours, stock))
+    kept = mask.bool()
+    assert_close_rel(weighed.logits[kept], plain[kept], 1e-5, "logits with the weights asked for")
+    for layer, (got, want) in enumerate(zip(weighed.attentions, expected.attentions)):
+        assert got.dtype == want.dtype == torch.bfloat16
+        rows = kept[:, None, :, None].expand_as(got)  # queries that see a key (padding rows are zeros in ours)
+        assert_close_rel(got[rows].float(), want[rows].float(), 1e-2, f"weights of layer {layer}")
+
+
+def test_reorder_and_upcast_keeps_a_float64_model_in_float64(tmp_path):
+    """The upcast cast float64 scores down to float32 (4e-8 off); stock refuses the combination."""
+    ours, _ = load_pair(tmp_path, "eager", reorder_and_upcast_attn=True)
+    ours.double()
+    ids = random_ids()
+    with torch.no_grad():
+        upcast = ours(ids).logits
+        ours.config.reorder_and_upcast_attn = False
+        plain = ours(ids).logits
+    assert_close_rel(upcast, plain, 1e-12, "float64 logits with reorder_and_upcast_attn")
+
+
 # ---------------------------------------------------------------------------------------------
 # Cache and generation
 # ---------------------------------------------------------------------------------------------
