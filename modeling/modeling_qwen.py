@@ -7235,6 +7235,12 @@ def _check_supported(config: QWenConfig) -> None:
             f"kv_channels * rotary_pct = {config.kv_channels} * {config.rotary_pct} gives 2 rotary channels, which "
             "Qwen's rotary base (base * alpha^(dim / (dim - 2)), as in the original) cannot take; rotate more channels"
         )
+    if config.kv_channels * config.num_attention_heads != config.hidden_size:
+        raise ValueError(
+            f"kv_channels * num_attention_heads = {config.kv_channels} * {config.num_attention_heads} must be "
+            f"hidden_size ({config.hidden_size}): the original splits c_attn's output into query, key and value of "
+            "hidden_size each (it fails there otherwise)"
+        )
 
 
 PRECISION_FLAGS = ("bf16", "fp16", "fp32")
@@ -7641,7 +7647,7 @@ class QWenModel(QWenPreTrainedModel):
         per sample from its count of non-padded tokens; otherwise one alpha from the total length. They are kept
         on the cache, and decode steps reuse them, per sample for the rows the cache holds then.
         """
-        if self.training or not self.config.use_dynamic_ntk:
+        if not self._uses_dynamic_ntk():
             return torch.ones(1, dtype=torch.float64, device=device)
         if past_length > 0:
             stored = getattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, None)
@@ -7660,6 +7666,11 @@ class QWenModel(QWenPreTrainedModel):
             setattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, alphas)
         return alphas
 
+    def _uses_dynamic_ntk(self) -> bool:
+        """Whether this forward picks NTK alphas: in eval mode with ``use_dynamic_ntk``, where the rotation reads
+        them (fewer than two rotary channels rotate by an exponent of 0, the same whatever the base)."""
+        return not self.training and self.config.use_dynamic_ntk and self.rotary_dim >= 2
+
     def _logn_query_scale(self, positions: torch.Tensor, total_length: int) -> Optional[torch.Tensor]:
         if self.training or not self.config.use_logn_attn or total_length <= self.seq_length:
             return None
@@ -7672,7 +7683,7 @@ class QWenModel(QWenPreTrainedModel):
         document alone: NTK alpha from the document's length, kept on a cache being built as the alpha of each
         row's last document (the one a decoding step continues)."""
         positions = position_ids.expand(sequence_ids.shape)
-        if self.training or not self.config.use_dynamic_ntk:
+        if not self._uses_dynamic_ntk():
             alphas = torch.ones(1, 1, dtype=torch.float64, device=positions.device)
         else:
             alphas = document_ntk_alphas(sequence_ids, self.seq_length)
@@ -7794,7 +7805,7 @@ class QWenModel(QWenPreTrainedModel):
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            past_key_values=past_key_values,  # a cache passed with use_cache=False too, which it updated (as stock)
             hidden_states=selected_hidden_states(all_hidden_states, output_hidden_states),
             attentions=tuple(all_attentions) if output_attentions else None,
         )

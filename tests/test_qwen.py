@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -603,7 +604,8 @@ def test_fresh_weights_follow_the_original_scheme():
     """N(0, initializer_range), with the residual projections (attention's and the MLP's ``c_proj``) scaled by
     1/sqrt(2 * num_hidden_layers): here 0.02 against 0.005 (8 layers)."""
     torch.manual_seed(0)
-    config = QWenConfig(**{**TINY, "hidden_size": 64, "num_hidden_layers": 8, "initializer_range": 0.02, "fp32": True})
+    wider = {"hidden_size": 64, "kv_channels": 16, "num_hidden_layers": 8, "initializer_range": 0.02, "fp32": True}
+    config = QWenConfig(**{**TINY, **wider})
     model = QWenLMHeadModel(config)
     for name, param in model.named_parameters():
         if name.endswith("c_proj.weight"):
@@ -694,6 +696,29 @@ def test_rotary_channels_that_do_not_fit_a_head_in_pairs_raise_a_clear_error(kv_
     original) with a shape mismatch."""
     with pytest.raises(ValueError, match=rf"kv_channels \* rotary_pct = {kv_channels} \* 1.0 gives {kv_channels} rotary"):
         random_model(kv_channels=kv_channels)
+
+
+@pytest.mark.parametrize("rotary_pct", [0.0, 0.125])
+def test_fewer_than_two_rotary_channels_decode_a_batch_whose_rows_chose_different_ntk_alphas(rotary_pct, tmp_path):
+    """With 0 or 1 rotary channels the rotation is the same whatever the NTK alpha; the rows' alphas (3 and 1 here)
+    were still kept on the cache, and the decode step, which tells the rows apart by their cached keys, refused to
+    go on (their keys no longer differ)."""
+    torch.manual_seed(9)
+    model = load(save_qwen(random_model(rotary_pct=rotary_pct), tmp_path / "qwen"))
+    mask = F.pad(left_padded_mask([16, 12], 26), (0, 1), value=1)  # a left-padded prompt, then one new token
+    ids = random_ids(2, 27).masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        cache = model(ids[:, :26], attention_mask=mask[:, :26], use_cache=True).past_key_values
+        step = model(ids[:, 26:], attention_mask=mask, past_key_values=cache).logits[:, -1]
+        expected = model(ids, attention_mask=mask).logits[:, -1]
+    assert_close_rel(step, expected, 1e-5, "decode step after per-row alphas")
+
+
+def test_kv_channels_that_do_not_split_the_hidden_size_into_the_heads_raise_a_clear_error():
+    """The original splits c_attn's output into hidden_size-wide query, key and value: kv_channels 16 with 4 heads
+    and hidden 32 fails there; ours ran it with 16-channel heads, a model the original never had."""
+    with pytest.raises(ValueError, match=r"kv_channels \* num_attention_heads = 16 \* 4 must be hidden_size \(32\)"):
+        random_model(kv_channels=16)
 
 
 @pytest.mark.parametrize("rotary_pct", [1.5, -0.5])

@@ -204,14 +204,16 @@ def test_chat_stream_generates_in_the_readers_autocast(saved):
     assert list(made_here) and head_dtypes[3:] == [torch.float32] * 3, head_dtypes  # read outside autocast
 
 
-def test_a_cache_passed_with_use_cache_false_is_read_and_not_returned(saved):
-    """As the original: the past keys are attended to, and no cache comes back (``presents`` only with use_cache)."""
+def test_a_cache_passed_with_use_cache_false_is_read_and_comes_back_updated_as_stock(saved):
+    """The past keys are attended to, and the cache object, which the step updates (as stock's caches are), comes
+    back as stock returns it: ours updated it and returned None, so a caller who kept the prompt's cache to score
+    several continuations found it grown without being told (the original's tuple cache is never written)."""
     folder, _, _ = saved
     model = load(folder)
     ids = random_ids(2, 9)
     with torch.no_grad():
-        prefix = model(ids[:, :6], use_cache=True)
-        rest = model(ids[:, 6:], past_key_values=prefix.past_key_values, use_cache=False)
+        cache = model(ids[:, :6], use_cache=True).past_key_values
+        rest = model(ids[:, 6:], past_key_values=cache, use_cache=False)
         full = model(ids).logits
-    assert prefix.past_key_values is not None and rest.past_key_values is None
+    assert rest.past_key_values is cache and cache.get_seq_length() == 9
     assert_close_rel(rest.logits, full[:, 6:], 1e-5, "logits of the tokens after a passed cache")
