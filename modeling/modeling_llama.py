@@ -5048,14 +5048,15 @@ def attention_dropout_p(dropout: torch.nn.Module) -> float:
     """The probability an attention-dropout module of BLOOM or Qwen drops with now, handed to the kernels (which
     drop inside, where stock calls the module on the weights): an ``nn.Dropout``'s ``p`` while that module is in
     training mode (its own flag, as when stock calls it: Monte-Carlo dropout turns only the dropouts on), none for
-    ``nn.Identity`` (a common way to switch it off). Another module cannot run inside a kernel: a clear error."""
+    ``nn.Identity`` (a common way to switch it off). Another module (``AlphaDropout``, ``Dropout2d``, a subclass
+    with a forward of its own) drops otherwise than a kernel can: a clear error."""
     if isinstance(dropout, torch.nn.Identity):
         return 0.0
-    if isinstance(dropout, torch.nn.modules.dropout._DropoutNd):
+    if isinstance(dropout, torch.nn.Dropout) and type(dropout).forward is torch.nn.Dropout.forward:
         return dropout.p if dropout.training else 0.0
     raise TypeError(
-        f"the attention dropout is a {type(dropout).__name__}: the attention kernels drop by an nn.Dropout's p "
-        "(nn.Identity for none) and cannot call another module on the attention weights"
+        f"the attention dropout is a {type(dropout).__name__}: the attention kernels drop elements by an "
+        "nn.Dropout's p (nn.Identity for none) and cannot call another module on the attention weights"
     )
 
 
@@ -5066,11 +5067,11 @@ def hidden_states_to_keep(hidden_states: torch.Tensor, logits_to_keep: Union[int
     ``[batch, seq]`` the True positions, flattened to ``[kept, hidden]`` (their count may differ between rows)."""
     if isinstance(logits_to_keep, int):
         return hidden_states if logits_to_keep == 0 else hidden_states[:, -logits_to_keep:]
-    if logits_to_keep.dim() == 2 and logits_to_keep.dtype == torch.bool:
+    if not (isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 2):
+        return hidden_states[:, logits_to_keep]  # a 1-D tensor, or any index (a list, a slice) as stock takes it
+    if logits_to_keep.dtype == torch.bool:
         return hidden_states[logits_to_keep.to(hidden_states.device)]
-    if logits_to_keep.dim() == 2:
-        return torch.take_along_dim(hidden_states, logits_to_keep.to(hidden_states.device)[..., None], dim=1)
-    return hidden_states[:, logits_to_keep]
+    return torch.take_along_dim(hidden_states, logits_to_keep.to(hidden_states.device)[..., None], dim=1)
 
 
 def fused_loss_applies(model, lm_head, labels, logits_to_keep=0, stock_calls_loss_function: bool = True) -> bool:

@@ -240,6 +240,14 @@ def test_hidden_states_and_inputs_embeds_match_stock(backend):
         assert_close_rel(a[keep], e[keep], FP32_TOL, f"hidden state {layer}")
 
 
+# modules stock calls on the attention weights that drop otherwise than a kernel's elementwise dropout, or not at all
+OTHER_ATTENTION_DROPOUTS = {
+    "Softsign": torch.nn.Softsign,
+    "AlphaDropout": lambda: torch.nn.AlphaDropout(0.3),
+    "Dropout2d": lambda: torch.nn.Dropout2d(0.3),
+}
+
+
 def pair_with_attention_dropout(setting: str):
     """Copies of a pair with ``attention_dropout`` 0.5, every layer's attention-dropout module set up as ``setting``
     says (the model in training mode, but in eval for Monte-Carlo dropout)."""
@@ -250,8 +258,8 @@ def pair_with_attention_dropout(setting: str):
             attention = layer.self_attention
             if setting == "identity_in_training":
                 attention.attention_dropout = torch.nn.Identity()
-            elif setting == "a_module_of_its_own":
-                attention.attention_dropout = torch.nn.Softsign()
+            elif setting in OTHER_ATTENTION_DROPOUTS:
+                attention.attention_dropout = OTHER_ATTENTION_DROPOUTS[setting]()
             else:
                 attention.attention_dropout.train(setting == "monte_carlo_in_eval")
     return models
@@ -287,11 +295,13 @@ def test_monte_carlo_attention_dropout_in_eval_drops_as_stock():
         assert relative_error(runs[0][kept], runs[1][kept]) > 0.05, type(model).__module__
 
 
-def test_an_attention_dropout_module_a_kernel_cannot_run_is_named():
-    stock, ours = pair_with_attention_dropout("a_module_of_its_own")
+@pytest.mark.parametrize("module", list(OTHER_ATTENTION_DROPOUTS))
+def test_an_attention_dropout_module_a_kernel_cannot_run_is_named(module):
+    """AlphaDropout shifts the weights, Dropout2d drops whole heads: ran as an elementwise dropout by their ``p``."""
+    stock, ours = pair_with_attention_dropout(module)
     ids, _ = make_inputs([6], 6, "none", seed=25)
     stock(ids, labels=ids).loss.backward()
-    with pytest.raises(TypeError, match="the attention dropout is a Softsign"):
+    with pytest.raises(TypeError, match=f"the attention dropout is a {module}"):
         ours(ids, labels=ids)
 
 

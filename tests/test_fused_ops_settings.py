@@ -121,6 +121,9 @@ def test_two_dimensional_logits_to_keep_selects_as_transformers_reads_it(family_
     assert by_row.shape == (3, 2, every.shape[-1]) and by_mask.shape == (5, every.shape[-1])
     assert_close_rel(by_row, torch.take_along_dim(every, positions[..., None], dim=1), 1e-6, "positions per row")
     assert_close_rel(by_mask, every[kept], 1e-6, "positions of a bool mask")
+    with torch.no_grad():  # any other index, as stock's indexing takes it
+        for index in ([1, 6], slice(2, 5), range(3, 5)):
+            assert_close_rel(model(input_ids=ids, logits_to_keep=index).logits, every[:, index], 1e-6, str(index))
 
 
 @pytest.mark.parametrize("eps", [1e-5, 0.3])
