@@ -98,7 +98,7 @@ def qwen_model(tmp_path):
     from test_qwen import load, random_model, save_qwen
 
     torch.manual_seed(6)
-    return load(save_qwen(random_model(), tmp_path / "qwen"))
+    return load(save_qwen(random_model(), tmp_path / "qwen-logits-to-keep"))
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "qwen"])

@@ -704,7 +704,7 @@ def test_fewer_than_two_rotary_channels_decode_a_batch_whose_rows_chose_differen
     were still kept on the cache, and the decode step, which tells the rows apart by their cached keys, refused to
     go on (their keys no longer differ)."""
     torch.manual_seed(9)
-    model = load(save_qwen(random_model(rotary_pct=rotary_pct), tmp_path / "qwen"))
+    model = load(save_qwen(random_model(rotary_pct=rotary_pct), tmp_path / "qwen-few-rotary-channels"))
     mask = F.pad(left_padded_mask([16, 12], 26), (0, 1), value=1)  # a left-padded prompt, then one new token
     ids = random_ids(2, 27).masked_fill(mask == 0, 0)
     with torch.no_grad():

@@ -233,7 +233,9 @@ def test_a_folder_with_only_our_files_loads_and_chats(tmp_path, tokenizer):
         max_new_tokens=8, do_sample=False,
     )
     model.config.bf16 = model.config.fp16 = model.config.fp32 = False
-    folder = save_with_remote_code(model, tmp_path / "qwen", OUR_FILES, AUTO_MAP)
+    # a folder name of its own: transformers names the module package after it, and other tests' "qwen" folders
+    # hold the stand-in helpers
+    folder = save_with_remote_code(model, tmp_path / "qwen-with-our-helpers", OUR_FILES, AUTO_MAP)
     assert {p.name for p in folder.glob("*.py")} == set(OUR_FILES)
 
     loaded = load(folder)
