@@ -427,8 +427,9 @@ def _make_twin(stock: nn.Module, config: _LiveConfig) -> nn.Module:
 
 def _bloom_kernel_attention(stock: nn.Module, backend: str) -> nn.Module:
     """``stock``'s twin, up to date: it is handed the stock module's ``query_key_value`` and ``dense`` (modules
-    swapped in later, PEFT's LoRA layers or a quantizer's, are the ones that run), mode and dropout
-    probabilities (a trainer may change them after the first forward) at every call."""
+    swapped in later, PEFT's LoRA layers or a quantizer's, are the ones that run), mode, hidden dropout and
+    attention-dropout module (whose own mode and type decide, as where stock calls it; a trainer may change them
+    after the first forward) at every call."""
     twin = stock.__dict__.get(_KERNEL_ATTENTION)
     if twin is None or twin.config._attn_implementation != implementation_name(backend):
         # the first call under the class-level patch (which does not know the model), or another backend
@@ -436,7 +437,7 @@ def _bloom_kernel_attention(stock: nn.Module, backend: str) -> nn.Module:
     elif twin.query_key_value is not stock.query_key_value or twin.dense is not stock.dense:
         _share_projections(twin, stock)
     twin.training, twin.hidden_dropout = stock.training, stock.hidden_dropout
-    twin.attention_dropout.p = stock.attention_dropout.p
+    twin.attention_dropout = stock.attention_dropout
     return twin
 
 

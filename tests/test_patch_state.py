@@ -236,6 +236,25 @@ def test_patched_bloom_reads_dropout_changed_after_its_first_forward():
     assert not torch.equal(logits(patched, inputs), logits(patched, inputs)), "attention dropout stays off"
 
 
+@pytest.mark.parametrize("setting", ["eval_model", "dropouts_off_in_training", "identity_in_training"])
+def test_patched_bloom_lets_its_attention_dropout_module_decide_as_stock(setting):
+    """Stock calls ``attention_dropout`` on the weights, so that module's mode and type decide. The patched
+    model's twin kept a dropout of its own, in training mode and given only ``p``: it dropped in an eval model and
+    where the module alone was set to eval, and failed on an ``nn.Identity`` (no ``p``)."""
+    stock = tiny_stock("bloom", attention_dropout=0.5).train(setting != "eval_model")
+    for layer in stock.transformer.h:
+        if setting == "identity_in_training":
+            layer.self_attention.attention_dropout = torch.nn.Identity()
+        else:
+            layer.self_attention.attention_dropout.eval()
+    patched = mea.apply_attention_patch(copy.deepcopy(stock), backend="chunked")
+    inputs, compare = model_inputs("bloom", "right")
+    reference = logits(stock, inputs)
+    first, second = logits(patched, inputs), logits(patched, inputs)
+    assert torch.equal(first, second), "attention dropout is on"
+    assert_close_rel(first[compare], reference[compare], FP32_TOL, f"patched BLOOM, {setting}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Code outside the attention layers that handles the mask our names make
 # ----------------------------------------------------------------------------------------------
