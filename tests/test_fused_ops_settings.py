@@ -17,6 +17,7 @@ from test_fused_models import family_pairs  # noqa: F401 - a fixture
 from test_fused_ops import ops
 from test_fused_ops_triton import error_against
 from test_packed import LayerInputs
+from test_qwen import load, saved  # noqa: F401 - saved: a fixture (a Qwen model saved as a remote-code folder)
 
 CONFIG = types.SimpleNamespace(vocab_size=50, loss_chunk_size=3)
 
@@ -94,20 +95,13 @@ def test_logits_to_keep_in_training_returns_stock_loss_and_logits(family_pairs):
     assert_close_rel(outputs[1].logits, outputs[0].logits, 1e-5, "kept logits")
 
 
-def qwen_model(tmp_path):
-    from test_qwen import load, random_model, save_qwen
-
-    torch.manual_seed(6)
-    return load(save_qwen(random_model(), tmp_path / "qwen-logits-to-keep"))
-
-
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bloom", "qwen"])
 @pytest.mark.parametrize("training", [False, True])
-def test_two_dimensional_logits_to_keep_selects_as_transformers_reads_it(family_pairs, tmp_path, name, training):
+def test_two_dimensional_logits_to_keep_selects_as_transformers_reads_it(family_pairs, saved, name, training):
     """transformers 5.23 reads a 2-D ``logits_to_keep``: integer ``[batch, n]`` positions of each row, or a bool
     ``[batch, seq]`` mask whose True positions come back flattened. Ours indexed the sequence dimension with
     either: ``[batch, batch, n, vocab]`` logits, or an IndexError for the mask."""
-    model = qwen_model(tmp_path) if name == "qwen" else family_pairs[name][1]
+    model = load(saved[0]) if name == "qwen" else family_pairs[name][1]
     model.train(training)
     ids = torch.randint(3, 90, (3, 8), generator=torch.Generator().manual_seed(8))
     positions = torch.tensor([[0, 5], [7, 2], [3, 3]])
