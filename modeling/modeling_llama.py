@@ -7553,10 +7553,11 @@ class LlamaModel(LlamaPreTrainedModel):
 
 class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    # The head's tensor/pipeline parallel plans, taken from the stock class (their style names change between
-    # transformers versions); the base model's come from LlamaConfig, as for stock.
+    # The head's tensor/pipeline/FSDP plans, taken from the stock class (their style names change between
+    # transformers versions, and FSDP plans are new in 5.x); the base model's come from the config, as for stock.
     _tp_plan = dict(StockLlamaForCausalLM._tp_plan or {})
     _pp_plan = dict(StockLlamaForCausalLM._pp_plan or {})
+    _fsdp_plan = dict(getattr(StockLlamaForCausalLM, "_fsdp_plan", None) or {})
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)

@@ -444,7 +444,9 @@ GENERATIVE_CLASSES = {
     "llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "bloom": "BloomForCausalLM",
     "bart": "BartForConditionalGeneration",
 }
-DECLARED = ("_can_compile_fullgraph", "_supports_attention_backend", "_tp_plan", "_pp_plan", "_supports_sdpa")
+DECLARED = (
+    "_can_compile_fullgraph", "_supports_attention_backend", "_tp_plan", "_pp_plan", "_fsdp_plan", "_supports_sdpa"
+)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "bart"])
