@@ -7644,18 +7644,17 @@ class QWenModel(QWenPreTrainedModel):
     ) -> torch.Tensor:
         """NTK alphas ``[1]`` or ``[batch]`` (float64) for this forward.
 
-        Chosen at prefill (empty cache): with a padding mask and a total length above ``seq_length``, one alpha
-        per sample from its count of non-padded tokens; otherwise one alpha from the total length. They are kept
-        on the cache, and decode steps reuse them, per sample for the rows the cache holds then.
+        Chosen at prefill (empty cache, or one the model did not fill, as PEFT's prefix tuning hands in, its tokens
+        counted): with a padding mask and a total length above ``seq_length``, one alpha per sample from its count
+        of non-padded tokens; otherwise one alpha from the total length. They are kept on the cache, and decode
+        steps reuse them, per sample for the rows the cache holds then.
         """
         if not self._uses_dynamic_ntk():
             return torch.ones(1, dtype=torch.float64, device=device)
-        if past_length > 0:
-            stored = getattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, None)
-            if stored is not None:
-                return _alphas_of_cached_rows(past_key_values, stored, batch_size)
-            lengths = [total_length]  # a cache filled elsewhere: decide from the length so far
-        elif attention_mask is not None and total_length > self.seq_length:
+        stored = getattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, None) if past_length > 0 else None
+        if stored is not None:
+            return _alphas_of_cached_rows(past_key_values, stored, batch_size)
+        if attention_mask is not None and total_length > self.seq_length:
             lengths = attention_mask.sum(dim=-1).tolist()
         else:
             lengths = [total_length]

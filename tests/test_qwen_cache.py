@@ -50,6 +50,35 @@ def test_short_prefill_keeps_alpha_one_while_decoding_past_seq_length(saved):
     assert torch.equal(generated, expected)
 
 
+def test_a_cache_filled_elsewhere_gets_each_rows_alpha_as_a_prefill_does(saved):
+    """A cache the model did not fill (PEFT's prefix tuning hands one in, its mask covering the prefix): each row's
+    alpha from its tokens, the cache's counted, as at a prefill. One alpha from the padded length (3 for both
+    rows here) put a short row 2e-2 off what it gives alone."""
+    from transformers import DynamicCache
+
+    folder, config, state = saved
+    model = load(folder)
+    reference = ReferenceQwen(config, state)
+    generator = torch.Generator().manual_seed(31)
+    shape = (2, 4, config.num_attention_heads, config.kv_channels)  # the reference's [batch, seq, heads, dim]
+    prefix = [
+        tuple(torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(2))
+        for _ in range(config.num_hidden_layers)
+    ]
+    cache = DynamicCache()
+    for layer, (key, value) in enumerate(prefix):
+        cache.update(key.transpose(1, 2).float(), value.transpose(1, 2).float(), layer)
+    ids = random_ids(2, 10)
+    new_mask = left_padded_mask([10, 6], 10)
+    mask = torch.cat((torch.ones(2, 4, dtype=new_mask.dtype), new_mask), dim=1)  # 14 and 10 tokens
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, past_key_values=cache).logits
+    alphas = reference.alphas_at_prefill(mask, 14, 2, training=False)
+    assert alphas[0] > 1 and alphas[1] == 1
+    expected, _, _ = reference.forward(ids, mask, prefix, alphas)
+    assert_close_where_kept(logits, expected, new_mask, 1e-5, "logits after a prefix cache")
+
+
 @pytest.mark.parametrize("offset", [0, 5])
 def test_position_ids_without_a_restart_change_nothing_as_the_original_ignores_them(saved, offset):
     """``position_ids`` of one document per row (from 0, or offset) at a 12-token prefill: positions still count
