@@ -7314,18 +7314,19 @@ def ntk_alpha(length: int, seq_length: int) -> float:
 _SIGNATURE_POSITIONS = 8
 
 
-def _position_signatures(cache: Cache) -> Optional[torch.Tensor]:
+def _position_signatures(cache: Cache, start: int) -> Optional[torch.Tensor]:
     """``[rows, n]`` (int64): the first layer's key at each of the first ``n`` (up to ``_SIGNATURE_POSITIONS``)
-    cached positions, summed exactly over its bits (so equal keys give equal sums, whatever the summation order).
-    Keys are stored rotated, so prompt rows with other NTK alphas differ from position 1 on, whatever their tokens;
-    a key moves with its row whatever reorders, selects or repeats the rows. None where the cache holds no such
-    keys (none yet, or a quantized cache's older keys)."""
+    cached positions from ``start`` (the first the model wrote: keys handed in before, a PEFT prefix, may be
+    alike in every row), summed exactly over its bits (so equal keys give equal sums, whatever the summation
+    order). Keys are stored rotated, so prompt rows with other NTK alphas differ from position 1 on, whatever their
+    tokens; a key moves with its row whatever reorders, selects or repeats the rows. None where the cache holds no
+    such keys (none there yet, or a quantized cache's older keys)."""
     keys = getattr(cache.layers[0], "keys", None) if getattr(cache, "layers", None) else None
-    if keys is None or keys.dim() != 4 or keys.shape[2] == 0 or cache.get_seq_length() != keys.shape[2]:
+    if keys is None or keys.dim() != 4 or keys.shape[2] <= start or cache.get_seq_length() != keys.shape[2]:
         return None
     if keys.element_size() < 2:
         return None
-    leading = keys[:, :, :_SIGNATURE_POSITIONS].contiguous()
+    leading = keys[:, :, start : start + _SIGNATURE_POSITIONS].contiguous()
     return leading.view(torch.int16).sum(dim=(1, 3), dtype=torch.int64)
 
 
@@ -7354,9 +7355,10 @@ def _alphas_of_cached_rows(cache: Cache, alphas: torch.Tensor, batch_size: int) 
     ``batch_repeat_interleave``, ``crop`` and tokens fed after it: each row takes the alpha of the prompt row
     whose keys it holds (``_prompt_rows``). A cache that keeps no keys to compare: rows taken as kept in order,
     each repeated alike."""
-    prompt = getattr(cache, _NTK_ROWS_ATTRIBUTE, None)
-    if alphas.numel() > 1 and prompt is not None:
-        current = _position_signatures(cache)
+    recorded = getattr(cache, _NTK_ROWS_ATTRIBUTE, None)
+    if alphas.numel() > 1 and recorded is not None:
+        start, prompt = recorded
+        current = _position_signatures(cache, start)
         if current is not None:
             origin = _prompt_rows(current, prompt.to(current.device), alphas.to(current.device))
             return alphas[origin.to(alphas.device)]
@@ -7641,19 +7643,25 @@ class QWenModel(QWenPreTrainedModel):
         total_length: int,
         batch_size: int,
         device: torch.device,
-    ) -> torch.Tensor:
-        """NTK alphas ``[1]`` or ``[batch]`` (float64) for this forward.
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """NTK alphas ``[1]`` or ``[batch]`` (float64) for this forward, and the same alphas where this forward
+        chose them for the cache (None where it reuses the cache's, or has none).
 
         Chosen at prefill (empty cache, or one the model did not fill, as PEFT's prefix tuning hands in, its tokens
         counted): with a padding mask and a total length above ``seq_length``, one alpha per sample from its count
         of non-padded tokens; otherwise one alpha from the total length. They are kept on the cache, and decode
-        steps reuse them, per sample for the rows the cache holds then.
+        steps reuse them, per sample for the rows the cache holds then. A forward without dynamic NTK (training
+        mode) rotates by alpha 1, and a cache it fills keeps that alpha for later steps in eval mode (as the
+        original, whose alphas carry over from the previous call).
         """
-        if not self._uses_dynamic_ntk():
-            return torch.ones(1, dtype=torch.float64, device=device)
         stored = getattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, None) if past_length > 0 else None
+        if not self._uses_dynamic_ntk():
+            alphas = torch.ones(1, dtype=torch.float64, device=device)
+            if past_key_values is not None and stored is None:
+                setattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, alphas)
+            return alphas, None
         if stored is not None:
-            return _alphas_of_cached_rows(past_key_values, stored, batch_size)
+            return _alphas_of_cached_rows(past_key_values, stored, batch_size), None
         if attention_mask is not None and total_length > self.seq_length:
             lengths = attention_mask.sum(dim=-1).tolist()
         else:
@@ -7662,9 +7670,10 @@ class QWenModel(QWenPreTrainedModel):
         if len(set(alphas)) == 1:
             alphas = alphas[:1]
         alphas = torch.tensor(alphas, dtype=torch.float64, device=device)
-        if past_key_values is not None:
-            setattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, alphas)
-        return alphas
+        if past_key_values is None:
+            return alphas, None
+        setattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, alphas)
+        return alphas, alphas
 
     def _uses_dynamic_ntk(self) -> bool:
         """Whether this forward picks NTK alphas: in eval mode with ``use_dynamic_ntk``, where the rotation reads
@@ -7680,18 +7689,20 @@ class QWenModel(QWenPreTrainedModel):
         self, sequence_ids: torch.Tensor, position_ids: torch.Tensor, cache: Optional[Cache]
     ) -> tuple:
         """Rotary cos/sin and logn scale of packed documents, each as the original computes them for that
-        document alone: NTK alpha from the document's length, kept on a cache being built as the alpha of each
-        row's last document (the one a decoding step continues)."""
+        document alone: NTK alpha from the document's length (1 without dynamic NTK), kept on a cache being built
+        as the alpha of each row's last document (the one a decoding step continues), and returned as well."""
         positions = position_ids.expand(sequence_ids.shape)
         if not self._uses_dynamic_ntk():
             alphas = torch.ones(1, 1, dtype=torch.float64, device=positions.device)
         else:
             alphas = document_ntk_alphas(sequence_ids, self.seq_length)
-            if cache is not None:
-                setattr(cache, _NTK_ALPHAS_ATTRIBUTE, alphas[:, -1])
         rotary = rotary_cos_sin(positions, alphas, self.rotary_dim, float(self.config.rotary_emb_base))
         logn = not self.training and self.config.use_logn_attn  # logn_scale is 1 inside a short document
-        return rotary, logn_scale(positions, self.seq_length)[:, None, :, None] if logn else None
+        query_scale = logn_scale(positions, self.seq_length)[:, None, :, None] if logn else None
+        if cache is None:
+            return rotary, query_scale, None
+        setattr(cache, _NTK_ALPHAS_ATTRIBUTE, alphas[:, -1])
+        return rotary, query_scale, alphas[:, -1]
 
     def forward(
         self,
@@ -7769,11 +7780,13 @@ class QWenModel(QWenPreTrainedModel):
 
         if sequence_ids is None:
             positions = torch.arange(past_length, total_length, device=device)[None]
-            alphas = self._ntk_alphas(attention_mask, past_key_values, past_length, total_length, batch_size, device)
+            alphas, chosen_alphas = self._ntk_alphas(
+                attention_mask, past_key_values, past_length, total_length, batch_size, device
+            )
             rotary = rotary_cos_sin(positions, alphas[:, None], self.rotary_dim, float(self.config.rotary_emb_base))
             query_scale = self._logn_query_scale(positions, total_length)
         else:
-            rotary, query_scale = self._packed_positions(sequence_ids, position_ids, past_key_values)
+            rotary, query_scale, chosen_alphas = self._packed_positions(sequence_ids, position_ids, past_key_values)
         keep_mask = forward_mask(keep_mask_from_padding(attention_mask), without_mask=True)  # one for every layer
 
         hidden_states = self.drop(inputs_embeds)
@@ -7797,11 +7810,10 @@ class QWenModel(QWenPreTrainedModel):
         hidden_states = sequence_tiled((self.ln_f,), hidden_states, sequence_tile_size(self.config))
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
-        kept_alphas = getattr(past_key_values, _NTK_ALPHAS_ATTRIBUTE, None) if past_length == 0 else None
-        if kept_alphas is not None and kept_alphas.numel() > 1:
-            signatures = _position_signatures(past_key_values)
+        if chosen_alphas is not None and chosen_alphas.numel() > 1:  # per-sample alphas: which cached row holds which
+            signatures = _position_signatures(past_key_values, past_length)
             if signatures is not None:
-                setattr(past_key_values, _NTK_ROWS_ATTRIBUTE, signatures)
+                setattr(past_key_values, _NTK_ROWS_ATTRIBUTE, (past_length, signatures))
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,

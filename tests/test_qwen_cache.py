@@ -50,10 +50,12 @@ def test_short_prefill_keeps_alpha_one_while_decoding_past_seq_length(saved):
     assert torch.equal(generated, expected)
 
 
-def test_a_cache_filled_elsewhere_gets_each_rows_alpha_as_a_prefill_does(saved):
+@pytest.mark.parametrize("rows", [None, [1, 0], [1]])
+def test_a_cache_filled_elsewhere_gets_each_rows_alpha_as_a_prefill_does(saved, rows):
     """A cache the model did not fill (PEFT's prefix tuning hands one in, its mask covering the prefix): each row's
-    alpha from its tokens, the cache's counted, as at a prefill. One alpha from the padded length (3 for both
-    rows here) put a short row 2e-2 off what it gives alone."""
+    alpha from its tokens, the cache's counted, as at a prefill, and the alphas follow the rows after a swap or a
+    subset. One alpha from the padded length (3 for both rows here) put a short row 1e-2 off; after the first
+    forward on such a cache, the alphas stayed in place through a swap (7e-2 off) and a subset raised."""
     from transformers import DynamicCache
 
     folder, config, state = saved
@@ -68,15 +70,44 @@ def test_a_cache_filled_elsewhere_gets_each_rows_alpha_as_a_prefill_does(saved):
     cache = DynamicCache()
     for layer, (key, value) in enumerate(prefix):
         cache.update(key.transpose(1, 2).float(), value.transpose(1, 2).float(), layer)
-    ids = random_ids(2, 10)
+    ids, step = random_ids(2, 10), random_ids(2, 1)
     new_mask = left_padded_mask([10, 6], 10)
     mask = torch.cat((torch.ones(2, 4, dtype=new_mask.dtype), new_mask), dim=1)  # 14 and 10 tokens
     with torch.no_grad():
         logits = model(ids, attention_mask=mask, past_key_values=cache).logits
     alphas = reference.alphas_at_prefill(mask, 14, 2, training=False)
     assert alphas[0] > 1 and alphas[1] == 1
-    expected, _, _ = reference.forward(ids, mask, prefix, alphas)
+    expected, past, _ = reference.forward(ids, mask, prefix, alphas)
     assert_close_where_kept(logits, expected, new_mask, 1e-5, "logits after a prefix cache")
+    mask = torch.cat((mask, torch.ones(2, 1, dtype=mask.dtype)), dim=1)
+    if rows is not None:
+        cache.batch_select_indices(torch.tensor(rows))
+        past = [(key[rows], value[rows]) for key, value in past]
+        step, mask, alphas = step[rows], mask[rows], [alphas[row] for row in rows]
+    with torch.no_grad():
+        logits = model(step, attention_mask=mask, past_key_values=cache).logits
+    expected, _, _ = reference.forward(step, mask, past, alphas)
+    assert_close_rel(logits, expected.float(), 1e-5, f"decoding step after rows {rows}")
+
+
+def test_a_cache_filled_in_training_mode_keeps_alpha_one_in_eval_mode(saved):
+    """Training mode rotates by alpha 1 (no dynamic NTK); a cache filled there and continued in eval mode past
+    ``seq_length`` keeps alpha 1 for its new keys, as its cached keys have (as the original, whose alphas carry
+    over from its previous call); it took 3 from the total length (3e-2 off)."""
+    folder, config, state = saved
+    model = load(folder)
+    reference = ReferenceQwen(config, state)
+    ids, more = random_ids(1, 10), random_ids(1, 5)
+    model.train()
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    model.eval()
+    with torch.no_grad():
+        logits = model(more, past_key_values=cache).logits
+    _, past, alphas = reference.forward(ids, torch.ones_like(ids))
+    assert alphas == [1]
+    expected, _, _ = reference.forward(more, torch.ones(1, 15, dtype=torch.long), past, alphas)
+    assert_close_rel(logits, expected.float(), 1e-5, "eval step after a training-mode prefill")
 
 
 @pytest.mark.parametrize("offset", [0, 5])
