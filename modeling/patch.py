@@ -469,6 +469,15 @@ def _bloom_slopes(attention_mask, num_heads: int, device: torch.device) -> torch
     return holder.bloom_alibi_slopes(num_heads, device)
 
 
+def _weights_over_every_masked_key(weights: torch.Tensor | None, attention_mask) -> torch.Tensor | None:
+    """Attention weights over every key stock BLOOM's mask has: a static cache's mask spans its unwritten slots
+    too (after the written ones), whose weights are 0, where the kernel attends to the written keys only."""
+    _, mask = _forward_mask_parts(attention_mask)
+    if weights is None or mask is None or mask.dim() != 4 or mask.shape[-1] <= weights.shape[-1]:
+        return weights
+    return F.pad(weights, (0, mask.shape[-1] - weights.shape[-1]))
+
+
 def _make_bloom_forward(backend: str) -> Callable:
     """A stock ``BloomAttention.forward`` (same arguments and returns) that runs modeling_bloom's attention
     module on ``backend`` (unless the model's ``config.attn_backend`` names another): ALiBi as slopes inside
@@ -491,7 +500,7 @@ def _make_bloom_forward(backend: str) -> Callable:
         past = layer_past.get_seq_length(self.layer_idx) if layer_past is not None else 0
         kv_length = int(past) + hidden_states.shape[1]
         twin = _bloom_kernel_attention(self, backend)
-        return twin(
+        output, weights = twin(
             hidden_states,
             residual,
             alibi_slopes=_bloom_slopes(attention_mask, self.num_heads, hidden_states.device),
@@ -501,6 +510,7 @@ def _make_bloom_forward(backend: str) -> Callable:
             layer_past=layer_past,
             attention_weights=[] if output_attentions else None,
         )
+        return output, _weights_over_every_masked_key(weights, attention_mask)
 
     forward.__qualname__ = f"BloomAttention.forward[{implementation_name(backend)}]"
     return forward

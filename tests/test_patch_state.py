@@ -283,24 +283,28 @@ def test_generate_with_a_static_cache_through_our_names_matches_stock(family):
 
 def static_cache_scores(model, inputs) -> tuple:
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False, cache_implementation="static", pad_token_id=0,
-                         output_scores=True, return_dict_in_generate=True)  # fmt: skip
-    return out.scores
+                         output_scores=True, output_attentions=True, return_dict_in_generate=True)  # fmt: skip
+    return out.scores, out.attentions
 
 
-def test_a_patched_bloom_decodes_over_a_static_cache_with_stocks_scores():
+def test_a_patched_bloom_decodes_over_a_static_cache_with_stocks_scores_and_weights():
     """transformers 4.57 and 5.0 static caches write where ``cache_position`` says (4.57's stock BLOOM hands it to
     its attention) and at slot 0 without it: the patched attention passed none, so every decoding step wrote over
-    the first key (scores 4e-2 to 1e-1 off from the second step on; tokens of a tiny model still agreed)."""
+    the first key (scores 4e-2 to 1e-1 off from the second step on; tokens of a tiny model still agreed). The
+    decoding steps' attention weights span the whole cache, as stock's (they spanned the written slots only)."""
     model = tiny_stock("bloom").eval()
     inputs, _ = model_inputs("bloom", "left")
-    expected = static_cache_scores(model, inputs)
+    expected, expected_weights = static_cache_scores(model, inputs)
     mea.apply_attention_patch(model, backend="chunked")
-    got = static_cache_scores(model, inputs)
+    got, weights = static_cache_scores(model, inputs)
     assert len(got) == len(expected) == 5
     for step, (scores, stock_scores) in enumerate(zip(got, expected)):
         keep = stock_scores.isfinite()
         assert torch.equal(scores.isfinite(), keep), step
         assert_close_rel(scores[keep], stock_scores[keep], FP32_TOL, f"scores of step {step}")
+    for step in range(1, 5):  # one real query each (the prompt's padded queries have no defined weights)
+        for layer, (layer_weights, stock_layer_weights) in enumerate(zip(weights[step], expected_weights[step])):
+            assert_close_rel(layer_weights, stock_layer_weights, FP32_TOL, f"weights of step {step}, layer {layer}")
 
 
 def test_a_tensor_method_called_on_the_forward_mask_names_the_problem_and_hasattr_still_works():
