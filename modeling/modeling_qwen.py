@@ -7310,23 +7310,22 @@ def ntk_alpha(length: int, seq_length: int) -> float:
     return max(2 ** math.ceil(context_value) - 1, 1)
 
 
-# How many leading positions tell a cache's rows apart (``_position_signatures``).
+# How many of the positions the model wrote first tell a cache's rows apart (``_position_signatures``).
 _SIGNATURE_POSITIONS = 8
 
 
-def _position_signatures(cache: Cache, start: int) -> Optional[torch.Tensor]:
-    """``[rows, n]`` (int64): the first layer's key at each of the first ``n`` (up to ``_SIGNATURE_POSITIONS``)
-    cached positions from ``start`` (the first the model wrote: keys handed in before, a PEFT prefix, may be
-    alike in every row), summed exactly over its bits (so equal keys give equal sums, whatever the summation
-    order). Keys are stored rotated, so prompt rows with other NTK alphas differ from position 1 on, whatever their
-    tokens; a key moves with its row whatever reorders, selects or repeats the rows. None where the cache holds no
-    such keys (none there yet, or a quantized cache's older keys)."""
+def _position_signatures(cache: Cache, positions: int) -> Optional[torch.Tensor]:
+    """``[rows, n]`` (int64): the first layer's key at each of the first ``n`` (up to ``positions``) cached
+    positions, summed exactly over its bits (so equal keys give equal sums, whatever the summation order). Keys are
+    stored rotated, so prompt rows with other NTK alphas differ from the first position the model wrote on (past 0),
+    whatever their tokens; a key moves with its row whatever reorders, selects or repeats the rows. None where the
+    cache holds no such keys (none yet, or a quantized cache's older keys)."""
     keys = getattr(cache.layers[0], "keys", None) if getattr(cache, "layers", None) else None
-    if keys is None or keys.dim() != 4 or keys.shape[2] <= start or cache.get_seq_length() != keys.shape[2]:
+    if keys is None or keys.dim() != 4 or keys.shape[2] == 0 or cache.get_seq_length() != keys.shape[2]:
         return None
     if keys.element_size() < 2:
         return None
-    leading = keys[:, :, start : start + _SIGNATURE_POSITIONS].contiguous()
+    leading = keys[:, :, :positions].contiguous()
     return leading.view(torch.int16).sum(dim=(1, 3), dtype=torch.int64)
 
 
@@ -7355,10 +7354,9 @@ def _alphas_of_cached_rows(cache: Cache, alphas: torch.Tensor, batch_size: int) 
     ``batch_repeat_interleave``, ``crop`` and tokens fed after it: each row takes the alpha of the prompt row
     whose keys it holds (``_prompt_rows``). A cache that keeps no keys to compare: rows taken as kept in order,
     each repeated alike."""
-    recorded = getattr(cache, _NTK_ROWS_ATTRIBUTE, None)
-    if alphas.numel() > 1 and recorded is not None:
-        start, prompt = recorded
-        current = _position_signatures(cache, start)
+    prompt = getattr(cache, _NTK_ROWS_ATTRIBUTE, None)
+    if alphas.numel() > 1 and prompt is not None:
+        current = _position_signatures(cache, prompt.shape[1])
         if current is not None:
             origin = _prompt_rows(current, prompt.to(current.device), alphas.to(current.device))
             return alphas[origin.to(alphas.device)]
@@ -7811,9 +7809,10 @@ class QWenModel(QWenPreTrainedModel):
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
         if chosen_alphas is not None and chosen_alphas.numel() > 1:  # per-sample alphas: which cached row holds which
-            signatures = _position_signatures(past_key_values, past_length)
+            # the keys handed in before (a PEFT prefix, maybe alike in every row) and the first the model wrote
+            signatures = _position_signatures(past_key_values, past_length + _SIGNATURE_POSITIONS)
             if signatures is not None:
-                setattr(past_key_values, _NTK_ROWS_ATTRIBUTE, (past_length, signatures))
+                setattr(past_key_values, _NTK_ROWS_ATTRIBUTE, signatures)
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,

@@ -47,7 +47,7 @@ from torch import nn
 
 from .attention import (
     BACKENDS, ForwardMask, alibi_slopes, attention, attention_options, attention_recording_weights, backend_from_config,
-    keep_mask_from_padding, recorded_weights,
+    cache_capacity, keep_mask_from_padding, recorded_weights,
 )
 
 __all__ = [
@@ -469,13 +469,12 @@ def _bloom_slopes(attention_mask, num_heads: int, device: torch.device) -> torch
     return holder.bloom_alibi_slopes(num_heads, device)
 
 
-def _weights_over_every_masked_key(weights: torch.Tensor | None, attention_mask) -> torch.Tensor | None:
-    """Attention weights over every key stock BLOOM's mask has: a static cache's mask spans its unwritten slots
-    too (after the written ones), whose weights are 0, where the kernel attends to the written keys only."""
-    _, mask = _forward_mask_parts(attention_mask)
-    if weights is None or mask is None or mask.dim() != 4 or mask.shape[-1] <= weights.shape[-1]:
+def _weights_over_every_cached_key(weights: torch.Tensor | None, layer_past) -> torch.Tensor | None:
+    """Attention weights over every key slot, as stock BLOOM's: a static cache's weights span its unwritten slots
+    too (after the written ones), at 0, where the kernel attends to the written keys only."""
+    if weights is None or not getattr(layer_past, "is_compileable", False):
         return weights
-    return F.pad(weights, (0, mask.shape[-1] - weights.shape[-1]))
+    return F.pad(weights, (0, cache_capacity(layer_past) - weights.shape[-1]))
 
 
 def _make_bloom_forward(backend: str) -> Callable:
@@ -510,7 +509,7 @@ def _make_bloom_forward(backend: str) -> Callable:
             layer_past=layer_past,
             attention_weights=[] if output_attentions else None,
         )
-        return output, _weights_over_every_masked_key(weights, attention_mask)
+        return output, _weights_over_every_cached_key(weights, layer_past)
 
     forward.__qualname__ = f"BloomAttention.forward[{implementation_name(backend)}]"
     return forward

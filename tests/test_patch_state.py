@@ -287,13 +287,17 @@ def static_cache_scores(model, inputs) -> tuple:
     return out.scores, out.attentions
 
 
-def test_a_patched_bloom_decodes_over_a_static_cache_with_stocks_scores_and_weights():
+@pytest.mark.parametrize("padded", [True, False])
+def test_a_patched_bloom_decodes_over_a_static_cache_with_stocks_scores_and_weights(padded):
     """transformers 4.57 and 5.0 static caches write where ``cache_position`` says (4.57's stock BLOOM hands it to
     its attention) and at slot 0 without it: the patched attention passed none, so every decoding step wrote over
     the first key (scores 4e-2 to 1e-1 off from the second step on; tokens of a tiny model still agreed). The
-    decoding steps' attention weights span the whole cache, as stock's (they spanned the written slots only)."""
+    attention weights span the whole cache, as stock's (they spanned the written slots only), an unpadded
+    prompt's too (which 5.23 hands the attention without a mask)."""
     model = tiny_stock("bloom").eval()
     inputs, _ = model_inputs("bloom", "left")
+    if not padded:
+        inputs = {"input_ids": inputs["input_ids"][:, :9]}
     expected, expected_weights = static_cache_scores(model, inputs)
     mea.apply_attention_patch(model, backend="chunked")
     got, weights = static_cache_scores(model, inputs)
@@ -302,7 +306,8 @@ def test_a_patched_bloom_decodes_over_a_static_cache_with_stocks_scores_and_weig
         keep = stock_scores.isfinite()
         assert torch.equal(scores.isfinite(), keep), step
         assert_close_rel(scores[keep], stock_scores[keep], FP32_TOL, f"scores of step {step}")
-    for step in range(1, 5):  # one real query each (the prompt's padded queries have no defined weights)
+    # a padded prompt's padded queries have no defined weights: its decoding steps (one real query each) only
+    for step in range(1 if padded else 0, 5):
         for layer, (layer_weights, stock_layer_weights) in enumerate(zip(weights[step], expected_weights[step])):
             assert_close_rel(layer_weights, stock_layer_weights, FP32_TOL, f"weights of step {step}, layer {layer}")
 

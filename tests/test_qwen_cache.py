@@ -50,35 +50,51 @@ def test_short_prefill_keeps_alpha_one_while_decoding_past_seq_length(saved):
     assert torch.equal(generated, expected)
 
 
-@pytest.mark.parametrize("rows", [None, [1, 0], [1]])
-def test_a_cache_filled_elsewhere_gets_each_rows_alpha_as_a_prefill_does(saved, rows):
-    """A cache the model did not fill (PEFT's prefix tuning hands one in, its mask covering the prefix): each row's
-    alpha from its tokens, the cache's counted, as at a prefill, and the alphas follow the rows after a swap or a
-    subset. One alpha from the padded length (3 for both rows here) put a short row 1e-2 off; after the first
-    forward on such a cache, the alphas stayed in place through a swap (7e-2 off) and a subset raised."""
+def prefix_cache(config, length: int, alike: bool, seed: int) -> tuple:
+    """Random keys and values of ``length`` positions for 2 rows (the same in both where ``alike``, as PEFT's
+    prefix tuning hands in), for the reference (``[batch, seq, heads, dim]``, float64) and as our ``DynamicCache``."""
     from transformers import DynamicCache
 
-    folder, config, state = saved
-    model = load(folder)
-    reference = ReferenceQwen(config, state)
-    generator = torch.Generator().manual_seed(31)
-    shape = (2, 4, config.num_attention_heads, config.kv_channels)  # the reference's [batch, seq, heads, dim]
+    generator = torch.Generator().manual_seed(seed)
+    shape = (1 if alike else 2, length, config.num_attention_heads, config.kv_channels)
     prefix = [
-        tuple(torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(2))
+        tuple(torch.randn(shape, generator=generator, dtype=torch.float64).expand(2, -1, -1, -1) for _ in range(2))
         for _ in range(config.num_hidden_layers)
     ]
     cache = DynamicCache()
     for layer, (key, value) in enumerate(prefix):
-        cache.update(key.transpose(1, 2).float(), value.transpose(1, 2).float(), layer)
-    ids, step = random_ids(2, 10), random_ids(2, 1)
-    new_mask = left_padded_mask([10, 6], 10)
-    mask = torch.cat((torch.ones(2, 4, dtype=new_mask.dtype), new_mask), dim=1)  # 14 and 10 tokens
+        cache.update(key.transpose(1, 2).float().contiguous(), value.transpose(1, 2).float().contiguous(), layer)
+    return prefix, cache
+
+
+def prefill_on_a_prefix(model, reference, prefix, cache, ids, kept: list) -> tuple:
+    """Our first forward on a prefix cache, checked against the reference; the reference's cache, mask, alphas."""
+    new_mask = left_padded_mask(kept, ids.shape[1])
+    prefix_length = prefix[0][0].shape[1]
+    mask = torch.cat((torch.ones(2, prefix_length, dtype=new_mask.dtype), new_mask), dim=1)
     with torch.no_grad():
         logits = model(ids, attention_mask=mask, past_key_values=cache).logits
-    alphas = reference.alphas_at_prefill(mask, 14, 2, training=False)
+    alphas = reference.alphas_at_prefill(mask, mask.shape[1], 2, training=False)
     assert alphas[0] > 1 and alphas[1] == 1
     expected, past, _ = reference.forward(ids, mask, prefix, alphas)
     assert_close_where_kept(logits, expected, new_mask, 1e-5, "logits after a prefix cache")
+    return past, mask, alphas
+
+
+@pytest.mark.parametrize("prefix_length, alike", [(4, False), (10, True)])
+@pytest.mark.parametrize("rows", [None, [1, 0], [1]])
+def test_a_cache_filled_elsewhere_gets_each_rows_alpha_as_a_prefill_does(saved, prefix_length, alike, rows):
+    """A cache the model did not fill (PEFT's prefix tuning hands one in, its mask covering the prefix): each row's
+    alpha from its tokens, the cache's counted, as at a prefill, and the alphas follow the rows after a swap or a
+    subset, a prefix alike in every row too. One alpha from the padded length (3 for both rows) put a short row
+    1e-2 off; after the first forward on such a cache, the alphas stayed in place through a swap (7e-2 off) and
+    a subset raised."""
+    folder, config, state = saved
+    model = load(folder)
+    reference = ReferenceQwen(config, state)
+    prefix, cache = prefix_cache(config, prefix_length, alike, seed=31)
+    ids, step = random_ids(2, 10), random_ids(2, 1)
+    past, mask, alphas = prefill_on_a_prefix(model, reference, prefix, cache, ids, [10, 12 - prefix_length])
     mask = torch.cat((mask, torch.ones(2, 1, dtype=mask.dtype)), dim=1)
     if rows is not None:
         cache.batch_select_indices(torch.tensor(rows))
@@ -88,6 +104,31 @@ def test_a_cache_filled_elsewhere_gets_each_rows_alpha_as_a_prefill_does(saved, 
         logits = model(step, attention_mask=mask, past_key_values=cache).logits
     expected, _, _ = reference.forward(step, mask, past, alphas)
     assert_close_rel(logits, expected.float(), 1e-5, f"decoding step after rows {rows}")
+
+
+@pytest.mark.parametrize("alike", [False, True])
+def test_a_cache_filled_elsewhere_cropped_into_its_prefix_tells_its_rows_apart_or_refuses(saved, alike):
+    """Swapped, then cropped to 3 of its 4 handed-in positions: rows whose handed-in keys differ keep their alphas;
+    rows whose handed-in keys are alike cannot be told apart, and their alphas differ: a clear error (the rows were
+    taken in their first order: 9e-3 off)."""
+    folder, config, state = saved
+    model = load(folder)
+    reference = ReferenceQwen(config, state)
+    prefix, cache = prefix_cache(config, 4, alike, seed=37)
+    past, mask, alphas = prefill_on_a_prefix(model, reference, prefix, cache, random_ids(2, 10), [10, 8])
+    cache.reorder_cache(torch.tensor([1, 0]))
+    cache.crop(3 - cache.get_seq_length())
+    step = random_ids(2, 1)
+    mask = torch.cat((mask[[1, 0], :3], torch.ones(2, 1, dtype=mask.dtype)), dim=1)
+    with torch.no_grad():
+        if alike:
+            with pytest.raises(RuntimeError, match="no longer tell which prompt row"):
+                model(step, attention_mask=mask, past_key_values=cache)
+            return
+        logits = model(step, attention_mask=mask, past_key_values=cache).logits
+    past = [(key[[1, 0], :3], value[[1, 0], :3]) for key, value in prefix]
+    expected, _, _ = reference.forward(step, mask, past, alphas[::-1])
+    assert_close_rel(logits, expected.float(), 1e-5, "decoding step after a swap and a crop into the prefix")
 
 
 def test_a_cache_filled_in_training_mode_keeps_alpha_one_in_eval_mode(saved):
