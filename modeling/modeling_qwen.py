@@ -7643,7 +7643,7 @@ class QWenModel(QWenPreTrainedModel):
         device: torch.device,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """NTK alphas ``[1]`` or ``[batch]`` (float64) for this forward, and the same alphas where this forward
-        chose them for the cache (None where it reuses the cache's, or has none).
+        chose them for the cache (None where it reuses the cache's, has none, or runs without dynamic NTK).
 
         Chosen at prefill (empty cache, or one the model did not fill, as PEFT's prefix tuning hands in, its tokens
         counted): with a padding mask and a total length above ``seq_length``, one alpha per sample from its count
